@@ -1,0 +1,217 @@
+//! The descriptor envelope: magic, version, length, CRC-32, then a postcard payload.
+//!
+//! Layout (little endian): `b"MTSD" | u16 version | u16 reserved | u32 len | u32 crc32 | payload`.
+//! Decoding checks every field and the descriptor's own invariants before anyone uses it.
+
+use thiserror::Error;
+
+use crate::{Backing, Descriptor, REGS_WORDS};
+
+const MAGIC: &[u8; 4] = b"MTSD";
+/// Bumped whenever the payload's shape changes.
+pub const VERSION: u16 = 1;
+const HEADER_LEN: usize = 16;
+/// Far above any real seed (~12 bytes per resident page), small enough to refuse garbage.
+pub const MAX_PAYLOAD: usize = 64 << 20;
+const PAGE: u64 = 4096;
+/// Highest user address on x86_64 with 4- or 5-level paging.
+const USER_END: u64 = 1 << 56;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("descriptor is truncated ({0} bytes)")]
+    Truncated(usize),
+    #[error("not a mitosis descriptor (bad magic)")]
+    BadMagic,
+    #[error("descriptor version {0} is not supported (this build reads version {VERSION})")]
+    Version(u16),
+    #[error("descriptor length {0} does not match its header")]
+    Length(usize),
+    #[error("descriptor checksum mismatch: it is corrupted")]
+    Checksum,
+    #[error("descriptor payload is malformed: {0}")]
+    Payload(String),
+    #[error("descriptor is inconsistent: {0}")]
+    Invalid(&'static str),
+}
+
+/// Encodes `desc` into its envelope.
+pub fn encode(desc: &Descriptor) -> Vec<u8> {
+    let payload = postcard::to_stdvec(desc).expect("descriptor serializes to memory");
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Decodes and validates an envelope.
+pub fn decode(bytes: &[u8]) -> Result<Descriptor, DecodeError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(DecodeError::Truncated(bytes.len()));
+    }
+    if &bytes[..4] != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    if bytes[6..8] != [0, 0] {
+        return Err(DecodeError::Payload("reserved header bits are set".into()));
+    }
+    let len = word(8) as usize;
+    let payload = &bytes[HEADER_LEN..];
+    if len > MAX_PAYLOAD || payload.len() != len {
+        return Err(DecodeError::Length(len));
+    }
+    if crc32fast::hash(payload) != word(12) {
+        return Err(DecodeError::Checksum);
+    }
+    let desc: Descriptor =
+        postcard::from_bytes(payload).map_err(|e| DecodeError::Payload(e.to_string()))?;
+    validate(&desc)?;
+    Ok(desc)
+}
+
+/// Checks the invariants the restore path relies on.
+fn validate(d: &Descriptor) -> Result<(), DecodeError> {
+    use DecodeError::Invalid;
+    if d.regs.len() != REGS_WORDS {
+        return Err(Invalid("register set has the wrong size"));
+    }
+    if d.xstate.len() > 64 * 1024 {
+        return Err(Invalid("FPU state is too large"));
+    }
+    if d.auxv.len() % 2 != 0 || d.auxv.len() > 2 * 64 {
+        return Err(Invalid("auxiliary vector is malformed"));
+    }
+    let mut prev_end = 0;
+    for vma in &d.vmas {
+        let aligned = vma.start % PAGE == 0 && vma.end % PAGE == 0;
+        if !aligned || vma.start >= vma.end || vma.end > USER_END {
+            return Err(Invalid("a mapping has a bad range"));
+        }
+        if vma.start < prev_end {
+            return Err(Invalid("mappings overlap or are unsorted"));
+        }
+        prev_end = vma.end;
+        if vma.prot & !7 != 0 {
+            return Err(Invalid("a mapping has unknown protection bits"));
+        }
+        if !vma.seed_pages.is_canonical() || vma.seed_pages.end() > vma.pages() {
+            return Err(Invalid("a mapping's page list exceeds the mapping"));
+        }
+        if let Backing::File { file, offset, file_pages } = &vma.backing {
+            if offset % PAGE != 0 || *file_pages > vma.pages() || file.path.contains('\0') {
+                return Err(Invalid("a file mapping is malformed"));
+            }
+        }
+    }
+    if d.files.iter().any(|f| f.fd < 3 || f.path.contains('\0')) {
+        return Err(Invalid("an open file entry is malformed"));
+    }
+    if let Some(v) = &d.vdso {
+        if v.block_start > v.vdso_start || v.vdso_start >= v.vdso_end || v.vdso_end > USER_END {
+            return Err(Invalid("the vDSO range is malformed"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FileIdentity, MmFields, PageSet, Vma};
+
+    pub(crate) fn sample() -> Descriptor {
+        Descriptor {
+            seed_id: 7,
+            arch: "x86_64".into(),
+            regs: vec![0; REGS_WORDS],
+            xstate: vec![1; 832],
+            rseq: None,
+            mm: MmFields::default(),
+            auxv: vec![6, 4096, 0, 0],
+            exe: None,
+            vdso: None,
+            vmas: vec![
+                Vma {
+                    start: 0x1000,
+                    end: 0x5000,
+                    prot: 3,
+                    shared: false,
+                    grows_down: false,
+                    backing: crate::Backing::Anonymous,
+                    seed_pages: PageSet::from_flags([true, false, true, true]),
+                },
+                Vma {
+                    start: 0x10000,
+                    end: 0x12000,
+                    prot: 5,
+                    shared: false,
+                    grows_down: false,
+                    backing: crate::Backing::File {
+                        file: FileIdentity { path: "/bin/x".into(), size: 8192, hash: [3; 32] },
+                        offset: 0,
+                        file_pages: 2,
+                    },
+                    seed_pages: PageSet::default(),
+                },
+            ],
+            files: vec![],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let d = sample();
+        assert_eq!(decode(&encode(&d)).unwrap(), d);
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_caught() {
+        let bytes = encode(&sample());
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                assert!(decode(&b).is_err(), "flip of byte {i} bit {bit} went unnoticed");
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_and_garbage_are_refused() {
+        let bytes = encode(&sample());
+        for n in 0..bytes.len() {
+            assert!(decode(&bytes[..n]).is_err());
+        }
+        assert_eq!(decode(b"hello, this is not it"), Err(DecodeError::BadMagic));
+    }
+
+    #[test]
+    fn other_versions_are_refused() {
+        let mut b = encode(&sample());
+        b[4] = 9;
+        assert_eq!(decode(&b), Err(DecodeError::Version(9)));
+    }
+
+    #[test]
+    fn overlapping_mappings_are_refused() {
+        let mut d = sample();
+        d.vmas[1].start = 0x3000;
+        assert_eq!(decode(&encode(&d)), Err(DecodeError::Invalid("mappings overlap or are unsorted")));
+    }
+
+    #[test]
+    fn page_list_beyond_mapping_is_refused() {
+        let mut d = sample();
+        d.vmas[0].seed_pages = PageSet::full(5);
+        assert!(matches!(decode(&encode(&d)), Err(DecodeError::Invalid(_))));
+    }
+}

@@ -1,0 +1,129 @@
+//! The descriptor's data model.
+
+use serde::{Deserialize, Serialize};
+
+use crate::PageSet;
+
+/// Number of u64 words in x86_64 `user_regs_struct`.
+pub const REGS_WORDS: usize = 27;
+
+/// Everything a child host needs to rebuild a seed at its prepare point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Descriptor {
+    pub seed_id: u64,
+    /// `uname -m` of the seed's host; children refuse a different one.
+    pub arch: String,
+    /// `user_regs_struct` as words, already adjusted to restart an interrupted system call.
+    pub regs: Vec<u64>,
+    /// The XSAVE area (x87/SSE/AVX state).
+    pub xstate: Vec<u8>,
+    pub rseq: Option<Rseq>,
+    pub mm: MmFields,
+    /// The auxiliary vector as the kernel keeps it, (type, value) pairs flattened.
+    pub auxv: Vec<u64>,
+    pub exe: Option<FileIdentity>,
+    pub vdso: Option<Vdso>,
+    /// Mappings sorted by address, non-overlapping.
+    pub vmas: Vec<Vma>,
+    /// Regular files the seed had open beyond stdio, to reopen in the child.
+    pub files: Vec<OpenFile>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rseq {
+    pub pointer: u64,
+    pub size: u32,
+    pub signature: u32,
+}
+
+/// The mm_struct fields that `prctl(PR_SET_MM_MAP)` restores.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+/// Where the seed's vDSO block (vvar pages followed by the vDSO) sits, and what it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vdso {
+    /// Start of the block (first vvar page); what `ARCH_MAP_VDSO_64` takes.
+    pub block_start: u64,
+    pub vdso_start: u64,
+    pub vdso_end: u64,
+    /// BLAKE3 of the vDSO text: a child host with other vDSO code cannot run the seed's
+    /// cached vDSO entry points.
+    pub hash: [u8; 32],
+}
+
+/// A file as the seed's host saw it; the child maps its own copy only if it is identical.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileIdentity {
+    pub path: String,
+    pub size: u64,
+    /// BLAKE3 of the whole file.
+    pub hash: [u8; 32],
+}
+
+pub const PROT_READ: u8 = 1;
+pub const PROT_WRITE: u8 = 2;
+pub const PROT_EXEC: u8 = 4;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_* bits.
+    pub prot: u8,
+    /// MAP_SHARED rather than MAP_PRIVATE.
+    pub shared: bool,
+    /// The main thread's stack, which grows down.
+    pub grows_down: bool,
+    pub backing: Backing,
+    /// Pages whose content must come from the seed: for anonymous memory every page that
+    /// exists; for a private file mapping the pages the seed wrote (no longer the file's).
+    pub seed_pages: PageSet,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Backing {
+    Anonymous,
+    File {
+        file: FileIdentity,
+        offset: u64,
+        /// Pages of this mapping that lie within the file; beyond them access is SIGBUS.
+        file_pages: u64,
+    },
+}
+
+impl Vma {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.len() / 4096
+    }
+}
+
+/// A regular file open in the seed, reopened at the same descriptor number and offset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenFile {
+    pub fd: i32,
+    pub path: String,
+    /// open(2) flags as /proc/PID/fdinfo shows them.
+    pub flags: i32,
+    pub offset: u64,
+}

@@ -1,0 +1,1 @@
+//! Integration tests for mitosis live in tests/.
