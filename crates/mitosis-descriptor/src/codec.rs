@@ -163,6 +163,7 @@ mod tests {
                     seed_pages: PageSet::default(),
                 },
             ],
+            cwd: None,
             files: vec![],
         }
     }

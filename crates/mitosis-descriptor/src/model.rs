@@ -25,6 +25,8 @@ pub struct Descriptor {
     pub vdso: Option<Vdso>,
     /// Mappings sorted by address, non-overlapping.
     pub vmas: Vec<Vma>,
+    /// The seed's working directory, used by the child where it exists.
+    pub cwd: Option<String>,
     /// Regular files the seed had open beyond stdio, to reopen in the child.
     pub files: Vec<OpenFile>,
 }

@@ -1,1 +1,125 @@
-fn main() {}
+//! `mitosis-stub`: the process that becomes a child.
+//!
+//! Started by the daemon with the resumer's stdio and a channel on fd 3. It opens the files the
+//! child needs and creates the userfaultfd (both must happen inside the child), sends the fd to
+//! the daemon, then jumps into the trampoline, which replaces this program's whole address space
+//! with the seed's. It never returns; the daemon, tracing it, takes over at the trampoline's end.
+
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixStream;
+
+use mitosis_fork::frame;
+use mitosis_fork::restore::protocol::{CHANNEL_FD, Go, OpenSpec, Ready, Setup};
+use mitosis_sys::fdpass;
+use mitosis_sys::uffd::Userfaultfd;
+
+fn main() {
+    // SAFETY: the daemon placed our end of the channel on CHANNEL_FD before exec; nothing else
+    // in this process owns it.
+    let chan = unsafe { UnixStream::from_raw_fd(CHANNEL_FD) };
+    if let Err(why) = run(chan) {
+        // The daemon reads this as the reason the child could not start.
+        // SAFETY: as above; `run` consumed its handle, the fd may still be open.
+        let mut chan = unsafe { UnixStream::from_raw_fd(CHANNEL_FD) };
+        let _ = chan.write_all(&frame::encode(&Ready::Failed(why)));
+        std::process::exit(70);
+    }
+}
+
+fn run(mut chan: UnixStream) -> Result<(), String> {
+    let setup: Setup = frame::read(&mut chan).map_err(|e| format!("reading setup: {e}"))?;
+    // Keep our own fds clear of the numbers the seed's files go to.
+    let chan_fd = move_above(chan.into_raw_fd(), setup.work_fd_base)?;
+    // SAFETY: move_above returned a fresh fd that only this handle owns.
+    let mut chan = unsafe { UnixStream::from_raw_fd(chan_fd) };
+    let mut fds = Vec::with_capacity(setup.opens.len());
+    for spec in &setup.opens {
+        fds.push(open(spec, setup.work_fd_base).map_err(|e| format!("opening {}: {e}", spec.path))?);
+    }
+    let uffd = Userfaultfd::create().map_err(|e| format!("creating userfaultfd: {e}"))?;
+    fdpass::send(chan.as_raw_fd(), &frame::encode(&Ready::Opened(fds)), &[uffd.as_raw_fd()])
+        .map_err(|e| format!("sending userfaultfd: {e}"))?;
+    // The daemon holds its own copy now; the trampoline closes ours with the other work fds.
+    std::mem::forget(uffd);
+    let go: Go = frame::read(&mut chan).map_err(|e| format!("reading go: {e}"))?;
+    jump(&go)
+}
+
+/// Opens `spec`; a seed's file lands on its own number, a working fd above `base`.
+fn open(spec: &OpenSpec, base: i32) -> io::Result<i32> {
+    let path = std::ffi::CString::new(spec.path.as_str()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let cloexec = spec.flags & libc::O_CLOEXEC;
+    // SAFETY: `path` is a valid NUL-terminated string.
+    let fd = unsafe { libc::open(path.as_ptr(), (spec.flags & !libc::O_CLOEXEC) | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let Some(target) = spec.target_fd else {
+        return move_above(fd, base).map_err(io::Error::other);
+    };
+    if fd != target {
+        // SAFETY: dup3 onto a number we chose; both are plain integers.
+        if unsafe { libc::dup3(fd, target, cloexec) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is ours and no longer needed.
+        unsafe { libc::close(fd) };
+    } else if cloexec == 0 {
+        // SAFETY: clearing FD_CLOEXEC on our own fd.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    }
+    // SAFETY: seeking our own fd.
+    if unsafe { libc::lseek(target, spec.offset as libc::off_t, libc::SEEK_SET) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(target)
+}
+
+/// Moves `fd` to the lowest free number ≥ `base` (close-on-exec).
+fn move_above(fd: i32, base: i32) -> Result<i32, String> {
+    // SAFETY: fcntl on an fd we own.
+    let moved = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, base) };
+    if moved < 0 {
+        return Err(format!("moving fd {fd}: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: the original is ours and replaced by `moved`.
+    unsafe { libc::close(fd) };
+    Ok(moved)
+}
+
+/// Maps the trampoline and runs it. Never returns: the trampoline unmaps this program.
+fn jump(go: &Go) -> ! {
+    const PAGE: usize = 4096;
+    let data_len = go.data.len().div_ceil(PAGE) * PAGE;
+    let len = PAGE + data_len;
+    // SAFETY: a fresh anonymous mapping at an address the daemon chose to be free here and in
+    // the seed; MAP_FIXED_NOREPLACE fails rather than clobber anything.
+    let at = unsafe {
+        libc::mmap(
+            go.at as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if at == libc::MAP_FAILED || at as u64 != go.at || go.code.len() > PAGE {
+        eprintln!("mitosis-stub: cannot map the trampoline at {:#x}", go.at);
+        std::process::exit(71);
+    }
+    // SAFETY: the mapping is `len` bytes, writable; code fits the first page and data the rest.
+    unsafe {
+        std::ptr::copy_nonoverlapping(go.code.as_ptr(), at.cast::<u8>(), go.code.len());
+        std::ptr::copy_nonoverlapping(go.data.as_ptr(), at.cast::<u8>().add(PAGE), go.data.len());
+        if libc::mprotect(at, PAGE, libc::PROT_READ | libc::PROT_EXEC) != 0 {
+            std::process::exit(72);
+        }
+    }
+    // SAFETY: the first page now holds the trampoline, which follows the C calling convention
+    // for its two arguments (records, count) and never returns.
+    let trampoline: extern "C" fn(*const u8, u64) -> ! = unsafe { std::mem::transmute(at) };
+    // SAFETY: the records live in the mapped data area right after the code page.
+    trampoline(unsafe { at.cast::<u8>().add(PAGE) }, go.records)
+}

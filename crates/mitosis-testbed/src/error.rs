@@ -9,14 +9,18 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum TestbedError {
     /// Network namespaces can only be created by root.
-    #[error("the testbed needs root privileges to create network namespaces (effective uid is {euid})")]
+    #[error(
+        "the testbed needs root privileges to create network namespaces (effective uid is {euid})"
+    )]
     NotRoot {
         /// The effective uid of this process.
         euid: u32,
     },
 
     /// iproute2 is not installed (or not in `PATH`).
-    #[error("the `ip` command (iproute2) is needed to build the testbed but could not be run: {source}")]
+    #[error(
+        "the `ip` command (iproute2) is needed to build the testbed but could not be run: {source}"
+    )]
     IpMissing {
         /// Why spawning `ip` failed.
         source: io::Error,

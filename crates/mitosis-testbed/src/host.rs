@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ pub const TESTBED_ID_ENV: &str = "MITOSIS_TESTBED_ID";
 const DAEMON_READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often readiness of a starting daemon is checked.
 const DAEMON_READY_POLL: Duration = Duration::from_millis(5);
-/// How long a daemon gets to exit after SIGTERM before it is SIGKILLed.
+/// How long a daemon gets to exit after SIGTERM before it gets SIGKILL.
 const DAEMON_STOP_GRACE: Duration = Duration::from_secs(2);
 /// How much of the end of a daemon log goes into error messages.
 const LOG_TAIL_BYTES: u64 = 4096;
@@ -157,6 +157,10 @@ impl Host {
     /// Kills the daemon with SIGKILL and reaps it, simulating a crashed host
     /// daemon. Does nothing if no daemon is running. The socket file is left
     /// behind, as a crash would.
+    ///
+    /// # Errors
+    ///
+    /// If the daemon cannot be reaped.
     pub fn kill_daemon(&self) -> Result<()> {
         let Some(mut child) = self.lock_daemon().take() else {
             return Ok(());
@@ -167,6 +171,12 @@ impl Host {
 
     /// Starts the daemon (again), with the same address and socket, and waits
     /// until it accepts connections. A stale socket file is removed first.
+    ///
+    /// # Errors
+    ///
+    /// If no daemon is configured or one is already running, or if the daemon
+    /// cannot be spawned, exits early or does not accept connections within
+    /// 5 s (these errors include the end of its log; the daemon is killed).
     pub fn start_daemon(&self) -> Result<()> {
         let Some(config) = &self.daemon_config else {
             return Err(TestbedError::NoDaemonConfigured {
@@ -239,9 +249,7 @@ impl Host {
     fn lock_daemon(&self) -> MutexGuard<'_, Option<Child>> {
         // A panic while holding the lock cannot leave the Option half-updated,
         // so a poisoned lock is still usable.
-        self.daemon
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+        self.daemon.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn spawn_daemon(&self, config: &DaemonConfig) -> Result<Child> {
@@ -314,7 +322,8 @@ impl Host {
 
     /// The last few KiB of the daemon log, starting at a line boundary.
     fn log_tail(&self) -> String {
-        read_tail(&self.log_path, LOG_TAIL_BYTES).unwrap_or_else(|err| format!("<unreadable: {err}>"))
+        read_tail(&self.log_path, LOG_TAIL_BYTES)
+            .unwrap_or_else(|err| format!("<unreadable: {err}>"))
     }
 }
 
@@ -352,7 +361,10 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tail.log");
         fs::write(&path, "first line\nsecond line\nthird\n").unwrap();
-        assert_eq!(read_tail(&path, 1000).unwrap(), "first line\nsecond line\nthird");
+        assert_eq!(
+            read_tail(&path, 1000).unwrap(),
+            "first line\nsecond line\nthird"
+        );
         assert_eq!(read_tail(&path, 10).unwrap(), "third");
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -70,7 +70,7 @@ pub(crate) fn add(name: &str) -> Result<()> {
     // guarded state lives in the kernel, so carrying on is fine.
     let _guard = NETNS_ADD_LOCK
         .lock()
-        .unwrap_or_else(|poison| poison.into_inner());
+        .unwrap_or_else(PoisonError::into_inner);
     ip(&["netns", "add", name])
 }
 

@@ -1,1 +1,8 @@
-//! mitosis-transport
+//! How mitosis processes talk: length-prefixed postcard frames over TCP between daemons
+//! (the page server) and over a unix socket between the CLI and its local daemon.
+
+pub mod control;
+pub mod frame;
+pub mod peer;
+
+pub use frame::FrameError;

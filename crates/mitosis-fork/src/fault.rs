@@ -1,0 +1,136 @@
+//! The fault path: answers a child's missing-page faults from a [`PageSource`].
+//!
+//! A page that is pending comes from the seed, together with the pending pages right after it
+//! (one round trip for a run); any other missing page is zero. The child's own mremap, madvise,
+//! munmap and fork are followed so a page is never taken from the wrong place. If the source
+//! fails, the handler returns an error and the caller kills the child: a child never runs on
+//! with zero-filled memory where the seed had data.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use mitosis_sys::uffd::{Event, Fill, Userfaultfd};
+use mitosis_sys::PAGE_SIZE;
+use thiserror::Error;
+use tokio::io::unix::AsyncFd;
+
+use crate::pending::PendingMap;
+use crate::source::PageSource;
+
+/// Pages fetched per fault: the faulting page and the pending pages right after it.
+pub const PREFETCH_PAGES: u64 = 16;
+
+#[derive(Debug, Error)]
+pub enum FaultError {
+    #[error("page source lost: {0}")]
+    Source(String),
+    #[error("userfaultfd: {0}")]
+    Uffd(#[from] io::Error),
+}
+
+/// Counters of one child's faults, shared with whoever reports them.
+#[derive(Debug, Clone, Default)]
+pub struct FaultStats {
+    pub faults: u64,
+    pub zero_faults: u64,
+    pub fetches: u64,
+    pub pages_fetched: u64,
+    pub fetch_us: u64,
+}
+
+/// Serves faults on `uffd` until an error; runs forever otherwise (the caller cancels it when
+/// the child exits). Forked copies of the child get handlers of their own.
+pub async fn serve<S: PageSource>(
+    uffd: Userfaultfd,
+    mut pending: PendingMap,
+    mut source: S,
+    stats: Arc<Mutex<FaultStats>>,
+) -> Result<(), FaultError> {
+    // SAFETY: `Userfaultfd` owns its fd (an OwnedFd), so it stays open and the same for as
+    // long as the AsyncFd that owns the Userfaultfd lives.
+    let fd = unsafe { AsyncFd::register(uffd) }.map_err(|e| FaultError::Uffd(e.into()))?;
+    let mut retry: Vec<u64> = Vec::new();
+    loop {
+        let mut guard = fd.readable().await?;
+        while let Some(event) = guard.get_inner().read_event()? {
+            match event {
+                Event::PageFault { addr } => {
+                    if !resolve(fd.get_ref(), &mut pending, &mut source, &stats, addr).await? {
+                        retry.push(addr);
+                    }
+                }
+                Event::Remap { from, to, len } => pending.remap(from, to, len),
+                Event::Remove { start, end } | Event::Unmap { start, end } => pending.forget(start, end),
+                Event::Fork { uffd } => {
+                    let copy = pending.clone();
+                    let src = source.duplicate().await.map_err(FaultError::Source)?;
+                    let handler = serve_boxed(uffd, copy, src, stats.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = handler.await {
+                            tracing::warn!("fault handler of a forked child stopped: {e}");
+                        }
+                    });
+                }
+            }
+        }
+        guard.clear_ready();
+        // Fills refused while the layout was changing: the faulting threads still wait.
+        for addr in std::mem::take(&mut retry) {
+            if !resolve(fd.get_ref(), &mut pending, &mut source, &stats, addr).await? {
+                retry.push(addr);
+            }
+        }
+    }
+}
+
+type BoxedServe = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), FaultError>> + Send>>;
+
+/// [`serve`] behind a box, so that it can spawn itself for forked children.
+fn serve_boxed<S: PageSource>(
+    uffd: Userfaultfd,
+    pending: PendingMap,
+    source: S,
+    stats: Arc<Mutex<FaultStats>>,
+) -> BoxedServe {
+    Box::pin(serve(uffd, pending, source, stats))
+}
+
+/// Fills the page at `addr`; `Ok(false)` if the kernel asked to retry (layout changing).
+async fn resolve<S: PageSource>(
+    uffd: &Userfaultfd,
+    pending: &mut PendingMap,
+    source: &mut S,
+    stats: &Mutex<FaultStats>,
+    addr: u64,
+) -> Result<bool, FaultError> {
+    let page = addr & !(PAGE_SIZE - 1);
+    let Some(run) = pending.take_run(page, PREFETCH_PAGES) else {
+        stats.lock().expect("stats").zero_faults += 1;
+        return retry_on_again(uffd.zeropage(page, PAGE_SIZE));
+    };
+    let started = Instant::now();
+    let data = source.read(vec![(run.seed, run.pages as u32)]).await.map_err(FaultError::Source)?;
+    {
+        let mut s = stats.lock().expect("stats");
+        s.faults += 1;
+        s.fetches += 1;
+        s.pages_fetched += run.pages;
+        s.fetch_us += started.elapsed().as_micros() as u64;
+    }
+    let filled = retry_on_again(uffd.copy(run.child, &data))?;
+    if !filled {
+        pending.restore_run(run);
+    }
+    Ok(filled)
+}
+
+fn retry_on_again(result: io::Result<Fill>) -> Result<bool, FaultError> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(false),
+        // The child's mm is gone (it exited while we fetched): nothing left to fill.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(true),
+        Err(e) => Err(FaultError::Uffd(e)),
+    }
+}

@@ -1,0 +1,214 @@
+//! Which pages of a child still have to come from the seed, and from which seed address.
+//!
+//! Starts as the descriptor's page lists and follows the child's own changes to its address
+//! space (userfaultfd events): discarded or unmapped pages become plain zero memory, and
+//! mremap'ed ranges keep their source at the new address.
+
+use std::collections::BTreeMap;
+
+const PAGE: u64 = 4096;
+
+/// A run of child pages with a contiguous seed source and one pending bit per page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Region {
+    /// Seed address of the region's first page.
+    seed_start: u64,
+    pending: Vec<bool>,
+}
+
+/// Pending pages keyed by child address of each region's first page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingMap {
+    regions: BTreeMap<u64, Region>,
+}
+
+/// A run of pages to fetch: child address, seed address, page count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub child: u64,
+    pub seed: u64,
+    pub pages: u64,
+}
+
+impl PendingMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Marks the pages at `child` (mapped 1:1 to `seed`) as pending; ranges must not overlap.
+    pub fn insert(&mut self, child: u64, seed: u64, pending: Vec<bool>) {
+        if pending.iter().any(|&p| p) {
+            self.regions.insert(child, Region { seed_start: seed, pending });
+        }
+    }
+
+    /// Total pending pages.
+    pub fn len(&self) -> u64 {
+        self.regions.values().map(|r| r.pending.iter().filter(|&&p| p).count() as u64).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn region_of(&self, addr: u64) -> Option<(u64, &Region)> {
+        let (&start, region) = self.regions.range(..=addr).next_back()?;
+        (addr < start + region.pending.len() as u64 * PAGE).then_some((start, region))
+    }
+
+    pub fn is_pending(&self, addr: u64) -> bool {
+        let addr = addr & !(PAGE - 1);
+        self.region_of(addr)
+            .is_some_and(|(start, r)| r.pending[((addr - start) / PAGE) as usize])
+    }
+
+    /// Takes the pending page at `addr` and up to `max_pages - 1` pending pages right after it
+    /// in the same region; `None` if `addr` is not pending (its content is zero).
+    pub fn take_run(&mut self, addr: u64, max_pages: u64) -> Option<Run> {
+        let addr = addr & !(PAGE - 1);
+        let start = self.region_of(addr)?.0;
+        let region = self.regions.get_mut(&start).expect("region exists");
+        let first = ((addr - start) / PAGE) as usize;
+        if !region.pending[first] {
+            return None;
+        }
+        let mut n = 0;
+        while first + n < region.pending.len() && region.pending[first + n] && (n as u64) < max_pages {
+            region.pending[first + n] = false;
+            n += 1;
+        }
+        Some(Run { child: addr, seed: region.seed_start + first as u64 * PAGE, pages: n as u64 })
+    }
+
+    /// Puts a run taken with `take_run` back (its fill did not happen).
+    pub fn restore_run(&mut self, run: Run) {
+        for i in 0..run.pages {
+            self.set(run.child + i * PAGE, true);
+        }
+    }
+
+    fn set(&mut self, addr: u64, value: bool) {
+        if let Some((start, _)) = self.region_of(addr) {
+            let region = self.regions.get_mut(&start).expect("region exists");
+            region.pending[((addr - start) / PAGE) as usize] = value;
+        }
+    }
+
+    /// The child discarded or unmapped `[start, end)`: those pages no longer come from the seed.
+    pub fn forget(&mut self, start: u64, end: u64) {
+        self.extract(start, end);
+    }
+
+    /// The child moved `[from, from+len)` to `to`; pending pages move with it.
+    pub fn remap(&mut self, from: u64, to: u64, len: u64) {
+        let moved = self.extract(from, from + len);
+        // Whatever was at the destination was replaced by the move.
+        self.extract(to, to + len);
+        for (child, region) in moved {
+            self.regions.insert(child - from + to, region);
+        }
+    }
+
+    /// Removes `[start, end)` from the map, returning its pieces that still have pending pages.
+    fn extract(&mut self, start: u64, end: u64) -> Vec<(u64, Region)> {
+        let (start, end) = (start & !(PAGE - 1), (end + PAGE - 1) & !(PAGE - 1));
+        let overlapping: Vec<u64> = self
+            .regions
+            .range(..end)
+            .filter(|(s, r)| *s + r.pending.len() as u64 * PAGE > start)
+            .map(|(s, _)| *s)
+            .collect();
+        let mut taken = Vec::new();
+        for s in overlapping {
+            let region = self.regions.remove(&s).expect("region exists");
+            let pages = region.pending.len() as u64;
+            let cut_lo = ((start.max(s) - s) / PAGE) as usize;
+            let cut_hi = ((end.min(s + pages * PAGE) - s) / PAGE) as usize;
+            let piece = |lo: usize, hi: usize| Region {
+                seed_start: region.seed_start + lo as u64 * PAGE,
+                pending: region.pending[lo..hi].to_vec(),
+            };
+            self.insert_piece(s, piece(0, cut_lo));
+            self.insert_piece(s + cut_hi as u64 * PAGE, piece(cut_hi, pages as usize));
+            let middle = piece(cut_lo, cut_hi);
+            if middle.pending.iter().any(|&p| p) {
+                taken.push((s + cut_lo as u64 * PAGE, middle));
+            }
+        }
+        taken
+    }
+
+    fn insert_piece(&mut self, child: u64, region: Region) {
+        if region.pending.iter().any(|&p| p) {
+            self.regions.insert(child, region);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map() -> PendingMap {
+        let mut m = PendingMap::new();
+        // Child 0x10000.. maps seed 0x90000..; pages 0,1,2,4 pending.
+        m.insert(0x10000, 0x90000, vec![true, true, true, false, true]);
+        m
+    }
+
+    #[test]
+    fn take_runs_and_zero_pages() {
+        let mut m = map();
+        assert_eq!(m.len(), 4);
+        assert_eq!(m.take_run(0x11234, 8), Some(Run { child: 0x11000, seed: 0x91000, pages: 2 }));
+        assert_eq!(m.take_run(0x11000, 8), None, "already taken");
+        assert_eq!(m.take_run(0x13000, 8), None, "never existed: zero page");
+        assert_eq!(m.take_run(0x50000, 8), None, "outside every region");
+        assert_eq!(m.take_run(0x10000, 1), Some(Run { child: 0x10000, seed: 0x90000, pages: 1 }));
+        assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn restore_puts_pages_back() {
+        let mut m = map();
+        let run = m.take_run(0x10000, 8).unwrap();
+        m.restore_run(run);
+        assert_eq!(m, map());
+    }
+
+    #[test]
+    fn forget_turns_pages_into_zero() {
+        let mut m = map();
+        m.forget(0x11000, 0x13000);
+        assert!(m.is_pending(0x10000) && !m.is_pending(0x11000) && !m.is_pending(0x12000));
+        assert!(m.is_pending(0x14000));
+        assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn remap_moves_sources() {
+        let mut m = map();
+        m.remap(0x10000, 0x200000, 0x5000);
+        assert!(!m.is_pending(0x10000));
+        assert_eq!(m.take_run(0x202000, 8), Some(Run { child: 0x202000, seed: 0x92000, pages: 1 }));
+        assert_eq!(m.take_run(0x204000, 8), Some(Run { child: 0x204000, seed: 0x94000, pages: 1 }));
+        assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn partial_remap_splits_regions() {
+        let mut m = map();
+        m.remap(0x11000, 0x300000, 0x1000);
+        assert!(m.is_pending(0x10000) && !m.is_pending(0x11000) && m.is_pending(0x12000));
+        assert_eq!(m.take_run(0x300000, 8), Some(Run { child: 0x300000, seed: 0x91000, pages: 1 }));
+    }
+
+    #[test]
+    fn remap_over_pending_pages_replaces_them() {
+        let mut m = map();
+        m.insert(0x40000, 0xa0000, vec![true, true]);
+        m.remap(0x40000, 0x10000, 0x2000);
+        assert_eq!(m.take_run(0x10000, 8), Some(Run { child: 0x10000, seed: 0xa0000, pages: 2 }));
+        assert!(m.is_pending(0x12000), "pages past the move's end stay");
+    }
+}

@@ -1,0 +1,346 @@
+//! Capturing a running process as a seed.
+//!
+//! The seed is stopped only long enough to read its registers and run two system calls in it:
+//! `brk(0)` (the exact break, which /proc does not show) and a `clone` that creates its *twin*.
+//! The twin is a copy-on-write snapshot that never runs: it is the page source children read,
+//! so the seed runs on and its later writes stay invisible to children. Everything else
+//! (layout, page lists, file identities) is read from the twin after the seed is released.
+
+use std::fs::{self, File};
+use std::io;
+use std::time::Instant;
+
+use mitosis_descriptor::{
+    Backing, Descriptor, FileIdentity, OpenFile, PROT_EXEC, PROT_READ, PROT_WRITE, PageSet, Rseq,
+    Vdso, Vma,
+};
+use mitosis_sys::mem::RemoteMemory;
+use mitosis_sys::ptrace::{self, Regs, Tracee};
+use mitosis_sys::PAGE_SIZE;
+use thiserror::Error;
+
+use crate::filecache::FileCache;
+use crate::procfs::{self, MapsEntry};
+use crate::regs::{regs_to_words, resume_point, RestartFor};
+
+#[derive(Debug, Error)]
+pub enum PrepareError {
+    #[error("no process with pid {0}")]
+    NoSuchProcess(i32),
+    #[error("pid {pid} has {threads} threads; only single-threaded seeds are supported")]
+    MultiThreaded { pid: i32, threads: usize },
+    #[error("pid {pid} is already traced by pid {tracer}")]
+    AlreadyTraced { pid: i32, tracer: i32 },
+    #[error("cannot trace pid {pid}: {source}")]
+    Trace { pid: i32, source: io::Error },
+    #[error("pid {pid}: {what} failed: {source}")]
+    Inject { pid: i32, what: &'static str, source: io::Error },
+    #[error("reading {path}: {source}")]
+    Proc { path: String, source: io::Error },
+    #[error("pid {pid}: {reason}")]
+    Malformed { pid: i32, reason: MalformedProc },
+    #[error("pid {pid} has a mapping mitosis cannot fork: {what}")]
+    Unsupported { pid: i32, what: String },
+    #[error("pid {pid} has no `syscall` instruction mitosis can borrow (no vDSO)")]
+    NoSyscallInsn { pid: i32 },
+}
+
+/// /proc content that did not parse.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct MalformedProc(String);
+
+/// The frozen copy of a seed. It never runs; dropping it does not kill it: call
+/// [`Twin::release`] from the tracer thread.
+pub struct Twin {
+    tracee: Tracee,
+    memory: RemoteMemory,
+    seed_pid: i32,
+}
+
+impl Twin {
+    pub fn pid(&self) -> i32 {
+        self.tracee.pid()
+    }
+
+    pub fn memory(&self) -> &RemoteMemory {
+        &self.memory
+    }
+
+    /// Kills the twin and has the seed reap it, so no zombie stays behind. Must run on the
+    /// thread that prepared it.
+    pub fn release(self, syscall_insn: u64) {
+        let twin = self.tracee.pid();
+        self.tracee.kill();
+        // The twin is the seed's child (without exit signal): reap it inside the seed.
+        if let Ok(mut seed) = Tracee::seize(self.seed_pid, nix::sys::ptrace::Options::empty()) {
+            if seed.interrupt().is_ok() {
+                if let Ok(saved) = seed.regs() {
+                    let _ = seed.syscall(syscall_insn, libc::SYS_wait4, [twin as u64, 0, libc::__WALL as u64, 0, 0, 0]);
+                    let _ = seed.set_regs(&resume_point(&saved, RestartFor::SameTask));
+                }
+            }
+            let _ = seed.detach();
+        }
+    }
+}
+
+/// A prepared seed: its twin and the descriptor children are built from.
+pub struct Prepared {
+    pub twin: Twin,
+    pub descriptor: Descriptor,
+    /// Address of a `syscall` instruction in the seed (and twin), for later injections.
+    pub syscall_insn: u64,
+    /// How long the seed itself was stopped.
+    pub stopped_us: u64,
+}
+
+fn proc_err(path: String) -> impl FnOnce(io::Error) -> PrepareError {
+    move |source| PrepareError::Proc { path, source }
+}
+
+fn read_proc(path: String) -> Result<String, PrepareError> {
+    fs::read_to_string(&path).map_err(proc_err(path))
+}
+
+/// Captures `pid` as seed `seed_id`. Must run on the daemon's tracer thread.
+pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, PrepareError> {
+    let threads = procfs::thread_count(pid).map_err(|_| PrepareError::NoSuchProcess(pid))?;
+    if threads != 1 {
+        return Err(PrepareError::MultiThreaded { pid, threads });
+    }
+    if let Ok(Some(tracer)) = procfs::tracer_pid(pid) {
+        return Err(PrepareError::AlreadyTraced { pid, tracer });
+    }
+    let open_files = capture_open_files(pid);
+    let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok().map(|p| p.to_string_lossy().into_owned());
+
+    let stop_start = Instant::now();
+    let mut seed = Tracee::seize(pid, ptrace::seed_options())
+        .map_err(|source| PrepareError::Trace { pid, source })?;
+    let frozen = freeze(&mut seed, pid);
+    // Whatever happened, the seed goes on running.
+    let _ = seed.detach();
+    let (mut twin, seed_regs, xstate, rseq, brk, syscall_insn) = frozen?;
+    let stopped_us = stop_start.elapsed().as_micros() as u64;
+
+    // The twin must not hold the seed's files open (a pipe's reader would never see EOF).
+    let twin_pid = twin.pid();
+    let close = twin.syscall(syscall_insn, libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0]);
+    if let Err(source) = close {
+        twin.kill();
+        return Err(PrepareError::Inject { pid, what: "closing the twin's files", source });
+    }
+    let memory = match RemoteMemory::open(twin_pid, false) {
+        Ok(m) => m,
+        Err(source) => {
+            twin.kill();
+            return Err(PrepareError::Proc { path: format!("/proc/{twin_pid}/mem"), source });
+        }
+    };
+    let twin = Twin { tracee: twin, memory, seed_pid: pid };
+
+    match describe(&twin, seed_id, files) {
+        Ok(mut descriptor) => {
+            descriptor.regs = regs_to_words(&resume_point(&seed_regs, RestartFor::OtherTask));
+            descriptor.xstate = xstate;
+            descriptor.rseq = rseq;
+            descriptor.mm.brk = brk;
+            descriptor.files = open_files;
+            descriptor.cwd = cwd;
+            Ok(Prepared { twin, descriptor, syscall_insn, stopped_us })
+        }
+        Err(e) => {
+            twin.release(syscall_insn);
+            Err(e)
+        }
+    }
+}
+
+type Frozen = (Tracee, Regs, Vec<u8>, Option<Rseq>, u64, u64);
+
+/// With the seed seized: stop it, read its CPU state, and clone its twin.
+fn freeze(seed: &mut Tracee, pid: i32) -> Result<Frozen, PrepareError> {
+    let inject = |what| move |source| PrepareError::Inject { pid, what, source };
+    seed.interrupt().map_err(inject("stopping the process"))?;
+    let regs = seed.regs().map_err(inject("reading registers"))?;
+    let xstate = seed.xstate().map_err(inject("reading FPU state"))?;
+    let rseq = seed.rseq().map_err(inject("reading rseq registration"))?.map(|c| Rseq {
+        pointer: c.abi_pointer,
+        size: c.abi_size,
+        signature: c.signature,
+    });
+    let insn = find_syscall_insn(pid, &regs)?;
+    let brk = seed.syscall(insn, libc::SYS_brk, [0; 6]).map_err(inject("brk(0)"))?.ret as u64;
+    // clone(flags = 0): a plain copy-on-write child with no exit signal, invisible to the
+    // seed's ordinary wait() calls.
+    let clone = seed.syscall(insn, libc::SYS_clone, [0; 6]).map_err(inject("cloning the twin"));
+    // Put the seed back where it was, with an interrupted system call set to restart.
+    seed.set_regs(&resume_point(&regs, RestartFor::SameTask)).map_err(inject("restoring registers"))?;
+    let clone = clone?;
+    let twin_pid = match (clone.ret, clone.new_child) {
+        (ret, Some(child)) if ret > 0 => child,
+        (ret, _) => {
+            return Err(PrepareError::Inject {
+                pid,
+                what: "cloning the twin",
+                source: io::Error::from_raw_os_error((-ret) as i32),
+            });
+        }
+    };
+    let mut twin = Tracee::adopt(twin_pid);
+    let twin_ready = twin
+        .wait_for_event_stop()
+        .and_then(|_| twin.set_options(ptrace::exit_kill_options()));
+    if let Err(source) = twin_ready {
+        twin.kill();
+        return Err(PrepareError::Inject { pid, what: "stopping the twin", source });
+    }
+    Ok((twin, regs, xstate, rseq, brk, insn))
+}
+
+/// A `syscall` instruction to run injected calls from: the one the seed is stopped after, or
+/// any `0f 05` byte pair in its vDSO (the CPU decodes from wherever rip points).
+fn find_syscall_insn(pid: i32, regs: &Regs) -> Result<u64, PrepareError> {
+    let mem = RemoteMemory::open(pid, false)
+        .map_err(proc_err(format!("/proc/{pid}/mem")))?;
+    let mut two = [0u8; 2];
+    if (regs.orig_rax as i64) >= 0 && mem.read_exact(regs.rip - 2, &mut two).is_ok() && two == [0x0f, 0x05] {
+        return Ok(regs.rip - 2);
+    }
+    let maps = procfs::parse_maps(&read_proc(format!("/proc/{pid}/maps"))?)
+        .map_err(|r| PrepareError::Malformed { pid, reason: MalformedProc(r) })?;
+    let vdso = maps.iter().find(|m| m.name == "[vdso]").ok_or(PrepareError::NoSyscallInsn { pid })?;
+    let mut text = vec![0u8; (vdso.end - vdso.start) as usize];
+    mem.read_exact(vdso.start, &mut text).map_err(proc_err(format!("/proc/{pid}/mem")))?;
+    text.windows(2)
+        .position(|w| w == [0x0f, 0x05])
+        .map(|off| vdso.start + off as u64)
+        .ok_or(PrepareError::NoSyscallInsn { pid })
+}
+
+/// Regular files open beyond stdio (read while the seed is still intact).
+fn capture_open_files(pid: i32) -> Vec<OpenFile> {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return vec![] };
+    let mut files: Vec<OpenFile> = dir
+        .flatten()
+        .filter_map(|entry| {
+            let fd: i32 = entry.file_name().to_str()?.parse().ok()?;
+            if fd < 3 {
+                return None;
+            }
+            let target = fs::read_link(entry.path()).ok()?;
+            let path = target.to_str()?.to_string();
+            if !path.starts_with('/') || path.ends_with(" (deleted)") || !fs::metadata(&target).ok()?.is_file() {
+                return None;
+            }
+            let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+            let (offset, flags) = procfs::parse_fdinfo(&info)?;
+            Some(OpenFile { fd, path, flags, offset })
+        })
+        .collect();
+    files.sort_by_key(|f| f.fd);
+    files
+}
+
+/// Builds the descriptor's layout and page lists from the frozen twin.
+fn describe(twin: &Twin, seed_id: u64, files: &FileCache) -> Result<Descriptor, PrepareError> {
+    let pid = twin.pid();
+    let malformed = |r: String| PrepareError::Malformed { pid, reason: MalformedProc(r) };
+    let maps = procfs::parse_maps(&read_proc(format!("/proc/{pid}/maps"))?).map_err(malformed)?;
+    let mm = procfs::parse_stat_mm(&read_proc(format!("/proc/{pid}/stat"))?).map_err(malformed)?;
+    let auxv = procfs::parse_auxv(&fs::read(format!("/proc/{pid}/auxv")).map_err(proc_err(format!("/proc/{pid}/auxv")))?);
+    let exe = fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .and_then(|p| {
+            let path = p.to_str()?.to_string();
+            let f = File::open(&p).ok()?;
+            files.identify(&f, &path).ok()
+        });
+
+    let mut vmas = Vec::new();
+    let mut vdso_block: Option<(u64, u64, u64)> = None;
+    for m in &maps {
+        match m.name.as_str() {
+            "[vsyscall]" => continue,
+            "[vvar]" | "[vvar_vclock]" => {
+                let b = vdso_block.get_or_insert((m.start, 0, 0));
+                b.0 = b.0.min(m.start);
+                continue;
+            }
+            "[vdso]" => {
+                let b = vdso_block.get_or_insert((m.start, 0, 0));
+                (b.1, b.2) = (m.start, m.end);
+                continue;
+            }
+            _ => {}
+        }
+        vmas.push(describe_vma(twin, m, files)?);
+    }
+    let vdso = match vdso_block {
+        Some((block_start, vdso_start, vdso_end)) if vdso_end > 0 => {
+            let mut text = vec![0u8; (vdso_end - vdso_start) as usize];
+            twin.memory
+                .read_exact(vdso_start, &mut text)
+                .map_err(proc_err(format!("/proc/{pid}/mem")))?;
+            Some(Vdso { block_start, vdso_start, vdso_end, hash: *blake3::hash(&text).as_bytes() })
+        }
+        _ => None,
+    };
+
+    Ok(Descriptor {
+        seed_id,
+        arch: std::env::consts::ARCH.to_string(),
+        regs: Vec::new(),
+        xstate: Vec::new(),
+        rseq: None,
+        mm,
+        auxv,
+        exe,
+        vdso,
+        vmas,
+        cwd: None,
+        files: Vec::new(),
+    })
+}
+
+fn describe_vma(twin: &Twin, m: &MapsEntry, files: &FileCache) -> Result<Vma, PrepareError> {
+    let pid = twin.pid();
+    let pages = ((m.end - m.start) / PAGE_SIZE) as usize;
+    let states = twin
+        .memory
+        .page_states(m.start, pages)
+        .map_err(proc_err(format!("/proc/{pid}/pagemap")))?;
+    let prot = (m.read as u8 * PROT_READ) | (m.write as u8 * PROT_WRITE) | (m.exec as u8 * PROT_EXEC);
+    // Shared memory without a real file (MAP_SHARED|MAP_ANONYMOUS, SysV, memfd) is carried as
+    // anonymous memory with its content.
+    let is_shmem = m.name.starts_with("/dev/zero") || m.name.starts_with("/SYSV") || m.name.starts_with("/memfd:");
+    let file_backed = m.inode != 0 && m.name.starts_with('/') && !is_shmem;
+    if file_backed && m.name.starts_with("/dev/") {
+        return Err(PrepareError::Unsupported { pid, what: format!("device mapping {}", m.name) });
+    }
+    let backing = if file_backed {
+        // map_files opens the exact file mapped, even if it was deleted or replaced since.
+        let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+        let file = File::open(&link).map_err(proc_err(link))?;
+        let identity: FileIdentity = files.identify(&file, &m.name).map_err(proc_err(m.name.clone()))?;
+        let in_file = identity.size.saturating_sub(m.offset).div_ceil(PAGE_SIZE);
+        Backing::File { file: identity, offset: m.offset, file_pages: in_file.min(pages as u64) }
+    } else {
+        Backing::Anonymous
+    };
+    let seed_pages = match backing {
+        // Private file pages the seed wrote are anonymous now: they are not in the file.
+        Backing::File { .. } => PageSet::from_flags(states.iter().map(|s| s.exists() && !s.file && !m.shared)),
+        Backing::Anonymous => PageSet::from_flags(states.iter().map(|s| s.exists())),
+    };
+    Ok(Vma {
+        start: m.start,
+        end: m.end,
+        prot,
+        shared: m.shared,
+        grows_down: m.name == "[stack]",
+        backing,
+        seed_pages,
+    })
+}

@@ -1,0 +1,164 @@
+//! Parsing what /proc says about a process.
+
+use std::fs;
+use std::io;
+
+use mitosis_descriptor::MmFields;
+
+/// One line of /proc/PID/maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapsEntry {
+    pub start: u64,
+    pub end: u64,
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    pub shared: bool,
+    pub offset: u64,
+    pub inode: u64,
+    /// Path or pseudo-name (`[heap]`, `[stack]`, `[vdso]`...); empty for anonymous memory.
+    pub name: String,
+}
+
+/// Parses the text of /proc/PID/maps.
+pub fn parse_maps(text: &str) -> Result<Vec<MapsEntry>, String> {
+    text.lines().filter(|l| !l.is_empty()).map(parse_maps_line).collect()
+}
+
+fn parse_maps_line(line: &str) -> Result<MapsEntry, String> {
+    let bad = || format!("unparsable maps line {line:?}");
+    let mut fields = line.splitn(6, ' ');
+    let range = fields.next().ok_or_else(bad)?;
+    let perms = fields.next().ok_or_else(bad)?.as_bytes();
+    let offset = fields.next().ok_or_else(bad)?;
+    let _dev = fields.next().ok_or_else(bad)?;
+    let inode = fields.next().ok_or_else(bad)?;
+    let name = fields.next().unwrap_or("").trim_start().to_string();
+    let (start, end) = range.split_once('-').ok_or_else(bad)?;
+    let hex = |s: &str| u64::from_str_radix(s, 16).map_err(|_| bad());
+    if perms.len() != 4 {
+        return Err(bad());
+    }
+    Ok(MapsEntry {
+        start: hex(start)?,
+        end: hex(end)?,
+        read: perms[0] == b'r',
+        write: perms[1] == b'w',
+        exec: perms[2] == b'x',
+        shared: perms[3] == b's',
+        offset: hex(offset)?,
+        inode: inode.parse().map_err(|_| bad())?,
+        name,
+    })
+}
+
+/// The mm fields exposed in /proc/PID/stat (brk itself is not there; the caller asks the kernel).
+pub fn parse_stat_mm(text: &str) -> Result<MmFields, String> {
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = text.rsplit_once(')').ok_or("stat has no command field")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state), so field N is f[N - 3].
+    let field = |n: usize| -> Result<u64, String> {
+        f.get(n - 3).and_then(|s| s.parse().ok()).ok_or_else(|| format!("stat field {n} missing"))
+    };
+    Ok(MmFields {
+        start_code: field(26)?,
+        end_code: field(27)?,
+        start_stack: field(28)?,
+        start_data: field(45)?,
+        end_data: field(46)?,
+        start_brk: field(47)?,
+        brk: 0,
+        arg_start: field(48)?,
+        arg_end: field(49)?,
+        env_start: field(50)?,
+        env_end: field(51)?,
+    })
+}
+
+/// The auxiliary vector as u64 words, trailing AT_NULL pair included.
+pub fn parse_auxv(raw: &[u8]) -> Vec<u64> {
+    let mut words: Vec<u64> = raw
+        .chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    if let Some(end) = words.chunks_exact(2).position(|p| p[0] == 0) {
+        words.truncate(end * 2 + 2);
+    }
+    words
+}
+
+/// Number of threads of `pid`.
+pub fn thread_count(pid: i32) -> io::Result<usize> {
+    Ok(fs::read_dir(format!("/proc/{pid}/task"))?.count())
+}
+
+/// The pid tracing `pid`, if any.
+pub fn tracer_pid(pid: i32) -> io::Result<Option<i32>> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let tracer = status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Ok((tracer != 0).then_some(tracer))
+}
+
+/// `pos` and `flags` of an open file description, from /proc/PID/fdinfo/FD.
+pub fn parse_fdinfo(text: &str) -> Option<(u64, i32)> {
+    let mut pos = None;
+    let mut flags = None;
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("pos:") {
+            pos = v.trim().parse().ok();
+        } else if let Some(v) = line.strip_prefix("flags:") {
+            flags = i32::from_str_radix(v.trim(), 8).ok();
+        }
+    }
+    Some((pos?, flags?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines() {
+        let text = "55d0c0a00000-55d0c0a02000 r--p 00000000 fe:00 1234 /usr/bin/cat\n\
+                    7ffd1000-7ffd2000 rw-p 00000000 00:00 0                          [stack]\n\
+                    7f0000000000-7f0000001000 rw-s 00001000 00:05 99 /dev/zero (deleted)\n\
+                    7f0000002000-7f0000003000 ---p 00000000 00:00 0 \n";
+        let maps = parse_maps(text).unwrap();
+        assert_eq!(maps.len(), 4);
+        assert_eq!(maps[0].name, "/usr/bin/cat");
+        assert_eq!((maps[0].start, maps[0].end, maps[0].inode), (0x55d0c0a00000, 0x55d0c0a02000, 1234));
+        assert!(maps[0].read && !maps[0].write && !maps[0].shared);
+        assert_eq!(maps[1].name, "[stack]");
+        assert!(maps[2].shared && maps[2].offset == 0x1000);
+        assert_eq!(maps[2].name, "/dev/zero (deleted)");
+        assert!(!maps[3].read && maps[3].name.is_empty());
+        assert!(parse_maps("garbage\n").is_err());
+    }
+
+    #[test]
+    fn stat_with_spaces_in_comm() {
+        let mut fields: Vec<String> = (3..=52).map(|n| n.to_string()).collect();
+        fields[0] = "S".into();
+        let text = format!("123 (a b) c) {}", fields.join(" "));
+        let mm = parse_stat_mm(&text).unwrap();
+        assert_eq!((mm.start_code, mm.end_code, mm.start_stack), (26, 27, 28));
+        assert_eq!((mm.start_brk, mm.env_end), (47, 51));
+    }
+
+    #[test]
+    fn auxv_is_cut_after_null() {
+        let words: Vec<u8> = [6u64, 4096, 0, 0, 9, 9].iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(parse_auxv(&words), vec![6, 4096, 0, 0]);
+    }
+
+    #[test]
+    fn fdinfo() {
+        assert_eq!(parse_fdinfo("pos:\t42\nflags:\t0100002\nmnt_id:\t1\n"), Some((42, 0o100002)));
+        assert_eq!(parse_fdinfo("nothing"), None);
+    }
+}

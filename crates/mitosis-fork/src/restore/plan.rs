@@ -1,0 +1,168 @@
+//! Deciding, on the child's host, how each of the seed's mappings is rebuilt.
+
+use std::collections::HashMap;
+
+use mitosis_descriptor::{Backing, Descriptor, MmFields, Vma};
+use mitosis_sys::PAGE_SIZE;
+use thiserror::Error;
+
+use super::protocol::OpenSpec;
+use crate::filecache::FileCache;
+use crate::pending::{PendingMap, Run};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("the seed runs on {seed}, this host is {host}")]
+    Arch { seed: String, host: String },
+    #[error("this host's vDSO differs from the seed host's (different kernel)")]
+    VdsoDiffers,
+    #[error("the seed has no vDSO")]
+    NoVdso,
+}
+
+/// How one mapping is created in the child.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapStep {
+    pub start: u64,
+    pub len: u64,
+    pub prot: u64,
+    pub flags: u64,
+    /// Index into [`Plan::opens`] of the file to map, or `None` for anonymous memory.
+    pub file: Option<usize>,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub maps: Vec<MapStep>,
+    pub opens: Vec<OpenSpec>,
+    pub exe: Option<usize>,
+    pub work_fd_base: i32,
+    /// Ranges whose missing pages are served through userfaultfd.
+    pub lazy_ranges: Vec<(u64, u64)>,
+    /// Pages still to come from the seed once the child runs.
+    pub pending: PendingMap,
+    /// Pages written before the child starts: the seed's own writes to private file mappings.
+    pub overlay: Vec<Run>,
+    /// Pages copied before the child starts because it touches them at once (stack, TLS).
+    pub eager: Vec<Run>,
+    pub regs: Vec<u64>,
+    pub xstate: Vec<u8>,
+    pub rseq: Option<mitosis_descriptor::Rseq>,
+    pub vdso_block: u64,
+    pub mm: MmFields,
+    pub auxv: Vec<u64>,
+    pub cwd: Option<String>,
+}
+
+impl Plan {
+    /// Every run to fetch from the seed before the child starts, overlay first.
+    pub fn prefetch_runs(&self) -> Vec<Run> {
+        self.overlay.iter().chain(&self.eager).copied().collect()
+    }
+}
+
+/// Plans the child of `desc` on this host. `local_vdso_hash` is this host's vDSO digest.
+pub fn plan(desc: &Descriptor, files: &FileCache, local_vdso_hash: [u8; 32]) -> Result<Plan, PlanError> {
+    let host = std::env::consts::ARCH;
+    if desc.arch != host {
+        return Err(PlanError::Arch { seed: desc.arch.clone(), host: host.into() });
+    }
+    let vdso = desc.vdso.ok_or(PlanError::NoVdso)?;
+    if vdso.hash != local_vdso_hash {
+        return Err(PlanError::VdsoDiffers);
+    }
+
+    let mut opens: Vec<OpenSpec> = Vec::new();
+    let mut open_index: HashMap<(String, i32), usize> = HashMap::new();
+    let mut open = |path: &str, flags: i32| -> usize {
+        *open_index.entry((path.to_string(), flags)).or_insert_with(|| {
+            opens.push(OpenSpec { path: path.into(), flags, target_fd: None, offset: 0 });
+            opens.len() - 1
+        })
+    };
+
+    let mut maps = Vec::new();
+    let mut lazy_ranges = Vec::new();
+    let mut pending = PendingMap::new();
+    let mut overlay = Vec::new();
+    for vma in &desc.vmas {
+        let mut flags = if vma.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE } as u64;
+        if vma.grows_down {
+            flags |= libc::MAP_GROWSDOWN as u64;
+        }
+        let mut step = MapStep { start: vma.start, len: vma.len(), prot: vma.prot as u64, flags, file: None, offset: 0 };
+        match &vma.backing {
+            Backing::File { file, offset, .. } if files.is_identical(file) => {
+                let writable_shared = vma.shared && vma.prot & mitosis_descriptor::PROT_WRITE != 0;
+                let mode = if writable_shared { libc::O_RDWR } else { libc::O_RDONLY };
+                step.file = Some(open(&file.path, mode));
+                step.offset = *offset;
+                // Pages the seed wrote privately are not in the file: copy them over.
+                overlay.extend(runs_of(vma));
+            }
+            backing => {
+                // Anonymous memory, or a file this host does not have: the seed serves it all.
+                step.flags = (step.flags & !(libc::MAP_SHARED as u64))
+                    | libc::MAP_PRIVATE as u64
+                    | libc::MAP_ANONYMOUS as u64;
+                if vma.shared && matches!(backing, Backing::Anonymous) {
+                    step.flags = (step.flags & !(libc::MAP_PRIVATE as u64)) | libc::MAP_SHARED as u64;
+                }
+                lazy_ranges.push((vma.start, vma.len()));
+                let from_seed: Vec<bool> = match backing {
+                    Backing::File { file_pages, .. } => {
+                        (0..vma.pages()).map(|p| p < *file_pages || vma.seed_pages.contains(p)).collect()
+                    }
+                    Backing::Anonymous => (0..vma.pages()).map(|p| vma.seed_pages.contains(p)).collect(),
+                };
+                pending.insert(vma.start, vma.start, from_seed);
+            }
+        }
+        maps.push(step);
+    }
+
+    let exe = desc.exe.as_ref().filter(|e| files.is_identical(e)).map(|e| open(&e.path, libc::O_RDONLY));
+    let work_fd_base = desc.files.iter().map(|f| f.fd + 1).max().unwrap_or(0).max(64);
+    for f in &desc.files {
+        let flags = f.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+        opens.push(OpenSpec { path: f.path.clone(), flags, target_fd: Some(f.fd), offset: f.offset });
+    }
+
+    let regs = crate::regs::words_to_regs(&desc.regs);
+    let mut eager = Vec::new();
+    let hot = [regs.rsp.wrapping_sub(2 * PAGE_SIZE), regs.rsp.wrapping_sub(PAGE_SIZE), regs.rsp, regs.fs_base]
+        .into_iter()
+        .chain(desc.rseq.map(|r| r.pointer));
+    for addr in hot {
+        if let Some(run) = pending.take_run(addr, 1) {
+            eager.push(run);
+        }
+    }
+
+    Ok(Plan {
+        maps,
+        opens,
+        exe,
+        work_fd_base,
+        lazy_ranges,
+        pending,
+        overlay,
+        eager,
+        regs: desc.regs.clone(),
+        xstate: desc.xstate.clone(),
+        rseq: desc.rseq,
+        vdso_block: vdso.block_start,
+        mm: desc.mm,
+        auxv: desc.auxv.clone(),
+        cwd: desc.cwd.clone(),
+    })
+}
+
+/// The seed-written pages of `vma` as runs (same address in seed and child).
+fn runs_of(vma: &Vma) -> impl Iterator<Item = Run> + '_ {
+    vma.seed_pages.runs().iter().map(|&(first, count)| {
+        let addr = vma.start + first * PAGE_SIZE;
+        Run { child: addr, seed: addr, pages: count }
+    })
+}

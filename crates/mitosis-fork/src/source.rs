@@ -1,0 +1,52 @@
+//! Where a child's missing pages come from.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use mitosis_sys::mem::RemoteMemory;
+use mitosis_sys::PAGE_SIZE;
+
+/// A source of seed pages, behind the one fault path. The daemon has a socket implementation
+/// (a peer's page server); [`TwinSource`] reads a twin on this very host.
+pub trait PageSource: Send + Sized + 'static {
+    /// Reads runs `(seed address, pages)`; returns their bytes back to back.
+    fn read(&mut self, runs: Vec<(u64, u32)>) -> impl Future<Output = Result<Vec<u8>, String>> + Send;
+
+    /// Another handle to the same source, for a forked child's fault handler.
+    fn duplicate(&self) -> impl Future<Output = Result<Self, String>> + Send;
+}
+
+/// Pages read straight from a twin's memory on this host.
+#[derive(Clone)]
+pub struct TwinSource {
+    memory: Arc<RemoteMemory>,
+}
+
+impl TwinSource {
+    pub fn new(memory: Arc<RemoteMemory>) -> Self {
+        TwinSource { memory }
+    }
+}
+
+impl PageSource for TwinSource {
+    async fn read(&mut self, runs: Vec<(u64, u32)>) -> Result<Vec<u8>, String> {
+        read_runs(&self.memory, &runs).map_err(|e| format!("the seed's twin is gone: {e}"))
+    }
+
+    async fn duplicate(&self) -> Result<Self, String> {
+        Ok(self.clone())
+    }
+}
+
+/// Reads page runs from a twin into one buffer.
+pub fn read_runs(memory: &RemoteMemory, runs: &[(u64, u32)]) -> std::io::Result<Vec<u8>> {
+    let total: usize = runs.iter().map(|r| r.1 as usize * PAGE_SIZE as usize).sum();
+    let mut out = vec![0u8; total];
+    let mut at = 0;
+    for &(addr, pages) in runs {
+        let len = pages as usize * PAGE_SIZE as usize;
+        memory.read_exact(addr, &mut out[at..at + len])?;
+        at += len;
+    }
+    Ok(out)
+}

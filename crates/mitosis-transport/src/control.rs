@@ -1,0 +1,59 @@
+//! The CLI's protocol with the daemon on its own host (unix socket).
+
+use serde::{Deserialize, Serialize};
+
+/// What the CLI asks of its local daemon.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// Capture process `pid` as a seed; answered by `Prepared`.
+    Prepare { pid: i32 },
+    /// Stop serving a seed of this host; answered by `Done`.
+    Drop { handle: String },
+    /// Start a child of the seed behind `handle`. Sent with the CLI's stdin, stdout and stderr
+    /// attached; answered by `Started` then `Exited`.
+    Resume { handle: String },
+    /// Deliver a signal to the running child of this connection.
+    Signal { signo: i32 },
+    /// Human-readable state of the daemon.
+    Status,
+}
+
+/// What the daemon answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Event {
+    Prepared { handle: String, stats: PrepareStats },
+    Done,
+    Started { pid: i32, stats: ResumeStats },
+    /// The child ended; `status` is shell-style (code, or 128 + signal).
+    Exited { status: i32, reason: Option<String>, stats: FaultStats },
+    Status(String),
+    Error(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PrepareStats {
+    pub stopped_us: u64,
+    pub total_us: u64,
+    pub vmas: u32,
+    pub seed_pages: u64,
+    pub descriptor_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ResumeStats {
+    pub connect_us: u64,
+    pub descriptor_us: u64,
+    pub spawn_us: u64,
+    pub restore_us: u64,
+    pub eager_pages: u64,
+    pub total_us: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FaultStats {
+    pub faults: u64,
+    pub zero_faults: u64,
+    pub fetches: u64,
+    pub pages_fetched: u64,
+    pub fetch_us: u64,
+}

@@ -1,0 +1,115 @@
+//! Frames: a little-endian u32 length, then a postcard-encoded message.
+
+use std::io::{Read, Write};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest frame accepted; a descriptor or a batch of pages fits well within it.
+pub const MAX_FRAME: usize = 64 << 20;
+
+#[derive(Debug, Error)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("malformed message: {0}")]
+    Malformed(#[from] postcard::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Encodes `msg` as one frame.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let body = postcard::to_stdvec(msg).expect("messages serialize to memory");
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn check_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_le_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+fn closed_on_eof(e: std::io::Error) -> FrameError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        FrameError::Closed
+    } else {
+        FrameError::Io(e)
+    }
+}
+
+pub async fn write<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+    w.write_all(&encode(msg)).await?;
+    Ok(())
+}
+
+pub async fn read<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
+    let mut header = [0u8; 4];
+    r.read_exact(&mut header).await.map_err(closed_on_eof)?;
+    let mut body = vec![0u8; check_len(header)?];
+    r.read_exact(&mut body).await.map_err(closed_on_eof)?;
+    Ok(postcard::from_bytes(&body)?)
+}
+
+pub fn write_blocking<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+    w.write_all(&encode(msg))?;
+    Ok(())
+}
+
+pub fn read_blocking<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
+    let mut header = [0u8; 4];
+    r.read_exact(&mut header).map_err(closed_on_eof)?;
+    let mut body = vec![0u8; check_len(header)?];
+    r.read_exact(&mut body).map_err(closed_on_eof)?;
+    Ok(postcard::from_bytes(&body)?)
+}
+
+/// Decodes one message from a complete frame held in memory; used where a frame arrives with
+/// descriptors attached.
+pub fn decode_frame<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), FrameError> {
+    if bytes.len() < 4 {
+        return Err(FrameError::Closed);
+    }
+    let len = check_len(bytes[..4].try_into().expect("4 bytes"))?;
+    let body = bytes.get(4..4 + len).ok_or(FrameError::Closed)?;
+    Ok((postcard::from_bytes(body)?, 4 + len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocking_round_trip() {
+        let mut buf = Vec::new();
+        write_blocking(&mut buf, &(7u32, "seven".to_string())).unwrap();
+        let back: (u32, String) = read_blocking(&mut buf.as_slice()).unwrap();
+        assert_eq!(back, (7, "seven".into()));
+    }
+
+    #[test]
+    fn eof_is_closed_and_huge_is_refused() {
+        let r: Result<u32, _> = read_blocking(&mut [].as_slice());
+        assert!(matches!(r, Err(FrameError::Closed)));
+        let huge = (MAX_FRAME as u32 + 1).to_le_bytes();
+        let r: Result<u32, _> = read_blocking(&mut huge.as_slice());
+        assert!(matches!(r, Err(FrameError::TooLarge(_))));
+    }
+
+    #[tokio::test]
+    async fn async_round_trip() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        write(&mut a, &vec![1u64, 2, 3]).await.unwrap();
+        let v: Vec<u64> = read(&mut b).await.unwrap();
+        assert_eq!(v, vec![1, 2, 3]);
+    }
+}
