@@ -3,7 +3,6 @@
 
 pub mod fault;
 pub mod filecache;
-pub mod frame;
 pub mod pending;
 pub mod prepare;
 pub mod procfs;

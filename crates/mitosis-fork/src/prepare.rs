@@ -8,6 +8,7 @@
 
 use std::fs::{self, File};
 use std::io;
+use std::sync::Arc;
 use std::time::Instant;
 
 use mitosis_descriptor::{
@@ -54,7 +55,7 @@ pub struct MalformedProc(String);
 /// [`Twin::release`] from the tracer thread.
 pub struct Twin {
     tracee: Tracee,
-    memory: RemoteMemory,
+    memory: Arc<RemoteMemory>,
     seed_pid: i32,
 }
 
@@ -63,7 +64,7 @@ impl Twin {
         self.tracee.pid()
     }
 
-    pub fn memory(&self) -> &RemoteMemory {
+    pub fn memory(&self) -> &Arc<RemoteMemory> {
         &self.memory
     }
 
@@ -138,7 +139,7 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
             return Err(PrepareError::Proc { path: format!("/proc/{twin_pid}/mem"), source });
         }
     };
-    let twin = Twin { tracee: twin, memory, seed_pid: pid };
+    let twin = Twin { tracee: twin, memory: Arc::new(memory), seed_pid: pid };
 
     match describe(&twin, seed_id, files) {
         Ok(mut descriptor) => {

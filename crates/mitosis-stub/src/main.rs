@@ -9,7 +9,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 
-use mitosis_fork::frame;
+use mitosis_transport::frame;
 use mitosis_fork::restore::protocol::{CHANNEL_FD, Go, OpenSpec, Ready, Setup};
 use mitosis_sys::fdpass;
 use mitosis_sys::uffd::Userfaultfd;
@@ -28,7 +28,7 @@ fn main() {
 }
 
 fn run(mut chan: UnixStream) -> Result<(), String> {
-    let setup: Setup = frame::read(&mut chan).map_err(|e| format!("reading setup: {e}"))?;
+    let setup: Setup = frame::read_blocking(&mut chan).map_err(|e| format!("reading setup: {e}"))?;
     // Keep our own fds clear of the numbers the seed's files go to.
     let chan_fd = move_above(chan.into_raw_fd(), setup.work_fd_base)?;
     // SAFETY: move_above returned a fresh fd that only this handle owns.
@@ -42,7 +42,7 @@ fn run(mut chan: UnixStream) -> Result<(), String> {
         .map_err(|e| format!("sending userfaultfd: {e}"))?;
     // The daemon holds its own copy now; the trampoline closes ours with the other work fds.
     std::mem::forget(uffd);
-    let go: Go = frame::read(&mut chan).map_err(|e| format!("reading go: {e}"))?;
+    let go: Go = frame::read_blocking(&mut chan).map_err(|e| format!("reading go: {e}"))?;
     jump(&go)
 }
 

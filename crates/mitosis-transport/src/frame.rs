@@ -73,15 +73,13 @@ pub fn read_blocking<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, Frame
     Ok(postcard::from_bytes(&body)?)
 }
 
-/// Decodes one message from a complete frame held in memory; used where a frame arrives with
-/// descriptors attached.
-pub fn decode_frame<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), FrameError> {
-    if bytes.len() < 4 {
-        return Err(FrameError::Closed);
-    }
-    let len = check_len(bytes[..4].try_into().expect("4 bytes"))?;
-    let body = bytes.get(4..4 + len).ok_or(FrameError::Closed)?;
-    Ok((postcard::from_bytes(body)?, 4 + len))
+/// Decodes the frame at the front of `bytes`, or `None` while it is incomplete; used where
+/// frames arrive with descriptors attached and are read in pieces.
+pub fn try_decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<Option<T>, FrameError> {
+    let Some(header) = bytes.get(..4) else { return Ok(None) };
+    let len = check_len(header.try_into().expect("4 bytes"))?;
+    let Some(body) = bytes.get(4..4 + len) else { return Ok(None) };
+    Ok(Some(postcard::from_bytes(body)?))
 }
 
 #[cfg(test)]

@@ -1,1 +1,78 @@
-fn main() {}
+//! `mitosisd`: the mitosis daemon of one host.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use mitosisd::{Daemon, control, peer_server, registry::Registry, tracer::Tracer};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// The mitosis daemon: holds prepared seeds, serves their pages to peers, resumes children.
+///
+/// Runs as root: it ptraces seeds, reads their memory, and builds children with userfaultfd.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Address peers reach this host's page server on (also written into handles).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Control socket for the local CLI.
+    #[arg(long, default_value = "/run/mitosis/mitosisd.sock")]
+    socket: PathBuf,
+    /// The stub binary children start as (default: mitosis-stub beside this binary).
+    #[arg(long)]
+    stub: Option<PathBuf>,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MITOSIS_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let stub = match args.stub {
+        Some(s) => s,
+        None => std::env::current_exe()?.with_file_name("mitosis-stub"),
+    };
+    anyhow::ensure!(stub.is_file(), "stub binary {} not found", stub.display());
+
+    // TCP first: once the control socket exists, the daemon is fully up.
+    let tcp = TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    if let Some(dir) = args.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    let unix = UnixListener::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
+
+    let daemon = Arc::new(Daemon {
+        listen: tcp.local_addr()?,
+        registry: Registry::default(),
+        tracer: Tracer::spawn()?,
+        files: Arc::new(mitosis_fork::FileCache::new()),
+        stub,
+        vdso_hash: mitosis_fork::local_vdso_hash().context("hashing this host's vDSO")?,
+        children_started: AtomicU64::new(0),
+        children_running: AtomicU64::new(0),
+    });
+    tracing::info!(listen = %daemon.listen, socket = %args.socket.display(), "mitosisd up");
+    tokio::spawn(peer_server::serve(tcp, daemon.clone()));
+    tokio::spawn(control::serve(unix, daemon.clone()));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+    for seed in daemon.registry.all() {
+        control::release(&daemon, &seed).await;
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(())
+}

@@ -16,6 +16,7 @@ use mitosis_sys::pidfd;
 use mitosis_sys::ptrace::{self, Stop, Tracee};
 use mitosis_sys::uffd::{self, Userfaultfd};
 use mitosis_sys::{fdpass, PAGE_SIZE};
+use mitosis_transport::frame;
 use thiserror::Error;
 
 use super::plan::Plan;
@@ -119,7 +120,7 @@ pub fn build(plan: Plan, stub: &Path, stdio: [OwnedFd; 3], prefetched: &[u8]) ->
 fn restore(plan: &Plan, chan: &mut UnixStream, mut tracee: Tracee, pid: i32, prefetched: &[u8]) -> Result<Userfaultfd, RestoreError> {
     let chan_err = |e: &dyn std::fmt::Display| RestoreError::Channel(e.to_string());
     let setup = Setup { work_fd_base: plan.work_fd_base, opens: plan.opens.clone() };
-    chan.write_all(&mitosis_transport_frame(&setup)).map_err(|e| chan_err(&e))?;
+    chan.write_all(&frame::encode(&setup)).map_err(|e| chan_err(&e))?;
     let (ready, fds) = recv_frame_with_fds(chan).map_err(|e| chan_err(&e))?;
     let opened = match ready {
         Ready::Opened(fds) => fds,
@@ -148,7 +149,7 @@ fn restore(plan: &Plan, chan: &mut UnixStream, mut tracee: Tracee, pid: i32, pre
     debug_assert_eq!(records.len(), labels.len());
     let data = encode_data(plan, &records, at + PAGE_SIZE);
     let go = Go { at, code: code.to_vec(), data, records: records.len() as u64 };
-    chan.write_all(&mitosis_transport_frame(&go)).map_err(|e| chan_err(&e))?;
+    chan.write_all(&frame::encode(&go)).map_err(|e| chan_err(&e))?;
 
     // The stub now unmaps itself and rebuilds the seed's layout; it stops on int3.
     match tracee.wait().map_err(RestoreError::Trace)? {
@@ -248,17 +249,13 @@ fn encode_data(plan: &Plan, records: &[Record], data_at: u64) -> Vec<u8> {
     out
 }
 
-fn mitosis_transport_frame<T: serde::Serialize>(msg: &T) -> Vec<u8> {
-    crate::frame::encode(msg)
-}
-
 /// Reads one frame that may carry descriptors.
 fn recv_frame_with_fds(chan: &mut UnixStream) -> io::Result<(Ready, Vec<OwnedFd>)> {
     let mut buf = Vec::new();
     let mut fds = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        if let Some(msg) = crate::frame::decode(&buf)? {
+        if let Some(msg) = frame::try_decode(&buf).map_err(io::Error::other)? {
             return Ok((msg, fds));
         }
         let (n, mut got) = fdpass::recv(chan.as_raw_fd(), &mut chunk)?;

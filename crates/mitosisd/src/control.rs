@@ -1,0 +1,141 @@
+//! The local control socket: the CLI's requests.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use mitosis_descriptor::Handle;
+use mitosis_sys::fdpass;
+use mitosis_transport::control::{Event, PrepareStats, Request};
+use mitosis_transport::frame;
+use tokio::io::Interest;
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::Daemon;
+use crate::registry::Seed;
+
+pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let daemon = daemon.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(stream, daemon).await {
+                        tracing::debug!("control connection ended: {e}");
+                    }
+                });
+            }
+            Err(e) => tracing::warn!("accept: {e}"),
+        }
+    }
+}
+
+async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<()> {
+    let Some((request, fds)) = recv_first(&stream).await? else { return Ok(()) };
+    let event = match request {
+        Request::Prepare { pid } => prepare(&daemon, pid).await,
+        Request::Drop { handle } => drop_seed(&daemon, &handle).await,
+        Request::Status => Event::Status(status(&daemon)),
+        Request::Resume { handle } => return crate::resume::run(daemon, stream, handle, fds).await,
+        Request::Signal { .. } => Event::Error("no child runs on this connection".into()),
+    };
+    frame::write(&mut stream, &event).await.map_err(io::Error::other)
+}
+
+/// Reads the first request, with the descriptors sent along with it.
+async fn recv_first(stream: &UnixStream) -> io::Result<Option<(Request, Vec<OwnedFd>)>> {
+    let mut buf = Vec::new();
+    let mut fds = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(req) = frame::try_decode(&buf).map_err(io::Error::other)? {
+            return Ok(Some((req, fds)));
+        }
+        stream.readable().await?;
+        match stream.try_io(Interest::READABLE, || fdpass::recv(stream.as_raw_fd(), &mut chunk)) {
+            Ok((0, _)) => return Ok(None),
+            Ok((n, mut got)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                fds.append(&mut got);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn prepare(daemon: &Arc<Daemon>, pid: i32) -> Event {
+    let started = std::time::Instant::now();
+    let id = daemon.registry.next_id();
+    let files = daemon.files.clone();
+    let prepared = daemon.tracer.run(move || mitosis_fork::prepare(pid, id, &files)).await;
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => return Event::Error(e.to_string()),
+    };
+    let mut key = [0u8; mitosis_descriptor::KEY_LEN];
+    if let Err(e) = getrandom::fill(&mut key) {
+        return Event::Error(format!("no randomness for the seed's key: {e}"));
+    }
+    let encoded = mitosis_descriptor::encode(&prepared.descriptor);
+    let stats = PrepareStats {
+        stopped_us: prepared.stopped_us,
+        total_us: started.elapsed().as_micros() as u64,
+        vmas: prepared.descriptor.vmas.len() as u32,
+        seed_pages: prepared.descriptor.vmas.iter().map(|v| v.seed_pages.len()).sum(),
+        descriptor_bytes: encoded.len() as u64,
+    };
+    let seed = daemon.registry.insert(Seed::new(pid, key, prepared, encoded));
+    let handle = Handle { host: daemon.listen, seed_id: seed.id, key };
+    tracing::info!(pid, seed = seed.id, us = stats.total_us, "prepared");
+    Event::Prepared { handle: handle.to_string(), stats }
+}
+
+async fn drop_seed(daemon: &Arc<Daemon>, handle: &str) -> Event {
+    let handle: Handle = match handle.parse() {
+        Ok(h) => h,
+        Err(e) => return Event::Error(e.to_string()),
+    };
+    if handle.host != daemon.listen {
+        return Event::Error(format!("seed {} lives on {}, not on this host ({})", handle.seed_id, handle.host, daemon.listen));
+    }
+    if let Err(e) = daemon.registry.authorize(handle.seed_id, &handle.key) {
+        return Event::Error(e.to_string());
+    }
+    let Some(seed) = daemon.registry.remove(handle.seed_id) else {
+        return Event::Error(format!("no seed {}", handle.seed_id));
+    };
+    release(daemon, &seed).await;
+    tracing::info!(seed = seed.id, "dropped");
+    Event::Done
+}
+
+/// Kills a seed's twin (on the tracer thread, which owns it).
+pub async fn release(daemon: &Daemon, seed: &Seed) {
+    let twin = seed.twin.lock().expect("twin lock").take();
+    if let Some(twin) = twin {
+        let insn = seed.syscall_insn;
+        daemon.tracer.run(move || twin.release(insn)).await;
+    }
+}
+
+fn status(daemon: &Daemon) -> String {
+    let mut out = format!(
+        "listen {}\nseeds {}\nchildren running {}\nchildren started {}\n",
+        daemon.listen,
+        daemon.registry.len(),
+        daemon.children_running.load(Ordering::Relaxed),
+        daemon.children_started.load(Ordering::Relaxed),
+    );
+    for seed in daemon.registry.all() {
+        out.push_str(&format!(
+            "seed {} pid {} vmas {} pages {}\n",
+            seed.id,
+            seed.pid,
+            seed.descriptor.vmas.len(),
+            seed.descriptor.vmas.iter().map(|v| v.seed_pages.len()).sum::<u64>()
+        ));
+    }
+    out
+}

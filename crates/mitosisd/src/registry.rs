@@ -1,0 +1,102 @@
+//! The seeds this host has prepared.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use mitosis_descriptor::{Descriptor, KEY_LEN};
+use mitosis_fork::Twin;
+use mitosis_sys::mem::RemoteMemory;
+use mitosis_transport::peer::RemoteError;
+
+pub struct Seed {
+    pub id: u64,
+    pub pid: i32,
+    key: [u8; KEY_LEN],
+    pub descriptor: Descriptor,
+    pub encoded: Vec<u8>,
+    pub memory: Arc<RemoteMemory>,
+    pub twin: Mutex<Option<Twin>>,
+    pub syscall_insn: u64,
+}
+
+impl Seed {
+    pub fn new(pid: i32, key: [u8; KEY_LEN], prepared: mitosis_fork::Prepared, encoded: Vec<u8>) -> Self {
+        Seed {
+            id: prepared.descriptor.seed_id,
+            pid,
+            key,
+            memory: prepared.twin.memory().clone(),
+            descriptor: prepared.descriptor,
+            encoded,
+            twin: Mutex::new(Some(prepared.twin)),
+            syscall_insn: prepared.syscall_insn,
+        }
+    }
+
+    /// Constant-time key comparison.
+    pub fn key_matches(&self, key: &[u8; KEY_LEN]) -> bool {
+        self.key.iter().zip(key).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
+    /// Checks that every run lies inside one of the seed's mappings.
+    pub fn check_runs(&self, runs: &[(u64, u32)]) -> Result<(), RemoteError> {
+        for &(addr, pages) in runs {
+            let end = addr.checked_add(pages as u64 * 4096).ok_or(RemoteError::BadRange(addr, pages))?;
+            let inside = self.descriptor.vmas.iter().any(|v| v.start <= addr && end <= v.end);
+            if !inside || pages == 0 {
+                return Err(RemoteError::BadRange(addr, pages));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+pub struct Registry {
+    seeds: Mutex<HashMap<u64, Arc<Seed>>>,
+    next_id: Mutex<u64>,
+}
+
+impl Registry {
+    pub fn next_id(&self) -> u64 {
+        let mut next = self.next_id.lock().expect("registry lock");
+        *next += 1;
+        *next
+    }
+
+    pub fn insert(&self, seed: Seed) -> Arc<Seed> {
+        let seed = Arc::new(seed);
+        self.seeds.lock().expect("registry lock").insert(seed.id, seed.clone());
+        seed
+    }
+
+    /// The seed `id` if `key` is its key.
+    pub fn authorize(&self, id: u64, key: &[u8; KEY_LEN]) -> Result<Arc<Seed>, RemoteError> {
+        let seed = self.seeds.lock().expect("registry lock").get(&id).cloned().ok_or(RemoteError::NoSuchSeed(id))?;
+        if !seed.key_matches(key) {
+            return Err(RemoteError::WrongKey(id));
+        }
+        Ok(seed)
+    }
+
+    /// True while `seed` is still prepared (not dropped).
+    pub fn is_live(&self, seed: &Arc<Seed>) -> bool {
+        self.seeds.lock().expect("registry lock").get(&seed.id).is_some_and(|s| Arc::ptr_eq(s, seed))
+    }
+
+    pub fn remove(&self, id: u64) -> Option<Arc<Seed>> {
+        self.seeds.lock().expect("registry lock").remove(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.seeds.lock().expect("registry lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn all(&self) -> Vec<Arc<Seed>> {
+        self.seeds.lock().expect("registry lock").values().cloned().collect()
+    }
+}
