@@ -308,10 +308,12 @@ fn describe(twin: &Twin, seed_id: u64, files: &FileCache) -> Result<Descriptor, 
 fn describe_vma(twin: &Twin, m: &MapsEntry, files: &FileCache) -> Result<Vma, PrepareError> {
     let pid = twin.pid();
     let pages = ((m.end - m.start) / PAGE_SIZE) as usize;
-    let states = twin
-        .memory
-        .page_states(m.start, pages)
-        .map_err(proc_err(format!("/proc/{pid}/pagemap")))?;
+    // fork copies no page table entries for shared mappings, so the twin's pagemap knows
+    // nothing of them; their pages are the seed's (still shared with the twin).
+    let states_of = if m.shared { twin.seed_pid } else { pid };
+    let states = RemoteMemory::open(states_of, false)
+        .and_then(|mem| mem.page_states(m.start, pages))
+        .map_err(proc_err(format!("/proc/{states_of}/pagemap")))?;
     let prot = (m.read as u8 * PROT_READ) | (m.write as u8 * PROT_WRITE) | (m.exec as u8 * PROT_EXEC);
     // Shared memory without a real file (MAP_SHARED|MAP_ANONYMOUS, SysV, memfd) is carried as
     // anonymous memory with its content.

@@ -27,8 +27,8 @@ pub enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Response {
     Attached,
-    Descriptor(Vec<u8>),
-    Pages(Vec<u8>),
+    Descriptor(#[serde(with = "serde_bytes")] Vec<u8>),
+    Pages(#[serde(with = "serde_bytes")] Vec<u8>),
     Error(RemoteError),
 }
 

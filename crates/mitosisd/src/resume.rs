@@ -164,9 +164,9 @@ async fn start(daemon: &Arc<Daemon>, handle: &str, fds: Vec<OwnedFd>) -> Result<
 /// Splits runs into requests of at most `max_pages` pages (runs are never split).
 fn batches(runs: &[(u64, u32)], max_pages: u64) -> Vec<Vec<(u64, u32)>> {
     let mut out: Vec<Vec<(u64, u32)>> = Vec::new();
-    let mut size = u64::MAX;
+    let mut size = 0;
     for &run in runs {
-        if size + run.1 as u64 > max_pages {
+        if out.is_empty() || size + run.1 as u64 > max_pages {
             out.push(Vec::new());
             size = 0;
         }
