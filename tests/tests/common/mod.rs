@@ -1,0 +1,164 @@
+//! Shared helpers for the privileged end-to-end tests: simulated hosts, seeds, and the CLI.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use mitosis_testbed::{DaemonConfig, Testbed, TestbedConfig};
+
+pub const MEMCHECK_BIN: &str = env!("MEMCHECK_BIN");
+/// The digest memcheck's `verify` prints for intact memory (deterministic, layout-free).
+pub const MEMCHECK_DIGEST: &str = "afad17bc446f66b4";
+
+/// target/<profile>/, where the workspace's binaries are (this test runs from .../deps/).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(path.is_file(), "{} is missing: build the workspace binaries first (cargo build --workspace)", path.display());
+    path
+}
+
+/// Two (or more) hosts, each running mitosisd.
+pub fn testbed(hosts: usize) -> Testbed {
+    bin("mitosis-stub");
+    Testbed::new(TestbedConfig::new(hosts).with_daemon(DaemonConfig::new(bin("mitosisd"), 7070))).expect("testbed")
+}
+
+/// A unique scratch directory, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!("mitosis-e2e-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running seed process with its stdin and stdout held by the test.
+pub struct Seed {
+    pub child: Child,
+    pub stdin: ChildStdin,
+    pub stdout: BufReader<ChildStdout>,
+}
+
+impl Seed {
+    /// Starts `cmd` and waits for a first line starting with `ready`.
+    pub fn start(mut cmd: Command) -> Seed {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("seed starts");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("seed output");
+        assert!(line.starts_with("ready"), "seed said {line:?}");
+        Seed { child, stdin, stdout }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn send(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").expect("write to seed");
+        let mut out = String::new();
+        self.stdout.read_line(&mut out).expect("seed answer");
+        out.trim_end().to_string()
+    }
+
+    /// Pids of the seed's children (a leftover twin would show up here).
+    pub fn children(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/task/{}/children", self.pid(), self.pid())).unwrap_or_default()
+    }
+}
+
+impl Drop for Seed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the memcheck fixture in `host`.
+pub fn memcheck_seed(tb: &Testbed, host: usize, dir: &Path) -> Seed {
+    let mut cmd = tb.host(host).command(MEMCHECK_BIN);
+    cmd.arg(dir);
+    Seed::start(cmd)
+}
+
+/// Runs the CLI against `host`'s daemon with `stdin` as input.
+pub fn cli(tb: &Testbed, host: usize, args: &[&str], stdin: &str) -> Output {
+    let mut cmd = tb.host(host).command(bin("mitosis"));
+    cmd.arg("--socket").arg(tb.host(host).socket_path()).args(args);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("cli starts");
+    let mut input = child.stdin.take().expect("stdin");
+    let stdin = stdin.to_string();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(stdin.as_bytes());
+    });
+    let out = wait_output(child, Duration::from_secs(60));
+    let _ = writer.join();
+    out
+}
+
+/// Waits for `child` (killing it after `limit`) and collects its output.
+pub fn wait_output(child: Child, limit: Duration) -> Output {
+    let pid = child.id() as i32;
+    let guard = std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        // SAFETY: kill(2) with a pid and a signal; harmless if the process is gone.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    });
+    let out = child.wait_with_output().expect("cli output");
+    drop(guard);
+    out
+}
+
+/// `mitosis prepare` on `host`; returns the handle.
+pub fn prepare(tb: &Testbed, host: usize, pid: i32) -> String {
+    let out = cli(tb, host, &["prepare", "--pid", &pid.to_string()], "");
+    assert!(out.status.success(), "prepare failed: {}\n{}", String::from_utf8_lossy(&out.stderr), tb.host(host).daemon_log());
+    String::from_utf8(out.stdout).expect("utf8").trim().to_string()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Processes of the stub binary still alive (children that were never cleaned up).
+pub fn stub_processes() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.ends_with("mitosis-stub")))
+        .collect()
+}
+
+/// Asserts the testbed tears down completely.
+pub fn teardown(tb: Testbed) {
+    let id = tb.id().to_string();
+    tb.teardown().expect("teardown");
+    let left = mitosis_testbed::leftovers(&id);
+    assert!(left.is_empty(), "leftovers after teardown: {left:?}");
+}
