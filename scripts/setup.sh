@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what mitosis needs on a fresh Debian machine (as root): iproute2 for the simulated
+# hosts, a C compiler for the test fixtures, and numpy for the Python demo seed.
+set -euo pipefail
+need_apt=()
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
+command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+if ! python3 -c 'import numpy' 2>/dev/null; then
+  python3 -m pip install --quiet numpy 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages numpy
+fi
