@@ -18,7 +18,13 @@ fn child_on_another_host_sees_the_seeds_memory_as_prepared() {
     assert_eq!(seed.send("mutate"), "mutated");
 
     let out = cli(&tb, 1, &["resume", &handle], "verify\n");
-    assert_eq!(stdout(&out), format!("ok 11 {MEMCHECK_DIGEST}\n"), "stderr: {}\nhost1: {}", stderr(&out), tb.host(1).daemon_log());
+    assert_eq!(
+        stdout(&out),
+        format!("ok 11 {MEMCHECK_DIGEST}\n"),
+        "stderr: {}\nhost1: {}",
+        stderr(&out),
+        tb.host(1).daemon_log()
+    );
     assert_eq!(out.status.code(), Some(0));
 
     // The seed ran on and sees its own writes.
@@ -34,7 +40,12 @@ fn child_can_grow_remap_and_discard_memory() {
     let seed = memcheck_seed(&tb, 0, &dir.0);
     let handle = prepare(&tb, 0, seed.pid());
     let out = cli(&tb, 1, &["resume", &handle], "exercise\nexercise\nverify\n");
-    assert_eq!(stdout(&out), format!("exercised\nexercised\nok 11 {MEMCHECK_DIGEST}\n"), "stderr: {}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!("exercised\nexercised\nok 11 {MEMCHECK_DIGEST}\n"),
+        "stderr: {}",
+        stderr(&out)
+    );
     drop(seed);
     teardown(tb);
 }
@@ -45,6 +56,17 @@ fn one_seed_serves_many_children_and_runs_on() {
     let dir = Scratch::new("many");
     let mut seed = memcheck_seed(&tb, 0, &dir.0);
     let handle = prepare(&tb, 0, seed.pid());
+    // Warm up host 1's daemon (first-use allocations), then count its descriptors.
+    assert_eq!(
+        cli(&tb, 1, &["resume", &handle], "exit 0\n").status.code(),
+        Some(0)
+    );
+    let daemon_fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", tb.host(1).daemon_pid().unwrap()))
+            .unwrap()
+            .count()
+    };
+    let fds_before = daemon_fds();
     std::thread::scope(|s| {
         let runs: Vec<_> = (0..6)
             .map(|i| {
@@ -54,9 +76,26 @@ fn one_seed_serves_many_children_and_runs_on() {
             .collect();
         for run in runs {
             let out = run.join().expect("child thread");
-            assert_eq!(stdout(&out), format!("ok 11 {MEMCHECK_DIGEST}\n"), "stderr: {}", stderr(&out));
+            assert_eq!(
+                stdout(&out),
+                format!("ok 11 {MEMCHECK_DIGEST}\n"),
+                "stderr: {}",
+                stderr(&out)
+            );
         }
     });
+    // Finished children leave no process and no descriptor behind in the daemon.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        daemon_fds(),
+        fds_before,
+        "host 1's daemon leaked descriptors"
+    );
+    assert!(
+        stub_processes()
+            .iter()
+            .all(|pid| !is_child_of(*pid, tb.host(1).daemon_pid().unwrap()))
+    );
     // A child on the seed's own host too.
     let out = cli(&tb, 0, &["resume", &handle], "verify\n");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -64,7 +103,11 @@ fn one_seed_serves_many_children_and_runs_on() {
     // Dropping the seed kills its twin and leaves the seed no zombie child.
     let out = cli(&tb, 0, &["drop", &handle], "");
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(seed.children().trim(), "", "the seed still has children after drop");
+    assert_eq!(
+        seed.children().trim(),
+        "",
+        "the seed still has children after drop"
+    );
     let out = cli(&tb, 1, &["resume", &handle], "verify\n");
     assert!(stderr(&out).contains("no seed"), "{}", stderr(&out));
     // The seed, stopped briefly at prepare and at drop, is intact.
@@ -85,8 +128,15 @@ fn exit_status_and_signals_pass_through() {
 
     // A child waiting on stdin; SIGTERM to the command reaches the child.
     let mut cmd = tb.host(1).command(bin("mitosis"));
-    cmd.arg("--socket").arg(tb.host(1).socket_path()).args(["resume", &handle]);
-    let mut resume = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    cmd.arg("--socket")
+        .arg(tb.host(1).socket_path())
+        .args(["resume", &handle]);
+    let mut resume = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut input = resume.stdin.take().unwrap();
     input.write_all(b"echo\nhello from the child\n").unwrap();
     std::thread::sleep(Duration::from_millis(500));
@@ -95,7 +145,12 @@ fn exit_status_and_signals_pass_through() {
     let out = wait_output(resume, Duration::from_secs(30));
     drop(input);
     assert_eq!(stdout(&out), "hello from the child\n");
-    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        stderr(&out)
+    );
     drop(seed);
     teardown(tb);
 }
@@ -111,7 +166,10 @@ fn bad_input_gets_a_clear_error() {
         let out = cli(&tb, host, args, "verify\n");
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
         let err = stderr(&out);
-        assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err:?}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in {err:?}"
+        );
         assert_eq!(err.lines().count(), 1, "one-line error expected: {err:?}");
         assert!(stdout(&out).is_empty());
     };
@@ -146,8 +204,15 @@ fn child_whose_page_source_dies_is_killed_with_a_reason() {
     let handle = prepare(&tb, 0, seed.pid());
 
     let mut cmd = tb.host(1).command(bin("mitosis"));
-    cmd.arg("--socket").arg(tb.host(1).socket_path()).args(["resume", &handle]);
-    let mut resume = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    cmd.arg("--socket")
+        .arg(tb.host(1).socket_path())
+        .args(["resume", &handle]);
+    let mut resume = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut input = resume.stdin.take().unwrap();
     // Let the child start and block on its stdin, then take the seed's host away.
     std::thread::sleep(Duration::from_millis(500));
@@ -158,7 +223,10 @@ fn child_whose_page_source_dies_is_killed_with_a_reason() {
     let err = stderr(&out);
     assert!(err.contains("child killed: page source lost"), "{err}");
     assert_eq!(out.status.code(), Some(128 + libc::SIGKILL), "{err}");
-    assert!(!stdout(&out).contains("ok 11"), "the child must not run on with zero-filled memory");
+    assert!(
+        !stdout(&out).contains("ok 11"),
+        "the child must not run on with zero-filled memory"
+    );
     drop(seed);
     teardown(tb);
 }

@@ -15,18 +15,25 @@ pub struct Client {
 
 impl Client {
     pub fn connect(socket: &Path) -> Result<Self> {
-        let stream = UnixStream::connect(socket)
-            .with_context(|| format!("cannot reach the local mitosisd at {} (is it running?)", socket.display()))?;
+        let stream = UnixStream::connect(socket).with_context(|| {
+            format!(
+                "cannot reach the local mitosisd at {} (is it running?)",
+                socket.display()
+            )
+        })?;
         Ok(Client { stream })
     }
 
     /// Sends `req`, attaching `fds` (they arrive with the request).
     pub fn send(&mut self, req: &Request, fds: &[i32]) -> Result<()> {
         let bytes = frame::encode(req);
-        let sent = fdpass::send(self.stream.as_raw_fd(), &bytes, fds).context("sending to mitosisd")?;
+        let sent =
+            fdpass::send(self.stream.as_raw_fd(), &bytes, fds).context("sending to mitosisd")?;
         if sent < bytes.len() {
             use std::io::Write;
-            self.stream.write_all(&bytes[sent..]).context("sending to mitosisd")?;
+            self.stream
+                .write_all(&bytes[sent..])
+                .context("sending to mitosisd")?;
         }
         Ok(())
     }
@@ -49,6 +56,8 @@ impl Client {
     }
 
     pub fn try_clone(&self) -> Result<Client> {
-        Ok(Client { stream: self.stream.try_clone()? })
+        Ok(Client {
+            stream: self.stream.try_clone()?,
+        })
     }
 }

@@ -20,7 +20,12 @@ use client::Client;
 #[command(version)]
 struct Cli {
     /// Control socket of this host's mitosisd.
-    #[arg(long, global = true, env = "MITOSIS_SOCKET", default_value = "/run/mitosis/mitosisd.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "MITOSIS_SOCKET",
+        default_value = "/run/mitosis/mitosisd.sock"
+    )]
     socket: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -63,7 +68,10 @@ enum Command {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MITOSIS_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MITOSIS_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -79,7 +87,9 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Prepare { pid, stats } => {
-            let Event::Prepared { handle, stats: s } = Client::connect(&cli.socket)?.call(&Request::Prepare { pid })? else {
+            let Event::Prepared { handle, stats: s } =
+                Client::connect(&cli.socket)?.call(&Request::Prepare { pid })?
+            else {
                 anyhow::bail!("unexpected answer from mitosisd");
             };
             println!("{handle}");

@@ -31,7 +31,12 @@ pub fn run(socket: &Path, handle: &str, stats: bool) -> Result<i32> {
     set.thread_block()?;
 
     let mut client = Client::connect(socket)?;
-    client.send(&Request::Resume { handle: handle.to_string() }, &[0, 1, 2])?;
+    client.send(
+        &Request::Resume {
+            handle: handle.to_string(),
+        },
+        &[0, 1, 2],
+    )?;
     let start = match client.recv()? {
         Event::Started { stats, .. } => stats,
         Event::Error(msg) => bail!("{msg}"),
@@ -40,22 +45,37 @@ pub fn run(socket: &Path, handle: &str, stats: bool) -> Result<i32> {
     let mut forwarder = client.try_clone()?;
     std::thread::spawn(move || {
         while let Ok(sig) = set.wait() {
-            if forwarder.send(&Request::Signal { signo: sig as i32 }, &[]).is_err() {
+            if forwarder
+                .send(&Request::Signal { signo: sig as i32 }, &[])
+                .is_err()
+            {
                 break;
             }
         }
     });
     match client.recv()? {
-        Event::Exited { status, reason, stats: faults } => {
+        Event::Exited {
+            status,
+            reason,
+            stats: faults,
+        } => {
             if let Some(reason) = reason {
                 eprintln!("mitosis: child killed: {reason}");
             }
             if stats {
                 eprintln!(
                     "mitosis: resume {}us (connect {}us, descriptor {}us, spawn {}us, restore {}us, eager pages {}); faults {} (zero {}), fetched {} pages in {} round trips, {}us",
-                    start.total_us, start.connect_us, start.descriptor_us, start.spawn_us, start.restore_us,
-                    start.eager_pages, faults.faults + faults.zero_faults, faults.zero_faults,
-                    faults.pages_fetched, faults.fetches, faults.fetch_us
+                    start.total_us,
+                    start.connect_us,
+                    start.descriptor_us,
+                    start.spawn_us,
+                    start.restore_us,
+                    start.eager_pages,
+                    faults.faults + faults.zero_faults,
+                    faults.zero_faults,
+                    faults.pages_fetched,
+                    faults.fetches,
+                    faults.fetch_us
                 );
             }
             Ok(status)

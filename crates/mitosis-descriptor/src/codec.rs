@@ -106,7 +106,12 @@ fn validate(d: &Descriptor) -> Result<(), DecodeError> {
         if !vma.seed_pages.is_canonical() || vma.seed_pages.end() > vma.pages() {
             return Err(Invalid("a mapping's page list exceeds the mapping"));
         }
-        if let Backing::File { file, offset, file_pages } = &vma.backing {
+        if let Backing::File {
+            file,
+            offset,
+            file_pages,
+        } = &vma.backing
+        {
             if offset % PAGE != 0 || *file_pages > vma.pages() || file.path.contains('\0') {
                 return Err(Invalid("a file mapping is malformed"));
             }
@@ -156,7 +161,11 @@ mod tests {
                     shared: false,
                     grows_down: false,
                     backing: crate::Backing::File {
-                        file: FileIdentity { path: "/bin/x".into(), size: 8192, hash: [3; 32] },
+                        file: FileIdentity {
+                            path: "/bin/x".into(),
+                            size: 8192,
+                            hash: [3; 32],
+                        },
                         offset: 0,
                         file_pages: 2,
                     },
@@ -181,7 +190,10 @@ mod tests {
             for bit in 0..8 {
                 let mut b = bytes.clone();
                 b[i] ^= 1 << bit;
-                assert!(decode(&b).is_err(), "flip of byte {i} bit {bit} went unnoticed");
+                assert!(
+                    decode(&b).is_err(),
+                    "flip of byte {i} bit {bit} went unnoticed"
+                );
             }
         }
     }
@@ -206,7 +218,10 @@ mod tests {
     fn overlapping_mappings_are_refused() {
         let mut d = sample();
         d.vmas[1].start = 0x3000;
-        assert_eq!(decode(&encode(&d)), Err(DecodeError::Invalid("mappings overlap or are unsorted")));
+        assert_eq!(
+            decode(&encode(&d)),
+            Err(DecodeError::Invalid("mappings overlap or are unsorted"))
+        );
     }
 
     #[test]

@@ -27,7 +27,13 @@ impl fmt::Debug for Handle {
 
 impl fmt::Display for Handle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{SCHEME}{}/{}/{}", self.host, self.seed_id, hex::encode(self.key))
+        write!(
+            f,
+            "{SCHEME}{}/{}/{}",
+            self.host,
+            self.seed_id,
+            hex::encode(self.key)
+        )
     }
 }
 
@@ -58,7 +64,11 @@ impl FromStr for Handle {
         let seed_id = seed.parse().map_err(|_| HandleError::Seed(seed.into()))?;
         let mut k = [0u8; KEY_LEN];
         hex::decode_to_slice(key, &mut k).map_err(|_| HandleError::Key)?;
-        Ok(Handle { host, seed_id, key: k })
+        Ok(Handle {
+            host,
+            seed_id,
+            key: k,
+        })
     }
 }
 
@@ -67,7 +77,11 @@ mod tests {
     use super::*;
 
     fn handle() -> Handle {
-        Handle { host: "10.77.0.1:7070".parse().unwrap(), seed_id: 42, key: [0xab; KEY_LEN] }
+        Handle {
+            host: "10.77.0.1:7070".parse().unwrap(),
+            seed_id: 42,
+            key: [0xab; KEY_LEN],
+        }
     }
 
     #[test]
@@ -85,11 +99,23 @@ mod tests {
     fn malformed_handles_name_the_cause() {
         let good = handle().to_string();
         assert_eq!("x".parse::<Handle>(), Err(HandleError::Shape));
-        assert_eq!(format!("{good}/x").parse::<Handle>(), Err(HandleError::Shape));
+        assert_eq!(
+            format!("{good}/x").parse::<Handle>(),
+            Err(HandleError::Shape)
+        );
         let bad_host = good.replace("10.77.0.1:7070", "nohost");
-        assert!(matches!(bad_host.parse::<Handle>(), Err(HandleError::Host(_))));
+        assert!(matches!(
+            bad_host.parse::<Handle>(),
+            Err(HandleError::Host(_))
+        ));
         let bad_seed = good.replace("/42/", "/-1/");
-        assert!(matches!(bad_seed.parse::<Handle>(), Err(HandleError::Seed(_))));
-        assert_eq!(good[..good.len() - 2].parse::<Handle>(), Err(HandleError::Key));
+        assert!(matches!(
+            bad_seed.parse::<Handle>(),
+            Err(HandleError::Seed(_))
+        ));
+        assert_eq!(
+            good[..good.len() - 2].parse::<Handle>(),
+            Err(HandleError::Key)
+        );
     }
 }

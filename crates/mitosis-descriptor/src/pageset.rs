@@ -62,8 +62,14 @@ impl PageSet {
     /// True when runs are sorted, non-empty, non-overlapping and non-adjacent.
     pub fn is_canonical(&self) -> bool {
         self.runs.iter().all(|&(_, c)| c > 0)
-            && self.runs.windows(2).all(|w| w[0].0.checked_add(w[0].1).is_some_and(|e| e < w[1].0))
-            && self.runs.last().is_none_or(|&(f, c)| f.checked_add(c).is_some())
+            && self
+                .runs
+                .windows(2)
+                .all(|w| w[0].0.checked_add(w[0].1).is_some_and(|e| e < w[1].0))
+            && self
+                .runs
+                .last()
+                .is_none_or(|&(f, c)| f.checked_add(c).is_some())
     }
 }
 
@@ -91,7 +97,9 @@ mod tests {
 
     #[test]
     fn adjacent_runs_are_not_canonical() {
-        let set = PageSet { runs: vec![(0, 2), (2, 1)] };
+        let set = PageSet {
+            runs: vec![(0, 2), (2, 1)],
+        };
         assert!(!set.is_canonical());
         let set = PageSet { runs: vec![(3, 0)] };
         assert!(!set.is_canonical());

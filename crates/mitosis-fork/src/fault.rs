@@ -10,8 +10,8 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use mitosis_sys::uffd::{Event, Fill, Userfaultfd};
 use mitosis_sys::PAGE_SIZE;
+use mitosis_sys::uffd::{Event, Fill, Userfaultfd};
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 
@@ -61,7 +61,9 @@ pub async fn serve<S: PageSource>(
                     }
                 }
                 Event::Remap { from, to, len } => pending.remap(from, to, len),
-                Event::Remove { start, end } | Event::Unmap { start, end } => pending.forget(start, end),
+                Event::Remove { start, end } | Event::Unmap { start, end } => {
+                    pending.forget(start, end)
+                }
                 Event::Fork { uffd } => {
                     let copy = pending.clone();
                     let src = source.duplicate().await.map_err(FaultError::Source)?;
@@ -84,7 +86,8 @@ pub async fn serve<S: PageSource>(
     }
 }
 
-type BoxedServe = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), FaultError>> + Send>>;
+type BoxedServe =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), FaultError>> + Send>>;
 
 /// [`serve`] behind a box, so that it can spawn itself for forked children.
 fn serve_boxed<S: PageSource>(
@@ -110,7 +113,10 @@ async fn resolve<S: PageSource>(
         return retry_on_again(uffd.zeropage(page, PAGE_SIZE));
     };
     let started = Instant::now();
-    let data = source.read(vec![(run.seed, run.pages as u32)]).await.map_err(FaultError::Source)?;
+    let data = source
+        .read(vec![(run.seed, run.pages as u32)])
+        .await
+        .map_err(FaultError::Source)?;
     {
         let mut s = stats.lock().expect("stats");
         s.faults += 1;

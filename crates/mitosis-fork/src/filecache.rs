@@ -27,22 +27,43 @@ impl FileCache {
     /// The identity of the open `file`, reported under `path`.
     pub fn identify(&self, file: &File, path: &str) -> io::Result<FileIdentity> {
         let md = file.metadata()?;
-        let key = (md.dev(), md.ino(), md.size(), md.mtime(), md.mtime_nsec(), md.ctime(), md.ctime_nsec());
+        let key = (
+            md.dev(),
+            md.ino(),
+            md.size(),
+            md.mtime(),
+            md.mtime_nsec(),
+            md.ctime(),
+            md.ctime_nsec(),
+        );
         if let Some(hash) = self.hashes.lock().expect("file cache lock").get(&key) {
-            return Ok(FileIdentity { path: path.into(), size: md.size(), hash: *hash });
+            return Ok(FileIdentity {
+                path: path.into(),
+                size: md.size(),
+                hash: *hash,
+            });
         }
         let mut hasher = blake3::Hasher::new();
         hasher.update_reader(file)?;
         let hash = *hasher.finalize().as_bytes();
-        self.hashes.lock().expect("file cache lock").insert(key, hash);
-        Ok(FileIdentity { path: path.into(), size: md.size(), hash })
+        self.hashes
+            .lock()
+            .expect("file cache lock")
+            .insert(key, hash);
+        Ok(FileIdentity {
+            path: path.into(),
+            size: md.size(),
+            hash,
+        })
     }
 
     /// True if this host has a file at `want.path` with the same size and content.
     pub fn is_identical(&self, want: &FileIdentity) -> bool {
         let path = Path::new(&want.path);
         match File::open(path) {
-            Ok(f) => self.identify(&f, &want.path).is_ok_and(|have| have == *want),
+            Ok(f) => self
+                .identify(&f, &want.path)
+                .is_ok_and(|have| have == *want),
             Err(_) => false,
         }
     }

@@ -24,6 +24,8 @@ pub fn local_vdso_hash() -> std::io::Result<[u8; 32]> {
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no vDSO"))?;
     // SAFETY: the [vdso] mapping of our own process is readable for its whole length and
     // never unmapped while we run.
-    let text = unsafe { std::slice::from_raw_parts(vdso.start as *const u8, (vdso.end - vdso.start) as usize) };
+    let text = unsafe {
+        std::slice::from_raw_parts(vdso.start as *const u8, (vdso.end - vdso.start) as usize)
+    };
     Ok(*blake3::hash(text).as_bytes())
 }

@@ -38,13 +38,22 @@ impl PendingMap {
     /// Marks the pages at `child` (mapped 1:1 to `seed`) as pending; ranges must not overlap.
     pub fn insert(&mut self, child: u64, seed: u64, pending: Vec<bool>) {
         if pending.iter().any(|&p| p) {
-            self.regions.insert(child, Region { seed_start: seed, pending });
+            self.regions.insert(
+                child,
+                Region {
+                    seed_start: seed,
+                    pending,
+                },
+            );
         }
     }
 
     /// Total pending pages.
     pub fn len(&self) -> u64 {
-        self.regions.values().map(|r| r.pending.iter().filter(|&&p| p).count() as u64).sum()
+        self.regions
+            .values()
+            .map(|r| r.pending.iter().filter(|&&p| p).count() as u64)
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -73,11 +82,18 @@ impl PendingMap {
             return None;
         }
         let mut n = 0;
-        while first + n < region.pending.len() && region.pending[first + n] && (n as u64) < max_pages {
+        while first + n < region.pending.len()
+            && region.pending[first + n]
+            && (n as u64) < max_pages
+        {
             region.pending[first + n] = false;
             n += 1;
         }
-        Some(Run { child: addr, seed: region.seed_start + first as u64 * PAGE, pages: n as u64 })
+        Some(Run {
+            child: addr,
+            seed: region.seed_start + first as u64 * PAGE,
+            pages: n as u64,
+        })
     }
 
     /// Puts a run taken with `take_run` back (its fill did not happen).
@@ -160,11 +176,25 @@ mod tests {
     fn take_runs_and_zero_pages() {
         let mut m = map();
         assert_eq!(m.len(), 4);
-        assert_eq!(m.take_run(0x11234, 8), Some(Run { child: 0x11000, seed: 0x91000, pages: 2 }));
+        assert_eq!(
+            m.take_run(0x11234, 8),
+            Some(Run {
+                child: 0x11000,
+                seed: 0x91000,
+                pages: 2
+            })
+        );
         assert_eq!(m.take_run(0x11000, 8), None, "already taken");
         assert_eq!(m.take_run(0x13000, 8), None, "never existed: zero page");
         assert_eq!(m.take_run(0x50000, 8), None, "outside every region");
-        assert_eq!(m.take_run(0x10000, 1), Some(Run { child: 0x10000, seed: 0x90000, pages: 1 }));
+        assert_eq!(
+            m.take_run(0x10000, 1),
+            Some(Run {
+                child: 0x10000,
+                seed: 0x90000,
+                pages: 1
+            })
+        );
         assert_eq!(m.len(), 1);
     }
 
@@ -190,8 +220,22 @@ mod tests {
         let mut m = map();
         m.remap(0x10000, 0x200000, 0x5000);
         assert!(!m.is_pending(0x10000));
-        assert_eq!(m.take_run(0x202000, 8), Some(Run { child: 0x202000, seed: 0x92000, pages: 1 }));
-        assert_eq!(m.take_run(0x204000, 8), Some(Run { child: 0x204000, seed: 0x94000, pages: 1 }));
+        assert_eq!(
+            m.take_run(0x202000, 8),
+            Some(Run {
+                child: 0x202000,
+                seed: 0x92000,
+                pages: 1
+            })
+        );
+        assert_eq!(
+            m.take_run(0x204000, 8),
+            Some(Run {
+                child: 0x204000,
+                seed: 0x94000,
+                pages: 1
+            })
+        );
         assert_eq!(m.len(), 2);
     }
 
@@ -200,7 +244,14 @@ mod tests {
         let mut m = map();
         m.remap(0x11000, 0x300000, 0x1000);
         assert!(m.is_pending(0x10000) && !m.is_pending(0x11000) && m.is_pending(0x12000));
-        assert_eq!(m.take_run(0x300000, 8), Some(Run { child: 0x300000, seed: 0x91000, pages: 1 }));
+        assert_eq!(
+            m.take_run(0x300000, 8),
+            Some(Run {
+                child: 0x300000,
+                seed: 0x91000,
+                pages: 1
+            })
+        );
     }
 
     #[test]
@@ -208,7 +259,14 @@ mod tests {
         let mut m = map();
         m.insert(0x40000, 0xa0000, vec![true, true]);
         m.remap(0x40000, 0x10000, 0x2000);
-        assert_eq!(m.take_run(0x10000, 8), Some(Run { child: 0x10000, seed: 0xa0000, pages: 2 }));
+        assert_eq!(
+            m.take_run(0x10000, 8),
+            Some(Run {
+                child: 0x10000,
+                seed: 0xa0000,
+                pages: 2
+            })
+        );
         assert!(m.is_pending(0x12000), "pages past the move's end stay");
     }
 }

@@ -15,14 +15,14 @@ use mitosis_descriptor::{
     Backing, Descriptor, FileIdentity, OpenFile, PROT_EXEC, PROT_READ, PROT_WRITE, PageSet, Rseq,
     Vdso, Vma,
 };
+use mitosis_sys::PAGE_SIZE;
 use mitosis_sys::mem::RemoteMemory;
 use mitosis_sys::ptrace::{self, Regs, Tracee};
-use mitosis_sys::PAGE_SIZE;
 use thiserror::Error;
 
 use crate::filecache::FileCache;
 use crate::procfs::{self, MapsEntry};
-use crate::regs::{regs_to_words, resume_point, RestartFor};
+use crate::regs::{RestartFor, regs_to_words, resume_point};
 
 #[derive(Debug, Error)]
 pub enum PrepareError {
@@ -35,7 +35,11 @@ pub enum PrepareError {
     #[error("cannot trace pid {pid}: {source}")]
     Trace { pid: i32, source: io::Error },
     #[error("pid {pid}: {what} failed: {source}")]
-    Inject { pid: i32, what: &'static str, source: io::Error },
+    Inject {
+        pid: i32,
+        what: &'static str,
+        source: io::Error,
+    },
     #[error("reading {path}: {source}")]
     Proc { path: String, source: io::Error },
     #[error("pid {pid}: {reason}")]
@@ -77,7 +81,11 @@ impl Twin {
         if let Ok(mut seed) = Tracee::seize(self.seed_pid, nix::sys::ptrace::Options::empty()) {
             if seed.interrupt().is_ok() {
                 if let Ok(saved) = seed.regs() {
-                    let _ = seed.syscall(syscall_insn, libc::SYS_wait4, [twin as u64, 0, libc::__WALL as u64, 0, 0, 0]);
+                    let _ = seed.syscall(
+                        syscall_insn,
+                        libc::SYS_wait4,
+                        [twin as u64, 0, libc::__WALL as u64, 0, 0, 0],
+                    );
                     let _ = seed.set_regs(&resume_point(&saved, RestartFor::SameTask));
                 }
             }
@@ -114,7 +122,9 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
         return Err(PrepareError::AlreadyTraced { pid, tracer });
     }
     let open_files = capture_open_files(pid);
-    let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok().map(|p| p.to_string_lossy().into_owned());
+    let cwd = fs::read_link(format!("/proc/{pid}/cwd"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned());
 
     let stop_start = Instant::now();
     let mut seed = Tracee::seize(pid, ptrace::seed_options())
@@ -127,19 +137,34 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
 
     // The twin must not hold the seed's files open (a pipe's reader would never see EOF).
     let twin_pid = twin.pid();
-    let close = twin.syscall(syscall_insn, libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0]);
+    let close = twin.syscall(
+        syscall_insn,
+        libc::SYS_close_range,
+        [0, u32::MAX as u64, 0, 0, 0, 0],
+    );
     if let Err(source) = close {
         twin.kill();
-        return Err(PrepareError::Inject { pid, what: "closing the twin's files", source });
+        return Err(PrepareError::Inject {
+            pid,
+            what: "closing the twin's files",
+            source,
+        });
     }
     let memory = match RemoteMemory::open(twin_pid, false) {
         Ok(m) => m,
         Err(source) => {
             twin.kill();
-            return Err(PrepareError::Proc { path: format!("/proc/{twin_pid}/mem"), source });
+            return Err(PrepareError::Proc {
+                path: format!("/proc/{twin_pid}/mem"),
+                source,
+            });
         }
     };
-    let twin = Twin { tracee: twin, memory: Arc::new(memory), seed_pid: pid };
+    let twin = Twin {
+        tracee: twin,
+        memory: Arc::new(memory),
+        seed_pid: pid,
+    };
 
     match describe(&twin, seed_id, files) {
         Ok(mut descriptor) => {
@@ -149,7 +174,12 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
             descriptor.mm.brk = brk;
             descriptor.files = open_files;
             descriptor.cwd = cwd;
-            Ok(Prepared { twin, descriptor, syscall_insn, stopped_us })
+            Ok(Prepared {
+                twin,
+                descriptor,
+                syscall_insn,
+                stopped_us,
+            })
         }
         Err(e) => {
             twin.release(syscall_insn);
@@ -166,18 +196,27 @@ fn freeze(seed: &mut Tracee, pid: i32) -> Result<Frozen, PrepareError> {
     seed.interrupt().map_err(inject("stopping the process"))?;
     let regs = seed.regs().map_err(inject("reading registers"))?;
     let xstate = seed.xstate().map_err(inject("reading FPU state"))?;
-    let rseq = seed.rseq().map_err(inject("reading rseq registration"))?.map(|c| Rseq {
-        pointer: c.abi_pointer,
-        size: c.abi_size,
-        signature: c.signature,
-    });
+    let rseq = seed
+        .rseq()
+        .map_err(inject("reading rseq registration"))?
+        .map(|c| Rseq {
+            pointer: c.abi_pointer,
+            size: c.abi_size,
+            signature: c.signature,
+        });
     let insn = find_syscall_insn(pid, &regs)?;
-    let brk = seed.syscall(insn, libc::SYS_brk, [0; 6]).map_err(inject("brk(0)"))?.ret as u64;
+    let brk = seed
+        .syscall(insn, libc::SYS_brk, [0; 6])
+        .map_err(inject("brk(0)"))?
+        .ret as u64;
     // clone(flags = 0): a plain copy-on-write child with no exit signal, invisible to the
     // seed's ordinary wait() calls.
-    let clone = seed.syscall(insn, libc::SYS_clone, [0; 6]).map_err(inject("cloning the twin"));
+    let clone = seed
+        .syscall(insn, libc::SYS_clone, [0; 6])
+        .map_err(inject("cloning the twin"));
     // Put the seed back where it was, with an interrupted system call set to restart.
-    seed.set_regs(&resume_point(&regs, RestartFor::SameTask)).map_err(inject("restoring registers"))?;
+    seed.set_regs(&resume_point(&regs, RestartFor::SameTask))
+        .map_err(inject("restoring registers"))?;
     let clone = clone?;
     let twin_pid = match (clone.ret, clone.new_child) {
         (ret, Some(child)) if ret > 0 => child,
@@ -195,7 +234,11 @@ fn freeze(seed: &mut Tracee, pid: i32) -> Result<Frozen, PrepareError> {
         .and_then(|_| twin.set_options(ptrace::exit_kill_options()));
     if let Err(source) = twin_ready {
         twin.kill();
-        return Err(PrepareError::Inject { pid, what: "stopping the twin", source });
+        return Err(PrepareError::Inject {
+            pid,
+            what: "stopping the twin",
+            source,
+        });
     }
     Ok((twin, regs, xstate, rseq, brk, insn))
 }
@@ -203,17 +246,27 @@ fn freeze(seed: &mut Tracee, pid: i32) -> Result<Frozen, PrepareError> {
 /// A `syscall` instruction to run injected calls from: the one the seed is stopped after, or
 /// any `0f 05` byte pair in its vDSO (the CPU decodes from wherever rip points).
 fn find_syscall_insn(pid: i32, regs: &Regs) -> Result<u64, PrepareError> {
-    let mem = RemoteMemory::open(pid, false)
-        .map_err(proc_err(format!("/proc/{pid}/mem")))?;
+    let mem = RemoteMemory::open(pid, false).map_err(proc_err(format!("/proc/{pid}/mem")))?;
     let mut two = [0u8; 2];
-    if (regs.orig_rax as i64) >= 0 && mem.read_exact(regs.rip - 2, &mut two).is_ok() && two == [0x0f, 0x05] {
+    if (regs.orig_rax as i64) >= 0
+        && mem.read_exact(regs.rip - 2, &mut two).is_ok()
+        && two == [0x0f, 0x05]
+    {
         return Ok(regs.rip - 2);
     }
-    let maps = procfs::parse_maps(&read_proc(format!("/proc/{pid}/maps"))?)
-        .map_err(|r| PrepareError::Malformed { pid, reason: MalformedProc(r) })?;
-    let vdso = maps.iter().find(|m| m.name == "[vdso]").ok_or(PrepareError::NoSyscallInsn { pid })?;
+    let maps = procfs::parse_maps(&read_proc(format!("/proc/{pid}/maps"))?).map_err(|r| {
+        PrepareError::Malformed {
+            pid,
+            reason: MalformedProc(r),
+        }
+    })?;
+    let vdso = maps
+        .iter()
+        .find(|m| m.name == "[vdso]")
+        .ok_or(PrepareError::NoSyscallInsn { pid })?;
     let mut text = vec![0u8; (vdso.end - vdso.start) as usize];
-    mem.read_exact(vdso.start, &mut text).map_err(proc_err(format!("/proc/{pid}/mem")))?;
+    mem.read_exact(vdso.start, &mut text)
+        .map_err(proc_err(format!("/proc/{pid}/mem")))?;
     text.windows(2)
         .position(|w| w == [0x0f, 0x05])
         .map(|off| vdso.start + off as u64)
@@ -222,7 +275,9 @@ fn find_syscall_insn(pid: i32, regs: &Regs) -> Result<u64, PrepareError> {
 
 /// Regular files open beyond stdio (read while the seed is still intact).
 fn capture_open_files(pid: i32) -> Vec<OpenFile> {
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return vec![] };
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return vec![];
+    };
     let mut files: Vec<OpenFile> = dir
         .flatten()
         .filter_map(|entry| {
@@ -232,12 +287,20 @@ fn capture_open_files(pid: i32) -> Vec<OpenFile> {
             }
             let target = fs::read_link(entry.path()).ok()?;
             let path = target.to_str()?.to_string();
-            if !path.starts_with('/') || path.ends_with(" (deleted)") || !fs::metadata(&target).ok()?.is_file() {
+            if !path.starts_with('/')
+                || path.ends_with(" (deleted)")
+                || !fs::metadata(&target).ok()?.is_file()
+            {
                 return None;
             }
             let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
             let (offset, flags) = procfs::parse_fdinfo(&info)?;
-            Some(OpenFile { fd, path, flags, offset })
+            Some(OpenFile {
+                fd,
+                path,
+                flags,
+                offset,
+            })
         })
         .collect();
     files.sort_by_key(|f| f.fd);
@@ -247,10 +310,15 @@ fn capture_open_files(pid: i32) -> Vec<OpenFile> {
 /// Builds the descriptor's layout and page lists from the frozen twin.
 fn describe(twin: &Twin, seed_id: u64, files: &FileCache) -> Result<Descriptor, PrepareError> {
     let pid = twin.pid();
-    let malformed = |r: String| PrepareError::Malformed { pid, reason: MalformedProc(r) };
+    let malformed = |r: String| PrepareError::Malformed {
+        pid,
+        reason: MalformedProc(r),
+    };
     let maps = procfs::parse_maps(&read_proc(format!("/proc/{pid}/maps"))?).map_err(malformed)?;
     let mm = procfs::parse_stat_mm(&read_proc(format!("/proc/{pid}/stat"))?).map_err(malformed)?;
-    let auxv = procfs::parse_auxv(&fs::read(format!("/proc/{pid}/auxv")).map_err(proc_err(format!("/proc/{pid}/auxv")))?);
+    let auxv = procfs::parse_auxv(
+        &fs::read(format!("/proc/{pid}/auxv")).map_err(proc_err(format!("/proc/{pid}/auxv")))?,
+    );
     let exe = fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
         .and_then(|p| {
@@ -284,7 +352,12 @@ fn describe(twin: &Twin, seed_id: u64, files: &FileCache) -> Result<Descriptor, 
             twin.memory
                 .read_exact(vdso_start, &mut text)
                 .map_err(proc_err(format!("/proc/{pid}/mem")))?;
-            Some(Vdso { block_start, vdso_start, vdso_end, hash: *blake3::hash(&text).as_bytes() })
+            Some(Vdso {
+                block_start,
+                vdso_start,
+                vdso_end,
+                hash: *blake3::hash(&text).as_bytes(),
+            })
         }
         _ => None,
     };
@@ -314,27 +387,41 @@ fn describe_vma(twin: &Twin, m: &MapsEntry, files: &FileCache) -> Result<Vma, Pr
     let states = RemoteMemory::open(states_of, false)
         .and_then(|mem| mem.page_states(m.start, pages))
         .map_err(proc_err(format!("/proc/{states_of}/pagemap")))?;
-    let prot = (m.read as u8 * PROT_READ) | (m.write as u8 * PROT_WRITE) | (m.exec as u8 * PROT_EXEC);
+    let prot =
+        (m.read as u8 * PROT_READ) | (m.write as u8 * PROT_WRITE) | (m.exec as u8 * PROT_EXEC);
     // Shared memory without a real file (MAP_SHARED|MAP_ANONYMOUS, SysV, memfd) is carried as
     // anonymous memory with its content.
-    let is_shmem = m.name.starts_with("/dev/zero") || m.name.starts_with("/SYSV") || m.name.starts_with("/memfd:");
+    let is_shmem = m.name.starts_with("/dev/zero")
+        || m.name.starts_with("/SYSV")
+        || m.name.starts_with("/memfd:");
     let file_backed = m.inode != 0 && m.name.starts_with('/') && !is_shmem;
     if file_backed && m.name.starts_with("/dev/") {
-        return Err(PrepareError::Unsupported { pid, what: format!("device mapping {}", m.name) });
+        return Err(PrepareError::Unsupported {
+            pid,
+            what: format!("device mapping {}", m.name),
+        });
     }
     let backing = if file_backed {
         // map_files opens the exact file mapped, even if it was deleted or replaced since.
         let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
         let file = File::open(&link).map_err(proc_err(link))?;
-        let identity: FileIdentity = files.identify(&file, &m.name).map_err(proc_err(m.name.clone()))?;
+        let identity: FileIdentity = files
+            .identify(&file, &m.name)
+            .map_err(proc_err(m.name.clone()))?;
         let in_file = identity.size.saturating_sub(m.offset).div_ceil(PAGE_SIZE);
-        Backing::File { file: identity, offset: m.offset, file_pages: in_file.min(pages as u64) }
+        Backing::File {
+            file: identity,
+            offset: m.offset,
+            file_pages: in_file.min(pages as u64),
+        }
     } else {
         Backing::Anonymous
     };
     let seed_pages = match backing {
         // Private file pages the seed wrote are anonymous now: they are not in the file.
-        Backing::File { .. } => PageSet::from_flags(states.iter().map(|s| s.exists() && !s.file && !m.shared)),
+        Backing::File { .. } => {
+            PageSet::from_flags(states.iter().map(|s| s.exists() && !s.file && !m.shared))
+        }
         Backing::Anonymous => PageSet::from_flags(states.iter().map(|s| s.exists())),
     };
     Ok(Vma {

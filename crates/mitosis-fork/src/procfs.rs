@@ -22,7 +22,10 @@ pub struct MapsEntry {
 
 /// Parses the text of /proc/PID/maps.
 pub fn parse_maps(text: &str) -> Result<Vec<MapsEntry>, String> {
-    text.lines().filter(|l| !l.is_empty()).map(parse_maps_line).collect()
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(parse_maps_line)
+        .collect()
 }
 
 fn parse_maps_line(line: &str) -> Result<MapsEntry, String> {
@@ -59,7 +62,9 @@ pub fn parse_stat_mm(text: &str) -> Result<MmFields, String> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3 (state), so field N is f[N - 3].
     let field = |n: usize| -> Result<u64, String> {
-        f.get(n - 3).and_then(|s| s.parse().ok()).ok_or_else(|| format!("stat field {n} missing"))
+        f.get(n - 3)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("stat field {n} missing"))
     };
     Ok(MmFields {
         start_code: field(26)?,
@@ -131,7 +136,10 @@ mod tests {
         let maps = parse_maps(text).unwrap();
         assert_eq!(maps.len(), 4);
         assert_eq!(maps[0].name, "/usr/bin/cat");
-        assert_eq!((maps[0].start, maps[0].end, maps[0].inode), (0x55d0c0a00000, 0x55d0c0a02000, 1234));
+        assert_eq!(
+            (maps[0].start, maps[0].end, maps[0].inode),
+            (0x55d0c0a00000, 0x55d0c0a02000, 1234)
+        );
         assert!(maps[0].read && !maps[0].write && !maps[0].shared);
         assert_eq!(maps[1].name, "[stack]");
         assert!(maps[2].shared && maps[2].offset == 0x1000);
@@ -152,13 +160,19 @@ mod tests {
 
     #[test]
     fn auxv_is_cut_after_null() {
-        let words: Vec<u8> = [6u64, 4096, 0, 0, 9, 9].iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let words: Vec<u8> = [6u64, 4096, 0, 0, 9, 9]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
         assert_eq!(parse_auxv(&words), vec![6, 4096, 0, 0]);
     }
 
     #[test]
     fn fdinfo() {
-        assert_eq!(parse_fdinfo("pos:\t42\nflags:\t0100002\nmnt_id:\t1\n"), Some((42, 0o100002)));
+        assert_eq!(
+            parse_fdinfo("pos:\t42\nflags:\t0100002\nmnt_id:\t1\n"),
+            Some((42, 0o100002))
+        );
         assert_eq!(parse_fdinfo("nothing"), None);
     }
 }

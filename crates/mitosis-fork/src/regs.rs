@@ -57,10 +57,33 @@ pub fn regs_to_words(r: &Regs) -> Vec<u64> {
 pub fn words_to_regs(w: &[u64]) -> Regs {
     assert_eq!(w.len(), REGS_WORDS);
     Regs {
-        r15: w[0], r14: w[1], r13: w[2], r12: w[3], rbp: w[4], rbx: w[5], r11: w[6], r10: w[7],
-        r9: w[8], r8: w[9], rax: w[10], rcx: w[11], rdx: w[12], rsi: w[13], rdi: w[14],
-        orig_rax: w[15], rip: w[16], cs: w[17], eflags: w[18], rsp: w[19], ss: w[20],
-        fs_base: w[21], gs_base: w[22], ds: w[23], es: w[24], fs: w[25], gs: w[26],
+        r15: w[0],
+        r14: w[1],
+        r13: w[2],
+        r12: w[3],
+        rbp: w[4],
+        rbx: w[5],
+        r11: w[6],
+        r10: w[7],
+        r9: w[8],
+        r8: w[9],
+        rax: w[10],
+        rcx: w[11],
+        rdx: w[12],
+        rsi: w[13],
+        rdi: w[14],
+        orig_rax: w[15],
+        rip: w[16],
+        cs: w[17],
+        eflags: w[18],
+        rsp: w[19],
+        ss: w[20],
+        fs_base: w[21],
+        gs_base: w[22],
+        ds: w[23],
+        es: w[24],
+        fs: w[25],
+        gs: w[26],
     }
 }
 
@@ -88,7 +111,10 @@ mod tests {
         let mut r = in_read();
         r.orig_rax = 230; // clock_nanosleep
         r.rax = (-ERESTART_RESTARTBLOCK) as u64;
-        assert_eq!(resume_point(&r, RestartFor::SameTask).rax, libc::SYS_restart_syscall as u64);
+        assert_eq!(
+            resume_point(&r, RestartFor::SameTask).rax,
+            libc::SYS_restart_syscall as u64
+        );
         assert_eq!(resume_point(&r, RestartFor::OtherTask).rax, 230);
     }
 

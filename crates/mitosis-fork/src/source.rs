@@ -3,14 +3,17 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use mitosis_sys::mem::RemoteMemory;
 use mitosis_sys::PAGE_SIZE;
+use mitosis_sys::mem::RemoteMemory;
 
 /// A source of seed pages, behind the one fault path. The daemon has a socket implementation
 /// (a peer's page server); [`TwinSource`] reads a twin on this very host.
 pub trait PageSource: Send + Sized + 'static {
     /// Reads runs `(seed address, pages)`; returns their bytes back to back.
-    fn read(&mut self, runs: Vec<(u64, u32)>) -> impl Future<Output = Result<Vec<u8>, String>> + Send;
+    fn read(
+        &mut self,
+        runs: Vec<(u64, u32)>,
+    ) -> impl Future<Output = Result<Vec<u8>, String>> + Send;
 
     /// Another handle to the same source, for a forked child's fault handler.
     fn duplicate(&self) -> impl Future<Output = Result<Self, String>> + Send;

@@ -9,10 +9,10 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 
-use mitosis_transport::frame;
 use mitosis_fork::restore::protocol::{CHANNEL_FD, Go, OpenSpec, Ready, Setup};
 use mitosis_sys::fdpass;
 use mitosis_sys::uffd::Userfaultfd;
+use mitosis_transport::frame;
 
 fn main() {
     // SAFETY: the daemon placed our end of the channel on CHANNEL_FD before exec; nothing else
@@ -28,18 +28,25 @@ fn main() {
 }
 
 fn run(mut chan: UnixStream) -> Result<(), String> {
-    let setup: Setup = frame::read_blocking(&mut chan).map_err(|e| format!("reading setup: {e}"))?;
+    let setup: Setup =
+        frame::read_blocking(&mut chan).map_err(|e| format!("reading setup: {e}"))?;
     // Keep our own fds clear of the numbers the seed's files go to.
     let chan_fd = move_above(chan.into_raw_fd(), setup.work_fd_base)?;
     // SAFETY: move_above returned a fresh fd that only this handle owns.
     let mut chan = unsafe { UnixStream::from_raw_fd(chan_fd) };
     let mut fds = Vec::with_capacity(setup.opens.len());
     for spec in &setup.opens {
-        fds.push(open(spec, setup.work_fd_base).map_err(|e| format!("opening {}: {e}", spec.path))?);
+        fds.push(
+            open(spec, setup.work_fd_base).map_err(|e| format!("opening {}: {e}", spec.path))?,
+        );
     }
     let uffd = Userfaultfd::create().map_err(|e| format!("creating userfaultfd: {e}"))?;
-    fdpass::send(chan.as_raw_fd(), &frame::encode(&Ready::Opened(fds)), &[uffd.as_raw_fd()])
-        .map_err(|e| format!("sending userfaultfd: {e}"))?;
+    fdpass::send(
+        chan.as_raw_fd(),
+        &frame::encode(&Ready::Opened(fds)),
+        &[uffd.as_raw_fd()],
+    )
+    .map_err(|e| format!("sending userfaultfd: {e}"))?;
     // The daemon holds its own copy now; the trampoline closes ours with the other work fds.
     std::mem::forget(uffd);
     let go: Go = frame::read_blocking(&mut chan).map_err(|e| format!("reading go: {e}"))?;
@@ -48,10 +55,16 @@ fn run(mut chan: UnixStream) -> Result<(), String> {
 
 /// Opens `spec`; a seed's file lands on its own number, a working fd above `base`.
 fn open(spec: &OpenSpec, base: i32) -> io::Result<i32> {
-    let path = std::ffi::CString::new(spec.path.as_str()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let path = std::ffi::CString::new(spec.path.as_str())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let cloexec = spec.flags & libc::O_CLOEXEC;
     // SAFETY: `path` is a valid NUL-terminated string.
-    let fd = unsafe { libc::open(path.as_ptr(), (spec.flags & !libc::O_CLOEXEC) | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            (spec.flags & !libc::O_CLOEXEC) | libc::O_CLOEXEC,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

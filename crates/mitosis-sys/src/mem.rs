@@ -65,7 +65,8 @@ impl RemoteMemory {
     /// Page states for the `pages` pages starting at page-aligned `start`.
     pub fn page_states(&self, start: u64, pages: usize) -> io::Result<Vec<PageState>> {
         let mut raw = vec![0u8; pages * 8];
-        self.pagemap.read_exact_at(&mut raw, start / PAGE_SIZE * 8)?;
+        self.pagemap
+            .read_exact_at(&mut raw, start / PAGE_SIZE * 8)?;
         Ok(raw
             .chunks_exact(8)
             .map(|c| PageState::from_entry(u64::from_ne_bytes(c.try_into().expect("8 bytes"))))

@@ -33,7 +33,10 @@ pub enum Stop {
     /// Syscall entry or exit (PTRACE_O_TRACESYSGOOD).
     Syscall,
     /// A ptrace event (clone, fork, exec, stop...) with its signal.
-    Event { event: i32, sig: i32 },
+    Event {
+        event: i32,
+        sig: i32,
+    },
     /// Signal-delivery stop.
     Signal(i32),
     Exited(i32),
@@ -66,12 +69,18 @@ impl Tracee {
     pub fn seize(pid: i32, options: Options) -> io::Result<Self> {
         let pid = Pid::from_raw(pid);
         ptrace::seize(pid, options | Options::PTRACE_O_TRACESYSGOOD).map_err(nix_err)?;
-        Ok(Tracee { pid, deferred: Vec::new() })
+        Ok(Tracee {
+            pid,
+            deferred: Vec::new(),
+        })
     }
 
     /// Adopts a process that was auto-attached to us (a traced clone's child).
     pub fn adopt(pid: i32) -> Self {
-        Tracee { pid: Pid::from_raw(pid), deferred: Vec::new() }
+        Tracee {
+            pid: Pid::from_raw(pid),
+            deferred: Vec::new(),
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -91,7 +100,10 @@ impl Tracee {
             };
             return Ok(match status {
                 WaitStatus::PtraceSyscall(_) => Stop::Syscall,
-                WaitStatus::PtraceEvent(_, sig, event) => Stop::Event { event, sig: sig as i32 },
+                WaitStatus::PtraceEvent(_, sig, event) => Stop::Event {
+                    event,
+                    sig: sig as i32,
+                },
                 WaitStatus::Stopped(_, sig) => Stop::Signal(sig as i32),
                 WaitStatus::Exited(_, code) => Stop::Exited(code),
                 WaitStatus::Signaled(_, sig, _) => Stop::Killed(sig as i32),
@@ -112,7 +124,10 @@ impl Tracee {
     pub fn wait_for_event_stop(&mut self) -> io::Result<()> {
         loop {
             match self.wait()? {
-                Stop::Event { event: PTRACE_EVENT_STOP, .. } => return Ok(()),
+                Stop::Event {
+                    event: PTRACE_EVENT_STOP,
+                    ..
+                } => return Ok(()),
                 Stop::Signal(sig) => {
                     if let Ok(s) = Signal::try_from(sig) {
                         self.deferred.push(s);
@@ -138,11 +153,19 @@ impl Tracee {
     /// The full XSAVE area: x87, SSE, AVX and whatever else this CPU has enabled.
     pub fn xstate(&self) -> io::Result<Vec<u8>> {
         let mut buf = vec![0u8; XSTATE_MAX];
-        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
         // SAFETY: `iov` describes `buf`, which is writable for its whole length; the kernel
         // shrinks iov_len to the bytes it wrote.
         let ret = unsafe {
-            libc::ptrace(libc::PTRACE_GETREGSET, self.pid.as_raw(), NT_X86_XSTATE, &mut iov)
+            libc::ptrace(
+                libc::PTRACE_GETREGSET,
+                self.pid.as_raw(),
+                NT_X86_XSTATE,
+                &mut iov,
+            )
         };
         if ret < 0 {
             return Err(io::Error::last_os_error());
@@ -152,11 +175,18 @@ impl Tracee {
     }
 
     pub fn set_xstate(&self, xstate: &[u8]) -> io::Result<()> {
-        let mut iov =
-            libc::iovec { iov_base: xstate.as_ptr() as *mut libc::c_void, iov_len: xstate.len() };
+        let mut iov = libc::iovec {
+            iov_base: xstate.as_ptr() as *mut libc::c_void,
+            iov_len: xstate.len(),
+        };
         // SAFETY: `iov` describes `xstate`, which the kernel only reads for SETREGSET.
         let ret = unsafe {
-            libc::ptrace(libc::PTRACE_SETREGSET, self.pid.as_raw(), NT_X86_XSTATE, &mut iov)
+            libc::ptrace(
+                libc::PTRACE_SETREGSET,
+                self.pid.as_raw(),
+                NT_X86_XSTATE,
+                &mut iov,
+            )
         };
         if ret < 0 {
             return Err(io::Error::last_os_error());
@@ -216,7 +246,10 @@ impl Tracee {
                 Stop::Event { .. } => {}
             }
         }
-        Ok(SyscallResult { ret: self.regs()?.rax as i64, new_child })
+        Ok(SyscallResult {
+            ret: self.regs()?.rax as i64,
+            new_child,
+        })
     }
 
     /// Lets the tracee go, redelivering any signal that arrived while we held it.

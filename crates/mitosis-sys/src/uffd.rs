@@ -119,7 +119,9 @@ impl Userfaultfd {
             libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK)
         })?;
         // SAFETY: a fresh fd owned by nobody else.
-        Ok(Userfaultfd { fd: unsafe { OwnedFd::from_raw_fd(fd as i32) } })
+        Ok(Userfaultfd {
+            fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+        })
     }
 
     /// Wraps a userfaultfd received from another process.
@@ -129,7 +131,11 @@ impl Userfaultfd {
 
     /// Negotiates the API with `features`; must be the first ioctl, done once.
     pub fn handshake(&self, features: u64) -> io::Result<()> {
-        let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
         // SAFETY: `api` is a valid uffdio_api the kernel reads and writes.
         cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_API, &mut api) } as libc::c_long)?;
         Ok(())
@@ -143,8 +149,9 @@ impl Userfaultfd {
             ioctls: 0,
         };
         // SAFETY: `reg` is a valid uffdio_register the kernel reads and writes.
-        cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) }
-            as libc::c_long)?;
+        cvt(
+            unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } as libc::c_long,
+        )?;
         Ok(())
     }
 
@@ -164,7 +171,11 @@ impl Userfaultfd {
 
     /// Maps zero pages over `[dst, dst+len)` and wakes the faulting threads.
     pub fn zeropage(&self, dst: u64, len: u64) -> io::Result<Fill> {
-        let mut z = UffdioZeropage { range: UffdioRange { start: dst, len }, mode: 0, zeropage: 0 };
+        let mut z = UffdioZeropage {
+            range: UffdioRange { start: dst, len },
+            mode: 0,
+            zeropage: 0,
+        };
         // SAFETY: `z` is a valid uffdio_zeropage the kernel reads and writes.
         let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) };
         fill_result(ret)
@@ -172,7 +183,11 @@ impl Userfaultfd {
 
     /// Reads one event; `Ok(None)` when none is pending.
     pub fn read_event(&self) -> io::Result<Option<Event>> {
-        let mut msg = RawMsg { event: 0, _reserved: [0; 7], arg: [0; 3] };
+        let mut msg = RawMsg {
+            event: 0,
+            _reserved: [0; 7],
+            arg: [0; 3],
+        };
         // SAFETY: reading into a properly sized, writable uffd_msg buffer.
         let n = unsafe {
             libc::read(
@@ -195,9 +210,15 @@ impl Userfaultfd {
             EVENT_FORK => {
                 // SAFETY: the kernel installed this fd into our table while delivering the event.
                 let fd = unsafe { OwnedFd::from_raw_fd(a as u32 as i32) };
-                Event::Fork { uffd: Userfaultfd { fd } }
+                Event::Fork {
+                    uffd: Userfaultfd { fd },
+                }
             }
-            EVENT_REMAP => Event::Remap { from: a, to: b, len: c },
+            EVENT_REMAP => Event::Remap {
+                from: a,
+                to: b,
+                len: c,
+            },
             EVENT_REMOVE => Event::Remove { start: a, end: b },
             EVENT_UNMAP => Event::Unmap { start: a, end: b },
             other => {

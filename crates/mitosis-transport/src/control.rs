@@ -21,11 +21,21 @@ pub enum Request {
 /// What the daemon answers.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Event {
-    Prepared { handle: String, stats: PrepareStats },
+    Prepared {
+        handle: String,
+        stats: PrepareStats,
+    },
     Done,
-    Started { pid: i32, stats: ResumeStats },
+    Started {
+        pid: i32,
+        stats: ResumeStats,
+    },
     /// The child ended; `status` is shell-style (code, or 128 + signal).
-    Exited { status: i32, reason: Option<String>, stats: FaultStats },
+    Exited {
+        status: i32,
+        reason: Option<String>,
+        stats: FaultStats,
+    },
     Status(String),
     Error(String),
 }

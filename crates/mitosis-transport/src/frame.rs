@@ -47,7 +47,10 @@ fn closed_on_eof(e: std::io::Error) -> FrameError {
     }
 }
 
-pub async fn write<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+pub async fn write<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    msg: &T,
+) -> Result<(), FrameError> {
     w.write_all(&encode(msg)).await?;
     Ok(())
 }
@@ -76,9 +79,13 @@ pub fn read_blocking<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, Frame
 /// Decodes the frame at the front of `bytes`, or `None` while it is incomplete; used where
 /// frames arrive with descriptors attached and are read in pieces.
 pub fn try_decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<Option<T>, FrameError> {
-    let Some(header) = bytes.get(..4) else { return Ok(None) };
+    let Some(header) = bytes.get(..4) else {
+        return Ok(None);
+    };
     let len = check_len(header.try_into().expect("4 bytes"))?;
-    let Some(body) = bytes.get(4..4 + len) else { return Ok(None) };
+    let Some(body) = bytes.get(4..4 + len) else {
+        return Ok(None);
+    };
     Ok(Some(postcard::from_bytes(body)?))
 }
 

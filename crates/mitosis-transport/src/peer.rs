@@ -18,10 +18,15 @@ pub use mitosis_descriptor::KEY_LEN;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
-    Attach { seed_id: u64, key: [u8; KEY_LEN] },
+    Attach {
+        seed_id: u64,
+        key: [u8; KEY_LEN],
+    },
     Descriptor,
     /// Runs of whole pages `(address, page count)`; the reply holds them back to back.
-    Pages { runs: Vec<(u64, u32)> },
+    Pages {
+        runs: Vec<(u64, u32)>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,8 +87,14 @@ impl PeerClient {
             .await
             .map_err(|_| PeerError::Timeout(addr, request_timeout))?
             .map_err(|e| PeerError::Connect(addr, e.to_string()))?;
-        stream.set_nodelay(true).map_err(|e| PeerError::Connect(addr, e.to_string()))?;
-        let mut client = PeerClient { addr, stream, timeout: request_timeout };
+        stream
+            .set_nodelay(true)
+            .map_err(|e| PeerError::Connect(addr, e.to_string()))?;
+        let mut client = PeerClient {
+            addr,
+            stream,
+            timeout: request_timeout,
+        };
         match client.call(&Request::Attach { seed_id, key }).await? {
             Response::Attached => Ok(client),
             _ => Err(PeerError::Protocol(addr)),

@@ -32,7 +32,9 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
 }
 
 async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<()> {
-    let Some((request, fds)) = recv_first(&stream).await? else { return Ok(()) };
+    let Some((request, fds)) = recv_first(&stream).await? else {
+        return Ok(());
+    };
     let event = match request {
         Request::Prepare { pid } => prepare(&daemon, pid).await,
         Request::Drop { handle } => drop_seed(&daemon, &handle).await,
@@ -40,7 +42,9 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<(
         Request::Resume { handle } => return crate::resume::run(daemon, stream, handle, fds).await,
         Request::Signal { .. } => Event::Error("no child runs on this connection".into()),
     };
-    frame::write(&mut stream, &event).await.map_err(io::Error::other)
+    frame::write(&mut stream, &event)
+        .await
+        .map_err(io::Error::other)
 }
 
 /// Reads the first request, with the descriptors sent along with it.
@@ -53,7 +57,9 @@ async fn recv_first(stream: &UnixStream) -> io::Result<Option<(Request, Vec<Owne
             return Ok(Some((req, fds)));
         }
         stream.readable().await?;
-        match stream.try_io(Interest::READABLE, || fdpass::recv(stream.as_raw_fd(), &mut chunk)) {
+        match stream.try_io(Interest::READABLE, || {
+            fdpass::recv(stream.as_raw_fd(), &mut chunk)
+        }) {
             Ok((0, _)) => return Ok(None),
             Ok((n, mut got)) => {
                 buf.extend_from_slice(&chunk[..n]);
@@ -69,7 +75,10 @@ async fn prepare(daemon: &Arc<Daemon>, pid: i32) -> Event {
     let started = std::time::Instant::now();
     let id = daemon.registry.next_id();
     let files = daemon.files.clone();
-    let prepared = daemon.tracer.run(move || mitosis_fork::prepare(pid, id, &files)).await;
+    let prepared = daemon
+        .tracer
+        .run(move || mitosis_fork::prepare(pid, id, &files))
+        .await;
     let prepared = match prepared {
         Ok(p) => p,
         Err(e) => return Event::Error(e.to_string()),
@@ -83,13 +92,27 @@ async fn prepare(daemon: &Arc<Daemon>, pid: i32) -> Event {
         stopped_us: prepared.stopped_us,
         total_us: started.elapsed().as_micros() as u64,
         vmas: prepared.descriptor.vmas.len() as u32,
-        seed_pages: prepared.descriptor.vmas.iter().map(|v| v.seed_pages.len()).sum(),
+        seed_pages: prepared
+            .descriptor
+            .vmas
+            .iter()
+            .map(|v| v.seed_pages.len())
+            .sum(),
         descriptor_bytes: encoded.len() as u64,
     };
-    let seed = daemon.registry.insert(Seed::new(pid, key, prepared, encoded));
-    let handle = Handle { host: daemon.listen, seed_id: seed.id, key };
+    let seed = daemon
+        .registry
+        .insert(Seed::new(pid, key, prepared, encoded));
+    let handle = Handle {
+        host: daemon.listen,
+        seed_id: seed.id,
+        key,
+    };
     tracing::info!(pid, seed = seed.id, us = stats.total_us, "prepared");
-    Event::Prepared { handle: handle.to_string(), stats }
+    Event::Prepared {
+        handle: handle.to_string(),
+        stats,
+    }
 }
 
 async fn drop_seed(daemon: &Arc<Daemon>, handle: &str) -> Event {
@@ -98,7 +121,10 @@ async fn drop_seed(daemon: &Arc<Daemon>, handle: &str) -> Event {
         Err(e) => return Event::Error(e.to_string()),
     };
     if handle.host != daemon.listen {
-        return Event::Error(format!("seed {} lives on {}, not on this host ({})", handle.seed_id, handle.host, daemon.listen));
+        return Event::Error(format!(
+            "seed {} lives on {}, not on this host ({})",
+            handle.seed_id, handle.host, daemon.listen
+        ));
     }
     if let Err(e) = daemon.registry.authorize(handle.seed_id, &handle.key) {
         return Event::Error(e.to_string());
@@ -134,7 +160,11 @@ fn status(daemon: &Daemon) -> String {
             seed.id,
             seed.pid,
             seed.descriptor.vmas.len(),
-            seed.descriptor.vmas.iter().map(|v| v.seed_pages.len()).sum::<u64>()
+            seed.descriptor
+                .vmas
+                .iter()
+                .map(|v| v.seed_pages.len())
+                .sum::<u64>()
         ));
     }
     out

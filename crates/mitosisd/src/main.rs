@@ -31,7 +31,10 @@ struct Args {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MITOSIS_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MITOSIS_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -42,12 +45,15 @@ async fn main() -> Result<()> {
     anyhow::ensure!(stub.is_file(), "stub binary {} not found", stub.display());
 
     // TCP first: once the control socket exists, the daemon is fully up.
-    let tcp = TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let tcp = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
     if let Some(dir) = args.socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(&args.socket);
-    let unix = UnixListener::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
+    let unix = UnixListener::bind(&args.socket)
+        .with_context(|| format!("binding {}", args.socket.display()))?;
 
     let daemon = Arc::new(Daemon {
         listen: tcp.local_addr()?,

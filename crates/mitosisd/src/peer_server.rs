@@ -45,13 +45,17 @@ fn answer(request: Request, registry: &Registry, attached: &mut Option<Arc<Seed>
             *attached = Some(seed);
             Response::Attached
         }),
-        Request::Descriptor => current(registry, attached).map(|s| Response::Descriptor(s.encoded.clone())),
+        Request::Descriptor => {
+            current(registry, attached).map(|s| Response::Descriptor(s.encoded.clone()))
+        }
         Request::Pages { runs } => current(registry, attached).and_then(|seed| {
             if runs.iter().map(|r| r.1 as u64).sum::<u64>() > MAX_PAGES_PER_REQUEST {
                 return Err(RemoteError::TooLarge);
             }
             seed.check_runs(&runs)?;
-            read_runs(&seed.memory, &runs).map(Response::Pages).map_err(|e| RemoteError::SeedGone(e.to_string()))
+            read_runs(&seed.memory, &runs)
+                .map(Response::Pages)
+                .map_err(|e| RemoteError::SeedGone(e.to_string()))
         }),
     };
     result.unwrap_or_else(Response::Error)

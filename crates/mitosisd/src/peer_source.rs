@@ -16,8 +16,12 @@ pub struct PeerSource {
 
 impl PeerSource {
     pub async fn connect(handle: &Handle) -> Result<Self, PeerError> {
-        let client = PeerClient::attach(handle.host, handle.seed_id, handle.key, REQUEST_TIMEOUT).await?;
-        Ok(PeerSource { handle: handle.clone(), client })
+        let client =
+            PeerClient::attach(handle.host, handle.seed_id, handle.key, REQUEST_TIMEOUT).await?;
+        Ok(PeerSource {
+            handle: handle.clone(),
+            client,
+        })
     }
 
     pub async fn descriptor(&mut self) -> Result<Vec<u8>, PeerError> {
@@ -31,6 +35,8 @@ impl PageSource for PeerSource {
     }
 
     async fn duplicate(&self) -> Result<Self, String> {
-        PeerSource::connect(&self.handle).await.map_err(|e| e.to_string())
+        PeerSource::connect(&self.handle)
+            .await
+            .map_err(|e| e.to_string())
     }
 }

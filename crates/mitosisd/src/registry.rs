@@ -20,7 +20,12 @@ pub struct Seed {
 }
 
 impl Seed {
-    pub fn new(pid: i32, key: [u8; KEY_LEN], prepared: mitosis_fork::Prepared, encoded: Vec<u8>) -> Self {
+    pub fn new(
+        pid: i32,
+        key: [u8; KEY_LEN],
+        prepared: mitosis_fork::Prepared,
+        encoded: Vec<u8>,
+    ) -> Self {
         Seed {
             id: prepared.descriptor.seed_id,
             pid,
@@ -35,14 +40,24 @@ impl Seed {
 
     /// Constant-time key comparison.
     pub fn key_matches(&self, key: &[u8; KEY_LEN]) -> bool {
-        self.key.iter().zip(key).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        self.key
+            .iter()
+            .zip(key)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
     }
 
     /// Checks that every run lies inside one of the seed's mappings.
     pub fn check_runs(&self, runs: &[(u64, u32)]) -> Result<(), RemoteError> {
         for &(addr, pages) in runs {
-            let end = addr.checked_add(pages as u64 * 4096).ok_or(RemoteError::BadRange(addr, pages))?;
-            let inside = self.descriptor.vmas.iter().any(|v| v.start <= addr && end <= v.end);
+            let end = addr
+                .checked_add(pages as u64 * 4096)
+                .ok_or(RemoteError::BadRange(addr, pages))?;
+            let inside = self
+                .descriptor
+                .vmas
+                .iter()
+                .any(|v| v.start <= addr && end <= v.end);
             if !inside || pages == 0 {
                 return Err(RemoteError::BadRange(addr, pages));
             }
@@ -66,13 +81,22 @@ impl Registry {
 
     pub fn insert(&self, seed: Seed) -> Arc<Seed> {
         let seed = Arc::new(seed);
-        self.seeds.lock().expect("registry lock").insert(seed.id, seed.clone());
+        self.seeds
+            .lock()
+            .expect("registry lock")
+            .insert(seed.id, seed.clone());
         seed
     }
 
     /// The seed `id` if `key` is its key.
     pub fn authorize(&self, id: u64, key: &[u8; KEY_LEN]) -> Result<Arc<Seed>, RemoteError> {
-        let seed = self.seeds.lock().expect("registry lock").get(&id).cloned().ok_or(RemoteError::NoSuchSeed(id))?;
+        let seed = self
+            .seeds
+            .lock()
+            .expect("registry lock")
+            .get(&id)
+            .cloned()
+            .ok_or(RemoteError::NoSuchSeed(id))?;
         if !seed.key_matches(key) {
             return Err(RemoteError::WrongKey(id));
         }
@@ -81,7 +105,11 @@ impl Registry {
 
     /// True while `seed` is still prepared (not dropped).
     pub fn is_live(&self, seed: &Arc<Seed>) -> bool {
-        self.seeds.lock().expect("registry lock").get(&seed.id).is_some_and(|s| Arc::ptr_eq(s, seed))
+        self.seeds
+            .lock()
+            .expect("registry lock")
+            .get(&seed.id)
+            .is_some_and(|s| Arc::ptr_eq(s, seed))
     }
 
     pub fn remove(&self, id: u64) -> Option<Arc<Seed>> {
@@ -97,6 +125,11 @@ impl Registry {
     }
 
     pub fn all(&self) -> Vec<Arc<Seed>> {
-        self.seeds.lock().expect("registry lock").values().cloned().collect()
+        self.seeds
+            .lock()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect()
     }
 }

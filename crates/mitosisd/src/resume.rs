@@ -45,13 +45,20 @@ impl PageSource for Source {
     }
 }
 
-pub async fn run(daemon: Arc<Daemon>, stream: UnixStream, handle: String, fds: Vec<OwnedFd>) -> io::Result<()> {
+pub async fn run(
+    daemon: Arc<Daemon>,
+    stream: UnixStream,
+    handle: String,
+    fds: Vec<OwnedFd>,
+) -> io::Result<()> {
     let (mut reader, mut writer) = stream.into_split();
     let (child, source, stats) = match start(&daemon, &handle, fds).await {
         Ok(started) => started,
         Err(msg) => {
             tracing::info!("resume failed: {msg}");
-            return frame::write(&mut writer, &Event::Error(msg)).await.map_err(io::Error::other);
+            return frame::write(&mut writer, &Event::Error(msg))
+                .await
+                .map_err(io::Error::other);
         }
     };
     let pid = child.pid;
@@ -60,7 +67,12 @@ pub async fn run(daemon: Arc<Daemon>, stream: UnixStream, handle: String, fds: V
     let _ = frame::write(&mut writer, &Event::Started { pid, stats }).await;
 
     let fault_stats = Arc::new(Mutex::new(FaultStats::default()));
-    let mut handler = tokio::spawn(fault::serve(child.uffd, child.pending, source, fault_stats.clone()));
+    let mut handler = tokio::spawn(fault::serve(
+        child.uffd,
+        child.pending,
+        source,
+        fault_stats.clone(),
+    ));
     let (tx, mut requests) = mpsc::channel::<Request>(16);
     let forwarder = tokio::spawn(async move {
         while let Ok(req) = frame::read::<_, Request>(&mut reader).await {
@@ -72,7 +84,7 @@ pub async fn run(daemon: Arc<Daemon>, stream: UnixStream, handle: String, fds: V
 
     let pidfd = child.pidfd;
     // SAFETY: the OwnedFd stays open and unchanged for as long as the AsyncFd owns it.
-    let exited = unsafe { AsyncFd::register(pidfd) }.map_err(|e| io::Error::from(e))?;
+    let exited = unsafe { AsyncFd::register(pidfd) }.map_err(io::Error::from)?;
     let mut reason: Option<String> = None;
     let mut handler_done = false;
     let mut cli_gone = false;
@@ -118,22 +130,44 @@ pub async fn run(daemon: Arc<Daemon>, stream: UnixStream, handle: String, fds: V
         pages_fetched: f.pages_fetched,
         fetch_us: f.fetch_us,
     };
-    let event = Event::Exited { status: status.shell_code(), reason, stats };
-    frame::write(&mut writer, &event).await.map_err(io::Error::other)
+    let event = Event::Exited {
+        status: status.shell_code(),
+        reason,
+        stats,
+    };
+    frame::write(&mut writer, &event)
+        .await
+        .map_err(io::Error::other)
 }
 
 /// Fetches the descriptor, plans and builds the child. Errors are one line for the user.
-async fn start(daemon: &Arc<Daemon>, handle: &str, fds: Vec<OwnedFd>) -> Result<(Child, Source, ResumeStats), String> {
+async fn start(
+    daemon: &Arc<Daemon>,
+    handle: &str,
+    fds: Vec<OwnedFd>,
+) -> Result<(Child, Source, ResumeStats), String> {
     let t0 = Instant::now();
-    let handle: Handle = handle.parse().map_err(|e: mitosis_descriptor::HandleError| e.to_string())?;
-    let stdio: [OwnedFd; 3] = fds.try_into().map_err(|_| "resume needs the caller's stdin, stdout and stderr".to_string())?;
+    let handle: Handle = handle
+        .parse()
+        .map_err(|e: mitosis_descriptor::HandleError| e.to_string())?;
+    let stdio: [OwnedFd; 3] = fds
+        .try_into()
+        .map_err(|_| "resume needs the caller's stdin, stdout and stderr".to_string())?;
     let mut stats = ResumeStats::default();
 
     let (mut source, encoded) = if handle.host == daemon.listen {
-        let seed = daemon.registry.authorize(handle.seed_id, &handle.key).map_err(|e| e.to_string())?;
-        (Source::Local(TwinSource::new(seed.memory.clone())), seed.encoded.clone())
+        let seed = daemon
+            .registry
+            .authorize(handle.seed_id, &handle.key)
+            .map_err(|e| e.to_string())?;
+        (
+            Source::Local(TwinSource::new(seed.memory.clone())),
+            seed.encoded.clone(),
+        )
     } else {
-        let mut peer = PeerSource::connect(&handle).await.map_err(|e| e.to_string())?;
+        let mut peer = PeerSource::connect(&handle)
+            .await
+            .map_err(|e| e.to_string())?;
         stats.connect_us = t0.elapsed().as_micros() as u64;
         let encoded = peer.descriptor().await.map_err(|e| e.to_string())?;
         (Source::Peer(peer), encoded)
@@ -142,11 +176,20 @@ async fn start(daemon: &Arc<Daemon>, handle: &str, fds: Vec<OwnedFd>) -> Result<
     stats.descriptor_us = t0.elapsed().as_micros() as u64;
     let plan = restore::plan(&desc, &daemon.files, daemon.vdso_hash).map_err(|e| e.to_string())?;
 
-    let runs: Vec<(u64, u32)> = plan.prefetch_runs().iter().map(|r| (r.seed, r.pages as u32)).collect();
+    let runs: Vec<(u64, u32)> = plan
+        .prefetch_runs()
+        .iter()
+        .map(|r| (r.seed, r.pages as u32))
+        .collect();
     stats.eager_pages = runs.iter().map(|r| r.1 as u64).sum();
     let mut prefetched = Vec::with_capacity(stats.eager_pages as usize * PAGE_SIZE as usize);
     for chunk in batches(&runs, 4096) {
-        prefetched.extend(source.read(chunk).await.map_err(|e| format!("fetching pages: {e}"))?);
+        prefetched.extend(
+            source
+                .read(chunk)
+                .await
+                .map_err(|e| format!("fetching pages: {e}"))?,
+        );
     }
 
     let stub = daemon.stub.clone();

@@ -17,11 +17,13 @@ pub struct Tracer {
 impl Tracer {
     pub fn spawn() -> std::io::Result<Tracer> {
         let (jobs, rx) = mpsc::channel::<Job>();
-        thread::Builder::new().name("tracer".into()).spawn(move || {
-            for job in rx {
-                job();
-            }
-        })?;
+        thread::Builder::new()
+            .name("tracer".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })?;
         Ok(Tracer { jobs })
     }
 

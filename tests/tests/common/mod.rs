@@ -17,19 +17,27 @@ pub const MEMCHECK_DIGEST: &str = "afad17bc446f66b4";
 /// target/<profile>/, where the workspace's binaries are (this test runs from .../deps/).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 pub fn bin(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
-    assert!(path.is_file(), "{} is missing: build the workspace binaries first (cargo build --workspace)", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace)",
+        path.display()
+    );
     path
 }
 
 /// Two (or more) hosts, each running mitosisd.
 pub fn testbed(hosts: usize) -> Testbed {
     bin("mitosis-stub");
-    Testbed::new(TestbedConfig::new(hosts).with_daemon(DaemonConfig::new(bin("mitosisd"), 7070))).expect("testbed")
+    Testbed::new(TestbedConfig::new(hosts).with_daemon(DaemonConfig::new(bin("mitosisd"), 7070)))
+        .expect("testbed")
 }
 
 /// A unique scratch directory, removed on drop.
@@ -38,7 +46,11 @@ pub struct Scratch(pub PathBuf);
 impl Scratch {
     pub fn new(tag: &str) -> Self {
         static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!("mitosis-e2e-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "mitosis-e2e-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).expect("scratch dir");
         Scratch(dir)
     }
@@ -60,13 +72,22 @@ pub struct Seed {
 impl Seed {
     /// Starts `cmd` and waits for a first line starting with `ready`.
     pub fn start(mut cmd: Command) -> Seed {
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("seed starts");
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("seed starts");
         let stdin = child.stdin.take().expect("stdin");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         stdout.read_line(&mut line).expect("seed output");
         assert!(line.starts_with("ready"), "seed said {line:?}");
-        Seed { child, stdin, stdout }
+        Seed {
+            child,
+            stdin,
+            stdout,
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -82,7 +103,8 @@ impl Seed {
 
     /// Pids of the seed's children (a leftover twin would show up here).
     pub fn children(&self) -> String {
-        std::fs::read_to_string(format!("/proc/{}/task/{}/children", self.pid(), self.pid())).unwrap_or_default()
+        std::fs::read_to_string(format!("/proc/{}/task/{}/children", self.pid(), self.pid()))
+            .unwrap_or_default()
     }
 }
 
@@ -103,8 +125,12 @@ pub fn memcheck_seed(tb: &Testbed, host: usize, dir: &Path) -> Seed {
 /// Runs the CLI against `host`'s daemon with `stdin` as input.
 pub fn cli(tb: &Testbed, host: usize, args: &[&str], stdin: &str) -> Output {
     let mut cmd = tb.host(host).command(bin("mitosis"));
-    cmd.arg("--socket").arg(tb.host(host).socket_path()).args(args);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.arg("--socket")
+        .arg(tb.host(host).socket_path())
+        .args(args);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("cli starts");
     let mut input = child.stdin.take().expect("stdin");
     let stdin = stdin.to_string();
@@ -132,8 +158,16 @@ pub fn wait_output(child: Child, limit: Duration) -> Output {
 /// `mitosis prepare` on `host`; returns the handle.
 pub fn prepare(tb: &Testbed, host: usize, pid: i32) -> String {
     let out = cli(tb, host, &["prepare", "--pid", &pid.to_string()], "");
-    assert!(out.status.success(), "prepare failed: {}\n{}", String::from_utf8_lossy(&out.stderr), tb.host(host).daemon_log());
-    String::from_utf8(out.stdout).expect("utf8").trim().to_string()
+    assert!(
+        out.status.success(),
+        "prepare failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tb.host(host).daemon_log()
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string()
 }
 
 pub fn stdout(out: &Output) -> String {
@@ -151,7 +185,10 @@ pub fn stub_processes() -> Vec<i32> {
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.ends_with("mitosis-stub")))
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|p| p.ends_with("mitosis-stub"))
+        })
         .collect()
 }
 
@@ -161,4 +198,15 @@ pub fn teardown(tb: Testbed) {
     tb.teardown().expect("teardown");
     let left = mitosis_testbed::leftovers(&id);
     assert!(left.is_empty(), "leftovers after teardown: {left:?}");
+}
+
+/// True if `pid`'s parent is `parent`.
+pub fn is_child_of(pid: i32, parent: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+        })
+        == Some(parent)
 }

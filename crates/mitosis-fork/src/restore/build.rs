@@ -15,7 +15,7 @@ use mitosis_sys::mem::RemoteMemory;
 use mitosis_sys::pidfd;
 use mitosis_sys::ptrace::{self, Stop, Tracee};
 use mitosis_sys::uffd::{self, Userfaultfd};
-use mitosis_sys::{fdpass, PAGE_SIZE};
+use mitosis_sys::{PAGE_SIZE, fdpass};
 use mitosis_transport::frame;
 use thiserror::Error;
 
@@ -24,11 +24,13 @@ use super::protocol::{CHANNEL_FD, Go, Ready, Setup};
 use super::trampoline::{self, Record};
 use crate::pending::PendingMap;
 use crate::procfs;
-use crate::regs::{resume_point, words_to_regs, RestartFor};
+use crate::regs::{RestartFor, resume_point, words_to_regs};
 
 /// Events the fault handler follows so the child's own mremap/madvise/munmap/fork stay correct.
-pub const UFFD_FEATURES: u64 =
-    uffd::FEATURE_EVENT_FORK | uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_EVENT_UNMAP;
+pub const UFFD_FEATURES: u64 = uffd::FEATURE_EVENT_FORK
+    | uffd::FEATURE_EVENT_REMAP
+    | uffd::FEATURE_EVENT_REMOVE
+    | uffd::FEATURE_EVENT_UNMAP;
 
 const ARCH_MAP_VDSO_64: u64 = 0x2003;
 const PR_SET_MM: u64 = 35;
@@ -66,9 +68,15 @@ pub struct Child {
 
 /// Builds the child of `plan` with the given stdio. `prefetched` holds the bytes of
 /// [`Plan::prefetch_runs`] back to back.
-pub fn build(plan: Plan, stub: &Path, stdio: [OwnedFd; 3], prefetched: &[u8]) -> Result<Child, RestoreError> {
+pub fn build(
+    plan: Plan,
+    stub: &Path,
+    stdio: [OwnedFd; 3],
+    prefetched: &[u8],
+) -> Result<Child, RestoreError> {
     let t0 = Instant::now();
-    let (mut chan, theirs) = UnixStream::pair().map_err(|e| RestoreError::Spawn("socketpair".into(), e))?;
+    let (mut chan, theirs) =
+        UnixStream::pair().map_err(|e| RestoreError::Spawn("socketpair".into(), e))?;
     let [stdin, stdout, stderr] = stdio;
     let their_fd = theirs.as_raw_fd();
     let mut cmd = Command::new(stub);
@@ -78,7 +86,12 @@ pub fn build(plan: Plan, stub: &Path, stdio: [OwnedFd; 3], prefetched: &[u8]) ->
         .stdin(Stdio::from(stdin))
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::from(stderr))
-        .current_dir(plan.cwd.as_deref().filter(|d| Path::new(d).is_dir()).unwrap_or("/"));
+        .current_dir(
+            plan.cwd
+                .as_deref()
+                .filter(|d| Path::new(d).is_dir())
+                .unwrap_or("/"),
+        );
     // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe
     // system calls (dup2, prctl) on values captured by copy.
     unsafe {
@@ -93,7 +106,9 @@ pub fn build(plan: Plan, stub: &Path, stdio: [OwnedFd; 3], prefetched: &[u8]) ->
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|e| RestoreError::Spawn(stub.display().to_string(), e))?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| RestoreError::Spawn(stub.display().to_string(), e))?;
     drop(theirs);
     let pid = child.id() as i32;
     let tracee = Tracee::seize(pid, ptrace::exit_kill_options()).map_err(RestoreError::Trace)?;
@@ -111,30 +126,53 @@ pub fn build(plan: Plan, stub: &Path, stdio: [OwnedFd; 3], prefetched: &[u8]) ->
         }),
         Err(e) => {
             let _ = pidfd::send_signal(&pidfd, libc::SIGKILL);
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::__WALL));
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::__WALL),
+            );
             Err(e)
         }
     }
 }
 
-fn restore(plan: &Plan, chan: &mut UnixStream, mut tracee: Tracee, pid: i32, prefetched: &[u8]) -> Result<Userfaultfd, RestoreError> {
+fn restore(
+    plan: &Plan,
+    chan: &mut UnixStream,
+    mut tracee: Tracee,
+    pid: i32,
+    prefetched: &[u8],
+) -> Result<Userfaultfd, RestoreError> {
     let chan_err = |e: &dyn std::fmt::Display| RestoreError::Channel(e.to_string());
-    let setup = Setup { work_fd_base: plan.work_fd_base, opens: plan.opens.clone() };
-    chan.write_all(&frame::encode(&setup)).map_err(|e| chan_err(&e))?;
+    let setup = Setup {
+        work_fd_base: plan.work_fd_base,
+        opens: plan.opens.clone(),
+    };
+    chan.write_all(&frame::encode(&setup))
+        .map_err(|e| chan_err(&e))?;
     let (ready, fds) = recv_frame_with_fds(chan).map_err(|e| chan_err(&e))?;
     let opened = match ready {
         Ready::Opened(fds) => fds,
         Ready::Failed(why) => return Err(RestoreError::Stub(why)),
     };
-    let uffd = Userfaultfd::from_owned(fds.into_iter().next().ok_or_else(|| chan_err(&"no userfaultfd"))?);
-    uffd.handshake(UFFD_FEATURES).map_err(|e| RestoreError::Step { step: "userfaultfd handshake".into(), source: e })?;
+    let uffd = Userfaultfd::from_owned(
+        fds.into_iter()
+            .next()
+            .ok_or_else(|| chan_err(&"no userfaultfd"))?,
+    );
+    uffd.handshake(UFFD_FEATURES)
+        .map_err(|e| RestoreError::Step {
+            step: "userfaultfd handshake".into(),
+            source: e,
+        })?;
 
     // Place the trampoline where neither the stub nor the seed has anything.
     let code = trampoline::code();
     let (_, labels, data_len) = records_for(plan, &opened, 0, 0);
     let size = PAGE_SIZE + data_len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
-    let own = procfs::parse_maps(&std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(RestoreError::Trace)?)
-        .map_err(|e| chan_err(&e))?;
+    let own = procfs::parse_maps(
+        &std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(RestoreError::Trace)?,
+    )
+    .map_err(|e| chan_err(&e))?;
     let taken: Vec<(u64, u64)> = own
         .iter()
         .map(|m| (m.start, m.end))
@@ -148,8 +186,14 @@ fn restore(plan: &Plan, chan: &mut UnixStream, mut tracee: Tracee, pid: i32, pre
     let (records, _, _) = records_for(plan, &opened, at, at + size);
     debug_assert_eq!(records.len(), labels.len());
     let data = encode_data(plan, &records, at + PAGE_SIZE);
-    let go = Go { at, code: code.to_vec(), data, records: records.len() as u64 };
-    chan.write_all(&frame::encode(&go)).map_err(|e| chan_err(&e))?;
+    let go = Go {
+        at,
+        code: code.to_vec(),
+        data,
+        records: records.len() as u64,
+    };
+    chan.write_all(&frame::encode(&go))
+        .map_err(|e| chan_err(&e))?;
 
     // The stub now unmaps itself and rebuilds the seed's layout; it stops on int3.
     match tracee.wait().map_err(RestoreError::Trace)? {
@@ -163,38 +207,58 @@ fn restore(plan: &Plan, chan: &mut UnixStream, mut tracee: Tracee, pid: i32, pre
     if regs.r12 != 0 {
         let index = records.len() - regs.r12 as usize;
         let errno = -(regs.rax as i64) as i32;
-        return Err(RestoreError::Step { step: labels[index].clone(), source: io::Error::from_raw_os_error(errno) });
+        return Err(RestoreError::Step {
+            step: labels[index].clone(),
+            source: io::Error::from_raw_os_error(errno),
+        });
     }
 
-    let step = |step: &str| { let step = step.to_string(); move |source| RestoreError::Step { step, source } };
+    let step = |step: &str| {
+        let step = step.to_string();
+        move |source| RestoreError::Step { step, source }
+    };
     for &(start, len) in &plan.lazy_ranges {
-        uffd.register(start, len).map_err(step(&format!("register {start:#x}+{len:#x}")))?;
+        uffd.register(start, len)
+            .map_err(step(&format!("register {start:#x}+{len:#x}")))?;
     }
     let mem = RemoteMemory::open(pid, true).map_err(RestoreError::Trace)?;
     let mut offset = 0usize;
     for run in &plan.overlay {
         let len = (run.pages * PAGE_SIZE) as usize;
-        mem.write_all(run.child, &prefetched[offset..offset + len]).map_err(step("overlay seed-written file pages"))?;
+        mem.write_all(run.child, &prefetched[offset..offset + len])
+            .map_err(step("overlay seed-written file pages"))?;
         offset += len;
     }
     for run in &plan.eager {
         let len = (run.pages * PAGE_SIZE) as usize;
-        uffd.copy(run.child, &prefetched[offset..offset + len]).map_err(step("copy eager pages"))?;
+        uffd.copy(run.child, &prefetched[offset..offset + len])
+            .map_err(step("copy eager pages"))?;
         offset += len;
     }
 
     let seed_regs = resume_point(&words_to_regs(&plan.regs), RestartFor::OtherTask);
-    tracee.set_xstate(&plan.xstate).map_err(step("load FPU state"))?;
+    tracee
+        .set_xstate(&plan.xstate)
+        .map_err(step("load FPU state"))?;
     let insn = at + trampoline::syscall_offset();
     if let Some(r) = plan.rseq {
         let ret = tracee
-            .syscall(insn, libc::SYS_rseq, [r.pointer, r.size as u64, 0, r.signature as u64, 0, 0])
+            .syscall(
+                insn,
+                libc::SYS_rseq,
+                [r.pointer, r.size as u64, 0, r.signature as u64, 0, 0],
+            )
             .map_err(RestoreError::Trace)?;
         if ret.ret < 0 {
-            return Err(RestoreError::Step { step: "register rseq".into(), source: io::Error::from_raw_os_error(-ret.ret as i32) });
+            return Err(RestoreError::Step {
+                step: "register rseq".into(),
+                source: io::Error::from_raw_os_error(-ret.ret as i32),
+            });
         }
     }
-    tracee.syscall(insn, libc::SYS_munmap, [at, size, 0, 0, 0, 0]).map_err(RestoreError::Trace)?;
+    tracee
+        .syscall(insn, libc::SYS_munmap, [at, size, 0, 0, 0, 0])
+        .map_err(RestoreError::Trace)?;
     tracee.set_regs(&seed_regs).map_err(RestoreError::Trace)?;
     tracee.detach().map_err(RestoreError::Trace)?;
     Ok(uffd)
@@ -209,19 +273,77 @@ fn records_for(plan: &Plan, fds: &[i32], at: u64, end: u64) -> (Vec<Record>, Vec
         recs.push(r);
         labels.push(l)
     };
-    push([libc::SYS_munmap as u64, 0, at, 0, 0, 0, 0], "unmap the stub below the trampoline".into());
-    push([libc::SYS_munmap as u64, end, USER_TOP.saturating_sub(end), 0, 0, 0, 0], "unmap the stub above the trampoline".into());
+    push(
+        [libc::SYS_munmap as u64, 0, at, 0, 0, 0, 0],
+        "unmap the stub below the trampoline".into(),
+    );
+    push(
+        [
+            libc::SYS_munmap as u64,
+            end,
+            USER_TOP.saturating_sub(end),
+            0,
+            0,
+            0,
+            0,
+        ],
+        "unmap the stub above the trampoline".into(),
+    );
     for m in &plan.maps {
         let fd = m.file.map_or(u64::MAX, |i| fds[i] as u64);
         let flags = m.flags | libc::MAP_FIXED_NOREPLACE as u64;
-        push([libc::SYS_mmap as u64, m.start, m.len, m.prot, flags, fd, m.offset], format!("map {:#x}-{:#x}", m.start, m.start + m.len));
+        push(
+            [
+                libc::SYS_mmap as u64,
+                m.start,
+                m.len,
+                m.prot,
+                flags,
+                fd,
+                m.offset,
+            ],
+            format!("map {:#x}-{:#x}", m.start, m.start + m.len),
+        );
     }
-    push([libc::SYS_arch_prctl as u64, ARCH_MAP_VDSO_64, plan.vdso_block, 0, 0, 0, 0], "place the vDSO".into());
+    push(
+        [
+            libc::SYS_arch_prctl as u64,
+            ARCH_MAP_VDSO_64,
+            plan.vdso_block,
+            0,
+            0,
+            0,
+            0,
+        ],
+        "place the vDSO".into(),
+    );
     // Everything so far plus the two records below precede the mm map in the data area.
     let n_fixed = plan.maps.len() as u64 + 3 + 2;
     let mm_map = at + PAGE_SIZE + n_fixed * 56;
-    push([libc::SYS_prctl as u64, PR_SET_MM, PR_SET_MM_MAP, mm_map, MM_MAP_LEN, 0, 0], "set the mm fields".into());
-    push([libc::SYS_close_range as u64, plan.work_fd_base as u64, u32::MAX as u64, 0, 0, 0, 0], "close the stub's files".into());
+    push(
+        [
+            libc::SYS_prctl as u64,
+            PR_SET_MM,
+            PR_SET_MM_MAP,
+            mm_map,
+            MM_MAP_LEN,
+            0,
+            0,
+        ],
+        "set the mm fields".into(),
+    );
+    push(
+        [
+            libc::SYS_close_range as u64,
+            plan.work_fd_base as u64,
+            u32::MAX as u64,
+            0,
+            0,
+            0,
+            0,
+        ],
+        "close the stub's files".into(),
+    );
     let _ = plan.exe;
     let data_len = n_fixed * 56 + MM_MAP_LEN + plan.auxv.len() as u64 * 8;
     (recs, labels, data_len)
@@ -231,12 +353,26 @@ const MM_MAP_LEN: u64 = 104;
 
 /// Lays out the data area: records, then `struct prctl_mm_map`, then the auxv words.
 fn encode_data(plan: &Plan, records: &[Record], data_at: u64) -> Vec<u8> {
-    let mut out: Vec<u8> = records.iter().flatten().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut out: Vec<u8> = records
+        .iter()
+        .flatten()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect();
     let auxv_at = data_at + out.len() as u64 + MM_MAP_LEN;
     let mm = &plan.mm;
     for w in [
-        mm.start_code, mm.end_code, mm.start_data, mm.end_data, mm.start_brk, mm.brk,
-        mm.start_stack, mm.arg_start, mm.arg_end, mm.env_start, mm.env_end, auxv_at,
+        mm.start_code,
+        mm.end_code,
+        mm.start_data,
+        mm.end_data,
+        mm.start_brk,
+        mm.brk,
+        mm.start_stack,
+        mm.arg_start,
+        mm.arg_end,
+        mm.env_start,
+        mm.env_end,
+        auxv_at,
     ] {
         out.extend_from_slice(&w.to_ne_bytes());
     }
@@ -260,7 +396,10 @@ fn recv_frame_with_fds(chan: &mut UnixStream) -> io::Result<(Ready, Vec<OwnedFd>
         }
         let (n, mut got) = fdpass::recv(chan.as_raw_fd(), &mut chunk)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the stub exited"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the stub exited",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
         fds.append(&mut got);

@@ -63,10 +63,17 @@ impl Plan {
 }
 
 /// Plans the child of `desc` on this host. `local_vdso_hash` is this host's vDSO digest.
-pub fn plan(desc: &Descriptor, files: &FileCache, local_vdso_hash: [u8; 32]) -> Result<Plan, PlanError> {
+pub fn plan(
+    desc: &Descriptor,
+    files: &FileCache,
+    local_vdso_hash: [u8; 32],
+) -> Result<Plan, PlanError> {
     let host = std::env::consts::ARCH;
     if desc.arch != host {
-        return Err(PlanError::Arch { seed: desc.arch.clone(), host: host.into() });
+        return Err(PlanError::Arch {
+            seed: desc.arch.clone(),
+            host: host.into(),
+        });
     }
     let vdso = desc.vdso.ok_or(PlanError::NoVdso)?;
     if vdso.hash != local_vdso_hash {
@@ -76,10 +83,17 @@ pub fn plan(desc: &Descriptor, files: &FileCache, local_vdso_hash: [u8; 32]) -> 
     let mut opens: Vec<OpenSpec> = Vec::new();
     let mut open_index: HashMap<(String, i32), usize> = HashMap::new();
     let mut open = |path: &str, flags: i32| -> usize {
-        *open_index.entry((path.to_string(), flags)).or_insert_with(|| {
-            opens.push(OpenSpec { path: path.into(), flags, target_fd: None, offset: 0 });
-            opens.len() - 1
-        })
+        *open_index
+            .entry((path.to_string(), flags))
+            .or_insert_with(|| {
+                opens.push(OpenSpec {
+                    path: path.into(),
+                    flags,
+                    target_fd: None,
+                    offset: 0,
+                });
+                opens.len() - 1
+            })
     };
 
     let mut maps = Vec::new();
@@ -87,15 +101,30 @@ pub fn plan(desc: &Descriptor, files: &FileCache, local_vdso_hash: [u8; 32]) -> 
     let mut pending = PendingMap::new();
     let mut overlay = Vec::new();
     for vma in &desc.vmas {
-        let mut flags = if vma.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE } as u64;
+        let mut flags = if vma.shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        } as u64;
         if vma.grows_down {
             flags |= libc::MAP_GROWSDOWN as u64;
         }
-        let mut step = MapStep { start: vma.start, len: vma.len(), prot: vma.prot as u64, flags, file: None, offset: 0 };
+        let mut step = MapStep {
+            start: vma.start,
+            len: vma.len(),
+            prot: vma.prot as u64,
+            flags,
+            file: None,
+            offset: 0,
+        };
         match &vma.backing {
             Backing::File { file, offset, .. } if files.is_identical(file) => {
                 let writable_shared = vma.shared && vma.prot & mitosis_descriptor::PROT_WRITE != 0;
-                let mode = if writable_shared { libc::O_RDWR } else { libc::O_RDONLY };
+                let mode = if writable_shared {
+                    libc::O_RDWR
+                } else {
+                    libc::O_RDONLY
+                };
                 step.file = Some(open(&file.path, mode));
                 step.offset = *offset;
                 // Pages the seed wrote privately are not in the file: copy them over.
@@ -107,14 +136,17 @@ pub fn plan(desc: &Descriptor, files: &FileCache, local_vdso_hash: [u8; 32]) -> 
                     | libc::MAP_PRIVATE as u64
                     | libc::MAP_ANONYMOUS as u64;
                 if vma.shared && matches!(backing, Backing::Anonymous) {
-                    step.flags = (step.flags & !(libc::MAP_PRIVATE as u64)) | libc::MAP_SHARED as u64;
+                    step.flags =
+                        (step.flags & !(libc::MAP_PRIVATE as u64)) | libc::MAP_SHARED as u64;
                 }
                 lazy_ranges.push((vma.start, vma.len()));
                 let from_seed: Vec<bool> = match backing {
-                    Backing::File { file_pages, .. } => {
-                        (0..vma.pages()).map(|p| p < *file_pages || vma.seed_pages.contains(p)).collect()
-                    }
-                    Backing::Anonymous => (0..vma.pages()).map(|p| vma.seed_pages.contains(p)).collect(),
+                    Backing::File { file_pages, .. } => (0..vma.pages())
+                        .map(|p| p < *file_pages || vma.seed_pages.contains(p))
+                        .collect(),
+                    Backing::Anonymous => (0..vma.pages())
+                        .map(|p| vma.seed_pages.contains(p))
+                        .collect(),
                 };
                 pending.insert(vma.start, vma.start, from_seed);
             }
@@ -122,18 +154,38 @@ pub fn plan(desc: &Descriptor, files: &FileCache, local_vdso_hash: [u8; 32]) -> 
         maps.push(step);
     }
 
-    let exe = desc.exe.as_ref().filter(|e| files.is_identical(e)).map(|e| open(&e.path, libc::O_RDONLY));
-    let work_fd_base = desc.files.iter().map(|f| f.fd + 1).max().unwrap_or(0).max(64);
+    let exe = desc
+        .exe
+        .as_ref()
+        .filter(|e| files.is_identical(e))
+        .map(|e| open(&e.path, libc::O_RDONLY));
+    let work_fd_base = desc
+        .files
+        .iter()
+        .map(|f| f.fd + 1)
+        .max()
+        .unwrap_or(0)
+        .max(64);
     for f in &desc.files {
         let flags = f.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
-        opens.push(OpenSpec { path: f.path.clone(), flags, target_fd: Some(f.fd), offset: f.offset });
+        opens.push(OpenSpec {
+            path: f.path.clone(),
+            flags,
+            target_fd: Some(f.fd),
+            offset: f.offset,
+        });
     }
 
     let regs = crate::regs::words_to_regs(&desc.regs);
     let mut eager = Vec::new();
-    let hot = [regs.rsp.wrapping_sub(2 * PAGE_SIZE), regs.rsp.wrapping_sub(PAGE_SIZE), regs.rsp, regs.fs_base]
-        .into_iter()
-        .chain(desc.rseq.map(|r| r.pointer));
+    let hot = [
+        regs.rsp.wrapping_sub(2 * PAGE_SIZE),
+        regs.rsp.wrapping_sub(PAGE_SIZE),
+        regs.rsp,
+        regs.fs_base,
+    ]
+    .into_iter()
+    .chain(desc.rseq.map(|r| r.pointer));
     for addr in hot {
         if let Some(run) = pending.take_run(addr, 1) {
             eager.push(run);
@@ -163,6 +215,10 @@ pub fn plan(desc: &Descriptor, files: &FileCache, local_vdso_hash: [u8; 32]) -> 
 fn runs_of(vma: &Vma) -> impl Iterator<Item = Run> + '_ {
     vma.seed_pages.runs().iter().map(|&(first, count)| {
         let addr = vma.start + first * PAGE_SIZE;
-        Run { child: addr, seed: addr, pages: count }
+        Run {
+            child: addr,
+            seed: addr,
+            pages: count,
+        }
     })
 }

@@ -67,7 +67,8 @@ pub fn code() -> &'static [u8] {
 pub fn syscall_offset() -> u64 {
     // SAFETY: both symbols are in the same section emitted above; only addresses are taken.
     unsafe {
-        (&raw const mitosis_trampoline_syscall).offset_from(&raw const mitosis_trampoline_start) as u64
+        (&raw const mitosis_trampoline_syscall).offset_from(&raw const mitosis_trampoline_start)
+            as u64
     }
 }
 
