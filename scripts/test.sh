@@ -5,4 +5,10 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 # The end-to-end tests run the workspace's binaries (mitosisd, mitosis-stub, mitosis).
 cargo build --workspace --bins
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace 2>&1 | tee "$log" || status=$?
+# One closing line with the totals over every test binary.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

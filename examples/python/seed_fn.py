@@ -7,6 +7,9 @@ each, from stdin:
 
     {"n": 5}  ->  {"n": 5, "sum": <sum(M @ [n]*256), 6 places>, "norm": ..., "label": ..., "pid": ...}
 
+The answer's keys always come in that order, with "pid" (the only field that differs
+between processes) last.
+
 Modes:
   (default)      serve requests until EOF on stdin, then exit 0. This is the
                  mode a mitosis seed runs in: it is prepared while blocked in
@@ -85,7 +88,8 @@ def handle(line):
         reply = answer(json.loads(line))
     except Exception as err:  # a bad request gets an error line, not a crash
         reply = {"error": "%s: %s" % (type(err).__name__, err), "pid": os.getpid()}
-    return (json.dumps(reply, sort_keys=True) + "\n").encode()
+    # Insertion order is kept: "pid" stays the last key.
+    return (json.dumps(reply) + "\n").encode()
 
 
 def lines():

@@ -1,6 +1,27 @@
-//! `mitosis demo` (filled in below).
+//! `mitosis demo`: remote-fork a warmed Python function across two simulated hosts.
+//!
+//! The demo builds a two-host testbed (network namespaces with a mitosisd each), starts
+//! `examples/python/seed_fn.py` on host 0, waits until it has imported numpy and built its warm
+//! state, prepares it as a seed, and resumes children of it on host 1, one request each. Every
+//! answer is checked against a cold `seed_fn.py --once` run of the same request, and the remote
+//! fork latency is compared with a local `os.fork()` and with a cold start.
 
-use anyhow::Result;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use mitosis_testbed::{DaemonConfig, Host, Testbed, TestbedConfig};
+
+/// The port the testbed's daemons listen on.
+const DAEMON_PORT: u16 = 7070;
+/// How long any single step (an answer, the seed's `ready`) may take before the demo gives up.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The interpreter running the seed.
+const PYTHON: &str = "python3";
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -9,6 +30,558 @@ pub struct DemoArgs {
     children: usize,
 }
 
-pub fn run(_args: DemoArgs) -> Result<i32> {
-    anyhow::bail!("demo not written yet")
+pub fn run(args: DemoArgs) -> Result<i32> {
+    anyhow::ensure!(args.children > 0, "--children must be at least 1");
+    let exe = std::env::current_exe().context("locating the mitosis binary")?;
+    let daemon = sibling(&exe, "mitosisd")?;
+    sibling(&exe, "mitosis-stub")?;
+    let script = find_script(&exe)?;
+    let n = args.children;
+
+    println!("mitosis demo: remote fork of a warmed Python function ({n} children)");
+    println!("  seed:    {PYTHON} {}", script.display());
+    println!("  daemons: {}", daemon.display());
+
+    let started = Instant::now();
+    let testbed =
+        Testbed::new(TestbedConfig::new(2).with_daemon(DaemonConfig::new(&daemon, DAEMON_PORT)))
+            .context("building the two-host testbed (this needs root and iproute2)")?;
+    let (src, dst) = (testbed.host(0), testbed.host(1));
+    println!(
+        "- testbed {} up in {}: host 0 = {} (seed), host 1 = {} (children)",
+        testbed.id(),
+        ms(started.elapsed()),
+        src.addr(),
+        dst.addr()
+    );
+
+    let result = demo(&exe, &script, src, dst, n);
+    // Python processes are killed by their guards inside `demo`; now the namespaces go.
+    if let Err(err) = testbed.teardown() {
+        eprintln!("mitosis demo: teardown: {err}");
+    }
+    result
+}
+
+/// Everything between testbed setup and teardown; returns the exit code.
+fn demo(exe: &Path, script: &Path, src: &Host, dst: &Host, n: usize) -> Result<i32> {
+    let requests: Vec<String> = (1..=n).map(|i| format!("{{\"n\": {i}}}")).collect();
+
+    // Cold starts on host 1 give both the baseline and the expected answers.
+    println!(
+        "- {n} cold starts of `{PYTHON} seed_fn.py --once` on host 1 (expected answers + baseline)"
+    );
+    let mut cold = Vec::with_capacity(n);
+    let mut expected = Vec::with_capacity(n);
+    for request in &requests {
+        let (elapsed, answer) = cold_start(dst, script, request)?;
+        cold.push(elapsed);
+        expected.push(answer);
+    }
+
+    // The seed: a warmed runtime on host 0, blocked reading its stdin.
+    let t = Instant::now();
+    let mut seed = ServerProcess::start(src, script, &[])?;
+    println!(
+        "- seed started on host 0 (pid {}), ready after {}",
+        seed.pid(),
+        ms(t.elapsed())
+    );
+
+    let t = Instant::now();
+    let output = src
+        .command(exe)
+        .arg("--socket")
+        .arg(src.socket_path())
+        .args(["prepare", "--pid", &seed.pid().to_string(), "--stats"])
+        .stdin(Stdio::null())
+        .output()
+        .context("running mitosis prepare")?;
+    let prepare_wall = t.elapsed();
+    let prepare_err = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!(
+            "mitosis prepare failed ({}):\n{}",
+            output.status,
+            prepare_err.trim_end()
+        );
+    }
+    let handle = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    anyhow::ensure!(!handle.is_empty(), "mitosis prepare printed no handle");
+    let prepare_stats = prepare_err
+        .lines()
+        .find(|l| l.starts_with("mitosis: prepared"))
+        .unwrap_or("")
+        .to_owned();
+    println!(
+        "- prepared in {} (wall, incl. CLI start): handle {}",
+        ms(prepare_wall),
+        short(&handle)
+    );
+    if !prepare_stats.is_empty() {
+        println!("    {}", prepare_stats.trim_start_matches("mitosis: "));
+    }
+
+    // Remote children on host 1, one after the other.
+    println!(
+        "- resuming {n} children on host 1 (`mitosis resume HANDLE --stats`, one request each)"
+    );
+    let mut remote = Vec::with_capacity(n);
+    let mut daemon_resume = Vec::new();
+    let mut failures = 0;
+    for (i, (request, want)) in requests.iter().zip(&expected).enumerate() {
+        let child = remote_child(exe, dst, &handle, request)?;
+        let verdict = check(&child.answer, want);
+        let resume = child.stats.as_deref().and_then(resume_us);
+        let ok = verdict.is_ok() && child.status == 0;
+        let faults = child
+            .stats
+            .as_deref()
+            .and_then(|l| l.split_once("; "))
+            .map_or("", |(_, f)| f);
+        println!(
+            "    child {:>3}: {:>10}  daemon resume {:>10}  pid {:>7}  {:<5}  {faults}",
+            i + 1,
+            ms(child.elapsed),
+            resume.map_or_else(|| "-".to_owned(), |us| ms(Duration::from_micros(us))),
+            pid_of(&child.answer).unwrap_or_else(|| "?".to_owned()),
+            if ok { "ok" } else { "WRONG" }
+        );
+        if !ok {
+            failures += 1;
+            if let Err(why) = verdict {
+                println!("      {why}");
+            }
+            if child.status != 0 {
+                println!("      mitosis resume exited with status {}", child.status);
+            }
+            for line in child.stderr.lines() {
+                println!("      stderr: {line}");
+            }
+        }
+        remote.push(child.elapsed);
+        daemon_resume.extend(resume.map(Duration::from_micros));
+    }
+    // Best effort: the daemons are torn down right after anyway.
+    let _ = src
+        .command(exe)
+        .arg("--socket")
+        .arg(src.socket_path())
+        .args(["drop", &handle])
+        .stdin(Stdio::null())
+        .output();
+    seed.kill();
+
+    // Local fork baseline: the same runtime forking itself per request on host 0.
+    println!("- local fork baseline: `seed_fn.py --fork-server` on host 0, {n} requests");
+    let mut server = ServerProcess::start(src, script, &["--fork-server"])?;
+    let mut local = Vec::with_capacity(n);
+    for (request, want) in requests.iter().zip(&expected) {
+        let (elapsed, answer) = server.request(request)?;
+        if let Err(why) = check(&answer, want) {
+            bail!("the local fork server answered wrongly: {why}");
+        }
+        local.push(elapsed);
+    }
+    server.kill();
+
+    // Summary.
+    println!();
+    println!(
+        "{:<28} {:>11} {:>11} {:>11} {:>8}",
+        "", "median", "p99", "min", "samples"
+    );
+    let rows: [(&str, &[Duration]); 4] = [
+        ("remote fork (mitosis)", &remote),
+        ("  of which daemon resume", &daemon_resume),
+        ("local fork (os.fork)", &local),
+        ("cold start (python3)", &cold),
+    ];
+    for (name, samples) in rows {
+        if samples.is_empty() {
+            println!("{name:<28} {:>11}", "-");
+            continue;
+        }
+        println!(
+            "{name:<28} {:>11} {:>11} {:>11} {:>8}",
+            ms(percentile(samples, 50.0)),
+            ms(percentile(samples, 99.0)),
+            ms(percentile(samples, 0.0)),
+            samples.len()
+        );
+    }
+    println!(
+        "{:<28} {:>11} {:>11} {:>11} {:>8}",
+        "prepare (wall)",
+        ms(prepare_wall),
+        "",
+        "",
+        1
+    );
+    let (remote_med, local_med, cold_med) = (
+        percentile(&remote, 50.0),
+        percentile(&local, 50.0),
+        percentile(&cold, 50.0),
+    );
+    println!();
+    println!(
+        "cold start / remote fork:  {:>7.1}x",
+        ratio(cold_med, remote_med)
+    );
+    println!(
+        "remote fork / local fork:  {:>7.1}x",
+        ratio(remote_med, local_med)
+    );
+    println!(
+        "(remote fork = spawn of `mitosis resume` on host 1 to the child's answer; local fork = request"
+    );
+    println!(
+        " written to the fork server to answer read; cold start = spawn of python3 to answer)"
+    );
+
+    if failures > 0 {
+        println!();
+        println!("mitosis demo: {failures} of {n} children answered wrongly or failed");
+        return Ok(1);
+    }
+    println!();
+    println!("all {n} children answered correctly");
+    Ok(0)
+}
+
+/// `name` next to `exe`, which must exist.
+fn sibling(exe: &Path, name: &str) -> Result<PathBuf> {
+    let path = exe.with_file_name(name);
+    anyhow::ensure!(
+        path.is_file(),
+        "{name} not found next to {} (looked for {})",
+        exe.display(),
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Finds `examples/python/seed_fn.py`.
+fn find_script(exe: &Path) -> Result<PathBuf> {
+    const REL: &str = "python/seed_fn.py";
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::var_os("MITOSIS_EXAMPLES") {
+        candidates.push(PathBuf::from(dir).join(REL));
+    }
+    if let Some(dir) = exe.parent() {
+        candidates.push(dir.join("../../examples").join(REL));
+    }
+    candidates.push(PathBuf::from("examples").join(REL));
+    for candidate in &candidates {
+        if candidate.is_file() {
+            return candidate
+                .canonicalize()
+                .with_context(|| format!("resolving {}", candidate.display()));
+        }
+    }
+    let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
+    bail!(
+        "examples/python/seed_fn.py not found (tried {}); set MITOSIS_EXAMPLES to the examples directory",
+        tried.join(", ")
+    )
+}
+
+/// Reads the lines of a child's stdout on a thread, so reads can time out.
+struct Lines {
+    rx: Receiver<std::io::Result<String>>,
+}
+
+impl Lines {
+    fn new(stdout: ChildStdout) -> Self {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            loop {
+                let mut line = String::new();
+                let result = reader.read_line(&mut line).map(|_| line);
+                let done = !matches!(&result, Ok(l) if !l.is_empty());
+                if tx.send(result).is_err() || done {
+                    break;
+                }
+            }
+        });
+        Self { rx }
+    }
+
+    /// The next line without its newline; `None` at EOF.
+    fn next(&self, what: &str) -> Result<Option<String>> {
+        match self.rx.recv_timeout(STEP_TIMEOUT) {
+            Ok(Ok(line)) if line.is_empty() => Ok(None),
+            Ok(Ok(line)) => Ok(Some(line.trim_end_matches('\n').to_owned())),
+            Ok(Err(err)) => Err(anyhow!("reading {what}: {err}")),
+            Err(RecvTimeoutError::Timeout) => {
+                bail!("no answer from {what} within {STEP_TIMEOUT:?}")
+            }
+            Err(RecvTimeoutError::Disconnected) => Ok(None),
+        }
+    }
+}
+
+/// A long-running `seed_fn.py` (the seed or the fork server), killed when dropped.
+struct ServerProcess {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: Lines,
+}
+
+impl ServerProcess {
+    /// Starts the script on `host` and waits for its `ready` line.
+    fn start(host: &Host, script: &Path, extra: &[&str]) -> Result<Self> {
+        let mut child = host
+            .command(PYTHON)
+            .arg(script)
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {PYTHON} {}", script.display()))?;
+        let stdin = child.stdin.take();
+        let lines = Lines::new(child.stdout.take().expect("stdout is piped"));
+        let mut server = Self {
+            child,
+            stdin,
+            lines,
+        };
+        match server.lines.next("the seed")? {
+            Some(line) if line == "ready" => Ok(server),
+            other => {
+                server.kill();
+                bail!("{} did not print `ready` (got {other:?})", script.display())
+            }
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Writes one request line and times until the answer line arrives.
+    fn request(&mut self, request: &str) -> Result<(Duration, String)> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .context("the server's stdin is closed")?;
+        let t = Instant::now();
+        stdin
+            .write_all(format!("{request}\n").as_bytes())
+            .context("writing a request")?;
+        let answer = self
+            .lines
+            .next("the fork server")?
+            .context("the fork server exited")?;
+        Ok((t.elapsed(), answer))
+    }
+
+    fn kill(&mut self) {
+        self.stdin = None;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `seed_fn.py --once` with `request` on stdin; returns spawn-to-answer time and the answer.
+fn cold_start(host: &Host, script: &Path, request: &str) -> Result<(Duration, String)> {
+    let mut cmd = host.command(PYTHON);
+    cmd.arg(script).arg("--once");
+    let (elapsed, answer, status, stderr) = run_timed(cmd, request)?;
+    let answer = answer
+        .with_context(|| format!("the cold start printed no answer ({status}):\n{stderr}"))?;
+    anyhow::ensure!(
+        status == 0,
+        "the cold start exited with status {status}:\n{stderr}"
+    );
+    Ok((elapsed, answer))
+}
+
+/// One remote child's run.
+struct RemoteChild {
+    elapsed: Duration,
+    answer: String,
+    status: i32,
+    stderr: String,
+    stats: Option<String>,
+}
+
+/// Runs `mitosis resume HANDLE --stats` on `host` with `request` on stdin.
+fn remote_child(exe: &Path, host: &Host, handle: &str, request: &str) -> Result<RemoteChild> {
+    let mut cmd = host.command(exe);
+    cmd.arg("--socket")
+        .arg(host.socket_path())
+        .args(["resume", handle, "--stats"]);
+    let (elapsed, answer, status, stderr) = run_timed(cmd, request)?;
+    let stats = stderr
+        .lines()
+        .find(|l| l.starts_with("mitosis: resume "))
+        .map(str::to_owned);
+    Ok(RemoteChild {
+        elapsed,
+        answer: answer.unwrap_or_default(),
+        status,
+        stderr,
+        stats,
+    })
+}
+
+/// Spawns `cmd` with `input` as its whole stdin; returns the time from spawn to its first line
+/// of output, that line, its exit status and its stderr.
+fn run_timed(mut cmd: Command, input: &str) -> Result<(Duration, Option<String>, i32, String)> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let t = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    // The child may die before reading; its exit status tells why.
+    let _ = stdin.write_all(format!("{input}\n").as_bytes());
+    drop(stdin);
+    let lines = Lines::new(child.stdout.take().expect("stdout is piped"));
+    let first = match lines.next("the child") {
+        Ok(line) => line,
+        Err(err) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(err);
+        }
+    };
+    let elapsed = t.elapsed();
+    // Drain the rest of stdout (normally nothing) so the child cannot block on it.
+    while let Ok(Some(_)) = lines.next("the child") {}
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    let status = child.wait().context("waiting for a child")?;
+    let code = status.code().unwrap_or_else(|| {
+        128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
+    });
+    Ok((elapsed, first, code, stderr))
+}
+
+/// Compares an answer with the expected one, ignoring the `pid` field.
+fn check(got: &str, want: &str) -> Result<(), String> {
+    if got.is_empty() {
+        return Err("no answer".to_owned());
+    }
+    if without_pid(got) == without_pid(want) {
+        Ok(())
+    } else {
+        Err(format!("answer {got}\n      expected {want} (pid aside)"))
+    }
+}
+
+/// The answer line with its `"pid": N` field removed.
+fn without_pid(answer: &str) -> String {
+    let Some(start) = answer.find("\"pid\":") else {
+        return answer.to_owned();
+    };
+    let rest = answer[start + "\"pid\":".len()..].trim_start();
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let rest = rest[digits..].trim_start();
+    let rest = rest.strip_prefix(',').map_or(rest, str::trim_start);
+    format!("{}{}", &answer[..start], rest)
+}
+
+/// The `pid` field of an answer.
+fn pid_of(answer: &str) -> Option<String> {
+    let rest = answer[answer.find("\"pid\":")? + "\"pid\":".len()..].trim_start();
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    (!digits.is_empty()).then_some(digits)
+}
+
+/// The daemon-side resume time from a `mitosis: resume NNNus (...)` line.
+fn resume_us(line: &str) -> Option<u64> {
+    line.strip_prefix("mitosis: resume ")?
+        .split("us")
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The `p`-th percentile (nearest rank) of `samples`; `p = 0` is the minimum.
+fn percentile(samples: &[Duration], p: f64) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    // Nearest rank: ceil(p/100 * n), at least 1.
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    if b.is_zero() {
+        f64::NAN
+    } else {
+        a.as_secs_f64() / b.as_secs_f64()
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+/// A handle shortened for display.
+fn short(handle: &str) -> String {
+    if handle.len() > 48 {
+        format!("{}...", &handle[..48])
+    } else {
+        handle.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_is_ignored() {
+        let a = r#"{"label": "label-05", "n": 5, "norm": 1.5, "pid": 23235, "sum": -2.5}"#;
+        let b = r#"{"label": "label-05", "n": 5, "norm": 1.5, "pid": 7, "sum": -2.5}"#;
+        assert_eq!(without_pid(a), without_pid(b));
+        assert_eq!(
+            without_pid(a),
+            r#"{"label": "label-05", "n": 5, "norm": 1.5, "sum": -2.5}"#
+        );
+        assert_eq!(pid_of(a).as_deref(), Some("23235"));
+        assert!(check(a, b).is_ok());
+        assert!(check(&a.replace("-2.5", "-2.6"), b).is_err());
+    }
+
+    #[test]
+    fn parses_resume_stats() {
+        assert_eq!(
+            resume_us("mitosis: resume 1234us (connect 5us, ...)"),
+            Some(1234)
+        );
+        assert_eq!(resume_us("something else"), None);
+    }
+
+    #[test]
+    fn percentiles() {
+        let s: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&s, 50.0), Duration::from_millis(50));
+        assert_eq!(percentile(&s, 99.0), Duration::from_millis(99));
+        assert_eq!(percentile(&s, 0.0), Duration::from_millis(1));
+    }
 }

@@ -207,6 +207,43 @@ mod tests {
         assert_eq!(decode(b"hello, this is not it"), Err(DecodeError::BadMagic));
     }
 
+    /// Fuzz-style: random mutations of a valid envelope (with a fixed checksum, so they reach
+    /// the payload decoder and validation) and random bytes never panic.
+    #[test]
+    fn random_inputs_never_panic() {
+        let mut state = 0x9e3779b97f4a7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let valid = encode(&sample());
+        for _ in 0..20_000 {
+            let mut b = valid.clone();
+            for _ in 0..(next() % 8 + 1) {
+                let i = (next() as usize) % b.len();
+                b[i] = next() as u8;
+            }
+            if next() % 4 == 0 {
+                b.truncate((next() as usize) % b.len());
+            }
+            // Re-seal so the mutation reaches the payload decoder and the validator.
+            if b.len() >= HEADER_LEN {
+                let len = (b.len() - HEADER_LEN) as u32;
+                b[8..12].copy_from_slice(&len.to_le_bytes());
+                let crc = crc32fast::hash(&b[HEADER_LEN..]);
+                b[12..16].copy_from_slice(&crc.to_le_bytes());
+                b[..4].copy_from_slice(MAGIC);
+                b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+                b[6..8].copy_from_slice(&[0, 0]);
+            }
+            let _ = decode(&b);
+            let noise: Vec<u8> = (0..(next() % 64)).map(|_| next() as u8).collect();
+            let _ = decode(&noise);
+        }
+    }
+
     #[test]
     fn other_versions_are_refused() {
         let mut b = encode(&sample());
