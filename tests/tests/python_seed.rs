@@ -13,7 +13,9 @@ fn seed_script() -> PathBuf {
 
 /// The answer without its `pid` field, which differs per process.
 fn without_pid(answer: &str) -> (String, Option<i64>) {
-    let at = answer.find(", \"pid\": ").unwrap_or_else(|| panic!("no pid in {answer:?}"));
+    let at = answer
+        .find(", \"pid\": ")
+        .unwrap_or_else(|| panic!("no pid in {answer:?}"));
     let pid = answer[at + 9..].trim_end_matches(['}', '\n']).parse().ok();
     (answer[..at].to_string(), pid)
 }
@@ -28,7 +30,12 @@ fn cold_answer(request: &str) -> String {
         .spawn()
         .expect("python3");
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(request.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     without_pid(text.lines().last().expect("an answer")).0
@@ -45,7 +52,13 @@ fn numpy_children_on_another_host_answer_like_the_function() {
     for n in [0, 3, 17, 41, 3, 99, 7, 250] {
         let request = format!("{{\"n\": {n}}}\n");
         let out = cli(&tb, 1, &["resume", &handle], &request);
-        assert_eq!(out.status.code(), Some(0), "n={n}: {}\n{}", stderr(&out), tb.host(1).daemon_log());
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "n={n}: {}\n{}",
+            stderr(&out),
+            tb.host(1).daemon_log()
+        );
         let text = stdout(&out);
         let (answer, pid) = without_pid(text.trim_end());
         assert_eq!(answer, cold_answer(&request), "n={n}");
