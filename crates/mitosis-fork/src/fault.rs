@@ -29,15 +29,8 @@ pub enum FaultError {
     Uffd(#[from] io::Error),
 }
 
-/// Counters of one child's faults, shared with whoever reports them.
-#[derive(Debug, Clone, Default)]
-pub struct FaultStats {
-    pub faults: u64,
-    pub zero_faults: u64,
-    pub fetches: u64,
-    pub pages_fetched: u64,
-    pub fetch_us: u64,
-}
+/// Counters of one child's faults; the same type the daemon reports to the CLI.
+pub use mitosis_transport::control::FaultStats;
 
 /// Serves faults on `uffd` until an error; runs forever otherwise (the caller cancels it when
 /// the child exits). Forked copies of the child get handlers of their own.

@@ -14,7 +14,7 @@ use mitosis_fork::fault::{self, FaultStats};
 use mitosis_fork::restore::{self, Child};
 use mitosis_fork::{PageSource, TwinSource};
 use mitosis_sys::{PAGE_SIZE, pidfd};
-use mitosis_transport::control::{self, Event, Request, ResumeStats};
+use mitosis_transport::control::{Event, Request, ResumeStats};
 use mitosis_transport::frame;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
@@ -122,14 +122,7 @@ pub async fn run(
     handler.abort();
     forwarder.abort();
     daemon.children_running.fetch_sub(1, Ordering::Relaxed);
-    let f = fault_stats.lock().expect("stats").clone();
-    let stats = control::FaultStats {
-        faults: f.faults,
-        zero_faults: f.zero_faults,
-        fetches: f.fetches,
-        pages_fetched: f.pages_fetched,
-        fetch_us: f.fetch_us,
-    };
+    let stats = fault_stats.lock().expect("stats").clone();
     let event = Event::Exited {
         status: status.shell_code(),
         reason,
