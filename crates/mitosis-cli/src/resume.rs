@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Result, bail};
-use mitosis_transport::control::{Event, Request};
+use mitosis_transport::control::{Event, FaultStats, Request, ResumeStats};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::client::Client;
@@ -63,24 +63,38 @@ pub fn run(socket: &Path, handle: &str, stats: bool) -> Result<i32> {
                 eprintln!("mitosis: child killed: {reason}");
             }
             if stats {
-                eprintln!(
-                    "mitosis: resume {}us (connect {}us, descriptor {}us, spawn {}us, restore {}us, eager pages {}); faults {} (zero {}), fetched {} pages in {} round trips, {}us",
-                    start.total_us,
-                    start.connect_us,
-                    start.descriptor_us,
-                    start.spawn_us,
-                    start.restore_us,
-                    start.eager_pages,
-                    faults.faults + faults.zero_faults,
-                    faults.zero_faults,
-                    faults.pages_fetched,
-                    faults.fetches,
-                    faults.fetch_us
-                );
+                eprintln!("mitosis: stats {}", stats_line(&start, &faults));
             }
             Ok(status)
         }
         Event::Error(msg) => bail!("{msg}"),
         other => bail!("unexpected answer from mitosisd: {other:?}"),
     }
+}
+
+/// The `--stats` breakdown as one line of `key=value` pairs (times in microseconds).
+fn stats_line(start: &ResumeStats, faults: &FaultStats) -> String {
+    let pairs: [(&str, u64); 16] = [
+        ("resume_us", start.total_us),
+        ("cached", start.cached as u64),
+        ("attach_us", start.attach_us),
+        ("descriptor_us", start.descriptor_us),
+        ("build_us", start.build_us),
+        ("spawn_us", start.spawn_us),
+        ("restore_us", start.restore_us),
+        ("eager_pages", start.eager_pages),
+        ("working_set_pages", start.working_set_pages),
+        ("working_set_us", start.working_set_us),
+        ("fork_us", start.fork_us),
+        ("faults", faults.faults + faults.zero_faults),
+        ("zero_faults", faults.zero_faults),
+        ("fetches", faults.fetches),
+        ("pages_fetched", faults.pages_fetched),
+        ("fetch_us", faults.fetch_us),
+    ];
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -32,17 +32,50 @@ pub enum FaultError {
 /// Counters of one child's faults; the same type the daemon reports to the CLI.
 pub use mitosis_transport::control::FaultStats;
 
-/// Serves faults on `uffd` until an error; runs forever otherwise (the caller cancels it when
-/// the child exits). Forked copies of the child get handlers of their own.
+/// A fault handler that stopped, and the child's userfaultfd if it still has it.
+///
+/// The caller must kill the child *before* dropping the userfaultfd: once it is closed, the
+/// kernel would fill the child's missing pages with zeros.
+pub struct Stopped {
+    pub error: FaultError,
+    pub uffd: Option<Userfaultfd>,
+}
+
+/// Serves faults on `uffd`; returns only when it cannot go on (the caller cancels it when the
+/// child exits). Forked copies of the child get handlers of their own.
 pub async fn serve<S: PageSource>(
     uffd: Userfaultfd,
+    pending: PendingMap,
+    source: S,
+    stats: Arc<Mutex<FaultStats>>,
+) -> Stopped {
+    // SAFETY: `Userfaultfd` owns its fd (an OwnedFd), so it stays open and the same for as
+    // long as the AsyncFd that owns the Userfaultfd lives.
+    let fd = match unsafe { AsyncFd::register(uffd) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            return Stopped {
+                error: FaultError::Uffd(e.into()),
+                uffd: None,
+            };
+        }
+    };
+    let error = match serve_on(&fd, pending, source, stats).await {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    Stopped {
+        error,
+        uffd: Some(fd.into_inner()),
+    }
+}
+
+async fn serve_on<S: PageSource>(
+    fd: &AsyncFd<Userfaultfd>,
     mut pending: PendingMap,
     mut source: S,
     stats: Arc<Mutex<FaultStats>>,
-) -> Result<(), FaultError> {
-    // SAFETY: `Userfaultfd` owns its fd (an OwnedFd), so it stays open and the same for as
-    // long as the AsyncFd that owns the Userfaultfd lives.
-    let fd = unsafe { AsyncFd::register(uffd) }.map_err(|e| FaultError::Uffd(e.into()))?;
+) -> Result<std::convert::Infallible, FaultError> {
     let mut retry: Vec<u64> = Vec::new();
     loop {
         let mut guard = fd.readable().await?;
@@ -62,9 +95,14 @@ pub async fn serve<S: PageSource>(
                     let src = source.duplicate().await.map_err(FaultError::Source)?;
                     let handler = serve_boxed(uffd, copy, src, stats.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = handler.await {
-                            tracing::warn!("fault handler of a forked child stopped: {e}");
-                        }
+                        let stopped = handler.await;
+                        tracing::warn!(
+                            "fault handler of a forked child stopped: {}",
+                            stopped.error
+                        );
+                        // Without a pid to kill, the forked child is left waiting on its
+                        // fault rather than handed zero-filled pages.
+                        std::mem::forget(stopped.uffd);
                     });
                 }
             }
@@ -79,8 +117,7 @@ pub async fn serve<S: PageSource>(
     }
 }
 
-type BoxedServe =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), FaultError>> + Send>>;
+type BoxedServe = std::pin::Pin<Box<dyn std::future::Future<Output = Stopped> + Send>>;
 
 /// [`serve`] behind a box, so that it can spawn itself for forked children.
 fn serve_boxed<S: PageSource>(

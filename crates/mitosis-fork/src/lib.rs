@@ -7,6 +7,7 @@ pub mod pending;
 pub mod prepare;
 pub mod procfs;
 pub mod regs;
+pub mod replica_pages;
 pub mod restore;
 pub mod source;
 

@@ -125,6 +125,23 @@ impl PendingMap {
         }
     }
 
+    /// Moves the pending pages of `[start, end)` out into a map of their own.
+    pub fn split_off(&mut self, start: u64, end: u64) -> PendingMap {
+        PendingMap {
+            regions: self.extract(start, end).into_iter().collect(),
+        }
+    }
+
+    /// Replaces whatever this map has in each range of `other` by `other`'s pages there.
+    pub fn replace_with(&mut self, other: &PendingMap, ranges: &[(u64, u64)]) {
+        for &(start, len) in ranges {
+            self.extract(start, start + len);
+        }
+        for (&child, region) in &other.regions {
+            self.regions.insert(child, region.clone());
+        }
+    }
+
     /// Removes `[start, end)` from the map, returning its pieces that still have pending pages.
     fn extract(&mut self, start: u64, end: u64) -> Vec<(u64, Region)> {
         let (start, end) = (start & !(PAGE - 1), (end + PAGE - 1) & !(PAGE - 1));
@@ -170,6 +187,20 @@ mod tests {
         // Child 0x10000.. maps seed 0x90000..; pages 0,1,2,4 pending.
         m.insert(0x10000, 0x90000, vec![true, true, true, false, true]);
         m
+    }
+
+    #[test]
+    fn split_off_and_replace_with() {
+        let mut m = map();
+        let mut part = m.split_off(0x11000, 0x13000);
+        assert_eq!(part.len(), 2);
+        assert_eq!(m.len(), 2);
+        assert!(!m.is_pending(0x11000) && m.is_pending(0x10000) && m.is_pending(0x14000));
+        assert!(part.take_run(0x12000, 1).is_some_and(|r| r.seed == 0x92000));
+        // A child whose copy of 0x10000.. was taken out gets the original pages back there.
+        let original = map().split_off(0x10000, 0x15000);
+        m.replace_with(&original, &[(0x10000, 0x5000)]);
+        assert_eq!(m, map());
     }
 
     #[test]

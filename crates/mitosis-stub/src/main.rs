@@ -30,8 +30,12 @@ fn main() {
 fn run(mut chan: UnixStream) -> Result<(), String> {
     let setup: Setup =
         frame::read_blocking(&mut chan).map_err(|e| format!("reading setup: {e}"))?;
-    // Keep our own fds clear of the numbers the seed's files go to.
+    // Keep our own fds clear of the numbers the seed's files go to. The channel takes exactly
+    // `work_fd_base`: a replica keeps it there to receive each child's stdio.
     let chan_fd = move_above(chan.into_raw_fd(), setup.work_fd_base)?;
+    if chan_fd != setup.work_fd_base {
+        return Err(format!("fd {} is taken", setup.work_fd_base));
+    }
     // SAFETY: move_above returned a fresh fd that only this handle owns.
     let mut chan = unsafe { UnixStream::from_raw_fd(chan_fd) };
     let mut fds = Vec::with_capacity(setup.opens.len());

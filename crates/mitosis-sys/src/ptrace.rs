@@ -252,6 +252,11 @@ impl Tracee {
         })
     }
 
+    /// Resumes a stopped tracee (no signal).
+    pub fn cont(&self) -> io::Result<()> {
+        ptrace::cont(self.pid, None).map_err(nix_err)
+    }
+
     /// Lets the tracee go, redelivering any signal that arrived while we held it.
     pub fn detach(self) -> io::Result<()> {
         let mut deferred = self.deferred.into_iter();

@@ -12,6 +12,7 @@ use crate::cvt;
 const UFFD_API: u64 = 0xAA;
 const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
 const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
 const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
 const UFFDIO_ZEROPAGE: libc::c_ulong = 0xC020_AA04;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
@@ -151,6 +152,17 @@ impl Userfaultfd {
         // SAFETY: `reg` is a valid uffdio_register the kernel reads and writes.
         cvt(
             unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } as libc::c_long,
+        )?;
+        Ok(())
+    }
+
+    /// Stops routing faults (and unmap events) of `[start, start+len)` to this fd.
+    pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut range = UffdioRange { start, len };
+        // SAFETY: `range` is a valid uffdio_range the kernel only reads.
+        cvt(
+            unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range) }
+                as libc::c_long,
         )?;
         Ok(())
     }

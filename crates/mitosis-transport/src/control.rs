@@ -51,11 +51,20 @@ pub struct PrepareStats {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ResumeStats {
-    pub connect_us: u64,
+    /// True if this host already had the seed's replica (no descriptor fetch, no build).
+    pub cached: bool,
+    /// Checking the seed and key with its host over a pooled connection.
+    pub attach_us: u64,
     pub descriptor_us: u64,
+    /// Making the replica: descriptor to a stopped process holding the working set.
+    pub build_us: u64,
     pub spawn_us: u64,
     pub restore_us: u64,
     pub eager_pages: u64,
+    pub working_set_pages: u64,
+    pub working_set_us: u64,
+    /// Forking the child from the replica and handing it its stdio.
+    pub fork_us: u64,
     pub total_us: u64,
 }
 

@@ -1,10 +1,13 @@
-//! The page server protocol between daemons, and its client.
+//! The page server protocol between daemons, and its pooled client.
 //!
-//! A connection is bound to one seed by `Attach` (seed id + key); after that it serves the
-//! descriptor and page reads. The seed's CPU is never involved: pages are read from its frozen
-//! twin by the seed host's daemon.
+//! Every request names its seed (id + key), so a connection serves any seed and any child:
+//! daemons keep a few long-lived connections per peer ([`PeerPool`]) and a new child costs no
+//! connection setup. The seed's CPU is never involved: pages are read from its frozen twin by
+//! the seed host's daemon.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -16,16 +19,30 @@ use crate::frame::{self, FrameError};
 
 pub use mitosis_descriptor::KEY_LEN;
 
+/// A seed on the serving host and the key that opens it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedRef {
+    pub id: u64,
+    pub key: [u8; KEY_LEN],
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
+    /// Is the seed there and is the key right? Answered by `Attached`.
     Attach {
-        seed_id: u64,
-        key: [u8; KEY_LEN],
+        seed: SeedRef,
     },
-    Descriptor,
+    Descriptor {
+        seed: SeedRef,
+    },
     /// Runs of whole pages `(address, page count)`; the reply holds them back to back.
     Pages {
+        seed: SeedRef,
         runs: Vec<(u64, u32)>,
+    },
+    /// The pages children of this seed have asked for so far, as runs.
+    WorkingSet {
+        seed: SeedRef,
     },
 }
 
@@ -34,6 +51,7 @@ pub enum Response {
     Attached,
     Descriptor(#[serde(with = "serde_bytes")] Vec<u8>),
     Pages(#[serde(with = "serde_bytes")] Vec<u8>),
+    WorkingSet(Vec<(u64, u32)>),
     Error(RemoteError),
 }
 
@@ -44,8 +62,6 @@ pub enum RemoteError {
     NoSuchSeed(u64),
     #[error("wrong key for seed {0}")]
     WrongKey(u64),
-    #[error("the connection is not attached to a seed")]
-    NotAttached,
     #[error("page range {0:#x}+{1} is outside the seed's memory")]
     BadRange(u64, u32),
     #[error("the seed's memory is gone: {0}")]
@@ -68,71 +84,148 @@ pub enum PeerError {
     Protocol(SocketAddr),
 }
 
-/// A connection to a seed's host, attached to that seed.
-pub struct PeerClient {
-    addr: SocketAddr,
-    stream: TcpStream,
+impl PeerError {
+    /// True if the seed itself is gone or refused (as opposed to the network failing).
+    pub fn is_seed_gone(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Remote(_, RemoteError::NoSuchSeed(_) | RemoteError::WrongKey(_))
+        )
+    }
+}
+
+/// Long-lived connections to peer daemons, shared by every child on this host.
+///
+/// A request takes an idle connection (or opens one), and gives it back when answered. At most
+/// `max_idle` idle connections are kept per peer, so the state stays the same size whatever the
+/// number of seeds and children. A pooled connection that turns out dead (the peer restarted)
+/// is replaced once, transparently: every request is a read and safe to repeat.
+pub struct PeerPool {
+    idle: Mutex<HashMap<SocketAddr, Vec<TcpStream>>>,
+    max_idle: usize,
     timeout: Duration,
 }
 
-impl PeerClient {
-    /// Connects to `addr` and attaches to `seed_id` with `key`.
-    pub async fn attach(
-        addr: SocketAddr,
-        seed_id: u64,
-        key: [u8; KEY_LEN],
-        request_timeout: Duration,
-    ) -> Result<Self, PeerError> {
-        let stream = timeout(request_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| PeerError::Timeout(addr, request_timeout))?
-            .map_err(|e| PeerError::Connect(addr, e.to_string()))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| PeerError::Connect(addr, e.to_string()))?;
-        let mut client = PeerClient {
-            addr,
-            stream,
+impl PeerPool {
+    pub fn new(max_idle: usize, request_timeout: Duration) -> Self {
+        PeerPool {
+            idle: Mutex::new(HashMap::new()),
+            max_idle,
             timeout: request_timeout,
-        };
-        match client.call(&Request::Attach { seed_id, key }).await? {
-            Response::Attached => Ok(client),
+        }
+    }
+
+    /// Idle connections per peer, for the daemon's status.
+    pub fn idle_counts(&self) -> Vec<(SocketAddr, usize)> {
+        let idle = self.idle.lock().expect("pool lock");
+        let mut out: Vec<_> = idle.iter().map(|(a, v)| (*a, v.len())).collect();
+        out.sort();
+        out
+    }
+
+    /// Opens connections to `addr` ahead of need, up to the idle limit.
+    pub async fn warm(&self, addr: SocketAddr, count: usize) -> Result<(), PeerError> {
+        for _ in 0..count.min(self.max_idle) {
+            let stream = self.connect(addr).await?;
+            self.checkin(addr, stream);
+        }
+        Ok(())
+    }
+
+    pub async fn attach(&self, addr: SocketAddr, seed: SeedRef) -> Result<(), PeerError> {
+        match self.call(addr, &Request::Attach { seed }).await? {
+            Response::Attached => Ok(()),
             _ => Err(PeerError::Protocol(addr)),
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Fetches the seed's encoded descriptor.
-    pub async fn descriptor(&mut self) -> Result<Vec<u8>, PeerError> {
-        match self.call(&Request::Descriptor).await? {
+    pub async fn descriptor(&self, addr: SocketAddr, seed: SeedRef) -> Result<Vec<u8>, PeerError> {
+        match self.call(addr, &Request::Descriptor { seed }).await? {
             Response::Descriptor(d) => Ok(d),
-            _ => Err(PeerError::Protocol(self.addr)),
+            _ => Err(PeerError::Protocol(addr)),
         }
     }
 
     /// Reads the given page runs; the result is their bytes back to back.
-    pub async fn pages(&mut self, runs: Vec<(u64, u32)>) -> Result<Vec<u8>, PeerError> {
+    pub async fn pages(
+        &self,
+        addr: SocketAddr,
+        seed: SeedRef,
+        runs: Vec<(u64, u32)>,
+    ) -> Result<Vec<u8>, PeerError> {
         let want: usize = runs.iter().map(|r| r.1 as usize * 4096).sum();
-        match self.call(&Request::Pages { runs }).await? {
+        match self.call(addr, &Request::Pages { seed, runs }).await? {
             Response::Pages(p) if p.len() == want => Ok(p),
-            _ => Err(PeerError::Protocol(self.addr)),
+            _ => Err(PeerError::Protocol(addr)),
         }
     }
 
-    async fn call(&mut self, req: &Request) -> Result<Response, PeerError> {
-        let addr = self.addr;
+    pub async fn working_set(
+        &self,
+        addr: SocketAddr,
+        seed: SeedRef,
+    ) -> Result<Vec<(u64, u32)>, PeerError> {
+        match self.call(addr, &Request::WorkingSet { seed }).await? {
+            Response::WorkingSet(runs) => Ok(runs),
+            _ => Err(PeerError::Protocol(addr)),
+        }
+    }
+
+    async fn call(&self, addr: SocketAddr, req: &Request) -> Result<Response, PeerError> {
+        if let Some(stream) = self.checkout(addr) {
+            match self.exchange(addr, stream, req).await {
+                // A pooled connection the peer closed (it restarted): try once on a new one.
+                Err(PeerError::Frame(_, FrameError::Closed | FrameError::Io(_))) => {}
+                other => return other,
+            }
+        }
+        let stream = self.connect(addr).await?;
+        self.exchange(addr, stream, req).await
+    }
+
+    async fn exchange(
+        &self,
+        addr: SocketAddr,
+        mut stream: TcpStream,
+        req: &Request,
+    ) -> Result<Response, PeerError> {
         let exchange = async {
-            frame::write(&mut self.stream, req).await?;
-            frame::read::<_, Response>(&mut self.stream).await
+            frame::write(&mut stream, req).await?;
+            frame::read::<_, Response>(&mut stream).await
         };
-        match timeout(self.timeout, exchange).await {
-            Err(_) => Err(PeerError::Timeout(addr, self.timeout)),
-            Ok(Err(e)) => Err(PeerError::Frame(addr, e)),
-            Ok(Ok(Response::Error(e))) => Err(PeerError::Remote(addr, e)),
-            Ok(Ok(resp)) => Ok(resp),
+        let response = match timeout(self.timeout, exchange).await {
+            Err(_) => return Err(PeerError::Timeout(addr, self.timeout)),
+            Ok(Err(e)) => return Err(PeerError::Frame(addr, e)),
+            Ok(Ok(resp)) => resp,
+        };
+        // Only a connection that completed its exchange goes back: it is in a clean state.
+        self.checkin(addr, stream);
+        match response {
+            Response::Error(e) => Err(PeerError::Remote(addr, e)),
+            resp => Ok(resp),
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, PeerError> {
+        let stream = timeout(self.timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| PeerError::Timeout(addr, self.timeout))?
+            .map_err(|e| PeerError::Connect(addr, e.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| PeerError::Connect(addr, e.to_string()))?;
+        Ok(stream)
+    }
+
+    fn checkout(&self, addr: SocketAddr) -> Option<TcpStream> {
+        self.idle.lock().expect("pool lock").get_mut(&addr)?.pop()
+    }
+
+    fn checkin(&self, addr: SocketAddr, stream: TcpStream) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let list = idle.entry(addr).or_default();
+        if list.len() < self.max_idle {
+            list.push(stream);
         }
     }
 }

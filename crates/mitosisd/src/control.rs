@@ -132,6 +132,7 @@ async fn drop_seed(daemon: &Arc<Daemon>, handle: &str) -> Event {
     let Some(seed) = daemon.registry.remove(handle.seed_id) else {
         return Event::Error(format!("no seed {}", handle.seed_id));
     };
+    daemon.cache.remove((daemon.listen, seed.id));
     release(daemon, &seed).await;
     tracing::info!(seed = seed.id, "dropped");
     Event::Done
@@ -147,12 +148,14 @@ pub async fn release(daemon: &Daemon, seed: &Seed) {
 }
 
 fn status(daemon: &Daemon) -> String {
+    let c = &daemon.counters;
     let mut out = format!(
-        "listen {}\nseeds {}\nchildren running {}\nchildren started {}\n",
+        "listen {}\nseeds {}\nchildren running {}\nchildren started {}\nbytes served {}\n",
         daemon.listen,
         daemon.registry.len(),
-        daemon.children_running.load(Ordering::Relaxed),
-        daemon.children_started.load(Ordering::Relaxed),
+        c.children_running.load(Ordering::Relaxed),
+        c.children_started.load(Ordering::Relaxed),
+        c.bytes_served.load(Ordering::Relaxed),
     );
     for seed in daemon.registry.all() {
         out.push_str(&format!(
@@ -166,6 +169,15 @@ fn status(daemon: &Daemon) -> String {
                 .map(|v| v.seed_pages.len())
                 .sum::<u64>()
         ));
+    }
+    for line in daemon.cache.lines() {
+        out.push_str(&format!(
+            "replica {}@{} pid {} pages {} children {}\n",
+            line.key.1, line.key.0, line.pid, line.pages, line.children
+        ));
+    }
+    for (peer, idle) in daemon.pool.idle_counts() {
+        out.push_str(&format!("pool {peer} idle {idle}\n"));
     }
     out
 }

@@ -1,10 +1,12 @@
 //! `mitosisd`, the daemon of one host: it prepares seeds, serves their pages to peers, and
-//! resumes children of any seed on request.
+//! resumes children of any seed on request, each forked from this host's replica of the seed.
 
+pub mod cache;
 pub mod control;
 pub mod peer_server;
 pub mod peer_source;
 pub mod registry;
+pub mod replica;
 pub mod resume;
 pub mod tracer;
 
@@ -12,8 +14,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use mitosis_fork::FileCache;
+use mitosis_transport::peer::{PeerPool, SeedRef};
 
 /// Shared state of one daemon.
 pub struct Daemon {
@@ -23,6 +27,38 @@ pub struct Daemon {
     pub files: Arc<FileCache>,
     pub stub: PathBuf,
     pub vdso_hash: [u8; 32],
+    pub pool: Arc<PeerPool>,
+    pub cache: cache::HostCache,
+    pub counters: Counters,
+}
+
+/// The daemon's metrics, reported by `mitosis status`.
+#[derive(Default)]
+pub struct Counters {
     pub children_started: AtomicU64,
     pub children_running: AtomicU64,
+    /// Page bytes this host's page server sent to peers.
+    pub bytes_served: AtomicU64,
+}
+
+/// Drops replicas whose seed is gone from its host, every `period`.
+pub async fn sweep_cache(daemon: Arc<Daemon>, period: Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+        for entry in daemon.cache.entries() {
+            let (host, id) = entry.key;
+            let gone = if host == daemon.listen {
+                daemon.registry.get(id).is_none()
+            } else {
+                let key = entry.seed_key;
+                match daemon.pool.attach(host, SeedRef { id, key }).await {
+                    Err(e) => e.is_seed_gone(),
+                    Ok(()) => false,
+                }
+            };
+            if gone && daemon.cache.remove(entry.key) {
+                tracing::info!(seed = id, %host, "replica dropped: its seed is gone");
+            }
+        }
+    }
 }

@@ -3,11 +3,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use mitosisd::{Daemon, control, peer_server, registry::Registry, tracer::Tracer};
+use mitosis_transport::peer::PeerPool;
+use mitosisd::cache::HostCache;
+use mitosisd::peer_source::REQUEST_TIMEOUT;
+use mitosisd::{Counters, Daemon, control, peer_server, registry::Registry, tracer::Tracer};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -26,6 +29,13 @@ struct Args {
     /// The stub binary children start as (default: mitosis-stub beside this binary).
     #[arg(long)]
     stub: Option<PathBuf>,
+    /// Memory the replicas of other hosts' seeds may hold, in MiB; least recently used
+    /// replicas are evicted beyond it.
+    #[arg(long, default_value_t = 4096)]
+    cache_mib: u64,
+    /// Idle connections kept open to each peer.
+    #[arg(long, default_value_t = 4)]
+    pool_size: usize,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -62,12 +72,17 @@ async fn main() -> Result<()> {
         files: Arc::new(mitosis_fork::FileCache::new()),
         stub,
         vdso_hash: mitosis_fork::local_vdso_hash().context("hashing this host's vDSO")?,
-        children_started: AtomicU64::new(0),
-        children_running: AtomicU64::new(0),
+        pool: Arc::new(PeerPool::new(args.pool_size, REQUEST_TIMEOUT)),
+        cache: HostCache::new(args.cache_mib * 256),
+        counters: Counters::default(),
     });
     tracing::info!(listen = %daemon.listen, socket = %args.socket.display(), "mitosisd up");
     tokio::spawn(peer_server::serve(tcp, daemon.clone()));
     tokio::spawn(control::serve(unix, daemon.clone()));
+    tokio::spawn(mitosisd::sweep_cache(
+        daemon.clone(),
+        Duration::from_secs(2),
+    ));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

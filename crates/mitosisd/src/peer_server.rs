@@ -1,17 +1,21 @@
 //! The page server: other hosts' daemons fetch descriptors and pages of our seeds.
+//!
+//! Requests are stateless (each names its seed and key), so peers keep a few pooled
+//! connections and send any child's requests over any of them.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use mitosis_fork::source::read_runs;
 use mitosis_transport::frame;
-use mitosis_transport::peer::{RemoteError, Request, Response};
+use mitosis_transport::peer::{RemoteError, Request, Response, SeedRef};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::Daemon;
-use crate::registry::{Registry, Seed};
+use crate::registry::Seed;
 
 /// Most pages one request may ask for (16 MiB).
-const MAX_PAGES_PER_REQUEST: u64 = 4096;
+pub const MAX_PAGES_PER_REQUEST: u64 = 4096;
 
 pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
     loop {
@@ -19,7 +23,7 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
             Ok((stream, peer)) => {
                 let daemon = daemon.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, &daemon.registry).await {
+                    if let Err(e) = connection(stream, &daemon).await {
                         tracing::debug!(%peer, "peer connection ended: {e}");
                     }
                 });
@@ -29,43 +33,41 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
     }
 }
 
-async fn connection(mut stream: TcpStream, registry: &Registry) -> Result<(), frame::FrameError> {
+async fn connection(mut stream: TcpStream, daemon: &Daemon) -> Result<(), frame::FrameError> {
     stream.set_nodelay(true)?;
-    let mut attached: Option<Arc<Seed>> = None;
     loop {
         let request: Request = frame::read(&mut stream).await?;
-        let response = answer(request, registry, &mut attached);
+        let response = answer(request, daemon).unwrap_or_else(Response::Error);
         frame::write(&mut stream, &response).await?;
     }
 }
 
-fn answer(request: Request, registry: &Registry, attached: &mut Option<Arc<Seed>>) -> Response {
-    let result = match request {
-        Request::Attach { seed_id, key } => registry.authorize(seed_id, &key).map(|seed| {
-            *attached = Some(seed);
+fn answer(request: Request, daemon: &Daemon) -> Result<Response, RemoteError> {
+    let seed =
+        |s: SeedRef| -> Result<Arc<Seed>, RemoteError> { daemon.registry.authorize(s.id, &s.key) };
+    Ok(match request {
+        Request::Attach { seed: s } => {
+            seed(s)?;
             Response::Attached
-        }),
-        Request::Descriptor => {
-            current(registry, attached).map(|s| Response::Descriptor(s.encoded.clone()))
         }
-        Request::Pages { runs } => current(registry, attached).and_then(|seed| {
+        Request::Descriptor { seed: s } => Response::Descriptor(seed(s)?.encoded.clone()),
+        Request::WorkingSet { seed: s } => {
+            Response::WorkingSet(seed(s)?.working_set(MAX_PAGES_PER_REQUEST as u32))
+        }
+        Request::Pages { seed: s, runs } => {
+            let seed = seed(s)?;
             if runs.iter().map(|r| r.1 as u64).sum::<u64>() > MAX_PAGES_PER_REQUEST {
                 return Err(RemoteError::TooLarge);
             }
             seed.check_runs(&runs)?;
-            read_runs(&seed.memory, &runs)
-                .map(Response::Pages)
-                .map_err(|e| RemoteError::SeedGone(e.to_string()))
-        }),
-    };
-    result.unwrap_or_else(Response::Error)
-}
-
-/// The attached seed, as long as it is still prepared (a dropped seed serves nothing more).
-fn current(registry: &Registry, attached: &Option<Arc<Seed>>) -> Result<Arc<Seed>, RemoteError> {
-    let seed = attached.as_ref().ok_or(RemoteError::NotAttached)?;
-    if !registry.is_live(seed) {
-        return Err(RemoteError::NoSuchSeed(seed.id));
-    }
-    Ok(seed.clone())
+            let bytes =
+                read_runs(&seed.memory, &runs).map_err(|e| RemoteError::SeedGone(e.to_string()))?;
+            seed.record(&runs);
+            daemon
+                .counters
+                .bytes_served
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            Response::Pages(bytes)
+        }
+    })
 }

@@ -1,42 +1,82 @@
-//! The socket page source: a seed's pages fetched from its host's page server.
+//! Where a seed's pages come from: this host's twin, or a peer's page server over the pool.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use mitosis_descriptor::Handle;
-use mitosis_fork::PageSource;
-use mitosis_transport::peer::{PeerClient, PeerError};
+use mitosis_fork::{PageSource, TwinSource};
+use mitosis_transport::peer::{PeerPool, SeedRef};
+
+use crate::registry::Seed;
 
 /// How long one request to a seed's host may take before the child is given up on.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A seed's pages on a peer, fetched over pooled connections.
+#[derive(Clone)]
 pub struct PeerSource {
-    handle: Handle,
-    client: PeerClient,
-}
-
-impl PeerSource {
-    pub async fn connect(handle: &Handle) -> Result<Self, PeerError> {
-        let client =
-            PeerClient::attach(handle.host, handle.seed_id, handle.key, REQUEST_TIMEOUT).await?;
-        Ok(PeerSource {
-            handle: handle.clone(),
-            client,
-        })
-    }
-
-    pub async fn descriptor(&mut self) -> Result<Vec<u8>, PeerError> {
-        self.client.descriptor().await
-    }
+    pub pool: Arc<PeerPool>,
+    pub addr: SocketAddr,
+    pub seed: SeedRef,
 }
 
 impl PageSource for PeerSource {
     async fn read(&mut self, runs: Vec<(u64, u32)>) -> Result<Vec<u8>, String> {
-        self.client.pages(runs).await.map_err(|e| e.to_string())
+        self.pool
+            .pages(self.addr, self.seed, runs)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn duplicate(&self) -> Result<Self, String> {
-        PeerSource::connect(&self.handle)
-            .await
-            .map_err(|e| e.to_string())
+        Ok(self.clone())
+    }
+}
+
+/// A seed of this host: read from its twin, recording the working set as the page server does.
+#[derive(Clone)]
+pub struct LocalSource {
+    pub seed: Arc<Seed>,
+    twin: TwinSource,
+}
+
+impl LocalSource {
+    pub fn new(seed: Arc<Seed>) -> Self {
+        LocalSource {
+            twin: TwinSource::new(seed.memory.clone()),
+            seed,
+        }
+    }
+}
+
+impl PageSource for LocalSource {
+    async fn read(&mut self, runs: Vec<(u64, u32)>) -> Result<Vec<u8>, String> {
+        let data = self.twin.read(runs.clone()).await?;
+        self.seed.record(&runs);
+        Ok(data)
+    }
+
+    async fn duplicate(&self) -> Result<Self, String> {
+        Ok(self.clone())
+    }
+}
+
+/// Either kind, behind the one fault path.
+#[derive(Clone)]
+pub enum Source {
+    Local(LocalSource),
+    Peer(PeerSource),
+}
+
+impl PageSource for Source {
+    async fn read(&mut self, runs: Vec<(u64, u32)>) -> Result<Vec<u8>, String> {
+        match self {
+            Source::Local(s) => s.read(runs).await,
+            Source::Peer(s) => s.read(runs).await,
+        }
+    }
+
+    async fn duplicate(&self) -> Result<Self, String> {
+        Ok(self.clone())
     }
 }

@@ -1,6 +1,6 @@
 //! The seeds this host has prepared.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use mitosis_descriptor::{Descriptor, KEY_LEN};
@@ -17,6 +17,8 @@ pub struct Seed {
     pub memory: Arc<RemoteMemory>,
     pub twin: Mutex<Option<Twin>>,
     pub syscall_insn: u64,
+    /// Page addresses children have asked for: replayed in one transfer by new hosts.
+    working_set: Mutex<BTreeSet<u64>>,
 }
 
 impl Seed {
@@ -35,7 +37,29 @@ impl Seed {
             encoded,
             twin: Mutex::new(Some(prepared.twin)),
             syscall_insn: prepared.syscall_insn,
+            working_set: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// Adds the pages of `runs` (already checked) to the working set.
+    pub fn record(&self, runs: &[(u64, u32)]) {
+        let mut set = self.working_set.lock().expect("working set lock");
+        for &(addr, pages) in runs {
+            set.extend((0..pages as u64).map(|i| addr + i * 4096));
+        }
+    }
+
+    /// The working set as runs of at most `max_run` pages, in address order.
+    pub fn working_set(&self, max_run: u32) -> Vec<(u64, u32)> {
+        let set = self.working_set.lock().expect("working set lock");
+        let mut runs: Vec<(u64, u32)> = Vec::new();
+        for &page in set.iter() {
+            match runs.last_mut() {
+                Some((start, n)) if *start + *n as u64 * 4096 == page && *n < max_run => *n += 1,
+                _ => runs.push((page, 1)),
+            }
+        }
+        runs
     }
 
     /// Constant-time key comparison.
@@ -101,6 +125,10 @@ impl Registry {
             return Err(RemoteError::WrongKey(id));
         }
         Ok(seed)
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<Seed>> {
+        self.seeds.lock().expect("registry lock").get(&id).cloned()
     }
 
     /// True while `seed` is still prepared (not dropped).

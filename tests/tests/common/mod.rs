@@ -210,3 +210,23 @@ pub fn is_child_of(pid: i32, parent: u32) -> bool {
         })
         == Some(parent)
 }
+
+/// Pids of the replicas host `host`'s daemon holds, from `mitosis status`, sorted.
+pub fn replica_pids(tb: &Testbed, host: usize) -> Vec<i32> {
+    let out = cli(tb, host, &["status"], "");
+    let mut pids: Vec<i32> = stdout(&out)
+        .lines()
+        .filter(|l| l.starts_with("replica "))
+        .filter_map(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .collect();
+    pids.sort();
+    pids
+}
+
+/// `mitosis status` of host `host`: the value after `key` on the line starting with `key`.
+pub fn status_value(tb: &Testbed, host: usize, key: &str) -> Option<u64> {
+    let out = cli(tb, host, &["status"], "");
+    stdout(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+}

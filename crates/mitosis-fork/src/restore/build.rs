@@ -75,23 +75,91 @@ pub fn build(
     prefetched: &[u8],
 ) -> Result<Child, RestoreError> {
     let t0 = Instant::now();
-    let (mut chan, theirs) =
+    let mut spawned = spawn(&plan, stub, Some(stdio))?;
+    let spawn_us = t0.elapsed().as_micros() as u64;
+    let laid = lay_out(&plan, &mut spawned, prefetched, None).and_then(|laid| {
+        let insn = laid.at + trampoline::syscall_offset();
+        spawned
+            .tracee
+            .syscall(insn, libc::SYS_munmap, [laid.at, laid.size, 0, 0, 0, 0])
+            .map_err(RestoreError::Trace)?;
+        let seed_regs = resume_point(&words_to_regs(&plan.regs), RestartFor::OtherTask);
+        spawned
+            .tracee
+            .set_regs(&seed_regs)
+            .map_err(RestoreError::Trace)?;
+        Ok(laid)
+    });
+    match laid {
+        Ok(laid) => {
+            let Spawned {
+                pid, pidfd, tracee, ..
+            } = spawned;
+            tracee.detach().map_err(RestoreError::Trace)?;
+            Ok(Child {
+                pid,
+                pidfd,
+                uffd: laid.uffd,
+                pending: plan.pending,
+                spawn_us,
+                restore_us: t0.elapsed().as_micros() as u64 - spawn_us,
+            })
+        }
+        Err(e) => {
+            spawned.kill();
+            Err(e)
+        }
+    }
+}
+
+/// A stub just started, traced, with its channel.
+pub(crate) struct Spawned {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    pub tracee: Tracee,
+    pub chan: UnixStream,
+}
+
+impl Spawned {
+    /// Kills and reaps the stub (it is our child).
+    pub fn kill(self) {
+        let _ = pidfd::send_signal(&self.pidfd, libc::SIGKILL);
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(self.pid),
+            Some(nix::sys::wait::WaitPidFlag::__WALL),
+        );
+    }
+}
+
+/// Starts the stub with `stdio` (or /dev/null) and seizes it.
+pub(crate) fn spawn(
+    plan: &Plan,
+    stub: &Path,
+    stdio: Option<[OwnedFd; 3]>,
+) -> Result<Spawned, RestoreError> {
+    let (chan, theirs) =
         UnixStream::pair().map_err(|e| RestoreError::Spawn("socketpair".into(), e))?;
-    let [stdin, stdout, stderr] = stdio;
     let their_fd = theirs.as_raw_fd();
     let mut cmd = Command::new(stub);
     cmd.env_clear()
         // The stub must not register rseq: the child registers the seed's area instead.
         .env("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
-        .stdin(Stdio::from(stdin))
-        .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(stderr))
         .current_dir(
             plan.cwd
                 .as_deref()
                 .filter(|d| Path::new(d).is_dir())
                 .unwrap_or("/"),
         );
+    match stdio {
+        Some([stdin, stdout, stderr]) => cmd
+            .stdin(Stdio::from(stdin))
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr)),
+        None => cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    };
     // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe
     // system calls (dup2, prctl) on values captured by copy.
     unsafe {
@@ -111,37 +179,50 @@ pub fn build(
         .map_err(|e| RestoreError::Spawn(stub.display().to_string(), e))?;
     drop(theirs);
     let pid = child.id() as i32;
-    let tracee = Tracee::seize(pid, ptrace::exit_kill_options()).map_err(RestoreError::Trace)?;
     let pidfd = pidfd::open(pid).map_err(RestoreError::Trace)?;
-    let spawn_us = t0.elapsed().as_micros() as u64;
-
-    match restore(&plan, &mut chan, tracee, pid, prefetched) {
-        Ok(uffd) => Ok(Child {
-            pid,
-            pidfd,
-            uffd,
-            pending: plan.pending,
-            spawn_us,
-            restore_us: t0.elapsed().as_micros() as u64 - spawn_us,
-        }),
+    let tracee = match Tracee::seize(pid, ptrace::exit_kill_options()) {
+        Ok(t) => t,
         Err(e) => {
             let _ = pidfd::send_signal(&pidfd, libc::SIGKILL);
-            let _ = nix::sys::wait::waitpid(
-                nix::unistd::Pid::from_raw(pid),
-                Some(nix::sys::wait::WaitPidFlag::__WALL),
-            );
-            Err(e)
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            return Err(RestoreError::Trace(e));
         }
-    }
+    };
+    Ok(Spawned {
+        pid,
+        pidfd,
+        tracee,
+        chan,
+    })
 }
 
-fn restore(
+/// The stub after its address space was replaced by the seed's: still stopped, still holding
+/// the trampoline at `at` (`size` bytes).
+pub(crate) struct Laid {
+    pub uffd: Userfaultfd,
+    pub at: u64,
+    pub size: u64,
+    /// Where `extra` landed in the data area.
+    pub extra_at: u64,
+}
+
+/// Data a replica appends to the trampoline's data area, built once `at` is known.
+pub(crate) type Extra<'a> = &'a dyn Fn(u64) -> Vec<u8>;
+
+/// Runs the trampoline in the stub and fills what must be there before the seed's code runs:
+/// lazy ranges registered, overlay and eager pages written, FPU state and rseq set. With
+/// `extra` the stub becomes a replica: it keeps its channel and closes its stdio instead.
+pub(crate) fn lay_out(
     plan: &Plan,
-    chan: &mut UnixStream,
-    mut tracee: Tracee,
-    pid: i32,
+    spawned: &mut Spawned,
     prefetched: &[u8],
-) -> Result<Userfaultfd, RestoreError> {
+    extra: Option<Extra>,
+) -> Result<Laid, RestoreError> {
+    let Spawned {
+        pid, tracee, chan, ..
+    } = spawned;
+    let pid = *pid;
+    let replica = extra.is_some();
     let chan_err = |e: &dyn std::fmt::Display| RestoreError::Channel(e.to_string());
     let setup = Setup {
         work_fd_base: plan.work_fd_base,
@@ -167,7 +248,9 @@ fn restore(
 
     // Place the trampoline where neither the stub nor the seed has anything.
     let code = trampoline::code();
-    let (_, labels, data_len) = records_for(plan, &opened, 0, 0);
+    let extra_len = extra.map_or(0, |f| f(0).len() as u64);
+    let (_, labels, data_len) = records_for(plan, &opened, 0, 0, replica);
+    let data_len = data_len.next_multiple_of(8) + extra_len;
     let size = PAGE_SIZE + data_len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
     let own = procfs::parse_maps(
         &std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(RestoreError::Trace)?,
@@ -183,9 +266,14 @@ fn restore(
         .map(|i| i << 20)
         .find(|&a| taken.iter().all(|&(s, e)| a + size <= s || a >= e))
         .ok_or(RestoreError::NoRoom)?;
-    let (records, _, _) = records_for(plan, &opened, at, at + size);
+    let (records, _, _) = records_for(plan, &opened, at, at + size, replica);
     debug_assert_eq!(records.len(), labels.len());
-    let data = encode_data(plan, &records, at + PAGE_SIZE);
+    let mut data = encode_data(plan, &records, at + PAGE_SIZE);
+    data.resize(data.len().next_multiple_of(8), 0);
+    let extra_at = at + PAGE_SIZE + data.len() as u64;
+    if let Some(f) = extra {
+        data.extend(f(extra_at));
+    }
     let go = Go {
         at,
         code: code.to_vec(),
@@ -203,15 +291,7 @@ fn restore(
             return Err(RestoreError::Died(why));
         }
     }
-    let regs = tracee.regs().map_err(RestoreError::Trace)?;
-    if regs.r12 != 0 {
-        let index = records.len() - regs.r12 as usize;
-        let errno = -(regs.rax as i64) as i32;
-        return Err(RestoreError::Step {
-            step: labels[index].clone(),
-            source: io::Error::from_raw_os_error(errno),
-        });
-    }
+    check_batch(tracee, &labels)?;
 
     let step = |step: &str| {
         let step = step.to_string();
@@ -236,7 +316,6 @@ fn restore(
         offset += len;
     }
 
-    let seed_regs = resume_point(&words_to_regs(&plan.regs), RestartFor::OtherTask);
     tracee
         .set_xstate(&plan.xstate)
         .map_err(step("load FPU state"))?;
@@ -256,17 +335,37 @@ fn restore(
             });
         }
     }
-    tracee
-        .syscall(insn, libc::SYS_munmap, [at, size, 0, 0, 0, 0])
-        .map_err(RestoreError::Trace)?;
-    tracee.set_regs(&seed_regs).map_err(RestoreError::Trace)?;
-    tracee.detach().map_err(RestoreError::Trace)?;
-    Ok(uffd)
+    Ok(Laid {
+        uffd,
+        at,
+        size,
+        extra_at,
+    })
+}
+
+/// After a trampoline batch stopped on int3: the failed call's label, if one failed.
+pub(crate) fn check_batch(tracee: &Tracee, labels: &[String]) -> Result<(), RestoreError> {
+    let regs = tracee.regs().map_err(RestoreError::Trace)?;
+    if regs.r12 != 0 {
+        let index = labels.len() - regs.r12 as usize;
+        let errno = -(regs.rax as i64) as i32;
+        return Err(RestoreError::Step {
+            step: labels[index].clone(),
+            source: io::Error::from_raw_os_error(errno),
+        });
+    }
+    Ok(())
 }
 
 /// The trampoline's system calls, with a label for each (for error messages).
 /// Pointers into the data area are computed from `at`; sizes do not depend on it.
-fn records_for(plan: &Plan, fds: &[i32], at: u64, end: u64) -> (Vec<Record>, Vec<String>, u64) {
+fn records_for(
+    plan: &Plan,
+    fds: &[i32],
+    at: u64,
+    end: u64,
+    replica: bool,
+) -> (Vec<Record>, Vec<String>, u64) {
     let mut recs: Vec<Record> = Vec::new();
     let mut labels = Vec::new();
     let mut push = |r: Record, l: String| {
@@ -317,8 +416,8 @@ fn records_for(plan: &Plan, fds: &[i32], at: u64, end: u64) -> (Vec<Record>, Vec
         ],
         "place the vDSO".into(),
     );
-    // Everything so far plus the two records below precede the mm map in the data area.
-    let n_fixed = plan.maps.len() as u64 + 3 + 2;
+    // Everything so far plus the records below precede the mm map in the data area.
+    let n_fixed = plan.maps.len() as u64 + 3 + 2 + replica as u64;
     let mm_map = at + PAGE_SIZE + n_fixed * 56;
     push(
         [
@@ -332,10 +431,13 @@ fn records_for(plan: &Plan, fds: &[i32], at: u64, end: u64) -> (Vec<Record>, Vec
         ],
         "set the mm fields".into(),
     );
+    // A replica keeps its channel (at exactly work_fd_base) and no stdio: each child it forks
+    // receives its own stdio on the channel, as fds 0-2.
+    let first_closed = plan.work_fd_base as u64 + replica as u64;
     push(
         [
             libc::SYS_close_range as u64,
-            plan.work_fd_base as u64,
+            first_closed,
             u32::MAX as u64,
             0,
             0,
@@ -344,6 +446,12 @@ fn records_for(plan: &Plan, fds: &[i32], at: u64, end: u64) -> (Vec<Record>, Vec
         ],
         "close the stub's files".into(),
     );
+    if replica {
+        push(
+            [libc::SYS_close_range as u64, 0, 2, 0, 0, 0, 0],
+            "close the stub's stdio".into(),
+        );
+    }
     let _ = plan.exe;
     let data_len = n_fixed * 56 + MM_MAP_LEN + plan.auxv.len() as u64 * 8;
     (recs, labels, data_len)

@@ -3,6 +3,7 @@
 mod build;
 mod plan;
 pub mod protocol;
+pub mod replica;
 pub mod trampoline;
 
 pub use build::{Child, RestoreError, UFFD_FEATURES, build};

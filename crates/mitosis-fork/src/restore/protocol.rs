@@ -11,7 +11,8 @@ pub const CHANNEL_FD: i32 = 3;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Setup {
     /// Every descriptor the stub itself keeps is moved to this number or above, clear of the
-    /// seed's descriptor numbers; the trampoline closes them all at the end.
+    /// seed's descriptor numbers; the trampoline closes them all at the end. The channel is
+    /// at exactly this number.
     pub work_fd_base: i32,
     pub opens: Vec<OpenSpec>,
 }

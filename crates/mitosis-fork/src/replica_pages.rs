@@ -1,0 +1,232 @@
+//! The pages of a replica: this host's cache of a seed, shared by all its children here.
+//!
+//! A child's missing page is first brought into the replica (fetched from the seed's host
+//! once per host, never once per child), then copied to the child from the replica. Forks
+//! take the replica's state under the same lock as fills, so a child's list of pages still to
+//! fetch is exactly what the replica lacked at its fork.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use mitosis_sys::PAGE_SIZE;
+use mitosis_sys::mem::RemoteMemory;
+use mitosis_sys::uffd::{Event, Userfaultfd};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::fault::FaultError;
+use crate::pending::{PendingMap, Run};
+use crate::source::{PageSource, read_runs};
+
+/// Most pages asked of the source in one request.
+pub const MAX_BATCH_PAGES: u64 = 4096;
+
+pub struct ReplicaPages<S> {
+    uffd: AsyncFd<Userfaultfd>,
+    memory: RemoteMemory,
+    state: Mutex<State<S>>,
+    fetched: AtomicU64,
+    fetches: AtomicU64,
+    fetch_us: AtomicU64,
+}
+
+pub struct State<S> {
+    pub pending: PendingMap,
+    source: S,
+}
+
+/// Counters of what a replica fetched from its source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicaCounters {
+    pub pages_fetched: u64,
+    pub fetches: u64,
+    pub fetch_us: u64,
+}
+
+impl<S: PageSource + Sync> ReplicaPages<S> {
+    pub fn new(
+        pid: i32,
+        uffd: Userfaultfd,
+        pending: PendingMap,
+        source: S,
+    ) -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(ReplicaPages {
+            // SAFETY: `Userfaultfd` owns its fd, which stays open and the same for as long as
+            // the AsyncFd that owns it.
+            uffd: unsafe { AsyncFd::register(uffd) }?,
+            memory: RemoteMemory::open(pid, false)?,
+            state: Mutex::new(State { pending, source }),
+            fetched: AtomicU64::new(0),
+            fetches: AtomicU64::new(0),
+            fetch_us: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn counters(&self) -> ReplicaCounters {
+        ReplicaCounters {
+            pages_fetched: self.fetched.load(Ordering::Relaxed),
+            fetches: self.fetches.load(Ordering::Relaxed),
+            fetch_us: self.fetch_us.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Holds fills off while a child is forked; the guard's `pending` is what the child lacks.
+    pub async fn freeze(&self) -> MutexGuard<'_, State<S>> {
+        self.state.lock().await
+    }
+
+    /// Brings the still-pending pages of `runs` (replica addresses) into the replica, in as
+    /// few requests as possible. Returns how many pages were fetched.
+    pub async fn fill(&self, runs: &[(u64, u32)]) -> Result<u64, String> {
+        let mut state = self.state.lock().await;
+        self.fill_locked(&mut state, runs).await
+    }
+
+    async fn fill_locked(&self, state: &mut State<S>, runs: &[(u64, u32)]) -> Result<u64, String> {
+        let mut wanted: Vec<Run> = Vec::new();
+        for &(addr, pages) in runs {
+            let end = addr + pages as u64 * PAGE_SIZE;
+            let mut page = addr & !(PAGE_SIZE - 1);
+            while page < end {
+                match state.pending.take_run(page, (end - page) / PAGE_SIZE) {
+                    Some(run) => {
+                        page += run.pages * PAGE_SIZE;
+                        wanted.push(run);
+                    }
+                    None => page += PAGE_SIZE,
+                }
+            }
+        }
+        let total: u64 = wanted.iter().map(|r| r.pages).sum();
+        let mut done = 0;
+        for batch in batches(&wanted, MAX_BATCH_PAGES) {
+            let started = Instant::now();
+            let request = batch.iter().map(|r| (r.seed, r.pages as u32)).collect();
+            let data = match state.source.read(request).await {
+                Ok(d) => d,
+                Err(e) => {
+                    for run in &wanted[done..] {
+                        state.pending.restore_run(*run);
+                    }
+                    return Err(e);
+                }
+            };
+            self.fetches.fetch_add(1, Ordering::Relaxed);
+            self.fetch_us
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            let mut at = 0usize;
+            for run in batch {
+                let len = (run.pages * PAGE_SIZE) as usize;
+                self.uffd
+                    .get_ref()
+                    .copy(run.child, &data[at..at + len])
+                    .map_err(|e| format!("filling the replica at {:#x}: {e}", run.child))?;
+                at += len;
+                done += 1;
+            }
+        }
+        self.fetched.fetch_add(total, Ordering::Relaxed);
+        Ok(total)
+    }
+
+    /// Reads `runs` from the replica, filling what it lacks first.
+    pub async fn read(&self, runs: &[(u64, u32)]) -> Result<Vec<u8>, String> {
+        let _state = {
+            let mut state = self.state.lock().await;
+            self.fill_locked(&mut state, runs).await?;
+            state
+        };
+        read_runs(&self.memory, runs).map_err(|e| format!("the replica is gone: {e}"))
+    }
+
+    /// Follows the replica's userfaultfd: hands each fork's new userfaultfd to `forks`.
+    /// The replica itself never runs, so a fault can only come from a read of ours; it is
+    /// served like any fill. Returns when the replica is gone.
+    pub async fn watch(
+        self: Arc<Self>,
+        forks: std::sync::mpsc::Sender<Userfaultfd>,
+    ) -> Result<(), FaultError> {
+        loop {
+            let mut guard = self.uffd.readable().await?;
+            loop {
+                let event = match guard.get_inner().read_event() {
+                    Ok(Some(e)) => e,
+                    Ok(None) => break,
+                    // The replica exited: its userfaultfd reports no more.
+                    Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                };
+                match event {
+                    Event::Fork { uffd } => {
+                        if forks.send(uffd).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Event::PageFault { addr } => {
+                        let page = addr & !(PAGE_SIZE - 1);
+                        if self.fill(&[(page, 1)]).await.map_err(FaultError::Source)? == 0 {
+                            let _ = self.uffd.get_ref().zeropage(page, PAGE_SIZE);
+                        }
+                    }
+                    Event::Remap { .. } | Event::Remove { .. } | Event::Unmap { .. } => {}
+                }
+            }
+            guard.clear_ready();
+        }
+    }
+}
+
+/// A child's page source: its replica.
+pub struct FromReplica<S>(pub Arc<ReplicaPages<S>>);
+
+impl<S: PageSource + Sync> PageSource for FromReplica<S> {
+    async fn read(&mut self, runs: Vec<(u64, u32)>) -> Result<Vec<u8>, String> {
+        self.0.read(&runs).await
+    }
+
+    async fn duplicate(&self) -> Result<Self, String> {
+        Ok(FromReplica(self.0.clone()))
+    }
+}
+
+/// Splits runs into groups of at most `max_pages` pages (a longer run is a group of its own).
+pub fn batches(runs: &[Run], max_pages: u64) -> Vec<&[Run]> {
+    let mut out = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, run) in runs.iter().enumerate() {
+        if i > start && size + run.pages > max_pages {
+            out.push(&runs[start..i]);
+            (start, size) = (i, 0);
+        }
+        size += run.pages;
+    }
+    if start < runs.len() {
+        out.push(&runs[start..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(pages: u64) -> Run {
+        Run {
+            child: 0,
+            seed: 0,
+            pages,
+        }
+    }
+
+    #[test]
+    fn batches_respect_the_limit() {
+        let runs = [run(3), run(2), run(4), run(10), run(1)];
+        let sizes: Vec<u64> = batches(&runs, 5)
+            .iter()
+            .map(|b| b.iter().map(|r| r.pages).sum())
+            .collect();
+        assert_eq!(sizes, vec![5, 4, 10, 1]);
+        assert!(batches(&[], 5).is_empty());
+    }
+}

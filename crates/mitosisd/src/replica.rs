@@ -1,0 +1,184 @@
+//! Making a seed's replica on this host, and forking children from it.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use mitosis_fork::PageSource;
+use mitosis_fork::pending::PendingMap;
+use mitosis_fork::replica_pages::{FromReplica, ReplicaPages};
+use mitosis_fork::restore::{self, replica};
+use mitosis_sys::uffd::Userfaultfd;
+use mitosis_transport::control::ResumeStats;
+
+use crate::Daemon;
+use crate::cache::SeedKey;
+use crate::peer_source::Source;
+
+/// A replica and what it takes to fork from it.
+pub struct Entry {
+    pub key: SeedKey,
+    /// The seed's key, to check with its host that the seed still exists.
+    pub seed_key: [u8; mitosis_descriptor::KEY_LEN],
+    pub pid: i32,
+    /// The process and the fork events' receiver: taken by the tracer thread during a fork.
+    process: Mutex<Option<(replica::Replica, Receiver<Userfaultfd>)>>,
+    pub pages: Arc<ReplicaPages<Source>>,
+    /// The seed's pages of its shared anonymous mappings, which each child maps afresh.
+    shared_pending: PendingMap,
+    shared_ranges: Vec<(u64, u64)>,
+    /// Pages the replica got before its first child: prefetched and working set.
+    initial_pages: u64,
+    pub last_used: Mutex<Instant>,
+    pub children: AtomicU64,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Entry {
+    /// Pages this replica holds that came from the seed.
+    pub fn pages(&self) -> u64 {
+        self.initial_pages + self.pages.counters().pages_fetched
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.watcher.abort();
+        if let Some((replica, _)) = self.process.lock().expect("entry lock").take() {
+            replica.kill();
+        }
+    }
+}
+
+/// Builds the replica of the seed `encoded` describes, then brings in its working set.
+pub async fn build(
+    daemon: &Daemon,
+    key: SeedKey,
+    seed_key: [u8; mitosis_descriptor::KEY_LEN],
+    mut source: Source,
+    encoded: &[u8],
+    working_set: Vec<(u64, u32)>,
+    stats: &mut ResumeStats,
+) -> Result<Entry, String> {
+    let t0 = Instant::now();
+    let desc = mitosis_descriptor::decode(encoded).map_err(|e| e.to_string())?;
+    let plan = restore::plan(&desc, &daemon.files, daemon.vdso_hash).map_err(|e| e.to_string())?;
+    let runs: Vec<(u64, u32)> = plan
+        .prefetch_runs()
+        .iter()
+        .map(|r| (r.seed, r.pages as u32))
+        .collect();
+    let prefetched_pages: u64 = runs.iter().map(|r| r.1 as u64).sum();
+    let mut prefetched = Vec::with_capacity(prefetched_pages as usize * 4096);
+    if !runs.is_empty() {
+        prefetched = source
+            .read(runs)
+            .await
+            .map_err(|e| format!("fetching pages: {e}"))?;
+    }
+    stats.eager_pages = prefetched_pages;
+
+    let shared_ranges: Vec<(u64, u64)> = plan
+        .maps
+        .iter()
+        .filter(|m| m.file.is_none() && m.flags & libc::MAP_SHARED as u64 != 0)
+        .map(|m| (m.start, m.len))
+        .collect();
+    let mut shared_pending = PendingMap::new();
+    let mut all = plan.pending.clone();
+    for &(start, len) in &shared_ranges {
+        shared_pending.replace_with(&all.split_off(start, start + len), &[]);
+    }
+
+    let stub = daemon.stub.clone();
+    let built = daemon
+        .tracer
+        .run(move || replica::build(plan, &stub, &prefetched))
+        .await
+        .map_err(|e| e.to_string())?;
+    stats.spawn_us = built.spawn_us;
+    stats.restore_us = built.restore_us;
+    let pid = built.replica.pid();
+    let pages = ReplicaPages::new(pid, built.uffd, built.pending, source)
+        .map_err(|e| format!("watching the replica: {e}"))?;
+    let (forks_tx, forks) = std::sync::mpsc::channel();
+    let watcher = tokio::spawn({
+        let pages = pages.clone();
+        async move {
+            if let Err(e) = pages.watch(forks_tx).await {
+                tracing::warn!(pid, "replica watcher stopped: {e}");
+            }
+        }
+    });
+    let entry = Entry {
+        key,
+        seed_key,
+        pid,
+        process: Mutex::new(Some((built.replica, forks))),
+        pages,
+        shared_pending,
+        shared_ranges,
+        initial_pages: prefetched_pages,
+        last_used: Mutex::new(Instant::now()),
+        children: AtomicU64::new(0),
+        watcher,
+    };
+    let ws = Instant::now();
+    stats.working_set_pages = entry
+        .pages
+        .fill(&working_set)
+        .await
+        .map_err(|e| format!("fetching the working set: {e}"))?;
+    stats.working_set_us = ws.elapsed().as_micros() as u64;
+    stats.build_us = t0.elapsed().as_micros() as u64;
+    Ok(entry)
+}
+
+/// A child forked from a replica, with the fault path it needs.
+pub struct Forked {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    pub uffd: Userfaultfd,
+    pub pending: PendingMap,
+    pub source: FromReplica<Source>,
+}
+
+/// Forks a child of `entry` with `stdio`.
+pub async fn fork(
+    daemon: &Daemon,
+    entry: &Arc<Entry>,
+    stdio: [OwnedFd; 3],
+    stats: &mut ResumeStats,
+) -> Result<Forked, String> {
+    // No fill may land between the snapshot of what is missing and the fork.
+    let frozen = entry.pages.freeze().await;
+    let mut pending = frozen.pending.clone();
+    pending.replace_with(&entry.shared_pending, &entry.shared_ranges);
+    let process = entry
+        .process
+        .lock()
+        .expect("entry lock")
+        .take()
+        .ok_or("the replica is gone")?;
+    let (process, forked) = daemon
+        .tracer
+        .run(move || {
+            let (mut replica, forks) = process;
+            let forked = replica.fork(stdio, &forks);
+            ((replica, forks), forked)
+        })
+        .await;
+    *entry.process.lock().expect("entry lock") = Some(process);
+    drop(frozen);
+    let forked = forked.map_err(|e| e.to_string())?;
+    stats.fork_us = forked.fork_us;
+    Ok(Forked {
+        pid: forked.pid,
+        pidfd: forked.pidfd,
+        uffd: forked.uffd,
+        pending,
+        source: FromReplica(entry.pages.clone()),
+    })
+}
