@@ -9,12 +9,29 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use mitosis_descriptor::KEY_LEN;
+use mitosis_transport::peer::SeedRef;
 use tokio::sync::OnceCell;
 
 use crate::replica::Entry;
 
-/// A seed, named by its host and id.
-pub type SeedKey = (SocketAddr, u64);
+/// A seed, named by its host, id and key: a seed id a restarted host gives out again comes
+/// with a new key, so it never finds the old seed's replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeedKey {
+    pub host: SocketAddr,
+    pub id: u64,
+    pub key: [u8; KEY_LEN],
+}
+
+impl SeedKey {
+    pub fn seed_ref(&self) -> SeedRef {
+        SeedRef {
+            id: self.id,
+            key: self.key,
+        }
+    }
+}
 
 type Slot = Arc<OnceCell<Arc<Entry>>>;
 
@@ -107,7 +124,7 @@ impl HostCache {
             }
             total -= entry.pages();
             self.remove(entry.key);
-            tracing::info!(seed = entry.key.1, host = %entry.key.0, "replica evicted");
+            tracing::info!(seed = entry.key.id, host = %entry.key.host, "replica evicted");
             evicted.push(entry.key);
         }
         evicted

@@ -13,6 +13,7 @@ use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::Daemon;
+use crate::cache::SeedKey;
 use crate::registry::Seed;
 
 pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
@@ -132,7 +133,11 @@ async fn drop_seed(daemon: &Arc<Daemon>, handle: &str) -> Event {
     let Some(seed) = daemon.registry.remove(handle.seed_id) else {
         return Event::Error(format!("no seed {}", handle.seed_id));
     };
-    daemon.cache.remove((daemon.listen, seed.id));
+    daemon.cache.remove(SeedKey {
+        host: daemon.listen,
+        id: seed.id,
+        key: handle.key,
+    });
     release(daemon, &seed).await;
     tracing::info!(seed = seed.id, "dropped");
     Event::Done
@@ -173,7 +178,7 @@ fn status(daemon: &Daemon) -> String {
     for line in daemon.cache.lines() {
         out.push_str(&format!(
             "replica {}@{} pid {} pages {} children {}\n",
-            line.key.1, line.key.0, line.pid, line.pages, line.children
+            line.key.id, line.key.host, line.pid, line.pages, line.children
         ));
     }
     for (peer, idle) in daemon.pool.idle_counts() {

@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use mitosis_fork::FileCache;
-use mitosis_transport::peer::{PeerPool, SeedRef};
+use mitosis_transport::peer::PeerPool;
 
 /// Shared state of one daemon.
 pub struct Daemon {
@@ -46,12 +46,11 @@ pub async fn sweep_cache(daemon: Arc<Daemon>, period: Duration) {
     loop {
         tokio::time::sleep(period).await;
         for entry in daemon.cache.entries() {
-            let (host, id) = entry.key;
+            let (host, id) = (entry.key.host, entry.key.id);
             let gone = if host == daemon.listen {
-                daemon.registry.get(id).is_none()
+                daemon.registry.authorize(id, &entry.key.key).is_err()
             } else {
-                let key = entry.seed_key;
-                match daemon.pool.attach(host, SeedRef { id, key }).await {
+                match daemon.pool.attach(host, entry.key.seed_ref()).await {
                     Err(e) => e.is_seed_gone(),
                     Ok(()) => false,
                 }

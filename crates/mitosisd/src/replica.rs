@@ -20,8 +20,6 @@ use crate::peer_source::Source;
 /// A replica and what it takes to fork from it.
 pub struct Entry {
     pub key: SeedKey,
-    /// The seed's key, to check with its host that the seed still exists.
-    pub seed_key: [u8; mitosis_descriptor::KEY_LEN],
     pub pid: i32,
     /// The process and the fork events' receiver: taken by the tracer thread during a fork.
     process: Mutex<Option<(replica::Replica, Receiver<Userfaultfd>)>>,
@@ -56,7 +54,6 @@ impl Drop for Entry {
 pub async fn build(
     daemon: &Daemon,
     key: SeedKey,
-    seed_key: [u8; mitosis_descriptor::KEY_LEN],
     mut source: Source,
     encoded: &[u8],
     working_set: Vec<(u64, u32)>,
@@ -114,7 +111,6 @@ pub async fn build(
     });
     let entry = Entry {
         key,
-        seed_key,
         pid,
         process: Mutex::new(Some((built.replica, forks))),
         pages,

@@ -15,12 +15,12 @@ use mitosis_fork::fault::{self, FaultStats};
 use mitosis_sys::pidfd;
 use mitosis_transport::control::{Event, Request, ResumeStats};
 use mitosis_transport::frame;
-use mitosis_transport::peer::SeedRef;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use crate::Daemon;
+use crate::cache::SeedKey;
 use crate::peer_source::{LocalSource, PeerSource, Source};
 use crate::replica::{self, Entry, Forked};
 
@@ -108,6 +108,8 @@ pub async fn run(
     drop(stopped_uffd);
     counters.children_running.fetch_sub(1, Ordering::Relaxed);
     entry.children.fetch_sub(1, Ordering::Relaxed);
+    // The child's faults grew the replica: make room for it among the others.
+    daemon.cache.evict_over_budget(entry.key);
     let stats = fault_stats.lock().expect("stats").clone();
     let event = Event::Exited {
         status: status.shell_code(),
@@ -134,11 +136,12 @@ async fn start(
         .try_into()
         .map_err(|_| "resume needs the caller's stdin, stdout and stderr".to_string())?;
     let mut stats = ResumeStats::default();
-    let key = (handle.host, handle.seed_id);
-    let seed = SeedRef {
+    let key = SeedKey {
+        host: handle.host,
         id: handle.seed_id,
         key: handle.key,
     };
+    let seed = key.seed_ref();
 
     // Every child checks its seed first: a replica of a dropped seed must serve nothing more.
     let local = if handle.host == daemon.listen {
@@ -182,16 +185,7 @@ async fn start(
             }
         };
         stats.descriptor_us = t0.elapsed().as_micros() as u64;
-        replica::build(
-            daemon,
-            key,
-            handle.key,
-            source,
-            &encoded,
-            working_set,
-            &mut stats,
-        )
-        .await
+        replica::build(daemon, key, source, &encoded, working_set, &mut stats).await
     };
     let (entry, built) = daemon.cache.get_or_build(key, build).await?;
     stats.cached = !built;

@@ -35,9 +35,15 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Two (or more) hosts, each running mitosisd.
 pub fn testbed(hosts: usize) -> Testbed {
+    testbed_with(hosts, &[])
+}
+
+/// Hosts whose daemons get `daemon_args` too.
+pub fn testbed_with(hosts: usize, daemon_args: &[&str]) -> Testbed {
     bin("mitosis-stub");
-    Testbed::new(TestbedConfig::new(hosts).with_daemon(DaemonConfig::new(bin("mitosisd"), 7070)))
-        .expect("testbed")
+    let mut daemon = DaemonConfig::new(bin("mitosisd"), 7070);
+    daemon.extra_args = daemon_args.iter().map(|a| a.to_string()).collect();
+    Testbed::new(TestbedConfig::new(hosts).with_daemon(daemon)).expect("testbed")
 }
 
 /// A unique scratch directory, removed on drop.
@@ -229,4 +235,37 @@ pub fn status_value(tb: &Testbed, host: usize, key: &str) -> Option<u64> {
     stdout(&out)
         .lines()
         .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+}
+
+/// The value of `key` in the `mitosis: stats` line `resume --stats` printed.
+pub fn resume_stat(out: &Output, key: &str) -> u64 {
+    let err = stderr(out);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("mitosis: stats "))
+        .unwrap_or_else(|| panic!("no stats line in: {err}"));
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in: {line}"))
+}
+
+/// True while process `pid` exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// Polls `cond` every 50 ms for up to `limit`.
+pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
 }

@@ -1,0 +1,174 @@
+//! The per-host cache (replicas), working-set replay and pooled peer connections, across
+//! simulated hosts. Needs root.
+
+mod common;
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+fn verify_ok() -> String {
+    format!("ok 11 {MEMCHECK_DIGEST}\n")
+}
+
+/// Replica lines of host `host`'s status: (seed id, pid, pages).
+fn replicas(tb: &mitosis_testbed::Testbed, host: usize) -> Vec<(u64, i32, u64)> {
+    let out = cli(tb, host, &["status"], "");
+    stdout(&out)
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.first() == Some(&"replica")).then(|| {
+                let id = w[1].split('@').next().unwrap().parse().unwrap();
+                (id, w[3].parse().unwrap(), w[5].parse().unwrap())
+            })
+        })
+        .collect()
+}
+
+fn seed_id(handle: &str) -> u64 {
+    handle.split('/').nth(3).unwrap().parse().unwrap()
+}
+
+#[test]
+fn replicas_are_evicted_over_budget_and_dropped_with_their_seed() {
+    // One memcheck replica holds about 25 MiB: a 40 MiB cache holds one, not two.
+    let tb = testbed_with(2, &["--cache-mib", "40"]);
+    let (dir_a, dir_b) = (Scratch::new("evict-a"), Scratch::new("evict-b"));
+    let mut seed_a = memcheck_seed(&tb, 0, &dir_a.0);
+    let seed_b = memcheck_seed(&tb, 0, &dir_b.0);
+    let (a, b) = (prepare(&tb, 0, seed_a.pid()), prepare(&tb, 0, seed_b.pid()));
+
+    let out = cli(&tb, 1, &["resume", &a], "verify\n");
+    assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
+    let cached = replicas(&tb, 1);
+    assert_eq!(cached.len(), 1);
+    let (id, replica_a, pages) = cached[0];
+    assert_eq!(id, seed_id(&a));
+    assert!(
+        pages > 4000,
+        "the replica holds what the child read: {pages}"
+    );
+
+    // B's replica pushes the cache over budget: A's, least recently used, goes.
+    let served = status_value(&tb, 0, "bytes served").unwrap();
+    let out = cli(&tb, 1, &["resume", &b], "verify\n");
+    assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
+    let cached = replicas(&tb, 1);
+    assert_eq!(
+        cached.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [seed_id(&b)]
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(replica_a)),
+        "the evicted replica's process is gone"
+    );
+
+    // A child of A still works: its replica is built again, from the seed's host again.
+    let out = cli(&tb, 1, &["resume", &a, "--stats"], "verify\n");
+    assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
+    assert_eq!(resume_stat(&out, "cached"), 0);
+    assert!(status_value(&tb, 0, "bytes served").unwrap() > served);
+    assert_eq!(
+        replicas(&tb, 1).iter().map(|r| r.0).collect::<Vec<_>>(),
+        [seed_id(&a)]
+    );
+
+    // Dropping A on its host takes its replica away on host 1 too.
+    let replica_a = replicas(&tb, 1)[0].1;
+    let out = cli(&tb, 0, &["drop", &a], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        eventually(Duration::from_secs(10), || replicas(&tb, 1).is_empty()),
+        "replica of a dropped seed still listed"
+    );
+    assert!(eventually(Duration::from_secs(5), || !alive(replica_a)));
+    let out = cli(&tb, 1, &["resume", &a], "verify\n");
+    assert!(stderr(&out).contains("no seed"), "{}", stderr(&out));
+    assert_eq!(seed_a.send("verify"), verify_ok().trim());
+    drop((seed_a, seed_b));
+    teardown(tb);
+}
+
+#[test]
+fn working_set_replay_then_pages_outside_it() {
+    let tb = testbed(3);
+    let dir = Scratch::new("ws");
+    let seed = memcheck_seed(&tb, 0, &dir.0);
+    let handle = prepare(&tb, 0, seed.pid());
+
+    // The first child only starts and exits: a small working set gets recorded.
+    let out = cli(&tb, 1, &["resume", &handle, "--stats"], "exit 7\n");
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert_eq!(resume_stat(&out, "working_set_pages"), 0);
+
+    // Host 2 has never seen the seed: it replays that working set in one go, then the child
+    // reads all of its memory, most of it outside the set, on demand.
+    let out = cli(&tb, 2, &["resume", &handle, "--stats"], "verify\n");
+    assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
+    assert_eq!(resume_stat(&out, "cached"), 0);
+    assert!(resume_stat(&out, "working_set_pages") > 0);
+    assert!(resume_stat(&out, "pages_fetched") > 1000);
+
+    // A second child on host 2 is forked from the replica, which now holds everything.
+    let out = cli(&tb, 2, &["resume", &handle, "--stats"], "verify\n");
+    assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
+    assert_eq!(resume_stat(&out, "cached"), 1);
+    assert_eq!(resume_stat(&out, "descriptor_us"), 0);
+    drop(seed);
+    teardown(tb);
+}
+
+#[test]
+fn pooled_connections_survive_a_peer_restart() {
+    let tb = testbed(2);
+    let dir = Scratch::new("restart");
+    let mut seed = memcheck_seed(&tb, 0, &dir.0);
+    let handle = prepare(&tb, 0, seed.pid());
+    let out = cli(&tb, 1, &["resume", &handle], "verify\n");
+    assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
+    let pool_line = format!("pool {}:7070", tb.host(0).addr());
+    assert!(status_value(&tb, 1, &format!("{pool_line} idle")).unwrap() >= 1);
+
+    // A child in flight when the seed's host restarts fails cleanly.
+    let mut cmd = tb.host(1).command(bin("mitosis"));
+    cmd.arg("--socket")
+        .arg(tb.host(1).socket_path())
+        .args(["resume", &handle, "--stats"]);
+    let mut resume = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = resume.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    tb.host(0).kill_daemon().unwrap();
+    tb.host(0).start_daemon().unwrap();
+    input.write_all(b"exercise\n").unwrap();
+    drop(input);
+    let out = wait_output(resume, Duration::from_secs(30));
+    let err = stderr(&out);
+    assert!(err.contains("child killed: page source lost"), "{err}");
+    assert_eq!(out.status.code(), Some(128 + libc::SIGKILL), "{err}");
+
+    // The seed changes and is prepared again on the restarted daemon (same seed id, new
+    // key). Host 1's pooled connections reconnect by themselves, and its old replica, which
+    // holds the old pages, is never used for the new seed.
+    assert_eq!(seed.send("mutate"), "mutated");
+    let again = prepare(&tb, 0, seed.pid());
+    assert_eq!(seed_id(&again), seed_id(&handle));
+    let out = cli(&tb, 1, &["resume", &again, "--stats"], "verify\n");
+    assert!(
+        stdout(&out).contains("failed"),
+        "child saw stale memory: {}",
+        stdout(&out)
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(resume_stat(&out, "cached"), 0);
+    assert!(status_value(&tb, 1, &format!("{pool_line} idle")).unwrap() >= 1);
+    drop(seed);
+    teardown(tb);
+}
