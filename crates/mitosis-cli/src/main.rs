@@ -60,6 +60,8 @@ enum Command {
     },
     /// Stop serving a seed; children that still need its pages are killed.
     Drop { handle: String },
+    /// Forget this host's replica of a seed: its next child here starts as on a new host.
+    Evict { handle: String },
     /// Show this host's daemon state.
     Status,
     /// Remote-fork a warmed Python function across two simulated hosts and report timings.
@@ -104,6 +106,10 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Resume { handle, stats } => resume::run(&cli.socket, &handle, stats),
         Command::Drop { handle } => {
             Client::connect(&cli.socket)?.call(&Request::Drop { handle })?;
+            Ok(0)
+        }
+        Command::Evict { handle } => {
+            Client::connect(&cli.socket)?.call(&Request::Evict { handle })?;
             Ok(0)
         }
         Command::Status => {

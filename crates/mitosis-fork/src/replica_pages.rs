@@ -19,8 +19,11 @@ use crate::fault::FaultError;
 use crate::pending::{PendingMap, Run};
 use crate::source::{PageSource, read_runs};
 
-/// Most pages asked of the source in one request.
-pub const MAX_BATCH_PAGES: u64 = 4096;
+/// Pages per request when filling: small enough that several pipeline, large enough that
+/// request overhead does not matter.
+pub const PIPELINE_PAGES: u64 = 256;
+/// Requests a fill keeps in flight.
+pub const IN_FLIGHT: usize = 4;
 
 pub struct ReplicaPages<S> {
     uffd: AsyncFd<Userfaultfd>,
@@ -99,35 +102,65 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
             }
         }
         let total: u64 = wanted.iter().map(|r| r.pages).sum();
-        let mut done = 0;
-        for batch in batches(&wanted, MAX_BATCH_PAGES) {
-            let started = Instant::now();
-            let request = batch.iter().map(|r| (r.seed, r.pages as u32)).collect();
-            let data = match state.source.read(request).await {
-                Ok(d) => d,
-                Err(e) => {
-                    for run in &wanted[done..] {
-                        state.pending.restore_run(*run);
-                    }
-                    return Err(e);
+        let groups = batches(&wanted, PIPELINE_PAGES);
+        let mut copied = vec![false; groups.len()];
+        let result = self.fetch_and_copy(state, &groups, &mut copied).await;
+        if result.is_err() {
+            for (group, done) in groups.iter().zip(&copied) {
+                if !done {
+                    group.iter().for_each(|run| state.pending.restore_run(*run));
                 }
+            }
+        }
+        result?;
+        self.fetched.fetch_add(total, Ordering::Relaxed);
+        Ok(total)
+    }
+
+    /// Fetches `groups` with up to [`IN_FLIGHT`] requests at once, so the seed host's reads,
+    /// the network and our copies overlap; copies each group into the replica as it lands.
+    async fn fetch_and_copy(
+        &self,
+        state: &mut State<S>,
+        groups: &[&[Run]],
+        copied: &mut [bool],
+    ) -> Result<(), String> {
+        let mut requests = tokio::task::JoinSet::new();
+        let mut next = 0;
+        loop {
+            while next < groups.len() && requests.len() < IN_FLIGHT {
+                let mut source = state.source.duplicate().await?;
+                let runs: Vec<(u64, u32)> = groups[next]
+                    .iter()
+                    .map(|r| (r.seed, r.pages as u32))
+                    .collect();
+                let index = next;
+                requests.spawn(async move {
+                    let started = Instant::now();
+                    let data = source.read(runs).await;
+                    (index, data, started.elapsed())
+                });
+                next += 1;
+            }
+            let Some(joined) = requests.join_next().await else {
+                return Ok(());
             };
+            let (index, data, took) = joined.map_err(|e| format!("fetch task: {e}"))?;
+            let data = data?;
             self.fetches.fetch_add(1, Ordering::Relaxed);
             self.fetch_us
-                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
             let mut at = 0usize;
-            for run in batch {
+            for run in groups[index] {
                 let len = (run.pages * PAGE_SIZE) as usize;
                 self.uffd
                     .get_ref()
                     .copy(run.child, &data[at..at + len])
                     .map_err(|e| format!("filling the replica at {:#x}: {e}", run.child))?;
                 at += len;
-                done += 1;
             }
+            copied[index] = true;
         }
-        self.fetched.fetch_add(total, Ordering::Relaxed);
-        Ok(total)
     }
 
     /// Reads `runs` from the replica, filling what it lacks first.

@@ -12,6 +12,8 @@ pub enum Request {
     /// Start a child of the seed behind `handle`. Sent with the CLI's stdin, stdout and stderr
     /// attached; answered by `Started` then `Exited`.
     Resume { handle: String },
+    /// Forget this host's replica of the seed behind `handle`; answered by `Done`.
+    Evict { handle: String },
     /// Deliver a signal to the running child of this connection.
     Signal { signo: i32 },
     /// Human-readable state of the daemon.

@@ -40,6 +40,7 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<(
         Request::Prepare { pid } => prepare(&daemon, pid).await,
         Request::Drop { handle } => drop_seed(&daemon, &handle).await,
         Request::Status => Event::Status(status(&daemon)),
+        Request::Evict { handle } => evict(&daemon, &handle),
         Request::Resume { handle } => return crate::resume::run(daemon, stream, handle, fds).await,
         Request::Signal { .. } => Event::Error("no child runs on this connection".into()),
     };
@@ -141,6 +142,24 @@ async fn drop_seed(daemon: &Arc<Daemon>, handle: &str) -> Event {
     release(daemon, &seed).await;
     tracing::info!(seed = seed.id, "dropped");
     Event::Done
+}
+
+fn evict(daemon: &Daemon, handle: &str) -> Event {
+    match handle.parse::<Handle>() {
+        Ok(h) => {
+            let key = SeedKey {
+                host: h.host,
+                id: h.seed_id,
+                key: h.key,
+            };
+            if daemon.cache.remove(key) {
+                Event::Done
+            } else {
+                Event::Error(format!("no replica of seed {} on this host", h.seed_id))
+            }
+        }
+        Err(e) => Event::Error(e.to_string()),
+    }
 }
 
 /// Kills a seed's twin (on the tracer thread, which owns it).
