@@ -137,13 +137,21 @@ fn demo(exe: &Path, script: &Path, src: &Host, dst: &Host, n: usize) -> Result<i
     for (i, (request, want)) in requests.iter().zip(&expected).enumerate() {
         let child = remote_child(exe, dst, &handle, request)?;
         let verdict = check(&child.answer, want);
-        let resume = child.stats.as_deref().and_then(resume_us);
+        let line = child.stats.as_deref().unwrap_or("");
+        let resume = stat(line, "resume_us");
         let ok = verdict.is_ok() && child.status == 0;
-        let faults = child
-            .stats
-            .as_deref()
-            .and_then(|l| l.split_once("; "))
-            .map_or("", |(_, f)| f);
+        let faults = format!(
+            "{} host, fork {}us, {} faults, {} pages in {} round trips",
+            if stat(line, "cached") == Some(1) {
+                "warm"
+            } else {
+                "cold"
+            },
+            stat(line, "fork_us").unwrap_or(0),
+            stat(line, "faults").unwrap_or(0),
+            stat(line, "pages_fetched").unwrap_or(0),
+            stat(line, "fetches").unwrap_or(0),
+        );
         println!(
             "    child {:>3}: {:>10}  daemon resume {:>10}  pid {:>7}  {:<5}  {faults}",
             i + 1,
@@ -196,9 +204,13 @@ fn demo(exe: &Path, script: &Path, src: &Host, dst: &Host, n: usize) -> Result<i
         "{:<28} {:>11} {:>11} {:>11} {:>8}",
         "", "median", "p99", "min", "samples"
     );
-    let rows: [(&str, &[Duration]); 4] = [
-        ("remote fork (mitosis)", &remote),
-        ("  of which daemon resume", &daemon_resume),
+    // The first child builds host 1's replica of the seed; the others fork from it.
+    let (first, warm) = remote.split_at(remote.len().min(1));
+    let warm_resume = daemon_resume.get(1..).unwrap_or(&[]);
+    let rows: [(&str, &[Duration]); 5] = [
+        ("remote fork, cold host", first),
+        ("remote fork, warm host", warm),
+        ("  of which daemon resume", warm_resume),
         ("local fork (os.fork)", &local),
         ("cold start (python3)", &cold),
     ];
@@ -224,17 +236,17 @@ fn demo(exe: &Path, script: &Path, src: &Host, dst: &Host, n: usize) -> Result<i
         1
     );
     let (remote_med, local_med, cold_med) = (
-        percentile(&remote, 50.0),
+        percentile(if warm.is_empty() { first } else { warm }, 50.0),
         percentile(&local, 50.0),
         percentile(&cold, 50.0),
     );
     println!();
     println!(
-        "cold start / remote fork:  {:>7.1}x",
+        "cold start / remote fork (warm host):  {:>7.1}x",
         ratio(cold_med, remote_med)
     );
     println!(
-        "remote fork / local fork:  {:>7.1}x",
+        "remote fork (warm host) / local fork:  {:>7.1}x",
         ratio(remote_med, local_med)
     );
     println!(
@@ -428,7 +440,7 @@ fn remote_child(exe: &Path, host: &Host, handle: &str, request: &str) -> Result<
     let (elapsed, answer, status, stderr) = run_timed(cmd, request)?;
     let stats = stderr
         .lines()
-        .find(|l| l.starts_with("mitosis: resume "))
+        .find(|l| l.starts_with("mitosis: stats "))
         .map(str::to_owned);
     Ok(RemoteChild {
         elapsed,
@@ -508,13 +520,11 @@ fn pid_of(answer: &str) -> Option<String> {
 }
 
 /// The daemon-side resume time from a `mitosis: resume NNNus (...)` line.
-fn resume_us(line: &str) -> Option<u64> {
-    line.strip_prefix("mitosis: resume ")?
-        .split("us")
-        .next()?
-        .trim()
-        .parse()
-        .ok()
+/// The value of `key` in a `mitosis: stats key=value ...` line.
+fn stat(line: &str, key: &str) -> Option<u64> {
+    line.strip_prefix("mitosis: stats ")?
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
 /// The `p`-th percentile (nearest rank) of `samples`; `p = 0` is the minimum.
@@ -570,11 +580,11 @@ mod tests {
 
     #[test]
     fn parses_resume_stats() {
-        assert_eq!(
-            resume_us("mitosis: resume 1234us (connect 5us, ...)"),
-            Some(1234)
-        );
-        assert_eq!(resume_us("something else"), None);
+        let line = "mitosis: stats resume_us=1234 cached=1 fork_us=900";
+        assert_eq!(stat(line, "resume_us"), Some(1234));
+        assert_eq!(stat(line, "cached"), Some(1));
+        assert_eq!(stat(line, "fork"), None);
+        assert_eq!(stat("something else", "resume_us"), None);
     }
 
     #[test]
