@@ -87,20 +87,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     }
 
     async fn fill_locked(&self, state: &mut State<S>, runs: &[(u64, u32)]) -> Result<u64, String> {
-        let mut wanted: Vec<Run> = Vec::new();
-        for &(addr, pages) in runs {
-            let end = addr + pages as u64 * PAGE_SIZE;
-            let mut page = addr & !(PAGE_SIZE - 1);
-            while page < end {
-                match state.pending.take_run(page, (end - page) / PAGE_SIZE) {
-                    Some(run) => {
-                        page += run.pages * PAGE_SIZE;
-                        wanted.push(run);
-                    }
-                    None => page += PAGE_SIZE,
-                }
-            }
-        }
+        let wanted = take_runs(&mut state.pending, runs);
         let total: u64 = wanted.iter().map(|r| r.pages).sum();
         let groups = batches(&wanted, PIPELINE_PAGES);
         let mut copied = vec![false; groups.len()];
@@ -117,50 +104,60 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         Ok(total)
     }
 
-    /// Fetches `groups` with up to [`IN_FLIGHT`] requests at once, so the seed host's reads,
-    /// the network and our copies overlap; copies each group into the replica as it lands.
+    /// Fetches `groups` pipelined and copies each into the replica as it lands.
     async fn fetch_and_copy(
         &self,
         state: &mut State<S>,
         groups: &[&[Run]],
         copied: &mut [bool],
     ) -> Result<(), String> {
-        let mut requests = tokio::task::JoinSet::new();
-        let mut next = 0;
-        loop {
-            while next < groups.len() && requests.len() < IN_FLIGHT {
-                let mut source = state.source.duplicate().await?;
-                let runs: Vec<(u64, u32)> = groups[next]
-                    .iter()
-                    .map(|r| (r.seed, r.pages as u32))
-                    .collect();
-                let index = next;
-                requests.spawn(async move {
-                    let started = Instant::now();
-                    let data = source.read(runs).await;
-                    (index, data, started.elapsed())
-                });
-                next += 1;
-            }
-            let Some(joined) = requests.join_next().await else {
-                return Ok(());
-            };
-            let (index, data, took) = joined.map_err(|e| format!("fetch task: {e}"))?;
-            let data = data?;
+        fetch_pipelined(&state.source, groups, |index, data, took| {
             self.fetches.fetch_add(1, Ordering::Relaxed);
             self.fetch_us
                 .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-            let mut at = 0usize;
-            for run in groups[index] {
-                let len = (run.pages * PAGE_SIZE) as usize;
-                self.uffd
-                    .get_ref()
-                    .copy(run.child, &data[at..at + len])
-                    .map_err(|e| format!("filling the replica at {:#x}: {e}", run.child))?;
-                at += len;
-            }
+            self.copy_runs(groups[index], &data)?;
             copied[index] = true;
+            Ok(())
+        })
+        .await
+    }
+
+    fn copy_runs(&self, runs: &[Run], data: &[u8]) -> Result<(), String> {
+        let mut at = 0usize;
+        for run in runs {
+            let len = (run.pages * PAGE_SIZE) as usize;
+            self.uffd
+                .get_ref()
+                .copy(run.child, &data[at..at + len])
+                .map_err(|e| format!("filling the replica at {:#x}: {e}", run.child))?;
+            at += len;
         }
+        Ok(())
+    }
+
+    /// Puts pages fetched ahead (see [`fetch_ahead`]) into the replica, those still pending.
+    pub async fn install(&self, ahead: Ahead) -> u64 {
+        let mut state = self.state.lock().await;
+        let mut at = 0usize;
+        let mut installed = 0;
+        for run in ahead.runs {
+            let len = (run.pages * PAGE_SIZE) as usize;
+            let data = &ahead.data[at..at + len];
+            at += len;
+            match state.pending.take_run(run.child, run.pages) {
+                Some(taken) if taken == run => {
+                    if self.copy_runs(&[run], data).is_ok() {
+                        installed += run.pages;
+                    } else {
+                        state.pending.restore_run(run);
+                    }
+                }
+                Some(taken) => state.pending.restore_run(taken),
+                None => {}
+            }
+        }
+        self.fetched.fetch_add(installed, Ordering::Relaxed);
+        installed
     }
 
     /// Reads `runs` from the replica, filling what it lacks first.
@@ -208,6 +205,88 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
             guard.clear_ready();
         }
     }
+}
+
+/// Takes the pending pages of `runs` out of `pending`, as runs.
+fn take_runs(pending: &mut PendingMap, runs: &[(u64, u32)]) -> Vec<Run> {
+    let mut wanted: Vec<Run> = Vec::new();
+    for &(addr, pages) in runs {
+        let end = addr + pages as u64 * PAGE_SIZE;
+        let mut page = addr & !(PAGE_SIZE - 1);
+        while page < end {
+            match pending.take_run(page, (end - page) / PAGE_SIZE) {
+                Some(run) => {
+                    page += run.pages * PAGE_SIZE;
+                    wanted.push(run);
+                }
+                None => page += PAGE_SIZE,
+            }
+        }
+    }
+    wanted
+}
+
+/// Fetches `groups` with up to [`IN_FLIGHT`] requests at once, so the seed host's reads, the
+/// network and our copies overlap; `land` gets each group's bytes as they arrive.
+async fn fetch_pipelined<S: PageSource>(
+    source: &S,
+    groups: &[&[Run]],
+    mut land: impl FnMut(usize, Vec<u8>, std::time::Duration) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut requests = tokio::task::JoinSet::new();
+    let mut next = 0;
+    loop {
+        while next < groups.len() && requests.len() < IN_FLIGHT {
+            let mut source = source.duplicate().await?;
+            let runs: Vec<(u64, u32)> = groups[next]
+                .iter()
+                .map(|r| (r.seed, r.pages as u32))
+                .collect();
+            let index = next;
+            requests.spawn(async move {
+                let started = Instant::now();
+                let data = source.read(runs).await;
+                (index, data, started.elapsed())
+            });
+            next += 1;
+        }
+        let Some(joined) = requests.join_next().await else {
+            return Ok(());
+        };
+        let (index, data, took) = joined.map_err(|e| format!("fetch task: {e}"))?;
+        land(index, data?, took)?;
+    }
+}
+
+/// Pages fetched before their replica exists, to install once it does.
+pub struct Ahead {
+    runs: Vec<Run>,
+    data: Vec<u8>,
+}
+
+/// Fetches the pages of `runs` that `pending` lists, at most `max_pages` of them, while the
+/// replica is still being built.
+pub async fn fetch_ahead<S: PageSource>(
+    source: &S,
+    pending: &PendingMap,
+    runs: &[(u64, u32)],
+    max_pages: u64,
+) -> Result<Ahead, String> {
+    let mut wanted = take_runs(&mut pending.clone(), runs);
+    let mut total = 0;
+    wanted.retain(|r| {
+        total += r.pages;
+        total <= max_pages
+    });
+    let groups = batches(&wanted, PIPELINE_PAGES);
+    let mut landed: Vec<Option<Vec<u8>>> = vec![None; groups.len()];
+    fetch_pipelined(source, &groups, |index, data, _| {
+        landed[index] = Some(data);
+        Ok(())
+    })
+    .await?;
+    let data = landed.into_iter().flatten().collect::<Vec<_>>().concat();
+    Ok(Ahead { runs: wanted, data })
 }
 
 /// A child's page source: its replica.

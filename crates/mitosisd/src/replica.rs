@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use mitosis_fork::PageSource;
 use mitosis_fork::pending::PendingMap;
-use mitosis_fork::replica_pages::{FromReplica, ReplicaPages};
+use mitosis_fork::replica_pages::{FromReplica, ReplicaPages, fetch_ahead};
 use mitosis_fork::restore::{self, replica};
 use mitosis_sys::uffd::Userfaultfd;
 use mitosis_transport::control::ResumeStats;
@@ -16,6 +16,9 @@ use mitosis_transport::control::ResumeStats;
 use crate::Daemon;
 use crate::cache::SeedKey;
 use crate::peer_source::Source;
+
+/// Most working-set pages fetched while the replica is built (held in memory until then).
+const AHEAD_MAX_PAGES: u64 = 64 * 1024;
 
 /// A replica and what it takes to fork from it.
 pub struct Entry {
@@ -89,12 +92,18 @@ pub async fn build(
         shared_pending.replace_with(&all.split_off(start, start + len), &[]);
     }
 
+    // The working set travels while the replica is built; the rest of it, if any, after.
+    let ws = Instant::now();
+    let pending = plan.pending.clone();
     let stub = daemon.stub.clone();
-    let built = daemon
-        .tracer
-        .run(move || replica::build(plan, &stub, &prefetched))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (built, ahead) = tokio::join!(
+        daemon
+            .tracer
+            .run(move || replica::build(plan, &stub, &prefetched)),
+        fetch_ahead(&source, &pending, &working_set, AHEAD_MAX_PAGES),
+    );
+    let built = built.map_err(|e| e.to_string())?;
+    let ahead = ahead.map_err(|e| format!("fetching the working set: {e}"));
     stats.spawn_us = built.spawn_us;
     stats.restore_us = built.restore_us;
     let pid = built.replica.pid();
@@ -121,12 +130,12 @@ pub async fn build(
         children: AtomicU64::new(0),
         watcher,
     };
-    let ws = Instant::now();
-    stats.working_set_pages = entry
-        .pages
-        .fill(&working_set)
-        .await
-        .map_err(|e| format!("fetching the working set: {e}"))?;
+    stats.working_set_pages = entry.pages.install(ahead?).await
+        + entry
+            .pages
+            .fill(&working_set)
+            .await
+            .map_err(|e| format!("fetching the working set: {e}"))?;
     stats.working_set_us = ws.elapsed().as_micros() as u64;
     stats.build_us = t0.elapsed().as_micros() as u64;
     Ok(entry)
