@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what mitosis needs on a fresh Debian machine (as root): iproute2 for the simulated
-# hosts, a C compiler for the test fixtures, and numpy for the Python demo seed.
+# hosts, a C compiler for the test fixtures, numpy for the Python demo seed, and Pillow for the
+# benchmark's image seed and its plot.
 set -euo pipefail
 need_apt=()
 command -v ip >/dev/null || need_apt+=(iproute2)
@@ -13,4 +14,8 @@ fi
 if ! python3 -c 'import numpy' 2>/dev/null; then
   python3 -m pip install --quiet numpy 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages numpy
+fi
+if ! python3 -c 'import PIL' 2>/dev/null; then
+  python3 -m pip install --quiet pillow 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages pillow
 fi

@@ -13,7 +13,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use mitosis_testbed::Host;
 
-use crate::procs::{Server, on_path, run_ok, run_timed, same_answer};
+use crate::methods::{Pair, is_right, schedule};
+use crate::procs::{Server, on_path, run_ok, run_timed};
+use crate::results::{CRIU, Method};
+use crate::seeds::Seed;
+
+/// The label of the CRIU method in the report.
+pub const LABEL: &str = "criu restore (same machine)";
 
 /// Whether a working `criu` is on PATH (`criu check` succeeds); the reason if not.
 pub fn available() -> Result<(), String> {
@@ -43,13 +49,6 @@ pub fn available() -> Result<(), String> {
     }
 }
 
-/// What the CRIU baseline measured.
-pub struct CriuResult {
-    pub dump: Duration,
-    pub restores: Vec<Duration>,
-    pub wrong: Vec<String>,
-}
-
 /// A dumped seed, ready to be restored.
 pub struct Dumped {
     dir: PathBuf,
@@ -62,12 +61,12 @@ pub struct Dumped {
 }
 
 /// Starts a seed in its own pid namespace on `host` and dumps it into `dir`.
-pub fn dump(host: &Host, python: &str, script: &Path, dir: &Path) -> Result<Dumped> {
+pub fn dump(host: &Host, seed: &Seed, dir: &Path) -> Result<Dumped> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut cmd = host.command("unshare");
     cmd.args(["--pid", "--fork", "--kill-child", "--"])
-        .arg(python)
-        .arg(script)
+        .arg(seed.python())
+        .args(seed.argv(&[]))
         // criu reopens /dev/null by itself; an external pipe on fd 2 would need inheriting.
         .stderr(Stdio::null());
     let seed = Server::start(cmd)?;
@@ -99,17 +98,23 @@ pub fn dump(host: &Host, python: &str, script: &Path, dir: &Path) -> Result<Dump
 }
 
 impl Dumped {
-    /// Restores the images on `host` once per request; times spawn of `criu restore` to answer.
+    /// How long the dump took.
+    pub fn dump_time(&self) -> Duration {
+        self.dump
+    }
+
+    /// Restores the images on `host` once per sample (after `warmup` unmeasured restores);
+    /// times spawn of `criu restore` to answer.
     pub fn restore_all(
         &self,
         host: &Host,
-        warmup: &[String],
-        requests: &[String],
-        expected: &[String],
-    ) -> Result<CriuResult> {
-        let mut restores = Vec::with_capacity(requests.len());
-        let mut wrong = Vec::new();
-        for (i, request) in warmup.iter().chain(requests).enumerate() {
+        warmup: usize,
+        samples: usize,
+        pairs: &[Pair],
+    ) -> Method {
+        let mut method = Method::new(CRIU, LABEL);
+        for (i, (req, want)) in schedule(warmup, samples, pairs).enumerate() {
+            method.attempted += usize::from(want.is_some());
             let log = format!("restore-{i}.log");
             let mut cmd = host.command("criu");
             cmd.args(["restore", "--shell-job", "-D"])
@@ -120,30 +125,36 @@ impl Dumped {
                 .arg(format!("fd[0]:{}", self.stdin_key))
                 .arg("--inherit-fd")
                 .arg(format!("fd[1]:{}", self.stdout_key));
-            let run = run_timed(cmd, request)?;
-            if run.answer.is_empty() {
-                let log = fs::read_to_string(self.dir.join(&log)).unwrap_or_default();
-                bail!(
-                    "criu restore gave no answer (status {}): {}\nend of {log_name}:\n{}",
-                    run.status,
-                    run.stderr.trim(),
-                    tail(&log),
-                    log_name = self.dir.join(format!("restore-{i}.log")).display()
-                );
-            }
-            let Some(index) = i.checked_sub(warmup.len()) else {
-                continue;
+            let what = match run_timed(cmd, &req) {
+                Err(err) => format!("{req}: {err:#}"),
+                Ok(run) if run.answer.is_empty() => {
+                    let log_path = self.dir.join(&log);
+                    let text = fs::read_to_string(&log_path).unwrap_or_default();
+                    format!(
+                        "{req}: no answer (status {}): {}; end of {}:\n{}",
+                        run.status,
+                        run.stderr.trim(),
+                        log_path.display(),
+                        tail(&text)
+                    )
+                }
+                Ok(run) if is_right(&run.answer, want) => {
+                    if want.is_some() {
+                        method.latencies.push(run.latency);
+                    }
+                    continue;
+                }
+                Ok(run) => format!(
+                    "{req}: answer {:?} (expected {})",
+                    run.answer,
+                    want.unwrap_or("an answer")
+                ),
             };
-            if !same_answer(&run.answer, &expected[index]) {
-                wrong.push(run.answer.clone());
+            if method.fail(what) {
+                break;
             }
-            restores.push(run.latency);
         }
-        Ok(CriuResult {
-            dump: self.dump,
-            restores,
-            wrong,
-        })
+        method
     }
 }
 

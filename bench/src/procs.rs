@@ -1,5 +1,6 @@
 //! Starting and timing the processes the benchmark measures.
 
+use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
@@ -11,6 +12,8 @@ use anyhow::{Context, Result, anyhow, bail};
 
 /// How long any single answer may take before the benchmark gives up on it.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a command run to completion (prepare, drop, status, criu dump) may take.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The lines of a child's stdout, read on a thread so that waiting can time out.
 pub struct Lines {
@@ -48,7 +51,7 @@ impl Lines {
     }
 }
 
-/// A long-running `seed_fn.py` (a seed or a fork server); killed when dropped.
+/// A long-running seed or fork server; killed when dropped.
 pub struct Server {
     child: Child,
     stdin: Option<ChildStdin>,
@@ -128,9 +131,19 @@ pub struct Run {
     pub stderr: String,
 }
 
-/// Spawns `cmd` with `input` (plus a newline) as its whole stdin, and times it until its
-/// first line of output.
-pub fn run_timed(mut cmd: Command, input: &str) -> Result<Run> {
+/// Spawns `cmd` with `input` (plus a newline) on its stdin, and times it until its first line
+/// of output; its stdin is then closed and it runs to its end.
+pub fn run_timed(cmd: Command, input: &str) -> Result<Run> {
+    run_probed(cmd, input, |_| ()).map(|(run, ())| run)
+}
+
+/// Like [`run_timed`], but while the child still has its stdin open (a seed then waits for
+/// its next request), `probe` looks at it, given the answer line.
+pub fn run_probed<T>(
+    mut cmd: Command,
+    input: &str,
+    probe: impl FnOnce(&str) -> T,
+) -> Result<(Run, T)> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -139,8 +152,9 @@ pub fn run_timed(mut cmd: Command, input: &str) -> Result<Run> {
     let mut stdin = child.stdin.take().expect("stdin is piped");
     // The child may die before reading; its status tells why.
     let _ = stdin.write_all(format!("{input}\n").as_bytes());
-    drop(stdin);
     let lines = Lines::new(child.stdout.take().expect("stdout is piped"));
+    // Read stderr on the side, so a chatty child never blocks on it.
+    let stderr_reader = read_all(child.stderr.take().expect("stderr is piped"));
     let first = match lines.next("a child") {
         Ok(line) => line,
         Err(err) => {
@@ -150,18 +164,31 @@ pub fn run_timed(mut cmd: Command, input: &str) -> Result<Run> {
         }
     };
     let latency = t.elapsed();
-    while let Ok(Some(_)) = lines.next("a child") {}
-    let mut stderr = String::new();
-    if let Some(mut pipe) = child.stderr.take() {
-        let _ = pipe.read_to_string(&mut stderr);
+    let answer = first.unwrap_or_default();
+    let probed = probe(&answer);
+    drop(stdin);
+    // The rest of its output, up to its end; one that hangs on is killed (and fails).
+    loop {
+        match lines.next("a child") {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => {
+                let _ = child.kill();
+                break;
+            }
+        }
     }
     let status = child.wait().context("waiting for a child")?;
-    Ok(Run {
-        latency,
-        answer: first.unwrap_or_default(),
-        status: shell_status(status),
-        stderr,
-    })
+    let stderr = stderr_reader.join().unwrap_or_default();
+    Ok((
+        Run {
+            latency,
+            answer,
+            status: shell_status(status),
+            stderr,
+        },
+        probed,
+    ))
 }
 
 /// 128 + N for a child killed by signal N, else the exit code.
@@ -172,18 +199,44 @@ pub fn shell_status(status: ExitStatus) -> i32 {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
-/// Runs a command to completion; returns wall time, stdout and stderr, failing on a bad status.
+/// Runs a command to completion; returns wall time, stdout and stderr, failing on a bad status
+/// or after [`RUN_TIMEOUT`] (the command is then killed).
 pub fn run_ok(mut cmd: Command) -> Result<(Duration, String, String)> {
-    cmd.stdin(Stdio::null());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let t = Instant::now();
-    let output = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    let pid = child.id();
+    let stdout = read_all(child.stdout.take().expect("stdout is piped"));
+    let stderr = read_all(child.stderr.take().expect("stderr is piped"));
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = match rx.recv_timeout(RUN_TIMEOUT) {
+        Ok(status) => status.context("waiting for a command")?,
+        Err(_) => {
+            let _ = kill_and_wait_reaped(pid);
+            bail!("{cmd:?} did not finish within {RUN_TIMEOUT:?} (killed)");
+        }
+    };
     let wall = t.elapsed();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    if !output.status.success() {
-        bail!("{cmd:?} failed ({}):\n{}", output.status, stderr.trim_end());
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    if !status.success() {
+        bail!("{cmd:?} failed ({status}):\n{}", stderr.trim_end());
     }
     Ok((wall, stdout, stderr))
+}
+
+/// Reads a pipe to its end on a thread.
+fn read_all(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
 }
 
 /// The answer line with its `"pid": N` field removed, for comparing answers of different
@@ -216,6 +269,59 @@ pub fn on_path(prog: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(prog).is_file()))
 }
 
+/// The `"pid": N` of an answer line.
+pub fn answer_pid(answer: &str) -> Option<u32> {
+    let key = "\"pid\":";
+    let rest = answer[answer.find(key)? + key.len()..].trim_start();
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// The private memory of process `pid` in KiB (`Private_Clean` + `Private_Dirty` of
+/// /proc/PID/smaps_rollup): what it does not share with its parent, replica or anyone.
+pub fn private_kib(pid: u32) -> Option<u64> {
+    parse_private_kib(&fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?)
+}
+
+fn parse_private_kib(smaps_rollup: &str) -> Option<u64> {
+    let mut total = None;
+    for line in smaps_rollup.lines() {
+        let Some(rest) = line
+            .strip_prefix("Private_Clean:")
+            .or_else(|| line.strip_prefix("Private_Dirty:"))
+        else {
+            continue;
+        };
+        let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+        total = Some(total.unwrap_or(0) + kib);
+    }
+    total
+}
+
+/// Kills process `pid` (with `kill -KILL`) and waits until its parent has reaped it.
+pub fn kill_and_wait_reaped(pid: u32) -> Result<()> {
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running kill")?;
+    let gone = || !Path::new(&format!("/proc/{pid}")).exists();
+    if !status.success() && !gone() {
+        bail!("kill -KILL {pid} failed");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gone() {
+        if Instant::now() > deadline {
+            bail!("process {pid} was not reaped within 5 s of SIGKILL");
+        }
+        thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,5 +337,15 @@ mod tests {
         );
         assert!(!same_answer(&a.replace("-2.5", "-2.6"), b));
         assert!(!same_answer("", b));
+        assert_eq!(answer_pid(a), Some(23235));
+        assert_eq!(answer_pid(r#"{"n": 1, "pid":7}"#), Some(7));
+        assert_eq!(answer_pid(r#"{"n": 1}"#), None);
+    }
+
+    #[test]
+    fn private_memory() {
+        let text = "00400000-7ffd1 ---p 00000000 00:00 0 [rollup]\nRss: 5000 kB\nPss: 3000 kB\nShared_Clean: 2000 kB\nShared_Dirty: 0 kB\nPrivate_Clean: 120 kB\nPrivate_Dirty: 2880 kB\nReferenced: 5000 kB\n";
+        assert_eq!(parse_private_kib(text), Some(3000));
+        assert_eq!(parse_private_kib("Rss: 1 kB\n"), None);
     }
 }

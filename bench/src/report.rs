@@ -1,0 +1,229 @@
+//! The printed report: one table per seed, then a summary across seeds.
+
+use std::time::Duration;
+
+use crate::results::{
+    COLD_START, CRIU, LOCAL_FORK, MITOSIS_COLD, MITOSIS_WARM, STATS_KEYS, SeedResult,
+};
+use crate::stats::{Summary, median, median_u64, ms};
+
+/// How many failures of one method are printed.
+const SHOWN_FAILURES: usize = 3;
+
+/// Prints the table of one seed.
+pub fn seed_table(r: &SeedResult) {
+    println!();
+    println!("== {} ({}) ==", r.name, r.what);
+    if let Some(err) = &r.error {
+        println!("stopped early: {err}");
+    }
+    println!(
+        "{:<30} {:>11} {:>11} {:>11} {:>13} {:>9}",
+        "spawn to answer", "median", "p90", "p99", "vs local fork", "ok/tried"
+    );
+    for m in &r.methods {
+        if let Some(why) = &m.skipped {
+            println!("{:<30} {why}", m.label);
+            continue;
+        }
+        let ok = format!("{}/{}", m.latencies.len(), m.attempted);
+        match Summary::of(&m.latencies) {
+            Some(s) => println!(
+                "{:<30} {:>11} {:>11} {:>11} {:>13} {:>9}",
+                m.label,
+                ms(s.median),
+                ms(s.p90),
+                ms(s.p99),
+                r.vs_local(m.key)
+                    .map_or_else(|| "-".to_owned(), |x| format!("{x:.2}x")),
+                ok
+            ),
+            None => println!("{:<30} {:>11} {:>48}", m.label, "-", ok),
+        }
+    }
+
+    if !r.prepares.is_empty() {
+        let walls: Vec<Duration> = r.prepares.iter().map(|p| p.wall).collect();
+        let daemon: Vec<u64> = r.prepares.iter().filter_map(|p| p.daemon_us).collect();
+        let stopped: Vec<u64> = r.prepares.iter().filter_map(|p| p.stopped_us).collect();
+        println!(
+            "mitosis prepare (median of {}): {} wall, {} in the daemon, seed stopped {}",
+            walls.len(),
+            opt_ms(median(&walls)),
+            opt_us(median_u64(&daemon)),
+            opt_us(median_u64(&stopped))
+        );
+    }
+    if !r.cold_stats.is_empty() || !r.warm_stats.is_empty() {
+        print!("{:<30}", "--stats medians");
+        for key in STATS_KEYS {
+            print!(" {key:>13}");
+        }
+        println!();
+        for (label, stats) in [
+            ("  cold host", &r.cold_stats),
+            ("  warm host", &r.warm_stats),
+        ] {
+            print!("{label:<30}");
+            for key in STATS_KEYS {
+                let v = SeedResult::stat_median(stats, key);
+                print!(
+                    " {:>13}",
+                    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+                );
+            }
+            println!();
+        }
+    }
+    let kib = |v: &[u64]| median_u64(v).map_or_else(|| "-".to_owned(), mib_of_kib);
+    println!(
+        "private memory per child (median): local fork {}, mitosis warm host {}, cold host {}",
+        kib(&r.local_private_kib),
+        kib(&r.warm_private_kib),
+        kib(&r.cold_private_kib)
+    );
+    let served = |s: Option<crate::results::Served>| match s {
+        Some(s) => format!(
+            "{} over {} children ({}/child)",
+            bytes(s.bytes),
+            s.children,
+            s.per_child().map_or_else(|| "-".to_owned(), bytes)
+        ),
+        None => "-".to_owned(),
+    };
+    println!(
+        "bytes served by the seed's host: cold host {}; warm host {}",
+        served(r.served_cold),
+        served(r.served_warm)
+    );
+    if let Some(pages) = r.replica_pages {
+        println!(
+            "warm host replica: {pages} pages ({}) fetched from the seed",
+            bytes(pages * 4096)
+        );
+    }
+    if let Some(t) = &r.throughput {
+        println!(
+            "throughput: {} concurrent resume loops on {} hosts for {:.1} s: {} children, {:.1} children/s, median {}, {} failed",
+            t.concurrency,
+            t.hosts,
+            t.elapsed.as_secs_f64(),
+            t.children,
+            t.per_sec(),
+            opt_ms(median(&t.latencies)),
+            t.failures.len()
+        );
+    }
+    if let Some(d) = r.criu_dump {
+        println!("criu dump (--leave-running): {}", ms(d));
+    }
+    for m in &r.methods {
+        if m.gave_up {
+            println!("{}: gave up after {} failures", m.label, m.failures.len());
+        }
+        for f in m.failures.iter().take(SHOWN_FAILURES) {
+            println!("{} failed: {}", m.label, shorten(f));
+        }
+    }
+    if let Some(t) = &r.throughput {
+        for f in t.failures.iter().take(SHOWN_FAILURES) {
+            println!("throughput child failed: {}", shorten(f));
+        }
+    }
+}
+
+/// Prints the summary across seeds: medians in ms, with the ratio to the local fork.
+pub fn summary(results: &[SeedResult]) {
+    println!();
+    println!("summary: median spawn-to-answer (x local fork); children/s with concurrent resumes");
+    println!(
+        "{:<9} {:>20} {:>11} {:>20} {:>20} {:>16} {:>11}",
+        "seed",
+        "cold start",
+        "local fork",
+        "mitosis cold host",
+        "mitosis warm host",
+        "criu",
+        "children/s"
+    );
+    for r in results {
+        let cell = |key: &str| match r.method(key) {
+            Some(m) if m.skipped.is_some() => "skipped".to_owned(),
+            Some(m) => match (m.median(), r.vs_local(key)) {
+                (Some(d), Some(x)) if key != LOCAL_FORK => {
+                    format!("{:.2} ({x:.1}x)", d.as_secs_f64() * 1e3)
+                }
+                (Some(d), _) => format!("{:.2}", d.as_secs_f64() * 1e3),
+                (None, _) => "failed".to_owned(),
+            },
+            None => "-".to_owned(),
+        };
+        println!(
+            "{:<9} {:>20} {:>11} {:>20} {:>20} {:>16} {:>11}",
+            r.name,
+            cell(COLD_START),
+            cell(LOCAL_FORK),
+            cell(MITOSIS_COLD),
+            cell(MITOSIS_WARM),
+            cell(CRIU),
+            r.throughput
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |t| format!("{:.1}", t.per_sec()))
+        );
+    }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|r| r.failed())
+        .map(|r| r.name)
+        .collect();
+    if failed.is_empty() {
+        println!("all answers matched the cold start's");
+    } else {
+        println!("failures in: {} (see the tables above)", failed.join(", "));
+    }
+}
+
+/// A failure message cut to a readable length (the JSON file has all of it).
+fn shorten(text: &str) -> String {
+    const MAX: usize = 400;
+    match text.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{} [...]", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+fn opt_ms(d: Option<Duration>) -> String {
+    d.map_or_else(|| "-".to_owned(), ms)
+}
+
+fn opt_us(us: Option<u64>) -> String {
+    us.map_or_else(|| "-".to_owned(), |us| ms(Duration::from_micros(us)))
+}
+
+fn mib_of_kib(kib: u64) -> String {
+    format!("{:.2} MiB", kib as f64 / 1024.0)
+}
+
+/// A byte count in B, KiB or MiB.
+pub fn bytes(n: u64) -> String {
+    match n {
+        n if n < 1024 => format!("{n} B"),
+        n if n < 1 << 20 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts() {
+        assert_eq!(bytes(12), "12 B");
+        assert_eq!(bytes(4096), "4.0 KiB");
+        assert_eq!(bytes(3 << 20), "3.0 MiB");
+        assert_eq!(mib_of_kib(1536), "1.50 MiB");
+        assert_eq!(shorten("short"), "short");
+        assert_eq!(shorten(&"x".repeat(500)).len(), 400 + " [...]".len());
+    }
+}

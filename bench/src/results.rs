@@ -1,0 +1,304 @@
+//! What one seed's benchmark measured, and its JSON form.
+
+use std::time::Duration;
+
+use crate::cli::{Prepared, ResumeStats};
+use crate::json::Json;
+use crate::stats::{Summary, median, median_u64, ratio};
+
+/// Failed samples after which a method gives up.
+pub const MAX_FAILURES: usize = 3;
+
+/// The `--stats` keys the report shows (all of them go to the JSON file).
+pub const STATS_KEYS: [&str; 7] = [
+    "resume_us",
+    "attach_us",
+    "build_us",
+    "fork_us",
+    "faults",
+    "fetches",
+    "pages_fetched",
+];
+
+/// Keys of the methods, in report order.
+pub const COLD_START: &str = "cold_start";
+pub const LOCAL_FORK: &str = "local_fork";
+pub const MITOSIS_COLD: &str = "mitosis_cold_host";
+pub const MITOSIS_WARM: &str = "mitosis_warm_host";
+pub const CRIU: &str = "criu";
+
+/// Spawn-to-answer samples of one method.
+#[derive(Debug, Clone)]
+pub struct Method {
+    pub key: &'static str,
+    pub label: &'static str,
+    /// Latencies of the samples that answered right.
+    pub latencies: Vec<Duration>,
+    /// Samples tried (warm-up runs not counted).
+    pub attempted: usize,
+    /// What went wrong, per failed sample.
+    pub failures: Vec<String>,
+    pub gave_up: bool,
+    /// Why the method did not run at all.
+    pub skipped: Option<String>,
+}
+
+impl Method {
+    pub fn new(key: &'static str, label: &'static str) -> Self {
+        Self {
+            key,
+            label,
+            latencies: Vec::new(),
+            attempted: 0,
+            failures: Vec::new(),
+            gave_up: false,
+            skipped: None,
+        }
+    }
+
+    pub fn skipped(key: &'static str, label: &'static str, why: String) -> Self {
+        Self {
+            skipped: Some(why),
+            ..Self::new(key, label)
+        }
+    }
+
+    /// Records a failed sample; true once the method should give up.
+    pub fn fail(&mut self, what: String) -> bool {
+        self.failures.push(what);
+        self.gave_up = self.failures.len() >= MAX_FAILURES;
+        self.gave_up
+    }
+
+    pub fn median(&self) -> Option<Duration> {
+        median(&self.latencies)
+    }
+}
+
+/// Bytes the seed's host served over a phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Served {
+    pub bytes: u64,
+    pub children: usize,
+}
+
+impl Served {
+    pub fn per_child(&self) -> Option<u64> {
+        (self.children > 0).then(|| self.bytes / self.children as u64)
+    }
+}
+
+/// Concurrent `resume` loops against a warm handle.
+#[derive(Debug, Clone, Default)]
+pub struct Throughput {
+    pub concurrency: usize,
+    pub hosts: usize,
+    pub elapsed: Duration,
+    /// Children that answered right.
+    pub children: usize,
+    pub failures: Vec<String>,
+    pub latencies: Vec<Duration>,
+}
+
+impl Throughput {
+    pub fn per_sec(&self) -> f64 {
+        if self.elapsed.is_zero() {
+            0.0
+        } else {
+            self.children as f64 / self.elapsed.as_secs_f64()
+        }
+    }
+}
+
+/// Everything measured for one seed.
+#[derive(Debug, Clone)]
+pub struct SeedResult {
+    pub name: &'static str,
+    pub what: &'static str,
+    pub methods: Vec<Method>,
+    /// The fresh prepares of the cold-host samples.
+    pub prepares: Vec<Prepared>,
+    pub cold_stats: Vec<ResumeStats>,
+    pub warm_stats: Vec<ResumeStats>,
+    /// Private memory (KiB) of each child, measured after it answered.
+    pub local_private_kib: Vec<u64>,
+    pub cold_private_kib: Vec<u64>,
+    pub warm_private_kib: Vec<u64>,
+    pub served_cold: Option<Served>,
+    pub served_warm: Option<Served>,
+    /// Pages the warm host's replica held after the warm phase.
+    pub replica_pages: Option<u64>,
+    pub throughput: Option<Throughput>,
+    pub criu_dump: Option<Duration>,
+    /// Why the seed's run stopped early, if it did.
+    pub error: Option<String>,
+}
+
+impl SeedResult {
+    pub fn new(name: &'static str, what: &'static str) -> Self {
+        Self {
+            name,
+            what,
+            methods: Vec::new(),
+            prepares: Vec::new(),
+            cold_stats: Vec::new(),
+            warm_stats: Vec::new(),
+            local_private_kib: Vec::new(),
+            cold_private_kib: Vec::new(),
+            warm_private_kib: Vec::new(),
+            served_cold: None,
+            served_warm: None,
+            replica_pages: None,
+            throughput: None,
+            criu_dump: None,
+            error: None,
+        }
+    }
+
+    pub fn method(&self, key: &str) -> Option<&Method> {
+        self.methods.iter().find(|m| m.key == key)
+    }
+
+    /// The median of `key` over the given `--stats` lines.
+    pub fn stat_median(stats: &[ResumeStats], key: &str) -> Option<u64> {
+        let values: Vec<u64> = stats.iter().filter_map(|s| s.get(key).copied()).collect();
+        median_u64(&values)
+    }
+
+    /// Median latency of `key` divided by the local fork's.
+    pub fn vs_local(&self, key: &str) -> Option<f64> {
+        let local = self.method(LOCAL_FORK)?.median()?;
+        let this = self.method(key)?.median()?;
+        Some(ratio(this, local))
+    }
+
+    /// Whether anything failed.
+    pub fn failed(&self) -> bool {
+        self.error.is_some()
+            || self.methods.iter().any(|m| !m.failures.is_empty())
+            || self
+                .throughput
+                .as_ref()
+                .is_some_and(|t| !t.failures.is_empty())
+    }
+
+    pub fn to_json(&self) -> Json {
+        let methods = self.methods.iter().map(|m| {
+            let s = Summary::of(&m.latencies);
+            let at = |f: fn(&Summary) -> Duration| Json::from(s.as_ref().map(|s| ms_f(f(s))));
+            Json::obj([
+                ("key", Json::from(m.key)),
+                ("label", Json::from(m.label)),
+                ("samples", Json::from(m.latencies.len())),
+                ("attempted", Json::from(m.attempted)),
+                ("failures", Json::from(m.failures.len())),
+                ("gave_up", Json::from(m.gave_up)),
+                ("skipped", Json::from(m.skipped.clone())),
+                ("median_ms", at(|s| s.median)),
+                ("p90_ms", at(|s| s.p90)),
+                ("p99_ms", at(|s| s.p99)),
+                ("min_ms", at(|s| s.min)),
+                ("vs_local_fork", Json::from(self.vs_local(m.key))),
+            ])
+        });
+        let prepare_us = |f: fn(&Prepared) -> Option<u64>| {
+            let v: Vec<u64> = self.prepares.iter().filter_map(f).collect();
+            Json::from(median_u64(&v).map(|us| us as f64 / 1e3))
+        };
+        let walls: Vec<Duration> = self.prepares.iter().map(|p| p.wall).collect();
+        let stats_json = |stats: &[ResumeStats]| {
+            let mut keys: Vec<&String> = stats.iter().flat_map(|s| s.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            Json::obj(
+                keys.into_iter()
+                    .map(|k| (k.clone(), Json::from(Self::stat_median(stats, k)))),
+            )
+        };
+        let served = |s: &Option<Served>| match s {
+            None => Json::Null,
+            Some(s) => Json::obj([
+                ("bytes", Json::from(s.bytes)),
+                ("children", Json::from(s.children)),
+                ("per_child", Json::from(s.per_child())),
+            ]),
+        };
+        let failures: Vec<String> = self
+            .methods
+            .iter()
+            .flat_map(|m| m.failures.iter().map(move |f| format!("{}: {f}", m.key)))
+            .chain(
+                self.throughput
+                    .iter()
+                    .flat_map(|t| t.failures.iter().map(|f| format!("throughput: {f}"))),
+            )
+            .collect();
+        Json::obj([
+            ("name", Json::from(self.name)),
+            ("what", Json::from(self.what)),
+            ("error", Json::from(self.error.clone())),
+            ("methods", Json::Arr(methods.collect())),
+            (
+                "prepare",
+                Json::obj([
+                    ("samples", Json::from(self.prepares.len())),
+                    ("wall_median_ms", Json::from(median(&walls).map(ms_f))),
+                    ("daemon_median_ms", prepare_us(|p| p.daemon_us)),
+                    ("seed_stopped_median_ms", prepare_us(|p| p.stopped_us)),
+                    (
+                        "last_line",
+                        Json::from(self.prepares.last().map(|p| p.line.clone())),
+                    ),
+                ]),
+            ),
+            (
+                "stats_medians",
+                Json::obj([
+                    ("cold_host", stats_json(&self.cold_stats)),
+                    ("warm_host", stats_json(&self.warm_stats)),
+                ]),
+            ),
+            (
+                "private_kib_median",
+                Json::obj([
+                    (LOCAL_FORK, Json::from(median_u64(&self.local_private_kib))),
+                    (MITOSIS_COLD, Json::from(median_u64(&self.cold_private_kib))),
+                    (MITOSIS_WARM, Json::from(median_u64(&self.warm_private_kib))),
+                ]),
+            ),
+            (
+                "bytes_served",
+                Json::obj([
+                    ("cold_host", served(&self.served_cold)),
+                    ("warm_host", served(&self.served_warm)),
+                ]),
+            ),
+            ("warm_replica_pages", Json::from(self.replica_pages)),
+            (
+                "throughput",
+                match &self.throughput {
+                    None => Json::Null,
+                    Some(t) => Json::obj([
+                        ("concurrency", Json::from(t.concurrency)),
+                        ("hosts", Json::from(t.hosts)),
+                        ("secs", Json::from(ms_f(t.elapsed) / 1e3)),
+                        ("children", Json::from(t.children)),
+                        (
+                            "children_per_sec",
+                            Json::from((t.per_sec() * 100.0).round() / 100.0),
+                        ),
+                        ("failures", Json::from(t.failures.len())),
+                        ("median_ms", Json::from(median(&t.latencies).map(ms_f))),
+                    ]),
+                },
+            ),
+            ("criu_dump_ms", Json::from(self.criu_dump.map(ms_f))),
+            ("failures", Json::from(failures)),
+        ])
+    }
+}
+
+/// Milliseconds as a number, to the microsecond.
+pub fn ms_f(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1e3
+}

@@ -1,0 +1,139 @@
+"""The line protocol shared by the benchmark seeds (hello_fn, image_fn, json_fn, bigheap_fn).
+
+It is the protocol of seed_fn.py: start-up builds the warm state, prints ``ready`` and then
+every request line on stdin gets one JSON answer line on stdout, with "pid" as its last key.
+Reads are direct read(0) syscalls and writes direct write(1) syscalls, so no Python-level
+buffer holds input read before the seed was prepared, nor output not yet written.
+
+Modes (command line of every seed):
+  (default)      serve requests until EOF on stdin, then exit 0 (the mitosis seed).
+  --fork-server  os.fork() a child per request that writes the answer and exits; the parent
+                 waits for it (the local fork baseline).
+  --linger       with --fork-server: the child waits to be killed after answering instead of
+                 exiting, so its memory can be measured (the benchmark kills it).
+  --once         build the state, answer one request, exit (the cold start baseline).
+
+Every mode ends with os._exit(0), skipping the interpreter's teardown of the warm state.
+  --mib N        a seed-specific size (bigheap_fn: the heap in MiB); ignored by the others.
+
+Importing this module first also keeps BLAS/OpenMP single-threaded (a seed must be
+single-threaded), as these variables must be set before numpy is imported.
+"""
+
+import json
+import os
+import signal
+import sys
+
+for _var in (
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+):
+    os.environ[_var] = "1"
+
+READ_CHUNK = 65536
+
+
+class Options:
+    """The parsed command line."""
+
+    def __init__(self, argv):
+        self.fork_server = False
+        self.linger = False
+        self.once = False
+        self.mib = None
+        args = list(argv)
+        while args:
+            arg = args.pop(0)
+            if arg == "--fork-server":
+                self.fork_server = True
+            elif arg == "--linger":
+                self.linger = True
+            elif arg == "--once":
+                self.once = True
+            elif arg == "--mib" and args:
+                self.mib = int(args.pop(0))
+            else:
+                raise ValueError("unknown argument %r" % arg)
+
+
+def write_all(fd, data):
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+def lines():
+    """Yields the lines of stdin (without the newline), reading with read(0) only when the
+    previous line has been handled."""
+    pending = b""
+    while True:
+        newline = pending.find(b"\n")
+        if newline >= 0:
+            line, pending = pending[:newline], pending[newline + 1 :]
+            if line.strip():
+                yield line
+            continue
+        chunk = os.read(0, READ_CHUNK)
+        if not chunk:
+            if pending.strip():
+                yield pending
+            return
+        pending += chunk
+
+
+def reply(answer, line):
+    """The answer line (bytes) to one request line; a bad request gets an error line."""
+    try:
+        out = answer(json.loads(line))
+    except Exception as err:
+        out = {"error": "%s: %s" % (type(err).__name__, err)}
+    out.pop("pid", None)
+    # Insertion order is kept: "pid", the only field that differs between processes, is last.
+    out["pid"] = os.getpid()
+    return (json.dumps(out) + "\n").encode()
+
+
+def serve(answer, opts):
+    for line in lines():
+        if opts.fork_server:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    write_all(1, reply(answer, line))
+                    if opts.linger:
+                        while True:
+                            signal.pause()
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+        else:
+            write_all(1, reply(answer, line))
+        if opts.once:
+            return
+
+
+def main(name, build, answer):
+    """Runs a seed: `build(opts)` makes the warm state, `answer(state, request)` a dict."""
+    try:
+        opts = Options(sys.argv[1:])
+    except ValueError as err:
+        sys.stderr.write(
+            "%s: %s\nusage: %s [--fork-server [--linger] | --once] [--mib N]\n"
+            % (name, err, name)
+        )
+        return 2
+    state = build(opts)
+    if not opts.once:
+        # One request before `ready`, so that lazy initialisation is part of the warm state
+        # (a cold start pays for it in its one request instead).
+        answer(state, {"n": 0})
+        write_all(1, b"ready\n")
+    serve(lambda request: answer(state, request), opts)
+    # Like the fork server's children, end without tearing the heap down object by object:
+    # every answer already went out through os.write, and freeing a large warm state would
+    # only cost time (and copy-on-write faults in a forked child).
+    os._exit(0)
