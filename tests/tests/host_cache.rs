@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::Write;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -133,17 +132,7 @@ fn pooled_connections_survive_a_peer_restart() {
     assert!(status_value(&tb, 1, &format!("{pool_line} idle")).unwrap() >= 1);
 
     // A child in flight when the seed's host restarts fails cleanly.
-    let mut cmd = tb.host(1).command(bin("mitosis"));
-    cmd.arg("--socket")
-        .arg(tb.host(1).socket_path())
-        .args(["resume", &handle, "--stats"]);
-    let mut resume = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = resume.stdin.take().unwrap();
+    let (resume, mut input) = spawn_cli(&tb, 1, &["resume", &handle, "--stats"]);
     std::thread::sleep(Duration::from_millis(300));
     tb.host(0).kill_daemon().unwrap();
     tb.host(0).start_daemon().unwrap();

@@ -3,7 +3,6 @@
 mod common;
 
 use std::io::Write;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -134,17 +133,7 @@ fn exit_status_and_signals_pass_through() {
     assert_eq!(out.status.code(), Some(7));
 
     // A child waiting on stdin; SIGTERM to the command reaches the child.
-    let mut cmd = tb.host(1).command(bin("mitosis"));
-    cmd.arg("--socket")
-        .arg(tb.host(1).socket_path())
-        .args(["resume", &handle]);
-    let mut resume = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = resume.stdin.take().unwrap();
+    let (resume, mut input) = spawn_cli(&tb, 1, &["resume", &handle]);
     input.write_all(b"echo\nhello from the child\n").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling our own child process.
@@ -210,17 +199,7 @@ fn child_whose_page_source_dies_is_killed_with_a_reason() {
     let seed = memcheck_seed(&tb, 0, &dir.0);
     let handle = prepare(&tb, 0, seed.pid());
 
-    let mut cmd = tb.host(1).command(bin("mitosis"));
-    cmd.arg("--socket")
-        .arg(tb.host(1).socket_path())
-        .args(["resume", &handle]);
-    let mut resume = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = resume.stdin.take().unwrap();
+    let (resume, mut input) = spawn_cli(&tb, 1, &["resume", &handle]);
     // Let the child start and block on its stdin, then take the seed's host away.
     std::thread::sleep(Duration::from_millis(500));
     tb.host(0).kill_daemon().unwrap();

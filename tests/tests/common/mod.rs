@@ -269,3 +269,18 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// Starts the CLI against `host`'s daemon with piped stdio; returns it and its stdin, held
+/// open so the test decides when the child sees its input and EOF.
+pub fn spawn_cli(tb: &Testbed, host: usize, args: &[&str]) -> (Child, ChildStdin) {
+    let mut cmd = tb.host(host).command(bin("mitosis"));
+    cmd.arg("--socket")
+        .arg(tb.host(host).socket_path())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("cli starts");
+    let stdin = child.stdin.take().expect("stdin");
+    (child, stdin)
+}
