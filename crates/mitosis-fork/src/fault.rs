@@ -49,8 +49,7 @@ pub async fn serve<S: PageSource>(
     source: S,
     stats: Arc<Mutex<FaultStats>>,
 ) -> Stopped {
-    // SAFETY: `Userfaultfd` owns its fd (an OwnedFd), so it stays open and the same for as
-    // long as the AsyncFd that owns the Userfaultfd lives.
+    // SAFETY: `Userfaultfd` owns its fd (an OwnedFd), so it stays open and the same for as long as the AsyncFd that owns the Userfaultfd lives.
     let fd = match unsafe { AsyncFd::register(uffd) } {
         Ok(fd) => fd,
         Err(e) => {

@@ -23,8 +23,7 @@ pub fn local_vdso_hash() -> std::io::Result<[u8; 32]> {
         .iter()
         .find(|m| m.name == "[vdso]")
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no vDSO"))?;
-    // SAFETY: the [vdso] mapping of our own process is readable for its whole length and
-    // never unmapped while we run.
+    // SAFETY: the [vdso] mapping of our own process is readable for its whole length and never unmapped while we run.
     let text = unsafe {
         std::slice::from_raw_parts(vdso.start as *const u8, (vdso.end - vdso.start) as usize)
     };

@@ -55,8 +55,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         source: S,
     ) -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(ReplicaPages {
-            // SAFETY: `Userfaultfd` owns its fd, which stays open and the same for as long as
-            // the AsyncFd that owns it.
+            // SAFETY: `Userfaultfd` owns its fd, which stays open and the same for as long as the AsyncFd that owns it.
             uffd: unsafe { AsyncFd::register(uffd) }?,
             memory: RemoteMemory::open(pid, false)?,
             state: Mutex::new(State { pending, source }),

@@ -15,8 +15,7 @@ use mitosis_sys::uffd::Userfaultfd;
 use mitosis_transport::frame;
 
 fn main() {
-    // SAFETY: the daemon placed our end of the channel on CHANNEL_FD before exec; nothing else
-    // in this process owns it.
+    // SAFETY: the daemon placed our end of the channel on CHANNEL_FD before exec; nothing else in this process owns it.
     let chan = unsafe { UnixStream::from_raw_fd(CHANNEL_FD) };
     if let Err(why) = run(chan) {
         // The daemon reads this as the reason the child could not start.
@@ -110,8 +109,7 @@ fn jump(go: &Go) -> ! {
     const PAGE: usize = 4096;
     let data_len = go.data.len().div_ceil(PAGE) * PAGE;
     let len = PAGE + data_len;
-    // SAFETY: a fresh anonymous mapping at an address the daemon chose to be free here and in
-    // the seed; MAP_FIXED_NOREPLACE fails rather than clobber anything.
+    // SAFETY: a fresh anonymous mapping at an address the daemon chose to be free here and in the seed; MAP_FIXED_NOREPLACE fails rather than clobber anything.
     let at = unsafe {
         libc::mmap(
             go.at as *mut libc::c_void,
@@ -134,8 +132,7 @@ fn jump(go: &Go) -> ! {
             std::process::exit(72);
         }
     }
-    // SAFETY: the first page now holds the trampoline, which follows the C calling convention
-    // for its two arguments (records, count) and never returns.
+    // SAFETY: the first page now holds the trampoline, which follows the C calling convention for its two arguments (records, count) and never returns.
     let trampoline: extern "C" fn(*const u8, u64) -> ! = unsafe { std::mem::transmute(at) };
     // SAFETY: the records live in the mapped data area right after the code page.
     trampoline(unsafe { at.cast::<u8>().add(PAGE) }, go.records)

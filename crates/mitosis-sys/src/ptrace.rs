@@ -157,8 +157,7 @@ impl Tracee {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         };
-        // SAFETY: `iov` describes `buf`, which is writable for its whole length; the kernel
-        // shrinks iov_len to the bytes it wrote.
+        // SAFETY: `iov` describes `buf`, which is writable for its whole length; the kernel shrinks iov_len to the bytes it wrote.
         let ret = unsafe {
             libc::ptrace(
                 libc::PTRACE_GETREGSET,

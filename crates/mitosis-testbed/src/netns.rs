@@ -91,10 +91,7 @@ pub(crate) fn enter_on_spawn(cmd: &mut Command, netns: &Path) {
     let ns: Result<OwnedFd, i32> = File::open(netns)
         .map(OwnedFd::from)
         .map_err(|err| err.raw_os_error().unwrap_or(libc::ENOENT));
-    // SAFETY: the hook runs in the forked child, where only async-signal-safe
-    // work is allowed. It only calls setns(2) and builds an io::Error from a
-    // raw errno, neither of which allocates or takes locks. The fd was opened
-    // with O_CLOEXEC, so the exec'd program does not inherit it.
+    // SAFETY: the hook runs in the forked child, where only async-signal-safe work is allowed. It only calls setns(2) and builds an io::Error from a raw errno, neither of which allocates or takes locks. The fd was opened with O_CLOEXEC, so the exec'd program does not inherit it.
     unsafe {
         cmd.pre_exec(move || match &ns {
             Ok(fd) => setns(fd, CloneFlags::CLONE_NEWNET).map_err(io::Error::from),

@@ -160,8 +160,7 @@ pub(crate) fn spawn(
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     };
-    // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe
-    // system calls (dup2, prctl) on values captured by copy.
+    // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe system calls (dup2, prctl) on values captured by copy.
     unsafe {
         cmd.pre_exec(move || {
             if libc::dup2(their_fd, CHANNEL_FD) < 0 {

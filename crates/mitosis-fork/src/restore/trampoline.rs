@@ -54,8 +54,7 @@ unsafe extern "C" {
 
 /// The machine code, to be copied to a page of the child.
 pub fn code() -> &'static [u8] {
-    // SAFETY: the three symbols delimit the instructions emitted above, in one text section
-    // that is mapped readable for the life of the program.
+    // SAFETY: the three symbols delimit the instructions emitted above, in one text section that is mapped readable for the life of the program.
     unsafe {
         let start = &raw const mitosis_trampoline_start;
         let end = &raw const mitosis_trampoline_end;
