@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what mitosis needs on a fresh Debian machine (as root): iproute2 for the simulated
 # hosts, a C compiler for the test fixtures, numpy for the Python demo seed, and Pillow for the
-# benchmark's image seed and its plot.
+# benchmark's image seed and its plot; then the Debian-based OCI bundle of the Python seeds for
+# the containers (cached: a re-run only refreshes its seeds and config.json).
 set -euo pipefail
 need_apt=()
 command -v ip >/dev/null || need_apt+=(iproute2)
@@ -19,3 +20,4 @@ if ! python3 -c 'import PIL' 2>/dev/null; then
   python3 -m pip install --quiet pillow 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages pillow
 fi
+"$(dirname "$0")/make-bundle.sh"

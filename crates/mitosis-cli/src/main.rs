@@ -36,10 +36,19 @@ enum Command {
     /// Capture a running single-threaded process as a seed; prints its handle.
     ///
     /// The process is stopped for well under a millisecond and then runs on; children see its
-    /// memory as it was at this moment.
+    /// memory as it was at this moment. With --bundle, the daemon first starts the OCI bundle's
+    /// process in a container of its own and waits until it is warm: blocked reading stdin.
+    /// Children of such a seed each run in a container of the bundle on their host.
     Prepare {
+        #[arg(long, required_unless_present = "bundle", conflicts_with = "bundle")]
+        pid: Option<i32>,
+        /// An OCI bundle directory (config.json + rootfs), present at the same path on every
+        /// host that runs children.
         #[arg(long)]
-        pid: i32,
+        bundle: Option<PathBuf>,
+        /// How long a bundle's process may take to get warm, in seconds.
+        #[arg(long, default_value_t = 60.0)]
+        ready_timeout: f64,
         /// Also print timings to stderr.
         #[arg(long)]
         stats: bool,
@@ -88,14 +97,30 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
-        Command::Prepare { pid, stats } => {
+        Command::Prepare {
+            pid,
+            bundle,
+            ready_timeout,
+            stats,
+        } => {
+            let request = match (pid, bundle) {
+                (Some(pid), _) => Request::Prepare { pid },
+                (None, Some(dir)) => Request::PrepareBundle {
+                    bundle: std::path::absolute(&dir)?.to_string_lossy().into_owned(),
+                    ready_timeout_ms: (ready_timeout * 1000.0) as u64,
+                },
+                (None, None) => anyhow::bail!("prepare needs --pid or --bundle"),
+            };
             let Event::Prepared { handle, stats: s } =
-                Client::connect(&cli.socket)?.call(&Request::Prepare { pid })?
+                Client::connect(&cli.socket)?.call(&request)?
             else {
                 anyhow::bail!("unexpected answer from mitosisd");
             };
             println!("{handle}");
             if stats {
+                if s.warm_us > 0 {
+                    eprintln!("mitosis: bundle started and warm in {}us", s.warm_us);
+                }
                 eprintln!(
                     "mitosis: prepared in {}us (seed stopped {}us), {} mappings, {} pages, descriptor {} bytes",
                     s.total_us, s.stopped_us, s.vmas, s.seed_pages, s.descriptor_bytes

@@ -74,7 +74,7 @@ pub fn run(socket: &Path, handle: &str, stats: bool) -> Result<i32> {
 
 /// The `--stats` breakdown as one line of `key=value` pairs (times in microseconds).
 fn stats_line(start: &ResumeStats, faults: &FaultStats) -> String {
-    let pairs: [(&str, u64); 16] = [
+    let pairs: [(&str, u64); 18] = [
         ("resume_us", start.total_us),
         ("cached", start.cached as u64),
         ("attach_us", start.attach_us),
@@ -86,6 +86,8 @@ fn stats_line(start: &ResumeStats, faults: &FaultStats) -> String {
         ("working_set_pages", start.working_set_pages),
         ("working_set_us", start.working_set_us),
         ("fork_us", start.fork_us),
+        ("container_us", start.container_us),
+        ("container_pooled", start.container_pooled as u64),
         ("faults", faults.faults + faults.zero_faults),
         ("zero_faults", faults.zero_faults),
         ("fetches", faults.fetches),

@@ -9,7 +9,7 @@ use crate::{Backing, Descriptor, REGS_WORDS};
 
 const MAGIC: &[u8; 4] = b"MTSD";
 /// Bumped whenever the payload's shape changes.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 const HEADER_LEN: usize = 16;
 /// Far above any real seed (~12 bytes per resident page), small enough to refuse garbage.
 pub const MAX_PAYLOAD: usize = 64 << 20;
@@ -174,6 +174,7 @@ mod tests {
             ],
             cwd: None,
             files: vec![],
+            container: None,
         }
     }
 

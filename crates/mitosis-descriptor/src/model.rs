@@ -29,6 +29,17 @@ pub struct Descriptor {
     pub cwd: Option<String>,
     /// Regular files the seed had open beyond stdio, to reopen in the child.
     pub files: Vec<OpenFile>,
+    /// The container the seed runs in; its paths are relative to the bundle's rootfs.
+    pub container: Option<ContainerRef>,
+}
+
+/// The OCI bundle of a containerized seed. Every host running its children has the bundle at
+/// the same path; the digest makes sure it is the same function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRef {
+    pub bundle: String,
+    /// BLAKE3 of the bundle's config.json.
+    pub digest: [u8; 32],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

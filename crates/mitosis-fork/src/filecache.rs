@@ -57,9 +57,13 @@ impl FileCache {
         })
     }
 
-    /// True if this host has a file at `want.path` with the same size and content.
-    pub fn is_identical(&self, want: &FileIdentity) -> bool {
-        let path = Path::new(&want.path);
+    /// True if this host has a file at `want.path` (under `root`, if given) with the same
+    /// size and content.
+    pub fn is_identical(&self, want: &FileIdentity, root: Option<&Path>) -> bool {
+        let path = match root {
+            Some(root) => root.join(want.path.trim_start_matches('/')),
+            None => Path::new(&want.path).to_path_buf(),
+        };
         match File::open(path) {
             Ok(f) => self
                 .identify(&f, &want.path)
@@ -83,13 +87,13 @@ mod tests {
         let cache = FileCache::new();
         let p = path.to_str().unwrap();
         let id = cache.identify(&File::open(&path).unwrap(), p).unwrap();
-        assert!(cache.is_identical(&id));
+        assert!(cache.is_identical(&id, None));
         // Same size, other content: a new mtime/ctime makes a new cache key.
         std::thread::sleep(std::time::Duration::from_millis(10));
         File::create(&path).unwrap().write_all(b"jello").unwrap();
-        assert!(!cache.is_identical(&id));
+        assert!(!cache.is_identical(&id, None));
         std::fs::remove_file(&path).unwrap();
-        assert!(!cache.is_identical(&id));
+        assert!(!cache.is_identical(&id, None));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -375,6 +375,7 @@ fn describe(twin: &Twin, seed_id: u64, files: &FileCache) -> Result<Descriptor, 
         vmas,
         cwd: None,
         files: Vec::new(),
+        container: None,
     })
 }
 

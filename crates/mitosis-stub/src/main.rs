@@ -5,6 +5,7 @@
 //! the daemon, then jumps into the trampoline, which replaces this program's whole address space
 //! with the seed's. It never returns; the daemon, tracing it, takes over at the trampoline's end.
 
+use std::ffi::CString;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
@@ -37,6 +38,10 @@ fn run(mut chan: UnixStream) -> Result<(), String> {
     }
     // SAFETY: move_above returned a fresh fd that only this handle owns.
     let mut chan = unsafe { UnixStream::from_raw_fd(chan_fd) };
+    if let Some(root) = &setup.root {
+        enter_root(root, setup.cwd.as_deref())
+            .map_err(|e| format!("entering the container's root {root}: {e}"))?;
+    }
     let mut fds = Vec::with_capacity(setup.opens.len());
     for spec in &setup.opens {
         fds.push(
@@ -54,6 +59,24 @@ fn run(mut chan: UnixStream) -> Result<(), String> {
     std::mem::forget(uffd);
     let go: Go = frame::read_blocking(&mut chan).map_err(|e| format!("reading go: {e}"))?;
     jump(&go)
+}
+
+/// chroot into `root`, then into `cwd` there (or its top if `cwd` is missing).
+fn enter_root(root: &str, cwd: Option<&str>) -> io::Result<()> {
+    let c = |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let root = c(root)?;
+    // SAFETY: chroot and chdir read the NUL-terminated paths we own for the call's duration.
+    unsafe {
+        if libc::chroot(root.as_ptr()) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let top = c("/")?;
+        let dir = cwd.map(c).transpose()?;
+        if dir.is_none_or(|d| libc::chdir(d.as_ptr()) < 0) && libc::chdir(top.as_ptr()) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Opens `spec`; a seed's file lands on its own number, a working fd above `base`.

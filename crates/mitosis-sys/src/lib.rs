@@ -5,6 +5,7 @@
 
 pub mod fdpass;
 pub mod mem;
+pub mod ns;
 pub mod pidfd;
 pub mod ptrace;
 pub mod uffd;

@@ -47,6 +47,15 @@ impl ExitStatus {
 
 /// Reaps the exited child behind `pidfd` without blocking; `None` if it still runs.
 pub fn try_reap(pidfd: &OwnedFd) -> io::Result<Option<ExitStatus>> {
+    poll_exit(pidfd, 0)
+}
+
+/// The exit status of the child behind `pidfd` if it has exited, leaving it to be reaped.
+pub fn peek_exit(pidfd: &OwnedFd) -> io::Result<Option<ExitStatus>> {
+    poll_exit(pidfd, libc::WNOWAIT)
+}
+
+fn poll_exit(pidfd: &OwnedFd, flags: i32) -> io::Result<Option<ExitStatus>> {
     // SAFETY: an all-zero siginfo_t is a valid value for waitid to fill.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: `info` is a valid, writable siginfo_t; P_PIDFD takes the fd as id.
@@ -55,7 +64,7 @@ pub fn try_reap(pidfd: &OwnedFd) -> io::Result<Option<ExitStatus>> {
             libc::P_PIDFD,
             pidfd.as_raw_fd() as libc::id_t,
             &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::__WALL,
+            libc::WEXITED | libc::WNOHANG | libc::__WALL | flags,
         )
     };
     if ret < 0 {

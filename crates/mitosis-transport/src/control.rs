@@ -7,6 +7,13 @@ use serde::{Deserialize, Serialize};
 pub enum Request {
     /// Capture process `pid` as a seed; answered by `Prepared`.
     Prepare { pid: i32 },
+    /// Start the OCI bundle in `bundle` (a directory on the daemon's host) in a container of
+    /// its own, wait until its process blocks reading stdin (warm), and prepare it as a seed;
+    /// answered by `Prepared`.
+    PrepareBundle {
+        bundle: String,
+        ready_timeout_ms: u64,
+    },
     /// Stop serving a seed of this host; answered by `Done`.
     Drop { handle: String },
     /// Start a child of the seed behind `handle`. Sent with the CLI's stdin, stdout and stderr
@@ -44,6 +51,8 @@ pub enum Event {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PrepareStats {
+    /// A bundle's seed: starting its container until the process waited on stdin.
+    pub warm_us: u64,
     pub stopped_us: u64,
     pub total_us: u64,
     pub vmas: u32,
@@ -67,6 +76,10 @@ pub struct ResumeStats {
     pub working_set_us: u64,
     /// Forking the child from the replica and handing it its stdio.
     pub fork_us: u64,
+    /// Getting the child's container (0 for a seed that runs in none).
+    pub container_us: u64,
+    /// The container came ready-made from the pool.
+    pub container_pooled: bool,
     pub total_us: u64,
 }
 

@@ -14,7 +14,9 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::Daemon;
 use crate::cache::SeedKey;
+use crate::containers::SeedContainer;
 use crate::registry::Seed;
+use mitosis_descriptor::ContainerRef;
 
 pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     loop {
@@ -37,7 +39,11 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<(
         return Ok(());
     };
     let event = match request {
-        Request::Prepare { pid } => prepare(&daemon, pid).await,
+        Request::Prepare { pid } => prepare(&daemon, pid, None).await,
+        Request::PrepareBundle {
+            bundle,
+            ready_timeout_ms,
+        } => prepare_bundle(&daemon, &bundle, ready_timeout_ms).await,
         Request::Drop { handle } => drop_seed(&daemon, &handle).await,
         Request::Status => Event::Status(status(&daemon)),
         Request::Evict { handle } => evict(&daemon, &handle),
@@ -73,24 +79,74 @@ async fn recv_first(stream: &UnixStream) -> io::Result<Option<(Request, Vec<Owne
     }
 }
 
-async fn prepare(daemon: &Arc<Daemon>, pid: i32) -> Event {
+/// A seed from a bundle: its container, and how long it took to get warm.
+struct FromBundle {
+    container: SeedContainer,
+    bundle: ContainerRef,
+    warm_us: u64,
+}
+
+async fn prepare_bundle(daemon: &Arc<Daemon>, dir: &str, ready_timeout_ms: u64) -> Event {
     let started = std::time::Instant::now();
+    let containers = match daemon.containers() {
+        Ok(c) => c,
+        Err(e) => return Event::Error(e),
+    };
+    let bundle = match containers.bundle(std::path::Path::new(dir), None) {
+        Ok(b) => b,
+        Err(e) => return Event::Error(e),
+    };
     let id = daemon.registry.next_id();
+    let timeout = std::time::Duration::from_millis(ready_timeout_ms);
+    let (container, pid) = match containers.start_seed(&bundle, id, timeout).await {
+        Ok(started) => started,
+        Err(e) => return Event::Error(format!("starting {dir}: {e}")),
+    };
+    let from = FromBundle {
+        container,
+        bundle: ContainerRef {
+            bundle: bundle.dir.to_string_lossy().into_owned(),
+            digest: bundle.digest,
+        },
+        warm_us: started.elapsed().as_micros() as u64,
+    };
+    prepare_with_id(daemon, pid, id, Some(from)).await
+}
+
+async fn prepare(daemon: &Arc<Daemon>, pid: i32, from: Option<FromBundle>) -> Event {
+    let id = daemon.registry.next_id();
+    prepare_with_id(daemon, pid, id, from).await
+}
+
+async fn prepare_with_id(
+    daemon: &Arc<Daemon>,
+    pid: i32,
+    id: u64,
+    from: Option<FromBundle>,
+) -> Event {
+    let started = std::time::Instant::now();
     let files = daemon.files.clone();
     let prepared = daemon
         .tracer
         .run(move || mitosis_fork::prepare(pid, id, &files))
         .await;
-    let prepared = match prepared {
+    let mut prepared = match prepared {
         Ok(p) => p,
-        Err(e) => return Event::Error(e.to_string()),
+        Err(e) => {
+            if let Some(from) = from {
+                destroy_seed_container(from.container).await;
+            }
+            return Event::Error(e.to_string());
+        }
     };
     let mut key = [0u8; mitosis_descriptor::KEY_LEN];
     if let Err(e) = getrandom::fill(&mut key) {
         return Event::Error(format!("no randomness for the seed's key: {e}"));
     }
+    prepared.descriptor.container = from.as_ref().map(|f| f.bundle.clone());
     let encoded = mitosis_descriptor::encode(&prepared.descriptor);
     let stats = PrepareStats {
+        warm_us: from.as_ref().map_or(0, |f| f.warm_us),
         stopped_us: prepared.stopped_us,
         total_us: started.elapsed().as_micros() as u64,
         vmas: prepared.descriptor.vmas.len() as u32,
@@ -102,9 +158,9 @@ async fn prepare(daemon: &Arc<Daemon>, pid: i32) -> Event {
             .sum(),
         descriptor_bytes: encoded.len() as u64,
     };
-    let seed = daemon
-        .registry
-        .insert(Seed::new(pid, key, prepared, encoded));
+    let seed = Seed::new(pid, key, prepared, encoded);
+    *seed.container.lock().expect("container lock") = from.map(|f| f.container);
+    let seed = daemon.registry.insert(seed);
     let handle = Handle {
         host: daemon.listen,
         seed_id: seed.id,
@@ -162,12 +218,23 @@ fn evict(daemon: &Daemon, handle: &str) -> Event {
     }
 }
 
-/// Kills a seed's twin (on the tracer thread, which owns it).
+/// Kills a seed's twin (on the tracer thread, which owns it), and its container if any.
 pub async fn release(daemon: &Daemon, seed: &Seed) {
     let twin = seed.twin.lock().expect("twin lock").take();
     if let Some(twin) = twin {
         let insn = seed.syscall_insn;
         daemon.tracer.run(move || twin.release(insn)).await;
+    }
+    let container = seed.container.lock().expect("container lock").take();
+    if let Some(container) = container {
+        destroy_seed_container(container).await;
+    }
+}
+
+async fn destroy_seed_container(c: SeedContainer) {
+    let done = tokio::task::spawn_blocking(move || c.container.destroy()).await;
+    if let Ok(Err(e)) = done {
+        tracing::warn!("destroying a seed's container: {e}");
     }
 }
 
@@ -202,6 +269,13 @@ fn status(daemon: &Daemon) -> String {
     }
     for (peer, idle) in daemon.pool.idle_counts() {
         out.push_str(&format!("pool {peer} idle {idle}\n"));
+    }
+    match daemon.containers() {
+        Ok(c) => c.status_lines().iter().for_each(|l| {
+            out.push_str(l);
+            out.push('\n');
+        }),
+        Err(e) => out.push_str(&format!("containers unavailable: {e}\n")),
     }
     out
 }

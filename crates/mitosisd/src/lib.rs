@@ -2,6 +2,7 @@
 //! resumes children of any seed on request, each forked from this host's replica of the seed.
 
 pub mod cache;
+pub mod containers;
 pub mod control;
 pub mod peer_server;
 pub mod peer_source;
@@ -30,6 +31,16 @@ pub struct Daemon {
     pub pool: Arc<PeerPool>,
     pub cache: cache::HostCache,
     pub counters: Counters,
+    /// Seeds from bundles and the containers children join; an error if this host can't.
+    pub containers: Result<containers::Containers, String>,
+}
+
+impl Daemon {
+    pub fn containers(&self) -> Result<&containers::Containers, String> {
+        self.containers
+            .as_ref()
+            .map_err(|e| format!("containers are unavailable on this host: {e}"))
+    }
 }
 
 /// The daemon's metrics, reported by `mitosis status`.

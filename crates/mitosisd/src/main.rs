@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use mitosis_transport::peer::PeerPool;
 use mitosisd::cache::HostCache;
+use mitosisd::containers::Containers;
 use mitosisd::peer_source::REQUEST_TIMEOUT;
 use mitosisd::{Counters, Daemon, control, peer_server, registry::Registry, tracer::Tracer};
 use tokio::net::{TcpListener, UnixListener};
@@ -36,6 +37,16 @@ struct Args {
     /// Idle connections kept open to each peer.
     #[arg(long, default_value_t = 4)]
     pool_size: usize,
+    /// Names this daemon's cgroups (`<cgroup mount>/mitosis/<instance>`); a daemon restarted
+    /// with the same name removes what its crashed predecessor left. Default: from --socket.
+    #[arg(long)]
+    instance: Option<String>,
+    /// The container init binary (default: mitosis-init beside this binary).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Empty containers kept ready per bundle for children to join.
+    #[arg(long, default_value_t = 4)]
+    container_pool: usize,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -53,6 +64,24 @@ async fn main() -> Result<()> {
         None => std::env::current_exe()?.with_file_name("mitosis-stub"),
     };
     anyhow::ensure!(stub.is_file(), "stub binary {} not found", stub.display());
+    let init = match args.init {
+        Some(s) => s,
+        None => std::env::current_exe()?.with_file_name("mitosis-init"),
+    };
+    let instance = args.instance.unwrap_or_else(|| {
+        args.socket
+            .to_string_lossy()
+            .trim_matches('/')
+            .replace(['/', '.'], "-")
+    });
+    let containers = if init.is_file() {
+        Containers::new(&instance, init, args.container_pool).map_err(|e| format!("{e:#}"))
+    } else {
+        Err(format!("container init {} not found", init.display()))
+    };
+    if let Err(e) = &containers {
+        tracing::warn!("containers unavailable: {e}");
+    }
 
     // TCP first: once the control socket exists, the daemon is fully up.
     let tcp = TcpListener::bind(args.listen)
@@ -75,6 +104,7 @@ async fn main() -> Result<()> {
         pool: Arc::new(PeerPool::new(args.pool_size, REQUEST_TIMEOUT)),
         cache: HostCache::new(args.cache_mib * 256),
         counters: Counters::default(),
+        containers,
     });
     tracing::info!(listen = %daemon.listen, socket = %args.socket.display(), "mitosisd up");
     tokio::spawn(peer_server::serve(tcp, daemon.clone()));
@@ -94,6 +124,10 @@ async fn main() -> Result<()> {
     for seed in daemon.registry.all() {
         control::release(&daemon, &seed).await;
     }
+    if let Ok(c) = &daemon.containers {
+        c.pool.shutdown();
+    }
     let _ = std::fs::remove_file(&args.socket);
+    // The pool's containers go with the daemon (Drop of the pool destroys them).
     Ok(())
 }

@@ -19,6 +19,8 @@ pub struct Seed {
     pub syscall_insn: u64,
     /// Page addresses children have asked for: replayed in one transfer by new hosts.
     working_set: Mutex<BTreeSet<u64>>,
+    /// The container a bundle's seed runs in, destroyed when the seed is dropped.
+    pub container: Mutex<Option<crate::containers::SeedContainer>>,
 }
 
 impl Seed {
@@ -38,6 +40,7 @@ impl Seed {
             twin: Mutex::new(Some(prepared.twin)),
             syscall_insn: prepared.syscall_insn,
             working_set: Mutex::new(BTreeSet::new()),
+            container: Mutex::new(None),
         }
     }
 

@@ -6,9 +6,11 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use mitosis_container::{Bundle, Container};
 use mitosis_fork::PageSource;
 use mitosis_fork::pending::PendingMap;
 use mitosis_fork::replica_pages::{FromReplica, ReplicaPages, fetch_ahead};
+use mitosis_fork::restore::replica::{Join, JoinSpec};
 use mitosis_fork::restore::{self, replica};
 use mitosis_sys::uffd::Userfaultfd;
 use mitosis_transport::control::ResumeStats;
@@ -35,6 +37,8 @@ pub struct Entry {
     pub last_used: Mutex<Instant>,
     pub children: AtomicU64,
     watcher: tokio::task::JoinHandle<()>,
+    /// The bundle of a containerized seed: each child joins a container of it.
+    pub bundle: Option<Arc<Bundle>>,
 }
 
 impl Entry {
@@ -64,7 +68,17 @@ pub async fn build(
 ) -> Result<Entry, String> {
     let t0 = Instant::now();
     let desc = mitosis_descriptor::decode(encoded).map_err(|e| e.to_string())?;
-    let plan = restore::plan(&desc, &daemon.files, daemon.vdso_hash).map_err(|e| e.to_string())?;
+    let bundle = match &desc.container {
+        Some(r) => Some(daemon.containers()?.bundle_of(r)?),
+        None => None,
+    };
+    let root = bundle.as_ref().map(|b| b.rootfs.as_path());
+    let plan =
+        restore::plan(&desc, &daemon.files, daemon.vdso_hash, root).map_err(|e| e.to_string())?;
+    let join = bundle.as_ref().map(|b| JoinSpec {
+        namespaces: b.namespaces,
+        cwd: desc.cwd.clone().unwrap_or_else(|| b.cwd.clone()),
+    });
     let runs: Vec<(u64, u32)> = plan
         .prefetch_runs()
         .iter()
@@ -99,7 +113,7 @@ pub async fn build(
     let (built, ahead) = tokio::join!(
         daemon
             .tracer
-            .run(move || replica::build(plan, &stub, &prefetched)),
+            .run(move || replica::build(plan, &stub, &prefetched, join)),
         fetch_ahead(&source, &pending, &working_set, AHEAD_MAX_PAGES),
     );
     let built = built.map_err(|e| e.to_string())?;
@@ -129,6 +143,7 @@ pub async fn build(
         last_used: Mutex::new(Instant::now()),
         children: AtomicU64::new(0),
         watcher,
+        bundle,
     };
     stats.working_set_pages = entry.pages.install(ahead?).await
         + entry
@@ -148,6 +163,8 @@ pub struct Forked {
     pub uffd: Userfaultfd,
     pub pending: PendingMap,
     pub source: FromReplica<Source>,
+    /// The container the child joined; handed back to the pool when it exits.
+    pub container: Option<Container>,
 }
 
 /// Forks a child of `entry` with `stdio`.
@@ -157,6 +174,26 @@ pub async fn fork(
     stdio: [OwnedFd; 3],
     stats: &mut ResumeStats,
 ) -> Result<Forked, String> {
+    let container = match &entry.bundle {
+        Some(bundle) => {
+            let t0 = Instant::now();
+            let pool = &daemon.containers()?.pool;
+            // Usually ready-made; made here (milliseconds) when the pool ran dry.
+            let (c, pooled) = tokio::task::block_in_place(|| pool.take(bundle))
+                .map_err(|e| format!("container for the child: {e}"))?;
+            stats.container_us = t0.elapsed().as_micros() as u64;
+            stats.container_pooled = pooled;
+            Some(Arc::new(c))
+        }
+        None => None,
+    };
+    let join = container.as_ref().map(|c| {
+        let c = c.clone();
+        Join {
+            init_pid: c.init_pid(),
+            before_run: Box::new(move |pid| c.cgroup().add(pid).map_err(std::io::Error::other)),
+        }
+    });
     // No fill may land between the snapshot of what is missing and the fork.
     let frozen = entry.pages.freeze().await;
     let mut pending = frozen.pending.clone();
@@ -171,13 +208,23 @@ pub async fn fork(
         .tracer
         .run(move || {
             let (mut replica, forks) = process;
-            let forked = replica.fork(stdio, &forks);
+            let forked = replica.fork(stdio, &forks, join);
             ((replica, forks), forked)
         })
         .await;
     *entry.process.lock().expect("entry lock") = Some(process);
     drop(frozen);
-    let forked = forked.map_err(|e| e.to_string())?;
+    // The fork has consumed the join, and with it the other reference.
+    let container = container.map(|c| Arc::try_unwrap(c).expect("the join is gone"));
+    let forked = match forked {
+        Ok(f) => f,
+        Err(e) => {
+            if let Some(c) = container {
+                daemon.containers()?.pool.release(c);
+            }
+            return Err(e.to_string());
+        }
+    };
     stats.fork_us = forked.fork_us;
     Ok(Forked {
         pid: forked.pid,
@@ -185,5 +232,6 @@ pub async fn fork(
         uffd: forked.uffd,
         pending,
         source: FromReplica(entry.pages.clone()),
+        container,
     })
 }

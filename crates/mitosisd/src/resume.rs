@@ -41,6 +41,7 @@ pub async fn run(
         }
     };
     let pid = child.pid;
+    let container = child.container;
     let counters = &daemon.counters;
     counters.children_started.fetch_add(1, Ordering::Relaxed);
     counters.children_running.fetch_add(1, Ordering::Relaxed);
@@ -106,6 +107,14 @@ pub async fn run(
     handler.abort();
     forwarder.abort();
     drop(stopped_uffd);
+    if let Some(c) = container {
+        if reason.is_none() && status == pidfd::ExitStatus::Signaled(libc::SIGKILL) {
+            reason = oom_reason(&c);
+        }
+        if let Ok(containers) = daemon.containers() {
+            containers.pool.release(c);
+        }
+    }
     counters.children_running.fetch_sub(1, Ordering::Relaxed);
     entry.children.fetch_sub(1, Ordering::Relaxed);
     // The child's faults grew the replica: make room for it among the others.
@@ -119,6 +128,17 @@ pub async fn run(
     frame::write(&mut writer, &event)
         .await
         .map_err(io::Error::other)
+}
+
+/// Why a child killed by SIGKILL died, if its container's memory limit did it.
+fn oom_reason(c: &mitosis_container::Container) -> Option<String> {
+    (c.cgroup().oom_kills() > 0).then(|| match c.cgroup().memory_limit() {
+        Some(limit) => format!(
+            "out of memory: killed at its container's limit of {} MiB",
+            limit >> 20
+        ),
+        None => "out of memory: killed by its container's memory limit".into(),
+    })
 }
 
 /// Checks the seed with its host, finds or builds its replica here, and forks the child.

@@ -144,12 +144,15 @@ pub(crate) fn spawn(
     cmd.env_clear()
         // The stub must not register rseq: the child registers the seed's area instead.
         .env("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
-        .current_dir(
-            plan.cwd
+        .current_dir(match plan.root {
+            // The stub takes its directory after entering the root.
+            Some(_) => "/",
+            None => plan
+                .cwd
                 .as_deref()
                 .filter(|d| Path::new(d).is_dir())
                 .unwrap_or("/"),
-        );
+        });
     match stdio {
         Some([stdin, stdout, stderr]) => cmd
             .stdin(Stdio::from(stdin))
@@ -225,6 +228,8 @@ pub(crate) fn lay_out(
     let chan_err = |e: &dyn std::fmt::Display| RestoreError::Channel(e.to_string());
     let setup = Setup {
         work_fd_base: plan.work_fd_base,
+        root: plan.root.as_ref().map(|r| r.to_string_lossy().into_owned()),
+        cwd: plan.cwd.clone(),
         opens: plan.opens.clone(),
     };
     chan.write_all(&frame::encode(&setup))

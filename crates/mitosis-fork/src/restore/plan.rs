@@ -1,6 +1,7 @@
 //! Deciding, on the child's host, how each of the seed's mappings is rebuilt.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use mitosis_descriptor::{Backing, Descriptor, MmFields, Vma};
 use mitosis_sys::PAGE_SIZE;
@@ -53,6 +54,8 @@ pub struct Plan {
     pub mm: MmFields,
     pub auxv: Vec<u64>,
     pub cwd: Option<String>,
+    /// The container rootfs the seed's paths are relative to; `None`: this host's root.
+    pub root: Option<PathBuf>,
 }
 
 impl Plan {
@@ -62,11 +65,13 @@ impl Plan {
     }
 }
 
-/// Plans the child of `desc` on this host. `local_vdso_hash` is this host's vDSO digest.
+/// Plans the child of `desc` on this host. `local_vdso_hash` is this host's vDSO digest;
+/// `root` the rootfs of the seed's container, if it ran in one.
 pub fn plan(
     desc: &Descriptor,
     files: &FileCache,
     local_vdso_hash: [u8; 32],
+    root: Option<&Path>,
 ) -> Result<Plan, PlanError> {
     let host = std::env::consts::ARCH;
     if desc.arch != host {
@@ -118,7 +123,7 @@ pub fn plan(
             offset: 0,
         };
         match &vma.backing {
-            Backing::File { file, offset, .. } if files.is_identical(file) => {
+            Backing::File { file, offset, .. } if files.is_identical(file, root) => {
                 let writable_shared = vma.shared && vma.prot & mitosis_descriptor::PROT_WRITE != 0;
                 let mode = if writable_shared {
                     libc::O_RDWR
@@ -157,7 +162,7 @@ pub fn plan(
     let exe = desc
         .exe
         .as_ref()
-        .filter(|e| files.is_identical(e))
+        .filter(|e| files.is_identical(e, root))
         .map(|e| open(&e.path, libc::O_RDONLY));
     let work_fd_base = desc
         .files
@@ -208,6 +213,7 @@ pub fn plan(
         mm: desc.mm,
         auxv: desc.auxv.clone(),
         cwd: desc.cwd.clone(),
+        root: root.map(Path::to_path_buf),
     })
 }
 

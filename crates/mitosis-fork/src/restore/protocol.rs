@@ -14,6 +14,11 @@ pub struct Setup {
     /// seed's descriptor numbers; the trampoline closes them all at the end. The channel is
     /// at exactly this number.
     pub work_fd_base: i32,
+    /// A container's rootfs: the stub chroots into it before opening anything, so the seed's
+    /// paths resolve against the same files the seed saw.
+    pub root: Option<String>,
+    /// The working directory to take (inside `root` when there is one).
+    pub cwd: Option<String>,
     pub opens: Vec<OpenSpec>,
 }
 

@@ -8,6 +8,11 @@
 //! is the daemon's child) and running a small batch in the child: take its stdio from the
 //! replica's channel, drop the channel, give shared memory a fresh mapping of its own. Then it
 //! gets the seed's registers and is let go.
+//!
+//! A child of a containerized seed also joins a container made ahead of time: the replica
+//! takes a pidfd of the container's init and sets its pid namespace for children from it
+//! before the clone; the child's batch joins the other namespaces through the same pidfd,
+//! which it inherits as descriptor 0 (the replica has no stdio, so it is the lowest free).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -30,6 +35,24 @@ const RECORD: u64 = std::mem::size_of::<Record>() as u64;
 const MSG_AREA: u64 = 56 + 16 + 8 + 32;
 /// How long a fork may wait for its userfaultfd (the fork blocks until it is read).
 const FORK_UFFD_WAIT: Duration = Duration::from_secs(5);
+/// Where a joining child finds the pidfd of its container's init.
+const JOIN_FD: u64 = 0;
+
+/// The containers children of a replica join, as far as the batch needs to know at build.
+#[derive(Debug, Clone)]
+pub struct JoinSpec {
+    /// CLONE_NEW* flags of the containers' namespaces.
+    pub namespaces: i32,
+    /// The seed's working directory inside the container.
+    pub cwd: String,
+}
+
+/// The container one child joins.
+pub struct Join {
+    pub init_pid: i32,
+    /// Runs on the stopped child before it is let go (puts it into the container's cgroup).
+    pub before_run: Box<dyn FnOnce(i32) -> std::io::Result<()> + Send>,
+}
 
 /// The replica process. Lives on the tracer thread's side: every method must run there.
 pub struct Replica {
@@ -41,6 +64,7 @@ pub struct Replica {
     seed_regs: Regs,
     /// Shared anonymous mappings: each child gets a fresh one (seed contents, own writes).
     shared: Vec<(u64, u64)>,
+    joins: bool,
 }
 
 /// What a new replica hands to the async side.
@@ -63,7 +87,12 @@ pub struct Forked {
 }
 
 /// Builds the replica of `plan`. `prefetched` holds [`Plan::prefetch_runs`] back to back.
-pub fn build(plan: Plan, stub: &Path, prefetched: &[u8]) -> Result<Built, RestoreError> {
+pub fn build(
+    plan: Plan,
+    stub: &Path,
+    prefetched: &[u8],
+    join: Option<JoinSpec>,
+) -> Result<Built, RestoreError> {
     let t0 = Instant::now();
     let mut spawned = build::spawn(&plan, stub, None)?;
     let spawn_us = t0.elapsed().as_micros() as u64;
@@ -75,7 +104,9 @@ pub fn build(plan: Plan, stub: &Path, prefetched: &[u8]) -> Result<Built, Restor
         .collect();
     let chan_fd = plan.work_fd_base as u64;
     let maps = plan.maps.clone();
-    let extra = move |at: u64| child_batch(at, chan_fd, &maps).0;
+    let joins = join.is_some();
+    let batch_join = join.clone();
+    let extra = move |at: u64| child_batch(at, chan_fd, &maps, batch_join.as_ref()).0;
     let laid = build::lay_out(&plan, &mut spawned, prefetched, Some(&extra));
     let laid = match laid.and_then(|l| {
         // Forks must stop us so each child is traced from its first instruction.
@@ -97,7 +128,7 @@ pub fn build(plan: Plan, stub: &Path, prefetched: &[u8]) -> Result<Built, Restor
         size,
         extra_at,
     } = laid;
-    let (_, batch_labels) = child_batch(extra_at, chan_fd, &plan.maps);
+    let (_, batch_labels) = child_batch(extra_at, chan_fd, &plan.maps, join.as_ref());
     let seed_regs = resume_point(&words_to_regs(&plan.regs), RestartFor::OtherTask);
     Ok(Built {
         replica: Replica {
@@ -108,6 +139,7 @@ pub fn build(plan: Plan, stub: &Path, prefetched: &[u8]) -> Result<Built, Restor
             batch_labels,
             seed_regs,
             shared,
+            joins,
         },
         uffd,
         pending: plan.pending,
@@ -117,28 +149,53 @@ pub fn build(plan: Plan, stub: &Path, prefetched: &[u8]) -> Result<Built, Restor
 }
 
 /// The batch each child runs right after the fork, laid out at `at`: records, then the
-/// recvmsg structures. Returns its bytes and a label per record.
-fn child_batch(at: u64, chan_fd: u64, maps: &[super::MapStep]) -> (Vec<u8>, Vec<String>) {
+/// recvmsg structures, then the container's working directory. Returns its bytes and a label
+/// per record.
+fn child_batch(
+    at: u64,
+    chan_fd: u64,
+    maps: &[super::MapStep],
+    join: Option<&JoinSpec>,
+) -> (Vec<u8>, Vec<String>) {
     let shared: Vec<&super::MapStep> = maps
         .iter()
         .filter(|m| m.file.is_none() && m.flags & libc::MAP_SHARED as u64 != 0)
         .collect();
-    let n = 3 + shared.len() as u64;
+    let n = 3 + shared.len() as u64 + if join.is_some() { 3 } else { 0 };
     let msg = at + n * RECORD;
     let (iov, byte, cmsg) = (msg + 56, msg + 72, msg + 80);
-    let mut records: Vec<(Record, String)> = vec![
-        (
-            [
-                libc::SYS_prctl as u64,
-                libc::PR_SET_PDEATHSIG as u64,
-                libc::SIGKILL as u64,
-                0,
-                0,
-                0,
-                0,
-            ],
-            "die with the daemon".into(),
-        ),
+    let cwd_at = msg + MSG_AREA;
+    let mut records: Vec<(Record, String)> = vec![(
+        [
+            libc::SYS_prctl as u64,
+            libc::PR_SET_PDEATHSIG as u64,
+            libc::SIGKILL as u64,
+            0,
+            0,
+            0,
+            0,
+        ],
+        "die with the daemon".into(),
+    )];
+    if let Some(join) = join {
+        // The pid namespace was set by the replica for the clone; the rest is joined here.
+        let flags = (join.namespaces & !libc::CLONE_NEWPID) as u64;
+        records.extend([
+            (
+                [libc::SYS_setns as u64, JOIN_FD, flags, 0, 0, 0, 0],
+                "join the container's namespaces".into(),
+            ),
+            (
+                [libc::SYS_close as u64, JOIN_FD, 0, 0, 0, 0, 0],
+                "close the container's pidfd".into(),
+            ),
+            (
+                [libc::SYS_chdir as u64, cwd_at, 0, 0, 0, 0, 0],
+                format!("enter {}", join.cwd),
+            ),
+        ]);
+    }
+    records.extend([
         (
             [libc::SYS_recvmsg as u64, chan_fd, msg, 0, 0, 0, 0],
             "receive stdio".into(),
@@ -147,7 +204,7 @@ fn child_batch(at: u64, chan_fd: u64, maps: &[super::MapStep]) -> (Vec<u8>, Vec<
             [libc::SYS_close as u64, chan_fd, 0, 0, 0, 0, 0],
             "close the replica's channel".into(),
         ),
-    ];
+    ]);
     for m in shared {
         let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
         records.push((
@@ -177,6 +234,10 @@ fn child_batch(at: u64, chan_fd: u64, maps: &[super::MapStep]) -> (Vec<u8>, Vec<
     }
     out.resize(out.len() + 8 + 32, 0);
     debug_assert_eq!(out.len() as u64, n * RECORD + MSG_AREA);
+    if let Some(join) = join {
+        out.extend_from_slice(join.cwd.as_bytes());
+        out.push(0);
+    }
     (out, records.into_iter().map(|(_, l)| l).collect())
 }
 
@@ -191,15 +252,18 @@ impl Replica {
         &mut self,
         stdio: [OwnedFd; 3],
         forks: &Receiver<Userfaultfd>,
+        join: Option<Join>,
     ) -> Result<Forked, RestoreError> {
         let t0 = Instant::now();
+        if join.is_some() != self.joins {
+            return Err(RestoreError::Channel(
+                "a child must join a container exactly when its seed ran in one".into(),
+            ));
+        }
         let tracee = &mut self.spawned.tracee;
         let insn = self.at + trampoline::syscall_offset();
         let saved = tracee.regs().map_err(RestoreError::Trace)?;
-        let flags = (libc::CLONE_PARENT | libc::SIGCHLD) as u64;
-        let result = tracee
-            .syscall(insn, libc::SYS_clone, [flags, 0, 0, 0, 0, 0])
-            .map_err(RestoreError::Trace);
+        let result = Self::clone_child(tracee, insn, join.as_ref().map(|j| j.init_pid));
         tracee.set_regs(&saved).map_err(RestoreError::Trace)?;
         let result = result?;
         let pid = match result.new_child {
@@ -219,7 +283,8 @@ impl Replica {
                 return Err(RestoreError::Trace(e));
             }
         };
-        match self.start_child(&mut child, stdio, forks) {
+        let before_run = join.map(|j| j.before_run);
+        match self.start_child(&mut child, stdio, forks, before_run) {
             Ok(uffd) => {
                 child.detach().map_err(RestoreError::Trace)?;
                 Ok(Forked {
@@ -236,11 +301,56 @@ impl Replica {
         }
     }
 
+    /// Injects the clone into the replica, first moving its pid namespace for children to
+    /// that of `init` (the container to join) when there is one.
+    fn clone_child(
+        tracee: &mut Tracee,
+        insn: u64,
+        init: Option<i32>,
+    ) -> Result<mitosis_sys::ptrace::SyscallResult, RestoreError> {
+        let step = |step: &str, ret: i64| RestoreError::Step {
+            step: step.into(),
+            source: std::io::Error::from_raw_os_error(-ret as i32),
+        };
+        let mut call =
+            |nr: i64, args: [u64; 6]| tracee.syscall(insn, nr, args).map_err(RestoreError::Trace);
+        if let Some(init) = init {
+            let fd = call(libc::SYS_pidfd_open, [init as u64, 0, 0, 0, 0, 0])?.ret;
+            if fd != JOIN_FD as i64 {
+                if fd >= 0 {
+                    call(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+                    return Err(step(
+                        "open the container's pidfd at fd 0 (fd 0 is taken)",
+                        -libc::EBUSY as i64,
+                    ));
+                }
+                return Err(step("open the container's pidfd", fd));
+            }
+            let set = call(
+                libc::SYS_setns,
+                [JOIN_FD, libc::CLONE_NEWPID as u64, 0, 0, 0, 0],
+            )?
+            .ret;
+            if set < 0 {
+                call(libc::SYS_close, [JOIN_FD, 0, 0, 0, 0, 0])?;
+                return Err(step("enter the container's pid namespace", set));
+            }
+        }
+        let flags = (libc::CLONE_PARENT | libc::SIGCHLD) as u64;
+        let result = call(libc::SYS_clone, [flags, 0, 0, 0, 0, 0]);
+        if init.is_some() {
+            // The child has its copy; the replica keeps no descriptor of a container.
+            call(libc::SYS_close, [JOIN_FD, 0, 0, 0, 0, 0])?;
+        }
+        result
+    }
+
     fn start_child(
         &self,
         child: &mut Tracee,
         stdio: [OwnedFd; 3],
         forks: &Receiver<Userfaultfd>,
+        before_run: Option<Box<dyn FnOnce(i32) -> std::io::Result<()> + Send>>,
     ) -> Result<Userfaultfd, RestoreError> {
         let uffd = forks
             .recv_timeout(FORK_UFFD_WAIT)
@@ -276,6 +386,12 @@ impl Replica {
             other => return Err(RestoreError::Died(format!("{other:?}"))),
         }
         build::check_batch(child, &self.batch_labels)?;
+        if let Some(before_run) = before_run {
+            before_run(child.pid()).map_err(|source| RestoreError::Step {
+                step: "put the child into its container's cgroup".into(),
+                source,
+            })?;
+        }
         for &(start, len) in &self.shared {
             uffd.register(start, len)
                 .map_err(|source| RestoreError::Step {
@@ -327,7 +443,7 @@ mod tests {
             file: None,
             offset: 0,
         }];
-        let (bytes, labels) = child_batch(0x5000_0000, 70, &maps);
+        let (bytes, labels) = child_batch(0x5000_0000, 70, &maps, None);
         assert_eq!(labels.len(), 4);
         assert_eq!(bytes.len() as u64, 4 * RECORD + MSG_AREA);
         let word = |i: usize| u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());

@@ -1,0 +1,319 @@
+//! Reading an OCI bundle (config.json + rootfs) into what a lean container needs.
+//!
+//! Only what mitosis can honour is accepted: anything else in the config is an error before
+//! anything starts, so a function never runs with a limit silently dropped.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Spec};
+use thiserror::Error;
+
+use crate::cgroup::Limits;
+
+#[derive(Debug, Error)]
+pub enum BundleError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid OCI config: {source}")]
+    Malformed {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{0} is missing from config.json")]
+    Missing(&'static str),
+    #[error("rootfs {0} is not a directory")]
+    NoRootfs(PathBuf),
+    #[error("{0} is not supported")]
+    Unsupported(String),
+    #[error("{field} must be positive, not {value}")]
+    Invalid { field: &'static str, value: i64 },
+}
+
+/// The namespaces every container gets, whatever the config lists: its own processes and
+/// mounts are what make it a container at all.
+pub const BASE_NAMESPACES: i32 = libc::CLONE_NEWPID | libc::CLONE_NEWNS;
+
+/// A bundle as mitosis runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    /// The bundle directory, canonical.
+    pub dir: PathBuf,
+    /// The root filesystem, canonical.
+    pub rootfs: PathBuf,
+    pub readonly: bool,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub hostname: String,
+    /// CLONE_NEW* flags of the namespaces a container of this bundle gets.
+    pub namespaces: i32,
+    pub limits: Limits,
+    /// BLAKE3 of config.json: children on another host check they run the same function.
+    pub digest: [u8; 32],
+}
+
+impl Bundle {
+    /// Loads and checks the bundle in `dir`.
+    pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
+        let dir = dir.canonicalize().map_err(|source| BundleError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join("config.json");
+        let text = fs::read(&path).map_err(|source| BundleError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let spec: Spec = serde_json::from_slice(&text)
+            .map_err(|source| BundleError::Malformed { path, source })?;
+        let mut bundle = Bundle::from_spec(&dir, &spec)?;
+        bundle.digest = *blake3::hash(&text).as_bytes();
+        Ok(bundle)
+    }
+
+    fn from_spec(dir: &Path, spec: &Spec) -> Result<Bundle, BundleError> {
+        let root = spec.root().as_ref().ok_or(BundleError::Missing("root"))?;
+        let rootfs = dir.join(root.path());
+        let rootfs = rootfs
+            .canonicalize()
+            .ok()
+            .filter(|p| p.is_dir())
+            .ok_or(BundleError::NoRootfs(rootfs))?;
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or(BundleError::Missing("process"))?;
+        let args = process.args().clone().unwrap_or_default();
+        if args.is_empty() {
+            return Err(BundleError::Missing("process.args"));
+        }
+        if process.terminal().unwrap_or(false) {
+            return Err(BundleError::Unsupported("process.terminal".into()));
+        }
+        let user = process.user();
+        if user
+            .additional_gids()
+            .as_ref()
+            .is_some_and(|g| !g.is_empty())
+        {
+            return Err(BundleError::Unsupported(
+                "process.user.additionalGids".into(),
+            ));
+        }
+        let cwd = process.cwd().to_string_lossy().into_owned();
+        if !cwd.starts_with('/') {
+            return Err(BundleError::Unsupported(format!(
+                "a relative process.cwd ({cwd})"
+            )));
+        }
+        let mut namespaces = BASE_NAMESPACES;
+        let mut limits = Limits::default();
+        if let Some(linux) = spec.linux() {
+            for ns in linux.namespaces().iter().flatten() {
+                if ns.path().is_some() {
+                    return Err(BundleError::Unsupported(format!(
+                        "joining an existing {} namespace",
+                        ns.typ()
+                    )));
+                }
+                namespaces |= match ns.typ() {
+                    LinuxNamespaceType::Pid => libc::CLONE_NEWPID,
+                    LinuxNamespaceType::Mount => libc::CLONE_NEWNS,
+                    LinuxNamespaceType::Uts => libc::CLONE_NEWUTS,
+                    LinuxNamespaceType::Ipc => libc::CLONE_NEWIPC,
+                    LinuxNamespaceType::Network => libc::CLONE_NEWNET,
+                    LinuxNamespaceType::Cgroup => libc::CLONE_NEWCGROUP,
+                    other => {
+                        return Err(BundleError::Unsupported(format!("a {other} namespace")));
+                    }
+                };
+            }
+            if let Some(resources) = linux.resources() {
+                limits = limits_of(resources)?;
+            }
+        }
+        Ok(Bundle {
+            dir: dir.to_path_buf(),
+            rootfs,
+            readonly: root.readonly().unwrap_or(false),
+            args,
+            env: process.env().clone().unwrap_or_default(),
+            cwd,
+            uid: user.uid(),
+            gid: user.gid(),
+            hostname: spec.hostname().clone().unwrap_or_else(|| "fn".into()),
+            namespaces,
+            limits,
+            digest: [0; 32],
+        })
+    }
+}
+
+/// The limits of `linux.resources`; anything mitosis cannot enforce is an error.
+fn limits_of(r: &LinuxResources) -> Result<Limits, BundleError> {
+    let unsupported =
+        |field: &str| Err(BundleError::Unsupported(format!("linux.resources.{field}")));
+    if r.block_io().is_some() {
+        return unsupported("blockIO");
+    }
+    if r.hugepage_limits().as_ref().is_some_and(|h| !h.is_empty()) {
+        return unsupported("hugepageLimits");
+    }
+    if r.network().is_some() {
+        return unsupported("network");
+    }
+    if r.rdma().as_ref().is_some_and(|h| !h.is_empty()) {
+        return unsupported("rdma");
+    }
+    if r.unified().as_ref().is_some_and(|h| !h.is_empty()) {
+        return unsupported("unified");
+    }
+    let mut limits = Limits::default();
+    if let Some(m) = r.memory() {
+        if m.reservation().is_some()
+            || m.kernel().is_some()
+            || m.kernel_tcp().is_some()
+            || m.swappiness().is_some()
+            || m.disable_oom_killer().is_some()
+        {
+            return unsupported("memory (only limit and swap are)");
+        }
+        if let Some(limit) = m.limit() {
+            limits.memory_bytes = Some(positive("linux.resources.memory.limit", limit)?);
+            // The limit covers swap too (so it cannot be dodged): a larger swap is not honoured.
+            if m.swap().is_some_and(|s| s != limit) {
+                return unsupported("memory.swap other than the limit");
+            }
+        }
+    }
+    if let Some(c) = r.cpu() {
+        if c.realtime_runtime().is_some() || c.realtime_period().is_some() {
+            return unsupported("cpu.realtime*");
+        }
+        if c.cpus().as_ref().is_some_and(|s| !s.is_empty())
+            || c.mems().as_ref().is_some_and(|s| !s.is_empty())
+        {
+            return unsupported("cpu.cpus and cpu.mems");
+        }
+        if c.idle().is_some() || c.burst().is_some() {
+            return unsupported("cpu.idle and cpu.burst");
+        }
+        limits.cpu_shares = c.shares();
+        limits.cpu_quota_us = c.quota().filter(|q| *q > 0);
+        limits.cpu_period_us = c.period();
+    }
+    if let Some(p) = r.pids() {
+        if p.limit() > 0 {
+            limits.pids = Some(p.limit());
+        }
+    }
+    Ok(limits)
+}
+
+fn positive(field: &'static str, value: i64) -> Result<u64, BundleError> {
+    u64::try_from(value)
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or(BundleError::Invalid { field, value })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle_with(config: &str) -> (PathBuf, Result<Bundle, BundleError>) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mitosis-spec-{}-{n}", std::process::id()));
+        fs::create_dir_all(dir.join("rootfs")).unwrap();
+        fs::write(dir.join("config.json"), config).unwrap();
+        let loaded = Bundle::load(&dir);
+        (dir, loaded)
+    }
+
+    fn config(extra_linux: &str) -> String {
+        format!(
+            r#"{{"ociVersion": "1.0.2",
+                "process": {{"args": ["python3", "fn.py"], "cwd": "/opt", "env": ["A=1"],
+                            "user": {{"uid": 0, "gid": 0}}}},
+                "root": {{"path": "rootfs", "readonly": true}},
+                "hostname": "fn",
+                "linux": {{"namespaces": [{{"type": "pid"}}, {{"type": "network"}},
+                                         {{"type": "uts"}}]{extra_linux}}}}}"#
+        )
+    }
+
+    #[test]
+    fn reads_process_root_namespaces_and_limits() {
+        let (dir, b) = bundle_with(&config(
+            r#", "resources": {"memory": {"limit": 67108864}, "pids": {"limit": 32},
+                 "cpu": {"shares": 512, "quota": 50000, "period": 100000}}"#,
+        ));
+        let b = b.unwrap();
+        assert_eq!(b.args, ["python3", "fn.py"]);
+        assert_eq!(b.cwd, "/opt");
+        assert_eq!(b.rootfs, dir.join("rootfs").canonicalize().unwrap());
+        assert!(b.readonly);
+        assert_eq!(
+            b.namespaces,
+            libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWUTS
+        );
+        assert_eq!(b.limits.memory_bytes, Some(64 << 20));
+        assert_eq!(b.limits.pids, Some(32));
+        assert_eq!(b.limits.cpu_quota_us, Some(50000));
+        assert_eq!(b.limits.cpu_shares, Some(512));
+        assert_ne!(b.digest, [0; 32]);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_bundles_say_what_is_wrong() {
+        let cases = [
+            ("{ not json", "not a valid OCI config"),
+            (
+                r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"}}"#,
+                "process is missing",
+            ),
+            (
+                r#"{"ociVersion": "1.0.2", "process": {"args": [], "cwd": "/"}, "root": {"path": "rootfs"}}"#,
+                "process.args is missing",
+            ),
+            (
+                r#"{"ociVersion": "1.0.2", "process": {"args": ["x"], "cwd": "/"}, "root": {"path": "nowhere"}}"#,
+                "rootfs",
+            ),
+            (
+                &config(r#", "resources": {"hugepageLimits": [{"pageSize": "2MB", "limit": 1}]}"#),
+                "hugepageLimits is not supported",
+            ),
+            (
+                &config(r#", "resources": {"memory": {"limit": -5}}"#),
+                "must be positive",
+            ),
+            (
+                &config(r#", "uidMappings": [], "resources": {"cpu": {"cpus": "0-1"}}"#),
+                "cpu.cpus and cpu.mems is not supported",
+            ),
+        ];
+        for (text, want) in cases {
+            let (dir, b) = bundle_with(text);
+            let err = b.expect_err(text).to_string();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+            fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn user_namespaces_are_refused() {
+        let text = config("").replace(r#"{"type": "uts"}"#, r#"{"type": "user"}"#);
+        let (dir, b) = bundle_with(&text);
+        assert!(b.unwrap_err().to_string().contains("user namespace"));
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
