@@ -102,14 +102,7 @@ cat >"$bundle/config.json" <<'EOF'
       "LANG=C.UTF-8",
       "PYTHONDONTWRITEBYTECODE=1"
     ],
-    "cwd": "/opt/mitosis",
-    "capabilities": {
-      "bounding": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
-      "effective": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
-      "permitted": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
-    },
-    "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }],
-    "noNewPrivileges": true
+    "cwd": "/opt/mitosis"
   },
   "root": { "path": "rootfs", "readonly": true },
   "hostname": "fn",

@@ -188,6 +188,8 @@ fn start_init(
         readonly: bundle.readonly,
         hostname: (bundle.namespaces & libc::CLONE_NEWUTS != 0).then(|| hostname.to_string()),
         loopback: bundle.namespaces & libc::CLONE_NEWNET != 0,
+        masked: bundle.masked.clone(),
+        readonly_paths: bundle.readonly_paths.clone(),
         exec,
     };
     let sent = serde_json::to_vec(&config)

@@ -31,6 +31,10 @@ pub struct InitConfig {
     pub hostname: Option<String>,
     /// Bring loopback up: the container has its own network namespace.
     pub loopback: bool,
+    /// Paths to hide (an empty read-only tmpfs over a directory, /dev/null over a file).
+    pub masked: Vec<String>,
+    /// Paths to make read-only.
+    pub readonly_paths: Vec<String>,
     /// The process to run, for a seed's container.
     pub exec: Option<Exec>,
 }
@@ -138,6 +142,25 @@ fn set_up(c: &InitConfig) -> Result<(), InitError> {
     pivot_root(".", ".").map_err(step("pivot_root"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(step("detaching the old root"))?;
     chdir("/").map_err(step("chdir /"))?;
+    for path in &c.masked {
+        mask(path)?;
+    }
+    for path in &c.readonly_paths {
+        if Path::new(path).exists() {
+            mount(
+                Some(path.as_str()),
+                path.as_str(),
+                none,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                none,
+            )
+            .and_then(|_| {
+                let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+                mount(none, path.as_str(), none, flags, none)
+            })
+            .map_err(step(format!("making {path} read-only")))?;
+        }
+    }
     if c.readonly {
         mount(
             none,
@@ -158,6 +181,21 @@ fn set_up(c: &InitConfig) -> Result<(), InitError> {
         })?;
     }
     Ok(())
+}
+
+/// Hides `path` if it exists: a directory under an empty read-only tmpfs, a file under
+/// /dev/null.
+fn mask(path: &str) -> Result<(), InitError> {
+    let none: Option<&str> = None;
+    let p = Path::new(path);
+    let result = if p.is_dir() {
+        mount(Some("tmpfs"), p, Some("tmpfs"), MsFlags::MS_RDONLY, none)
+    } else if p.exists() {
+        mount(Some("/dev/null"), p, none, MsFlags::MS_BIND, none)
+    } else {
+        return Ok(());
+    };
+    result.map_err(step(format!("masking {path}")))
 }
 
 /// A /dev with the usual character devices, bound from the host's, and the usual links.

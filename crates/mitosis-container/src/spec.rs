@@ -54,9 +54,16 @@ pub struct Bundle {
     /// CLONE_NEW* flags of the namespaces a container of this bundle gets.
     pub namespaces: i32,
     pub limits: Limits,
+    /// Paths hidden from the function (`linux.maskedPaths`).
+    pub masked: Vec<String>,
+    /// Paths the function may only read (`linux.readonlyPaths`).
+    pub readonly_paths: Vec<String>,
     /// BLAKE3 of config.json: children on another host check they run the same function.
     pub digest: [u8; 32],
 }
+
+/// The mounts every container gets (see `init`); a config may list them, not others.
+pub const STANDARD_MOUNTS: [&str; 5] = ["/proc", "/dev", "/dev/shm", "/sys", "/tmp"];
 
 impl Bundle {
     /// Loads and checks the bundle in `dir`.
@@ -106,6 +113,36 @@ impl Bundle {
                 "process.user.additionalGids".into(),
             ));
         }
+        // A child is a fork of a replica the daemon made, not of the seed: it could not keep
+        // capabilities, rlimits or seccomp filters the seed's process set up for itself.
+        let unsupported_process = [
+            ("process.capabilities", process.capabilities().is_some()),
+            (
+                "process.rlimits",
+                process.rlimits().as_ref().is_some_and(|r| !r.is_empty()),
+            ),
+            (
+                "process.noNewPrivileges",
+                process.no_new_privileges().unwrap_or(false),
+            ),
+            (
+                "process.apparmorProfile",
+                process.apparmor_profile().is_some(),
+            ),
+            ("process.selinuxLabel", process.selinux_label().is_some()),
+        ];
+        if let Some((field, _)) = unsupported_process.iter().find(|(_, set)| *set) {
+            return Err(BundleError::Unsupported((*field).into()));
+        }
+        for m in spec.mounts().iter().flatten() {
+            let dest = m.destination().to_string_lossy();
+            if !STANDARD_MOUNTS.contains(&dest.as_ref()) {
+                return Err(BundleError::Unsupported(format!(
+                    "mount {dest} (containers get {})",
+                    STANDARD_MOUNTS.join(", ")
+                )));
+            }
+        }
         let cwd = process.cwd().to_string_lossy().into_owned();
         if !cwd.starts_with('/') {
             return Err(BundleError::Unsupported(format!(
@@ -114,7 +151,21 @@ impl Bundle {
         }
         let mut namespaces = BASE_NAMESPACES;
         let mut limits = Limits::default();
+        let (mut masked, mut readonly_paths) = (Vec::new(), Vec::new());
         if let Some(linux) = spec.linux() {
+            if linux.seccomp().is_some() {
+                return Err(BundleError::Unsupported("linux.seccomp".into()));
+            }
+            let paths = |v: &Option<Vec<String>>| v.clone().unwrap_or_default();
+            masked = paths(linux.masked_paths());
+            readonly_paths = paths(linux.readonly_paths());
+            if let Some(p) = masked
+                .iter()
+                .chain(&readonly_paths)
+                .find(|p| !p.starts_with('/'))
+            {
+                return Err(BundleError::Unsupported(format!("a relative path ({p})")));
+            }
             for ns in linux.namespaces().iter().flatten() {
                 if ns.path().is_some() {
                     return Err(BundleError::Unsupported(format!(
@@ -150,6 +201,8 @@ impl Bundle {
             hostname: spec.hostname().clone().unwrap_or_else(|| "fn".into()),
             namespaces,
             limits,
+            masked,
+            readonly_paths,
             digest: [0; 32],
         })
     }
@@ -281,11 +334,11 @@ mod tests {
                 "process is missing",
             ),
             (
-                r#"{"ociVersion": "1.0.2", "process": {"args": [], "cwd": "/"}, "root": {"path": "rootfs"}}"#,
+                r#"{"ociVersion": "1.0.2", "process": {"args": [], "cwd": "/", "user": {"uid": 0, "gid": 0}}, "root": {"path": "rootfs"}}"#,
                 "process.args is missing",
             ),
             (
-                r#"{"ociVersion": "1.0.2", "process": {"args": ["x"], "cwd": "/"}, "root": {"path": "nowhere"}}"#,
+                r#"{"ociVersion": "1.0.2", "process": {"args": ["x"], "cwd": "/", "user": {"uid": 0, "gid": 0}}, "root": {"path": "nowhere"}}"#,
                 "rootfs",
             ),
             (
@@ -304,6 +357,36 @@ mod tests {
         for (text, want) in cases {
             let (dir, b) = bundle_with(text);
             let err = b.expect_err(text).to_string();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+            fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn what_children_could_not_keep_is_refused() {
+        let with_process = |field: &str| {
+            config("").replace(
+                r#""env": ["A=1"],"#,
+                &format!(r#""env": ["A=1"], {field},"#),
+            )
+        };
+        let cases = [
+            (with_process(r#""noNewPrivileges": true"#), "process.noNewPrivileges"),
+            (
+                with_process(r#""rlimits": [{"type": "RLIMIT_NOFILE", "hard": 8, "soft": 8}]"#),
+                "process.rlimits",
+            ),
+            (
+                config("").replace(
+                    r#""hostname": "fn","#,
+                    r#""hostname": "fn", "mounts": [{"destination": "/data", "type": "bind", "source": "/srv"}],"#,
+                ),
+                "mount /data",
+            ),
+        ];
+        for (text, want) in cases {
+            let (dir, b) = bundle_with(&text);
+            let err = b.expect_err(&text).to_string();
             assert!(err.contains(want), "{err:?} should mention {want:?}");
             fs::remove_dir_all(dir).unwrap();
         }

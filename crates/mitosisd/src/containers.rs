@@ -147,6 +147,12 @@ impl Containers {
         out
     }
 
+    /// Destroys the pool's containers and this daemon's cgroup directories (daemon exit).
+    pub fn shutdown(&self) {
+        self.pool.shutdown();
+        self.hierarchy.remove_base();
+    }
+
     pub fn cgroup_names(&self) -> Vec<String> {
         self.hierarchy.names()
     }

@@ -125,7 +125,7 @@ async fn main() -> Result<()> {
         control::release(&daemon, &seed).await;
     }
     if let Ok(c) = &daemon.containers {
-        c.pool.shutdown();
+        c.shutdown();
     }
     let _ = std::fs::remove_file(&args.socket);
     // The pool's containers go with the daemon (Drop of the pool destroys them).
