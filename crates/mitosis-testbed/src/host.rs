@@ -27,7 +27,7 @@ const DAEMON_READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often readiness of a starting daemon is checked.
 const DAEMON_READY_POLL: Duration = Duration::from_millis(5);
 /// How long a daemon gets to exit after SIGTERM before it gets SIGKILL.
-const DAEMON_STOP_GRACE: Duration = Duration::from_secs(2);
+const DAEMON_STOP_GRACE: Duration = Duration::from_secs(5);
 /// How much of the end of a daemon log goes into error messages.
 const LOG_TAIL_BYTES: u64 = 4096;
 

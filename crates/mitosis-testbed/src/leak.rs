@@ -23,6 +23,9 @@ pub enum Leftover {
     },
     /// A testbed temporary directory.
     TempDir(PathBuf),
+    /// A cgroup directory of a testbed daemon's containers (named after its socket path,
+    /// which holds the testbed id).
+    Cgroup(PathBuf),
 }
 
 impl fmt::Display for Leftover {
@@ -31,6 +34,7 @@ impl fmt::Display for Leftover {
             Self::Netns(name) => write!(f, "network namespace {name}"),
             Self::Process { pid, comm } => write!(f, "process {pid} ({comm})"),
             Self::TempDir(path) => write!(f, "temporary directory {}", path.display()),
+            Self::Cgroup(path) => write!(f, "cgroup {}", path.display()),
         }
     }
 }
@@ -73,6 +77,35 @@ pub fn leftovers(prefix: &str) -> Vec<Leftover> {
             .into_iter()
             .map(|name| Leftover::TempDir(temp.join(name))),
     );
+    found.extend(cgroups(prefix).into_iter().map(Leftover::Cgroup));
+    found
+}
+
+/// Daemon cgroup directories (`<mount>/mitosis/<instance>`) whose instance mentions `prefix`.
+fn cgroups(prefix: &str) -> Vec<PathBuf> {
+    let Ok(mounts) = fs::read_dir("/sys/fs/cgroup") else {
+        return Vec::new();
+    };
+    let mut bases: Vec<PathBuf> = mounts
+        .flatten()
+        .map(|m| m.path().join("mitosis"))
+        .chain([PathBuf::from("/sys/fs/cgroup/mitosis")])
+        .collect();
+    bases.dedup();
+    let mut found = Vec::new();
+    for base in bases {
+        let Ok(entries) = fs::read_dir(&base) else {
+            continue;
+        };
+        found.extend(
+            entries
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .filter(|e| e.file_name().to_string_lossy().contains(prefix))
+                .map(|e| e.path()),
+        );
+    }
+    found.sort();
     found
 }
 

@@ -144,6 +144,10 @@ impl Containers {
             ));
         }
         out.push(format!("containers releasing {}", self.pool.releasing()));
+        out.push(format!(
+            "container cgroups {}",
+            self.hierarchy.names().len()
+        ));
         out
     }
 
@@ -151,10 +155,6 @@ impl Containers {
     pub fn shutdown(&self) {
         self.pool.shutdown();
         self.hierarchy.remove_base();
-    }
-
-    pub fn cgroup_names(&self) -> Vec<String> {
-        self.hierarchy.names()
     }
 }
 

@@ -1,0 +1,434 @@
+//! Lean containers: seeds from an OCI bundle, children in pooled containers on another host.
+//!
+//! Uses the Debian Python bundle `scripts/setup.sh` builds; each test writes its own
+//! config.json over that bundle's rootfs.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use mitosis_testbed::Testbed;
+
+const ROOTFS: &str = "/var/lib/mitosis/bundles/python/rootfs";
+
+/// A bundle directory whose config runs `args` over the shared rootfs with `resources`.
+fn bundle(scratch: &Scratch, args: &[&str], resources: &str) -> PathBuf {
+    assert!(
+        Path::new(ROOTFS).join("usr/bin/python3").exists(),
+        "{ROOTFS} is missing: run scripts/setup.sh (it builds the bundle)"
+    );
+    let dir = scratch.0.join("bundle");
+    std::fs::create_dir_all(&dir).unwrap();
+    let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+    let config = format!(
+        r#"{{"ociVersion": "1.0.2",
+  "process": {{"args": [{}], "cwd": "/opt/mitosis", "user": {{"uid": 0, "gid": 0}},
+              "env": ["PATH=/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE=1"]}},
+  "root": {{"path": "{ROOTFS}", "readonly": true}},
+  "hostname": "fn",
+  "linux": {{"namespaces": [{{"type": "pid"}}, {{"type": "mount"}}, {{"type": "uts"}},
+                          {{"type": "ipc"}}, {{"type": "network"}}],
+            "maskedPaths": ["/proc/kcore"],
+            "resources": {resources}}}}}"#,
+        args.join(", ")
+    );
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    dir
+}
+
+fn probe_bundle(scratch: &Scratch, resources: &str) -> PathBuf {
+    bundle(scratch, &["python3", "/opt/mitosis/probe_fn.py"], resources)
+}
+
+const LIMITS: &str = r#"{"memory": {"limit": 134217728}, "pids": {"limit": 32}}"#;
+
+fn prepare_bundle(tb: &Testbed, host: usize, dir: &Path) -> String {
+    let out = cli(
+        tb,
+        host,
+        &["prepare", "--bundle", dir.to_str().unwrap()],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "prepare --bundle failed: {}\n{}",
+        stderr(&out),
+        tb.host(host).daemon_log()
+    );
+    stdout(&out).trim().to_string()
+}
+
+/// The JSON answer a child printed (its one stdout line).
+fn answer(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "child failed: {}", stderr(out));
+    serde_json::from_str(stdout(out).trim()).unwrap_or_else(|e| panic!("{e}: {}", stdout(out)))
+}
+
+fn status_line(tb: &Testbed, host: usize, prefix: &str) -> String {
+    stdout(&cli(tb, host, &["status"], ""))
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `key N` from the pool's status line of this host.
+fn pool_stat(tb: &Testbed, host: usize, key: &str) -> u64 {
+    let line = status_line(tb, host, "container pool ");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0] == key)
+        .and_then(|w| w[1].parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
+/// The container inits in the cgroups of `host`'s daemon (named after its socket path).
+fn inits_of(tb: &Testbed, host: usize) -> Vec<i32> {
+    let instance = tb
+        .host(host)
+        .socket_path()
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace(['/', '.'], "-");
+    init_processes()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .is_ok_and(|c| c.contains(&format!("/mitosis/{instance}/")))
+        })
+        .collect()
+}
+
+/// Processes of the container init binary.
+fn init_processes() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|p| p.ends_with("mitosis-init"))
+        })
+        .filter(|pid| alive(*pid))
+        .collect()
+}
+
+#[test]
+fn children_on_another_host_run_isolated_in_the_bundle() {
+    let scratch = Scratch::new("ct-iso");
+    let dir = probe_bundle(&scratch, LIMITS);
+    let tb = testbed(2);
+    let handle = prepare_bundle(&tb, 0, &dir);
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+
+    // A sibling runs meanwhile: neither may see the other.
+    let (sibling, mut sibling_in) = spawn_cli(&tb, 1, &["resume", &handle]);
+    let whoami = cli(
+        &tb,
+        1,
+        &["resume", &handle, "--stats"],
+        "{\"op\": \"whoami\"}\n",
+    );
+    let me = answer(&whoami);
+    assert_eq!(
+        resume_stat(&whoami, "container_pooled") + 1,
+        1,
+        "first child made its own"
+    );
+    let pid = me["pid"].as_i64().unwrap();
+    assert_eq!(
+        me["pids"],
+        serde_json::json!([1, pid]),
+        "sees only its init and itself"
+    );
+    let hostname = me["hostname"].as_str().unwrap();
+    assert!(hostname.starts_with("fn-"), "{hostname}");
+    assert_ne!(hostname, host_name.trim());
+    assert_eq!(me["cwd"], "/opt/mitosis");
+    let root: Vec<&str> = me["root_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(root.contains(&"opt") && !root.contains(&"work"), "{root:?}");
+
+    let release = cli(
+        &tb,
+        1,
+        &["resume", &handle],
+        "{\"op\": \"read\", \"path\": \"/etc/os-release\"}\n",
+    );
+    assert!(
+        answer(&release)["text"]
+            .as_str()
+            .unwrap()
+            .contains("Debian GNU/Linux 12")
+    );
+    let second = answer(&cli(&tb, 1, &["resume", &handle], "{\"op\": \"whoami\"}\n"));
+    assert_ne!(
+        second["hostname"], me["hostname"],
+        "each child has its own hostname"
+    );
+
+    writeln!(sibling_in, "{{\"op\": \"whoami\"}}").unwrap();
+    drop(sibling_in);
+    let sib = answer(&wait_output(sibling, Duration::from_secs(30)));
+    assert_eq!(sib["pids"].as_array().unwrap().len(), 2, "{sib}");
+    assert_ne!(sib["hostname"], me["hostname"]);
+
+    let out = cli(&tb, 0, &["drop", &handle], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(eventually(Duration::from_secs(10), || {
+        status_line(&tb, 0, "container cgroups") == "container cgroups 0"
+    }));
+    teardown(tb);
+}
+
+#[test]
+fn a_child_over_its_memory_limit_is_killed_and_its_sibling_lives_on() {
+    let scratch = Scratch::new("ct-oom");
+    let dir = probe_bundle(&scratch, r#"{"memory": {"limit": 67108864}}"#);
+    let tb = testbed(2);
+    let handle = prepare_bundle(&tb, 0, &dir);
+
+    let (sibling, mut sibling_in) = spawn_cli(&tb, 1, &["resume", &handle]);
+    writeln!(sibling_in, "{{\"op\": \"alloc\", \"mib\": 16}}").unwrap();
+    let hog = cli(
+        &tb,
+        1,
+        &["resume", &handle],
+        "{\"op\": \"alloc\", \"mib\": 200}\n",
+    );
+    assert_eq!(hog.status.code(), Some(137), "{}", stderr(&hog));
+    assert!(stderr(&hog).contains("out of memory"), "{}", stderr(&hog));
+    assert!(stdout(&hog).is_empty());
+
+    writeln!(sibling_in, "{{\"n\": 7}}").unwrap();
+    drop(sibling_in);
+    let out = wait_output(sibling, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].contains("\"allocated\": 16"));
+    assert!(lines[1].contains("hello #7"));
+    teardown(tb);
+}
+
+#[test]
+fn bad_bundles_fail_before_anything_starts() {
+    let scratch = Scratch::new("ct-bad");
+    let tb = testbed(1);
+    let inits_before = init_processes().len();
+    let check = |dir: &Path, want: &str| {
+        let out = cli(
+            &tb,
+            0,
+            &[
+                "prepare",
+                "--bundle",
+                dir.to_str().unwrap(),
+                "--ready-timeout",
+                "20",
+            ],
+            "",
+        );
+        assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+        assert!(
+            stderr(&out).contains(want),
+            "{:?} should mention {want:?}",
+            stderr(&out)
+        );
+        assert_eq!(
+            stderr(&out).lines().count(),
+            1,
+            "one line: {}",
+            stderr(&out)
+        );
+        assert_eq!(status_line(&tb, 0, "seeds"), "seeds 0");
+        assert_eq!(
+            status_line(&tb, 0, "container cgroups"),
+            "container cgroups 0"
+        );
+    };
+    let dir = probe_bundle(&scratch, LIMITS);
+    std::fs::write(
+        dir.join("config.json"),
+        "{\"ociVersion\": \"1.0.2\", \"process\": ",
+    )
+    .unwrap();
+    check(&dir, "not a valid OCI config");
+
+    let dir = probe_bundle(&scratch, LIMITS);
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        text.replace(ROOTFS, "/nonexistent/rootfs"),
+    )
+    .unwrap();
+    check(&dir, "rootfs /nonexistent/rootfs is not a directory");
+
+    let dir = probe_bundle(
+        &scratch,
+        r#"{"hugepageLimits": [{"pageSize": "2MB", "limit": 2097152}]}"#,
+    );
+    check(&dir, "hugepageLimits is not supported");
+
+    let dir = bundle(&scratch, &["no-such-program"], LIMITS);
+    check(&dir, "no-such-program: command not found in the container");
+
+    let dir = bundle(
+        &scratch,
+        &["python3", "-c", "print('bye'); raise SystemExit(3)"],
+        LIMITS,
+    );
+    check(&dir, "exited before it was warm; it wrote: bye");
+
+    check(&scratch.0.join("missing"), "missing");
+    assert!(
+        eventually(Duration::from_secs(5), || init_processes().len()
+            <= inits_before),
+        "container inits left running"
+    );
+    teardown(tb);
+}
+
+#[test]
+fn two_hundred_children_leave_nothing_behind() {
+    let scratch = Scratch::new("ct-200");
+    let dir = probe_bundle(&scratch, LIMITS);
+    let tb = testbed_with(2, &["--container-pool", "3"]);
+    let handle = prepare_bundle(&tb, 0, &dir);
+    // Four resumers at a time, 50 children each.
+    std::thread::scope(|s| {
+        for w in 0..4 {
+            let (tb, handle) = (&tb, &handle);
+            s.spawn(move || {
+                for i in 0..50 {
+                    let n = w * 1000 + i;
+                    let out = cli(tb, 1, &["resume", handle], &format!("{{\"n\": {n}}}\n"));
+                    assert!(
+                        stdout(&out).contains(&format!("hello #{n}")),
+                        "{}",
+                        stderr(&out)
+                    );
+                }
+            });
+        }
+    });
+    assert_eq!(pool_stat(&tb, 1, "taken"), 200);
+    assert!(eventually(Duration::from_secs(20), || {
+        status_line(&tb, 1, "containers releasing") == "containers releasing 0"
+            && pool_stat(&tb, 1, "ready") == 3
+    }));
+    // What is left on host 1: the pool's three containers and the replica, nothing else.
+    assert_eq!(
+        status_line(&tb, 1, "container cgroups"),
+        "container cgroups 3"
+    );
+    assert_eq!(
+        status_line(&tb, 1, "children running"),
+        "children running 0"
+    );
+    assert_eq!(replica_pids(&tb, 1).len(), 1);
+    assert_eq!(inits_of(&tb, 1).len(), 3, "only the pool's inits");
+    teardown(tb);
+}
+
+#[test]
+fn the_pool_refills_under_a_burst() {
+    let scratch = Scratch::new("ct-burst");
+    let dir = probe_bundle(&scratch, LIMITS);
+    let tb = testbed_with(2, &["--container-pool", "2"]);
+    let handle = prepare_bundle(&tb, 0, &dir);
+    let first = cli(&tb, 1, &["resume", &handle], "{\"n\": 1}\n");
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(eventually(Duration::from_secs(10), || pool_stat(
+        &tb, 1, "ready"
+    ) == 2));
+
+    // Eight children at once, each holding its container until its input arrives.
+    let burst: Vec<_> = (0..8)
+        .map(|_| spawn_cli(&tb, 1, &["resume", &handle]))
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(20), || status_line(
+            &tb,
+            1,
+            "children running"
+        ) == "children running 8"),
+        "{}",
+        status_line(&tb, 1, "children running")
+    );
+    for (i, (child, mut input)) in burst.into_iter().enumerate() {
+        writeln!(input, "{{\"n\": {i}}}").unwrap();
+        drop(input);
+        let out = wait_output(child, Duration::from_secs(30));
+        assert!(
+            stdout(&out).contains(&format!("hello #{i}")),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert!(eventually(Duration::from_secs(10), || pool_stat(
+        &tb, 1, "ready"
+    ) == 2));
+    let (made, taken, misses, ready) = (
+        pool_stat(&tb, 1, "made"),
+        pool_stat(&tb, 1, "taken"),
+        pool_stat(&tb, 1, "misses"),
+        pool_stat(&tb, 1, "ready"),
+    );
+    assert_eq!(taken, 9);
+    assert!(misses >= 1, "a burst of 8 over a pool of 2 must outrun it");
+    // Every container the pool made was either taken or is ready now.
+    assert_eq!(
+        made,
+        taken - misses + ready,
+        "made {made} taken {taken} misses {misses}"
+    );
+    teardown(tb);
+}
+
+#[test]
+fn a_restarted_daemon_removes_what_a_crashed_one_left() {
+    let scratch = Scratch::new("ct-crash");
+    let dir = probe_bundle(&scratch, LIMITS);
+    let tb = testbed_with(2, &["--container-pool", "2"]);
+    let handle = prepare_bundle(&tb, 0, &dir);
+    let out = cli(&tb, 1, &["resume", &handle], "{\"n\": 1}\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(eventually(Duration::from_secs(10), || {
+        pool_stat(&tb, 1, "ready") == 2 && inits_of(&tb, 1).len() == 2
+    }));
+
+    tb.host(1).kill_daemon().unwrap();
+    let left = inits_of(&tb, 1);
+    assert_eq!(
+        left.len(),
+        2,
+        "the crash leaves the pool's containers: {left:?}"
+    );
+    tb.host(1).start_daemon().unwrap();
+    assert_eq!(
+        status_line(&tb, 1, "container cgroups"),
+        "container cgroups 0"
+    );
+    assert!(
+        left.iter().all(|p| !alive(*p)),
+        "{left:?} survived the restart"
+    );
+    assert_eq!(
+        inits_of(&tb, 0).len(),
+        1,
+        "host 0's seed container is untouched"
+    );
+    let again = cli(&tb, 1, &["resume", &handle], "{\"n\": 2}\n");
+    assert!(stdout(&again).contains("hello #2"), "{}", stderr(&again));
+    teardown(tb);
+}
