@@ -28,6 +28,9 @@ pub struct DemoArgs {
     /// Children to resume on the second host.
     #[arg(long, default_value_t = 20)]
     children: usize,
+    /// The OCI bundle of the containerized part (made by scripts/setup.sh); skipped if absent.
+    #[arg(long, default_value = "/var/lib/mitosis/bundles/python")]
+    bundle: PathBuf,
 }
 
 pub fn run(args: DemoArgs) -> Result<i32> {
@@ -55,7 +58,18 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         dst.addr()
     );
 
-    let result = demo(&exe, &script, src, dst, n);
+    let mut result = demo(&exe, &script, src, dst, n);
+    if result.as_ref().is_ok_and(|code| *code == 0) {
+        result = if args.bundle.join("config.json").is_file() {
+            crate::demo_bundle::run(&exe, &args.bundle, src, dst, n)
+        } else {
+            println!(
+                "\n(no bundle at {}: containerized part skipped)",
+                args.bundle.display()
+            );
+            Ok(0)
+        };
+    }
     // Python processes are killed by their guards inside `demo`; now the namespaces go.
     if let Err(err) = testbed.teardown() {
         eprintln!("mitosis demo: teardown: {err}");
@@ -423,16 +437,21 @@ fn cold_start(host: &Host, script: &Path, request: &str) -> Result<(Duration, St
 }
 
 /// One remote child's run.
-struct RemoteChild {
-    elapsed: Duration,
-    answer: String,
-    status: i32,
-    stderr: String,
-    stats: Option<String>,
+pub(crate) struct RemoteChild {
+    pub elapsed: Duration,
+    pub answer: String,
+    pub status: i32,
+    pub stderr: String,
+    pub stats: Option<String>,
 }
 
 /// Runs `mitosis resume HANDLE --stats` on `host` with `request` on stdin.
-fn remote_child(exe: &Path, host: &Host, handle: &str, request: &str) -> Result<RemoteChild> {
+pub(crate) fn remote_child(
+    exe: &Path,
+    host: &Host,
+    handle: &str,
+    request: &str,
+) -> Result<RemoteChild> {
     let mut cmd = host.command(exe);
     cmd.arg("--socket")
         .arg(host.socket_path())
@@ -453,7 +472,10 @@ fn remote_child(exe: &Path, host: &Host, handle: &str, request: &str) -> Result<
 
 /// Spawns `cmd` with `input` as its whole stdin; returns the time from spawn to its first line
 /// of output, that line, its exit status and its stderr.
-fn run_timed(mut cmd: Command, input: &str) -> Result<(Duration, Option<String>, i32, String)> {
+pub(crate) fn run_timed(
+    mut cmd: Command,
+    input: &str,
+) -> Result<(Duration, Option<String>, i32, String)> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -487,7 +509,7 @@ fn run_timed(mut cmd: Command, input: &str) -> Result<(Duration, Option<String>,
 }
 
 /// Compares an answer with the expected one, ignoring the `pid` field.
-fn check(got: &str, want: &str) -> Result<(), String> {
+pub(crate) fn check(got: &str, want: &str) -> Result<(), String> {
     if got.is_empty() {
         return Err("no answer".to_owned());
     }
@@ -521,14 +543,14 @@ fn pid_of(answer: &str) -> Option<String> {
 
 /// The daemon-side resume time from a `mitosis: resume NNNus (...)` line.
 /// The value of `key` in a `mitosis: stats key=value ...` line.
-fn stat(line: &str, key: &str) -> Option<u64> {
+pub(crate) fn stat(line: &str, key: &str) -> Option<u64> {
     line.strip_prefix("mitosis: stats ")?
         .split_whitespace()
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
 /// The `p`-th percentile (nearest rank) of `samples`; `p = 0` is the minimum.
-fn percentile(samples: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(samples: &[Duration], p: f64) -> Duration {
     let mut sorted = samples.to_vec();
     sorted.sort();
     if sorted.is_empty() {
@@ -547,12 +569,12 @@ fn ratio(a: Duration, b: Duration) -> f64 {
     }
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
 /// A handle shortened for display.
-fn short(handle: &str) -> String {
+pub(crate) fn short(handle: &str) -> String {
     if handle.len() > 48 {
         format!("{}...", &handle[..48])
     } else {

@@ -2,6 +2,7 @@
 
 mod client;
 mod demo;
+mod demo_bundle;
 mod resume;
 
 use std::path::PathBuf;

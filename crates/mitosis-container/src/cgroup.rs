@@ -255,6 +255,7 @@ impl Hierarchy {
         created: &mut Vec<PathBuf>,
     ) -> Result<Vec<CgDir>, CgroupError> {
         let mut dirs = Vec::with_capacity(self.dirs.len());
+        self.ensure_base()?;
         for base in &self.dirs {
             let path = base.path.join(name);
             // mkdir, not create_dir_all: EEXIST is how a second create of one name is refused.
@@ -328,6 +329,21 @@ impl Hierarchy {
 
     /// Removes the instance's base directories if empty (daemon shutdown). Best effort. The shared
     /// `mitosis` directory stays: other instances may be using it.
+    /// Makes the base directories again if [`Hierarchy::remove_base`] removed them: a daemon
+    /// keeps no cgroup directory while it has no container.
+    fn ensure_base(&self) -> Result<(), CgroupError> {
+        for base in self.dirs.iter().filter(|b| !b.path.is_dir()) {
+            let (Some(top), Some(instance)) = (base.path.parent(), base.path.file_name()) else {
+                continue;
+            };
+            let Some(mount) = top.parent() else { continue };
+            for controller in &base.controllers {
+                prepare_base(base.version, mount, &instance.to_string_lossy(), controller)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn remove_base(&self) {
         for base in &self.dirs {
             if let Err(err) = fs::remove_dir(&base.path) {

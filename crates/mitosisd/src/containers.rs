@@ -41,6 +41,8 @@ impl Containers {
         if removed > 0 {
             tracing::info!(removed, "removed containers a previous daemon left");
         }
+        // Made again with the first container: until then, a crash leaves nothing behind.
+        hierarchy.remove_base();
         tracing::info!("containers: {}", hierarchy.describe());
         Ok(Containers {
             pool: Pool::new(hierarchy.clone(), init_exe.clone(), pool_target),
