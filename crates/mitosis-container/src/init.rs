@@ -68,8 +68,7 @@ fn step(step: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> InitError 
 
 /// The whole of `mitosis-init`.
 pub fn main() -> ! {
-    // SAFETY: the daemon starts us with the configuration socket on CONFIG_FD; nothing else
-    // in this process owns it.
+    // SAFETY: the daemon starts us with the config socket on CONFIG_FD; nothing else owns it.
     let mut chan = unsafe { UnixStream::from_raw_fd(CONFIG_FD) };
     // SIGCHLD stays blocked here and is waited for with sigwait; the process we start gets
     // its mask back before exec.

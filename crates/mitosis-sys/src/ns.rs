@@ -21,11 +21,11 @@ pub fn spawn_in_namespaces(
     ptrs.push(std::ptr::null());
     let env: [*const libc::c_char; 1] = [std::ptr::null()];
     let clone_flags = (flags | libc::SIGCHLD) as libc::c_ulong;
-    // SAFETY: a fork-like clone (no CLONE_VM, no new stack): the child gets a copy of this
-    // address space and, until execve, only makes async-signal-safe system calls on memory
-    // prepared above (no allocation, no locks).
-    let pid =
-        unsafe { libc::syscall(libc::SYS_clone, clone_flags, 0usize, 0usize, 0usize, 0usize) };
+    let z = 0usize;
+    // A fork-like clone (no CLONE_VM, no new stack): the child gets a copy of this address
+    // space and, until execve, only makes async-signal-safe calls on memory prepared above.
+    // SAFETY: as above: no allocation, no locks in the child.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, clone_flags, z, z, z, z) };
     if pid == 0 {
         // SAFETY: in the child as described above; `_exit` never returns.
         unsafe { child_exec(exe.as_ptr(), ptrs.as_ptr(), env.as_ptr(), fds) }
@@ -66,11 +66,10 @@ unsafe fn child_exec(
 
 /// Brings the loopback interface of the caller's network namespace up.
 pub fn loopback_up() -> io::Result<()> {
+    let kind = libc::SOCK_DGRAM | libc::SOCK_CLOEXEC;
     // SAFETY: a plain socket(2); the result is checked and closed below.
-    let sock = cvt(
-        unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) }
-            as libc::c_long,
-    )? as RawFd;
+    let sock = unsafe { libc::socket(libc::AF_INET, kind, 0) };
+    let sock = cvt(sock as libc::c_long)? as RawFd;
     // SAFETY: ifreq is plain data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
