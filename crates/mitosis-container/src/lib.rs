@@ -7,6 +7,7 @@
 
 pub mod cgroup;
 pub mod container;
+pub mod fastmove;
 pub mod init;
 pub mod pool;
 pub mod spec;

@@ -49,8 +49,7 @@ struct Args {
     container_pool: usize,
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MITOSIS_LOG")
@@ -59,6 +58,19 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // Before any thread exists: a mount namespace can only be entered single-threaded.
+    let favor_dir = args.socket.with_extension("cgroup");
+    if let Err(e) = mitosis_container::fastmove::favor_dynamic_moves(&favor_dir) {
+        tracing::warn!("cgroup moves stay slow (favordynmods unavailable): {e}");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
     let stub = match args.stub {
         Some(s) => s,
         None => std::env::current_exe()?.with_file_name("mitosis-stub"),

@@ -264,6 +264,7 @@ impl Replica {
         let insn = self.at + trampoline::syscall_offset();
         let saved = tracee.regs().map_err(RestoreError::Trace)?;
         let result = Self::clone_child(tracee, insn, join.as_ref().map(|j| j.init_pid));
+        let clone_us = t0.elapsed().as_micros() as u64;
         tracee.set_regs(&saved).map_err(RestoreError::Trace)?;
         let result = result?;
         let pid = match result.new_child {
@@ -287,6 +288,7 @@ impl Replica {
         match self.start_child(&mut child, stdio, forks, before_run) {
             Ok(uffd) => {
                 child.detach().map_err(RestoreError::Trace)?;
+                tracing::debug!(pid, clone_us, "forked");
                 Ok(Forked {
                     pid,
                     pidfd,
@@ -352,9 +354,11 @@ impl Replica {
         forks: &Receiver<Userfaultfd>,
         before_run: Option<Box<dyn FnOnce(i32) -> std::io::Result<()> + Send>>,
     ) -> Result<Userfaultfd, RestoreError> {
+        let t0 = Instant::now();
         let uffd = forks
             .recv_timeout(FORK_UFFD_WAIT)
             .map_err(|_| RestoreError::Channel("the fork's userfaultfd never arrived".into()))?;
+        let uffd_us = t0.elapsed().as_micros() as u64;
         child.wait_for_event_stop().map_err(RestoreError::Trace)?;
         // The batch replaces the shared mappings; registered, that would block the child on
         // an unmap event nobody reads yet. They are registered again once replaced.
@@ -386,12 +390,14 @@ impl Replica {
             other => return Err(RestoreError::Died(format!("{other:?}"))),
         }
         build::check_batch(child, &self.batch_labels)?;
+        let batch_us = t0.elapsed().as_micros() as u64;
         if let Some(before_run) = before_run {
             before_run(child.pid()).map_err(|source| RestoreError::Step {
                 step: "put the child into its container's cgroup".into(),
                 source,
             })?;
         }
+        let joined_us = t0.elapsed().as_micros() as u64;
         for &(start, len) in &self.shared {
             uffd.register(start, len)
                 .map_err(|source| RestoreError::Step {
@@ -406,6 +412,14 @@ impl Replica {
         child
             .set_regs(&self.seed_regs)
             .map_err(RestoreError::Trace)?;
+        tracing::debug!(
+            pid = child.pid(),
+            uffd_us,
+            batch_us,
+            joined_us,
+            total_us = t0.elapsed().as_micros() as u64,
+            "child started"
+        );
         Ok(uffd)
     }
 
