@@ -27,23 +27,20 @@ pub fn spawn_in_namespaces(
     // SAFETY: as above: no allocation, no locks in the child.
     let pid = unsafe { libc::syscall(libc::SYS_clone, clone_flags, z, z, z, z) };
     if pid == 0 {
-        // SAFETY: in the child as described above; `_exit` never returns.
-        unsafe { child_exec(exe.as_ptr(), ptrs.as_ptr(), env.as_ptr(), fds) }
+        child_exec(exe.as_ptr(), ptrs.as_ptr(), env.as_ptr(), fds);
     }
     cvt(pid).map(|p| p as i32)
 }
 
-/// The child side of [`spawn_in_namespaces`]: put `fds` at 0.., exec, or exit 127.
-///
-/// # Safety
-/// Only in a freshly cloned child of a possibly multi-threaded process.
-unsafe fn child_exec(
+/// The child side of [`spawn_in_namespaces`], only ever called in its freshly cloned child:
+/// put `fds` at 0.., exec, or exit 127.
+fn child_exec(
     exe: *const libc::c_char,
     argv: *const *const libc::c_char,
     env: *const *const libc::c_char,
     fds: &[RawFd],
 ) -> ! {
-    // SAFETY: async-signal-safe calls on descriptors and pointers the parent prepared.
+    // SAFETY: we are the clone's child; async-signal-safe calls on what the parent prepared.
     unsafe {
         // First out of the way (a source may sit on a target number), then into place.
         let mut moved = [0 as RawFd; 8];

@@ -120,9 +120,8 @@ impl Userfaultfd {
             libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK)
         })?;
         // SAFETY: a fresh fd owned by nobody else.
-        Ok(Userfaultfd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(Userfaultfd { fd })
     }
 
     /// Wraps a userfaultfd received from another process.
@@ -149,21 +148,20 @@ impl Userfaultfd {
             mode: UFFDIO_REGISTER_MODE_MISSING,
             ioctls: 0,
         };
+        let fd = self.fd.as_raw_fd();
         // SAFETY: `reg` is a valid uffdio_register the kernel reads and writes.
-        cvt(
-            unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } as libc::c_long,
-        )?;
+        let ret = unsafe { libc::ioctl(fd, UFFDIO_REGISTER, &mut reg) };
+        cvt(ret as libc::c_long)?;
         Ok(())
     }
 
     /// Stops routing faults (and unmap events) of `[start, start+len)` to this fd.
     pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
         let mut range = UffdioRange { start, len };
+        let fd = self.fd.as_raw_fd();
         // SAFETY: `range` is a valid uffdio_range the kernel only reads.
-        cvt(
-            unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range) }
-                as libc::c_long,
-        )?;
+        let ret = unsafe { libc::ioctl(fd, UFFDIO_UNREGISTER, &mut range) };
+        cvt(ret as libc::c_long)?;
         Ok(())
     }
 
