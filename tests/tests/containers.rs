@@ -105,17 +105,7 @@ fn inits_of(tb: &Testbed, host: usize) -> Vec<i32> {
 
 /// Processes of the container init binary.
 fn init_processes() -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|p| p.ends_with("mitosis-init"))
-        })
-        .filter(|pid| alive(*pid))
-        .collect()
+    processes_of("mitosis-init")
 }
 
 #[test]
@@ -135,10 +125,9 @@ fn children_on_another_host_run_isolated_in_the_bundle() {
         "{\"op\": \"whoami\"}\n",
     );
     let me = answer(&whoami);
-    assert_eq!(
-        resume_stat(&whoami, "container_pooled") + 1,
-        1,
-        "first child made its own"
+    assert!(
+        resume_stat(&whoami, "container_us") > 0,
+        "the child joined a container"
     );
     let pid = me["pid"].as_i64().unwrap();
     assert_eq!(

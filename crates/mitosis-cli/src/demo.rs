@@ -189,14 +189,7 @@ fn demo(exe: &Path, script: &Path, src: &Host, dst: &Host, n: usize) -> Result<i
         remote.push(child.elapsed);
         daemon_resume.extend(resume.map(Duration::from_micros));
     }
-    // Best effort: the daemons are torn down right after anyway.
-    let _ = src
-        .command(exe)
-        .arg("--socket")
-        .arg(src.socket_path())
-        .args(["drop", &handle])
-        .stdin(Stdio::null())
-        .output();
+    drop_seed(exe, src, &handle);
     seed.kill();
 
     // Local fork baseline: the same runtime forking itself per request on host 0.
@@ -278,6 +271,17 @@ fn demo(exe: &Path, script: &Path, src: &Host, dst: &Host, n: usize) -> Result<i
     println!();
     println!("all {n} children answered correctly");
     Ok(0)
+}
+
+/// `mitosis drop HANDLE` on `host`, best effort: the daemons are torn down right after anyway.
+pub(crate) fn drop_seed(exe: &Path, host: &Host, handle: &str) {
+    let _ = host
+        .command(exe)
+        .arg("--socket")
+        .arg(host.socket_path())
+        .args(["drop", handle])
+        .stdin(Stdio::null())
+        .output();
 }
 
 /// `name` next to `exe`, which must exist.

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use mitosis_container::Bundle;
 use mitosis_testbed::Host;
 
-use crate::demo::{check, ms, percentile, remote_child, run_timed, short, stat};
+use crate::demo::{check, drop_seed, ms, percentile, remote_child, run_timed, short, stat};
 
 pub fn run(exe: &Path, dir: &Path, src: &Host, dst: &Host, n: usize) -> Result<i32> {
     let bundle = Bundle::load(dir).with_context(|| format!("loading {}", dir.display()))?;
@@ -112,13 +112,7 @@ pub fn run(exe: &Path, dir: &Path, src: &Host, dst: &Host, n: usize) -> Result<i
         remote.push(child.elapsed);
         container_us.push(Duration::from_micros(container));
     }
-    let _ = src
-        .command(exe)
-        .arg("--socket")
-        .arg(src.socket_path())
-        .args(["drop", &handle])
-        .stdin(Stdio::null())
-        .output();
+    drop_seed(exe, src, &handle);
 
     let warm = remote.get(1..).unwrap_or(&[]);
     println!();

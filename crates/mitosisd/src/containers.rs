@@ -1,12 +1,11 @@
 //! This host's containers: seeds started from OCI bundles, and the pool children join.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mitosis_container::cgroup::Hierarchy;
@@ -21,8 +20,6 @@ pub struct Containers {
     pub pool: Pool,
     hierarchy: Arc<Hierarchy>,
     init_exe: PathBuf,
-    /// Bundles by directory, reloaded when their config changes.
-    bundles: Mutex<HashMap<PathBuf, Arc<Bundle>>>,
 }
 
 /// The container a bundle's seed runs in, and what keeps it waiting.
@@ -48,13 +45,12 @@ impl Containers {
             pool: Pool::new(hierarchy.clone(), init_exe.clone(), pool_target),
             hierarchy,
             init_exe,
-            bundles: Mutex::new(HashMap::new()),
         })
     }
 
     /// The bundle in `dir`; with `want`, it must be that exact bundle (a child's seed's).
     pub fn bundle(&self, dir: &Path, want: Option<&[u8; 32]>) -> Result<Arc<Bundle>, String> {
-        let loaded = Arc::new(Bundle::load(dir).map_err(|e| e.to_string())?);
+        let loaded = Bundle::load(dir).map_err(|e| e.to_string())?;
         if want.is_some_and(|w| *w != loaded.digest) {
             return Err(format!(
                 "the bundle at {} differs from the one the seed runs (config.json changed)",
@@ -64,12 +60,7 @@ impl Containers {
         self.hierarchy
             .check(&loaded.limits)
             .map_err(|e| e.to_string())?;
-        let mut bundles = self.bundles.lock().expect("bundles lock");
-        let entry = bundles.entry(loaded.dir.clone()).or_insert(loaded.clone());
-        if entry.digest != loaded.digest {
-            *entry = loaded;
-        }
-        Ok(entry.clone())
+        Ok(Arc::new(loaded))
     }
 
     /// The bundle a seed's descriptor names.

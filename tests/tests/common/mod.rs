@@ -186,15 +186,20 @@ pub fn stderr(out: &Output) -> String {
 
 /// Processes of the stub binary still alive (children that were never cleaned up).
 pub fn stub_processes() -> Vec<i32> {
+    processes_of("mitosis-stub")
+}
+
+/// Live processes running the binary `name`.
+pub fn processes_of(name: &str) -> Vec<i32> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|p| p.ends_with("mitosis-stub"))
+            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.ends_with(name))
         })
+        .filter(|pid| alive(*pid))
         .collect()
 }
 
