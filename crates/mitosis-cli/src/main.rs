@@ -58,8 +58,9 @@ enum Command {
     ///
     /// The child continues from the seed's prepare point with this command's stdin, stdout and
     /// stderr as fds 0, 1 and 2. Regular files the seed had open are reopened at the same
-    /// offset when the same file exists here; every other descriptor (sockets, pipes, ...) is
-    /// closed in the child. Signals sent to this command (INT, TERM, HUP, QUIT, USR1, USR2,
+    /// offset when the same file exists here; pipes, eventfds and epoll sets private to the
+    /// seed are recreated with their contents; what reaches outside the seed (sockets, a pipe
+    /// to another process) is closed in the child (`mitosis inspect` lists it). Signals sent to this command (INT, TERM, HUP, QUIT, USR1, USR2,
     /// WINCH, ALRM, CONT) are delivered to the child, and this command exits with the child's
     /// status (128 + N if it was killed by signal N).
     Resume {
@@ -67,6 +68,9 @@ enum Command {
         /// Print a per-child breakdown to stderr.
         #[arg(long)]
         stats: bool,
+        /// Listen on this TCP address (ip:port) and hand the socket to the child as fd 3.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Stop serving a seed; children that still need its pages are killed.
     Drop { handle: String },
@@ -129,7 +133,11 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Resume { handle, stats } => resume::run(&cli.socket, &handle, stats),
+        Command::Resume {
+            handle,
+            stats,
+            listen,
+        } => resume::run(&cli.socket, &handle, stats, listen),
         Command::Drop { handle } => {
             Client::connect(&cli.socket)?.call(&Request::Drop { handle })?;
             Ok(0)

@@ -1,8 +1,9 @@
 //! `mitosis resume`: behaves like the child it starts, as `exec` would.
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use mitosis_transport::control::{Event, FaultStats, Request, ResumeStats};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -21,8 +22,19 @@ const FORWARDED: [Signal; 9] = [
     Signal::SIGCONT,
 ];
 
-/// Starts a child of `handle` with our stdio; returns its shell-style exit status.
-pub fn run(socket: &Path, handle: &str, stats: bool) -> Result<i32> {
+/// Starts a child of `handle` with our stdio (and a socket listening on `listen` as its fd 3);
+/// returns its shell-style exit status.
+pub fn run(
+    socket: &Path,
+    handle: &str,
+    stats: bool,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<i32> {
+    let listener = listen
+        .map(|addr| {
+            std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))
+        })
+        .transpose()?;
     // Block the forwarded signals before any thread exists, so only the forwarder sees them.
     let mut set = SigSet::empty();
     for sig in FORWARDED {
@@ -35,8 +47,13 @@ pub fn run(socket: &Path, handle: &str, stats: bool) -> Result<i32> {
         &Request::Resume {
             handle: handle.to_string(),
         },
-        &[0, 1, 2],
+        &[0, 1, 2]
+            .into_iter()
+            .chain(listener.as_ref().map(|l| l.as_raw_fd()))
+            .collect::<Vec<_>>(),
     )?;
+    // The child has its own copy now.
+    drop(listener);
     let start = match client.recv()? {
         Event::Started { stats, .. } => stats,
         Event::Error(msg) => bail!("{msg}"),

@@ -5,17 +5,25 @@
 
 use thiserror::Error;
 
-use crate::{Backing, Descriptor, REGS_WORDS};
+use std::collections::BTreeSet;
+
+use crate::{Backing, Descriptor, KernelObject, REGS_WORDS};
 
 const MAGIC: &[u8; 4] = b"MTSD";
 /// Bumped whenever the payload's shape changes.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 const HEADER_LEN: usize = 16;
 /// Far above any real seed (~12 bytes per resident page), small enough to refuse garbage.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 const PAGE: u64 = 4096;
 /// Highest user address on x86_64 with 4- or 5-level paging.
 const USER_END: u64 = 1 << 56;
+/// More threads than any runtime we fork starts; refuses garbage counts.
+const MAX_THREADS: usize = 4096;
+/// What a child can put back into a fresh pipe without blocking (the default pipe size).
+pub const MAX_PIPE_CONTENT: usize = 65536;
+/// RLIMIT_NLIMITS on Linux.
+const RLIMITS: u8 = 16;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -81,12 +89,7 @@ pub fn decode(bytes: &[u8]) -> Result<Descriptor, DecodeError> {
 /// Checks the invariants the restore path relies on.
 fn validate(d: &Descriptor) -> Result<(), DecodeError> {
     use DecodeError::Invalid;
-    if d.regs.len() != REGS_WORDS {
-        return Err(Invalid("register set has the wrong size"));
-    }
-    if d.xstate.len() > 64 * 1024 {
-        return Err(Invalid("FPU state is too large"));
-    }
+    validate_threads(d)?;
     if d.auxv.len() % 2 != 0 || d.auxv.len() > 2 * 64 {
         return Err(Invalid("auxiliary vector is malformed"));
     }
@@ -120,6 +123,7 @@ fn validate(d: &Descriptor) -> Result<(), DecodeError> {
     if d.files.iter().any(|f| f.fd < 3 || f.path.contains('\0')) {
         return Err(Invalid("an open file entry is malformed"));
     }
+    validate_objects(d)?;
     if let Some(v) = &d.vdso {
         if v.block_start > v.vdso_start || v.vdso_start >= v.vdso_end || v.vdso_end > USER_END {
             return Err(Invalid("the vDSO range is malformed"));
@@ -128,18 +132,103 @@ fn validate(d: &Descriptor) -> Result<(), DecodeError> {
     Ok(())
 }
 
+fn validate_threads(d: &Descriptor) -> Result<(), DecodeError> {
+    use DecodeError::Invalid;
+    if d.threads.is_empty() || d.threads.len() > MAX_THREADS {
+        return Err(Invalid("the thread list is empty or too long"));
+    }
+    for t in &d.threads {
+        if t.regs.len() != REGS_WORDS {
+            return Err(Invalid("register set has the wrong size"));
+        }
+        if t.xstate.len() > 64 * 1024 {
+            return Err(Invalid("FPU state is too large"));
+        }
+    }
+    let p = &d.process;
+    let bad_signal = |s: u8| s == 0 || s > 64 || s == 9 || s == 19;
+    if p.sigactions.iter().any(|a| bad_signal(a.signal)) {
+        return Err(Invalid(
+            "a signal action names a signal that cannot have one",
+        ));
+    }
+    if p.rlimits
+        .iter()
+        .any(|r| r.resource >= RLIMITS || r.soft > r.hard)
+    {
+        return Err(Invalid("a resource limit is malformed"));
+    }
+    if p.umask > 0o777 {
+        return Err(Invalid("the umask is malformed"));
+    }
+    Ok(())
+}
+
+/// Kernel objects: descriptor numbers above stdio, none given twice (files included), epoll
+/// watches only on descriptors the child has.
+fn validate_objects(d: &Descriptor) -> Result<(), DecodeError> {
+    use DecodeError::Invalid;
+    let mut taken: BTreeSet<i32> = d.files.iter().map(|f| f.fd).collect();
+    if taken.len() != d.files.len() {
+        return Err(Invalid("two open files share a descriptor number"));
+    }
+    for o in &d.objects {
+        for f in o.fds() {
+            if f.fd < 3 || !taken.insert(f.fd) {
+                return Err(Invalid("a kernel object has a bad or duplicate descriptor"));
+            }
+        }
+        if o.fds().next().is_none() {
+            return Err(Invalid("a kernel object has no descriptor"));
+        }
+        match o {
+            KernelObject::Device { path, .. }
+                if !path.starts_with("/dev/") || path.contains('\0') =>
+            {
+                return Err(Invalid("a device path is malformed"));
+            }
+            KernelObject::Pipe {
+                readers,
+                writers,
+                content,
+            } if readers.is_empty() || writers.is_empty() || content.len() > MAX_PIPE_CONTENT => {
+                return Err(Invalid("a pipe is malformed"));
+            }
+            _ => {}
+        }
+    }
+    let watched_ok = |fd: i32| (0..3).contains(&fd) || taken.contains(&fd);
+    for o in &d.objects {
+        if let KernelObject::Epoll { watches, .. } = o {
+            if watches.iter().any(|w| !watched_ok(w.fd)) {
+                return Err(Invalid("an epoll set watches a descriptor the child lacks"));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{FileIdentity, MmFields, PageSet, Vma};
+    use crate::{FdRef, FileIdentity, MmFields, PageSet, Vma};
 
     pub(crate) fn sample() -> Descriptor {
         Descriptor {
             seed_id: 7,
             arch: "x86_64".into(),
-            regs: vec![0; REGS_WORDS],
-            xstate: vec![1; 832],
-            rseq: None,
+            threads: vec![crate::Thread {
+                tid: 100,
+                regs: vec![0; REGS_WORDS],
+                xstate: vec![1; 832],
+                sigmask: 0,
+                rseq: None,
+                robust_list: None,
+                tid_address: 0,
+                altstack: None,
+                in_syscall: 0,
+            }],
+            process: crate::ProcessState::default(),
             mm: MmFields::default(),
             auxv: vec![6, 4096, 0, 0],
             exe: None,
@@ -174,6 +263,22 @@ mod tests {
             ],
             cwd: None,
             files: vec![],
+            objects: vec![
+                KernelObject::Pipe {
+                    readers: vec![FdRef { fd: 5, flags: 0 }],
+                    writers: vec![FdRef { fd: 6, flags: 1 }],
+                    content: b"hi".to_vec(),
+                },
+                KernelObject::Epoll {
+                    fds: vec![FdRef { fd: 7, flags: 2 }],
+                    watches: vec![crate::EpollWatch {
+                        fd: 5,
+                        events: 1,
+                        data: 5,
+                    }],
+                },
+            ],
+            dropped: vec![],
             container: None,
         }
     }
@@ -260,6 +365,28 @@ mod tests {
             decode(&encode(&d)),
             Err(DecodeError::Invalid("mappings overlap or are unsorted"))
         );
+    }
+
+    #[test]
+    fn kernel_objects_must_not_collide_or_dangle() {
+        let mut d = sample();
+        d.objects.push(KernelObject::EventFd {
+            fds: vec![FdRef { fd: 6, flags: 2 }],
+            count: 1,
+            semaphore: false,
+        });
+        assert!(matches!(decode(&encode(&d)), Err(DecodeError::Invalid(_))));
+        let mut d = sample();
+        d.objects.remove(0);
+        assert_eq!(
+            decode(&encode(&d)),
+            Err(DecodeError::Invalid(
+                "an epoll set watches a descriptor the child lacks"
+            ))
+        );
+        let mut d = sample();
+        d.threads.clear();
+        assert!(matches!(decode(&encode(&d)), Err(DecodeError::Invalid(_))));
     }
 
     #[test]

@@ -6,10 +6,12 @@
 
 pub mod codec;
 mod handle;
+mod kernel;
 mod model;
 mod pageset;
 
 pub use codec::{DecodeError, decode, encode};
 pub use handle::{Handle, HandleError, KEY_LEN};
+pub use kernel::*;
 pub use model::*;
 pub use pageset::PageSet;

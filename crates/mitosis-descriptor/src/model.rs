@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::PageSet;
+use crate::{DroppedFd, KernelObject, PageSet, ProcessState, Thread};
 
 /// Number of u64 words in x86_64 `user_regs_struct`.
 pub const REGS_WORDS: usize = 27;
@@ -13,11 +13,9 @@ pub struct Descriptor {
     pub seed_id: u64,
     /// `uname -m` of the seed's host; children refuse a different one.
     pub arch: String,
-    /// `user_regs_struct` as words, already adjusted to restart an interrupted system call.
-    pub regs: Vec<u64>,
-    /// The XSAVE area (x87/SSE/AVX state).
-    pub xstate: Vec<u8>,
-    pub rseq: Option<Rseq>,
+    /// Every thread, the main thread first.
+    pub threads: Vec<Thread>,
+    pub process: ProcessState,
     pub mm: MmFields,
     /// The auxiliary vector as the kernel keeps it, (type, value) pairs flattened.
     pub auxv: Vec<u64>,
@@ -29,6 +27,10 @@ pub struct Descriptor {
     pub cwd: Option<String>,
     /// Regular files the seed had open beyond stdio, to reopen in the child.
     pub files: Vec<OpenFile>,
+    /// Pipes, eventfds, epoll sets and devices private to the seed: each child gets its own.
+    pub objects: Vec<KernelObject>,
+    /// Descriptors beyond stdio that children do not get.
+    pub dropped: Vec<DroppedFd>,
     /// The container the seed runs in; its paths are relative to the bundle's rootfs.
     pub container: Option<ContainerRef>,
 }
@@ -115,6 +117,13 @@ pub enum Backing {
         /// Pages of this mapping that lie within the file; beyond them access is SIGBUS.
         file_pages: u64,
     },
+}
+
+impl Descriptor {
+    /// The main thread (a decoded descriptor always has one).
+    pub fn main_thread(&self) -> &Thread {
+        &self.threads[0]
+    }
 }
 
 impl Vma {

@@ -1,6 +1,7 @@
 //! The remote-fork primitive: capture a running process as a seed ([`prepare`]), and rebuild it
 //! as a child on any host ([`restore`]) whose missing pages arrive through the [`fault`] path.
 
+pub mod capture;
 pub mod fault;
 pub mod filecache;
 pub mod pending;

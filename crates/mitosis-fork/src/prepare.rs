@@ -1,7 +1,9 @@
 //! Capturing a running process as a seed.
 //!
-//! The seed is stopped only long enough to read its registers and run two system calls in it:
-//! `brk(0)` (the exact break, which /proc does not show) and a `clone` that creates its *twin*.
+//! Every thread of the seed is stopped only long enough to read its state (registers, FPU,
+//! signal mask, rseq, robust list, tid address, alternate stack) and its descriptors, and to
+//! run two system calls in the main thread: `brk(0)` (the exact break, which /proc does not
+//! show) and a `clone` that creates its *twin*.
 //! The twin is a copy-on-write snapshot that never runs: it is the page source children read,
 //! so the seed runs on and its later writes stay invisible to children. Everything else
 //! (layout, page lists, file identities) is read from the twin after the seed is released.
@@ -12,26 +14,26 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mitosis_descriptor::{
-    Backing, Descriptor, FileIdentity, OpenFile, PROT_EXEC, PROT_READ, PROT_WRITE, PageSet, Rseq,
-    Vdso, Vma,
+    Backing, Descriptor, FileIdentity, PROT_EXEC, PROT_READ, PROT_WRITE, PageSet, Thread, Vdso, Vma,
 };
 use mitosis_sys::PAGE_SIZE;
 use mitosis_sys::mem::RemoteMemory;
 use mitosis_sys::ptrace::{self, Regs, Tracee};
 use thiserror::Error;
 
+use crate::capture::{self, threads};
 use crate::filecache::FileCache;
 use crate::procfs::{self, MapsEntry};
-use crate::regs::{RestartFor, regs_to_words, resume_point};
+use crate::regs::{RestartFor, resume_point};
 
 #[derive(Debug, Error)]
 pub enum PrepareError {
     #[error("no process with pid {0}")]
     NoSuchProcess(i32),
-    #[error("pid {pid} has {threads} threads; only single-threaded seeds are supported")]
-    MultiThreaded { pid: i32, threads: usize },
-    #[error("pid {pid} is already traced by pid {tracer}")]
-    AlreadyTraced { pid: i32, tracer: i32 },
+    #[error("pid {pid} cannot be forked: its thread {tid} is already traced by pid {tracer}")]
+    AlreadyTraced { pid: i32, tid: i32, tracer: i32 },
+    #[error("pid {pid} cannot be forked: its thread {tid} is stuck in uninterruptible sleep")]
+    Uninterruptible { pid: i32, tid: i32 },
     #[error("cannot trace pid {pid}: {source}")]
     Trace { pid: i32, source: io::Error },
     #[error("pid {pid}: {what} failed: {source}")]
@@ -114,27 +116,31 @@ fn read_proc(path: String) -> Result<String, PrepareError> {
 
 /// Captures `pid` as seed `seed_id`. Must run on the daemon's tracer thread.
 pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, PrepareError> {
-    let threads = procfs::thread_count(pid).map_err(|_| PrepareError::NoSuchProcess(pid))?;
-    if threads != 1 {
-        return Err(PrepareError::MultiThreaded { pid, threads });
-    }
-    if let Ok(Some(tracer)) = procfs::tracer_pid(pid) {
-        return Err(PrepareError::AlreadyTraced { pid, tracer });
-    }
-    let open_files = capture_open_files(pid);
     let cwd = fs::read_link(format!("/proc/{pid}/cwd"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
 
     let stop_start = Instant::now();
-    let mut seed = Tracee::seize(pid, ptrace::seed_options())
-        .map_err(|source| PrepareError::Trace { pid, source })?;
-    let frozen = freeze(&mut seed, pid);
+    let mut group = threads::stop_all(pid)?;
+    let frozen = freeze(&mut group, pid);
     // Whatever happened, the seed goes on running.
-    let _ = seed.detach();
-    let (mut twin, seed_regs, xstate, rseq, brk, syscall_insn) = frozen?;
+    group.release();
+    let Frozen {
+        mut twin,
+        threads,
+        fds,
+        brk,
+        insn: syscall_insn,
+    } = frozen?;
     let stopped_us = stop_start.elapsed().as_micros() as u64;
 
+    let process = match capture::process::capture(pid, &mut twin, syscall_insn) {
+        Ok(p) => p,
+        Err(e) => {
+            twin.kill();
+            return Err(e);
+        }
+    };
     // The twin must not hold the seed's files open (a pipe's reader would never see EOF).
     let twin_pid = twin.pid();
     let close = twin.syscall(
@@ -168,11 +174,12 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
 
     match describe(&twin, seed_id, files) {
         Ok(mut descriptor) => {
-            descriptor.regs = regs_to_words(&resume_point(&seed_regs, RestartFor::OtherTask));
-            descriptor.xstate = xstate;
-            descriptor.rseq = rseq;
+            descriptor.threads = threads;
+            descriptor.process = process;
             descriptor.mm.brk = brk;
-            descriptor.files = open_files;
+            descriptor.files = fds.files;
+            descriptor.objects = fds.objects;
+            descriptor.dropped = fds.dropped;
             descriptor.cwd = cwd;
             Ok(Prepared {
                 twin,
@@ -188,34 +195,39 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
     }
 }
 
-type Frozen = (Tracee, Regs, Vec<u8>, Option<Rseq>, u64, u64);
+struct Frozen {
+    twin: Tracee,
+    threads: Vec<Thread>,
+    fds: capture::fds::Fds,
+    brk: u64,
+    insn: u64,
+}
 
-/// With the seed seized: stop it, read its CPU state, and clone its twin.
-fn freeze(seed: &mut Tracee, pid: i32) -> Result<Frozen, PrepareError> {
+/// With every thread stopped: read their state and the descriptors, and clone the twin.
+fn freeze(group: &mut threads::Group, pid: i32) -> Result<Frozen, PrepareError> {
     let inject = |what| move |source| PrepareError::Inject { pid, what, source };
-    seed.interrupt().map_err(inject("stopping the process"))?;
-    let regs = seed.regs().map_err(inject("reading registers"))?;
-    let xstate = seed.xstate().map_err(inject("reading FPU state"))?;
-    let rseq = seed
-        .rseq()
-        .map_err(inject("reading rseq registration"))?
-        .map(|c| Rseq {
-            pointer: c.abi_pointer,
-            size: c.abi_size,
-            signature: c.signature,
-        });
-    let insn = find_syscall_insn(pid, &regs)?;
+    let main_regs = group.main().regs().map_err(inject("reading registers"))?;
+    let insn = find_syscall_insn(pid, &main_regs)?;
+    let mem = RemoteMemory::open(pid, false).map_err(proc_err(format!("/proc/{pid}/mem")))?;
+    let mut captured = Vec::with_capacity(group.threads.len());
+    for t in &mut group.threads {
+        captured.push(threads::capture(t, &mem, insn)?.0);
+    }
+    let pidfd = mitosis_sys::pidfd::open(pid).map_err(inject("opening a pidfd"))?;
+    let fds = capture::fds::capture(pid, &pidfd);
+    let seed = group.main();
     let brk = seed
         .syscall(insn, libc::SYS_brk, [0; 6])
         .map_err(inject("brk(0)"))?
         .ret as u64;
     // clone(flags = 0): a plain copy-on-write child with no exit signal, invisible to the
-    // seed's ordinary wait() calls.
+    // seed's ordinary wait() calls. Only the calling thread is copied, which is all a page
+    // source needs.
     let clone = seed
         .syscall(insn, libc::SYS_clone, [0; 6])
         .map_err(inject("cloning the twin"));
     // Put the seed back where it was, with an interrupted system call set to restart.
-    seed.set_regs(&resume_point(&regs, RestartFor::SameTask))
+    seed.set_regs(&resume_point(&main_regs, RestartFor::SameTask))
         .map_err(inject("restoring registers"))?;
     let clone = clone?;
     let twin_pid = match (clone.ret, clone.new_child) {
@@ -240,7 +252,13 @@ fn freeze(seed: &mut Tracee, pid: i32) -> Result<Frozen, PrepareError> {
             source,
         });
     }
-    Ok((twin, regs, xstate, rseq, brk, insn))
+    Ok(Frozen {
+        twin,
+        threads: captured,
+        fds,
+        brk,
+        insn,
+    })
 }
 
 /// A `syscall` instruction to run injected calls from: the one the seed is stopped after, or
@@ -271,40 +289,6 @@ fn find_syscall_insn(pid: i32, regs: &Regs) -> Result<u64, PrepareError> {
         .position(|w| w == [0x0f, 0x05])
         .map(|off| vdso.start + off as u64)
         .ok_or(PrepareError::NoSyscallInsn { pid })
-}
-
-/// Regular files open beyond stdio (read while the seed is still intact).
-fn capture_open_files(pid: i32) -> Vec<OpenFile> {
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return vec![];
-    };
-    let mut files: Vec<OpenFile> = dir
-        .flatten()
-        .filter_map(|entry| {
-            let fd: i32 = entry.file_name().to_str()?.parse().ok()?;
-            if fd < 3 {
-                return None;
-            }
-            let target = fs::read_link(entry.path()).ok()?;
-            let path = target.to_str()?.to_string();
-            if !path.starts_with('/')
-                || path.ends_with(" (deleted)")
-                || !fs::metadata(&target).ok()?.is_file()
-            {
-                return None;
-            }
-            let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
-            let (offset, flags) = procfs::parse_fdinfo(&info)?;
-            Some(OpenFile {
-                fd,
-                path,
-                flags,
-                offset,
-            })
-        })
-        .collect();
-    files.sort_by_key(|f| f.fd);
-    files
 }
 
 /// Builds the descriptor's layout and page lists from the frozen twin.
@@ -365,9 +349,8 @@ fn describe(twin: &Twin, seed_id: u64, files: &FileCache) -> Result<Descriptor, 
     Ok(Descriptor {
         seed_id,
         arch: std::env::consts::ARCH.to_string(),
-        regs: Vec::new(),
-        xstate: Vec::new(),
-        rseq: None,
+        threads: Vec::new(),
+        process: Default::default(),
         mm,
         auxv,
         exe,
@@ -375,6 +358,8 @@ fn describe(twin: &Twin, seed_id: u64, files: &FileCache) -> Result<Descriptor, 
         vmas,
         cwd: None,
         files: Vec::new(),
+        objects: Vec::new(),
+        dropped: Vec::new(),
         container: None,
     })
 }

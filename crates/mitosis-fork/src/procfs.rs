@@ -100,7 +100,12 @@ pub fn thread_count(pid: i32) -> io::Result<usize> {
 
 /// The pid tracing `pid`, if any.
 pub fn tracer_pid(pid: i32) -> io::Result<Option<i32>> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    tracer_pid_at(&format!("/proc/{pid}"))
+}
+
+/// The pid tracing the task at `dir` (`/proc/PID` or `/proc/PID/task/TID`), if any.
+pub fn tracer_pid_at(dir: &str) -> io::Result<Option<i32>> {
+    let status = fs::read_to_string(format!("{dir}/status"))?;
     let tracer = status
         .lines()
         .find_map(|l| l.strip_prefix("TracerPid:"))

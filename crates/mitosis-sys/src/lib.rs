@@ -8,6 +8,7 @@ pub mod mem;
 pub mod ns;
 pub mod pidfd;
 pub mod ptrace;
+pub mod task;
 pub mod uffd;
 
 /// The page size mitosis works in; x86_64 base pages.

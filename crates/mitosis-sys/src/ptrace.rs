@@ -13,6 +13,8 @@ pub type Regs = libc::user_regs_struct;
 const NT_X86_XSTATE: libc::c_int = 0x202;
 const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
 const PTRACE_EVENT_STOP: i32 = 128;
+const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
 /// Largest XSAVE area we accept; AVX-512 needs ~2.7 KiB, AMX ~11 KiB.
 const XSTATE_MAX: usize = 16 * 1024;
 
@@ -185,6 +187,40 @@ impl Tracee {
                 self.pid.as_raw(),
                 NT_X86_XSTATE,
                 &mut iov,
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The thread's blocked signals (bit N-1 for signal N).
+    pub fn sigmask(&self) -> io::Result<u64> {
+        let mut mask: u64 = 0;
+        // SAFETY: `mask` is a writable 8-byte sigset, the size we pass.
+        let ret = unsafe {
+            libc::ptrace(
+                PTRACE_GETSIGMASK,
+                self.pid.as_raw(),
+                std::mem::size_of::<u64>(),
+                &mut mask,
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(mask)
+    }
+
+    pub fn set_sigmask(&self, mask: u64) -> io::Result<()> {
+        // SAFETY: the kernel reads one 8-byte sigset from `mask`.
+        let ret = unsafe {
+            libc::ptrace(
+                PTRACE_SETSIGMASK,
+                self.pid.as_raw(),
+                std::mem::size_of::<u64>(),
+                &mask,
             )
         };
         if ret < 0 {

@@ -144,6 +144,16 @@ async fn prepare_with_id(
         return Event::Error(format!("no randomness for the seed's key: {e}"));
     }
     prepared.descriptor.container = from.as_ref().map(|f| f.bundle.clone());
+    let d = &prepared.descriptor;
+    tracing::debug!(
+        pid,
+        threads = d.threads.len(),
+        altstacks = ?d.threads.iter().map(|t| t.altstack).collect::<Vec<_>>(),
+        sigactions = ?d.process.sigactions,
+        objects = ?d.objects,
+        dropped = ?d.dropped,
+        "captured"
+    );
     let encoded = mitosis_descriptor::encode(&prepared.descriptor);
     let stats = PrepareStats {
         warm_us: from.as_ref().map_or(0, |f| f.warm_us),

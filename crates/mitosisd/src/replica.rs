@@ -167,11 +167,12 @@ pub struct Forked {
     pub container: Option<Container>,
 }
 
-/// Forks a child of `entry` with `stdio`.
+/// Forks a child of `entry` with `stdio` (and `listener` as its fd 3).
 pub async fn fork(
     daemon: &Daemon,
     entry: &Arc<Entry>,
     stdio: [OwnedFd; 3],
+    listener: Option<OwnedFd>,
     stats: &mut ResumeStats,
 ) -> Result<Forked, String> {
     let container = match &entry.bundle {
@@ -208,7 +209,7 @@ pub async fn fork(
         .tracer
         .run(move || {
             let (mut replica, forks) = process;
-            let forked = replica.fork(stdio, &forks, join);
+            let forked = replica.fork(stdio, listener, &forks, join);
             ((replica, forks), forked)
         })
         .await;

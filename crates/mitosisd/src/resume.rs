@@ -152,9 +152,15 @@ async fn start(
     let handle: Handle = handle
         .parse()
         .map_err(|e: mitosis_descriptor::HandleError| e.to_string())?;
+    // stdin, stdout, stderr, and optionally a listening socket for the child's fd 3.
+    let mut fds = fds.into_iter();
     let stdio: [OwnedFd; 3] = fds
+        .by_ref()
+        .take(3)
+        .collect::<Vec<_>>()
         .try_into()
         .map_err(|_| "resume needs the caller's stdin, stdout and stderr".to_string())?;
+    let listener = fds.next();
     let mut stats = ResumeStats::default();
     let key = SeedKey {
         host: handle.host,
@@ -209,7 +215,7 @@ async fn start(
     };
     let (entry, built) = daemon.cache.get_or_build(key, build).await?;
     stats.cached = !built;
-    let child = replica::fork(daemon, &entry, stdio, &mut stats).await?;
+    let child = replica::fork(daemon, &entry, stdio, listener, &mut stats).await?;
     daemon.cache.evict_over_budget(key);
     stats.total_us = t0.elapsed().as_micros() as u64;
     Ok((entry, child, stats))

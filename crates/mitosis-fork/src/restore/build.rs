@@ -1,5 +1,5 @@
-//! Building a child: start `mitosis-stub`, let it open files, then replace its address space
-//! with the seed's layout and hand it the seed's registers.
+//! Building a replica: start `mitosis-stub`, let it open files, then replace its address space
+//! with the seed's layout.
 //!
 //! Runs on the daemon's tracer thread: the stub is traced from spawn until it is let go.
 
@@ -9,7 +9,6 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use mitosis_sys::mem::RemoteMemory;
 use mitosis_sys::pidfd;
@@ -22,9 +21,7 @@ use thiserror::Error;
 use super::plan::Plan;
 use super::protocol::{CHANNEL_FD, Go, Ready, Setup};
 use super::trampoline::{self, Record};
-use crate::pending::PendingMap;
 use crate::procfs;
-use crate::regs::{RestartFor, resume_point, words_to_regs};
 
 /// Events the fault handler follows so the child's own mremap/madvise/munmap/fork stay correct.
 pub const UFFD_FEATURES: u64 = uffd::FEATURE_EVENT_FORK
@@ -54,62 +51,6 @@ pub enum RestoreError {
     NoRoom,
     #[error("the child died during restore: {0}")]
     Died(String),
-}
-
-/// A child that runs the seed's code and whose missing pages arrive through `uffd`.
-pub struct Child {
-    pub pid: i32,
-    pub pidfd: OwnedFd,
-    pub uffd: Userfaultfd,
-    pub pending: PendingMap,
-    pub spawn_us: u64,
-    pub restore_us: u64,
-}
-
-/// Builds the child of `plan` with the given stdio. `prefetched` holds the bytes of
-/// [`Plan::prefetch_runs`] back to back.
-pub fn build(
-    plan: Plan,
-    stub: &Path,
-    stdio: [OwnedFd; 3],
-    prefetched: &[u8],
-) -> Result<Child, RestoreError> {
-    let t0 = Instant::now();
-    let mut spawned = spawn(&plan, stub, Some(stdio))?;
-    let spawn_us = t0.elapsed().as_micros() as u64;
-    let laid = lay_out(&plan, &mut spawned, prefetched, None).and_then(|laid| {
-        let insn = laid.at + trampoline::syscall_offset();
-        spawned
-            .tracee
-            .syscall(insn, libc::SYS_munmap, [laid.at, laid.size, 0, 0, 0, 0])
-            .map_err(RestoreError::Trace)?;
-        let seed_regs = resume_point(&words_to_regs(&plan.regs), RestartFor::OtherTask);
-        spawned
-            .tracee
-            .set_regs(&seed_regs)
-            .map_err(RestoreError::Trace)?;
-        Ok(laid)
-    });
-    match laid {
-        Ok(laid) => {
-            let Spawned {
-                pid, pidfd, tracee, ..
-            } = spawned;
-            tracee.detach().map_err(RestoreError::Trace)?;
-            Ok(Child {
-                pid,
-                pidfd,
-                uffd: laid.uffd,
-                pending: plan.pending,
-                spawn_us,
-                restore_us: t0.elapsed().as_micros() as u64 - spawn_us,
-            })
-        }
-        Err(e) => {
-            spawned.kill();
-            Err(e)
-        }
-    }
 }
 
 /// A stub just started, traced, with its channel.
@@ -320,11 +261,21 @@ pub(crate) fn lay_out(
         offset += len;
     }
 
+    // Pages the seed's threads touch at once that the seed never had: zero-filled now, so no
+    // child faults on them before its fault path runs. Present pages refuse (EEXIST), pages
+    // outside the lazy ranges are not ours to fill: both are fine.
+    for &page in &plan.hot {
+        let _ = uffd.zeropage(page, PAGE_SIZE);
+    }
+    let main = &plan.threads[0];
     tracee
-        .set_xstate(&plan.xstate)
+        .set_xstate(&main.xstate)
         .map_err(step("load FPU state"))?;
+    tracee
+        .set_sigmask(main.sigmask)
+        .map_err(step("set the signal mask"))?;
     let insn = at + trampoline::syscall_offset();
-    if let Some(r) = plan.rseq {
+    if let Some(r) = main.rseq {
         let ret = tracee
             .syscall(
                 insn,

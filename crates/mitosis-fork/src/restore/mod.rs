@@ -1,10 +1,12 @@
 //! Rebuilding a seed as a child process on this host.
 
+mod batch;
 mod build;
+mod kernel_state;
 mod plan;
 pub mod protocol;
 pub mod replica;
 pub mod trampoline;
 
-pub use build::{Child, RestoreError, UFFD_FEATURES, build};
+pub use build::{RestoreError, UFFD_FEATURES};
 pub use plan::{MapStep, Plan, PlanError, plan};

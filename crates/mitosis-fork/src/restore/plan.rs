@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use mitosis_descriptor::{Backing, Descriptor, MmFields, Vma};
+use mitosis_descriptor::{Backing, Descriptor, KernelObject, MmFields, ProcessState, Thread, Vma};
 use mitosis_sys::PAGE_SIZE;
 use thiserror::Error;
 
@@ -47,9 +47,13 @@ pub struct Plan {
     pub overlay: Vec<Run>,
     /// Pages copied before the child starts because it touches them at once (stack, TLS).
     pub eager: Vec<Run>,
-    pub regs: Vec<u64>,
-    pub xstate: Vec<u8>,
-    pub rseq: Option<mitosis_descriptor::Rseq>,
+    /// Every page the threads touch at once, eager or not (zero-filled when the seed had none).
+    pub hot: Vec<u64>,
+    /// The seed's threads, the main thread first.
+    pub threads: Vec<Thread>,
+    pub process: ProcessState,
+    /// Kernel objects each child gets a fresh copy of.
+    pub objects: Vec<KernelObject>,
     pub vdso_block: u64,
     pub mm: MmFields,
     pub auxv: Vec<u64>,
@@ -164,10 +168,13 @@ pub fn plan(
         .as_ref()
         .filter(|e| files.is_identical(e, root))
         .map(|e| open(&e.path, libc::O_RDONLY));
+    let object_fds = desc.objects.iter().flat_map(|o| o.fds()).map(|f| f.fd);
     let work_fd_base = desc
         .files
         .iter()
-        .map(|f| f.fd + 1)
+        .map(|f| f.fd)
+        .chain(object_fds)
+        .map(|fd| fd + 1)
         .max()
         .unwrap_or(0)
         .max(64);
@@ -181,19 +188,26 @@ pub fn plan(
         });
     }
 
-    let regs = crate::regs::words_to_regs(&desc.regs);
+    // Each thread touches its stack, TLS, tid word and rseq area at once.
     let mut eager = Vec::new();
-    let hot = [
-        regs.rsp.wrapping_sub(2 * PAGE_SIZE),
-        regs.rsp.wrapping_sub(PAGE_SIZE),
-        regs.rsp,
-        regs.fs_base,
-    ]
-    .into_iter()
-    .chain(desc.rseq.map(|r| r.pointer));
-    for addr in hot {
-        if let Some(run) = pending.take_run(addr, 1) {
-            eager.push(run);
+    let mut hot_pages = Vec::new();
+    for t in &desc.threads {
+        let regs = crate::regs::words_to_regs(&t.regs);
+        let hot = [
+            regs.rsp.wrapping_sub(2 * PAGE_SIZE),
+            regs.rsp.wrapping_sub(PAGE_SIZE),
+            regs.rsp,
+            regs.fs_base,
+            t.tid_address,
+        ]
+        .into_iter()
+        .chain(t.rseq.map(|r| r.pointer))
+        .chain(t.robust_list.map(|r| r.head));
+        for addr in hot.filter(|&a| a != 0) {
+            hot_pages.push(addr & !(PAGE_SIZE - 1));
+            if let Some(run) = pending.take_run(addr, 1) {
+                eager.push(run);
+            }
         }
     }
 
@@ -206,9 +220,10 @@ pub fn plan(
         pending,
         overlay,
         eager,
-        regs: desc.regs.clone(),
-        xstate: desc.xstate.clone(),
-        rseq: desc.rseq,
+        hot: hot_pages,
+        threads: desc.threads.clone(),
+        process: desc.process.clone(),
+        objects: desc.objects.clone(),
         vdso_block: vdso.block_start,
         mm: desc.mm,
         auxv: desc.auxv.clone(),

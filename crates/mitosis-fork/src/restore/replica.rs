@@ -14,25 +14,30 @@
 //! before the clone; the child's batch joins the other namespaces through the same pidfd,
 //! which it inherits as descriptor 0 (the replica has no stdio, so it is the lowest free).
 
+use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
+use mitosis_descriptor::Thread;
 use mitosis_sys::ptrace::{Regs, Stop, Tracee};
 use mitosis_sys::uffd::Userfaultfd;
 use mitosis_sys::{fdpass, pidfd};
 use nix::sys::ptrace::Options;
 
+use super::batch::{Arg, Batch, Placed};
 use super::build::{self, Laid, RestoreError, Spawned};
+use super::kernel_state;
 use super::plan::Plan;
-use super::trampoline::{self, Record};
+use super::trampoline;
 use crate::pending::PendingMap;
 use crate::regs::{RestartFor, resume_point, words_to_regs};
 
-const RECORD: u64 = std::mem::size_of::<Record>() as u64;
-/// msghdr (56) + iovec (16) + one byte (8) + cmsg space for three fds (32).
-const MSG_AREA: u64 = 56 + 16 + 8 + 32;
+/// cmsg space for up to four descriptors.
+const CMSG_SPACE: usize = 32;
+/// Where a child finds the listening socket it is handed (systemd's first passed fd).
+pub const LISTEN_FD: i32 = 3;
 /// How long a fork may wait for its userfaultfd (the fork blocks until it is read).
 const FORK_UFFD_WAIT: Duration = Duration::from_secs(5);
 /// Where a joining child finds the pidfd of its container's init.
@@ -59,9 +64,14 @@ pub struct Replica {
     spawned: Spawned,
     at: u64,
     size: u64,
-    batch_at: u64,
-    batch_labels: Vec<String>,
+    /// The child's batch, without and with a listening socket (none if fd 3 is the seed's).
+    batch: Placed,
+    listener_batch: Option<Placed>,
     seed_regs: Regs,
+    /// The main thread's tid address, where a child's clone writes its pid.
+    tid_address: u64,
+    /// The other threads, with the batch each runs for itself.
+    threads: Vec<(Thread, Placed)>,
     /// Shared anonymous mappings: each child gets a fresh one (seed contents, own writes).
     shared: Vec<(u64, u64)>,
     joins: bool,
@@ -102,44 +112,44 @@ pub fn build(
         .filter(|m| m.file.is_none() && m.flags & libc::MAP_SHARED as u64 != 0)
         .map(|m| (m.start, m.len))
         .collect();
-    let chan_fd = plan.work_fd_base as u64;
-    let maps = plan.maps.clone();
-    let joins = join.is_some();
-    let batch_join = join.clone();
-    let extra = move |at: u64| child_batch(at, chan_fd, &maps, batch_join.as_ref()).0;
-    let laid = build::lay_out(&plan, &mut spawned, prefetched, Some(&extra));
-    let laid = match laid.and_then(|l| {
+    let batches = Batches::new(&plan, join.as_ref());
+    let extra = |at: u64| batches.encode(at);
+    let laid = build::lay_out(&plan, &mut spawned, prefetched, Some(&extra)).and_then(|laid| {
+        let placed = batches.place(laid.extra_at);
+        run_batch(&mut spawned.tracee, laid.at, &placed.process)?;
         // Forks must stop us so each child is traced from its first instruction.
         spawned
             .tracee
             .set_options(Options::PTRACE_O_TRACEFORK | Options::PTRACE_O_EXITKILL)
             .map_err(RestoreError::Trace)?;
-        Ok(l)
-    }) {
+        Ok((laid, placed))
+    });
+    let (laid, placed) = match laid {
         Ok(l) => l,
         Err(e) => {
             spawned.kill();
             return Err(e);
         }
     };
-    let Laid {
-        uffd,
-        at,
-        size,
-        extra_at,
-    } = laid;
-    let (_, batch_labels) = child_batch(extra_at, chan_fd, &plan.maps, join.as_ref());
-    let seed_regs = resume_point(&words_to_regs(&plan.regs), RestartFor::OtherTask);
+    let Laid { uffd, at, size, .. } = laid;
+    let main = &plan.threads[0];
+    let seed_regs = resume_point(&words_to_regs(&main.regs), RestartFor::OtherTask);
     Ok(Built {
         replica: Replica {
             spawned,
             at,
             size,
-            batch_at: extra_at,
-            batch_labels,
+            batch: placed.child,
+            listener_batch: placed.listener,
             seed_regs,
+            tid_address: main.tid_address,
+            threads: plan.threads[1..]
+                .iter()
+                .cloned()
+                .zip(placed.threads)
+                .collect(),
             shared,
-            joins,
+            joins: join.is_some(),
         },
         uffd,
         pending: plan.pending,
@@ -148,97 +158,183 @@ pub fn build(
     })
 }
 
-/// The batch each child runs right after the fork, laid out at `at`: records, then the
-/// recvmsg structures, then the container's working directory. Returns its bytes and a label
-/// per record.
+/// Every batch a replica keeps in its data area, laid out one after the other.
+struct Batches {
+    child: Batch,
+    listener: Option<Batch>,
+    process: Batch,
+    threads: Vec<Batch>,
+}
+
+struct PlacedBatches {
+    child: Placed,
+    listener: Option<Placed>,
+    process: Placed,
+    threads: Vec<Placed>,
+}
+
+impl Batches {
+    fn new(plan: &Plan, join: Option<&JoinSpec>) -> Self {
+        let chan_fd = plan.work_fd_base;
+        let files: BTreeSet<i32> = plan.opens.iter().filter_map(|o| o.target_fd).collect();
+        let seed_has_3 = files.contains(&LISTEN_FD)
+            || plan
+                .objects
+                .iter()
+                .any(|o| o.fds().any(|f| f.fd == LISTEN_FD));
+        let batch = |listener| child_batch(chan_fd, plan, &files, join, listener);
+        Batches {
+            child: batch(false),
+            listener: (!seed_has_3).then(|| batch(true)),
+            process: kernel_state::process_batch(&plan.process, &plan.threads[0]),
+            threads: plan.threads[1..]
+                .iter()
+                .map(kernel_state::thread_batch)
+                .collect(),
+        }
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Batch> {
+        [&self.child]
+            .into_iter()
+            .chain(self.listener.as_ref())
+            .chain([&self.process])
+            .chain(&self.threads)
+    }
+
+    fn encode(&self, at: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for b in self.all() {
+            out.extend(b.encode(at + out.len() as u64));
+        }
+        out
+    }
+
+    fn place(&self, at: u64) -> PlacedBatches {
+        let mut next = at;
+        let mut place = |b: &Batch| {
+            let p = Placed {
+                at: next,
+                labels: b.labels(),
+            };
+            next += b.len();
+            p
+        };
+        PlacedBatches {
+            child: place(&self.child),
+            listener: self.listener.as_ref().map(&mut place),
+            process: place(&self.process),
+            threads: self.threads.iter().map(place).collect(),
+        }
+    }
+}
+
+/// Runs a placed batch in a stopped tracee through the trampoline at `at`.
+fn run_batch(t: &mut Tracee, at: u64, batch: &Placed) -> Result<(), RestoreError> {
+    if batch.labels.is_empty() {
+        return Ok(());
+    }
+    let mut regs = t.regs().map_err(RestoreError::Trace)?;
+    regs.rip = at;
+    regs.rdi = batch.at;
+    regs.rsi = batch.labels.len() as u64;
+    regs.orig_rax = u64::MAX;
+    t.set_regs(&regs).map_err(RestoreError::Trace)?;
+    t.cont().map_err(RestoreError::Trace)?;
+    match t.wait().map_err(RestoreError::Trace)? {
+        Stop::Signal(libc::SIGTRAP) => {}
+        other => return Err(RestoreError::Died(format!("{other:?}"))),
+    }
+    build::check_batch(t, &batch.labels)
+}
+
+/// The batch each child runs right after the fork: die with the daemon, join its container,
+/// take its stdio (and listening socket) from the replica's channel, drop the channel, give
+/// shared memory a fresh mapping of its own, register the main thread's robust list, and
+/// recreate the seed's private kernel objects at their descriptor numbers.
 fn child_batch(
-    at: u64,
-    chan_fd: u64,
-    maps: &[super::MapStep],
+    chan_fd: i32,
+    plan: &Plan,
+    files: &BTreeSet<i32>,
     join: Option<&JoinSpec>,
-) -> (Vec<u8>, Vec<String>) {
-    let shared: Vec<&super::MapStep> = maps
-        .iter()
-        .filter(|m| m.file.is_none() && m.flags & libc::MAP_SHARED as u64 != 0)
-        .collect();
-    let n = 3 + shared.len() as u64 + if join.is_some() { 3 } else { 0 };
-    let msg = at + n * RECORD;
-    let (iov, byte, cmsg) = (msg + 56, msg + 72, msg + 80);
-    let cwd_at = msg + MSG_AREA;
-    let mut records: Vec<(Record, String)> = vec![(
-        [
-            libc::SYS_prctl as u64,
-            libc::PR_SET_PDEATHSIG as u64,
-            libc::SIGKILL as u64,
-            0,
-            0,
-            0,
-            0,
+    listener: bool,
+) -> Batch {
+    let mut b = Batch::default();
+    b.call(
+        libc::SYS_prctl,
+        &[
+            (libc::PR_SET_PDEATHSIG as u64).into(),
+            (libc::SIGKILL as u64).into(),
         ],
-        "die with the daemon".into(),
-    )];
+        "die with the daemon",
+    );
     if let Some(join) = join {
         // The pid namespace was set by the replica for the clone; the rest is joined here.
         let flags = (join.namespaces & !libc::CLONE_NEWPID) as u64;
-        records.extend([
-            (
-                [libc::SYS_setns as u64, JOIN_FD, flags, 0, 0, 0, 0],
-                "join the container's namespaces".into(),
-            ),
-            (
-                [libc::SYS_close as u64, JOIN_FD, 0, 0, 0, 0, 0],
-                "close the container's pidfd".into(),
-            ),
-            (
-                [libc::SYS_chdir as u64, cwd_at, 0, 0, 0, 0, 0],
-                format!("enter {}", join.cwd),
-            ),
-        ]);
+        b.call(
+            libc::SYS_setns,
+            &[JOIN_FD.into(), flags.into()],
+            "join the container's namespaces",
+        );
+        b.call(
+            libc::SYS_close,
+            &[JOIN_FD.into()],
+            "close the container's pidfd",
+        );
+        let cwd = b.c_string(&join.cwd);
+        b.call(libc::SYS_chdir, &[cwd], format!("enter {}", join.cwd));
     }
-    records.extend([
-        (
-            [libc::SYS_recvmsg as u64, chan_fd, msg, 0, 0, 0, 0],
-            "receive stdio".into(),
-        ),
-        (
-            [libc::SYS_close as u64, chan_fd, 0, 0, 0, 0, 0],
-            "close the replica's channel".into(),
-        ),
+    // recvmsg: one byte, and the descriptors in a control buffer.
+    let byte = b.bytes(&[0; 8]);
+    let iov = b.words(vec![byte, 1u64.into()]);
+    let cmsg = b.bytes(&[0; CMSG_SPACE]);
+    // struct msghdr: name, namelen(+pad), iov, iovlen, control, controllen, flags(+pad).
+    let msg = b.words(vec![
+        0u64.into(),
+        0u64.into(),
+        iov,
+        1u64.into(),
+        cmsg,
+        (CMSG_SPACE as u64).into(),
+        0u64.into(),
     ]);
-    for m in shared {
+    b.call(
+        libc::SYS_recvmsg,
+        &[chan_fd.into(), msg, 0u64.into()],
+        "receive stdio",
+    );
+    b.call(
+        libc::SYS_close,
+        &[chan_fd.into()],
+        "close the replica's channel",
+    );
+    let mut open: BTreeSet<i32> = files.iter().copied().chain(0..3).collect();
+    if listener {
+        // The socket arrived right after stdio: fd 3 is free (the seed does not use it).
+        open.insert(LISTEN_FD);
+    }
+    for m in plan
+        .maps
+        .iter()
+        .filter(|m| m.file.is_none() && m.flags & libc::MAP_SHARED as u64 != 0)
+    {
         let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
-        records.push((
-            [
-                libc::SYS_mmap as u64,
-                m.start,
-                m.len,
-                m.prot,
-                flags,
-                u64::MAX,
-                0,
+        b.call(
+            libc::SYS_mmap,
+            &[
+                m.start.into(),
+                m.len.into(),
+                m.prot.into(),
+                flags.into(),
+                Arg::Val(u64::MAX),
+                0u64.into(),
             ],
             format!("fresh shared memory at {:#x}", m.start),
-        ));
+        );
     }
-    let mut out: Vec<u8> = records
-        .iter()
-        .flat_map(|(r, _)| r.iter().flat_map(|w| w.to_ne_bytes()))
-        .collect();
-    // struct msghdr: name, namelen(+pad), iov, iovlen, control, controllen, flags(+pad).
-    for w in [0, 0, iov, 1, cmsg, 32, 0] {
-        out.extend_from_slice(&u64::to_ne_bytes(w));
-    }
-    // struct iovec, then the byte buffer and the control buffer.
-    for w in [byte, 1] {
-        out.extend_from_slice(&u64::to_ne_bytes(w));
-    }
-    out.resize(out.len() + 8 + 32, 0);
-    debug_assert_eq!(out.len() as u64, n * RECORD + MSG_AREA);
-    if let Some(join) = join {
-        out.extend_from_slice(join.cwd.as_bytes());
-        out.push(0);
-    }
-    (out, records.into_iter().map(|(_, l)| l).collect())
+    kernel_state::robust_list_call(&mut b, &plan.threads[0]);
+    kernel_state::object_calls(&mut b, &plan.objects, &open);
+    b
 }
 
 impl Replica {
@@ -246,11 +342,12 @@ impl Replica {
         self.spawned.pid
     }
 
-    /// Forks a child with `stdio`. `forks` yields the child's userfaultfd, read from the
-    /// replica's FORK event by the async side while the fork waits for it.
+    /// Forks a child with `stdio` (and `listener` at fd 3). `forks` yields the child's
+    /// userfaultfd, read from the replica's FORK event by the async side while the fork waits.
     pub fn fork(
         &mut self,
         stdio: [OwnedFd; 3],
+        listener: Option<OwnedFd>,
         forks: &Receiver<Userfaultfd>,
         join: Option<Join>,
     ) -> Result<Forked, RestoreError> {
@@ -260,10 +357,16 @@ impl Replica {
                 "a child must join a container exactly when its seed ran in one".into(),
             ));
         }
+        if listener.is_some() && self.listener_batch.is_none() {
+            return Err(RestoreError::Channel(format!(
+                "the seed holds fd {LISTEN_FD}, where a listening socket would go"
+            )));
+        }
         let tracee = &mut self.spawned.tracee;
         let insn = self.at + trampoline::syscall_offset();
         let saved = tracee.regs().map_err(RestoreError::Trace)?;
-        let result = Self::clone_child(tracee, insn, join.as_ref().map(|j| j.init_pid));
+        let init = join.as_ref().map(|j| j.init_pid);
+        let result = Self::clone_child(tracee, insn, init, self.tid_address);
         let clone_us = t0.elapsed().as_micros() as u64;
         tracee.set_regs(&saved).map_err(RestoreError::Trace)?;
         let result = result?;
@@ -285,8 +388,12 @@ impl Replica {
             }
         };
         let before_run = join.map(|j| j.before_run);
-        match self.start_child(&mut child, stdio, forks, before_run) {
+        let mut threads = Vec::new();
+        match self.start_child(&mut child, &mut threads, stdio, listener, forks, before_run) {
             Ok(uffd) => {
+                for t in threads {
+                    t.detach().map_err(RestoreError::Trace)?;
+                }
                 child.detach().map_err(RestoreError::Trace)?;
                 tracing::debug!(pid, clone_us, "forked");
                 Ok(Forked {
@@ -298,6 +405,8 @@ impl Replica {
             }
             Err(e) => {
                 child.kill();
+                // The group is dead; reap the threads we trace.
+                threads.into_iter().for_each(Tracee::kill);
                 Err(e)
             }
         }
@@ -309,6 +418,7 @@ impl Replica {
         tracee: &mut Tracee,
         insn: u64,
         init: Option<i32>,
+        tid_address: u64,
     ) -> Result<mitosis_sys::ptrace::SyscallResult, RestoreError> {
         let step = |step: &str, ret: i64| RestoreError::Step {
             step: step.into(),
@@ -338,8 +448,15 @@ impl Replica {
                 return Err(step("enter the container's pid namespace", set));
             }
         }
-        let flags = (libc::CLONE_PARENT | libc::SIGCHLD) as u64;
-        let result = call(libc::SYS_clone, [flags, 0, 0, 0, 0, 0]);
+        // The kernel writes the child's pid where the seed's main thread keeps its tid (as
+        // glibc's fork does), so the child's libc knows its own thread id.
+        let tid_flags = if tid_address != 0 {
+            libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID
+        } else {
+            0
+        };
+        let flags = (libc::CLONE_PARENT | libc::SIGCHLD | tid_flags) as u64;
+        let result = call(libc::SYS_clone, [flags, 0, 0, tid_address, 0, 0]);
         if init.is_some() {
             // The child has its copy; the replica keeps no descriptor of a container.
             call(libc::SYS_close, [JOIN_FD, 0, 0, 0, 0, 0])?;
@@ -350,7 +467,9 @@ impl Replica {
     fn start_child(
         &self,
         child: &mut Tracee,
+        threads: &mut Vec<Tracee>,
         stdio: [OwnedFd; 3],
+        listener: Option<OwnedFd>,
         forks: &Receiver<Userfaultfd>,
         before_run: Option<Box<dyn FnOnce(i32) -> std::io::Result<()> + Send>>,
     ) -> Result<Userfaultfd, RestoreError> {
@@ -369,27 +488,19 @@ impl Replica {
                     source,
                 })?;
         }
-        let raw = [
-            stdio[0].as_raw_fd(),
-            stdio[1].as_raw_fd(),
-            stdio[2].as_raw_fd(),
-        ];
+        let raw: Vec<i32> = stdio
+            .iter()
+            .chain(listener.as_ref())
+            .map(|fd| fd.as_raw_fd())
+            .collect();
         fdpass::send(self.spawned.chan.as_raw_fd(), b"s", &raw)
             .map_err(|e| RestoreError::Channel(e.to_string()))?;
-        drop(stdio);
-
-        let mut regs = child.regs().map_err(RestoreError::Trace)?;
-        regs.rip = self.at;
-        regs.rdi = self.batch_at;
-        regs.rsi = self.batch_labels.len() as u64;
-        regs.orig_rax = u64::MAX;
-        child.set_regs(&regs).map_err(RestoreError::Trace)?;
-        child.cont().map_err(RestoreError::Trace)?;
-        match child.wait().map_err(RestoreError::Trace)? {
-            Stop::Signal(libc::SIGTRAP) => {}
-            other => return Err(RestoreError::Died(format!("{other:?}"))),
-        }
-        build::check_batch(child, &self.batch_labels)?;
+        let batch = match listener {
+            Some(_) => self.listener_batch.as_ref().expect("checked in fork"),
+            None => &self.batch,
+        };
+        drop((stdio, listener));
+        run_batch(child, self.at, batch)?;
         let batch_us = t0.elapsed().as_micros() as u64;
         if let Some(before_run) = before_run {
             before_run(child.pid()).map_err(|source| RestoreError::Step {
@@ -405,6 +516,8 @@ impl Replica {
                     source,
                 })?;
         }
+        // Threads come last: they are created in the container's cgroup and namespaces.
+        self.start_threads(child, threads)?;
         let insn = self.at + trampoline::syscall_offset();
         child
             .syscall(insn, libc::SYS_munmap, [self.at, self.size, 0, 0, 0, 0])
@@ -421,6 +534,67 @@ impl Replica {
             "child started"
         );
         Ok(uffd)
+    }
+
+    /// Clones the seed's other threads in the stopped child: each registers its robust list,
+    /// rseq area and alternate stack, then takes the seed thread's FPU state, signal mask and
+    /// registers. They stay stopped (in `threads`) until the whole child is ready.
+    fn start_threads(
+        &self,
+        child: &mut Tracee,
+        threads: &mut Vec<Tracee>,
+    ) -> Result<(), RestoreError> {
+        if self.threads.is_empty() {
+            return Ok(());
+        }
+        child
+            .set_options(Options::PTRACE_O_TRACECLONE | Options::PTRACE_O_EXITKILL)
+            .map_err(RestoreError::Trace)?;
+        let insn = self.at + trampoline::syscall_offset();
+        let saved = child.regs().map_err(RestoreError::Trace)?;
+        for (seed, batch) in &self.threads {
+            let regs = resume_point(&words_to_regs(&seed.regs), RestartFor::OtherTask);
+            let mut flags = libc::CLONE_VM
+                | libc::CLONE_FS
+                | libc::CLONE_FILES
+                | libc::CLONE_SIGHAND
+                | libc::CLONE_THREAD
+                | libc::CLONE_SYSVSEM;
+            if seed.tid_address != 0 {
+                flags |= libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID;
+            }
+            let r = child
+                .syscall(
+                    insn,
+                    libc::SYS_clone,
+                    [flags as u64, regs.rsp, 0, seed.tid_address, 0, 0],
+                )
+                .map_err(RestoreError::Trace)?;
+            let tid = match r.new_child {
+                Some(tid) if r.ret > 0 => tid,
+                _ => {
+                    return Err(RestoreError::Step {
+                        step: format!("start thread {} of the seed", seed.tid),
+                        source: std::io::Error::from_raw_os_error(-r.ret as i32),
+                    });
+                }
+            };
+            threads.push(Tracee::adopt(tid));
+            let t = threads.last_mut().expect("just pushed");
+            t.wait_for_event_stop().map_err(RestoreError::Trace)?;
+            run_batch(t, self.at, batch)?;
+            let step = |what: &str| {
+                let step = format!("{what} of thread {}", seed.tid);
+                move |source| RestoreError::Step { step, source }
+            };
+            t.set_xstate(&seed.xstate)
+                .map_err(step("load the FPU state"))?;
+            t.set_sigmask(seed.sigmask)
+                .map_err(step("set the signal mask"))?;
+            t.set_regs(&regs).map_err(step("set the registers"))?;
+        }
+        child.set_regs(&saved).map_err(RestoreError::Trace)?;
+        Ok(())
     }
 
     /// Shared anonymous ranges, which each child maps afresh (pending from the seed again).
@@ -445,34 +619,98 @@ pub fn resident_pages(pid: i32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mitosis_descriptor::REGS_WORDS;
     use mitosis_sys::PAGE_SIZE;
 
+    fn plan_with(files: &[i32]) -> Plan {
+        Plan {
+            maps: vec![super::super::MapStep {
+                start: 0x1000_0000,
+                len: 2 * PAGE_SIZE,
+                prot: 3,
+                flags: (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64,
+                file: None,
+                offset: 0,
+            }],
+            opens: files
+                .iter()
+                .map(|&fd| super::super::protocol::OpenSpec {
+                    path: "/etc/hostname".into(),
+                    flags: 0,
+                    target_fd: Some(fd),
+                    offset: 0,
+                })
+                .collect(),
+            exe: None,
+            work_fd_base: 70,
+            lazy_ranges: vec![],
+            pending: Default::default(),
+            overlay: vec![],
+            eager: vec![],
+            hot: vec![],
+            threads: vec![Thread {
+                tid: 1,
+                regs: vec![0; REGS_WORDS],
+                xstate: vec![],
+                sigmask: 0,
+                rseq: None,
+                robust_list: Some(mitosis_descriptor::RobustList {
+                    head: 0x77,
+                    len: 24,
+                }),
+                tid_address: 0,
+                altstack: None,
+                in_syscall: -1,
+            }],
+            process: Default::default(),
+            objects: vec![],
+            vdso_block: 0,
+            mm: Default::default(),
+            auxv: vec![],
+            cwd: None,
+            root: None,
+        }
+    }
+
+    fn words(b: &Batch) -> Vec<u64> {
+        b.encode(0x5000_0000)
+            .chunks(8)
+            .map(|c| u64::from_ne_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
     #[test]
-    fn child_batch_layout() {
-        let maps = vec![super::super::MapStep {
-            start: 0x1000_0000,
-            len: 2 * PAGE_SIZE,
-            prot: 3,
-            flags: (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64,
-            file: None,
-            offset: 0,
-        }];
-        let (bytes, labels) = child_batch(0x5000_0000, 70, &maps, None);
-        assert_eq!(labels.len(), 4);
-        assert_eq!(bytes.len() as u64, 4 * RECORD + MSG_AREA);
-        let word = |i: usize| u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
-        // recvmsg(70, msghdr right after the records, 0)
-        assert_eq!(word(7), libc::SYS_recvmsg as u64);
-        assert_eq!(word(8), 70);
-        let msg = 0x5000_0000 + 4 * RECORD;
-        assert_eq!(word(9), msg);
-        // msghdr.msg_iov points at the iovec, whose base is the byte after it.
-        let m = (4 * RECORD / 8) as usize;
-        assert_eq!(word(m + 2), msg + 56);
-        assert_eq!(word(m + 5), 32);
-        assert_eq!(word(m + 7), msg + 72);
-        // The shared mapping is replaced in place.
-        assert_eq!(word(21), libc::SYS_mmap as u64);
-        assert_eq!(word(22), 0x1000_0000);
+    fn child_batch_takes_stdio_then_maps_then_registers() {
+        let plan = plan_with(&[]);
+        let b = child_batch(70, &plan, &BTreeSet::new(), None, false);
+        let w = words(&b);
+        let nrs: Vec<u64> = (0..b.count() as usize).map(|i| w[i * 7]).collect();
+        assert_eq!(
+            nrs,
+            [
+                libc::SYS_prctl,
+                libc::SYS_recvmsg,
+                libc::SYS_close,
+                libc::SYS_mmap,
+                libc::SYS_set_robust_list
+            ]
+            .map(|n| n as u64)
+        );
+        // recvmsg(70, msghdr, 0) whose iovec points at one byte.
+        assert_eq!(w[8], 70);
+        let msg = ((w[9] - 0x5000_0000) / 8) as usize;
+        let iov = ((w[msg + 2] - 0x5000_0000) / 8) as usize;
+        assert_eq!(w[iov + 1], 1);
+        assert_eq!(w[msg + 5], CMSG_SPACE as u64);
+        assert_eq!(w[3 * 7 + 1], 0x1000_0000);
+    }
+
+    #[test]
+    fn a_listener_needs_fd_3_free_in_the_seed() {
+        assert!(Batches::new(&plan_with(&[3]), None).listener.is_none());
+        let plan = plan_with(&[4]);
+        let b = Batches::new(&plan, None);
+        let (plain, listen) = (b.child.labels(), b.listener.unwrap().labels());
+        assert_eq!(plain, listen);
     }
 }

@@ -1,0 +1,143 @@
+//! The kernel state of a seed beyond its memory: threads, signal dispositions, limits and the
+//! descriptors that are not regular files.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Rseq;
+
+/// One thread at the prepare point. The first thread of a descriptor is the seed's main thread
+/// (the thread-group leader); the child's process starts as it and clones the others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Thread {
+    /// Its id in the seed, for inspection: a child's threads get ids of their own.
+    pub tid: i32,
+    /// `user_regs_struct` as words, already adjusted to restart an interrupted system call.
+    pub regs: Vec<u64>,
+    /// The XSAVE area (x87/SSE/AVX state).
+    pub xstate: Vec<u8>,
+    /// Blocked signals: bit N-1 for signal N.
+    pub sigmask: u64,
+    pub rseq: Option<Rseq>,
+    /// `set_robust_list` head and length.
+    pub robust_list: Option<RobustList>,
+    /// The thread's clear-child-tid address (glibc's `pthread.tid`): the kernel writes the new
+    /// thread's id there at creation and clears it at exit, which `pthread_join` waits for.
+    pub tid_address: u64,
+    pub altstack: Option<AltStack>,
+    /// The system call it was stopped in (`orig_rax`), or -1 in user code.
+    pub in_syscall: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RobustList {
+    pub head: u64,
+    pub len: u64,
+}
+
+/// A `sigaltstack` (`stack_t`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AltStack {
+    pub sp: u64,
+    pub size: u64,
+    pub flags: i32,
+}
+
+/// Process-wide state every thread shares.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessState {
+    /// Signals whose disposition is not the default, in the kernel's `struct sigaction` form.
+    pub sigactions: Vec<SigAction>,
+    pub rlimits: Vec<Rlimit>,
+    pub umask: u32,
+}
+
+pub const SIG_IGN: u64 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigAction {
+    pub signal: u8,
+    /// Handler address, or [`SIG_IGN`].
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    pub resource: u8,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// A descriptor number and its `open(2)` flags (access mode, O_NONBLOCK, O_CLOEXEC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdRef {
+    pub fd: i32,
+    pub flags: i32,
+}
+
+/// A kernel object private to the seed that each child gets a fresh copy of, at the same
+/// descriptor numbers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KernelObject {
+    /// A character device such as /dev/null or /dev/urandom, opened again by path.
+    Device { path: String, fds: Vec<FdRef> },
+    /// A pipe with both ends in the seed, and what was buffered in it.
+    Pipe {
+        readers: Vec<FdRef>,
+        writers: Vec<FdRef>,
+        content: Vec<u8>,
+    },
+    EventFd {
+        fds: Vec<FdRef>,
+        count: u64,
+        semaphore: bool,
+    },
+    /// An epoll instance and what it watches (descriptors the child also gets).
+    Epoll {
+        fds: Vec<FdRef>,
+        watches: Vec<EpollWatch>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollWatch {
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
+}
+
+impl KernelObject {
+    /// Every descriptor number that refers to this object.
+    pub fn fds(&self) -> impl Iterator<Item = &FdRef> {
+        let (a, b): (&[FdRef], &[FdRef]) = match self {
+            KernelObject::Device { fds, .. }
+            | KernelObject::EventFd { fds, .. }
+            | KernelObject::Epoll { fds, .. } => (fds, &[]),
+            KernelObject::Pipe {
+                readers, writers, ..
+            } => (readers, writers),
+        };
+        a.iter().chain(b)
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KernelObject::Device { .. } => "device",
+            KernelObject::Pipe { .. } => "pipe",
+            KernelObject::EventFd { .. } => "eventfd",
+            KernelObject::Epoll { .. } => "epoll",
+        }
+    }
+}
+
+/// A descriptor the child does not get, and why: it reaches outside the seed (a socket, one end
+/// of a pipe) or is of a kind mitosis does not carry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DroppedFd {
+    pub fd: i32,
+    /// What it was, as /proc/PID/fd shows it (`socket:[123]`, `anon_inode:[timerfd]`).
+    pub target: String,
+    pub reason: String,
+}

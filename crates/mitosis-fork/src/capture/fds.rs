@@ -1,0 +1,276 @@
+//! Sorting a seed's descriptors into what its children get: regular files (reopened by path),
+//! private kernel objects (recreated with their state) and what is dropped on purpose.
+//!
+//! Read while every thread of the seed is stopped, so pipe contents and eventfd counts match
+//! the memory snapshot.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::fd::OwnedFd;
+
+use mitosis_descriptor::codec::MAX_PIPE_CONTENT;
+use mitosis_descriptor::{DroppedFd, EpollWatch, FdRef, KernelObject, OpenFile};
+use mitosis_sys::task;
+
+/// Character devices a child can open again and get the same thing.
+const PORTABLE_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
+
+/// What the seed's descriptors beyond stdio become in a child.
+#[derive(Debug, Default)]
+pub struct Fds {
+    pub files: Vec<OpenFile>,
+    pub objects: Vec<KernelObject>,
+    pub dropped: Vec<DroppedFd>,
+}
+
+/// One descriptor as /proc shows it.
+struct Entry {
+    fd: i32,
+    target: String,
+    info: String,
+    flags: i32,
+}
+
+fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim_start_matches(':').trim())
+}
+
+fn entries(pid: i32) -> Vec<Entry> {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return vec![];
+    };
+    let mut out: Vec<Entry> = dir
+        .flatten()
+        .filter_map(|e| {
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            let target = fs::read_link(e.path()).ok()?.to_string_lossy().into_owned();
+            let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+            let flags = i32::from_str_radix(field(&info, "flags")?, 8).ok()?;
+            Some(Entry {
+                fd,
+                target,
+                info,
+                flags,
+            })
+        })
+        .filter(|e| e.fd >= 3)
+        .collect();
+    out.sort_by_key(|e| e.fd);
+    out
+}
+
+fn fd_ref(e: &Entry) -> FdRef {
+    FdRef {
+        fd: e.fd,
+        flags: e.flags,
+    }
+}
+
+/// Sorts the descriptors of `pid` (stopped). `pidfd` lets us peek into its pipes.
+pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
+    let mut out = Fds::default();
+    let mut pipes: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+    let mut eventfds: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+    let mut epolls = Vec::new();
+    let drop = |out: &mut Fds, e: &Entry, reason: &str| {
+        out.dropped.push(DroppedFd {
+            fd: e.fd,
+            target: e.target.clone(),
+            reason: reason.into(),
+        })
+    };
+    for e in entries(pid) {
+        let t = e.target.as_str();
+        if t.starts_with("pipe:") {
+            pipes.entry(t.to_string()).or_default().push(e);
+        } else if t == "anon_inode:[eventfd]" {
+            // One entry per eventfd; dups share an id (kernels without ids: one per fd).
+            let id = field(&e.info, "eventfd-id").map_or_else(|| e.fd.to_string(), Into::into);
+            eventfds.entry(id).or_default().push(e);
+        } else if t == "anon_inode:[eventpoll]" {
+            epolls.push(e);
+        } else if t.starts_with("socket:") {
+            drop(&mut out, &e, "a socket reaches outside the seed");
+        } else if t.starts_with("anon_inode:") {
+            drop(
+                &mut out,
+                &e,
+                "mitosis does not carry this kind of descriptor",
+            );
+        } else if t.ends_with(" (deleted)") {
+            drop(&mut out, &e, "the file was deleted");
+        } else if PORTABLE_DEVICES.contains(&t) {
+            out.objects.push(KernelObject::Device {
+                path: t.to_string(),
+                fds: vec![fd_ref(&e)],
+            });
+        } else if t.starts_with("/dev/") {
+            drop(
+                &mut out,
+                &e,
+                "a device other than null/zero/full/random/urandom",
+            );
+        } else if t.starts_with('/') && fs::metadata(t).is_ok_and(|m| m.is_file() || m.is_dir()) {
+            let offset = field(&e.info, "pos")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            out.files.push(OpenFile {
+                fd: e.fd,
+                path: t.to_string(),
+                flags: e.flags,
+                offset,
+            });
+        } else {
+            drop(&mut out, &e, "not a file this host can reopen");
+        }
+    }
+    for (_, ends) in pipes {
+        let (readers, writers): (Vec<&Entry>, Vec<&Entry>) = ends
+            .iter()
+            .partition(|e| e.flags & libc::O_ACCMODE == libc::O_RDONLY);
+        if readers.is_empty() || writers.is_empty() {
+            for e in &ends {
+                drop(&mut out, e, "the other end of the pipe is outside the seed");
+            }
+            continue;
+        }
+        let content = task::steal_fd(pidfd, readers[0].fd)
+            .and_then(|fd| task::peek_pipe(&fd, MAX_PIPE_CONTENT));
+        match content {
+            Ok(content) => out.objects.push(KernelObject::Pipe {
+                readers: readers.iter().map(|e| fd_ref(e)).collect(),
+                writers: writers.iter().map(|e| fd_ref(e)).collect(),
+                content,
+            }),
+            Err(why) => {
+                for e in &ends {
+                    drop(&mut out, e, &format!("pipe content: {why}"));
+                }
+            }
+        }
+    }
+    for (_, fds) in eventfds {
+        let count = field(&fds[0].info, "eventfd-count")
+            .and_then(|c| u64::from_str_radix(c, 16).ok())
+            .unwrap_or(0);
+        let semaphore = field(&fds[0].info, "eventfd-semaphore") == Some("1");
+        out.objects.push(KernelObject::EventFd {
+            fds: fds.iter().map(fd_ref).collect(),
+            count,
+            semaphore,
+        });
+    }
+    let carried = |fd: i32, out: &Fds| {
+        fd < 3
+            || out.files.iter().any(|f| f.fd == fd)
+            || out.objects.iter().any(|o| o.fds().any(|f| f.fd == fd))
+            || epolls.iter().any(|e| e.fd == fd)
+    };
+    for e in &epolls {
+        let mut watches = Vec::new();
+        for w in parse_epoll_watches(&e.info) {
+            if carried(w.fd, &out) {
+                watches.push(w);
+            } else {
+                out.dropped.push(DroppedFd {
+                    fd: e.fd,
+                    target: format!("epoll watch of fd {}", w.fd),
+                    reason: "the watched descriptor is not carried".into(),
+                });
+            }
+        }
+        out.objects.push(KernelObject::Epoll {
+            fds: vec![fd_ref(e)],
+            watches,
+        });
+    }
+    out
+}
+
+/// The `tfd:` lines of an epoll's fdinfo.
+fn parse_epoll_watches(info: &str) -> Vec<EpollWatch> {
+    info.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let mut next_after = |key: &str| {
+                words
+                    .by_ref()
+                    .skip_while(|w| *w != key)
+                    .nth(1)
+                    .map(str::to_string)
+            };
+            let fd = next_after("tfd:")?.parse().ok()?;
+            let events = u32::from_str_radix(&next_after("events:")?, 16).ok()?;
+            let data = u64::from_str_radix(&next_after("data:")?, 16).ok()?;
+            Some(EpollWatch { fd, events, data })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoll_fdinfo_lines() {
+        let info = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\n\
+                    tfd:       17 events:       19 data:               11  pos:0 ino:40e sdev:10\n\
+                    tfd:        0 events: 80000019 data:                0  pos:0 ino:b96e5 sdev:f\n";
+        let w = parse_epoll_watches(info);
+        assert_eq!(
+            w,
+            vec![
+                EpollWatch {
+                    fd: 17,
+                    events: 0x19,
+                    data: 0x11
+                },
+                EpollWatch {
+                    fd: 0,
+                    events: 0x8000_0019,
+                    data: 0
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn own_descriptors_are_sorted() {
+        use std::io::Write;
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let mut w = std::fs::File::from(w);
+        w.write_all(b"abc").unwrap();
+        use std::os::fd::FromRawFd;
+        // SAFETY: eventfd returns a new descriptor (checked below) that only this OwnedFd owns.
+        let efd = unsafe { OwnedFd::from_raw_fd(libc::eventfd(7, libc::EFD_CLOEXEC)) };
+        assert!(efd.as_raw_fd() >= 0);
+        let me = std::process::id() as i32;
+        let pidfd = mitosis_sys::pidfd::open(me).unwrap();
+        let fds = capture(me, &pidfd);
+        use std::os::fd::AsRawFd;
+        let pipe = fds.objects.iter().find(|o| match o {
+            KernelObject::Pipe { readers, .. } => readers[0].fd == r.as_raw_fd(),
+            _ => false,
+        });
+        match pipe {
+            Some(KernelObject::Pipe {
+                writers, content, ..
+            }) => {
+                assert_eq!(writers[0].fd, w.as_raw_fd());
+                assert_eq!(content, b"abc");
+            }
+            other => panic!("pipe not found: {other:?}"),
+        }
+        assert!(fds.objects.iter().any(|o| matches!(o,
+            KernelObject::EventFd { fds, count: 7, .. } if fds[0].fd == efd.as_raw_fd())));
+        drop((r, w, efd));
+    }
+}

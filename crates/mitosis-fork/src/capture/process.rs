@@ -1,0 +1,120 @@
+//! Process-wide kernel state: signal dispositions, resource limits and the umask.
+
+use std::fs;
+
+use mitosis_descriptor::{ProcessState, Rlimit, SIG_IGN, SigAction};
+use mitosis_sys::mem::RemoteMemory;
+use mitosis_sys::ptrace::Tracee;
+use mitosis_sys::task;
+
+use crate::prepare::PrepareError;
+
+const SCRATCH_BELOW_SP: u64 = 1024;
+
+/// A hexadecimal signal set from /proc/PID/status (`SigCgt`, `SigIgn`).
+fn sigset(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| u64::from_str_radix(v.trim_start_matches(':').trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+fn signals(set: u64) -> impl Iterator<Item = u8> {
+    (1..=64u8).filter(move |s| set & (1 << (s - 1)) != 0)
+}
+
+/// Reads the dispositions, limits and umask of `pid`. Handlers are read by running
+/// `rt_sigaction` in its twin (`twin`, stopped), which has a copy of the seed's handlers; the
+/// twin's stack below the red zone takes the answers.
+pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, PrepareError> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).map_err(|source| PrepareError::Proc { path, source })?;
+    let twin_pid = twin.pid();
+    let inject = |what| {
+        move |source| PrepareError::Inject {
+            pid: twin_pid,
+            what,
+            source,
+        }
+    };
+    let mem = RemoteMemory::open(twin_pid, false).map_err(inject("opening the twin's memory"))?;
+    let saved = twin.regs().map_err(inject("reading registers"))?;
+    let scratch = (saved.rsp - SCRATCH_BELOW_SP) & !15;
+    let mut sigactions = Vec::new();
+    for signal in signals(sigset(&status, "SigCgt")) {
+        let r = twin
+            .syscall(
+                insn,
+                libc::SYS_rt_sigaction,
+                [signal as u64, 0, scratch, 8, 0, 0],
+            )
+            .map_err(inject("reading a signal handler"))?;
+        if r.ret < 0 {
+            continue;
+        }
+        let mut raw = [0u8; 32];
+        mem.read_exact(scratch, &mut raw)
+            .map_err(inject("reading a signal handler"))?;
+        let word = |i: usize| u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8"));
+        sigactions.push(SigAction {
+            signal,
+            handler: word(0),
+            flags: word(1),
+            restorer: word(2),
+            mask: word(3),
+        });
+    }
+    twin.set_regs(&saved)
+        .map_err(inject("restoring registers"))?;
+    for signal in signals(sigset(&status, "SigIgn")) {
+        sigactions.push(SigAction {
+            signal,
+            handler: SIG_IGN,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        });
+    }
+    sigactions.sort_by_key(|a| a.signal);
+    let rlimits = task::rlimits(pid)
+        .map_err(|source| PrepareError::Proc {
+            path: format!("prlimit of {pid}"),
+            source,
+        })?
+        .into_iter()
+        .map(|(resource, soft, hard)| Rlimit {
+            resource: resource as u8,
+            soft,
+            hard,
+        })
+        .collect();
+    let umask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        .unwrap_or(0o022);
+    Ok(ProcessState {
+        sigactions,
+        rlimits,
+        umask,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_sets_from_status() {
+        let status = "Name:\tx\nSigIgn:\t0000000000001002\nSigCgt:\t0000000180004a07\n";
+        assert_eq!(
+            signals(sigset(status, "SigIgn")).collect::<Vec<_>>(),
+            [2, 13]
+        );
+        assert_eq!(
+            signals(sigset(status, "SigCgt")).collect::<Vec<_>>(),
+            [1, 2, 3, 10, 12, 15, 32, 33]
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! Stopping every thread of a seed and reading each one's state.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::time::{Duration, Instant};
+
+use mitosis_descriptor::{AltStack, RobustList, Rseq, Thread};
+use mitosis_sys::mem::RemoteMemory;
+use mitosis_sys::ptrace::{self, Regs, Tracee};
+use mitosis_sys::task;
+use nix::sys::ptrace::Options;
+
+use crate::prepare::PrepareError;
+use crate::regs::{RestartFor, regs_to_words, resume_point};
+
+/// How long a thread may stay in uninterruptible sleep before prepare gives up on the seed.
+const UNINTERRUPTIBLE_GRACE: Duration = Duration::from_millis(100);
+const PR_GET_TID_ADDRESS: u64 = 40;
+/// Below the x86_64 red zone (128 bytes): free scratch on any thread's stack.
+const SCRATCH_BELOW_SP: u64 = 1024;
+
+/// Every thread of a seed, seized and stopped; the main thread first.
+pub struct Group {
+    pub threads: Vec<Tracee>,
+}
+
+impl Group {
+    pub fn main(&mut self) -> &mut Tracee {
+        &mut self.threads[0]
+    }
+
+    /// Lets every thread go on (signals that arrived meanwhile are redelivered).
+    pub fn release(self) {
+        for t in self.threads {
+            let _ = t.detach();
+        }
+    }
+}
+
+fn tasks(pid: i32) -> Result<BTreeSet<i32>, PrepareError> {
+    let dir =
+        fs::read_dir(format!("/proc/{pid}/task")).map_err(|_| PrepareError::NoSuchProcess(pid))?;
+    Ok(dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
+/// A task's state letter from /proc/PID/task/TID/stat ('R', 'S', 'D', ...).
+fn state(pid: i32, tid: i32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// Refuses a seed another tracer holds or with a thread stuck in uninterruptible sleep (a
+/// ptrace stop would wait for it without bound).
+fn check(pid: i32, tids: &BTreeSet<i32>) -> Result<(), PrepareError> {
+    for &tid in tids {
+        let path = format!("/proc/{pid}/task/{tid}");
+        if let Ok(Some(tracer)) = crate::procfs::tracer_pid_at(&path) {
+            return Err(PrepareError::AlreadyTraced { pid, tid, tracer });
+        }
+        let since = Instant::now();
+        while state(pid, tid) == Some('D') {
+            if since.elapsed() > UNINTERRUPTIBLE_GRACE {
+                return Err(PrepareError::Uninterruptible { pid, tid });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    Ok(())
+}
+
+/// Seizes and stops every thread of `pid`, including threads started meanwhile.
+pub fn stop_all(pid: i32) -> Result<Group, PrepareError> {
+    let first = tasks(pid)?;
+    if !first.contains(&pid) {
+        return Err(PrepareError::Unsupported {
+            pid,
+            what: "its main thread has exited".into(),
+        });
+    }
+    check(pid, &first)?;
+    let mut group = Group { threads: vec![] };
+    let trace = |tid| move |source| PrepareError::Trace { pid: tid, source };
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![pid];
+    todo.extend(first.iter().filter(|&&t| t != pid));
+    while !todo.is_empty() {
+        for tid in todo.drain(..) {
+            // The main thread follows the clone we inject; the others only stop.
+            let options = if tid == pid {
+                ptrace::seed_options()
+            } else {
+                Options::empty()
+            };
+            seen.insert(tid);
+            let mut t = match Tracee::seize(tid, options) {
+                Ok(t) => t,
+                // A thread that exited between the listing and now.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) && tid != pid => continue,
+                Err(e) => {
+                    group.release();
+                    return Err(trace(tid)(e));
+                }
+            };
+            match t.interrupt() {
+                Ok(()) => group.threads.push(t),
+                Err(_) if tid != pid => {
+                    let _ = t.detach();
+                }
+                Err(e) => {
+                    let _ = t.detach();
+                    group.release();
+                    return Err(trace(tid)(e));
+                }
+            }
+        }
+        todo = tasks(pid)?.difference(&seen).copied().collect();
+    }
+    Ok(group)
+}
+
+/// Reads one stopped thread's state. The injected calls that read its tid address and
+/// alternate stack write to its stack below the red zone; its registers are put back after.
+pub fn capture(
+    t: &mut Tracee,
+    mem: &RemoteMemory,
+    insn: u64,
+) -> Result<(Thread, Regs), PrepareError> {
+    let tid = t.pid();
+    let inject = |what| {
+        move |source| PrepareError::Inject {
+            pid: tid,
+            what,
+            source,
+        }
+    };
+    let regs = t.regs().map_err(inject("reading registers"))?;
+    let xstate = t.xstate().map_err(inject("reading FPU state"))?;
+    let sigmask = t.sigmask().map_err(inject("reading the signal mask"))?;
+    let rseq = t
+        .rseq()
+        .map_err(inject("reading rseq registration"))?
+        .map(|c| Rseq {
+            pointer: c.abi_pointer,
+            size: c.abi_size,
+            signature: c.signature,
+        });
+    let (head, len) = task::robust_list(tid).map_err(inject("reading the robust futex list"))?;
+    let scratch = (regs.rsp - SCRATCH_BELOW_SP) & !15;
+    let tid_address = t
+        .syscall(
+            insn,
+            libc::SYS_prctl,
+            [PR_GET_TID_ADDRESS, scratch, 0, 0, 0, 0],
+        )
+        .map_err(inject("reading the tid address"))
+        .and_then(|r| {
+            // Kernels without checkpoint/restore support have no way to tell: keep none.
+            if r.ret < 0 {
+                return Ok(0);
+            }
+            read_word(mem, scratch).map_err(inject("reading the tid address"))
+        });
+    let altstack = t
+        .syscall(insn, libc::SYS_sigaltstack, [0, scratch, 0, 0, 0, 0])
+        .map_err(inject("reading the alternate signal stack"))
+        .and_then(|r| {
+            if r.ret < 0 {
+                return Ok(None);
+            }
+            let sp = read_word(mem, scratch).map_err(inject("reading the alternate stack"))?;
+            let flags =
+                read_word(mem, scratch + 8).map_err(inject("reading the alternate stack"))?;
+            let size =
+                read_word(mem, scratch + 16).map_err(inject("reading the alternate stack"))?;
+            // SS_DISABLE: none set.
+            Ok((flags as i32 & libc::SS_DISABLE == 0).then_some(AltStack {
+                sp,
+                size,
+                flags: flags as i32 & !libc::SS_ONSTACK,
+            }))
+        });
+    // Whatever the injections did, the thread goes back to where it was.
+    t.set_regs(&resume_point(&regs, RestartFor::SameTask))
+        .map_err(inject("restoring registers"))?;
+    let thread = Thread {
+        tid,
+        regs: regs_to_words(&resume_point(&regs, RestartFor::OtherTask)),
+        xstate,
+        sigmask,
+        rseq,
+        robust_list: (head != 0).then_some(RobustList { head, len }),
+        tid_address: tid_address?,
+        altstack: altstack?,
+        in_syscall: regs.orig_rax as i64,
+    };
+    Ok((thread, regs))
+}
+
+fn read_word(mem: &RemoteMemory, at: u64) -> std::io::Result<u64> {
+    let mut b = [0u8; 8];
+    mem.read_exact(at, &mut b)?;
+    Ok(u64::from_ne_bytes(b))
+}

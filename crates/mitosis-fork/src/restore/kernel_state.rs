@@ -1,0 +1,338 @@
+//! System-call batches that give a replica and its children the seed's kernel state: signal
+//! dispositions, limits and umask (once, in the replica: forks inherit them), each thread's own
+//! registrations, and fresh copies of the seed's private pipes, eventfds, epoll sets and devices
+//! (in every child: children must not share them).
+
+use std::collections::BTreeSet;
+
+use mitosis_descriptor::{EpollWatch, FdRef, KernelObject, ProcessState, SIG_IGN, Thread};
+
+use super::batch::Batch;
+
+const RSEQ_FLAGS: u64 = 0;
+/// `struct kernel_sigaction` is 32 bytes and takes an 8-byte sigset.
+const SIGSET_SIZE: u64 = 8;
+
+/// Dispositions, limits, umask and the main thread's alternate stack, run once in a replica.
+pub(crate) fn process_batch(state: &ProcessState, main: &Thread) -> Batch {
+    let mut b = Batch::default();
+    for a in &state.sigactions {
+        let act = b.words(vec![
+            a.handler.into(),
+            a.flags.into(),
+            a.restorer.into(),
+            a.mask.into(),
+        ]);
+        let what = if a.handler == SIG_IGN {
+            "ignore"
+        } else {
+            "handle"
+        };
+        b.call(
+            libc::SYS_rt_sigaction,
+            &[
+                (a.signal as u64).into(),
+                act,
+                0u64.into(),
+                SIGSET_SIZE.into(),
+            ],
+            format!("{what} signal {}", a.signal),
+        );
+    }
+    for r in &state.rlimits {
+        let lim = b.words(vec![r.soft.into(), r.hard.into()]);
+        b.call(
+            libc::SYS_prlimit64,
+            &[0u64.into(), (r.resource as u64).into(), lim, 0u64.into()],
+            format!("set resource limit {}", r.resource),
+        );
+    }
+    b.call(
+        libc::SYS_umask,
+        &[(state.umask as u64).into()],
+        format!("set umask {:o}", state.umask),
+    );
+    // Always: without it the replica keeps the stub's alternate stack (Rust's runtime sets
+    // one), long unmapped, and a handler with SA_ONSTACK would crash the child.
+    let ss = match main.altstack {
+        Some(s) => vec![s.sp.into(), (s.flags as u64).into(), s.size.into()],
+        None => vec![0u64.into(), (libc::SS_DISABLE as u64).into(), 0u64.into()],
+    };
+    let ss = b.words(ss);
+    b.call(
+        libc::SYS_sigaltstack,
+        &[ss, 0u64.into()],
+        "set the main thread's alternate signal stack",
+    );
+    b
+}
+
+/// What a thread registers for itself: its robust futex list, rseq area and alternate stack.
+pub(crate) fn thread_batch(t: &Thread) -> Batch {
+    let mut b = Batch::default();
+    robust_list_call(&mut b, t);
+    if let Some(r) = t.rseq {
+        b.call(
+            libc::SYS_rseq,
+            &[
+                r.pointer.into(),
+                (r.size as u64).into(),
+                RSEQ_FLAGS.into(),
+                (r.signature as u64).into(),
+            ],
+            format!("register rseq of thread {}", t.tid),
+        );
+    }
+    altstack_call(&mut b, t);
+    b
+}
+
+/// The main thread's robust list: a fork does not inherit it.
+pub(crate) fn robust_list_call(b: &mut Batch, t: &Thread) {
+    if let Some(r) = t.robust_list.filter(|r| r.head != 0) {
+        b.call(
+            libc::SYS_set_robust_list,
+            &[r.head.into(), r.len.into()],
+            format!("set the robust futex list of thread {}", t.tid),
+        );
+    }
+}
+
+fn altstack_call(b: &mut Batch, t: &Thread) {
+    if let Some(s) = t.altstack {
+        let ss = b.words(vec![s.sp.into(), (s.flags as u64).into(), s.size.into()]);
+        b.call(
+            libc::SYS_sigaltstack,
+            &[ss, 0u64.into()],
+            format!("set the alternate signal stack of thread {}", t.tid),
+        );
+    }
+}
+
+/// The lowest free descriptor numbers, as the kernel will hand them out.
+struct FdTable(BTreeSet<i32>);
+
+impl FdTable {
+    fn take(&mut self) -> i32 {
+        let fd = (0..).find(|fd| !self.0.contains(fd)).expect("a free fd");
+        self.0.insert(fd);
+        fd
+    }
+
+    fn close(&mut self, fd: i32) {
+        self.0.remove(&fd);
+    }
+}
+
+/// Appends the calls that recreate `objects` at their descriptor numbers, given the
+/// descriptors open at that point (`open`).
+///
+/// Every target number is first taken by a placeholder (a copy of stdin), so the objects the
+/// kernel creates land only on numbers that are free in both the child and our model; each is
+/// then moved over its targets with `dup3`, which replaces the placeholder atomically.
+pub(crate) fn object_calls(b: &mut Batch, objects: &[KernelObject], open: &BTreeSet<i32>) {
+    let mut table = FdTable(open.clone());
+    for fd in objects.iter().flat_map(|o| o.fds()) {
+        b.call(
+            libc::SYS_dup3,
+            &[0i32.into(), fd.fd.into(), 0i32.into()],
+            format!("reserve fd {}", fd.fd),
+        );
+        table.0.insert(fd.fd);
+    }
+    for o in objects {
+        match o {
+            KernelObject::Device { path, fds } => {
+                let p = b.c_string(path);
+                let flags = fds[0].flags & !libc::O_CLOEXEC;
+                b.call(
+                    libc::SYS_openat,
+                    &[libc::AT_FDCWD.into(), p, flags.into(), 0i32.into()],
+                    format!("open {path}"),
+                );
+                let tmp = table.take();
+                place(b, &mut table, tmp, fds, "device");
+            }
+            KernelObject::EventFd {
+                fds,
+                count,
+                semaphore,
+            } => {
+                let flags =
+                    (fds[0].flags & libc::O_NONBLOCK) | (*semaphore as i32 * libc::EFD_SEMAPHORE);
+                b.call(
+                    libc::SYS_eventfd2,
+                    &[(*count).into(), flags.into()],
+                    "create an eventfd",
+                );
+                let tmp = table.take();
+                place(b, &mut table, tmp, fds, "eventfd");
+            }
+            KernelObject::Epoll { fds, .. } => {
+                b.call(
+                    libc::SYS_epoll_create1,
+                    &[0i32.into()],
+                    "create an epoll set",
+                );
+                let tmp = table.take();
+                place(b, &mut table, tmp, fds, "epoll set");
+            }
+            KernelObject::Pipe {
+                readers,
+                writers,
+                content,
+            } => {
+                let pair = b.bytes(&[0; 8]);
+                let flags = readers[0].flags & libc::O_NONBLOCK;
+                b.call(libc::SYS_pipe2, &[pair, flags.into()], "create a pipe");
+                let (r, w) = (table.take(), table.take());
+                if !content.is_empty() {
+                    let data = b.bytes(content);
+                    b.call(
+                        libc::SYS_write,
+                        &[w.into(), data, (content.len() as u64).into()],
+                        format!("refill a pipe with {} bytes", content.len()),
+                    );
+                }
+                if writers[0].flags & libc::O_NONBLOCK != flags {
+                    b.call(
+                        libc::SYS_fcntl,
+                        &[
+                            w.into(),
+                            libc::F_SETFL.into(),
+                            (writers[0].flags & libc::O_NONBLOCK).into(),
+                        ],
+                        "set a pipe's write end flags",
+                    );
+                }
+                place(b, &mut table, r, readers, "pipe");
+                place(b, &mut table, w, writers, "pipe");
+            }
+        }
+    }
+    for o in objects {
+        if let KernelObject::Epoll { fds, watches } = o {
+            for w in watches {
+                epoll_add(b, fds[0].fd, w);
+            }
+        }
+    }
+}
+
+/// Moves a new object from `tmp` onto each of its descriptor numbers, then frees `tmp`.
+fn place(b: &mut Batch, table: &mut FdTable, tmp: i32, fds: &[FdRef], what: &str) {
+    for f in fds {
+        let cloexec = f.flags & libc::O_CLOEXEC;
+        b.call(
+            libc::SYS_dup3,
+            &[tmp.into(), f.fd.into(), cloexec.into()],
+            format!("put the {what} at fd {}", f.fd),
+        );
+    }
+    b.call(libc::SYS_close, &[tmp.into()], format!("close fd {tmp}"));
+    table.close(tmp);
+}
+
+fn epoll_add(b: &mut Batch, epfd: i32, w: &EpollWatch) {
+    // struct epoll_event is packed on x86_64: u32 events, u64 data.
+    let mut event = w.events.to_ne_bytes().to_vec();
+    event.extend_from_slice(&w.data.to_ne_bytes());
+    let ev = b.bytes(&event);
+    b.call(
+        libc::SYS_epoll_ctl,
+        &[epfd.into(), libc::EPOLL_CTL_ADD.into(), w.fd.into(), ev],
+        format!("watch fd {} from epoll fd {epfd}", w.fd),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fd(fd: i32, flags: i32) -> FdRef {
+        FdRef { fd, flags }
+    }
+
+    /// Runs the calls against a model of the fd table and checks every object ends up where
+    /// the seed had it, with nothing else left open.
+    #[test]
+    fn objects_land_on_their_numbers_whatever_the_order() {
+        let objects = vec![
+            KernelObject::Pipe {
+                readers: vec![fd(4, 0)],
+                writers: vec![fd(3, 1)],
+                content: b"xy".to_vec(),
+            },
+            KernelObject::EventFd {
+                fds: vec![fd(9, 2), fd(5, 2 | libc::O_CLOEXEC)],
+                count: 5,
+                semaphore: false,
+            },
+            KernelObject::Epoll {
+                fds: vec![fd(7, 2)],
+                watches: vec![EpollWatch {
+                    fd: 4,
+                    events: 1,
+                    data: 4,
+                }],
+            },
+        ];
+        let open: BTreeSet<i32> = [0, 1, 2, 6].into();
+        let mut b = Batch::default();
+        object_calls(&mut b, &objects, &open);
+        let bytes = b.encode(0);
+        let word = |r: usize, i: usize| {
+            let at = r * 56 + i * 8;
+            u64::from_ne_bytes(bytes[at..at + 8].try_into().unwrap()) as i64
+        };
+        // Simulate: which object each fd holds.
+        let mut table: std::collections::BTreeMap<i64, String> = open
+            .iter()
+            .map(|&f| (f as i64, "pre".to_string()))
+            .collect();
+        let lowest = |t: &std::collections::BTreeMap<i64, String>| {
+            (0..).find(|f| !t.contains_key(f)).unwrap()
+        };
+        for r in 0..b.count() as usize {
+            let nr = word(r, 0);
+            if nr == libc::SYS_dup3 {
+                let src = table[&word(r, 1)].clone();
+                table.insert(word(r, 2), src);
+            } else if nr == libc::SYS_close {
+                assert!(table.remove(&word(r, 1)).is_some());
+            } else if nr == libc::SYS_pipe2 {
+                let rd = lowest(&table);
+                table.insert(rd, "pipe-r".into());
+                let wr = lowest(&table);
+                table.insert(wr, "pipe-w".into());
+            } else if nr == libc::SYS_eventfd2 {
+                assert_eq!(word(r, 1), 5);
+                let f = lowest(&table);
+                table.insert(f, "eventfd".into());
+            } else if nr == libc::SYS_epoll_create1 {
+                let f = lowest(&table);
+                table.insert(f, "epoll".into());
+            } else if nr == libc::SYS_write {
+                assert_eq!(table[&word(r, 1)], "pipe-w");
+            } else if nr == libc::SYS_epoll_ctl {
+                assert_eq!(table[&word(r, 1)], "epoll");
+                assert_eq!(table[&word(r, 3)], "pipe-r");
+            }
+        }
+        let expect: std::collections::BTreeMap<i64, String> = [
+            (0, "pre"),
+            (1, "pre"),
+            (2, "pre"),
+            (3, "pipe-w"),
+            (4, "pipe-r"),
+            (5, "eventfd"),
+            (6, "pre"),
+            (7, "epoll"),
+            (9, "eventfd"),
+        ]
+        .into_iter()
+        .map(|(f, s)| (f, s.to_string()))
+        .collect();
+        assert_eq!(table, expect);
+    }
+}
