@@ -240,6 +240,7 @@ mod tests {
                     prot: 3,
                     shared: false,
                     grows_down: false,
+                    dont_fork: true,
                     backing: crate::Backing::Anonymous,
                     seed_pages: PageSet::from_flags([true, false, true, true]),
                 },
@@ -249,6 +250,7 @@ mod tests {
                     prot: 5,
                     shared: false,
                     grows_down: false,
+                    dont_fork: false,
                     backing: crate::Backing::File {
                         file: FileIdentity {
                             path: "/bin/x".into(),

@@ -102,6 +102,8 @@ pub struct Vma {
     pub shared: bool,
     /// The main thread's stack, which grows down.
     pub grows_down: bool,
+    /// Marked MADV_DONTFORK in the seed (V8 marks its heap so): children mark it again.
+    pub dont_fork: bool,
     pub backing: Backing,
     /// Pages whose content must come from the seed: for anonymous memory every page that
     /// exists; for a private file mapping the pages the seed wrote (no longer the file's).

@@ -120,9 +120,14 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
 
+    // Read while the seed runs: smaps is slow, and a runtime marks its heap once.
+    let dont_fork = fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map(|s| procfs::parse_dont_fork(&s))
+        .unwrap_or_default();
+
     let stop_start = Instant::now();
     let mut group = threads::stop_all(pid)?;
-    let frozen = freeze(&mut group, pid);
+    let frozen = freeze(&mut group, pid, &dont_fork);
     // Whatever happened, the seed goes on running.
     group.release();
     let Frozen {
@@ -172,7 +177,7 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
         seed_pid: pid,
     };
 
-    match describe(&twin, seed_id, files) {
+    match describe(&twin, seed_id, files, &dont_fork) {
         Ok(mut descriptor) => {
             descriptor.threads = threads;
             descriptor.process = process;
@@ -204,7 +209,11 @@ struct Frozen {
 }
 
 /// With every thread stopped: read their state and the descriptors, and clone the twin.
-fn freeze(group: &mut threads::Group, pid: i32) -> Result<Frozen, PrepareError> {
+fn freeze(
+    group: &mut threads::Group,
+    pid: i32,
+    dont_fork: &[(u64, u64)],
+) -> Result<Frozen, PrepareError> {
     let inject = |what| move |source| PrepareError::Inject { pid, what, source };
     let main_regs = group.main().regs().map_err(inject("reading registers"))?;
     let insn = find_syscall_insn(pid, &main_regs)?;
@@ -220,11 +229,15 @@ fn freeze(group: &mut threads::Group, pid: i32) -> Result<Frozen, PrepareError> 
         .syscall(insn, libc::SYS_brk, [0; 6])
         .map_err(inject("brk(0)"))?
         .ret as u64;
-    // clone(flags = 0): a plain copy-on-write child with no exit signal, invisible to the
-    // seed's ordinary wait() calls. Only the calling thread is copied, which is all a page
-    // source needs.
-    let clone = seed
-        .syscall(insn, libc::SYS_clone, [0; 6])
+    // A fork leaves MADV_DONTFORK ranges out: let the twin have them, then mark them again.
+    let clone = advise(seed, insn, dont_fork, libc::MADV_DOFORK)
+        .and_then(|_| {
+            // clone(flags = 0): a plain copy-on-write child with no exit signal, invisible to
+            // the seed's ordinary wait() calls. Only the calling thread is copied, which is all
+            // a page source needs.
+            seed.syscall(insn, libc::SYS_clone, [0; 6])
+        })
+        .and_then(|clone| advise(seed, insn, dont_fork, libc::MADV_DONTFORK).map(|_| clone))
         .map_err(inject("cloning the twin"));
     // Put the seed back where it was, with an interrupted system call set to restart.
     seed.set_regs(&resume_point(&main_regs, RestartFor::SameTask))
@@ -261,6 +274,17 @@ fn freeze(group: &mut threads::Group, pid: i32) -> Result<Frozen, PrepareError> 
     })
 }
 
+fn advise(seed: &mut Tracee, insn: u64, ranges: &[(u64, u64)], advice: i32) -> io::Result<()> {
+    for &(start, end) in ranges {
+        seed.syscall(
+            insn,
+            libc::SYS_madvise,
+            [start, end - start, advice as u64, 0, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
 /// A `syscall` instruction to run injected calls from: the one the seed is stopped after, or
 /// any `0f 05` byte pair in its vDSO (the CPU decodes from wherever rip points).
 fn find_syscall_insn(pid: i32, regs: &Regs) -> Result<u64, PrepareError> {
@@ -292,7 +316,12 @@ fn find_syscall_insn(pid: i32, regs: &Regs) -> Result<u64, PrepareError> {
 }
 
 /// Builds the descriptor's layout and page lists from the frozen twin.
-fn describe(twin: &Twin, seed_id: u64, files: &FileCache) -> Result<Descriptor, PrepareError> {
+fn describe(
+    twin: &Twin,
+    seed_id: u64,
+    files: &FileCache,
+    dont_fork: &[(u64, u64)],
+) -> Result<Descriptor, PrepareError> {
     let pid = twin.pid();
     let malformed = |r: String| PrepareError::Malformed {
         pid,
@@ -328,7 +357,8 @@ fn describe(twin: &Twin, seed_id: u64, files: &FileCache) -> Result<Descriptor, 
             }
             _ => {}
         }
-        vmas.push(describe_vma(twin, m, files)?);
+        let dont_fork = dont_fork.iter().any(|&(s, e)| s <= m.start && m.end <= e);
+        vmas.push(describe_vma(twin, m, files, dont_fork)?);
     }
     let vdso = match vdso_block {
         Some((block_start, vdso_start, vdso_end)) if vdso_end > 0 => {
@@ -364,7 +394,12 @@ fn describe(twin: &Twin, seed_id: u64, files: &FileCache) -> Result<Descriptor, 
     })
 }
 
-fn describe_vma(twin: &Twin, m: &MapsEntry, files: &FileCache) -> Result<Vma, PrepareError> {
+fn describe_vma(
+    twin: &Twin,
+    m: &MapsEntry,
+    files: &FileCache,
+    dont_fork: bool,
+) -> Result<Vma, PrepareError> {
     let pid = twin.pid();
     let pages = ((m.end - m.start) / PAGE_SIZE) as usize;
     // fork copies no page table entries for shared mappings, so the twin's pagemap knows
@@ -416,6 +451,7 @@ fn describe_vma(twin: &Twin, m: &MapsEntry, files: &FileCache) -> Result<Vma, Pr
         prot,
         shared: m.shared,
         grows_down: m.name == "[stack]",
+        dont_fork,
         backing,
         seed_pages,
     })

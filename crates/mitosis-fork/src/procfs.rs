@@ -114,6 +114,26 @@ pub fn tracer_pid_at(dir: &str) -> io::Result<Option<i32>> {
     Ok((tracer != 0).then_some(tracer))
 }
 
+/// Ranges marked MADV_DONTFORK (`dc` in /proc/PID/smaps VmFlags), which a fork leaves out.
+pub fn parse_dont_fork(smaps: &str) -> Vec<(u64, u64)> {
+    let mut range = None;
+    let mut out = Vec::new();
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if flags.split_whitespace().any(|f| f == "dc") {
+                out.extend(range);
+            }
+        } else if let Some((span, _)) = line.split_once(' ') {
+            if let Some((a, b)) = span.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    range = Some((a, b));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// `pos` and `flags` of an open file description, from /proc/PID/fdinfo/FD.
 pub fn parse_fdinfo(text: &str) -> Option<(u64, i32)> {
     let mut pos = None;

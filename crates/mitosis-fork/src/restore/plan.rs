@@ -31,6 +31,8 @@ pub struct MapStep {
     /// Index into [`Plan::opens`] of the file to map, or `None` for anonymous memory.
     pub file: Option<usize>,
     pub offset: u64,
+    /// MADV_DONTFORK in the seed: set in each child (not the replica, whose forks must copy it).
+    pub dont_fork: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +127,7 @@ pub fn plan(
             flags,
             file: None,
             offset: 0,
+            dont_fork: vma.dont_fork,
         };
         match &vma.backing {
             Backing::File { file, offset, .. } if files.is_identical(file, root) => {

@@ -332,6 +332,13 @@ fn child_batch(
             format!("fresh shared memory at {:#x}", m.start),
         );
     }
+    for m in plan.maps.iter().filter(|m| m.dont_fork) {
+        b.call(
+            libc::SYS_madvise,
+            &[m.start.into(), m.len.into(), libc::MADV_DONTFORK.into()],
+            format!("keep {:#x} out of the child's own forks", m.start),
+        );
+    }
     kernel_state::robust_list_call(&mut b, &plan.threads[0]);
     kernel_state::object_calls(&mut b, &plan.objects, &open);
     b
@@ -631,6 +638,7 @@ mod tests {
                 flags: (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64,
                 file: None,
                 offset: 0,
+                dont_fork: false,
             }],
             opens: files
                 .iter()
