@@ -3,6 +3,7 @@
 mod client;
 mod demo;
 mod demo_bundle;
+mod inspect;
 mod resume;
 
 use std::path::PathBuf;
@@ -78,6 +79,9 @@ enum Command {
     Evict { handle: String },
     /// Show this host's daemon state.
     Status,
+    /// Show what a seed holds: threads, signal handlers, limits, the descriptors its children
+    /// get and those closed on purpose (sockets, pipes to other processes).
+    Inspect { handle: String },
     /// Remote-fork a warmed Python function across two simulated hosts and report timings.
     Demo(demo::DemoArgs),
 }
@@ -150,6 +154,18 @@ fn run(cli: Cli) -> Result<i32> {
             if let Event::Status(text) = Client::connect(&cli.socket)?.call(&Request::Status)? {
                 print!("{text}");
             }
+            Ok(0)
+        }
+        Command::Inspect { handle } => {
+            let Event::Descriptor(bytes) =
+                Client::connect(&cli.socket)?.call(&Request::Inspect {
+                    handle: handle.clone(),
+                })?
+            else {
+                anyhow::bail!("unexpected answer from mitosisd");
+            };
+            let d = mitosis_descriptor::decode(&bytes)?;
+            print!("{}", inspect::render(&handle, &d));
             Ok(0)
         }
         Command::Demo(args) => demo::run(args),

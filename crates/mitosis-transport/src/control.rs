@@ -25,6 +25,8 @@ pub enum Request {
     Signal { signo: i32 },
     /// Human-readable state of the daemon.
     Status,
+    /// The descriptor of the seed behind `handle` (on any host); answered by `Descriptor`.
+    Inspect { handle: String },
 }
 
 /// What the daemon answers.
@@ -46,6 +48,8 @@ pub enum Event {
         stats: FaultStats,
     },
     Status(String),
+    /// An encoded descriptor (see `mitosis_descriptor::decode`).
+    Descriptor(Vec<u8>),
     Error(String),
 }
 

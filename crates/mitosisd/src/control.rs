@@ -47,6 +47,7 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<(
         Request::Drop { handle } => drop_seed(&daemon, &handle).await,
         Request::Status => Event::Status(status(&daemon)),
         Request::Evict { handle } => evict(&daemon, &handle),
+        Request::Inspect { handle } => inspect(&daemon, &handle).await,
         Request::Resume { handle } => return crate::resume::run(daemon, stream, handle, fds).await,
         Request::Signal { .. } => Event::Error("no child runs on this connection".into()),
     };
@@ -208,6 +209,31 @@ async fn drop_seed(daemon: &Arc<Daemon>, handle: &str) -> Event {
     release(daemon, &seed).await;
     tracing::info!(seed = seed.id, "dropped");
     Event::Done
+}
+
+/// The descriptor behind `handle`, from this host's registry or the seed's host (which checks
+/// the key either way).
+async fn inspect(daemon: &Daemon, handle: &str) -> Event {
+    let handle: Handle = match handle.parse() {
+        Ok(h) => h,
+        Err(e) => return Event::Error(e.to_string()),
+    };
+    if handle.host == daemon.listen {
+        return match daemon.registry.authorize(handle.seed_id, &handle.key) {
+            Ok(seed) => Event::Descriptor(seed.encoded.clone()),
+            Err(e) => Event::Error(e.to_string()),
+        };
+    }
+    let seed = SeedKey {
+        host: handle.host,
+        id: handle.seed_id,
+        key: handle.key,
+    }
+    .seed_ref();
+    match daemon.pool.descriptor(handle.host, seed).await {
+        Ok(d) => Event::Descriptor(d),
+        Err(e) => Event::Error(e.to_string()),
+    }
 }
 
 fn evict(daemon: &Daemon, handle: &str) -> Event {

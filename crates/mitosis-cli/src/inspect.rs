@@ -1,0 +1,144 @@
+//! `mitosis inspect`: what a seed holds and what its children get.
+
+use std::fmt::Write;
+
+use mitosis_descriptor::{Backing, Descriptor, KernelObject, SIG_IGN};
+
+/// System calls a runtime's threads are commonly blocked in.
+fn syscall_name(nr: i64) -> String {
+    let name = match nr {
+        -1 => return "running user code".into(),
+        0 => "read",
+        1 => "write",
+        7 => "poll",
+        23 => "select",
+        34 => "pause",
+        35 => "nanosleep",
+        43 => "accept",
+        45 => "recvfrom",
+        61 => "wait4",
+        128 => "rt_sigtimedwait",
+        130 => "rt_sigsuspend",
+        202 => "futex",
+        219 => "restart_syscall",
+        230 => "clock_nanosleep",
+        232 => "epoll_wait",
+        270 => "pselect6",
+        271 => "ppoll",
+        281 => "epoll_pwait",
+        288 => "accept4",
+        441 => "epoll_pwait2",
+        _ => return format!("in system call {nr}"),
+    };
+    format!("in {name}")
+}
+
+fn signal_name(sig: u8) -> String {
+    nix::sys::signal::Signal::try_from(sig as i32)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("SIG{sig}"))
+}
+
+const RLIMIT_NAMES: [&str; 16] = [
+    "cpu",
+    "fsize",
+    "data",
+    "stack",
+    "core",
+    "rss",
+    "nproc",
+    "nofile",
+    "memlock",
+    "as",
+    "locks",
+    "sigpending",
+    "msgqueue",
+    "nice",
+    "rtprio",
+    "rttime",
+];
+
+fn limit(v: u64) -> String {
+    if v == u64::MAX {
+        "unlimited".into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// The report, one fact per line.
+pub fn render(handle: &str, d: &Descriptor) -> String {
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(w, "seed {} ({}) {handle}", d.seed_id, d.arch);
+    if let Some(c) = &d.container {
+        let _ = writeln!(w, "container bundle {}", c.bundle);
+    }
+    if let Some(cwd) = &d.cwd {
+        let _ = writeln!(w, "cwd {cwd}");
+    }
+    let pages: u64 = d.vmas.iter().map(|v| v.seed_pages.len()).sum();
+    let files = d
+        .vmas
+        .iter()
+        .filter(|v| matches!(v.backing, Backing::File { .. }))
+        .count();
+    let _ = writeln!(
+        w,
+        "memory {} mappings ({files} of files), {pages} pages from the seed",
+        d.vmas.len()
+    );
+    let _ = writeln!(w, "threads {}", d.threads.len());
+    for (i, t) in d.threads.iter().enumerate() {
+        let mut facts = vec![syscall_name(t.in_syscall)];
+        if t.sigmask != 0 {
+            facts.push(format!("sigmask {:#x}", t.sigmask));
+        }
+        if t.rseq.is_some() {
+            facts.push("rseq".into());
+        }
+        if t.robust_list.is_some() {
+            facts.push("robust list".into());
+        }
+        if let Some(s) = t.altstack {
+            facts.push(format!("altstack {:#x}+{:#x}", s.sp, s.size));
+        }
+        let main = if i == 0 { " (main)" } else { "" };
+        let _ = writeln!(w, "  thread {}{main}: {}", t.tid, facts.join(", "));
+    }
+    let _ = writeln!(w, "umask {:03o}", d.process.umask);
+    for a in &d.process.sigactions {
+        let what = if a.handler == SIG_IGN {
+            "ignored".to_string()
+        } else {
+            format!("handler {:#x}", a.handler)
+        };
+        let _ = writeln!(w, "signal {} {what}", signal_name(a.signal));
+    }
+    for r in &d.process.rlimits {
+        let name = RLIMIT_NAMES.get(r.resource as usize).unwrap_or(&"?");
+        let _ = writeln!(w, "rlimit {name} {} {}", limit(r.soft), limit(r.hard));
+    }
+    let _ = writeln!(w, "carried descriptors:");
+    for f in &d.files {
+        let _ = writeln!(w, "  fd {} file {} at offset {}", f.fd, f.path, f.offset);
+    }
+    for o in &d.objects {
+        let detail = match o {
+            KernelObject::Device { path, .. } => path.clone(),
+            KernelObject::Pipe { content, .. } => format!("{} bytes buffered", content.len()),
+            KernelObject::EventFd { count, .. } => format!("count {count}"),
+            KernelObject::Epoll { watches, .. } => {
+                let fds: Vec<String> = watches.iter().map(|w| w.fd.to_string()).collect();
+                format!("watching fds [{}]", fds.join(", "))
+            }
+        };
+        let fds: Vec<String> = o.fds().map(|f| f.fd.to_string()).collect();
+        let _ = writeln!(w, "  fd {} {} {detail}", fds.join(","), o.kind());
+    }
+    let _ = writeln!(w, "closed in children:");
+    for f in &d.dropped {
+        let _ = writeln!(w, "  fd {} {}: {}", f.fd, f.target, f.reason);
+    }
+    out
+}
