@@ -63,7 +63,7 @@ fn inspect_lists_what_children_get_and_what_is_closed() {
         assert!(carried.contains(kind), "{kind:?} not carried in:\n{report}");
     }
     assert_eq!(
-        closed.matches("a socket reaches outside the seed").count(),
+        closed.matches("sockets are not carried").count(),
         2,
         "{report}"
     );
