@@ -144,6 +144,9 @@ fn validate_threads(d: &Descriptor) -> Result<(), DecodeError> {
         if t.xstate.len() > 64 * 1024 {
             return Err(Invalid("FPU state is too large"));
         }
+        if t.name.len() > 15 || t.name.contains('\0') {
+            return Err(Invalid("a thread name is malformed"));
+        }
     }
     let p = &d.process;
     let bad_signal = |s: u8| s == 0 || s > 64 || s == 9 || s == 19;
@@ -219,6 +222,7 @@ mod tests {
             arch: "x86_64".into(),
             threads: vec![crate::Thread {
                 tid: 100,
+                name: "main".into(),
                 regs: vec![0; REGS_WORDS],
                 xstate: vec![1; 832],
                 sigmask: 0,

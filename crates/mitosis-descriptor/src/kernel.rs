@@ -11,6 +11,8 @@ use crate::Rseq;
 pub struct Thread {
     /// Its id in the seed, for inspection: a child's threads get ids of their own.
     pub tid: i32,
+    /// Its name (`comm`, at most 15 bytes).
+    pub name: String,
     /// `user_regs_struct` as words, already adjusted to restart an interrupted system call.
     pub regs: Vec<u64>,
     /// The XSAVE area (x87/SSE/AVX state).

@@ -69,6 +69,9 @@ pub async fn serve<S: PageSource>(
     }
 }
 
+/// How long a refused fill waits before it is tried again.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_micros(200);
+
 async fn serve_on<S: PageSource>(
     fd: &AsyncFd<Userfaultfd>,
     mut pending: PendingMap,
@@ -77,7 +80,19 @@ async fn serve_on<S: PageSource>(
 ) -> Result<std::convert::Infallible, FaultError> {
     let mut retry: Vec<u64> = Vec::new();
     loop {
-        let mut guard = fd.readable().await?;
+        // A fill refused while another thread changed the layout waits for nothing the uffd
+        // will announce (the change ends after its event was read): try again shortly.
+        let mut guard = if retry.is_empty() {
+            fd.readable().await?
+        } else {
+            match tokio::time::timeout(RETRY_AFTER, fd.readable()).await {
+                Ok(guard) => guard?,
+                Err(_) => {
+                    retry_all(fd, &mut pending, &mut source, &stats, &mut retry).await?;
+                    continue;
+                }
+            }
+        };
         while let Some(event) = guard.get_inner().read_event()? {
             match event {
                 Event::PageFault { addr } => {
@@ -108,12 +123,23 @@ async fn serve_on<S: PageSource>(
         }
         guard.clear_ready();
         // Fills refused while the layout was changing: the faulting threads still wait.
-        for addr in std::mem::take(&mut retry) {
-            if !resolve(fd.get_ref(), &mut pending, &mut source, &stats, addr).await? {
-                retry.push(addr);
-            }
+        retry_all(fd, &mut pending, &mut source, &stats, &mut retry).await?;
+    }
+}
+
+async fn retry_all<S: PageSource>(
+    fd: &AsyncFd<Userfaultfd>,
+    pending: &mut PendingMap,
+    source: &mut S,
+    stats: &Mutex<FaultStats>,
+    retry: &mut Vec<u64>,
+) -> Result<(), FaultError> {
+    for addr in std::mem::take(retry) {
+        if !resolve(fd.get_ref(), pending, source, stats, addr).await? {
+            retry.push(addr);
         }
     }
+    Ok(())
 }
 
 type BoxedServe = std::pin::Pin<Box<dyn std::future::Future<Output = Stopped> + Send>>;

@@ -28,6 +28,14 @@ fn main() {
 }
 
 fn run(mut chan: UnixStream) -> Result<(), String> {
+    // Whatever else the daemon had open without close-on-exec must not reach a child.
+    // SAFETY: close_range on numbers above the channel, which this process does not use.
+    if unsafe { libc::syscall(libc::SYS_close_range, CHANNEL_FD + 1, u32::MAX, 0) } < 0 {
+        return Err(format!(
+            "closing inherited fds: {}",
+            io::Error::last_os_error()
+        ));
+    }
     let setup: Setup =
         frame::read_blocking(&mut chan).map_err(|e| format!("reading setup: {e}"))?;
     // Keep our own fds clear of the numbers the seed's files go to. The channel takes exactly
@@ -49,14 +57,14 @@ fn run(mut chan: UnixStream) -> Result<(), String> {
         );
     }
     let uffd = Userfaultfd::create().map_err(|e| format!("creating userfaultfd: {e}"))?;
+    // Created at the lowest free number; a work fd like the others, so the trampoline closes it.
+    let uffd = move_above(uffd.into_raw_fd(), setup.work_fd_base)?;
     fdpass::send(
         chan.as_raw_fd(),
         &frame::encode(&Ready::Opened(fds)),
-        &[uffd.as_raw_fd()],
+        &[uffd],
     )
     .map_err(|e| format!("sending userfaultfd: {e}"))?;
-    // The daemon holds its own copy now; the trampoline closes ours with the other work fds.
-    std::mem::forget(uffd);
     let go: Go = frame::read_blocking(&mut chan).map_err(|e| format!("reading go: {e}"))?;
     jump(&go)
 }

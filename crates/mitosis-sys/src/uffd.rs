@@ -5,7 +5,7 @@
 //! every ioctl acts on the creator's address space, whichever process issues it.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 
 use crate::cvt;
 
@@ -261,5 +261,11 @@ impl AsFd for Userfaultfd {
 impl AsRawFd for Userfaultfd {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+impl IntoRawFd for Userfaultfd {
+    fn into_raw_fd(self) -> std::os::fd::RawFd {
+        self.fd.into_raw_fd()
     }
 }

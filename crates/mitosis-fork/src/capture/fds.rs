@@ -98,9 +98,17 @@ pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
         } else if t == "anon_inode:[eventpoll]" {
             epolls.push(e);
         } else if t.starts_with("socket:") {
-            drop(&mut out, &e, "sockets are not carried (they reach outside the seed)");
+            drop(
+                &mut out,
+                &e,
+                "sockets are not carried (they reach outside the seed)",
+            );
         } else if t.starts_with("/memfd:") {
-            drop(&mut out, &e, "a memfd: its mappings are carried, the descriptor is not");
+            drop(
+                &mut out,
+                &e,
+                "a memfd: its mappings are carried, the descriptor is not",
+            );
         } else if t.starts_with("anon_inode:") {
             drop(
                 &mut out,

@@ -185,8 +185,12 @@ pub fn capture(
     // Whatever the injections did, the thread goes back to where it was.
     t.set_regs(&resume_point(&regs, RestartFor::SameTask))
         .map_err(inject("restoring registers"))?;
+    let name = fs::read_to_string(format!("/proc/{tid}/comm"))
+        .map(|n| n.trim_end_matches('\n').chars().take(15).collect())
+        .unwrap_or_default();
     let thread = Thread {
         tid,
+        name,
         regs: regs_to_words(&resume_point(&regs, RestartFor::OtherTask)),
         xstate,
         sigmask,

@@ -16,6 +16,20 @@ const SIGSET_SIZE: u64 = 8;
 /// Dispositions, limits, umask and the main thread's alternate stack, run once in a replica.
 pub(crate) fn process_batch(state: &ProcessState, main: &Thread) -> Batch {
     let mut b = Batch::default();
+    // Signals the seed left at their default go back to it: the stub's runtime installed
+    // handlers of its own (SIGSEGV, SIGBUS) and ignores SIGPIPE.
+    let default = b.words(vec![0u64.into(); 4]);
+    for signal in 1..=64u64 {
+        let kept = state.sigactions.iter().any(|a| a.signal as u64 == signal);
+        if kept || signal == libc::SIGKILL as u64 || signal == libc::SIGSTOP as u64 {
+            continue;
+        }
+        b.call(
+            libc::SYS_rt_sigaction,
+            &[signal.into(), default, 0u64.into(), SIGSET_SIZE.into()],
+            format!("reset signal {signal}"),
+        );
+    }
     for a in &state.sigactions {
         let act = b.words(vec![
             a.handler.into(),
@@ -64,6 +78,7 @@ pub(crate) fn process_batch(state: &ProcessState, main: &Thread) -> Batch {
         &[ss, 0u64.into()],
         "set the main thread's alternate signal stack",
     );
+    name_call(&mut b, main);
     b
 }
 
@@ -84,7 +99,20 @@ pub(crate) fn thread_batch(t: &Thread) -> Batch {
         );
     }
     altstack_call(&mut b, t);
+    name_call(&mut b, t);
     b
+}
+
+/// The thread's name (`comm`); the replica's main thread takes the seed's, and forks copy it.
+fn name_call(b: &mut Batch, t: &Thread) {
+    if !t.name.is_empty() {
+        let name = b.c_string(&t.name);
+        b.call(
+            libc::SYS_prctl,
+            &[(libc::PR_SET_NAME as u64).into(), name],
+            format!("name thread {} {:?}", t.tid, t.name),
+        );
+    }
 }
 
 /// The main thread's robust list: a fork does not inherit it.

@@ -658,6 +658,7 @@ mod tests {
             hot: vec![],
             threads: vec![Thread {
                 tid: 1,
+                name: "t".into(),
                 regs: vec![0; REGS_WORDS],
                 xstate: vec![],
                 sigmask: 0,
