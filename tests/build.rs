@@ -1,22 +1,39 @@
-//! Compiles the C test fixture `fixtures/memcheck.c` into `$OUT_DIR/memcheck`
-//! and exports its path to the crate as `env!("MEMCHECK_BIN")`.
+//! Compiles the C test fixtures into `$OUT_DIR` and exports their paths to the crate:
+//! `fixtures/memcheck.c` as `env!("MEMCHECK_BIN")` and `fixtures/threads.c` (pthreads) as
+//! `env!("THREADS_BIN")`.
 //!
 //! The compiler is `$CC` if set (may contain arguments, e.g. `ccache gcc`),
 //! otherwise `cc`.  No build-dependencies.
 
 use std::env;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-changed=fixtures/memcheck.c");
     println!("cargo:rerun-if-env-changed=CC");
-
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR not set"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR not set"));
-    let src = manifest_dir.join("fixtures").join("memcheck.c");
-    let bin = out_dir.join("memcheck");
+    let fixtures = manifest_dir.join("fixtures");
+
+    let memcheck = compile(&fixtures, &out_dir, "memcheck", &["-std=c11"], &[]);
+    println!("cargo:rustc-env=MEMCHECK_BIN={}", memcheck.display());
+    let threads = compile(
+        &fixtures,
+        &out_dir,
+        "threads",
+        &["-std=gnu11", "-pthread"],
+        &["-lm"],
+    );
+    println!("cargo:rustc-env=THREADS_BIN={}", threads.display());
+}
+
+/// Compiles `fixtures/NAME.c` into `out_dir/NAME` with `-O2 -g -Wall -Wextra`; `flags` go
+/// before the source, `libs` after it. Compiler warnings become cargo warnings.
+fn compile(fixtures: &Path, out_dir: &Path, name: &str, flags: &[&str], libs: &[&str]) -> PathBuf {
+    let src = fixtures.join(format!("{name}.c"));
+    let bin = out_dir.join(name);
+    println!("cargo:rerun-if-changed={}", src.display());
 
     let cc = env::var("CC")
         .ok()
@@ -27,9 +44,11 @@ fn main() {
 
     let mut cmd = Command::new(program);
     cmd.args(words)
-        .args(["-std=c11", "-O2", "-g", "-Wall", "-Wextra", "-o"])
+        .args(flags)
+        .args(["-O2", "-g", "-Wall", "-Wextra", "-o"])
         .arg(&bin)
-        .arg(&src);
+        .arg(&src)
+        .args(libs);
     let output = cmd
         .output()
         .unwrap_or_else(|e| panic!("failed to run C compiler {cmd:?}: {e}"));
@@ -45,8 +64,7 @@ fn main() {
         );
     }
     for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
-        println!("cargo:warning=memcheck.c: {line}");
+        println!("cargo:warning={name}.c: {line}");
     }
-
-    println!("cargo:rustc-env=MEMCHECK_BIN={}", bin.display());
+    bin
 }

@@ -1,0 +1,1156 @@
+//! End to end with real runtimes, multi-threaded: the pthreads fixture (threads, TLS, signal
+//! state, pipes, eventfd, epoll, rlimits), numpy with OpenBLAS threads, Node.js and the JVM,
+//! plus an HTTP function that serves on the socket `mitosis resume --listen` hands it. Seeds
+//! run on host 0, children on host 1 (as root).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use mitosis_testbed::Testbed;
+use serde_json::Value;
+
+const THREADS_BIN: &str = env!("THREADS_BIN");
+/// How long a child (or seed) may take for one answer line.
+const LINE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn example(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(rel)
+}
+
+// ---- a running `mitosis resume`, line by line ------------------------------------------
+
+/// `mitosis resume` running on a host: its stdin held by the test, its stdout read line by
+/// line with a timeout. Killed (and its stdin closed, so the child sees EOF) if dropped
+/// before [`Resumed::finish`].
+struct Resumed {
+    cli: Option<Child>,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    /// The child's pid once it told it (for failure messages).
+    child_pid: Option<i32>,
+    /// The log of the daemon of the child's host (for failure messages).
+    daemon_log: PathBuf,
+}
+
+impl Resumed {
+    fn start(tb: &Testbed, host: usize, args: &[&str]) -> Resumed {
+        let (mut cli, stdin) = spawn_cli(tb, host, args);
+        let out = cli.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Resumed {
+            cli: Some(cli),
+            stdin: Some(stdin),
+            lines,
+            child_pid: None,
+            daemon_log: tb.host(host).log_path().to_path_buf(),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.cli.as_ref().expect("running").id() as i32
+    }
+
+    fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("write to the child");
+    }
+
+    /// The next line the child prints.
+    fn line(&mut self, waiting_for: &str) -> String {
+        match self.lines.recv_timeout(LINE_TIMEOUT) {
+            Ok(line) => line,
+            Err(e) => {
+                let cli = self.cli.take().expect("running");
+                // SAFETY: kill(2) on our own child process.
+                unsafe { libc::kill(cli.id() as i32, libc::SIGKILL) };
+                let threads = self.child_pid.map(threads_report).unwrap_or_default();
+                let out = wait_output(cli, Duration::from_secs(10));
+                panic!(
+                    "no line from the child for {waiting_for} ({e:?}); resume: {}\nthreads:\n{threads}\n{}",
+                    stderr(&out),
+                    self.log_tail()
+                );
+            }
+        }
+    }
+
+    fn ask(&mut self, line: &str) -> String {
+        self.send(line);
+        self.line(line)
+    }
+
+    fn log_tail(&self) -> String {
+        log_tail(&self.daemon_log)
+    }
+
+    /// For failure messages: how the command ended (with its stderr) if it has.
+    fn note(&mut self) -> String {
+        let cli = self.cli.as_mut().expect("running");
+        match cli.try_wait() {
+            Ok(Some(status)) => {
+                let mut err = String::new();
+                if let Some(mut pipe) = cli.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut err);
+                }
+                format!("resume exited ({status}): {err}")
+            }
+            _ => "resume still running".to_string(),
+        }
+    }
+
+    /// Asks `line` and checks the answer is `want`; on a mismatch, the failure shows the
+    /// child's threads and the daemon's log.
+    fn expect(&mut self, line: &str, want: &str) {
+        let got = self.ask(line);
+        if got != want {
+            let threads = self.child_pid.map(threads_report).unwrap_or_default();
+            panic!(
+                "{line:?}: got {got:?}, want {want:?}\nthreads:\n{threads}\n{}",
+                self.log_tail()
+            );
+        }
+    }
+
+    /// Sends `sig` to the `mitosis resume` process (which forwards it to the child).
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child process.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    /// Closes the child's stdin and waits for the command; returns its output and the lines
+    /// the child printed after the last one read.
+    fn finish(mut self) -> (Output, Vec<String>) {
+        drop(self.stdin.take());
+        let cli = self.cli.as_mut().expect("running");
+        let exited = eventually(Duration::from_secs(60), || {
+            cli.try_wait().is_ok_and(|s| s.is_some())
+        });
+        if !exited {
+            let threads = self.child_pid.map(threads_report).unwrap_or_default();
+            panic!(
+                "the child did not exit after EOF on its stdin; its threads:\n{threads}\n{}",
+                self.log_tail()
+            );
+        }
+        let out = wait_output(self.cli.take().expect("running"), Duration::from_secs(10));
+        let mut rest = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(10)) {
+            rest.push(line);
+        }
+        (out, rest)
+    }
+}
+
+impl Resumed {
+    /// [`Resumed::finish`]: the command exits 0 and the child printed nothing more.
+    fn finish_ok(self) {
+        let log = self.daemon_log.clone();
+        let (out, rest) = self.finish();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "resume: {}\n{}",
+            stderr(&out),
+            log_tail(&log)
+        );
+        assert!(rest.is_empty(), "unexpected output {rest:?}");
+    }
+}
+
+impl Drop for Resumed {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        if let Some(mut cli) = self.cli.take() {
+            let _ = cli.kill();
+            let _ = cli.wait();
+        }
+    }
+}
+
+/// The end of a daemon's log (for failure messages).
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+    format!("log of {} (end):\n{tail}", log.display())
+}
+
+/// One line per thread of `pid`: tid, name, state, wait channel and system call (for
+/// failure messages).
+fn threads_report(pid: i32) -> String {
+    let read = |tid: i32, file: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/{file}"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(pid {pid} is gone)");
+    };
+    tasks
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .map(|tid| {
+            let stat = read(tid, "stat");
+            let state = stat
+                .rsplit(") ")
+                .next()
+                .unwrap_or("?")
+                .get(..1)
+                .unwrap_or("?");
+            format!(
+                "{tid} {} {state} wchan={} syscall={}",
+                read(tid, "comm"),
+                read(tid, "wchan"),
+                read(tid, "syscall")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---- /proc ---------------------------------------------------------------------------------
+
+fn task_ids(pid: i32) -> BTreeSet<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/task: {e}"))
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The value of `key:` in /proc/PID/status (or /proc/PID/task/TID/status).
+fn status_of(path: &str, key: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in {path}"))
+        .trim()
+        .to_string()
+}
+
+/// What a process-wide comparison between a seed and its child looks at: signal dispositions
+/// (ignored, caught), umask, and every resource limit.
+#[derive(Debug, PartialEq)]
+struct ProcessState {
+    sig_ign: String,
+    sig_cgt: String,
+    umask: String,
+    limits: String,
+}
+
+fn process_state(pid: i32) -> ProcessState {
+    let status = format!("/proc/{pid}/status");
+    ProcessState {
+        sig_ign: status_of(&status, "SigIgn"),
+        sig_cgt: status_of(&status, "SigCgt"),
+        umask: status_of(&status, "Umask"),
+        limits: std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits"),
+    }
+}
+
+/// The blocked-signal masks of all threads of `pid`, sorted (a multiset: which thread has
+/// which mask is checked where the threads can be told apart).
+fn thread_masks(pid: i32) -> Vec<String> {
+    let mut masks: Vec<String> = task_ids(pid)
+        .into_iter()
+        .map(|tid| status_of(&format!("/proc/{pid}/task/{tid}/status"), "SigBlk"))
+        .collect();
+    masks.sort();
+    masks
+}
+
+/// What descriptor `fd` of `pid` is: the link target without inode numbers, its open flags,
+/// and for an eventfd its count, for an epoll set its targets (fd, events, data).
+fn describe_fd(pid: i32, fd: i32) -> String {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|e| format!("unreadable: {e}"));
+    let kind = match link.split_once(":[") {
+        Some((kind @ ("pipe" | "socket"), _)) => kind.to_string(),
+        _ => link,
+    };
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+    let mut out = vec![kind];
+    let mut targets = Vec::new();
+    for line in info.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["flags:", flags] => out.push(format!("flags {flags}")),
+            ["eventfd-count:", count] => out.push(format!("count {count}")),
+            ["tfd:", tfd, "events:", events, "data:", data, ..] => {
+                targets.push(format!("{tfd}:{events}:{data}"))
+            }
+            _ => {}
+        }
+    }
+    targets.sort();
+    if !targets.is_empty() {
+        out.push(format!("watching {}", targets.join(",")));
+    }
+    out.join(" ")
+}
+
+fn fd_numbers(pid: i32) -> BTreeSet<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Descriptors of the child that the seed did not have at their number (leftovers of its
+/// making, such as a userfaultfd), and any userfaultfd at all; should be empty.
+fn foreign_fds(child: i32, seed: i32) -> Vec<String> {
+    let seed_fds = fd_numbers(seed);
+    fd_numbers(child)
+        .into_iter()
+        .map(|fd| (fd, describe_fd(child, fd)))
+        .filter(|(fd, what)| !seed_fds.contains(fd) || what.contains("userfaultfd"))
+        .map(|(fd, what)| format!("{fd}: {what}"))
+        .collect()
+}
+
+// ---- the C fixture -------------------------------------------------------------------------
+
+const WORKERS: [&str; 3] = ["w-cond", "w-sleep", "w-pipe"];
+
+/// A `state` answer of the threads fixture as key -> value.
+fn parse_state(line: &str) -> BTreeMap<String, String> {
+    let rest = line
+        .strip_prefix("state ")
+        .unwrap_or_else(|| panic!("not a state line: {line:?}"));
+    rest.split_whitespace()
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .unwrap_or_else(|| panic!("{kv:?} in {line:?}"));
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+/// A state without what differs between processes (pid, thread ids), and without the thread
+/// names (checked on their own, see [`assert_thread_names`]).
+fn without_ids(state: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    state
+        .iter()
+        .filter(|(k, _)| *k != "pid" && !k.ends_with(".tid") && !k.ends_with(".comm"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn tid_of(state: &BTreeMap<String, String>, thread: &str) -> i32 {
+    state[&format!("{thread}.tid")].parse().expect("tid")
+}
+
+/// The fixture's state as fixture/threads.c sets it up (what a `state` must say in the seed
+/// and in every child).
+fn assert_fixture_state(state: &BTreeMap<String, String>, who: &str) {
+    let expect = |key: &str, value: &str| {
+        assert_eq!(
+            state.get(key).map(String::as_str),
+            Some(value),
+            "{who}: {key} in {state:?}"
+        );
+    };
+    expect("threads", "4");
+    expect("umask", "0027");
+    expect("nofile", "777");
+    expect("epoll", "eventfd+pipe");
+    expect("eventfd", "5");
+    expect("pipe", "hello");
+    expect("devnull", "ok");
+    expect("sigpipe", "ign");
+    expect("usr1", "handler+restart+onstack+usr2");
+    expect("usr2main", "blocked");
+    let threads = [
+        ("main", "main/100/42", "12", "none", "nearest"),
+        ("w-cond", "w-cond/101/43", "10+36", "none", "down"),
+        ("w-sleep", "w-sleep/102/44", "-", "own", "up"),
+        ("w-pipe", "w-pipe/103/45", "10+28", "none", "zero"),
+    ];
+    for (name, tls, mask, alt, fe) in threads {
+        expect(&format!("{name}.tls"), tls);
+        expect(&format!("{name}.mask"), mask);
+        expect(&format!("{name}.alt"), alt);
+        expect(&format!("{name}.fe"), fe);
+        expect(&format!("{name}.stack"), "ok");
+        // glibc registers rseq and a robust list for every thread: both must stay registered.
+        expect(&format!("{name}.rseq"), "ok");
+        assert!(
+            state[&format!("{name}.robust")].starts_with('+'),
+            "{who}: {name} has no robust list: {state:?}"
+        );
+    }
+    let tids: BTreeSet<i32> = ["main"]
+        .iter()
+        .chain(WORKERS.iter())
+        .map(|t| tid_of(state, t))
+        .collect();
+    assert_eq!(tids.len(), 4, "{who}: thread ids not distinct: {state:?}");
+    assert_eq!(
+        tid_of(state, "main").to_string(),
+        state["pid"],
+        "{who}: main's tid"
+    );
+}
+
+/// Each thread's name (its comm, as the thread itself reads it) is the seed thread's.
+fn assert_thread_names(child: &BTreeMap<String, String>, seed: &BTreeMap<String, String>) {
+    let names = |state: &BTreeMap<String, String>| -> Vec<(String, String)> {
+        state
+            .iter()
+            .filter(|(k, _)| k.ends_with(".comm"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    assert_eq!(names(child), names(seed), "thread names (comm)");
+    assert_eq!(seed["w-cond.comm"], "w-cond");
+}
+
+/// Each thread's blocked mask as the kernel has it, by the thread's name in `state`.
+fn masks_by_name(pid: i32, state: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    ["main"]
+        .iter()
+        .chain(WORKERS.iter())
+        .map(|t| {
+            let tid = tid_of(state, t);
+            let mask = status_of(&format!("/proc/{pid}/task/{tid}/status"), "SigBlk");
+            (t.to_string(), mask)
+        })
+        .collect()
+}
+
+fn threads_seed(tb: &Testbed) -> Seed {
+    Seed::start(tb.host(0).command(THREADS_BIN))
+}
+
+#[test]
+fn c_fixture_child_keeps_every_thread_and_its_kernel_state() {
+    let tb = testbed(2);
+    let mut seed = threads_seed(&tb);
+    let seed_state = parse_state(&seed.send("state"));
+    assert_fixture_state(&seed_state, "seed");
+    assert_eq!(task_ids(seed.pid()).len(), 4);
+    let seed_process = process_state(seed.pid());
+    let seed_masks = masks_by_name(seed.pid(), &seed_state);
+    // What the fixture opens: two pipes, the eventfd, the epoll set, /dev/null.
+    let seed_fds: Vec<String> = (3..=9).map(|fd| describe_fd(seed.pid(), fd)).collect();
+    let handle = prepare(&tb, 0, seed.pid());
+
+    let mut child = Resumed::start(&tb, 1, &["resume", &handle]);
+    let state = parse_state(&child.ask("state"));
+    assert_fixture_state(&state, "child");
+    assert_eq!(
+        without_ids(&state),
+        without_ids(&seed_state),
+        "the child's state differs from the seed's"
+    );
+    let pid: i32 = state["pid"].parse().unwrap();
+    child.child_pid = Some(pid);
+    assert_ne!(pid, seed.pid(), "the child is its own process");
+    // Every thread answered from a live thread of the child (its own kernel thread).
+    let reported: BTreeSet<i32> = ["main"]
+        .iter()
+        .chain(WORKERS.iter())
+        .map(|t| tid_of(&state, t))
+        .collect();
+    assert_eq!(reported, task_ids(pid), "threads that answered vs /proc");
+    assert!(
+        reported.is_disjoint(&task_ids(seed.pid())),
+        "child threads must not be the seed's"
+    );
+    // Kernel state, read while the child waits for input (checked at the end).
+    let child_process = process_state(pid);
+    let child_masks = masks_by_name(pid, &state);
+    let child_fds: Vec<String> = (3..=9).map(|fd| describe_fd(pid, fd)).collect();
+    let foreign = foreign_fds(pid, seed.pid());
+
+    // All four threads fault in pages of memory the child never read, at the same time.
+    child.expect("touch", "touched 16777216 by 4 threads ok");
+
+    // SIGUSR1 to the command reaches the child; a thread that leaves it unblocked runs the
+    // handler (the kernel prefers the main thread).
+    child.signal(libc::SIGUSR1);
+    let line = child.line("the SIGUSR1 handler's line");
+    let on_main = format!("usr1 on main tid {pid} altstack no");
+    let on_sleeper = format!(
+        "usr1 on w-sleep tid {} altstack yes",
+        tid_of(&state, "w-sleep")
+    );
+    assert!(
+        line == on_main || line == on_sleeper,
+        "handler line {line:?}"
+    );
+    // The interrupted read restarted (SA_RESTART) and the state is unchanged.
+    assert_eq!(parse_state(&child.ask("state")), state);
+
+    child.finish_ok();
+
+    // The seed runs on, untouched.
+    let after = parse_state(&seed.send("state"));
+    assert_eq!(after, seed_state);
+
+    assert_eq!(
+        child_process, seed_process,
+        "signal dispositions, umask or rlimits differ"
+    );
+    assert_eq!(child_masks, seed_masks, "per-thread signal masks");
+    assert_eq!(
+        child_fds, seed_fds,
+        "descriptors 3..=9 (kind, flags, contents)"
+    );
+    assert!(
+        foreign.is_empty(),
+        "descriptors of the child's own: {foreign:?}"
+    );
+    assert_thread_names(&state, &seed_state);
+    drop(seed);
+    teardown(tb);
+}
+
+#[test]
+fn c_fixture_child_threads_take_directed_signals_and_can_be_joined() {
+    let tb = testbed(2);
+    let mut seed = threads_seed(&tb);
+    let handle = prepare(&tb, 0, seed.pid());
+
+    // Children on the other host and on the seed's own host, alive at the same time.
+    let mut children = [
+        Resumed::start(&tb, 1, &["resume", &handle]),
+        Resumed::start(&tb, 0, &["resume", &handle]),
+    ];
+    for child in &mut children {
+        let state = parse_state(&child.ask("state"));
+        assert_fixture_state(&state, "child");
+        let pid: i32 = state["pid"].parse().unwrap();
+        child.child_pid = Some(pid);
+        // pthread_kill goes through the thread id glibc keeps for the thread: the signal
+        // must reach that very thread of the child, on its alternate stack.
+        let sleeper = tid_of(&state, "w-sleep");
+        child.expect(
+            "kill",
+            &format!("usr1 on w-sleep tid {sleeper} altstack yes"),
+        );
+        // Joining needs each thread's clear-child-tid; the robust mutex w-pipe dies holding
+        // needs its robust list (and glibc's idea of its tid).
+        child.expect("join", "joined 3 threads=1 robust=EOWNERDEAD");
+        assert_eq!(task_ids(pid).len(), 1, "threads left after join");
+        // Pages are still served once threads have exited (this memory was never read).
+        child.expect("touch", "touched 16777216 by 1 threads ok");
+        // New threads in the child: created, faulting, exiting (some stacks unmapped), joined.
+        child.expect("spawn 12", "spawned 12 ok");
+        let state = parse_state(&child.ask("state"));
+        assert_eq!(state["threads"], "1");
+        assert_eq!(state["main.tls"], "main/100/42");
+        assert_eq!(state["pipe"], "hello");
+    }
+    for child in children {
+        child.finish_ok();
+    }
+
+    // The seed answers the same (with its own threads, which are all still there).
+    let state = parse_state(&seed.send("state"));
+    assert_fixture_state(&state, "seed");
+    assert_eq!(
+        seed.send("kill"),
+        format!(
+            "usr1 on w-sleep tid {} altstack yes",
+            tid_of(&state, "w-sleep")
+        )
+    );
+    assert_eq!(seed.send("join"), "joined 3 threads=1 robust=EOWNERDEAD");
+    drop(seed);
+    teardown(tb);
+}
+
+/// Holds thread `tid` ptrace-seized (it keeps running) from a thread of the test; dropping it
+/// ends that thread, which detaches the tracee (ptrace belongs to the tracing thread).
+struct Tracer {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Tracer {
+    fn seize(tid: i32) -> Tracer {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (stop, stop_rx) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: PTRACE_SEIZE takes a tid and no pointers (addr and data are 0).
+            let rc = unsafe {
+                libc::ptrace(
+                    libc::PTRACE_SEIZE,
+                    tid,
+                    std::ptr::null_mut::<libc::c_void>(),
+                    std::ptr::null_mut::<libc::c_void>(),
+                )
+            };
+            let err = std::io::Error::last_os_error();
+            let _ = ready_tx.send((rc == 0).then_some(()).ok_or(err));
+            // Until the test drops the sender.
+            let _ = stop_rx.recv();
+        });
+        ready_rx
+            .recv()
+            .expect("tracer thread")
+            .unwrap_or_else(|e| panic!("PTRACE_SEIZE {tid}: {e}"));
+        Tracer {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn prepare_of_a_traced_seed_is_refused_and_the_seed_runs_on() {
+    let tb = testbed(2);
+    let mut seed = threads_seed(&tb);
+    let seed_state = parse_state(&seed.send("state"));
+    let seed_pid = seed.pid().to_string();
+    let expect_refused = |what: &str| {
+        let out = cli(&tb, 0, &["prepare", "--pid", &seed_pid], "");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert!(
+            err.contains("already traced"),
+            "{what}: the error must name the reason: {err:?}"
+        );
+        assert_eq!(err.lines().count(), 1, "{what}: one-line error: {err:?}");
+        assert!(stdout(&out).is_empty(), "{what}: no handle");
+    };
+
+    // Traced as a whole (its main thread, whose tracer /proc/PID/status shows).
+    let tracer = Tracer::seize(seed.pid());
+    expect_refused("main thread traced");
+    assert!(alive(seed.pid()), "the seed must survive a refused prepare");
+    drop(tracer);
+    assert_eq!(parse_state(&seed.send("state")), seed_state);
+
+    // Only one of its other threads traced (as a debugger attached to one thread would).
+    let tracer = Tracer::seize(tid_of(&seed_state, "w-pipe"));
+    expect_refused("one worker traced");
+    drop(tracer);
+    assert_eq!(parse_state(&seed.send("state")), seed_state);
+    assert_eq!(
+        seed.children().trim(),
+        "",
+        "a refused prepare leaves no twin"
+    );
+
+    // Once the tracer is gone, the same seed can be prepared and forked.
+    let handle = prepare(&tb, 0, seed.pid());
+    let out = cli(&tb, 1, &["resume", &handle], "state\n");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let state = parse_state(stdout(&out).trim_end());
+    assert_eq!(without_ids(&state), without_ids(&seed_state));
+    drop(seed);
+    teardown(tb);
+}
+
+// ---- JSON-line runtimes: numpy with BLAS threads, Node.js, the JVM ----------------------------
+
+/// A JSON answer without the fields that differ between processes.
+fn comparable(answer: &str) -> Value {
+    let mut v: Value =
+        serde_json::from_str(answer).unwrap_or_else(|e| panic!("{e}: not JSON: {answer:?}"));
+    let obj = v.as_object_mut().expect("an object");
+    obj.remove("pid");
+    obj.remove("threads");
+    assert!(!obj.contains_key("error"), "error answer: {answer}");
+    v
+}
+
+fn field(answer: &str, key: &str) -> i64 {
+    let v: Value = serde_json::from_str(answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"));
+    v[key]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no {key} in {answer}"))
+}
+
+/// Runs `cmd` (a cold `--once` run of the same function) with `request` on stdin; its last
+/// line, comparable.
+fn cold_answer(mut cmd: Command, request: &str) -> Value {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{request}\n").as_bytes())
+        .unwrap();
+    let out = wait_output(child, Duration::from_secs(60));
+    assert!(out.status.success(), "{cmd:?}: {}", stderr(&out));
+    comparable(stdout(&out).lines().last().expect("an answer"))
+}
+
+/// The seed from `seed` on host 0, prepared; a child on host 1 answers `requests` like a cold
+/// run (`cold`) would, with as many threads as the seed had, the seed's signal dispositions,
+/// masks, umask and rlimits; a SIGUSR1 to `mitosis resume` runs the child's handler.
+fn children_behave_like_the_runtime(
+    tb: &Testbed,
+    seed: Command,
+    cold: impl Fn(&str) -> Value,
+    requests: &[i64],
+) {
+    let request = |n: i64| format!("{{\"n\": {n}}}");
+    let expected: BTreeMap<i64, Value> = requests.iter().map(|&n| (n, cold(&request(n)))).collect();
+    let mut seed = Seed::start(seed);
+    let seed_threads = task_ids(seed.pid()).len();
+    assert!(
+        seed_threads > 1,
+        "the seed is meant to be multi-threaded: {seed_threads} thread(s)"
+    );
+    let seed_process = process_state(seed.pid());
+    let seed_masks = thread_masks(seed.pid());
+    let handle = prepare(tb, 0, seed.pid());
+
+    let mut child = Resumed::start(tb, 1, &["resume", &handle]);
+    let first = child.ask(&request(requests[0]));
+    let pid = field(&first, "pid") as i32;
+    child.child_pid = Some(pid);
+    assert_ne!(pid, seed.pid(), "the child is its own process: {first}");
+    assert!(alive(pid), "the child runs while it waits for input");
+    assert_eq!(
+        field(&first, "threads") as usize,
+        seed_threads,
+        "the child's threads (its own count): {first}"
+    );
+    assert_eq!(task_ids(pid).len(), seed_threads, "the child's threads");
+    assert_eq!(comparable(&first), expected[&requests[0]]);
+    // Kernel state, read while the child waits for input (checked at the end).
+    let child_process = process_state(pid);
+    let child_masks = thread_masks(pid);
+    let foreign = foreign_fds(pid, seed.pid());
+
+    child.signal(libc::SIGUSR1);
+    assert_eq!(child.line("the SIGUSR1 handler's line"), "usr1");
+
+    for &n in &requests[1..] {
+        let answer = child.ask(&request(n));
+        assert_eq!(field(&answer, "pid") as i32, pid);
+        assert_eq!(comparable(&answer), expected[&n], "n={n}");
+    }
+    child.finish_ok();
+
+    // The seed runs on and answers the same.
+    let answer = seed.send(&request(requests[0]));
+    assert_eq!(field(&answer, "pid") as i32, seed.pid());
+    assert_eq!(comparable(&answer), expected[&requests[0]]);
+
+    assert_eq!(
+        child_process, seed_process,
+        "signal dispositions, umask or rlimits differ"
+    );
+    assert_eq!(child_masks, seed_masks, "per-thread signal masks");
+    assert!(
+        foreign.is_empty(),
+        "descriptors of the child's own: {foreign:?}"
+    );
+}
+
+#[test]
+fn numpy_with_blas_threads_child_answers_like_the_function() {
+    let script = example("python/threaded_fn.py");
+    let tb = testbed(2);
+    let mut seed = tb.host(0).command("python3");
+    seed.arg(&script);
+    children_behave_like_the_runtime(
+        &tb,
+        seed,
+        |request| {
+            let mut cmd = Command::new("python3");
+            cmd.arg(&script).arg("--once");
+            cold_answer(cmd, request)
+        },
+        &[3, 0, 17, 250],
+    );
+    teardown(tb);
+}
+
+#[test]
+fn node_child_answers_like_the_function() {
+    let script = example("node/fn.js");
+    let tb = testbed(2);
+    let mut seed = tb.host(0).command("node");
+    seed.arg(&script);
+    children_behave_like_the_runtime(
+        &tb,
+        seed,
+        |request| {
+            let mut cmd = Command::new("node");
+            cmd.arg(&script).arg("--once");
+            cold_answer(cmd, request)
+        },
+        &[5, -3, 0, 4242],
+    );
+    teardown(tb);
+}
+
+/// `java` with the options a JVM seed runs with: no perf data file (a shared file mapping),
+/// no class-data-sharing archive, and fixed GC and compiler thread counts (so the JVM does not
+/// add threads between the seed's prepare and a child's answer).
+fn java(classes: &Path, host: Option<(&Testbed, usize)>) -> Command {
+    let mut cmd = match host {
+        Some((tb, h)) => tb.host(h).command("java"),
+        None => Command::new("java"),
+    };
+    cmd.args([
+        "-XX:-UsePerfData",
+        "-Xshare:off",
+        "-XX:-UseDynamicNumberOfGCThreads",
+        "-XX:-UseDynamicNumberOfCompilerThreads",
+        "-cp",
+    ])
+    .arg(classes)
+    .arg("Fn");
+    cmd
+}
+
+/// examples/java/Fn.java compiled into a scratch directory.
+fn compile_java() -> Scratch {
+    let classes = Scratch::new("java");
+    let out = Command::new("javac")
+        .arg("-d")
+        .arg(&classes.0)
+        .arg(example("java/Fn.java"))
+        .output()
+        .expect("javac (scripts/setup.sh installs a JDK)");
+    assert!(out.status.success(), "javac: {}", stderr(&out));
+    classes
+}
+
+#[test]
+fn jvm_child_answers_like_the_function() {
+    let classes = compile_java();
+    let tb = testbed(2);
+    children_behave_like_the_runtime(
+        &tb,
+        java(&classes.0, Some((&tb, 0))),
+        |request| {
+            let mut cmd = java(&classes.0, None);
+            cmd.arg("--once");
+            cold_answer(cmd, request)
+        },
+        &[5, -3, 999, 1234567],
+    );
+    teardown(tb);
+}
+
+// ---- an HTTP function on the socket the resumer listens on -------------------------------------
+
+/// GETs `urls` in order with `python3` (a command for it, e.g. in a host's network namespace),
+/// retrying while nothing listens yet; one body per line.
+fn http_get(mut python3: Command, urls: &[String]) -> Output {
+    const CLIENT: &str = r#"
+import sys, time, urllib.request
+for url in sys.argv[1:]:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            body = urllib.request.urlopen(url, timeout=20).read()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    sys.stdout.write(body.decode())
+    sys.stdout.flush()
+"#;
+    python3
+        .arg("-c")
+        .arg(CLIENT)
+        .args(urls)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    wait_output(python3.spawn().expect("python3"), Duration::from_secs(90))
+}
+
+/// What http_fn.py answers to GET `path`, computed by a cold run (`--answer`), comparable.
+fn cold_http_answer(path: &str) -> Value {
+    let mut cold = Command::new("python3");
+    cold.arg(example("python/http_fn.py"))
+        .arg("--answer")
+        .arg(path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = wait_output(cold.spawn().expect("python3"), Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    comparable(stdout(&out).trim_end())
+}
+
+/// True if a TCP connection to `addr` from `host` is refused.
+fn refused(tb: &Testbed, host: usize, addr: &str) -> bool {
+    let (ip, port) = addr.rsplit_once(':').unwrap();
+    let mut cmd = tb.host(host).command("python3");
+    cmd.args([
+        "-c",
+        "import socket, sys\ntry:\n    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\nexcept ConnectionRefusedError:\n    sys.exit(0)\nsys.exit(1)",
+        ip,
+        port,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let out = wait_output(cmd.spawn().expect("python3"), Duration::from_secs(30));
+    out.status.success()
+}
+
+#[test]
+fn http_child_serves_on_the_socket_resume_listens_on() {
+    let script = example("python/http_fn.py");
+    let tb = testbed(2);
+    let mut seed_cmd = tb.host(0).command("python3");
+    seed_cmd.arg(&script);
+    let seed = Seed::start(seed_cmd);
+    let handle = prepare(&tb, 0, seed.pid());
+
+    let addr = format!("{}:18080", tb.host(1).addr());
+    let mut child = Resumed::start(&tb, 1, &["resume", "--listen", &addr, &handle]);
+    child.send("serve 3");
+    let paths = ["/", "/orders/42?x=1", "/"];
+    let urls: Vec<String> = paths.iter().map(|p| format!("http://{addr}{p}")).collect();
+    let got = http_get(tb.host(1).command("python3"), &urls);
+    assert!(
+        got.status.success(),
+        "GETs failed: {}\n{}",
+        stderr(&got),
+        child.note()
+    );
+    let bodies: Vec<String> = stdout(&got).lines().map(str::to_string).collect();
+    assert_eq!(bodies.len(), 3, "{bodies:?}");
+    let pid = field(&bodies[0], "pid");
+    assert_ne!(pid, seed.pid() as i64, "served by the child, not the seed");
+    for (path, body) in paths.iter().zip(&bodies) {
+        assert_eq!(field(body, "pid"), pid, "one child serves them all");
+        assert_eq!(comparable(body), cold_http_answer(path), "GET {path}");
+    }
+
+    // After N requests the child exits 0, and nothing listens on the address any more.
+    child.finish_ok();
+    assert!(
+        refused(&tb, 1, &addr),
+        "{addr} still accepts connections after the child exited"
+    );
+    assert!(alive(seed.pid()), "the seed runs on");
+    drop(seed);
+    teardown(tb);
+}
+
+// ---- the seeds on their own, without mitosis: what the children are held to -------------------
+
+#[test]
+fn threads_fixture_answers_its_protocol() {
+    let mut seed = Seed::start(Command::new(THREADS_BIN));
+    let pid = seed.pid();
+    let state = parse_state(&seed.send("state"));
+    assert_fixture_state(&state, "fixture");
+    assert_eq!(state["pid"], pid.to_string());
+    for name in WORKERS {
+        assert_eq!(state[&format!("{name}.comm")], name);
+    }
+    let tids: BTreeSet<i32> = ["main"]
+        .iter()
+        .chain(WORKERS.iter())
+        .map(|t| tid_of(&state, t))
+        .collect();
+    assert_eq!(
+        tids,
+        task_ids(pid),
+        "the threads that answered are the process's"
+    );
+    // The masks the threads report are the kernel's (SIGUSR1 10, SIGUSR2 12, SIGWINCH 28,
+    // SIGRTMIN+2 36).
+    let masks = masks_by_name(pid, &state);
+    assert_eq!(masks["main"], "0000000000000800");
+    assert_eq!(masks["w-cond"], "0000000800000200");
+    assert_eq!(masks["w-sleep"], "0000000000000000");
+    assert_eq!(masks["w-pipe"], "0000000008000200");
+    let mask = |key| u64::from_str_radix(&status_of(&format!("/proc/{pid}/status"), key), 16);
+    assert_ne!(
+        mask("SigIgn").unwrap() & (1 << (libc::SIGPIPE - 1)),
+        0,
+        "SIGPIPE ignored"
+    );
+    assert_ne!(
+        mask("SigCgt").unwrap() & (1 << (libc::SIGUSR1 - 1)),
+        0,
+        "SIGUSR1 caught"
+    );
+
+    assert_eq!(seed.send("touch"), "touched 16777216 by 4 threads ok");
+    assert_eq!(seed.send("spawn 12"), "spawned 12 ok");
+    let sleeper = tid_of(&state, "w-sleep");
+    assert_eq!(
+        seed.send("kill"),
+        format!("usr1 on w-sleep tid {sleeper} altstack yes")
+    );
+    // SAFETY: kill(2) on our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+    let mut line = String::new();
+    seed.stdout.read_line(&mut line).expect("handler line");
+    let line = line.trim_end();
+    assert!(
+        line == format!("usr1 on main tid {pid} altstack no")
+            || line == format!("usr1 on w-sleep tid {sleeper} altstack yes"),
+        "{line:?}"
+    );
+    assert_eq!(
+        parse_state(&seed.send("state")),
+        state,
+        "state is repeatable"
+    );
+
+    assert_eq!(seed.send("join"), "joined 3 threads=1 robust=EOWNERDEAD");
+    assert_eq!(seed.send("touch"), "touched 16777216 by 1 threads ok");
+    assert_eq!(seed.send("spawn 3"), "spawned 3 ok");
+    let after = parse_state(&seed.send("state"));
+    assert_eq!(after["threads"], "1");
+    assert_eq!(after["main.tls"], "main/100/42");
+    assert!(!after.contains_key("w-cond.tls"));
+    assert_eq!(seed.send("kill"), "kill failed no thread");
+    assert_eq!(seed.send("bogus"), "unknown");
+    writeln!(seed.stdin, "exit 7").unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            seed.child
+                .try_wait()
+                .is_ok_and(|s| s.and_then(|s| s.code()) == Some(7))
+        }),
+        "exit 7"
+    );
+}
+
+/// A seed started directly answers like a cold run, has more than one thread, and prints
+/// `usr1` on SIGUSR1.
+fn seed_answers_like_cold_runs(seed: Command, cold: impl Fn(&str) -> Value, n: i64) {
+    let mut seed = Seed::start(seed);
+    let threads = task_ids(seed.pid()).len();
+    assert!(threads > 1, "{threads} thread(s)");
+    let request = format!("{{\"n\": {n}}}");
+    let answer = seed.send(&request);
+    assert_eq!(field(&answer, "pid"), seed.pid() as i64, "{answer}");
+    assert_eq!(field(&answer, "threads") as usize, threads, "{answer}");
+    assert_eq!(comparable(&answer), cold(&request));
+    // SAFETY: kill(2) on our own child process.
+    assert_eq!(unsafe { libc::kill(seed.pid(), libc::SIGUSR1) }, 0);
+    let mut line = String::new();
+    seed.stdout.read_line(&mut line).expect("usr1 line");
+    assert_eq!(line, "usr1\n");
+    assert_eq!(comparable(&seed.send(&request)), cold(&request));
+}
+
+#[test]
+fn runtime_seeds_answer_like_cold_runs() {
+    let py = example("python/threaded_fn.py");
+    let mut seed = Command::new("python3");
+    seed.arg(&py);
+    seed_answers_like_cold_runs(
+        seed,
+        |request| {
+            let mut cmd = Command::new("python3");
+            cmd.arg(&py).arg("--once");
+            cold_answer(cmd, request)
+        },
+        7,
+    );
+
+    let js = example("node/fn.js");
+    let mut seed = Command::new("node");
+    seed.arg(&js);
+    seed_answers_like_cold_runs(
+        seed,
+        |request| {
+            let mut cmd = Command::new("node");
+            cmd.arg(&js).arg("--once");
+            cold_answer(cmd, request)
+        },
+        7,
+    );
+
+    let classes = compile_java();
+    seed_answers_like_cold_runs(
+        java(&classes.0, None),
+        |request| {
+            let mut cmd = java(&classes.0, None);
+            cmd.arg("--once");
+            cold_answer(cmd, request)
+        },
+        7,
+    );
+}
+
+#[test]
+fn http_seed_serves_on_an_inherited_fd_3() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("python3");
+    cmd.arg(example("python/http_fn.py"));
+    // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 3 {
+                // already there: only clear close-on-exec
+                if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 3) != 3 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut seed = Seed::start(cmd);
+    drop(listener);
+    writeln!(seed.stdin, "serve 2").unwrap();
+    let paths = ["/a", "/b/c"];
+    let urls: Vec<String> = paths.iter().map(|p| format!("http://{addr}{p}")).collect();
+    let got = http_get(Command::new("python3"), &urls);
+    assert!(got.status.success(), "{}", stderr(&got));
+    let text = stdout(&got);
+    let bodies: Vec<&str> = text.lines().collect();
+    assert_eq!(bodies.len(), 2);
+    for (path, body) in paths.iter().zip(&bodies) {
+        assert_eq!(field(body, "pid"), seed.pid() as i64);
+        assert_eq!(comparable(body), cold_http_answer(path), "GET {path}");
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            seed.child
+                .try_wait()
+                .is_ok_and(|s| s.and_then(|s| s.code()) == Some(0))
+        }),
+        "http_fn.py exits 0 after serving"
+    );
+}
