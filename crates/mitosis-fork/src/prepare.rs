@@ -220,7 +220,7 @@ fn freeze(
     let mem = RemoteMemory::open(pid, false).map_err(proc_err(format!("/proc/{pid}/mem")))?;
     let mut captured = Vec::with_capacity(group.threads.len());
     for t in &mut group.threads {
-        captured.push(threads::capture(t, &mem, insn)?.0);
+        captured.push(threads::capture(t, &mem, insn)?);
     }
     let pidfd = mitosis_sys::pidfd::open(pid).map_err(inject("opening a pidfd"))?;
     let fds = capture::fds::capture(pid, &pidfd);

@@ -93,14 +93,12 @@ pub fn parse_auxv(raw: &[u8]) -> Vec<u64> {
     words
 }
 
-/// Number of threads of `pid`.
-pub fn thread_count(pid: i32) -> io::Result<usize> {
-    Ok(fs::read_dir(format!("/proc/{pid}/task"))?.count())
-}
-
-/// The pid tracing `pid`, if any.
-pub fn tracer_pid(pid: i32) -> io::Result<Option<i32>> {
-    tracer_pid_at(&format!("/proc/{pid}"))
+/// The ids of the threads of `pid`.
+pub fn task_ids(pid: i32) -> io::Result<std::collections::BTreeSet<i32>> {
+    Ok(fs::read_dir(format!("/proc/{pid}/task"))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect())
 }
 
 /// The pid tracing the task at `dir` (`/proc/PID` or `/proc/PID/task/TID`), if any.

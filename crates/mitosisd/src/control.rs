@@ -149,7 +149,6 @@ async fn prepare_with_id(
     tracing::debug!(
         pid,
         threads = d.threads.len(),
-        altstacks = ?d.threads.iter().map(|t| t.altstack).collect::<Vec<_>>(),
         sigactions = ?d.process.sigactions,
         objects = ?d.objects,
         dropped = ?d.dropped,

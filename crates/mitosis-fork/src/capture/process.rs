@@ -7,9 +7,8 @@ use mitosis_sys::mem::RemoteMemory;
 use mitosis_sys::ptrace::Tracee;
 use mitosis_sys::task;
 
+use super::threads::SCRATCH_BELOW_SP;
 use crate::prepare::PrepareError;
-
-const SCRATCH_BELOW_SP: u64 = 1024;
 
 /// A hexadecimal signal set from /proc/PID/status (`SigCgt`, `SigIgn`).
 fn sigset(status: &str, name: &str) -> u64 {

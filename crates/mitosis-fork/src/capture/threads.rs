@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use mitosis_descriptor::{AltStack, RobustList, Rseq, Thread};
 use mitosis_sys::mem::RemoteMemory;
-use mitosis_sys::ptrace::{self, Regs, Tracee};
+use mitosis_sys::ptrace::{self, Tracee};
 use mitosis_sys::task;
 use nix::sys::ptrace::Options;
 
@@ -17,7 +17,7 @@ use crate::regs::{RestartFor, regs_to_words, resume_point};
 const UNINTERRUPTIBLE_GRACE: Duration = Duration::from_millis(100);
 const PR_GET_TID_ADDRESS: u64 = 40;
 /// Below the x86_64 red zone (128 bytes): free scratch on any thread's stack.
-const SCRATCH_BELOW_SP: u64 = 1024;
+pub(crate) const SCRATCH_BELOW_SP: u64 = 1024;
 
 /// Every thread of a seed, seized and stopped; the main thread first.
 pub struct Group {
@@ -38,12 +38,7 @@ impl Group {
 }
 
 fn tasks(pid: i32) -> Result<BTreeSet<i32>, PrepareError> {
-    let dir =
-        fs::read_dir(format!("/proc/{pid}/task")).map_err(|_| PrepareError::NoSuchProcess(pid))?;
-    Ok(dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect())
+    crate::procfs::task_ids(pid).map_err(|_| PrepareError::NoSuchProcess(pid))
 }
 
 /// A task's state letter from /proc/PID/task/TID/stat ('R', 'S', 'D', ...).
@@ -123,11 +118,7 @@ pub fn stop_all(pid: i32) -> Result<Group, PrepareError> {
 
 /// Reads one stopped thread's state. The injected calls that read its tid address and
 /// alternate stack write to its stack below the red zone; its registers are put back after.
-pub fn capture(
-    t: &mut Tracee,
-    mem: &RemoteMemory,
-    insn: u64,
-) -> Result<(Thread, Regs), PrepareError> {
+pub fn capture(t: &mut Tracee, mem: &RemoteMemory, insn: u64) -> Result<Thread, PrepareError> {
     let tid = t.pid();
     let inject = |what| {
         move |source| PrepareError::Inject {
@@ -188,7 +179,7 @@ pub fn capture(
     let name = fs::read_to_string(format!("/proc/{tid}/comm"))
         .map(|n| n.trim_end_matches('\n').chars().take(15).collect())
         .unwrap_or_default();
-    let thread = Thread {
+    Ok(Thread {
         tid,
         name,
         regs: regs_to_words(&resume_point(&regs, RestartFor::OtherTask)),
@@ -199,8 +190,7 @@ pub fn capture(
         tid_address: tid_address?,
         altstack: altstack?,
         in_syscall: regs.orig_rax as i64,
-    };
-    Ok((thread, regs))
+    })
 }
 
 fn read_word(mem: &RemoteMemory, at: u64) -> std::io::Result<u64> {

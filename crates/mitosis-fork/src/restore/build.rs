@@ -72,12 +72,8 @@ impl Spawned {
     }
 }
 
-/// Starts the stub with `stdio` (or /dev/null) and seizes it.
-pub(crate) fn spawn(
-    plan: &Plan,
-    stub: &Path,
-    stdio: Option<[OwnedFd; 3]>,
-) -> Result<Spawned, RestoreError> {
+/// Starts the stub (stdio on /dev/null: a replica has none) and seizes it.
+pub(crate) fn spawn(plan: &Plan, stub: &Path) -> Result<Spawned, RestoreError> {
     let (chan, theirs) =
         UnixStream::pair().map_err(|e| RestoreError::Spawn("socketpair".into(), e))?;
     let their_fd = theirs.as_raw_fd();
@@ -94,16 +90,9 @@ pub(crate) fn spawn(
                 .filter(|d| Path::new(d).is_dir())
                 .unwrap_or("/"),
         });
-    match stdio {
-        Some([stdin, stdout, stderr]) => cmd
-            .stdin(Stdio::from(stdin))
-            .stdout(Stdio::from(stdout))
-            .stderr(Stdio::from(stderr)),
-        None => cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    };
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe system calls (dup2, prctl) on values captured by copy.
     unsafe {
         cmd.pre_exec(move || {
@@ -153,19 +142,18 @@ pub(crate) struct Laid {
 pub(crate) type Extra<'a> = &'a dyn Fn(u64) -> Vec<u8>;
 
 /// Runs the trampoline in the stub and fills what must be there before the seed's code runs:
-/// lazy ranges registered, overlay and eager pages written, FPU state and rseq set. With
-/// `extra` the stub becomes a replica: it keeps its channel and closes its stdio instead.
+/// lazy ranges registered, overlay and eager pages written, FPU state and rseq set. The stub
+/// becomes a replica: it keeps its channel, closes its stdio, and carries `extra`.
 pub(crate) fn lay_out(
     plan: &Plan,
     spawned: &mut Spawned,
     prefetched: &[u8],
-    extra: Option<Extra>,
+    extra: Extra,
 ) -> Result<Laid, RestoreError> {
     let Spawned {
         pid, tracee, chan, ..
     } = spawned;
     let pid = *pid;
-    let replica = extra.is_some();
     let chan_err = |e: &dyn std::fmt::Display| RestoreError::Channel(e.to_string());
     let setup = Setup {
         work_fd_base: plan.work_fd_base,
@@ -193,8 +181,8 @@ pub(crate) fn lay_out(
 
     // Place the trampoline where neither the stub nor the seed has anything.
     let code = trampoline::code();
-    let extra_len = extra.map_or(0, |f| f(0).len() as u64);
-    let (_, labels, data_len) = records_for(plan, &opened, 0, 0, replica);
+    let extra_len = extra(0).len() as u64;
+    let (_, labels, data_len) = records_for(plan, &opened, 0, 0);
     let data_len = data_len.next_multiple_of(8) + extra_len;
     let size = PAGE_SIZE + data_len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
     let own = procfs::parse_maps(
@@ -211,14 +199,12 @@ pub(crate) fn lay_out(
         .map(|i| i << 20)
         .find(|&a| taken.iter().all(|&(s, e)| a + size <= s || a >= e))
         .ok_or(RestoreError::NoRoom)?;
-    let (records, _, _) = records_for(plan, &opened, at, at + size, replica);
+    let (records, _, _) = records_for(plan, &opened, at, at + size);
     debug_assert_eq!(records.len(), labels.len());
     let mut data = encode_data(plan, &records, at + PAGE_SIZE);
     data.resize(data.len().next_multiple_of(8), 0);
     let extra_at = at + PAGE_SIZE + data.len() as u64;
-    if let Some(f) = extra {
-        data.extend(f(extra_at));
-    }
+    data.extend(extra(extra_at));
     let go = Go {
         at,
         code: code.to_vec(),
@@ -314,13 +300,7 @@ pub(crate) fn check_batch(tracee: &Tracee, labels: &[String]) -> Result<(), Rest
 
 /// The trampoline's system calls, with a label for each (for error messages).
 /// Pointers into the data area are computed from `at`; sizes do not depend on it.
-fn records_for(
-    plan: &Plan,
-    fds: &[i32],
-    at: u64,
-    end: u64,
-    replica: bool,
-) -> (Vec<Record>, Vec<String>, u64) {
+fn records_for(plan: &Plan, fds: &[i32], at: u64, end: u64) -> (Vec<Record>, Vec<String>, u64) {
     let mut recs: Vec<Record> = Vec::new();
     let mut labels = Vec::new();
     let mut push = |r: Record, l: String| {
@@ -372,7 +352,7 @@ fn records_for(
         "place the vDSO".into(),
     );
     // Everything so far plus the records below precede the mm map in the data area.
-    let n_fixed = plan.maps.len() as u64 + 3 + 2 + replica as u64;
+    let n_fixed = plan.maps.len() as u64 + 3 + 3;
     let mm_map = at + PAGE_SIZE + n_fixed * 56;
     push(
         [
@@ -388,7 +368,7 @@ fn records_for(
     );
     // A replica keeps its channel (at exactly work_fd_base) and no stdio: each child it forks
     // receives its own stdio on the channel, as fds 0-2.
-    let first_closed = plan.work_fd_base as u64 + replica as u64;
+    let first_closed = plan.work_fd_base as u64 + 1;
     push(
         [
             libc::SYS_close_range as u64,
@@ -401,12 +381,10 @@ fn records_for(
         ],
         "close the stub's files".into(),
     );
-    if replica {
-        push(
-            [libc::SYS_close_range as u64, 0, 2, 0, 0, 0, 0],
-            "close the stub's stdio".into(),
-        );
-    }
+    push(
+        [libc::SYS_close_range as u64, 0, 2, 0, 0, 0, 0],
+        "close the stub's stdio".into(),
+    );
     let _ = plan.exe;
     let data_len = n_fixed * 56 + MM_MAP_LEN + plan.auxv.len() as u64 * 8;
     (recs, labels, data_len)

@@ -104,7 +104,7 @@ pub fn build(
     join: Option<JoinSpec>,
 ) -> Result<Built, RestoreError> {
     let t0 = Instant::now();
-    let mut spawned = build::spawn(&plan, stub, None)?;
+    let mut spawned = build::spawn(&plan, stub)?;
     let spawn_us = t0.elapsed().as_micros() as u64;
     let shared: Vec<(u64, u64)> = plan
         .maps
@@ -114,13 +114,18 @@ pub fn build(
         .collect();
     let batches = Batches::new(&plan, join.as_ref());
     let extra = |at: u64| batches.encode(at);
-    let laid = build::lay_out(&plan, &mut spawned, prefetched, Some(&extra)).and_then(|laid| {
+    let laid = build::lay_out(&plan, &mut spawned, prefetched, &extra).and_then(|laid| {
         let placed = batches.place(laid.extra_at);
         run_batch(&mut spawned.tracee, laid.at, &placed.process)?;
-        // Forks must stop us so each child is traced from its first instruction.
+        // Forks must stop us so each child is traced from its first instruction; children
+        // inherit the options, and with TRACECLONE the threads they start are traced too.
         spawned
             .tracee
-            .set_options(Options::PTRACE_O_TRACEFORK | Options::PTRACE_O_EXITKILL)
+            .set_options(
+                Options::PTRACE_O_TRACEFORK
+                    | Options::PTRACE_O_TRACECLONE
+                    | Options::PTRACE_O_EXITKILL,
+            )
             .map_err(RestoreError::Trace)?;
         Ok((laid, placed))
     });
@@ -551,14 +556,7 @@ impl Replica {
         child: &mut Tracee,
         threads: &mut Vec<Tracee>,
     ) -> Result<(), RestoreError> {
-        if self.threads.is_empty() {
-            return Ok(());
-        }
-        child
-            .set_options(Options::PTRACE_O_TRACECLONE | Options::PTRACE_O_EXITKILL)
-            .map_err(RestoreError::Trace)?;
         let insn = self.at + trampoline::syscall_offset();
-        let saved = child.regs().map_err(RestoreError::Trace)?;
         for (seed, batch) in &self.threads {
             let regs = resume_point(&words_to_regs(&seed.regs), RestartFor::OtherTask);
             let mut flags = libc::CLONE_VM
@@ -600,7 +598,6 @@ impl Replica {
                 .map_err(step("set the signal mask"))?;
             t.set_regs(&regs).map_err(step("set the registers"))?;
         }
-        child.set_regs(&saved).map_err(RestoreError::Trace)?;
         Ok(())
     }
 
