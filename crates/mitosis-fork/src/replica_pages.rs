@@ -5,6 +5,7 @@
 //! take the replica's state under the same lock as fills, so a child's list of pages still to
 //! fetch is exactly what the replica lacked at its fork.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -57,7 +58,8 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         Ok(Arc::new(ReplicaPages {
             // SAFETY: `Userfaultfd` owns its fd, which stays open and the same for as long as the AsyncFd that owns it.
             uffd: unsafe { AsyncFd::register(uffd) }?,
-            memory: RemoteMemory::open(pid, false)?,
+            // Writable: the seed's own writes to file pages are copied over the mapped file.
+            memory: RemoteMemory::open(pid, true)?,
             state: Mutex::new(State { pending, source }),
             fetched: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
@@ -134,29 +136,49 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         Ok(())
     }
 
-    /// Puts pages fetched ahead (see [`fetch_ahead`]) into the replica, those still pending.
-    pub async fn install(&self, ahead: Ahead) -> u64 {
+    /// Installs pages that came in bulk: those still pending are copied in through the
+    /// userfaultfd, those of `overlay` (file pages the seed wrote) are written over the mapped
+    /// file. Returns how many pages went in.
+    pub async fn install_bulk(&self, bulk: &Bulk, overlay: &[Run]) -> Result<u64, String> {
         let mut state = self.state.lock().await;
-        let mut at = 0usize;
+        let index = bulk.index();
         let mut installed = 0;
-        for run in ahead.runs {
+        for run in take_runs(&mut state.pending, &bulk.runs) {
+            let at = index[&run.child];
             let len = (run.pages * PAGE_SIZE) as usize;
-            let data = &ahead.data[at..at + len];
-            at += len;
-            match state.pending.take_run(run.child, run.pages) {
-                Some(taken) if taken == run => {
-                    if self.copy_runs(&[run], data).is_ok() {
-                        installed += run.pages;
-                    } else {
-                        state.pending.restore_run(run);
-                    }
+            self.copy_runs(&[run], &bulk.data[at..at + len])?;
+            installed += run.pages;
+        }
+        for run in overlay {
+            for (page, pages, at) in segments(&index, run) {
+                if let Some(at) = at {
+                    let len = pages as usize * PAGE_SIZE as usize;
+                    self.write(page, &bulk.data[at..at + len])?;
+                    installed += pages as u64;
                 }
-                Some(taken) => state.pending.restore_run(taken),
-                None => {}
             }
         }
         self.fetched.fetch_add(installed, Ordering::Relaxed);
-        installed
+        Ok(installed)
+    }
+
+    /// Writes `runs` of file pages the seed wrote (their bytes back to back in `data`).
+    pub fn write_overlay(&self, runs: &[(u64, u32)], data: &[u8]) -> Result<(), String> {
+        let mut at = 0;
+        for &(addr, pages) in runs {
+            let len = pages as usize * PAGE_SIZE as usize;
+            self.write(addr, &data[at..at + len])?;
+            at += len;
+        }
+        self.fetched
+            .fetch_add(runs.iter().map(|r| r.1 as u64).sum(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), String> {
+        self.memory
+            .write_all(addr, data)
+            .map_err(|e| format!("writing the seed's file pages at {addr:#x}: {e}"))
     }
 
     /// Reads `runs` from the replica, filling what it lacks first.
@@ -257,35 +279,87 @@ async fn fetch_pipelined<S: PageSource>(
     }
 }
 
-/// Pages fetched before their replica exists, to install once it does.
-pub struct Ahead {
-    runs: Vec<Run>,
-    data: Vec<u8>,
+/// Pages that arrive in bulk before their replica exists: `runs` (seed addresses, which are
+/// the replica's too) and their bytes back to back.
+#[derive(Debug, Default)]
+pub struct Bulk {
+    pub runs: Vec<(u64, u32)>,
+    pub data: Vec<u8>,
 }
 
-/// Fetches the pages of `runs` that `pending` lists, at most `max_pages` of them, while the
-/// replica is still being built.
-pub async fn fetch_ahead<S: PageSource>(
-    source: &S,
-    pending: &PendingMap,
-    runs: &[(u64, u32)],
-    max_pages: u64,
-) -> Result<Ahead, String> {
-    let mut wanted = take_runs(&mut pending.clone(), runs);
-    let mut total = 0;
-    wanted.retain(|r| {
-        total += r.pages;
-        total <= max_pages
-    });
-    let groups = batches(&wanted, PIPELINE_PAGES);
-    let mut landed: Vec<Option<Vec<u8>>> = vec![None; groups.len()];
-    fetch_pipelined(source, &groups, |index, data, _| {
-        landed[index] = Some(data);
-        Ok(())
-    })
-    .await?;
-    let data = landed.into_iter().flatten().collect::<Vec<_>>().concat();
-    Ok(Ahead { runs: wanted, data })
+impl Bulk {
+    /// Where each page's bytes start in `data`.
+    fn index(&self) -> HashMap<u64, usize> {
+        index_of(&self.runs)
+    }
+}
+
+fn index_of(runs: &[(u64, u32)]) -> HashMap<u64, usize> {
+    let mut index = HashMap::new();
+    let mut at = 0;
+    for &(addr, pages) in runs {
+        for i in 0..pages as u64 {
+            index.insert(addr + i * PAGE_SIZE, at);
+            at += PAGE_SIZE as usize;
+        }
+    }
+    index
+}
+
+/// The pages of `overlay` a bulk of `runs` does not hold, as runs.
+pub fn lacking(overlay: &[Run], runs: &[(u64, u32)]) -> Vec<(u64, u32)> {
+    let index = index_of(runs);
+    overlay
+        .iter()
+        .flat_map(|run| segments(&index, run))
+        .filter(|s| s.2.is_none())
+        .map(|(page, pages, _)| (page, pages))
+        .collect()
+}
+
+/// `runs` cut into consecutive groups of `chunk_pages` pages (the last may be shorter), as a
+/// bulk transfer's chunks hold them.
+pub fn chunk_runs(runs: &[(u64, u32)], chunk_pages: u32) -> Vec<Vec<(u64, u32)>> {
+    let mut out: Vec<Vec<(u64, u32)>> = Vec::new();
+    let mut room = 0;
+    for &(mut addr, mut pages) in runs {
+        while pages > 0 {
+            if room == 0 {
+                out.push(Vec::new());
+                room = chunk_pages;
+            }
+            let take = pages.min(room);
+            out.last_mut().expect("pushed").push((addr, take));
+            addr += take as u64 * PAGE_SIZE;
+            pages -= take;
+            room -= take;
+        }
+    }
+    out
+}
+
+/// `run` cut where the bulk has or lacks its pages, or where its bytes stop being contiguous:
+/// `(address, pages, offset in the bulk if it has them)`.
+fn segments(index: &HashMap<u64, usize>, run: &Run) -> Vec<(u64, u32, Option<usize>)> {
+    let mut out: Vec<(u64, u32, Option<usize>)> = Vec::new();
+    for i in 0..run.pages {
+        let page = run.child + i * PAGE_SIZE;
+        let at = index.get(&page).copied();
+        match out.last_mut() {
+            Some((start, n, prev))
+                if *start + *n as u64 * PAGE_SIZE == page
+                    && match (*prev, at) {
+                        (None, None) => true,
+                        (Some(p), Some(a)) => p + *n as usize * PAGE_SIZE as usize == a,
+                        _ => false,
+                    } =>
+            {
+                *n += 1
+            }
+            _ => out.push((page, 1, at)),
+        }
+    }
+    out
 }
 
 /// A child's page source: its replica.
@@ -328,6 +402,45 @@ mod tests {
             seed: 0,
             pages,
         }
+    }
+
+    #[test]
+    fn chunks_split_runs_at_chunk_boundaries() {
+        let p = PAGE_SIZE;
+        let chunks = chunk_runs(&[(0x10000, 3), (0x40000, 4), (0x90000, 1)], 4);
+        assert_eq!(
+            chunks,
+            vec![
+                vec![(0x10000, 3), (0x40000, 1)],
+                vec![(0x40000 + p, 3), (0x90000, 1)],
+            ]
+        );
+        assert!(chunk_runs(&[], 4).is_empty());
+    }
+
+    #[test]
+    fn segments_follow_what_the_bulk_holds() {
+        let p = PAGE_SIZE;
+        let bulk = Bulk {
+            runs: vec![(0x10000, 2), (0x20000, 1)],
+            data: vec![0; 3 * p as usize],
+        };
+        let index = bulk.index();
+        let run = |child, pages| Run {
+            child,
+            seed: child,
+            pages,
+        };
+        // Held and contiguous, then lacking.
+        assert_eq!(
+            segments(&index, &run(0x10000, 3)),
+            vec![(0x10000, 2, Some(0)), (0x10000 + 2 * p, 1, None)]
+        );
+        // Lacking, then held.
+        assert_eq!(
+            segments(&index, &run(0x20000 - p, 2)),
+            vec![(0x20000 - p, 1, None), (0x20000, 1, Some(2 * p as usize))]
+        );
     }
 
     #[test]

@@ -49,6 +49,10 @@ fn run(mut chan: UnixStream) -> Result<(), String> {
     if let Some(root) = &setup.root {
         enter_root(root, setup.cwd.as_deref())
             .map_err(|e| format!("entering the container's root {root}: {e}"))?;
+    } else if let Some(cwd) = setup.cwd.as_deref().and_then(|d| CString::new(d).ok()) {
+        // The seed's directory, if this host has it; else the stub stays in /.
+        // SAFETY: chdir reads the NUL-terminated path we own for the call's duration.
+        unsafe { libc::chdir(cwd.as_ptr()) };
     }
     let mut fds = Vec::with_capacity(setup.opens.len());
     for spec in &setup.opens {

@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod frame;
+pub mod packed;
 pub mod peer;
 
 pub use frame::FrameError;

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::frame::{self, FrameError};
+use crate::packed::{self, Chunk, UnpackError};
 
 pub use mitosis_descriptor::KEY_LEN;
 
@@ -44,6 +45,11 @@ pub enum Request {
     WorkingSet {
         seed: SeedRef,
     },
+    /// Everything a host needs to build its replica of the seed, in one exchange: answered by
+    /// `Bootstrap`, then its `chunks` packed pages as `Chunk` frames.
+    Bootstrap {
+        seed: SeedRef,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -52,6 +58,15 @@ pub enum Response {
     Descriptor(#[serde(with = "serde_bytes")] Vec<u8>),
     Pages(#[serde(with = "serde_bytes")] Vec<u8>),
     WorkingSet(Vec<(u64, u32)>),
+    /// The descriptor and the page runs that follow, packed (the seed-written pages of its
+    /// file mappings, the pages its threads touch at once, and its working set).
+    Bootstrap {
+        #[serde(with = "serde_bytes")]
+        descriptor: Vec<u8>,
+        runs: Vec<(u64, u32)>,
+        chunks: u32,
+    },
+    Chunk(Chunk),
     Error(RemoteError),
 }
 
@@ -82,7 +97,21 @@ pub enum PeerError {
     Frame(SocketAddr, FrameError),
     #[error("host {0} sent an unexpected reply")]
     Protocol(SocketAddr),
+    #[error("host {0} sent bad pages: {1}")]
+    Unpack(SocketAddr, UnpackError),
 }
+
+/// The answer to a bootstrap: the seed's descriptor, and the pages of `runs` back to back,
+/// arriving as chunks of [`packed::CHUNK_PAGES`] pages (the last may be shorter).
+#[derive(Debug)]
+pub struct Bootstrap {
+    pub descriptor: Vec<u8>,
+    pub runs: Vec<(u64, u32)>,
+    pub chunks: tokio::sync::mpsc::Receiver<Result<Vec<u8>, PeerError>>,
+}
+
+/// Most pages a bootstrap may carry (128 MiB unpacked).
+pub const MAX_BOOTSTRAP_PAGES: u64 = 32 * 1024;
 
 impl PeerError {
     /// True if the seed itself is gone or refused (as opposed to the network failing).
@@ -171,6 +200,119 @@ impl PeerPool {
         }
     }
 
+    /// Asks for the seed's descriptor and bootstrap pages in one exchange. Returns once the
+    /// descriptor is in; the pages follow on [`Bootstrap::chunks`], unpacked by a task of their
+    /// own, while the caller builds.
+    pub async fn bootstrap(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        seed: SeedRef,
+    ) -> Result<Bootstrap, PeerError> {
+        let req = Request::Bootstrap { seed };
+        let mut first = None;
+        if let Some(mut stream) = self.checkout(addr) {
+            match self.send(addr, &mut stream, &req).await {
+                Ok(resp) => first = Some((stream, resp)),
+                // A pooled connection the peer closed (it restarted): try once on a new one.
+                Err(PeerError::Frame(_, FrameError::Closed | FrameError::Io(_))) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let (stream, resp) = match first {
+            Some(f) => f,
+            None => {
+                let mut fresh = self.connect(addr).await?;
+                let resp = self.send(addr, &mut fresh, &req).await?;
+                (fresh, resp)
+            }
+        };
+        let (descriptor, runs, chunks) = match resp {
+            Response::Bootstrap {
+                descriptor,
+                runs,
+                chunks,
+            } => (descriptor, runs, chunks),
+            Response::Error(e) => {
+                self.checkin(addr, stream);
+                return Err(PeerError::Remote(addr, e));
+            }
+            _ => return Err(PeerError::Protocol(addr)),
+        };
+        let pages: u64 = runs.iter().map(|r| r.1 as u64).sum();
+        if pages > MAX_BOOTSTRAP_PAGES
+            || chunks as u64 != pages.div_ceil(packed::CHUNK_PAGES as u64)
+        {
+            return Err(PeerError::Protocol(addr));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(chunks.max(1) as usize);
+        let pool = self.clone();
+        tokio::spawn(async move { pool.receive_chunks(addr, stream, pages, chunks, tx).await });
+        Ok(Bootstrap {
+            descriptor,
+            runs,
+            chunks: rx,
+        })
+    }
+
+    /// Reads and unpacks a bootstrap's chunks in order; the connection goes back to the pool
+    /// only if every chunk came whole.
+    async fn receive_chunks(
+        &self,
+        addr: SocketAddr,
+        mut stream: TcpStream,
+        pages: u64,
+        chunks: u32,
+        tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, PeerError>>,
+    ) {
+        let mut left = pages as usize * packed::PAGE;
+        for _ in 0..chunks {
+            let chunk = match timeout(self.timeout, frame::read::<_, Response>(&mut stream)).await {
+                Err(_) => Err(PeerError::Timeout(addr, self.timeout)),
+                Ok(Err(e)) => Err(PeerError::Frame(addr, e)),
+                Ok(Ok(Response::Chunk(c))) => {
+                    let mut data = Vec::with_capacity(c.len as usize);
+                    packed::unpack_into(&c, &mut data)
+                        .map_err(|e| PeerError::Unpack(addr, e))
+                        .and_then(|()| match left.checked_sub(data.len()) {
+                            Some(rest) => {
+                                left = rest;
+                                Ok(data)
+                            }
+                            None => Err(PeerError::Protocol(addr)),
+                        })
+                }
+                Ok(Ok(_)) => Err(PeerError::Protocol(addr)),
+            };
+            let failed = chunk.is_err();
+            if tx.send(chunk).await.is_err() || failed {
+                return;
+            }
+        }
+        if left == 0 {
+            self.checkin(addr, stream);
+        } else {
+            let _ = tx.send(Err(PeerError::Protocol(addr))).await;
+        }
+    }
+
+    /// Sends `req` and reads the first answer frame, leaving the stream with the caller.
+    async fn send(
+        &self,
+        addr: SocketAddr,
+        stream: &mut TcpStream,
+        req: &Request,
+    ) -> Result<Response, PeerError> {
+        let exchange = async {
+            frame::write(stream, req).await?;
+            frame::read::<_, Response>(stream).await
+        };
+        match timeout(self.timeout, exchange).await {
+            Err(_) => Err(PeerError::Timeout(addr, self.timeout)),
+            Ok(Err(e)) => Err(PeerError::Frame(addr, e)),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
     async fn call(&self, addr: SocketAddr, req: &Request) -> Result<Response, PeerError> {
         if let Some(stream) = self.checkout(addr) {
             match self.exchange(addr, stream, req).await {
@@ -189,15 +331,7 @@ impl PeerPool {
         mut stream: TcpStream,
         req: &Request,
     ) -> Result<Response, PeerError> {
-        let exchange = async {
-            frame::write(&mut stream, req).await?;
-            frame::read::<_, Response>(&mut stream).await
-        };
-        let response = match timeout(self.timeout, exchange).await {
-            Err(_) => return Err(PeerError::Timeout(addr, self.timeout)),
-            Ok(Err(e)) => return Err(PeerError::Frame(addr, e)),
-            Ok(Ok(resp)) => resp,
-        };
+        let response = self.send(addr, &mut stream, req).await?;
         // Only a connection that completed its exchange goes back: it is in a clean state.
         self.checkin(addr, stream);
         match response {

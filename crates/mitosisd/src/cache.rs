@@ -87,6 +87,14 @@ impl HostCache {
         Ok((entry, built))
     }
 
+    /// The replica of `key`, if this host has one ready.
+    pub fn get(&self, key: SeedKey) -> Option<Arc<Entry>> {
+        let slot = self.slots.lock().expect("cache lock").get(&key)?.clone();
+        let entry = slot.get()?.clone();
+        *entry.last_used.lock().expect("entry lock") = Instant::now();
+        Some(entry)
+    }
+
     /// Forgets the replica of `key` (its process ends with its last child).
     pub fn remove(&self, key: SeedKey) -> bool {
         self.slots

@@ -1,6 +1,7 @@
 //! `mitosisd`, the daemon of one host: it prepares seeds, serves their pages to peers, and
 //! resumes children of any seed on request, each forked from this host's replica of the seed.
 
+pub mod bootstrap;
 pub mod cache;
 pub mod containers;
 pub mod control;
@@ -12,7 +13,6 @@ pub mod resume;
 pub mod tracer;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -26,7 +26,8 @@ pub struct Daemon {
     pub registry: registry::Registry,
     pub tracer: tracer::Tracer,
     pub files: Arc<FileCache>,
-    pub stub: PathBuf,
+    /// Stubs waiting to become replicas; used on the tracer thread only.
+    pub stubs: Arc<std::sync::Mutex<mitosis_fork::restore::StubPool>>,
     pub vdso_hash: [u8; 32],
     pub pool: Arc<PeerPool>,
     pub cache: cache::HostCache,

@@ -2,11 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use mitosis_fork::restore::StubPool;
 use mitosis_transport::peer::PeerPool;
 use mitosisd::cache::HostCache;
 use mitosisd::containers::Containers;
@@ -27,6 +28,10 @@ struct Args {
     /// Control socket for the local CLI.
     #[arg(long, default_value = "/run/mitosis/mitosisd.sock")]
     socket: PathBuf,
+    /// Stubs kept started and waiting, so a new replica does not wait for one to start.
+    #[arg(long, default_value_t = 2)]
+    stub_pool: usize,
+
     /// The stub binary children start as (default: mitosis-stub beside this binary).
     #[arg(long)]
     stub: Option<PathBuf>,
@@ -106,12 +111,22 @@ async fn run(args: Args) -> Result<()> {
     let unix = UnixListener::bind(&args.socket)
         .with_context(|| format!("binding {}", args.socket.display()))?;
 
+    let stubs = Arc::new(Mutex::new(StubPool::new(&stub, args.stub_pool)));
+    let tracer = Tracer::spawn({
+        let stubs = stubs.clone();
+        move || {
+            let mut pool = stubs.lock().expect("stub pool lock");
+            if let Err(e) = pool.refill() {
+                tracing::debug!("refilling the stub pool: {e}");
+            }
+        }
+    })?;
     let daemon = Arc::new(Daemon {
         listen: tcp.local_addr()?,
         registry: Registry::default(),
-        tracer: Tracer::spawn()?,
+        tracer,
         files: Arc::new(mitosis_fork::FileCache::new()),
-        stub,
+        stubs,
         vdso_hash: mitosis_fork::local_vdso_hash().context("hashing this host's vDSO")?,
         pool: Arc::new(PeerPool::new(args.pool_size, REQUEST_TIMEOUT)),
         cache: HostCache::new(args.cache_mib * 256),

@@ -9,9 +9,11 @@ use std::sync::atomic::Ordering;
 use mitosis_fork::source::read_runs;
 use mitosis_transport::frame;
 use mitosis_transport::peer::{RemoteError, Request, Response, SeedRef};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::Daemon;
+use crate::bootstrap;
 use crate::registry::Seed;
 
 /// Most pages one request may ask for (16 MiB).
@@ -36,9 +38,30 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
 async fn connection(mut stream: TcpStream, daemon: &Daemon) -> Result<(), frame::FrameError> {
     stream.set_nodelay(true)?;
     loop {
-        let request: Request = frame::read(&mut stream).await?;
-        let response = answer(request, daemon).unwrap_or_else(Response::Error);
-        frame::write(&mut stream, &response).await?;
+        match frame::read(&mut stream).await? {
+            Request::Bootstrap { seed: s } => {
+                let packed = match daemon.registry.authorize(s.id, &s.key) {
+                    Ok(seed) => bootstrap::packed(&seed).await,
+                    Err(e) => Err(e),
+                };
+                match packed {
+                    Ok(packed) => {
+                        for f in &packed.frames {
+                            stream.write_all(f).await?;
+                        }
+                        daemon
+                            .counters
+                            .bytes_served
+                            .fetch_add(packed.bytes, Ordering::Relaxed);
+                    }
+                    Err(e) => frame::write(&mut stream, &Response::Error(e)).await?,
+                }
+            }
+            request => {
+                let response = answer(request, daemon).unwrap_or_else(Response::Error);
+                frame::write(&mut stream, &response).await?;
+            }
+        }
     }
 }
 
@@ -54,6 +77,8 @@ fn answer(request: Request, daemon: &Daemon) -> Result<Response, RemoteError> {
         Request::WorkingSet { seed: s } => {
             Response::WorkingSet(seed(s)?.working_set(MAX_PAGES_PER_REQUEST as u32))
         }
+        // Answered in `connection`: it streams.
+        Request::Bootstrap { .. } => return Err(RemoteError::TooLarge),
         Request::Pages { seed: s, runs } => {
             let seed = seed(s)?;
             if runs.iter().map(|r| r.1 as u64).sum::<u64>() > MAX_PAGES_PER_REQUEST {

@@ -21,6 +21,8 @@ pub struct Seed {
     working_set: Mutex<BTreeSet<u64>>,
     /// The container a bundle's seed runs in, destroyed when the seed is dropped.
     pub container: Mutex<Option<crate::containers::SeedContainer>>,
+    /// What new hosts fetch first, packed.
+    pub bootstrap: crate::bootstrap::BootstrapCache,
 }
 
 impl Seed {
@@ -41,6 +43,7 @@ impl Seed {
             syscall_insn: prepared.syscall_insn,
             working_set: Mutex::new(BTreeSet::new()),
             container: Mutex::new(None),
+            bootstrap: Default::default(),
         }
     }
 
@@ -50,6 +53,20 @@ impl Seed {
         for &(addr, pages) in runs {
             set.extend((0..pages as u64).map(|i| addr + i * 4096));
         }
+    }
+
+    pub fn working_set_len(&self) -> usize {
+        self.working_set.lock().expect("working set lock").len()
+    }
+
+    /// The working set's pages, in address order.
+    pub fn working_set_pages(&self) -> Vec<u64> {
+        self.working_set
+            .lock()
+            .expect("working set lock")
+            .iter()
+            .copied()
+            .collect()
     }
 
     /// The working set as runs of at most `max_run` pages, in address order.

@@ -9,18 +9,18 @@ use std::time::Instant;
 use mitosis_container::{Bundle, Container};
 use mitosis_fork::PageSource;
 use mitosis_fork::pending::PendingMap;
-use mitosis_fork::replica_pages::{FromReplica, ReplicaPages, fetch_ahead};
+use mitosis_fork::pending::Run;
+use mitosis_fork::replica_pages::{FromReplica, ReplicaPages, chunk_runs, lacking};
 use mitosis_fork::restore::replica::{Join, JoinSpec};
 use mitosis_fork::restore::{self, replica};
 use mitosis_sys::uffd::Userfaultfd;
 use mitosis_transport::control::ResumeStats;
+use mitosis_transport::packed;
 
 use crate::Daemon;
+use crate::bootstrap::Incoming;
 use crate::cache::SeedKey;
 use crate::peer_source::Source;
-
-/// Most working-set pages fetched while the replica is built (held in memory until then).
-const AHEAD_MAX_PAGES: u64 = 64 * 1024;
 
 /// A replica and what it takes to fork from it.
 pub struct Entry {
@@ -32,8 +32,6 @@ pub struct Entry {
     /// The seed's pages of its shared anonymous mappings, which each child maps afresh.
     shared_pending: PendingMap,
     shared_ranges: Vec<(u64, u64)>,
-    /// Pages the replica got before its first child: prefetched and working set.
-    initial_pages: u64,
     pub last_used: Mutex<Instant>,
     pub children: AtomicU64,
     watcher: tokio::task::JoinHandle<()>,
@@ -44,7 +42,7 @@ pub struct Entry {
 impl Entry {
     /// Pages this replica holds that came from the seed.
     pub fn pages(&self) -> u64 {
-        self.initial_pages + self.pages.counters().pages_fetched
+        self.pages.counters().pages_fetched
     }
 }
 
@@ -57,16 +55,125 @@ impl Drop for Entry {
     }
 }
 
-/// Builds the replica of the seed `encoded` describes, then brings in its working set.
+/// Builds the replica of the seed `source` serves: the descriptor and the bootstrap pages come
+/// in one exchange, and the replica is built while the pages still travel.
 pub async fn build(
     daemon: &Daemon,
     key: SeedKey,
-    mut source: Source,
-    encoded: &[u8],
-    working_set: Vec<(u64, u32)>,
+    source: Source,
     stats: &mut ResumeStats,
 ) -> Result<Entry, String> {
     let t0 = Instant::now();
+    let mut incoming = match &source {
+        Source::Local(local) => Incoming::from_local(local.seed.clone()),
+        Source::Peer(peer) => Incoming::from_peer(
+            daemon
+                .pool
+                .bootstrap(peer.addr, peer.seed)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+    };
+    stats.descriptor_us = t0.elapsed().as_micros() as u64;
+    // The pages keep coming while the replica is made.
+    let (made, built) = make(daemon, &incoming.descriptor).await?;
+    stats.spawn_us = built.spawn_us;
+    stats.restore_us = built.restore_us;
+    let pid = built.replica.pid();
+    let pages = ReplicaPages::new(pid, built.uffd, built.pending, source.clone())
+        .map_err(|e| format!("watching the replica: {e}"))?;
+    let (forks_tx, forks) = std::sync::mpsc::channel();
+    let watcher = tokio::spawn({
+        let pages = pages.clone();
+        async move {
+            if let Err(e) = pages.watch(forks_tx).await {
+                tracing::warn!(pid, "replica watcher stopped: {e}");
+            }
+        }
+    });
+    // Each chunk goes in as it lands; then what the bulk lacked of the pages the first child
+    // needs at once.
+    let ws = Instant::now();
+    let pages_in = async {
+        let mut installed = 0;
+        for runs in chunk_runs(&incoming.runs, packed::CHUNK_PAGES as u32) {
+            let bulk = incoming.next(runs).await?;
+            installed += pages.install_bulk(&bulk, &made.overlay).await?;
+        }
+        let lacking = lacking(&made.overlay, &incoming.runs);
+        if !lacking.is_empty() {
+            let data = source
+                .clone()
+                .read(lacking.clone())
+                .await
+                .map_err(|e| format!("fetching the seed's file pages: {e}"))?;
+            pages.write_overlay(&lacking, &data)?;
+        }
+        let eager: Vec<(u64, u32)> = made
+            .eager
+            .iter()
+            .map(|r| (r.seed, r.pages as u32))
+            .collect();
+        pages
+            .fill(&eager)
+            .await
+            .map_err(|e| format!("fetching the stack and TLS pages: {e}"))?;
+        Ok::<_, String>(installed)
+    };
+    let mut process = built.replica;
+    let finished = match pages_in.await {
+        Ok(installed) => {
+            stats.working_set_pages = installed;
+            let (p, finished) = daemon
+                .tracer
+                .run(move || {
+                    let finished = process.finish();
+                    (process, finished)
+                })
+                .await;
+            process = p;
+            finished.map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = finished {
+        watcher.abort();
+        process.kill();
+        return Err(e);
+    }
+    stats.eager_pages = made
+        .overlay
+        .iter()
+        .chain(&made.eager)
+        .map(|r| r.pages)
+        .sum();
+    stats.working_set_us = ws.elapsed().as_micros() as u64;
+    stats.build_us = t0.elapsed().as_micros() as u64;
+    Ok(Entry {
+        key,
+        pid,
+        process: Mutex::new(Some((process, forks))),
+        pages,
+        shared_pending: made.shared_pending,
+        shared_ranges: made.shared_ranges,
+        last_used: Mutex::new(Instant::now()),
+        children: AtomicU64::new(0),
+        watcher,
+        bundle: made.bundle,
+    })
+}
+
+/// A replica process built from a descriptor, with what its entry keeps of the plan.
+struct Made {
+    bundle: Option<Arc<Bundle>>,
+    shared_pending: PendingMap,
+    shared_ranges: Vec<(u64, u64)>,
+    overlay: Vec<Run>,
+    eager: Vec<Run>,
+}
+
+/// Plans the replica of the seed `encoded` describes and builds it on the tracer thread.
+async fn make(daemon: &Daemon, encoded: &[u8]) -> Result<(Made, replica::Built), String> {
     let desc = mitosis_descriptor::decode(encoded).map_err(|e| e.to_string())?;
     let bundle = match &desc.container {
         Some(r) => Some(daemon.containers()?.bundle_of(r)?),
@@ -79,21 +186,6 @@ pub async fn build(
         namespaces: b.namespaces,
         cwd: desc.cwd.clone().unwrap_or_else(|| b.cwd.clone()),
     });
-    let runs: Vec<(u64, u32)> = plan
-        .prefetch_runs()
-        .iter()
-        .map(|r| (r.seed, r.pages as u32))
-        .collect();
-    let prefetched_pages: u64 = runs.iter().map(|r| r.1 as u64).sum();
-    let mut prefetched = Vec::with_capacity(prefetched_pages as usize * 4096);
-    if !runs.is_empty() {
-        prefetched = source
-            .read(runs)
-            .await
-            .map_err(|e| format!("fetching pages: {e}"))?;
-    }
-    stats.eager_pages = prefetched_pages;
-
     let shared_ranges: Vec<(u64, u64)> = plan
         .maps
         .iter()
@@ -105,55 +197,26 @@ pub async fn build(
     for &(start, len) in &shared_ranges {
         shared_pending.replace_with(&all.split_off(start, start + len), &[]);
     }
-
-    // The working set travels while the replica is built; the rest of it, if any, after.
-    let ws = Instant::now();
-    let pending = plan.pending.clone();
-    let stub = daemon.stub.clone();
-    let (built, ahead) = tokio::join!(
-        daemon
-            .tracer
-            .run(move || replica::build(plan, &stub, &prefetched, join)),
-        fetch_ahead(&source, &pending, &working_set, AHEAD_MAX_PAGES),
-    );
-    let built = built.map_err(|e| e.to_string())?;
-    let ahead = ahead.map_err(|e| format!("fetching the working set: {e}"));
-    stats.spawn_us = built.spawn_us;
-    stats.restore_us = built.restore_us;
-    let pid = built.replica.pid();
-    let pages = ReplicaPages::new(pid, built.uffd, built.pending, source)
-        .map_err(|e| format!("watching the replica: {e}"))?;
-    let (forks_tx, forks) = std::sync::mpsc::channel();
-    let watcher = tokio::spawn({
-        let pages = pages.clone();
-        async move {
-            if let Err(e) = pages.watch(forks_tx).await {
-                tracing::warn!(pid, "replica watcher stopped: {e}");
-            }
-        }
-    });
-    let entry = Entry {
-        key,
-        pid,
-        process: Mutex::new(Some((built.replica, forks))),
-        pages,
-        shared_pending,
-        shared_ranges,
-        initial_pages: prefetched_pages,
-        last_used: Mutex::new(Instant::now()),
-        children: AtomicU64::new(0),
-        watcher,
-        bundle,
-    };
-    stats.working_set_pages = entry.pages.install(ahead?).await
-        + entry
-            .pages
-            .fill(&working_set)
-            .await
-            .map_err(|e| format!("fetching the working set: {e}"))?;
-    stats.working_set_us = ws.elapsed().as_micros() as u64;
-    stats.build_us = t0.elapsed().as_micros() as u64;
-    Ok(entry)
+    let (overlay, eager) = (plan.overlay.clone(), plan.eager.clone());
+    let stubs = daemon.stubs.clone();
+    let built = daemon
+        .tracer
+        .run(move || {
+            let mut stubs = stubs.lock().expect("stub pool lock");
+            replica::build(plan, &mut stubs, join)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((
+        Made {
+            bundle,
+            shared_pending,
+            shared_ranges,
+            overlay,
+            eager,
+        },
+        built,
+    ))
 }
 
 /// A child forked from a replica, with the fault path it needs.

@@ -170,6 +170,7 @@ async fn start(
     let seed = key.seed_ref();
 
     // Every child checks its seed first: a replica of a dropped seed must serve nothing more.
+    // A host without a replica checks with the bootstrap, which the seed's host refuses alike.
     let local = if handle.host == daemon.listen {
         match daemon.registry.authorize(handle.seed_id, &handle.key) {
             Ok(s) => Some(s),
@@ -179,39 +180,28 @@ async fn start(
             }
         }
     } else {
+        None
+    };
+    if local.is_none() && daemon.cache.get(key).is_some() {
         if let Err(e) = daemon.pool.attach(handle.host, seed).await {
             if e.is_seed_gone() {
                 daemon.cache.remove(key);
             }
             return Err(e.to_string());
         }
-        None
-    };
+    }
     stats.attach_us = t0.elapsed().as_micros() as u64;
 
     let build = || async {
-        let (source, encoded, working_set) = match local {
-            Some(seed) => {
-                let ws = seed.working_set(crate::peer_server::MAX_PAGES_PER_REQUEST as u32);
-                let encoded = seed.encoded.clone();
-                (Source::Local(LocalSource::new(seed)), encoded, ws)
-            }
-            None => {
-                let peer = PeerSource {
-                    pool: daemon.pool.clone(),
-                    addr: handle.host,
-                    seed,
-                };
-                let (encoded, ws) = tokio::try_join!(
-                    daemon.pool.descriptor(handle.host, seed),
-                    daemon.pool.working_set(handle.host, seed),
-                )
-                .map_err(|e| e.to_string())?;
-                (Source::Peer(peer), encoded, ws)
-            }
+        let source = match local {
+            Some(seed) => Source::Local(LocalSource::new(seed)),
+            None => Source::Peer(PeerSource {
+                pool: daemon.pool.clone(),
+                addr: handle.host,
+                seed,
+            }),
         };
-        stats.descriptor_us = t0.elapsed().as_micros() as u64;
-        replica::build(daemon, key, source, &encoded, working_set, &mut stats).await
+        replica::build(daemon, key, source, &mut stats).await
     };
     let (entry, built) = daemon.cache.get_or_build(key, build).await?;
     stats.cached = !built;

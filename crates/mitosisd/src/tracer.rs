@@ -15,13 +15,20 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    pub fn spawn() -> std::io::Result<Tracer> {
+    /// Starts the thread; `idle` runs at start and whenever no job is waiting (work done
+    /// ahead of need, such as starting stubs).
+    pub fn spawn(mut idle: impl FnMut() + Send + 'static) -> std::io::Result<Tracer> {
         let (jobs, rx) = mpsc::channel::<Job>();
         thread::Builder::new()
             .name("tracer".into())
             .spawn(move || {
-                for job in rx {
+                idle();
+                for job in rx.iter() {
                     job();
+                    while let Ok(job) = rx.try_recv() {
+                        job();
+                    }
+                    idle();
                 }
             })?;
         Ok(Tracer { jobs })

@@ -10,7 +10,6 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use mitosis_sys::mem::RemoteMemory;
 use mitosis_sys::pidfd;
 use mitosis_sys::ptrace::{self, Stop, Tracee};
 use mitosis_sys::uffd::{self, Userfaultfd};
@@ -72,8 +71,9 @@ impl Spawned {
     }
 }
 
-/// Starts the stub (stdio on /dev/null: a replica has none) and seizes it.
-pub(crate) fn spawn(plan: &Plan, stub: &Path) -> Result<Spawned, RestoreError> {
+/// Starts the stub (stdio on /dev/null: a replica has none) and seizes it. It waits for its
+/// setup, which says where it works.
+pub(crate) fn spawn(stub: &Path) -> Result<Spawned, RestoreError> {
     let (chan, theirs) =
         UnixStream::pair().map_err(|e| RestoreError::Spawn("socketpair".into(), e))?;
     let their_fd = theirs.as_raw_fd();
@@ -81,15 +81,7 @@ pub(crate) fn spawn(plan: &Plan, stub: &Path) -> Result<Spawned, RestoreError> {
     cmd.env_clear()
         // The stub must not register rseq: the child registers the seed's area instead.
         .env("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
-        .current_dir(match plan.root {
-            // The stub takes its directory after entering the root.
-            Some(_) => "/",
-            None => plan
-                .cwd
-                .as_deref()
-                .filter(|d| Path::new(d).is_dir())
-                .unwrap_or("/"),
-        });
+        .current_dir("/");
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -141,13 +133,13 @@ pub(crate) struct Laid {
 /// Data a replica appends to the trampoline's data area, built once `at` is known.
 pub(crate) type Extra<'a> = &'a dyn Fn(u64) -> Vec<u8>;
 
-/// Runs the trampoline in the stub and fills what must be there before the seed's code runs:
-/// lazy ranges registered, overlay and eager pages written, FPU state and rseq set. The stub
+/// Runs the trampoline in the stub and sets what must be there before the seed's code runs:
+/// lazy ranges registered, FPU state and rseq set. The seed's pages come after, before the
+/// first fork. The stub
 /// becomes a replica: it keeps its channel, closes its stdio, and carries `extra`.
 pub(crate) fn lay_out(
     plan: &Plan,
     spawned: &mut Spawned,
-    prefetched: &[u8],
     extra: Extra,
 ) -> Result<Laid, RestoreError> {
     let Spawned {
@@ -232,28 +224,31 @@ pub(crate) fn lay_out(
         uffd.register(start, len)
             .map_err(step(&format!("register {start:#x}+{len:#x}")))?;
     }
-    let mem = RemoteMemory::open(pid, true).map_err(RestoreError::Trace)?;
-    let mut offset = 0usize;
-    for run in &plan.overlay {
-        let len = (run.pages * PAGE_SIZE) as usize;
-        mem.write_all(run.child, &prefetched[offset..offset + len])
-            .map_err(step("overlay seed-written file pages"))?;
-        offset += len;
-    }
-    for run in &plan.eager {
-        let len = (run.pages * PAGE_SIZE) as usize;
-        uffd.copy(run.child, &prefetched[offset..offset + len])
-            .map_err(step("copy eager pages"))?;
-        offset += len;
-    }
-
     // Pages the seed's threads touch at once that the seed never had: zero-filled now, so no
-    // child faults on them before its fault path runs. Present pages refuse (EEXIST), pages
-    // outside the lazy ranges are not ours to fill: both are fine.
+    // child faults on them before its fault path runs. Pages outside the lazy ranges are not
+    // ours to fill: that is fine. The seed's own pages come with the bootstrap pages.
     for &page in &plan.hot {
         let _ = uffd.zeropage(page, PAGE_SIZE);
     }
-    let main = &plan.threads[0];
+    Ok(Laid {
+        uffd,
+        at,
+        size,
+        extra_at,
+    })
+}
+
+/// Loads the main thread's FPU state and signal mask into the replica and registers its rseq
+/// area. Needs the seed's pages in place: the kernel writes to the rseq area at once.
+pub(crate) fn load_main_thread(
+    tracee: &mut Tracee,
+    main: &mitosis_descriptor::Thread,
+    at: u64,
+) -> Result<(), RestoreError> {
+    let step = |step: &str| {
+        let step = step.to_string();
+        move |source| RestoreError::Step { step, source }
+    };
     tracee
         .set_xstate(&main.xstate)
         .map_err(step("load FPU state"))?;
@@ -276,12 +271,7 @@ pub(crate) fn lay_out(
             });
         }
     }
-    Ok(Laid {
-        uffd,
-        at,
-        size,
-        extra_at,
-    })
+    Ok(())
 }
 
 /// After a trampoline batch stopped on int3: the failed call's label, if one failed.

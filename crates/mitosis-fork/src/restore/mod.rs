@@ -6,7 +6,9 @@ mod kernel_state;
 mod plan;
 pub mod protocol;
 pub mod replica;
+mod stub_pool;
 pub mod trampoline;
 
 pub use build::{RestoreError, UFFD_FEATURES};
-pub use plan::{MapStep, Plan, PlanError, plan};
+pub use plan::{MapStep, Plan, PlanError, bootstrap_pages, plan};
+pub use stub_pool::StubPool;

@@ -47,9 +47,10 @@ pub struct Plan {
     pub pending: PendingMap,
     /// Pages written before the child starts: the seed's own writes to private file mappings.
     pub overlay: Vec<Run>,
-    /// Pages copied before the child starts because it touches them at once (stack, TLS).
+    /// Pending pages copied before the first child because it touches them at once (stack,
+    /// TLS).
     pub eager: Vec<Run>,
-    /// Every page the threads touch at once, eager or not (zero-filled when the seed had none).
+    /// Pages the threads touch at once that the seed never had: zero-filled at once.
     pub hot: Vec<u64>,
     /// The seed's threads, the main thread first.
     pub threads: Vec<Thread>,
@@ -65,7 +66,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Every run to fetch from the seed before the child starts, overlay first.
+    /// Every run that must be in place before the first child, overlay first.
     pub fn prefetch_runs(&self) -> Vec<Run> {
         self.overlay.iter().chain(&self.eager).copied().collect()
     }
@@ -191,26 +192,22 @@ pub fn plan(
         });
     }
 
-    // Each thread touches its stack, TLS, tid word and rseq area at once.
-    let mut eager = Vec::new();
+    // Each thread touches its stack, TLS, tid word and rseq area at once: the pages the seed
+    // has come before the first child (they stay pending until then), the others are zeroed.
+    let mut eager: Vec<Run> = Vec::new();
     let mut hot_pages = Vec::new();
-    for t in &desc.threads {
-        let regs = crate::regs::words_to_regs(&t.regs);
-        let hot = [
-            regs.rsp.wrapping_sub(2 * PAGE_SIZE),
-            regs.rsp.wrapping_sub(PAGE_SIZE),
-            regs.rsp,
-            regs.fs_base,
-            t.tid_address,
-        ]
-        .into_iter()
-        .chain(t.rseq.map(|r| r.pointer))
-        .chain(t.robust_list.map(|r| r.head));
-        for addr in hot.filter(|&a| a != 0) {
-            hot_pages.push(addr & !(PAGE_SIZE - 1));
-            if let Some(run) = pending.take_run(addr, 1) {
-                eager.push(run);
-            }
+    for page in desc.threads.iter().flat_map(hot_pages_of) {
+        if eager.iter().any(|r| r.child == page) || hot_pages.contains(&page) {
+            continue;
+        }
+        if pending.is_pending(page) {
+            eager.push(Run {
+                child: page,
+                seed: page,
+                pages: 1,
+            });
+        } else {
+            hot_pages.push(page);
         }
     }
 
@@ -233,6 +230,48 @@ pub fn plan(
         cwd: desc.cwd.clone(),
         root: root.map(Path::to_path_buf),
     })
+}
+
+/// The pages a thread touches as soon as it runs.
+fn hot_pages_of(t: &Thread) -> impl Iterator<Item = u64> + '_ {
+    let regs = crate::regs::words_to_regs(&t.regs);
+    [
+        regs.rsp.wrapping_sub(2 * PAGE_SIZE),
+        regs.rsp.wrapping_sub(PAGE_SIZE),
+        regs.rsp,
+        regs.fs_base,
+        t.tid_address,
+    ]
+    .into_iter()
+    .chain(t.rseq.map(|r| r.pointer))
+    .chain(t.robust_list.map(|r| r.head))
+    .filter(|&a| a != 0)
+    .map(|a| a & !(PAGE_SIZE - 1))
+}
+
+/// The seed's pages a host needs before its first child, whatever its files: every page the
+/// seed wrote in its file mappings (the overlay where the host has the file) and the pages
+/// its threads touch at once. As runs in address order.
+pub fn bootstrap_pages(desc: &Descriptor) -> Vec<u64> {
+    let mut pages: Vec<u64> = desc
+        .vmas
+        .iter()
+        .filter(|v| matches!(v.backing, Backing::File { .. }))
+        .flat_map(|v| runs_of(v).flat_map(|r| (0..r.pages).map(move |i| r.child + i * PAGE_SIZE)))
+        .collect();
+    for page in desc.threads.iter().flat_map(hot_pages_of) {
+        let has = desc.vmas.iter().any(|v| {
+            page >= v.start
+                && page < v.start + v.len()
+                && v.seed_pages.contains((page - v.start) / PAGE_SIZE)
+        });
+        if has {
+            pages.push(page);
+        }
+    }
+    pages.sort_unstable();
+    pages.dedup();
+    pages
 }
 
 /// The seed-written pages of `vma` as runs (same address in seed and child).

@@ -14,9 +14,9 @@
 //! before the clone; the child's batch joins the other namespaces through the same pidfd,
 //! which it inherits as descriptor 0 (the replica has no stdio, so it is the lowest free).
 
+use super::StubPool;
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,8 @@ pub struct Replica {
     /// Shared anonymous mappings: each child gets a fresh one (seed contents, own writes).
     shared: Vec<(u64, u64)>,
     joins: bool,
+    /// The main thread and the process batch, until [`Replica::finish`] ran them.
+    unfinished: Option<(Thread, Placed)>,
 }
 
 /// What a new replica hands to the async side.
@@ -96,15 +98,15 @@ pub struct Forked {
     pub fork_us: u64,
 }
 
-/// Builds the replica of `plan`. `prefetched` holds [`Plan::prefetch_runs`] back to back.
+/// Builds the replica of `plan`, up to its pages: it has the seed's layout and its lazy ranges
+/// are registered. Then the caller brings in the pages and calls [`Replica::finish`].
 pub fn build(
     plan: Plan,
-    stub: &Path,
-    prefetched: &[u8],
+    stubs: &mut StubPool,
     join: Option<JoinSpec>,
 ) -> Result<Built, RestoreError> {
     let t0 = Instant::now();
-    let mut spawned = build::spawn(&plan, stub)?;
+    let mut spawned = stubs.take()?;
     let spawn_us = t0.elapsed().as_micros() as u64;
     let shared: Vec<(u64, u64)> = plan
         .maps
@@ -114,30 +116,16 @@ pub fn build(
         .collect();
     let batches = Batches::new(&plan, join.as_ref());
     let extra = |at: u64| batches.encode(at);
-    let laid = build::lay_out(&plan, &mut spawned, prefetched, &extra).and_then(|laid| {
-        let placed = batches.place(laid.extra_at);
-        run_batch(&mut spawned.tracee, laid.at, &placed.process)?;
-        // Forks must stop us so each child is traced from its first instruction; children
-        // inherit the options, and with TRACECLONE the threads they start are traced too.
-        spawned
-            .tracee
-            .set_options(
-                Options::PTRACE_O_TRACEFORK
-                    | Options::PTRACE_O_TRACECLONE
-                    | Options::PTRACE_O_EXITKILL,
-            )
-            .map_err(RestoreError::Trace)?;
-        Ok((laid, placed))
-    });
-    let (laid, placed) = match laid {
+    let laid = match build::lay_out(&plan, &mut spawned, &extra) {
         Ok(l) => l,
         Err(e) => {
             spawned.kill();
             return Err(e);
         }
     };
+    let placed = batches.place(laid.extra_at);
     let Laid { uffd, at, size, .. } = laid;
-    let main = &plan.threads[0];
+    let main = plan.threads[0].clone();
     let seed_regs = resume_point(&words_to_regs(&main.regs), RestartFor::OtherTask);
     Ok(Built {
         replica: Replica {
@@ -155,12 +143,36 @@ pub fn build(
                 .collect(),
             shared,
             joins: join.is_some(),
+            unfinished: Some((main, placed.process)),
         },
         uffd,
         pending: plan.pending,
         spawn_us,
         restore_us: t0.elapsed().as_micros() as u64 - spawn_us,
     })
+}
+
+impl Replica {
+    /// Loads the main thread's state and runs the process batch (handlers, limits): the last
+    /// step of a build, once the seed's pages the replica needs are in (or served by the
+    /// replica's fault watcher). Forks need it done.
+    pub fn finish(&mut self) -> Result<(), RestoreError> {
+        let Some((main, process)) = self.unfinished.take() else {
+            return Ok(());
+        };
+        let tracee = &mut self.spawned.tracee;
+        build::load_main_thread(tracee, &main, self.at)?;
+        run_batch(tracee, self.at, &process)?;
+        // Forks must stop us so each child is traced from its first instruction; children
+        // inherit the options, and with TRACECLONE the threads they start are traced too.
+        tracee
+            .set_options(
+                Options::PTRACE_O_TRACEFORK
+                    | Options::PTRACE_O_TRACECLONE
+                    | Options::PTRACE_O_EXITKILL,
+            )
+            .map_err(RestoreError::Trace)
+    }
 }
 
 /// Every batch a replica keeps in its data area, laid out one after the other.
@@ -364,6 +376,9 @@ impl Replica {
         join: Option<Join>,
     ) -> Result<Forked, RestoreError> {
         let t0 = Instant::now();
+        if self.unfinished.is_some() {
+            return Err(RestoreError::Channel("the replica is not finished".into()));
+        }
         if join.is_some() != self.joins {
             return Err(RestoreError::Channel(
                 "a child must join a container exactly when its seed ran in one".into(),

@@ -1,0 +1,193 @@
+//! What a new host needs to build its replica of one of our seeds, packed once and served to
+//! every host: the seed-written pages of its file mappings, the pages its threads touch at
+//! once, and its working set. A twin never changes, so packed pages never go stale; the pack
+//! is remade in the background when the working set has grown.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use mitosis_fork::replica_pages::{Bulk, chunk_runs};
+use mitosis_fork::restore::bootstrap_pages;
+use mitosis_fork::source::read_runs;
+use mitosis_transport::frame;
+use mitosis_transport::packed;
+use mitosis_transport::peer::{Bootstrap, MAX_BOOTSTRAP_PAGES, PeerError, RemoteError, Response};
+use tokio::sync::mpsc;
+
+use crate::registry::Seed;
+
+/// A seed's bootstrap pages, ready to send.
+pub struct Packed {
+    /// Working-set pages when packed: a larger set since makes a new pack.
+    working_set: usize,
+    /// The `Bootstrap` frame (descriptor and runs), then one frame per chunk.
+    pub frames: Vec<Vec<u8>>,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    pub pages: u64,
+}
+
+#[derive(Default)]
+pub struct BootstrapCache {
+    packed: Mutex<Option<Arc<Packed>>>,
+    repacking: AtomicBool,
+}
+
+/// The seed's packed bootstrap: the last pack at once (repacked in the background if the
+/// working set grew since), or a first pack made now.
+pub async fn packed(seed: &Arc<Seed>) -> Result<Arc<Packed>, RemoteError> {
+    let cache = &seed.bootstrap;
+    let current = cache.packed.lock().expect("bootstrap lock").clone();
+    match current {
+        Some(p) => {
+            if p.working_set != seed.working_set_len()
+                && !cache.repacking.swap(true, Ordering::AcqRel)
+            {
+                let seed = seed.clone();
+                tokio::task::spawn_blocking(move || {
+                    match pack(&seed) {
+                        Ok(p) => {
+                            *seed.bootstrap.packed.lock().expect("bootstrap lock") =
+                                Some(Arc::new(p))
+                        }
+                        Err(e) => tracing::debug!(seed = seed.id, "repacking: {e}"),
+                    }
+                    seed.bootstrap.repacking.store(false, Ordering::Release);
+                });
+            }
+            Ok(p)
+        }
+        None => {
+            let seed = seed.clone();
+            tokio::task::spawn_blocking(move || {
+                let p = Arc::new(pack(&seed)?);
+                *seed.bootstrap.packed.lock().expect("bootstrap lock") = Some(p.clone());
+                Ok(p)
+            })
+            .await
+            .map_err(|e| RemoteError::SeedGone(format!("packing: {e}")))?
+        }
+    }
+}
+
+/// The seed's bootstrap pages and how many of them are its working set.
+fn bootstrap_runs(seed: &Seed) -> (Vec<(u64, u32)>, usize) {
+    let working_set = seed.working_set_pages();
+    let mut pages = bootstrap_pages(&seed.descriptor);
+    pages.extend(&working_set);
+    pages.sort_unstable();
+    pages.dedup();
+    pages.truncate(MAX_BOOTSTRAP_PAGES as usize);
+    (runs_of(&pages), working_set.len())
+}
+
+/// A seed's descriptor and its bootstrap pages as they come in, in chunks of
+/// [`packed::CHUNK_PAGES`] pages.
+pub struct Incoming {
+    pub descriptor: Vec<u8>,
+    pub runs: Vec<(u64, u32)>,
+    chunks: Chunks,
+}
+
+enum Chunks {
+    Peer(mpsc::Receiver<Result<Vec<u8>, PeerError>>),
+    Local(mpsc::Receiver<Result<Vec<u8>, String>>),
+}
+
+impl Incoming {
+    /// From a peer's page server (the pool's bootstrap exchange).
+    pub fn from_peer(boot: Bootstrap) -> Self {
+        Incoming {
+            descriptor: boot.descriptor,
+            runs: boot.runs,
+            chunks: Chunks::Peer(boot.chunks),
+        }
+    }
+
+    /// From a seed of this host: read from its twin, chunk by chunk, on a blocking thread.
+    pub fn from_local(seed: Arc<Seed>) -> Self {
+        let (runs, _) = bootstrap_runs(&seed);
+        let (tx, rx) = mpsc::channel(8);
+        let groups = chunk_runs(&runs, packed::CHUNK_PAGES as u32);
+        let memory = seed.memory.clone();
+        tokio::task::spawn_blocking(move || {
+            for group in groups {
+                let data = read_runs(&memory, &group)
+                    .map_err(|e| format!("the seed's memory is gone: {e}"));
+                let failed = data.is_err();
+                if tx.blocking_send(data).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Incoming {
+            descriptor: seed.encoded.clone(),
+            runs,
+            chunks: Chunks::Local(rx),
+        }
+    }
+
+    /// The next chunk's pages: `runs` and their bytes. `None` once all came.
+    pub async fn next(&mut self, runs: Vec<(u64, u32)>) -> Result<Bulk, String> {
+        let data = match &mut self.chunks {
+            Chunks::Peer(rx) => rx.recv().await.map(|r| r.map_err(|e| e.to_string())),
+            Chunks::Local(rx) => rx.recv().await,
+        }
+        .ok_or("the bootstrap pages stopped coming")??;
+        let want: usize = runs.iter().map(|r| r.1 as usize * packed::PAGE).sum();
+        if data.len() != want {
+            return Err("the bootstrap pages came in chunks of the wrong size".into());
+        }
+        Ok(Bulk { runs, data })
+    }
+}
+
+/// Packs the seed's bootstrap pages now.
+pub fn pack(seed: &Seed) -> Result<Packed, RemoteError> {
+    let (runs, working_set) = bootstrap_runs(seed);
+    let pages: u64 = runs.iter().map(|r| r.1 as u64).sum();
+    let data = read_runs(&seed.memory, &runs).map_err(|e| RemoteError::SeedGone(e.to_string()))?;
+    let chunks = packed::pack(&data);
+    let mut frames = vec![frame::encode(&Response::Bootstrap {
+        descriptor: seed.encoded.clone(),
+        runs,
+        chunks: chunks.len() as u32,
+    })];
+    frames.extend(
+        chunks
+            .into_iter()
+            .map(|c| frame::encode(&Response::Chunk(c))),
+    );
+    Ok(Packed {
+        working_set,
+        bytes: frames.iter().map(|f| f.len() as u64).sum(),
+        pages,
+        frames,
+    })
+}
+
+/// Sorted, distinct page addresses as runs.
+fn runs_of(pages: &[u64]) -> Vec<(u64, u32)> {
+    let mut runs: Vec<(u64, u32)> = Vec::new();
+    for &page in pages {
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n as u64 * 4096 == page => *n += 1,
+            _ => runs.push((page, 1)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_join_neighbours_only() {
+        assert_eq!(
+            runs_of(&[0x1000, 0x2000, 0x3000, 0x5000, 0x9000, 0xa000]),
+            vec![(0x1000, 3), (0x5000, 1), (0x9000, 2)]
+        );
+        assert!(runs_of(&[]).is_empty());
+    }
+}
