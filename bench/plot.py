@@ -16,8 +16,10 @@ from PIL import Image, ImageDraw, ImageFont
 METHODS = [
     ("cold_start", "cold start", (214, 96, 77)),
     ("local_fork", "local fork", (120, 120, 120)),
+    ("mitosis_first_child", "mitosis first child", (158, 202, 225)),
     ("mitosis_cold_host", "mitosis cold host", (67, 147, 195)),
     ("mitosis_warm_host", "mitosis warm host", (33, 102, 172)),
+    ("mitosis_warm_host_cli", "mitosis warm host (CLI)", (8, 48, 107)),
     ("criu", "criu restore", (146, 197, 122)),
 ]
 WIDTH, HEIGHT = 1400, 720

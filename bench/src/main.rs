@@ -1,32 +1,45 @@
-//! `mitosis-bench`: remote fork against the baselines, side by side, for four Python seeds.
+//! `mitosis-bench`: remote fork against the baselines, side by side, for five Python seeds.
 //!
 //! On a three-host testbed (seed on host 0), for each seed of `examples/python/` (`hello`,
-//! `image`, `json`, `bigheap`) it measures spawn to answer of:
+//! `numpy`, `image`, `json`, `bigheap`) it measures spawn to answer of:
 //!
 //! - cold start: `python3 SEED --once` on host 1;
 //! - local fork: `SEED --fork-server` on host 0, request written to answer read;
-//! - mitosis cold host: a fresh `mitosis prepare` of the seed, then `mitosis resume` on host 1,
-//!   which has no replica of that seed yet;
-//! - mitosis warm host: `mitosis resume` of one handle on host 1 after a first child;
+//! - mitosis first child: a fresh prepare of the seed, then a child on host 1: nothing is
+//!   recorded anywhere yet;
+//! - mitosis cold host: a child on host 1, which has no replica of the seed, while its working
+//!   set was recorded by a child on host 2;
+//! - mitosis warm host: children on host 1, which holds the seed's replica;
+//! - mitosis warm host (CLI): the same through `mitosis resume`, to show the CLI's own cost;
 //! - CRIU (when `criu check` passes): `criu restore` of a dump of the seed on host 1.
 //!
-//! plus the `--stats` breakdown, the private memory of each child, the bytes the seed's host
-//! served, and children per second with concurrent resumes on hosts 1 and 2. Every answer is
-//! checked against the cold start's answer to the same request. Results go to a JSON file and
-//! a PNG bar chart (drawn by `bench/plot.py` with Pillow).
+//! The mitosis rows but the CLI one start children in this process over the daemon's socket
+//! (`mitosis-client`), as a platform would: the clock runs from the Resume request to the
+//! answer line, as the local fork's runs from the request to the answer. Also reported: the
+//! `--stats` breakdown, the private memory of each child, the bytes the seed's host served,
+//! children per second with concurrent in-process resumes on hosts 1 and 2, and the targets
+//! of the issue under work (targets.rs). Every answer is checked against the cold start's
+//! answer to the same request. Results go to a JSON file and a PNG bar chart (drawn by
+//! `bench/plot.py` with Pillow).
 
+mod child;
 mod cli;
 mod criu;
+mod daemon;
 mod json;
 mod methods;
+mod output;
+mod pipe;
 mod procs;
 mod remote;
 mod report;
 mod results;
 mod seeds;
 mod stats;
+mod targets;
+mod throughput;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
@@ -35,16 +48,15 @@ use clap::Parser;
 use mitosis_testbed::{DaemonConfig, Testbed, TestbedConfig};
 
 use cli::Mitosis;
-use json::Json;
 use procs::{Server, on_path, run_ok};
-use remote::Remote;
-use results::{CRIU, Method, SeedResult};
+use remote::{Remote, gave_up};
+use results::{CRIU, MITOSIS_COLD, MITOSIS_WARM, MITOSIS_WARM_CLI, Method, SeedResult};
 use seeds::Seed;
 
 /// The port the testbed's daemons listen on.
 const DAEMON_PORT: u16 = 7070;
 
-/// Benchmark mitosis remote fork against cold start, local fork and CRIU, for four seeds.
+/// Benchmark mitosis remote fork against cold start, local fork and CRIU, for five seeds.
 ///
 /// Needs root (network namespaces, ptrace, userfaultfd).
 #[derive(Parser)]
@@ -53,11 +65,11 @@ struct Args {
     /// Samples per method (cold starts, local forks, warm-host children, criu restores).
     #[arg(long, default_value_t = 50)]
     children: usize,
-    /// Cold-host samples: each a fresh prepare of the seed and one child.
+    /// Samples of the first-child and cold-host rows: each builds host 1's replica.
     #[arg(long, default_value_t = 10)]
     cold_samples: usize,
     /// The seeds to run, comma-separated.
-    #[arg(long, default_value = "hello,image,json,bigheap")]
+    #[arg(long, default_value = "hello,numpy,image,json,bigheap")]
     seeds: String,
     /// Heap of the bigheap seed, in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -68,7 +80,7 @@ struct Args {
     /// Seconds of concurrent resumes for the children/s figure (0: skip).
     #[arg(long, default_value_t = 5.0)]
     throughput_secs: f64,
-    /// Concurrent `mitosis resume` loops in the children/s run (split across hosts 1 and 2).
+    /// Concurrent resume loops (threads) in the children/s run (split across hosts 1 and 2).
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
     /// Where bench-results.json and bench-results.png go [default: target/bench-results].
@@ -171,7 +183,7 @@ fn run(args: Args) -> Result<i32> {
         Testbed::new(TestbedConfig::new(3).with_daemon(DaemonConfig::new(&daemon, DAEMON_PORT)))
             .context("building the three-host testbed (needs root and iproute2)")?;
     println!(
-        "  testbed {}: seed host {}, child hosts {} (all samples) and {} (throughput run)",
+        "  testbed {}: seed host {}, child hosts {} (all samples) and {} (working set, throughput)",
         testbed.id(),
         testbed.host(0).addr(),
         testbed.host(1).addr(),
@@ -194,7 +206,7 @@ fn run(args: Args) -> Result<i32> {
     }
 
     report::summary(&results);
-    write_outputs(&args, &results, &out_dir, &criu_ok)?;
+    output::write(&args, &results, &out_dir, &criu_ok)?;
     println!("total time {:.1} s", started.elapsed().as_secs_f64());
     Ok(if results.iter().any(SeedResult::failed) {
         1
@@ -243,25 +255,26 @@ fn bench_seed(
         }
     };
     step(format!(
-        "mitosis cold host: {} x (fresh prepare on host 0, resume on host 1)",
+        "mitosis first child: {} x (fresh prepare on host 0, child on host 1)",
         args.cold_samples
     ));
-    remote.cold_host(server.pid(), &pairs, args.cold_samples, &mut out);
-    step(format!(
-        "mitosis warm host: {n} resumes of one handle on host 1"
-    ));
-    let handle = remote.warm_host(server.pid(), &pairs, n, &mut out);
-    if let Some(handle) = &handle {
-        if args.throughput_secs > 0.0 {
-            step(format!(
-                "children/s: {} resume loops on hosts 1 and 2 for {} s",
-                args.concurrency, args.throughput_secs
-            ));
-            out.throughput =
-                Some(remote.throughput(handle, &pairs, args.concurrency, args.throughput_secs));
+    remote.first_child(server.pid(), &pairs, args.cold_samples, &mut out);
+    step("prepare once, working set recorded by a child on host 2".to_owned());
+    match remote.prepare_recorded(server.pid()) {
+        Ok(handle) => {
+            remote_rows(args, remote, &handle, &pairs, &mut out);
+            if let Err(err) = daemon::drop_seed(remote.seed_host, &handle) {
+                eprintln!("  warning: {err:#}");
+            }
         }
-        if let Err(err) = remote.mitosis.drop_seed(remote.seed_host, handle) {
-            eprintln!("  warning: {err:#}");
+        Err(why) => {
+            for (key, label) in [
+                (MITOSIS_COLD, "mitosis cold host"),
+                (MITOSIS_WARM, "mitosis warm host"),
+                (MITOSIS_WARM_CLI, "mitosis warm host (CLI)"),
+            ] {
+                out.methods.push(gave_up(key, label, why.clone()));
+            }
         }
     }
     drop(server);
@@ -290,55 +303,34 @@ fn bench_seed(
     out
 }
 
-/// Writes bench-results.json and draws bench-results.png from it.
-fn write_outputs(
+/// The rows of one prepared `handle` whose working set is recorded: cold host, warm host
+/// (in-process, then through the CLI) and children/s.
+fn remote_rows(
     args: &Args,
-    results: &[SeedResult],
-    out_dir: &Path,
-    criu_ok: &Result<(), String>,
-) -> Result<()> {
-    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let doc = Json::obj([
-        (
-            "config",
-            Json::obj([
-                ("children", Json::from(args.children)),
-                ("cold_samples", Json::from(args.cold_samples)),
-                ("warmup", Json::from(args.warmup)),
-                ("bigheap_mib", Json::from(args.bigheap_mib)),
-                ("throughput_secs", Json::from(args.throughput_secs)),
-                ("concurrency", Json::from(args.concurrency)),
-                ("pin", Json::from(args.pin.clone())),
-            ]),
-        ),
-        (
-            "machine",
-            Json::obj([
-                ("cpus", Json::from(cpus)),
-                ("kernel", Json::from(kernel.trim())),
-                ("criu", Json::from(criu_ok.as_ref().err().cloned())),
-            ]),
-        ),
-        (
-            "seeds",
-            Json::Arr(results.iter().map(SeedResult::to_json).collect()),
-        ),
-    ]);
-    let json_path = out_dir.join("bench-results.json");
-    std::fs::write(&json_path, doc.pretty())
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    println!("results: {}", json_path.display());
-
-    let png_path = out_dir.join("bench-results.png");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("plot.py");
-    let mut cmd = Command::new(&args.python);
-    cmd.arg(&script).arg(&json_path).arg(&png_path);
-    match run_ok(cmd) {
-        Ok(_) => println!("plot: {}", png_path.display()),
-        // The numbers are already out; a missing Pillow only costs the picture.
-        Err(err) => println!("plot: not drawn: {err:#}"),
+    remote: &Remote,
+    handle: &str,
+    pairs: &[methods::Pair],
+    out: &mut SeedResult,
+) {
+    let (n, name) = (args.children, out.name);
+    let step = |what: String| eprintln!("[{name}] {what}");
+    step(format!(
+        "mitosis cold host: {} x (child on host 1, then evict its replica)",
+        args.cold_samples
+    ));
+    remote.cold_host(handle, pairs, args.cold_samples, out);
+    step(format!("mitosis warm host: {n} children on host 1"));
+    remote.warm_host(handle, pairs, n, out);
+    step(format!(
+        "mitosis warm host (CLI): {n} x `mitosis resume` on host 1"
+    ));
+    remote.warm_host_cli(handle, pairs, n, out);
+    if args.throughput_secs > 0.0 {
+        step(format!(
+            "children/s: {} resume loops on hosts 1 and 2 for {} s",
+            args.concurrency, args.throughput_secs
+        ));
+        out.throughput =
+            Some(remote.throughput(handle, pairs, args.concurrency, args.throughput_secs));
     }
-    Ok(())
 }

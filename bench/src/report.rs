@@ -3,9 +3,11 @@
 use std::time::Duration;
 
 use crate::results::{
-    COLD_START, CRIU, LOCAL_FORK, MITOSIS_COLD, MITOSIS_WARM, STATS_KEYS, SeedResult,
+    COLD_START, CRIU, LOCAL_FORK, MITOSIS_COLD, MITOSIS_FIRST, MITOSIS_WARM, MITOSIS_WARM_CLI,
+    STATS_KEYS, SeedResult,
 };
 use crate::stats::{Summary, median, median_u64, ms};
+use crate::targets;
 
 /// How many failures of one method are printed.
 const SHOWN_FAILURES: usize = 3;
@@ -44,29 +46,30 @@ pub fn seed_table(r: &SeedResult) {
 
     if !r.prepares.is_empty() {
         let walls: Vec<Duration> = r.prepares.iter().map(|p| p.wall).collect();
-        let daemon: Vec<u64> = r.prepares.iter().filter_map(|p| p.daemon_us).collect();
-        let stopped: Vec<u64> = r.prepares.iter().filter_map(|p| p.stopped_us).collect();
+        let (daemon, stopped) = r.prepare_medians_us();
         println!(
             "mitosis prepare (median of {}): {} wall, {} in the daemon, seed stopped {}",
             walls.len(),
             opt_ms(median(&walls)),
-            opt_us(median_u64(&daemon)),
-            opt_us(median_u64(&stopped))
+            opt_us(daemon),
+            opt_us(stopped)
         );
     }
-    if !r.cold_stats.is_empty() || !r.warm_stats.is_empty() {
+    let rows = [
+        ("  first child", &r.first),
+        ("  cold host", &r.cold),
+        ("  warm host", &r.warm),
+    ];
+    if rows.iter().any(|(_, n)| !n.stats.is_empty()) {
         print!("{:<30}", "--stats medians");
         for key in STATS_KEYS {
             print!(" {key:>13}");
         }
         println!();
-        for (label, stats) in [
-            ("  cold host", &r.cold_stats),
-            ("  warm host", &r.warm_stats),
-        ] {
+        for (label, numbers) in rows {
             print!("{label:<30}");
             for key in STATS_KEYS {
-                let v = SeedResult::stat_median(stats, key);
+                let v = SeedResult::stat_median(&numbers.stats, key);
                 print!(
                     " {:>13}",
                     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
@@ -77,10 +80,11 @@ pub fn seed_table(r: &SeedResult) {
     }
     let kib = |v: &[u64]| median_u64(v).map_or_else(|| "-".to_owned(), mib_of_kib);
     println!(
-        "private memory per child (median): local fork {}, mitosis warm host {}, cold host {}",
+        "private memory per child (median): local fork {}, mitosis warm host {}, cold host {}, first child {}",
         kib(&r.local_private_kib),
-        kib(&r.warm_private_kib),
-        kib(&r.cold_private_kib)
+        kib(&r.warm.private_kib),
+        kib(&r.cold.private_kib),
+        kib(&r.first.private_kib)
     );
     let served = |s: Option<crate::results::Served>| match s {
         Some(s) => format!(
@@ -92,9 +96,10 @@ pub fn seed_table(r: &SeedResult) {
         None => "-".to_owned(),
     };
     println!(
-        "bytes served by the seed's host: cold host {}; warm host {}",
-        served(r.served_cold),
-        served(r.served_warm)
+        "bytes served by the seed's host: first child {}; cold host {}; warm host {}",
+        served(r.first.served),
+        served(r.cold.served),
+        served(r.warm.served)
     );
     if let Some(pages) = r.replica_pages {
         println!(
@@ -104,7 +109,7 @@ pub fn seed_table(r: &SeedResult) {
     }
     if let Some(t) = &r.throughput {
         println!(
-            "throughput: {} concurrent resume loops on {} hosts for {:.1} s: {} children, {:.1} children/s, median {}, {} failed",
+            "throughput: {} concurrent in-process resume loops on {} hosts for {:.1} s: {} children, {:.1} children/s, median {}, {} failed",
             t.concurrency,
             t.hosts,
             t.elapsed.as_secs_f64(),
@@ -132,44 +137,52 @@ pub fn seed_table(r: &SeedResult) {
     }
 }
 
-/// Prints the summary across seeds: medians in ms, with the ratio to the local fork.
+/// Prints the summary across seeds: medians in ms, with the ratio to the local fork, then
+/// the targets and whether each is met.
 pub fn summary(results: &[SeedResult]) {
     println!();
-    println!("summary: median spawn-to-answer (x local fork); children/s with concurrent resumes");
     println!(
-        "{:<9} {:>20} {:>11} {:>20} {:>20} {:>16} {:>11}",
-        "seed",
-        "cold start",
-        "local fork",
-        "mitosis cold host",
-        "mitosis warm host",
-        "criu",
-        "children/s"
+        "summary: median spawn-to-answer in ms (x local fork); children/s with concurrent resumes"
     );
+    let columns = [
+        (COLD_START, "cold start"),
+        (LOCAL_FORK, "local fork"),
+        (MITOSIS_FIRST, "first child"),
+        (MITOSIS_COLD, "cold host"),
+        (MITOSIS_WARM, "warm host"),
+        (MITOSIS_WARM_CLI, "warm (CLI)"),
+        (CRIU, "criu"),
+    ];
+    print!("{:<9}", "seed");
+    for (_, title) in columns {
+        print!(" {title:>16}");
+    }
+    println!(" {:>11}", "children/s");
     for r in results {
-        let cell = |key: &str| match r.method(key) {
-            Some(m) if m.skipped.is_some() => "skipped".to_owned(),
-            Some(m) => match (m.median(), r.vs_local(key)) {
-                (Some(d), Some(x)) if key != LOCAL_FORK => {
-                    format!("{:.2} ({x:.1}x)", d.as_secs_f64() * 1e3)
-                }
-                (Some(d), _) => format!("{:.2}", d.as_secs_f64() * 1e3),
-                (None, _) => "failed".to_owned(),
-            },
-            None => "-".to_owned(),
-        };
+        print!("{:<9}", r.name);
+        for (key, _) in columns {
+            print!(" {:>16}", cell(r, key));
+        }
         println!(
-            "{:<9} {:>20} {:>11} {:>20} {:>20} {:>16} {:>11}",
-            r.name,
-            cell(COLD_START),
-            cell(LOCAL_FORK),
-            cell(MITOSIS_COLD),
-            cell(MITOSIS_WARM),
-            cell(CRIU),
+            " {:>11}",
             r.throughput
                 .as_ref()
                 .map_or_else(|| "-".to_owned(), |t| format!("{:.1}", t.per_sec()))
         );
+    }
+    println!();
+    println!("targets (prepare: medians of the first-child prepares)");
+    for r in results {
+        for t in targets::of(r) {
+            println!(
+                "{:<9} {:<40} {:>8} {:>12}  {}",
+                r.name,
+                t.what,
+                t.goal,
+                t.shown(),
+                t.verdict()
+            );
+        }
     }
     let failed: Vec<&str> = results
         .iter()
@@ -180,6 +193,21 @@ pub fn summary(results: &[SeedResult]) {
         println!("all answers matched the cold start's");
     } else {
         println!("failures in: {} (see the tables above)", failed.join(", "));
+    }
+}
+
+/// One summary cell: the median (and ratio to the local fork), or why there is none.
+fn cell(r: &SeedResult, key: &str) -> String {
+    match r.method(key) {
+        Some(m) if m.skipped.is_some() => "skipped".to_owned(),
+        Some(m) => match (m.median(), r.vs_local(key)) {
+            (Some(d), Some(x)) if key != LOCAL_FORK => {
+                format!("{:.2} ({x:.1}x)", d.as_secs_f64() * 1e3)
+            }
+            (Some(d), _) => format!("{:.2}", d.as_secs_f64() * 1e3),
+            (None, _) => "failed".to_owned(),
+        },
+        None => "-".to_owned(),
     }
 }
 

@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use crate::cli::{Prepared, ResumeStats};
+use crate::daemon::{ChildStats, Prepared};
 use crate::json::Json;
 use crate::stats::{Summary, median, median_u64, ratio};
+use crate::targets;
 
 /// Failed samples after which a method gives up.
 pub const MAX_FAILURES: usize = 3;
@@ -23,8 +24,10 @@ pub const STATS_KEYS: [&str; 7] = [
 /// Keys of the methods, in report order.
 pub const COLD_START: &str = "cold_start";
 pub const LOCAL_FORK: &str = "local_fork";
+pub const MITOSIS_FIRST: &str = "mitosis_first_child";
 pub const MITOSIS_COLD: &str = "mitosis_cold_host";
 pub const MITOSIS_WARM: &str = "mitosis_warm_host";
+pub const MITOSIS_WARM_CLI: &str = "mitosis_warm_host_cli";
 pub const CRIU: &str = "criu";
 
 /// Spawn-to-answer samples of one method.
@@ -76,7 +79,7 @@ impl Method {
 }
 
 /// Bytes the seed's host served over a phase.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Served {
     pub bytes: u64,
     pub children: usize,
@@ -86,6 +89,16 @@ impl Served {
     pub fn per_child(&self) -> Option<u64> {
         (self.children > 0).then(|| self.bytes / self.children as u64)
     }
+}
+
+/// What the measured children of one mitosis row reported besides their latency.
+#[derive(Debug, Clone, Default)]
+pub struct ChildNumbers {
+    /// Their `--stats` numbers.
+    pub stats: Vec<ChildStats>,
+    /// Their private memory (KiB), read after they answered.
+    pub private_kib: Vec<u64>,
+    pub served: Option<Served>,
 }
 
 /// Concurrent `resume` loops against a warm handle.
@@ -116,16 +129,13 @@ pub struct SeedResult {
     pub name: &'static str,
     pub what: &'static str,
     pub methods: Vec<Method>,
-    /// The fresh prepares of the cold-host samples.
+    /// The fresh prepares of the first-child samples.
     pub prepares: Vec<Prepared>,
-    pub cold_stats: Vec<ResumeStats>,
-    pub warm_stats: Vec<ResumeStats>,
-    /// Private memory (KiB) of each child, measured after it answered.
+    /// Private memory (KiB) of each local fork child, measured after it answered.
     pub local_private_kib: Vec<u64>,
-    pub cold_private_kib: Vec<u64>,
-    pub warm_private_kib: Vec<u64>,
-    pub served_cold: Option<Served>,
-    pub served_warm: Option<Served>,
+    pub first: ChildNumbers,
+    pub cold: ChildNumbers,
+    pub warm: ChildNumbers,
     /// Pages the warm host's replica held after the warm phase.
     pub replica_pages: Option<u64>,
     pub throughput: Option<Throughput>,
@@ -141,13 +151,10 @@ impl SeedResult {
             what,
             methods: Vec::new(),
             prepares: Vec::new(),
-            cold_stats: Vec::new(),
-            warm_stats: Vec::new(),
             local_private_kib: Vec::new(),
-            cold_private_kib: Vec::new(),
-            warm_private_kib: Vec::new(),
-            served_cold: None,
-            served_warm: None,
+            first: ChildNumbers::default(),
+            cold: ChildNumbers::default(),
+            warm: ChildNumbers::default(),
             replica_pages: None,
             throughput: None,
             criu_dump: None,
@@ -159,10 +166,17 @@ impl SeedResult {
         self.methods.iter().find(|m| m.key == key)
     }
 
-    /// The median of `key` over the given `--stats` lines.
-    pub fn stat_median(stats: &[ResumeStats], key: &str) -> Option<u64> {
+    /// The median of `key` over the given `--stats` numbers.
+    pub fn stat_median(stats: &[ChildStats], key: &str) -> Option<u64> {
         let values: Vec<u64> = stats.iter().filter_map(|s| s.get(key).copied()).collect();
         median_u64(&values)
+    }
+
+    /// Medians of the prepares: (in the daemon, seed stopped), in microseconds.
+    pub fn prepare_medians_us(&self) -> (Option<u64>, Option<u64>) {
+        let daemon: Vec<u64> = self.prepares.iter().map(|p| p.daemon_us).collect();
+        let stopped: Vec<u64> = self.prepares.iter().map(|p| p.stopped_us).collect();
+        (median_u64(&daemon), median_u64(&stopped))
     }
 
     /// Median latency of `key` divided by the local fork's.
@@ -201,18 +215,16 @@ impl SeedResult {
                 ("vs_local_fork", Json::from(self.vs_local(m.key))),
             ])
         });
-        let prepare_us = |f: fn(&Prepared) -> Option<u64>| {
-            let v: Vec<u64> = self.prepares.iter().filter_map(f).collect();
-            Json::from(median_u64(&v).map(|us| us as f64 / 1e3))
-        };
+        let (daemon_us, stopped_us) = self.prepare_medians_us();
+        let us_as_ms = |us: Option<u64>| Json::from(us.map(|us| us as f64 / 1e3));
         let walls: Vec<Duration> = self.prepares.iter().map(|p| p.wall).collect();
-        let stats_json = |stats: &[ResumeStats]| {
-            let mut keys: Vec<&String> = stats.iter().flat_map(|s| s.keys()).collect();
+        let stats_json = |stats: &[ChildStats]| {
+            let mut keys: Vec<&str> = stats.iter().flat_map(|s| s.keys().copied()).collect();
             keys.sort();
             keys.dedup();
             Json::obj(
                 keys.into_iter()
-                    .map(|k| (k.clone(), Json::from(Self::stat_median(stats, k)))),
+                    .map(|k| (k, Json::from(Self::stat_median(stats, k)))),
             )
         };
         let served = |s: &Option<Served>| match s {
@@ -243,8 +255,8 @@ impl SeedResult {
                 Json::obj([
                     ("samples", Json::from(self.prepares.len())),
                     ("wall_median_ms", Json::from(median(&walls).map(ms_f))),
-                    ("daemon_median_ms", prepare_us(|p| p.daemon_us)),
-                    ("seed_stopped_median_ms", prepare_us(|p| p.stopped_us)),
+                    ("daemon_median_ms", us_as_ms(daemon_us)),
+                    ("seed_stopped_median_ms", us_as_ms(stopped_us)),
                     (
                         "last_line",
                         Json::from(self.prepares.last().map(|p| p.line.clone())),
@@ -254,23 +266,29 @@ impl SeedResult {
             (
                 "stats_medians",
                 Json::obj([
-                    ("cold_host", stats_json(&self.cold_stats)),
-                    ("warm_host", stats_json(&self.warm_stats)),
+                    ("first_child", stats_json(&self.first.stats)),
+                    ("cold_host", stats_json(&self.cold.stats)),
+                    ("warm_host", stats_json(&self.warm.stats)),
                 ]),
             ),
             (
                 "private_kib_median",
                 Json::obj([
                     (LOCAL_FORK, Json::from(median_u64(&self.local_private_kib))),
-                    (MITOSIS_COLD, Json::from(median_u64(&self.cold_private_kib))),
-                    (MITOSIS_WARM, Json::from(median_u64(&self.warm_private_kib))),
+                    (
+                        MITOSIS_FIRST,
+                        Json::from(median_u64(&self.first.private_kib)),
+                    ),
+                    (MITOSIS_COLD, Json::from(median_u64(&self.cold.private_kib))),
+                    (MITOSIS_WARM, Json::from(median_u64(&self.warm.private_kib))),
                 ]),
             ),
             (
                 "bytes_served",
                 Json::obj([
-                    ("cold_host", served(&self.served_cold)),
-                    ("warm_host", served(&self.served_warm)),
+                    ("first_child", served(&self.first.served)),
+                    ("cold_host", served(&self.cold.served)),
+                    ("warm_host", served(&self.warm.served)),
                 ]),
             ),
             ("warm_replica_pages", Json::from(self.replica_pages)),
@@ -293,6 +311,15 @@ impl SeedResult {
                 },
             ),
             ("criu_dump_ms", Json::from(self.criu_dump.map(ms_f))),
+            (
+                "targets",
+                Json::Arr(
+                    targets::of(self)
+                        .iter()
+                        .map(targets::Target::to_json)
+                        .collect(),
+                ),
+            ),
             ("failures", Json::from(failures)),
         ])
     }

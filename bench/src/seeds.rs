@@ -1,4 +1,4 @@
-//! The seeds the benchmark runs: four Python functions in `examples/python/`, all speaking the
+//! The seeds the benchmark runs: five Python functions in `examples/python/`, all speaking the
 //! line protocol of `seedlib.py` (`ready`, then one JSON answer line per request line).
 
 use std::ffi::OsString;
@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use mitosis_testbed::Host;
 
 /// The seeds, in the order they run and are reported.
-pub const ALL: [&str; 4] = ["hello", "image", "json", "bigheap"];
+pub const ALL: [&str; 5] = ["hello", "numpy", "image", "json", "bigheap"];
 
 /// One seed: a script and the arguments every run of it gets.
 #[derive(Debug, Clone)]
@@ -30,6 +30,12 @@ impl Seed {
                 "hello",
                 "hello_fn.py",
                 "trivial function, standard library only",
+                vec![],
+            ),
+            "numpy" => (
+                "numpy",
+                "numpy_fn.py",
+                "numpy + Pillow imported, small state; a slice sum and a 16x16 resize per request",
                 vec![],
             ),
             "image" => (
@@ -137,7 +143,7 @@ mod tests {
 
     #[test]
     fn seed_lists() {
-        assert_eq!(parse_list("hello,image,json,bigheap").unwrap(), ALL);
+        assert_eq!(parse_list("hello,numpy,image,json,bigheap").unwrap(), ALL);
         assert_eq!(
             parse_list(" json , hello,json").unwrap(),
             vec!["json", "hello"]

@@ -1,4 +1,5 @@
-"""The line protocol shared by the benchmark seeds (hello_fn, image_fn, json_fn, bigheap_fn).
+"""The line protocol shared by the benchmark seeds (hello_fn, numpy_fn, image_fn,
+json_fn, bigheap_fn).
 
 It is the protocol of seed_fn.py: start-up builds the warm state, prints ``ready`` and then
 every request line on stdin gets one JSON answer line on stdout, with "pid" as its last key.

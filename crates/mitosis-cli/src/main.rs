@@ -1,6 +1,5 @@
 //! `mitosis`: remote fork from the command line.
 
-mod client;
 mod demo;
 mod demo_bundle;
 mod inspect;
@@ -8,11 +7,11 @@ mod resume;
 
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use mitosis_transport::control::{Event, Request};
-
-use client::Client;
+use mitosis_client::Client;
 
 /// Fork a running process onto another host in milliseconds.
 ///
@@ -112,18 +111,14 @@ fn run(cli: Cli) -> Result<i32> {
             ready_timeout,
             stats,
         } => {
-            let request = match (pid, bundle) {
-                (Some(pid), _) => Request::Prepare { pid },
-                (None, Some(dir)) => Request::PrepareBundle {
-                    bundle: std::path::absolute(&dir)?.to_string_lossy().into_owned(),
-                    ready_timeout_ms: (ready_timeout * 1000.0) as u64,
-                },
+            let (handle, s) = match (pid, bundle) {
+                (Some(pid), _) => Client::connect(&cli.socket)?.prepare_pid(pid)?,
+                (None, Some(dir)) => {
+                    let dir = std::path::absolute(&dir)?;
+                    let ready = Duration::from_millis((ready_timeout * 1000.0) as u64);
+                    Client::connect(&cli.socket)?.prepare_bundle(&dir, ready)?
+                }
                 (None, None) => anyhow::bail!("prepare needs --pid or --bundle"),
-            };
-            let Event::Prepared { handle, stats: s } =
-                Client::connect(&cli.socket)?.call(&request)?
-            else {
-                anyhow::bail!("unexpected answer from mitosisd");
             };
             println!("{handle}");
             if stats {
@@ -143,27 +138,19 @@ fn run(cli: Cli) -> Result<i32> {
             listen,
         } => resume::run(&cli.socket, &handle, stats, listen),
         Command::Drop { handle } => {
-            Client::connect(&cli.socket)?.call(&Request::Drop { handle })?;
+            Client::connect(&cli.socket)?.drop_seed(&handle)?;
             Ok(0)
         }
         Command::Evict { handle } => {
-            Client::connect(&cli.socket)?.call(&Request::Evict { handle })?;
+            Client::connect(&cli.socket)?.evict(&handle)?;
             Ok(0)
         }
         Command::Status => {
-            if let Event::Status(text) = Client::connect(&cli.socket)?.call(&Request::Status)? {
-                print!("{text}");
-            }
+            print!("{}", Client::connect(&cli.socket)?.status()?);
             Ok(0)
         }
         Command::Inspect { handle } => {
-            let Event::Descriptor(bytes) =
-                Client::connect(&cli.socket)?.call(&Request::Inspect {
-                    handle: handle.clone(),
-                })?
-            else {
-                anyhow::bail!("unexpected answer from mitosisd");
-            };
+            let bytes = Client::connect(&cli.socket)?.inspect(&handle)?;
             let d = mitosis_descriptor::decode(&bytes)?;
             print!("{}", inspect::render(&handle, &d));
             Ok(0)

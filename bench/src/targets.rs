@@ -1,0 +1,153 @@
+//! The targets of the issue under work, per seed, and whether each is met:
+//!
+//! - a child on a cold host (replica built from the recorded working set) in at most 3 ms;
+//! - a child on a warm host in at most 1.3x a local fork;
+//! - prepare in at most 2 ms, both as the time the seed is stopped and as the daemon's time;
+//! - at least 1000 children/s.
+
+use crate::json::Json;
+use crate::results::{MITOSIS_COLD, MITOSIS_WARM, SeedResult};
+
+/// One target and what was measured against it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub key: &'static str,
+    /// What is measured, e.g. "cold host median".
+    pub what: &'static str,
+    /// The bound, e.g. "<= 3 ms".
+    pub goal: &'static str,
+    pub value: Option<f64>,
+    pub unit: &'static str,
+    /// `None` when nothing was measured.
+    pub met: Option<bool>,
+}
+
+fn at_most(value: Option<f64>, bound: f64) -> Option<bool> {
+    value.map(|v| v <= bound)
+}
+
+/// The targets for one seed's results.
+pub fn of(r: &SeedResult) -> Vec<Target> {
+    let median_ms = |key| {
+        r.method(key)
+            .and_then(|m| m.median())
+            .map(|d| d.as_secs_f64() * 1e3)
+    };
+    let cold = median_ms(MITOSIS_COLD);
+    let warm = r.vs_local(MITOSIS_WARM).filter(|x| x.is_finite());
+    let (daemon_us, stopped_us) = r.prepare_medians_us();
+    let ms = |us: Option<u64>| us.map(|us| us as f64 / 1e3);
+    let (daemon, stopped) = (ms(daemon_us), ms(stopped_us));
+    let per_sec = r.throughput.as_ref().map(|t| t.per_sec());
+    vec![
+        Target {
+            key: "cold_host_ms",
+            what: "cold host median",
+            goal: "<= 3 ms",
+            value: cold,
+            unit: "ms",
+            met: at_most(cold, 3.0),
+        },
+        Target {
+            key: "warm_host_vs_local_fork",
+            what: "warm host median / local fork median",
+            goal: "<= 1.3x",
+            value: warm,
+            unit: "x",
+            met: at_most(warm, 1.3),
+        },
+        Target {
+            key: "prepare_seed_stopped_ms",
+            what: "prepare: seed stopped (median)",
+            goal: "<= 2 ms",
+            value: stopped,
+            unit: "ms",
+            met: at_most(stopped, 2.0),
+        },
+        Target {
+            key: "prepare_daemon_ms",
+            what: "prepare: time in the daemon (median)",
+            goal: "<= 2 ms",
+            value: daemon,
+            unit: "ms",
+            met: at_most(daemon, 2.0),
+        },
+        Target {
+            key: "children_per_sec",
+            what: "children/s (concurrent resumes)",
+            goal: ">= 1000",
+            value: per_sec,
+            unit: "/s",
+            met: per_sec.map(|v| v >= 1000.0),
+        },
+    ]
+}
+
+impl Target {
+    /// `met`, `MISSED` or `-` (not measured).
+    pub fn verdict(&self) -> &'static str {
+        match self.met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "-",
+        }
+    }
+
+    /// The value with its unit, or `-`.
+    pub fn shown(&self) -> String {
+        match (self.value, self.unit) {
+            (None, _) => "-".to_owned(),
+            (Some(v), "x") => format!("{v:.2}x"),
+            (Some(v), "/s") => format!("{v:.0}/s"),
+            (Some(v), unit) => format!("{v:.2} {unit}"),
+        }
+    }
+
+    pub fn to_json(&self) -> Json {
+        Json::obj([
+            ("key", Json::from(self.key)),
+            ("what", Json::from(self.what)),
+            ("goal", Json::from(self.goal)),
+            ("value", Json::from(self.value)),
+            ("unit", Json::from(self.unit)),
+            ("met", Json::from(self.met)),
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::{LOCAL_FORK, Method, Throughput};
+    use std::time::Duration;
+
+    fn method(key: &'static str, ms: u64) -> Method {
+        let mut m = Method::new(key, key);
+        m.latencies.push(Duration::from_millis(ms));
+        m
+    }
+
+    #[test]
+    fn verdicts() {
+        let mut r = SeedResult::new("hello", "test");
+        let none = of(&r);
+        assert!(none.iter().all(|t| t.met.is_none() && t.verdict() == "-"));
+        r.methods.push(method(LOCAL_FORK, 2));
+        r.methods.push(method(MITOSIS_COLD, 3));
+        r.methods.push(method(MITOSIS_WARM, 3));
+        r.throughput = Some(Throughput {
+            elapsed: Duration::from_secs(2),
+            children: 2400,
+            ..Throughput::default()
+        });
+        let t = of(&r);
+        assert_eq!(t[0].met, Some(true), "3 ms is within 3 ms");
+        assert_eq!(t[1].met, Some(false), "1.5x is over 1.3x");
+        assert_eq!(t[1].shown(), "1.50x");
+        assert_eq!(t[4].met, Some(true));
+        assert_eq!(t[4].shown(), "1200/s");
+        assert_eq!(t[0].shown(), "3.00 ms");
+        assert_eq!(t[1].verdict(), "MISSED");
+        assert_eq!(t[2].met, None);
+    }
+}

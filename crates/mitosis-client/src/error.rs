@@ -1,0 +1,52 @@
+//! What can go wrong talking to the daemon.
+
+use std::io;
+use std::path::PathBuf;
+
+use mitosis_transport::FrameError;
+use thiserror::Error;
+
+/// An error of the control-socket client; each variant's message says it all on one line.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The socket could not be connected to.
+    #[error("cannot reach the local mitosisd at {} (is it running?): {err}", path.display())]
+    Connect { path: PathBuf, err: io::Error },
+    /// Writing a request failed.
+    #[error("sending to mitosisd: {0}")]
+    Send(io::Error),
+    /// Reading an answer failed (other than a closed connection or a timeout).
+    #[error("reading from mitosisd: {0}")]
+    Recv(FrameError),
+    /// The daemon closed the connection before answering.
+    #[error("mitosisd closed the connection")]
+    Closed,
+    /// No answer within the timeout set on the client; the connection is then unusable.
+    #[error("no answer from mitosisd in time")]
+    Timeout,
+    /// The daemon refused the request; its one-line reason.
+    #[error("{0}")]
+    Daemon(String),
+    /// An answer that does not fit the request.
+    #[error("unexpected answer from mitosisd: {0}")]
+    Unexpected(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn from_frame(e: FrameError) -> Self {
+        match e {
+            FrameError::Closed => Error::Closed,
+            FrameError::Io(io)
+                if matches!(
+                    io.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Error::Timeout
+            }
+            other => Error::Recv(other),
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The blocking client of a host's `mitosisd` control socket: what the `mitosis` CLI uses, and
+//! what a platform that starts children itself would use instead of running the CLI.
+//!
+//! The daemon answers one request per connection, so every request consumes the [`Client`]:
+//! `Client::connect(path)?.evict(handle)?`. A resume keeps its connection for as long as the
+//! child runs ([`Running`]): signals go to the child over it, and its exit comes back on it.
+//! If the connection closes first, the daemon kills the child.
+
+mod error;
+mod running;
+mod stats;
+#[cfg(test)]
+mod tests;
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use mitosis_sys::fdpass;
+use mitosis_transport::control::{Event, Request};
+use mitosis_transport::frame;
+
+pub use error::{Error, Result};
+pub use mitosis_transport::control::{FaultStats, PrepareStats, ResumeStats};
+pub use running::{Exited, Running, Signaller};
+pub use stats::{STATS_PAIRS, stats_line, stats_pairs};
+
+/// One connection to a daemon's control socket.
+pub struct Client {
+    stream: UnixStream,
+}
+
+impl Client {
+    /// Connects to the daemon's socket at `path`.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|err| Error::Connect {
+            path: path.to_owned(),
+            err,
+        })?;
+        Ok(Client { stream })
+    }
+
+    /// A client over a connection made elsewhere (a socketpair, an inherited fd).
+    pub fn from_stream(stream: UnixStream) -> Self {
+        Client { stream }
+    }
+
+    /// Gives up on any answer (a resume's `Started`, then its exit) after `timeout` with
+    /// [`Error::Timeout`]; none by default.
+    pub fn with_timeout(self, timeout: Duration) -> Result<Self> {
+        self.stream
+            .set_read_timeout(Some(timeout))
+            .map_err(Error::Send)?;
+        Ok(self)
+    }
+
+    /// Captures process `pid` of the daemon's host as a seed: its handle and timings.
+    pub fn prepare_pid(self, pid: i32) -> Result<(String, PrepareStats)> {
+        self.prepared(&Request::Prepare { pid })
+    }
+
+    /// Starts the OCI bundle in `bundle` (a directory on the daemon's host), waits until it is
+    /// warm (blocked reading stdin, at most `ready_timeout`) and prepares it.
+    pub fn prepare_bundle(
+        self,
+        bundle: &Path,
+        ready_timeout: Duration,
+    ) -> Result<(String, PrepareStats)> {
+        self.prepared(&Request::PrepareBundle {
+            bundle: bundle.to_string_lossy().into_owned(),
+            ready_timeout_ms: ready_timeout.as_millis() as u64,
+        })
+    }
+
+    fn prepared(self, request: &Request) -> Result<(String, PrepareStats)> {
+        match self.call(request)? {
+            Event::Prepared { handle, stats } => Ok((handle, stats)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Stops serving a seed of the daemon's host; children still needing its pages are killed.
+    pub fn drop_seed(self, handle: &str) -> Result<()> {
+        self.done(&Request::Drop {
+            handle: handle.to_owned(),
+        })
+    }
+
+    /// Forgets the daemon's replica of the seed: its next child there starts as on a new host.
+    pub fn evict(self, handle: &str) -> Result<()> {
+        self.done(&Request::Evict {
+            handle: handle.to_owned(),
+        })
+    }
+
+    fn done(self, request: &Request) -> Result<()> {
+        match self.call(request)? {
+            Event::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The daemon's state, as text (`mitosis status`).
+    pub fn status(self) -> Result<String> {
+        match self.call(&Request::Status)? {
+            Event::Status(text) => Ok(text),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The encoded descriptor of the seed behind `handle` (`mitosis_descriptor::decode`).
+    pub fn inspect(self, handle: &str) -> Result<Vec<u8>> {
+        match self.call(&Request::Inspect {
+            handle: handle.to_owned(),
+        })? {
+            Event::Descriptor(bytes) => Ok(bytes),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Starts a child of the seed behind `handle` on the daemon's host, with `stdin`, `stdout`
+    /// and `stderr` as its fds 0, 1 and 2 (and `listener`, a listening socket, as fd 3).
+    /// Returns once the child runs; the caller may close its copies of the descriptors then.
+    pub fn resume(
+        mut self,
+        handle: &str,
+        stdin: BorrowedFd<'_>,
+        stdout: BorrowedFd<'_>,
+        stderr: BorrowedFd<'_>,
+        listener: Option<BorrowedFd<'_>>,
+    ) -> Result<Running> {
+        let fds: Vec<RawFd> = [stdin, stdout, stderr]
+            .into_iter()
+            .chain(listener)
+            .map(|fd| fd.as_raw_fd())
+            .collect();
+        self.send(
+            &Request::Resume {
+                handle: handle.to_owned(),
+            },
+            &fds,
+        )?;
+        match self.recv()? {
+            Event::Started { pid, stats } => Ok(Running::new(self.stream, pid, stats)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends `req`, attaching `fds` (they arrive with the request).
+    fn send(&mut self, req: &Request, fds: &[RawFd]) -> Result<()> {
+        let bytes = frame::encode(req);
+        let sent = fdpass::send(self.stream.as_raw_fd(), &bytes, fds).map_err(Error::Send)?;
+        if sent < bytes.len() {
+            self.stream.write_all(&bytes[sent..]).map_err(Error::Send)?;
+        }
+        Ok(())
+    }
+
+    /// The next answer; an `Error` event becomes [`Error::Daemon`].
+    fn recv(&mut self) -> Result<Event> {
+        recv(&mut self.stream)
+    }
+
+    fn call(mut self, req: &Request) -> Result<Event> {
+        self.send(req, &[])?;
+        self.recv()
+    }
+}
+
+/// Reads one answer from `stream`; an `Error` event becomes [`Error::Daemon`].
+fn recv(stream: &mut UnixStream) -> Result<Event> {
+    match frame::read_blocking(stream).map_err(Error::from_frame)? {
+        Event::Error(msg) => Err(Error::Daemon(msg)),
+        ev => Ok(ev),
+    }
+}
+
+fn unexpected(event: &Event) -> Error {
+    Error::Unexpected(format!("{event:?}"))
+}
