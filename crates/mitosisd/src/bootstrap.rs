@@ -33,16 +33,21 @@ pub struct BootstrapCache {
     repacking: AtomicBool,
 }
 
-/// The seed's packed bootstrap: the last pack at once (repacked in the background if the
-/// working set grew since), or a first pack made now.
+/// The seed's packed bootstrap. The last pack is served at once if it is close to the working
+/// set (and remade in the background if that grew a little); a first pack, or one that lacks
+/// much of the working set (the first children just recorded it), is made now.
 pub async fn packed(seed: &Arc<Seed>) -> Result<Arc<Packed>, RemoteError> {
     let cache = &seed.bootstrap;
-    let current = cache.packed.lock().expect("bootstrap lock").clone();
+    let now = seed.working_set_len();
+    let current = cache
+        .packed
+        .lock()
+        .expect("bootstrap lock")
+        .clone()
+        .filter(|p| now <= p.working_set + p.working_set / 4);
     match current {
         Some(p) => {
-            if p.working_set != seed.working_set_len()
-                && !cache.repacking.swap(true, Ordering::AcqRel)
-            {
+            if p.working_set != now && !cache.repacking.swap(true, Ordering::AcqRel) {
                 let seed = seed.clone();
                 tokio::task::spawn_blocking(move || {
                     match pack(&seed) {

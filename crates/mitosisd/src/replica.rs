@@ -147,6 +147,8 @@ pub async fn build(
         .chain(&made.eager)
         .map(|r| r.pages)
         .sum();
+    // The bootstrap holds the pages the first child needs at once, then the working set.
+    stats.working_set_pages = stats.working_set_pages.saturating_sub(stats.eager_pages);
     stats.working_set_us = ws.elapsed().as_micros() as u64;
     stats.build_us = t0.elapsed().as_micros() as u64;
     Ok(Entry {
