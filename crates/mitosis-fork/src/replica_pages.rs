@@ -281,7 +281,7 @@ async fn fetch_pipelined<S: PageSource>(
 
 /// Pages that arrive in bulk before their replica exists: `runs` (seed addresses, which are
 /// the replica's too) and their bytes back to back.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Bulk {
     pub runs: Vec<(u64, u32)>,
     pub data: Vec<u8>,

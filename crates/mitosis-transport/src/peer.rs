@@ -41,10 +41,6 @@ pub enum Request {
         seed: SeedRef,
         runs: Vec<(u64, u32)>,
     },
-    /// The pages children of this seed have asked for so far, as runs.
-    WorkingSet {
-        seed: SeedRef,
-    },
     /// Everything a host needs to build its replica of the seed, in one exchange: answered by
     /// `Bootstrap`, then its `chunks` packed pages as `Chunk` frames.
     Bootstrap {
@@ -57,7 +53,6 @@ pub enum Response {
     Attached,
     Descriptor(#[serde(with = "serde_bytes")] Vec<u8>),
     Pages(#[serde(with = "serde_bytes")] Vec<u8>),
-    WorkingSet(Vec<(u64, u32)>),
     /// The descriptor and the page runs that follow, packed (the seed-written pages of its
     /// file mappings, the pages its threads touch at once, and its working set).
     Bootstrap {
@@ -189,17 +184,6 @@ impl PeerPool {
         }
     }
 
-    pub async fn working_set(
-        &self,
-        addr: SocketAddr,
-        seed: SeedRef,
-    ) -> Result<Vec<(u64, u32)>, PeerError> {
-        match self.call(addr, &Request::WorkingSet { seed }).await? {
-            Response::WorkingSet(runs) => Ok(runs),
-            _ => Err(PeerError::Protocol(addr)),
-        }
-    }
-
     /// Asks for the seed's descriptor and bootstrap pages in one exchange. Returns once the
     /// descriptor is in; the pages follow on [`Bootstrap::chunks`], unpacked by a task of their
     /// own, while the caller builds.
@@ -208,24 +192,9 @@ impl PeerPool {
         addr: SocketAddr,
         seed: SeedRef,
     ) -> Result<Bootstrap, PeerError> {
-        let req = Request::Bootstrap { seed };
-        let mut first = None;
-        if let Some(mut stream) = self.checkout(addr) {
-            match self.send(addr, &mut stream, &req).await {
-                Ok(resp) => first = Some((stream, resp)),
-                // A pooled connection the peer closed (it restarted): try once on a new one.
-                Err(PeerError::Frame(_, FrameError::Closed | FrameError::Io(_))) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let (stream, resp) = match first {
-            Some(f) => f,
-            None => {
-                let mut fresh = self.connect(addr).await?;
-                let resp = self.send(addr, &mut fresh, &req).await?;
-                (fresh, resp)
-            }
-        };
+        let (stream, resp) = self
+            .open_exchange(addr, &Request::Bootstrap { seed })
+            .await?;
         let (descriptor, runs, chunks) = match resp {
             Response::Bootstrap {
                 descriptor,
@@ -314,30 +283,33 @@ impl PeerPool {
     }
 
     async fn call(&self, addr: SocketAddr, req: &Request) -> Result<Response, PeerError> {
-        if let Some(stream) = self.checkout(addr) {
-            match self.exchange(addr, stream, req).await {
-                // A pooled connection the peer closed (it restarted): try once on a new one.
-                Err(PeerError::Frame(_, FrameError::Closed | FrameError::Io(_))) => {}
-                other => return other,
-            }
-        }
-        let stream = self.connect(addr).await?;
-        self.exchange(addr, stream, req).await
-    }
-
-    async fn exchange(
-        &self,
-        addr: SocketAddr,
-        mut stream: TcpStream,
-        req: &Request,
-    ) -> Result<Response, PeerError> {
-        let response = self.send(addr, &mut stream, req).await?;
+        let (stream, response) = self.open_exchange(addr, req).await?;
         // Only a connection that completed its exchange goes back: it is in a clean state.
         self.checkin(addr, stream);
         match response {
             Response::Error(e) => Err(PeerError::Remote(addr, e)),
             resp => Ok(resp),
         }
+    }
+
+    /// Sends `req` on a pooled connection (or a new one) and reads the first answer frame; the
+    /// connection stays with the caller. A pooled connection the peer closed (it restarted) is
+    /// replaced once: every request is a read and safe to repeat.
+    async fn open_exchange(
+        &self,
+        addr: SocketAddr,
+        req: &Request,
+    ) -> Result<(TcpStream, Response), PeerError> {
+        if let Some(mut stream) = self.checkout(addr) {
+            match self.send(addr, &mut stream, req).await {
+                Ok(resp) => return Ok((stream, resp)),
+                Err(PeerError::Frame(_, FrameError::Closed | FrameError::Io(_))) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut stream = self.connect(addr).await?;
+        let resp = self.send(addr, &mut stream, req).await?;
+        Ok((stream, resp))
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, PeerError> {

@@ -1,7 +1,7 @@
 //! What a new host needs to build its replica of one of our seeds, packed once and served to
 //! every host: the seed-written pages of its file mappings, the pages its threads touch at
 //! once, and its working set. A twin never changes, so packed pages never go stale; the pack
-//! is remade in the background when the working set has grown.
+//! is remade when the working set has grown (see [`packed`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +24,6 @@ pub struct Packed {
     pub frames: Vec<Vec<u8>>,
     /// Bytes on the wire.
     pub bytes: u64,
-    pub pages: u64,
 }
 
 #[derive(Default)]
@@ -132,7 +131,8 @@ impl Incoming {
         }
     }
 
-    /// The next chunk's pages: `runs` and their bytes. `None` once all came.
+    /// The next chunk's pages: `runs` (that chunk's share of [`Incoming::runs`]) and their
+    /// bytes. An error if the pages stopped coming or came short.
     pub async fn next(&mut self, runs: Vec<(u64, u32)>) -> Result<Bulk, String> {
         let data = match &mut self.chunks {
             Chunks::Peer(rx) => rx.recv().await.map(|r| r.map_err(|e| e.to_string())),
@@ -150,7 +150,6 @@ impl Incoming {
 /// Packs the seed's bootstrap pages now.
 pub fn pack(seed: &Seed) -> Result<Packed, RemoteError> {
     let (runs, working_set) = bootstrap_runs(seed);
-    let pages: u64 = runs.iter().map(|r| r.1 as u64).sum();
     let data = read_runs(&seed.memory, &runs).map_err(|e| RemoteError::SeedGone(e.to_string()))?;
     let chunks = packed::pack(&data);
     let mut frames = vec![frame::encode(&Response::Bootstrap {
@@ -166,7 +165,6 @@ pub fn pack(seed: &Seed) -> Result<Packed, RemoteError> {
     Ok(Packed {
         working_set,
         bytes: frames.iter().map(|f| f.len() as u64).sum(),
-        pages,
         frames,
     })
 }

@@ -74,9 +74,6 @@ fn answer(request: Request, daemon: &Daemon) -> Result<Response, RemoteError> {
             Response::Attached
         }
         Request::Descriptor { seed: s } => Response::Descriptor(seed(s)?.encoded.clone()),
-        Request::WorkingSet { seed: s } => {
-            Response::WorkingSet(seed(s)?.working_set(MAX_PAGES_PER_REQUEST as u32))
-        }
         // Answered in `connection`: it streams.
         Request::Bootstrap { .. } => return Err(RemoteError::TooLarge),
         Request::Pages { seed: s, runs } => {

@@ -69,19 +69,6 @@ impl Seed {
             .collect()
     }
 
-    /// The working set as runs of at most `max_run` pages, in address order.
-    pub fn working_set(&self, max_run: u32) -> Vec<(u64, u32)> {
-        let set = self.working_set.lock().expect("working set lock");
-        let mut runs: Vec<(u64, u32)> = Vec::new();
-        for &page in set.iter() {
-            match runs.last_mut() {
-                Some((start, n)) if *start + *n as u64 * 4096 == page && *n < max_run => *n += 1,
-                _ => runs.push((page, 1)),
-            }
-        }
-        runs
-    }
-
     /// Constant-time key comparison.
     pub fn key_matches(&self, key: &[u8; KEY_LEN]) -> bool {
         self.key

@@ -65,13 +65,6 @@ pub struct Plan {
     pub root: Option<PathBuf>,
 }
 
-impl Plan {
-    /// Every run that must be in place before the first child, overlay first.
-    pub fn prefetch_runs(&self) -> Vec<Run> {
-        self.overlay.iter().chain(&self.eager).copied().collect()
-    }
-}
-
 /// Plans the child of `desc` on this host. `local_vdso_hash` is this host's vDSO digest;
 /// `root` the rootfs of the seed's container, if it ran in one.
 pub fn plan(
@@ -251,7 +244,7 @@ fn hot_pages_of(t: &Thread) -> impl Iterator<Item = u64> + '_ {
 
 /// The seed's pages a host needs before its first child, whatever its files: every page the
 /// seed wrote in its file mappings (the overlay where the host has the file) and the pages
-/// its threads touch at once. As runs in address order.
+/// its threads touch at once. Page addresses, sorted, each once.
 pub fn bootstrap_pages(desc: &Descriptor) -> Vec<u64> {
     let mut pages: Vec<u64> = desc
         .vmas

@@ -48,18 +48,6 @@ impl StubPool {
         }
         Ok(())
     }
-
-    pub fn is_full(&self) -> bool {
-        self.ready.len() >= self.size
-    }
-
-    pub fn len(&self) -> usize {
-        self.ready.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ready.is_empty()
-    }
 }
 
 impl Drop for StubPool {
