@@ -21,6 +21,8 @@ Importing this module first also keeps BLAS/OpenMP single-threaded (a seed must 
 single-threaded), as these variables must be set before numpy is imported.
 """
 
+import ctypes
+import gc
 import json
 import os
 import signal
@@ -117,6 +119,23 @@ def serve(answer, opts):
             return
 
 
+def settle():
+    """Leaves the warm heap as children will want it, just before ``ready``.
+
+    Every object alive now moves to the collector's permanent generation, so a child's
+    collections never walk (and so never fault in) the whole warm heap; the allocator hands
+    its free pages back to the kernel, so a child's new objects land on fresh zero pages
+    instead of pages the seed once used and freed, which would have to come from the seed.
+    Both help a local fork (fewer copy-on-write faults) as much as a remote one.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
 def main(name, build, answer):
     """Runs a seed: `build(opts)` makes the warm state, `answer(state, request)` a dict."""
     try:
@@ -132,6 +151,7 @@ def main(name, build, answer):
         # One request before `ready`, so that lazy initialisation is part of the warm state
         # (a cold start pays for it in its one request instead).
         answer(state, {"n": 0})
+        settle()
         write_all(1, b"ready\n")
     serve(lambda request: answer(state, request), opts)
     # Like the fork server's children, end without tearing the heap down object by object:
