@@ -3,7 +3,7 @@
 use mitosis_transport::control::{FaultStats, ResumeStats};
 
 /// How many pairs [`stats_pairs`] gives.
-pub const STATS_PAIRS: usize = 18;
+pub const STATS_PAIRS: usize = 21;
 
 /// The per-child breakdown (times in microseconds), in the order `--stats` prints it.
 pub fn stats_pairs(start: &ResumeStats, faults: &FaultStats) -> [(&'static str, u64); STATS_PAIRS] {
@@ -12,12 +12,15 @@ pub fn stats_pairs(start: &ResumeStats, faults: &FaultStats) -> [(&'static str, 
         ("cached", start.cached as u64),
         ("attach_us", start.attach_us),
         ("descriptor_us", start.descriptor_us),
+        ("plan_us", start.plan_us),
         ("build_us", start.build_us),
         ("spawn_us", start.spawn_us),
         ("restore_us", start.restore_us),
         ("eager_pages", start.eager_pages),
         ("working_set_pages", start.working_set_pages),
         ("working_set_us", start.working_set_us),
+        ("install_us", start.install_us),
+        ("pages_wait_us", start.pages_wait_us),
         ("fork_us", start.fork_us),
         ("container_us", start.container_us),
         ("container_pooled", start.container_pooled as u64),

@@ -80,7 +80,7 @@ pub struct Vdso {
 }
 
 /// A file as the seed's host saw it; the child maps its own copy only if it is identical.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FileIdentity {
     pub path: String,
     pub size: u64,

@@ -169,7 +169,7 @@ async fn resolve<S: PageSource>(
     };
     let started = Instant::now();
     let data = source
-        .read(vec![(run.seed, run.pages as u32)])
+        .read(vec![(run.seed, run.pages as u32)], Some(run.seed))
         .await
         .map_err(FaultError::Source)?;
     {

@@ -4,7 +4,7 @@
 //! version once: the cache key is (device, inode, size, mtime, ctime).
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -27,21 +27,8 @@ impl FileCache {
     /// The identity of the open `file`, reported under `path`.
     pub fn identify(&self, file: &File, path: &str) -> io::Result<FileIdentity> {
         let md = file.metadata()?;
-        let key = (
-            md.dev(),
-            md.ino(),
-            md.size(),
-            md.mtime(),
-            md.mtime_nsec(),
-            md.ctime(),
-            md.ctime_nsec(),
-        );
-        if let Some(hash) = self.hashes.lock().expect("file cache lock").get(&key) {
-            return Ok(FileIdentity {
-                path: path.into(),
-                size: md.size(),
-                hash: *hash,
-            });
+        if let Some(id) = self.cached(&md, path) {
+            return Ok(id);
         }
         let mut hasher = blake3::Hasher::new();
         hasher.update_reader(file)?;
@@ -49,7 +36,7 @@ impl FileCache {
         self.hashes
             .lock()
             .expect("file cache lock")
-            .insert(key, hash);
+            .insert(key_of(&md), hash);
         Ok(FileIdentity {
             path: path.into(),
             size: md.size(),
@@ -57,20 +44,49 @@ impl FileCache {
         })
     }
 
+    fn cached(&self, md: &Metadata, path: &str) -> Option<FileIdentity> {
+        let hash = *self
+            .hashes
+            .lock()
+            .expect("file cache lock")
+            .get(&key_of(md))?;
+        Some(FileIdentity {
+            path: path.into(),
+            size: md.size(),
+            hash,
+        })
+    }
+
     /// True if this host has a file at `want.path` (under `root`, if given) with the same
-    /// size and content.
+    /// size and content. A file version seen before costs one stat.
     pub fn is_identical(&self, want: &FileIdentity, root: Option<&Path>) -> bool {
         let path = match root {
             Some(root) => root.join(want.path.trim_start_matches('/')),
             None => Path::new(&want.path).to_path_buf(),
         };
-        match File::open(path) {
-            Ok(f) => self
-                .identify(&f, &want.path)
-                .is_ok_and(|have| have == *want),
-            Err(_) => false,
-        }
+        let have = match std::fs::metadata(&path) {
+            Ok(md) if md.size() != want.size => return false,
+            Ok(md) => self.cached(&md, &want.path),
+            Err(_) => return false,
+        };
+        let have = match have {
+            Some(id) => Ok(id),
+            None => File::open(&path).and_then(|f| self.identify(&f, &want.path)),
+        };
+        have.is_ok_and(|have| have == *want)
     }
+}
+
+fn key_of(md: &Metadata) -> Key {
+    (
+        md.dev(),
+        md.ino(),
+        md.size(),
+        md.mtime(),
+        md.mtime_nsec(),
+        md.ctime(),
+        md.ctime_nsec(),
+    )
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@
 //! take the replica's state under the same lock as fills, so a child's list of pages still to
 //! fetch is exactly what the replica lacked at its fork.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -84,15 +83,23 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     /// few requests as possible. Returns how many pages were fetched.
     pub async fn fill(&self, runs: &[(u64, u32)]) -> Result<u64, String> {
         let mut state = self.state.lock().await;
-        self.fill_locked(&mut state, runs).await
+        self.fill_locked(&mut state, runs, None).await
     }
 
-    async fn fill_locked(&self, state: &mut State<S>, runs: &[(u64, u32)]) -> Result<u64, String> {
+    /// `touched`: the page of `runs` a child faulted on, passed on to the source.
+    async fn fill_locked(
+        &self,
+        state: &mut State<S>,
+        runs: &[(u64, u32)],
+        touched: Option<u64>,
+    ) -> Result<u64, String> {
         let wanted = take_runs(&mut state.pending, runs);
         let total: u64 = wanted.iter().map(|r| r.pages).sum();
         let groups = batches(&wanted, PIPELINE_PAGES);
         let mut copied = vec![false; groups.len()];
-        let result = self.fetch_and_copy(state, &groups, &mut copied).await;
+        let result = self
+            .fetch_and_copy(state, &groups, touched, &mut copied)
+            .await;
         if result.is_err() {
             for (group, done) in groups.iter().zip(&copied) {
                 if !done {
@@ -110,9 +117,10 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         &self,
         state: &mut State<S>,
         groups: &[&[Run]],
+        touched: Option<u64>,
         copied: &mut [bool],
     ) -> Result<(), String> {
-        fetch_pipelined(&state.source, groups, |index, data, took| {
+        fetch_pipelined(&state.source, groups, touched, |index, data, took| {
             self.fetches.fetch_add(1, Ordering::Relaxed);
             self.fetch_us
                 .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
@@ -141,23 +149,29 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     /// file. Returns how many pages went in.
     pub async fn install_bulk(&self, bulk: &Bulk, overlay: &[Run]) -> Result<u64, String> {
         let mut state = self.state.lock().await;
-        let index = bulk.index();
         let mut installed = 0;
-        for run in take_runs(&mut state.pending, &bulk.runs) {
-            let at = index[&run.child];
-            let len = (run.pages * PAGE_SIZE) as usize;
-            self.copy_runs(&[run], &bulk.data[at..at + len])?;
-            installed += run.pages;
-        }
-        for run in overlay {
-            for (page, pages, at) in segments(&index, run) {
-                if let Some(at) = at {
-                    let len = pages as usize * PAGE_SIZE as usize;
-                    self.write(page, &bulk.data[at..at + len])?;
-                    installed += pages as u64;
-                }
+        let mut at = 0;
+        for &(addr, pages) in &bulk.runs {
+            for run in take_runs(&mut state.pending, &[(addr, pages)]) {
+                let from = at + (run.child - addr) as usize;
+                let len = (run.pages * PAGE_SIZE) as usize;
+                self.copy_runs(&[run], &bulk.data[from..from + len])?;
+                installed += run.pages;
             }
+            at += pages as usize * PAGE_SIZE as usize;
         }
+        let pieces: Vec<(u64, &[u8])> = overlap(&bulk.runs, overlay)
+            .into_iter()
+            .map(|(page, pages, from)| {
+                let len = pages as usize * PAGE_SIZE as usize;
+                (page, &bulk.data[from..from + len])
+            })
+            .collect();
+        self.write(&pieces)?;
+        installed += pieces
+            .iter()
+            .map(|p| p.1.len() as u64 / PAGE_SIZE)
+            .sum::<u64>();
         self.fetched.fetch_add(installed, Ordering::Relaxed);
         Ok(installed)
     }
@@ -165,27 +179,32 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     /// Writes `runs` of file pages the seed wrote (their bytes back to back in `data`).
     pub fn write_overlay(&self, runs: &[(u64, u32)], data: &[u8]) -> Result<(), String> {
         let mut at = 0;
-        for &(addr, pages) in runs {
-            let len = pages as usize * PAGE_SIZE as usize;
-            self.write(addr, &data[at..at + len])?;
-            at += len;
-        }
+        let pieces: Vec<(u64, &[u8])> = runs
+            .iter()
+            .map(|&(addr, pages)| {
+                let len = pages as usize * PAGE_SIZE as usize;
+                at += len;
+                (addr, &data[at - len..at])
+            })
+            .collect();
+        self.write(&pieces)?;
         self.fetched
             .fetch_add(runs.iter().map(|r| r.1 as u64).sum(), Ordering::Relaxed);
         Ok(())
     }
 
-    fn write(&self, addr: u64, data: &[u8]) -> Result<(), String> {
+    /// Writes the seed's own pages over the replica's file mappings.
+    fn write(&self, pieces: &[(u64, &[u8])]) -> Result<(), String> {
         self.memory
-            .write_all(addr, data)
-            .map_err(|e| format!("writing the seed's file pages at {addr:#x}: {e}"))
+            .write_pieces(pieces)
+            .map_err(|e| format!("writing the seed's file pages: {e}"))
     }
 
     /// Reads `runs` from the replica, filling what it lacks first.
-    pub async fn read(&self, runs: &[(u64, u32)]) -> Result<Vec<u8>, String> {
+    pub async fn read(&self, runs: &[(u64, u32)], touched: Option<u64>) -> Result<Vec<u8>, String> {
         let _state = {
             let mut state = self.state.lock().await;
-            self.fill_locked(&mut state, runs).await?;
+            self.fill_locked(&mut state, runs, touched).await?;
             state
         };
         read_runs(&self.memory, runs).map_err(|e| format!("the replica is gone: {e}"))
@@ -252,6 +271,7 @@ fn take_runs(pending: &mut PendingMap, runs: &[(u64, u32)]) -> Vec<Run> {
 async fn fetch_pipelined<S: PageSource>(
     source: &S,
     groups: &[&[Run]],
+    touched: Option<u64>,
     mut land: impl FnMut(usize, Vec<u8>, std::time::Duration) -> Result<(), String>,
 ) -> Result<(), String> {
     let mut requests = tokio::task::JoinSet::new();
@@ -264,9 +284,13 @@ async fn fetch_pipelined<S: PageSource>(
                 .map(|r| (r.seed, r.pages as u32))
                 .collect();
             let index = next;
+            let touched = touched.filter(|&page| {
+                runs.iter()
+                    .any(|&(at, n)| (at..at + n as u64 * PAGE_SIZE).contains(&page))
+            });
             requests.spawn(async move {
                 let started = Instant::now();
-                let data = source.read(runs).await;
+                let data = source.read(runs, touched).await;
                 (index, data, started.elapsed())
             });
             next += 1;
@@ -287,34 +311,52 @@ pub struct Bulk {
     pub data: Vec<u8>,
 }
 
-impl Bulk {
-    /// Where each page's bytes start in `data`.
-    fn index(&self) -> HashMap<u64, usize> {
-        index_of(&self.runs)
-    }
-}
-
-fn index_of(runs: &[(u64, u32)]) -> HashMap<u64, usize> {
-    let mut index = HashMap::new();
+/// The pages of `overlay` that `runs` hold, as `(address, pages, offset of their bytes)` in a
+/// bulk of `runs`. Both sorted by address, without overlaps: one sweep over the two.
+fn overlap(runs: &[(u64, u32)], overlay: &[Run]) -> Vec<(u64, u32, usize)> {
+    let mut out = Vec::new();
+    let mut first = 0;
     let mut at = 0;
     for &(addr, pages) in runs {
-        for i in 0..pages as u64 {
-            index.insert(addr + i * PAGE_SIZE, at);
-            at += PAGE_SIZE as usize;
+        let end = addr + pages as u64 * PAGE_SIZE;
+        while first < overlay.len() && overlay_end(&overlay[first]) <= addr {
+            first += 1;
         }
+        for o in overlay[first..].iter().take_while(|o| o.child < end) {
+            let (from, to) = (addr.max(o.child), end.min(overlay_end(o)));
+            if from < to {
+                let pages = ((to - from) / PAGE_SIZE) as u32;
+                out.push((from, pages, at + (from - addr) as usize));
+            }
+        }
+        at += pages as usize * PAGE_SIZE as usize;
     }
-    index
+    out
 }
 
-/// The pages of `overlay` a bulk of `runs` does not hold, as runs.
+fn overlay_end(run: &Run) -> u64 {
+    run.child + run.pages * PAGE_SIZE
+}
+
+/// The pages of `overlay` (sorted) that a bulk of `runs` (sorted) does not hold, as runs.
 pub fn lacking(overlay: &[Run], runs: &[(u64, u32)]) -> Vec<(u64, u32)> {
-    let index = index_of(runs);
-    overlay
-        .iter()
-        .flat_map(|run| segments(&index, run))
-        .filter(|s| s.2.is_none())
-        .map(|(page, pages, _)| (page, pages))
-        .collect()
+    let held = overlap(runs, overlay);
+    let mut held = held.iter().peekable();
+    let mut out = Vec::new();
+    for run in overlay {
+        let (mut page, end) = (run.child, overlay_end(run));
+        while let Some(&&(from, pages, _)) = held.peek().filter(|h| h.0 < end) {
+            if from > page {
+                out.push((page, ((from - page) / PAGE_SIZE) as u32));
+            }
+            page = from + pages as u64 * PAGE_SIZE;
+            held.next();
+        }
+        if page < end {
+            out.push((page, ((end - page) / PAGE_SIZE) as u32));
+        }
+    }
+    out
 }
 
 /// `runs` cut into consecutive groups of `chunk_pages` pages (the last may be shorter), as a
@@ -338,36 +380,16 @@ pub fn chunk_runs(runs: &[(u64, u32)], chunk_pages: u32) -> Vec<Vec<(u64, u32)>>
     out
 }
 
-/// `run` cut where the bulk has or lacks its pages, or where its bytes stop being contiguous:
-/// `(address, pages, offset in the bulk if it has them)`.
-fn segments(index: &HashMap<u64, usize>, run: &Run) -> Vec<(u64, u32, Option<usize>)> {
-    let mut out: Vec<(u64, u32, Option<usize>)> = Vec::new();
-    for i in 0..run.pages {
-        let page = run.child + i * PAGE_SIZE;
-        let at = index.get(&page).copied();
-        match out.last_mut() {
-            Some((start, n, prev))
-                if *start + *n as u64 * PAGE_SIZE == page
-                    && match (*prev, at) {
-                        (None, None) => true,
-                        (Some(p), Some(a)) => p + *n as usize * PAGE_SIZE as usize == a,
-                        _ => false,
-                    } =>
-            {
-                *n += 1
-            }
-            _ => out.push((page, 1, at)),
-        }
-    }
-    out
-}
-
 /// A child's page source: its replica.
 pub struct FromReplica<S>(pub Arc<ReplicaPages<S>>);
 
 impl<S: PageSource + Sync> PageSource for FromReplica<S> {
-    async fn read(&mut self, runs: Vec<(u64, u32)>) -> Result<Vec<u8>, String> {
-        self.0.read(&runs).await
+    async fn read(
+        &mut self,
+        runs: Vec<(u64, u32)>,
+        touched: Option<u64>,
+    ) -> Result<Vec<u8>, String> {
+        self.0.read(&runs, touched).await
     }
 
     async fn duplicate(&self) -> Result<Self, String> {
@@ -419,28 +441,34 @@ mod tests {
     }
 
     #[test]
-    fn segments_follow_what_the_bulk_holds() {
+    fn overlay_pieces_follow_what_the_bulk_holds() {
         let p = PAGE_SIZE;
-        let bulk = Bulk {
-            runs: vec![(0x10000, 2), (0x20000, 1)],
-            data: vec![0; 3 * p as usize],
-        };
-        let index = bulk.index();
+        let runs = [(0x10000, 2), (0x20000, 1), (0x30000, 4)];
         let run = |child, pages| Run {
             child,
             seed: child,
             pages,
         };
-        // Held and contiguous, then lacking.
+        let overlay = [
+            run(0x10000, 3),     // held, then lacking
+            run(0x20000 - p, 2), // lacking, then held
+            run(0x30000 + p, 1), // inside a longer bulk run
+            run(0x50000, 2),     // not in the bulk at all
+        ];
         assert_eq!(
-            segments(&index, &run(0x10000, 3)),
-            vec![(0x10000, 2, Some(0)), (0x10000 + 2 * p, 1, None)]
+            overlap(&runs, &overlay),
+            vec![
+                (0x10000, 2, 0),
+                (0x20000, 1, 2 * p as usize),
+                (0x30000 + p, 1, 4 * p as usize)
+            ]
         );
-        // Lacking, then held.
         assert_eq!(
-            segments(&index, &run(0x20000 - p, 2)),
-            vec![(0x20000 - p, 1, None), (0x20000, 1, Some(2 * p as usize))]
+            lacking(&overlay, &runs),
+            vec![(0x10000 + 2 * p, 1), (0x20000 - p, 1), (0x50000, 2)]
         );
+        assert_eq!(lacking(&overlay, &[]).len(), overlay.len());
+        assert!(overlap(&[], &overlay).is_empty());
     }
 
     #[test]

@@ -9,10 +9,13 @@ use mitosis_sys::mem::RemoteMemory;
 /// A source of seed pages, behind the one fault path. The daemon has a socket implementation
 /// (a peer's page server); [`TwinSource`] reads a twin on this very host.
 pub trait PageSource: Send + Sized + 'static {
-    /// Reads runs `(seed address, pages)`; returns their bytes back to back.
+    /// Reads runs `(seed address, pages)`; returns their bytes back to back. `touched` is the
+    /// page of them a child faulted on, if any (the rest is prefetch): the seed's host records
+    /// it in the working set.
     fn read(
         &mut self,
         runs: Vec<(u64, u32)>,
+        touched: Option<u64>,
     ) -> impl Future<Output = Result<Vec<u8>, String>> + Send;
 
     /// Another handle to the same source, for a forked child's fault handler.
@@ -32,7 +35,7 @@ impl TwinSource {
 }
 
 impl PageSource for TwinSource {
-    async fn read(&mut self, runs: Vec<(u64, u32)>) -> Result<Vec<u8>, String> {
+    async fn read(&mut self, runs: Vec<(u64, u32)>, _: Option<u64>) -> Result<Vec<u8>, String> {
         read_runs(&self.memory, &runs).map_err(|e| format!("the seed's twin is gone: {e}"))
     }
 

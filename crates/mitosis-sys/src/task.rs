@@ -87,6 +87,14 @@ pub fn peek_pipe(read_end: &OwnedFd, max: usize) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Sets the calling thread's nice value (Linux nice is per thread).
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid has no preconditions; setpriority only reads its integer arguments.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    cvt(ret as libc::c_long)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

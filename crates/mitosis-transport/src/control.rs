@@ -71,6 +71,8 @@ pub struct ResumeStats {
     /// Checking the seed and key with its host over a pooled connection.
     pub attach_us: u64,
     pub descriptor_us: u64,
+    /// Decoding the descriptor and planning the layout (file checks included).
+    pub plan_us: u64,
     /// Making the replica: descriptor to a stopped process holding the working set.
     pub build_us: u64,
     pub spawn_us: u64,
@@ -78,6 +80,9 @@ pub struct ResumeStats {
     pub eager_pages: u64,
     pub working_set_pages: u64,
     pub working_set_us: u64,
+    /// Of `working_set_us`: installing the bootstrap pages, and waiting for them to arrive.
+    pub install_us: u64,
+    pub pages_wait_us: u64,
     /// Forking the child from the replica and handing it its stdio.
     pub fork_us: u64,
     /// Getting the child's container (0 for a seed that runs in none).

@@ -37,9 +37,12 @@ pub enum Request {
         seed: SeedRef,
     },
     /// Runs of whole pages `(address, page count)`; the reply holds them back to back.
+    /// `touched`: the page among them a child faulted on (the rest is prefetch), which the
+    /// seed's host adds to the seed's working set.
     Pages {
         seed: SeedRef,
         runs: Vec<(u64, u32)>,
+        touched: Option<u64>,
     },
     /// Everything a host needs to build its replica of the seed, in one exchange: answered by
     /// `Bootstrap`, then its `chunks` packed pages as `Chunk` frames.
@@ -176,9 +179,15 @@ impl PeerPool {
         addr: SocketAddr,
         seed: SeedRef,
         runs: Vec<(u64, u32)>,
+        touched: Option<u64>,
     ) -> Result<Vec<u8>, PeerError> {
         let want: usize = runs.iter().map(|r| r.1 as usize * 4096).sum();
-        match self.call(addr, &Request::Pages { seed, runs }).await? {
+        let request = Request::Pages {
+            seed,
+            runs,
+            touched,
+        };
+        match self.call(addr, &request).await? {
             Response::Pages(p) if p.len() == want => Ok(p),
             _ => Err(PeerError::Protocol(addr)),
         }
@@ -238,18 +247,15 @@ impl PeerPool {
             let chunk = match timeout(self.timeout, frame::read::<_, Response>(&mut stream)).await {
                 Err(_) => Err(PeerError::Timeout(addr, self.timeout)),
                 Ok(Err(e)) => Err(PeerError::Frame(addr, e)),
-                Ok(Ok(Response::Chunk(c))) => {
-                    let mut data = Vec::with_capacity(c.len as usize);
-                    packed::unpack_into(&c, &mut data)
-                        .map_err(|e| PeerError::Unpack(addr, e))
-                        .and_then(|()| match left.checked_sub(data.len()) {
-                            Some(rest) => {
-                                left = rest;
-                                Ok(data)
-                            }
-                            None => Err(PeerError::Protocol(addr)),
-                        })
-                }
+                Ok(Ok(Response::Chunk(c))) => packed::unpack(c)
+                    .map_err(|e| PeerError::Unpack(addr, e))
+                    .and_then(|data| match left.checked_sub(data.len()) {
+                        Some(rest) => {
+                            left = rest;
+                            Ok(data)
+                        }
+                        None => Err(PeerError::Protocol(addr)),
+                    }),
                 Ok(Ok(_)) => Err(PeerError::Protocol(addr)),
             };
             let failed = chunk.is_err();

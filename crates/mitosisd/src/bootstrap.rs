@@ -10,7 +10,7 @@ use mitosis_fork::replica_pages::{Bulk, chunk_runs};
 use mitosis_fork::restore::bootstrap_pages;
 use mitosis_fork::source::read_runs;
 use mitosis_transport::frame;
-use mitosis_transport::packed;
+use mitosis_transport::packed::{self, Codec};
 use mitosis_transport::peer::{Bootstrap, MAX_BOOTSTRAP_PAGES, PeerError, RemoteError, Response};
 use tokio::sync::mpsc;
 
@@ -35,7 +35,7 @@ pub struct BootstrapCache {
 /// The seed's packed bootstrap. The last pack is served at once if it is close to the working
 /// set (and remade in the background if that grew a little); a first pack, or one that lacks
 /// much of the working set (the first children just recorded it), is made now.
-pub async fn packed(seed: &Arc<Seed>) -> Result<Arc<Packed>, RemoteError> {
+pub async fn packed(seed: &Arc<Seed>, codec: Codec) -> Result<Arc<Packed>, RemoteError> {
     let cache = &seed.bootstrap;
     let now = seed.working_set_len();
     let current = cache
@@ -49,7 +49,7 @@ pub async fn packed(seed: &Arc<Seed>) -> Result<Arc<Packed>, RemoteError> {
             if p.working_set != now && !cache.repacking.swap(true, Ordering::AcqRel) {
                 let seed = seed.clone();
                 tokio::task::spawn_blocking(move || {
-                    match pack(&seed) {
+                    match pack(&seed, codec) {
                         Ok(p) => {
                             *seed.bootstrap.packed.lock().expect("bootstrap lock") =
                                 Some(Arc::new(p))
@@ -64,7 +64,7 @@ pub async fn packed(seed: &Arc<Seed>) -> Result<Arc<Packed>, RemoteError> {
         None => {
             let seed = seed.clone();
             tokio::task::spawn_blocking(move || {
-                let p = Arc::new(pack(&seed)?);
+                let p = Arc::new(pack(&seed, codec)?);
                 *seed.bootstrap.packed.lock().expect("bootstrap lock") = Some(p.clone());
                 Ok(p)
             })
@@ -148,10 +148,10 @@ impl Incoming {
 }
 
 /// Packs the seed's bootstrap pages now.
-pub fn pack(seed: &Seed) -> Result<Packed, RemoteError> {
+pub fn pack(seed: &Seed, codec: Codec) -> Result<Packed, RemoteError> {
     let (runs, working_set) = bootstrap_runs(seed);
     let data = read_runs(&seed.memory, &runs).map_err(|e| RemoteError::SeedGone(e.to_string()))?;
-    let chunks = packed::pack(&data);
+    let chunks = packed::pack(&data, codec);
     let mut frames = vec![frame::encode(&Response::Bootstrap {
         descriptor: seed.encoded.clone(),
         runs,

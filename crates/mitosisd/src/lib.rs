@@ -34,6 +34,8 @@ pub struct Daemon {
     pub counters: Counters,
     /// Seeds from bundles and the containers children join; an error if this host can't.
     pub containers: Result<containers::Containers, String>,
+    /// How this host's seeds' bootstrap pages are packed.
+    pub bootstrap_codec: mitosis_transport::packed::Codec,
 }
 
 impl Daemon {

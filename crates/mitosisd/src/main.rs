@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use mitosis_fork::restore::StubPool;
+use mitosis_transport::packed::Codec;
 use mitosis_transport::peer::PeerPool;
 use mitosisd::cache::HostCache;
 use mitosisd::containers::Containers;
@@ -52,6 +53,10 @@ struct Args {
     /// Empty containers kept ready per bundle for children to join.
     #[arg(long, default_value_t = 4)]
     container_pool: usize,
+    /// How bootstrap pages travel to new hosts: raw, or lz4 where the network is slower than
+    /// unpacking (hosts on other machines).
+    #[arg(long, default_value = "raw")]
+    bootstrap_codec: Codec,
 }
 
 fn main() -> Result<()> {
@@ -132,6 +137,7 @@ async fn run(args: Args) -> Result<()> {
         cache: HostCache::new(args.cache_mib * 256),
         counters: Counters::default(),
         containers,
+        bootstrap_codec: args.bootstrap_codec,
     });
     tracing::info!(listen = %daemon.listen, socket = %args.socket.display(), "mitosisd up");
     tokio::spawn(peer_server::serve(tcp, daemon.clone()));

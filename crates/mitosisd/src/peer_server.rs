@@ -41,7 +41,7 @@ async fn connection(mut stream: TcpStream, daemon: &Daemon) -> Result<(), frame:
         match frame::read(&mut stream).await? {
             Request::Bootstrap { seed: s } => {
                 let packed = match daemon.registry.authorize(s.id, &s.key) {
-                    Ok(seed) => bootstrap::packed(&seed).await,
+                    Ok(seed) => bootstrap::packed(&seed, daemon.bootstrap_codec).await,
                     Err(e) => Err(e),
                 };
                 match packed {
@@ -76,15 +76,24 @@ fn answer(request: Request, daemon: &Daemon) -> Result<Response, RemoteError> {
         Request::Descriptor { seed: s } => Response::Descriptor(seed(s)?.encoded.clone()),
         // Answered in `connection`: it streams.
         Request::Bootstrap { .. } => return Err(RemoteError::TooLarge),
-        Request::Pages { seed: s, runs } => {
+        Request::Pages {
+            seed: s,
+            runs,
+            touched,
+        } => {
             let seed = seed(s)?;
             if runs.iter().map(|r| r.1 as u64).sum::<u64>() > MAX_PAGES_PER_REQUEST {
                 return Err(RemoteError::TooLarge);
             }
             seed.check_runs(&runs)?;
+            if let Some(page) = touched {
+                seed.check_runs(&[(page & !4095, 1)])?;
+            }
             let bytes =
                 read_runs(&seed.memory, &runs).map_err(|e| RemoteError::SeedGone(e.to_string()))?;
-            seed.record(&runs);
+            if let Some(page) = touched {
+                seed.record(page);
+            }
             daemon
                 .counters
                 .bytes_served

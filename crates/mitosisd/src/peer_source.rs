@@ -21,9 +21,13 @@ pub struct PeerSource {
 }
 
 impl PageSource for PeerSource {
-    async fn read(&mut self, runs: Vec<(u64, u32)>) -> Result<Vec<u8>, String> {
+    async fn read(
+        &mut self,
+        runs: Vec<(u64, u32)>,
+        touched: Option<u64>,
+    ) -> Result<Vec<u8>, String> {
         self.pool
-            .pages(self.addr, self.seed, runs)
+            .pages(self.addr, self.seed, runs, touched)
             .await
             .map_err(|e| e.to_string())
     }
@@ -50,9 +54,15 @@ impl LocalSource {
 }
 
 impl PageSource for LocalSource {
-    async fn read(&mut self, runs: Vec<(u64, u32)>) -> Result<Vec<u8>, String> {
-        let data = self.twin.read(runs.clone()).await?;
-        self.seed.record(&runs);
+    async fn read(
+        &mut self,
+        runs: Vec<(u64, u32)>,
+        touched: Option<u64>,
+    ) -> Result<Vec<u8>, String> {
+        let data = self.twin.read(runs, None).await?;
+        if let Some(page) = touched {
+            self.seed.record(page);
+        }
         Ok(data)
     }
 
@@ -69,10 +79,14 @@ pub enum Source {
 }
 
 impl PageSource for Source {
-    async fn read(&mut self, runs: Vec<(u64, u32)>) -> Result<Vec<u8>, String> {
+    async fn read(
+        &mut self,
+        runs: Vec<(u64, u32)>,
+        touched: Option<u64>,
+    ) -> Result<Vec<u8>, String> {
         match self {
-            Source::Local(s) => s.read(runs).await,
-            Source::Peer(s) => s.read(runs).await,
+            Source::Local(s) => s.read(runs, touched).await,
+            Source::Peer(s) => s.read(runs, touched).await,
         }
     }
 

@@ -47,12 +47,14 @@ impl Seed {
         }
     }
 
-    /// Adds the pages of `runs` (already checked) to the working set.
-    pub fn record(&self, runs: &[(u64, u32)]) {
-        let mut set = self.working_set.lock().expect("working set lock");
-        for &(addr, pages) in runs {
-            set.extend((0..pages as u64).map(|i| addr + i * 4096));
-        }
+    /// Adds a page a child touched to the working set. Only touched pages count, not the
+    /// neighbours fetched with them: a later child that does touch a neighbour faults on it
+    /// and records it then, so the set grows to what children use and no further.
+    pub fn record(&self, page: u64) {
+        self.working_set
+            .lock()
+            .expect("working set lock")
+            .insert(page & !4095);
     }
 
     pub fn working_set_len(&self) -> usize {

@@ -4,7 +4,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mitosis_container::{Bundle, Container};
 use mitosis_fork::PageSource;
@@ -77,6 +77,7 @@ pub async fn build(
     stats.descriptor_us = t0.elapsed().as_micros() as u64;
     // The pages keep coming while the replica is made.
     let (made, built) = make(daemon, &incoming.descriptor).await?;
+    stats.plan_us = made.plan_us;
     stats.spawn_us = built.spawn_us;
     stats.restore_us = built.restore_us;
     let pid = built.replica.pid();
@@ -96,15 +97,20 @@ pub async fn build(
     let ws = Instant::now();
     let pages_in = async {
         let mut installed = 0;
+        let (mut wait, mut install) = (Duration::ZERO, Duration::ZERO);
         for runs in chunk_runs(&incoming.runs, packed::CHUNK_PAGES as u32) {
+            let asked = Instant::now();
             let bulk = incoming.next(runs).await?;
+            let landed = Instant::now();
             installed += pages.install_bulk(&bulk, &made.overlay).await?;
+            wait += landed - asked;
+            install += landed.elapsed();
         }
         let lacking = lacking(&made.overlay, &incoming.runs);
         if !lacking.is_empty() {
             let data = source
                 .clone()
-                .read(lacking.clone())
+                .read(lacking.clone(), None)
                 .await
                 .map_err(|e| format!("fetching the seed's file pages: {e}"))?;
             pages.write_overlay(&lacking, &data)?;
@@ -118,12 +124,14 @@ pub async fn build(
             .fill(&eager)
             .await
             .map_err(|e| format!("fetching the stack and TLS pages: {e}"))?;
-        Ok::<_, String>(installed)
+        Ok::<_, String>((installed, wait, install))
     };
     let mut process = built.replica;
     let finished = match pages_in.await {
-        Ok(installed) => {
+        Ok((installed, wait, install)) => {
             stats.working_set_pages = installed;
+            stats.pages_wait_us = wait.as_micros() as u64;
+            stats.install_us = install.as_micros() as u64;
             let (p, finished) = daemon
                 .tracer
                 .run(move || {
@@ -167,6 +175,7 @@ pub async fn build(
 
 /// A replica process built from a descriptor, with what its entry keeps of the plan.
 struct Made {
+    plan_us: u64,
     bundle: Option<Arc<Bundle>>,
     shared_pending: PendingMap,
     shared_ranges: Vec<(u64, u64)>,
@@ -176,6 +185,7 @@ struct Made {
 
 /// Plans the replica of the seed `encoded` describes and builds it on the tracer thread.
 async fn make(daemon: &Daemon, encoded: &[u8]) -> Result<(Made, replica::Built), String> {
+    let started = Instant::now();
     let desc = mitosis_descriptor::decode(encoded).map_err(|e| e.to_string())?;
     let bundle = match &desc.container {
         Some(r) => Some(daemon.containers()?.bundle_of(r)?),
@@ -184,6 +194,7 @@ async fn make(daemon: &Daemon, encoded: &[u8]) -> Result<(Made, replica::Built),
     let root = bundle.as_ref().map(|b| b.rootfs.as_path());
     let plan =
         restore::plan(&desc, &daemon.files, daemon.vdso_hash, root).map_err(|e| e.to_string())?;
+    let plan_us = started.elapsed().as_micros() as u64;
     let join = bundle.as_ref().map(|b| JoinSpec {
         namespaces: b.namespaces,
         cwd: desc.cwd.clone().unwrap_or_else(|| b.cwd.clone()),
@@ -211,6 +222,7 @@ async fn make(daemon: &Daemon, encoded: &[u8]) -> Result<(Made, replica::Built),
         .map_err(|e| e.to_string())?;
     Ok((
         Made {
+            plan_us,
             bundle,
             shared_pending,
             shared_ranges,

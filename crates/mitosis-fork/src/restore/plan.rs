@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use mitosis_descriptor::{Backing, Descriptor, KernelObject, MmFields, ProcessState, Thread, Vma};
+use mitosis_descriptor::{
+    Backing, Descriptor, FileIdentity, KernelObject, MmFields, ProcessState, Thread, Vma,
+};
 use mitosis_sys::PAGE_SIZE;
 use thiserror::Error;
 
@@ -101,6 +103,16 @@ pub fn plan(
             })
     };
 
+    // A library has several mappings: each file is checked once.
+    let mut checked: HashMap<FileIdentity, bool> = HashMap::new();
+    let mut identical = |file: &FileIdentity| -> bool {
+        if let Some(&same) = checked.get(file) {
+            return same;
+        }
+        let same = files.is_identical(file, root);
+        checked.insert(file.clone(), same);
+        same
+    };
     let mut maps = Vec::new();
     let mut lazy_ranges = Vec::new();
     let mut pending = PendingMap::new();
@@ -124,7 +136,7 @@ pub fn plan(
             dont_fork: vma.dont_fork,
         };
         match &vma.backing {
-            Backing::File { file, offset, .. } if files.is_identical(file, root) => {
+            Backing::File { file, offset, .. } if identical(file) => {
                 let writable_shared = vma.shared && vma.prot & mitosis_descriptor::PROT_WRITE != 0;
                 let mode = if writable_shared {
                     libc::O_RDWR
@@ -145,7 +157,6 @@ pub fn plan(
                     step.flags =
                         (step.flags & !(libc::MAP_PRIVATE as u64)) | libc::MAP_SHARED as u64;
                 }
-                lazy_ranges.push((vma.start, vma.len()));
                 let from_seed: Vec<bool> = match backing {
                     Backing::File { file_pages, .. } => (0..vma.pages())
                         .map(|p| p < *file_pages || vma.seed_pages.contains(p))
@@ -154,16 +165,24 @@ pub fn plan(
                         .map(|p| vma.seed_pages.contains(p))
                         .collect(),
                 };
+                if vma.shared {
+                    // Each child registers its own shared mapping whole (see replica).
+                    lazy_ranges.push((vma.start, vma.len()));
+                } else {
+                    lazy_ranges.extend(lazy_spans(vma.start, &from_seed));
+                }
                 pending.insert(vma.start, vma.start, from_seed);
             }
         }
         maps.push(step);
     }
 
+    // Sorted, so that a bulk's share of it is found in one sweep.
+    overlay.sort_unstable_by_key(|r| r.child);
     let exe = desc
         .exe
         .as_ref()
-        .filter(|e| files.is_identical(e, root))
+        .filter(|e| identical(e))
         .map(|e| open(&e.path, libc::O_RDONLY));
     let object_fds = desc.objects.iter().flat_map(|o| o.fds()).map(|f| f.fd);
     let work_fd_base = desc
@@ -225,6 +244,32 @@ pub fn plan(
     })
 }
 
+/// Holes of at least this many pages the seed never had are left out of the userfaultfd
+/// ranges: the kernel zero-fills their pages on touch, with no round trip to the fault path
+/// (a heap the seed trimmed has many). Smaller holes are not worth another mapping.
+const HOLE_PAGES: usize = 16;
+
+/// The parts of a private mapping at `start` to serve through userfaultfd: its pages from the
+/// seed and the holes of fewer than [`HOLE_PAGES`] pages between them, as `(start, len)`.
+fn lazy_spans(start: u64, from_seed: &[bool]) -> Vec<(u64, u64)> {
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    for (page, _) in from_seed.iter().enumerate().filter(|(_, has)| **has) {
+        match spans.last_mut() {
+            Some((_, end)) if page - *end < HOLE_PAGES => *end = page + 1,
+            _ => spans.push((page, page + 1)),
+        }
+    }
+    spans
+        .into_iter()
+        .map(|(first, end)| {
+            (
+                start + first as u64 * PAGE_SIZE,
+                (end - first) as u64 * PAGE_SIZE,
+            )
+        })
+        .collect()
+}
+
 /// The pages a thread touches as soon as it runs.
 fn hot_pages_of(t: &Thread) -> impl Iterator<Item = u64> + '_ {
     let regs = crate::regs::words_to_regs(&t.regs);
@@ -277,4 +322,35 @@ fn runs_of(vma: &Vma) -> impl Iterator<Item = Run> + '_ {
             pages: count,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pages(set: &[usize], len: usize) -> Vec<bool> {
+        (0..len).map(|p| set.contains(&p)).collect()
+    }
+
+    #[test]
+    fn lazy_spans_leave_out_only_large_holes() {
+        let base = 0x10_0000;
+        let page = PAGE_SIZE;
+        // A hole of HOLE_PAGES - 1 pages stays in; one of HOLE_PAGES pages is left out.
+        let small = HOLE_PAGES;
+        let large = 2 * HOLE_PAGES + 1;
+        let seed = pages(&[0, 1, small, large, large + 1], 100);
+        assert_eq!(
+            lazy_spans(base, &seed),
+            vec![
+                (base, (small as u64 + 1) * page),
+                (base + large as u64 * page, 2 * page)
+            ]
+        );
+        assert!(lazy_spans(base, &pages(&[], 64)).is_empty());
+        assert_eq!(
+            lazy_spans(base, &pages(&[63], 64)),
+            vec![(base + 63 * page, page)]
+        );
+    }
 }
