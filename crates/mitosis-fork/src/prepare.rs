@@ -8,13 +8,15 @@
 //! so the seed runs on and its later writes stay invisible to children. Everything else
 //! (layout, page lists, file identities) is read from the twin after the seed is released.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
 use mitosis_descriptor::{
-    Backing, Descriptor, FileIdentity, PROT_EXEC, PROT_READ, PROT_WRITE, PageSet, Thread, Vdso, Vma,
+    Backing, Descriptor, FileIdentity, PROT_EXEC, PROT_READ, PROT_WRITE, PageSet, ProcessState,
+    Thread, Vdso, Vma,
 };
 use mitosis_sys::PAGE_SIZE;
 use mitosis_sys::mem::RemoteMemory;
@@ -120,14 +122,79 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
 
-    // Read while the seed runs: smaps is slow, and a runtime marks its heap once.
-    let dont_fork = fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .map(|s| procfs::parse_dont_fork(&s))
-        .unwrap_or_default();
+    // A fork leaves MADV_DONTFORK ranges (V8's heap) out of the twin. Only smaps tells which
+    // ranges those are, and reading it costs milliseconds: it is read only when a mapping of
+    // the seed is missing from the twin, and the twin made again with them let through.
+    let mut snap = snapshot(pid, &[])?;
+    let mut maps = twin_maps(&snap);
+    let mut dont_fork = Vec::new();
+    if maps.as_ref().is_ok_and(|maps| lost_in_twin(pid, maps)) {
+        dont_fork = fs::read_to_string(format!("/proc/{pid}/smaps"))
+            .map(|s| procfs::parse_dont_fork(&s))
+            .unwrap_or_default();
+        if !dont_fork.is_empty() {
+            snap.twin.release(snap.syscall_insn);
+            snap = snapshot(pid, &dont_fork)?;
+            maps = twin_maps(&snap);
+        }
+    }
+    let maps = match maps {
+        Ok(maps) => maps,
+        Err(e) => {
+            snap.twin.release(snap.syscall_insn);
+            return Err(e);
+        }
+    };
+    let Snapshot {
+        twin,
+        threads,
+        fds,
+        brk,
+        process,
+        syscall_insn,
+        stopped_us,
+    } = snap;
 
+    match describe(&twin, &maps, seed_id, files, &dont_fork) {
+        Ok(mut descriptor) => {
+            descriptor.threads = threads;
+            descriptor.process = process;
+            descriptor.mm.brk = brk;
+            descriptor.files = fds.files;
+            descriptor.objects = fds.objects;
+            descriptor.dropped = fds.dropped;
+            descriptor.cwd = cwd;
+            Ok(Prepared {
+                twin,
+                descriptor,
+                syscall_insn,
+                stopped_us,
+            })
+        }
+        Err(e) => {
+            twin.release(syscall_insn);
+            Err(e)
+        }
+    }
+}
+
+/// A twin and the seed state read while the seed was stopped.
+struct Snapshot {
+    twin: Twin,
+    threads: Vec<Thread>,
+    fds: capture::fds::Fds,
+    brk: u64,
+    process: ProcessState,
+    syscall_insn: u64,
+    stopped_us: u64,
+}
+
+/// Stops the seed, captures its threads and descriptors, clones the twin (letting the
+/// `dont_fork` ranges through) and lets the seed go on; then reads the process state.
+fn snapshot(pid: i32, dont_fork: &[(u64, u64)]) -> Result<Snapshot, PrepareError> {
     let stop_start = Instant::now();
     let mut group = threads::stop_all(pid)?;
-    let frozen = freeze(&mut group, pid, &dont_fork);
+    let frozen = freeze(&mut group, pid, dont_fork);
     // Whatever happened, the seed goes on running.
     group.release();
     let Frozen {
@@ -171,33 +238,42 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
             });
         }
     };
-    let twin = Twin {
-        tracee: twin,
-        memory: Arc::new(memory),
-        seed_pid: pid,
-    };
+    Ok(Snapshot {
+        twin: Twin {
+            tracee: twin,
+            memory: Arc::new(memory),
+            seed_pid: pid,
+        },
+        threads,
+        fds,
+        brk,
+        process,
+        syscall_insn,
+        stopped_us,
+    })
+}
 
-    match describe(&twin, seed_id, files, &dont_fork) {
-        Ok(mut descriptor) => {
-            descriptor.threads = threads;
-            descriptor.process = process;
-            descriptor.mm.brk = brk;
-            descriptor.files = fds.files;
-            descriptor.objects = fds.objects;
-            descriptor.dropped = fds.dropped;
-            descriptor.cwd = cwd;
-            Ok(Prepared {
-                twin,
-                descriptor,
-                syscall_insn,
-                stopped_us,
-            })
+fn twin_maps(snap: &Snapshot) -> Result<Vec<MapsEntry>, PrepareError> {
+    let pid = snap.twin.pid();
+    procfs::parse_maps(&read_proc(format!("/proc/{pid}/maps"))?).map_err(|r| {
+        PrepareError::Malformed {
+            pid,
+            reason: MalformedProc(r),
         }
-        Err(e) => {
-            twin.release(syscall_insn);
-            Err(e)
-        }
-    }
+    })
+}
+
+/// True if a mapping of the seed is not among its twin's: a MADV_DONTFORK range, or one the
+/// seed made since it was let go (then smaps is read for nothing, no harm done).
+fn lost_in_twin(pid: i32, twin: &[MapsEntry]) -> bool {
+    let Some(seed) = fs::read_to_string(format!("/proc/{pid}/maps"))
+        .ok()
+        .and_then(|t| procfs::parse_maps(&t).ok())
+    else {
+        return true;
+    };
+    let kept: HashSet<(u64, u64)> = twin.iter().map(|m| (m.start, m.end)).collect();
+    seed.iter().any(|m| !kept.contains(&(m.start, m.end)))
 }
 
 struct Frozen {
@@ -318,6 +394,7 @@ fn find_syscall_insn(pid: i32, regs: &Regs) -> Result<u64, PrepareError> {
 /// Builds the descriptor's layout and page lists from the frozen twin.
 fn describe(
     twin: &Twin,
+    maps: &[MapsEntry],
     seed_id: u64,
     files: &FileCache,
     dont_fork: &[(u64, u64)],
@@ -327,7 +404,6 @@ fn describe(
         pid,
         reason: MalformedProc(r),
     };
-    let maps = procfs::parse_maps(&read_proc(format!("/proc/{pid}/maps"))?).map_err(malformed)?;
     let mm = procfs::parse_stat_mm(&read_proc(format!("/proc/{pid}/stat"))?).map_err(malformed)?;
     let auxv = procfs::parse_auxv(
         &fs::read(format!("/proc/{pid}/auxv")).map_err(proc_err(format!("/proc/{pid}/auxv")))?,
@@ -342,7 +418,8 @@ fn describe(
 
     let mut vmas = Vec::new();
     let mut vdso_block: Option<(u64, u64, u64)> = None;
-    for m in &maps {
+    let mut seen = Seen::default();
+    for m in maps {
         match m.name.as_str() {
             "[vsyscall]" => continue,
             "[vvar]" | "[vvar_vclock]" => {
@@ -358,7 +435,7 @@ fn describe(
             _ => {}
         }
         let dont_fork = dont_fork.iter().any(|&(s, e)| s <= m.start && m.end <= e);
-        vmas.push(describe_vma(twin, m, files, dont_fork)?);
+        vmas.push(describe_vma(twin, m, files, &mut seen, dont_fork)?);
     }
     let vdso = match vdso_block {
         Some((block_start, vdso_start, vdso_end)) if vdso_end > 0 => {
@@ -394,10 +471,20 @@ fn describe(
     })
 }
 
+/// What `describe` opened or identified once for all the mappings.
+#[derive(Default)]
+struct Seen {
+    /// The seed's memory, for the page states of shared mappings.
+    seed_memory: Option<RemoteMemory>,
+    /// Identities by (inode, path): a library has several mappings.
+    files: HashMap<(u64, String), FileIdentity>,
+}
+
 fn describe_vma(
     twin: &Twin,
     m: &MapsEntry,
     files: &FileCache,
+    seen: &mut Seen,
     dont_fork: bool,
 ) -> Result<Vma, PrepareError> {
     let pid = twin.pid();
@@ -405,8 +492,19 @@ fn describe_vma(
     // fork copies no page table entries for shared mappings, so the twin's pagemap knows
     // nothing of them; their pages are the seed's (still shared with the twin).
     let states_of = if m.shared { twin.seed_pid } else { pid };
-    let states = RemoteMemory::open(states_of, false)
-        .and_then(|mem| mem.page_states(m.start, pages))
+    let memory = if m.shared {
+        match &mut seen.seed_memory {
+            Some(memory) => &*memory,
+            empty => &*empty.insert(
+                RemoteMemory::open(states_of, false)
+                    .map_err(proc_err(format!("/proc/{states_of}/pagemap")))?,
+            ),
+        }
+    } else {
+        &*twin.memory
+    };
+    let states = memory
+        .page_states(m.start, pages)
         .map_err(proc_err(format!("/proc/{states_of}/pagemap")))?;
     let prot =
         (m.read as u8 * PROT_READ) | (m.write as u8 * PROT_WRITE) | (m.exec as u8 * PROT_EXEC);
@@ -423,12 +521,21 @@ fn describe_vma(
         });
     }
     let backing = if file_backed {
-        // map_files opens the exact file mapped, even if it was deleted or replaced since.
-        let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
-        let file = File::open(&link).map_err(proc_err(link))?;
-        let identity: FileIdentity = files
-            .identify(&file, &m.name)
-            .map_err(proc_err(m.name.clone()))?;
+        let identity = match seen.files.get(&(m.inode, m.name.clone())) {
+            Some(identity) => identity.clone(),
+            None => {
+                // map_files opens the exact file mapped, even if it was deleted or replaced
+                // since.
+                let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+                let file = File::open(&link).map_err(proc_err(link))?;
+                let identity = files
+                    .identify(&file, &m.name)
+                    .map_err(proc_err(m.name.clone()))?;
+                seen.files
+                    .insert((m.inode, m.name.clone()), identity.clone());
+                identity
+            }
+        };
         let in_file = identity.size.saturating_sub(m.offset).div_ceil(PAGE_SIZE);
         Backing::File {
             file: identity,
