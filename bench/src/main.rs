@@ -8,7 +8,7 @@
 //! - mitosis first child: a fresh prepare of the seed, then a child on host 1: nothing is
 //!   recorded anywhere yet;
 //! - mitosis cold host: a child on host 1, which has no replica of the seed, while its working
-//!   set was recorded by a child on host 2;
+//!   set was recorded by the first children on host 2;
 //! - mitosis warm host: children on host 1, which holds the seed's replica;
 //! - mitosis warm host (CLI): the same through `mitosis resume`, to show the CLI's own cost;
 //! - CRIU (when `criu check` passes): `criu restore` of a dump of the seed on host 1.
@@ -259,7 +259,7 @@ fn bench_seed(
         args.cold_samples
     ));
     remote.first_child(server.pid(), &pairs, args.cold_samples, &mut out);
-    step("prepare once, working set recorded by a child on host 2".to_owned());
+    step("prepare once, working set recorded by the first children on host 2".to_owned());
     match remote.prepare_recorded(server.pid()) {
         Ok(handle) => {
             remote_rows(args, remote, &handle, &pairs, &mut out);

@@ -2,7 +2,7 @@
 //!
 //! - first child: per sample a fresh prepare (a new seed id, nothing recorded anywhere) and one
 //!   child: the worst case, building the host's replica with no working set known;
-//! - cold host: one handle whose working set was recorded by a first child on host 2; per
+//! - cold host: one handle whose working set was recorded by first children on host 2; per
 //!   sample, one child on host 1, which has no replica (it is evicted after each sample);
 //! - warm host: children of that handle once host 1 holds its replica;
 //! - warm host (CLI): the same through `mitosis resume`, to show what the CLI adds.
@@ -22,6 +22,12 @@ use crate::results::{
     ChildNumbers, MITOSIS_COLD, MITOSIS_FIRST, MITOSIS_WARM, MITOSIS_WARM_CLI, Method, SeedResult,
     Served,
 };
+
+/// Children that record a seed's working set before the cold-host row. The set holds only
+/// pages children faulted on, not the neighbours fetched with them: a child whose replica has
+/// more of the set faults on the neighbours it does use, so the set takes a few hosts' first
+/// children to settle.
+const RECORDING_CHILDREN: usize = 4;
 
 /// One resumed child that answered right and exited 0.
 pub struct Child {
@@ -179,12 +185,19 @@ impl Remote<'_> {
     }
 
     /// Prepares the seed (process `pid`) for the other rows and records its working set with
-    /// a first child on host 2; returns the handle.
+    /// the first [`RECORDING_CHILDREN`] children on host 2, each on a fresh replica (as the
+    /// seed's first few hosts would); returns the handle.
     pub fn prepare_recorded(&self, pid: u32) -> Result<String, String> {
         let prepared =
             daemon::prepare(self.seed_host, pid).map_err(|e| format!("prepare: {e:#}"))?;
-        self.child(self.child_hosts[1], &prepared.handle, r#"{"n": 999}"#, None)
-            .map_err(|e| format!("first child on host 2: {e}"))?;
+        let host = self.child_hosts[1];
+        for i in 0..RECORDING_CHILDREN {
+            if i > 0 {
+                daemon::evict(host, &prepared.handle).map_err(|e| format!("host 2: {e:#}"))?;
+            }
+            self.child(host, &prepared.handle, r#"{"n": 999}"#, None)
+                .map_err(|e| format!("child {} on host 2: {e}", i + 1))?;
+        }
         Ok(prepared.handle)
     }
 
