@@ -145,34 +145,24 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
             return Err(e);
         }
     };
-    let Snapshot {
-        twin,
-        threads,
-        fds,
-        brk,
-        process,
-        syscall_insn,
-        stopped_us,
-    } = snap;
-
-    match describe(&twin, &maps, seed_id, files, &dont_fork) {
+    match describe(&snap.twin, &maps, seed_id, files, &dont_fork) {
         Ok(mut descriptor) => {
-            descriptor.threads = threads;
-            descriptor.process = process;
-            descriptor.mm.brk = brk;
-            descriptor.files = fds.files;
-            descriptor.objects = fds.objects;
-            descriptor.dropped = fds.dropped;
+            descriptor.threads = snap.threads;
+            descriptor.process = snap.process;
+            descriptor.mm.brk = snap.brk;
+            descriptor.files = snap.fds.files;
+            descriptor.objects = snap.fds.objects;
+            descriptor.dropped = snap.fds.dropped;
             descriptor.cwd = cwd;
             Ok(Prepared {
-                twin,
+                twin: snap.twin,
                 descriptor,
-                syscall_insn,
-                stopped_us,
+                syscall_insn: snap.syscall_insn,
+                stopped_us: snap.stopped_us,
             })
         }
         Err(e) => {
-            twin.release(syscall_insn);
+            snap.twin.release(snap.syscall_insn);
             Err(e)
         }
     }
