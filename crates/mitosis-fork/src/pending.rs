@@ -30,6 +30,13 @@ pub struct Run {
     pub pages: u64,
 }
 
+impl Run {
+    /// The child address just past the run.
+    pub fn end(&self) -> u64 {
+        self.child + self.pages * PAGE
+    }
+}
+
 impl PendingMap {
     pub fn new() -> Self {
         Self::default()

@@ -319,11 +319,11 @@ fn overlap(runs: &[(u64, u32)], overlay: &[Run]) -> Vec<(u64, u32, usize)> {
     let mut at = 0;
     for &(addr, pages) in runs {
         let end = addr + pages as u64 * PAGE_SIZE;
-        while first < overlay.len() && overlay_end(&overlay[first]) <= addr {
+        while first < overlay.len() && overlay[first].end() <= addr {
             first += 1;
         }
         for o in overlay[first..].iter().take_while(|o| o.child < end) {
-            let (from, to) = (addr.max(o.child), end.min(overlay_end(o)));
+            let (from, to) = (addr.max(o.child), end.min(o.end()));
             if from < to {
                 let pages = ((to - from) / PAGE_SIZE) as u32;
                 out.push((from, pages, at + (from - addr) as usize));
@@ -334,17 +334,13 @@ fn overlap(runs: &[(u64, u32)], overlay: &[Run]) -> Vec<(u64, u32, usize)> {
     out
 }
 
-fn overlay_end(run: &Run) -> u64 {
-    run.child + run.pages * PAGE_SIZE
-}
-
 /// The pages of `overlay` (sorted) that a bulk of `runs` (sorted) does not hold, as runs.
 pub fn lacking(overlay: &[Run], runs: &[(u64, u32)]) -> Vec<(u64, u32)> {
     let held = overlap(runs, overlay);
     let mut held = held.iter().peekable();
     let mut out = Vec::new();
     for run in overlay {
-        let (mut page, end) = (run.child, overlay_end(run));
+        let (mut page, end) = (run.child, run.end());
         while let Some(&&(from, pages, _)) = held.peek().filter(|h| h.0 < end) {
             if from > page {
                 out.push((page, ((from - page) / PAGE_SIZE) as u32));

@@ -35,26 +35,20 @@ impl Tracer {
                     tracing::warn!("tracer priority: {e}");
                 }
                 idle();
-                let mut worked = false;
+                // After idle work, wait for the next job without a deadline.
+                let mut wait = Duration::MAX;
                 loop {
-                    let job = if worked {
-                        match rx.recv_timeout(QUIET) {
-                            Ok(job) => job,
-                            Err(mpsc::RecvTimeoutError::Timeout) => {
-                                idle();
-                                worked = false;
-                                continue;
-                            }
-                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    match rx.recv_timeout(wait) {
+                        Ok(job) => {
+                            job();
+                            wait = QUIET;
                         }
-                    } else {
-                        match rx.recv() {
-                            Ok(job) => job,
-                            Err(_) => return,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            idle();
+                            wait = Duration::MAX;
                         }
-                    };
-                    job();
-                    worked = true;
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
                 }
             })?;
         Ok(Tracer { jobs })
