@@ -227,3 +227,130 @@ fn child_whose_page_source_dies_is_killed_with_a_reason() {
     drop(seed);
     teardown(tb);
 }
+
+#[test]
+fn packed_bootstrap_pages_rebuild_the_same_memory() {
+    // The raw stream (the default) is what every other test goes through.
+    let tb = testbed_with(2, &["--bootstrap-codec", "lz4"]);
+    let dir = Scratch::new("packed");
+    let seed = memcheck_seed(&tb, 0, &dir.0);
+    let handle = prepare(&tb, 0, seed.pid());
+    for _ in 0..2 {
+        let out = cli(&tb, 1, &["resume", &handle], "verify\n");
+        assert_eq!(
+            stdout(&out),
+            format!("ok 11 {MEMCHECK_DIGEST}\n"),
+            "stderr: {}",
+            stderr(&out)
+        );
+        assert_eq!(cli(&tb, 1, &["evict", &handle], "").status.code(), Some(0));
+    }
+    drop(seed);
+    teardown(tb);
+}
+
+#[test]
+fn a_bootstrap_cut_short_fails_the_child_cleanly() {
+    let tb = testbed(2);
+    let dir = Scratch::new("cut");
+    let seed = memcheck_seed(&tb, 0, &dir.0);
+    let handle = prepare(&tb, 0, seed.pid());
+    let daemon = tb.host(1).daemon_pid().expect("host 1's daemon");
+    let stubs = || {
+        let mut s: Vec<i32> = stub_processes()
+            .into_iter()
+            .filter(|&p| is_child_of(p, daemon))
+            .collect();
+        s.sort();
+        s
+    };
+    // Host 1 starts its stub pool when it starts; wait until it is full.
+    std::thread::sleep(Duration::from_millis(300));
+    let idle_stubs = stubs().len();
+
+    // Host 1 reaches the seed through a proxy on host 0 that ends the connection a few pages
+    // into the bootstrap's page stream, as a seed host that dies mid-transfer would.
+    let (proxy, proxying) = cutting_proxy(&tb, 3 * 4096 + 100);
+    let real = tb.host(0).listen_addr().to_string();
+    let cut = handle.replacen(&real, &proxy.to_string(), 1);
+    let out = cli(&tb, 1, &["resume", &cut], "verify\n");
+    proxying.join().expect("the proxy cut a bootstrap");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("came short"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one-line error expected: {err:?}");
+    assert!(stdout(&out).is_empty());
+    assert!(replica_pids(&tb, 1).is_empty(), "no replica may be left");
+    // The stub that was to become the replica is gone; the pool is full again.
+    assert!(
+        eventually(Duration::from_secs(5), || stubs().len() == idle_stubs),
+        "stubs of host 1: {:?}, expected {idle_stubs}",
+        stubs()
+    );
+
+    // The host's pooled connections are fine: the real handle works.
+    let out = cli(&tb, 1, &["resume", &handle], "verify\n");
+    assert_eq!(
+        stdout(&out),
+        format!("ok 11 {MEMCHECK_DIGEST}\n"),
+        "stderr: {}",
+        stderr(&out)
+    );
+    drop(seed);
+    teardown(tb);
+}
+
+/// A TCP proxy on host 0, in front of its daemon, for one connection at a time: requests pass
+/// whole, answers too, except a bootstrap's, of which only the first frame and then `keep`
+/// bytes pass before both connections are closed and the proxy stops (its thread ends, so
+/// nothing holds host 0's namespace at teardown).
+fn cutting_proxy(
+    tb: &mitosis_testbed::Testbed,
+    keep: usize,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    const BOOTSTRAP_TAG: u8 = 3;
+    let netns = std::fs::File::open(tb.host(0).netns_path()).expect("host 0's netns");
+    let upstream = tb.host(0).listen_addr();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let proxying = std::thread::spawn(move || {
+        // SAFETY: setns on this thread only, with an fd we hold open for the call.
+        assert_eq!(
+            unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        drop(netns);
+        let listener = TcpListener::bind((upstream.ip(), 0)).expect("proxy binds");
+        tx.send(listener.local_addr().unwrap()).unwrap();
+        let limit = Some(Duration::from_secs(20));
+        let frame = |from: &mut TcpStream| -> Option<Vec<u8>> {
+            let mut len = [0u8; 4];
+            from.read_exact(&mut len).ok()?;
+            let mut body = vec![0; u32::from_le_bytes(len) as usize];
+            from.read_exact(&mut body).ok()?;
+            Some([&len[..], &body].concat())
+        };
+        for client in listener.incoming() {
+            let mut client = client.expect("proxy accepts");
+            let mut server = TcpStream::connect(upstream).expect("proxy connects");
+            for s in [&client, &server] {
+                s.set_read_timeout(limit).unwrap();
+            }
+            while let Some(request) = frame(&mut client) {
+                server.write_all(&request).expect("proxy forwards");
+                let answer = frame(&mut server).expect("an answer");
+                client.write_all(&answer).expect("proxy answers");
+                if answer.get(4) == Some(&BOOTSTRAP_TAG) {
+                    let mut part = vec![0; keep];
+                    server.read_exact(&mut part).expect("pages");
+                    client.write_all(&part).expect("proxy passes pages");
+                    return;
+                }
+            }
+        }
+    });
+    (rx.recv().expect("proxy address"), proxying)
+}

@@ -176,6 +176,16 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         Ok(installed)
     }
 
+    /// Records pages the replica read in itself from a bootstrap stream: no longer pending.
+    /// Returns how many went in.
+    pub async fn streamed_in(&self, runs: &[(u64, u32)]) -> u64 {
+        let mut state = self.state.lock().await;
+        take_runs(&mut state.pending, runs);
+        let total = runs.iter().map(|r| r.1 as u64).sum();
+        self.fetched.fetch_add(total, Ordering::Relaxed);
+        total
+    }
+
     /// Writes `runs` of file pages the seed wrote (their bytes back to back in `data`).
     pub fn write_overlay(&self, runs: &[(u64, u32)], data: &[u8]) -> Result<(), String> {
         let mut at = 0;

@@ -10,7 +10,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 
-use mitosis_fork::restore::protocol::{CHANNEL_FD, Go, OpenSpec, Ready, Setup};
+use mitosis_fork::restore::protocol::{self, CHANNEL_FD, Go, OpenSpec, Ready, Setup};
 use mitosis_sys::fdpass;
 use mitosis_sys::uffd::Userfaultfd;
 use mitosis_transport::frame;
@@ -69,8 +69,30 @@ fn run(mut chan: UnixStream) -> Result<(), String> {
         &[uffd],
     )
     .map_err(|e| format!("sending userfaultfd: {e}"))?;
-    let go: Go = frame::read_blocking(&mut chan).map_err(|e| format!("reading go: {e}"))?;
+    let (go, handed): (Go, _) =
+        protocol::recv_with_fds(&mut chan).map_err(|e| format!("reading go: {e}"))?;
+    if let Some(target) = go.pages_fd {
+        let pages = handed.first().ok_or("no page stream came with go")?;
+        place_at(pages.as_raw_fd(), target)?;
+    }
+    drop(handed);
     jump(&go)
+}
+
+/// Duplicates `fd` onto `target` (close-on-exec), which must be free.
+fn place_at(fd: i32, target: i32) -> Result<(), String> {
+    // SAFETY: F_GETFD only queries the number; an error means it is free.
+    if unsafe { libc::fcntl(target, libc::F_GETFD) } >= 0 {
+        return Err(format!("fd {target} is taken"));
+    }
+    // SAFETY: dup3 onto a number just checked to be free; both are plain integers.
+    if unsafe { libc::dup3(fd, target, libc::O_CLOEXEC) } < 0 {
+        return Err(format!(
+            "placing the page stream at fd {target}: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// chroot into `root`, then into `cwd` there (or its top if `cwd` is missing).

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,7 +46,7 @@ pub enum Request {
         touched: Option<u64>,
     },
     /// Everything a host needs to build its replica of the seed, in one exchange: answered by
-    /// `Bootstrap`, then its `chunks` packed pages as `Chunk` frames.
+    /// `Bootstrap`, then its pages as that answer says ([`PagesFollow`]).
     Bootstrap {
         seed: SeedRef,
     },
@@ -56,16 +57,25 @@ pub enum Response {
     Attached,
     Descriptor(#[serde(with = "serde_bytes")] Vec<u8>),
     Pages(#[serde(with = "serde_bytes")] Vec<u8>),
-    /// The descriptor and the page runs that follow, packed (the seed-written pages of its
-    /// file mappings, the pages its threads touch at once, and its working set).
+    /// The descriptor and the page runs that follow (the seed-written pages of its file
+    /// mappings, the pages its threads touch at once, and its working set).
     Bootstrap {
         #[serde(with = "serde_bytes")]
         descriptor: Vec<u8>,
         runs: Vec<(u64, u32)>,
-        chunks: u32,
+        follow: PagesFollow,
     },
     Chunk(Chunk),
     Error(RemoteError),
+}
+
+/// How a bootstrap's pages follow its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PagesFollow {
+    /// As they are, back to back, unframed: the receiver can read them straight into place.
+    Raw,
+    /// As this many `Chunk` frames, each packed on its own.
+    Chunks(u32),
 }
 
 /// Why a seed's host refused a request.
@@ -99,13 +109,55 @@ pub enum PeerError {
     Unpack(SocketAddr, UnpackError),
 }
 
-/// The answer to a bootstrap: the seed's descriptor, and the pages of `runs` back to back,
-/// arriving as chunks of [`packed::CHUNK_PAGES`] pages (the last may be shorter).
+/// The answer to a bootstrap: the seed's descriptor, and the pages of `runs` back to back.
 #[derive(Debug)]
 pub struct Bootstrap {
     pub descriptor: Vec<u8>,
     pub runs: Vec<(u64, u32)>,
-    pub chunks: tokio::sync::mpsc::Receiver<Result<Vec<u8>, PeerError>>,
+    pub pages: BootstrapPages,
+}
+
+#[derive(Debug)]
+pub enum BootstrapPages {
+    /// Unpacked as they arrive, in chunks of [`packed::CHUNK_PAGES`] pages (the last may be
+    /// shorter).
+    Chunks(tokio::sync::mpsc::Receiver<Result<Vec<u8>, PeerError>>),
+    /// Still in the connection, raw: for the caller to read.
+    Stream(Leased),
+}
+
+/// A pooled connection lent out with unread raw pages in it. Back to the pool through
+/// [`Leased::give_back`] once they are read; dropped, it is closed.
+pub struct Leased {
+    addr: SocketAddr,
+    stream: TcpStream,
+    pool: Arc<PeerPool>,
+}
+
+impl std::fmt::Debug for Leased {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leased").field("addr", &self.addr).finish()
+    }
+}
+
+impl Leased {
+    /// The socket, switched to blocking reads that time out after the pool's request timeout,
+    /// for another process (a replica) to read the pages from. Nothing else may use the
+    /// connection until [`Leased::give_back`].
+    pub fn blocking_fd(&self) -> std::io::Result<RawFd> {
+        let sock = socket2::SockRef::from(&self.stream);
+        sock.set_read_timeout(Some(self.pool.timeout))?;
+        sock.set_nonblocking(false)?;
+        Ok(self.stream.as_raw_fd())
+    }
+
+    /// Returns the connection to the pool once every page was read from it.
+    pub fn give_back(self) {
+        let sock = socket2::SockRef::from(&self.stream);
+        if sock.set_nonblocking(true).is_ok() && sock.set_read_timeout(None).is_ok() {
+            self.pool.checkin(self.addr, self.stream);
+        }
+    }
 }
 
 /// Most pages a bootstrap may carry (128 MiB unpacked).
@@ -194,8 +246,8 @@ impl PeerPool {
     }
 
     /// Asks for the seed's descriptor and bootstrap pages in one exchange. Returns once the
-    /// descriptor is in; the pages follow on [`Bootstrap::chunks`], unpacked by a task of their
-    /// own, while the caller builds.
+    /// descriptor is in; the pages follow while the caller builds: packed chunks unpacked by
+    /// a task of their own, or raw pages left in the connection for the caller.
     pub async fn bootstrap(
         self: &Arc<Self>,
         addr: SocketAddr,
@@ -204,12 +256,12 @@ impl PeerPool {
         let (stream, resp) = self
             .open_exchange(addr, &Request::Bootstrap { seed })
             .await?;
-        let (descriptor, runs, chunks) = match resp {
+        let (descriptor, runs, follow) = match resp {
             Response::Bootstrap {
                 descriptor,
                 runs,
-                chunks,
-            } => (descriptor, runs, chunks),
+                follow,
+            } => (descriptor, runs, follow),
             Response::Error(e) => {
                 self.checkin(addr, stream);
                 return Err(PeerError::Remote(addr, e));
@@ -217,18 +269,34 @@ impl PeerPool {
             _ => return Err(PeerError::Protocol(addr)),
         };
         let pages: u64 = runs.iter().map(|r| r.1 as u64).sum();
-        if pages > MAX_BOOTSTRAP_PAGES
-            || chunks as u64 != pages.div_ceil(packed::CHUNK_PAGES as u64)
-        {
+        let sorted = runs
+            .windows(2)
+            .all(|w| w[0].0 + w[0].1 as u64 * 4096 <= w[1].0);
+        if pages > MAX_BOOTSTRAP_PAGES || !sorted {
             return Err(PeerError::Protocol(addr));
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(chunks.max(1) as usize);
-        let pool = self.clone();
-        tokio::spawn(async move { pool.receive_chunks(addr, stream, pages, chunks, tx).await });
+        let pages = match follow {
+            PagesFollow::Raw => BootstrapPages::Stream(Leased {
+                addr,
+                stream,
+                pool: self.clone(),
+            }),
+            PagesFollow::Chunks(chunks) => {
+                if chunks as u64 != pages.div_ceil(packed::CHUNK_PAGES as u64) {
+                    return Err(PeerError::Protocol(addr));
+                }
+                let (tx, rx) = tokio::sync::mpsc::channel(chunks.max(1) as usize);
+                let pool = self.clone();
+                tokio::spawn(
+                    async move { pool.receive_chunks(addr, stream, pages, chunks, tx).await },
+                );
+                BootstrapPages::Chunks(rx)
+            }
+        };
         Ok(Bootstrap {
             descriptor,
             runs,
-            chunks: rx,
+            pages,
         })
     }
 

@@ -11,7 +11,10 @@ use mitosis_fork::restore::bootstrap_pages;
 use mitosis_fork::source::read_runs;
 use mitosis_transport::frame;
 use mitosis_transport::packed::{self, Codec};
-use mitosis_transport::peer::{Bootstrap, MAX_BOOTSTRAP_PAGES, PeerError, RemoteError, Response};
+use mitosis_transport::peer::{
+    Bootstrap, BootstrapPages, Leased, MAX_BOOTSTRAP_PAGES, PagesFollow, PeerError, RemoteError,
+    Response,
+};
 use tokio::sync::mpsc;
 
 use crate::registry::Seed;
@@ -96,6 +99,8 @@ pub struct Incoming {
 enum Chunks {
     Peer(mpsc::Receiver<Result<Vec<u8>, PeerError>>),
     Local(mpsc::Receiver<Result<Vec<u8>, String>>),
+    /// Raw in a connection, until the replica takes them.
+    Stream(Option<Leased>),
 }
 
 impl Incoming {
@@ -104,7 +109,10 @@ impl Incoming {
         Incoming {
             descriptor: boot.descriptor,
             runs: boot.runs,
-            chunks: Chunks::Peer(boot.chunks),
+            chunks: match boot.pages {
+                BootstrapPages::Chunks(rx) => Chunks::Peer(rx),
+                BootstrapPages::Stream(leased) => Chunks::Stream(Some(leased)),
+            },
         }
     }
 
@@ -131,12 +139,21 @@ impl Incoming {
         }
     }
 
+    /// The connection the pages wait in raw, for the replica to read them itself.
+    pub fn take_stream(&mut self) -> Option<Leased> {
+        match &mut self.chunks {
+            Chunks::Stream(leased) => leased.take(),
+            _ => None,
+        }
+    }
+
     /// The next chunk's pages: `runs` (that chunk's share of [`Incoming::runs`]) and their
     /// bytes. An error if the pages stopped coming or came short.
     pub async fn next(&mut self, runs: Vec<(u64, u32)>) -> Result<Bulk, String> {
         let data = match &mut self.chunks {
             Chunks::Peer(rx) => rx.recv().await.map(|r| r.map_err(|e| e.to_string())),
             Chunks::Local(rx) => rx.recv().await,
+            Chunks::Stream(_) => None,
         }
         .ok_or("the bootstrap pages stopped coming")??;
         let want: usize = runs.iter().map(|r| r.1 as usize * packed::PAGE).sum();
@@ -151,17 +168,27 @@ impl Incoming {
 pub fn pack(seed: &Seed, codec: Codec) -> Result<Packed, RemoteError> {
     let (runs, working_set) = bootstrap_runs(seed);
     let data = read_runs(&seed.memory, &runs).map_err(|e| RemoteError::SeedGone(e.to_string()))?;
-    let chunks = packed::pack(&data, codec);
-    let mut frames = vec![frame::encode(&Response::Bootstrap {
-        descriptor: seed.encoded.clone(),
-        runs,
-        chunks: chunks.len() as u32,
-    })];
-    frames.extend(
-        chunks
-            .into_iter()
-            .map(|c| frame::encode(&Response::Chunk(c))),
-    );
+    let answer = |follow| {
+        frame::encode(&Response::Bootstrap {
+            descriptor: seed.encoded.clone(),
+            runs: runs.clone(),
+            follow,
+        })
+    };
+    // Raw pages go unframed: the new host's replica reads them straight into place.
+    let frames = match codec {
+        Codec::Raw => vec![answer(PagesFollow::Raw), data],
+        Codec::Lz4 => {
+            let chunks = packed::pack(&data, codec);
+            let mut frames = vec![answer(PagesFollow::Chunks(chunks.len() as u32))];
+            frames.extend(
+                chunks
+                    .into_iter()
+                    .map(|c| frame::encode(&Response::Chunk(c))),
+            );
+            frames
+        }
+    };
     Ok(Packed {
         working_set,
         bytes: frames.iter().map(|f| f.len() as u64).sum(),

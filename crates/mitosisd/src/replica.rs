@@ -1,6 +1,6 @@
 //! Making a seed's replica on this host, and forking children from it.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -12,7 +12,7 @@ use mitosis_fork::pending::PendingMap;
 use mitosis_fork::pending::Run;
 use mitosis_fork::replica_pages::{FromReplica, ReplicaPages, chunk_runs, lacking};
 use mitosis_fork::restore::replica::{Join, JoinSpec};
-use mitosis_fork::restore::{self, replica};
+use mitosis_fork::restore::{self, StreamedPages, replica};
 use mitosis_sys::uffd::Userfaultfd;
 use mitosis_transport::control::ResumeStats;
 use mitosis_transport::packed;
@@ -75,8 +75,19 @@ pub async fn build(
         ),
     };
     stats.descriptor_us = t0.elapsed().as_micros() as u64;
-    // The pages keep coming while the replica is made.
-    let (made, built) = make(daemon, &incoming.descriptor).await?;
+    // Raw pages wait in the connection for the replica to read them itself as it is made;
+    // packed ones keep coming while it is made, and go in after.
+    let stream = incoming.take_stream();
+    let streamed = match &stream {
+        Some(leased) => Some(
+            leased
+                .blocking_fd()
+                .map_err(|e| format!("lending the page stream: {e}"))?,
+        ),
+        None => None,
+    };
+    let streamed = streamed.map(|fd| (fd, incoming.runs.clone()));
+    let (made, built) = make(daemon, &incoming.descriptor, streamed).await?;
     stats.plan_us = made.plan_us;
     stats.spawn_us = built.spawn_us;
     stats.restore_us = built.restore_us;
@@ -98,7 +109,15 @@ pub async fn build(
     let pages_in = async {
         let mut installed = 0;
         let (mut wait, mut install) = (Duration::ZERO, Duration::ZERO);
-        for runs in chunk_runs(&incoming.runs, packed::CHUNK_PAGES as u32) {
+        let chunks = match stream {
+            Some(leased) => {
+                installed = pages.streamed_in(&incoming.runs).await;
+                leased.give_back();
+                Vec::new()
+            }
+            None => chunk_runs(&incoming.runs, packed::CHUNK_PAGES as u32),
+        };
+        for runs in chunks {
             let asked = Instant::now();
             let bulk = incoming.next(runs).await?;
             let landed = Instant::now();
@@ -184,7 +203,12 @@ struct Made {
 }
 
 /// Plans the replica of the seed `encoded` describes and builds it on the tracer thread.
-async fn make(daemon: &Daemon, encoded: &[u8]) -> Result<(Made, replica::Built), String> {
+/// `streamed`: the socket the bootstrap pages wait in, raw, and their runs.
+async fn make(
+    daemon: &Daemon,
+    encoded: &[u8],
+    streamed: Option<(RawFd, Vec<(u64, u32)>)>,
+) -> Result<(Made, replica::Built), String> {
     let started = Instant::now();
     let desc = mitosis_descriptor::decode(encoded).map_err(|e| e.to_string())?;
     let bundle = match &desc.container {
@@ -216,7 +240,10 @@ async fn make(daemon: &Daemon, encoded: &[u8]) -> Result<(Made, replica::Built),
         .tracer
         .run(move || {
             let mut stubs = stubs.lock().expect("stub pool lock");
-            replica::build(plan, &mut stubs, join)
+            let pages = streamed
+                .as_ref()
+                .map(|(fd, runs)| StreamedPages { fd: *fd, runs });
+            replica::build(plan, &mut stubs, join, pages)
         })
         .await
         .map_err(|e| e.to_string())?;

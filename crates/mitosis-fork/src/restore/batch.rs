@@ -3,7 +3,7 @@
 //! A batch is laid out as its records followed by its data. Arguments that point into the data
 //! are resolved when the batch's address is known, so a batch is built once and placed later.
 
-use super::trampoline::Record;
+use super::trampoline::{ANY, Record};
 
 pub(crate) const RECORD_LEN: u64 = std::mem::size_of::<Record>() as u64;
 
@@ -40,7 +40,7 @@ enum Item {
 
 #[derive(Default)]
 pub(crate) struct Batch {
-    records: Vec<(i64, [Arg; 6], String)>,
+    records: Vec<(i64, [Arg; 6], u64, String)>,
     items: Vec<Item>,
 }
 
@@ -66,7 +66,7 @@ impl Batch {
     pub fn call(&mut self, nr: i64, args: &[Arg], label: impl Into<String>) {
         let mut all = [Arg::Val(0); 6];
         all[..args.len()].copy_from_slice(args);
-        self.records.push((nr, all, label.into()));
+        self.records.push((nr, all, ANY, label.into()));
     }
 
     pub fn count(&self) -> u64 {
@@ -74,7 +74,7 @@ impl Batch {
     }
 
     pub fn labels(&self) -> Vec<String> {
-        self.records.iter().map(|(_, _, l)| l.clone()).collect()
+        self.records.iter().map(|(.., l)| l.clone()).collect()
     }
 
     fn item_len(item: &Item) -> usize {
@@ -102,11 +102,12 @@ impl Batch {
             Arg::Data(i) => addr[i],
         };
         let mut out = Vec::with_capacity(self.len() as usize);
-        for (nr, args, _) in &self.records {
+        for (nr, args, expect, _) in &self.records {
             out.extend_from_slice(&nr.to_ne_bytes());
             for a in args {
                 out.extend_from_slice(&resolve(a).to_ne_bytes());
             }
+            out.extend_from_slice(&expect.to_ne_bytes());
         }
         for item in &self.items {
             match item {
@@ -148,9 +149,10 @@ mod tests {
         let data = 0x1000 + 2 * RECORD_LEN;
         assert_eq!((word(0), word(1)), (2, data));
         // "/dev/null\0" takes 16 bytes, the iovec 16 more; the msghdr's second word is the iovec.
-        assert_eq!((word(7), word(8)), (47, 3));
-        assert_eq!(word(9), data + 32);
-        assert_eq!(word(14 + 4 + 1), data + 16);
+        assert_eq!(word(7), ANY);
+        assert_eq!((word(8), word(9)), (47, 3));
+        assert_eq!(word(10), data + 32);
+        assert_eq!(word(16 + 4 + 1), data + 16);
         assert_eq!(bytes.len() as u64, b.len());
         assert_eq!(b.labels(), ["open", "recvmsg"]);
     }

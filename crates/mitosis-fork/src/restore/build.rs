@@ -10,15 +10,16 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use mitosis_sys::PAGE_SIZE;
 use mitosis_sys::pidfd;
 use mitosis_sys::ptrace::{self, Stop, Tracee};
 use mitosis_sys::uffd::{self, Userfaultfd};
-use mitosis_sys::{PAGE_SIZE, fdpass};
 use mitosis_transport::frame;
 use thiserror::Error;
 
+use super::batch::RECORD_LEN;
 use super::plan::Plan;
-use super::protocol::{CHANNEL_FD, Go, Ready, Setup};
+use super::protocol::{self, CHANNEL_FD, Go, Ready, Setup};
 use super::trampoline::{self, Record};
 use crate::procfs;
 
@@ -44,6 +45,8 @@ pub enum RestoreError {
     Stub(String),
     #[error("restore step `{step}` failed: {source}")]
     Step { step: String, source: io::Error },
+    #[error("restore step `{step}` came short: {got} bytes")]
+    Short { step: String, got: u64 },
     #[error("tracing the child: {0}")]
     Trace(io::Error),
     #[error("no free address for the trampoline")]
@@ -133,6 +136,15 @@ pub(crate) struct Laid {
 /// Data a replica appends to the trampoline's data area, built once `at` is known.
 pub(crate) type Extra<'a> = &'a dyn Fn(u64) -> Vec<u8>;
 
+/// Pages the stub reads itself, straight into the seed's layout, before anything is
+/// registered: `runs` back to back on the connected socket `fd` (the bootstrap's stream).
+/// The kernel copies them once, from the socket into the new pages.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamedPages<'a> {
+    pub fd: i32,
+    pub runs: &'a [(u64, u32)],
+}
+
 /// Runs the trampoline in the stub and sets what must be there before the seed's code runs:
 /// lazy ranges registered, FPU state and rseq set. The seed's pages come after, before the
 /// first fork. The stub
@@ -141,6 +153,7 @@ pub(crate) fn lay_out(
     plan: &Plan,
     spawned: &mut Spawned,
     extra: Extra,
+    pages: Option<StreamedPages>,
 ) -> Result<Laid, RestoreError> {
     let Spawned {
         pid, tracee, chan, ..
@@ -155,7 +168,7 @@ pub(crate) fn lay_out(
     };
     chan.write_all(&frame::encode(&setup))
         .map_err(|e| chan_err(&e))?;
-    let (ready, fds) = recv_frame_with_fds(chan).map_err(|e| chan_err(&e))?;
+    let (ready, fds) = protocol::recv_with_fds(chan).map_err(|e| chan_err(&e))?;
     let opened = match ready {
         Ready::Opened(fds) => fds,
         Ready::Failed(why) => return Err(RestoreError::Stub(why)),
@@ -174,7 +187,15 @@ pub(crate) fn lay_out(
     // Place the trampoline where neither the stub nor the seed has anything.
     let code = trampoline::code();
     let extra_len = extra(0).len() as u64;
-    let (_, labels, data_len) = records_for(plan, &opened, 0, 0);
+    // The stub takes the stream's socket on the first number clear of its own work fds
+    // (channel, opened files, userfaultfd); the trampoline closes it with them.
+    let stub_pages = pages.map(|p| StreamedPages {
+        fd: opened.iter().copied().fold(plan.work_fd_base, i32::max) + 2,
+        runs: p.runs,
+    });
+    let Records {
+        labels, data_len, ..
+    } = records_for(plan, &opened, stub_pages, 0, 0);
     let data_len = data_len.next_multiple_of(8) + extra_len;
     let size = PAGE_SIZE + data_len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
     let own = procfs::parse_maps(
@@ -191,9 +212,10 @@ pub(crate) fn lay_out(
         .map(|i| i << 20)
         .find(|&a| taken.iter().all(|&(s, e)| a + size <= s || a >= e))
         .ok_or(RestoreError::NoRoom)?;
-    let (records, _, _) = records_for(plan, &opened, at, at + size);
+    let Records { records, tail, .. } = records_for(plan, &opened, stub_pages, at, at + size);
     debug_assert_eq!(records.len(), labels.len());
     let mut data = encode_data(plan, &records, at + PAGE_SIZE);
+    data.extend(tail.iter().flat_map(|w| w.to_ne_bytes()));
     data.resize(data.len().next_multiple_of(8), 0);
     let extra_at = at + PAGE_SIZE + data.len() as u64;
     data.extend(extra(extra_at));
@@ -202,9 +224,10 @@ pub(crate) fn lay_out(
         code: code.to_vec(),
         data,
         records: records.len() as u64,
+        pages_fd: stub_pages.map(|p| p.fd),
     };
-    chan.write_all(&frame::encode(&go))
-        .map_err(|e| chan_err(&e))?;
+    let handed: Vec<i32> = pages.iter().map(|p| p.fd).collect();
+    protocol::send_with_fds(chan, &go, &handed).map_err(|e| chan_err(&e))?;
 
     // The stub now unmaps itself and rebuilds the seed's layout; it stops on int3.
     match tracee.wait().map_err(RestoreError::Trace)? {
@@ -277,112 +300,178 @@ pub(crate) fn load_main_thread(
 /// After a trampoline batch stopped on int3: the failed call's label, if one failed.
 pub(crate) fn check_batch(tracee: &Tracee, labels: &[String]) -> Result<(), RestoreError> {
     let regs = tracee.regs().map_err(RestoreError::Trace)?;
-    if regs.r12 != 0 {
-        let index = labels.len() - regs.r12 as usize;
-        let errno = -(regs.rax as i64) as i32;
-        return Err(RestoreError::Step {
-            step: labels[index].clone(),
-            source: io::Error::from_raw_os_error(errno),
-        });
+    if regs.r12 == 0 {
+        return Ok(());
     }
-    Ok(())
+    let step = labels[labels.len() - regs.r12 as usize].clone();
+    let ret = regs.rax as i64;
+    Err(if (-4095..0).contains(&ret) {
+        RestoreError::Step {
+            step,
+            source: io::Error::from_raw_os_error(-ret as i32),
+        }
+    } else {
+        // Not an errno: a result other than the one the record expects.
+        RestoreError::Short {
+            step,
+            got: regs.rax,
+        }
+    })
 }
 
 /// The trampoline's system calls, with a label for each (for error messages).
 /// Pointers into the data area are computed from `at`; sizes do not depend on it.
-fn records_for(plan: &Plan, fds: &[i32], at: u64, end: u64) -> (Vec<Record>, Vec<String>, u64) {
+fn records_for(
+    plan: &Plan,
+    fds: &[i32],
+    pages: Option<StreamedPages>,
+    at: u64,
+    end: u64,
+) -> Records {
     let mut recs: Vec<Record> = Vec::new();
     let mut labels = Vec::new();
     let mut push = |r: Record, l: String| {
         recs.push(r);
-        labels.push(l)
+        labels.push(l);
+        recs.len() - 1
+    };
+    let call = |nr: i64, args: [u64; 6]| -> Record {
+        let mut r = [0; 8];
+        r[0] = nr as u64;
+        r[1..7].copy_from_slice(&args);
+        r[7] = trampoline::ANY;
+        r
     };
     push(
-        [libc::SYS_munmap as u64, 0, at, 0, 0, 0, 0],
+        call(libc::SYS_munmap, [0, at, 0, 0, 0, 0]),
         "unmap the stub below the trampoline".into(),
     );
     push(
-        [
-            libc::SYS_munmap as u64,
-            end,
-            USER_TOP.saturating_sub(end),
-            0,
-            0,
-            0,
-            0,
-        ],
+        call(
+            libc::SYS_munmap,
+            [end, USER_TOP.saturating_sub(end), 0, 0, 0, 0],
+        ),
         "unmap the stub above the trampoline".into(),
     );
+    let runs = pages.map_or(&[][..], |p| p.runs);
+    // Mappings the streamed pages land in are writable until the pages are in.
+    let mut reprotect = Vec::new();
     for m in &plan.maps {
         let fd = m.file.map_or(u64::MAX, |i| fds[i] as u64);
         let flags = m.flags | libc::MAP_FIXED_NOREPLACE as u64;
+        let mut prot = m.prot;
+        if prot & libc::PROT_WRITE as u64 == 0 && overlaps(runs, m.start, m.start + m.len) {
+            prot |= (libc::PROT_READ | libc::PROT_WRITE) as u64;
+            reprotect.push(m);
+        }
         push(
-            [
-                libc::SYS_mmap as u64,
-                m.start,
-                m.len,
-                m.prot,
-                flags,
-                fd,
-                m.offset,
-            ],
+            call(libc::SYS_mmap, [m.start, m.len, prot, flags, fd, m.offset]),
             format!("map {:#x}-{:#x}", m.start, m.start + m.len),
         );
     }
+    // One recvmsg scatters the stream over up to IOV_MAX runs: each byte is copied once,
+    // from the socket to its page, in a handful of calls.
+    let groups: Vec<&[(u64, u32)]> = runs.chunks(IOV_MAX).collect();
+    let mut receives = Vec::with_capacity(groups.len());
+    for group in &groups {
+        let bytes: u64 = group.iter().map(|r| r.1 as u64 * PAGE_SIZE).sum();
+        let fd = pages.map_or(0, |p| p.fd as u64);
+        let mut r = call(
+            libc::SYS_recvmsg,
+            [fd, 0, libc::MSG_WAITALL as u64, 0, 0, 0],
+        );
+        r[7] = bytes;
+        let (first, last) = (group[0], group[group.len() - 1]);
+        let end = last.0 + last.1 as u64 * PAGE_SIZE;
+        receives.push(push(
+            r,
+            format!("receive the seed's pages {:#x}-{end:#x}", first.0),
+        ));
+    }
+    for m in reprotect {
+        push(
+            call(libc::SYS_mprotect, [m.start, m.len, m.prot, 0, 0, 0]),
+            format!("protect {:#x}-{:#x}", m.start, m.start + m.len),
+        );
+    }
     push(
-        [
-            libc::SYS_arch_prctl as u64,
-            ARCH_MAP_VDSO_64,
-            plan.vdso_block,
-            0,
-            0,
-            0,
-            0,
-        ],
+        call(
+            libc::SYS_arch_prctl,
+            [ARCH_MAP_VDSO_64, plan.vdso_block, 0, 0, 0, 0],
+        ),
         "place the vDSO".into(),
     );
-    // Everything so far plus the records below precede the mm map in the data area.
-    let n_fixed = plan.maps.len() as u64 + 3 + 3;
-    let mm_map = at + PAGE_SIZE + n_fixed * 56;
-    push(
-        [
-            libc::SYS_prctl as u64,
-            PR_SET_MM,
-            PR_SET_MM_MAP,
-            mm_map,
-            MM_MAP_LEN,
-            0,
-            0,
-        ],
+    // The mm map follows the records in the data area: its address is set once all are in.
+    let set_mm = push(
+        call(
+            libc::SYS_prctl,
+            [PR_SET_MM, PR_SET_MM_MAP, 0, MM_MAP_LEN, 0, 0],
+        ),
         "set the mm fields".into(),
     );
     // A replica keeps its channel (at exactly work_fd_base) and no stdio: each child it forks
-    // receives its own stdio on the channel, as fds 0-2.
+    // receives its own stdio on the channel, as fds 0-2. The page stream's socket goes too.
     let first_closed = plan.work_fd_base as u64 + 1;
     push(
-        [
-            libc::SYS_close_range as u64,
-            first_closed,
-            u32::MAX as u64,
-            0,
-            0,
-            0,
-            0,
-        ],
+        call(
+            libc::SYS_close_range,
+            [first_closed, u32::MAX as u64, 0, 0, 0, 0],
+        ),
         "close the stub's files".into(),
     );
     push(
-        [libc::SYS_close_range as u64, 0, 2, 0, 0, 0, 0],
+        call(libc::SYS_close_range, [0, 2, 0, 0, 0, 0]),
         "close the stub's stdio".into(),
     );
-    let _ = plan.exe;
-    let data_len = n_fixed * 56 + MM_MAP_LEN + plan.auxv.len() as u64 * 8;
-    (recs, labels, data_len)
+    let records_len = recs.len() as u64 * RECORD_LEN;
+    recs[set_mm][3] = at + PAGE_SIZE + records_len;
+    // After the mm map and the auxv: each recvmsg's msghdr, then all their iovecs.
+    let tail_at = at + PAGE_SIZE + records_len + MM_MAP_LEN + plan.auxv.len() as u64 * 8;
+    let mut iov_at = tail_at + groups.len() as u64 * MSGHDR_LEN;
+    let mut tail: Vec<u64> = Vec::new();
+    for (group, &i) in groups.iter().zip(&receives) {
+        recs[i][2] = tail_at + tail.len() as u64 * 8;
+        // name, namelen, iov, iovlen, control, controllen, flags.
+        tail.extend([0, 0, iov_at, group.len() as u64, 0, 0, 0]);
+        iov_at += group.len() as u64 * 16;
+    }
+    tail.extend(
+        groups
+            .iter()
+            .flat_map(|g| g.iter())
+            .flat_map(|&(addr, n)| [addr, n as u64 * PAGE_SIZE]),
+    );
+    Records {
+        data_len: records_len + MM_MAP_LEN + plan.auxv.len() as u64 * 8 + tail.len() as u64 * 8,
+        records: recs,
+        labels,
+        tail,
+    }
+}
+
+/// The trampoline's calls and what its data area holds after them.
+struct Records {
+    records: Vec<Record>,
+    /// A label per record, for error messages.
+    labels: Vec<String>,
+    /// Words that follow the auxv: the msghdrs and iovecs of the page stream's reads.
+    tail: Vec<u64>,
+    data_len: u64,
+}
+
+const MSGHDR_LEN: u64 = 56;
+const IOV_MAX: usize = 1024;
+
+/// Whether any of `runs` (sorted) has a page in `start..end`.
+fn overlaps(runs: &[(u64, u32)], start: u64, end: u64) -> bool {
+    let first = runs.partition_point(|&(a, n)| a + n as u64 * PAGE_SIZE <= start);
+    runs.get(first).is_some_and(|&(a, _)| a < end)
 }
 
 const MM_MAP_LEN: u64 = 104;
 
-/// Lays out the data area: records, then `struct prctl_mm_map`, then the auxv words.
+/// Lays out the data area: records, then `struct prctl_mm_map`, then the auxv words (then
+/// the records' tail).
 fn encode_data(plan: &Plan, records: &[Record], data_at: u64) -> Vec<u8> {
     let mut out: Vec<u8> = records
         .iter()
@@ -416,32 +505,130 @@ fn encode_data(plan: &Plan, records: &[Record], data_at: u64) -> Vec<u8> {
     out
 }
 
-/// Reads one frame that may carry descriptors.
-fn recv_frame_with_fds(chan: &mut UnixStream) -> io::Result<(Ready, Vec<OwnedFd>)> {
-    let mut buf = Vec::new();
-    let mut fds = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        if let Some(msg) = frame::try_decode(&buf).map_err(io::Error::other)? {
-            return Ok((msg, fds));
-        }
-        let (n, mut got) = fdpass::recv(chan.as_raw_fd(), &mut chunk)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the stub exited",
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        fds.append(&mut got);
-    }
-}
-
 /// A failure the stub reported before it died, if any.
 fn read_failure(chan: &mut UnixStream) -> Option<String> {
     chan.set_nonblocking(true).ok()?;
-    match recv_frame_with_fds(chan).ok()? {
+    match protocol::recv_with_fds(chan).ok()? {
         (Ready::Failed(why), _) => Some(why),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::plan::{self, MapStep};
+    use super::*;
+
+    fn map(start: u64, pages: u64, prot: i32) -> MapStep {
+        MapStep {
+            start,
+            len: pages * PAGE_SIZE,
+            prot: prot as u64,
+            flags: (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            file: None,
+            offset: 0,
+            dont_fork: false,
+        }
+    }
+
+    #[test]
+    fn streamed_pages_are_read_in_place_then_protected() {
+        let (ro, rw) = (libc::PROT_READ, libc::PROT_READ | libc::PROT_WRITE);
+        let plan = plan::sample(
+            vec![
+                map(0x10000, 4, ro),
+                map(0x20000, 4, rw),
+                map(0x30000, 2, ro),
+            ],
+            &[],
+        );
+        // Three runs: two in the read-only mapping, one in the writable one; the other
+        // read-only mapping gets none.
+        let runs = [(0x10000, 1), (0x12000, 2), (0x21000, 1)];
+        let pages = StreamedPages {
+            fd: 77,
+            runs: &runs,
+        };
+        let at = 0x4000_0000;
+        let r = records_for(&plan, &[], Some(pages), at, at + 3 * PAGE_SIZE);
+        assert_eq!(r.records.len(), r.labels.len());
+        let calls = |nr: i64| r.records.iter().filter(move |c| c[0] == nr as u64);
+        let mmaps: Vec<_> = calls(libc::SYS_mmap).map(|c| (c[1], c[3])).collect();
+        let writable = (ro | libc::PROT_WRITE) as u64;
+        assert_eq!(
+            mmaps,
+            [
+                (0x10000, writable),
+                (0x20000, rw as u64),
+                (0x30000, ro as u64)
+            ]
+        );
+        let protects: Vec<_> = calls(libc::SYS_mprotect).map(|c| (c[1], c[3])).collect();
+        assert_eq!(protects, [(0x10000, ro as u64)]);
+
+        // One recvmsg of all four pages, expecting exactly them; it comes after the maps and
+        // before the protection goes back on.
+        let position = |nr: i64| r.records.iter().position(|c| c[0] == nr as u64).unwrap();
+        let recv = &r.records[position(libc::SYS_recvmsg)];
+        assert!(
+            position(libc::SYS_recvmsg)
+                > r.records
+                    .iter()
+                    .rposition(|c| c[0] == libc::SYS_mmap as u64)
+                    .unwrap()
+        );
+        assert!(position(libc::SYS_recvmsg) < position(libc::SYS_mprotect));
+        assert_eq!(recv[1], 77);
+        assert_eq!(recv[3], libc::MSG_WAITALL as u64);
+        assert_eq!(recv[7], 4 * PAGE_SIZE);
+        // Every other call takes any success.
+        assert_eq!(
+            calls(libc::SYS_mmap).map(|c| c[7]).max(),
+            Some(trampoline::ANY)
+        );
+
+        // The msghdr is in the tail and points at the three iovecs after it.
+        let tail_at = at + PAGE_SIZE + r.records.len() as u64 * RECORD_LEN + MM_MAP_LEN;
+        assert_eq!(recv[2], tail_at);
+        let msghdr = &r.tail[..7];
+        assert_eq!((msghdr[2], msghdr[3]), (tail_at + MSGHDR_LEN, 3));
+        assert_eq!(
+            &r.tail[7..],
+            [
+                0x10000,
+                PAGE_SIZE,
+                0x12000,
+                2 * PAGE_SIZE,
+                0x21000,
+                PAGE_SIZE
+            ]
+        );
+        assert_eq!(
+            r.data_len,
+            r.records.len() as u64 * RECORD_LEN + MM_MAP_LEN + r.tail.len() as u64 * 8
+        );
+    }
+
+    #[test]
+    fn without_a_stream_nothing_is_read_or_reprotected() {
+        let plan = plan::sample(vec![map(0x10000, 4, libc::PROT_READ)], &[]);
+        let r = records_for(&plan, &[], None, 0x4000_0000, 0x4000_3000);
+        assert!(r.tail.is_empty());
+        assert!(
+            r.records
+                .iter()
+                .all(|c| { c[0] != libc::SYS_recvmsg as u64 && c[0] != libc::SYS_mprotect as u64 })
+        );
+        assert_eq!(r.records[2][3], libc::PROT_READ as u64);
+    }
+
+    #[test]
+    fn overlap_finds_runs_touching_a_range() {
+        let runs = [(0x10000, 2), (0x20000, 1)];
+        assert!(overlaps(&runs, 0x11000, 0x13000));
+        assert!(!overlaps(&runs, 0x12000, 0x20000));
+        assert!(overlaps(&runs, 0x12000, 0x20001));
+        assert!(!overlaps(&runs, 0x21000, 0x30000));
+        assert!(!overlaps(&[], 0, u64::MAX));
     }
 }

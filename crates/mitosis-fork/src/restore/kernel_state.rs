@@ -276,6 +276,7 @@ fn epoll_add(b: &mut Batch, epfd: i32, w: &EpollWatch) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::restore::batch::RECORD_LEN;
 
     fn fd(fd: i32, flags: i32) -> FdRef {
         FdRef { fd, flags }
@@ -310,7 +311,7 @@ mod tests {
         object_calls(&mut b, &objects, &open);
         let bytes = b.encode(0);
         let word = |r: usize, i: usize| {
-            let at = r * 56 + i * 8;
+            let at = r * RECORD_LEN as usize + i * 8;
             u64::from_ne_bytes(bytes[at..at + 8].try_into().unwrap()) as i64
         };
         // Simulate: which object each fd holds.

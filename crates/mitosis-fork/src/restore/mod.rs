@@ -9,6 +9,6 @@ pub mod replica;
 mod stub_pool;
 pub mod trampoline;
 
-pub use build::{RestoreError, UFFD_FEATURES};
+pub use build::{RestoreError, StreamedPages, UFFD_FEATURES};
 pub use plan::{MapStep, Plan, PlanError, bootstrap_pages, plan};
 pub use stub_pool::StubPool;

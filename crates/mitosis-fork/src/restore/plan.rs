@@ -324,6 +324,52 @@ fn runs_of(vma: &Vma) -> impl Iterator<Item = Run> + '_ {
     })
 }
 
+/// A plan of `maps` whose opens are `files` (at their own numbers), for unit tests.
+#[cfg(test)]
+pub(crate) fn sample(maps: Vec<MapStep>, files: &[i32]) -> Plan {
+    Plan {
+        maps,
+        opens: files
+            .iter()
+            .map(|&fd| OpenSpec {
+                path: "/etc/hostname".into(),
+                flags: 0,
+                target_fd: Some(fd),
+                offset: 0,
+            })
+            .collect(),
+        exe: None,
+        work_fd_base: 70,
+        lazy_ranges: vec![],
+        pending: Default::default(),
+        overlay: vec![],
+        eager: vec![],
+        hot: vec![],
+        threads: vec![Thread {
+            tid: 1,
+            name: "t".into(),
+            regs: vec![0; mitosis_descriptor::REGS_WORDS],
+            xstate: vec![],
+            sigmask: 0,
+            rseq: None,
+            robust_list: Some(mitosis_descriptor::RobustList {
+                head: 0x77,
+                len: 24,
+            }),
+            tid_address: 0,
+            altstack: None,
+            in_syscall: -1,
+        }],
+        process: Default::default(),
+        objects: vec![],
+        vdso_block: 0,
+        mm: Default::default(),
+        auxv: vec![],
+        cwd: None,
+        root: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,13 @@
 //! Daemon -> stub: [`Setup`]; stub -> daemon: [`Ready`] with the new userfaultfd attached;
 //! daemon -> stub: [`Go`]; the stub then jumps into the trampoline and never answers again.
 
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use mitosis_sys::fdpass;
+use mitosis_transport::frame;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The descriptor number the stub finds its channel on.
@@ -47,4 +54,39 @@ pub struct Go {
     /// Records first, then the structures they point to.
     pub data: Vec<u8>,
     pub records: u64,
+    /// The descriptor that comes with this message (a socket streaming the bootstrap pages)
+    /// goes to this number, where the records read it.
+    pub pages_fd: Option<i32>,
+}
+
+/// Sends `msg` as one frame with `fds` attached to its first byte.
+pub fn send_with_fds<T: Serialize>(
+    chan: &mut UnixStream,
+    msg: &T,
+    fds: &[RawFd],
+) -> io::Result<()> {
+    let bytes = frame::encode(msg);
+    let sent = fdpass::send(chan.as_raw_fd(), &bytes, fds)?;
+    chan.write_all(&bytes[sent..])
+}
+
+/// Reads one frame that may carry descriptors.
+pub fn recv_with_fds<T: DeserializeOwned>(chan: &mut UnixStream) -> io::Result<(T, Vec<OwnedFd>)> {
+    let mut buf = Vec::new();
+    let mut fds = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(msg) = frame::try_decode(&buf).map_err(io::Error::other)? {
+            return Ok((msg, fds));
+        }
+        let (n, mut got) = fdpass::recv(chan.as_raw_fd(), &mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the other end closed the channel",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        fds.append(&mut got);
+    }
 }

@@ -27,7 +27,7 @@ use mitosis_sys::{fdpass, pidfd};
 use nix::sys::ptrace::Options;
 
 use super::batch::{Arg, Batch, Placed};
-use super::build::{self, Laid, RestoreError, Spawned};
+use super::build::{self, Laid, RestoreError, Spawned, StreamedPages};
 use super::kernel_state;
 use super::plan::Plan;
 use super::trampoline;
@@ -104,6 +104,7 @@ pub fn build(
     plan: Plan,
     stubs: &mut StubPool,
     join: Option<JoinSpec>,
+    pages: Option<StreamedPages>,
 ) -> Result<Built, RestoreError> {
     let t0 = Instant::now();
     let mut spawned = stubs.take()?;
@@ -116,7 +117,7 @@ pub fn build(
         .collect();
     let batches = Batches::new(&plan, join.as_ref());
     let extra = |at: u64| batches.encode(at);
-    let laid = match build::lay_out(&plan, &mut spawned, &extra) {
+    let laid = match build::lay_out(&plan, &mut spawned, &extra, pages) {
         Ok(l) => l,
         Err(e) => {
             spawned.kill();
@@ -638,59 +639,19 @@ pub fn resident_pages(pid: i32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mitosis_descriptor::REGS_WORDS;
     use mitosis_sys::PAGE_SIZE;
 
     fn plan_with(files: &[i32]) -> Plan {
-        Plan {
-            maps: vec![super::super::MapStep {
-                start: 0x1000_0000,
-                len: 2 * PAGE_SIZE,
-                prot: 3,
-                flags: (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64,
-                file: None,
-                offset: 0,
-                dont_fork: false,
-            }],
-            opens: files
-                .iter()
-                .map(|&fd| super::super::protocol::OpenSpec {
-                    path: "/etc/hostname".into(),
-                    flags: 0,
-                    target_fd: Some(fd),
-                    offset: 0,
-                })
-                .collect(),
-            exe: None,
-            work_fd_base: 70,
-            lazy_ranges: vec![],
-            pending: Default::default(),
-            overlay: vec![],
-            eager: vec![],
-            hot: vec![],
-            threads: vec![Thread {
-                tid: 1,
-                name: "t".into(),
-                regs: vec![0; REGS_WORDS],
-                xstate: vec![],
-                sigmask: 0,
-                rseq: None,
-                robust_list: Some(mitosis_descriptor::RobustList {
-                    head: 0x77,
-                    len: 24,
-                }),
-                tid_address: 0,
-                altstack: None,
-                in_syscall: -1,
-            }],
-            process: Default::default(),
-            objects: vec![],
-            vdso_block: 0,
-            mm: Default::default(),
-            auxv: vec![],
-            cwd: None,
-            root: None,
-        }
+        let shared = super::super::MapStep {
+            start: 0x1000_0000,
+            len: 2 * PAGE_SIZE,
+            prot: 3,
+            flags: (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64,
+            file: None,
+            offset: 0,
+            dont_fork: false,
+        };
+        super::super::plan::sample(vec![shared], files)
     }
 
     fn words(b: &Batch) -> Vec<u64> {
@@ -705,7 +666,9 @@ mod tests {
         let plan = plan_with(&[]);
         let b = child_batch(70, &plan, &BTreeSet::new(), None, false);
         let w = words(&b);
-        let nrs: Vec<u64> = (0..b.count() as usize).map(|i| w[i * 7]).collect();
+        // Records of 8 words: number, six arguments, expected result.
+        let r = 8;
+        let nrs: Vec<u64> = (0..b.count() as usize).map(|i| w[i * r]).collect();
         assert_eq!(
             nrs,
             [
@@ -718,12 +681,12 @@ mod tests {
             .map(|n| n as u64)
         );
         // recvmsg(70, msghdr, 0) whose iovec points at one byte.
-        assert_eq!(w[8], 70);
-        let msg = ((w[9] - 0x5000_0000) / 8) as usize;
+        assert_eq!(w[r + 1], 70);
+        let msg = ((w[r + 2] - 0x5000_0000) / 8) as usize;
         let iov = ((w[msg + 2] - 0x5000_0000) / 8) as usize;
         assert_eq!(w[iov + 1], 1);
         assert_eq!(w[msg + 5], CMSG_SPACE as u64);
-        assert_eq!(w[3 * 7 + 1], 0x1000_0000);
+        assert_eq!(w[3 * r + 1], 0x1000_0000);
     }
 
     #[test]

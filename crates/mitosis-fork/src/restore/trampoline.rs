@@ -1,14 +1,20 @@
 //! The position-independent code a child runs while its own address space is replaced.
 //!
 //! Once the stub has opened its files it jumps here: this loop runs a list of system calls
-//! (unmap everything else, map the seed's layout, place the vDSO, set the mm fields, close the
-//! stub's fds) without touching the stack or any memory outside its own page, then stops on
-//! `int3` for the tracer. A second entry is a lone `syscall; int3` for calls the tracer injects.
+//! (unmap everything else, map the seed's layout, read the bootstrap pages, place the vDSO,
+//! set the mm fields, close the stub's fds) without touching the stack or any memory outside
+//! its own page, then stops on `int3` for the tracer. A call fails on an errno, or when it
+//! returns other than the result its record expects (a read that came short). A second entry
+//! is a lone `syscall; int3` for calls the tracer injects.
 
 use std::arch::global_asm;
 
-/// One system call: number and six arguments.
-pub type Record = [u64; 7];
+/// One system call: number, six arguments, and the result it must return ([`ANY`]: any
+/// result that is not an errno).
+pub type Record = [u64; 8];
+
+/// A record's expected result when every success will do.
+pub const ANY: u64 = u64::MAX;
 
 global_asm!(
     ".pushsection .text.mitosis_trampoline,\"ax\",@progbits",
@@ -32,7 +38,14 @@ global_asm!(
     // -4095..-1 is an errno.
     "  cmp rax, -4095",
     "  jae 3f",
-    "  add rbx, 56",
+    // rcx is the syscall's scratch register: free to hold the expected result.
+    "  mov rcx, [rbx + 56]",
+    "  cmp rcx, -1",
+    "  je 4f",
+    "  cmp rax, rcx",
+    "  jne 3f",
+    "4:",
+    "  add rbx, 64",
     "  dec r12",
     "  jmp 2b",
     "3:",
