@@ -318,10 +318,8 @@ fn cutting_proxy(
     let (tx, rx) = std::sync::mpsc::channel();
     let proxying = std::thread::spawn(move || {
         // SAFETY: setns on this thread only, with an fd we hold open for the call.
-        assert_eq!(
-            unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+        let joined = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(joined, 0, "joining host 0's netns");
         drop(netns);
         let listener = TcpListener::bind((upstream.ip(), 0)).expect("proxy binds");
         tx.send(listener.local_addr().unwrap()).unwrap();

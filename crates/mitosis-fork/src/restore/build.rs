@@ -373,9 +373,9 @@ fn records_for(
     // from the socket to its page, in a handful of calls.
     let groups: Vec<&[(u64, u32)]> = runs.chunks(IOV_MAX).collect();
     let mut receives = Vec::with_capacity(groups.len());
+    let fd = pages.map_or(0, |p| p.fd as u64);
     for group in &groups {
         let bytes: u64 = group.iter().map(|r| r.1 as u64 * PAGE_SIZE).sum();
-        let fd = pages.map_or(0, |p| p.fd as u64);
         let mut r = call(
             libc::SYS_recvmsg,
             [fd, 0, libc::MSG_WAITALL as u64, 0, 0, 0],
