@@ -277,6 +277,19 @@ fn bench_seed(
             }
         }
     }
+    if args.throughput_secs > 0.0 {
+        step(format!(
+            "local fork children/s: `--fork-pool {}` on host 0 for {} s",
+            args.concurrency, args.throughput_secs
+        ));
+        out.local_throughput = Some(methods::local_fork_throughput(
+            seed,
+            remote.seed_host,
+            &pairs,
+            args.concurrency,
+            args.throughput_secs,
+        ));
+    }
     drop(server);
 
     out.methods.push(match criu_ok {

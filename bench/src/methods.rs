@@ -1,9 +1,12 @@
-//! The baselines: cold start and local fork.
+//! The baselines: cold start and local fork (one at a time, and children/s).
 
 use mitosis_testbed::Host;
 
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
 use crate::procs::{Server, answer_pid, kill_and_wait_reaped, private_kib, run_timed, same_answer};
-use crate::results::{COLD_START, LOCAL_FORK, Method};
+use crate::results::{COLD_START, LOCAL_FORK, MAX_FAILURES, Method, Throughput};
 use crate::seeds::{Seed, request};
 
 /// A request and the cold start's answer to it.
@@ -136,6 +139,77 @@ pub fn local_fork(
         }
     }
     (method, private)
+}
+
+/// Children/s of local forks from one warm seed: `SEED --fork-pool CONCURRENCY` on `host`,
+/// kept `concurrency` requests deep for `secs` (the same closed loops as mitosis's children/s
+/// run, so the two figures compare). Only right answers count.
+pub fn local_fork_throughput(
+    seed: &Seed,
+    host: &Host,
+    pairs: &[Pair],
+    concurrency: usize,
+    secs: f64,
+) -> Throughput {
+    let mut result = Throughput {
+        concurrency,
+        hosts: 1,
+        ..Throughput::default()
+    };
+    let pool = concurrency.to_string();
+    let mut server = match Server::start(seed.command(host, &["--fork-pool", &pool])) {
+        Ok(server) => server,
+        Err(err) => {
+            result
+                .failures
+                .push(format!("starting the fork pool: {err:#}"));
+            return result;
+        }
+    };
+    // Requests in flight, oldest first: what each must answer and when it was sent.
+    let mut in_flight: VecDeque<(&str, Instant)> = VecDeque::with_capacity(concurrency);
+    let mut sent = 0;
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(secs);
+    loop {
+        let sending = Instant::now() < deadline && result.failures.len() < MAX_FAILURES;
+        while sending && in_flight.len() < concurrency {
+            let (req, want) = nth(pairs, sent);
+            sent += 1;
+            if let Err(err) = server.send(req) {
+                result.failures.push(format!("{err:#}"));
+                return result;
+            }
+            in_flight.push_back((want, Instant::now()));
+        }
+        if in_flight.is_empty() {
+            break;
+        }
+        let answer = match server.answer() {
+            Ok(answer) => answer,
+            Err(err) => {
+                result.failures.push(format!("{err:#}"));
+                return result;
+            }
+        };
+        // Answers come in any order: retire the oldest request this one answers.
+        match in_flight
+            .iter()
+            .position(|(want, _)| same_answer(&answer, want))
+        {
+            Some(i) => {
+                let (_, at) = in_flight.remove(i).expect("found");
+                result.latencies.push(at.elapsed());
+                result.children += 1;
+            }
+            None => {
+                in_flight.pop_front();
+                result.failures.push(format!("wrong answer {answer:?}"));
+            }
+        }
+    }
+    result.elapsed = t0.elapsed();
+    result
 }
 
 /// The last few lines of a command's stderr, on one line.

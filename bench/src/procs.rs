@@ -92,19 +92,28 @@ impl Server {
 
     /// Writes a request line; returns the time until the answer line arrived, and that line.
     pub fn request(&mut self, request: &str) -> Result<(Duration, String)> {
+        let t = Instant::now();
+        self.send(request)?;
+        let answer = self.answer()?;
+        Ok((t.elapsed(), answer))
+    }
+
+    /// Writes a request line without waiting for its answer.
+    pub fn send(&mut self, request: &str) -> Result<()> {
         let stdin = self
             .stdin
             .as_mut()
             .context("the server's stdin is closed")?;
-        let t = Instant::now();
         stdin
             .write_all(format!("{request}\n").as_bytes())
-            .context("writing a request")?;
-        let answer = self
-            .lines
+            .context("writing a request")
+    }
+
+    /// The next answer line.
+    pub fn answer(&mut self) -> Result<String> {
+        self.lines
             .next("the fork server")?
-            .context("the fork server exited")?;
-        Ok((t.elapsed(), answer))
+            .context("the fork server exited")
     }
 
     pub fn kill(&mut self) {

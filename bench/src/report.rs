@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::results::{
     COLD_START, CRIU, LOCAL_FORK, MITOSIS_COLD, MITOSIS_FIRST, MITOSIS_WARM, MITOSIS_WARM_CLI,
-    STATS_KEYS, SeedResult,
+    STATS_KEYS, SeedResult, Throughput,
 };
 use crate::stats::{Summary, median, median_u64, ms};
 use crate::targets;
@@ -119,6 +119,17 @@ pub fn seed_table(r: &SeedResult) {
             t.failures.len()
         );
     }
+    if let Some(t) = &r.local_throughput {
+        println!(
+            "local fork throughput: {} children at once from one seed for {:.1} s: {} children, {:.1} children/s, median {}, {} failed",
+            t.concurrency,
+            t.elapsed.as_secs_f64(),
+            t.children,
+            t.per_sec(),
+            opt_ms(median(&t.latencies)),
+            t.failures.len()
+        );
+    }
     if let Some(d) = r.criu_dump {
         println!("criu dump (--leave-running): {}", ms(d));
     }
@@ -130,9 +141,15 @@ pub fn seed_table(r: &SeedResult) {
             println!("{} failed: {}", m.label, shorten(f));
         }
     }
-    if let Some(t) = &r.throughput {
-        for f in t.failures.iter().take(SHOWN_FAILURES) {
-            println!("throughput child failed: {}", shorten(f));
+    for (what, t) in [
+        ("throughput", &r.throughput),
+        ("local fork throughput", &r.local_throughput),
+    ] {
+        for f in t
+            .iter()
+            .flat_map(|t| t.failures.iter().take(SHOWN_FAILURES))
+        {
+            println!("{what} child failed: {}", shorten(f));
         }
     }
 }
@@ -142,7 +159,7 @@ pub fn seed_table(r: &SeedResult) {
 pub fn summary(results: &[SeedResult]) {
     println!();
     println!(
-        "summary: median spawn-to-answer in ms (x local fork); children/s with concurrent resumes"
+        "summary: median spawn-to-answer in ms (x local fork); children/s with concurrent resumes, and with as many concurrent local forks"
     );
     let columns = [
         (COLD_START, "cold start"),
@@ -157,17 +174,20 @@ pub fn summary(results: &[SeedResult]) {
     for (_, title) in columns {
         print!(" {title:>16}");
     }
-    println!(" {:>11}", "children/s");
+    println!(" {:>11} {:>11}", "children/s", "local/s");
+    let per_sec = |t: &Option<Throughput>| {
+        t.as_ref()
+            .map_or_else(|| "-".to_owned(), |t| format!("{:.1}", t.per_sec()))
+    };
     for r in results {
         print!("{:<9}", r.name);
         for (key, _) in columns {
             print!(" {:>16}", cell(r, key));
         }
         println!(
-            " {:>11}",
-            r.throughput
-                .as_ref()
-                .map_or_else(|| "-".to_owned(), |t| format!("{:.1}", t.per_sec()))
+            " {:>11} {:>11}",
+            per_sec(&r.throughput),
+            per_sec(&r.local_throughput)
         );
     }
     println!();

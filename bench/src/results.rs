@@ -101,7 +101,7 @@ pub struct ChildNumbers {
     pub served: Option<Served>,
 }
 
-/// Concurrent `resume` loops against a warm handle.
+/// Concurrent closed loops of children: `resume`s of a warm handle, or local forks.
 #[derive(Debug, Clone, Default)]
 pub struct Throughput {
     pub concurrency: usize,
@@ -139,6 +139,8 @@ pub struct SeedResult {
     /// Pages the warm host's replica held after the warm phase.
     pub replica_pages: Option<u64>,
     pub throughput: Option<Throughput>,
+    /// Local forks from one warm seed, with the same concurrency.
+    pub local_throughput: Option<Throughput>,
     pub criu_dump: Option<Duration>,
     /// Why the seed's run stopped early, if it did.
     pub error: Option<String>,
@@ -157,6 +159,7 @@ impl SeedResult {
             warm: ChildNumbers::default(),
             replica_pages: None,
             throughput: None,
+            local_throughput: None,
             criu_dump: None,
             error: None,
         }
@@ -190,10 +193,10 @@ impl SeedResult {
     pub fn failed(&self) -> bool {
         self.error.is_some()
             || self.methods.iter().any(|m| !m.failures.is_empty())
-            || self
-                .throughput
-                .as_ref()
-                .is_some_and(|t| !t.failures.is_empty())
+            || [&self.throughput, &self.local_throughput]
+                .into_iter()
+                .flatten()
+                .any(|t| !t.failures.is_empty())
     }
 
     pub fn to_json(&self) -> Json {
@@ -244,6 +247,11 @@ impl SeedResult {
                     .iter()
                     .flat_map(|t| t.failures.iter().map(|f| format!("throughput: {f}"))),
             )
+            .chain(self.local_throughput.iter().flat_map(|t| {
+                t.failures
+                    .iter()
+                    .map(|f| format!("local fork throughput: {f}"))
+            }))
             .collect();
         Json::obj([
             ("name", Json::from(self.name)),
@@ -292,23 +300,10 @@ impl SeedResult {
                 ]),
             ),
             ("warm_replica_pages", Json::from(self.replica_pages)),
+            ("throughput", throughput_json(&self.throughput)),
             (
-                "throughput",
-                match &self.throughput {
-                    None => Json::Null,
-                    Some(t) => Json::obj([
-                        ("concurrency", Json::from(t.concurrency)),
-                        ("hosts", Json::from(t.hosts)),
-                        ("secs", Json::from(ms_f(t.elapsed) / 1e3)),
-                        ("children", Json::from(t.children)),
-                        (
-                            "children_per_sec",
-                            Json::from((t.per_sec() * 100.0).round() / 100.0),
-                        ),
-                        ("failures", Json::from(t.failures.len())),
-                        ("median_ms", Json::from(median(&t.latencies).map(ms_f))),
-                    ]),
-                },
+                "local_fork_throughput",
+                throughput_json(&self.local_throughput),
             ),
             ("criu_dump_ms", Json::from(self.criu_dump.map(ms_f))),
             (
@@ -322,6 +317,24 @@ impl SeedResult {
             ),
             ("failures", Json::from(failures)),
         ])
+    }
+}
+
+fn throughput_json(t: &Option<Throughput>) -> Json {
+    match t {
+        None => Json::Null,
+        Some(t) => Json::obj([
+            ("concurrency", Json::from(t.concurrency)),
+            ("hosts", Json::from(t.hosts)),
+            ("secs", Json::from(ms_f(t.elapsed) / 1e3)),
+            ("children", Json::from(t.children)),
+            (
+                "children_per_sec",
+                Json::from((t.per_sec() * 100.0).round() / 100.0),
+            ),
+            ("failures", Json::from(t.failures.len())),
+            ("median_ms", Json::from(median(&t.latencies).map(ms_f))),
+        ]),
     }
 }
 

@@ -12,6 +12,9 @@ Modes (command line of every seed):
                  waits for it (the local fork baseline).
   --linger       with --fork-server: the child waits to be killed after answering instead of
                  exiting, so its memory can be measured (the benchmark kills it).
+  --fork-pool N  like --fork-server, but up to N children at once: the parent forks for each
+                 request without waiting for the last child (the local fork children/s
+                 baseline). Answers may come out of order.
   --once         build the state, answer one request, exit (the cold start baseline).
 
 Every mode ends with os._exit(0), skipping the interpreter's teardown of the warm state.
@@ -47,6 +50,7 @@ class Options:
         self.fork_server = False
         self.linger = False
         self.once = False
+        self.pool = 0
         self.mib = None
         args = list(argv)
         while args:
@@ -57,6 +61,10 @@ class Options:
                 self.linger = True
             elif arg == "--once":
                 self.once = True
+            elif arg == "--fork-pool" and args:
+                self.pool = int(args.pop(0))
+                if self.pool < 1:
+                    raise ValueError("--fork-pool needs at least 1")
             elif arg == "--mib" and args:
                 self.mib = int(args.pop(0))
             else:
@@ -101,6 +109,9 @@ def reply(answer, line):
 
 
 def serve(answer, opts):
+    if opts.pool:
+        serve_pool(answer, opts.pool)
+        return
     for line in lines():
         if opts.fork_server:
             pid = os.fork()
@@ -117,6 +128,28 @@ def serve(answer, opts):
             write_all(1, reply(answer, line))
         if opts.once:
             return
+
+
+def serve_pool(answer, most):
+    """A child per request, up to `most` alive at once. Each answer line goes out in one
+    write (shorter than PIPE_BUF), so lines from concurrent children never interleave."""
+    alive = 0
+    for line in lines():
+        while alive >= most:
+            os.wait()
+            alive -= 1
+        if os.fork() == 0:
+            try:
+                write_all(1, reply(answer, line))
+            finally:
+                os._exit(0)
+        alive += 1
+        # Reap whoever is done without blocking, so `alive` stays true.
+        while alive and os.waitpid(-1, os.WNOHANG)[0]:
+            alive -= 1
+    while alive:
+        os.wait()
+        alive -= 1
 
 
 def settle():
@@ -142,7 +175,7 @@ def main(name, build, answer):
         opts = Options(sys.argv[1:])
     except ValueError as err:
         sys.stderr.write(
-            "%s: %s\nusage: %s [--fork-server [--linger] | --once] [--mib N]\n"
+            "%s: %s\nusage: %s [--fork-server [--linger] | --fork-pool N | --once] [--mib N]\n"
             % (name, err, name)
         )
         return 2
