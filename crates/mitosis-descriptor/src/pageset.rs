@@ -34,6 +34,17 @@ impl PageSet {
         }
     }
 
+    /// Appends the `count` pages from `first`, which must not start below the set's end.
+    pub fn push_run(&mut self, first: u64, count: u64) {
+        if count == 0 {
+            return;
+        }
+        match self.runs.last_mut() {
+            Some((f, c)) if *f + *c == first => *c += count,
+            _ => self.runs.push((first, count)),
+        }
+    }
+
     pub fn runs(&self) -> &[(u64, u64)] {
         &self.runs
     }
@@ -85,6 +96,17 @@ mod tests {
         assert!(set.contains(0) && set.contains(3) && set.contains(7));
         assert!(!set.contains(2) && !set.contains(5) && !set.contains(8));
         assert_eq!(set.end(), 8);
+        assert!(set.is_canonical());
+    }
+
+    #[test]
+    fn pushed_runs_merge_when_adjacent() {
+        let mut set = PageSet::default();
+        set.push_run(2, 3);
+        set.push_run(5, 1);
+        set.push_run(7, 0);
+        set.push_run(9, 2);
+        assert_eq!(set.runs(), &[(2, 4), (9, 2)]);
         assert!(set.is_canonical());
     }
 

@@ -8,7 +8,7 @@
 //! so the seed runs on and its later writes stay invisible to children. Everything else
 //! (layout, page lists, file identities) is read from the twin after the seed is released.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use mitosis_descriptor::{
     Thread, Vdso, Vma,
 };
 use mitosis_sys::PAGE_SIZE;
-use mitosis_sys::mem::RemoteMemory;
+use mitosis_sys::mem::{PageState, RemoteMemory, StateRun};
 use mitosis_sys::ptrace::{self, Regs, Tracee};
 use thiserror::Error;
 
@@ -123,12 +123,12 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
         .map(|p| p.to_string_lossy().into_owned());
 
     // A fork leaves MADV_DONTFORK ranges (V8's heap) out of the twin. Only smaps tells which
-    // ranges those are, and reading it costs milliseconds: it is read only when a mapping of
-    // the seed is missing from the twin, and the twin made again with them let through.
+    // ranges those are, and reading it costs milliseconds: it is read only when the twin is
+    // smaller than the seed, and the twin made again with them let through.
     let mut snap = snapshot(pid, &[])?;
     let mut maps = twin_maps(&snap);
     let mut dont_fork = Vec::new();
-    if maps.as_ref().is_ok_and(|maps| lost_in_twin(pid, maps)) {
+    if maps.is_ok() && lost_in_twin(&snap) {
         dont_fork = fs::read_to_string(format!("/proc/{pid}/smaps"))
             .map(|s| procfs::parse_dont_fork(&s))
             .unwrap_or_default();
@@ -177,6 +177,7 @@ struct Snapshot {
     process: ProcessState,
     syscall_insn: u64,
     stopped_us: u64,
+    seed_vm_pages: Option<u64>,
 }
 
 /// Stops the seed, captures its threads and descriptors, clones the twin (letting the
@@ -189,6 +190,7 @@ fn snapshot(pid: i32, dont_fork: &[(u64, u64)]) -> Result<Snapshot, PrepareError
     group.release();
     let Frozen {
         mut twin,
+        seed_vm_pages,
         threads,
         fds,
         brk,
@@ -240,6 +242,7 @@ fn snapshot(pid: i32, dont_fork: &[(u64, u64)]) -> Result<Snapshot, PrepareError
         process,
         syscall_insn,
         stopped_us,
+        seed_vm_pages,
     })
 }
 
@@ -253,21 +256,19 @@ fn twin_maps(snap: &Snapshot) -> Result<Vec<MapsEntry>, PrepareError> {
     })
 }
 
-/// True if a mapping of the seed is not among its twin's: a MADV_DONTFORK range, or one the
-/// seed made since it was let go (then smaps is read for nothing, no harm done).
-fn lost_in_twin(pid: i32, twin: &[MapsEntry]) -> bool {
-    let Some(seed) = fs::read_to_string(format!("/proc/{pid}/maps"))
-        .ok()
-        .and_then(|t| procfs::parse_maps(&t).ok())
-    else {
-        return true;
-    };
-    let kept: HashSet<(u64, u64)> = twin.iter().map(|m| (m.start, m.end)).collect();
-    seed.iter().any(|m| !kept.contains(&(m.start, m.end)))
+/// True if the twin lacks some of the seed's memory: fork leaves MADV_DONTFORK ranges out,
+/// and out of the child's address-space size. The seed's size was read while it was
+/// stopped for the fork; the twin's never changes. Unknown counts as lacking (smaps is then
+/// read for nothing).
+fn lost_in_twin(snap: &Snapshot) -> bool {
+    let twin = procfs::vm_pages(snap.twin.pid()).ok();
+    !matches!((snap.seed_vm_pages, twin), (Some(seed), Some(twin)) if seed == twin)
 }
 
 struct Frozen {
     twin: Tracee,
+    /// The seed's address-space size at the fork, in pages.
+    seed_vm_pages: Option<u64>,
     threads: Vec<Thread>,
     fds: capture::fds::Fds,
     brk: u64,
@@ -319,6 +320,8 @@ fn freeze(
             });
         }
     };
+    // Still stopped: the size the twin must have if fork left nothing out.
+    let seed_vm_pages = procfs::vm_pages(pid).ok();
     let mut twin = Tracee::adopt(twin_pid);
     let twin_ready = twin
         .wait_for_event_stop()
@@ -333,6 +336,7 @@ fn freeze(
     }
     Ok(Frozen {
         twin,
+        seed_vm_pages,
         threads: captured,
         fds,
         brk,
@@ -408,7 +412,24 @@ fn describe(
 
     let mut vmas = Vec::new();
     let mut vdso_block: Option<(u64, u64, u64)> = None;
-    let mut seen = Seen::default();
+    // The twin's existing pages in one page-table walk, for every mapping at once.
+    let user = maps.iter().filter(|m| m.name != "[vsyscall]");
+    let span = user
+        .clone()
+        .map(|m| m.start)
+        .min()
+        .zip(user.map(|m| m.end).max());
+    let scanned = match span {
+        Some((start, end)) => twin
+            .memory
+            .existing_runs(start, end)
+            .map_err(proc_err(format!("/proc/{pid}/pagemap")))?,
+        None => None,
+    };
+    let mut seen = Seen {
+        scanned,
+        ..Seen::default()
+    };
     for m in maps {
         match m.name.as_str() {
             "[vsyscall]" => continue,
@@ -464,10 +485,25 @@ fn describe(
 /// What `describe` opened or identified once for all the mappings.
 #[derive(Default)]
 struct Seen {
+    /// The twin's existing pages, when the kernel can scan for them (PAGEMAP_SCAN).
+    scanned: Option<Vec<StateRun>>,
     /// The seed's memory, for the page states of shared mappings.
     seed_memory: Option<RemoteMemory>,
     /// Identities by (inode, path): a library has several mappings.
     files: HashMap<(u64, String), FileIdentity>,
+}
+
+/// The pages of `m` (indices from its start) within the `runs` whose state is `wanted`.
+fn pages_in_runs(runs: &[StateRun], m: &MapsEntry, wanted: impl Fn(PageState) -> bool) -> PageSet {
+    let first = runs.partition_point(|r| r.end <= m.start);
+    let mut set = PageSet::default();
+    for r in runs[first..].iter().take_while(|r| r.start < m.end) {
+        if wanted(r.state) {
+            let (start, end) = (r.start.max(m.start), r.end.min(m.end));
+            set.push_run((start - m.start) / PAGE_SIZE, (end - start) / PAGE_SIZE);
+        }
+    }
+    set
 }
 
 fn describe_vma(
@@ -479,23 +515,6 @@ fn describe_vma(
 ) -> Result<Vma, PrepareError> {
     let pid = twin.pid();
     let pages = ((m.end - m.start) / PAGE_SIZE) as usize;
-    // fork copies no page table entries for shared mappings, so the twin's pagemap knows
-    // nothing of them; their pages are the seed's (still shared with the twin).
-    let states_of = if m.shared { twin.seed_pid } else { pid };
-    let memory = if m.shared {
-        match &mut seen.seed_memory {
-            Some(memory) => &*memory,
-            empty => &*empty.insert(
-                RemoteMemory::open(states_of, false)
-                    .map_err(proc_err(format!("/proc/{states_of}/pagemap")))?,
-            ),
-        }
-    } else {
-        &*twin.memory
-    };
-    let states = memory
-        .page_states(m.start, pages)
-        .map_err(proc_err(format!("/proc/{states_of}/pagemap")))?;
     let prot =
         (m.read as u8 * PROT_READ) | (m.write as u8 * PROT_WRITE) | (m.exec as u8 * PROT_EXEC);
     // Shared memory without a real file (MAP_SHARED|MAP_ANONYMOUS, SysV, memfd) is carried as
@@ -535,12 +554,33 @@ fn describe_vma(
     } else {
         Backing::Anonymous
     };
-    let seed_pages = match backing {
+    let held = |s: PageState| match backing {
         // Private file pages the seed wrote are anonymous now: they are not in the file.
-        Backing::File { .. } => {
-            PageSet::from_flags(states.iter().map(|s| s.exists() && !s.file && !m.shared))
+        Backing::File { .. } => s.exists() && !s.file && !m.shared,
+        Backing::Anonymous => s.exists(),
+    };
+    let seed_pages = match &seen.scanned {
+        Some(runs) if !m.shared => pages_in_runs(runs, m, held),
+        // fork copies no page table entries for shared mappings, so the twin knows nothing
+        // of them; their pages are the seed's (still shared with the twin).
+        _ => {
+            let states_of = if m.shared { twin.seed_pid } else { pid };
+            let memory = if m.shared {
+                match &mut seen.seed_memory {
+                    Some(memory) => &*memory,
+                    empty => &*empty.insert(
+                        RemoteMemory::open(states_of, false)
+                            .map_err(proc_err(format!("/proc/{states_of}/pagemap")))?,
+                    ),
+                }
+            } else {
+                &*twin.memory
+            };
+            let states = memory
+                .page_states(m.start, pages)
+                .map_err(proc_err(format!("/proc/{states_of}/pagemap")))?;
+            PageSet::from_flags(states.into_iter().map(held))
         }
-        Backing::Anonymous => PageSet::from_flags(states.iter().map(|s| s.exists())),
     };
     Ok(Vma {
         start: m.start,
@@ -552,4 +592,40 @@ fn describe_vma(
         backing,
         seed_pages,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(start: u64, end: u64, file: bool) -> StateRun {
+        StateRun {
+            start: start * PAGE_SIZE,
+            end: end * PAGE_SIZE,
+            state: PageState {
+                present: true,
+                swapped: false,
+                file,
+            },
+        }
+    }
+
+    #[test]
+    fn a_mapping_takes_its_share_of_the_scanned_runs() {
+        // Pages 16..32 mapped; runs before, across both edges and inside it.
+        let m = &procfs::parse_maps("00010000-00020000 rw-p 00000000 00:00 0\n").unwrap()[0];
+        let runs = [
+            run(2, 4, false),
+            run(14, 18, false),
+            run(18, 20, true),
+            run(20, 21, false),
+            run(25, 26, false),
+            run(30, 40, false),
+        ];
+        let anon = pages_in_runs(&runs, m, |s| s.exists() && !s.file);
+        assert_eq!(anon.runs(), &[(0, 2), (4, 1), (9, 1), (14, 2)]);
+        let all = pages_in_runs(&runs, m, PageState::exists);
+        assert_eq!(all.runs(), &[(0, 5), (9, 1), (14, 2)]);
+        assert!(pages_in_runs(&runs[..1], m, PageState::exists).is_empty());
+    }
 }

@@ -112,6 +112,17 @@ pub fn tracer_pid_at(dir: &str) -> io::Result<Option<i32>> {
     Ok((tracer != 0).then_some(tracer))
 }
 
+/// The size of `pid`'s address space in pages (`total_vm`, the first field of statm).
+pub fn vm_pages(pid: i32) -> io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/statm"))?;
+    parse_statm_size(&text)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("statm {text:?}")))
+}
+
+fn parse_statm_size(text: &str) -> Option<u64> {
+    text.split_whitespace().next()?.parse().ok()
+}
+
 /// Ranges marked MADV_DONTFORK (`dc` in /proc/PID/smaps VmFlags), which a fork leaves out.
 pub fn parse_dont_fork(smaps: &str) -> Vec<(u64, u64)> {
     let mut range = None;
@@ -149,6 +160,16 @@ pub fn parse_fdinfo(text: &str) -> Option<(u64, i32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statm_size() {
+        assert_eq!(
+            parse_statm_size("26843 7573 3412 1 0 4870 0\n"),
+            Some(26843)
+        );
+        assert_eq!(parse_statm_size(""), None);
+        assert_eq!(parse_statm_size("x 1"), None);
+    }
 
     #[test]
     fn maps_lines() {
