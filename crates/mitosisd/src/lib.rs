@@ -27,7 +27,7 @@ pub struct Daemon {
     pub tracer: tracer::Tracer,
     pub files: Arc<FileCache>,
     /// Stubs waiting to become replicas; used on the tracer thread only.
-    pub stubs: Arc<std::sync::Mutex<mitosis_fork::restore::StubPool>>,
+    pub stubs: Arc<mitosis_fork::restore::StubPool>,
     pub vdso_hash: [u8; 32],
     pub pool: Arc<PeerPool>,
     pub cache: cache::HostCache,

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -116,16 +116,8 @@ async fn run(args: Args) -> Result<()> {
     let unix = UnixListener::bind(&args.socket)
         .with_context(|| format!("binding {}", args.socket.display()))?;
 
-    let stubs = Arc::new(Mutex::new(StubPool::new(&stub, args.stub_pool)));
-    let tracer = Tracer::spawn({
-        let stubs = stubs.clone();
-        move || {
-            let mut pool = stubs.lock().expect("stub pool lock");
-            if let Err(e) = pool.refill() {
-                tracing::debug!("refilling the stub pool: {e}");
-            }
-        }
-    })?;
+    let stubs = Arc::new(StubPool::new(&stub, args.stub_pool).context("starting the stub pool")?);
+    let tracer = Tracer::spawn()?;
     let daemon = Arc::new(Daemon {
         listen: tcp.local_addr()?,
         registry: Registry::default(),

@@ -239,11 +239,10 @@ async fn make(
     let built = daemon
         .tracer
         .run(move || {
-            let mut stubs = stubs.lock().expect("stub pool lock");
             let pages = streamed
                 .as_ref()
                 .map(|(fd, runs)| StreamedPages { fd: *fd, runs });
-            replica::build(plan, &mut stubs, join, pages)
+            replica::build(plan, &stubs, join, pages)
         })
         .await
         .map_err(|e| e.to_string())?;

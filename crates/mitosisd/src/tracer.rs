@@ -6,15 +6,11 @@
 
 use std::sync::mpsc;
 use std::thread;
-use std::time::Duration;
 
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The tracer thread's nice value.
 const TRACER_NICE: i32 = -10;
-
-/// How long the thread waits without a job before it does its idle work.
-pub const QUIET: Duration = Duration::from_millis(20);
 
 #[derive(Clone)]
 pub struct Tracer {
@@ -22,10 +18,8 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    /// Starts the thread; `idle` runs at start and once the thread has had no job for
-    /// [`QUIET`] (work done ahead of need, such as starting stubs). Not at once after a job:
-    /// a resume's jobs come a few milliseconds apart, and the next must not wait behind it.
-    pub fn spawn(mut idle: impl FnMut() + Send + 'static) -> std::io::Result<Tracer> {
+    /// Starts the thread.
+    pub fn spawn() -> std::io::Result<Tracer> {
         let (jobs, rx) = mpsc::channel::<Job>();
         thread::Builder::new()
             .name("tracer".into())
@@ -34,21 +28,8 @@ impl Tracer {
                 if let Err(e) = mitosis_sys::task::set_thread_nice(TRACER_NICE) {
                     tracing::warn!("tracer priority: {e}");
                 }
-                idle();
-                // After idle work, wait for the next job without a deadline.
-                let mut wait = Duration::MAX;
-                loop {
-                    match rx.recv_timeout(wait) {
-                        Ok(job) => {
-                            job();
-                            wait = QUIET;
-                        }
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
-                            idle();
-                            wait = Duration::MAX;
-                        }
-                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                    }
+                for job in rx {
+                    job();
                 }
             })?;
         Ok(Tracer { jobs })

@@ -55,7 +55,37 @@ pub enum RestoreError {
     Died(String),
 }
 
-/// A stub just started, traced, with its channel.
+/// A stub started and waiting for its setup, not yet traced.
+pub(crate) struct Started {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    pub chan: UnixStream,
+}
+
+impl Started {
+    /// Kills and reaps the stub (it is our child).
+    pub fn kill(self) {
+        kill_and_reap(&self.pidfd, self.pid);
+    }
+
+    /// Traces the stub from the calling thread, which must be the one that builds with it.
+    pub fn seize(self) -> Result<Spawned, RestoreError> {
+        match Tracee::seize(self.pid, ptrace::exit_kill_options()) {
+            Ok(tracee) => Ok(Spawned {
+                pid: self.pid,
+                pidfd: self.pidfd,
+                tracee,
+                chan: self.chan,
+            }),
+            Err(e) => {
+                self.kill();
+                Err(RestoreError::Trace(e))
+            }
+        }
+    }
+}
+
+/// A stub traced, with its channel.
 pub(crate) struct Spawned {
     pub pid: i32,
     pub pidfd: OwnedFd,
@@ -66,17 +96,22 @@ pub(crate) struct Spawned {
 impl Spawned {
     /// Kills and reaps the stub (it is our child).
     pub fn kill(self) {
-        let _ = pidfd::send_signal(&self.pidfd, libc::SIGKILL);
-        let _ = nix::sys::wait::waitpid(
-            nix::unistd::Pid::from_raw(self.pid),
-            Some(nix::sys::wait::WaitPidFlag::__WALL),
-        );
+        kill_and_reap(&self.pidfd, self.pid);
     }
 }
 
-/// Starts the stub (stdio on /dev/null: a replica has none) and seizes it. It waits for its
-/// setup, which says where it works.
-pub(crate) fn spawn(stub: &Path) -> Result<Spawned, RestoreError> {
+fn kill_and_reap(pidfd: &OwnedFd, pid: i32) {
+    let _ = pidfd::send_signal(pidfd, libc::SIGKILL);
+    let _ = nix::sys::wait::waitpid(
+        nix::unistd::Pid::from_raw(pid),
+        Some(nix::sys::wait::WaitPidFlag::__WALL),
+    );
+}
+
+/// Starts the stub (stdio on /dev/null: a replica has none). It waits for its setup, which
+/// says where it works; if the daemon dies first, it reads end-of-file and exits. It dies with
+/// the thread that started it (PR_SET_PDEATHSIG).
+pub(crate) fn start(stub: &Path) -> Result<Started, RestoreError> {
     let (chan, theirs) =
         UnixStream::pair().map_err(|e| RestoreError::Spawn("socketpair".into(), e))?;
     let their_fd = theirs.as_raw_fd();
@@ -107,20 +142,7 @@ pub(crate) fn spawn(stub: &Path) -> Result<Spawned, RestoreError> {
     drop(theirs);
     let pid = child.id() as i32;
     let pidfd = pidfd::open(pid).map_err(RestoreError::Trace)?;
-    let tracee = match Tracee::seize(pid, ptrace::exit_kill_options()) {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = pidfd::send_signal(&pidfd, libc::SIGKILL);
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-            return Err(RestoreError::Trace(e));
-        }
-    };
-    Ok(Spawned {
-        pid,
-        pidfd,
-        tracee,
-        chan,
-    })
+    Ok(Started { pid, pidfd, chan })
 }
 
 /// The stub after its address space was replaced by the seed's: still stopped, still holding

@@ -102,7 +102,7 @@ pub struct Forked {
 /// are registered. Then the caller brings in the pages and calls [`Replica::finish`].
 pub fn build(
     plan: Plan,
-    stubs: &mut StubPool,
+    stubs: &StubPool,
     join: Option<JoinSpec>,
     pages: Option<StreamedPages>,
 ) -> Result<Built, RestoreError> {
