@@ -27,7 +27,7 @@ impl FileCache {
     /// The identity of the open `file`, reported under `path`.
     pub fn identify(&self, file: &File, path: &str) -> io::Result<FileIdentity> {
         let md = file.metadata()?;
-        if let Some(id) = self.cached(&md, path) {
+        if let Some(id) = self.known(&md, path) {
             return Ok(id);
         }
         let mut hasher = blake3::Hasher::new();
@@ -44,7 +44,8 @@ impl FileCache {
         })
     }
 
-    fn cached(&self, md: &Metadata, path: &str) -> Option<FileIdentity> {
+    /// The identity of the file version `md` describes, if this host has hashed it.
+    pub fn known(&self, md: &Metadata, path: &str) -> Option<FileIdentity> {
         let hash = *self
             .hashes
             .lock()
@@ -66,7 +67,7 @@ impl FileCache {
         };
         let have = match std::fs::metadata(&path) {
             Ok(md) if md.size() != want.size => return false,
-            Ok(md) => self.cached(&md, &want.path),
+            Ok(md) => self.known(&md, &want.path),
             Err(_) => return false,
         };
         let have = match have {

@@ -15,6 +15,8 @@ pub struct MapsEntry {
     pub exec: bool,
     pub shared: bool,
     pub offset: u64,
+    /// The device (major, minor) of the mapped file.
+    pub dev: (u32, u32),
     pub inode: u64,
     /// Path or pseudo-name (`[heap]`, `[stack]`, `[vdso]`...); empty for anonymous memory.
     pub name: String,
@@ -34,7 +36,7 @@ fn parse_maps_line(line: &str) -> Result<MapsEntry, String> {
     let range = fields.next().ok_or_else(bad)?;
     let perms = fields.next().ok_or_else(bad)?.as_bytes();
     let offset = fields.next().ok_or_else(bad)?;
-    let _dev = fields.next().ok_or_else(bad)?;
+    let dev = fields.next().ok_or_else(bad)?;
     let inode = fields.next().ok_or_else(bad)?;
     let name = fields.next().unwrap_or("").trim_start().to_string();
     let (start, end) = range.split_once('-').ok_or_else(bad)?;
@@ -42,6 +44,8 @@ fn parse_maps_line(line: &str) -> Result<MapsEntry, String> {
     if perms.len() != 4 {
         return Err(bad());
     }
+    let (major, minor) = dev.split_once(':').ok_or_else(bad)?;
+    let dev_part = |s: &str| u32::from_str_radix(s, 16).map_err(|_| bad());
     Ok(MapsEntry {
         start: hex(start)?,
         end: hex(end)?,
@@ -50,6 +54,7 @@ fn parse_maps_line(line: &str) -> Result<MapsEntry, String> {
         exec: perms[2] == b'x',
         shared: perms[3] == b's',
         offset: hex(offset)?,
+        dev: (dev_part(major)?, dev_part(minor)?),
         inode: inode.parse().map_err(|_| bad())?,
         name,
     })
@@ -184,6 +189,8 @@ mod tests {
             (maps[0].start, maps[0].end, maps[0].inode),
             (0x55d0c0a00000, 0x55d0c0a02000, 1234)
         );
+        assert_eq!(maps[0].dev, (0xfe, 0));
+        assert_eq!(maps[2].dev, (0, 5));
         assert!(maps[0].read && !maps[0].write && !maps[0].shared);
         assert_eq!(maps[1].name, "[stack]");
         assert!(maps[2].shared && maps[2].offset == 0x1000);
