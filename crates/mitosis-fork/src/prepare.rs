@@ -420,13 +420,14 @@ fn describe(
         .map(|m| m.start)
         .min()
         .zip(user.map(|m| m.end).max());
-    let scanned = match span {
-        Some((start, end)) => twin
-            .memory
+    // Any failure leaves the proven way: pagemap read mapping by mapping.
+    let scanned = span.and_then(|(start, end)| {
+        twin.memory
             .existing_runs(start, end)
-            .map_err(proc_err(format!("/proc/{pid}/pagemap")))?,
-        None => None,
-    };
+            .inspect_err(|e| tracing::debug!(pid, "PAGEMAP_SCAN: {e}; reading pagemap"))
+            .ok()
+            .flatten()
+    });
     let mut seen = Seen {
         scanned,
         ..Seen::default()
