@@ -80,7 +80,10 @@ impl StubPool {
         self.shared.wake.notify_one();
         match pooled {
             Some(started) => started.seize(),
-            None => build::start(&self.shared.stub)?.seize(),
+            None => {
+                tracing::debug!("no stub waiting: starting one now");
+                build::start(&self.shared.stub)?.seize()
+            }
         }
     }
 
@@ -108,7 +111,12 @@ impl Shared {
                 continue;
             }
             drop(state);
+            let t = std::time::Instant::now();
             let started = build::start(&self.stub);
+            tracing::debug!(
+                us = t.elapsed().as_micros() as u64,
+                "stub started for the pool"
+            );
             state = self.lock();
             match started {
                 Ok(started) => state.ready.push(started),
