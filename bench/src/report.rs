@@ -107,27 +107,30 @@ pub fn seed_table(r: &SeedResult) {
             bytes(pages * 4096)
         );
     }
-    if let Some(t) = &r.throughput {
-        println!(
-            "throughput: {} concurrent in-process resume loops on {} hosts for {:.1} s: {} children, {:.1} children/s, median {}, {} failed",
-            t.concurrency,
-            t.hosts,
+    // Seconds, children, children/s, median latency and failures of a children/s run.
+    let figures = |t: &Throughput| {
+        format!(
+            "{:.1} s: {} children, {:.1} children/s, median {}, {} failed",
             t.elapsed.as_secs_f64(),
             t.children,
             t.per_sec(),
             opt_ms(median(&t.latencies)),
             t.failures.len()
+        )
+    };
+    if let Some(t) = &r.throughput {
+        println!(
+            "throughput: {} concurrent in-process resume loops on {} hosts for {}",
+            t.concurrency,
+            t.hosts,
+            figures(t)
         );
     }
     if let Some(t) = &r.local_throughput {
         println!(
-            "local fork throughput: {} children at once from one seed for {:.1} s: {} children, {:.1} children/s, median {}, {} failed",
+            "local fork throughput: {} children at once from one seed for {}",
             t.concurrency,
-            t.elapsed.as_secs_f64(),
-            t.children,
-            t.per_sec(),
-            opt_ms(median(&t.latencies)),
-            t.failures.len()
+            figures(t)
         );
     }
     if let Some(d) = r.criu_dump {

@@ -216,10 +216,9 @@ impl RemoteMemory {
 mod tests {
     use super::*;
 
-    #[test]
-    fn pieces_land_in_writable_and_read_only_memory() {
-        let len = 2 * PAGE_SIZE as usize;
-        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+    /// A fresh private anonymous read-write mapping of `len` bytes, none of it touched.
+    fn fresh_anonymous(len: usize) -> *mut libc::c_void {
+        // SAFETY: a new mapping at an address the kernel picks; nothing else refers to it.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -231,6 +230,13 @@ mod tests {
             )
         };
         assert_ne!(base, libc::MAP_FAILED);
+        base
+    }
+
+    #[test]
+    fn pieces_land_in_writable_and_read_only_memory() {
+        let len = 2 * PAGE_SIZE as usize;
+        let base = fresh_anonymous(len);
         let addr = base as u64;
         // The second page read-only: process_vm_writev refuses it, /proc/PID/mem does not.
         // SAFETY: the second page of the mapping made above.
@@ -260,18 +266,7 @@ mod tests {
     fn scanned_runs_agree_with_pagemap() {
         let pages = 64;
         let len = pages * PAGE_SIZE as usize;
-        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED);
+        let base = fresh_anonymous(len);
         let addr = base as u64;
         // Pages 3..6, 9, and 40..64 written: three runs.
         for page in (3..6).chain([9]).chain(40..64) {
