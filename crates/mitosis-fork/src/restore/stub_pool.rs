@@ -72,7 +72,9 @@ impl StubPool {
                         alive = Some(started);
                         break;
                     }
-                    _ => started.kill(),
+                    // Reaped just now: its pid may already be another process's.
+                    Ok(Some(_)) => {}
+                    Err(_) => started.kill(),
                 }
             }
             alive
@@ -85,11 +87,6 @@ impl StubPool {
                 build::start(&self.shared.stub)?.seize()
             }
         }
-    }
-
-    /// Stubs waiting now.
-    pub fn ready(&self) -> usize {
-        self.shared.lock().ready.len()
     }
 }
 
