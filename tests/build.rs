@@ -34,7 +34,10 @@ fn compile(fixtures: &Path, out_dir: &Path, name: &str, flags: &[&str], libs: &[
     let src = fixtures.join(format!("{name}.c"));
     let bin = out_dir.join(name);
     println!("cargo:rerun-if-changed={}", src.display());
-    println!("cargo:rerun-if-changed={}", fixtures.join("fixture_io.h").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        fixtures.join("fixture_io.h").display()
+    );
 
     let cc = env::var("CC")
         .ok()

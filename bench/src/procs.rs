@@ -1,212 +1,21 @@
 //! Starting and timing the processes the benchmark measures.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
+pub use mitosis_testbed::lines::LineServer as Server;
+use mitosis_testbed::lines::read_all;
+pub use mitosis_testbed::lines::run_timed;
 
 /// How long any single answer may take before the benchmark gives up on it.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a command run to completion (prepare, drop, status, criu dump) may take.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The lines of a child's stdout, read on a thread so that waiting can time out.
-pub struct Lines {
-    rx: Receiver<std::io::Result<String>>,
-}
-
-impl Lines {
-    pub fn new(stdout: ChildStdout) -> Self {
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            loop {
-                let mut line = String::new();
-                let result = reader.read_line(&mut line).map(|_| line);
-                let done = !matches!(&result, Ok(l) if !l.is_empty());
-                if tx.send(result).is_err() || done {
-                    break;
-                }
-            }
-        });
-        Self { rx }
-    }
-
-    /// The next line without its newline; `None` at EOF.
-    pub fn next(&self, what: &str) -> Result<Option<String>> {
-        match self.rx.recv_timeout(STEP_TIMEOUT) {
-            Ok(Ok(line)) if line.is_empty() => Ok(None),
-            Ok(Ok(line)) => Ok(Some(line.trim_end_matches('\n').to_owned())),
-            Ok(Err(err)) => Err(anyhow!("reading from {what}: {err}")),
-            Err(RecvTimeoutError::Timeout) => {
-                bail!("no output from {what} within {STEP_TIMEOUT:?}")
-            }
-            Err(RecvTimeoutError::Disconnected) => Ok(None),
-        }
-    }
-}
-
-/// A long-running seed or fork server; killed when dropped.
-pub struct Server {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Lines,
-    /// Time from spawn to the `ready` line.
-    pub startup: Duration,
-}
-
-impl Server {
-    /// Spawns `cmd` (stdin and stdout are made pipes) and waits for its `ready` line.
-    pub fn start(mut cmd: Command) -> Result<Self> {
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-        let t = Instant::now();
-        let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
-        let stdin = child.stdin.take();
-        let lines = Lines::new(child.stdout.take().expect("stdout is piped"));
-        let mut server = Self {
-            child,
-            stdin,
-            lines,
-            startup: Duration::ZERO,
-        };
-        match server.lines.next("a seed")? {
-            Some(line) if line == "ready" => {
-                server.startup = t.elapsed();
-                Ok(server)
-            }
-            other => {
-                server.kill();
-                bail!("{cmd:?} did not print `ready` (got {other:?})")
-            }
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Writes a request line; returns the time until the answer line arrived, and that line.
-    pub fn request(&mut self, request: &str) -> Result<(Duration, String)> {
-        let t = Instant::now();
-        self.send(request)?;
-        let answer = self.answer()?;
-        Ok((t.elapsed(), answer))
-    }
-
-    /// Writes a request line without waiting for its answer.
-    pub fn send(&mut self, request: &str) -> Result<()> {
-        let stdin = self
-            .stdin
-            .as_mut()
-            .context("the server's stdin is closed")?;
-        stdin
-            .write_all(format!("{request}\n").as_bytes())
-            .context("writing a request")
-    }
-
-    /// The next answer line.
-    pub fn answer(&mut self) -> Result<String> {
-        self.lines
-            .next("the fork server")?
-            .context("the fork server exited")
-    }
-
-    pub fn kill(&mut self) {
-        self.stdin = None;
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// One run of a command that answers one request.
-pub struct Run {
-    /// From spawn to the first line of output.
-    pub latency: Duration,
-    /// That line (empty if there was none).
-    pub answer: String,
-    /// Shell-style exit status.
-    pub status: i32,
-    pub stderr: String,
-}
-
-/// Spawns `cmd` with `input` (plus a newline) on its stdin, and times it until its first line
-/// of output; its stdin is then closed and it runs to its end.
-pub fn run_timed(cmd: Command, input: &str) -> Result<Run> {
-    run_probed(cmd, input, |_| ()).map(|(run, ())| run)
-}
-
-/// Like [`run_timed`], but while the child still has its stdin open (a seed then waits for
-/// its next request), `probe` looks at it, given the answer line.
-pub fn run_probed<T>(
-    mut cmd: Command,
-    input: &str,
-    probe: impl FnOnce(&str) -> T,
-) -> Result<(Run, T)> {
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let t = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
-    let mut stdin = child.stdin.take().expect("stdin is piped");
-    // The child may die before reading; its status tells why.
-    let _ = stdin.write_all(format!("{input}\n").as_bytes());
-    let lines = Lines::new(child.stdout.take().expect("stdout is piped"));
-    // Read stderr on the side, so a chatty child never blocks on it.
-    let stderr_reader = read_all(child.stderr.take().expect("stderr is piped"));
-    let first = match lines.next("a child") {
-        Ok(line) => line,
-        Err(err) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(err);
-        }
-    };
-    let latency = t.elapsed();
-    let answer = first.unwrap_or_default();
-    let probed = probe(&answer);
-    drop(stdin);
-    // The rest of its output, up to its end; one that hangs on is killed (and fails).
-    loop {
-        match lines.next("a child") {
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(_) => {
-                let _ = child.kill();
-                break;
-            }
-        }
-    }
-    let status = child.wait().context("waiting for a child")?;
-    let stderr = stderr_reader.join().unwrap_or_default();
-    Ok((
-        Run {
-            latency,
-            answer,
-            status: shell_status(status),
-            stderr,
-        },
-        probed,
-    ))
-}
-
-/// 128 + N for a child killed by signal N, else the exit code.
-pub fn shell_status(status: ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
-}
 
 /// Runs a command to completion; returns wall time, stdout and stderr, failing on a bad status
 /// or after [`RUN_TIMEOUT`] (the command is then killed).
@@ -237,15 +46,6 @@ pub fn run_ok(mut cmd: Command) -> Result<(Duration, String, String)> {
         bail!("{cmd:?} failed ({status}):\n{}", stderr.trim_end());
     }
     Ok((wall, stdout, stderr))
-}
-
-/// Reads a pipe to its end on a thread.
-fn read_all(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
 }
 
 /// The answer line with its `"pid": N` field removed, for comparing answers of different

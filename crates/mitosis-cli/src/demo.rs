@@ -6,20 +6,16 @@
 //! answer is checked against a cold `seed_fn.py --once` run of the same request, and the remote
 //! fork latency is compared with a local `os.fork()` and with a cold start.
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::thread;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
+use mitosis_testbed::lines::{LineServer, run_timed};
 use mitosis_testbed::{DaemonConfig, Host, Testbed, TestbedConfig};
 
 /// The port the testbed's daemons listen on.
 const DAEMON_PORT: u16 = 7070;
-/// How long any single step (an answer, the seed's `ready`) may take before the demo gives up.
-const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The interpreter running the seed.
 const PYTHON: &str = "python3";
 
@@ -95,7 +91,7 @@ fn demo(exe: &Path, script: &Path, src: &Host, dst: &Host, n: usize) -> Result<i
 
     // The seed: a warmed runtime on host 0, blocked reading its stdin.
     let t = Instant::now();
-    let mut seed = ServerProcess::start(src, script, &[])?;
+    let mut seed = start_server(src, script, &[])?;
     println!(
         "- seed started on host 0 (pid {}), ready after {}",
         seed.pid(),
@@ -194,7 +190,7 @@ fn demo(exe: &Path, script: &Path, src: &Host, dst: &Host, n: usize) -> Result<i
 
     // Local fork baseline: the same runtime forking itself per request on host 0.
     println!("- local fork baseline: `seed_fn.py --fork-server` on host 0, {n} requests");
-    let mut server = ServerProcess::start(src, script, &["--fork-server"])?;
+    let mut server = start_server(src, script, &["--fork-server"])?;
     let mut local = Vec::with_capacity(n);
     for (request, want) in requests.iter().zip(&expected) {
         let (elapsed, answer) = server.request(request)?;
@@ -321,123 +317,31 @@ fn find_script(exe: &Path) -> Result<PathBuf> {
     )
 }
 
-/// Reads the lines of a child's stdout on a thread, so reads can time out.
-struct Lines {
-    rx: Receiver<std::io::Result<String>>,
-}
-
-impl Lines {
-    fn new(stdout: ChildStdout) -> Self {
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            loop {
-                let mut line = String::new();
-                let result = reader.read_line(&mut line).map(|_| line);
-                let done = !matches!(&result, Ok(l) if !l.is_empty());
-                if tx.send(result).is_err() || done {
-                    break;
-                }
-            }
-        });
-        Self { rx }
-    }
-
-    /// The next line without its newline; `None` at EOF.
-    fn next(&self, what: &str) -> Result<Option<String>> {
-        match self.rx.recv_timeout(STEP_TIMEOUT) {
-            Ok(Ok(line)) if line.is_empty() => Ok(None),
-            Ok(Ok(line)) => Ok(Some(line.trim_end_matches('\n').to_owned())),
-            Ok(Err(err)) => Err(anyhow!("reading {what}: {err}")),
-            Err(RecvTimeoutError::Timeout) => {
-                bail!("no answer from {what} within {STEP_TIMEOUT:?}")
-            }
-            Err(RecvTimeoutError::Disconnected) => Ok(None),
-        }
-    }
-}
-
-/// A long-running `seed_fn.py` (the seed or the fork server), killed when dropped.
-struct ServerProcess {
-    child: Child,
-    stdin: Option<std::process::ChildStdin>,
-    lines: Lines,
-}
-
-impl ServerProcess {
-    /// Starts the script on `host` and waits for its `ready` line.
-    fn start(host: &Host, script: &Path, extra: &[&str]) -> Result<Self> {
-        let mut child = host
-            .command(PYTHON)
-            .arg(script)
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {PYTHON} {}", script.display()))?;
-        let stdin = child.stdin.take();
-        let lines = Lines::new(child.stdout.take().expect("stdout is piped"));
-        let mut server = Self {
-            child,
-            stdin,
-            lines,
-        };
-        match server.lines.next("the seed")? {
-            Some(line) if line == "ready" => Ok(server),
-            other => {
-                server.kill();
-                bail!("{} did not print `ready` (got {other:?})", script.display())
-            }
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Writes one request line and times until the answer line arrives.
-    fn request(&mut self, request: &str) -> Result<(Duration, String)> {
-        let stdin = self
-            .stdin
-            .as_mut()
-            .context("the server's stdin is closed")?;
-        let t = Instant::now();
-        stdin
-            .write_all(format!("{request}\n").as_bytes())
-            .context("writing a request")?;
-        let answer = self
-            .lines
-            .next("the fork server")?
-            .context("the fork server exited")?;
-        Ok((t.elapsed(), answer))
-    }
-
-    fn kill(&mut self) {
-        self.stdin = None;
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Starts the script on `host` (the seed, or the fork server) and waits for its `ready` line.
+fn start_server(host: &Host, script: &Path, extra: &[&str]) -> Result<LineServer> {
+    let mut cmd = host.command(PYTHON);
+    cmd.arg(script).args(extra).stderr(Stdio::inherit());
+    LineServer::start(cmd).with_context(|| format!("starting {PYTHON} {}", script.display()))
 }
 
 /// Runs `seed_fn.py --once` with `request` on stdin; returns spawn-to-answer time and the answer.
 fn cold_start(host: &Host, script: &Path, request: &str) -> Result<(Duration, String)> {
     let mut cmd = host.command(PYTHON);
     cmd.arg(script).arg("--once");
-    let (elapsed, answer, status, stderr) = run_timed(cmd, request)?;
-    let answer = answer
-        .with_context(|| format!("the cold start printed no answer ({status}):\n{stderr}"))?;
+    let run = run_timed(cmd, request)?;
     anyhow::ensure!(
-        status == 0,
-        "the cold start exited with status {status}:\n{stderr}"
+        !run.answer.is_empty(),
+        "the cold start printed no answer ({}):\n{}",
+        run.status,
+        run.stderr
     );
-    Ok((elapsed, answer))
+    anyhow::ensure!(
+        run.status == 0,
+        "the cold start exited with status {}:\n{}",
+        run.status,
+        run.stderr
+    );
+    Ok((run.latency, run.answer))
 }
 
 /// One remote child's run.
@@ -460,56 +364,19 @@ pub(crate) fn remote_child(
     cmd.arg("--socket")
         .arg(host.socket_path())
         .args(["resume", handle, "--stats"]);
-    let (elapsed, answer, status, stderr) = run_timed(cmd, request)?;
-    let stats = stderr
+    let run = run_timed(cmd, request)?;
+    let stats = run
+        .stderr
         .lines()
         .find(|l| l.starts_with("mitosis: stats "))
         .map(str::to_owned);
     Ok(RemoteChild {
-        elapsed,
-        answer: answer.unwrap_or_default(),
-        status,
-        stderr,
+        elapsed: run.latency,
+        answer: run.answer,
+        status: run.status,
+        stderr: run.stderr,
         stats,
     })
-}
-
-/// Spawns `cmd` with `input` as its whole stdin; returns the time from spawn to its first line
-/// of output, that line, its exit status and its stderr.
-pub(crate) fn run_timed(
-    mut cmd: Command,
-    input: &str,
-) -> Result<(Duration, Option<String>, i32, String)> {
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let t = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
-    let mut stdin = child.stdin.take().expect("stdin is piped");
-    // The child may die before reading; its exit status tells why.
-    let _ = stdin.write_all(format!("{input}\n").as_bytes());
-    drop(stdin);
-    let lines = Lines::new(child.stdout.take().expect("stdout is piped"));
-    let first = match lines.next("the child") {
-        Ok(line) => line,
-        Err(err) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(err);
-        }
-    };
-    let elapsed = t.elapsed();
-    // Drain the rest of stdout (normally nothing) so the child cannot block on it.
-    while let Ok(Some(_)) = lines.next("the child") {}
-    let mut stderr = String::new();
-    if let Some(mut pipe) = child.stderr.take() {
-        let _ = pipe.read_to_string(&mut stderr);
-    }
-    let status = child.wait().context("waiting for a child")?;
-    let code = status.code().unwrap_or_else(|| {
-        128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
-    });
-    Ok((elapsed, first, code, stderr))
 }
 
 /// Compares an answer with the expected one, ignoring the `pid` field.

@@ -13,7 +13,9 @@ use anyhow::{Context, Result, bail};
 use mitosis_container::Bundle;
 use mitosis_testbed::Host;
 
-use crate::demo::{check, drop_seed, ms, percentile, remote_child, run_timed, short, stat};
+use mitosis_testbed::lines::run_timed;
+
+use crate::demo::{check, drop_seed, ms, percentile, remote_child, short, stat};
 
 pub fn run(exe: &Path, dir: &Path, src: &Host, dst: &Host, n: usize) -> Result<i32> {
     let bundle = Bundle::load(dir).with_context(|| format!("loading {}", dir.display()))?;
@@ -39,12 +41,16 @@ pub fn run(exe: &Path, dir: &Path, src: &Host, dst: &Host, n: usize) -> Result<i
             .args(&bundle.args)
             .arg("--once")
             .current_dir("/");
-        let (elapsed, answer, status, stderr) = run_timed(cmd, request)?;
-        let Some(answer) = answer.filter(|_| status == 0) else {
-            bail!("a cold start in the rootfs failed ({status}):\n{stderr}");
-        };
-        cold.push(elapsed);
-        expected.push(answer);
+        let run = run_timed(cmd, request)?;
+        if run.status != 0 || run.answer.is_empty() {
+            bail!(
+                "a cold start in the rootfs failed ({}):\n{}",
+                run.status,
+                run.stderr
+            );
+        }
+        cold.push(run.latency);
+        expected.push(run.answer);
     }
 
     let t = Instant::now();

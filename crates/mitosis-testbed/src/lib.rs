@@ -27,6 +27,7 @@
 mod error;
 mod host;
 mod leak;
+pub mod lines;
 mod netns;
 mod testbed;
 
