@@ -270,7 +270,7 @@ fn a_bootstrap_cut_short_fails_the_child_cleanly() {
 
     // Host 1 reaches the seed through a proxy on host 0 that ends the connection a few pages
     // into the bootstrap's page stream, as a seed host that dies mid-transfer would.
-    let (proxy, proxying) = cutting_proxy(&tb, 3 * 4096 + 100);
+    let (proxy, proxying) = cutting_proxy(&tb, 3 * 4096 + 100, false);
     let real = tb.host(0).listen_addr().to_string();
     let cut = handle.replacen(&real, &proxy.to_string(), 1);
     let out = cli(&tb, 1, &["resume", &cut], "verify\n");
@@ -300,13 +300,49 @@ fn a_bootstrap_cut_short_fails_the_child_cleanly() {
     teardown(tb);
 }
 
+#[test]
+fn a_bootstrap_that_stalls_fails_the_child_in_bounded_time() {
+    let tb = testbed(2);
+    let dir = Scratch::new("stall");
+    let seed = memcheck_seed(&tb, 0, &dir.0);
+    let handle = prepare(&tb, 0, seed.pid());
+
+    // The seed's host stays connected but stops sending a few pages into the page stream, as
+    // a host that hangs would: the child fails after the request timeout (5 s), never waits on.
+    let (proxy, proxying) = cutting_proxy(&tb, 3 * 4096 + 100, true);
+    let real = tb.host(0).listen_addr().to_string();
+    let stalled = handle.replacen(&real, &proxy.to_string(), 1);
+    let started = std::time::Instant::now();
+    let out = cli(&tb, 1, &["resume", &stalled], "verify\n");
+    let took = started.elapsed();
+    proxying.join().expect("the proxy stalled a bootstrap");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("came short"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one-line error expected: {err:?}");
+    assert!(took < Duration::from_secs(20), "the child waited {took:?}");
+    assert!(replica_pids(&tb, 1).is_empty(), "no replica may be left");
+
+    let out = cli(&tb, 1, &["resume", &handle], "verify\n");
+    assert_eq!(
+        stdout(&out),
+        format!("ok 11 {MEMCHECK_DIGEST}\n"),
+        "stderr: {}",
+        stderr(&out)
+    );
+    drop(seed);
+    teardown(tb);
+}
+
 /// A TCP proxy on host 0, in front of its daemon, for one connection at a time: requests pass
 /// whole, answers too, except a bootstrap's, of which only the first frame and then `keep`
-/// bytes pass before both connections are closed and the proxy stops (its thread ends, so
-/// nothing holds host 0's namespace at teardown).
+/// bytes pass. Then both connections are closed and the proxy stops (its thread ends, so
+/// nothing holds host 0's namespace at teardown); with `stall`, the proxy first holds them
+/// open, sending nothing more, until the client closes its end.
 fn cutting_proxy(
     tb: &mitosis_testbed::Testbed,
     keep: usize,
+    stall: bool,
 ) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
     use std::io::Read;
     use std::net::{TcpListener, TcpStream};
@@ -345,6 +381,8 @@ fn cutting_proxy(
                     let mut part = vec![0; keep];
                     server.read_exact(&mut part).expect("pages");
                     client.write_all(&part).expect("proxy passes pages");
+                    // Until the client gives up (end of file), or the read limit passes.
+                    while stall && matches!(client.read(&mut [0; 4096]), Ok(n) if n > 0) {}
                     return;
                 }
             }
