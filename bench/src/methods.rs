@@ -151,11 +151,7 @@ pub fn local_fork_throughput(
     concurrency: usize,
     secs: f64,
 ) -> Throughput {
-    let mut result = Throughput {
-        concurrency,
-        hosts: 1,
-        ..Throughput::default()
-    };
+    let mut result = Throughput::new(concurrency, 1);
     let pool = concurrency.to_string();
     let mut server = match Server::start(seed.command(host, &["--fork-pool", &pool])) {
         Ok(server) => server,

@@ -114,6 +114,15 @@ pub struct Throughput {
 }
 
 impl Throughput {
+    /// An empty run of `concurrency` loops on `hosts` hosts.
+    pub fn new(concurrency: usize, hosts: usize) -> Self {
+        Throughput {
+            concurrency,
+            hosts,
+            ..Throughput::default()
+        }
+    }
+
     pub fn per_sec(&self) -> f64 {
         if self.elapsed.is_zero() {
             0.0

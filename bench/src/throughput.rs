@@ -20,11 +20,7 @@ impl Remote<'_> {
         concurrency: usize,
         secs: f64,
     ) -> Throughput {
-        let mut result = Throughput {
-            concurrency,
-            hosts: self.child_hosts.len(),
-            ..Throughput::default()
-        };
+        let mut result = Throughput::new(concurrency, self.child_hosts.len());
         for host in self.child_hosts {
             if let Err(err) = self.child(host, handle, &request(1000), None) {
                 result.failures.push(format!("warm-up child: {err}"));

@@ -184,8 +184,8 @@ impl RemoteMemory {
                 return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE,
                 ..PmScanArg::default()
             };
-            // SAFETY: `arg` is a pm_scan_arg of the size it declares, and `vec` points to
-            // `vec_len` writable page_regions that outlive the call.
+            // `vec` points to `vec_len` writable page_regions, which outlive the call.
+            // SAFETY: `arg` is a pm_scan_arg of its declared size; `vec` is valid as above.
             let ret = unsafe { libc::ioctl(self.pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
             if ret < 0 {
                 let err = io::Error::last_os_error();
