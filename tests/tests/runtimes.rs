@@ -278,7 +278,8 @@ fn thread_masks(pid: i32) -> Vec<String> {
 }
 
 /// What descriptor `fd` of `pid` is: the link target without inode numbers, its open flags,
-/// and for an eventfd its count, for an epoll set its targets (fd, events, data).
+/// and for an eventfd its count, for an epoll set its targets (fd, events, data), for a timerfd
+/// its clock and interval, for a signalfd its signals.
 fn describe_fd(pid: i32, fd: i32) -> String {
     let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
         .map(|p| p.display().to_string())
@@ -295,6 +296,9 @@ fn describe_fd(pid: i32, fd: i32) -> String {
         match words.as_slice() {
             ["flags:", flags] => out.push(format!("flags {flags}")),
             ["eventfd-count:", count] => out.push(format!("count {count}")),
+            ["clockid:", clock] => out.push(format!("clock {clock}")),
+            ["it_interval:", secs, nanos] => out.push(format!("every {secs}{nanos}")),
+            ["sigmask:", mask] => out.push(format!("taking {mask}")),
             ["tfd:", tfd, "events:", events, "data:", data, ..] => {
                 targets.push(format!("{tfd}:{events}:{data}"))
             }
@@ -376,6 +380,10 @@ fn assert_fixture_state(state: &BTreeMap<String, String>, who: &str) {
     expect("epoll", "eventfd+pipe");
     expect("eventfd", "5");
     expect("pipe", "hello");
+    expect("stream", "ping+echo");
+    expect("dgram", "a,bb");
+    expect("timer", "7s+armed");
+    expect("sigfd", "xcpu");
     expect("devnull", "ok");
     expect("sigpipe", "ign");
     expect("usr1", "handler+restart+onstack+usr2");
@@ -451,8 +459,9 @@ fn c_fixture_child_keeps_every_thread_and_its_kernel_state() {
     assert_eq!(task_ids(seed.pid()).len(), 4);
     let seed_process = process_state(seed.pid());
     let seed_masks = masks_by_name(seed.pid(), &seed_state);
-    // What the fixture opens: two pipes, the eventfd, the epoll set, /dev/null.
-    let seed_fds: Vec<String> = (3..=9).map(|fd| describe_fd(seed.pid(), fd)).collect();
+    // What the fixture opens: two pipes, the eventfd, the epoll set, /dev/null, two
+    // socketpairs, the timerfd and the signalfd.
+    let seed_fds: Vec<String> = (3..=15).map(|fd| describe_fd(seed.pid(), fd)).collect();
     let handle = prepare(&tb, 0, seed.pid());
 
     let mut child = Resumed::start(&tb, 1, &["resume", &handle]);
@@ -480,7 +489,7 @@ fn c_fixture_child_keeps_every_thread_and_its_kernel_state() {
     // Kernel state, read while the child waits for input (checked at the end).
     let child_process = process_state(pid);
     let child_masks = masks_by_name(pid, &state);
-    let child_fds: Vec<String> = (3..=9).map(|fd| describe_fd(pid, fd)).collect();
+    let child_fds: Vec<String> = (3..=15).map(|fd| describe_fd(pid, fd)).collect();
     let foreign = foreign_fds(pid, seed.pid());
 
     // All four threads fault in pages of memory the child never read, at the same time.
@@ -515,7 +524,7 @@ fn c_fixture_child_keeps_every_thread_and_its_kernel_state() {
     assert_eq!(child_masks, seed_masks, "per-thread signal masks");
     assert_eq!(
         child_fds, seed_fds,
-        "descriptors 3..=9 (kind, flags, contents)"
+        "descriptors 3..=15 (kind, flags, contents)"
     );
     assert!(
         foreign.is_empty(),
@@ -793,6 +802,27 @@ fn numpy_with_blas_threads_child_answers_like_the_function() {
             cold_answer(cmd, request)
         },
         &[3, 0, 17, 250],
+    );
+    teardown(tb);
+}
+
+/// asyncio's loop wakes through a socketpair inside the process (its self-pipe): a child whose
+/// socketpair were closed would never see its executor's results or its signals.
+#[test]
+fn asyncio_child_wakes_its_loop_through_the_carried_socketpair() {
+    let script = example("python/asyncio_fn.py");
+    let tb = testbed(2);
+    let mut seed = tb.host(0).command("python3");
+    seed.arg(&script);
+    children_behave_like_the_runtime(
+        &tb,
+        seed,
+        |request| {
+            let mut cmd = Command::new("python3");
+            cmd.arg(&script).arg("--once");
+            cold_answer(cmd, request)
+        },
+        &[4, 0, -7, 1234],
     );
     teardown(tb);
 }

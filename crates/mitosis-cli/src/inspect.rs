@@ -132,6 +132,42 @@ pub fn render(handle: &str, d: &Descriptor) -> String {
                 let fds: Vec<String> = watches.iter().map(|w| w.fd.to_string()).collect();
                 format!("watching fds [{}]", fds.join(", "))
             }
+            KernelObject::SocketPair { kind, ends } => {
+                let kind = match *kind {
+                    libc::SOCK_STREAM => "stream",
+                    libc::SOCK_DGRAM => "datagram",
+                    _ => "seqpacket",
+                };
+                let queued: Vec<String> = ends
+                    .iter()
+                    .map(|e| {
+                        let bytes: usize = e.queued.iter().map(Vec::len).sum();
+                        let fds: Vec<String> = e.fds.iter().map(|f| f.fd.to_string()).collect();
+                        format!("{} bytes queued at fd {}", bytes, fds.join(","))
+                    })
+                    .collect();
+                format!("{kind}, {}", queued.join(", "))
+            }
+            KernelObject::TimerFd {
+                clock,
+                value_ns,
+                interval_ns,
+                ..
+            } => match value_ns {
+                0 => format!("clock {clock}, disarmed"),
+                v => format!(
+                    "clock {clock}, next in {:.3} s, every {:.3} s",
+                    *v as f64 / 1e9,
+                    *interval_ns as f64 / 1e9
+                ),
+            },
+            KernelObject::SignalFd { mask, .. } => {
+                let names: Vec<String> = (1..=64u8)
+                    .filter(|s| mask & (1u64 << (s - 1)) != 0)
+                    .map(signal_name)
+                    .collect();
+                format!("taking {}", names.join(","))
+            }
         };
         let fds: Vec<String> = o.fds().map(|f| f.fd.to_string()).collect();
         let _ = writeln!(w, "  fd {} {} {detail}", fds.join(","), o.kind());

@@ -7,11 +7,11 @@ use thiserror::Error;
 
 use std::collections::BTreeSet;
 
-use crate::{Backing, Descriptor, KernelObject, REGS_WORDS};
+use crate::{Backing, Descriptor, KernelObject, REGS_WORDS, SocketEnd};
 
 const MAGIC: &[u8; 4] = b"MTSD";
 /// Bumped whenever the payload's shape changes.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 const HEADER_LEN: usize = 16;
 /// Far above any real seed (~12 bytes per resident page), small enough to refuse garbage.
 pub const MAX_PAYLOAD: usize = 64 << 20;
@@ -22,6 +22,11 @@ const USER_END: u64 = 1 << 56;
 const MAX_THREADS: usize = 4096;
 /// What a child can put back into a fresh pipe without blocking (the default pipe size).
 pub const MAX_PIPE_CONTENT: usize = 65536;
+/// What a child can queue at one end of a socketpair without blocking (well below the default
+/// socket buffer).
+pub const MAX_SOCKET_QUEUE: usize = 65536;
+/// Clocks a timerfd can run on: REALTIME, MONOTONIC, BOOTTIME and their _ALARM forms.
+const TIMERFD_CLOCKS: [i32; 5] = [0, 1, 7, 8, 9];
 /// RLIMIT_NLIMITS on Linux.
 const RLIMITS: u8 = 16;
 
@@ -197,6 +202,12 @@ fn validate_objects(d: &Descriptor) -> Result<(), DecodeError> {
             } if readers.is_empty() || writers.is_empty() || content.len() > MAX_PIPE_CONTENT => {
                 return Err(Invalid("a pipe is malformed"));
             }
+            KernelObject::SocketPair { kind, ends } if !socket_pair_ok(*kind, ends) => {
+                return Err(Invalid("a socketpair is malformed"));
+            }
+            KernelObject::TimerFd { clock, .. } if !TIMERFD_CLOCKS.contains(clock) => {
+                return Err(Invalid("a timerfd has an unknown clock"));
+            }
             _ => {}
         }
     }
@@ -209,6 +220,22 @@ fn validate_objects(d: &Descriptor) -> Result<(), DecodeError> {
         }
     }
     Ok(())
+}
+
+/// A known kind; each end has descriptors and at most [`MAX_SOCKET_QUEUE`] bytes queued, with
+/// no empty message (a stream's queue is one message).
+fn socket_pair_ok(kind: i32, ends: &[SocketEnd; 2]) -> bool {
+    const STREAM: i32 = 1;
+    const DGRAM: i32 = 2;
+    const SEQPACKET: i32 = 5;
+    [STREAM, DGRAM, SEQPACKET].contains(&kind)
+        && ends.iter().all(|end| {
+            let bytes: usize = end.queued.iter().map(Vec::len).sum();
+            !end.fds.is_empty()
+                && bytes <= MAX_SOCKET_QUEUE
+                && end.queued.iter().all(|m| !m.is_empty())
+                && (kind != STREAM || end.queued.len() <= 1)
+        })
 }
 
 #[cfg(test)]
@@ -282,6 +309,30 @@ mod tests {
                         events: 1,
                         data: 5,
                     }],
+                },
+                KernelObject::SocketPair {
+                    kind: libc_sock::STREAM,
+                    ends: [
+                        SocketEnd {
+                            fds: vec![FdRef { fd: 8, flags: 2 }],
+                            queued: vec![b"ping".to_vec()],
+                        },
+                        SocketEnd {
+                            fds: vec![FdRef { fd: 9, flags: 2 }],
+                            queued: vec![],
+                        },
+                    ],
+                },
+                KernelObject::TimerFd {
+                    fds: vec![FdRef { fd: 10, flags: 0 }],
+                    clock: 1,
+                    value_ns: 5_000_000_000,
+                    interval_ns: 7_000_000_000,
+                    ticks: 0,
+                },
+                KernelObject::SignalFd {
+                    fds: vec![FdRef { fd: 11, flags: 0 }],
+                    mask: 1 << 9,
                 },
             ],
             dropped: vec![],
@@ -370,6 +421,57 @@ mod tests {
         assert_eq!(
             decode(&encode(&d)),
             Err(DecodeError::Invalid("mappings overlap or are unsorted"))
+        );
+    }
+
+    /// Socket kinds as the kernel numbers them.
+    mod libc_sock {
+        pub const STREAM: i32 = 1;
+        pub const DGRAM: i32 = 2;
+    }
+
+    #[test]
+    fn socketpairs_and_timers_are_checked() {
+        let malformed = Err(DecodeError::Invalid("a socketpair is malformed"));
+        let with_queue = |kind: i32, queued: Vec<Vec<u8>>| {
+            let mut d = sample();
+            d.objects[2] = KernelObject::SocketPair {
+                kind,
+                ends: [
+                    SocketEnd {
+                        fds: vec![FdRef { fd: 8, flags: 2 }],
+                        queued,
+                    },
+                    SocketEnd {
+                        fds: vec![FdRef { fd: 9, flags: 2 }],
+                        queued: vec![],
+                    },
+                ],
+            };
+            decode(&encode(&d)).map(|_| ())
+        };
+        use libc_sock::{DGRAM, STREAM};
+        assert_eq!(
+            with_queue(DGRAM, vec![b"a".to_vec(), b"bb".to_vec()]),
+            Ok(())
+        );
+        assert_eq!(with_queue(3, vec![]), malformed, "a raw socket");
+        assert_eq!(
+            with_queue(STREAM, vec![b"a".to_vec(), b"bb".to_vec()]),
+            malformed
+        );
+        assert_eq!(with_queue(DGRAM, vec![vec![]]), malformed);
+        assert_eq!(
+            with_queue(DGRAM, vec![vec![1; MAX_SOCKET_QUEUE + 1]]),
+            malformed
+        );
+        let mut d = sample();
+        if let KernelObject::TimerFd { clock, .. } = &mut d.objects[3] {
+            *clock = 2;
+        }
+        assert_eq!(
+            decode(&encode(&d)),
+            Err(DecodeError::Invalid("a timerfd has an unknown clock"))
         );
     }
 

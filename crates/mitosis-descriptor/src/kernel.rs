@@ -101,6 +101,31 @@ pub enum KernelObject {
         fds: Vec<FdRef>,
         watches: Vec<EpollWatch>,
     },
+    /// Two connected unix sockets, both in the seed (a socketpair, such as asyncio's self-pipe).
+    SocketPair {
+        /// SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET.
+        kind: i32,
+        ends: [SocketEnd; 2],
+    },
+    /// A timerfd, armed as it was: `value_ns` to the next expiry (0: disarmed), then every
+    /// `interval_ns`; `ticks` expirations not yet read.
+    TimerFd {
+        fds: Vec<FdRef>,
+        clock: i32,
+        value_ns: u64,
+        interval_ns: u64,
+        ticks: u64,
+    },
+    /// A signalfd and the signals it takes (bit N-1 for signal N).
+    SignalFd { fds: Vec<FdRef>, mask: u64 },
+}
+
+/// One end of a [`KernelObject::SocketPair`]: its descriptors and the messages queued to be
+/// read there, oldest first (a stream's bytes as one message).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketEnd {
+    pub fds: Vec<FdRef>,
+    pub queued: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,10 +141,13 @@ impl KernelObject {
         let (a, b): (&[FdRef], &[FdRef]) = match self {
             KernelObject::Device { fds, .. }
             | KernelObject::EventFd { fds, .. }
-            | KernelObject::Epoll { fds, .. } => (fds, &[]),
+            | KernelObject::Epoll { fds, .. }
+            | KernelObject::TimerFd { fds, .. }
+            | KernelObject::SignalFd { fds, .. } => (fds, &[]),
             KernelObject::Pipe {
                 readers, writers, ..
             } => (readers, writers),
+            KernelObject::SocketPair { ends, .. } => (&ends[0].fds, &ends[1].fds),
         };
         a.iter().chain(b)
     }
@@ -130,6 +158,9 @@ impl KernelObject {
             KernelObject::Pipe { .. } => "pipe",
             KernelObject::EventFd { .. } => "eventfd",
             KernelObject::Epoll { .. } => "epoll",
+            KernelObject::SocketPair { .. } => "socketpair",
+            KernelObject::TimerFd { .. } => "timerfd",
+            KernelObject::SignalFd { .. } => "signalfd",
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod pidfd;
 pub mod ptrace;
 pub mod task;
 pub mod uffd;
+pub mod unix_socket;
 
 /// The page size mitosis works in; x86_64 base pages.
 pub const PAGE_SIZE: u64 = 4096;

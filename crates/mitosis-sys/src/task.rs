@@ -51,6 +51,15 @@ pub fn steal_fd(pidfd: &OwnedFd, fd: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
+/// Whether descriptors `a` and `b` of `pid` are the same open file (`kcmp(KCMP_FILE)`): dups
+/// of one descriptor are, two descriptors opened apart are not.
+pub fn same_file(pid: i32, a: i32, b: i32) -> io::Result<bool> {
+    const KCMP_FILE: libc::c_int = 0;
+    // SAFETY: plain integer arguments; kcmp reads no memory of ours.
+    let ret = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
+    Ok(cvt(ret)? == 0)
+}
+
 /// Bytes buffered in a pipe, at most `max`, without consuming them: `tee` copies them into a
 /// pipe of our own, which we drain.
 pub fn peek_pipe(read_end: &OwnedFd, max: usize) -> io::Result<Vec<u8>> {
@@ -111,6 +120,17 @@ mod tests {
         let mut rest = Vec::new();
         std::fs::File::from(r).read_to_end(&mut rest).unwrap();
         assert_eq!(rest, b"hello");
+    }
+
+    #[test]
+    fn dups_are_the_same_file_and_reopens_are_not() {
+        use std::os::fd::AsRawFd;
+        let me = std::process::id() as i32;
+        let a = std::fs::File::open("/dev/null").unwrap();
+        let dup = a.try_clone().unwrap();
+        let other = std::fs::File::open("/dev/null").unwrap();
+        assert!(same_file(me, a.as_raw_fd(), dup.as_raw_fd()).unwrap());
+        assert!(!same_file(me, a.as_raw_fd(), other.as_raw_fd()).unwrap());
     }
 
     #[test]

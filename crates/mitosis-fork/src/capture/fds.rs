@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::fd::OwnedFd;
 
-use mitosis_descriptor::codec::MAX_PIPE_CONTENT;
-use mitosis_descriptor::{DroppedFd, EpollWatch, FdRef, KernelObject, OpenFile};
-use mitosis_sys::task;
+use mitosis_descriptor::codec::{MAX_PIPE_CONTENT, MAX_SOCKET_QUEUE};
+use mitosis_descriptor::{DroppedFd, EpollWatch, FdRef, KernelObject, OpenFile, SocketEnd};
+use mitosis_sys::{task, unix_socket};
 
 /// Character devices a child can open again and get the same thing.
 const PORTABLE_DEVICES: &[&str] = &[
@@ -80,6 +80,8 @@ pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
     let mut pipes: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
     let mut eventfds: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
     let mut epolls = Vec::new();
+    let mut sockets: BTreeMap<u32, Vec<Entry>> = BTreeMap::new();
+    let mut timers = Vec::new();
     let drop = |out: &mut Fds, e: &Entry, reason: &str| {
         out.dropped.push(DroppedFd {
             fd: e.fd,
@@ -97,12 +99,10 @@ pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
             eventfds.entry(id).or_default().push(e);
         } else if t == "anon_inode:[eventpoll]" {
             epolls.push(e);
-        } else if t.starts_with("socket:") {
-            drop(
-                &mut out,
-                &e,
-                "sockets are not carried (they reach outside the seed)",
-            );
+        } else if let Some(ino) = socket_inode(t) {
+            sockets.entry(ino).or_default().push(e);
+        } else if t == "anon_inode:[timerfd]" || t == "anon_inode:[signalfd]" {
+            timers.push(e);
         } else if t.starts_with("/memfd:") {
             drop(
                 &mut out,
@@ -178,6 +178,17 @@ pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
             semaphore,
         });
     }
+    socket_pairs(pid, pidfd, sockets, &mut out);
+    for group in same_files(pid, timers) {
+        match timer_object(&group) {
+            Some(object) => out.objects.push(object),
+            None => {
+                for e in &group {
+                    drop(&mut out, e, "its fdinfo is not understood");
+                }
+            }
+        }
+    }
     let carried = |fd: i32, out: &Fds| {
         fd < 3
             || out.files.iter().any(|f| f.fd == fd)
@@ -203,6 +214,125 @@ pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
         });
     }
     out
+}
+
+fn socket_inode(target: &str) -> Option<u32> {
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// Sockets connected to each other within the seed become socketpairs with their queued
+/// messages; every other socket reaches outside the seed and is dropped.
+fn socket_pairs(pid: i32, pidfd: &OwnedFd, sockets: BTreeMap<u32, Vec<Entry>>, out: &mut Fds) {
+    if sockets.is_empty() {
+        return;
+    }
+    let drop_all = |out: &mut Fds, ends: &[&Vec<Entry>], reason: &str| {
+        for e in ends.iter().flat_map(|v| v.iter()) {
+            out.dropped.push(DroppedFd {
+                fd: e.fd,
+                target: e.target.clone(),
+                reason: reason.into(),
+            });
+        }
+    };
+    let diag = match unix_socket::unix_sockets(pid) {
+        Ok(diag) => diag,
+        Err(why) => {
+            let all: Vec<&Vec<Entry>> = sockets.values().collect();
+            drop_all(
+                out,
+                &all,
+                &format!("sockets are not carried (sock_diag: {why})"),
+            );
+            return;
+        }
+    };
+    for (&ino, entries) in &sockets {
+        let pair = diag.get(&ino).and_then(|s| {
+            let peer = s.peer?;
+            let back = diag.get(&peer)?.peer == Some(ino);
+            (back && sockets.contains_key(&peer)).then_some((s.kind, peer))
+        });
+        let Some((kind, peer)) = pair else {
+            drop_all(
+                out,
+                &[entries],
+                "sockets are not carried (they reach outside the seed)",
+            );
+            continue;
+        };
+        if peer < ino {
+            continue; // taken with its peer
+        }
+        let ends = [entries, &sockets[&peer]];
+        let queued = |end: &Vec<Entry>| -> Result<Vec<Vec<u8>>, String> {
+            let fd = task::steal_fd(pidfd, end[0].fd).map_err(|e| e.to_string())?;
+            unix_socket::peek_queue(&fd, kind, MAX_SOCKET_QUEUE).map_err(|e| e.to_string())
+        };
+        match (queued(ends[0]), queued(ends[1])) {
+            (Ok(a), Ok(b)) => out.objects.push(KernelObject::SocketPair {
+                kind,
+                ends: [
+                    SocketEnd {
+                        fds: ends[0].iter().map(fd_ref).collect(),
+                        queued: a,
+                    },
+                    SocketEnd {
+                        fds: ends[1].iter().map(fd_ref).collect(),
+                        queued: b,
+                    },
+                ],
+            }),
+            (Err(why), _) | (_, Err(why)) => {
+                drop_all(out, &ends, &format!("socketpair queue: {why}"));
+            }
+        }
+    }
+}
+
+/// `entries` grouped by the open file they refer to (dups of one descriptor share it).
+fn same_files(pid: i32, entries: Vec<Entry>) -> Vec<Vec<Entry>> {
+    let mut groups: Vec<Vec<Entry>> = Vec::new();
+    for e in entries {
+        let same = |g: &Vec<Entry>| {
+            g[0].target == e.target && task::same_file(pid, g[0].fd, e.fd).unwrap_or(false)
+        };
+        match groups.iter_mut().find(|g| same(g)) {
+            Some(group) => group.push(e),
+            None => groups.push(vec![e]),
+        }
+    }
+    groups
+}
+
+/// A timerfd or signalfd from its fdinfo.
+fn timer_object(group: &[Entry]) -> Option<KernelObject> {
+    let info = &group[0].info;
+    let fds = group.iter().map(fd_ref).collect();
+    if group[0].target == "anon_inode:[signalfd]" {
+        let mask = u64::from_str_radix(field(info, "sigmask")?, 16).ok()?;
+        return Some(KernelObject::SignalFd { fds, mask });
+    }
+    // "(seconds, nanoseconds)"
+    let time = |name: &str| -> Option<u64> {
+        let v = field(info, name)?
+            .trim_start_matches('(')
+            .trim_end_matches(')');
+        let (s, ns) = v.split_once(',')?;
+        let (s, ns): (u64, u64) = (s.trim().parse().ok()?, ns.trim().parse().ok()?);
+        Some(s * 1_000_000_000 + ns)
+    };
+    Some(KernelObject::TimerFd {
+        fds,
+        clock: field(info, "clockid")?.parse().ok()?,
+        value_ns: time("it_value")?,
+        interval_ns: time("it_interval")?,
+        ticks: field(info, "ticks")?.parse().ok()?,
+    })
 }
 
 /// The `tfd:` lines of an epoll's fdinfo.
@@ -255,6 +385,7 @@ mod tests {
     #[test]
     fn own_descriptors_are_sorted() {
         use std::io::Write;
+        use std::os::fd::AsFd;
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
         let mut w = std::fs::File::from(w);
         w.write_all(b"abc").unwrap();
@@ -262,9 +393,57 @@ mod tests {
         // SAFETY: eventfd returns a new descriptor (checked below) that only this OwnedFd owns.
         let efd = unsafe { OwnedFd::from_raw_fd(libc::eventfd(7, libc::EFD_CLOEXEC)) };
         assert!(efd.as_raw_fd() >= 0);
+        let (mut sa, sb) = std::os::unix::net::UnixStream::pair().unwrap();
+        sa.write_all(b"queued").unwrap();
+        let sb_dup = sb.try_clone().unwrap();
+        let timer = nix::sys::timerfd::TimerFd::new(
+            nix::sys::timerfd::ClockId::CLOCK_MONOTONIC,
+            nix::sys::timerfd::TimerFlags::TFD_CLOEXEC,
+        )
+        .unwrap();
+        let hour = nix::sys::time::TimeSpec::new(3600, 0);
+        timer
+            .set(
+                nix::sys::timerfd::Expiration::IntervalDelayed(hour, hour),
+                nix::sys::timerfd::TimerSetTimeFlags::empty(),
+            )
+            .unwrap();
         let me = std::process::id() as i32;
         let pidfd = mitosis_sys::pidfd::open(me).unwrap();
         let fds = capture(me, &pidfd);
+        let pair = fds.objects.iter().find_map(|o| match o {
+            KernelObject::SocketPair { kind, ends } if ends[0].fds[0].fd == sa.as_raw_fd() => {
+                Some((*kind, ends.clone()))
+            }
+            _ => None,
+        });
+        let (kind, ends) = pair.expect("the socketpair is carried");
+        assert_eq!(kind, libc::SOCK_STREAM);
+        assert!(ends[0].queued.is_empty());
+        assert_eq!(ends[1].queued, vec![b"queued".to_vec()]);
+        let mut b_fds: Vec<i32> = ends[1].fds.iter().map(|f| f.fd).collect();
+        b_fds.sort();
+        assert_eq!(
+            b_fds,
+            [sb.as_raw_fd(), sb_dup.as_raw_fd()],
+            "dups share the end"
+        );
+        let armed = fds.objects.iter().find_map(|o| match o {
+            KernelObject::TimerFd {
+                fds,
+                value_ns,
+                interval_ns,
+                clock,
+                ..
+            } if fds[0].fd == timer.as_fd().as_raw_fd() => Some((*clock, *value_ns, *interval_ns)),
+            _ => None,
+        });
+        let (clock, value_ns, interval_ns) = armed.expect("the timerfd is carried");
+        assert_eq!(
+            (clock, interval_ns),
+            (libc::CLOCK_MONOTONIC, 3_600_000_000_000)
+        );
+        assert!(value_ns > 3_500_000_000_000 && value_ns <= 3_600_000_000_000);
         use std::os::fd::AsRawFd;
         let pipe = fds.objects.iter().find(|o| match o {
             KernelObject::Pipe { readers, .. } => readers[0].fd == r.as_raw_fd(),
@@ -281,6 +460,6 @@ mod tests {
         }
         assert!(fds.objects.iter().any(|o| matches!(o,
             KernelObject::EventFd { fds, count: 7, .. } if fds[0].fd == efd.as_raw_fd())));
-        drop((r, w, efd));
+        drop((r, w, efd, sa, sb, sb_dup, timer));
     }
 }

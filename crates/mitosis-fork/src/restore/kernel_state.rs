@@ -1,17 +1,22 @@
 //! System-call batches that give a replica and its children the seed's kernel state: signal
 //! dispositions, limits and umask (once, in the replica: forks inherit them), each thread's own
-//! registrations, and fresh copies of the seed's private pipes, eventfds, epoll sets and devices
-//! (in every child: children must not share them).
+//! registrations, and fresh copies of the seed's private pipes, socketpairs, eventfds, timerfds,
+//! signalfds, epoll sets and devices (in every child: children must not share them).
 
 use std::collections::BTreeSet;
 
-use mitosis_descriptor::{EpollWatch, FdRef, KernelObject, ProcessState, SIG_IGN, Thread};
+use mitosis_descriptor::{
+    EpollWatch, FdRef, KernelObject, ProcessState, SIG_IGN, SocketEnd, Thread,
+};
 
 use super::batch::Batch;
 
 const RSEQ_FLAGS: u64 = 0;
 /// `struct kernel_sigaction` is 32 bytes and takes an 8-byte sigset.
 const SIGSET_SIZE: u64 = 8;
+const NANOS: u64 = 1_000_000_000;
+/// `_IOW('T', 0, u64)`: sets a timerfd's count of unread expirations (CONFIG_CHECKPOINT_RESTORE).
+const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
 
 /// Dispositions, limits, umask and the main thread's alternate stack, run once in a replica.
 pub(crate) fn process_batch(state: &ProcessState, main: &Thread) -> Batch {
@@ -236,6 +241,56 @@ pub(crate) fn object_calls(b: &mut Batch, objects: &[KernelObject], open: &BTree
                 place(b, &mut table, r, readers, "pipe");
                 place(b, &mut table, w, writers, "pipe");
             }
+            KernelObject::SocketPair { kind, ends } => {
+                socket_pair_calls(b, &mut table, *kind, ends)
+            }
+            KernelObject::TimerFd {
+                fds,
+                clock,
+                value_ns,
+                interval_ns,
+                ticks,
+            } => {
+                let flags = fds[0].flags & libc::O_NONBLOCK;
+                b.call(
+                    libc::SYS_timerfd_create,
+                    &[(*clock).into(), flags.into()],
+                    format!("create a timerfd on clock {clock}"),
+                );
+                let tmp = table.take();
+                if *value_ns != 0 {
+                    // struct itimerspec: interval, then value, each (seconds, nanoseconds).
+                    let split = |ns: u64| [(ns / NANOS).into(), (ns % NANOS).into()];
+                    let [is, ins] = split(*interval_ns);
+                    let [vs, vns] = split(*value_ns);
+                    let spec = b.words(vec![is, ins, vs, vns]);
+                    b.call(
+                        libc::SYS_timerfd_settime,
+                        &[tmp.into(), 0i32.into(), spec, 0u64.into()],
+                        "arm a timerfd",
+                    );
+                }
+                if *ticks != 0 {
+                    let count = b.words(vec![(*ticks).into()]);
+                    b.call(
+                        libc::SYS_ioctl,
+                        &[tmp.into(), TFD_IOC_SET_TICKS.into(), count],
+                        format!("give a timerfd its {ticks} unread expirations"),
+                    );
+                }
+                place(b, &mut table, tmp, fds, "timerfd");
+            }
+            KernelObject::SignalFd { fds, mask } => {
+                let flags = fds[0].flags & libc::O_NONBLOCK;
+                let set = b.words(vec![(*mask).into()]);
+                b.call(
+                    libc::SYS_signalfd4,
+                    &[(-1i32).into(), set, SIGSET_SIZE.into(), flags.into()],
+                    "create a signalfd",
+                );
+                let tmp = table.take();
+                place(b, &mut table, tmp, fds, "signalfd");
+            }
         }
     }
     for o in objects {
@@ -245,6 +300,48 @@ pub(crate) fn object_calls(b: &mut Batch, objects: &[KernelObject], open: &BTree
             }
         }
     }
+}
+
+/// A fresh socketpair with each end's queue refilled from the other end, in order.
+fn socket_pair_calls(b: &mut Batch, table: &mut FdTable, kind: i32, ends: &[SocketEnd; 2]) {
+    let pair = b.bytes(&[0; 8]);
+    b.call(
+        libc::SYS_socketpair,
+        &[libc::AF_UNIX.into(), kind.into(), 0i32.into(), pair],
+        "create a socketpair",
+    );
+    let fds = [table.take(), table.take()];
+    for (at, end) in ends.iter().enumerate() {
+        for message in &end.queued {
+            let data = b.bytes(message);
+            // Never blocks: what the seed had queued fits the new pair's buffers, and a
+            // failure names itself rather than hanging the child.
+            b.call(
+                libc::SYS_sendto,
+                &[
+                    fds[1 - at].into(),
+                    data,
+                    (message.len() as u64).into(),
+                    libc::MSG_DONTWAIT.into(),
+                    0u64.into(),
+                    0u64.into(),
+                ],
+                format!("queue {} bytes on a socketpair", message.len()),
+            );
+        }
+    }
+    for (fd, end) in fds.iter().zip(ends) {
+        let nonblock = end.fds[0].flags & libc::O_NONBLOCK;
+        if nonblock != 0 {
+            b.call(
+                libc::SYS_fcntl,
+                &[(*fd).into(), libc::F_SETFL.into(), nonblock.into()],
+                "make a socket non-blocking",
+            );
+        }
+    }
+    place(b, table, fds[0], &ends[0].fds, "socket");
+    place(b, table, fds[1], &ends[1].fds, "socket");
 }
 
 /// Moves a new object from `tmp` onto each of its descriptor numbers, then frees `tmp`.
@@ -305,6 +402,30 @@ mod tests {
                     data: 4,
                 }],
             },
+            KernelObject::SocketPair {
+                kind: libc::SOCK_DGRAM,
+                ends: [
+                    SocketEnd {
+                        fds: vec![fd(11, 2)],
+                        queued: vec![b"a".to_vec(), b"bb".to_vec()],
+                    },
+                    SocketEnd {
+                        fds: vec![fd(8, 2 | libc::O_NONBLOCK)],
+                        queued: vec![],
+                    },
+                ],
+            },
+            KernelObject::TimerFd {
+                fds: vec![fd(10, 0)],
+                clock: libc::CLOCK_MONOTONIC,
+                value_ns: 1_500_000_000,
+                interval_ns: 0,
+                ticks: 2,
+            },
+            KernelObject::SignalFd {
+                fds: vec![fd(12, 0)],
+                mask: 1 << 9,
+            },
         ];
         let open: BTreeSet<i32> = [0, 1, 2, 6].into();
         let mut b = Batch::default();
@@ -319,6 +440,7 @@ mod tests {
             .iter()
             .map(|&f| (f as i64, "pre".to_string()))
             .collect();
+        let mut sent = Vec::new();
         let lowest = |t: &std::collections::BTreeMap<i64, String>| {
             (0..).find(|f| !t.contains_key(f)).unwrap()
         };
@@ -341,6 +463,26 @@ mod tests {
             } else if nr == libc::SYS_epoll_create1 {
                 let f = lowest(&table);
                 table.insert(f, "epoll".into());
+            } else if nr == libc::SYS_socketpair {
+                let a = lowest(&table);
+                table.insert(a, "sock-a".into());
+                let b = lowest(&table);
+                table.insert(b, "sock-b".into());
+            } else if nr == libc::SYS_sendto {
+                // Messages for end a are sent from end b.
+                assert_eq!(table[&word(r, 1)], "sock-b");
+                sent.push(word(r, 3));
+            } else if nr == libc::SYS_timerfd_create {
+                let f = lowest(&table);
+                table.insert(f, "timerfd".into());
+            } else if nr == libc::SYS_timerfd_settime || nr == libc::SYS_ioctl {
+                assert_eq!(table[&word(r, 1)], "timerfd");
+            } else if nr == libc::SYS_signalfd4 {
+                assert_eq!(word(r, 1), -1);
+                let f = lowest(&table);
+                table.insert(f, "signalfd".into());
+            } else if nr == libc::SYS_fcntl {
+                assert_eq!(table[&word(r, 1)], "sock-b");
             } else if nr == libc::SYS_write {
                 assert_eq!(table[&word(r, 1)], "pipe-w");
             } else if nr == libc::SYS_epoll_ctl {
@@ -357,11 +499,16 @@ mod tests {
             (5, "eventfd"),
             (6, "pre"),
             (7, "epoll"),
+            (8, "sock-b"),
             (9, "eventfd"),
+            (10, "timerfd"),
+            (11, "sock-a"),
+            (12, "signalfd"),
         ]
         .into_iter()
         .map(|(f, s)| (f, s.to_string()))
         .collect();
         assert_eq!(table, expect);
+        assert_eq!(sent, [1, 2], "messages queued in order");
     }
 }
