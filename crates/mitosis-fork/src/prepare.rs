@@ -130,9 +130,17 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
     let mut maps = twin_maps(&snap);
     let mut dont_fork = Vec::new();
     if maps.is_ok() && lost_in_twin(&snap) {
-        dont_fork = fs::read_to_string(format!("/proc/{pid}/smaps"))
+        let lost = fs::read_to_string(format!("/proc/{pid}/smaps"))
             .map(|s| procfs::parse_dont_fork(&s))
             .unwrap_or_default();
+        if let Some(special) = lost.iter().find(|m| m.special) {
+            snap.twin.release(snap.syscall_insn);
+            return Err(PrepareError::Unsupported {
+                pid,
+                what: format!("{} at {:#x}", special.name, special.start),
+            });
+        }
+        dont_fork = lost.iter().map(|m| (m.start, m.end)).collect();
         if !dont_fork.is_empty() {
             snap.twin.release(snap.syscall_insn);
             snap = snapshot(pid, &dont_fork)?;
@@ -347,11 +355,16 @@ fn freeze(
 
 fn advise(seed: &mut Tracee, insn: u64, ranges: &[(u64, u64)], advice: i32) -> io::Result<()> {
     for &(start, end) in ranges {
-        seed.syscall(
-            insn,
-            libc::SYS_madvise,
-            [start, end - start, advice as u64, 0, 0, 0],
-        )?;
+        let ret = seed
+            .syscall(
+                insn,
+                libc::SYS_madvise,
+                [start, end - start, advice as u64, 0, 0, 0],
+            )?
+            .ret;
+        if ret < 0 {
+            return Err(io::Error::from_raw_os_error(-ret as i32));
+        }
     }
     Ok(())
 }
@@ -536,8 +549,16 @@ fn describe_vma(
     let file_backed = m.inode != 0 && m.name.starts_with('/') && !is_shmem;
     if file_backed && m.name.starts_with("/dev/") {
         return Err(PrepareError::Unsupported {
-            pid,
+            pid: twin.seed_pid,
             what: format!("device mapping {}", m.name),
+        });
+    }
+    // A kernel object's own memory (perf ring buffers, io_uring rings, BPF maps) means nothing
+    // without the object, which no other process can get.
+    if m.name.starts_with("anon_inode:") {
+        return Err(PrepareError::Unsupported {
+            pid: twin.seed_pid,
+            what: format!("{} at {:#x}", m.name, m.start),
         });
     }
     let backing = if file_backed {

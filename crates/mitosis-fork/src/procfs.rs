@@ -128,20 +128,48 @@ fn parse_statm_size(text: &str) -> Option<u64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
-/// Ranges marked MADV_DONTFORK (`dc` in /proc/PID/smaps VmFlags), which a fork leaves out.
-pub fn parse_dont_fork(smaps: &str) -> Vec<(u64, u64)> {
-    let mut range = None;
+/// A mapping fork leaves out of the child (VM_DONTCOPY, smaps flag `dc`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DontFork {
+    pub start: u64,
+    pub end: u64,
+    pub name: String,
+    /// Memory of a kernel object or device (`io`/`pf` flags, an anon_inode file), which no
+    /// copy could stand for, rather than memory the process asked fork to skip.
+    pub special: bool,
+}
+
+/// The mappings of an smaps text that fork does not copy.
+pub fn parse_dont_fork(smaps: &str) -> Vec<DontFork> {
+    let mut current: Option<DontFork> = None;
     let mut out = Vec::new();
     for line in smaps.lines() {
         if let Some(flags) = line.strip_prefix("VmFlags:") {
-            if flags.split_whitespace().any(|f| f == "dc") {
-                out.extend(range);
+            let flags: Vec<&str> = flags.split_whitespace().collect();
+            if let Some(mut m) = current.take().filter(|_| flags.contains(&"dc")) {
+                m.special |= flags.iter().any(|f| *f == "io" || *f == "pf");
+                out.push(m);
             }
-        } else if let Some((span, _)) = line.split_once(' ') {
-            if let Some((a, b)) = span.split_once('-') {
-                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                    range = Some((a, b));
-                }
+        } else if let Some((span, rest)) = line.split_once(' ') {
+            let range = span.split_once('-').and_then(|(a, b)| {
+                Some((
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                ))
+            });
+            if let Some((start, end)) = range {
+                // perms, offset, dev, inode, then the name (which may hold spaces).
+                let name = rest
+                    .split_whitespace()
+                    .skip(4)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                current = Some(DontFork {
+                    start,
+                    end,
+                    special: name.starts_with("anon_inode:"),
+                    name,
+                });
             }
         }
     }
@@ -165,6 +193,34 @@ pub fn parse_fdinfo(text: &str) -> Option<(u64, i32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dont_fork_mappings_and_special_ones() {
+        let smaps = "\
+7f0000000000-7f0000004000 rw-p 00000000 00:00 0 \n\
+Size:                 16 kB\n\
+VmFlags: rd wr mr mw me dc ac sd \n\
+7f0000004000-7f0000005000 rw-p 00000000 00:00 0                          [heap]\n\
+VmFlags: rd wr mr mw me ac sd \n\
+7fa1e401d000-7fa1e401f000 rw-s 00000000 00:10 1038                       anon_inode:[perf_event]\n\
+VmFlags: rd wr sh mr mw ms pf io dc de dd \n\
+7fb000000000-7fb000001000 rw-s 00000000 00:05 77                         /dev/some dev\n\
+VmFlags: rd wr sh mr mw ms io dc \n";
+        let found = parse_dont_fork(smaps);
+        let brief: Vec<(u64, &str, bool)> = found
+            .iter()
+            .map(|m| (m.start, m.name.as_str(), m.special))
+            .collect();
+        assert_eq!(
+            brief,
+            [
+                (0x7f00_0000_0000, "", false),
+                (0x7fa1_e401_d000, "anon_inode:[perf_event]", true),
+                (0x7fb0_0000_0000, "/dev/some dev", true),
+            ]
+        );
+        assert_eq!(found[0].end, 0x7f00_0000_4000);
+    }
 
     #[test]
     fn statm_size() {
