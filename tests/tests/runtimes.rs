@@ -383,6 +383,7 @@ fn assert_fixture_state(state: &BTreeMap<String, String>, who: &str) {
     expect("stream", "ping+echo");
     expect("dgram", "a,bb");
     expect("timer", "7s+armed");
+    expect("expired", "1");
     expect("sigfd", "xcpu");
     expect("devnull", "ok");
     expect("sigpipe", "ign");
@@ -460,8 +461,8 @@ fn c_fixture_child_keeps_every_thread_and_its_kernel_state() {
     let seed_process = process_state(seed.pid());
     let seed_masks = masks_by_name(seed.pid(), &seed_state);
     // What the fixture opens: two pipes, the eventfd, the epoll set, /dev/null, two
-    // socketpairs, the timerfd and the signalfd.
-    let seed_fds: Vec<String> = (3..=15).map(|fd| describe_fd(seed.pid(), fd)).collect();
+    // socketpairs, the timerfd, the signalfd and the expired timerfd.
+    let seed_fds: Vec<String> = (3..=16).map(|fd| describe_fd(seed.pid(), fd)).collect();
     let handle = prepare(&tb, 0, seed.pid());
 
     let mut child = Resumed::start(&tb, 1, &["resume", &handle]);
@@ -489,7 +490,7 @@ fn c_fixture_child_keeps_every_thread_and_its_kernel_state() {
     // Kernel state, read while the child waits for input (checked at the end).
     let child_process = process_state(pid);
     let child_masks = masks_by_name(pid, &state);
-    let child_fds: Vec<String> = (3..=15).map(|fd| describe_fd(pid, fd)).collect();
+    let child_fds: Vec<String> = (3..=16).map(|fd| describe_fd(pid, fd)).collect();
     let foreign = foreign_fds(pid, seed.pid());
 
     // All four threads fault in pages of memory the child never read, at the same time.
@@ -524,7 +525,7 @@ fn c_fixture_child_keeps_every_thread_and_its_kernel_state() {
     assert_eq!(child_masks, seed_masks, "per-thread signal masks");
     assert_eq!(
         child_fds, seed_fds,
-        "descriptors 3..=15 (kind, flags, contents)"
+        "descriptors 3..=16 (kind, flags, contents)"
     );
     assert!(
         foreign.is_empty(),
