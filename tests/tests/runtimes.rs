@@ -788,9 +788,9 @@ fn children_behave_like_the_runtime(
     );
 }
 
-#[test]
-fn numpy_with_blas_threads_child_answers_like_the_function() {
-    let script = example("python/threaded_fn.py");
+/// [`children_behave_like_the_runtime`] for a Python example that has a `--once` mode.
+fn python_children_behave_like_the_function(example_path: &str, requests: &[i64]) {
+    let script = example(example_path);
     let tb = testbed(2);
     let mut seed = tb.host(0).command("python3");
     seed.arg(&script);
@@ -802,30 +802,21 @@ fn numpy_with_blas_threads_child_answers_like_the_function() {
             cmd.arg(&script).arg("--once");
             cold_answer(cmd, request)
         },
-        &[3, 0, 17, 250],
+        requests,
     );
     teardown(tb);
+}
+
+#[test]
+fn numpy_with_blas_threads_child_answers_like_the_function() {
+    python_children_behave_like_the_function("python/threaded_fn.py", &[3, 0, 17, 250]);
 }
 
 /// asyncio's loop wakes through a socketpair inside the process (its self-pipe): a child whose
 /// socketpair were closed would never see its executor's results or its signals.
 #[test]
 fn asyncio_child_wakes_its_loop_through_the_carried_socketpair() {
-    let script = example("python/asyncio_fn.py");
-    let tb = testbed(2);
-    let mut seed = tb.host(0).command("python3");
-    seed.arg(&script);
-    children_behave_like_the_runtime(
-        &tb,
-        seed,
-        |request| {
-            let mut cmd = Command::new("python3");
-            cmd.arg(&script).arg("--once");
-            cold_answer(cmd, request)
-        },
-        &[4, 0, -7, 1234],
-    );
-    teardown(tb);
+    python_children_behave_like_the_function("python/asyncio_fn.py", &[4, 0, -7, 1234]);
 }
 
 #[test]
