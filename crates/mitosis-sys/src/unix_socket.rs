@@ -151,8 +151,8 @@ fn peek_all(fd: i32, stream: bool, max: usize) -> Result<Vec<Vec<u8>>, PeekError
             if let ControlMessageOwned::ScmRights(fds) = c {
                 carries_fds = true;
                 for fd in fds {
-                    // SAFETY: the peek installed these descriptors in our process just now;
-                    // nothing else knows of them.
+                    // The peek installed these in our process just now; close them.
+                    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
                     drop(unsafe { OwnedFd::from_raw_fd(fd) });
                 }
             }
@@ -218,13 +218,18 @@ mod tests {
     use super::*;
     use std::os::unix::net::{UnixDatagram, UnixStream};
 
-    fn inode(fd: &impl AsRawFd) -> u32 {
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+    /// The inode of the socket `/proc/PID/fd/FD` names.
+    fn socket_inode(pid: u32, fd: i32) -> u32 {
+        let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
         let link = link.to_string_lossy();
         link.trim_start_matches("socket:[")
             .trim_end_matches(']')
             .parse()
             .unwrap()
+    }
+
+    fn inode(fd: &impl AsRawFd) -> u32 {
+        socket_inode(std::process::id(), fd.as_raw_fd())
     }
 
     #[test]
@@ -266,14 +271,7 @@ mod tests {
             .split_whitespace()
             .map(|f| f.parse().unwrap())
             .collect();
-        let ino = |fd: i32| {
-            let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
-            let link = link.to_string_lossy().into_owned();
-            link.trim_start_matches("socket:[")
-                .trim_end_matches(']')
-                .parse::<u32>()
-                .unwrap()
-        };
+        let ino = |fd: i32| socket_inode(pid as u32, fd);
         let (a, b) = (ino(fds[0]), ino(fds[1]));
         let theirs = unix_sockets(pid);
         let ours = unix_sockets(std::process::id() as i32).unwrap();

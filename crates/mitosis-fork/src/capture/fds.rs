@@ -82,13 +82,7 @@ pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
     let mut epolls = Vec::new();
     let mut sockets: BTreeMap<u32, Vec<Entry>> = BTreeMap::new();
     let mut timers = Vec::new();
-    let drop = |out: &mut Fds, e: &Entry, reason: &str| {
-        out.dropped.push(DroppedFd {
-            fd: e.fd,
-            target: e.target.clone(),
-            reason: reason.into(),
-        })
-    };
+    let drop = |out: &mut Fds, e: &Entry, reason: &str| out.dropped.push(dropped(e, reason));
     for e in entries(pid) {
         let t = e.target.as_str();
         if t.starts_with("pipe:") {
@@ -216,6 +210,14 @@ pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
     out
 }
 
+fn dropped(e: &Entry, reason: &str) -> DroppedFd {
+    DroppedFd {
+        fd: e.fd,
+        target: e.target.clone(),
+        reason: reason.into(),
+    }
+}
+
 fn socket_inode(target: &str) -> Option<u32> {
     target
         .strip_prefix("socket:[")?
@@ -231,13 +233,8 @@ fn socket_pairs(pid: i32, pidfd: &OwnedFd, sockets: BTreeMap<u32, Vec<Entry>>, o
         return;
     }
     let drop_all = |out: &mut Fds, ends: &[&Vec<Entry>], reason: &str| {
-        for e in ends.iter().flat_map(|v| v.iter()) {
-            out.dropped.push(DroppedFd {
-                fd: e.fd,
-                target: e.target.clone(),
-                reason: reason.into(),
-            });
-        }
+        let all = ends.iter().flat_map(|v| v.iter());
+        out.dropped.extend(all.map(|e| dropped(e, reason)));
     };
     let diag = match unix_socket::unix_sockets(pid) {
         Ok(diag) => diag,
