@@ -81,7 +81,7 @@ pub fn run(exe: &Path, dir: &Path, src: &Host, dst: &Host, n: usize) -> Result<i
 
     println!("- resuming {n} children on host 1, each in a container of its own");
     let mut remote = Vec::new();
-    let mut container_us = Vec::new();
+    let (mut taking, mut joining, mut containerizing) = (Vec::new(), Vec::new(), Vec::new());
     let mut failures = 0;
     for (i, request) in requests.iter().enumerate() {
         let child = remote_child(exe, dst, &handle, request)?;
@@ -92,13 +92,17 @@ pub fn run(exe: &Path, dir: &Path, src: &Host, dst: &Host, n: usize) -> Result<i
             None => Ok(()),
         };
         let ok = verdict.is_ok() && child.status == 0;
-        let container = stat(line, "container_us").unwrap_or(0);
+        let (take, join) = (
+            stat(line, "container_us").unwrap_or(0),
+            stat(line, "join_us").unwrap_or(0),
+        );
         println!(
-            "    child {:>3}: {:>10}  fork {:>6}us  container {:>6}us ({})  {}",
+            "    child {:>3}: {:>10}  fork {:>5}us (join {:>4}us)  container {:>5}us ({})  {}",
             i + 1,
             ms(child.elapsed),
             stat(line, "fork_us").unwrap_or(0),
-            container,
+            join,
+            take,
             if stat(line, "container_pooled") == Some(1) {
                 "pooled"
             } else {
@@ -116,20 +120,24 @@ pub fn run(exe: &Path, dir: &Path, src: &Host, dst: &Host, n: usize) -> Result<i
             }
         }
         remote.push(child.elapsed);
-        container_us.push(Duration::from_micros(container));
+        taking.push(Duration::from_micros(take));
+        joining.push(Duration::from_micros(join));
+        containerizing.push(Duration::from_micros(take + join));
     }
     drop_seed(exe, src, &handle);
 
     let warm = remote.get(1..).unwrap_or(&[]);
     println!();
     println!(
-        "{:<34} {:>11} {:>11} {:>8}",
+        "{:<37} {:>11} {:>11} {:>8}",
         "containerized", "median", "p99", "samples"
     );
-    let rows: [(&str, &[Duration]); 4] = [
+    let rows: [(&str, &[Duration]); 6] = [
         ("remote fork, cold host", &remote[..1]),
         ("remote fork, warm host", warm),
-        ("  of which joining a container", &container_us),
+        ("  of which containerizing", &containerizing),
+        ("    taking a container from the pool", &taking),
+        ("    joining it (namespaces, cgroup)", &joining),
         ("cold start in the rootfs (chroot)", &cold),
     ];
     for (name, samples) in rows {
@@ -137,7 +145,7 @@ pub fn run(exe: &Path, dir: &Path, src: &Host, dst: &Host, n: usize) -> Result<i
             continue;
         }
         println!(
-            "{name:<34} {:>11} {:>11} {:>8}",
+            "{name:<37} {:>11} {:>11} {:>8}",
             ms(percentile(samples, 50.0)),
             ms(percentile(samples, 99.0)),
             samples.len()

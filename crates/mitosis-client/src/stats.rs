@@ -3,7 +3,7 @@
 use mitosis_transport::control::{FaultStats, ResumeStats};
 
 /// How many pairs [`stats_pairs`] gives.
-pub const STATS_PAIRS: usize = 21;
+pub const STATS_PAIRS: usize = 22;
 
 /// The per-child breakdown (times in microseconds), in the order `--stats` prints it.
 pub fn stats_pairs(start: &ResumeStats, faults: &FaultStats) -> [(&'static str, u64); STATS_PAIRS] {
@@ -24,6 +24,7 @@ pub fn stats_pairs(start: &ResumeStats, faults: &FaultStats) -> [(&'static str, 
         ("fork_us", start.fork_us),
         ("container_us", start.container_us),
         ("container_pooled", start.container_pooled as u64),
+        ("join_us", start.join_us),
         ("faults", faults.faults + faults.zero_faults),
         ("zero_faults", faults.zero_faults),
         ("fetches", faults.fetches),

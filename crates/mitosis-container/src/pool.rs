@@ -4,6 +4,13 @@
 //! child must not wait for that. One worker thread keeps `target` empty containers ready for
 //! every bundle this host has run, refills the pool as children take them, and destroys used
 //! ones off the children's path.
+//!
+//! Off their path in time too: making or destroying a container takes the cgroup and namespace
+//! locks a fork takes (and, on a small host, the other CPU). Run beside a child's start, it
+//! made the replica's clone 2-5x slower. So while a child is starting ([`Starting`]), the
+//! worker only makes a container for a queue that has none ready, and destroys nothing
+//! unless [`DESTROY_BACKLOG`] used ones are waiting (under sustained load, children are always
+//! starting).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -13,6 +20,9 @@ use std::time::Instant;
 use crate::cgroup::Hierarchy;
 use crate::container::{Container, ContainerError, Contents};
 use crate::spec::Bundle;
+
+/// Used containers left waiting while children start; beyond it they are destroyed anyway.
+pub const DESTROY_BACKLOG: usize = 16;
 
 /// Per-bundle counters, for status.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,6 +56,29 @@ struct State {
     to_destroy: Vec<Container>,
     next: u64,
     stopping: bool,
+    /// Children starting in containers taken from the pool (live [`Starting`]s).
+    starting: usize,
+}
+
+/// A container taken for a child.
+pub struct Taken {
+    pub container: Container,
+    /// It came ready-made from the pool (not made on the spot).
+    pub pooled: bool,
+    /// Holds the worker back until dropped: drop it once the child has started.
+    pub starting: Starting,
+}
+
+/// A child is starting; while one is, the pool's worker keeps out of its way.
+pub struct Starting {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.shared.lock().starting -= 1;
+        self.shared.wake.notify_all();
+    }
 }
 
 struct Queue {
@@ -88,9 +121,11 @@ impl Pool {
         &self.shared.hierarchy
     }
 
-    /// A ready container of `bundle`; made on the spot if none is ready. The second value is
-    /// true if it came from the pool.
-    pub fn take(&self, bundle: &Arc<Bundle>) -> Result<(Container, bool), ContainerError> {
+    /// A ready container of `bundle`; made on the spot if none is ready.
+    pub fn take(&self, bundle: &Arc<Bundle>) -> Result<Taken, ContainerError> {
+        let starting = |shared: &Arc<Shared>| Starting {
+            shared: shared.clone(),
+        };
         let name = {
             let mut state = self.shared.lock();
             if state.stopping {
@@ -106,14 +141,27 @@ impl Pool {
             if popped.is_none() {
                 queue.misses += 1;
             }
+            state.starting += 1;
             self.shared.wake.notify_all();
             match popped {
-                Some(c) => return Ok((c, true)),
+                Some(container) => {
+                    return Ok(Taken {
+                        container,
+                        pooled: true,
+                        starting: starting(&self.shared),
+                    });
+                }
                 None => state.name(),
             }
         };
-        let c = self.shared.make(bundle, &name)?;
-        Ok((c, false))
+        // Counted from here, so a failed make releases the worker too.
+        let starting = starting(&self.shared);
+        let container = self.shared.make(bundle, &name)?;
+        Ok(Taken {
+            container,
+            pooled: false,
+            starting,
+        })
     }
 
     /// Hands back a used container, destroyed in the background.
@@ -222,18 +270,20 @@ impl Shared {
                 return Job::Stop;
             }
             // Refill first: a child may be waiting; used containers only cost memory.
-            let target = self.target;
+            let (target, starting) = (self.target, state.starting > 0);
             let short = state
                 .queues
                 .values_mut()
-                .find(|q| !q.broken && q.ready.len() + q.making < target);
+                .find(|q| !q.broken && wants_more(q.ready.len() + q.making, target, starting));
             if let Some(q) = short {
                 q.making += 1;
                 let bundle = q.bundle.clone();
                 let name = state.name();
                 return Job::Make(bundle, name);
             }
-            if let Some(c) = state.to_destroy.pop() {
+            if may_destroy(state.to_destroy.len(), starting)
+                && let Some(c) = state.to_destroy.pop()
+            {
                 return Job::Destroy(c);
             }
             state = self.wake.wait(state).expect("pool lock");
@@ -283,9 +333,55 @@ impl Shared {
     }
 }
 
+/// Whether a queue with `have` containers ready or being made needs another: up to `target`,
+/// but only its first one while a child is starting.
+fn wants_more(have: usize, target: usize, starting: bool) -> bool {
+    let want = if starting { target.min(1) } else { target };
+    have < want
+}
+
+/// Whether the worker may destroy one of `backlog` used containers now.
+fn may_destroy(backlog: usize, starting: bool) -> bool {
+    backlog > 0 && (!starting || backlog >= DESTROY_BACKLOG)
+}
+
 fn destroy(c: Container) {
     let name = c.name().to_string();
     if let Err(e) = c.destroy() {
         tracing::warn!("destroying container {name}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DESTROY_BACKLOG, may_destroy, wants_more};
+
+    #[test]
+    fn refills_to_the_target_when_no_child_is_starting() {
+        assert!(wants_more(0, 4, false));
+        assert!(wants_more(3, 4, false));
+        assert!(!wants_more(4, 4, false));
+    }
+
+    #[test]
+    fn only_an_empty_queue_is_refilled_while_a_child_starts() {
+        assert!(wants_more(0, 4, true));
+        assert!(!wants_more(1, 4, true));
+        assert!(!wants_more(3, 4, true));
+    }
+
+    #[test]
+    fn a_pool_of_zero_never_makes_ahead() {
+        assert!(!wants_more(0, 0, false));
+        assert!(!wants_more(0, 0, true));
+    }
+
+    #[test]
+    fn used_containers_wait_for_starting_children_up_to_a_backlog() {
+        assert!(!may_destroy(0, false));
+        assert!(may_destroy(1, false));
+        assert!(!may_destroy(1, true));
+        assert!(!may_destroy(DESTROY_BACKLOG - 1, true));
+        assert!(may_destroy(DESTROY_BACKLOG, true));
     }
 }

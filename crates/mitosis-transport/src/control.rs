@@ -89,6 +89,8 @@ pub struct ResumeStats {
     pub container_us: u64,
     /// The container came ready-made from the pool.
     pub container_pooled: bool,
+    /// Of `fork_us`, joining the container (its namespaces and cgroup).
+    pub join_us: u64,
     pub total_us: u64,
 }
 

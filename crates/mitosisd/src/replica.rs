@@ -278,18 +278,19 @@ pub async fn fork(
     listener: Option<OwnedFd>,
     stats: &mut ResumeStats,
 ) -> Result<Forked, String> {
-    let container = match &entry.bundle {
+    // `_starting` keeps the pool's worker from contending with the fork below.
+    let (container, _starting) = match &entry.bundle {
         Some(bundle) => {
             let t0 = Instant::now();
             let pool = &daemon.containers()?.pool;
             // Usually ready-made; made here (milliseconds) when the pool ran dry.
-            let (c, pooled) = tokio::task::block_in_place(|| pool.take(bundle))
+            let taken = tokio::task::block_in_place(|| pool.take(bundle))
                 .map_err(|e| format!("container for the child: {e}"))?;
             stats.container_us = t0.elapsed().as_micros() as u64;
-            stats.container_pooled = pooled;
-            Some(Arc::new(c))
+            stats.container_pooled = taken.pooled;
+            (Some(Arc::new(taken.container)), Some(taken.starting))
         }
-        None => None,
+        None => (None, None),
     };
     let join = container.as_ref().map(|c| {
         let c = c.clone();
@@ -330,6 +331,7 @@ pub async fn fork(
         }
     };
     stats.fork_us = forked.fork_us;
+    stats.join_us = forked.join_us;
     Ok(Forked {
         pid: forked.pid,
         pidfd: forked.pidfd,

@@ -11,8 +11,9 @@
 //!
 //! A child of a containerized seed also joins a container made ahead of time: the replica
 //! takes a pidfd of the container's init and sets its pid namespace for children from it
-//! before the clone; the child's batch joins the other namespaces through the same pidfd,
-//! which it inherits as descriptor 0 (the replica has no stdio, so it is the lowest free).
+//! before the clone; the child's first batch joins the other namespaces through the same
+//! pidfd, which it inherits as descriptor 0 (the replica has no stdio, so it is the lowest
+//! free). That batch is a batch of its own so that joining is timed apart (`join_us`).
 
 use super::StubPool;
 use std::collections::BTreeSet;
@@ -74,7 +75,8 @@ pub struct Replica {
     threads: Vec<(Thread, Placed)>,
     /// Shared anonymous mappings: each child gets a fresh one (seed contents, own writes).
     shared: Vec<(u64, u64)>,
-    joins: bool,
+    /// The batch that joins a child to its container, for a seed that ran in one.
+    join_batch: Option<Placed>,
     /// The main thread and the process batch, until [`Replica::finish`] ran them.
     unfinished: Option<(Thread, Placed)>,
 }
@@ -96,6 +98,9 @@ pub struct Forked {
     pub pidfd: OwnedFd,
     pub uffd: Userfaultfd,
     pub fork_us: u64,
+    /// Of `fork_us`, joining the container: the replica's switch to its pid namespace, the
+    /// child's setns of the others and its move into the cgroup (0 without a container).
+    pub join_us: u64,
 }
 
 /// Builds the replica of `plan`, up to its pages: it has the seed's layout and its lazy ranges
@@ -143,7 +148,7 @@ pub fn build(
                 .zip(placed.threads)
                 .collect(),
             shared,
-            joins: join.is_some(),
+            join_batch: placed.join,
             unfinished: Some((main, placed.process)),
         },
         uffd,
@@ -178,6 +183,7 @@ impl Replica {
 
 /// Every batch a replica keeps in its data area, laid out one after the other.
 struct Batches {
+    join: Option<Batch>,
     child: Batch,
     listener: Option<Batch>,
     process: Batch,
@@ -185,6 +191,7 @@ struct Batches {
 }
 
 struct PlacedBatches {
+    join: Option<Placed>,
     child: Placed,
     listener: Option<Placed>,
     process: Placed,
@@ -200,8 +207,9 @@ impl Batches {
                 .objects
                 .iter()
                 .any(|o| o.fds().any(|f| f.fd == LISTEN_FD));
-        let batch = |listener| child_batch(chan_fd, plan, &files, join, listener);
+        let batch = |listener| child_batch(chan_fd, plan, &files, listener);
         Batches {
+            join: join.map(join_batch),
             child: batch(false),
             listener: (!seed_has_3).then(|| batch(true)),
             process: kernel_state::process_batch(&plan.process, &plan.threads[0]),
@@ -213,8 +221,9 @@ impl Batches {
     }
 
     fn all(&self) -> impl Iterator<Item = &Batch> {
-        [&self.child]
-            .into_iter()
+        self.join
+            .iter()
+            .chain([&self.child])
             .chain(self.listener.as_ref())
             .chain([&self.process])
             .chain(&self.threads)
@@ -239,6 +248,7 @@ impl Batches {
             p
         };
         PlacedBatches {
+            join: self.join.as_ref().map(&mut place),
             child: place(&self.child),
             listener: self.listener.as_ref().map(&mut place),
             process: place(&self.process),
@@ -266,17 +276,32 @@ fn run_batch(t: &mut Tracee, at: u64, batch: &Placed) -> Result<(), RestoreError
     build::check_batch(t, &batch.labels)
 }
 
-/// The batch each child runs right after the fork: die with the daemon, join its container,
-/// take its stdio (and listening socket) from the replica's channel, drop the channel, give
-/// shared memory a fresh mapping of its own, register the main thread's robust list, and
-/// recreate the seed's private kernel objects at their descriptor numbers.
-fn child_batch(
-    chan_fd: i32,
-    plan: &Plan,
-    files: &BTreeSet<i32>,
-    join: Option<&JoinSpec>,
-    listener: bool,
-) -> Batch {
+/// The batch a child of a containerized seed runs first: join the container's namespaces
+/// but the pid one (set by the replica for the clone) through the pidfd at [`JOIN_FD`], close
+/// it, and enter the seed's working directory there.
+fn join_batch(join: &JoinSpec) -> Batch {
+    let mut b = Batch::default();
+    let flags = (join.namespaces & !libc::CLONE_NEWPID) as u64;
+    b.call(
+        libc::SYS_setns,
+        &[JOIN_FD.into(), flags.into()],
+        "join the container's namespaces",
+    );
+    b.call(
+        libc::SYS_close,
+        &[JOIN_FD.into()],
+        "close the container's pidfd",
+    );
+    let cwd = b.c_string(&join.cwd);
+    b.call(libc::SYS_chdir, &[cwd], format!("enter {}", join.cwd));
+    b
+}
+
+/// The batch each child runs right after the fork (and its join): die with the daemon, take
+/// its stdio (and listening socket) from the replica's channel, drop the channel, give shared
+/// memory a fresh mapping of its own, register the main thread's robust list, and recreate
+/// the seed's private kernel objects at their descriptor numbers.
+fn child_batch(chan_fd: i32, plan: &Plan, files: &BTreeSet<i32>, listener: bool) -> Batch {
     let mut b = Batch::default();
     b.call(
         libc::SYS_prctl,
@@ -286,22 +311,6 @@ fn child_batch(
         ],
         "die with the daemon",
     );
-    if let Some(join) = join {
-        // The pid namespace was set by the replica for the clone; the rest is joined here.
-        let flags = (join.namespaces & !libc::CLONE_NEWPID) as u64;
-        b.call(
-            libc::SYS_setns,
-            &[JOIN_FD.into(), flags.into()],
-            "join the container's namespaces",
-        );
-        b.call(
-            libc::SYS_close,
-            &[JOIN_FD.into()],
-            "close the container's pidfd",
-        );
-        let cwd = b.c_string(&join.cwd);
-        b.call(libc::SYS_chdir, &[cwd], format!("enter {}", join.cwd));
-    }
     // recvmsg: one byte, and the descriptors in a control buffer.
     let byte = b.bytes(&[0; 8]);
     let iov = b.words(vec![byte, 1u64.into()]);
@@ -380,7 +389,7 @@ impl Replica {
         if self.unfinished.is_some() {
             return Err(RestoreError::Channel("the replica is not finished".into()));
         }
-        if join.is_some() != self.joins {
+        if join.is_some() != self.join_batch.is_some() {
             return Err(RestoreError::Channel(
                 "a child must join a container exactly when its seed ran in one".into(),
             ));
@@ -394,7 +403,8 @@ impl Replica {
         let insn = self.at + trampoline::syscall_offset();
         let saved = tracee.regs().map_err(RestoreError::Trace)?;
         let init = join.as_ref().map(|j| j.init_pid);
-        let result = Self::clone_child(tracee, insn, init, self.tid_address);
+        let mut join_us = 0;
+        let result = Self::clone_child(tracee, insn, init, self.tid_address, &mut join_us);
         let clone_us = t0.elapsed().as_micros() as u64;
         tracee.set_regs(&saved).map_err(RestoreError::Trace)?;
         let result = result?;
@@ -417,18 +427,27 @@ impl Replica {
         };
         let before_run = join.map(|j| j.before_run);
         let mut threads = Vec::new();
-        match self.start_child(&mut child, &mut threads, stdio, listener, forks, before_run) {
+        let started = self.start_child(
+            &mut child,
+            &mut threads,
+            (stdio, listener),
+            forks,
+            before_run,
+            &mut join_us,
+        );
+        match started {
             Ok(uffd) => {
                 for t in threads {
                     t.detach().map_err(RestoreError::Trace)?;
                 }
                 child.detach().map_err(RestoreError::Trace)?;
-                tracing::debug!(pid, clone_us, "forked");
+                tracing::debug!(pid, clone_us, join_us, "forked");
                 Ok(Forked {
                     pid,
                     pidfd,
                     uffd,
                     fork_us: t0.elapsed().as_micros() as u64,
+                    join_us,
                 })
             }
             Err(e) => {
@@ -441,12 +460,14 @@ impl Replica {
     }
 
     /// Injects the clone into the replica, first moving its pid namespace for children to
-    /// that of `init` (the container to join) when there is one.
+    /// that of `init` (the container to join) when there is one; adds the time that took to
+    /// `join_us`.
     fn clone_child(
         tracee: &mut Tracee,
         insn: u64,
         init: Option<i32>,
         tid_address: u64,
+        join_us: &mut u64,
     ) -> Result<mitosis_sys::ptrace::SyscallResult, RestoreError> {
         let step = |step: &str, ret: i64| RestoreError::Step {
             step: step.into(),
@@ -454,6 +475,7 @@ impl Replica {
         };
         let mut call =
             |nr: i64, args: [u64; 6]| tracee.syscall(insn, nr, args).map_err(RestoreError::Trace);
+        let t0 = Instant::now();
         if let Some(init) = init {
             let fd = call(libc::SYS_pidfd_open, [init as u64, 0, 0, 0, 0, 0])?.ret;
             if fd != JOIN_FD as i64 {
@@ -476,6 +498,7 @@ impl Replica {
                 return Err(step("enter the container's pid namespace", set));
             }
         }
+        *join_us += t0.elapsed().as_micros() as u64;
         // The kernel writes the child's pid where the seed's main thread keeps its tid (as
         // glibc's fork does), so the child's libc knows its own thread id.
         let tid_flags = if tid_address != 0 {
@@ -492,14 +515,15 @@ impl Replica {
         result
     }
 
+    /// Runs the child's batches (its join first, timed into `join_us`) and starts its threads.
     fn start_child(
         &self,
         child: &mut Tracee,
         threads: &mut Vec<Tracee>,
-        stdio: [OwnedFd; 3],
-        listener: Option<OwnedFd>,
+        (stdio, listener): ([OwnedFd; 3], Option<OwnedFd>),
         forks: &Receiver<Userfaultfd>,
         before_run: Option<Box<dyn FnOnce(i32) -> std::io::Result<()> + Send>>,
+        join_us: &mut u64,
     ) -> Result<Userfaultfd, RestoreError> {
         let t0 = Instant::now();
         let uffd = forks
@@ -516,6 +540,17 @@ impl Replica {
                     source,
                 })?;
         }
+        let joining = Instant::now();
+        if let Some(join) = &self.join_batch {
+            run_batch(child, self.at, join)?;
+        }
+        if let Some(before_run) = before_run {
+            before_run(child.pid()).map_err(|source| RestoreError::Step {
+                step: "put the child into its container's cgroup".into(),
+                source,
+            })?;
+        }
+        *join_us += joining.elapsed().as_micros() as u64;
         let raw: Vec<i32> = stdio
             .iter()
             .chain(listener.as_ref())
@@ -530,13 +565,6 @@ impl Replica {
         drop((stdio, listener));
         run_batch(child, self.at, batch)?;
         let batch_us = t0.elapsed().as_micros() as u64;
-        if let Some(before_run) = before_run {
-            before_run(child.pid()).map_err(|source| RestoreError::Step {
-                step: "put the child into its container's cgroup".into(),
-                source,
-            })?;
-        }
-        let joined_us = t0.elapsed().as_micros() as u64;
         for &(start, len) in &self.shared {
             uffd.register(start, len)
                 .map_err(|source| RestoreError::Step {
@@ -557,7 +585,6 @@ impl Replica {
             pid = child.pid(),
             uffd_us,
             batch_us,
-            joined_us,
             total_us = t0.elapsed().as_micros() as u64,
             "child started"
         );
@@ -661,16 +688,22 @@ mod tests {
             .collect()
     }
 
+    /// Records of 8 words: number, six arguments, expected result.
+    const RECORD: usize = 8;
+
+    fn numbers(b: &Batch) -> Vec<u64> {
+        let w = words(b);
+        (0..b.count() as usize).map(|i| w[i * RECORD]).collect()
+    }
+
     #[test]
     fn child_batch_takes_stdio_then_maps_then_registers() {
         let plan = plan_with(&[]);
-        let b = child_batch(70, &plan, &BTreeSet::new(), None, false);
+        let b = child_batch(70, &plan, &BTreeSet::new(), false);
         let w = words(&b);
-        // Records of 8 words: number, six arguments, expected result.
-        let r = 8;
-        let nrs: Vec<u64> = (0..b.count() as usize).map(|i| w[i * r]).collect();
+        let r = RECORD;
         assert_eq!(
-            nrs,
+            numbers(&b),
             [
                 libc::SYS_prctl,
                 libc::SYS_recvmsg,
@@ -696,5 +729,32 @@ mod tests {
         let b = Batches::new(&plan, None);
         let (plain, listen) = (b.child.labels(), b.listener.unwrap().labels());
         assert_eq!(plain, listen);
+    }
+
+    #[test]
+    fn a_child_joins_its_container_in_a_batch_of_its_own() {
+        let plan = plan_with(&[]);
+        let spec = JoinSpec {
+            namespaces: libc::CLONE_NEWPID | libc::CLONE_NEWNET | libc::CLONE_NEWNS,
+            cwd: "/opt/fn".into(),
+        };
+        let joined = Batches::new(&plan, Some(&spec));
+        let join = joined.join.as_ref().expect("a join batch");
+        assert_eq!(
+            numbers(join),
+            [libc::SYS_setns, libc::SYS_close, libc::SYS_chdir].map(|n| n as u64)
+        );
+        // setns(JOIN_FD, every namespace but the pid one, which the replica set).
+        let w = words(join);
+        assert_eq!(w[1], JOIN_FD);
+        assert_eq!(w[2], (libc::CLONE_NEWNET | libc::CLONE_NEWNS) as u64);
+        // The rest of the child's batch is the same as without a container.
+        let plain = Batches::new(&plan, None);
+        assert!(plain.join.is_none());
+        assert_eq!(joined.child.labels(), plain.child.labels());
+        // Laid out first, before the batches every child runs.
+        let placed = joined.place(0x5000_0000);
+        assert_eq!(placed.join.unwrap().at, 0x5000_0000);
+        assert_eq!(placed.child.at, 0x5000_0000 + join.len());
     }
 }
