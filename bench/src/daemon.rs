@@ -2,6 +2,7 @@
 //! status), with the in-process client, and reading what they answer.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -30,11 +31,27 @@ fn client(host: &Host) -> Result<Client> {
     Ok(Client::connect(host.socket_path())?.with_timeout(RUN_TIMEOUT)?)
 }
 
-/// Prepares process `pid` on `host` as a (new) seed.
-pub fn prepare(host: &Host, pid: u32) -> Result<Prepared> {
+/// How long a bundle's seed may take to get warm.
+const BUNDLE_READY: Duration = Duration::from_secs(30);
+
+/// What a prepare captures.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// A process already running on the seed's host.
+    Process(u32),
+    /// An OCI bundle the daemon starts in a container (a new seed process every time).
+    Bundle(&'a Path),
+}
+
+/// Prepares `origin` on `host` as a (new) seed.
+pub fn prepare(host: &Host, origin: Origin) -> Result<Prepared> {
     let client = client(host)?;
     let t = Instant::now();
-    let (handle, s) = client.prepare_pid(pid as i32).context("prepare")?;
+    let (handle, s) = match origin {
+        Origin::Process(pid) => client.prepare_pid(pid as i32),
+        Origin::Bundle(dir) => client.prepare_bundle(dir, BUNDLE_READY),
+    }
+    .context("prepare")?;
     Ok(Prepared {
         handle,
         wall: t.elapsed(),

@@ -1,7 +1,9 @@
 //! `mitosis-bench`: remote fork against the baselines, side by side, for five Python seeds.
 //!
 //! On a three-host testbed (seed on host 0), for each seed of `examples/python/` (`hello`,
-//! `numpy`, `image`, `json`, `bigheap`) it measures spawn to answer of:
+//! `numpy`, `image`, `json`, `bigheap`, and `container`: image_fn.py of the OCI bundle made by
+//! setup, seed and children in containers, baselines in its rootfs) it measures spawn to
+//! answer of:
 //!
 //! - cold start: `python3 SEED --once` on host 1;
 //! - local fork: `SEED --fork-server` on host 0, request written to answer read;
@@ -48,6 +50,7 @@ use clap::Parser;
 use mitosis_testbed::{DaemonConfig, Testbed, TestbedConfig};
 
 use cli::Mitosis;
+use daemon::Origin;
 use procs::{Server, on_path, run_ok};
 use remote::{Remote, gave_up};
 use results::{CRIU, MITOSIS_COLD, MITOSIS_WARM, MITOSIS_WARM_CLI, Method, SeedResult};
@@ -69,8 +72,11 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     cold_samples: usize,
     /// The seeds to run, comma-separated.
-    #[arg(long, default_value = "hello,numpy,image,json,bigheap")]
+    #[arg(long, default_value = "hello,numpy,image,json,bigheap,container")]
     seeds: String,
+    /// The OCI bundle of the `container` seed (made by scripts/setup.sh); skipped if absent.
+    #[arg(long, default_value = "/var/lib/mitosis/bundles/python")]
+    bundle: PathBuf,
     /// Heap of the bigheap seed, in MiB.
     #[arg(long, default_value_t = 1024)]
     bigheap_mib: u64,
@@ -140,10 +146,21 @@ fn run(args: Args) -> Result<i32> {
         bin: bin("mitosis")?,
     };
     let examples = seeds::find_examples(args.examples.as_deref(), &bin_dir)?;
-    let seeds = seeds::parse_list(&args.seeds)?
-        .into_iter()
-        .map(|name| Seed::new(name, &examples, &args.python, args.bigheap_mib))
-        .collect::<Result<Vec<_>>>()?;
+    let mut seeds = Vec::new();
+    for name in seeds::parse_list(&args.seeds)? {
+        if name == "container" {
+            if !args.bundle.join("config.json").is_file() {
+                println!(
+                    "  container: no bundle at {} (scripts/setup.sh makes it), skipped",
+                    args.bundle.display()
+                );
+                continue;
+            }
+            seeds.push(Seed::container(&args.bundle)?);
+        } else {
+            seeds.push(Seed::new(name, &examples, &args.python, args.bigheap_mib)?);
+        }
+    }
     let out_dir = match (&args.out_dir, bin_dir.parent()) {
         (Some(dir), _) => dir.clone(),
         (None, Some(target)) => target.join("bench-results"),
@@ -228,8 +245,12 @@ fn bench_seed(
     let [host1, _] = remote.child_hosts;
     let step = |what: String| eprintln!("[{}] {what}", seed.name);
 
+    let rootfs = match &seed.bundle {
+        Some(b) => format!(" in {} (chroot)", b.rootfs.display()),
+        None => String::new(),
+    };
     step(format!(
-        "cold start: {n} x `{} --once` on host 1",
+        "cold start: {n} x `{} --once` on host 1{rootfs}",
         seed.script.display()
     ));
     let (cold, pairs) = methods::cold_start(seed, host1, warmup, n);
@@ -246,21 +267,36 @@ fn bench_seed(
     out.methods.push(local);
     out.local_private_kib = private;
 
-    step("starting the seed on host 0".to_owned());
-    let server = match Server::start(seed.command(remote.seed_host, &[])) {
-        Ok(server) => server,
-        Err(err) => {
-            out.error = Some(format!("starting the seed: {err:#}"));
-            return out;
+    // A bundle's seed is started by the daemon at each prepare, in a container of its own.
+    let server = match &seed.bundle {
+        Some(_) => None,
+        None => {
+            step("starting the seed on host 0".to_owned());
+            match Server::start(seed.command(remote.seed_host, &[])) {
+                Ok(server) => Some(server),
+                Err(err) => {
+                    out.error = Some(format!("starting the seed: {err:#}"));
+                    return out;
+                }
+            }
         }
     };
+    let origin = match (&server, &seed.bundle) {
+        (Some(server), _) => Origin::Process(server.pid()),
+        (None, Some(bundle)) => Origin::Bundle(&bundle.dir),
+        (None, None) => unreachable!("a seed without a bundle runs as a server"),
+    };
+    let fresh = match origin {
+        Origin::Process(_) => "fresh prepare on host 0",
+        Origin::Bundle(_) => "the bundle started and prepared on host 0",
+    };
     step(format!(
-        "mitosis first child: {} x (fresh prepare on host 0, child on host 1)",
+        "mitosis first child: {} x ({fresh}, child on host 1)",
         args.cold_samples
     ));
-    remote.first_child(server.pid(), &pairs, args.cold_samples, &mut out);
+    remote.first_child(origin, &pairs, args.cold_samples, &mut out);
     step("prepare once, working set recorded by the first children on host 2".to_owned());
-    match remote.prepare_recorded(server.pid()) {
+    match remote.prepare_recorded(origin) {
         Ok(handle) => {
             remote_rows(args, remote, &handle, &pairs, &mut out);
             if let Err(err) = daemon::drop_seed(remote.seed_host, &handle) {
@@ -294,6 +330,11 @@ fn bench_seed(
 
     out.methods.push(match criu_ok {
         Err(why) => Method::skipped(CRIU, criu::LABEL, format!("not available ({why}), skipped")),
+        Ok(()) if seed.bundle.is_some() => Method::skipped(
+            CRIU,
+            criu::LABEL,
+            "not run for a containerized seed".to_owned(),
+        ),
         Ok(()) => {
             step(format!(
                 "criu: dump of the seed on host 0, {n} restores on host 1"

@@ -15,7 +15,7 @@ use mitosis_testbed::Host;
 
 use crate::child::run_child;
 use crate::cli::Mitosis;
-use crate::daemon::{self, ChildStats, handle_seed_id};
+use crate::daemon::{self, ChildStats, Origin, handle_seed_id};
 use crate::methods::{Pair, is_right, last_lines, schedule};
 use crate::procs::{answer_pid, private_kib, run_timed};
 use crate::results::{
@@ -156,15 +156,21 @@ impl Remote<'_> {
         into.served = Some(served);
     }
 
-    /// First child: per sample, a fresh prepare of the seed (process `pid`) and one child on
-    /// host 1; the handle is dropped again after it.
-    pub fn first_child(&self, pid: u32, pairs: &[Pair], samples: usize, out: &mut SeedResult) {
+    /// First child: per sample, a fresh prepare of the seed and one child on host 1; the
+    /// handle is dropped again after it.
+    pub fn first_child(
+        &self,
+        origin: Origin,
+        pairs: &[Pair],
+        samples: usize,
+        out: &mut SeedResult,
+    ) {
         let mut method = Method::new(MITOSIS_FIRST, "mitosis first child");
         let host = self.child_hosts[0];
         let prepares = &mut out.prepares;
         let one = |req: &str, want: Option<&str>| {
             let prepared =
-                daemon::prepare(self.seed_host, pid).map_err(|e| format!("prepare: {e:#}"))?;
+                daemon::prepare(self.seed_host, origin).map_err(|e| format!("prepare: {e:#}"))?;
             let child = self.child(host, &prepared.handle, req, want);
             if let Err(err) = daemon::drop_seed(self.seed_host, &prepared.handle) {
                 eprintln!("  warning: {err:#}");
@@ -184,12 +190,12 @@ impl Remote<'_> {
         out.methods.push(method);
     }
 
-    /// Prepares the seed (process `pid`) for the other rows and records its working set with
-    /// the first [`RECORDING_CHILDREN`] children on host 2, each on a fresh replica (as the
-    /// seed's first few hosts would); returns the handle.
-    pub fn prepare_recorded(&self, pid: u32) -> Result<String, String> {
+    /// Prepares the seed for the other rows and records its working set with the first
+    /// [`RECORDING_CHILDREN`] children on host 2, each on a fresh replica (as the seed's first
+    /// few hosts would); returns the handle.
+    pub fn prepare_recorded(&self, origin: Origin) -> Result<String, String> {
         let prepared =
-            daemon::prepare(self.seed_host, pid).map_err(|e| format!("prepare: {e:#}"))?;
+            daemon::prepare(self.seed_host, origin).map_err(|e| format!("prepare: {e:#}"))?;
         let host = self.child_hosts[1];
         for i in 0..RECORDING_CHILDREN {
             if i > 0 {

@@ -78,6 +78,11 @@ pub fn seed_table(r: &SeedResult) {
             println!();
         }
     }
+    if let Some((take, join, both)) = r.containerizing_us() {
+        println!(
+            "containerizing a child (warm host, median): {both} us = taking a container {take} us + joining it {join} us (part of fork_us)"
+        );
+    }
     let kib = |v: &[u64]| median_u64(v).map_or_else(|| "-".to_owned(), mib_of_kib);
     println!(
         "private memory per child (median): local fork {}, mitosis warm host {}, cold host {}, first child {}",

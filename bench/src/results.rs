@@ -184,6 +184,21 @@ impl SeedResult {
         median_u64(&values)
     }
 
+    /// For a containerized seed, medians over its warm-host children of taking a container,
+    /// joining it, and both (per child), in microseconds; `None` for a seed in no container.
+    pub fn containerizing_us(&self) -> Option<(u64, u64, u64)> {
+        let children: Vec<(u64, u64)> = self
+            .warm
+            .stats
+            .iter()
+            .map(|s| (stat(s, "container_us"), stat(s, "join_us")))
+            .filter(|&(take, join)| take + join > 0)
+            .collect();
+        let of =
+            |f: fn(&(u64, u64)) -> u64| median_u64(&children.iter().map(f).collect::<Vec<_>>());
+        Some((of(|c| c.0)?, of(|c| c.1)?, of(|c| c.0 + c.1)?))
+    }
+
     /// Medians of the prepares: (in the daemon, seed stopped), in microseconds.
     pub fn prepare_medians_us(&self) -> (Option<u64>, Option<u64>) {
         let daemon: Vec<u64> = self.prepares.iter().map(|p| p.daemon_us).collect();
@@ -350,4 +365,9 @@ fn throughput_json(t: &Option<Throughput>) -> Json {
 /// Milliseconds as a number, to the microsecond.
 pub fn ms_f(d: Duration) -> f64 {
     d.as_micros() as f64 / 1e3
+}
+
+/// A child's `key`, 0 if it did not report it.
+fn stat(s: &ChildStats, key: &str) -> u64 {
+    s.get(key).copied().unwrap_or(0)
 }

@@ -1,15 +1,19 @@
 //! The seeds the benchmark runs: five Python functions in `examples/python/`, all speaking the
-//! line protocol of `seedlib.py` (`ready`, then one JSON answer line per request line).
+//! line protocol of `seedlib.py` (`ready`, then one JSON answer line per request line), and
+//! `container`: the OCI bundle's function (`image_fn.py` on the bundle's Debian Python),
+//! started by the daemon in a container, whose children each run in a container of their own.
+//! Its baselines run the same function in the bundle's rootfs (chroot).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use mitosis_container::Bundle;
 use mitosis_testbed::Host;
 
 /// The seeds, in the order they run and are reported.
-pub const ALL: [&str; 5] = ["hello", "numpy", "image", "json", "bigheap"];
+pub const ALL: [&str; 6] = ["hello", "numpy", "image", "json", "bigheap", "container"];
 
 /// One seed: a script and the arguments every run of it gets.
 #[derive(Debug, Clone)]
@@ -20,6 +24,8 @@ pub struct Seed {
     /// Arguments for every mode (e.g. the heap size of `bigheap`).
     pub args: Vec<String>,
     python: String,
+    /// The OCI bundle the seed runs from, for `container`.
+    pub bundle: Option<Bundle>,
 }
 
 impl Seed {
@@ -66,14 +72,51 @@ impl Seed {
             script,
             args,
             python: python.to_owned(),
+            bundle: None,
         })
     }
 
-    /// A command running the seed on `host` in `mode` (`--once`, `--fork-server`, ... or none).
+    /// The `container` seed: the function of the OCI bundle in `dir`, `python3 SCRIPT` as its
+    /// config.json runs it.
+    pub fn container(dir: &Path) -> Result<Self> {
+        let bundle = Bundle::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+        let [python, script] = bundle.args.as_slice() else {
+            bail!(
+                "{}: the bundle must run `python3 SCRIPT`, not {:?}",
+                dir.display(),
+                bundle.args
+            );
+        };
+        Ok(Self {
+            name: "container",
+            what: "image_fn.py in the Debian OCI bundle: seed and children in containers",
+            script: PathBuf::from(script),
+            args: vec![],
+            python: python.clone(),
+            bundle: Some(bundle),
+        })
+    }
+
+    /// A command running the seed on `host` in `mode` (`--once`, `--fork-server`, ... or none);
+    /// a bundle's seed runs in its rootfs (chroot) with its environment.
     pub fn command(&self, host: &Host, mode: &[&str]) -> Command {
-        let mut cmd = host.command(&self.python);
-        cmd.args(self.argv(mode));
-        cmd
+        match &self.bundle {
+            None => {
+                let mut cmd = host.command(&self.python);
+                cmd.args(self.argv(mode));
+                cmd
+            }
+            Some(bundle) => {
+                let mut cmd = host.command("chroot");
+                cmd.arg(&bundle.rootfs)
+                    .args(["env", "-i"])
+                    .args(&bundle.env)
+                    .arg(&self.python)
+                    .args(self.argv(mode))
+                    .current_dir("/");
+                cmd
+            }
+        }
     }
 
     /// The seed's command line after the interpreter.
@@ -143,7 +186,10 @@ mod tests {
 
     #[test]
     fn seed_lists() {
-        assert_eq!(parse_list("hello,numpy,image,json,bigheap").unwrap(), ALL);
+        assert_eq!(
+            parse_list("hello,numpy,image,json,bigheap,container").unwrap(),
+            ALL
+        );
         assert_eq!(
             parse_list(" json , hello,json").unwrap(),
             vec!["json", "hello"]

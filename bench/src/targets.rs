@@ -3,7 +3,9 @@
 //! - a child on a cold host (replica built from the recorded working set) in at most 3 ms;
 //! - a child on a warm host in at most 1.3x a local fork;
 //! - prepare in at most 2 ms, both as the time the seed is stopped and as the daemon's time;
-//! - at least 1000 children/s.
+//! - at least 1000 children/s;
+//! - for a containerized seed, containerizing a child (taking its container from the pool and
+//!   joining it) well under a millisecond: at most 0.5 ms.
 
 use crate::json::Json;
 use crate::results::{MITOSIS_COLD, MITOSIS_WARM, SeedResult};
@@ -39,7 +41,7 @@ pub fn of(r: &SeedResult) -> Vec<Target> {
     let ms = |us: Option<u64>| us.map(|us| us as f64 / 1e3);
     let (daemon, stopped) = (ms(daemon_us), ms(stopped_us));
     let per_sec = r.throughput.as_ref().map(|t| t.per_sec());
-    vec![
+    let mut targets = vec![
         Target {
             key: "cold_host_ms",
             what: "cold host median",
@@ -80,7 +82,19 @@ pub fn of(r: &SeedResult) -> Vec<Target> {
             unit: "/s",
             met: per_sec.map(|v| v >= 1000.0),
         },
-    ]
+    ];
+    if let Some((_, _, both)) = r.containerizing_us() {
+        let value = Some(both as f64 / 1e3);
+        targets.push(Target {
+            key: "containerizing_ms",
+            what: "containerizing a child (take + join)",
+            goal: "<= 0.5 ms",
+            value,
+            unit: "ms",
+            met: at_most(value, 0.5),
+        });
+    }
+    targets
 }
 
 impl Target {
@@ -149,5 +163,24 @@ mod tests {
         assert_eq!(t[0].shown(), "3.00 ms");
         assert_eq!(t[1].verdict(), "MISSED");
         assert_eq!(t[2].met, None);
+        assert_eq!(t.len(), 5, "no container target for a seed in no container");
+    }
+
+    #[test]
+    fn containerizing_is_taking_plus_joining_per_child() {
+        let mut r = SeedResult::new("container", "test");
+        for (take, join) in [(20, 150), (4000, 300), (30, 200)] {
+            r.warm.stats.push(
+                [("container_us", take), ("join_us", join), ("fork_us", 900)]
+                    .into_iter()
+                    .collect(),
+            );
+        }
+        assert_eq!(r.containerizing_us(), Some((30, 200, 230)));
+        let t = of(&r);
+        assert_eq!(t.len(), 6);
+        assert_eq!(t[5].key, "containerizing_ms");
+        assert_eq!(t[5].shown(), "0.23 ms");
+        assert_eq!(t[5].met, Some(true));
     }
 }
