@@ -33,15 +33,16 @@ pub struct ChildRun {
 }
 
 /// Resumes a child of `handle` on `host` with `input` (plus a newline) on its stdin, times it
-/// to its first line of output, lets `probe` look at it (given that line) while it still has
-/// its stdin, then closes its stdin and waits for its exit. Output after the answer is not
+/// to its first line of output, lets `probe` look at it (given that line and its pid on the
+/// host, which a child in a container does not know) while it still has its stdin, then
+/// closes its stdin and waits for its exit. Output after the answer is not
 /// read while it runs: a child writing more than a pipe holds (64 KiB) would block, time out
 /// and fail (the seeds write one line per request, and little to stderr).
 pub fn run_child<T>(
     host: &Host,
     handle: &str,
     input: &str,
-    probe: impl FnOnce(&str) -> T,
+    probe: impl FnOnce(&str, u32) -> T,
 ) -> Result<(ChildRun, T)> {
     let (stdin_r, stdin_w) = pipe()?;
     let (stdout_r, stdout_w) = pipe()?;
@@ -72,7 +73,7 @@ pub fn run_child<T>(
         // Dropping the connection makes the daemon kill the child.
         Err(err) => return Err(err).context("reading the answer"),
     };
-    let probed = probe(&answer);
+    let probed = probe(&answer, running.pid as u32);
     drop(stdin);
     let start = running.stats.clone();
     // Times out after STEP_TIMEOUT; dropping the connection then makes the daemon kill it.

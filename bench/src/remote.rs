@@ -17,7 +17,7 @@ use crate::child::run_child;
 use crate::cli::Mitosis;
 use crate::daemon::{self, ChildStats, Origin, handle_seed_id};
 use crate::methods::{Pair, is_right, last_lines, schedule};
-use crate::procs::{answer_pid, private_kib, run_timed};
+use crate::procs::{private_kib, run_timed};
 use crate::results::{
     ChildNumbers, MITOSIS_COLD, MITOSIS_FIRST, MITOSIS_WARM, MITOSIS_WARM_CLI, Method, SeedResult,
     Served,
@@ -68,7 +68,7 @@ impl Remote<'_> {
         want: Option<&str>,
         memory: bool,
     ) -> Result<Child, String> {
-        let probe = |answer: &str| answer_pid(answer).filter(|_| memory).and_then(private_kib);
+        let probe = |_: &str, pid| memory.then(|| private_kib(pid)).flatten();
         let (run, private_kib) = run_child(host, handle, req, probe)
             .map_err(|e| format!("host {}: {req}: {e:#}", host.index()))?;
         if run.status != 0 || !is_right(&run.answer, want) {
