@@ -268,23 +268,21 @@ fn bench_seed(
     out.local_private_kib = private;
 
     // A bundle's seed is started by the daemon at each prepare, in a container of its own.
-    let server = match &seed.bundle {
-        Some(_) => None,
+    let (server, origin) = match &seed.bundle {
+        Some(bundle) => (None, Origin::Bundle(&bundle.dir)),
         None => {
             step("starting the seed on host 0".to_owned());
             match Server::start(seed.command(remote.seed_host, &[])) {
-                Ok(server) => Some(server),
+                Ok(server) => {
+                    let pid = server.pid();
+                    (Some(server), Origin::Process(pid))
+                }
                 Err(err) => {
                     out.error = Some(format!("starting the seed: {err:#}"));
                     return out;
                 }
             }
         }
-    };
-    let origin = match (&server, &seed.bundle) {
-        (Some(server), _) => Origin::Process(server.pid()),
-        (None, Some(bundle)) => Origin::Bundle(&bundle.dir),
-        (None, None) => unreachable!("a seed without a bundle runs as a server"),
     };
     let fresh = match origin {
         Origin::Process(_) => "fresh prepare on host 0",
