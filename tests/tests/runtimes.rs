@@ -216,11 +216,23 @@ fn threads_report(pid: i32) -> String {
                 .unwrap_or("?")
                 .get(..1)
                 .unwrap_or("?");
+            let status = read(tid, "status");
+            let field = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+                    .unwrap_or("?")
+                    .trim()
+                    .to_string()
+            };
             format!(
-                "{tid} {} {state} wchan={} syscall={}",
+                "{tid} {} {state} wchan={} syscall={} blocked={} pending={} shared-pending={}",
                 read(tid, "comm"),
                 read(tid, "wchan"),
-                read(tid, "syscall")
+                read(tid, "syscall"),
+                field("SigBlk"),
+                field("SigPnd"),
+                field("ShdPnd"),
             )
         })
         .collect::<Vec<_>>()
@@ -228,6 +240,31 @@ fn threads_report(pid: i32) -> String {
 }
 
 // ---- /proc ---------------------------------------------------------------------------------
+
+/// Waits until every thread of `pid` sleeps, none of them on a page fault. A runtime that
+/// runs its signal handlers between bytecodes (CPython) misses a signal that lands after its
+/// last check and before a blocking read: the low-level handler notes it, and the read then
+/// blocks until input comes. A child's first page faults after an answer widen that window,
+/// so a test that signals right after an answer would see the handler run only with the next
+/// request.
+fn wait_until_idle(pid: i32) {
+    let idle = || {
+        task_ids(pid).into_iter().all(|tid| {
+            let task = format!("/proc/{pid}/task/{tid}");
+            let stat = std::fs::read_to_string(format!("{task}/stat")).unwrap_or_default();
+            let sleeping = stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('S'));
+            let wchan = std::fs::read_to_string(format!("{task}/wchan")).unwrap_or_default();
+            sleeping && !wchan.contains("userfault")
+        })
+    };
+    assert!(
+        eventually(LINE_TIMEOUT, idle),
+        "the child never went idle:\n{}",
+        threads_report(pid)
+    );
+}
 
 fn task_ids(pid: i32) -> BTreeSet<i32> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -762,6 +799,7 @@ fn children_behave_like_the_runtime(
     let child_masks = thread_masks(pid);
     let foreign = foreign_fds(pid, seed.pid());
 
+    wait_until_idle(pid);
     child.signal(libc::SIGUSR1);
     assert_eq!(child.line("the SIGUSR1 handler's line"), "usr1");
 

@@ -94,7 +94,10 @@ pub async fn run(
                 let _ = pidfd::send_signal(exited.get_ref(), libc::SIGKILL);
             }
             req = requests.recv(), if !cli_gone => match req {
-                Some(Request::Signal { signo }) => { let _ = pidfd::send_signal(exited.get_ref(), signo); }
+                Some(Request::Signal { signo }) => {
+                    let sent = pidfd::send_signal(exited.get_ref(), signo);
+                    tracing::debug!(pid, signo, ?sent, "forwarded a signal");
+                }
                 Some(_) => {}
                 None => {
                     // The resumer is gone: nobody holds the child's result, so end it.
