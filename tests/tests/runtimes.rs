@@ -1122,6 +1122,7 @@ fn seed_answers_like_cold_runs(seed: Command, cold: impl Fn(&str) -> Value, n: i
     assert_eq!(field(&answer, "pid"), seed.pid() as i64, "{answer}");
     assert_eq!(field(&answer, "threads") as usize, threads, "{answer}");
     assert_eq!(comparable(&answer), cold(&request));
+    wait_until_idle(seed.pid());
     // SAFETY: kill(2) on our own child process.
     assert_eq!(unsafe { libc::kill(seed.pid(), libc::SIGUSR1) }, 0);
     let mut line = String::new();
