@@ -94,9 +94,7 @@ fn replicas_are_evicted_over_budget_and_dropped_with_their_seed() {
 #[test]
 fn working_set_replay_then_pages_outside_it() {
     let tb = testbed(3);
-    let dir = Scratch::new("ws");
-    let seed = memcheck_seed(&tb, 0, &dir.0);
-    let handle = prepare(&tb, 0, seed.pid());
+    let (_dir, seed, handle) = prepared_memcheck(&tb, "ws");
 
     // The first child only starts and exits: a small working set gets recorded.
     let out = cli(&tb, 1, &["resume", &handle, "--stats"], "exit 7\n");
@@ -123,9 +121,7 @@ fn working_set_replay_then_pages_outside_it() {
 #[test]
 fn pooled_connections_survive_a_peer_restart() {
     let tb = testbed(2);
-    let dir = Scratch::new("restart");
-    let mut seed = memcheck_seed(&tb, 0, &dir.0);
-    let handle = prepare(&tb, 0, seed.pid());
+    let (_dir, mut seed, handle) = prepared_memcheck(&tb, "restart");
     let out = cli(&tb, 1, &["resume", &handle], "verify\n");
     assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
     let pool_line = format!("pool {}:7070", tb.host(0).addr());

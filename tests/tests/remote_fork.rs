@@ -10,9 +10,7 @@ use common::*;
 #[test]
 fn child_on_another_host_sees_the_seeds_memory_as_prepared() {
     let tb = testbed(2);
-    let dir = Scratch::new("memory");
-    let mut seed = memcheck_seed(&tb, 0, &dir.0);
-    let handle = prepare(&tb, 0, seed.pid());
+    let (_dir, mut seed, handle) = prepared_memcheck(&tb, "memory");
     // Writes after prepare must stay invisible to children.
     assert_eq!(seed.send("mutate"), "mutated");
 
@@ -35,9 +33,7 @@ fn child_on_another_host_sees_the_seeds_memory_as_prepared() {
 #[test]
 fn child_can_grow_remap_and_discard_memory() {
     let tb = testbed(2);
-    let dir = Scratch::new("exercise");
-    let seed = memcheck_seed(&tb, 0, &dir.0);
-    let handle = prepare(&tb, 0, seed.pid());
+    let (_dir, seed, handle) = prepared_memcheck(&tb, "exercise");
     let out = cli(&tb, 1, &["resume", &handle], "exercise\nexercise\nverify\n");
     assert_eq!(
         stdout(&out),
@@ -52,9 +48,7 @@ fn child_can_grow_remap_and_discard_memory() {
 #[test]
 fn one_seed_serves_many_children_and_runs_on() {
     let tb = testbed(3);
-    let dir = Scratch::new("many");
-    let mut seed = memcheck_seed(&tb, 0, &dir.0);
-    let handle = prepare(&tb, 0, seed.pid());
+    let (_dir, mut seed, handle) = prepared_memcheck(&tb, "many");
     // Descriptors of host 1's daemon, less its TCP connections: the peer connection pool
     // grows with concurrency up to its bound, which is no leak.
     let daemon_fds = || {
@@ -143,9 +137,7 @@ fn one_seed_serves_many_children_and_runs_on() {
 #[test]
 fn exit_status_and_signals_pass_through() {
     let tb = testbed(2);
-    let dir = Scratch::new("status");
-    let seed = memcheck_seed(&tb, 0, &dir.0);
-    let handle = prepare(&tb, 0, seed.pid());
+    let (_dir, seed, handle) = prepared_memcheck(&tb, "status");
 
     let out = cli(&tb, 1, &["resume", &handle], "exit 7\n");
     assert_eq!(out.status.code(), Some(7));
@@ -172,9 +164,7 @@ fn exit_status_and_signals_pass_through() {
 #[test]
 fn bad_input_gets_a_clear_error() {
     let tb = testbed(2);
-    let dir = Scratch::new("bad");
-    let seed = memcheck_seed(&tb, 0, &dir.0);
-    let handle = prepare(&tb, 0, seed.pid());
+    let (_dir, seed, handle) = prepared_memcheck(&tb, "bad");
 
     let expect_err = |host: usize, args: &[&str], needle: &str| {
         let out = cli(&tb, host, args, "verify\n");
@@ -206,9 +196,7 @@ fn bad_input_gets_a_clear_error() {
 #[test]
 fn child_whose_page_source_dies_is_killed_with_a_reason() {
     let tb = testbed(2);
-    let dir = Scratch::new("dead");
-    let seed = memcheck_seed(&tb, 0, &dir.0);
-    let handle = prepare(&tb, 0, seed.pid());
+    let (_dir, seed, handle) = prepared_memcheck(&tb, "dead");
 
     let (resume, mut input) = spawn_cli(&tb, 1, &["resume", &handle]);
     // Let the child start and block on its stdin, then take the seed's host away.
@@ -232,9 +220,7 @@ fn child_whose_page_source_dies_is_killed_with_a_reason() {
 fn packed_bootstrap_pages_rebuild_the_same_memory() {
     // The raw stream (the default) is what every other test goes through.
     let tb = testbed_with(2, &["--bootstrap-codec", "lz4"]);
-    let dir = Scratch::new("packed");
-    let seed = memcheck_seed(&tb, 0, &dir.0);
-    let handle = prepare(&tb, 0, seed.pid());
+    let (_dir, seed, handle) = prepared_memcheck(&tb, "packed");
     for _ in 0..2 {
         let out = cli(&tb, 1, &["resume", &handle], "verify\n");
         assert_eq!(
@@ -252,9 +238,7 @@ fn packed_bootstrap_pages_rebuild_the_same_memory() {
 #[test]
 fn a_bootstrap_cut_short_fails_the_child_cleanly() {
     let tb = testbed(2);
-    let dir = Scratch::new("cut");
-    let seed = memcheck_seed(&tb, 0, &dir.0);
-    let handle = prepare(&tb, 0, seed.pid());
+    let (_dir, seed, handle) = prepared_memcheck(&tb, "cut");
     let daemon = tb.host(1).daemon_pid().expect("host 1's daemon");
     let stubs = || {
         let mut s: Vec<i32> = stub_processes()
@@ -303,9 +287,7 @@ fn a_bootstrap_cut_short_fails_the_child_cleanly() {
 #[test]
 fn a_bootstrap_that_stalls_fails_the_child_in_bounded_time() {
     let tb = testbed(2);
-    let dir = Scratch::new("stall");
-    let seed = memcheck_seed(&tb, 0, &dir.0);
-    let handle = prepare(&tb, 0, seed.pid());
+    let (_dir, seed, handle) = prepared_memcheck(&tb, "stall");
 
     // The seed's host stays connected but stops sending a few pages into the page stream, as
     // a host that hangs would: the child fails after the request timeout (5 s), never waits on.

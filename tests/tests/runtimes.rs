@@ -6,366 +6,26 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use common::procfs::*;
+use common::resumed::{LINE_TIMEOUT, Resumed};
 use common::*;
 use mitosis_testbed::Testbed;
 use serde_json::Value;
 
 const THREADS_BIN: &str = env!("THREADS_BIN");
-/// How long a child (or seed) may take for one answer line.
-const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn example(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../examples")
         .join(rel)
-}
-
-// ---- a running `mitosis resume`, line by line ------------------------------------------
-
-/// `mitosis resume` running on a host: its stdin held by the test, its stdout read line by
-/// line with a timeout. Killed (and its stdin closed, so the child sees EOF) if dropped
-/// before [`Resumed::finish`].
-struct Resumed {
-    cli: Option<Child>,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-    /// The child's pid once it told it (for failure messages).
-    child_pid: Option<i32>,
-    /// The log of the daemon of the child's host (for failure messages).
-    daemon_log: PathBuf,
-}
-
-impl Resumed {
-    fn start(tb: &Testbed, host: usize, args: &[&str]) -> Resumed {
-        let (mut cli, stdin) = spawn_cli(tb, host, args);
-        let out = cli.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Resumed {
-            cli: Some(cli),
-            stdin: Some(stdin),
-            lines,
-            child_pid: None,
-            daemon_log: tb.host(host).log_path().to_path_buf(),
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.cli.as_ref().expect("running").id() as i32
-    }
-
-    fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").expect("write to the child");
-    }
-
-    /// The next line the child prints.
-    fn line(&mut self, waiting_for: &str) -> String {
-        match self.lines.recv_timeout(LINE_TIMEOUT) {
-            Ok(line) => line,
-            Err(e) => {
-                let cli = self.cli.take().expect("running");
-                // SAFETY: kill(2) on our own child process.
-                unsafe { libc::kill(cli.id() as i32, libc::SIGKILL) };
-                let threads = self.child_pid.map(threads_report).unwrap_or_default();
-                let out = wait_output(cli, Duration::from_secs(10));
-                panic!(
-                    "no line from the child for {waiting_for} ({e:?}); resume: {}\nthreads:\n{threads}\n{}",
-                    stderr(&out),
-                    self.log_tail()
-                );
-            }
-        }
-    }
-
-    fn ask(&mut self, line: &str) -> String {
-        self.send(line);
-        self.line(line)
-    }
-
-    fn log_tail(&self) -> String {
-        log_tail(&self.daemon_log)
-    }
-
-    /// For failure messages: how the command ended (with its stderr) if it has.
-    fn note(&mut self) -> String {
-        let cli = self.cli.as_mut().expect("running");
-        match cli.try_wait() {
-            Ok(Some(status)) => {
-                let mut err = String::new();
-                if let Some(mut pipe) = cli.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut pipe, &mut err);
-                }
-                format!("resume exited ({status}): {err}")
-            }
-            _ => "resume still running".to_string(),
-        }
-    }
-
-    /// Asks `line` and checks the answer is `want`; on a mismatch, the failure shows the
-    /// child's threads and the daemon's log.
-    fn expect(&mut self, line: &str, want: &str) {
-        let got = self.ask(line);
-        if got != want {
-            let threads = self.child_pid.map(threads_report).unwrap_or_default();
-            panic!(
-                "{line:?}: got {got:?}, want {want:?}\nthreads:\n{threads}\n{}",
-                self.log_tail()
-            );
-        }
-    }
-
-    /// Sends `sig` to the `mitosis resume` process (which forwards it to the child).
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child process.
-        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
-    }
-
-    /// Closes the child's stdin and waits for the command; returns its output and the lines
-    /// the child printed after the last one read.
-    fn finish(mut self) -> (Output, Vec<String>) {
-        drop(self.stdin.take());
-        let cli = self.cli.as_mut().expect("running");
-        let exited = eventually(Duration::from_secs(60), || {
-            cli.try_wait().is_ok_and(|s| s.is_some())
-        });
-        if !exited {
-            let threads = self.child_pid.map(threads_report).unwrap_or_default();
-            panic!(
-                "the child did not exit after EOF on its stdin; its threads:\n{threads}\n{}",
-                self.log_tail()
-            );
-        }
-        let out = wait_output(self.cli.take().expect("running"), Duration::from_secs(10));
-        let mut rest = Vec::new();
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(10)) {
-            rest.push(line);
-        }
-        (out, rest)
-    }
-}
-
-impl Resumed {
-    /// [`Resumed::finish`]: the command exits 0 and the child printed nothing more.
-    fn finish_ok(self) {
-        let log = self.daemon_log.clone();
-        let (out, rest) = self.finish();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "resume: {}\n{}",
-            stderr(&out),
-            log_tail(&log)
-        );
-        assert!(rest.is_empty(), "unexpected output {rest:?}");
-    }
-}
-
-impl Drop for Resumed {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        if let Some(mut cli) = self.cli.take() {
-            let _ = cli.kill();
-            let _ = cli.wait();
-        }
-    }
-}
-
-/// The end of a daemon's log (for failure messages).
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(30)..].join("\n");
-    format!("log of {} (end):\n{tail}", log.display())
-}
-
-/// One line per thread of `pid`: tid, name, state, wait channel and system call (for
-/// failure messages).
-fn threads_report(pid: i32) -> String {
-    let read = |tid: i32, file: &str| {
-        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/{file}"))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return format!("(pid {pid} is gone)");
-    };
-    tasks
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .map(|tid| {
-            let stat = read(tid, "stat");
-            let state = stat
-                .rsplit(") ")
-                .next()
-                .unwrap_or("?")
-                .get(..1)
-                .unwrap_or("?");
-            let status = read(tid, "status");
-            let field = |key: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-                    .unwrap_or("?")
-                    .trim()
-                    .to_string()
-            };
-            format!(
-                "{tid} {} {state} wchan={} syscall={} blocked={} pending={} shared-pending={}",
-                read(tid, "comm"),
-                read(tid, "wchan"),
-                read(tid, "syscall"),
-                field("SigBlk"),
-                field("SigPnd"),
-                field("ShdPnd"),
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-// ---- /proc ---------------------------------------------------------------------------------
-
-/// Waits until every thread of `pid` sleeps, none of them on a page fault. A runtime that
-/// runs its signal handlers between bytecodes (CPython) misses a signal that lands after its
-/// last check and before a blocking read: the low-level handler notes it, and the read then
-/// blocks until input comes. A child's first page faults after an answer widen that window,
-/// so a test that signals right after an answer would see the handler run only with the next
-/// request.
-fn wait_until_idle(pid: i32) {
-    let idle = || {
-        task_ids(pid).into_iter().all(|tid| {
-            let task = format!("/proc/{pid}/task/{tid}");
-            let stat = std::fs::read_to_string(format!("{task}/stat")).unwrap_or_default();
-            let sleeping = stat
-                .rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('S'));
-            let wchan = std::fs::read_to_string(format!("{task}/wchan")).unwrap_or_default();
-            sleeping && !wchan.contains("userfault")
-        })
-    };
-    assert!(
-        eventually(LINE_TIMEOUT, idle),
-        "the child never went idle:\n{}",
-        threads_report(pid)
-    );
-}
-
-fn task_ids(pid: i32) -> BTreeSet<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/task: {e}"))
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
-/// The value of `key:` in /proc/PID/status (or /proc/PID/task/TID/status).
-fn status_of(path: &str, key: &str) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("no {key} in {path}"))
-        .trim()
-        .to_string()
-}
-
-/// What a process-wide comparison between a seed and its child looks at: signal dispositions
-/// (ignored, caught), umask, and every resource limit.
-#[derive(Debug, PartialEq)]
-struct ProcessState {
-    sig_ign: String,
-    sig_cgt: String,
-    umask: String,
-    limits: String,
-}
-
-fn process_state(pid: i32) -> ProcessState {
-    let status = format!("/proc/{pid}/status");
-    ProcessState {
-        sig_ign: status_of(&status, "SigIgn"),
-        sig_cgt: status_of(&status, "SigCgt"),
-        umask: status_of(&status, "Umask"),
-        limits: std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits"),
-    }
-}
-
-/// The blocked-signal masks of all threads of `pid`, sorted (a multiset: which thread has
-/// which mask is checked where the threads can be told apart).
-fn thread_masks(pid: i32) -> Vec<String> {
-    let mut masks: Vec<String> = task_ids(pid)
-        .into_iter()
-        .map(|tid| status_of(&format!("/proc/{pid}/task/{tid}/status"), "SigBlk"))
-        .collect();
-    masks.sort();
-    masks
-}
-
-/// What descriptor `fd` of `pid` is: the link target without inode numbers, its open flags,
-/// and for an eventfd its count, for an epoll set its targets (fd, events, data), for a timerfd
-/// its clock and interval, for a signalfd its signals.
-fn describe_fd(pid: i32, fd: i32) -> String {
-    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|e| format!("unreadable: {e}"));
-    let kind = match link.split_once(":[") {
-        Some((kind @ ("pipe" | "socket"), _)) => kind.to_string(),
-        _ => link,
-    };
-    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
-    let mut out = vec![kind];
-    let mut targets = Vec::new();
-    for line in info.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["flags:", flags] => out.push(format!("flags {flags}")),
-            ["eventfd-count:", count] => out.push(format!("count {count}")),
-            ["clockid:", clock] => out.push(format!("clock {clock}")),
-            ["it_interval:", secs, nanos] => out.push(format!("every {secs}{nanos}")),
-            ["sigmask:", mask] => out.push(format!("taking {mask}")),
-            ["tfd:", tfd, "events:", events, "data:", data, ..] => {
-                targets.push(format!("{tfd}:{events}:{data}"))
-            }
-            _ => {}
-        }
-    }
-    targets.sort();
-    if !targets.is_empty() {
-        out.push(format!("watching {}", targets.join(",")));
-    }
-    out.join(" ")
-}
-
-fn fd_numbers(pid: i32) -> BTreeSet<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
-/// Descriptors of the child that the seed did not have at their number (leftovers of its
-/// making, such as a userfaultfd), and any userfaultfd at all; should be empty.
-fn foreign_fds(child: i32, seed: i32) -> Vec<String> {
-    let seed_fds = fd_numbers(seed);
-    fd_numbers(child)
-        .into_iter()
-        .map(|fd| (fd, describe_fd(child, fd)))
-        .filter(|(fd, what)| !seed_fds.contains(fd) || what.contains("userfaultfd"))
-        .map(|(fd, what)| format!("{fd}: {what}"))
-        .collect()
 }
 
 // ---- the C fixture -------------------------------------------------------------------------
@@ -799,7 +459,7 @@ fn children_behave_like_the_runtime(
     let child_masks = thread_masks(pid);
     let foreign = foreign_fds(pid, seed.pid());
 
-    wait_until_idle(pid);
+    wait_until_idle(pid, LINE_TIMEOUT);
     child.signal(libc::SIGUSR1);
     assert_eq!(child.line("the SIGUSR1 handler's line"), "usr1");
 
@@ -1122,7 +782,7 @@ fn seed_answers_like_cold_runs(seed: Command, cold: impl Fn(&str) -> Value, n: i
     assert_eq!(field(&answer, "pid"), seed.pid() as i64, "{answer}");
     assert_eq!(field(&answer, "threads") as usize, threads, "{answer}");
     assert_eq!(comparable(&answer), cold(&request));
-    wait_until_idle(seed.pid());
+    wait_until_idle(seed.pid(), LINE_TIMEOUT);
     // SAFETY: kill(2) on our own child process.
     assert_eq!(unsafe { libc::kill(seed.pid(), libc::SIGUSR1) }, 0);
     let mut line = String::new();

@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::procfs::{task_ids, task_state};
 use common::*;
 
 /// A Python seed that can put itself in states mitosis must refuse:
@@ -67,14 +68,9 @@ fn assert_refused(tb: &mitosis_testbed::Testbed, pid: i32, reason: &str) {
 
 /// Tasks of `pid` in state D.
 fn uninterruptible(pid: i32) -> Vec<i32> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
-    tasks
-        .flatten()
-        .filter_map(|t| {
-            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
-            let state = stat.rsplit_once(") ")?.1.chars().next()?;
-            (state == 'D').then(|| t.file_name().to_str()?.parse().ok())?
-        })
+    task_ids(pid)
+        .into_iter()
+        .filter(|&tid| task_state(pid, tid) == Some('D'))
         .collect()
 }
 

@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use mitosis_testbed::{DaemonConfig, Testbed, TestbedConfig};
 
+pub mod procfs;
+pub mod resumed;
+
 pub const MEMCHECK_BIN: &str = env!("MEMCHECK_BIN");
 /// The digest memcheck's `verify` prints for intact memory (deterministic, layout-free).
 pub const MEMCHECK_DIGEST: &str = "afad17bc446f66b4";
@@ -126,6 +129,15 @@ pub fn memcheck_seed(tb: &Testbed, host: usize, dir: &Path) -> Seed {
     let mut cmd = tb.host(host).command(MEMCHECK_BIN);
     cmd.arg(dir);
     Seed::start(cmd)
+}
+
+/// The memcheck fixture started in host 0 of `tb` with a scratch directory tagged `tag`, and
+/// prepared there: the directory (removed when dropped), the seed and its handle.
+pub fn prepared_memcheck(tb: &Testbed, tag: &str) -> (Scratch, Seed, String) {
+    let dir = Scratch::new(tag);
+    let seed = memcheck_seed(tb, 0, &dir.0);
+    let handle = prepare(tb, 0, seed.pid());
+    (dir, seed, handle)
 }
 
 /// Runs the CLI against `host`'s daemon with `stdin` as input.
