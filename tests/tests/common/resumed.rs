@@ -69,8 +69,10 @@ impl Resumed {
                 unsafe { libc::kill(cli.id() as i32, libc::SIGKILL) };
                 let threads = self.child_pid.map(threads_report).unwrap_or_default();
                 let out = wait_output(cli, Duration::from_secs(10));
+                // After a disconnect the command has ended on its own: its status is the child's.
                 panic!(
-                    "no line from the child for {waiting_for} ({e:?}); resume: {}\nthreads:\n{threads}\n{}",
+                    "no line from the child for {waiting_for} ({e:?}); resume ({}): {}\nthreads:\n{threads}\n{}",
+                    out.status,
                     stderr(&out),
                     self.log_tail()
                 );
