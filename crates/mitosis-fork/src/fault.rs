@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use mitosis_sys::PAGE_SIZE;
-use mitosis_sys::uffd::{Event, Fill, Userfaultfd};
+use mitosis_sys::uffd::{Copied, Event, Fill, Userfaultfd};
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 
@@ -179,11 +179,16 @@ async fn resolve<S: PageSource>(
         s.pages_fetched += run.pages;
         s.fetch_us += started.elapsed().as_micros() as u64;
     }
-    let filled = retry_on_again(uffd.copy(run.child, &data))?;
-    if !filled {
-        pending.restore_run(run);
+    match uffd.copy(run.child, &data) {
+        Ok(Copied::All { .. }) => Ok(true),
+        Ok(Copied::LayoutChanging { placed }) => {
+            pending.restore_run(run.after(placed));
+            Ok(false)
+        }
+        // The child's mm is gone (it exited while we fetched): nothing left to fill.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(true),
+        Err(e) => Err(FaultError::Uffd(e)),
     }
-    Ok(filled)
 }
 
 fn retry_on_again(result: io::Result<Fill>) -> Result<bool, FaultError> {

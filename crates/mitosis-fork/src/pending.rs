@@ -35,6 +35,16 @@ impl Run {
     pub fn end(&self) -> u64 {
         self.child + self.pages * PAGE
     }
+
+    /// The part of the run after its first `bytes` (whole pages).
+    pub fn after(&self, bytes: u64) -> Run {
+        let pages = (bytes / PAGE).min(self.pages);
+        Run {
+            child: self.child + pages * PAGE,
+            seed: self.seed + pages * PAGE,
+            pages: self.pages - pages,
+        }
+    }
 }
 
 impl PendingMap {
@@ -194,6 +204,20 @@ mod tests {
         // Child 0x10000.. maps seed 0x90000..; pages 0,1,2,4 pending.
         m.insert(0x10000, 0x90000, vec![true, true, true, false, true]);
         m
+    }
+
+    #[test]
+    fn what_a_partial_fill_left_goes_back_as_pending() {
+        let mut m = map();
+        let run = m.take_run(0x10000, 3).expect("a run");
+        assert_eq!((run.child, run.seed, run.pages), (0x10000, 0x90000, 3));
+        // One page went in before the fill was refused: the other two are pending again.
+        m.restore_run(run.after(PAGE));
+        assert!(!m.is_pending(0x10000));
+        assert!(m.is_pending(0x11000) && m.is_pending(0x12000));
+        let rest = run.after(PAGE);
+        assert_eq!((rest.child, rest.seed, rest.pages), (0x11000, 0x91000, 2));
+        assert_eq!(run.after(10 * PAGE).pages, 0);
     }
 
     #[test]

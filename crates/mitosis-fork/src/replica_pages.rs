@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use mitosis_sys::PAGE_SIZE;
 use mitosis_sys::mem::RemoteMemory;
-use mitosis_sys::uffd::{Event, Userfaultfd};
+use mitosis_sys::uffd::{Copied, Event, Userfaultfd};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -24,6 +24,9 @@ use crate::source::{PageSource, read_runs};
 pub const PIPELINE_PAGES: u64 = 256;
 /// Requests a fill keeps in flight.
 pub const IN_FLIGHT: usize = 4;
+/// How often, and how far apart, a fill refused while the replica's layout changes is tried.
+const LAYOUT_RETRIES: usize = 20;
+const LAYOUT_RETRY_AFTER: std::time::Duration = std::time::Duration::from_micros(500);
 
 pub struct ReplicaPages<S> {
     uffd: AsyncFd<Userfaultfd>,
@@ -135,13 +138,37 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         let mut at = 0usize;
         for run in runs {
             let len = (run.pages * PAGE_SIZE) as usize;
-            self.uffd
-                .get_ref()
-                .copy(run.child, &data[at..at + len])
-                .map_err(|e| format!("filling the replica at {:#x}: {e}", run.child))?;
+            self.copy_run(run.child, &data[at..at + len])?;
             at += len;
         }
         Ok(())
+    }
+
+    /// Places the seed's bytes of one run in the replica. A page that is there already
+    /// without being the seed's is overwritten: children forked later copy it as it is.
+    fn copy_run(&self, start: u64, data: &[u8]) -> Result<(), String> {
+        let fail = |e: &dyn std::fmt::Display| format!("filling the replica at {start:#x}: {e}");
+        let mut placed = 0usize;
+        for _ in 0..LAYOUT_RETRIES {
+            let copied = self
+                .uffd
+                .get_ref()
+                .copy(start + placed as u64, &data[placed..])
+                .map_err(|e| fail(&e))?;
+            match copied {
+                Copied::All { present: 0 } => return Ok(()),
+                Copied::All { present } => {
+                    tracing::debug!(start, present, "replica pages in place before their fill");
+                    return self.write(&[(start, data)]);
+                }
+                // Forks hold fills off, so the replica's layout changes only briefly, if ever.
+                Copied::LayoutChanging { placed: more } => {
+                    placed += more as usize;
+                    std::thread::sleep(LAYOUT_RETRY_AFTER);
+                }
+            }
+        }
+        Err(fail(&"its layout kept changing"))
     }
 
     /// Installs pages that came in bulk: those still pending are copied in through the

@@ -112,6 +112,46 @@ pub enum Fill {
     AlreadyPresent,
 }
 
+/// What [`Userfaultfd::copy`] placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copied {
+    /// Every page of the range is in place; `present` of them were there already and were
+    /// left as they were.
+    All { present: u64 },
+    /// The process's layout was changing (a fork, mremap, munmap or madvise whose event is not
+    /// read yet): the first `placed` bytes are in, the rest must be tried again.
+    LayoutChanging { placed: u64 },
+}
+
+/// What one UFFDIO_COPY call did, read from its return value, its `copy` field and errno.
+#[derive(Debug, PartialEq, Eq)]
+enum CopyStep {
+    /// Everything asked for is in.
+    Done,
+    /// This many bytes went in, then the kernel stopped (a present page or a layout change
+    /// after them): go on after them.
+    Partial(u64),
+    /// The first page is there already.
+    Present,
+    /// Nothing went in: the layout is changing.
+    Changing,
+    Failed(i32),
+}
+
+fn copy_step(ret: libc::c_int, copied: i64, errno: i32) -> CopyStep {
+    if ret == 0 {
+        return CopyStep::Done;
+    }
+    if copied > 0 {
+        return CopyStep::Partial(copied as u64);
+    }
+    match errno {
+        libc::EEXIST => CopyStep::Present,
+        libc::EAGAIN => CopyStep::Changing,
+        e => CopyStep::Failed(e),
+    }
+}
+
 impl Userfaultfd {
     /// Creates a userfaultfd for the calling process's address space (non-blocking, cloexec).
     pub fn create() -> io::Result<Self> {
@@ -165,18 +205,36 @@ impl Userfaultfd {
         Ok(())
     }
 
-    /// Atomically places `data` (whole pages) at `dst` and wakes the faulting threads.
-    pub fn copy(&self, dst: u64, data: &[u8]) -> io::Result<Fill> {
-        let mut c = UffdioCopy {
-            dst,
-            src: data.as_ptr() as u64,
-            len: data.len() as u64,
-            mode: 0,
-            copy: 0,
-        };
-        // SAFETY: `c` is valid; `src` points to `len` readable bytes that outlive the call.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) };
-        fill_result(ret)
+    /// Atomically places `data` (whole pages) at `dst`, page by page, and wakes the faulting
+    /// threads. Pages already present are left as they are and the rest still go in: the
+    /// kernel stops a copy at the first present page (reporting EAGAIN with what it copied).
+    pub fn copy(&self, dst: u64, data: &[u8]) -> io::Result<Copied> {
+        let (mut at, mut present) = (0u64, 0u64);
+        let len = data.len() as u64;
+        while at < len {
+            let mut c = UffdioCopy {
+                dst: dst + at,
+                src: data[at as usize..].as_ptr() as u64,
+                len: len - at,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: `c` is valid; `src` points to `len - at` readable bytes of `data`, which
+            // outlive the call.
+            let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) };
+            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            match copy_step(ret, c.copy, errno) {
+                CopyStep::Done => return Ok(Copied::All { present }),
+                CopyStep::Partial(bytes) => at += bytes,
+                CopyStep::Present => {
+                    at += crate::PAGE_SIZE;
+                    present += 1;
+                }
+                CopyStep::Changing => return Ok(Copied::LayoutChanging { placed: at }),
+                CopyStep::Failed(e) => return Err(io::Error::from_raw_os_error(e)),
+            }
+        }
+        Ok(Copied::All { present })
     }
 
     /// Maps zero pages over `[dst, dst+len)` and wakes the faulting threads.
@@ -267,5 +325,74 @@ impl AsRawFd for Userfaultfd {
 impl IntoRawFd for Userfaultfd {
     fn into_raw_fd(self) -> std::os::fd::RawFd {
         self.fd.into_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_step_reads_the_kernels_three_ways_of_stopping() {
+        assert_eq!(copy_step(0, 8192, 0), CopyStep::Done);
+        // Stopped at a present page or a layout change after some pages: EAGAIN with a count.
+        assert_eq!(copy_step(-1, 4096, libc::EAGAIN), CopyStep::Partial(4096));
+        assert_eq!(
+            copy_step(-1, -(libc::EEXIST as i64), libc::EEXIST),
+            CopyStep::Present
+        );
+        assert_eq!(
+            copy_step(-1, -(libc::EAGAIN as i64), libc::EAGAIN),
+            CopyStep::Changing
+        );
+        assert_eq!(
+            copy_step(-1, -(libc::ESRCH as i64), libc::ESRCH),
+            CopyStep::Failed(libc::ESRCH)
+        );
+        // Refused before any copy (the count left at 0).
+        assert_eq!(
+            copy_step(-1, 0, libc::EINVAL),
+            CopyStep::Failed(libc::EINVAL)
+        );
+    }
+
+    /// On our own memory (as root): a copy over a range with a page already in place fills
+    /// the others and leaves that one as it was.
+    #[test]
+    fn a_copy_goes_on_past_a_page_already_in_place() {
+        let page = crate::PAGE_SIZE as usize;
+        // SAFETY: a fresh private anonymous mapping nobody else knows of.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4 * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED);
+        let uffd = Userfaultfd::create().expect("userfaultfd (run as root)");
+        uffd.handshake(0).unwrap();
+        uffd.register(at as u64, 4 * page as u64).unwrap();
+        let early = vec![7u8; page];
+        assert_eq!(
+            uffd.copy(at as u64 + page as u64, &early).unwrap(),
+            Copied::All { present: 0 }
+        );
+        let data: Vec<u8> = (0..4).flat_map(|i| vec![i as u8 + 1; page]).collect();
+        assert_eq!(
+            uffd.copy(at as u64, &data).unwrap(),
+            Copied::All { present: 1 }
+        );
+        // SAFETY: all four pages are in place now, so reading them cannot fault.
+        let seen = unsafe { std::slice::from_raw_parts(at as *const u8, 4 * page) };
+        let firsts: Vec<u8> = seen.chunks(page).map(|p| p[0]).collect();
+        assert_eq!(firsts, [1, 7, 3, 4]);
+        assert!(seen.chunks(page).all(|p| p.iter().all(|&b| b == p[0])));
+        drop(uffd);
+        // SAFETY: unmapping the mapping made above, no longer referenced.
+        assert_eq!(unsafe { libc::munmap(at, 4 * page) }, 0);
     }
 }
