@@ -185,9 +185,7 @@ async fn resolve<S: PageSource>(
             pending.restore_run(run.after(placed));
             Ok(false)
         }
-        // The child's mm is gone (it exited while we fetched): nothing left to fill.
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(true),
-        Err(e) => Err(FaultError::Uffd(e)),
+        Err(e) => fill_failed(e),
     }
 }
 
@@ -195,8 +193,14 @@ fn retry_on_again(result: io::Result<Fill>) -> Result<bool, FaultError> {
     match result {
         Ok(_) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(false),
+        Err(e) => fill_failed(e),
+    }
+}
+
+fn fill_failed(e: io::Error) -> Result<bool, FaultError> {
+    match e.raw_os_error() {
         // The child's mm is gone (it exited while we fetched): nothing left to fill.
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(true),
-        Err(e) => Err(FaultError::Uffd(e)),
+        Some(libc::ESRCH) => Ok(true),
+        _ => Err(FaultError::Uffd(e)),
     }
 }

@@ -219,8 +219,7 @@ impl Userfaultfd {
                 mode: 0,
                 copy: 0,
             };
-            // SAFETY: `c` is valid; `src` points to `len - at` readable bytes of `data`, which
-            // outlive the call.
+            // SAFETY: `c` is valid; `src` points to `len - at` readable bytes of `data` (alive).
             let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) };
             let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
             match copy_step(ret, c.copy, errno) {
