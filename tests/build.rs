@@ -1,6 +1,6 @@
 //! Compiles the C test fixtures into `$OUT_DIR` and exports their paths to the crate:
-//! `fixtures/memcheck.c` as `env!("MEMCHECK_BIN")` and `fixtures/threads.c` (pthreads) as
-//! `env!("THREADS_BIN")`.
+//! `fixtures/memcheck.c` as `env!("MEMCHECK_BIN")`, `fixtures/threads.c` (pthreads) as
+//! `env!("THREADS_BIN")` and `fixtures/confined.c` as `env!("CONFINED_BIN")`.
 //!
 //! The compiler is `$CC` if set (may contain arguments, e.g. `ccache gcc`),
 //! otherwise `cc`.  No build-dependencies.
@@ -26,6 +26,14 @@ fn main() {
         &["-lm"],
     );
     println!("cargo:rustc-env=THREADS_BIN={}", threads.display());
+    let confined = compile(
+        &fixtures,
+        &out_dir,
+        "confined",
+        &["-std=gnu11", "-pthread"],
+        &[],
+    );
+    println!("cargo:rustc-env=CONFINED_BIN={}", confined.display());
 }
 
 /// Compiles `fixtures/NAME.c` into `out_dir/NAME` with `-O2 -g -Wall -Wextra`; `flags` go

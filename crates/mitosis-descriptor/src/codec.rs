@@ -11,7 +11,7 @@ use crate::{Backing, Descriptor, KernelObject, REGS_WORDS, SocketEnd};
 
 const MAGIC: &[u8; 4] = b"MTSD";
 /// Bumped whenever the payload's shape changes.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 const HEADER_LEN: usize = 16;
 /// Far above any real seed (~12 bytes per resident page), small enough to refuse garbage.
 pub const MAX_PAYLOAD: usize = 64 << 20;
@@ -152,6 +152,7 @@ fn validate_threads(d: &Descriptor) -> Result<(), DecodeError> {
         if t.name.len() > 15 || t.name.contains('\0') {
             return Err(Invalid("a thread name is malformed"));
         }
+        validate_creds(&t.creds)?;
     }
     let p = &d.process;
     let bad_signal = |s: u8| s == 0 || s > 64 || s == 9 || s == 19;
@@ -168,6 +169,29 @@ fn validate_threads(d: &Descriptor) -> Result<(), DecodeError> {
     }
     if p.umask > 0o777 {
         return Err(Invalid("the umask is malformed"));
+    }
+    Ok(())
+}
+
+/// Limits as the kernel's: NGROUPS_MAX groups, BPF_MAXINSNS per program, and no more
+/// filters than would fit the kernel's per-thread total (MAX_INSNS_PER_PATH).
+fn validate_creds(c: &crate::Credentials) -> Result<(), DecodeError> {
+    use DecodeError::Invalid;
+    if c.groups.len() > 65536 {
+        return Err(Invalid("too many supplementary groups"));
+    }
+    let insns: usize = c.seccomp.iter().map(|f| f.program.len() + 4).sum();
+    let bad_program = |f: &crate::SeccompFilter| {
+        f.program.is_empty() || f.program.len() > crate::SECCOMP_MAX_INSNS
+    };
+    if insns > 32768 || c.seccomp.iter().any(bad_program) {
+        return Err(Invalid("a seccomp filter is malformed"));
+    }
+    let caps = &c.caps;
+    if caps.effective & !caps.permitted != 0
+        || caps.ambient & !(caps.permitted & caps.inheritable) != 0
+    {
+        return Err(Invalid("capability sets are inconsistent"));
     }
     Ok(())
 }
@@ -258,6 +282,7 @@ mod tests {
                 tid_address: 0,
                 altstack: None,
                 in_syscall: 0,
+                creds: crate::Credentials::default(),
             }],
             process: crate::ProcessState::default(),
             mm: MmFields::default(),

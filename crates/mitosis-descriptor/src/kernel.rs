@@ -28,7 +28,50 @@ pub struct Thread {
     pub altstack: Option<AltStack>,
     /// The system call it was stopped in (`orig_rax`), or -1 in user code.
     pub in_syscall: i64,
+    /// Who the thread acts as and what it may do: the kernel keeps these per thread.
+    pub creds: Credentials,
 }
+
+/// A thread's identity and confinement, which its counterpart in every child gets exactly:
+/// never more, never less.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    /// Real, effective, saved and filesystem user ids.
+    pub uids: [u32; 4],
+    /// Real, effective, saved and filesystem group ids.
+    pub gids: [u32; 4],
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    pub caps: Capabilities,
+    /// `prctl(PR_GET_SECUREBITS)`.
+    pub securebits: u32,
+    pub no_new_privs: bool,
+    /// Seccomp filters, the oldest first (the order they must be installed in).
+    pub seccomp: Vec<SeccompFilter>,
+}
+
+/// Capability sets as bit masks (bit N for capability N).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    pub effective: u64,
+    pub permitted: u64,
+    pub inheritable: u64,
+    pub bounding: u64,
+    pub ambient: u64,
+}
+
+/// One classic-BPF seccomp program, as `PTRACE_SECCOMP_GET_FILTER` returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompFilter {
+    /// `struct sock_filter` instructions, each packed into a word (code, jt, jf, k).
+    pub program: Vec<u64>,
+    /// `SECCOMP_FILTER_FLAG_*` it was installed with, as far as the kernel reports them
+    /// (`PTRACE_SECCOMP_GET_METADATA`: LOG).
+    pub flags: u64,
+}
+
+/// Most instructions a classic BPF program may have (BPF_MAXINSNS).
+pub const SECCOMP_MAX_INSNS: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RobustList {
@@ -51,6 +94,8 @@ pub struct ProcessState {
     pub sigactions: Vec<SigAction>,
     pub rlimits: Vec<Rlimit>,
     pub umask: u32,
+    /// `prctl(PR_GET_DUMPABLE)`: whether other processes of its user may trace it.
+    pub dumpable: u8,
 }
 
 pub const SIG_IGN: u64 = 1;

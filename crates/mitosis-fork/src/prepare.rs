@@ -58,7 +58,7 @@ pub enum PrepareError {
 /// /proc content that did not parse.
 #[derive(Debug, Error)]
 #[error("{0}")]
-pub struct MalformedProc(String);
+pub struct MalformedProc(pub(crate) String);
 
 /// The frozen copy of a seed. It never runs; dropping it does not kill it: call
 /// [`Twin::release`] from the tracer thread.
@@ -119,6 +119,7 @@ fn read_proc(path: String) -> Result<String, PrepareError> {
 
 /// Captures `pid` as seed `seed_id`. Must run on the daemon's tracer thread.
 pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, PrepareError> {
+    capture::creds::check_namespace(pid)?;
     let cwd = fs::read_link(format!("/proc/{pid}/cwd"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
@@ -296,7 +297,7 @@ fn freeze(
     let mem = RemoteMemory::open(pid, false).map_err(proc_err(format!("/proc/{pid}/mem")))?;
     let mut captured = Vec::with_capacity(group.threads.len());
     for t in &mut group.threads {
-        captured.push(threads::capture(t, &mem, insn)?);
+        captured.push(threads::capture(pid, t, &mem, insn)?);
     }
     let pidfd = mitosis_sys::pidfd::open(pid).map_err(inject("opening a pidfd"))?;
     let fds = capture::fds::capture(pid, &pidfd);
@@ -334,7 +335,7 @@ fn freeze(
     let mut twin = Tracee::adopt(twin_pid);
     let twin_ready = twin
         .wait_for_event_stop()
-        .and_then(|_| twin.set_options(ptrace::exit_kill_options()));
+        .and_then(|_| twin.set_options(twin_options(&captured)));
     if let Err(source) = twin_ready {
         twin.kill();
         return Err(PrepareError::Inject {
@@ -351,6 +352,17 @@ fn freeze(
         brk,
         insn,
     })
+}
+
+/// The twin dies with the daemon; the calls we inject into it bypass the seccomp filters it
+/// inherited from the seed.
+fn twin_options(threads: &[Thread]) -> nix::sys::ptrace::Options {
+    let filtered = threads.iter().any(|t| !t.creds.seccomp.is_empty());
+    if filtered {
+        ptrace::exit_kill_options() | ptrace::suspend_seccomp()
+    } else {
+        ptrace::exit_kill_options()
+    }
 }
 
 fn advise(seed: &mut Tracee, insn: u64, ranges: &[(u64, u64)], advice: i32) -> io::Result<()> {

@@ -15,6 +15,11 @@ const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
 const PTRACE_EVENT_STOP: i32 = 128;
 const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
 const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+const PTRACE_SECCOMP_GET_METADATA: libc::c_uint = 0x420d;
+/// More filters than the kernel lets a thread stack up (each costs at least 4 instructions
+/// of a 32768-instruction budget).
+const MAX_SECCOMP_FILTERS: u64 = 8192;
 /// Largest XSAVE area we accept; AVX-512 needs ~2.7 KiB, AMX ~11 KiB.
 const XSTATE_MAX: usize = 16 * 1024;
 
@@ -247,6 +252,60 @@ impl Tracee {
         Ok((conf.abi_pointer != 0).then_some(conf))
     }
 
+    /// The thread's seccomp filters, the oldest first: each one's instructions (a packed
+    /// `struct sock_filter` per word) and the flags it was installed with.
+    pub fn seccomp_filters(&self) -> io::Result<Vec<(Vec<u64>, u64)>> {
+        let mut newest_first = Vec::new();
+        for index in 0..MAX_SECCOMP_FILTERS {
+            // SAFETY: a null buffer asks only for the program's length.
+            let len = unsafe {
+                libc::ptrace(
+                    PTRACE_SECCOMP_GET_FILTER,
+                    self.pid.as_raw(),
+                    index,
+                    std::ptr::null_mut::<u64>(),
+                )
+            };
+            if len < 0 {
+                let e = io::Error::last_os_error();
+                // ENOENT: past the oldest filter.
+                if e.raw_os_error() == Some(libc::ENOENT) {
+                    break;
+                }
+                return Err(e);
+            }
+            let mut program = vec![0u64; len as usize];
+            // SAFETY: `program` holds `len` sock_filter entries (8 bytes each), as many as
+            // the kernel just said this filter has; it writes no more.
+            let got = unsafe {
+                libc::ptrace(
+                    PTRACE_SECCOMP_GET_FILTER,
+                    self.pid.as_raw(),
+                    index,
+                    program.as_mut_ptr(),
+                )
+            };
+            if got != len {
+                return Err(io::Error::other("a seccomp filter changed while read"));
+            }
+            // struct seccomp_metadata { u64 filter_off; u64 flags; }
+            let mut meta = [index, 0u64];
+            // SAFETY: `meta` is a writable seccomp_metadata of the size we pass.
+            let ret = unsafe {
+                libc::ptrace(
+                    PTRACE_SECCOMP_GET_METADATA,
+                    self.pid.as_raw(),
+                    std::mem::size_of_val(&meta),
+                    meta.as_mut_ptr(),
+                )
+            };
+            let flags = if ret < 0 { 0 } else { meta[1] };
+            newest_first.push((program, flags));
+        }
+        newest_first.reverse();
+        Ok(newest_first)
+    }
+
     /// Runs system call `nr` in the tracee from a `syscall` instruction at `insn`.
     ///
     /// The tracee must be in a ptrace stop; it is left in the syscall-exit stop with its
@@ -321,4 +380,11 @@ pub fn seed_options() -> Options {
 /// Options for processes that must die with the daemon (twins, children under construction).
 pub fn exit_kill_options() -> Options {
     Options::PTRACE_O_EXITKILL
+}
+
+/// Lets a tracee's injected system calls bypass its seccomp filters (which could refuse them,
+/// or kill it): for checkpoint and restore, by a tracer with CAP_SYS_ADMIN. Cleared on
+/// detach.
+pub fn suspend_seccomp() -> Options {
+    Options::from_bits_retain(libc::PTRACE_O_SUSPEND_SECCOMP)
 }

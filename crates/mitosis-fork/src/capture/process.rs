@@ -64,8 +64,24 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
             mask: word(3),
         });
     }
+    // Process-wide, in the mm the twin copied: the twin answers for the seed.
+    let dumpable = twin
+        .syscall(
+            insn,
+            libc::SYS_prctl,
+            [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
+        )
+        .map_err(inject("reading the dumpable flag"))?
+        .ret;
     twin.set_regs(&saved)
         .map_err(inject("restoring registers"))?;
+    if dumpable < 0 {
+        return Err(PrepareError::Inject {
+            pid: twin_pid,
+            what: "reading the dumpable flag",
+            source: std::io::Error::from_raw_os_error(-dumpable as i32),
+        });
+    }
     for signal in signals(sigset(&status, "SigIgn")) {
         sigactions.push(SigAction {
             signal,
@@ -76,18 +92,17 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
         });
     }
     sigactions.sort_by_key(|a| a.signal);
-    let rlimits = task::rlimits(pid)
-        .map_err(|source| PrepareError::Proc {
-            path: format!("prlimit of {pid}"),
-            source,
-        })?
-        .into_iter()
-        .map(|(resource, soft, hard)| Rlimit {
-            resource: resource as u8,
-            soft,
-            hard,
-        })
-        .collect();
+    // /proc, not prlimit(2): prlimit on another user's process needs CAP_SYS_RESOURCE, which
+    // root may lack (as in some containers).
+    let path = format!("/proc/{pid}/limits");
+    let limits = fs::read_to_string(&path).map_err(|source| PrepareError::Proc {
+        path: path.clone(),
+        source,
+    })?;
+    let rlimits = parse_limits(&limits).map_err(|reason| PrepareError::Malformed {
+        pid,
+        reason: crate::prepare::MalformedProc(format!("{path}: {reason}")),
+    })?;
     let umask = status
         .lines()
         .find_map(|l| l.strip_prefix("Umask:"))
@@ -97,12 +112,59 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
         sigactions,
         rlimits,
         umask,
+        dumpable: dumpable as u8,
     })
+}
+
+/// Parses /proc/PID/limits: a header, then one line per resource in RLIMIT_* order, soft and
+/// hard limits at fixed columns (`%-25s %-20s %-20s`), "unlimited" for RLIM_INFINITY.
+pub fn parse_limits(text: &str) -> Result<Vec<Rlimit>, String> {
+    let value = |v: &str| match v {
+        "unlimited" => Ok(u64::MAX),
+        n => n.parse().map_err(|_| format!("unreadable limit {n:?}")),
+    };
+    let rlimits: Vec<Rlimit> = text
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(resource, line)| {
+            let mut values = line.get(26..).unwrap_or("").split_whitespace();
+            let (Some(soft), Some(hard)) = (values.next(), values.next()) else {
+                return Err(format!("unreadable limits line {line:?}"));
+            };
+            Ok(Rlimit {
+                resource: resource as u8,
+                soft: value(soft)?,
+                hard: value(hard)?,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if rlimits.len() != task::RLIMITS as usize {
+        return Err(format!("{} limits, not {}", rlimits.len(), task::RLIMITS));
+    }
+    Ok(rlimits)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_match_getrlimit() {
+        let parsed = parse_limits(&fs::read_to_string("/proc/self/limits").unwrap()).unwrap();
+        let direct = task::rlimits(std::process::id() as i32).unwrap();
+        let direct: Vec<Rlimit> = direct
+            .into_iter()
+            .map(|(resource, soft, hard)| Rlimit {
+                resource: resource as u8,
+                soft,
+                hard,
+            })
+            .collect();
+        assert_eq!(parsed, direct);
+        assert!(parse_limits("Limit\nMax cpu time              12").is_err());
+    }
 
     #[test]
     fn signal_sets_from_status() {

@@ -66,6 +66,27 @@ fn check(pid: i32, tids: &BTreeSet<i32>) -> Result<(), PrepareError> {
     Ok(())
 }
 
+/// Seizes `tid` with its seccomp filters suspended for our injected calls (a filter could
+/// refuse them, or kill the seed). A kernel that cannot suspend them (no checkpoint/restore
+/// support) still lets a thread without filters be traced.
+fn seize(tid: i32, options: Options) -> std::io::Result<Tracee> {
+    match Tracee::seize(tid, options | ptrace::suspend_seccomp()) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM)) => {
+            let filtered = fs::read_to_string(format!("/proc/{tid}/status"))
+                .map(|s| {
+                    s.lines()
+                        .any(|l| l.starts_with("Seccomp:") && !l.ends_with('0'))
+                })
+                .unwrap_or(true);
+            if filtered {
+                return Err(e);
+            }
+            Tracee::seize(tid, options)
+        }
+        other => other,
+    }
+}
+
 /// Seizes and stops every thread of `pid`, including threads started meanwhile.
 pub fn stop_all(pid: i32) -> Result<Group, PrepareError> {
     let first = tasks(pid)?;
@@ -90,7 +111,7 @@ pub fn stop_all(pid: i32) -> Result<Group, PrepareError> {
                 Options::empty()
             };
             seen.insert(tid);
-            let mut t = match Tracee::seize(tid, options) {
+            let mut t = match seize(tid, options) {
                 Ok(t) => t,
                 // A thread that exited between the listing and now.
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) && tid != pid => continue,
@@ -118,7 +139,12 @@ pub fn stop_all(pid: i32) -> Result<Group, PrepareError> {
 
 /// Reads one stopped thread's state. The injected calls that read its tid address and
 /// alternate stack write to its stack below the red zone; its registers are put back after.
-pub fn capture(t: &mut Tracee, mem: &RemoteMemory, insn: u64) -> Result<Thread, PrepareError> {
+pub fn capture(
+    pid: i32,
+    t: &mut Tracee,
+    mem: &RemoteMemory,
+    insn: u64,
+) -> Result<Thread, PrepareError> {
     let tid = t.pid();
     let inject = |what| {
         move |source| PrepareError::Inject {
@@ -173,9 +199,11 @@ pub fn capture(t: &mut Tracee, mem: &RemoteMemory, insn: u64) -> Result<Thread, 
                 flags: flags as i32 & !libc::SS_ONSTACK,
             }))
         });
+    let creds = super::creds::capture(pid, t, insn);
     // Whatever the injections did, the thread goes back to where it was.
     t.set_regs(&resume_point(&regs, RestartFor::SameTask))
         .map_err(inject("restoring registers"))?;
+    let creds = creds?;
     let name = fs::read_to_string(format!("/proc/{tid}/comm"))
         .map(|n| n.trim_end_matches('\n').chars().take(15).collect())
         .unwrap_or_default();
@@ -190,6 +218,7 @@ pub fn capture(t: &mut Tracee, mem: &RemoteMemory, insn: u64) -> Result<Thread, 
         tid_address: tid_address?,
         altstack: altstack?,
         in_syscall: regs.orig_rax as i64,
+        creds,
     })
 }
 

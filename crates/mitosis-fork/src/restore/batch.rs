@@ -69,6 +69,12 @@ impl Batch {
         self.records.push((nr, all, ANY, label.into()));
     }
 
+    /// A call that must return exactly `expect` (a check, such as reading an id back).
+    pub fn call_expecting(&mut self, nr: i64, args: &[Arg], expect: u64, label: impl Into<String>) {
+        self.call(nr, args, label);
+        self.records.last_mut().expect("just pushed").2 = expect;
+    }
+
     pub fn count(&self) -> u64 {
         self.records.len() as u64
     }

@@ -2,6 +2,7 @@
 
 mod batch;
 mod build;
+pub mod confine;
 mod kernel_state;
 mod plan;
 pub mod protocol;
@@ -10,5 +11,6 @@ mod stub_pool;
 pub mod trampoline;
 
 pub use build::{RestoreError, StreamedPages, UFFD_FEATURES};
+pub use confine::HostCreds;
 pub use plan::{MapStep, Plan, PlanError, bootstrap_pages, plan};
 pub use stub_pool::StubPool;

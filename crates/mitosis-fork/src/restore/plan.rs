@@ -359,6 +359,7 @@ pub(crate) fn sample(maps: Vec<MapStep>, files: &[i32]) -> Plan {
             tid_address: 0,
             altstack: None,
             in_syscall: -1,
+            creds: Default::default(),
         }],
         process: Default::default(),
         objects: vec![],

@@ -29,6 +29,7 @@ use nix::sys::ptrace::Options;
 
 use super::batch::{Arg, Batch, Placed};
 use super::build::{self, Laid, RestoreError, Spawned, StreamedPages};
+use super::confine::{self, HostCreds};
 use super::kernel_state;
 use super::plan::Plan;
 use super::trampoline;
@@ -77,6 +78,13 @@ pub struct Replica {
     shared: Vec<(u64, u64)>,
     /// The batch that joins a child to its container, for a seed that ran in one.
     join_batch: Option<Placed>,
+    /// The seccomp filters every thread shares, installed in the main thread before it
+    /// clones the others.
+    shared_filters: Option<Placed>,
+    /// The main thread's own credentials and confinement, its last batch.
+    confine: Option<Placed>,
+    /// Some thread has seccomp filters: the calls we make in a child must bypass them.
+    suspend_seccomp: bool,
     /// The main thread and the process batch, until [`Replica::finish`] ran them.
     unfinished: Option<(Thread, Placed)>,
 }
@@ -120,7 +128,17 @@ pub fn build(
         .filter(|m| m.file.is_none() && m.flags & libc::MAP_SHARED as u64 != 0)
         .map(|m| (m.start, m.len))
         .collect();
-    let batches = Batches::new(&plan, join.as_ref());
+    let host = match HostCreds::of(spawned.pid) {
+        Ok(h) => h,
+        Err(source) => {
+            spawned.kill();
+            return Err(RestoreError::Step {
+                step: "read the stub's credentials".into(),
+                source,
+            });
+        }
+    };
+    let batches = Batches::new(&plan, join.as_ref(), &host);
     let extra = |at: u64| batches.encode(at);
     let laid = match build::lay_out(&plan, &mut spawned, &extra, pages) {
         Ok(l) => l,
@@ -149,6 +167,9 @@ pub fn build(
                 .collect(),
             shared,
             join_batch: placed.join,
+            shared_filters: placed.shared_filters,
+            confine: placed.confine,
+            suspend_seccomp: confine::any_filters(&plan.threads),
             unfinished: Some((main, placed.process)),
         },
         uffd,
@@ -186,6 +207,8 @@ struct Batches {
     join: Option<Batch>,
     child: Batch,
     listener: Option<Batch>,
+    shared_filters: Option<Batch>,
+    confine: Option<Batch>,
     process: Batch,
     threads: Vec<Batch>,
 }
@@ -194,12 +217,14 @@ struct PlacedBatches {
     join: Option<Placed>,
     child: Placed,
     listener: Option<Placed>,
+    shared_filters: Option<Placed>,
+    confine: Option<Placed>,
     process: Placed,
     threads: Vec<Placed>,
 }
 
 impl Batches {
-    fn new(plan: &Plan, join: Option<&JoinSpec>) -> Self {
+    fn new(plan: &Plan, join: Option<&JoinSpec>, host: &HostCreds) -> Self {
         let chan_fd = plan.work_fd_base;
         let files: BTreeSet<i32> = plan.opens.iter().filter_map(|o| o.target_fd).collect();
         let seed_has_3 = files.contains(&LISTEN_FD)
@@ -208,14 +233,29 @@ impl Batches {
                 .iter()
                 .any(|o| o.fds().any(|f| f.fd == LISTEN_FD));
         let batch = |listener| child_batch(chan_fd, plan, &files, listener);
+        let main = &plan.threads[0];
+        let shared = confine::shared_filters(&plan.threads);
+        let mut filters = Batch::default();
+        confine::filter_calls(&mut filters, &main.creds.seccomp[..shared], main.tid);
+        let mut own = Batch::default();
+        confine::confine_calls(&mut own, &main.creds, host, shared, main.tid);
+        if own.count() > 0 || plan.process.dumpable != 1 {
+            confine::finish_calls(&mut own, plan.process.dumpable);
+        }
         Batches {
             join: join.map(join_batch),
             child: batch(false),
             listener: (!seed_has_3).then(|| batch(true)),
-            process: kernel_state::process_batch(&plan.process, &plan.threads[0]),
+            shared_filters: (filters.count() > 0).then_some(filters),
+            confine: (own.count() > 0).then_some(own),
+            process: kernel_state::process_batch(&plan.process, main),
             threads: plan.threads[1..]
                 .iter()
-                .map(kernel_state::thread_batch)
+                .map(|t| {
+                    let mut b = kernel_state::thread_batch(t);
+                    confine::confine_calls(&mut b, &t.creds, host, shared, t.tid);
+                    b
+                })
                 .collect(),
         }
     }
@@ -225,6 +265,8 @@ impl Batches {
             .iter()
             .chain([&self.child])
             .chain(self.listener.as_ref())
+            .chain(self.shared_filters.as_ref())
+            .chain(self.confine.as_ref())
             .chain([&self.process])
             .chain(&self.threads)
     }
@@ -251,10 +293,21 @@ impl Batches {
             join: self.join.as_ref().map(&mut place),
             child: place(&self.child),
             listener: self.listener.as_ref().map(&mut place),
+            shared_filters: self.shared_filters.as_ref().map(&mut place),
+            confine: self.confine.as_ref().map(&mut place),
             process: place(&self.process),
             threads: self.threads.iter().map(place).collect(),
         }
     }
+}
+
+/// A child's ptrace options (inherited from the replica), with its seccomp filters suspended
+/// for the calls we make in it until it is let go.
+fn child_options() -> Options {
+    Options::PTRACE_O_TRACEFORK
+        | Options::PTRACE_O_TRACECLONE
+        | Options::PTRACE_O_EXITKILL
+        | mitosis_sys::ptrace::suspend_seccomp()
 }
 
 /// Runs a placed batch in a stopped tracee through the trampoline at `at`.
@@ -531,6 +584,11 @@ impl Replica {
             .map_err(|_| RestoreError::Channel("the fork's userfaultfd never arrived".into()))?;
         let uffd_us = t0.elapsed().as_micros() as u64;
         child.wait_for_event_stop().map_err(RestoreError::Trace)?;
+        if self.suspend_seccomp {
+            child
+                .set_options(child_options())
+                .map_err(RestoreError::Trace)?;
+        }
         // The batch replaces the shared mappings; registered, that would block the child on
         // an unmap event nobody reads yet. They are registered again once replaced.
         for &(start, len) in &self.shared {
@@ -572,8 +630,16 @@ impl Replica {
                     source,
                 })?;
         }
+        if let Some(filters) = &self.shared_filters {
+            run_batch(child, self.at, filters)?;
+        }
         // Threads come last: they are created in the container's cgroup and namespaces.
         self.start_threads(child, threads)?;
+        // The main thread's credentials go last: until now it creates what needs the
+        // daemon's (namespaces joined, threads started with credentials of their own).
+        if let Some(confine) = &self.confine {
+            run_batch(child, self.at, confine)?;
+        }
         let insn = self.at + trampoline::syscall_offset();
         child
             .syscall(insn, libc::SYS_munmap, [self.at, self.size, 0, 0, 0, 0])
@@ -630,6 +696,10 @@ impl Replica {
             threads.push(Tracee::adopt(tid));
             let t = threads.last_mut().expect("just pushed");
             t.wait_for_event_stop().map_err(RestoreError::Trace)?;
+            if self.suspend_seccomp {
+                t.set_options(child_options())
+                    .map_err(RestoreError::Trace)?;
+            }
             run_batch(t, self.at, batch)?;
             let step = |what: &str| {
                 let step = format!("{what} of thread {}", seed.tid);
@@ -666,6 +736,14 @@ pub fn resident_pages(pid: i32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A host whose credentials are the test seeds' (the defaults): no confinement calls.
+    fn same_as_seed() -> HostCreds {
+        HostCreds {
+            creds: Default::default(),
+            last_cap: 40,
+        }
+    }
     use mitosis_sys::PAGE_SIZE;
 
     fn plan_with(files: &[i32]) -> Plan {
@@ -724,9 +802,13 @@ mod tests {
 
     #[test]
     fn a_listener_needs_fd_3_free_in_the_seed() {
-        assert!(Batches::new(&plan_with(&[3]), None).listener.is_none());
+        assert!(
+            Batches::new(&plan_with(&[3]), None, &same_as_seed())
+                .listener
+                .is_none()
+        );
         let plan = plan_with(&[4]);
-        let b = Batches::new(&plan, None);
+        let b = Batches::new(&plan, None, &same_as_seed());
         let (plain, listen) = (b.child.labels(), b.listener.unwrap().labels());
         assert_eq!(plain, listen);
     }
@@ -738,7 +820,7 @@ mod tests {
             namespaces: libc::CLONE_NEWPID | libc::CLONE_NEWNET | libc::CLONE_NEWNS,
             cwd: "/opt/fn".into(),
         };
-        let joined = Batches::new(&plan, Some(&spec));
+        let joined = Batches::new(&plan, Some(&spec), &same_as_seed());
         let join = joined.join.as_ref().expect("a join batch");
         assert_eq!(
             numbers(join),
@@ -749,7 +831,7 @@ mod tests {
         assert_eq!(w[1], JOIN_FD);
         assert_eq!(w[2], (libc::CLONE_NEWNET | libc::CLONE_NEWNS) as u64);
         // The rest of the child's batch is the same as without a container.
-        let plain = Batches::new(&plan, None);
+        let plain = Batches::new(&plan, None, &same_as_seed());
         assert!(plain.join.is_none());
         assert_eq!(joined.child.labels(), plain.child.labels());
         // Laid out first, before the batches every child runs.
