@@ -49,7 +49,26 @@ fn a_child_on_another_host_is_exactly_as_confined_as_its_seed() {
     assert_eq!(field(&seed_says, "worker", "mkdir"), "ok");
 
     let handle = prepare(&tb, 0, seed.pid());
-    let out = cli(&tb, 1, &["resume", &handle], "status\n");
+    // The handle's key stays off the command line: in the environment here.
+    let mut resume = tb.host(1).command(bin("mitosis"));
+    resume
+        .arg("--socket")
+        .arg(tb.host(1).socket_path())
+        .arg("resume")
+        .env("MITOSIS_HANDLE", &handle)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = resume.spawn().unwrap();
+    let key = handle.rsplit('/').next().unwrap().to_string();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", child.id())).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains(&key));
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"status\n").unwrap();
+    }
+    let out = wait_output(child, std::time::Duration::from_secs(60));
     assert_eq!(
         stdout(&out).trim_end(),
         seed_says,
@@ -61,6 +80,35 @@ fn a_child_on_another_host_is_exactly_as_confined_as_its_seed() {
 
     // The seed itself was left as it was.
     assert_eq!(seed.send("status"), seed_says);
+
+    // inspect shows the credentials children get (the handle read from a file), not the key.
+    let file = dir.0.join("seed.handle");
+    std::fs::write(&file, format!("{handle}\n")).unwrap();
+    let out = cli(
+        &tb,
+        1,
+        &["inspect", "--handle-file", file.to_str().unwrap()],
+        "",
+    );
+    let report = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!report.contains(&key), "{report}");
+    assert_eq!(
+        report
+            .matches("uid 65534/65534/65534/65534 gid 65534/65534/65534/65534 groups [] caps eff 0x0 prm 0x0 inh 0x0 bnd 0x0 amb 0x0")
+            .count(),
+        2,
+        "{report}"
+    );
+    assert!(
+        report.contains("no_new_privs yes seccomp 2 filters"),
+        "{report}"
+    );
+    assert!(
+        report.contains("no_new_privs yes seccomp 1 filters"),
+        "{report}"
+    );
+    assert!(report.contains("dumpable 0"), "{report}");
     drop(seed);
     teardown(tb);
 }

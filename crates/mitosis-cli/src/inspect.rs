@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use mitosis_descriptor::{Backing, Descriptor, KernelObject, SIG_IGN};
+use mitosis_descriptor::{Backing, Credentials, Descriptor, Handle, KernelObject, SIG_IGN};
 
 /// System calls a runtime's threads are commonly blocked in.
 fn syscall_name(nr: i64) -> String {
@@ -66,11 +66,39 @@ fn limit(v: u64) -> String {
     }
 }
 
-/// The report, one fact per line.
-pub fn render(handle: &str, d: &Descriptor) -> String {
+/// A thread's identity and confinement on one line.
+fn credentials(c: &Credentials) -> String {
+    let ids = |v: &[u32; 4]| v.map(|i| i.to_string()).join("/");
+    let groups: Vec<String> = c.groups.iter().map(u32::to_string).collect();
+    let k = &c.caps;
+    let filters = match c.seccomp.len() {
+        0 => "none".to_string(),
+        n => {
+            let insns: usize = c.seccomp.iter().map(|f| f.program.len()).sum();
+            format!("{n} filters ({insns} instructions)")
+        }
+    };
+    format!(
+        "uid {} gid {} groups [{}] caps eff {:#x} prm {:#x} inh {:#x} bnd {:#x} amb {:#x} \
+         securebits {:#x} no_new_privs {} seccomp {filters}",
+        ids(&c.uids),
+        ids(&c.gids),
+        groups.join(","),
+        k.effective,
+        k.permitted,
+        k.inheritable,
+        k.bounding,
+        k.ambient,
+        c.securebits,
+        if c.no_new_privs { "yes" } else { "no" },
+    )
+}
+
+/// The report, one fact per line. The handle's key stays out of it.
+pub fn render(handle: &Handle, d: &Descriptor) -> String {
     let mut out = String::new();
     let w = &mut out;
-    let _ = writeln!(w, "seed {} ({}) {handle}", d.seed_id, d.arch);
+    let _ = writeln!(w, "seed {} ({}) on {}", d.seed_id, d.arch, handle.host);
     if let Some(c) = &d.container {
         let _ = writeln!(w, "container bundle {}", c.bundle);
     }
@@ -105,8 +133,10 @@ pub fn render(handle: &str, d: &Descriptor) -> String {
         }
         let main = if i == 0 { " (main)" } else { "" };
         let _ = writeln!(w, "  thread {}{main}: {}", t.tid, facts.join(", "));
+        let _ = writeln!(w, "    {}", credentials(&t.creds));
     }
     let _ = writeln!(w, "umask {:03o}", d.process.umask);
+    let _ = writeln!(w, "dumpable {}", d.process.dumpable);
     for a in &d.process.sigactions {
         let what = if a.handler == SIG_IGN {
             "ignored".to_string()

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mitosis_client::Client;
 
@@ -30,6 +30,44 @@ struct Cli {
     socket: PathBuf,
     #[command(subcommand)]
     command: Command,
+}
+
+/// A seed's handle. Its key is a secret that opens the seed's memory: on a command line it is
+/// readable by every local user (/proc/PID/cmdline), so it is best passed in a file or in
+/// MITOSIS_HANDLE (a process's environment is readable by its owner and root only).
+#[derive(clap::Args)]
+struct HandleArg {
+    /// The seed's handle, `mitosis://HOST:PORT/ID/KEY` (prefer --handle-file or MITOSIS_HANDLE:
+    /// a command line is visible to every local user).
+    #[arg(env = "MITOSIS_HANDLE", hide_env_values = true)]
+    handle: Option<String>,
+    /// Read the handle from this file (`-`: standard input, except for resume, whose
+    /// standard input is the child's).
+    #[arg(long, value_name = "PATH")]
+    handle_file: Option<PathBuf>,
+}
+
+impl HandleArg {
+    /// The handle, from the file if one is named, else from the argument or environment.
+    /// `stdin_free`: whether standard input may carry it.
+    fn read(&self, stdin_free: bool) -> Result<String> {
+        let Some(path) = &self.handle_file else {
+            return self.handle.clone().ok_or_else(|| {
+                anyhow::anyhow!("no handle: pass --handle-file PATH, MITOSIS_HANDLE or HANDLE")
+            });
+        };
+        let text = if path.as_os_str() == "-" {
+            anyhow::ensure!(
+                stdin_free,
+                "resume's standard input is the child's: pass the handle with --handle-file                  PATH or MITOSIS_HANDLE"
+            );
+            std::io::read_to_string(std::io::stdin())?
+        } else {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the handle from {}", path.display()))?
+        };
+        Ok(text.trim().to_string())
+    }
 }
 
 #[derive(Subcommand)]
@@ -53,6 +91,10 @@ enum Command {
         /// Also print timings to stderr.
         #[arg(long)]
         stats: bool,
+        /// Write the handle to this file (created readable by its owner only) instead of
+        /// standard output.
+        #[arg(long, value_name = "PATH")]
+        output: Option<PathBuf>,
     },
     /// Start a child of a seed on this host and behave like it.
     ///
@@ -64,7 +106,8 @@ enum Command {
     /// WINCH, ALRM, CONT) are delivered to the child, and this command exits with the child's
     /// status (128 + N if it was killed by signal N).
     Resume {
-        handle: String,
+        #[command(flatten)]
+        handle: HandleArg,
         /// Print a per-child breakdown to stderr.
         #[arg(long)]
         stats: bool,
@@ -73,14 +116,23 @@ enum Command {
         listen: Option<std::net::SocketAddr>,
     },
     /// Stop serving a seed; children that still need its pages are killed.
-    Drop { handle: String },
+    Drop {
+        #[command(flatten)]
+        handle: HandleArg,
+    },
     /// Forget this host's replica of a seed: its next child here starts as on a new host.
-    Evict { handle: String },
+    Evict {
+        #[command(flatten)]
+        handle: HandleArg,
+    },
     /// Show this host's daemon state.
     Status,
     /// Show what a seed holds: threads, signal handlers, limits, the descriptors its children
     /// get and those closed on purpose (sockets, pipes to other processes).
-    Inspect { handle: String },
+    Inspect {
+        #[command(flatten)]
+        handle: HandleArg,
+    },
     /// Remote-fork a warmed Python function across two simulated hosts and report timings.
     Demo(demo::DemoArgs),
 }
@@ -110,6 +162,7 @@ fn run(cli: Cli) -> Result<i32> {
             bundle,
             ready_timeout,
             stats,
+            output,
         } => {
             let (handle, s) = match (pid, bundle) {
                 (Some(pid), _) => Client::connect(&cli.socket)?.prepare_pid(pid)?,
@@ -120,7 +173,10 @@ fn run(cli: Cli) -> Result<i32> {
                 }
                 (None, None) => anyhow::bail!("prepare needs --pid or --bundle"),
             };
-            println!("{handle}");
+            match output {
+                Some(path) => write_secret(&path, &handle)?,
+                None => println!("{handle}"),
+            }
             if stats {
                 if s.warm_us > 0 {
                     eprintln!("mitosis: bundle started and warm in {}us", s.warm_us);
@@ -136,13 +192,13 @@ fn run(cli: Cli) -> Result<i32> {
             handle,
             stats,
             listen,
-        } => resume::run(&cli.socket, &handle, stats, listen),
+        } => resume::run(&cli.socket, &handle.read(false)?, stats, listen),
         Command::Drop { handle } => {
-            Client::connect(&cli.socket)?.drop_seed(&handle)?;
+            Client::connect(&cli.socket)?.drop_seed(&handle.read(true)?)?;
             Ok(0)
         }
         Command::Evict { handle } => {
-            Client::connect(&cli.socket)?.evict(&handle)?;
+            Client::connect(&cli.socket)?.evict(&handle.read(true)?)?;
             Ok(0)
         }
         Command::Status => {
@@ -150,11 +206,27 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Inspect { handle } => {
+            let handle = handle.read(true)?;
             let bytes = Client::connect(&cli.socket)?.inspect(&handle)?;
             let d = mitosis_descriptor::decode(&bytes)?;
-            print!("{}", inspect::render(&handle, &d));
+            let parsed: mitosis_descriptor::Handle = handle.parse()?;
+            print!("{}", inspect::render(&parsed, &d));
             Ok(0)
         }
         Command::Demo(args) => demo::run(args),
     }
+}
+
+/// Writes `secret` to a new file at `path` that only its owner can read.
+fn write_secret(path: &std::path::Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{secret}").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
