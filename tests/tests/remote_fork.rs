@@ -372,3 +372,35 @@ fn cutting_proxy(
     });
     (rx.recv().expect("proxy address"), proxying)
 }
+
+#[test]
+fn a_daemon_crash_leaves_no_zombie_twin_behind() {
+    let tb = testbed(1);
+    let (_dir, mut seed, _handle) = prepared_memcheck(&tb, "crash");
+    let twin: i32 = seed.children().trim().parse().expect("one twin");
+    // SIGKILL: the daemon cannot clean up; the kernel kills the twin with its tracer and the
+    // twin stays a zombie of the seed, which never waits for it.
+    tb.host(0).kill_daemon().unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            common::procfs::task_state(twin, twin) == Some('Z')
+        }),
+        "the twin did not die with its daemon"
+    );
+    // The next daemon reaps it from the ledger its predecessor kept.
+    tb.host(0).start_daemon().unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || seed.children().trim().is_empty()),
+        "the seed still has a zombie child {twin}: {}",
+        tb.host(0).daemon_log()
+    );
+    assert!(
+        tb.host(0)
+            .daemon_log()
+            .contains("reaped the twins a previous daemon left")
+    );
+    // The seed was stopped for it and runs on intact.
+    assert_eq!(seed.send("verify"), format!("ok 11 {MEMCHECK_DIGEST}"));
+    drop(seed);
+    teardown(tb);
+}

@@ -80,23 +80,71 @@ impl Twin {
     /// Kills the twin and has the seed reap it, so no zombie stays behind. Must run on the
     /// thread that prepared it.
     pub fn release(self, syscall_insn: u64) {
-        let twin = self.tracee.pid();
-        self.tracee.kill();
-        // The twin is the seed's child (without exit signal): reap it inside the seed.
-        if let Ok(mut seed) = Tracee::seize(self.seed_pid, nix::sys::ptrace::Options::empty()) {
-            if seed.interrupt().is_ok() {
-                if let Ok(saved) = seed.regs() {
-                    let _ = seed.syscall(
-                        syscall_insn,
-                        libc::SYS_wait4,
-                        [twin as u64, 0, libc::__WALL as u64, 0, 0, 0],
-                    );
-                    let _ = seed.set_regs(&resume_point(&saved, RestartFor::SameTask));
-                }
-            }
-            let _ = seed.detach();
-        }
+        release_twin(self.tracee, self.seed_pid, syscall_insn);
     }
+}
+
+/// Kills `twin`, the seed's child (without exit signal), and reaps it inside the seed: only
+/// its parent can, and no wait() of the seed's own would (a child without exit signal is
+/// seen by __WALL or __WCLONE waits alone).
+fn release_twin(twin: Tracee, seed_pid: i32, syscall_insn: u64) {
+    let twin_pid = twin.pid();
+    twin.kill();
+    if let Ok(mut seed) = Tracee::seize(seed_pid, nix::sys::ptrace::Options::empty()) {
+        if seed.interrupt().is_ok() {
+            reap_in(&mut seed, syscall_insn, twin_pid);
+        }
+        let _ = seed.detach();
+    }
+}
+
+/// Runs `wait4(twin, __WALL)` in the stopped `seed` and puts its registers back.
+fn reap_in(seed: &mut Tracee, syscall_insn: u64, twin_pid: i32) {
+    if let Ok(saved) = seed.regs() {
+        let _ = seed.syscall(
+            syscall_insn,
+            libc::SYS_wait4,
+            [twin_pid as u64, 0, libc::__WALL as u64, 0, 0, 0],
+        );
+        let _ = seed.set_regs(&resume_point(&saved, RestartFor::SameTask));
+    }
+}
+
+/// Reaps a twin a crashed daemon left: killed with its tracer, it is a zombie child of its
+/// seed. Only a zombie child of `seed_pid` is touched; returns whether it was reaped.
+pub fn reap_orphan_twin(seed_pid: i32, twin_pid: i32) -> Result<bool, PrepareError> {
+    let zombie_child = fs::read_to_string(format!("/proc/{twin_pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = stat.rsplit_once(") ")?.1.to_string();
+            let mut f = rest.split_whitespace();
+            let state = f.next()?;
+            let ppid: i32 = f.next()?.parse().ok()?;
+            Some(state == "Z" && ppid == seed_pid)
+        })
+        .unwrap_or(false);
+    if !zombie_child {
+        return Ok(false);
+    }
+    let mut seed =
+        Tracee::seize(seed_pid, nix::sys::ptrace::Options::empty()).map_err(|source| {
+            PrepareError::Trace {
+                pid: seed_pid,
+                source,
+            }
+        })?;
+    let reaped = seed
+        .interrupt()
+        .and_then(|_| seed.regs())
+        .map_err(|source| PrepareError::Trace {
+            pid: seed_pid,
+            source,
+        })
+        .and_then(|regs| find_syscall_insn(seed_pid, &regs))
+        .map(|insn| reap_in(&mut seed, insn, twin_pid));
+    let _ = seed.detach();
+    reaped?;
+    Ok(!std::path::Path::new(&format!("/proc/{twin_pid}")).exists())
 }
 
 /// A prepared seed: its twin and the descriptor children are built from.
@@ -211,7 +259,7 @@ fn snapshot(pid: i32, dont_fork: &[(u64, u64)]) -> Result<Snapshot, PrepareError
     let process = match capture::process::capture(pid, &mut twin, syscall_insn) {
         Ok(p) => p,
         Err(e) => {
-            twin.kill();
+            release_twin(twin, pid, syscall_insn);
             return Err(e);
         }
     };
@@ -223,7 +271,7 @@ fn snapshot(pid: i32, dont_fork: &[(u64, u64)]) -> Result<Snapshot, PrepareError
         [0, u32::MAX as u64, 0, 0, 0, 0],
     );
     if let Err(source) = close {
-        twin.kill();
+        release_twin(twin, pid, syscall_insn);
         return Err(PrepareError::Inject {
             pid,
             what: "closing the twin's files",
@@ -233,7 +281,7 @@ fn snapshot(pid: i32, dont_fork: &[(u64, u64)]) -> Result<Snapshot, PrepareError
     let memory = match RemoteMemory::open(twin_pid, false) {
         Ok(m) => m,
         Err(source) => {
-            twin.kill();
+            release_twin(twin, pid, syscall_insn);
             return Err(PrepareError::Proc {
                 path: format!("/proc/{twin_pid}/mem"),
                 source,
@@ -338,6 +386,8 @@ fn freeze(
         .and_then(|_| twin.set_options(twin_options(&captured)));
     if let Err(source) = twin_ready {
         twin.kill();
+        // The seed is still stopped: it reaps the twin now.
+        reap_in(seed, insn, twin_pid);
         return Err(PrepareError::Inject {
             pid,
             what: "stopping the twin",

@@ -171,6 +171,17 @@ async fn prepare_with_id(
     let seed = Seed::new(pid, key, prepared, encoded);
     *seed.container.lock().expect("container lock") = from.map(|f| f.container);
     let seed = daemon.registry.insert(seed);
+    let twin = seed
+        .twin
+        .lock()
+        .expect("twin lock")
+        .as_ref()
+        .map(|t| t.pid());
+    match twin.map(|twin| crate::twins::TwinRecord::of(pid, twin)) {
+        Some(Ok(record)) => daemon.twins.add(record),
+        Some(Err(e)) => tracing::warn!(pid, "recording the twin: {e}"),
+        None => {}
+    }
     let handle = Handle {
         host: daemon.listen,
         seed_id: seed.id,
@@ -257,6 +268,7 @@ fn evict(daemon: &Daemon, handle: &str) -> Event {
 pub async fn release(daemon: &Daemon, seed: &Seed) {
     let twin = seed.twin.lock().expect("twin lock").take();
     if let Some(twin) = twin {
+        daemon.twins.remove(twin.pid());
         let insn = seed.syscall_insn;
         daemon.tracer.run(move || twin.release(insn)).await;
     }

@@ -11,6 +11,7 @@ pub mod registry;
 pub mod replica;
 pub mod resume;
 pub mod tracer;
+pub mod twins;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +37,8 @@ pub struct Daemon {
     pub containers: Result<containers::Containers, String>,
     /// How this host's seeds' bootstrap pages are packed.
     pub bootstrap_codec: mitosis_transport::packed::Codec,
+    /// The twins this daemon holds, for the next daemon to reap should this one crash.
+    pub twins: twins::TwinLedger,
 }
 
 impl Daemon {

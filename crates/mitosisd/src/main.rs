@@ -13,6 +13,7 @@ use mitosis_transport::peer::PeerPool;
 use mitosisd::cache::HostCache;
 use mitosisd::containers::Containers;
 use mitosisd::peer_source::REQUEST_TIMEOUT;
+use mitosisd::twins::TwinLedger;
 use mitosisd::{Counters, Daemon, control, peer_server, registry::Registry, tracer::Tracer};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
@@ -118,6 +119,22 @@ async fn run(args: Args) -> Result<()> {
 
     let stubs = Arc::new(StubPool::new(&stub, args.stub_pool).context("starting the stub pool")?);
     let tracer = Tracer::spawn()?;
+    // Twins a crashed predecessor left are zombies of their seeds: reap them.
+    let ledger = args.socket.with_extension("twins");
+    let left = TwinLedger::left_at(&ledger);
+    if !left.is_empty() {
+        let reaped = tracer
+            .run(move || {
+                TwinLedger::reap_left(&left, |seed, twin| {
+                    mitosis_fork::prepare::reap_orphan_twin(seed, twin).unwrap_or_else(|e| {
+                        tracing::warn!(seed, twin, "reaping a twin left by a crash: {e}");
+                        false
+                    })
+                })
+            })
+            .await;
+        tracing::info!(reaped, "reaped the twins a previous daemon left");
+    }
     let daemon = Arc::new(Daemon {
         listen: tcp.local_addr()?,
         registry: Registry::default(),
@@ -130,6 +147,7 @@ async fn run(args: Args) -> Result<()> {
         counters: Counters::default(),
         containers,
         bootstrap_codec: args.bootstrap_codec,
+        twins: TwinLedger::new(ledger),
     });
     tracing::info!(listen = %daemon.listen, socket = %args.socket.display(), "mitosisd up");
     tokio::spawn(peer_server::serve(tcp, daemon.clone()));
