@@ -1,19 +1,23 @@
 //! The pages of a replica: this host's cache of a seed, shared by all its children here.
 //!
 //! A child's missing page is first brought into the replica (fetched from the seed's host
-//! once per host, never once per child), then copied to the child from the replica. Forks
-//! take the replica's state under the same lock as fills, so a child's list of pages still to
-//! fetch is exactly what the replica lacked at its fork.
+//! once per host, never once per child), then copied to the child from the replica.
+//!
+//! No lock is held across a fetch: a fill takes the pages it will fetch out of `pending` and
+//! marks them in flight, so readers of other pages go on meanwhile and readers of the same
+//! pages wait for that fill instead of fetching them twice. A child forked meanwhile counts
+//! pages in flight as still to fetch: whether they land in the replica before or after its
+//! fork, it finds them there.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use mitosis_sys::PAGE_SIZE;
 use mitosis_sys::mem::RemoteMemory;
 use mitosis_sys::uffd::{Copied, Event, Userfaultfd};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::watch;
 
 use crate::fault::FaultError;
 use crate::pending::{PendingMap, Run};
@@ -24,22 +28,38 @@ use crate::source::{PageSource, read_runs};
 pub const PIPELINE_PAGES: u64 = 256;
 /// Requests a fill keeps in flight.
 pub const IN_FLIGHT: usize = 4;
-/// How often, and how far apart, a fill refused while the replica's layout changes is tried.
-const LAYOUT_RETRIES: usize = 20;
+/// How often, and how far apart, a fill refused while the replica's layout changes (a fork
+/// in progress) is tried.
+const LAYOUT_RETRIES: usize = 200;
 const LAYOUT_RETRY_AFTER: std::time::Duration = std::time::Duration::from_micros(500);
+/// How many times a read waits out another fill that failed before it gives up.
+const WAIT_RETRIES: usize = 3;
 
 pub struct ReplicaPages<S> {
     uffd: AsyncFd<Userfaultfd>,
     memory: RemoteMemory,
-    state: Mutex<State<S>>,
+    state: Mutex<State>,
+    source: S,
     fetched: AtomicU64,
     fetches: AtomicU64,
     fetch_us: AtomicU64,
 }
 
-pub struct State<S> {
-    pub pending: PendingMap,
-    source: S,
+/// What a fill in progress says when it ends: `None` until then, then its outcome.
+type Outcome = Option<Result<(), String>>;
+
+struct State {
+    /// Seed pages nobody has fetched yet.
+    pending: PendingMap,
+    /// Pages a fill is fetching now, with where it will say it is done.
+    in_flight: Vec<(Vec<Run>, watch::Receiver<Outcome>)>,
+}
+
+/// A fill's claim on pages: pending pages now its to fetch, and other fills to wait for.
+struct Claim {
+    wanted: Vec<Run>,
+    done: Option<watch::Sender<Outcome>>,
+    waits: Vec<watch::Receiver<Outcome>>,
 }
 
 /// Counters of what a replica fetched from its source.
@@ -48,6 +68,14 @@ pub struct ReplicaCounters {
     pub pages_fetched: u64,
     pub fetches: u64,
     pub fetch_us: u64,
+}
+
+fn overlaps(runs: &[Run], wanted: &[(u64, u32)]) -> bool {
+    runs.iter().any(|r| {
+        wanted
+            .iter()
+            .any(|&(at, n)| r.child < at + n as u64 * PAGE_SIZE && at < r.end())
+    })
 }
 
 impl<S: PageSource + Sync> ReplicaPages<S> {
@@ -62,7 +90,11 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
             uffd: unsafe { AsyncFd::register(uffd) }?,
             // Writable: the seed's own writes to file pages are copied over the mapped file.
             memory: RemoteMemory::open(pid, true)?,
-            state: Mutex::new(State { pending, source }),
+            state: Mutex::new(State {
+                pending,
+                in_flight: Vec::new(),
+            }),
+            source,
             fetched: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
             fetch_us: AtomicU64::new(0),
@@ -77,68 +109,128 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         }
     }
 
-    /// Holds fills off while a child is forked; the guard's `pending` is what the child lacks.
-    pub async fn freeze(&self) -> MutexGuard<'_, State<S>> {
-        self.state.lock().await
+    /// The seed pages a child forked now must still fetch: those pending and those in
+    /// flight (which may land in the replica after the fork).
+    pub fn still_missing(&self) -> PendingMap {
+        let state = self.state.lock().expect("replica pages lock");
+        let mut missing = state.pending.clone();
+        for (runs, _) in &state.in_flight {
+            runs.iter().for_each(|r| missing.restore_run(*r));
+        }
+        missing
+    }
+
+    /// Takes the pending pages of `runs` to fetch, and notes fills already fetching others.
+    fn claim(&self, runs: &[(u64, u32)]) -> Claim {
+        let mut state = self.state.lock().expect("replica pages lock");
+        let waits = state
+            .in_flight
+            .iter()
+            .filter(|(taken, _)| overlaps(taken, runs))
+            .map(|(_, done)| done.clone())
+            .collect();
+        let wanted = take_runs(&mut state.pending, runs);
+        let done = (!wanted.is_empty()).then(|| {
+            let (tx, rx) = watch::channel(None);
+            state.in_flight.push((wanted.clone(), rx));
+            tx
+        });
+        Claim {
+            wanted,
+            done,
+            waits,
+        }
+    }
+
+    /// Ends a claim: what was not copied in is pending again; waiters learn the outcome.
+    fn settle(&self, claim: Claim, uncopied: Vec<Run>, outcome: &Result<u64, String>) {
+        let Some(done) = claim.done else { return };
+        {
+            let mut state = self.state.lock().expect("replica pages lock");
+            state
+                .in_flight
+                .retain(|(_, rx)| !rx.same_channel(&done.subscribe()));
+            uncopied
+                .into_iter()
+                .for_each(|r| state.pending.restore_run(r));
+        }
+        let _ = done.send(Some(outcome.as_ref().map(|_| ()).map_err(Clone::clone)));
     }
 
     /// Brings the still-pending pages of `runs` (replica addresses) into the replica, in as
-    /// few requests as possible. Returns how many pages were fetched.
+    /// few requests as possible, and waits for those another fill is fetching. Returns how
+    /// many pages were pending or in flight.
     pub async fn fill(&self, runs: &[(u64, u32)]) -> Result<u64, String> {
-        let mut state = self.state.lock().await;
-        self.fill_locked(&mut state, runs, None).await
+        self.fill_touched(runs, None).await
     }
 
     /// `touched`: the page of `runs` a child faulted on, passed on to the source.
-    async fn fill_locked(
-        &self,
-        state: &mut State<S>,
-        runs: &[(u64, u32)],
-        touched: Option<u64>,
-    ) -> Result<u64, String> {
-        let wanted = take_runs(&mut state.pending, runs);
-        let total: u64 = wanted.iter().map(|r| r.pages).sum();
+    async fn fill_touched(&self, runs: &[(u64, u32)], touched: Option<u64>) -> Result<u64, String> {
+        let mut total = 0;
+        for _ in 0..WAIT_RETRIES {
+            let claim = self.claim(runs);
+            let waits = claim.waits.clone();
+            total += self.fetch_claimed(claim, touched).await?;
+            let mut waited_ok = true;
+            for mut w in waits {
+                let ended = w.wait_for(Option::is_some).await.map(|o| o.clone());
+                if let Ok(Some(Err(_))) | Err(_) = ended {
+                    waited_ok = false;
+                }
+                // Pages of these runs were in flight: the seed's, not holes.
+                total += 1;
+            }
+            if waited_ok {
+                return Ok(total);
+            }
+            // Another fill of some of these pages failed: they are pending again.
+        }
+        Err("filling the replica: other fills of the same pages kept failing".into())
+    }
+
+    /// Fetches the claimed pages pipelined, copying each group in as it lands.
+    async fn fetch_claimed(&self, claim: Claim, touched: Option<u64>) -> Result<u64, String> {
+        let total: u64 = claim.wanted.iter().map(|r| r.pages).sum();
+        if total == 0 {
+            self.settle(claim, Vec::new(), &Ok(0));
+            return Ok(0);
+        }
+        let wanted = claim.wanted.clone();
         let groups = batches(&wanted, PIPELINE_PAGES);
         let mut copied = vec![false; groups.len()];
-        let result = self
-            .fetch_and_copy(state, &groups, touched, &mut copied)
-            .await;
-        if result.is_err() {
-            for (group, done) in groups.iter().zip(&copied) {
-                if !done {
-                    group.iter().for_each(|run| state.pending.restore_run(*run));
-                }
+        let mut pipeline = Pipelined::new(&self.source, &groups, touched);
+        let result = async {
+            while let Some(landed) = pipeline.next().await {
+                let (index, data, took) = landed?;
+                self.fetches.fetch_add(1, Ordering::Relaxed);
+                self.fetch_us
+                    .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+                self.copy_runs(groups[index], &data).await?;
+                copied[index] = true;
             }
+            Ok::<_, String>(())
         }
-        result?;
-        self.fetched.fetch_add(total, Ordering::Relaxed);
-        Ok(total)
+        .await;
+        drop(pipeline);
+        let result = result.map(|_| total);
+        let uncopied: Vec<Run> = groups
+            .iter()
+            .zip(&copied)
+            .filter(|(_, done)| !**done)
+            .flat_map(|(group, _)| group.iter().copied())
+            .collect();
+        if result.is_ok() {
+            self.fetched.fetch_add(total, Ordering::Relaxed);
+        }
+        self.settle(claim, uncopied, &result);
+        result
     }
 
-    /// Fetches `groups` pipelined and copies each into the replica as it lands.
-    async fn fetch_and_copy(
-        &self,
-        state: &mut State<S>,
-        groups: &[&[Run]],
-        touched: Option<u64>,
-        copied: &mut [bool],
-    ) -> Result<(), String> {
-        fetch_pipelined(&state.source, groups, touched, |index, data, took| {
-            self.fetches.fetch_add(1, Ordering::Relaxed);
-            self.fetch_us
-                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-            self.copy_runs(groups[index], &data)?;
-            copied[index] = true;
-            Ok(())
-        })
-        .await
-    }
-
-    fn copy_runs(&self, runs: &[Run], data: &[u8]) -> Result<(), String> {
+    async fn copy_runs(&self, runs: &[Run], data: &[u8]) -> Result<(), String> {
         let mut at = 0usize;
         for run in runs {
             let len = (run.pages * PAGE_SIZE) as usize;
-            self.copy_run(run.child, &data[at..at + len])?;
+            self.copy_run(run.child, &data[at..at + len]).await?;
             at += len;
         }
         Ok(())
@@ -146,7 +238,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
 
     /// Places the seed's bytes of one run in the replica. A page that is there already
     /// without being the seed's is overwritten: children forked later copy it as it is.
-    fn copy_run(&self, start: u64, data: &[u8]) -> Result<(), String> {
+    async fn copy_run(&self, start: u64, data: &[u8]) -> Result<(), String> {
         let fail = |e: &dyn std::fmt::Display| format!("filling the replica at {start:#x}: {e}");
         let mut placed = 0usize;
         for _ in 0..LAYOUT_RETRIES {
@@ -161,10 +253,10 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
                     tracing::debug!(start, present, "replica pages in place before their fill");
                     return self.write(&[(start, data)]);
                 }
-                // Forks hold fills off, so the replica's layout changes only briefly, if ever.
+                // A fork of the replica is in progress: it ends within milliseconds.
                 Copied::LayoutChanging { placed: more } => {
                     placed += more as usize;
-                    std::thread::sleep(LAYOUT_RETRY_AFTER);
+                    tokio::time::sleep(LAYOUT_RETRY_AFTER).await;
                 }
             }
         }
@@ -175,16 +267,25 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     /// userfaultfd, those of `overlay` (file pages the seed wrote) are written over the mapped
     /// file. Returns how many pages went in.
     pub async fn install_bulk(&self, bulk: &Bulk, overlay: &[Run]) -> Result<u64, String> {
-        let mut state = self.state.lock().await;
         let mut installed = 0;
         let mut at = 0;
         for &(addr, pages) in &bulk.runs {
-            for run in take_runs(&mut state.pending, &[(addr, pages)]) {
+            let claim = self.claim(&[(addr, pages)]);
+            let mut uncopied = Vec::new();
+            let mut result = Ok(0);
+            for run in &claim.wanted {
                 let from = at + (run.child - addr) as usize;
                 let len = (run.pages * PAGE_SIZE) as usize;
-                self.copy_runs(&[run], &bulk.data[from..from + len])?;
-                installed += run.pages;
+                match self.copy_runs(&[*run], &bulk.data[from..from + len]).await {
+                    Ok(()) => installed += run.pages,
+                    Err(e) => {
+                        uncopied.push(*run);
+                        result = Err(e);
+                    }
+                }
             }
+            self.settle(claim, uncopied, &result);
+            result?;
             at += pages as usize * PAGE_SIZE as usize;
         }
         let pieces: Vec<(u64, &[u8])> = overlap(&bulk.runs, overlay)
@@ -206,7 +307,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     /// Records pages the replica read in itself from a bootstrap stream: no longer pending.
     /// Returns how many went in.
     pub async fn streamed_in(&self, runs: &[(u64, u32)]) -> u64 {
-        let mut state = self.state.lock().await;
+        let mut state = self.state.lock().expect("replica pages lock");
         take_runs(&mut state.pending, runs);
         let total = runs.iter().map(|r| r.1 as u64).sum();
         self.fetched.fetch_add(total, Ordering::Relaxed);
@@ -239,11 +340,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
 
     /// Reads `runs` from the replica, filling what it lacks first.
     pub async fn read(&self, runs: &[(u64, u32)], touched: Option<u64>) -> Result<Vec<u8>, String> {
-        let _state = {
-            let mut state = self.state.lock().await;
-            self.fill_locked(&mut state, runs, touched).await?;
-            state
-        };
+        self.fill_touched(runs, touched).await?;
         read_runs(&self.memory, runs).map_err(|e| format!("the replica is gone: {e}"))
     }
 
@@ -272,6 +369,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
                     }
                     Event::PageFault { addr } => {
                         let page = addr & !(PAGE_SIZE - 1);
+                        // Not the seed's (neither pending nor in flight): a hole, zero.
                         if self.fill(&[(page, 1)]).await.map_err(FaultError::Source)? == 0 {
                             let _ = self.uffd.get_ref().zeropage(page, PAGE_SIZE);
                         }
@@ -304,39 +402,56 @@ fn take_runs(pending: &mut PendingMap, runs: &[(u64, u32)]) -> Vec<Run> {
 }
 
 /// Fetches `groups` with up to [`IN_FLIGHT`] requests at once, so the seed host's reads, the
-/// network and our copies overlap; `land` gets each group's bytes as they arrive.
-async fn fetch_pipelined<S: PageSource>(
-    source: &S,
-    groups: &[&[Run]],
+/// network and our copies overlap; each group's bytes come out of [`Pipelined::next`] as
+/// they arrive. Dropping it abandons the requests still out.
+struct Pipelined<'a, S> {
+    source: &'a S,
+    groups: &'a [&'a [Run]],
     touched: Option<u64>,
-    mut land: impl FnMut(usize, Vec<u8>, std::time::Duration) -> Result<(), String>,
-) -> Result<(), String> {
-    let mut requests = tokio::task::JoinSet::new();
-    let mut next = 0;
-    loop {
-        while next < groups.len() && requests.len() < IN_FLIGHT {
-            let mut source = source.duplicate().await?;
-            let runs: Vec<(u64, u32)> = groups[next]
+    requests: tokio::task::JoinSet<(usize, Result<Vec<u8>, String>, std::time::Duration)>,
+    next: usize,
+}
+
+impl<'a, S: PageSource> Pipelined<'a, S> {
+    fn new(source: &'a S, groups: &'a [&'a [Run]], touched: Option<u64>) -> Self {
+        Pipelined {
+            source,
+            groups,
+            touched,
+            requests: tokio::task::JoinSet::new(),
+            next: 0,
+        }
+    }
+
+    /// The next group to land: its index, bytes and how long its request took.
+    async fn next(&mut self) -> Option<Result<(usize, Vec<u8>, std::time::Duration), String>> {
+        while self.next < self.groups.len() && self.requests.len() < IN_FLIGHT {
+            let mut source = match self.source.duplicate().await {
+                Ok(s) => s,
+                Err(e) => return Some(Err(e)),
+            };
+            let runs: Vec<(u64, u32)> = self.groups[self.next]
                 .iter()
                 .map(|r| (r.seed, r.pages as u32))
                 .collect();
-            let index = next;
-            let touched = touched.filter(|&page| {
+            let index = self.next;
+            let touched = self.touched.filter(|&page| {
                 runs.iter()
                     .any(|&(at, n)| (at..at + n as u64 * PAGE_SIZE).contains(&page))
             });
-            requests.spawn(async move {
+            self.requests.spawn(async move {
                 let started = Instant::now();
                 let data = source.read(runs, touched).await;
                 (index, data, started.elapsed())
             });
-            next += 1;
+            self.next += 1;
         }
-        let Some(joined) = requests.join_next().await else {
-            return Ok(());
-        };
-        let (index, data, took) = joined.map_err(|e| format!("fetch task: {e}"))?;
-        land(index, data?, took)?;
+        let joined = self.requests.join_next().await?;
+        Some(match joined {
+            Ok((index, Ok(data), took)) => Ok((index, data, took)),
+            Ok((_, Err(e), _)) => Err(e),
+            Err(e) => Err(format!("fetch task: {e}")),
+        })
     }
 }
 

@@ -26,8 +26,9 @@ use crate::peer_source::Source;
 pub struct Entry {
     pub key: SeedKey,
     pub pid: i32,
-    /// The process and the fork events' receiver: taken by the tracer thread during a fork.
-    process: Mutex<Option<(replica::Replica, Receiver<Userfaultfd>)>>,
+    /// The process and the fork events' receiver: lent to the tracer thread during a fork.
+    /// Forks of one replica go one at a time (each is a ptrace conversation with it).
+    process: tokio::sync::Mutex<Option<(replica::Replica, Receiver<Userfaultfd>)>>,
     pub pages: Arc<ReplicaPages<Source>>,
     /// The seed's pages of its shared anonymous mappings, which each child maps afresh.
     shared_pending: PendingMap,
@@ -49,7 +50,7 @@ impl Entry {
 impl Drop for Entry {
     fn drop(&mut self) {
         self.watcher.abort();
-        if let Some((replica, _)) = self.process.lock().expect("entry lock").take() {
+        if let Some((replica, _)) = self.process.get_mut().take() {
             replica.kill();
         }
     }
@@ -181,7 +182,7 @@ pub async fn build(
     Ok(Entry {
         key,
         pid,
-        process: Mutex::new(Some((process, forks))),
+        process: tokio::sync::Mutex::new(Some((process, forks))),
         pages,
         shared_pending: made.shared_pending,
         shared_ranges: made.shared_ranges,
@@ -299,16 +300,11 @@ pub async fn fork(
             before_run: Box::new(move |pid| c.cgroup().add(pid).map_err(std::io::Error::other)),
         }
     });
-    // No fill may land between the snapshot of what is missing and the fork.
-    let frozen = entry.pages.freeze().await;
-    let mut pending = frozen.pending.clone();
+    // Taken before the fork: fills that end meanwhile leave the child pages it has anyway.
+    let mut pending = entry.pages.still_missing();
     pending.replace_with(&entry.shared_pending, &entry.shared_ranges);
-    let process = entry
-        .process
-        .lock()
-        .expect("entry lock")
-        .take()
-        .ok_or("the replica is gone")?;
+    let mut lent = entry.process.lock().await;
+    let process = lent.take().ok_or("the replica is gone")?;
     let (process, forked) = daemon
         .tracer
         .run(move || {
@@ -317,8 +313,8 @@ pub async fn fork(
             ((replica, forks), forked)
         })
         .await;
-    *entry.process.lock().expect("entry lock") = Some(process);
-    drop(frozen);
+    *lent = Some(process);
+    drop(lent);
     // The fork has consumed the join, and with it the other reference.
     let container = container.map(|c| Arc::try_unwrap(c).expect("the join is gone"));
     let forked = match forked {
