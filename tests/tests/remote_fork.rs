@@ -316,6 +316,42 @@ fn a_bootstrap_that_stalls_fails_the_child_in_bounded_time() {
     teardown(tb);
 }
 
+#[test]
+fn a_stalled_bootstrap_holds_up_no_other_seeds_resume() {
+    let tb = testbed(2);
+    let (_dir_x, seed_x, handle_x) = prepared_memcheck(&tb, "hol-x");
+    let (_dir_y, seed_y, handle_y) = prepared_memcheck(&tb, "hol-y");
+    // Seed Y's host hangs mid-bootstrap towards host 1 (through a proxy): host 1 builds Y's
+    // replica and waits for its pages, up to the request timeout.
+    let (tx, stalled) = std::sync::mpsc::channel();
+    let (proxy, proxying) = stalling_proxy(&tb, 3 * 4096 + 100, true, Some(tx));
+    let real = tb.host(0).listen_addr().to_string();
+    let y = handle_y.replacen(&real, &proxy.to_string(), 1);
+    let waiting_y = std::thread::scope(|s| {
+        let waiting_y = s.spawn(|| cli(&tb, 1, &["resume", &y], "verify\n"));
+        stalled
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the proxy stalls Y's bootstrap");
+        // Meanwhile a child of seed X starts on host 1, replica and all, while Y still waits.
+        let out = cli(&tb, 1, &["resume", &handle_x], "verify\n");
+        assert_eq!(
+            stdout(&out),
+            format!("ok 11 {MEMCHECK_DIGEST}\n"),
+            "stderr: {}",
+            stderr(&out)
+        );
+        assert!(
+            !waiting_y.is_finished(),
+            "X's child started only once Y's stalled bootstrap gave up: head-of-line blocking"
+        );
+        waiting_y.join().expect("Y's resume")
+    });
+    proxying.join().expect("the proxy stalled a bootstrap");
+    assert_eq!(waiting_y.status.code(), Some(1), "{}", stderr(&waiting_y));
+    drop((seed_x, seed_y));
+    teardown(tb);
+}
+
 /// A TCP proxy on host 0, in front of its daemon, for one connection at a time: requests pass
 /// whole, answers too, except a bootstrap's, of which only the first frame and then `keep`
 /// bytes pass. Then both connections are closed and the proxy stops (its thread ends, so
@@ -325,6 +361,16 @@ fn cutting_proxy(
     tb: &mitosis_testbed::Testbed,
     keep: usize,
     stall: bool,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
+    stalling_proxy(tb, keep, stall, None)
+}
+
+/// [`cutting_proxy`], telling `stalled` once it holds the bootstrap back.
+fn stalling_proxy(
+    tb: &mitosis_testbed::Testbed,
+    keep: usize,
+    stall: bool,
+    stalled: Option<std::sync::mpsc::Sender<()>>,
 ) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
     use std::io::Read;
     use std::net::{TcpListener, TcpStream};
@@ -363,6 +409,9 @@ fn cutting_proxy(
                     let mut part = vec![0; keep];
                     server.read_exact(&mut part).expect("pages");
                     client.write_all(&part).expect("proxy passes pages");
+                    if let Some(stalled) = &stalled {
+                        let _ = stalled.send(());
+                    }
                     // Until the client gives up (end of file), or the read limit passes.
                     while stall && matches!(client.read(&mut [0; 4096]), Ok(n) if n > 0) {}
                     return;

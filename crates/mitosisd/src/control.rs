@@ -127,8 +127,11 @@ async fn prepare_with_id(
 ) -> Event {
     let started = std::time::Instant::now();
     let files = daemon.files.clone();
-    let prepared = daemon
-        .tracer
+    let tracer = match crate::tracer::Tracer::spawn(&format!("seed-{id}")) {
+        Ok(t) => t,
+        Err(e) => return Event::Error(format!("starting a tracer thread: {e}")),
+    };
+    let prepared = tracer
         .run(move || mitosis_fork::prepare(pid, id, &files))
         .await;
     let mut prepared = match prepared {
@@ -168,7 +171,7 @@ async fn prepare_with_id(
             .sum(),
         descriptor_bytes: encoded.len() as u64,
     };
-    let seed = Seed::new(pid, key, prepared, encoded);
+    let seed = Seed::new(pid, key, prepared, encoded, tracer);
     *seed.container.lock().expect("container lock") = from.map(|f| f.container);
     let seed = daemon.registry.insert(seed);
     let twin = seed
@@ -264,13 +267,13 @@ fn evict(daemon: &Daemon, handle: &str) -> Event {
     }
 }
 
-/// Kills a seed's twin (on the tracer thread, which owns it), and its container if any.
+/// Kills a seed's twin (on its tracer thread, which owns it), and its container if any.
 pub async fn release(daemon: &Daemon, seed: &Seed) {
     let twin = seed.twin.lock().expect("twin lock").take();
     if let Some(twin) = twin {
         daemon.twins.remove(twin.pid());
         let insn = seed.syscall_insn;
-        daemon.tracer.run(move || twin.release(insn)).await;
+        seed.tracer.run(move || twin.release(insn)).await;
     }
     let container = seed.container.lock().expect("container lock").take();
     if let Some(container) = container {

@@ -25,9 +25,8 @@ use mitosis_transport::peer::PeerPool;
 pub struct Daemon {
     pub listen: SocketAddr,
     pub registry: registry::Registry,
-    pub tracer: tracer::Tracer,
     pub files: Arc<FileCache>,
-    /// Stubs waiting to become replicas; used on the tracer thread only.
+    /// Stubs waiting to become replicas; a replica's tracer thread takes one.
     pub stubs: Arc<mitosis_fork::restore::StubPool>,
     pub vdso_hash: [u8; 32],
     pub pool: Arc<PeerPool>,

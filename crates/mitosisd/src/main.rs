@@ -118,12 +118,11 @@ async fn run(args: Args) -> Result<()> {
         .with_context(|| format!("binding {}", args.socket.display()))?;
 
     let stubs = Arc::new(StubPool::new(&stub, args.stub_pool).context("starting the stub pool")?);
-    let tracer = Tracer::spawn()?;
     // Twins a crashed predecessor left are zombies of their seeds: reap them.
     let ledger = args.socket.with_extension("twins");
     let left = TwinLedger::left_at(&ledger);
     if !left.is_empty() {
-        let reaped = tracer
+        let reaped = Tracer::spawn("reaper")?
             .run(move || {
                 TwinLedger::reap_left(&left, |seed, twin| {
                     mitosis_fork::prepare::reap_orphan_twin(seed, twin).unwrap_or_else(|e| {
@@ -138,7 +137,6 @@ async fn run(args: Args) -> Result<()> {
     let daemon = Arc::new(Daemon {
         listen: tcp.local_addr()?,
         registry: Registry::default(),
-        tracer,
         files: Arc::new(mitosis_fork::FileCache::new()),
         stubs,
         vdso_hash: mitosis_fork::local_vdso_hash().context("hashing this host's vDSO")?,

@@ -16,6 +16,8 @@ pub struct Seed {
     pub encoded: Vec<u8>,
     pub memory: Arc<RemoteMemory>,
     pub twin: Mutex<Option<Twin>>,
+    /// The thread that traces the twin: every ptrace call on it runs there.
+    pub tracer: crate::tracer::Tracer,
     pub syscall_insn: u64,
     /// Page addresses children have asked for: replayed in one transfer by new hosts.
     working_set: Mutex<BTreeSet<u64>>,
@@ -31,6 +33,7 @@ impl Seed {
         key: [u8; KEY_LEN],
         prepared: mitosis_fork::Prepared,
         encoded: Vec<u8>,
+        tracer: crate::tracer::Tracer,
     ) -> Self {
         Seed {
             id: prepared.descriptor.seed_id,
@@ -40,6 +43,7 @@ impl Seed {
             descriptor: prepared.descriptor,
             encoded,
             twin: Mutex::new(Some(prepared.twin)),
+            tracer,
             syscall_insn: prepared.syscall_insn,
             working_set: Mutex::new(BTreeSet::new()),
             container: Mutex::new(None),

@@ -21,6 +21,7 @@ use crate::Daemon;
 use crate::bootstrap::Incoming;
 use crate::cache::SeedKey;
 use crate::peer_source::Source;
+use crate::tracer::Tracer;
 
 /// A replica and what it takes to fork from it.
 pub struct Entry {
@@ -36,6 +37,8 @@ pub struct Entry {
     pub last_used: Mutex<Instant>,
     pub children: AtomicU64,
     watcher: tokio::task::JoinHandle<()>,
+    /// The thread that traces the replica: its build, finish and every fork run there.
+    tracer: Tracer,
     /// The bundle of a containerized seed: each child joins a container of it.
     pub bundle: Option<Arc<Bundle>>,
 }
@@ -152,7 +155,7 @@ pub async fn build(
             stats.working_set_pages = installed;
             stats.pages_wait_us = wait.as_micros() as u64;
             stats.install_us = install.as_micros() as u64;
-            let (p, finished) = daemon
+            let (p, finished) = made
                 .tracer
                 .run(move || {
                     let finished = process.finish();
@@ -190,6 +193,7 @@ pub async fn build(
         children: AtomicU64::new(0),
         watcher,
         bundle: made.bundle,
+        tracer: made.tracer,
     })
 }
 
@@ -201,9 +205,11 @@ struct Made {
     shared_ranges: Vec<(u64, u64)>,
     overlay: Vec<Run>,
     eager: Vec<Run>,
+    tracer: Tracer,
 }
 
-/// Plans the replica of the seed `encoded` describes and builds it on the tracer thread.
+/// Plans the replica of the seed `encoded` describes and builds it on a tracer thread of its
+/// own.
 /// `streamed`: the socket the bootstrap pages wait in, raw, and their runs.
 async fn make(
     daemon: &Daemon,
@@ -237,8 +243,9 @@ async fn make(
     }
     let (overlay, eager) = (plan.overlay.clone(), plan.eager.clone());
     let stubs = daemon.stubs.clone();
-    let built = daemon
-        .tracer
+    let tracer = Tracer::spawn(&format!("replica-{}", desc.seed_id))
+        .map_err(|e| format!("starting a tracer thread: {e}"))?;
+    let built = tracer
         .run(move || {
             let pages = streamed
                 .as_ref()
@@ -255,6 +262,7 @@ async fn make(
             shared_ranges,
             overlay,
             eager,
+            tracer,
         },
         built,
     ))
@@ -305,7 +313,7 @@ pub async fn fork(
     pending.replace_with(&entry.shared_pending, &entry.shared_ranges);
     let mut lent = entry.process.lock().await;
     let process = lent.take().ok_or("the replica is gone")?;
-    let (process, forked) = daemon
+    let (process, forked) = entry
         .tracer
         .run(move || {
             let (mut replica, forks) = process;

@@ -1,8 +1,10 @@
-//! The daemon's tracer thread.
+//! Tracer threads: one per seed (its twin) and one per replica.
 //!
-//! ptrace binds a tracee to the *thread* that attached it, and twins stay traced for as long
-//! as their seed is prepared (PTRACE_O_EXITKILL: they die with this thread, so a crashed daemon
-//! leaves none behind). So every ptrace operation runs here, one at a time.
+//! ptrace binds a tracee to the *thread* that attached it, and twins and replicas stay traced
+//! for as long as they live (PTRACE_O_EXITKILL: they die with their thread, so a crashed
+//! daemon leaves none running). Each has a thread of its own, so a slow job for one (a build
+//! waiting for a stalled peer's bootstrap pages) holds up no other seed's prepare, build or
+//! fork. The thread ends when its last handle is dropped.
 
 use std::sync::mpsc;
 use std::thread;
@@ -18,20 +20,18 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    /// Starts the thread.
-    pub fn spawn() -> std::io::Result<Tracer> {
+    /// Starts a thread called `name` (at most 15 bytes show).
+    pub fn spawn(name: &str) -> std::io::Result<Tracer> {
         let (jobs, rx) = mpsc::channel::<Job>();
-        thread::Builder::new()
-            .name("tracer".into())
-            .spawn(move || {
-                // Its jobs are short and a resume waits on each: ahead of bulk transfers.
-                if let Err(e) = mitosis_sys::task::set_thread_nice(TRACER_NICE) {
-                    tracing::warn!("tracer priority: {e}");
-                }
-                for job in rx {
-                    job();
-                }
-            })?;
+        thread::Builder::new().name(name.into()).spawn(move || {
+            // Its jobs are short and a resume waits on each: ahead of bulk transfers.
+            if let Err(e) = mitosis_sys::task::set_thread_nice(TRACER_NICE) {
+                tracing::warn!("tracer priority: {e}");
+            }
+            for job in rx {
+                job();
+            }
+        })?;
         Ok(Tracer { jobs })
     }
 
@@ -42,7 +42,7 @@ impl Tracer {
             .send(Box::new(move || {
                 let _ = tx.send(f());
             }))
-            .expect("tracer thread lives as long as the daemon");
+            .expect("a tracer thread lives as long as its handles");
         rx.await.expect("tracer jobs always answer")
     }
 }
