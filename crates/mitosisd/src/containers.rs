@@ -113,7 +113,8 @@ impl Containers {
             Ok(pid) => Ok((seed, pid)),
             Err(why) => {
                 let tail = log_tail(log);
-                let _ = seed.container.destroy();
+                // Draining its cgroup may take a while: off the async threads.
+                let _ = tokio::task::spawn_blocking(move || seed.container.destroy()).await;
                 Err(if tail.is_empty() {
                     why
                 } else {

@@ -6,13 +6,16 @@
 //! waiting for a stalled peer's bootstrap pages) holds up no other seed's prepare, build or
 //! fork. The thread ends when its last handle is dropped.
 
-use std::sync::mpsc;
 use std::thread;
+
+use tokio::sync::mpsc;
 
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The tracer thread's nice value.
 const TRACER_NICE: i32 = -10;
+/// Jobs that may wait for one tracer; beyond that a caller waits to queue its own.
+const QUEUE: usize = 64;
 
 #[derive(Clone)]
 pub struct Tracer {
@@ -22,13 +25,13 @@ pub struct Tracer {
 impl Tracer {
     /// Starts a thread called `name` (at most 15 bytes show).
     pub fn spawn(name: &str) -> std::io::Result<Tracer> {
-        let (jobs, rx) = mpsc::channel::<Job>();
+        let (jobs, mut rx) = mpsc::channel::<Job>(QUEUE);
         thread::Builder::new().name(name.into()).spawn(move || {
             // Its jobs are short and a resume waits on each: ahead of bulk transfers.
             if let Err(e) = mitosis_sys::task::set_thread_nice(TRACER_NICE) {
                 tracing::warn!("tracer priority: {e}");
             }
-            for job in rx {
+            while let Some(job) = rx.blocking_recv() {
                 job();
             }
         })?;
@@ -42,6 +45,8 @@ impl Tracer {
             .send(Box::new(move || {
                 let _ = tx.send(f());
             }))
+            .await
+            .map_err(|_| ())
             .expect("a tracer thread lives as long as its handles");
         rx.await.expect("tracer jobs always answer")
     }
