@@ -72,7 +72,7 @@ impl HandleArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Capture a running single-threaded process as a seed; prints its handle.
+    /// Capture a running process (every thread) as a seed; prints its handle.
     ///
     /// The process is stopped for well under a millisecond and then runs on; children see its
     /// memory as it was at this moment. With --bundle, the daemon first starts the OCI bundle's
