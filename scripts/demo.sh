@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo build --release --workspace --bins
-exec target/release/mitosis demo "$@"
+exec target/release/mitosis-demo "$@"

@@ -1,7 +1,5 @@
 //! `mitosis`: remote fork from the command line.
 
-mod demo;
-mod demo_bundle;
 mod inspect;
 mod resume;
 
@@ -133,8 +131,6 @@ enum Command {
         #[command(flatten)]
         handle: HandleArg,
     },
-    /// Remote-fork a warmed Python function across two simulated hosts and report timings.
-    Demo(demo::DemoArgs),
 }
 
 fn main() {
@@ -213,7 +209,6 @@ fn run(cli: Cli) -> Result<i32> {
             print!("{}", inspect::render(&parsed, &d));
             Ok(0)
         }
-        Command::Demo(args) => demo::run(args),
     }
 }
 

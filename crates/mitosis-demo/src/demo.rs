@@ -1,4 +1,4 @@
-//! `mitosis demo`: remote-fork a warmed Python function across two simulated hosts.
+//! The demo: remote-fork a warmed Python function across two simulated hosts.
 //!
 //! The demo builds a two-host testbed (network namespaces with a mitosisd each), starts
 //! `examples/python/seed_fn.py` on host 0, waits until it has imported numpy and built its warm
@@ -19,7 +19,11 @@ const DAEMON_PORT: u16 = 7070;
 /// The interpreter running the seed.
 const PYTHON: &str = "python3";
 
-#[derive(clap::Args)]
+#[derive(clap::Parser)]
+#[command(
+    version,
+    about = "Remote-fork a warmed Python function across two simulated hosts and report timings (as root)."
+)]
 pub struct DemoArgs {
     /// Children to resume on the second host.
     #[arg(long, default_value_t = 20)]
@@ -31,7 +35,8 @@ pub struct DemoArgs {
 
 pub fn run(args: DemoArgs) -> Result<i32> {
     anyhow::ensure!(args.children > 0, "--children must be at least 1");
-    let exe = std::env::current_exe().context("locating the mitosis binary")?;
+    let me = std::env::current_exe().context("locating the mitosis-demo binary")?;
+    let exe = sibling(&me, "mitosis")?;
     let daemon = sibling(&exe, "mitosisd")?;
     sibling(&exe, "mitosis-stub")?;
     let script = find_script(&exe)?;
