@@ -1,183 +1,407 @@
-//! A small JSON writer for the results file (the workspace has no JSON crate).
+//! The schema of bench-results.json, which `bench/plot.py` reads. Fields are written in
+//! declaration order; `None` and non-finite numbers are written as `null`.
 
-use std::fmt::Write;
+use std::collections::BTreeMap;
 
-/// A JSON value.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Json {
-    Null,
-    Bool(bool),
-    Uint(u64),
-    /// Non-finite numbers are written as `null`.
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    /// Keys keep their order.
-    Obj(Vec<(String, Json)>),
+use serde::Serialize;
+
+use crate::targets::Target;
+
+/// The whole file.
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub config: Config,
+    pub machine: Machine,
+    pub seeds: Vec<Seed>,
 }
 
-impl Json {
-    /// An object from `(key, value)` pairs.
-    pub fn obj<K: Into<String>>(pairs: impl IntoIterator<Item = (K, Json)>) -> Self {
-        Json::Obj(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect())
-    }
-
-    /// The value as indented text (two spaces per level), with a final newline.
-    pub fn pretty(&self) -> String {
-        let mut out = String::new();
-        self.write(&mut out, 0);
-        out.push('\n');
-        out
-    }
-
-    fn write(&self, out: &mut String, depth: usize) {
-        let indent = |out: &mut String, depth: usize| {
-            out.push('\n');
-            out.extend(std::iter::repeat_n("  ", depth));
-        };
-        match self {
-            Json::Null => out.push_str("null"),
-            Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            Json::Uint(n) => {
-                let _ = write!(out, "{n}");
-            }
-            Json::Num(x) if x.is_finite() => {
-                let _ = write!(out, "{x}");
-            }
-            Json::Num(_) => out.push_str("null"),
-            Json::Str(s) => write_str(out, s),
-            Json::Arr(items) if items.is_empty() => out.push_str("[]"),
-            Json::Arr(items) => {
-                out.push('[');
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    indent(out, depth + 1);
-                    item.write(out, depth + 1);
-                }
-                indent(out, depth);
-                out.push(']');
-            }
-            Json::Obj(pairs) if pairs.is_empty() => out.push_str("{}"),
-            Json::Obj(pairs) => {
-                out.push('{');
-                for (i, (key, value)) in pairs.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    indent(out, depth + 1);
-                    write_str(out, key);
-                    out.push_str(": ");
-                    value.write(out, depth + 1);
-                }
-                indent(out, depth);
-                out.push('}');
-            }
-        }
-    }
+/// The command line's numbers.
+#[derive(Debug, Serialize)]
+pub struct Config {
+    pub children: usize,
+    pub cold_samples: usize,
+    pub warmup: usize,
+    pub bigheap_mib: u64,
+    pub throughput_secs: f64,
+    pub concurrency: usize,
+    pub pin: Option<String>,
 }
 
-fn write_str(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub kernel: String,
+    /// Why CRIU could not run, if it could not.
+    pub criu: Option<String>,
 }
 
-impl From<bool> for Json {
-    fn from(b: bool) -> Self {
-        Json::Bool(b)
-    }
+/// One seed's results.
+#[derive(Debug, Serialize)]
+pub struct Seed {
+    pub name: &'static str,
+    pub what: &'static str,
+    pub error: Option<String>,
+    pub methods: Vec<Method>,
+    pub prepare: Prepare,
+    /// Medians of the children's `--stats` numbers, by key (sorted).
+    pub stats_medians: PerPhase<BTreeMap<&'static str, Option<u64>>>,
+    pub private_kib_median: PrivateKib,
+    pub bytes_served: PerPhase<Option<Served>>,
+    pub warm_replica_pages: Option<u64>,
+    pub throughput: Option<Throughput>,
+    pub local_fork_throughput: Option<Throughput>,
+    pub criu_dump_ms: Option<f64>,
+    pub targets: Vec<Target>,
+    /// Every failed sample, as "method: what went wrong".
+    pub failures: Vec<String>,
 }
 
-impl From<u64> for Json {
-    fn from(n: u64) -> Self {
-        Json::Uint(n)
-    }
+/// One method's spawn-to-answer latencies.
+#[derive(Debug, Serialize)]
+pub struct Method {
+    pub key: &'static str,
+    pub label: &'static str,
+    pub samples: usize,
+    pub attempted: usize,
+    pub failures: usize,
+    pub gave_up: bool,
+    pub skipped: Option<String>,
+    pub median_ms: Option<f64>,
+    pub p90_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub min_ms: Option<f64>,
+    pub vs_local_fork: Option<f64>,
 }
 
-impl From<usize> for Json {
-    fn from(n: usize) -> Self {
-        Json::Uint(n as u64)
-    }
+#[derive(Debug, Serialize)]
+pub struct Prepare {
+    pub samples: usize,
+    pub wall_median_ms: Option<f64>,
+    pub daemon_median_ms: Option<f64>,
+    pub seed_stopped_median_ms: Option<f64>,
+    pub last_line: Option<String>,
 }
 
-impl From<f64> for Json {
-    fn from(x: f64) -> Self {
-        Json::Num(x)
-    }
+/// Something measured in each mitosis phase.
+#[derive(Debug, Serialize)]
+pub struct PerPhase<T> {
+    pub first_child: T,
+    pub cold_host: T,
+    pub warm_host: T,
 }
 
-impl From<&str> for Json {
-    fn from(s: &str) -> Self {
-        Json::Str(s.to_owned())
-    }
+/// Median private memory of a child, in KiB; keyed as the methods are.
+#[derive(Debug, Serialize)]
+pub struct PrivateKib {
+    pub local_fork: Option<u64>,
+    pub mitosis_first_child: Option<u64>,
+    pub mitosis_cold_host: Option<u64>,
+    pub mitosis_warm_host: Option<u64>,
 }
 
-impl From<String> for Json {
-    fn from(s: String) -> Self {
-        Json::Str(s)
-    }
+#[derive(Debug, Serialize)]
+pub struct Served {
+    pub bytes: u64,
+    pub children: usize,
+    pub per_child: Option<u64>,
 }
 
-impl<T: Into<Json>> From<Option<T>> for Json {
-    fn from(v: Option<T>) -> Self {
-        v.map_or(Json::Null, Into::into)
-    }
+#[derive(Debug, Serialize)]
+pub struct Throughput {
+    pub concurrency: usize,
+    pub hosts: usize,
+    pub secs: f64,
+    pub children: usize,
+    pub children_per_sec: f64,
+    pub failures: usize,
+    pub median_ms: Option<f64>,
 }
 
-impl<T: Into<Json>> From<Vec<T>> for Json {
-    fn from(items: Vec<T>) -> Self {
-        Json::Arr(items.into_iter().map(Into::into).collect())
-    }
+/// `results` as indented text (two spaces per level), with a final newline.
+pub fn pretty(results: &Results) -> serde_json::Result<String> {
+    let mut text = serde_json::to_string_pretty(results)?;
+    text.push('\n');
+    Ok(text)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::Prepared;
+    use crate::results::{
+        self, COLD_START, LOCAL_FORK, MITOSIS_COLD, MITOSIS_FIRST, MITOSIS_WARM, SeedResult,
+    };
+    use serde_json::Value;
+    use std::time::Duration;
+
+    /// A seed's results with something in every field.
+    fn sample() -> SeedResult {
+        let ms = Duration::from_millis;
+        let mut r = SeedResult::new("container", "a \"seed\"\nin a container");
+        let mut local = results::Method::new(LOCAL_FORK, "local fork");
+        local.latencies = vec![ms(2), ms(1), ms(3)];
+        local.attempted = 3;
+        let mut warm = results::Method::new(MITOSIS_WARM, "mitosis warm host");
+        warm.latencies = vec![Duration::from_micros(2500), ms(3)];
+        warm.attempted = 3;
+        warm.fail("timed out".into());
+        r.methods = vec![
+            results::Method::skipped(COLD_START, "cold start", "no rootfs".into()),
+            local,
+            warm,
+        ];
+        r.prepares.push(Prepared {
+            handle: "h".into(),
+            wall: Duration::from_micros(1500),
+            daemon_us: 900,
+            stopped_us: 400,
+            line: "mitosis: prepared in 900us".into(),
+        });
+        r.local_private_kib = vec![100, 300, 200];
+        r.first
+            .stats
+            .push([("fork_us", 700), ("faults", 3)].into_iter().collect());
+        for (take, join) in [(20, 150), (30, 200)] {
+            r.warm.stats.push(
+                [("container_us", take), ("join_us", join), ("fork_us", 900)]
+                    .into_iter()
+                    .collect(),
+            );
+        }
+        r.warm.private_kib = vec![64];
+        r.warm.served = Some(results::Served {
+            bytes: 4096 * 3,
+            children: 2,
+        });
+        r.replica_pages = Some(42);
+        let mut t = results::Throughput::new(4, 2);
+        t.elapsed = ms(2000);
+        t.children = 2401;
+        t.failures.push("refused".into());
+        t.latencies = vec![ms(1), ms(2)];
+        r.throughput = Some(t);
+        r.criu_dump = Some(Duration::from_micros(12_345));
+        r
+    }
+
+    fn document(seeds: &[SeedResult]) -> Value {
+        let results = Results {
+            config: Config {
+                children: 50,
+                cold_samples: 10,
+                warmup: 1,
+                bigheap_mib: 1024,
+                throughput_secs: 5.0,
+                concurrency: 4,
+                pin: None,
+            },
+            machine: Machine {
+                cpus: 2,
+                kernel: "6.1.0".into(),
+                criu: Some("criu: not found".into()),
+            },
+            seeds: seeds.iter().map(SeedResult::to_json).collect(),
+        };
+        let text = pretty(&results).unwrap();
+        assert!(text.ends_with("}\n"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}:\n{text}"))
+    }
+
+    /// The keys of object `v`, sorted.
+    fn keys(v: &Value) -> Vec<&str> {
+        let mut keys: Vec<&str> = v
+            .as_object()
+            .unwrap_or_else(|| panic!("not an object: {v}"))
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    fn sorted(mut keys: Vec<&str>) -> Vec<&str> {
+        keys.sort();
+        keys
+    }
 
     #[test]
-    fn writes_json() {
-        let value = Json::obj([
-            ("name", Json::from("a \"b\"\n\\")),
-            ("n", Json::from(3u64)),
-            ("x", Json::from(1.5)),
-            ("nan", Json::from(f64::NAN)),
-            ("none", Json::from(None::<u64>)),
-            ("list", Json::from(vec![1u64, 2])),
-            ("empty", Json::Arr(vec![])),
-            ("obj", Json::obj(Vec::<(String, Json)>::new())),
-            ("ctl", Json::from("\u{1}")),
-            ("ok", Json::from(true)),
+    fn parses_with_the_expected_keys() {
+        let doc = document(&[sample(), SeedResult::new("hello", "empty")]);
+        assert_eq!(keys(&doc), ["config", "machine", "seeds"]);
+        assert_eq!(
+            keys(&doc["config"]),
+            sorted(vec![
+                "children",
+                "cold_samples",
+                "warmup",
+                "bigheap_mib",
+                "throughput_secs",
+                "concurrency",
+                "pin",
+            ])
+        );
+        assert_eq!(keys(&doc["machine"]), ["cpus", "criu", "kernel"]);
+        let seed = &doc["seeds"][0];
+        assert_eq!(
+            keys(seed),
+            sorted(vec![
+                "name",
+                "what",
+                "error",
+                "methods",
+                "prepare",
+                "stats_medians",
+                "private_kib_median",
+                "bytes_served",
+                "warm_replica_pages",
+                "throughput",
+                "local_fork_throughput",
+                "criu_dump_ms",
+                "targets",
+                "failures",
+            ])
+        );
+        assert_eq!(seed["name"], "container");
+        assert_eq!(seed["what"], "a \"seed\"\nin a container");
+        let method_keys = sorted(vec![
+            "key",
+            "label",
+            "samples",
+            "attempted",
+            "failures",
+            "gave_up",
+            "skipped",
+            "median_ms",
+            "p90_ms",
+            "p99_ms",
+            "min_ms",
+            "vs_local_fork",
         ]);
+        let methods = seed["methods"].as_array().unwrap();
+        assert!(methods.iter().all(|m| keys(m) == method_keys));
+        // What plot.py reads: each method's key and median.
+        let medians: Vec<(&Value, &Value)> = methods
+            .iter()
+            .map(|m| (&m["key"], &m["median_ms"]))
+            .collect();
+        assert_eq!(
+            medians,
+            [
+                (&Value::from(COLD_START), &Value::Null),
+                (&Value::from(LOCAL_FORK), &Value::from(2.0)),
+                (&Value::from(MITOSIS_WARM), &Value::from(2.5)),
+            ]
+        );
+        assert_eq!(methods[2]["vs_local_fork"], 1.25);
+        assert_eq!(methods[0]["skipped"], "no rootfs");
+        assert_eq!(
+            keys(&seed["prepare"]),
+            sorted(vec![
+                "samples",
+                "wall_median_ms",
+                "daemon_median_ms",
+                "seed_stopped_median_ms",
+                "last_line",
+            ])
+        );
+        assert_eq!(seed["prepare"]["seed_stopped_median_ms"], 0.4);
+        let phases = ["cold_host", "first_child", "warm_host"];
+        assert_eq!(keys(&seed["stats_medians"]), phases);
+        assert_eq!(
+            keys(&seed["stats_medians"]["first_child"]),
+            ["faults", "fork_us"]
+        );
+        assert_eq!(seed["stats_medians"]["warm_host"]["container_us"], 20);
+        assert_eq!(
+            keys(&seed["stats_medians"]["cold_host"]),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            keys(&seed["private_kib_median"]),
+            sorted(vec![LOCAL_FORK, MITOSIS_FIRST, MITOSIS_COLD, MITOSIS_WARM])
+        );
+        assert_eq!(seed["private_kib_median"][LOCAL_FORK], 200);
+        assert_eq!(keys(&seed["bytes_served"]), phases);
+        assert_eq!(seed["bytes_served"]["first_child"], Value::Null);
+        assert_eq!(
+            keys(&seed["bytes_served"]["warm_host"]),
+            ["bytes", "children", "per_child"]
+        );
+        assert_eq!(seed["bytes_served"]["warm_host"]["per_child"], 6144);
+        let throughput = &seed["throughput"];
+        assert_eq!(
+            keys(throughput),
+            sorted(vec![
+                "concurrency",
+                "hosts",
+                "secs",
+                "children",
+                "children_per_sec",
+                "failures",
+                "median_ms",
+            ])
+        );
+        assert_eq!(throughput["children_per_sec"], 1200.5);
+        assert_eq!(seed["local_fork_throughput"], Value::Null);
+        assert_eq!(seed["criu_dump_ms"], 12.345);
+        let targets = seed["targets"].as_array().unwrap();
+        assert_eq!(targets.len(), 6, "with the containerizing target");
+        assert!(
+            targets
+                .iter()
+                .all(|t| keys(t) == sorted(vec!["key", "what", "goal", "value", "unit", "met"]))
+        );
+        assert_eq!(
+            seed["failures"],
+            serde_json::json!(["mitosis_warm_host: timed out", "throughput: refused"])
+        );
+
+        // A seed that measured nothing has nulls and empty lists, but every key.
+        let empty = &doc["seeds"][1];
+        assert_eq!(keys(empty), keys(seed));
+        assert_eq!(empty["methods"], serde_json::json!([]));
+        assert_eq!(empty["throughput"], Value::Null);
+        assert_eq!(empty["prepare"]["wall_median_ms"], Value::Null);
+    }
+
+    #[test]
+    fn writes_in_declaration_order_with_nulls() {
+        let text = pretty(&Results {
+            config: Config {
+                children: 1,
+                cold_samples: 1,
+                warmup: 0,
+                bigheap_mib: 1,
+                throughput_secs: f64::NAN,
+                concurrency: 1,
+                pin: Some("0-1".into()),
+            },
+            machine: Machine {
+                cpus: 2,
+                kernel: String::new(),
+                criu: None,
+            },
+            seeds: Vec::new(),
+        })
+        .unwrap();
         let want = r#"{
-  "name": "a \"b\"\n\\",
-  "n": 3,
-  "x": 1.5,
-  "nan": null,
-  "none": null,
-  "list": [
-    1,
-    2
-  ],
-  "empty": [],
-  "obj": {},
-  "ctl": "\u0001",
-  "ok": true
+  "config": {
+    "children": 1,
+    "cold_samples": 1,
+    "warmup": 0,
+    "bigheap_mib": 1,
+    "throughput_secs": null,
+    "concurrency": 1,
+    "pin": "0-1"
+  },
+  "machine": {
+    "cpus": 2,
+    "kernel": "",
+    "criu": null
+  },
+  "seeds": []
 }
 "#;
-        assert_eq!(value.pretty(), want);
+        assert_eq!(text, want);
     }
 }

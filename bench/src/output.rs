@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 
 use crate::Args;
-use crate::json::Json;
+use crate::json;
 use crate::procs::run_ok;
 use crate::results::SeedResult;
 
@@ -20,35 +20,26 @@ pub fn write(
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let doc = Json::obj([
-        (
-            "config",
-            Json::obj([
-                ("children", Json::from(args.children)),
-                ("cold_samples", Json::from(args.cold_samples)),
-                ("warmup", Json::from(args.warmup)),
-                ("bigheap_mib", Json::from(args.bigheap_mib)),
-                ("throughput_secs", Json::from(args.throughput_secs)),
-                ("concurrency", Json::from(args.concurrency)),
-                ("pin", Json::from(args.pin.clone())),
-            ]),
-        ),
-        (
-            "machine",
-            Json::obj([
-                ("cpus", Json::from(cpus)),
-                ("kernel", Json::from(kernel.trim())),
-                ("criu", Json::from(criu_ok.as_ref().err().cloned())),
-            ]),
-        ),
-        (
-            "seeds",
-            Json::Arr(results.iter().map(SeedResult::to_json).collect()),
-        ),
-    ]);
+    let doc = json::Results {
+        config: json::Config {
+            children: args.children,
+            cold_samples: args.cold_samples,
+            warmup: args.warmup,
+            bigheap_mib: args.bigheap_mib,
+            throughput_secs: args.throughput_secs,
+            concurrency: args.concurrency,
+            pin: args.pin.clone(),
+        },
+        machine: json::Machine {
+            cpus,
+            kernel: kernel.trim().to_owned(),
+            criu: criu_ok.as_ref().err().cloned(),
+        },
+        seeds: results.iter().map(SeedResult::to_json).collect(),
+    };
     let json_path = out_dir.join("bench-results.json");
-    std::fs::write(&json_path, doc.pretty())
-        .with_context(|| format!("writing {}", json_path.display()))?;
+    let text = json::pretty(&doc).context("encoding the results")?;
+    std::fs::write(&json_path, text).with_context(|| format!("writing {}", json_path.display()))?;
     println!("results: {}", json_path.display());
 
     let png_path = out_dir.join("bench-results.png");

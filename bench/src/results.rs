@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::daemon::{ChildStats, Prepared};
-use crate::json::Json;
+use crate::json;
 use crate::stats::{Summary, median, median_u64, ratio};
 use crate::targets;
 
@@ -223,44 +223,42 @@ impl SeedResult {
                 .any(|t| !t.failures.is_empty())
     }
 
-    pub fn to_json(&self) -> Json {
-        let methods = self.methods.iter().map(|m| {
-            let s = Summary::of(&m.latencies);
-            let at = |f: fn(&Summary) -> Duration| Json::from(s.as_ref().map(|s| ms_f(f(s))));
-            Json::obj([
-                ("key", Json::from(m.key)),
-                ("label", Json::from(m.label)),
-                ("samples", Json::from(m.latencies.len())),
-                ("attempted", Json::from(m.attempted)),
-                ("failures", Json::from(m.failures.len())),
-                ("gave_up", Json::from(m.gave_up)),
-                ("skipped", Json::from(m.skipped.clone())),
-                ("median_ms", at(|s| s.median)),
-                ("p90_ms", at(|s| s.p90)),
-                ("p99_ms", at(|s| s.p99)),
-                ("min_ms", at(|s| s.min)),
-                ("vs_local_fork", Json::from(self.vs_local(m.key))),
-            ])
-        });
+    pub fn to_json(&self) -> json::Seed {
+        let methods = self
+            .methods
+            .iter()
+            .map(|m| {
+                let s = Summary::of(&m.latencies);
+                let at = |f: fn(&Summary) -> Duration| s.as_ref().map(|s| ms_f(f(s)));
+                json::Method {
+                    key: m.key,
+                    label: m.label,
+                    samples: m.latencies.len(),
+                    attempted: m.attempted,
+                    failures: m.failures.len(),
+                    gave_up: m.gave_up,
+                    skipped: m.skipped.clone(),
+                    median_ms: at(|s| s.median),
+                    p90_ms: at(|s| s.p90),
+                    p99_ms: at(|s| s.p99),
+                    min_ms: at(|s| s.min),
+                    vs_local_fork: self.vs_local(m.key),
+                }
+            })
+            .collect();
         let (daemon_us, stopped_us) = self.prepare_medians_us();
-        let us_as_ms = |us: Option<u64>| Json::from(us.map(|us| us as f64 / 1e3));
+        let us_as_ms = |us: Option<u64>| us.map(|us| us as f64 / 1e3);
         let walls: Vec<Duration> = self.prepares.iter().map(|p| p.wall).collect();
-        let stats_json = |stats: &[ChildStats]| {
-            let mut keys: Vec<&str> = stats.iter().flat_map(|s| s.keys().copied()).collect();
-            keys.sort();
-            keys.dedup();
-            Json::obj(
-                keys.into_iter()
-                    .map(|k| (k, Json::from(Self::stat_median(stats, k)))),
-            )
+        let stats_medians = |stats: &[ChildStats]| {
+            let keys = stats.iter().flat_map(|s| s.keys().copied());
+            keys.map(|k| (k, Self::stat_median(stats, k))).collect()
         };
-        let served = |s: &Option<Served>| match s {
-            None => Json::Null,
-            Some(s) => Json::obj([
-                ("bytes", Json::from(s.bytes)),
-                ("children", Json::from(s.children)),
-                ("per_child", Json::from(s.per_child())),
-            ]),
+        let served = |s: &Option<Served>| {
+            s.map(|s| json::Served {
+                bytes: s.bytes,
+                children: s.children,
+                per_child: s.per_child(),
+            })
         };
         let failures: Vec<String> = self
             .methods
@@ -277,88 +275,53 @@ impl SeedResult {
                     .map(|f| format!("local fork throughput: {f}"))
             }))
             .collect();
-        Json::obj([
-            ("name", Json::from(self.name)),
-            ("what", Json::from(self.what)),
-            ("error", Json::from(self.error.clone())),
-            ("methods", Json::Arr(methods.collect())),
-            (
-                "prepare",
-                Json::obj([
-                    ("samples", Json::from(self.prepares.len())),
-                    ("wall_median_ms", Json::from(median(&walls).map(ms_f))),
-                    ("daemon_median_ms", us_as_ms(daemon_us)),
-                    ("seed_stopped_median_ms", us_as_ms(stopped_us)),
-                    (
-                        "last_line",
-                        Json::from(self.prepares.last().map(|p| p.line.clone())),
-                    ),
-                ]),
-            ),
-            (
-                "stats_medians",
-                Json::obj([
-                    ("first_child", stats_json(&self.first.stats)),
-                    ("cold_host", stats_json(&self.cold.stats)),
-                    ("warm_host", stats_json(&self.warm.stats)),
-                ]),
-            ),
-            (
-                "private_kib_median",
-                Json::obj([
-                    (LOCAL_FORK, Json::from(median_u64(&self.local_private_kib))),
-                    (
-                        MITOSIS_FIRST,
-                        Json::from(median_u64(&self.first.private_kib)),
-                    ),
-                    (MITOSIS_COLD, Json::from(median_u64(&self.cold.private_kib))),
-                    (MITOSIS_WARM, Json::from(median_u64(&self.warm.private_kib))),
-                ]),
-            ),
-            (
-                "bytes_served",
-                Json::obj([
-                    ("first_child", served(&self.first.served)),
-                    ("cold_host", served(&self.cold.served)),
-                    ("warm_host", served(&self.warm.served)),
-                ]),
-            ),
-            ("warm_replica_pages", Json::from(self.replica_pages)),
-            ("throughput", throughput_json(&self.throughput)),
-            (
-                "local_fork_throughput",
-                throughput_json(&self.local_throughput),
-            ),
-            ("criu_dump_ms", Json::from(self.criu_dump.map(ms_f))),
-            (
-                "targets",
-                Json::Arr(
-                    targets::of(self)
-                        .iter()
-                        .map(targets::Target::to_json)
-                        .collect(),
-                ),
-            ),
-            ("failures", Json::from(failures)),
-        ])
+        json::Seed {
+            name: self.name,
+            what: self.what,
+            error: self.error.clone(),
+            methods,
+            prepare: json::Prepare {
+                samples: self.prepares.len(),
+                wall_median_ms: median(&walls).map(ms_f),
+                daemon_median_ms: us_as_ms(daemon_us),
+                seed_stopped_median_ms: us_as_ms(stopped_us),
+                last_line: self.prepares.last().map(|p| p.line.clone()),
+            },
+            stats_medians: json::PerPhase {
+                first_child: stats_medians(&self.first.stats),
+                cold_host: stats_medians(&self.cold.stats),
+                warm_host: stats_medians(&self.warm.stats),
+            },
+            private_kib_median: json::PrivateKib {
+                local_fork: median_u64(&self.local_private_kib),
+                mitosis_first_child: median_u64(&self.first.private_kib),
+                mitosis_cold_host: median_u64(&self.cold.private_kib),
+                mitosis_warm_host: median_u64(&self.warm.private_kib),
+            },
+            bytes_served: json::PerPhase {
+                first_child: served(&self.first.served),
+                cold_host: served(&self.cold.served),
+                warm_host: served(&self.warm.served),
+            },
+            warm_replica_pages: self.replica_pages,
+            throughput: self.throughput.as_ref().map(throughput_json),
+            local_fork_throughput: self.local_throughput.as_ref().map(throughput_json),
+            criu_dump_ms: self.criu_dump.map(ms_f),
+            targets: targets::of(self),
+            failures,
+        }
     }
 }
 
-fn throughput_json(t: &Option<Throughput>) -> Json {
-    match t {
-        None => Json::Null,
-        Some(t) => Json::obj([
-            ("concurrency", Json::from(t.concurrency)),
-            ("hosts", Json::from(t.hosts)),
-            ("secs", Json::from(ms_f(t.elapsed) / 1e3)),
-            ("children", Json::from(t.children)),
-            (
-                "children_per_sec",
-                Json::from((t.per_sec() * 100.0).round() / 100.0),
-            ),
-            ("failures", Json::from(t.failures.len())),
-            ("median_ms", Json::from(median(&t.latencies).map(ms_f))),
-        ]),
+fn throughput_json(t: &Throughput) -> json::Throughput {
+    json::Throughput {
+        concurrency: t.concurrency,
+        hosts: t.hosts,
+        secs: ms_f(t.elapsed) / 1e3,
+        children: t.children,
+        children_per_sec: (t.per_sec() * 100.0).round() / 100.0,
+        failures: t.failures.len(),
+        median_ms: median(&t.latencies).map(ms_f),
     }
 }
 

@@ -7,11 +7,12 @@
 //! - for a containerized seed, containerizing a child (taking its container from the pool and
 //!   joining it) well under a millisecond: at most 0.5 ms.
 
-use crate::json::Json;
+use serde::Serialize;
+
 use crate::results::{MITOSIS_COLD, MITOSIS_WARM, SeedResult};
 
-/// One target and what was measured against it.
-#[derive(Debug, Clone, PartialEq)]
+/// One target and what was measured against it (also its form in the results file).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Target {
     pub key: &'static str,
     /// What is measured, e.g. "cold host median".
@@ -115,17 +116,6 @@ impl Target {
             (Some(v), "/s") => format!("{v:.0}/s"),
             (Some(v), unit) => format!("{v:.2} {unit}"),
         }
-    }
-
-    pub fn to_json(&self) -> Json {
-        Json::obj([
-            ("key", Json::from(self.key)),
-            ("what", Json::from(self.what)),
-            ("goal", Json::from(self.goal)),
-            ("value", Json::from(self.value)),
-            ("unit", Json::from(self.unit)),
-            ("met", Json::from(self.met)),
-        ])
     }
 }
 

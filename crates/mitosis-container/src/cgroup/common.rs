@@ -1,16 +1,10 @@
-//! Cgroups for lean containers, on cgroup v1, v2, or a mix of both.
-//!
-//! Each controller we use (memory, cpu, pids) comes from a writable v1 mount that carries it if
-//! there is one, else from the v2 mount whose `cgroup.controllers` lists it: hybrid hosts often
-//! mount a v2 tree that has none of them. A daemon instance keeps its cgroups under
-//! `<mount>/mitosis/<instance>` in every mount it uses, so a restarted daemon finds (and removes)
-//! what its crashed predecessor left, and other instances' cgroups are never touched.
+//! The parts that don't depend on the cgroup version: errors, the limits model, which version
+//! serves which controller ([`Hierarchy`]), and moving processes in and out of a [`Cgroup`].
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,19 +12,17 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use super::{mountinfo, v1, v2};
+
 /// The controllers containers' limits need, in the order they are reported.
-const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+pub(super) const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 /// Directory under each mount that holds all instances' bases.
-const TOP: &str = "mitosis";
-const MOUNTINFO: &str = "/proc/self/mountinfo";
+pub(super) const TOP: &str = "mitosis";
 /// CFS period the kernel uses by default; used when only a quota is given.
-const DEFAULT_PERIOD_US: u64 = 100_000;
+pub(super) const DEFAULT_PERIOD_US: u64 = 100_000;
 /// How long `destroy` waits for killed members to leave.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 const DRAIN_POLL: Duration = Duration::from_millis(5);
-/// v1 reports "no limit" as `PAGE_COUNTER_MAX * PAGE_SIZE`, just under `i64::MAX` (how far
-/// under depends on the page size); anything above this is unlimited.
-const V1_UNLIMITED: u64 = i64::MAX as u64 - (1 << 20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -103,16 +95,16 @@ pub struct Limits {
 /// One base directory `<mount>/mitosis/<instance>` and the controllers we use from it (a v2 base,
 /// or a v1 mount with several controllers comounted, serves more than one).
 #[derive(Debug)]
-struct BaseDir {
-    version: Version,
-    path: PathBuf,
-    controllers: Vec<&'static str>,
+pub(super) struct BaseDir {
+    pub(super) version: Version,
+    pub(super) path: PathBuf,
+    pub(super) controllers: Vec<&'static str>,
 }
 
 /// Where this daemon instance keeps its cgroups: for every controller in use, `<mount>/mitosis/<instance>`.
 #[derive(Debug)]
 pub struct Hierarchy {
-    dirs: Vec<BaseDir>,
+    pub(super) dirs: Vec<BaseDir>,
 }
 
 impl Hierarchy {
@@ -120,19 +112,17 @@ impl Hierarchy {
     /// file-name-safe string chosen by the daemon (unique per daemon; the same after a restart).
     pub fn detect(instance: &str) -> Result<Hierarchy, CgroupError> {
         check_name(instance)?;
-        let text = fs::read_to_string(MOUNTINFO).map_err(|source| CgroupError::Read {
-            path: MOUNTINFO.into(),
-            source,
-        })?;
-        let mut mounts = parse_mountinfo(&text);
-        for m in mounts.iter_mut().filter(|m| m.version == Version::V2) {
-            m.controllers = fs::read_to_string(m.path.join("cgroup.controllers"))
-                .map(|t| parse_controllers(&t))
-                .unwrap_or_default();
-        }
+        Hierarchy::from_mounts(&mountinfo::read()?, instance)
+    }
+
+    /// [`Hierarchy::detect`] among `mounts`.
+    pub(super) fn from_mounts(
+        mounts: &[mountinfo::CgMount],
+        instance: &str,
+    ) -> Result<Hierarchy, CgroupError> {
         let mut dirs: Vec<BaseDir> = Vec::new();
         for controller in CONTROLLERS {
-            for (version, mount) in candidates(&mounts, controller) {
+            for (version, mount) in mountinfo::candidates(mounts, controller) {
                 let Some(path) = prepare_base(version, mount, instance, controller)? else {
                     continue;
                 };
@@ -182,7 +172,7 @@ impl Hierarchy {
             .collect()
     }
 
-    fn version_of(&self, controller: &str) -> Option<Version> {
+    pub(super) fn version_of(&self, controller: &str) -> Option<Version> {
         self.dirs
             .iter()
             .find(|d| d.controllers.contains(&controller))
@@ -267,20 +257,7 @@ impl Hierarchy {
                 Err(source) => return Err(CgroupError::Create { path, source }),
             }
             write_limits(&path, base.version, &base.controllers, limits)?;
-            let procs_path = path.join("cgroup.procs");
-            let procs = OpenOptions::new()
-                .write(true)
-                .open(&procs_path)
-                .map_err(|source| CgroupError::Open {
-                    path: procs_path,
-                    source,
-                })?;
-            dirs.push(CgDir {
-                version: base.version,
-                path,
-                controllers: base.controllers.clone(),
-                procs,
-            });
+            dirs.push(CgDir::open(base.version, path, base.controllers.clone())?);
         }
         Ok(dirs)
     }
@@ -327,8 +304,6 @@ impl Hierarchy {
         }
     }
 
-    /// Removes the instance's base directories if empty (daemon shutdown). Best effort. The shared
-    /// `mitosis` directory stays: other instances may be using it.
     /// Makes the base directories again if [`Hierarchy::remove_base`] removed them: a daemon
     /// keeps no cgroup directory while it has no container.
     fn ensure_base(&self) -> Result<(), CgroupError> {
@@ -344,6 +319,8 @@ impl Hierarchy {
         Ok(())
     }
 
+    /// Removes the instance's base directories if empty (daemon shutdown). Best effort. The shared
+    /// `mitosis` directory stays: other instances may be using it.
     pub fn remove_base(&self) {
         for base in &self.dirs {
             if let Err(err) = fs::remove_dir(&base.path) {
@@ -355,18 +332,41 @@ impl Hierarchy {
 
 /// The cgroup in one base directory, with its `cgroup.procs` held open for `add`.
 #[derive(Debug)]
-struct CgDir {
-    version: Version,
-    path: PathBuf,
-    controllers: Vec<&'static str>,
+pub(super) struct CgDir {
+    pub(super) version: Version,
+    pub(super) path: PathBuf,
+    pub(super) controllers: Vec<&'static str>,
     procs: File,
+}
+
+impl CgDir {
+    fn open(
+        version: Version,
+        path: PathBuf,
+        controllers: Vec<&'static str>,
+    ) -> Result<CgDir, CgroupError> {
+        let procs_path = path.join("cgroup.procs");
+        let procs = OpenOptions::new()
+            .write(true)
+            .open(&procs_path)
+            .map_err(|source| CgroupError::Open {
+                path: procs_path,
+                source,
+            })?;
+        Ok(CgDir {
+            version,
+            path,
+            controllers,
+            procs,
+        })
+    }
 }
 
 /// One container's cgroup, in each controller. Dropping it does NOT remove it (call destroy).
 #[derive(Debug)]
 pub struct Cgroup {
     name: String,
-    dirs: Vec<CgDir>,
+    pub(super) dirs: Vec<CgDir>,
 }
 
 impl Cgroup {
@@ -406,8 +406,8 @@ impl Cgroup {
             return 0;
         };
         let file = match d.version {
-            Version::V1 => "memory.oom_control",
-            Version::V2 => "memory.events",
+            Version::V1 => v1::OOM_COUNTERS,
+            Version::V2 => v2::OOM_COUNTERS,
         };
         fs::read_to_string(d.path.join(file))
             .ok()
@@ -420,12 +420,12 @@ impl Cgroup {
     pub fn memory_limit(&self) -> Option<u64> {
         let d = self.memory_dir()?;
         let file = match d.version {
-            Version::V1 => "memory.limit_in_bytes",
-            Version::V2 => "memory.max",
+            Version::V1 => v1::MEMORY_LIMIT,
+            Version::V2 => v2::MEMORY_LIMIT,
         };
         let text = fs::read_to_string(d.path.join(file)).ok()?;
         let value: u64 = text.trim().parse().ok()?; // v2 "max" fails here: unlimited
-        (value < V1_UNLIMITED).then_some(value)
+        (value < v1::UNLIMITED).then_some(value)
     }
 
     fn memory_dir(&self) -> Option<&CgDir> {
@@ -454,14 +454,9 @@ impl Cgroup {
 /// gone are fine: a leftover may exist in only some controllers.
 fn remove_cgroup(paths: &[(PathBuf, Version)]) -> Result<(), CgroupError> {
     for (path, version) in paths {
-        let kill_file = path.join("cgroup.kill");
-        // cgroup.kill reaches the whole subtree at once, including processes forking right now;
-        // if it fails the per-pid loop below still does the job.
-        if *version == Version::V2
-            && kill_file.exists()
-            && let Err(e) = write_file(&kill_file, "1")
-        {
-            tracing::debug!(err = %e, "cgroup.kill");
+        // If this fails the per-pid loop below still does the job.
+        if *version == Version::V2 {
+            v2::kill(path);
         }
     }
     let me = std::process::id() as i32;
@@ -536,7 +531,7 @@ fn tree_procs(path: &Path, out: &mut BTreeSet<i32>) {
     }
 }
 
-fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
+pub(super) fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
     // No O_CREAT/O_TRUNC: these are kernel files, and a missing one must be an error.
     OpenOptions::new()
         .write(true)
@@ -556,79 +551,21 @@ fn write_limits(
     controllers: &[&str],
     l: &Limits,
 ) -> Result<(), CgroupError> {
-    if controllers.contains(&"memory")
-        && let Some(bytes) = l.memory_bytes
-    {
-        let bytes = bytes.to_string();
-        match version {
-            Version::V1 => {
-                // memsw must stay >= the memory limit, so the memory limit goes first.
-                write_file(&dir.join("memory.limit_in_bytes"), &bytes)?;
-                let memsw = dir.join("memory.memsw.limit_in_bytes");
-                if memsw.exists() {
-                    write_file(&memsw, &bytes)?;
-                }
-            }
-            Version::V2 => {
-                write_file(&dir.join("memory.max"), &bytes)?;
-                let swap = dir.join("memory.swap.max");
-                if swap.exists() {
-                    write_file(&swap, "0")?;
-                }
-            }
-        }
+    match version {
+        Version::V1 => v1::write_limits(dir, controllers, l),
+        Version::V2 => v2::write_limits(dir, controllers, l),
     }
-    if controllers.contains(&"cpu") {
-        if l.cpu_quota_us.is_some() || l.cpu_period_us.is_some() {
-            let period = l.cpu_period_us.unwrap_or(DEFAULT_PERIOD_US);
-            match version {
-                Version::V1 => {
-                    write_file(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
-                    if let Some(q) = l.cpu_quota_us {
-                        let q = if q < 0 {
-                            "-1".to_string()
-                        } else {
-                            q.to_string()
-                        };
-                        write_file(&dir.join("cpu.cfs_quota_us"), &q)?;
-                    }
-                }
-                Version::V2 => {
-                    let quota = match l.cpu_quota_us {
-                        Some(q) if q >= 0 => q.to_string(),
-                        _ => "max".to_string(),
-                    };
-                    write_file(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
-                }
-            }
-        }
-        if let Some(shares) = l.cpu_shares {
-            match version {
-                Version::V1 => write_file(&dir.join("cpu.shares"), &shares.to_string())?,
-                Version::V2 => write_file(
-                    &dir.join("cpu.weight"),
-                    &shares_to_weight(shares).to_string(),
-                )?,
-            }
-        }
-    }
-    if controllers.contains(&"pids")
-        && let Some(max) = l.pids
-    {
-        let max = if max < 0 {
-            "max".to_string()
-        } else {
-            max.to_string()
-        };
-        write_file(&dir.join("pids.max"), &max)?;
-    }
-    Ok(())
 }
 
-/// v1 cpu.shares (2..=262144) to v2 cpu.weight (1..=10000), as runc converts it.
-fn shares_to_weight(shares: u64) -> u64 {
-    let shares = shares.clamp(2, 262_144);
-    1 + ((shares - 2) * 9999) / 262_142
+/// `pids.max`, the same file in both versions.
+pub(super) fn write_pids(dir: &Path, l: &Limits) -> Result<(), CgroupError> {
+    let Some(max) = l.pids else { return Ok(()) };
+    let max = if max < 0 {
+        "max".to_string()
+    } else {
+        max.to_string()
+    };
+    write_file(&dir.join("pids.max"), &max)
 }
 
 /// The value of a "key N" line (memory.oom_control, memory.events).
@@ -664,91 +601,6 @@ fn check_name(name: &str) -> Result<(), CgroupError> {
     Ok(())
 }
 
-/// A cgroup mount from mountinfo; for v2, `controllers` is filled from its cgroup.controllers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct CgMount {
-    version: Version,
-    path: PathBuf,
-    controllers: Vec<&'static str>,
-    writable: bool,
-}
-
-fn parse_mountinfo(text: &str) -> Vec<CgMount> {
-    text.lines().filter_map(parse_mountinfo_line).collect()
-}
-
-/// `id parent maj:min root mountpoint options [optional...] - fstype source superoptions`
-fn parse_mountinfo_line(line: &str) -> Option<CgMount> {
-    let mut it = line.split(' ');
-    let mountpoint = it.nth(4)?;
-    let options = it.next()?;
-    while it.next()? != "-" {}
-    let fstype = it.next()?;
-    let _source = it.next()?;
-    let super_options = it.next().unwrap_or("");
-    let version = match fstype {
-        "cgroup" => Version::V1,
-        "cgroup2" => Version::V2,
-        _ => return None,
-    };
-    let ro = |opts: &str| opts.split(',').any(|o| o == "ro");
-    let controllers = match version {
-        // v1 names its controllers among the superblock options ("rw,cpu,cpuacct").
-        Version::V1 => CONTROLLERS
-            .into_iter()
-            .filter(|c| super_options.split(',').any(|o| o == *c))
-            .collect(),
-        Version::V2 => Vec::new(),
-    };
-    Some(CgMount {
-        version,
-        path: PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(mountpoint))),
-        controllers,
-        writable: !ro(options) && !ro(super_options),
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
-/// The controllers listed in a v2 cgroup.controllers or cgroup.subtree_control.
-fn parse_controllers(text: &str) -> Vec<&'static str> {
-    CONTROLLERS
-        .into_iter()
-        .filter(|c| text.split_whitespace().any(|w| w == *c))
-        .collect()
-}
-
-/// Mounts that could provide `controller`, best first: writable v1 mounts carrying it, then
-/// writable v2 mounts listing it.
-fn candidates<'a>(mounts: &'a [CgMount], controller: &str) -> Vec<(Version, &'a Path)> {
-    let usable = |version| {
-        mounts
-            .iter()
-            .filter(move |m| m.version == version && m.writable)
-            .filter(|m| m.controllers.contains(&controller))
-            .map(|m| (m.version, m.path.as_path()))
-    };
-    usable(Version::V1).chain(usable(Version::V2)).collect()
-}
-
 /// Creates `<mount>/mitosis/<instance>` (idempotent) and, on v2, enables `controller` down to it.
 /// `Ok(None)` means this mount can't serve the controller for us (no permission, read-only, or
 /// v2 refused to enable it), so the next candidate is tried.
@@ -760,13 +612,10 @@ fn prepare_base(
 ) -> Result<Option<PathBuf>, CgroupError> {
     let top = mount.join(TOP);
     let base = top.join(instance);
+    // Leaves only get the controllers their parent enables for its children.
     let enable = |dir: &Path| {
         if version == Version::V2 {
-            // Leaves only get the controllers their parent enables for its children.
-            let _ = write_file(
-                &dir.join("cgroup.subtree_control"),
-                &format!("+{controller}"),
-            );
+            v2::enable(dir, controller);
         }
     };
     enable(mount);
@@ -791,22 +640,14 @@ fn prepare_base(
             }
         }
         if version == Version::V1 {
-            // Older kernels account children to parents only with use_hierarchy; newer ones
-            // always do and may refuse the write.
-            let use_hierarchy = dir.join("memory.use_hierarchy");
-            if use_hierarchy.exists() {
-                let _ = write_file(&use_hierarchy, "1");
-            }
+            v1::use_hierarchy(dir);
         }
         enable(dir);
     }
-    if version == Version::V2 {
-        let enabled = fs::read_to_string(base.join("cgroup.subtree_control")).unwrap_or_default();
-        if !parse_controllers(&enabled).contains(&controller) {
-            // E.g. the mount's root is a non-root cgroup with processes in it.
-            tracing::warn!(path = %base.display(), controller, "cgroup v2 controller could not be enabled");
-            return Ok(None);
-        }
+    if version == Version::V2 && !v2::enabled(&base, controller) {
+        // E.g. the mount's root is a non-root cgroup with processes in it.
+        tracing::warn!(path = %base.display(), controller, "cgroup v2 controller could not be enabled");
+        return Ok(None);
     }
     Ok(Some(base))
 }
@@ -814,115 +655,7 @@ fn prepare_base(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::{Command, Stdio};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    const HYBRID: &str = "\
-31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
-32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime shared:9 - cgroup cgroup rw,cpu
-33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
-35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
-39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
-40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
-41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
-";
-
-    #[test]
-    fn parses_hybrid_mountinfo() {
-        let mut mounts = parse_mountinfo(HYBRID);
-        assert_eq!(mounts.len(), 6);
-        assert_eq!(
-            mounts[0],
-            CgMount {
-                version: Version::V1,
-                path: "/sys/fs/cgroup/cpu".into(),
-                controllers: vec!["cpu"],
-                writable: true,
-            }
-        );
-        assert!(mounts[1].controllers.is_empty()); // cpuacct alone is not cpu
-        assert!(mounts[4].controllers.is_empty()); // name=systemd
-        assert_eq!(mounts[5].version, Version::V2);
-        mounts[5].controllers = parse_controllers("hugetlb\n");
-        let first = |c: &str| {
-            candidates(&mounts, c)
-                .first()
-                .map(|(v, p)| (*v, p.to_path_buf()))
-        };
-        assert_eq!(
-            first("memory"),
-            Some((Version::V1, "/sys/fs/cgroup/memory".into()))
-        );
-        assert_eq!(
-            first("cpu"),
-            Some((Version::V1, "/sys/fs/cgroup/cpu".into()))
-        );
-        assert_eq!(
-            first("pids"),
-            Some((Version::V1, "/sys/fs/cgroup/pids".into()))
-        );
-    }
-
-    #[test]
-    fn parses_v2_comounted_readonly_and_escaped() {
-        let text = "\
-30 24 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
-50 24 0:40 / /cg/cpu,cpuacct rw,relatime shared:20 - cgroup cgroup rw,cpu,cpuacct
-51 24 0:41 / /cg/pids ro,relatime - cgroup cgroup rw,pids
-52 24 0:42 / /cg/my\\040mem rw,relatime - cgroup cgroup rw,memory
-60 24 0:50 / /proc rw - proc proc rw
-";
-        let mut mounts = parse_mountinfo(text);
-        assert_eq!(mounts.len(), 4);
-        mounts[0].controllers = parse_controllers("cpuset cpu io memory hugetlb pids rdma misc\n");
-        assert_eq!(mounts[0].controllers, vec!["memory", "cpu", "pids"]);
-        assert_eq!(mounts[1].path, Path::new("/cg/cpu,cpuacct"));
-        assert_eq!(mounts[1].controllers, vec!["cpu"]);
-        assert!(!mounts[2].writable);
-        assert_eq!(mounts[3].path, Path::new("/cg/my mem"));
-        let all = |c: &str| candidates(&mounts, c);
-        assert_eq!(
-            all("cpu"),
-            vec![
-                (Version::V1, Path::new("/cg/cpu,cpuacct")),
-                (Version::V2, Path::new("/sys/fs/cgroup"))
-            ]
-        );
-        // The read-only v1 pids mount is skipped for v2.
-        assert_eq!(
-            all("pids"),
-            vec![(Version::V2, Path::new("/sys/fs/cgroup"))]
-        );
-        assert_eq!(all("memory")[0], (Version::V1, Path::new("/cg/my mem")));
-        mounts.retain(|m| m.version == Version::V2);
-        assert_eq!(all_v2(&mounts), vec!["/sys/fs/cgroup"; 3]);
-    }
-
-    fn all_v2(mounts: &[CgMount]) -> Vec<String> {
-        CONTROLLERS
-            .iter()
-            .filter_map(|c| {
-                candidates(mounts, c)
-                    .first()
-                    .map(|(_, p)| p.display().to_string())
-            })
-            .collect()
-    }
-
-    #[test]
-    fn unescape_octal() {
-        assert_eq!(unescape(r"/a\040b\134c\011"), b"/a b\\c\t");
-        assert_eq!(unescape(r"/trailing\04"), b"/trailing\\04");
-    }
-
-    #[test]
-    fn shares_to_weight_like_runc() {
-        assert_eq!(shares_to_weight(2), 1);
-        assert_eq!(shares_to_weight(1024), 39);
-        assert_eq!(shares_to_weight(262_144), 10_000);
-        assert_eq!(shares_to_weight(0), 1);
-        assert_eq!(shares_to_weight(u64::MAX), 10_000);
-    }
+    use crate::cgroup::test_util::{TmpDir, read};
 
     #[test]
     fn parses_oom_counters() {
@@ -1030,287 +763,254 @@ mod tests {
             all.check(&bad_period),
             Err(CgroupError::Invalid { .. })
         ));
+        let bad_quota = Limits {
+            cpu_quota_us: Some(999),
+            ..Limits::default()
+        };
+        assert!(matches!(
+            all.check(&bad_quota),
+            Err(CgroupError::Invalid {
+                limit: "cpu_quota_us",
+                ..
+            })
+        ));
+        let unlimited = Limits {
+            cpu_quota_us: Some(-1),
+            cpu_period_us: Some(1_000_000),
+            ..Limits::default()
+        };
+        assert!(all.check(&unlimited).is_ok());
     }
 
-    // ---- privileged: real cgroups ----
+    // ---- on temporary directories standing in for cgroup mounts ----
 
-    fn root() -> bool {
-        let root = nix::unistd::geteuid().is_root();
-        if !root {
-            eprintln!("skipping: needs root");
-        }
-        root
-    }
-
-    fn instance() -> String {
-        static N: AtomicUsize = AtomicUsize::new(0);
+    fn mountinfo_line(fstype: &str, path: &Path, options: &str, super_options: &str) -> String {
         format!(
-            "test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
+            "40 31 0:40 / {} {options} - {fstype} {fstype} {super_options}\n",
+            path.display()
         )
-    }
-
-    /// Removes everything the test made, even when it fails half way.
-    struct Guard(Hierarchy);
-
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            let _ = self.0.remove_leftovers();
-            self.0.remove_base();
-        }
-    }
-
-    /// Kills and reaps its process whatever happens.
-    struct Child(std::process::Child);
-
-    impl Drop for Child {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    fn sleeper() -> Child {
-        Child(
-            Command::new("sleep")
-                .arg("30")
-                .spawn()
-                .expect("spawn sleep"),
-        )
-    }
-
-    fn read(path: &Path) -> String {
-        fs::read_to_string(path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-            .trim()
-            .to_string()
-    }
-
-    fn detect() -> Guard {
-        Guard(Hierarchy::detect(&instance()).expect("detect"))
     }
 
     #[test]
-    fn creates_with_limits() {
-        if !root() {
-            return;
+    fn detects_v1_mounts() {
+        let root = TmpDir::with_files("detect-v1", &[]);
+        let (mempids, cpu) = (root.0.join("memory,pids"), root.0.join("cpu,cpuacct"));
+        let readonly = root.0.join("ro-cpu");
+        for dir in [&mempids, &cpu, &readonly] {
+            fs::create_dir(dir).unwrap();
         }
-        let h = detect();
-        eprintln!("{}", h.0.describe());
-        let limits = Limits {
-            memory_bytes: Some(64 << 20),
-            cpu_quota_us: Some(50_000),
-            cpu_period_us: None,
-            cpu_shares: Some(512),
-            pids: Some(64),
-        };
-        let limits = Limits {
-            memory_bytes: limits
-                .memory_bytes
-                .filter(|_| h.0.version_of("memory").is_some()),
-            cpu_quota_us: limits
-                .cpu_quota_us
-                .filter(|_| h.0.version_of("cpu").is_some()),
-            cpu_shares: limits
-                .cpu_shares
-                .filter(|_| h.0.version_of("cpu").is_some()),
-            pids: limits.pids.filter(|_| h.0.version_of("pids").is_some()),
-            ..limits
-        };
-        let cg = h.0.create("c", &limits).expect("create");
-        assert_eq!(cg.name(), "c");
-        assert_eq!(h.0.names(), vec!["c"]);
-        assert!(matches!(
-            h.0.create("c", &limits),
-            Err(CgroupError::Exists { .. })
-        ));
-        for d in &cg.dirs {
-            let p = &d.path;
-            let has = |c| d.controllers.contains(&c);
-            match d.version {
-                Version::V1 => {
-                    if has("memory") {
-                        assert_eq!(read(&p.join("memory.limit_in_bytes")), "67108864");
-                        let memsw = p.join("memory.memsw.limit_in_bytes");
-                        if memsw.exists() {
-                            assert_eq!(read(&memsw), "67108864");
-                        }
-                    }
-                    if has("cpu") {
-                        assert_eq!(read(&p.join("cpu.cfs_quota_us")), "50000");
-                        assert_eq!(read(&p.join("cpu.cfs_period_us")), "100000");
-                        assert_eq!(read(&p.join("cpu.shares")), "512");
-                    }
-                }
-                Version::V2 => {
-                    if has("memory") {
-                        assert_eq!(read(&p.join("memory.max")), "67108864");
-                    }
-                    if has("cpu") {
-                        assert_eq!(read(&p.join("cpu.max")), "50000 100000");
-                        assert_eq!(read(&p.join("cpu.weight")), "20");
-                    }
-                }
-            }
-            if has("pids") {
-                assert_eq!(read(&p.join("pids.max")), "64");
-            }
+        let text = mountinfo_line("cgroup", &readonly, "ro,relatime", "rw,cpu")
+            + &mountinfo_line("cgroup", &mempids, "rw,relatime", "rw,memory,pids")
+            + &mountinfo_line("cgroup", &cpu, "rw,relatime", "rw,cpu,cpuacct");
+        let mounts = mountinfo::mounts(&text);
+        let h = Hierarchy::from_mounts(&mounts, "inst").unwrap();
+        assert_eq!(h.describe(), "cgroup v1 (memory, cpu, pids)");
+        // Comounted controllers share one base.
+        let bases: Vec<(&Path, &[&str])> = h
+            .dirs
+            .iter()
+            .map(|d| (d.path.as_path(), d.controllers.as_slice()))
+            .collect();
+        let (mempids_base, cpu_base) = (mempids.join("mitosis/inst"), cpu.join("mitosis/inst"));
+        assert_eq!(
+            bases,
+            vec![
+                (mempids_base.as_path(), &["memory", "pids"][..]),
+                (cpu_base.as_path(), &["cpu"][..])
+            ]
+        );
+        assert!(mempids_base.is_dir() && cpu_base.is_dir());
+        assert!(!readonly.join(TOP).exists());
+        // Idempotent: a restarted daemon finds the same bases.
+        let again = Hierarchy::from_mounts(&mounts, "inst").unwrap();
+        assert_eq!(again.dirs.len(), 2);
+        h.remove_base();
+        assert!(!mempids_base.exists() && mempids.join(TOP).is_dir());
+    }
+
+    #[test]
+    fn v2_mount_that_cannot_enable_is_passed_over() {
+        let root = TmpDir::with_files("detect-v2", &[]);
+        let (unified, memory) = (root.0.join("unified"), root.0.join("memory"));
+        fs::create_dir(&unified).unwrap();
+        fs::create_dir(&memory).unwrap();
+        fs::write(unified.join("cgroup.controllers"), "memory pids\n").unwrap();
+        fs::write(unified.join("cgroup.subtree_control"), "").unwrap();
+        let text = mountinfo_line("cgroup2", &unified, "rw", "rw")
+            + &mountinfo_line("cgroup", &memory, "rw", "rw,memory");
+        let h = Hierarchy::from_mounts(&mountinfo::mounts(&text), "inst").unwrap();
+        // A real v2 root would now list pids in its children's subtree_control; a plain
+        // directory does not, as when the kernel refuses to enable it.
+        assert_eq!(h.describe(), "cgroup v1 (memory), no cpu, no pids");
+        assert_eq!(read(&unified, "cgroup.subtree_control"), "+pids");
+        assert!(unified.join("mitosis/inst").is_dir());
+    }
+
+    /// A hierarchy of one v1 base under `root`, serving `controllers`; its directory is made
+    /// on the first create.
+    fn tmp_hierarchy(root: &TmpDir, controllers: &[&'static str]) -> Hierarchy {
+        Hierarchy {
+            dirs: vec![BaseDir {
+                version: Version::V1,
+                path: root.0.join("mitosis/inst"),
+                controllers: controllers.to_vec(),
+            }],
         }
-        if h.0.version_of("memory").is_some() {
-            assert_eq!(cg.memory_limit(), Some(64 << 20));
-            assert_eq!(cg.oom_kills(), 0);
-        }
-        let unlimited = h.0.create("u", &Limits::default()).expect("create u");
-        assert_eq!(unlimited.memory_limit(), None);
-        let paths: Vec<PathBuf> = cg.dirs.iter().map(|d| d.path.clone()).collect();
-        cg.destroy().expect("destroy");
-        unlimited.destroy().expect("destroy u");
-        assert!(paths.iter().all(|p| !p.exists()));
-        assert!(h.0.names().is_empty());
-        h.0.remove_base();
-        assert!(h.0.dirs.iter().all(|d| !d.path.exists()));
     }
 
     #[test]
     fn failed_create_rolls_back() {
-        if !root() {
-            return;
-        }
-        let h = detect();
-        if h.0.version_of("pids").is_none() {
-            eprintln!("skipping: no pids controller");
-            return;
-        }
-        // A bogus value only the kernel rejects, in the last controller written.
+        let root = TmpDir::with_files("create", &[]);
+        let h = tmp_hierarchy(&root, &["memory"]);
         let limits = Limits {
-            pids: Some(i64::MAX),
+            memory_bytes: Some(1 << 20),
             ..Limits::default()
         };
-        let err = h.0.create("r", &limits).unwrap_err();
-        assert!(matches!(err, CgroupError::Write { .. }), "{err}");
-        assert!(h.0.names().is_empty());
-    }
-
-    #[test]
-    fn add_lists_and_destroy_kills() {
-        if !root() {
-            return;
-        }
-        let h = detect();
-        let cg = h.0.create("a", &Limits::default()).expect("create");
-        let mut child = sleeper();
-        let pid = child.0.id() as i32;
-        cg.add(pid).expect("add");
-        assert_eq!(cg.pids(), vec![pid]);
-        assert!(matches!(cg.add(0), Err(CgroupError::InvalidPid(0))));
-        let paths: Vec<PathBuf> = cg.dirs.iter().map(|d| d.path.clone()).collect();
-        cg.destroy().expect("destroy");
-        assert!(paths.iter().all(|p| !p.exists()));
-        let status = child.0.wait().expect("wait");
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(libc::SIGKILL));
-    }
-
-    #[test]
-    fn removes_leftovers() {
-        if !root() {
-            return;
-        }
-        let name = instance();
-        let h = Guard(Hierarchy::detect(&name).expect("detect"));
-        let cg = h.0.create("left", &Limits::default()).expect("create");
-        let mut child = sleeper();
-        cg.add(child.0.id() as i32).expect("add");
-        drop(cg); // the daemon "crashes"
-        let again = Hierarchy::detect(&name).expect("detect again");
-        assert_eq!(again.names(), vec!["left"]);
-        assert_eq!(again.remove_leftovers().expect("remove"), 1);
-        assert!(again.names().is_empty());
-        let status = child.0.wait().expect("wait");
-        assert!(!status.success());
-        again.remove_base();
-    }
-
-    #[test]
-    fn counts_oom_kills() {
-        if !root() {
-            return;
-        }
-        let h = detect();
-        if h.0.version_of("memory").is_none() {
-            eprintln!("skipping: no memory controller");
-            return;
-        }
-        let limits = Limits {
-            memory_bytes: Some(32 << 20),
-            ..Limits::default()
-        };
-        let cg = h.0.create("oom", &limits).expect("create");
-        // Waits on stdin so that it is in the cgroup before it allocates; tail keeps all of a
-        // newline-free input, so it needs 300 MiB.
-        let mut child = Child(
-            Command::new("sh")
-                .args(["-c", "read x; head -c 300M /dev/zero | tail"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn sh"),
+        // A plain directory has no memory.limit_in_bytes, unlike a cgroup.
+        let err = h.create("c", &limits).unwrap_err();
+        let base = root.0.join("mitosis/inst");
+        assert!(
+            matches!(&err, CgroupError::Write { path, .. } if path == &base.join("c/memory.limit_in_bytes")),
+            "{err}"
         );
-        cg.add(child.0.id() as i32).expect("add");
-        let mut stdin = child.0.stdin.take().expect("stdin");
-        stdin.write_all(b"go\n").expect("write stdin");
-        drop(stdin);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = child.0.try_wait().expect("try_wait") {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "not killed within 60 s");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(!status.success());
-        assert!(cg.oom_kills() >= 1, "oom_kills = {}", cg.oom_kills());
-        cg.destroy().expect("destroy");
+        // Nor cgroup.procs.
+        let err = h.create("d", &Limits::default()).unwrap_err();
+        assert!(
+            matches!(&err, CgroupError::Open { path, .. } if path == &base.join("d/cgroup.procs")),
+            "{err}"
+        );
+        assert!(base.is_dir(), "the base was not made again");
+        assert!(h.names().is_empty());
+        // One that exists is refused and left alone: it is not ours to remove.
+        fs::create_dir(base.join("e")).unwrap();
+        assert!(matches!(
+            h.create("e", &Limits::default()),
+            Err(CgroupError::Exists { .. })
+        ));
+        assert_eq!(h.names(), vec!["e"]);
+        assert!(matches!(
+            h.create("../e", &Limits::default()),
+            Err(CgroupError::InvalidName(_))
+        ));
     }
 
-    /// The v2 paths (subtree_control, cgroup.kill) on whatever v2 mount this host has, even one
-    /// without our controllers, as on hybrid hosts.
-    #[test]
-    fn v2_add_and_destroy() {
-        if !root() {
-            return;
+    /// A cgroup in each of `dirs` under `root`, each with an empty cgroup.procs.
+    fn tmp_cgroup(root: &TmpDir, dirs: &[(&str, Version, &[&'static str])]) -> Cgroup {
+        let dirs = dirs
+            .iter()
+            .map(|(name, version, controllers)| {
+                let path = root.0.join(name);
+                fs::create_dir_all(&path).unwrap();
+                fs::write(path.join("cgroup.procs"), "").unwrap();
+                CgDir::open(*version, path, controllers.to_vec()).unwrap()
+            })
+            .collect();
+        Cgroup {
+            name: "c".into(),
+            dirs,
         }
-        let Ok(text) = fs::read_to_string(MOUNTINFO) else {
-            return;
-        };
-        let Some(mount) = parse_mountinfo(&text)
-            .into_iter()
-            .find(|m| m.version == Version::V2 && m.writable)
-        else {
-            eprintln!("skipping: no cgroup v2 mount");
-            return;
-        };
-        let base = mount.path.join(TOP).join(instance());
-        fs::create_dir_all(&base).expect("mkdir base");
-        let h = Guard(Hierarchy {
-            dirs: vec![BaseDir {
-                version: Version::V2,
-                path: base.clone(),
-                controllers: Vec::new(),
-            }],
-        });
-        let cg = h.0.create("k", &Limits::default()).expect("create");
-        let mut child = sleeper();
-        let pid = child.0.id() as i32;
-        cg.add(pid).expect("add");
-        assert_eq!(cg.pids(), vec![pid]);
-        assert_eq!(cg.oom_kills(), 0);
-        cg.destroy().expect("destroy");
-        assert!(!base.join("k").exists());
-        assert!(!child.0.wait().expect("wait").success());
-        h.0.remove_base();
-        assert!(!base.exists());
+    }
+
+    #[test]
+    fn add_writes_each_controller() {
+        let root = TmpDir::with_files("add", &[]);
+        let cg = tmp_cgroup(
+            &root,
+            &[
+                ("memory/c", Version::V1, &["memory"]),
+                ("unified/c", Version::V2, &["cpu", "pids"]),
+            ],
+        );
+        cg.add(4_194_304).unwrap();
+        assert_eq!(read(&root.0.join("memory/c"), "cgroup.procs"), "4194304");
+        assert_eq!(read(&root.0.join("unified/c"), "cgroup.procs"), "4194304");
+        for bad in [0, -1] {
+            assert!(matches!(cg.add(bad), Err(CgroupError::InvalidPid(p)) if p == bad));
+        }
+        // Members are read from every controller and from nested cgroups.
+        let nested = root.0.join("unified/c/n");
+        fs::create_dir(&nested).unwrap();
+        fs::write(nested.join("cgroup.procs"), "7\n12\n").unwrap();
+        assert_eq!(cg.pids(), vec![7, 12, 4_194_304]);
+    }
+
+    #[test]
+    fn add_reports_the_failed_write() {
+        let root = TmpDir::with_files("add-fail", &[]);
+        let mut cg = tmp_cgroup(&root, &[("c", Version::V2, &["pids"])]);
+        // As the kernel refuses a move (e.g. pids.max reached), /dev/full refuses every write.
+        cg.dirs[0].procs = OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let err = cg.add(5).unwrap_err();
+        assert!(
+            matches!(&err, CgroupError::Write { path, value, .. }
+                if path == &root.0.join("c/cgroup.procs") && value == "5"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn reads_memory_limit_and_oom_kills() {
+        let root = TmpDir::with_files("memory", &[]);
+        let v1 = tmp_cgroup(&root, &[("v1", Version::V1, &["memory"])]);
+        let v1_dir = root.0.join("v1");
+        assert_eq!(v1.memory_limit(), None, "no file");
+        assert_eq!(v1.oom_kills(), 0, "no file");
+        fs::write(v1_dir.join(v1::MEMORY_LIMIT), "67108864\n").unwrap();
+        fs::write(
+            v1_dir.join(v1::OOM_COUNTERS),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        )
+        .unwrap();
+        assert_eq!(v1.memory_limit(), Some(64 << 20));
+        assert_eq!(v1.oom_kills(), 3);
+        // v1's "unlimited" with 4 KiB and 64 KiB pages.
+        for unlimited in ["9223372036854771712\n", "9223372036854710272\n"] {
+            fs::write(v1_dir.join(v1::MEMORY_LIMIT), unlimited).unwrap();
+            assert_eq!(v1.memory_limit(), None, "{unlimited}");
+        }
+
+        let v2 = tmp_cgroup(&root, &[("v2", Version::V2, &["memory", "pids"])]);
+        let v2_dir = root.0.join("v2");
+        fs::write(v2_dir.join(v2::MEMORY_LIMIT), "max\n").unwrap();
+        fs::write(
+            v2_dir.join(v2::OOM_COUNTERS),
+            "low 0\nhigh 0\nmax 12\noom 2\noom_kill 1\noom_group_kill 0\n",
+        )
+        .unwrap();
+        assert_eq!(v2.memory_limit(), None);
+        assert_eq!(v2.oom_kills(), 1);
+        fs::write(v2_dir.join(v2::MEMORY_LIMIT), "1048576\n").unwrap();
+        assert_eq!(v2.memory_limit(), Some(1 << 20));
+
+        let no_memory = tmp_cgroup(&root, &[("cpu", Version::V1, &["cpu"])]);
+        fs::write(root.0.join("cpu").join(v1::MEMORY_LIMIT), "4096\n").unwrap();
+        assert_eq!(no_memory.memory_limit(), None);
+        assert_eq!(no_memory.oom_kills(), 0);
+    }
+
+    #[test]
+    fn destroy_and_leftovers_remove_nested_dirs() {
+        let root = TmpDir::with_files("destroy", &[]);
+        let cg = tmp_cgroup(&root, &[("a/c", Version::V1, &["memory"])]);
+        // A kernel's cgroup directory can be removed with its files; a plain one cannot.
+        fs::remove_file(root.0.join("a/c/cgroup.procs")).unwrap();
+        fs::create_dir_all(root.0.join("a/c/n1/n2")).unwrap();
+        cg.destroy().unwrap();
+        assert!(!root.0.join("a/c").exists());
+
+        let h = tmp_hierarchy(&root, &["pids"]);
+        let base = root.0.join("mitosis/inst");
+        fs::create_dir_all(base.join("l1")).unwrap();
+        fs::create_dir_all(base.join("l2/nested")).unwrap();
+        assert_eq!(h.names(), vec!["l1", "l2"]);
+        assert_eq!(h.remove_leftovers().unwrap(), 2);
+        assert!(h.names().is_empty());
+        // rmdir's other errors are reported, not waited out.
+        fs::create_dir_all(base.join("l3")).unwrap();
+        fs::write(base.join("l3/junk"), "").unwrap();
+        assert!(matches!(
+            h.remove_leftovers(),
+            Err(CgroupError::Remove { path, .. }) if path == base.join("l3")
+        ));
     }
 }
