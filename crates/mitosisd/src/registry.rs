@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use mitosis_descriptor::{Descriptor, KEY_LEN};
 use mitosis_fork::Twin;
 use mitosis_sys::mem::RemoteMemory;
-use mitosis_transport::peer::RemoteError;
+use mitosis_transport::peer::{NONCE_LEN, RemoteError, Sealed};
 
 pub struct Seed {
     pub id: u64,
@@ -78,6 +78,11 @@ impl Seed {
             .zip(key)
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+    }
+
+    /// True if this seed's key made `sealed`'s MAC on the connection that said `nonce`.
+    pub fn verify(&self, sealed: &Sealed<'_>, nonce: &[u8; NONCE_LEN]) -> bool {
+        sealed.seed == self.id && sealed.verify(&self.key, nonce)
     }
 
     /// Checks that every run lies inside one of the seed's mappings.
