@@ -2,6 +2,7 @@
 //! resumes children of any seed on request, each forked from this host's replica of the seed.
 
 pub mod accept;
+pub mod access;
 pub mod bootstrap;
 pub mod cache;
 pub mod containers;

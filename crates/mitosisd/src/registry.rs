@@ -12,6 +12,9 @@ pub struct Seed {
     pub id: u64,
     pub pid: i32,
     key: [u8; KEY_LEN],
+    /// The uid of whoever prepared it (over the control socket): only they, and root, may
+    /// use it through this host's control socket.
+    pub owner: u32,
     pub descriptor: Descriptor,
     pub encoded: Vec<u8>,
     pub memory: Arc<RemoteMemory>,
@@ -29,6 +32,7 @@ impl Seed {
     pub fn new(
         pid: i32,
         key: [u8; KEY_LEN],
+        owner: u32,
         prepared: mitosis_fork::Prepared,
         encoded: Vec<u8>,
     ) -> Self {
@@ -36,6 +40,7 @@ impl Seed {
             id: prepared.descriptor.seed_id,
             pid,
             key,
+            owner,
             memory: prepared.twin.memory().clone(),
             descriptor: prepared.descriptor,
             encoded,
