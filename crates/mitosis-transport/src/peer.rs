@@ -138,11 +138,16 @@ fn mac(
 /// `nonce`.
 pub fn seal(seed: &SeedRef, nonce: &[u8; NONCE_LEN], seq: u64, request: &Request) -> Vec<u8> {
     let body = postcard::to_stdvec(request).expect("requests serialize to memory");
+    seal_body(seed, nonce, seq, &body)
+}
+
+/// [`seal`] of an already encoded request (or of any bytes: tests send malformed ones).
+pub fn seal_body(seed: &SeedRef, nonce: &[u8; NONCE_LEN], seq: u64, body: &[u8]) -> Vec<u8> {
     let sealed = Sealed {
         seed: seed.id,
         seq,
-        mac: *mac(&seed.key, nonce, seed.id, seq, &body).as_bytes(),
-        body: &body,
+        mac: *mac(&seed.key, nonce, seed.id, seq, body).as_bytes(),
+        body,
     };
     frame::encode(&sealed)
 }
