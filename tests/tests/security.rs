@@ -633,18 +633,6 @@ fn a_cold_host_resume_puts_no_key_bytes_on_the_wire() {
         (0, 0),
         "an incomplete capture"
     );
-    let bytes: usize = captured.packets.iter().map(Vec::len).sum();
-    // It saw the page server's traffic: its hello, and the pages (the seed has ~20 MiB).
-    let hello = [&b"MTPS"[..], &2u32.to_le_bytes()].concat();
-    assert!(
-        captured
-            .packets
-            .iter()
-            .any(|p| p.windows(8).any(|w| w == hello)),
-        "no hello among {} packets",
-        captured.packets.len()
-    );
-    assert!(bytes > 8 << 20, "only {bytes} bytes captured");
     // Neither the key, nor any 16 bytes of it (a key split across packets), nor its hex.
     for (i, p) in captured.packets.iter().enumerate() {
         for part in key.windows(16) {
@@ -658,6 +646,18 @@ fn a_cold_host_resume_puts_no_key_bytes_on_the_wire() {
             "packet {i} carries the key in hex"
         );
     }
+    let bytes: usize = captured.packets.iter().map(Vec::len).sum();
+    // And it saw the page server's traffic: its hello, and the pages (the seed has ~20 MiB).
+    let hello = [&b"MTPS"[..], &2u32.to_le_bytes()].concat();
+    assert!(
+        captured
+            .packets
+            .iter()
+            .any(|p| p.windows(8).any(|w| w == hello)),
+        "no hello among {} packets",
+        captured.packets.len()
+    );
+    assert!(bytes > 8 << 20, "only {bytes} bytes captured");
     eprintln!(
         "{} packets, {bytes} bytes captured on the cold host",
         captured.packets.len()
