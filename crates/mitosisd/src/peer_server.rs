@@ -14,8 +14,9 @@
 //! decoded only after its MAC checks out (and then with bounded run counts). So peers
 //! without a key cost at most about 512 × (64 + 4) KiB ≈ 34 MiB over an idle daemon. A
 //! connection must send its first request within [`FIRST_REQUEST_TIMEOUT`] and each frame's
-//! body within [`REQUEST_TIMEOUT`] of its header; an idle one is closed after
-//! [`IDLE_TIMEOUT`] (pools replace it transparently).
+//! body within [`REQUEST_TIMEOUT`] of its header, and read each answer within
+//! [`WRITE_TIMEOUT`]; an idle one is closed after [`IDLE_TIMEOUT`] (pools replace it
+//! transparently).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -48,6 +49,9 @@ pub const MAX_PER_ADDRESS: usize = 64;
 pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection may wait idle for its next request.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long one write (an answer, or a bootstrap's page bytes) may wait for the peer to
+/// read; its own requests time out well before (5 s).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a peer connection ended.
 #[derive(Debug, Error)]
@@ -58,6 +62,8 @@ pub enum ConnError {
     Idle(Duration),
     #[error("a request's body did not come within {0:?}")]
     SlowBody(Duration),
+    #[error("the peer read nothing for {0:?}")]
+    NotReading(Duration),
     #[error("a request frame of {0} bytes (at most {MAX_REQUEST_FRAME})")]
     TooLarge(usize),
     #[error("malformed request: {0}")]
@@ -173,9 +179,7 @@ async fn connection(
 ) -> Result<(), ConnError> {
     stream.set_nodelay(true)?;
     let hello = Hello::fresh().map_err(ConnError::Random)?;
-    timeout(REQUEST_TIMEOUT, stream.write_all(&hello.frame()))
-        .await
-        .map_err(|_| ConnError::Idle(REQUEST_TIMEOUT))??;
+    send(&mut stream, &hello.frame()).await?;
     // The last sequence number accepted: each request must carry a larger one.
     let mut last_seq: Option<u64> = None;
     let mut wait = FIRST_REQUEST_TIMEOUT;
@@ -190,7 +194,7 @@ async fn connection(
             Ok(seed) => seed,
             Err(e) => {
                 tracing::debug!(%peer, seed = sealed.seed, "refused a request: {e}");
-                frame::write(&mut stream, &Response::Error(e)).await?;
+                send(&mut stream, &frame::encode(&Response::Error(e))).await?;
                 continue;
             }
         };
@@ -210,10 +214,19 @@ async fn connection(
             },
             request => {
                 let response = answer(request, &seed, daemon).unwrap_or_else(Response::Error);
-                frame::write(&mut stream, &response).await?;
+                send(&mut stream, &frame::encode(&response)).await?;
             }
         }
     }
+}
+
+/// Writes `bytes` unless the peer stops reading for [`WRITE_TIMEOUT`]: a peer that sends
+/// requests and reads no answer would otherwise hold its connection forever.
+async fn send(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), ConnError> {
+    timeout(WRITE_TIMEOUT, stream.write_all(bytes))
+        .await
+        .map_err(|_| ConnError::NotReading(WRITE_TIMEOUT))?
+        .map_err(ConnError::from)
 }
 
 /// Reads the next request frame's body into `body`: its header within `wait`, its body
