@@ -352,8 +352,8 @@ fn a_stalled_bootstrap_holds_up_no_other_seeds_resume() {
     teardown(tb);
 }
 
-/// A TCP proxy on host 0, in front of its daemon, for one connection at a time: requests pass
-/// whole, answers too, except a bootstrap's, of which only the first frame and then `keep`
+/// A TCP proxy on host 0, in front of its daemon, for one connection at a time: the hello,
+/// requests and answers pass whole, except a bootstrap's, of which only the first frame and then `keep`
 /// bytes pass. Then both connections are closed and the proxy stops (its thread ends, so
 /// nothing holds host 0's namespace at teardown); with `stall`, the proxy first holds them
 /// open, sending nothing more, until the client closes its end.
@@ -401,6 +401,9 @@ fn stalling_proxy(
             for s in [&client, &server] {
                 s.set_read_timeout(limit).unwrap();
             }
+            // The server's hello (its nonce) goes first.
+            let hello = frame(&mut server).expect("a hello");
+            client.write_all(&hello).expect("proxy passes the hello");
             while let Some(request) = frame(&mut client) {
                 server.write_all(&request).expect("proxy forwards");
                 let answer = frame(&mut server).expect("an answer");

@@ -5,6 +5,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -33,8 +34,9 @@ const LOG_TAIL_BYTES: u64 = 4096;
 
 /// The daemon run on every host of a testbed.
 ///
-/// It is started as `BIN --listen 10.77.0.X:PORT --socket DIR/hostI.sock
-/// [EXTRA_ARGS...]` inside the host's namespace, with stdout and stderr
+/// It is started as `BIN --listen 10.77.0.X:PORT --socket DIR/hostI/mitosisd.sock
+/// [EXTRA_ARGS...]` inside the host's namespace (the socket's directory is the daemon's to
+/// make: mitosisd wants it private), with stdout and stderr
 /// appended to `DIR/hostI.log`. It counts as ready once its unix socket
 /// accepts a connection (which is closed right away, without a request), so
 /// it should bind its TCP listener before its unix socket.
@@ -46,6 +48,8 @@ pub struct DaemonConfig {
     pub port: u16,
     /// Arguments appended after `--listen` and `--socket`.
     pub extra_args: Vec<String>,
+    /// The umask it starts with (the test process's if `None`).
+    pub umask: Option<u32>,
 }
 
 impl DaemonConfig {
@@ -55,6 +59,7 @@ impl DaemonConfig {
             bin: bin.into(),
             port,
             extra_args: Vec::new(),
+            umask: None,
         }
     }
 }
@@ -88,7 +93,7 @@ impl Host {
             testbed_id: testbed_id.to_owned(),
             netns,
             addr,
-            socket_path: dir.join(format!("host{index}.sock")),
+            socket_path: dir.join(format!("host{index}")).join("mitosisd.sock"),
             log_path: dir.join(format!("host{index}.log")),
             daemon_config,
             daemon: Mutex::new(None),
@@ -260,6 +265,16 @@ impl Host {
             .arg("--socket")
             .arg(&self.socket_path)
             .args(&config.extra_args);
+        if let Some(mask) = config.umask {
+            // SAFETY: runs in the forked child before exec; umask(2) is async-signal-safe
+            // and cannot fail.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask as libc::mode_t);
+                    Ok(())
+                });
+            }
+        }
         let command_line = format!("{cmd:?}");
 
         let log_context = || format!("opening daemon log {}", self.log_path.display());

@@ -355,6 +355,8 @@ fn fake_daemon() {
     let testbed = helper_var(TESTBED_ID_ENV);
     // TCP first: a connectable unix socket means the daemon is ready.
     let tcp = TcpListener::bind(&listen).expect("bind TCP");
+    // The socket's directory is the daemon's to make.
+    std::fs::create_dir_all(Path::new(&socket).parent().expect("socket dir")).expect("socket dir");
     let unix = UnixListener::bind(&socket).expect("bind unix socket");
     println!("fake daemon of {testbed} on {listen} and {socket}");
     thread::spawn(move || {

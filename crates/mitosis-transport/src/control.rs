@@ -2,6 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Largest request frame a daemon reads: requests carry a handle, a path or a pid.
+pub const MAX_REQUEST_FRAME: usize = 64 << 10;
+/// Most descriptors a request may come with (a resume's stdio and listening socket).
+pub const MAX_REQUEST_FDS: usize = 4;
+
 /// What the CLI asks of its local daemon.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {

@@ -31,9 +31,11 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     out
 }
 
-fn check_len(header: [u8; 4]) -> Result<usize, FrameError> {
+/// The body length a frame header announces, refused above `max` before anything is
+/// allocated for it.
+pub fn body_len(header: [u8; 4], max: usize) -> Result<usize, FrameError> {
     let len = u32::from_le_bytes(header) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         return Err(FrameError::TooLarge(len));
     }
     Ok(len)
@@ -56,11 +58,24 @@ pub async fn write<W: AsyncWrite + Unpin, T: Serialize>(
 }
 
 pub async fn read<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
+    read_limited(r, MAX_FRAME).await
+}
+
+/// Reads one frame whose body is at most `max` bytes (refused before it is read).
+pub async fn read_limited<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    r: &mut R,
+    max: usize,
+) -> Result<T, FrameError> {
+    Ok(postcard::from_bytes(&read_body(r, max).await?)?)
+}
+
+/// The undecoded body of one frame of at most `max` bytes.
+pub async fn read_body<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8>, FrameError> {
     let mut header = [0u8; 4];
     r.read_exact(&mut header).await.map_err(closed_on_eof)?;
-    let mut body = vec![0u8; check_len(header)?];
+    let mut body = vec![0u8; body_len(header, max)?];
     r.read_exact(&mut body).await.map_err(closed_on_eof)?;
-    Ok(postcard::from_bytes(&body)?)
+    Ok(body)
 }
 
 pub fn write_blocking<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
@@ -71,7 +86,7 @@ pub fn write_blocking<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), 
 pub fn read_blocking<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
     let mut header = [0u8; 4];
     r.read_exact(&mut header).map_err(closed_on_eof)?;
-    let mut body = vec![0u8; check_len(header)?];
+    let mut body = vec![0u8; body_len(header, MAX_FRAME)?];
     r.read_exact(&mut body).map_err(closed_on_eof)?;
     Ok(postcard::from_bytes(&body)?)
 }
@@ -79,10 +94,19 @@ pub fn read_blocking<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, Frame
 /// Decodes the frame at the front of `bytes`, or `None` while it is incomplete; used where
 /// frames arrive with descriptors attached and are read in pieces.
 pub fn try_decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<Option<T>, FrameError> {
+    try_decode_limited(bytes, MAX_FRAME)
+}
+
+/// [`try_decode`] of a frame whose body is at most `max` bytes: a larger one is refused as
+/// soon as its header is in.
+pub fn try_decode_limited<T: DeserializeOwned>(
+    bytes: &[u8],
+    max: usize,
+) -> Result<Option<T>, FrameError> {
     let Some(header) = bytes.get(..4) else {
         return Ok(None);
     };
-    let len = check_len(header.try_into().expect("4 bytes"))?;
+    let len = body_len(header.try_into().expect("4 bytes"), max)?;
     let Some(body) = bytes.get(4..4 + len) else {
         return Ok(None);
     };
@@ -108,6 +132,24 @@ mod tests {
         let huge = (MAX_FRAME as u32 + 1).to_le_bytes();
         let r: Result<u32, _> = read_blocking(&mut huge.as_slice());
         assert!(matches!(r, Err(FrameError::TooLarge(_))));
+    }
+
+    #[tokio::test]
+    async fn limits_refuse_before_reading_the_body() {
+        let big = encode(&vec![7u8; 100]);
+        assert!(matches!(
+            try_decode_limited::<Vec<u8>>(&big[..4], 50),
+            Err(FrameError::TooLarge(_))
+        ));
+        assert!(
+            try_decode_limited::<Vec<u8>>(&big[..10], 200)
+                .unwrap()
+                .is_none()
+        );
+        let r: Result<Vec<u8>, _> = read_limited(&mut big.as_slice(), 50).await;
+        assert!(matches!(r, Err(FrameError::TooLarge(_))));
+        let v: Vec<u8> = read_limited(&mut big.as_slice(), 200).await.unwrap();
+        assert_eq!(v.len(), 100);
     }
 
     #[tokio::test]

@@ -1,27 +1,42 @@
 //! The local control socket: the CLI's requests.
+//!
+//! The socket is root's alone (0600 in a 0700 directory, see `main`), and whoever connects
+//! is checked anyway (SO_PEERCRED), in case its mode was widened: root may ask anything; any
+//! other user may ask the status, prepare a process it could ptrace itself, and drop,
+//! inspect or evict seeds of this host it prepared.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use mitosis_descriptor::Handle;
 use mitosis_sys::fdpass;
-use mitosis_transport::control::{Event, PrepareStats, Request};
+use mitosis_transport::control::{
+    Event, MAX_REQUEST_FDS, MAX_REQUEST_FRAME, PrepareStats, Request,
+};
 use mitosis_transport::frame;
 use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::Daemon;
+use crate::accept::Backoff;
+use crate::access::{self, Caller};
 use crate::cache::SeedKey;
 use crate::containers::SeedContainer;
 use crate::registry::Seed;
 use mitosis_descriptor::ContainerRef;
 
+/// How long after connecting a client may take to send its request.
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+    let mut backoff = Backoff::new("control connections");
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                backoff.accepted();
                 let daemon = daemon.clone();
                 tokio::spawn(async move {
                     if let Err(e) = connection(stream, daemon).await {
@@ -29,17 +44,35 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
                     }
                 });
             }
-            Err(e) => tracing::warn!("accept: {e}"),
+            Err(e) => backoff.failed(&e).await,
         }
     }
 }
 
 async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<()> {
-    let Some((request, fds)) = recv_first(&stream).await? else {
+    let cred = stream.peer_cred()?;
+    let caller = Caller {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    };
+    let first = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, recv_first(&stream))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))?;
+    let Some((request, fds)) = first? else {
         return Ok(());
     };
+    if let Err(why) = authorize(&daemon, &caller, &request) {
+        tracing::info!(uid = caller.uid, pid = ?caller.pid, "{why}");
+        return frame::write(&mut stream, &Event::Error(why))
+            .await
+            .map_err(io::Error::other);
+    }
     let event = match request {
-        Request::Prepare { pid } => prepare(&daemon, pid, None).await,
+        Request::Prepare { pid } => {
+            let event = prepare(&daemon, pid, None, caller.uid).await;
+            recheck(&daemon, &caller, pid, event).await
+        }
         Request::PrepareBundle {
             bundle,
             ready_timeout_ms,
@@ -56,13 +89,81 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<(
         .map_err(io::Error::other)
 }
 
-/// Reads the first request, with the descriptors sent along with it.
+/// Why `caller` may not make `request`, if it may not: one line for the user.
+fn authorize(daemon: &Daemon, caller: &Caller, request: &Request) -> Result<(), String> {
+    if caller.is_root() {
+        return Ok(());
+    }
+    let uid = caller.uid;
+    let root_only = |what: &str, why: &str| {
+        Err(format!(
+            "refused: only root may {what} ({why}; caller uid {uid})"
+        ))
+    };
+    match request {
+        Request::Status | Request::Signal { .. } => Ok(()),
+        Request::Prepare { pid } => access::may_trace(caller, *pid)
+            .map_err(|why| format!("refused: uid {uid} may not prepare pid {pid}: {why} (only processes it could ptrace)")),
+        Request::PrepareBundle { .. } => root_only("prepare a bundle", "its seed runs as root in a container"),
+        // The child is the daemon's, with its credentials: a user's seed would run as root.
+        Request::Resume { .. } => root_only("resume", "children run with the daemon's credentials"),
+        Request::Drop { handle } => own_seed(daemon, uid, "drop", handle),
+        Request::Inspect { handle } => own_seed(daemon, uid, "inspect", handle),
+        Request::Evict { handle } => own_seed(daemon, uid, "evict", handle),
+    }
+}
+
+/// Ok if `handle` names a seed of this host that `uid` prepared (or none: the request itself
+/// then says there is no such seed).
+fn own_seed(daemon: &Daemon, uid: u32, verb: &str, handle: &str) -> Result<(), String> {
+    let h: Handle = handle
+        .parse()
+        .map_err(|e: mitosis_descriptor::HandleError| e.to_string())?;
+    if h.host != daemon.listen {
+        return Err(format!(
+            "refused: only root may {verb} seeds of other hosts ({}; caller uid {uid})",
+            h.host
+        ));
+    }
+    match daemon.registry.get(h.seed_id) {
+        Some(seed) if seed.owner != uid => Err(format!(
+            "refused: uid {uid} may not {verb} seed {}: another user prepared it",
+            h.seed_id
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A process prepared for a user other than root must still be one it could ptrace once
+/// captured (it could have run a setuid program in between): if not, the seed goes.
+async fn recheck(daemon: &Daemon, caller: &Caller, pid: i32, event: Event) -> Event {
+    let Event::Prepared { handle, .. } = &event else {
+        return event;
+    };
+    let Err(why) = access::may_trace(caller, pid) else {
+        return event;
+    };
+    if let Ok(h) = handle.parse::<Handle>()
+        && let Some(seed) = daemon.registry.remove(h.seed_id)
+    {
+        release(daemon, &seed).await;
+    }
+    Event::Error(format!(
+        "refused: uid {} may not prepare pid {pid}: {why} (it changed while it was prepared)",
+        caller.uid
+    ))
+}
+
+/// Reads the first request, with the descriptors sent along with it. A request larger than
+/// [`MAX_REQUEST_FRAME`] or with more than [`MAX_REQUEST_FDS`] descriptors is refused.
 async fn recv_first(stream: &UnixStream) -> io::Result<Option<(Request, Vec<OwnedFd>)>> {
     let mut buf = Vec::new();
     let mut fds = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut chunk = vec![0u8; 4096];
     loop {
-        if let Some(req) = frame::try_decode(&buf).map_err(io::Error::other)? {
+        if let Some(req) =
+            frame::try_decode_limited(&buf, MAX_REQUEST_FRAME).map_err(io::Error::other)?
+        {
             return Ok(Some((req, fds)));
         }
         stream.readable().await?;
@@ -73,6 +174,11 @@ async fn recv_first(stream: &UnixStream) -> io::Result<Option<(Request, Vec<Owne
             Ok((n, mut got)) => {
                 buf.extend_from_slice(&chunk[..n]);
                 fds.append(&mut got);
+                if fds.len() > MAX_REQUEST_FDS {
+                    return Err(io::Error::other(format!(
+                        "a request with more than {MAX_REQUEST_FDS} descriptors"
+                    )));
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
@@ -111,19 +217,21 @@ async fn prepare_bundle(daemon: &Arc<Daemon>, dir: &str, ready_timeout_ms: u64) 
         },
         warm_us: started.elapsed().as_micros() as u64,
     };
-    prepare_with_id(daemon, pid, id, Some(from)).await
+    prepare_with_id(daemon, pid, id, Some(from), 0).await
 }
 
-async fn prepare(daemon: &Arc<Daemon>, pid: i32, from: Option<FromBundle>) -> Event {
+async fn prepare(daemon: &Arc<Daemon>, pid: i32, from: Option<FromBundle>, owner: u32) -> Event {
     let id = daemon.registry.next_id();
-    prepare_with_id(daemon, pid, id, from).await
+    prepare_with_id(daemon, pid, id, from, owner).await
 }
 
+/// Prepares `pid` as seed `id` for the user `owner`.
 async fn prepare_with_id(
     daemon: &Arc<Daemon>,
     pid: i32,
     id: u64,
     from: Option<FromBundle>,
+    owner: u32,
 ) -> Event {
     let started = std::time::Instant::now();
     let files = daemon.files.clone();
@@ -171,7 +279,7 @@ async fn prepare_with_id(
             .sum(),
         descriptor_bytes: encoded.len() as u64,
     };
-    let seed = Seed::new(pid, key, prepared, encoded, tracer);
+    let seed = Seed::new(pid, key, owner, prepared, encoded, tracer);
     *seed.container.lock().expect("container lock") = from.map(|f| f.container);
     let seed = daemon.registry.insert(seed);
     let twin = seed
@@ -291,12 +399,15 @@ async fn destroy_seed_container(c: SeedContainer) {
 fn status(daemon: &Daemon) -> String {
     let c = &daemon.counters;
     let mut out = format!(
-        "listen {}\nseeds {}\nchildren running {}\nchildren started {}\nbytes served {}\n",
+        "listen {}\nseeds {}\nchildren running {}\nchildren started {}\nbytes served {}\n\
+         peer connections {}\npeer connections refused {}\n",
         daemon.listen,
         daemon.registry.len(),
         c.children_running.load(Ordering::Relaxed),
         c.children_started.load(Ordering::Relaxed),
         c.bytes_served.load(Ordering::Relaxed),
+        c.peer_connections.load(Ordering::Relaxed),
+        c.peer_refused.load(Ordering::Relaxed),
     );
     for seed in daemon.registry.all() {
         out.push_str(&format!(

@@ -1,6 +1,8 @@
 //! `mitosisd`, the daemon of one host: it prepares seeds, serves their pages to peers, and
 //! resumes children of any seed on request, each forked from this host's replica of the seed.
 
+pub mod accept;
+pub mod access;
 pub mod bootstrap;
 pub mod cache;
 pub mod containers;
@@ -55,6 +57,10 @@ pub struct Counters {
     pub children_running: AtomicU64,
     /// Page bytes this host's page server sent to peers.
     pub bytes_served: AtomicU64,
+    /// Page-server connections open now.
+    pub peer_connections: AtomicU64,
+    /// Page-server connections closed at once, over the limits.
+    pub peer_refused: AtomicU64,
 }
 
 /// Drops replicas whose seed is gone from its host, every `period`.

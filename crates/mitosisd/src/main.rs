@@ -1,7 +1,8 @@
 //! `mitosisd`: the mitosis daemon of one host.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +61,42 @@ struct Args {
     bootstrap_codec: Codec,
 }
 
+/// Makes sure the socket's directory is the daemon's alone: created 0700 (whatever the
+/// umask) if missing; an existing one must already be 0700 and the daemon's, as tightening a
+/// shared directory (/run, /tmp) would break others.
+fn private_dir(socket: &Path) -> Result<()> {
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        // Its parents are not ours to restrict.
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        // The umask may have taken bits off, never added: set it exactly.
+        Ok(()) => {
+            return std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("making {} private", dir.display()));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    let euid = nix::unistd::geteuid().as_raw();
+    anyhow::ensure!(
+        meta.is_dir() && mode & 0o077 == 0 && meta.uid() == euid,
+        "the control socket's directory {} has mode {mode:04o} and owner uid {}: it must be the \
+         daemon's alone (mode 0700, uid {euid}); remove it to have it made, or put --socket in \
+         a directory of its own",
+        dir.display(),
+        meta.uid()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -69,6 +106,8 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // First: the cgroup mount below goes next to the socket, in its private directory.
+    private_dir(&args.socket)?;
     // Before any thread exists: a mount namespace can only be entered single-threaded.
     let favor_dir = args.socket.with_extension("cgroup");
     if let Err(e) = mitosis_container::fastmove::favor_dynamic_moves(&favor_dir) {
@@ -110,12 +149,13 @@ async fn run(args: Args) -> Result<()> {
     let tcp = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    if let Some(dir) = args.socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
     let _ = std::fs::remove_file(&args.socket);
     let unix = UnixListener::bind(&args.socket)
         .with_context(|| format!("binding {}", args.socket.display()))?;
+    // Whatever the umask made it; nobody else could reach it meanwhile (its directory is
+    // private).
+    std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private", args.socket.display()))?;
 
     let stubs = Arc::new(StubPool::new(&stub, args.stub_pool).context("starting the stub pool")?);
     // Twins a crashed predecessor left are zombies of their seeds: reap them.

@@ -1,87 +1,295 @@
 //! The page server: other hosts' daemons fetch descriptors and pages of our seeds.
 //!
-//! Requests are stateless (each names its seed and key), so peers keep a few pooled
-//! connections and send any child's requests over any of them.
+//! Requests are stateless (each names its seed), so peers keep a few pooled connections and
+//! send any child's requests over any of them. Each connection starts with a hello carrying
+//! a fresh nonce; each request carries a MAC made with the seed's key over that nonce and a
+//! sequence number (see `mitosis_transport::peer`), checked before the request is decoded.
+//!
+//! # What an unauthenticated peer can cost
+//!
+//! At most [`MAX_CONNECTIONS`] connections are open (at most [`MAX_PER_ADDRESS`] per peer
+//! address; more are closed at once). Each holds at most one request frame
+//! ([`MAX_REQUEST_FRAME`], 64 KiB, refused on its header before anything is allocated) and
+//! a task of a few KiB; the envelope borrows from the frame, and the request inside is
+//! decoded only after its MAC checks out (and then with bounded run counts). So peers
+//! without a key cost at most about 512 × (64 + 4) KiB ≈ 34 MiB over an idle daemon. A
+//! connection must send its first request within [`FIRST_REQUEST_TIMEOUT`] and each frame's
+//! body within [`REQUEST_TIMEOUT`] of its header, and read each answer within
+//! [`WRITE_TIMEOUT`]; an idle one is closed after [`IDLE_TIMEOUT`] (pools replace it
+//! transparently).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use mitosis_fork::source::read_runs;
-use mitosis_transport::frame;
-use mitosis_transport::peer::{RemoteError, Request, Response, SeedRef};
-use tokio::io::AsyncWriteExt;
+use mitosis_transport::frame::{self, FrameError};
+use mitosis_transport::peer::{
+    Hello, MAX_PAGES_PER_REQUEST, MAX_REQUEST_FRAME, RemoteError, Request, Response, Sealed,
+};
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
 
 use crate::Daemon;
+use crate::accept::Backoff;
 use crate::bootstrap;
+use crate::peer_source::REQUEST_TIMEOUT;
 use crate::registry::Seed;
 
-/// Most pages one request may ask for (16 MiB).
-pub const MAX_PAGES_PER_REQUEST: u64 = 4096;
+/// Most page-server connections open at once.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Most page-server connections open from one address (a peer's pool opens at most
+/// `MAX_OPEN_PER_PEER`, 32).
+pub const MAX_PER_ADDRESS: usize = 64;
+/// How long after accept the first request may take.
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection may wait idle for its next request.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long one write (an answer, or a bootstrap's page bytes) may wait for the peer to
+/// read; its own requests time out well before (5 s).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a peer connection ended.
+#[derive(Debug, Error)]
+pub enum ConnError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("no request within {0:?}")]
+    Idle(Duration),
+    #[error("a request's body did not come within {0:?}")]
+    SlowBody(Duration),
+    #[error("the peer read nothing for {0:?}")]
+    NotReading(Duration),
+    #[error("a request frame of {0} bytes (at most {MAX_REQUEST_FRAME})")]
+    TooLarge(usize),
+    #[error("malformed request: {0}")]
+    Malformed(postcard::Error),
+    #[error("no randomness for the hello: {0}")]
+    Random(getrandom::Error),
+}
+
+impl From<std::io::Error> for ConnError {
+    fn from(e: std::io::Error) -> Self {
+        ConnError::Frame(FrameError::Io(e))
+    }
+}
+
+/// Open connections per address, and in all.
+#[derive(Default)]
+struct Open {
+    per_address: HashMap<IpAddr, usize>,
+    total: usize,
+}
+
+/// A connection's place under the limits, given back when it ends.
+struct Slot {
+    open: Arc<Mutex<Open>>,
+    ip: IpAddr,
+    daemon: Arc<Daemon>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().expect("limits lock");
+        open.total -= 1;
+        if let Some(n) = open.per_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.per_address.remove(&self.ip);
+            }
+        }
+        self.daemon
+            .counters
+            .peer_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
+    let open = Arc::new(Mutex::new(Open::default()));
+    let mut backoff = Backoff::new("peer connections");
+    // Connections refused since the last one admitted, logged once per burst.
+    let mut refused_burst = 0u64;
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let daemon = daemon.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = connection(stream, &daemon).await {
-                        tracing::debug!(%peer, "peer connection ended: {e}");
-                    }
-                });
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                backoff.failed(&e).await;
+                continue;
             }
-            Err(e) => tracing::warn!("accept: {e}"),
+        };
+        backoff.accepted();
+        let admitted = {
+            let mut open = open.lock().expect("limits lock");
+            let here = open.per_address.get(&peer.ip()).copied().unwrap_or(0);
+            let fits = open.total < MAX_CONNECTIONS && here < MAX_PER_ADDRESS;
+            if fits {
+                open.total += 1;
+                *open.per_address.entry(peer.ip()).or_default() += 1;
+            } else if refused_burst == 0 {
+                tracing::warn!(
+                    %peer,
+                    from_address = here,
+                    total = open.total,
+                    "refusing peer connections over the limits ({MAX_PER_ADDRESS} per address, \
+                     {MAX_CONNECTIONS} in all); counting them quietly until one is admitted"
+                );
+            }
+            fits
+        };
+        if !admitted {
+            refused_burst += 1;
+            daemon.counters.peer_refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
         }
+        if refused_burst > 0 {
+            tracing::warn!(
+                "admitting peer connections again; refused {refused_burst} over the limits"
+            );
+            refused_burst = 0;
+        }
+        daemon
+            .counters
+            .peer_connections
+            .fetch_add(1, Ordering::Relaxed);
+        let slot = Slot {
+            open: open.clone(),
+            ip: peer.ip(),
+            daemon: daemon.clone(),
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, peer, &daemon).await {
+                tracing::debug!(%peer, "peer connection ended: {e}");
+            }
+            drop(slot);
+        });
     }
 }
 
-async fn connection(mut stream: TcpStream, daemon: &Daemon) -> Result<(), frame::FrameError> {
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    daemon: &Daemon,
+) -> Result<(), ConnError> {
     stream.set_nodelay(true)?;
+    let hello = Hello::fresh().map_err(ConnError::Random)?;
+    send(&mut stream, &hello.frame()).await?;
+    // The last sequence number accepted: each request must carry a larger one.
+    let mut last_seq: Option<u64> = None;
+    let mut wait = FIRST_REQUEST_TIMEOUT;
+    let mut body = Vec::new();
     loop {
-        match frame::read(&mut stream).await? {
-            Request::Bootstrap { seed: s } => {
-                let packed = match daemon.registry.authorize(s.id, &s.key) {
-                    Ok(seed) => bootstrap::packed(&seed, daemon.bootstrap_codec).await,
-                    Err(e) => Err(e),
-                };
-                match packed {
-                    Ok(packed) => {
-                        for f in &packed.frames {
-                            stream.write_all(f).await?;
-                        }
-                        daemon
-                            .counters
-                            .bytes_served
-                            .fetch_add(packed.bytes, Ordering::Relaxed);
-                    }
-                    Err(e) => frame::write(&mut stream, &Response::Error(e)).await?,
-                }
+        let Some(()) = read_request(&mut stream, &mut body, wait).await? else {
+            return Ok(());
+        };
+        wait = IDLE_TIMEOUT;
+        let sealed = Sealed::decode(&body).map_err(ConnError::Malformed)?;
+        let seed = match check(daemon, &sealed, &hello, last_seq) {
+            Ok(seed) => seed,
+            Err(e) => {
+                tracing::debug!(%peer, seed = sealed.seed, "refused a request: {e}");
+                send(&mut stream, &frame::encode(&Response::Error(e))).await?;
+                continue;
             }
+        };
+        last_seq = Some(sealed.seq);
+        match sealed.request().map_err(ConnError::Malformed)? {
+            Request::Bootstrap => match bootstrap::packed(&seed, daemon.bootstrap_codec).await {
+                Ok(packed) => {
+                    for f in &packed.frames {
+                        stream.write_all(f).await?;
+                    }
+                    daemon
+                        .counters
+                        .bytes_served
+                        .fetch_add(packed.bytes, Ordering::Relaxed);
+                }
+                Err(e) => frame::write(&mut stream, &Response::Error(e)).await?,
+            },
             request => {
-                let response = answer(request, daemon).unwrap_or_else(Response::Error);
-                frame::write(&mut stream, &response).await?;
+                let response = answer(request, &seed, daemon).unwrap_or_else(Response::Error);
+                send(&mut stream, &frame::encode(&response)).await?;
             }
         }
     }
 }
 
-fn answer(request: Request, daemon: &Daemon) -> Result<Response, RemoteError> {
-    let seed =
-        |s: SeedRef| -> Result<Arc<Seed>, RemoteError> { daemon.registry.authorize(s.id, &s.key) };
-    Ok(match request {
-        Request::Attach { seed: s } => {
-            seed(s)?;
-            Response::Attached
+/// Writes `bytes` unless the peer stops reading for [`WRITE_TIMEOUT`]: a peer that sends
+/// requests and reads no answer would otherwise hold its connection forever.
+async fn send(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), ConnError> {
+    timeout(WRITE_TIMEOUT, stream.write_all(bytes))
+        .await
+        .map_err(|_| ConnError::NotReading(WRITE_TIMEOUT))?
+        .map_err(ConnError::from)
+}
+
+/// Reads the next request frame's body into `body`: its header within `wait`, its body
+/// within the request timeout after. `None` if the peer closed the connection between frames.
+async fn read_request(
+    stream: &mut TcpStream,
+    body: &mut Vec<u8>,
+    wait: Duration,
+) -> Result<Option<()>, ConnError> {
+    let mut header = [0u8; 4];
+    match timeout(wait, stream.read_exact(&mut header)).await {
+        Err(_) => return Err(ConnError::Idle(wait)),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Ok(Err(e)) => return Err(e.into()),
+        Ok(Ok(_)) => {}
+    }
+    let len = match frame::body_len(header, MAX_REQUEST_FRAME) {
+        Ok(len) => len,
+        Err(_) => {
+            // Said once, then the connection ends: the rest of that frame is never read.
+            let len = u32::from_le_bytes(header) as usize;
+            let refusal = Response::Error(RemoteError::TooLarge);
+            let _ = timeout(REQUEST_TIMEOUT, frame::write(stream, &refusal)).await;
+            return Err(ConnError::TooLarge(len));
         }
-        Request::Descriptor { seed: s } => Response::Descriptor(seed(s)?.encoded.clone()),
+    };
+    body.clear();
+    body.resize(len, 0);
+    match timeout(REQUEST_TIMEOUT, stream.read_exact(body)).await {
+        Err(_) => Err(ConnError::SlowBody(REQUEST_TIMEOUT)),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(_)) => Ok(Some(())),
+    }
+}
+
+/// The seed a sealed request opens: it exists, its key made the MAC on this connection, and
+/// the request comes after the last one accepted.
+fn check(
+    daemon: &Daemon,
+    sealed: &Sealed<'_>,
+    hello: &Hello,
+    last_seq: Option<u64>,
+) -> Result<Arc<Seed>, RemoteError> {
+    let seed = daemon
+        .registry
+        .get(sealed.seed)
+        .ok_or(RemoteError::NoSuchSeed(sealed.seed))?;
+    if !seed.verify(sealed, &hello.nonce) {
+        return Err(RemoteError::WrongKey(sealed.seed));
+    }
+    if last_seq.is_some_and(|last| sealed.seq <= last) {
+        return Err(RemoteError::Replayed(sealed.seed, sealed.seq));
+    }
+    Ok(seed)
+}
+
+fn answer(request: Request, seed: &Seed, daemon: &Daemon) -> Result<Response, RemoteError> {
+    Ok(match request {
+        Request::Attach => Response::Attached,
+        Request::Descriptor => Response::Descriptor(seed.encoded.clone()),
         // Answered in `connection`: it streams.
-        Request::Bootstrap { .. } => return Err(RemoteError::TooLarge),
-        Request::Pages {
-            seed: s,
-            runs,
-            touched,
-        } => {
-            let seed = seed(s)?;
+        Request::Bootstrap => return Err(RemoteError::TooLarge),
+        Request::Pages { runs, touched } => {
             if runs.iter().map(|r| r.1 as u64).sum::<u64>() > MAX_PAGES_PER_REQUEST {
                 return Err(RemoteError::TooLarge);
             }

@@ -6,12 +6,15 @@ use std::sync::{Arc, Mutex};
 use mitosis_descriptor::{Descriptor, KEY_LEN};
 use mitosis_fork::Twin;
 use mitosis_sys::mem::RemoteMemory;
-use mitosis_transport::peer::RemoteError;
+use mitosis_transport::peer::{NONCE_LEN, RemoteError, Sealed};
 
 pub struct Seed {
     pub id: u64,
     pub pid: i32,
     key: [u8; KEY_LEN],
+    /// The uid of whoever prepared it (over the control socket): only they, and root, may
+    /// use it through this host's control socket.
+    pub owner: u32,
     pub descriptor: Descriptor,
     pub encoded: Vec<u8>,
     pub memory: Arc<RemoteMemory>,
@@ -31,6 +34,7 @@ impl Seed {
     pub fn new(
         pid: i32,
         key: [u8; KEY_LEN],
+        owner: u32,
         prepared: mitosis_fork::Prepared,
         encoded: Vec<u8>,
         tracer: crate::tracer::Tracer,
@@ -39,6 +43,7 @@ impl Seed {
             id: prepared.descriptor.seed_id,
             pid,
             key,
+            owner,
             memory: prepared.twin.memory().clone(),
             descriptor: prepared.descriptor,
             encoded,
@@ -82,6 +87,11 @@ impl Seed {
             .zip(key)
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+    }
+
+    /// True if this seed's key made `sealed`'s MAC on the connection that said `nonce`.
+    pub fn verify(&self, sealed: &Sealed<'_>, nonce: &[u8; NONCE_LEN]) -> bool {
+        sealed.seed == self.id && sealed.verify(&self.key, nonce)
     }
 
     /// Checks that every run lies inside one of the seed's mappings.

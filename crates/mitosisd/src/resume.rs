@@ -13,7 +13,7 @@ use std::time::Instant;
 use mitosis_descriptor::Handle;
 use mitosis_fork::fault::{self, FaultStats};
 use mitosis_sys::pidfd;
-use mitosis_transport::control::{Event, Request, ResumeStats};
+use mitosis_transport::control::{Event, MAX_REQUEST_FRAME, Request, ResumeStats};
 use mitosis_transport::frame;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
@@ -57,7 +57,8 @@ pub async fn run(
     ));
     let (tx, mut requests) = mpsc::channel::<Request>(16);
     let forwarder = tokio::spawn(async move {
-        while let Ok(req) = frame::read::<_, Request>(&mut reader).await {
+        while let Ok(req) = frame::read_limited::<_, Request>(&mut reader, MAX_REQUEST_FRAME).await
+        {
             if tx.send(req).await.is_err() {
                 break;
             }

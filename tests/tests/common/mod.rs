@@ -43,10 +43,51 @@ pub fn testbed(hosts: usize) -> Testbed {
 
 /// Hosts whose daemons get `daemon_args` too.
 pub fn testbed_with(hosts: usize, daemon_args: &[&str]) -> Testbed {
+    testbed_custom(hosts, |daemon| {
+        daemon.extra_args = daemon_args.iter().map(|a| a.to_string()).collect();
+    })
+}
+
+/// Hosts whose daemons are configured by `configure`.
+pub fn testbed_custom(hosts: usize, configure: impl FnOnce(&mut DaemonConfig)) -> Testbed {
     bin("mitosis-stub");
     let mut daemon = DaemonConfig::new(bin("mitosisd"), 7070);
-    daemon.extra_args = daemon_args.iter().map(|a| a.to_string()).collect();
+    configure(&mut daemon);
     Testbed::new(TestbedConfig::new(hosts).with_daemon(daemon)).expect("testbed")
+}
+
+/// Runs `f` on a thread of its own inside `host`'s network namespace (threads it starts are
+/// there too), as a process of that host would.
+pub fn in_netns<T: Send + 'static>(
+    host: &mitosis_testbed::Host,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    use std::os::fd::AsRawFd;
+    let netns = std::fs::File::open(host.netns_path()).expect("the host's netns");
+    std::thread::spawn(move || {
+        // SAFETY: setns on this thread only, with an fd we hold open for the call.
+        let joined = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(joined, 0, "joining a host's netns");
+        drop(netns);
+        f()
+    })
+}
+
+/// A `/proc/PID/status` value in KiB (`VmRSS`, `VmHWM`).
+pub fn status_kib(pid: u32, key: &str) -> u64 {
+    let value = procfs::status_of(&format!("/proc/{pid}/status"), key);
+    value
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} of {pid}: {value:?}"))
+}
+
+/// Open descriptors of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+        .count()
 }
 
 /// A unique scratch directory, removed on drop.
