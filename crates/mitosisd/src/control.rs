@@ -105,8 +105,9 @@ fn authorize(daemon: &Daemon, caller: &Caller, request: &Request) -> Result<(), 
         Request::Prepare { pid } => access::may_trace(caller, *pid)
             .map_err(|why| format!("refused: uid {uid} may not prepare pid {pid}: {why} (only processes it could ptrace)")),
         Request::PrepareBundle { .. } => root_only("prepare a bundle", "its seed runs as root in a container"),
-        // The child is the daemon's, with its credentials: a user's seed would run as root.
-        Request::Resume { .. } => root_only("resume", "children run with the daemon's credentials"),
+        // A child has exactly its seed's credentials, which the caller could trace when it
+        // prepared it: its own seeds of this host, then.
+        Request::Resume { handle } => own_seed(daemon, uid, "resume", handle),
         Request::Drop { handle } => own_seed(daemon, uid, "drop", handle),
         Request::Inspect { handle } => own_seed(daemon, uid, "inspect", handle),
         Request::Evict { handle } => own_seed(daemon, uid, "evict", handle),
