@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use mitosis_fuzz::{Target, mutate, seeds};
 
-const MUTANTS: usize = 3000;
+const MUTANTS: usize = 5000;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
