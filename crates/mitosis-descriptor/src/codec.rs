@@ -9,10 +9,10 @@ use std::collections::BTreeSet;
 
 use crate::{Backing, Descriptor, KernelObject, REGS_WORDS, SocketEnd};
 
-const MAGIC: &[u8; 4] = b"MTSD";
+pub const MAGIC: &[u8; 4] = b"MTSD";
 /// Bumped whenever the payload's shape changes.
 pub const VERSION: u16 = 5;
-const HEADER_LEN: usize = 16;
+pub const HEADER_LEN: usize = 16;
 /// Far above any real seed (~12 bytes per resident page), small enough to refuse garbage.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 const PAGE: u64 = 4096;

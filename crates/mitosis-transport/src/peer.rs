@@ -477,9 +477,13 @@ impl PeerPool {
             _ => return Err(PeerError::Protocol(addr)),
         };
         let pages: u64 = runs.iter().map(|r| r.1 as u64).sum();
-        let sorted = runs
-            .windows(2)
-            .all(|w| w[0].0 + w[0].1 as u64 * 4096 <= w[1].0);
+        // Sorted, disjoint, and not past the end of the address space (a hostile host could
+        // otherwise overflow the check).
+        let end = |r: &(u64, u32)| r.0.checked_add(r.1 as u64 * 4096);
+        let sorted = runs.iter().all(|r| end(r).is_some())
+            && runs
+                .windows(2)
+                .all(|w| end(&w[0]).is_some_and(|e| e <= w[1].0));
         if pages > MAX_BOOTSTRAP_PAGES || !sorted {
             return Err(PeerError::Protocol(addr));
         }
