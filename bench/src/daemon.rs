@@ -76,11 +76,10 @@ pub fn evict(host: &Host, handle: &str) -> Result<()> {
 
 /// What `host`'s daemon reports.
 pub fn status(host: &Host) -> Result<Status> {
-    let text = client(host)?.status().context("status")?;
-    Ok(Status::parse(&text))
+    Ok(Status::from(&client(host)?.status().context("status")?))
 }
 
-/// What the daemon's status text says that the benchmark uses.
+/// What the daemon's status says that the benchmark uses.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Status {
     pub bytes_served: Option<u64>,
@@ -88,21 +87,12 @@ pub struct Status {
     pub replicas: Vec<(u64, u64)>,
 }
 
-impl Status {
-    pub fn parse(text: &str) -> Self {
-        let mut status = Self::default();
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("bytes served ") {
-                status.bytes_served = rest.trim().parse().ok();
-            } else if let Some(rest) = line.strip_prefix("replica ") {
-                // replica ID@HOST:PORT pid P pages N children C
-                let id = rest.split('@').next().and_then(|id| id.parse().ok());
-                if let (Some(id), Some(pages)) = (id, number_after(rest, " pages ")) {
-                    status.replicas.push((id, pages));
-                }
-            }
+impl From<&mitosis_client::DaemonStatus> for Status {
+    fn from(s: &mitosis_client::DaemonStatus) -> Self {
+        Status {
+            bytes_served: Some(s.bytes_served),
+            replicas: s.replicas.iter().map(|r| (r.seed, r.pages)).collect(),
         }
-        status
     }
 }
 
@@ -116,29 +106,9 @@ pub fn handle_seed_id(handle: &str) -> Option<u64> {
         .ok()
 }
 
-/// The decimal number right after the first `key` in `line`.
-fn number_after(line: &str, key: &str) -> Option<u64> {
-    let rest = &line[line.find(key)? + key.len()..];
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn status_text() {
-        let text = "listen 10.77.0.2:7070\nseeds 0\nchildren running 0\nchildren started 12\nbytes served 409600\nreplica 3@10.77.0.1:7070 pid 4242 pages 5120 children 0\npool 10.77.0.1:7070 idle 2\n";
-        let status = Status::parse(text);
-        assert_eq!(status.bytes_served, Some(409_600));
-        assert_eq!(status.replicas, vec![(3, 5120)]);
-        assert_eq!(Status::parse("seeds 0\n"), Status::default());
-        assert_eq!(number_after("pages 12 x", "pages "), Some(12));
-        assert_eq!(number_after("pages x", "nothing "), None);
-    }
 
     #[test]
     fn handle_ids() {

@@ -299,9 +299,29 @@ fn control_events() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "status",
-            frame::encode(&Event::Status(
-                "seeds 1\nreplicas 0\ncontainers cgroup v1 (memory, cpu, pids)\n".into(),
-            )),
+            frame::encode(&Event::Status(control::DaemonStatus {
+                listen: "10.0.0.1:7070".into(),
+                children_running: 2,
+                children_started: 9,
+                bytes_served: 1 << 20,
+                peer_connections: 3,
+                peer_refused: 0,
+                seeds: vec![control::SeedStatus {
+                    id: 1,
+                    pid: 4242,
+                    vmas: 80,
+                    pages: 3000,
+                }],
+                replicas: vec![control::ReplicaStatus {
+                    seed: 4,
+                    host: "10.0.0.2:7070".into(),
+                    pid: 777,
+                    pages: 1200,
+                    children: 1,
+                }],
+                pool: vec![("10.0.0.2:7070".into(), 4)],
+                containers: vec!["containers cgroup v1 (memory, cpu, pids)".into()],
+            })),
         ),
         (
             "descriptor",
@@ -311,7 +331,10 @@ fn control_events() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "error",
-            frame::encode(&Event::Error("no seed 3 on that host".into())),
+            frame::encode(&Event::Error(control::DaemonError::new(
+                control::ErrorKind::NoSuchSeed,
+                "no seed 3 on that host",
+            ))),
         ),
     ]
 }

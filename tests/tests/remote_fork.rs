@@ -186,6 +186,24 @@ fn bad_input_gets_a_clear_error() {
     expect_err(1, &["resume", &nowhere], "cannot reach host");
     expect_err(0, &["prepare", "--pid", "999999999"], "no process with pid");
 
+    // A platform matches on the kind of each failure, not on its words.
+    use mitosis_client::{Client, ErrorKind};
+    let kind_of = |host: usize, handle: &str| {
+        let client = Client::connect(tb.host(host).socket_path()).unwrap();
+        client.inspect(handle).err().and_then(|e| e.kind())
+    };
+    assert_eq!(kind_of(1, &wrong_key), Some(ErrorKind::WrongKey));
+    assert_eq!(kind_of(0, &wrong_key), Some(ErrorKind::WrongKey));
+    assert_eq!(kind_of(1, &other_seed), Some(ErrorKind::NoSuchSeed));
+    assert_eq!(kind_of(1, &nowhere), Some(ErrorKind::Unreachable));
+    assert_eq!(
+        kind_of(1, "mitosis://nonsense"),
+        Some(ErrorKind::BadRequest)
+    );
+    let client = Client::connect(tb.host(0).socket_path()).unwrap();
+    let err = client.prepare_pid(999_999_999).unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::NoSuchProcess));
+
     // The original handle still works after all that.
     let out = cli(&tb, 1, &["resume", &handle], "verify\n");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

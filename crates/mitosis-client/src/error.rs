@@ -4,6 +4,7 @@ use std::io;
 use std::path::PathBuf;
 
 use mitosis_transport::FrameError;
+use mitosis_transport::control::{DaemonError, ErrorKind};
 use thiserror::Error;
 
 /// An error of the control-socket client; each variant's message says it all on one line.
@@ -24,9 +25,9 @@ pub enum Error {
     /// No answer within the timeout set on the client; the connection is then unusable.
     #[error("no answer from mitosisd in time")]
     Timeout,
-    /// The daemon refused the request; its one-line reason.
+    /// The daemon refused or failed the request: its kind, to match on, and one line.
     #[error("{0}")]
-    Daemon(String),
+    Daemon(DaemonError),
     /// An answer that does not fit the request.
     #[error("unexpected answer from mitosisd: {0}")]
     Unexpected(String),
@@ -35,6 +36,14 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The daemon's kind of failure, if the daemon answered with one.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            Error::Daemon(e) => Some(e.kind),
+            _ => None,
+        }
+    }
+
     pub(crate) fn from_frame(e: FrameError) -> Self {
         match e {
             FrameError::Closed => Error::Closed,

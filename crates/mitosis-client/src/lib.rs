@@ -23,7 +23,10 @@ use mitosis_transport::control::{Event, Request};
 use mitosis_transport::frame;
 
 pub use error::{Error, Result};
-pub use mitosis_transport::control::{FaultStats, PrepareStats, ResumeStats};
+pub use mitosis_transport::control::{
+    DaemonError, DaemonStatus, ErrorKind, FaultStats, PrepareStats, ReplicaStatus, ResumeStats,
+    SeedStatus,
+};
 pub use running::{Exited, Running, Signaller};
 pub use stats::{STATS_PAIRS, stats_line, stats_pairs};
 
@@ -103,10 +106,10 @@ impl Client {
         }
     }
 
-    /// The daemon's state, as text (`mitosis status`).
-    pub fn status(self) -> Result<String> {
+    /// The daemon's state (`mitosis status` prints its `Display`).
+    pub fn status(self) -> Result<DaemonStatus> {
         match self.call(&Request::Status)? {
-            Event::Status(text) => Ok(text),
+            Event::Status(status) => Ok(status),
             other => Err(unexpected(&other)),
         }
     }
@@ -173,7 +176,7 @@ impl Client {
 /// Reads one answer from `stream`; an `Error` event becomes [`Error::Daemon`].
 fn recv(stream: &mut UnixStream) -> Result<Event> {
     match frame::read_blocking(stream).map_err(Error::from_frame)? {
-        Event::Error(msg) => Err(Error::Daemon(msg)),
+        Event::Error(e) => Err(Error::Daemon(e)),
         ev => Ok(ev),
     }
 }

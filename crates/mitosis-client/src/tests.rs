@@ -7,7 +7,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use mitosis_sys::fdpass;
-use mitosis_transport::control::{Event, Request};
+use mitosis_transport::control::{DaemonError, ErrorKind, Event, Request};
 use mitosis_transport::frame;
 
 use crate::{Client, Error, PrepareStats, ResumeStats};
@@ -107,9 +107,16 @@ fn prepare_gets_the_handle_and_stats() {
 
 #[test]
 fn an_error_event_is_the_error() {
-    let (client, daemon) = pair(vec![Event::Error("no seed 7 here".into())], Then::Answer);
+    let (client, daemon) = pair(
+        vec![Event::Error(DaemonError::new(
+            ErrorKind::NoSuchSeed,
+            "no seed 7 here",
+        ))],
+        Then::Answer,
+    );
     let err = client.evict("mitosis://10.0.0.1:7070/7/ab").unwrap_err();
-    assert!(matches!(&err, Error::Daemon(msg) if msg == "no seed 7 here"));
+    assert!(matches!(&err, Error::Daemon(e) if e.message == "no seed 7 here"));
+    assert_eq!(err.kind(), Some(ErrorKind::NoSuchSeed));
     assert_eq!(err.to_string(), "no seed 7 here");
     assert!(matches!(
         daemon.join().unwrap().first,
@@ -117,7 +124,13 @@ fn an_error_event_is_the_error() {
     ));
 
     // The same for a resume: no child, the daemon's reason.
-    let (client, daemon) = pair(vec![Event::Error("wrong key".into())], Then::Answer);
+    let (client, daemon) = pair(
+        vec![Event::Error(DaemonError::new(
+            ErrorKind::WrongKey,
+            "wrong key",
+        ))],
+        Then::Answer,
+    );
     let fd = std::io::stdin();
     let err = client
         .resume("h", fd.as_fd(), fd.as_fd(), fd.as_fd(), None)
@@ -217,14 +230,16 @@ fn connect_over_a_socket_path() {
         let (stream, _) = listener.accept().unwrap();
         fake_daemon(
             stream,
-            vec![Event::Status("seeds 0\n".into())],
+            vec![Event::Status(mitosis_transport::control::DaemonStatus {
+                listen: "10.0.0.1:7070".into(),
+                ..Default::default()
+            })],
             Then::Answer,
         )
     });
-    assert_eq!(
-        Client::connect(&path).unwrap().status().unwrap(),
-        "seeds 0\n"
-    );
+    let status = Client::connect(&path).unwrap().status().unwrap();
+    assert_eq!(status.listen, "10.0.0.1:7070");
+    assert!(status.to_string().contains("\nseeds 0\n"), "{status}");
     assert!(matches!(daemon.join().unwrap().first, Request::Status));
     std::fs::remove_file(&path).unwrap();
 

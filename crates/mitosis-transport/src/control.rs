@@ -28,7 +28,7 @@ pub enum Request {
     Evict { handle: String },
     /// Deliver a signal to the running child of this connection.
     Signal { signo: i32 },
-    /// Human-readable state of the daemon.
+    /// The daemon's state; answered by `Status`.
     Status,
     /// The descriptor of the seed behind `handle` (on any host); answered by `Descriptor`.
     Inspect { handle: String },
@@ -52,10 +52,125 @@ pub enum Event {
         reason: Option<String>,
         stats: FaultStats,
     },
-    Status(String),
+    Status(DaemonStatus),
     /// An encoded descriptor (see `mitosis_descriptor::decode`).
     Descriptor(Vec<u8>),
-    Error(String),
+    Error(DaemonError),
+}
+
+/// Why the daemon refused or failed a request: a kind a client matches on, and one line for
+/// people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct DaemonError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl DaemonError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        DaemonError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// What kind of failure a [`DaemonError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The request itself is wrong: a malformed handle, missing stdio, a bad argument.
+    BadRequest,
+    /// The caller may not do this (its credentials, checked with SO_PEERCRED).
+    Denied,
+    /// No such seed on its host: never prepared, or dropped.
+    NoSuchSeed,
+    /// The handle's key is not the seed's.
+    WrongKey,
+    /// The seed's host could not be reached, or did not answer in time.
+    Unreachable,
+    /// The seed or its memory went away (its host lost it, or a child's page source died).
+    SeedGone,
+    /// No process with that pid.
+    NoSuchProcess,
+    /// The process or seed cannot be forked here: refused at prepare, or unfit for this host
+    /// (architecture, kernel, a bundle that differs).
+    Unsupported,
+    /// This host lacks what the request needs now (containers, threads, randomness).
+    Unavailable,
+    /// Anything else: the message says what.
+    Failed,
+}
+
+/// The daemon's state, as `mitosis status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// The page server's address (in handles).
+    pub listen: String,
+    pub children_running: u64,
+    pub children_started: u64,
+    /// Page bytes this host's page server sent to peers.
+    pub bytes_served: u64,
+    /// Page-server connections open now, and those refused over the limits.
+    pub peer_connections: u64,
+    pub peer_refused: u64,
+    pub seeds: Vec<SeedStatus>,
+    pub replicas: Vec<ReplicaStatus>,
+    /// Idle pooled connections per peer.
+    pub pool: Vec<(String, u64)>,
+    /// The container lines (cgroup versions, pools), or why containers are unavailable.
+    pub containers: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedStatus {
+    pub id: u64,
+    pub pid: i32,
+    pub vmas: u64,
+    pub pages: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub seed: u64,
+    pub host: String,
+    pub pid: i32,
+    pub pages: u64,
+    pub children: u64,
+}
+
+impl std::fmt::Display for DaemonStatus {
+    /// One fact per line, `key value...`, as scripts and tests read them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "listen {}", self.listen)?;
+        writeln!(f, "seeds {}", self.seeds.len())?;
+        writeln!(f, "children running {}", self.children_running)?;
+        writeln!(f, "children started {}", self.children_started)?;
+        writeln!(f, "bytes served {}", self.bytes_served)?;
+        writeln!(f, "peer connections {}", self.peer_connections)?;
+        writeln!(f, "peer connections refused {}", self.peer_refused)?;
+        for s in &self.seeds {
+            writeln!(
+                f,
+                "seed {} pid {} vmas {} pages {}",
+                s.id, s.pid, s.vmas, s.pages
+            )?;
+        }
+        for r in &self.replicas {
+            writeln!(
+                f,
+                "replica {}@{} pid {} pages {} children {}",
+                r.seed, r.host, r.pid, r.pages, r.children
+            )?;
+        }
+        for (peer, idle) in &self.pool {
+            writeln!(f, "pool {peer} idle {idle}")?;
+        }
+        for line in &self.containers {
+            writeln!(f, "{line}")?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

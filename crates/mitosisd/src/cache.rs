@@ -59,14 +59,14 @@ impl HostCache {
 
     /// The replica of `key`, built by `build` if there is none. Concurrent callers for the
     /// same seed wait for one build; a failed build leaves nothing behind.
-    pub async fn get_or_build<F, Fut>(
+    pub async fn get_or_build<F, Fut, E>(
         &self,
         key: SeedKey,
         build: F,
-    ) -> Result<(Arc<Entry>, bool), String>
+    ) -> Result<(Arc<Entry>, bool), E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Entry, String>>,
+        Fut: Future<Output = Result<Entry, E>>,
     {
         let slot = self
             .slots

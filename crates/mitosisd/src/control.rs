@@ -14,9 +14,11 @@ use std::time::Duration;
 use mitosis_descriptor::Handle;
 use mitosis_sys::fdpass;
 use mitosis_transport::control::{
-    Event, MAX_REQUEST_FDS, MAX_REQUEST_FRAME, PrepareStats, Request,
+    DaemonStatus, Event, MAX_REQUEST_FDS, MAX_REQUEST_FRAME, PrepareStats, ReplicaStatus, Request,
+    SeedStatus,
 };
 use mitosis_transport::frame;
+use mitosis_transport::peer::RemoteError;
 use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 
@@ -25,6 +27,7 @@ use crate::accept::Backoff;
 use crate::access::{self, Caller};
 use crate::cache::SeedKey;
 use crate::containers::SeedContainer;
+use crate::errors::{Kind, PrepareFailed, RequestRefused, SeedOpFailed};
 use crate::registry::Seed;
 use mitosis_descriptor::ContainerRef;
 
@@ -64,25 +67,37 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<(
     };
     if let Err(why) = authorize(&daemon, &caller, &request) {
         tracing::info!(uid = caller.uid, pid = ?caller.pid, "{why}");
-        return frame::write(&mut stream, &Event::Error(why))
+        return frame::write(&mut stream, &RequestRefused::Denied(why).to_event())
             .await
             .map_err(io::Error::other);
     }
     let event = match request {
         Request::Prepare { pid } => {
-            let event = prepare(&daemon, pid, None, caller.uid).await;
-            recheck(&daemon, &caller, pid, event).await
+            let prepared = prepare(&daemon, pid, None, caller.uid).await;
+            let prepared = match prepared {
+                Ok(event) => recheck(&daemon, &caller, pid, event).await,
+                Err(e) => Err(e),
+            };
+            prepared.unwrap_or_else(|e| e.to_event())
         }
         Request::PrepareBundle {
             bundle,
             ready_timeout_ms,
-        } => prepare_bundle(&daemon, &bundle, ready_timeout_ms).await,
-        Request::Drop { handle } => drop_seed(&daemon, &handle).await,
+        } => prepare_bundle(&daemon, &bundle, ready_timeout_ms)
+            .await
+            .unwrap_or_else(|e| e.to_event()),
+        Request::Drop { handle } => drop_seed(&daemon, &handle)
+            .await
+            .unwrap_or_else(|e| e.to_event()),
         Request::Status => Event::Status(status(&daemon)),
-        Request::Evict { handle } => evict(&daemon, &handle),
-        Request::Inspect { handle } => inspect(&daemon, &handle).await,
+        Request::Evict { handle } => evict(&daemon, &handle).unwrap_or_else(|e| e.to_event()),
+        Request::Inspect { handle } => inspect(&daemon, &handle)
+            .await
+            .unwrap_or_else(|e| e.to_event()),
         Request::Resume { handle } => return crate::resume::run(daemon, stream, handle, fds).await,
-        Request::Signal { .. } => Event::Error("no child runs on this connection".into()),
+        Request::Signal { .. } => {
+            RequestRefused::BadRequest("no child runs on this connection".into()).to_event()
+        }
     };
     frame::write(&mut stream, &event)
         .await
@@ -137,22 +152,28 @@ fn own_seed(daemon: &Daemon, uid: u32, verb: &str, handle: &str) -> Result<(), S
 
 /// A process prepared for a user other than root must still be one it could ptrace once
 /// captured (it could have run a setuid program in between): if not, the seed goes.
-async fn recheck(daemon: &Daemon, caller: &Caller, pid: i32, event: Event) -> Event {
+async fn recheck(
+    daemon: &Daemon,
+    caller: &Caller,
+    pid: i32,
+    event: Event,
+) -> Result<Event, PrepareFailed> {
     let Event::Prepared { handle, .. } = &event else {
-        return event;
+        return Ok(event);
     };
     let Err(why) = access::may_trace(caller, pid) else {
-        return event;
+        return Ok(event);
     };
     if let Ok(h) = handle.parse::<Handle>()
         && let Some(seed) = daemon.registry.remove(h.seed_id)
     {
         release(daemon, &seed).await;
     }
-    Event::Error(format!(
-        "refused: uid {} may not prepare pid {pid}: {why} (it changed while it was prepared)",
-        caller.uid
-    ))
+    Err(PrepareFailed::Changed {
+        uid: caller.uid,
+        pid,
+        why,
+    })
 }
 
 /// Reads the first request, with the descriptors sent along with it. A request larger than
@@ -194,22 +215,25 @@ struct FromBundle {
     warm_us: u64,
 }
 
-async fn prepare_bundle(daemon: &Arc<Daemon>, dir: &str, ready_timeout_ms: u64) -> Event {
+async fn prepare_bundle(
+    daemon: &Arc<Daemon>,
+    dir: &str,
+    ready_timeout_ms: u64,
+) -> Result<Event, PrepareFailed> {
     let started = std::time::Instant::now();
-    let containers = match daemon.containers() {
-        Ok(c) => c,
-        Err(e) => return Event::Error(e),
-    };
-    let bundle = match containers.bundle(std::path::Path::new(dir), None) {
-        Ok(b) => b,
-        Err(e) => return Event::Error(e),
-    };
+    let containers = daemon.containers().map_err(PrepareFailed::Containers)?;
+    let bundle = containers
+        .bundle(std::path::Path::new(dir), None)
+        .map_err(PrepareFailed::Containers)?;
     let id = daemon.registry.next_id();
     let timeout = std::time::Duration::from_millis(ready_timeout_ms);
-    let (container, pid) = match containers.start_seed(&bundle, id, timeout).await {
-        Ok(started) => started,
-        Err(e) => return Event::Error(format!("starting {dir}: {e}")),
-    };
+    let (container, pid) = containers
+        .start_seed(&bundle, id, timeout)
+        .await
+        .map_err(|why| PrepareFailed::Start {
+            dir: dir.to_string(),
+            why,
+        })?;
     let from = FromBundle {
         container,
         bundle: ContainerRef {
@@ -221,7 +245,12 @@ async fn prepare_bundle(daemon: &Arc<Daemon>, dir: &str, ready_timeout_ms: u64) 
     prepare_with_id(daemon, pid, id, Some(from), 0).await
 }
 
-async fn prepare(daemon: &Arc<Daemon>, pid: i32, from: Option<FromBundle>, owner: u32) -> Event {
+async fn prepare(
+    daemon: &Arc<Daemon>,
+    pid: i32,
+    from: Option<FromBundle>,
+    owner: u32,
+) -> Result<Event, PrepareFailed> {
     let id = daemon.registry.next_id();
     prepare_with_id(daemon, pid, id, from, owner).await
 }
@@ -233,29 +262,28 @@ async fn prepare_with_id(
     id: u64,
     from: Option<FromBundle>,
     owner: u32,
-) -> Event {
+) -> Result<Event, PrepareFailed> {
     let started = std::time::Instant::now();
     let files = daemon.files.clone();
-    let tracer = match crate::tracer::Tracer::spawn(&format!("seed-{id}")) {
-        Ok(t) => t,
-        Err(e) => return Event::Error(format!("starting a tracer thread: {e}")),
+    let captured = match crate::tracer::Tracer::spawn(&format!("seed-{id}")) {
+        Ok(tracer) => tracer
+            .run(move || mitosis_fork::prepare(pid, id, &files))
+            .await
+            .map(|prepared| (prepared, tracer))
+            .map_err(PrepareFailed::Capture),
+        Err(e) => Err(PrepareFailed::Tracer(e)),
     };
-    let prepared = tracer
-        .run(move || mitosis_fork::prepare(pid, id, &files))
-        .await;
-    let mut prepared = match prepared {
+    let (mut prepared, tracer) = match captured {
         Ok(p) => p,
         Err(e) => {
             if let Some(from) = from {
                 destroy_seed_container(from.container).await;
             }
-            return Event::Error(e.to_string());
+            return Err(e);
         }
     };
     let mut key = [0u8; mitosis_descriptor::KEY_LEN];
-    if let Err(e) = getrandom::fill(&mut key) {
-        return Event::Error(format!("no randomness for the seed's key: {e}"));
-    }
+    getrandom::fill(&mut key).map_err(|e| PrepareFailed::Random(e.to_string()))?;
     prepared.descriptor.container = from.as_ref().map(|f| f.bundle.clone());
     let d = &prepared.descriptor;
     tracing::debug!(
@@ -300,29 +328,32 @@ async fn prepare_with_id(
         key,
     };
     tracing::info!(pid, seed = seed.id, us = stats.total_us, "prepared");
-    Event::Prepared {
+    Ok(Event::Prepared {
         handle: handle.to_string(),
         stats,
-    }
+    })
 }
 
-async fn drop_seed(daemon: &Arc<Daemon>, handle: &str) -> Event {
-    let handle: Handle = match handle.parse() {
-        Ok(h) => h,
-        Err(e) => return Event::Error(e.to_string()),
-    };
+/// A handle of a seed of this host.
+fn local_handle(daemon: &Daemon, handle: &str) -> Result<Handle, SeedOpFailed> {
+    let handle: Handle = handle.parse()?;
     if handle.host != daemon.listen {
-        return Event::Error(format!(
-            "seed {} lives on {}, not on this host ({})",
-            handle.seed_id, handle.host, daemon.listen
-        ));
+        return Err(SeedOpFailed::Elsewhere {
+            id: handle.seed_id,
+            host: handle.host.to_string(),
+            here: daemon.listen.to_string(),
+        });
     }
-    if let Err(e) = daemon.registry.authorize(handle.seed_id, &handle.key) {
-        return Event::Error(e.to_string());
-    }
-    let Some(seed) = daemon.registry.remove(handle.seed_id) else {
-        return Event::Error(format!("no seed {}", handle.seed_id));
-    };
+    Ok(handle)
+}
+
+async fn drop_seed(daemon: &Arc<Daemon>, handle: &str) -> Result<Event, SeedOpFailed> {
+    let handle = local_handle(daemon, handle)?;
+    daemon.registry.authorize(handle.seed_id, &handle.key)?;
+    let seed = daemon
+        .registry
+        .remove(handle.seed_id)
+        .ok_or(RemoteError::NoSuchSeed(handle.seed_id))?;
     daemon.cache.remove(SeedKey {
         host: daemon.listen,
         id: seed.id,
@@ -330,21 +361,16 @@ async fn drop_seed(daemon: &Arc<Daemon>, handle: &str) -> Event {
     });
     release(daemon, &seed).await;
     tracing::info!(seed = seed.id, "dropped");
-    Event::Done
+    Ok(Event::Done)
 }
 
 /// The descriptor behind `handle`, from this host's registry or the seed's host (which checks
 /// the key either way).
-async fn inspect(daemon: &Daemon, handle: &str) -> Event {
-    let handle: Handle = match handle.parse() {
-        Ok(h) => h,
-        Err(e) => return Event::Error(e.to_string()),
-    };
+async fn inspect(daemon: &Daemon, handle: &str) -> Result<Event, SeedOpFailed> {
+    let handle: Handle = handle.parse()?;
     if handle.host == daemon.listen {
-        return match daemon.registry.authorize(handle.seed_id, &handle.key) {
-            Ok(seed) => Event::Descriptor(seed.encoded.clone()),
-            Err(e) => Event::Error(e.to_string()),
-        };
+        let seed = daemon.registry.authorize(handle.seed_id, &handle.key)?;
+        return Ok(Event::Descriptor(seed.encoded.clone()));
     }
     let seed = SeedKey {
         host: handle.host,
@@ -352,27 +378,22 @@ async fn inspect(daemon: &Daemon, handle: &str) -> Event {
         key: handle.key,
     }
     .seed_ref();
-    match daemon.pool.descriptor(handle.host, seed).await {
-        Ok(d) => Event::Descriptor(d),
-        Err(e) => Event::Error(e.to_string()),
-    }
+    Ok(Event::Descriptor(
+        daemon.pool.descriptor(handle.host, seed).await?,
+    ))
 }
 
-fn evict(daemon: &Daemon, handle: &str) -> Event {
-    match handle.parse::<Handle>() {
-        Ok(h) => {
-            let key = SeedKey {
-                host: h.host,
-                id: h.seed_id,
-                key: h.key,
-            };
-            if daemon.cache.remove(key) {
-                Event::Done
-            } else {
-                Event::Error(format!("no replica of seed {} on this host", h.seed_id))
-            }
-        }
-        Err(e) => Event::Error(e.to_string()),
+fn evict(daemon: &Daemon, handle: &str) -> Result<Event, SeedOpFailed> {
+    let h: Handle = handle.parse()?;
+    let key = SeedKey {
+        host: h.host,
+        id: h.seed_id,
+        key: h.key,
+    };
+    if daemon.cache.remove(key) {
+        Ok(Event::Done)
+    } else {
+        Err(SeedOpFailed::NoReplica(h.seed_id))
     }
 }
 
@@ -397,47 +418,53 @@ async fn destroy_seed_container(c: SeedContainer) {
     }
 }
 
-fn status(daemon: &Daemon) -> String {
+fn status(daemon: &Daemon) -> DaemonStatus {
     let c = &daemon.counters;
-    let mut out = format!(
-        "listen {}\nseeds {}\nchildren running {}\nchildren started {}\nbytes served {}\n\
-         peer connections {}\npeer connections refused {}\n",
-        daemon.listen,
-        daemon.registry.len(),
-        c.children_running.load(Ordering::Relaxed),
-        c.children_started.load(Ordering::Relaxed),
-        c.bytes_served.load(Ordering::Relaxed),
-        c.peer_connections.load(Ordering::Relaxed),
-        c.peer_refused.load(Ordering::Relaxed),
-    );
-    for seed in daemon.registry.all() {
-        out.push_str(&format!(
-            "seed {} pid {} vmas {} pages {}\n",
-            seed.id,
-            seed.pid,
-            seed.descriptor.vmas.len(),
-            seed.descriptor
-                .vmas
-                .iter()
-                .map(|v| v.seed_pages.len())
-                .sum::<u64>()
-        ));
+    let count = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    DaemonStatus {
+        listen: daemon.listen.to_string(),
+        children_running: count(&c.children_running),
+        children_started: count(&c.children_started),
+        bytes_served: count(&c.bytes_served),
+        peer_connections: count(&c.peer_connections),
+        peer_refused: count(&c.peer_refused),
+        seeds: daemon
+            .registry
+            .all()
+            .iter()
+            .map(|seed| SeedStatus {
+                id: seed.id,
+                pid: seed.pid,
+                vmas: seed.descriptor.vmas.len() as u64,
+                pages: seed
+                    .descriptor
+                    .vmas
+                    .iter()
+                    .map(|v| v.seed_pages.len())
+                    .sum(),
+            })
+            .collect(),
+        replicas: daemon
+            .cache
+            .lines()
+            .into_iter()
+            .map(|line| ReplicaStatus {
+                seed: line.key.id,
+                host: line.key.host.to_string(),
+                pid: line.pid,
+                pages: line.pages,
+                children: line.children,
+            })
+            .collect(),
+        pool: daemon
+            .pool
+            .idle_counts()
+            .into_iter()
+            .map(|(peer, idle)| (peer.to_string(), idle as u64))
+            .collect(),
+        containers: match daemon.containers() {
+            Ok(c) => c.status_lines(),
+            Err(e) => vec![format!("containers unavailable: {e}")],
+        },
     }
-    for line in daemon.cache.lines() {
-        out.push_str(&format!(
-            "replica {}@{} pid {} pages {} children {}\n",
-            line.key.id, line.key.host, line.pid, line.pages, line.children
-        ));
-    }
-    for (peer, idle) in daemon.pool.idle_counts() {
-        out.push_str(&format!("pool {peer} idle {idle}\n"));
-    }
-    match daemon.containers() {
-        Ok(c) => c.status_lines().iter().for_each(|l| {
-            out.push_str(l);
-            out.push('\n');
-        }),
-        Err(e) => out.push_str(&format!("containers unavailable: {e}\n")),
-    }
-    out
 }

@@ -7,6 +7,7 @@ pub mod bootstrap;
 pub mod cache;
 pub mod containers;
 pub mod control;
+pub mod errors;
 pub mod peer_server;
 pub mod peer_source;
 pub mod registry;

@@ -20,6 +20,7 @@ use mitosis_transport::packed;
 use crate::Daemon;
 use crate::bootstrap::Incoming;
 use crate::cache::SeedKey;
+use crate::errors::{BuildFailed, ForkFailed};
 use crate::peer_source::Source;
 use crate::tracer::Tracer;
 
@@ -66,17 +67,13 @@ pub async fn build(
     key: SeedKey,
     source: Source,
     stats: &mut ResumeStats,
-) -> Result<Entry, String> {
+) -> Result<Entry, BuildFailed> {
     let t0 = Instant::now();
     let mut incoming = match &source {
         Source::Local(local) => Incoming::from_local(local.seed.clone()),
-        Source::Peer(peer) => Incoming::from_peer(
-            daemon
-                .pool
-                .bootstrap(peer.addr, peer.seed)
-                .await
-                .map_err(|e| e.to_string())?,
-        ),
+        Source::Peer(peer) => {
+            Incoming::from_peer(daemon.pool.bootstrap(peer.addr, peer.seed).await?)
+        }
     };
     stats.descriptor_us = t0.elapsed().as_micros() as u64;
     // Raw pages wait in the connection for the replica to read them itself as it is made;
@@ -86,7 +83,7 @@ pub async fn build(
         Some(leased) => Some(
             leased
                 .blocking_fd()
-                .map_err(|e| format!("lending the page stream: {e}"))?,
+                .map_err(|e| BuildFailed::Pages(format!("lending the page stream: {e}")))?,
         ),
         None => None,
     };
@@ -97,7 +94,7 @@ pub async fn build(
     stats.restore_us = built.restore_us;
     let pid = built.replica.pid();
     let pages = ReplicaPages::new(pid, built.uffd, built.pending, source.clone())
-        .map_err(|e| format!("watching the replica: {e}"))?;
+        .map_err(|e| BuildFailed::Pages(format!("watching the replica: {e}")))?;
     let (forks_tx, forks) = std::sync::mpsc::channel();
     let watcher = tokio::spawn({
         let pages = pages.clone();
@@ -163,9 +160,9 @@ pub async fn build(
                 })
                 .await;
             process = p;
-            finished.map_err(|e| e.to_string())
+            finished.map_err(BuildFailed::from)
         }
-        Err(e) => Err(e),
+        Err(e) => Err(BuildFailed::Pages(e)),
     };
     if let Err(e) = finished {
         watcher.abort();
@@ -215,16 +212,20 @@ async fn make(
     daemon: &Daemon,
     encoded: &[u8],
     streamed: Option<(RawFd, Vec<(u64, u32)>)>,
-) -> Result<(Made, replica::Built), String> {
+) -> Result<(Made, replica::Built), BuildFailed> {
     let started = Instant::now();
-    let desc = mitosis_descriptor::decode(encoded).map_err(|e| e.to_string())?;
+    let desc = mitosis_descriptor::decode(encoded)?;
     let bundle = match &desc.container {
-        Some(r) => Some(daemon.containers()?.bundle_of(r)?),
+        Some(r) => Some(
+            daemon
+                .containers()
+                .and_then(|c| c.bundle_of(r))
+                .map_err(BuildFailed::Containers)?,
+        ),
         None => None,
     };
     let root = bundle.as_ref().map(|b| b.rootfs.as_path());
-    let plan =
-        restore::plan(&desc, &daemon.files, daemon.vdso_hash, root).map_err(|e| e.to_string())?;
+    let plan = restore::plan(&desc, &daemon.files, daemon.vdso_hash, root)?;
     let plan_us = started.elapsed().as_micros() as u64;
     let join = bundle.as_ref().map(|b| JoinSpec {
         namespaces: b.namespaces,
@@ -243,8 +244,8 @@ async fn make(
     }
     let (overlay, eager) = (plan.overlay.clone(), plan.eager.clone());
     let stubs = daemon.stubs.clone();
-    let tracer = Tracer::spawn(&format!("replica-{}", desc.seed_id))
-        .map_err(|e| format!("starting a tracer thread: {e}"))?;
+    let tracer =
+        Tracer::spawn(&format!("replica-{}", desc.seed_id)).map_err(BuildFailed::Tracer)?;
     let built = tracer
         .run(move || {
             let pages = streamed
@@ -252,8 +253,7 @@ async fn make(
                 .map(|(fd, runs)| StreamedPages { fd: *fd, runs });
             replica::build(plan, &stubs, join, pages)
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     Ok((
         Made {
             plan_us,
@@ -286,15 +286,15 @@ pub async fn fork(
     stdio: [OwnedFd; 3],
     listener: Option<OwnedFd>,
     stats: &mut ResumeStats,
-) -> Result<Forked, String> {
+) -> Result<Forked, ForkFailed> {
     // `_starting` keeps the pool's worker from contending with the fork below.
     let (container, _starting) = match &entry.bundle {
         Some(bundle) => {
             let t0 = Instant::now();
-            let pool = &daemon.containers()?.pool;
+            let pool = &daemon.containers().map_err(ForkFailed::Containers)?.pool;
             // Usually ready-made; made here (milliseconds) when the pool ran dry.
             let taken = tokio::task::block_in_place(|| pool.take(bundle))
-                .map_err(|e| format!("container for the child: {e}"))?;
+                .map_err(|e| ForkFailed::Container(e.to_string()))?;
             stats.container_us = t0.elapsed().as_micros() as u64;
             stats.container_pooled = taken.pooled;
             (Some(Arc::new(taken.container)), Some(taken.starting))
@@ -312,7 +312,7 @@ pub async fn fork(
     let mut pending = entry.pages.still_missing();
     pending.replace_with(&entry.shared_pending, &entry.shared_ranges);
     let mut lent = entry.process.lock().await;
-    let process = lent.take().ok_or("the replica is gone")?;
+    let process = lent.take().ok_or(ForkFailed::NoReplica)?;
     let (process, forked) = entry
         .tracer
         .run(move || {
@@ -328,10 +328,10 @@ pub async fn fork(
     let forked = match forked {
         Ok(f) => f,
         Err(e) => {
-            if let Some(c) = container {
-                daemon.containers()?.pool.release(c);
+            if let (Some(c), Ok(containers)) = (container, daemon.containers()) {
+                containers.pool.release(c);
             }
-            return Err(e.to_string());
+            return Err(e.into());
         }
     };
     stats.fork_us = forked.fork_us;

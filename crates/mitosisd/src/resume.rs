@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::Daemon;
 use crate::cache::SeedKey;
+use crate::errors::{Kind, ResumeFailed};
 use crate::peer_source::{LocalSource, PeerSource, Source};
 use crate::replica::{self, Entry, Forked};
 
@@ -33,9 +34,9 @@ pub async fn run(
     let (mut reader, mut writer) = stream.into_split();
     let (entry, child, stats) = match start(&daemon, &handle, fds).await {
         Ok(started) => started,
-        Err(msg) => {
-            tracing::info!("resume failed: {msg}");
-            return frame::write(&mut writer, &Event::Error(msg))
+        Err(e) => {
+            tracing::info!("resume failed: {e}");
+            return frame::write(&mut writer, &e.to_event())
                 .await
                 .map_err(io::Error::other);
         }
@@ -151,11 +152,9 @@ async fn start(
     daemon: &Arc<Daemon>,
     handle: &str,
     fds: Vec<OwnedFd>,
-) -> Result<(Arc<Entry>, Forked, ResumeStats), String> {
+) -> Result<(Arc<Entry>, Forked, ResumeStats), ResumeFailed> {
     let t0 = Instant::now();
-    let handle: Handle = handle
-        .parse()
-        .map_err(|e: mitosis_descriptor::HandleError| e.to_string())?;
+    let handle: Handle = handle.parse()?;
     // stdin, stdout, stderr, and optionally a listening socket for the child's fd 3.
     let mut fds = fds.into_iter();
     let stdio: [OwnedFd; 3] = fds
@@ -163,7 +162,7 @@ async fn start(
         .take(3)
         .collect::<Vec<_>>()
         .try_into()
-        .map_err(|_| "resume needs the caller's stdin, stdout and stderr".to_string())?;
+        .map_err(|_| ResumeFailed::NoStdio)?;
     let listener = fds.next();
     let mut stats = ResumeStats::default();
     let key = SeedKey {
@@ -180,7 +179,7 @@ async fn start(
             Ok(s) => Some(s),
             Err(e) => {
                 daemon.cache.remove(key);
-                return Err(e.to_string());
+                return Err(e.into());
             }
         }
     } else {
@@ -191,7 +190,7 @@ async fn start(
             if e.is_seed_gone() {
                 daemon.cache.remove(key);
             }
-            return Err(e.to_string());
+            return Err(e.into());
         }
     }
     stats.attach_us = t0.elapsed().as_micros() as u64;
