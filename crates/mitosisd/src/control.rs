@@ -227,13 +227,14 @@ async fn prepare_bundle(
         .map_err(PrepareFailed::Containers)?;
     let id = daemon.registry.next_id();
     let timeout = std::time::Duration::from_millis(ready_timeout_ms);
-    let (container, pid) = containers
+    let container = containers
         .start_seed(&bundle, id, timeout)
         .await
         .map_err(|why| PrepareFailed::Start {
             dir: dir.to_string(),
             why,
         })?;
+    let pid = container.pid;
     let from = FromBundle {
         container,
         bundle: ContainerRef {
