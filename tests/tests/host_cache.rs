@@ -129,7 +129,7 @@ fn pooled_connections_survive_a_peer_restart() {
 
     // A child in flight when the seed's host restarts fails cleanly.
     let (resume, mut input) = spawn_cli(&tb, 1, &["resume", &handle, "--stats"]);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_child_reading_stdin(&tb, 1);
     tb.host(0).kill_daemon().unwrap();
     tb.host(0).start_daemon().unwrap();
     input.write_all(b"exercise\n").unwrap();

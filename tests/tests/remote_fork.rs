@@ -83,8 +83,12 @@ fn one_seed_serves_many_children_and_runs_on() {
                 );
             }
         });
-        // Let the daemon finish with the children that just exited.
-        std::thread::sleep(Duration::from_millis(200));
+        // The daemon is done with the children that just exited.
+        for host in [1, 2] {
+            assert!(eventually(Duration::from_secs(10), || {
+                status_value(&tb, host, "children running") == Some(0)
+            }));
+        }
     };
     // The first batch builds host 1's replica and fills its connection pool.
     run_batch();
@@ -145,7 +149,7 @@ fn exit_status_and_signals_pass_through() {
     // A child waiting on stdin; SIGTERM to the command reaches the child.
     let (resume, mut input) = spawn_cli(&tb, 1, &["resume", &handle]);
     input.write_all(b"echo\nhello from the child\n").unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_child_reading_stdin(&tb, 1);
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(resume.id() as i32, libc::SIGTERM) };
     let out = wait_output(resume, Duration::from_secs(30));
@@ -217,8 +221,8 @@ fn child_whose_page_source_dies_is_killed_with_a_reason() {
     let (_dir, seed, handle) = prepared_memcheck(&tb, "dead");
 
     let (resume, mut input) = spawn_cli(&tb, 1, &["resume", &handle]);
-    // Let the child start and block on its stdin, then take the seed's host away.
-    std::thread::sleep(Duration::from_millis(500));
+    // The child starts and blocks on its stdin; then the seed's host goes away.
+    wait_for_child_reading_stdin(&tb, 1);
     tb.host(0).kill_daemon().unwrap();
     input.write_all(b"verify\n").unwrap();
     let out = wait_output(resume, Duration::from_secs(30));
@@ -266,8 +270,8 @@ fn a_bootstrap_cut_short_fails_the_child_cleanly() {
         s.sort();
         s
     };
-    // Host 1 starts its stub pool when it starts; wait until it is full.
-    std::thread::sleep(Duration::from_millis(300));
+    // Host 1 starts its stub pool (2 stubs) when it starts; wait until it is full.
+    assert!(eventually(Duration::from_secs(10), || stubs().len() == 2));
     let idle_stubs = stubs().len();
 
     // Host 1 reaches the seed through a proxy on host 0 that ends the connection a few pages

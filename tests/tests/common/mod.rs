@@ -342,3 +342,35 @@ pub fn spawn_cli(tb: &Testbed, host: usize, args: &[&str]) -> (Child, ChildStdin
     let stdin = child.stdin.take().expect("stdin");
     (child, stdin)
 }
+
+/// Waits (up to 20 s) until a child of `host`'s daemon blocks reading its stdin: a resumed
+/// child that started and waits for input. Panics if none does.
+pub fn wait_for_child_reading_stdin(tb: &Testbed, host: usize) -> i32 {
+    let daemon = tb.host(host).daemon_pid().expect("the host's daemon");
+    let reading = || {
+        processes_with_parent(daemon).into_iter().find(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+                .is_ok_and(|s| s.split_whitespace().take(2).eq(["0", "0x0"]))
+        })
+    };
+    let mut found = None;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            found = reading();
+            found.is_some()
+        }),
+        "no child of host {host}'s daemon reads its stdin"
+    );
+    found.expect("found")
+}
+
+/// Pids whose parent is `parent`.
+pub fn processes_with_parent(parent: u32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|&pid| is_child_of(pid, parent))
+                .collect()
+        })
+        .unwrap_or_default()
+}
