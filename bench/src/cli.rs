@@ -12,11 +12,12 @@ pub struct Mitosis {
 }
 
 impl Mitosis {
-    /// `mitosis --socket SOCKET resume HANDLE` on `host`.
+    /// `mitosis --socket SOCKET resume` on `host`, the handle in MITOSIS_HANDLE (a secret
+    /// stays off the command line).
     pub fn resume(&self, host: &Host, handle: &str) -> Command {
         let mut cmd = host.command(&self.bin);
         cmd.arg("--socket").arg(host.socket_path());
-        cmd.args(["resume", handle]);
+        cmd.arg("resume").env("MITOSIS_HANDLE", handle);
         cmd
     }
 }

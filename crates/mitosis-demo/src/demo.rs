@@ -280,7 +280,9 @@ pub(crate) fn drop_seed(exe: &Path, host: &Host, handle: &str) {
         .command(exe)
         .arg("--socket")
         .arg(host.socket_path())
-        .args(["drop", handle])
+        .arg("drop")
+        // The handle is a secret: in the environment, not on the command line.
+        .env("MITOSIS_HANDLE", handle)
         .stdin(Stdio::null())
         .output();
 }
@@ -368,7 +370,8 @@ pub(crate) fn remote_child(
     let mut cmd = host.command(exe);
     cmd.arg("--socket")
         .arg(host.socket_path())
-        .args(["resume", handle, "--stats"]);
+        .args(["resume", "--stats"])
+        .env("MITOSIS_HANDLE", handle);
     let run = run_timed(cmd, request)?;
     let stats = run
         .stderr
