@@ -152,9 +152,12 @@ pub async fn run(call: Call) -> Result<Answer, CallError> {
                     .map_err(|e| CallError::Io(io::Error::other(e)))?
                     .map_err(|err| CallError::HostLost { host: host.clone(), err })?;
                 exited = Some(e);
-                // Whatever the child wrote is in the pipe now; a copy of its stdout kept
+                // Whatever the child wrote is in the pipes now; a copy of its stdout kept
                 // elsewhere (a grandchild) must not hold the answer back.
                 drain(&stdout, &mut output);
+                drain(&stderr, &mut errors);
+                let over = errors.len().saturating_sub(STDERR_TAIL);
+                errors.drain(..over);
                 out_done = true;
             },
             () = tokio::time::sleep_until(deadline), if exited.is_none() => break true,
@@ -185,10 +188,13 @@ pub async fn run(call: Call) -> Result<Answer, CallError> {
     })
 }
 
-/// Reads what is in the pipe now, without waiting for more.
+/// Reads what is in the pipe now, without waiting for more. A read(2) of its own: tokio's
+/// `try_read` answers WouldBlock without reading until the runtime has seen the pipe
+/// readable, which it may not have yet when the exit comes first.
 fn drain(pipe: &pipe::Receiver, into: &mut Vec<u8>) {
     let mut buf = [0u8; 8192];
-    while let Ok(n) = pipe.try_read(&mut buf) {
+    // The fd is non-blocking (tokio made it so): this stops at EAGAIN or EOF.
+    while let Ok(n) = nix::unistd::read(pipe.as_fd(), &mut buf) {
         if n == 0 {
             break;
         }
