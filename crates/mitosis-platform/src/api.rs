@@ -1,0 +1,292 @@
+//! The HTTP API: Fn's v2 (apps, functions, `/invoke/{fn_id}`) and OpenFaaS's
+//! `/function/{name}`, with Fn's JSON shapes and error bodies.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::model::{App, AppInput, Func, FuncInput, List};
+use crate::store::Insert;
+use crate::{Invoked, Platform};
+
+type Shared = State<Arc<Platform>>;
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(platform: Arc<Platform>) -> Router {
+    Router::new()
+        .route("/", get(root))
+        .route("/v2/apps", get(list_apps).post(create_app))
+        .route(
+            "/v2/apps/{app_id}",
+            get(get_app).put(update_app).delete(delete_app),
+        )
+        .route("/v2/fns", get(list_fns).post(create_fn))
+        .route(
+            "/v2/fns/{fn_id}",
+            get(get_fn).put(update_fn).delete(delete_fn),
+        )
+        .route("/invoke/{fn_id}", post(invoke))
+        .route("/function/{name}", post(invoke_by_name))
+        .route("/mitosis/hosts", get(hosts))
+        .fallback(|| async { ApiError::not_found("Path not found") })
+        .with_state(platform)
+}
+
+async fn root() -> Response {
+    axum::Json(json!({"hello": "world!", "goto": "mitosis-platform: Fn v2 on remote fork"}))
+        .into_response()
+}
+
+/// A JSON body, refused as Fn does (400 with a message) when it does not parse.
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("Invalid JSON: {e}")))
+}
+
+fn ok<T: serde::Serialize>(value: &T) -> Response {
+    axum::Json(value).into_response()
+}
+
+#[derive(Deserialize)]
+struct AppQuery {
+    name: Option<String>,
+}
+
+async fn list_apps(State(p): Shared, Query(q): Query<AppQuery>) -> ApiResult<Response> {
+    let items = p.store.apps(q.name).await?;
+    Ok(ok(&List {
+        items,
+        next_cursor: String::new(),
+    }))
+}
+
+async fn create_app(State(p): Shared, bytes: Bytes) -> ApiResult<Response> {
+    let app = App::create(body::<AppInput>(&bytes)?)?;
+    match p.store.insert_app(app.clone()).await? {
+        Insert::Done => Ok(ok(&app)),
+        _ => Err(ApiError::conflict("App with specified name already exists")),
+    }
+}
+
+async fn find_app(p: &Platform, id: String) -> ApiResult<App> {
+    p.store
+        .app(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("App not found"))
+}
+
+async fn get_app(State(p): Shared, Path(id): Path<String>) -> ApiResult<Response> {
+    Ok(ok(&find_app(&p, id).await?))
+}
+
+async fn update_app(State(p): Shared, Path(id): Path<String>, bytes: Bytes) -> ApiResult<Response> {
+    let input = body::<AppInput>(&bytes)?;
+    let mut app = find_app(&p, id).await?;
+    app.update(input)?;
+    if !p.store.update_app(app.clone()).await? {
+        return Err(ApiError::not_found("App not found"));
+    }
+    Ok(ok(&app))
+}
+
+async fn delete_app(State(p): Shared, Path(id): Path<String>) -> ApiResult<Response> {
+    let fns = p
+        .store
+        .delete_app(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("App not found"))?;
+    for fn_id in fns {
+        forget_seed(&p, fn_id);
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct FnQuery {
+    app_id: Option<String>,
+    name: Option<String>,
+}
+
+async fn list_fns(State(p): Shared, Query(q): Query<FnQuery>) -> ApiResult<Response> {
+    let items = p.store.fns(q.app_id, q.name).await?;
+    Ok(ok(&List {
+        items,
+        next_cursor: String::new(),
+    }))
+}
+
+async fn create_fn(State(p): Shared, bytes: Bytes) -> ApiResult<Response> {
+    let f = Func::create(body::<FuncInput>(&bytes)?)?;
+    match p.store.insert_fn(f.clone()).await? {
+        Insert::Done => {
+            // The seed is made now, in the background: the first call finds it warm.
+            p.seeds.prepare_in_background(f.clone());
+            Ok(ok(&f))
+        }
+        Insert::NoApp => Err(ApiError::not_found("App not found")),
+        Insert::NameTaken => Err(ApiError::conflict(
+            "Fn with specified name already exists in the app",
+        )),
+    }
+}
+
+async fn find_fn(p: &Platform, id: String) -> ApiResult<Func> {
+    p.store
+        .func(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("Fn not found"))
+}
+
+async fn get_fn(State(p): Shared, Path(id): Path<String>) -> ApiResult<Response> {
+    Ok(ok(&find_fn(&p, id).await?))
+}
+
+async fn update_fn(State(p): Shared, Path(id): Path<String>, bytes: Bytes) -> ApiResult<Response> {
+    let input = body::<FuncInput>(&bytes)?;
+    let mut f = find_fn(&p, id).await?;
+    let image = f.image.clone();
+    f.update(input)?;
+    if !p.store.update_fn(f.clone()).await? {
+        return Err(ApiError::not_found("Fn not found"));
+    }
+    if f.image != image {
+        // The old seed is replaced by the first `get` that sees the new image.
+        p.seeds.prepare_in_background(f.clone());
+    }
+    Ok(ok(&f))
+}
+
+async fn delete_fn(State(p): Shared, Path(id): Path<String>) -> ApiResult<Response> {
+    if !p.store.delete_fn(id.clone()).await? {
+        return Err(ApiError::not_found("Fn not found"));
+    }
+    forget_seed(&p, id);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Drops a deleted function's seed, without making the API wait on its host.
+fn forget_seed(p: &Arc<Platform>, fn_id: String) {
+    let p = p.clone();
+    tokio::spawn(async move { p.seeds.remove(&fn_id).await });
+}
+
+async fn invoke(
+    State(p): Shared,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    request: Body,
+) -> ApiResult<Response> {
+    let f = find_fn(&p, id).await?;
+    call(&p, &f, &headers, request).await
+}
+
+/// OpenFaaS's gateway route: `NAME` is a function's name if only one app has it, or
+/// `NAME.APP` (OpenFaaS's `name.namespace`).
+async fn invoke_by_name(
+    State(p): Shared,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    request: Body,
+) -> ApiResult<Response> {
+    let mut found = p.store.fns(None, Some(name.clone())).await?;
+    if found.is_empty() {
+        if let Some((fn_name, app_name)) = name.rsplit_once('.') {
+            if let Some(app) = p.store.apps(Some(app_name.to_owned())).await?.pop() {
+                found = p.store.fns(Some(app.id), Some(fn_name.to_owned())).await?;
+            }
+        }
+    }
+    match found.len() {
+        0 => Err(ApiError::not_found("Fn not found")),
+        1 => call(&p, &found[0], &headers, request).await,
+        _ => Err(ApiError::conflict(format!(
+            "{name} names functions of several apps: call NAME.APP"
+        ))),
+    }
+}
+
+async fn call(
+    p: &Arc<Platform>,
+    f: &Func,
+    headers: &HeaderMap,
+    request: Body,
+) -> ApiResult<Response> {
+    let limit = p.config.max_body;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("Request content too large (over {limit} bytes)"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let input = axum::body::to_bytes(request, limit).await.map_err(|e| {
+        // A chunked body over the limit; anything else is a client that went away.
+        if e.to_string().contains("length limit") {
+            too_large()
+        } else {
+            ApiError::bad_request(format!("reading the request: {e}"))
+        }
+    })?;
+    let Invoked {
+        call_id,
+        host,
+        answer,
+    } = p.invoke(f, input).await?;
+    let content_type = HeaderValue::from_static(content_type(&answer.output));
+    let mut response = (StatusCode::OK, answer.output).into_response();
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, content_type);
+    if let Ok(v) = HeaderValue::from_str(&call_id) {
+        h.insert("Fn-Call-Id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&host) {
+        h.insert("Mitosis-Host", v);
+    }
+    Ok(response)
+}
+
+/// The stdin/stdout contract carries no content type: say what the answer looks like.
+fn content_type(output: &[u8]) -> &'static str {
+    if serde_json::from_slice::<serde::de::IgnoredAny>(output).is_ok() {
+        "application/json"
+    } else if std::str::from_utf8(output).is_ok() {
+        "text/plain; charset=utf-8"
+    } else {
+        "application/octet-stream"
+    }
+}
+
+/// The hosts as the platform sees them, and where each function's seed is.
+async fn hosts(State(p): Shared) -> ApiResult<Response> {
+    let hosts = p.hosts.report();
+    let fns = p.store.fns(None, None).await?;
+    let seeds: Vec<_> = fns
+        .iter()
+        .map(|f| {
+            let seed = p.seeds.current(&f.id);
+            json!({
+                "fn_id": f.id,
+                "name": f.name,
+                "image": f.image,
+                "seed_host": seed.map(|s| p.hosts.get(s.host).spec.name.clone()),
+            })
+        })
+        .collect();
+    Ok(ok(
+        &json!({"policy": p.policy.name(), "hosts": hosts, "seeds": seeds}),
+    ))
+}

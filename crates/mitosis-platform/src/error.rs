@@ -1,0 +1,143 @@
+//! The platform's typed errors, and how each becomes an HTTP answer as Fn gives it: a status
+//! code and `{"message": "..."}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use mitosis_client::ErrorKind;
+
+/// An error of the store (SQLite).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store: a stored record does not decode: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    /// The store's thread went away (a panic in a query).
+    #[error("store: the query did not finish")]
+    Lost,
+}
+
+/// Why one call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No host is up (or every one failed this call).
+    #[error("no host can run the function: {0}")]
+    NoHost(String),
+    /// The function's seed could not be made (the bundle is wrong, or no host can start it).
+    #[error("the function could not be started: {0}")]
+    Seed(String),
+    /// A host's daemon refused or failed the resume, or could not be reached.
+    #[error("host {host}: {err}")]
+    Daemon {
+        host: String,
+        #[source]
+        err: mitosis_client::Error,
+    },
+    /// The connection to the daemon running the child broke: the child may have run.
+    #[error("host {host} went away during the call: {err}")]
+    HostLost {
+        host: String,
+        #[source]
+        err: mitosis_client::Error,
+    },
+    /// The function exited with a failure, or was killed (its reason if the daemon knows it).
+    #[error("the function failed: {0}")]
+    Crashed(String),
+    /// Past the function's timeout: it was killed.
+    #[error("timed out after {0} s")]
+    TimedOut(u64),
+    /// The answer was over the platform's limit.
+    #[error("the function's answer is over {0} bytes")]
+    OutputTooLarge(usize),
+    /// Pipes, threads: this process's own trouble.
+    #[error("platform: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl CallError {
+    /// Whether the seed itself is lost (its host is gone, or dropped it): make it again.
+    pub fn seed_lost(&self) -> bool {
+        matches!(
+            self,
+            CallError::Daemon { err, .. } if matches!(
+                err.kind(),
+                Some(ErrorKind::NoSuchSeed | ErrorKind::SeedGone | ErrorKind::Unreachable)
+            )
+        )
+    }
+
+    /// Whether the host that was asked is at fault, not the function (its daemon is
+    /// unreachable or failed before the child ran): another host may do.
+    pub fn host_failed(&self) -> bool {
+        match self {
+            CallError::Daemon { err, .. } => {
+                matches!(
+                    err,
+                    mitosis_client::Error::Connect { .. }
+                        | mitosis_client::Error::Send(_)
+                        | mitosis_client::Error::Closed
+                        | mitosis_client::Error::Recv(_)
+                ) || matches!(err.kind(), Some(ErrorKind::Unavailable))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// An answer of the API that is not a success: Fn's status code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!("{e}");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
+        let status = match &e {
+            CallError::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
+            CallError::NoHost(_) => StatusCode::SERVICE_UNAVAILABLE,
+            CallError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({ "message": self.message })),
+        )
+            .into_response()
+    }
+}

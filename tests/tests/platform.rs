@@ -1,0 +1,463 @@
+//! The serverless platform (crates/mitosis-platform) on three simulated hosts: Fn's v2 API in
+//! this process on a loopback port, functions from OCI bundles, calls from several clients
+//! at once, Fn's errors (404, 413, 502, 504), and a host whose daemon dies.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use mitosis_platform::store::Store;
+use mitosis_platform::{Config, HostSpec, Platform};
+use mitosis_testbed::Testbed;
+use serde_json::{Value, json};
+
+const BUNDLE: &str = "/var/lib/mitosis/bundles/python";
+const ROOTFS: &str = "/var/lib/mitosis/bundles/python/rootfs";
+/// The platform's body limit in these tests.
+const MAX_BODY: usize = 64 << 10;
+
+/// The platform serving on a loopback port from a thread of its own; stopped (and its seeds
+/// dropped) on drop, before the testbed it uses goes.
+struct Api {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Api {
+    fn start(tb: &Testbed) -> Api {
+        let hosts: Vec<HostSpec> = tb
+            .hosts()
+            .iter()
+            .map(|h| HostSpec {
+                name: format!("h{}", h.index()),
+                socket: h.socket_path().to_owned(),
+            })
+            .collect();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            runtime.block_on(async move {
+                let config = Config {
+                    max_body: MAX_BODY,
+                    ..Config::default()
+                };
+                let platform = Platform::new(config, Store::in_memory().unwrap(), hosts);
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                axum::serve(listener, mitosis_platform::api::router(platform.clone()))
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .unwrap();
+                platform.shutdown().await;
+            });
+            runtime.shutdown_timeout(Duration::from_secs(2));
+        });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the API listens");
+        Api {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// One request (`Connection: close`): status, headers (lower-case names), body.
+    fn request(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        let mut s = TcpStream::connect(self.addr).expect("connect to the API");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        // The server may answer (413) before it reads all of an oversized body.
+        let _ = s.write_all(body);
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("an answer");
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no header end: {}", String::from_utf8_lossy(&raw)));
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .expect("a status line");
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        Reply {
+            status,
+            headers,
+            body: raw[split + 4..].to_vec(),
+        }
+    }
+
+    fn json(&self, method: &str, path: &str, body: Value) -> Value {
+        let reply = self.request(method, path, body.to_string().as_bytes());
+        assert_eq!(reply.status, 200, "{method} {path}: {}", reply.text());
+        serde_json::from_slice(&reply.body).expect("a JSON answer")
+    }
+
+    /// Creates app `app` and function `name` of it from `image`; the function's id.
+    fn deploy(&self, app: &str, name: &str, image: &Path, timeout: u32) -> String {
+        let app = self.json("POST", "/v2/apps", json!({ "name": app }));
+        let f = self.json(
+            "POST",
+            "/v2/fns",
+            json!({"name": name, "app_id": app["id"], "image": image, "timeout": timeout}),
+        );
+        assert_eq!(f["app_id"], app["id"]);
+        f["id"].as_str().unwrap().to_owned()
+    }
+
+    /// The host serving `fn_id`'s seed, once it has one.
+    fn seed_host(&self, fn_id: &str) -> String {
+        let mut host = String::new();
+        let found = eventually(Duration::from_secs(60), || {
+            let where_ = self.json("GET", "/mitosis/hosts", Value::Null);
+            let seed = where_["seeds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["fn_id"] == fn_id)
+                .cloned();
+            match seed.and_then(|s| s["seed_host"].as_str().map(str::to_owned)) {
+                Some(h) => {
+                    host = h;
+                    true
+                }
+                None => false,
+            }
+        });
+        assert!(found, "no seed for {fn_id} within 60 s");
+        host
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Fn's error body.
+    fn message(&self) -> String {
+        let v: Value =
+            serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()));
+        v["message"].as_str().expect("a message").to_owned()
+    }
+}
+
+/// An answer line of a seed, without its `pid` (the one field that differs between
+/// processes).
+fn without_pid(answer: &[u8]) -> Value {
+    let mut v: Value = serde_json::from_slice(answer)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(answer)));
+    v.as_object_mut().expect("an object").remove("pid");
+    v
+}
+
+/// The bundle function's answer to `request`, from a cold run in its rootfs on `host`.
+fn cold_answer(tb: &Testbed, host: usize, request: &str) -> Value {
+    let mut cmd = tb.host(host).command("chroot");
+    cmd.args([
+        ROOTFS,
+        "env",
+        "-i",
+        "PATH=/usr/bin:/bin",
+        "PYTHONDONTWRITEBYTECODE=1",
+    ])
+    .args(["python3", "/opt/mitosis/image_fn.py", "--once"])
+    .current_dir("/");
+    let run = mitosis_testbed::lines::run_timed(cmd, request).expect("a cold run");
+    assert_eq!(run.status, 0, "cold run: {}", run.stderr);
+    without_pid(run.answer.as_bytes())
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() - 1) as f64 * p / 100.0).round() as usize]
+}
+
+#[test]
+fn functions_run_on_every_host_from_one_seed_and_survive_a_dead_host() {
+    assert!(
+        Path::new(BUNDLE).join("config.json").exists(),
+        "{BUNDLE} is missing: run scripts/setup.sh (it builds the bundle)"
+    );
+    let tb = testbed(3);
+    let api = Api::start(&tb);
+    let fn_id = api.deploy("shop", "thumbs", Path::new(BUNDLE), 30);
+
+    // Fn's shapes: lists of items with a cursor, filtered by app.
+    let f = api.json("GET", &format!("/v2/fns/{fn_id}"), Value::Null);
+    let listed = api.json(
+        "GET",
+        &format!("/v2/fns?app_id={}", f["app_id"].as_str().unwrap()),
+        Value::Null,
+    );
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["next_cursor"], "");
+    for field in [
+        "memory",
+        "timeout",
+        "idle_timeout",
+        "config",
+        "annotations",
+        "created_at",
+    ] {
+        assert!(!f[field].is_null(), "{field} missing in {f}");
+    }
+
+    let requests: Vec<String> = (1..=4).map(|n| format!("{{\"n\": {n}}}")).collect();
+    let expected: Vec<Value> = requests.iter().map(|r| cold_answer(&tb, 0, r)).collect();
+    let seed_host = api.seed_host(&fn_id);
+
+    // 12 calls from 4 clients at once, every answer checked.
+    let api = Arc::new(api);
+    let expected = Arc::new(expected);
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (api, fn_id, expected, requests) = (
+                api.clone(),
+                fn_id.clone(),
+                expected.clone(),
+                requests.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut ran = Vec::new();
+                for i in 0..3 {
+                    let which = (c + i) % requests.len();
+                    let t = Instant::now();
+                    let reply = api.request(
+                        "POST",
+                        &format!("/invoke/{fn_id}"),
+                        requests[which].as_bytes(),
+                    );
+                    let took = t.elapsed();
+                    assert_eq!(reply.status, 200, "call: {}", reply.text());
+                    assert_eq!(without_pid(&reply.body), expected[which], "call {which}");
+                    assert_eq!(reply.headers["fn-call-id"].len(), 26);
+                    ran.push((reply.headers["mitosis-host"].clone(), took));
+                }
+                ran
+            })
+        })
+        .collect();
+    let mut hosts = BTreeSet::new();
+    let mut latencies = Vec::new();
+    for client in clients {
+        for (host, took) in client.join().expect("a client thread") {
+            hosts.insert(host);
+            latencies.push(took);
+        }
+    }
+    assert!(
+        hosts.len() > 1,
+        "12 concurrent calls all ran on {hosts:?} (seed on {seed_host})"
+    );
+    assert_eq!(api.seed_host(&fn_id), seed_host, "one seed, where it was");
+
+    // Sequential calls, for the latency through the API (the seed's replicas are warm).
+    for i in 0..10 {
+        let t = Instant::now();
+        let reply = api.request(
+            "POST",
+            &format!("/invoke/{fn_id}"),
+            requests[i % 4].as_bytes(),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        latencies.push(t.elapsed());
+    }
+    eprintln!(
+        "platform: {} calls through the API, median {:?}, p90 {:?}; hosts used {hosts:?}, seed on {seed_host}",
+        latencies.len(),
+        percentile(&mut latencies, 50.0),
+        percentile(&mut latencies, 90.0)
+    );
+
+    // Fn's errors.
+    let unknown = api.request("POST", "/invoke/01NOSUCHFUNCTION000000000", b"{}");
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.message(), "Fn not found");
+    assert_eq!(api.request("POST", "/function/nosuch", b"{}").status, 404);
+    assert_eq!(api.request("GET", "/v2/apps/nosuch", b"").status, 404);
+    let big = vec![b' '; MAX_BODY + 1];
+    let too_big = api.request("POST", &format!("/invoke/{fn_id}"), &big);
+    assert_eq!(too_big.status, 413, "{}", too_big.text());
+    assert!(
+        too_big.message().contains("too large"),
+        "{}",
+        too_big.message()
+    );
+    // OpenFaaS's route finds the function by name.
+    let by_name = api.request("POST", "/function/thumbs", requests[0].as_bytes());
+    assert_eq!(by_name.status, 200, "{}", by_name.text());
+    assert_eq!(without_pid(&by_name.body), expected[0]);
+
+    // The seed's host dies: later calls succeed on the others, from a seed made again there.
+    let dead: usize = seed_host.trim_start_matches('h').parse().unwrap();
+    tb.host(dead).kill_daemon().unwrap();
+    for i in 0..6 {
+        let reply = api.request(
+            "POST",
+            &format!("/invoke/{fn_id}"),
+            requests[i % 4].as_bytes(),
+        );
+        assert_eq!(
+            reply.status,
+            200,
+            "call {i} after h{dead} died: {}",
+            reply.text()
+        );
+        assert_eq!(without_pid(&reply.body), expected[i % 4]);
+        assert_ne!(reply.headers["mitosis-host"], seed_host);
+    }
+    let new_seed_host = api.seed_host(&fn_id);
+    assert_ne!(
+        new_seed_host, seed_host,
+        "the seed was made again elsewhere"
+    );
+
+    // Deleting the app deletes its function.
+    let app_id = f["app_id"].as_str().unwrap();
+    assert_eq!(
+        api.request("DELETE", &format!("/v2/apps/{app_id}"), b"")
+            .status,
+        204
+    );
+    assert_eq!(
+        api.request("GET", &format!("/v2/fns/{fn_id}"), b"").status,
+        404
+    );
+
+    drop(Arc::into_inner(api).expect("the clients are done"));
+    // A daemon started after a crash removes what the crashed one left (its seed's container).
+    tb.host(dead).start_daemon().unwrap();
+    teardown(tb);
+}
+
+/// A bundle over the shared rootfs whose function sleeps, crashes or allocates as asked:
+/// `{"sleep": S}`, `{"exit": N}`, `{"alloc_mib": M}`; otherwise it echoes the request.
+fn tricks_bundle(scratch: &Scratch) -> PathBuf {
+    const SCRIPT: &str = "import json, os, time\n\
+data = os.read(0, 65536)\n\
+req = json.loads(data)\n\
+if 'sleep' in req: time.sleep(req['sleep'])\n\
+if 'exit' in req: os.write(2, b'failing on purpose\\n'); os._exit(req['exit'])\n\
+if 'alloc_mib' in req: hog = b'x' * (req['alloc_mib'] << 20)\n\
+os.write(1, json.dumps({'echo': req}).encode())\n";
+    let dir = scratch.0.join("tricks");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = json!({
+        "ociVersion": "1.0.2",
+        "process": {"args": ["python3", "-c", SCRIPT], "cwd": "/",
+                    "user": {"uid": 0, "gid": 0},
+                    "env": ["PATH=/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE=1"]},
+        "root": {"path": ROOTFS, "readonly": true},
+        "hostname": "fn",
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"},
+                                 {"type": "ipc"}, {"type": "network"}],
+                  "maskedPaths": ["/proc/kcore"],
+                  "resources": {"memory": {"limit": 134_217_728u64}, "pids": {"limit": 32}}}
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn calls_past_their_timeout_get_504_and_failures_502() {
+    let scratch = Scratch::new("platform");
+    let bundle = tricks_bundle(&scratch);
+    let tb = testbed(3);
+    let api = Api::start(&tb);
+    let fn_id = api.deploy("tricks", "tricky", &bundle, 1);
+    api.seed_host(&fn_id);
+    let invoke = format!("/invoke/{fn_id}");
+
+    let echo = api.request("POST", &invoke, br#"{"hello": 1}"#);
+    assert_eq!(echo.status, 200, "{}", echo.text());
+    assert_eq!(echo.text(), r#"{"echo": {"hello": 1}}"#);
+
+    // While calls run past their timeout, the API answers at once.
+    let api = Arc::new(api);
+    let t = Instant::now();
+    let sleepers: Vec<_> = (0..3)
+        .map(|_| {
+            let (api, invoke) = (api.clone(), invoke.clone());
+            std::thread::spawn(move || api.request("POST", &invoke, br#"{"sleep": 30}"#))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let quick = Instant::now();
+    let listed = api.request("GET", &format!("/v2/fns/{fn_id}"), b"");
+    assert_eq!(listed.status, 200);
+    assert!(
+        quick.elapsed() < Duration::from_millis(500),
+        "the API took {:?} while calls ran",
+        quick.elapsed()
+    );
+    let replies: Vec<Reply> = sleepers.into_iter().map(|s| s.join().unwrap()).collect();
+    let took = t.elapsed();
+    let slow = &replies[0];
+    assert!(replies.iter().all(|r| r.status == 504), "{}", slow.text());
+    assert!(took < Duration::from_secs(5), "the 504 took {took:?}");
+    assert!(slow.message().contains("timed out"), "{}", slow.message());
+
+    let crash = api.request("POST", &invoke, br#"{"exit": 3}"#);
+    assert_eq!(crash.status, 502, "{}", crash.text());
+    let why = crash.message();
+    assert!(
+        why.contains("status 3") && why.contains("failing on purpose"),
+        "{why}"
+    );
+
+    let hog = api.request("POST", &invoke, br#"{"alloc_mib": 512}"#);
+    assert_eq!(hog.status, 502, "{}", hog.text());
+    assert!(hog.message().contains("out of memory"), "{}", hog.message());
+
+    // The function still answers, and the killed calls left no child running.
+    let again = api.request("POST", &invoke, br#"{"again": true}"#);
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert!(eventually(Duration::from_secs(10), || {
+        tb.hosts().iter().all(|h| {
+            mitosis_client::Client::connect(h.socket_path())
+                .and_then(|c| c.status())
+                .is_ok_and(|s| s.children_running == 0)
+        })
+    }));
+    drop(Arc::into_inner(api).expect("the clients are done"));
+    teardown(tb);
+}
