@@ -401,7 +401,7 @@ fn status(daemon: &Daemon) -> String {
     let c = &daemon.counters;
     let mut out = format!(
         "listen {}\nseeds {}\nchildren running {}\nchildren started {}\nbytes served {}\n\
-         peer connections {}\npeer connections refused {}\n",
+         peer connections {}\npeer connections refused {}\npeer tls handshakes refused {}\n",
         daemon.listen,
         daemon.registry.len(),
         c.children_running.load(Ordering::Relaxed),
@@ -409,6 +409,7 @@ fn status(daemon: &Daemon) -> String {
         c.bytes_served.load(Ordering::Relaxed),
         c.peer_connections.load(Ordering::Relaxed),
         c.peer_refused.load(Ordering::Relaxed),
+        c.peer_tls_refused.load(Ordering::Relaxed),
     );
     for seed in daemon.registry.all() {
         out.push_str(&format!(
