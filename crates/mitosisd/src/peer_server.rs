@@ -31,15 +31,13 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mitosis_fork::source::read_runs;
 use mitosis_transport::frame::{self, FrameError};
 use mitosis_transport::peer::{
     Hello, MAX_PAGES_PER_REQUEST, MAX_REQUEST_FRAME, RemoteError, Request, Response, Sealed,
 };
-use std::time::Instant;
-
 use mitosis_transport::tls;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
