@@ -20,6 +20,8 @@ METHODS = [
     ("mitosis_cold_host", "mitosis cold host", (67, 147, 195)),
     ("mitosis_warm_host", "mitosis warm host", (33, 102, 172)),
     ("mitosis_warm_host_cli", "mitosis warm host (CLI)", (8, 48, 107)),
+    ("mitosis_cold_host_tls", "mitosis cold host (mTLS)", (253, 174, 97)),
+    ("mitosis_warm_host_tls", "mitosis warm host (mTLS)", (230, 97, 1)),
     ("criu", "criu restore", (146, 197, 122)),
 ]
 WIDTH, HEIGHT = 1400, 720

@@ -25,6 +25,8 @@ pub struct Config {
     pub throughput_secs: f64,
     pub concurrency: usize,
     pub pin: Option<String>,
+    /// Whether the cold and warm host rows were also run between TLS daemons.
+    pub tls: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -45,6 +47,8 @@ pub struct Seed {
     pub prepare: Prepare,
     /// Medians of the children's `--stats` numbers, by key (sorted).
     pub stats_medians: PerPhase<BTreeMap<&'static str, Option<u64>>>,
+    /// The same for the rows between TLS daemons (empty without `--tls`).
+    pub mtls_stats_medians: TlsPhases<BTreeMap<&'static str, Option<u64>>>,
     pub private_kib_median: PrivateKib,
     pub bytes_served: PerPhase<Option<Served>>,
     pub warm_replica_pages: Option<u64>,
@@ -71,6 +75,8 @@ pub struct Method {
     pub p99_ms: Option<f64>,
     pub min_ms: Option<f64>,
     pub vs_local_fork: Option<f64>,
+    /// A row between TLS daemons: its median over the same row's between plain daemons.
+    pub vs_plain: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -86,6 +92,13 @@ pub struct Prepare {
 #[derive(Debug, Serialize)]
 pub struct PerPhase<T> {
     pub first_child: T,
+    pub cold_host: T,
+    pub warm_host: T,
+}
+
+/// Something measured in the phases run between TLS daemons too.
+#[derive(Debug, Serialize)]
+pub struct TlsPhases<T> {
     pub cold_host: T,
     pub warm_host: T,
 }
@@ -129,7 +142,8 @@ mod tests {
     use super::*;
     use crate::daemon::Prepared;
     use crate::results::{
-        self, COLD_START, LOCAL_FORK, MITOSIS_COLD, MITOSIS_FIRST, MITOSIS_WARM, SeedResult,
+        self, COLD_START, LOCAL_FORK, MITOSIS_COLD, MITOSIS_FIRST, MITOSIS_WARM, MITOSIS_WARM_TLS,
+        SeedResult,
     };
     use serde_json::Value;
     use std::time::Duration;
@@ -145,11 +159,18 @@ mod tests {
         warm.latencies = vec![Duration::from_micros(2500), ms(3)];
         warm.attempted = 3;
         warm.fail("timed out".into());
+        let mut warm_tls = results::Method::new(MITOSIS_WARM_TLS, "mitosis warm host (mTLS)");
+        warm_tls.latencies = vec![ms(3), ms(3)];
+        warm_tls.attempted = 2;
         r.methods = vec![
             results::Method::skipped(COLD_START, "cold start", "no rootfs".into()),
             local,
             warm,
+            warm_tls,
         ];
+        r.warm_tls
+            .stats
+            .push([("fork_us", 950)].into_iter().collect());
         r.prepares.push(Prepared {
             handle: "h".into(),
             wall: Duration::from_micros(1500),
@@ -194,6 +215,7 @@ mod tests {
                 throughput_secs: 5.0,
                 concurrency: 4,
                 pin: None,
+                tls: true,
             },
             machine: Machine {
                 cpus: 2,
@@ -238,6 +260,7 @@ mod tests {
                 "throughput_secs",
                 "concurrency",
                 "pin",
+                "tls",
             ])
         );
         assert_eq!(keys(&doc["machine"]), ["cpus", "criu", "kernel"]);
@@ -251,6 +274,7 @@ mod tests {
                 "methods",
                 "prepare",
                 "stats_medians",
+                "mtls_stats_medians",
                 "private_kib_median",
                 "bytes_served",
                 "warm_replica_pages",
@@ -276,6 +300,7 @@ mod tests {
             "p99_ms",
             "min_ms",
             "vs_local_fork",
+            "vs_plain",
         ]);
         let methods = seed["methods"].as_array().unwrap();
         assert!(methods.iter().all(|m| keys(m) == method_keys));
@@ -290,9 +315,17 @@ mod tests {
                 (&Value::from(COLD_START), &Value::Null),
                 (&Value::from(LOCAL_FORK), &Value::from(2.0)),
                 (&Value::from(MITOSIS_WARM), &Value::from(2.5)),
+                (&Value::from(MITOSIS_WARM_TLS), &Value::from(3.0)),
             ]
         );
         assert_eq!(methods[2]["vs_local_fork"], 1.25);
+        assert_eq!(methods[2]["vs_plain"], Value::Null);
+        assert_eq!(methods[3]["vs_plain"], 1.2);
+        assert_eq!(
+            keys(&seed["mtls_stats_medians"]),
+            ["cold_host", "warm_host"]
+        );
+        assert_eq!(seed["mtls_stats_medians"]["warm_host"]["fork_us"], 950);
         assert_eq!(methods[0]["skipped"], "no rootfs");
         assert_eq!(
             keys(&seed["prepare"]),
@@ -375,6 +408,7 @@ mod tests {
                 throughput_secs: f64::NAN,
                 concurrency: 1,
                 pin: Some("0-1".into()),
+                tls: false,
             },
             machine: Machine {
                 cpus: 2,
@@ -392,7 +426,8 @@ mod tests {
     "bigheap_mib": 1,
     "throughput_secs": null,
     "concurrency": 1,
-    "pin": "0-1"
+    "pin": "0-1",
+    "tls": false
   },
   "machine": {
     "cpus": 2,

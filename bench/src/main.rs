@@ -13,6 +13,9 @@
 //!   set was recorded by the first children on host 2;
 //! - mitosis warm host: children on host 1, which holds the seed's replica;
 //! - mitosis warm host (CLI): the same through `mitosis resume`, to show the CLI's own cost;
+//! - with `--tls`, mitosis cold host and warm host (mTLS): the same two rows on a second
+//!   three-host testbed whose daemons use mutual TLS (a CA and host certificates made at
+//!   start with rcgen), with the ratio of each to its plain row;
 //! - CRIU (when `criu check` passes): `criu restore` of a dump of the seed on host 1.
 //!
 //! The mitosis rows but the CLI one start children in this process over the daemon's socket
@@ -47,13 +50,16 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use mitosis_testbed::{DaemonConfig, Testbed, TestbedConfig};
+use mitosis_testbed::{DaemonConfig, Host, Testbed, TestbedConfig, pki};
 
 use cli::Mitosis;
 use daemon::Origin;
 use procs::{Server, on_path, run_ok};
-use remote::{Remote, gave_up};
-use results::{CRIU, MITOSIS_COLD, MITOSIS_WARM, MITOSIS_WARM_CLI, Method, SeedResult};
+use remote::{Remote, Row, gave_up};
+use results::{
+    CRIU, MITOSIS_COLD, MITOSIS_COLD_TLS, MITOSIS_WARM, MITOSIS_WARM_CLI, MITOSIS_WARM_TLS, Method,
+    SeedResult,
+};
 use seeds::Seed;
 
 /// The port the testbed's daemons listen on.
@@ -106,6 +112,11 @@ struct Args {
     /// Python interpreter (needs numpy and Pillow).
     #[arg(long, default_value = "python3")]
     python: String,
+    /// Also run the cold-host and warm-host rows between daemons with mutual TLS
+    /// (`mitosisd --tls-*`), on a second testbed with a throwaway CA, and print each beside
+    /// its plain row.
+    #[arg(long)]
+    tls: bool,
 }
 
 fn main() {
@@ -212,14 +223,36 @@ fn run(args: Args) -> Result<i32> {
         child_hosts: [testbed.host(1), testbed.host(2)],
         warmup: args.warmup,
     };
+    let tls_testbed = match args.tls {
+        true => Some(TlsTestbed::new(&daemon, &testbed)?),
+        false => None,
+    };
+    let tls_remote = tls_testbed.as_ref().map(|t| Remote {
+        mitosis: &mitosis,
+        seed_host: t.testbed.host(0),
+        child_hosts: [t.testbed.host(1), t.testbed.host(2)],
+        warmup: args.warmup,
+    });
     let mut results = Vec::new();
     for seed in &seeds {
-        let result = bench_seed(&args, seed, &remote, &testbed, &criu_ok);
+        let result = bench_seed(
+            &args,
+            seed,
+            &remote,
+            tls_remote.as_ref(),
+            &testbed,
+            &criu_ok,
+        );
         report::seed_table(&result);
         results.push(result);
     }
-    if let Err(err) = testbed.teardown() {
-        eprintln!("mitosis-bench: teardown: {err}");
+    for testbed in [Some(testbed), tls_testbed.map(|t| t.testbed)]
+        .into_iter()
+        .flatten()
+    {
+        if let Err(err) = testbed.teardown() {
+            eprintln!("mitosis-bench: teardown: {err}");
+        }
     }
 
     report::summary(&results);
@@ -232,11 +265,53 @@ fn run(args: Args) -> Result<i32> {
     })
 }
 
+/// A second three-host testbed whose daemons use mutual TLS, with a CA and host certificates
+/// made for it (kept in the plain testbed's directory, removed with it).
+struct TlsTestbed {
+    testbed: Testbed,
+}
+
+impl TlsTestbed {
+    fn new(daemon: &std::path::Path, plain: &Testbed) -> Result<TlsTestbed> {
+        let dir = plain.dir().join("pki");
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Both testbeds use the same addresses, each on a bridge of its own.
+        let addrs: Vec<_> = plain.hosts().iter().map(|h| h.addr().into()).collect();
+        pki::TestCa::new("mitosis-bench CA")
+            .and_then(|ca| ca.write_hosts(&dir, &addrs))
+            .context("making the CA and host certificates")?;
+        let mut config = DaemonConfig::new(daemon, DAEMON_PORT);
+        config.extra_args = pki::daemon_args(&dir);
+        let testbed = Testbed::new(TestbedConfig::new(3).with_daemon(config))
+            .context("building the testbed of TLS daemons")?;
+        println!(
+            "  testbed {}: the same hosts, daemons with mutual TLS (--tls-cert/--tls-key/--tls-ca)",
+            testbed.id()
+        );
+        Ok(TlsTestbed { testbed })
+    }
+}
+
+/// Starts the seed on `host` (a bundle's is started by its daemon at each prepare).
+fn start_seed<'a>(seed: &'a Seed, host: &Host) -> Result<(Option<Server>, Origin<'a>), String> {
+    match &seed.bundle {
+        Some(bundle) => Ok((None, Origin::Bundle(&bundle.dir))),
+        None => match Server::start(seed.command(host, &[])) {
+            Ok(server) => {
+                let pid = server.pid();
+                Ok((Some(server), Origin::Process(pid)))
+            }
+            Err(err) => Err(format!("starting the seed: {err:#}")),
+        },
+    }
+}
+
 /// Runs every method for one seed. Failures are recorded in the result, never returned.
 fn bench_seed(
     args: &Args,
     seed: &Seed,
     remote: &Remote,
+    tls_remote: Option<&Remote>,
     testbed: &Testbed,
     criu_ok: &Result<(), String>,
 ) -> SeedResult {
@@ -268,20 +343,14 @@ fn bench_seed(
     out.local_private_kib = private;
 
     // A bundle's seed is started by the daemon at each prepare, in a container of its own.
-    let (server, origin) = match &seed.bundle {
-        Some(bundle) => (None, Origin::Bundle(&bundle.dir)),
-        None => {
-            step("starting the seed on host 0".to_owned());
-            match Server::start(seed.command(remote.seed_host, &[])) {
-                Ok(server) => {
-                    let pid = server.pid();
-                    (Some(server), Origin::Process(pid))
-                }
-                Err(err) => {
-                    out.error = Some(format!("starting the seed: {err:#}"));
-                    return out;
-                }
-            }
+    if seed.bundle.is_none() {
+        step("starting the seed on host 0".to_owned());
+    }
+    let (server, origin) = match start_seed(seed, remote.seed_host) {
+        Ok(started) => started,
+        Err(err) => {
+            out.error = Some(err);
+            return out;
         }
     };
     let fresh = match origin {
@@ -296,17 +365,27 @@ fn bench_seed(
     step("prepare once, working set recorded by the first children on host 2".to_owned());
     match remote.prepare_recorded(origin) {
         Ok(handle) => {
-            remote_rows(args, remote, &handle, &pairs, &mut out);
+            let tls = tls_remote.and_then(|tls| prepare_tls(seed, tls, &mut out));
+            remote_rows(args, remote, &handle, tls.as_ref(), &pairs, &mut out);
             if let Err(err) = daemon::drop_seed(remote.seed_host, &handle) {
                 eprintln!("  warning: {err:#}");
             }
+            if let Some(tls) = tls {
+                if let Err(err) = daemon::drop_seed(tls.remote.seed_host, &tls.handle) {
+                    eprintln!("  warning: {err:#}");
+                }
+            }
         }
         Err(why) => {
+            let tls_rows = tls_remote.map(|_| [TLS_COLD, TLS_WARM]);
             for (key, label) in [
                 (MITOSIS_COLD, "mitosis cold host"),
                 (MITOSIS_WARM, "mitosis warm host"),
                 (MITOSIS_WARM_CLI, "mitosis warm host (CLI)"),
-            ] {
+            ]
+            .into_iter()
+            .chain(tls_rows.into_iter().flatten())
+            {
                 out.methods.push(gave_up(key, label, why.clone()));
             }
         }
@@ -355,28 +434,113 @@ fn bench_seed(
     out
 }
 
+/// The TLS testbed's copy of the seed for `--tls`: started and prepared there, its working
+/// set recorded on that testbed's host 2 as for the plain rows.
+struct TlsSeed<'r, 'a> {
+    remote: &'r Remote<'a>,
+    handle: String,
+    /// The seed process (none for a bundle's, which its daemon runs).
+    _server: Option<Server>,
+}
+
+const TLS_COLD: (&str, &str) = (MITOSIS_COLD_TLS, "mitosis cold host (mTLS)");
+const TLS_WARM: (&str, &str) = (MITOSIS_WARM_TLS, "mitosis warm host (mTLS)");
+
+/// The seed on the TLS testbed, or `None` with its rows given up in `out`.
+fn prepare_tls<'r, 'a>(
+    seed: &Seed,
+    remote: &'r Remote<'a>,
+    out: &mut SeedResult,
+) -> Option<TlsSeed<'r, 'a>> {
+    eprintln!(
+        "[{}] mTLS: the seed on host 0 of the TLS testbed, prepared once, working set recorded on its host 2",
+        out.name
+    );
+    let prepared = start_seed(seed, remote.seed_host)
+        .and_then(|(server, origin)| Ok((server, remote.prepare_recorded(origin)?)));
+    match prepared {
+        Ok((server, handle)) => Some(TlsSeed {
+            remote,
+            handle,
+            _server: server,
+        }),
+        Err(why) => {
+            for (key, label) in [TLS_COLD, TLS_WARM] {
+                out.methods
+                    .push(gave_up(key, label, format!("mTLS: {why}")));
+            }
+            None
+        }
+    }
+}
+
 /// The rows of one prepared `handle` whose working set is recorded: cold host, warm host
-/// (in-process, then through the CLI) and children/s.
+/// (in-process, then through the CLI) and children/s; with `tls`, the cold and warm rows of
+/// its seed too, each sampled in turn with its plain row.
 fn remote_rows(
     args: &Args,
     remote: &Remote,
     handle: &str,
+    tls: Option<&TlsSeed>,
     pairs: &[methods::Pair],
     out: &mut SeedResult,
 ) {
     let (n, name) = (args.children, out.name);
     let step = |what: String| eprintln!("[{name}] {what}");
+    let rows = |(key, label): (&'static str, &'static str), (tls_key, tls_label)| {
+        let mut rows = vec![Row {
+            remote,
+            handle,
+            key,
+            label,
+        }];
+        rows.extend(tls.map(|tls| Row {
+            remote: tls.remote,
+            handle: &tls.handle,
+            key: tls_key,
+            label: tls_label,
+        }));
+        rows
+    };
+    let in_turn = if tls.is_some() {
+        ", in turn with the same between TLS daemons"
+    } else {
+        ""
+    };
     step(format!(
-        "mitosis cold host: {} x (child on host 1, then evict its replica)",
+        "mitosis cold host: {} x (child on host 1, then evict its replica){in_turn}",
         args.cold_samples
     ));
-    remote.cold_host(handle, pairs, args.cold_samples, out);
-    step(format!("mitosis warm host: {n} children on host 1"));
-    remote.warm_host(handle, pairs, n, out);
+    let cold = rows((MITOSIS_COLD, "mitosis cold host"), TLS_COLD);
+    let mut cold = remote::cold_hosts(&cold, pairs, args.cold_samples).into_iter();
+    step(format!(
+        "mitosis warm host: {n} children on host 1{in_turn}"
+    ));
+    let warm = rows((MITOSIS_WARM, "mitosis warm host"), TLS_WARM);
+    let mut warm = remote::warm_hosts(&warm, pairs, n).into_iter();
+    out.replica_pages = remote.replica_pages(handle);
+    for (method, numbers) in [&mut cold, &mut warm]
+        .into_iter()
+        .flat_map(|rows| rows.next())
+    {
+        match method.key {
+            MITOSIS_COLD => out.cold = numbers,
+            _ => out.warm = numbers,
+        }
+        out.methods.push(method);
+    }
     step(format!(
         "mitosis warm host (CLI): {n} x `mitosis resume` on host 1"
     ));
     remote.warm_host_cli(handle, pairs, n, out);
+    // The TLS rows after the plain ones in the table.
+    for (method, numbers) in cold.chain(warm) {
+        match method.key {
+            MITOSIS_COLD_TLS => out.cold_tls = numbers,
+            _ => out.warm_tls = numbers,
+        }
+        out.methods.push(method);
+    }
     if args.throughput_secs > 0.0 {
         step(format!(
             "children/s: {} resume loops on hosts 1 and 2 for {} s",

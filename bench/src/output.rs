@@ -29,6 +29,7 @@ pub fn write(
             throughput_secs: args.throughput_secs,
             concurrency: args.concurrency,
             pin: args.pin.clone(),
+            tls: args.tls,
         },
         machine: json::Machine {
             cpus,

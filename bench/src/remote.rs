@@ -5,7 +5,9 @@
 //! - cold host: one handle whose working set was recorded by first children on host 2; per
 //!   sample, one child on host 1, which has no replica (it is evicted after each sample);
 //! - warm host: children of that handle once host 1 holds its replica;
-//! - warm host (CLI): the same through `mitosis resume`, to show what the CLI adds.
+//! - warm host (CLI): the same through `mitosis resume`, to show what the CLI adds;
+//! - with `--tls`, cold host and warm host again on a testbed of their own whose daemons use
+//!   mutual TLS (the same seed started there), for the cost of TLS beside the plain rows.
 //!
 //! All but the CLI row start children in this process with `mitosis-client` (see child.rs).
 
@@ -18,10 +20,7 @@ use crate::cli::Mitosis;
 use crate::daemon::{self, ChildStats, Origin, handle_seed_id};
 use crate::methods::{Pair, is_right, last_lines, schedule};
 use crate::procs::{private_kib, run_timed};
-use crate::results::{
-    ChildNumbers, MITOSIS_COLD, MITOSIS_FIRST, MITOSIS_WARM, MITOSIS_WARM_CLI, Method, SeedResult,
-    Served,
-};
+use crate::results::{ChildNumbers, MITOSIS_FIRST, MITOSIS_WARM_CLI, Method, SeedResult, Served};
 
 /// Children that record a seed's working set before the cold-host row. The set holds only
 /// pages children faulted on, not the neighbours fetched with them: a child whose replica has
@@ -131,29 +130,41 @@ impl Remote<'_> {
     ) {
         let mut served = Served::default();
         for (req, want) in schedule(warmup, samples, pairs) {
-            let measured = want.is_some();
-            method.attempted += usize::from(measured);
-            let before = self.bytes_served().filter(|_| measured);
-            let child = one(&req, want);
-            match child {
-                Ok(child) if measured => {
-                    method.latencies.push(child.latency);
-                    into.stats.extend(child.stats);
-                    into.private_kib.extend(child.private_kib);
-                    if let (Some(b), Some(a)) = (before, self.bytes_served()) {
-                        served.bytes += a.saturating_sub(b);
-                        served.children += 1;
-                    }
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    if method.fail(err) {
-                        break;
-                    }
-                }
+            if self.tally(method, into, &mut served, want.is_some(), || {
+                one(&req, want)
+            }) {
+                break;
             }
         }
         into.served = Some(served);
+    }
+
+    /// Makes one child with `one` and records it in `method`, `into` and `served` if it is
+    /// `measured`; true once the method gives up.
+    fn tally(
+        &self,
+        method: &mut Method,
+        into: &mut ChildNumbers,
+        served: &mut Served,
+        measured: bool,
+        one: impl FnOnce() -> Result<Child, String>,
+    ) -> bool {
+        method.attempted += usize::from(measured);
+        let before = self.bytes_served().filter(|_| measured);
+        match one() {
+            Ok(child) if measured => {
+                method.latencies.push(child.latency);
+                into.stats.extend(child.stats);
+                into.private_kib.extend(child.private_kib);
+                if let (Some(b), Some(a)) = (before, self.bytes_served()) {
+                    served.bytes += a.saturating_sub(b);
+                    served.children += 1;
+                }
+                false
+            }
+            Ok(_) => false,
+            Err(err) => method.fail(err),
+        }
     }
 
     /// First child: per sample, a fresh prepare of the seed and one child on host 1; the
@@ -207,49 +218,15 @@ impl Remote<'_> {
         Ok(prepared.handle)
     }
 
-    /// Cold host: per sample, one child of `handle` on host 1, which then forgets its replica
-    /// (evict), so that the next sample again builds one from the recorded working set.
-    pub fn cold_host(&self, handle: &str, pairs: &[Pair], samples: usize, out: &mut SeedResult) {
-        let mut method = Method::new(MITOSIS_COLD, "mitosis cold host");
-        let host = self.child_hosts[0];
-        let one = |req: &str, want: Option<&str>| {
-            let child = self.child(host, handle, req, want);
-            // Evicted whatever became of the child, so that no sample finds a replica.
-            let evicted = daemon::evict(host, handle);
-            let child = child?;
-            evicted.map_err(|e| format!("host 1: {e:#}"))?;
-            Ok(child)
-        };
-        self.sample(
-            &mut method,
-            &mut out.cold,
-            (self.warmup, samples),
-            pairs,
-            one,
-        );
-        out.methods.push(method);
-    }
-
-    /// Warm host: children of `handle` on host 1 after a first child built the replica there.
-    pub fn warm_host(&self, handle: &str, pairs: &[Pair], samples: usize, out: &mut SeedResult) {
-        let mut method = Method::new(MITOSIS_WARM, "mitosis warm host");
-        let host = self.child_hosts[0];
-        let one = |req: &str, want: Option<&str>| self.child(host, handle, req, want);
-        self.sample(
-            &mut method,
-            &mut out.warm,
-            (self.warmup + 1, samples),
-            pairs,
-            one,
-        );
+    /// Pages host 1's replica of the seed behind `handle` holds.
+    pub fn replica_pages(&self, handle: &str) -> Option<u64> {
         let id = handle_seed_id(handle);
-        out.replica_pages = daemon::status(host).ok().and_then(|s| {
+        daemon::status(self.child_hosts[0]).ok().and_then(|s| {
             s.replicas
                 .iter()
                 .find(|(rid, _)| Some(*rid) == id)
                 .map(|r| r.1)
-        });
-        out.methods.push(method);
+        })
     }
 
     /// Warm host through the CLI: `mitosis resume HANDLE` on host 1, timed from its spawn.
@@ -267,6 +244,81 @@ impl Remote<'_> {
         self.sample(&mut method, &mut unused, (self.warmup, samples), pairs, one);
         out.methods.push(method);
     }
+}
+
+/// A cold-host or warm-host row: the testbed it runs on, the handle of the seed prepared
+/// there, and the row's key and label.
+#[derive(Clone, Copy)]
+pub struct Row<'r, 'a> {
+    pub remote: &'r Remote<'a>,
+    pub handle: &'r str,
+    pub key: &'static str,
+    pub label: &'static str,
+}
+
+/// Cold host of each row: per sample, one child of its handle on its host 1, which then
+/// forgets its replica (evict), so that the next sample again builds one from the recorded
+/// working set. The rows take turns child by child, so that a machine whose speed drifts
+/// (shared, throttled) weighs on each alike; returns each row with its children's numbers.
+pub fn cold_hosts(rows: &[Row], pairs: &[Pair], samples: usize) -> Vec<(Method, ChildNumbers)> {
+    in_turn(rows, 0, pairs, samples, |row, req, want| {
+        let host = row.remote.child_hosts[0];
+        let child = row.remote.child(host, row.handle, req, want);
+        // Evicted whatever became of the child, so that no sample finds a replica.
+        let evicted = daemon::evict(host, row.handle);
+        let child = child?;
+        evicted.map_err(|e| format!("host 1: {e:#}"))?;
+        Ok(child)
+    })
+}
+
+/// Warm host of each row: children of its handle on its host 1 after a first child built
+/// the replica there; the rows take turns as in [`cold_hosts`].
+pub fn warm_hosts(rows: &[Row], pairs: &[Pair], samples: usize) -> Vec<(Method, ChildNumbers)> {
+    in_turn(rows, 1, pairs, samples, |row, req, want| {
+        row.remote
+            .child(row.remote.child_hosts[0], row.handle, req, want)
+    })
+}
+
+/// The remotes' warm-up plus `extra_warmup` unmeasured, then `samples` measured children of
+/// every row, one row after the other for each request.
+fn in_turn(
+    rows: &[Row],
+    extra_warmup: usize,
+    pairs: &[Pair],
+    samples: usize,
+    mut one: impl FnMut(&Row, &str, Option<&str>) -> Result<Child, String>,
+) -> Vec<(Method, ChildNumbers)> {
+    let mut out: Vec<(Method, ChildNumbers, Served)> = rows
+        .iter()
+        .map(|r| {
+            (
+                Method::new(r.key, r.label),
+                ChildNumbers::default(),
+                Served::default(),
+            )
+        })
+        .collect();
+    let warmup = rows.first().map_or(0, |r| r.remote.warmup) + extra_warmup;
+    for (req, want) in schedule(warmup, samples, pairs) {
+        for (row, (method, numbers, served)) in rows.iter().zip(&mut out) {
+            if !method.gave_up {
+                let measured = want.is_some();
+                row.remote
+                    .tally(method, numbers, served, measured, || one(row, &req, want));
+            }
+        }
+        if out.iter().all(|(m, _, _)| m.gave_up) {
+            break;
+        }
+    }
+    out.into_iter()
+        .map(|(method, mut numbers, served)| {
+            numbers.served = Some(served);
+            (method, numbers)
+        })
+        .collect()
 }
 
 /// Gives up a method that could not start (its failure recorded).

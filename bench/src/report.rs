@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use crate::results::{
-    COLD_START, CRIU, LOCAL_FORK, MITOSIS_COLD, MITOSIS_FIRST, MITOSIS_WARM, MITOSIS_WARM_CLI,
-    STATS_KEYS, SeedResult, Throughput,
+    COLD_START, CRIU, LOCAL_FORK, MITOSIS_COLD, MITOSIS_COLD_TLS, MITOSIS_FIRST, MITOSIS_WARM,
+    MITOSIS_WARM_CLI, MITOSIS_WARM_TLS, STATS_KEYS, SeedResult, Throughput,
 };
 use crate::stats::{Summary, median, median_u64, ms};
 use crate::targets;
@@ -55,10 +55,15 @@ pub fn seed_table(r: &SeedResult) {
             opt_us(stopped)
         );
     }
+    if let Some(cells) = tls_cost(r) {
+        println!("mTLS between daemons (medians): {cells}");
+    }
     let rows = [
         ("  first child", &r.first),
         ("  cold host", &r.cold),
         ("  warm host", &r.warm),
+        ("  cold host (mTLS)", &r.cold_tls),
+        ("  warm host (mTLS)", &r.warm_tls),
     ];
     if rows.iter().any(|(_, n)| !n.stats.is_empty()) {
         print!("{:<30}", "--stats medians");
@@ -67,6 +72,9 @@ pub fn seed_table(r: &SeedResult) {
         }
         println!();
         for (label, numbers) in rows {
+            if numbers.stats.is_empty() && label.ends_with("(mTLS)") {
+                continue;
+            }
             print!("{label:<30}");
             for key in STATS_KEYS {
                 let v = SeedResult::stat_median(&numbers.stats, key);
@@ -198,6 +206,17 @@ pub fn summary(results: &[SeedResult]) {
             per_sec(&r.local_throughput)
         );
     }
+    let tls: Vec<(&str, String)> = results
+        .iter()
+        .filter_map(|r| Some((r.name, tls_cost(r)?)))
+        .collect();
+    if !tls.is_empty() {
+        println!();
+        println!("mTLS between daemons: medians, and the ratio to plain daemons");
+        for (name, cells) in tls {
+            println!("{name:<9} {cells}");
+        }
+    }
     println!();
     println!("targets (prepare: medians of the first-child prepares)");
     for r in results {
@@ -222,6 +241,29 @@ pub fn summary(results: &[SeedResult]) {
     } else {
         println!("failures in: {} (see the tables above)", failed.join(", "));
     }
+}
+
+/// What mutual TLS between daemons costs the cold and warm hosts: each TLS row's median
+/// beside its plain row's; `None` without TLS rows.
+fn tls_cost(r: &SeedResult) -> Option<String> {
+    let rows = [
+        ("cold host", MITOSIS_COLD, MITOSIS_COLD_TLS),
+        ("warm host", MITOSIS_WARM, MITOSIS_WARM_TLS),
+    ];
+    r.method(MITOSIS_COLD_TLS)?;
+    let cells: Vec<String> = rows
+        .iter()
+        .map(|&(what, plain, tls)| {
+            let median = |key| r.method(key).and_then(|m| m.median());
+            match (median(tls), median(plain), r.vs_plain(tls)) {
+                (Some(t), Some(p), Some(x)) => {
+                    format!("{what} {} vs {} plain ({x:.2}x)", ms(t), ms(p))
+                }
+                (t, p, _) => format!("{what} {} vs {} plain", opt_ms(t), opt_ms(p)),
+            }
+        })
+        .collect();
+    Some(cells.join("; "))
 }
 
 /// One summary cell: the median (and ratio to the local fork), or why there is none.

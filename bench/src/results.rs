@@ -28,6 +28,9 @@ pub const MITOSIS_FIRST: &str = "mitosis_first_child";
 pub const MITOSIS_COLD: &str = "mitosis_cold_host";
 pub const MITOSIS_WARM: &str = "mitosis_warm_host";
 pub const MITOSIS_WARM_CLI: &str = "mitosis_warm_host_cli";
+/// The cold and warm host rows again, between daemons with mutual TLS (`--tls`).
+pub const MITOSIS_COLD_TLS: &str = "mitosis_cold_host_tls";
+pub const MITOSIS_WARM_TLS: &str = "mitosis_warm_host_tls";
 pub const CRIU: &str = "criu";
 
 /// Spawn-to-answer samples of one method.
@@ -145,6 +148,9 @@ pub struct SeedResult {
     pub first: ChildNumbers,
     pub cold: ChildNumbers,
     pub warm: ChildNumbers,
+    /// The cold and warm host rows between daemons with mutual TLS.
+    pub cold_tls: ChildNumbers,
+    pub warm_tls: ChildNumbers,
     /// Pages the warm host's replica held after the warm phase.
     pub replica_pages: Option<u64>,
     pub throughput: Option<Throughput>,
@@ -166,6 +172,8 @@ impl SeedResult {
             first: ChildNumbers::default(),
             cold: ChildNumbers::default(),
             warm: ChildNumbers::default(),
+            cold_tls: ChildNumbers::default(),
+            warm_tls: ChildNumbers::default(),
             replica_pages: None,
             throughput: None,
             local_throughput: None,
@@ -213,6 +221,18 @@ impl SeedResult {
         Some(ratio(this, local))
     }
 
+    /// For a row between TLS daemons: its median latency divided by the same row's between
+    /// plain daemons.
+    pub fn vs_plain(&self, key: &str) -> Option<f64> {
+        let plain = match key {
+            MITOSIS_COLD_TLS => MITOSIS_COLD,
+            MITOSIS_WARM_TLS => MITOSIS_WARM,
+            _ => return None,
+        };
+        let plain = self.method(plain)?.median()?;
+        Some(ratio(self.method(key)?.median()?, plain))
+    }
+
     /// Whether anything failed.
     pub fn failed(&self) -> bool {
         self.error.is_some()
@@ -243,6 +263,7 @@ impl SeedResult {
                     p99_ms: at(|s| s.p99),
                     min_ms: at(|s| s.min),
                     vs_local_fork: self.vs_local(m.key),
+                    vs_plain: self.vs_plain(m.key),
                 }
             })
             .collect();
@@ -291,6 +312,10 @@ impl SeedResult {
                 first_child: stats_medians(&self.first.stats),
                 cold_host: stats_medians(&self.cold.stats),
                 warm_host: stats_medians(&self.warm.stats),
+            },
+            mtls_stats_medians: json::TlsPhases {
+                cold_host: stats_medians(&self.cold_tls.stats),
+                warm_host: stats_medians(&self.warm_tls.stats),
             },
             private_kib_median: json::PrivateKib {
                 local_fork: median_u64(&self.local_private_kib),

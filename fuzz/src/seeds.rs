@@ -306,6 +306,7 @@ fn control_events() -> Vec<(&'static str, Vec<u8>)> {
                 bytes_served: 1 << 20,
                 peer_connections: 3,
                 peer_refused: 0,
+                peer_tls_refused: 1,
                 seeds: vec![control::SeedStatus {
                     id: 1,
                     pid: 4242,

@@ -46,7 +46,8 @@ pub struct DaemonConfig {
     pub bin: PathBuf,
     /// The TCP port it listens on, on the host's address.
     pub port: u16,
-    /// Arguments appended after `--listen` and `--socket`.
+    /// Arguments appended after `--listen` and `--socket`; `{index}` in them becomes the
+    /// host's index (so each host can have files of its own, such as a TLS certificate).
     pub extra_args: Vec<String>,
     /// The umask it starts with (the test process's if `None`).
     pub umask: Option<u32>,
@@ -264,7 +265,12 @@ impl Host {
             .arg(&listen)
             .arg("--socket")
             .arg(&self.socket_path)
-            .args(&config.extra_args);
+            .args(
+                config
+                    .extra_args
+                    .iter()
+                    .map(|a| a.replace("{index}", &self.index.to_string())),
+            );
         if let Some(mask) = config.umask {
             // SAFETY: runs in the forked child before exec; umask(2) is async-signal-safe
             // and cannot fail.

@@ -29,6 +29,8 @@ mod host;
 mod leak;
 pub mod lines;
 mod netns;
+#[cfg(feature = "tls")]
+pub mod pki;
 mod testbed;
 
 pub use error::{Result, TestbedError};

@@ -114,6 +114,8 @@ pub struct DaemonStatus {
     /// Page-server connections open now, and those refused over the limits.
     pub peer_connections: u64,
     pub peer_refused: u64,
+    /// Page-server connections refused at the TLS handshake (no valid certificate).
+    pub peer_tls_refused: u64,
     pub seeds: Vec<SeedStatus>,
     pub replicas: Vec<ReplicaStatus>,
     /// Idle pooled connections per peer.
@@ -149,6 +151,7 @@ impl std::fmt::Display for DaemonStatus {
         writeln!(f, "bytes served {}", self.bytes_served)?;
         writeln!(f, "peer connections {}", self.peer_connections)?;
         writeln!(f, "peer connections refused {}", self.peer_refused)?;
+        writeln!(f, "peer tls handshakes refused {}", self.peer_tls_refused)?;
         for s in &self.seeds {
             writeln!(
                 f,

@@ -5,5 +5,6 @@ pub mod control;
 pub mod frame;
 pub mod packed;
 pub mod peer;
+pub mod tls;
 
 pub use frame::FrameError;

@@ -21,22 +21,31 @@
 //! 3. Every answer is a postcard [`Response`]; a bootstrap's pages follow its answer
 //!    ([`PagesFollow`]). Answers are not authenticated: the MAC proves the requester, not
 //!    the server.
+//!
+//! With mutual TLS ([`crate::tls`]) the server first sends [`crate::tls::ANNOUNCEMENT`] in
+//! clear, then the TLS 1.3 handshake runs, then all of the above inside it, unchanged; a
+//! bootstrap's pages then always come as `Chunk` frames (a replica cannot read encrypted
+//! bytes from the socket).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde::de::{Deserializer, Error as _, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
 
 use crate::frame::{self, FrameError};
 use crate::packed::{self, Chunk, UnpackError};
+use crate::tls::Tls;
 
 pub use mitosis_descriptor::KEY_LEN;
 
@@ -45,6 +54,8 @@ pub use mitosis_descriptor::KEY_LEN;
 pub const PROTOCOL_VERSION: u32 = 2;
 pub const NONCE_LEN: usize = 32;
 const HELLO_MAGIC: [u8; 4] = *b"MTPS";
+/// Starts what a TLS page server sends in clear before the handshake.
+pub const TLS_MAGIC: [u8; 4] = *b"MTLS";
 const HELLO_LEN: usize = 4 + 4 + NONCE_LEN;
 /// Largest hello a client reads (later versions may append to it).
 const MAX_HELLO: usize = 256;
@@ -168,6 +179,14 @@ pub enum HelloError {
         "it speaks page protocol version {theirs} and this host speaks version {ours}: run the same mitosis on both"
     )]
     Version { ours: u32, theirs: u32 },
+    #[error(
+        "it requires mutual TLS: start this host's mitosisd with --tls-cert, --tls-key and --tls-ca too"
+    )]
+    TlsRequired,
+    #[error(
+        "it does not use TLS and this host requires it: start that mitosisd with --tls-cert, --tls-key and --tls-ca too"
+    )]
+    NotTls,
 }
 
 impl Hello {
@@ -191,21 +210,41 @@ impl Hello {
         out
     }
 
-    /// A hello frame's body; a version other than ours is [`HelloError::Version`].
+    /// A hello frame's body; a version other than ours is [`HelloError::Version`], a TLS
+    /// server's announcement [`HelloError::TlsRequired`].
     pub fn parse(body: &[u8]) -> Result<Self, HelloError> {
-        if body.len() < 8 || body[..4] != HELLO_MAGIC {
-            return Err(HelloError::NotMitosis);
+        if body.get(..4) == Some(&TLS_MAGIC[..]) {
+            return Err(HelloError::TlsRequired);
         }
-        let version = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes"));
-        if version != PROTOCOL_VERSION {
-            return Err(HelloError::Version {
-                ours: PROTOCOL_VERSION,
-                theirs: version,
-            });
-        }
+        let version = magic_and_version(body, HELLO_MAGIC)?;
         let nonce = body[8..].try_into().map_err(|_| HelloError::NotMitosis)?;
         Ok(Hello { version, nonce })
     }
+
+    /// Checks the first frame's body of a server this host reaches with TLS: a TLS server's
+    /// announcement of our version ([`crate::tls::ANNOUNCEMENT`]); a plain server's hello is
+    /// [`HelloError::NotTls`].
+    pub fn parse_announcement(body: &[u8]) -> Result<(), HelloError> {
+        if body.get(..4) == Some(&HELLO_MAGIC[..]) {
+            return Err(HelloError::NotTls);
+        }
+        magic_and_version(body, TLS_MAGIC).map(drop)
+    }
+}
+
+/// The version after `magic` at the start of `body`, if it is ours.
+fn magic_and_version(body: &[u8], magic: [u8; 4]) -> Result<u32, HelloError> {
+    if body.len() < 8 || body[..4] != magic {
+        return Err(HelloError::NotMitosis);
+    }
+    let version = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes"));
+    if version != PROTOCOL_VERSION {
+        return Err(HelloError::Version {
+            ours: PROTOCOL_VERSION,
+            theirs: version,
+        });
+    }
+    Ok(version)
 }
 
 /// Page runs of a request: at most one run per page asked for.
@@ -303,6 +342,8 @@ pub enum PeerError {
     NoHello(SocketAddr, Duration),
     #[error("host {0}: {1}")]
     Handshake(SocketAddr, HelloError),
+    #[error("host {0}: TLS: {1}")]
+    Tls(SocketAddr, String),
     #[error("host {0}: {1} connections busy for {2:?}")]
     Busy(SocketAddr, usize, Duration),
     #[error("host {0}: {1}")]
@@ -332,9 +373,55 @@ pub enum BootstrapPages {
     Stream(Leased),
 }
 
+/// A connection to a page server: plain TCP, or TLS over it.
+enum PeerStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PeerStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            PeerStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PeerStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PeerStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// One connection to a peer's page server, with what its requests are sealed with.
 struct Conn {
-    stream: TcpStream,
+    stream: PeerStream,
     /// The server's nonce for this connection (from its hello).
     nonce: [u8; NONCE_LEN],
     /// The sequence number of the next request.
@@ -361,17 +448,27 @@ impl std::fmt::Debug for Leased {
 impl Leased {
     /// The socket, switched to blocking reads that time out after the pool's request timeout,
     /// for another process (a replica) to read the pages from. Nothing else may use the
-    /// connection until [`Leased::give_back`].
+    /// connection until [`Leased::give_back`]. Never a TLS connection's: its bytes are
+    /// encrypted (a TLS server frames its pages, and [`PeerPool::bootstrap`] refuses raw
+    /// ones on TLS).
     pub fn blocking_fd(&self) -> std::io::Result<RawFd> {
-        let sock = socket2::SockRef::from(&self.conn.stream);
+        let PeerStream::Plain(stream) = &self.conn.stream else {
+            return Err(std::io::Error::other(
+                "a TLS connection is not lent: its bytes are encrypted",
+            ));
+        };
+        let sock = socket2::SockRef::from(stream);
         sock.set_read_timeout(Some(self.pool.timeout))?;
         sock.set_nonblocking(false)?;
-        Ok(self.conn.stream.as_raw_fd())
+        Ok(stream.as_raw_fd())
     }
 
     /// Returns the connection to the pool once every page was read from it.
     pub fn give_back(self) {
-        let sock = socket2::SockRef::from(&self.conn.stream);
+        let PeerStream::Plain(stream) = &self.conn.stream else {
+            return;
+        };
+        let sock = socket2::SockRef::from(stream);
         if sock.set_nonblocking(true).is_ok() && sock.set_read_timeout(None).is_ok() {
             self.pool.checkin(self.addr, self.conn);
         }
@@ -400,6 +497,8 @@ pub struct PeerPool {
     slots: Mutex<HashMap<SocketAddr, Arc<Semaphore>>>,
     max_idle: usize,
     timeout: Duration,
+    /// Set: every connection is mutual TLS ([`crate::tls`]).
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 impl PeerPool {
@@ -409,7 +508,14 @@ impl PeerPool {
             slots: Mutex::new(HashMap::new()),
             max_idle: max_idle.min(MAX_OPEN_PER_PEER),
             timeout: request_timeout,
+            tls: None,
         }
+    }
+
+    /// The same pool, whose connections are mutual TLS with `tls` (`None`: plain TCP).
+    pub fn with_tls(mut self, tls: Option<&Tls>) -> Self {
+        self.tls = tls.map(Tls::connector);
+        self
     }
 
     /// Idle connections per peer, for the daemon's status.
@@ -488,6 +594,14 @@ impl PeerPool {
             return Err(PeerError::Protocol(addr));
         }
         let pages = match follow {
+            PagesFollow::Raw if matches!(conn.stream, PeerStream::Tls(_)) => {
+                return Err(PeerError::Tls(
+                    addr,
+                    "the server sent raw bootstrap pages, which a replica cannot read from a \
+                     TLS stream"
+                        .into(),
+                ));
+            }
             PagesFollow::Raw => BootstrapPages::Stream(Leased {
                 addr,
                 conn,
@@ -568,7 +682,9 @@ impl PeerPool {
         }
         let stream = &mut conn.stream;
         let exchange = async {
-            tokio::io::AsyncWriteExt::write_all(stream, &bytes).await?;
+            stream.write_all(&bytes).await?;
+            // TLS may hold the last record back until flushed (a no-op for TCP).
+            stream.flush().await?;
             frame::read::<_, Response>(stream).await
         };
         match timeout(self.timeout, exchange).await {
@@ -628,17 +744,34 @@ impl PeerPool {
             .await
             .map_err(|_| PeerError::Busy(addr, MAX_OPEN_PER_PEER, self.timeout))?
             .expect("the pool never closes its semaphores");
-        let mut stream = timeout(self.timeout, TcpStream::connect(addr))
+        let mut tcp = timeout(self.timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| PeerError::Timeout(addr, self.timeout))?
             .map_err(|e| PeerError::Connect(addr, e.to_string()))?;
-        stream
-            .set_nodelay(true)
+        tcp.set_nodelay(true)
             .map_err(|e| PeerError::Connect(addr, e.to_string()))?;
-        let hello = match timeout(self.timeout, frame::read_body(&mut stream, MAX_HELLO)).await {
-            Err(_) => return Err(PeerError::NoHello(addr, self.timeout)),
-            Ok(Err(e)) => return Err(PeerError::Frame(addr, e)),
-            Ok(Ok(body)) => Hello::parse(&body).map_err(|e| PeerError::Handshake(addr, e))?,
+        let mut stream = match &self.tls {
+            None => PeerStream::Plain(tcp),
+            Some(connector) => {
+                let announced = self.first_frame(addr, &mut tcp).await?;
+                Hello::parse_announcement(&announced).map_err(|e| PeerError::Handshake(addr, e))?;
+                // The server's certificate must name the address dialed.
+                let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+                let tls = timeout(self.timeout, connector.connect(name, tcp))
+                    .await
+                    .map_err(|_| PeerError::Timeout(addr, self.timeout))?
+                    .map_err(|e| PeerError::Tls(addr, format!("handshake failed: {e}")))?;
+                PeerStream::Tls(Box::new(tls))
+            }
+        };
+        let hello = match self.first_frame(addr, &mut stream).await {
+            // In TLS 1.3 the server checks the client's certificate after the client is done:
+            // a refusal comes as an alert where the hello should be.
+            Err(PeerError::Frame(_, FrameError::Io(e))) if self.tls.is_some() => {
+                return Err(PeerError::Tls(addr, format!("refused by the server: {e}")));
+            }
+            Err(e) => return Err(e),
+            Ok(body) => Hello::parse(&body).map_err(|e| PeerError::Handshake(addr, e))?,
         };
         Ok(Conn {
             stream,
@@ -646,6 +779,19 @@ impl PeerPool {
             next_seq: 0,
             _slot: slot,
         })
+    }
+
+    /// The body of the server's first frame (its hello, or its TLS announcement).
+    async fn first_frame<S: AsyncRead + Unpin>(
+        &self,
+        addr: SocketAddr,
+        stream: &mut S,
+    ) -> Result<Vec<u8>, PeerError> {
+        match timeout(self.timeout, frame::read_body(stream, MAX_HELLO)).await {
+            Err(_) => Err(PeerError::NoHello(addr, self.timeout)),
+            Ok(Err(e)) => Err(PeerError::Frame(addr, e)),
+            Ok(Ok(body)) => Ok(body),
+        }
     }
 
     fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
@@ -757,6 +903,21 @@ mod tests {
         assert!(err.to_string().contains("version 9") && err.to_string().contains("version 2"));
         assert_eq!(Hello::parse(b"HTTP/1.1 400"), Err(HelloError::NotMitosis));
         assert_eq!(Hello::parse(&frame[4..20]), Err(HelloError::NotMitosis));
+        // A TLS server and a plain one, each met by the other kind of client.
+        let announced = &crate::tls::ANNOUNCEMENT[4..];
+        assert_eq!(Hello::parse(announced), Err(HelloError::TlsRequired));
+        assert!(HelloError::TlsRequired.to_string().contains("--tls-cert"));
+        assert_eq!(Hello::parse_announcement(announced), Ok(()));
+        assert_eq!(
+            Hello::parse_announcement(&frame[4..]),
+            Err(HelloError::NotTls)
+        );
+        let mut later = announced.to_vec();
+        later[4..8].copy_from_slice(&9u32.to_le_bytes());
+        assert_eq!(
+            Hello::parse_announcement(&later),
+            Err(HelloError::Version { ours: 2, theirs: 9 })
+        );
     }
 
     #[test]
@@ -863,5 +1024,96 @@ mod tests {
         let err = pool.attach(addr, SEED).await.unwrap_err();
         assert!(matches!(err, PeerError::NoHello(..)), "{err}");
         silent.abort();
+    }
+
+    /// A page server on loopback with `tls`: the announcement and handshake, then the hello,
+    /// then `Attached` to every request. Sends each handshake's outcome.
+    async fn fake_tls_server(
+        tls: Tls,
+    ) -> (
+        SocketAddr,
+        tokio::sync::mpsc::UnboundedReceiver<Result<(), String>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let (tx, acceptor) = (tx.clone(), tls.acceptor());
+                tokio::spawn(async move {
+                    stream.write_all(&crate::tls::ANNOUNCEMENT).await?;
+                    let mut stream = match acceptor.accept(stream).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = tx.send(Err(e.to_string()));
+                            return Ok(());
+                        }
+                    };
+                    let _ = tx.send(Ok(()));
+                    stream.write_all(&Hello::fresh().unwrap().frame()).await?;
+                    stream.flush().await?;
+                    while frame::read_body(&mut stream, MAX_REQUEST_FRAME)
+                        .await
+                        .is_ok()
+                    {
+                        stream
+                            .write_all(&frame::encode(&Response::Attached))
+                            .await?;
+                        stream.flush().await?;
+                    }
+                    Ok::<_, std::io::Error>(())
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn tls_pools_check_the_chain_and_the_address() {
+        use crate::tls::tests::{Files, ca, tls};
+        let files = Files::new("pool");
+        let (ours, theirs) = (ca("our CA"), ca("another CA"));
+        let server = tls(&files, "server", &ours, "127.0.0.1", &ours);
+        let client = tls(&files, "client", &ours, "127.0.0.9", &ours);
+        let pool = |tls: Option<&Tls>| PeerPool::new(4, Duration::from_secs(5)).with_tls(tls);
+
+        // Both certificates from the CA, the server's naming the address dialed.
+        let (addr, mut shakes) = fake_tls_server(server).await;
+        pool(Some(&client)).attach(addr, SEED).await.unwrap();
+        assert_eq!(shakes.recv().await.unwrap(), Ok(()));
+
+        // A client whose certificate is from another CA: the server refuses it.
+        let stranger = tls(&files, "stranger", &theirs, "127.0.0.9", &ours);
+        let err = pool(Some(&stranger)).attach(addr, SEED).await.unwrap_err();
+        assert!(matches!(err, PeerError::Tls(..)), "{err}");
+        let refused = shakes.recv().await.unwrap().unwrap_err();
+        assert!(refused.contains("certificate"), "{refused}");
+
+        // A plain client is told the server wants TLS.
+        let err = pool(None).attach(addr, SEED).await.unwrap_err();
+        assert!(
+            matches!(err, PeerError::Handshake(_, HelloError::TlsRequired)),
+            "{err}"
+        );
+
+        // A server whose certificate names another address, or is from another CA.
+        for (issuer, ip) in [(&ours, "127.0.0.2"), (&theirs, "127.0.0.1")] {
+            let server = tls(&files, "impostor", issuer, ip, &ours);
+            let (addr, _shakes) = fake_tls_server(server).await;
+            let err = pool(Some(&client)).attach(addr, SEED).await.unwrap_err();
+            assert!(
+                matches!(&err, PeerError::Tls(_, why) if why.starts_with("handshake failed")),
+                "{err}"
+            );
+        }
+
+        // A TLS client is told a plain server has no TLS.
+        let (addr, _seen) = fake_server(PROTOCOL_VERSION, 1).await;
+        let err = pool(Some(&client)).attach(addr, SEED).await.unwrap_err();
+        assert!(
+            matches!(err, PeerError::Handshake(_, HelloError::NotTls)),
+            "{err}"
+        );
     }
 }

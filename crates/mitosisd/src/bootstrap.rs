@@ -19,10 +19,32 @@ use tokio::sync::mpsc;
 
 use crate::registry::Seed;
 
+/// How a bootstrap's pages go on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// Raw and unframed, for the new host's replica to read straight from the socket.
+    Raw,
+    /// In `Chunk` frames packed with the codec, for the new host's daemon to install.
+    Chunks(Codec),
+}
+
+impl Wire {
+    /// The daemon's `--bootstrap-codec` on a plain connection; on TLS always chunks (raw
+    /// chunks for `raw`), as no replica can read encrypted bytes from the socket.
+    pub fn of(codec: Codec, tls: bool) -> Wire {
+        match (codec, tls) {
+            (Codec::Raw, false) => Wire::Raw,
+            (codec, _) => Wire::Chunks(codec),
+        }
+    }
+}
+
 /// A seed's bootstrap pages, ready to send.
 pub struct Packed {
     /// Working-set pages when packed: a larger set since makes a new pack.
     working_set: usize,
+    /// How its pages go.
+    wire: Wire,
     /// The `Bootstrap` frame (descriptor and runs), then one frame per chunk.
     pub frames: Vec<Vec<u8>>,
     /// Bytes on the wire.
@@ -38,7 +60,7 @@ pub struct BootstrapCache {
 /// The seed's packed bootstrap. The last pack is served at once if it is close to the working
 /// set (and remade in the background if that grew a little); a first pack, or one that lacks
 /// much of the working set (the first children just recorded it), is made now.
-pub async fn packed(seed: &Arc<Seed>, codec: Codec) -> Result<Arc<Packed>, RemoteError> {
+pub async fn packed(seed: &Arc<Seed>, wire: Wire) -> Result<Arc<Packed>, RemoteError> {
     let cache = &seed.bootstrap;
     let now = seed.working_set_len();
     let current = cache
@@ -46,13 +68,13 @@ pub async fn packed(seed: &Arc<Seed>, codec: Codec) -> Result<Arc<Packed>, Remot
         .lock()
         .expect("bootstrap lock")
         .clone()
-        .filter(|p| now <= p.working_set + p.working_set / 4);
+        .filter(|p| p.wire == wire && now <= p.working_set + p.working_set / 4);
     match current {
         Some(p) => {
             if p.working_set != now && !cache.repacking.swap(true, Ordering::AcqRel) {
                 let seed = seed.clone();
                 tokio::task::spawn_blocking(move || {
-                    match pack(&seed, codec) {
+                    match pack(&seed, wire) {
                         Ok(p) => {
                             *seed.bootstrap.packed.lock().expect("bootstrap lock") =
                                 Some(Arc::new(p))
@@ -67,7 +89,7 @@ pub async fn packed(seed: &Arc<Seed>, codec: Codec) -> Result<Arc<Packed>, Remot
         None => {
             let seed = seed.clone();
             tokio::task::spawn_blocking(move || {
-                let p = Arc::new(pack(&seed, codec)?);
+                let p = Arc::new(pack(&seed, wire)?);
                 *seed.bootstrap.packed.lock().expect("bootstrap lock") = Some(p.clone());
                 Ok(p)
             })
@@ -165,7 +187,7 @@ impl Incoming {
 }
 
 /// Packs the seed's bootstrap pages now.
-pub fn pack(seed: &Seed, codec: Codec) -> Result<Packed, RemoteError> {
+pub fn pack(seed: &Seed, wire: Wire) -> Result<Packed, RemoteError> {
     let (runs, working_set) = bootstrap_runs(seed);
     let data = read_runs(&seed.memory, &runs).map_err(|e| RemoteError::SeedGone(e.to_string()))?;
     let answer = |follow| {
@@ -176,9 +198,9 @@ pub fn pack(seed: &Seed, codec: Codec) -> Result<Packed, RemoteError> {
         })
     };
     // Raw pages go unframed: the new host's replica reads them straight into place.
-    let frames = match codec {
-        Codec::Raw => vec![answer(PagesFollow::Raw), data],
-        Codec::Lz4 => {
+    let frames = match wire {
+        Wire::Raw => vec![answer(PagesFollow::Raw), data],
+        Wire::Chunks(codec) => {
             let chunks = packed::pack(&data, codec);
             let mut frames = vec![answer(PagesFollow::Chunks(chunks.len() as u32))];
             frames.extend(
@@ -191,6 +213,7 @@ pub fn pack(seed: &Seed, codec: Codec) -> Result<Packed, RemoteError> {
     };
     Ok(Packed {
         working_set,
+        wire,
         bytes: frames.iter().map(|f| f.len() as u64).sum(),
         frames,
     })
@@ -211,6 +234,14 @@ fn runs_of(pages: &[u64]) -> Vec<(u64, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_always_frames_the_pages() {
+        assert_eq!(Wire::of(Codec::Raw, false), Wire::Raw);
+        assert_eq!(Wire::of(Codec::Raw, true), Wire::Chunks(Codec::Raw));
+        assert_eq!(Wire::of(Codec::Lz4, false), Wire::Chunks(Codec::Lz4));
+        assert_eq!(Wire::of(Codec::Lz4, true), Wire::Chunks(Codec::Lz4));
+    }
 
     #[test]
     fn runs_join_neighbours_only() {

@@ -429,6 +429,7 @@ fn status(daemon: &Daemon) -> DaemonStatus {
         bytes_served: count(&c.bytes_served),
         peer_connections: count(&c.peer_connections),
         peer_refused: count(&c.peer_refused),
+        peer_tls_refused: count(&c.peer_tls_refused),
         seeds: daemon
             .registry
             .all()

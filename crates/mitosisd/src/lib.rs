@@ -39,6 +39,9 @@ pub struct Daemon {
     pub containers: Result<containers::Containers, String>,
     /// How this host's seeds' bootstrap pages are packed.
     pub bootstrap_codec: mitosis_transport::packed::Codec,
+    /// Set: every page-protocol connection, served or opened, is mutual TLS (the pool has
+    /// it too).
+    pub tls: Option<mitosis_transport::tls::Tls>,
     /// The twins this daemon holds, for the next daemon to reap should this one crash.
     pub twins: twins::TwinLedger,
 }
@@ -62,6 +65,8 @@ pub struct Counters {
     pub peer_connections: AtomicU64,
     /// Page-server connections closed at once, over the limits.
     pub peer_refused: AtomicU64,
+    /// Page-server connections whose TLS handshake failed (no valid certificate, too slow).
+    pub peer_tls_refused: AtomicU64,
 }
 
 /// Drops replicas whose seed is gone from its host, every `period`.

@@ -11,6 +11,7 @@ use clap::Parser;
 use mitosis_fork::restore::StubPool;
 use mitosis_transport::packed::Codec;
 use mitosis_transport::peer::PeerPool;
+use mitosis_transport::tls::Tls;
 use mitosisd::cache::HostCache;
 use mitosisd::containers::Containers;
 use mitosisd::peer_source::REQUEST_TIMEOUT;
@@ -59,6 +60,17 @@ struct Args {
     /// unpacking (hosts on other machines).
     #[arg(long, default_value = "raw")]
     bootstrap_codec: Codec,
+    /// This host's certificate (PEM, then any intermediates): with --tls-key and --tls-ca,
+    /// every page-protocol connection, served or opened, is mutual TLS 1.3. Its SANs must
+    /// hold the IP address of --listen, which peers dial.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) every peer's certificate must chain to, as client and as server.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
 }
 
 /// Makes sure the socket's directory is the daemon's alone: created 0700 (whatever the
@@ -106,6 +118,11 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let tls = Tls::from_flags(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.tls_ca.as_deref(),
+    )?;
     // First: the cgroup mount below goes next to the socket, in its private directory.
     private_dir(&args.socket)?;
     // Before any thread exists: a mount namespace can only be entered single-threaded.
@@ -117,10 +134,10 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(run(args))
+        .block_on(run(args, tls))
 }
 
-async fn run(args: Args) -> Result<()> {
+async fn run(args: Args, tls: Option<Tls>) -> Result<()> {
     let stub = match args.stub {
         Some(s) => s,
         None => std::env::current_exe()?.with_file_name("mitosis-stub"),
@@ -180,14 +197,20 @@ async fn run(args: Args) -> Result<()> {
         files: Arc::new(mitosis_fork::FileCache::new()),
         stubs,
         vdso_hash: mitosis_fork::local_vdso_hash().context("hashing this host's vDSO")?,
-        pool: Arc::new(PeerPool::new(args.pool_size, REQUEST_TIMEOUT)),
+        pool: Arc::new(PeerPool::new(args.pool_size, REQUEST_TIMEOUT).with_tls(tls.as_ref())),
         cache: HostCache::new(args.cache_mib * 256),
         counters: Counters::default(),
         containers,
         bootstrap_codec: args.bootstrap_codec,
+        tls,
         twins: TwinLedger::new(ledger),
     });
-    tracing::info!(listen = %daemon.listen, socket = %args.socket.display(), "mitosisd up");
+    tracing::info!(
+        listen = %daemon.listen,
+        socket = %args.socket.display(),
+        tls = daemon.tls.is_some(),
+        "mitosisd up"
+    );
     tokio::spawn(peer_server::serve(tcp, daemon.clone()));
     tokio::spawn(control::serve(unix, daemon.clone()));
     tokio::spawn(mitosisd::sweep_cache(

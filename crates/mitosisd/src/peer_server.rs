@@ -17,22 +17,33 @@
 //! body within [`REQUEST_TIMEOUT`] of its header, and read each answer within
 //! [`WRITE_TIMEOUT`]; an idle one is closed after [`IDLE_TIMEOUT`] (pools replace it
 //! transparently).
+//!
+//! # With TLS
+//!
+//! With `--tls-*` every connection is mutual TLS 1.3 (`mitosis_transport::tls`): after the
+//! clear announcement, a peer must complete the handshake with a certificate chaining to the
+//! CA within [`FIRST_REQUEST_TIMEOUT`] of accept, or it is dropped, counted and logged (at
+//! most once a second). Such a connection also holds rustls' buffers while it lasts. A
+//! bootstrap's pages then always go as chunks, whatever `--bootstrap-codec` says: the new
+//! host's replica cannot read encrypted bytes straight from the socket.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mitosis_fork::source::read_runs;
 use mitosis_transport::frame::{self, FrameError};
 use mitosis_transport::peer::{
     Hello, MAX_PAGES_PER_REQUEST, MAX_REQUEST_FRAME, RemoteError, Request, Response, Sealed,
 };
+use mitosis_transport::tls;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
 
 use crate::Daemon;
 use crate::accept::Backoff;
@@ -70,6 +81,10 @@ pub enum ConnError {
     Malformed(postcard::Error),
     #[error("no randomness for the hello: {0}")]
     Random(getrandom::Error),
+    #[error("no TLS handshake within {0:?}")]
+    SlowHandshake(Duration),
+    #[error("TLS handshake refused: {0}")]
+    Handshake(std::io::Error),
 }
 
 impl From<std::io::Error> for ConnError {
@@ -109,7 +124,37 @@ impl Drop for Slot {
     }
 }
 
+/// Logs failed TLS handshakes at most once a second, with how many went unlogged since.
+#[derive(Default)]
+struct HandshakeRefusals {
+    /// When the last line was logged, and the refusals since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl HandshakeRefusals {
+    fn refused(&self, daemon: &Daemon, peer: SocketAddr, err: &ConnError) {
+        daemon
+            .counters
+            .peer_tls_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let mut state = self.state.lock().expect("refusals lock");
+        let (last, quiet) = &mut *state;
+        if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            *quiet += 1;
+            return;
+        }
+        tracing::warn!(
+            %peer,
+            unlogged_since_last = *quiet,
+            "refused a peer connection: {err}"
+        );
+        *state = (Some(Instant::now()), 0);
+    }
+}
+
 pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
+    let acceptor = daemon.tls.as_ref().map(tls::Tls::acceptor);
+    let refusals = Arc::new(HandshakeRefusals::default());
     let open = Arc::new(Mutex::new(Open::default()));
     let mut backoff = Backoff::new("peer connections");
     // Connections refused since the last one admitted, logged once per burst.
@@ -163,8 +208,23 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
             daemon: daemon.clone(),
         };
         let daemon = daemon.clone();
+        let (acceptor, refusals) = (acceptor.clone(), refusals.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, peer, &daemon).await {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(%peer, "peer connection ended: {e}");
+                return;
+            }
+            let ended = match acceptor {
+                None => connection(stream, peer, &daemon, false).await,
+                Some(acceptor) => match handshake(stream, &acceptor).await {
+                    Ok(stream) => connection(stream, peer, &daemon, true).await,
+                    Err(e) => {
+                        refusals.refused(&daemon, peer, &e);
+                        Ok(())
+                    }
+                },
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, "peer connection ended: {e}");
             }
             drop(slot);
@@ -172,12 +232,29 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
     }
 }
 
-async fn connection(
+/// The server side of a TLS connection: the clear announcement, then a handshake that must
+/// end with a client certificate chaining to the CA, all within [`FIRST_REQUEST_TIMEOUT`].
+async fn handshake(
     mut stream: TcpStream,
+    acceptor: &TlsAcceptor,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, ConnError> {
+    let shake = async {
+        stream.write_all(&tls::ANNOUNCEMENT).await?;
+        acceptor.accept(stream).await
+    };
+    timeout(FIRST_REQUEST_TIMEOUT, shake)
+        .await
+        .map_err(|_| ConnError::SlowHandshake(FIRST_REQUEST_TIMEOUT))?
+        .map_err(ConnError::Handshake)
+}
+
+/// Serves one connection; `tls`: `stream` is TLS (so bootstrap pages go framed).
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     peer: SocketAddr,
     daemon: &Daemon,
+    tls: bool,
 ) -> Result<(), ConnError> {
-    stream.set_nodelay(true)?;
     let hello = Hello::fresh().map_err(ConnError::Random)?;
     send(&mut stream, &hello.frame()).await?;
     // The last sequence number accepted: each request must carry a larger one.
@@ -200,18 +277,22 @@ async fn connection(
         };
         last_seq = Some(sealed.seq);
         match sealed.request().map_err(ConnError::Malformed)? {
-            Request::Bootstrap => match bootstrap::packed(&seed, daemon.bootstrap_codec).await {
-                Ok(packed) => {
-                    for f in &packed.frames {
-                        stream.write_all(f).await?;
+            Request::Bootstrap => {
+                let wire = bootstrap::Wire::of(daemon.bootstrap_codec, tls);
+                match bootstrap::packed(&seed, wire).await {
+                    Ok(packed) => {
+                        for f in &packed.frames {
+                            stream.write_all(f).await?;
+                        }
+                        stream.flush().await?;
+                        daemon
+                            .counters
+                            .bytes_served
+                            .fetch_add(packed.bytes, Ordering::Relaxed);
                     }
-                    daemon
-                        .counters
-                        .bytes_served
-                        .fetch_add(packed.bytes, Ordering::Relaxed);
+                    Err(e) => send(&mut stream, &frame::encode(&Response::Error(e))).await?,
                 }
-                Err(e) => frame::write(&mut stream, &Response::Error(e)).await?,
-            },
+            }
             request => {
                 let response = answer(request, &seed, daemon).unwrap_or_else(Response::Error);
                 send(&mut stream, &frame::encode(&response)).await?;
@@ -222,8 +303,13 @@ async fn connection(
 
 /// Writes `bytes` unless the peer stops reading for [`WRITE_TIMEOUT`]: a peer that sends
 /// requests and reads no answer would otherwise hold its connection forever.
-async fn send(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), ConnError> {
-    timeout(WRITE_TIMEOUT, stream.write_all(bytes))
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> Result<(), ConnError> {
+    let write = async {
+        stream.write_all(bytes).await?;
+        // TLS may hold the last record back until flushed (a no-op for TCP).
+        stream.flush().await
+    };
+    timeout(WRITE_TIMEOUT, write)
         .await
         .map_err(|_| ConnError::NotReading(WRITE_TIMEOUT))?
         .map_err(ConnError::from)
@@ -231,8 +317,8 @@ async fn send(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), ConnError> {
 
 /// Reads the next request frame's body into `body`: its header within `wait`, its body
 /// within the request timeout after. `None` if the peer closed the connection between frames.
-async fn read_request(
-    stream: &mut TcpStream,
+async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     body: &mut Vec<u8>,
     wait: Duration,
 ) -> Result<Option<()>, ConnError> {
@@ -248,8 +334,8 @@ async fn read_request(
         Err(_) => {
             // Said once, then the connection ends: the rest of that frame is never read.
             let len = u32::from_le_bytes(header) as usize;
-            let refusal = Response::Error(RemoteError::TooLarge);
-            let _ = timeout(REQUEST_TIMEOUT, frame::write(stream, &refusal)).await;
+            let refusal = frame::encode(&Response::Error(RemoteError::TooLarge));
+            let _ = timeout(REQUEST_TIMEOUT, send(stream, &refusal)).await;
             return Err(ConnError::TooLarge(len));
         }
     };

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use mitosis_testbed::{DaemonConfig, Testbed, TestbedConfig};
 
+pub mod capture;
 pub mod procfs;
 pub mod resumed;
 
