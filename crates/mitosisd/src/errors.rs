@@ -42,7 +42,8 @@ impl Kind for PeerError {
             }
             PeerError::Busy(..) => ErrorKind::Unavailable,
             PeerError::Remote(_, e) => e.kind(),
-            PeerError::Handshake(..) => ErrorKind::Unsupported,
+            // Another protocol version, or TLS on one side only or with another CA.
+            PeerError::Handshake(..) | PeerError::Tls(..) => ErrorKind::Unsupported,
             PeerError::Frame(..) | PeerError::Protocol(_) | PeerError::Unpack(..) => {
                 ErrorKind::Failed
             }
