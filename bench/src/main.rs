@@ -32,6 +32,7 @@ mod cli;
 mod criu;
 mod daemon;
 mod json;
+mod many;
 mod methods;
 mod output;
 mod pipe;
@@ -112,6 +113,10 @@ struct Args {
     /// Python interpreter (needs numpy and Pillow).
     #[arg(long, default_value = "python3")]
     python: String,
+    /// Also prepare this many seeds of the first seed in the list, and start their first
+    /// children on a new host, one after the other and all at once (0: skip).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    many_seeds: usize,
     /// Also run the cold-host and warm-host rows between daemons with mutual TLS
     /// (`mitosisd --tls-*`), on a second testbed with a throwaway CA, and print each beside
     /// its plain row.
@@ -246,6 +251,19 @@ fn run(args: Args) -> Result<i32> {
         report::seed_table(&result);
         results.push(result);
     }
+    let many = match (args.many_seeds, seeds.first()) {
+        (0, _) | (_, None) => None,
+        (n, Some(seed)) => {
+            eprintln!("[{}] {n} seeds at once", seed.name);
+            match many::run(seed, &remote, n) {
+                Ok(m) => Some((seed.name, m)),
+                Err(e) => {
+                    println!("  many seeds: {e:#}");
+                    None
+                }
+            }
+        }
+    };
     for testbed in [Some(testbed), tls_testbed.map(|t| t.testbed)]
         .into_iter()
         .flatten()
@@ -256,6 +274,9 @@ fn run(args: Args) -> Result<i32> {
     }
 
     report::summary(&results);
+    if let Some((name, m)) = &many {
+        many::report(name, m);
+    }
     output::write(&args, &results, &out_dir, &criu_ok)?;
     println!("total time {:.1} s", started.elapsed().as_secs_f64());
     Ok(if results.iter().any(SeedResult::failed) {
