@@ -11,9 +11,9 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 
 use mitosis_fork::restore::protocol::{self, CHANNEL_FD, Go, OpenSpec, Ready, Setup};
+use mitosis_frame as frame;
 use mitosis_sys::fdpass;
 use mitosis_sys::uffd::Userfaultfd;
-use mitosis_transport::frame;
 
 fn main() {
     // SAFETY: the daemon placed our end of the channel on CHANNEL_FD before exec; nothing else in this process owns it.

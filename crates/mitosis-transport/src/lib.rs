@@ -2,9 +2,9 @@
 //! (the page server) and over a unix socket between the CLI and its local daemon.
 
 pub mod control;
-pub mod frame;
 pub mod packed;
 pub mod peer;
 pub mod tls;
 
-pub use frame::FrameError;
+pub use mitosis_frame as frame;
+pub use mitosis_frame::FrameError;

@@ -10,11 +10,11 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use mitosis_frame as frame;
 use mitosis_sys::PAGE_SIZE;
 use mitosis_sys::pidfd;
 use mitosis_sys::ptrace::{self, Stop, Tracee};
 use mitosis_sys::uffd::{self, Userfaultfd};
-use mitosis_transport::frame;
 use thiserror::Error;
 
 use super::batch::RECORD_LEN;

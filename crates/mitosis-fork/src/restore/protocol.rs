@@ -7,8 +7,8 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+use mitosis_frame as frame;
 use mitosis_sys::fdpass;
-use mitosis_transport::frame;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 

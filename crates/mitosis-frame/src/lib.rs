@@ -1,4 +1,6 @@
-//! Frames: a little-endian u32 length, then a postcard-encoded message.
+//! Frames: a little-endian u32 length, then a postcard-encoded message. Every mitosis
+//! protocol uses them: the page protocol between daemons, the control protocol between the
+//! CLI and its daemon, and the setup channel between a daemon and its stubs.
 
 use std::io::{Read, Write};
 
