@@ -5,15 +5,24 @@
 //! munmap and fork are followed so a page is never taken from the wrong place. If the source
 //! fails, the handler returns an error and the caller kills the child: a child never runs on
 //! with zero-filled memory where the seed had data.
+//!
+//! A process the child forks (and each one that process forks, and so on) shares the child's
+//! pages copy-on-write and lacks what the child lacked: it gets a handler of its own on the same
+//! source, which kills that process itself when the source fails. A handler ends once the
+//! memory it serves is gone (its process exited or ran exec).
 
+use std::collections::HashSet;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mitosis_sys::PAGE_SIZE;
+use mitosis_sys::pidfd;
 use mitosis_sys::uffd::{Copied, Event, Fill, Userfaultfd};
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
+use tokio::sync::oneshot;
 
 use crate::pending::PendingMap;
 use crate::source::PageSource;
@@ -29,7 +38,8 @@ pub enum FaultError {
     Uffd(#[from] io::Error),
 }
 
-/// Counters of one child's faults; the same type the daemon reports to the CLI.
+/// Counters of one child's faults (its forked processes' included); the same type the daemon
+/// reports to the CLI.
 pub use mitosis_transport::control::FaultStats;
 
 /// A fault handler that stopped, and the child's userfaultfd if it still has it.
@@ -41,56 +51,97 @@ pub struct Stopped {
     pub uffd: Option<Userfaultfd>,
 }
 
-/// Serves faults on `uffd`; returns only when it cannot go on (the caller cancels it when the
-/// child exits). Forked copies of the child get handlers of their own.
+/// Serves the faults of process `pid` on its userfaultfd `uffd`. Returns `Ok` once the
+/// process's memory is gone (it exited, or ran exec), and `Err` when the handler cannot go on:
+/// then the caller kills the process. Processes it forks get handlers of their own.
 pub async fn serve<S: PageSource>(
     uffd: Userfaultfd,
+    pid: i32,
     pending: PendingMap,
     source: S,
     stats: Arc<Mutex<FaultStats>>,
-) -> Stopped {
+) -> Result<(), Stopped> {
+    serve_process(uffd, Some(pid), pending, source, stats).await
+}
+
+/// [`serve`] for a process whose pid may be unknown (then its forks' pids are too).
+async fn serve_process<S: PageSource>(
+    uffd: Userfaultfd,
+    pid: Option<i32>,
+    pending: PendingMap,
+    source: S,
+    stats: Arc<Mutex<FaultStats>>,
+) -> Result<(), Stopped> {
     // SAFETY: `Userfaultfd` owns its fd (an OwnedFd), so it stays open and the same for as long as the AsyncFd that owns the Userfaultfd lives.
     let fd = match unsafe { AsyncFd::register(uffd) } {
         Ok(fd) => fd,
         Err(e) => {
-            return Stopped {
-                error: FaultError::Uffd(e.into()),
-                uffd: None,
-            };
+            let (uffd, e) = e.into_parts();
+            return Err(Stopped {
+                error: FaultError::Uffd(e),
+                uffd: Some(uffd),
+            });
         }
     };
-    let error = match serve_on(&fd, pending, source, stats).await {
-        Ok(never) => match never {},
-        Err(e) => e,
-    };
-    Stopped {
-        error,
-        uffd: Some(fd.into_inner()),
+    match serve_on(&fd, pid, pending, source, stats).await {
+        Ok(()) => Ok(()),
+        Err(error) => Err(Stopped {
+            error,
+            uffd: Some(fd.into_inner()),
+        }),
     }
 }
 
+type BoxedServe = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Stopped>> + Send>>;
+
+/// [`serve_process`] behind a box, so that a handler can start handlers for forked processes.
+fn serve_boxed<S: PageSource>(
+    uffd: Userfaultfd,
+    pid: Option<i32>,
+    pending: PendingMap,
+    source: S,
+    stats: Arc<Mutex<FaultStats>>,
+) -> BoxedServe {
+    Box::pin(serve_process(uffd, pid, pending, source, stats))
+}
+
 /// How long a refused fill waits before it is tried again.
-const RETRY_AFTER: std::time::Duration = std::time::Duration::from_micros(200);
+const RETRY_AFTER: Duration = Duration::from_micros(200);
+/// How long a handler waits for events before it checks that its memory is still there; the
+/// wait doubles while nothing happens, up to [`PROBE_MAX`]. No event says the memory is gone.
+const PROBE_FIRST: Duration = Duration::from_millis(10);
+const PROBE_MAX: Duration = Duration::from_secs(1);
 
 async fn serve_on<S: PageSource>(
     fd: &AsyncFd<Userfaultfd>,
+    pid: Option<i32>,
     mut pending: PendingMap,
     mut source: S,
     stats: Arc<Mutex<FaultStats>>,
-) -> Result<std::convert::Infallible, FaultError> {
+) -> Result<(), FaultError> {
     let mut retry: Vec<u64> = Vec::new();
+    let mut idle = PROBE_FIRST;
+    // The children `pid` had when its last fork was followed.
+    let mut children = HashSet::new();
     loop {
         // A fill refused while another thread changed the layout waits for nothing the uffd
         // will announce (the change ends after its event was read): try again shortly.
-        let mut guard = if retry.is_empty() {
-            fd.readable().await?
-        } else {
-            match tokio::time::timeout(RETRY_AFTER, fd.readable()).await {
-                Ok(guard) => guard?,
-                Err(_) => {
-                    retry_all(fd, &mut pending, &mut source, &stats, &mut retry).await?;
-                    continue;
+        let wait = if retry.is_empty() { idle } else { RETRY_AFTER };
+        let mut guard = match tokio::time::timeout(wait, fd.readable()).await {
+            Ok(guard) => {
+                idle = PROBE_FIRST;
+                guard?
+            }
+            Err(_) if retry.is_empty() => {
+                if gone(fd.get_ref(), &pending) {
+                    return Ok(());
                 }
+                idle = (idle * 2).min(PROBE_MAX);
+                continue;
+            }
+            Err(_) => {
+                retry_all(fd, &mut pending, &mut source, &stats, &mut retry).await?;
+                continue;
             }
         };
         while let Some(event) = guard.get_inner().read_event()? {
@@ -105,19 +156,19 @@ async fn serve_on<S: PageSource>(
                     pending.forget(start, end)
                 }
                 Event::Fork { uffd } => {
-                    let copy = pending.clone();
-                    let src = source.duplicate().await.map_err(FaultError::Source)?;
-                    let handler = serve_boxed(uffd, copy, src, stats.clone());
-                    tokio::spawn(async move {
-                        let stopped = handler.await;
-                        tracing::warn!(
-                            "fault handler of a forked child stopped: {}",
-                            stopped.error
-                        );
-                        // Without a pid to kill, the forked child is left waiting on its
-                        // fault rather than handed zero-filled pages.
-                        std::mem::forget(stopped.uffd);
-                    });
+                    // The forked process lacks what this one lacks now. Its handler owns its
+                    // userfaultfd before anything here waits: dropped while the process lives
+                    // (this handler cancelled), the fd would let the kernel zero-fill its pages.
+                    let known = std::mem::take(&mut children);
+                    let forked = spawn_forked(uffd, pid, known, pending.clone(), stats.clone());
+                    let duplicated = source.duplicate().await;
+                    let lost = duplicated.as_ref().err().cloned();
+                    let _ = forked.source.send(duplicated);
+                    // No other event is read until the process is found: see `find_forked`.
+                    children = forked.found.await.unwrap_or_default();
+                    if let Some(e) = lost {
+                        return Err(FaultError::Source(e));
+                    }
                 }
             }
         }
@@ -140,18 +191,6 @@ async fn retry_all<S: PageSource>(
         }
     }
     Ok(())
-}
-
-type BoxedServe = std::pin::Pin<Box<dyn std::future::Future<Output = Stopped> + Send>>;
-
-/// [`serve`] behind a box, so that it can spawn itself for forked children.
-fn serve_boxed<S: PageSource>(
-    uffd: Userfaultfd,
-    pending: PendingMap,
-    source: S,
-    stats: Arc<Mutex<FaultStats>>,
-) -> BoxedServe {
-    Box::pin(serve(uffd, pending, source, stats))
 }
 
 /// Fills the page at `addr`; `Ok(false)` if the kernel asked to retry (layout changing).
@@ -202,5 +241,177 @@ fn fill_failed(e: io::Error) -> Result<bool, FaultError> {
         // The child's mm is gone (it exited while we fetched): nothing left to fill.
         Some(libc::ESRCH) => Ok(true),
         _ => Err(FaultError::Uffd(e)),
+    }
+}
+
+/// The page the liveness probe fills: the lowest one the default `vm.mmap_min_addr` (64 KiB
+/// at most) lets a process map, so it is hardly ever mapped, let alone registered.
+const PROBE_PAGE: u64 = 0x10000;
+
+/// Whether the memory `uffd` serves is gone: its process exited or ran exec. The probe is a
+/// zero-fill of a page the seed did not have, which is what a fault there gets anyway, so it
+/// changes nothing a process could see: the kernel answers ENOENT where nothing is registered,
+/// and ESRCH once the memory is gone.
+fn gone(uffd: &Userfaultfd, pending: &PendingMap) -> bool {
+    !pending.is_pending(PROBE_PAGE)
+        && matches!(uffd.zeropage(PROBE_PAGE, PAGE_SIZE),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH))
+}
+
+/// A forked process's handler, just started: it waits for its source, and tells the handler
+/// of the process that forked once it has found the new process among that one's children.
+struct Spawned<S> {
+    source: oneshot::Sender<Result<S, String>>,
+    found: oneshot::Receiver<HashSet<i32>>,
+}
+
+/// Starts the handler of a process that `parent` forked, whose userfaultfd is `uffd`;
+/// `known`: the children `parent` had at its previous fork.
+fn spawn_forked<S: PageSource>(
+    uffd: Userfaultfd,
+    parent: Option<i32>,
+    known: HashSet<i32>,
+    pending: PendingMap,
+    stats: Arc<Mutex<FaultStats>>,
+) -> Spawned<S> {
+    let (source_tx, source_rx) = oneshot::channel::<Result<S, String>>();
+    let (found_tx, found_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let (process, children) = match parent {
+            Some(parent) => find_forked(parent, known, &uffd, &pending).await,
+            None => (None, known),
+        };
+        let _ = found_tx.send(children);
+        let pid = process.as_ref().map(|p| p.pid);
+        let error = match source_rx.await {
+            Ok(Ok(source)) => match serve_boxed(uffd, pid, pending, source, stats).await {
+                Ok(()) => return,
+                Err(stopped) => return stop_forked(process, stopped).await,
+            },
+            Ok(Err(e)) => FaultError::Source(e),
+            Err(_) => FaultError::Source("the handler of its parent was cancelled".into()),
+        };
+        let uffd = Some(uffd);
+        stop_forked(process, Stopped { error, uffd }).await;
+    });
+    Spawned {
+        source: source_tx,
+        found: found_rx,
+    }
+}
+
+/// A forked process, with a pidfd to kill it by (never another process that took its pid).
+struct Forked {
+    pid: i32,
+    pidfd: OwnedFd,
+}
+
+/// How long a handler looks for the process a fork made before it serves it without a pid
+/// (a process forked with CLONE_PARENT is its parent's sibling, not its child).
+const FIND_FOR: Duration = Duration::from_millis(200);
+/// How often it looks meanwhile.
+const FIND_EVERY: Duration = Duration::from_millis(1);
+
+/// Finds the process `parent` just forked with userfaultfd `uffd`. The kernel says only which
+/// userfaultfd serves it; the pid comes from `parent`'s children, of which `known` are those
+/// it had at its previous fork. The forking thread waited until the fork's event was read,
+/// and the events of other forks of `parent` stay unread until this returns, so the one new
+/// child that has not run exec is it. Returns it (`None` if its memory went away first, or it
+/// is not found in time) and `parent`'s children now.
+async fn find_forked(
+    parent: i32,
+    known: HashSet<i32>,
+    uffd: &Userfaultfd,
+    pending: &PendingMap,
+) -> (Option<Forked>, HashSet<i32>) {
+    let deadline = Instant::now() + FIND_FOR;
+    loop {
+        let children = children_of(parent);
+        let new: Vec<i32> = children
+            .iter()
+            .copied()
+            .filter(|c| !known.contains(c) && !has_execed(*c))
+            .collect();
+        if let [pid] = new[..] {
+            // It may be gone already: then so is its memory, which the next round sees.
+            if let Ok(pidfd) = pidfd::open(pid) {
+                return (Some(Forked { pid, pidfd }), children.into_iter().collect());
+            }
+        }
+        if gone(uffd, pending) {
+            return (None, children.into_iter().collect());
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                parent,
+                candidates = ?new,
+                "a forked process was not found: if its fault handler fails, it cannot be killed"
+            );
+            return (None, children.into_iter().collect());
+        }
+        tokio::time::sleep(FIND_EVERY).await;
+    }
+}
+
+/// The children of process `pid`: those of each of its threads.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// PF_FORKNOEXEC: set in a forked process until it runs exec.
+const PF_FORKNOEXEC: u64 = 0x40;
+
+/// Whether `pid` ran exec since its fork (or is gone): it is not a fork's copy any more.
+fn has_execed(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The flags are the seventh field after the closing parenthesis of the command.
+            let (_, fields) = stat.rsplit_once(')')?;
+            fields.split_whitespace().nth(6)?.parse::<u64>().ok()
+        })
+        .is_none_or(|flags| flags & PF_FORKNOEXEC == 0)
+}
+
+/// Kills a forked process whose handler stopped, and closes its userfaultfd only once it is
+/// dead: before, the kernel would zero-fill its missing pages.
+async fn stop_forked(process: Option<Forked>, stopped: Stopped) {
+    let Some(uffd) = stopped.uffd else {
+        tracing::error!("the fault handler of a forked process lost its userfaultfd");
+        return;
+    };
+    let Some(Forked { pid, pidfd }) = process else {
+        tracing::error!(
+            "a forked process's fault handler stopped ({}), and its pid is unknown: it is left waiting",
+            stopped.error
+        );
+        std::mem::forget(uffd);
+        return;
+    };
+    tracing::warn!(pid, "killing a forked child: {}", stopped.error);
+    if let Err(e) = pidfd::send_signal(&pidfd, libc::SIGKILL) {
+        // Dead already, most likely: the wait below says.
+        tracing::warn!(pid, "signalling a forked child: {e}");
+    }
+    // SAFETY: the OwnedFd stays open and unchanged for as long as the AsyncFd owns it.
+    match unsafe { AsyncFd::register(pidfd) } {
+        // A pidfd turns readable once its process has exited and released its memory.
+        Ok(exited) => {
+            let _ = exited.readable().await;
+            drop(uffd);
+        }
+        // It dies all the same; only its userfaultfd stays open.
+        Err(_) => std::mem::forget(uffd),
     }
 }

@@ -5,50 +5,78 @@
 //! the daemon, then jumps into the trampoline, which replaces this program's whole address space
 //! with the seed's. It never returns; the daemon, tracing it, takes over at the trampoline's end.
 
+use std::convert::Infallible;
 use std::ffi::CString;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use mitosis_fork::restore::protocol::{self, CHANNEL_FD, Go, OpenSpec, Ready, Setup};
-use mitosis_frame as frame;
+use mitosis_frame::{self as frame, FrameError};
 use mitosis_sys::fdpass;
 use mitosis_sys::uffd::Userfaultfd;
+use thiserror::Error;
+
+/// Why the stub could not become a child; the daemon gets it as text in [`Ready::Failed`].
+#[derive(Debug, Error)]
+enum StubError {
+    #[error("closing inherited fds: {0}")]
+    CloseInherited(io::Error),
+    #[error("reading setup: {0}")]
+    Setup(FrameError),
+    #[error("moving fd {fd}: {source}")]
+    Move { fd: i32, source: io::Error },
+    #[error("fd {0} is taken")]
+    Taken(i32),
+    #[error("entering the container's root {root}: {source}")]
+    Root { root: String, source: io::Error },
+    #[error("opening {path}: {source}")]
+    Open { path: String, source: io::Error },
+    #[error("creating userfaultfd: {0}")]
+    Uffd(io::Error),
+    #[error("sending userfaultfd: {0}")]
+    SendUffd(io::Error),
+    #[error("reading go: {0}")]
+    Go(io::Error),
+    #[error("no page stream came with go")]
+    NoPageStream,
+    #[error("placing the page stream at fd {fd}: {source}")]
+    PageStream { fd: i32, source: io::Error },
+    #[error("cannot map the trampoline at {at:#x}: {source}")]
+    Trampoline { at: u64, source: io::Error },
+}
 
 fn main() {
     // SAFETY: the daemon placed our end of the channel on CHANNEL_FD before exec; nothing else in this process owns it.
-    let chan = unsafe { UnixStream::from_raw_fd(CHANNEL_FD) };
-    if let Err(why) = run(chan) {
-        // The daemon reads this as the reason the child could not start.
-        // SAFETY: as above; `run` consumed its handle, the fd may still be open.
-        let mut chan = unsafe { UnixStream::from_raw_fd(CHANNEL_FD) };
-        let _ = chan.write_all(&frame::encode(&Ready::Failed(why)));
-        std::process::exit(70);
-    }
+    let mut chan = unsafe { UnixStream::from_raw_fd(CHANNEL_FD) };
+    let Err(why) = run(&mut chan);
+    // The daemon reads this as the reason the child could not start. `chan` is the channel
+    // wherever `run` left it: fd 3 may be one of the seed's files by now.
+    let _ = chan.write_all(&frame::encode(&Ready::Failed(why.to_string())));
+    std::process::exit(70);
 }
 
-fn run(mut chan: UnixStream) -> Result<(), String> {
+/// Prepares the child and jumps into the trampoline; returns only if that fails. `chan` follows
+/// the channel when it moves.
+fn run(chan: &mut UnixStream) -> Result<Infallible, StubError> {
     // Whatever else the daemon had open without close-on-exec must not reach a child.
     // SAFETY: close_range on numbers above the channel, which this process does not use.
     if unsafe { libc::syscall(libc::SYS_close_range, CHANNEL_FD + 1, u32::MAX, 0) } < 0 {
-        return Err(format!(
-            "closing inherited fds: {}",
-            io::Error::last_os_error()
-        ));
+        return Err(StubError::CloseInherited(io::Error::last_os_error()));
     }
-    let setup: Setup =
-        frame::read_blocking(&mut chan).map_err(|e| format!("reading setup: {e}"))?;
+    let setup: Setup = frame::read_blocking(chan).map_err(StubError::Setup)?;
     // Keep our own fds clear of the numbers the seed's files go to. The channel takes exactly
-    // `work_fd_base`: a replica keeps it there to receive each child's stdio.
-    let chan_fd = move_above(chan.into_raw_fd(), setup.work_fd_base)?;
-    if chan_fd != setup.work_fd_base {
-        return Err(format!("fd {} is taken", setup.work_fd_base));
+    // `work_fd_base`: a replica keeps it there to receive each child's stdio. Replacing the
+    // handle closes fd 3, which a seed's file may take next.
+    *chan = UnixStream::from(dup_above(chan.as_fd(), setup.work_fd_base)?);
+    if chan.as_raw_fd() != setup.work_fd_base {
+        return Err(StubError::Taken(setup.work_fd_base));
     }
-    // SAFETY: move_above returned a fresh fd that only this handle owns.
-    let mut chan = unsafe { UnixStream::from_raw_fd(chan_fd) };
     if let Some(root) = &setup.root {
-        enter_root(root, setup.cwd.as_deref())
-            .map_err(|e| format!("entering the container's root {root}: {e}"))?;
+        enter_root(root, setup.cwd.as_deref()).map_err(|source| StubError::Root {
+            root: root.clone(),
+            source,
+        })?;
     } else if let Some(cwd) = setup.cwd.as_deref().and_then(|d| CString::new(d).ok()) {
         // The seed's directory, if this host has it; else the stub stays in /.
         // SAFETY: chdir reads the NUL-terminated path we own for the call's duration.
@@ -57,10 +85,13 @@ fn run(mut chan: UnixStream) -> Result<(), String> {
     let mut fds = Vec::with_capacity(setup.opens.len());
     for spec in &setup.opens {
         fds.push(
-            open(spec, setup.work_fd_base).map_err(|e| format!("opening {}: {e}", spec.path))?,
+            open(spec, setup.work_fd_base).map_err(|source| StubError::Open {
+                path: spec.path.clone(),
+                source,
+            })?,
         );
     }
-    let uffd = Userfaultfd::create().map_err(|e| format!("creating userfaultfd: {e}"))?;
+    let uffd = Userfaultfd::create().map_err(StubError::Uffd)?;
     // Created at the lowest free number; a work fd like the others, so the trampoline closes it.
     let uffd = move_above(uffd.into_raw_fd(), setup.work_fd_base)?;
     fdpass::send(
@@ -68,11 +99,10 @@ fn run(mut chan: UnixStream) -> Result<(), String> {
         &frame::encode(&Ready::Opened(fds)),
         &[uffd],
     )
-    .map_err(|e| format!("sending userfaultfd: {e}"))?;
-    let (go, handed): (Go, _) =
-        protocol::recv_with_fds(&mut chan).map_err(|e| format!("reading go: {e}"))?;
+    .map_err(StubError::SendUffd)?;
+    let (go, handed): (Go, _) = protocol::recv_with_fds(chan).map_err(StubError::Go)?;
     if let Some(target) = go.pages_fd {
-        let pages = handed.first().ok_or("no page stream came with go")?;
+        let pages = handed.first().ok_or(StubError::NoPageStream)?;
         place_at(pages.as_raw_fd(), target)?;
     }
     drop(handed);
@@ -80,17 +110,17 @@ fn run(mut chan: UnixStream) -> Result<(), String> {
 }
 
 /// Duplicates `fd` onto `target` (close-on-exec), which must be free.
-fn place_at(fd: i32, target: i32) -> Result<(), String> {
+fn place_at(fd: i32, target: i32) -> Result<(), StubError> {
     // SAFETY: F_GETFD only queries the number; an error means it is free.
     if unsafe { libc::fcntl(target, libc::F_GETFD) } >= 0 {
-        return Err(format!("fd {target} is taken"));
+        return Err(StubError::Taken(target));
     }
     // SAFETY: dup3 onto a number just checked to be free; both are plain integers.
     if unsafe { libc::dup3(fd, target, libc::O_CLOEXEC) } < 0 {
-        return Err(format!(
-            "placing the page stream at fd {target}: {}",
-            io::Error::last_os_error()
-        ));
+        return Err(StubError::PageStream {
+            fd: target,
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -149,23 +179,37 @@ fn open(spec: &OpenSpec, base: i32) -> io::Result<i32> {
     Ok(target)
 }
 
-/// Moves `fd` to the lowest free number ≥ `base` (close-on-exec).
-fn move_above(fd: i32, base: i32) -> Result<i32, String> {
-    // SAFETY: fcntl on an fd we own.
-    let moved = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, base) };
-    if moved < 0 {
-        return Err(format!("moving fd {fd}: {}", io::Error::last_os_error()));
+/// A duplicate of `fd` at the lowest free number ≥ `base` (close-on-exec).
+fn dup_above(fd: BorrowedFd, base: i32) -> Result<OwnedFd, StubError> {
+    // SAFETY: fcntl on an fd the caller holds open.
+    let dup = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, base) };
+    if dup < 0 {
+        return Err(StubError::Move {
+            fd: fd.as_raw_fd(),
+            source: io::Error::last_os_error(),
+        });
     }
-    // SAFETY: the original is ours and replaced by `moved`.
-    unsafe { libc::close(fd) };
-    Ok(moved)
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(dup) })
 }
 
-/// Maps the trampoline and runs it. Never returns: the trampoline unmaps this program.
-fn jump(go: &Go) -> ! {
+/// Moves our own `fd` to the lowest free number ≥ `base` (close-on-exec).
+fn move_above(fd: i32, base: i32) -> Result<i32, StubError> {
+    // SAFETY: the caller owns `fd` and hands it over; the OwnedFd closes it once duplicated.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(dup_above(fd.as_fd(), base)?.into_raw_fd())
+}
+
+/// Maps the trampoline and runs it. Returns only if the trampoline cannot be mapped: it
+/// unmaps this program.
+fn jump(go: &Go) -> Result<Infallible, StubError> {
     const PAGE: usize = 4096;
     let data_len = go.data.len().div_ceil(PAGE) * PAGE;
     let len = PAGE + data_len;
+    let failed = |source: io::Error| StubError::Trampoline { at: go.at, source };
+    if go.code.len() > PAGE {
+        return Err(failed(io::Error::other("the code is over a page long")));
+    }
     // SAFETY: a fresh anonymous mapping at an address the daemon chose to be free here and in the seed; MAP_FIXED_NOREPLACE fails rather than clobber anything.
     let at = unsafe {
         libc::mmap(
@@ -177,17 +221,21 @@ fn jump(go: &Go) -> ! {
             0,
         )
     };
-    if at == libc::MAP_FAILED || at as u64 != go.at || go.code.len() > PAGE {
-        eprintln!("mitosis-stub: cannot map the trampoline at {:#x}", go.at);
-        std::process::exit(71);
+    if at == libc::MAP_FAILED {
+        return Err(failed(io::Error::last_os_error()));
+    }
+    if at as u64 != go.at {
+        // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and treat the address as a hint.
+        return Err(failed(io::Error::other(format!("mapped at {at:p}"))));
     }
     // SAFETY: the mapping is `len` bytes, writable; code fits the first page and data the rest.
     unsafe {
         std::ptr::copy_nonoverlapping(go.code.as_ptr(), at.cast::<u8>(), go.code.len());
         std::ptr::copy_nonoverlapping(go.data.as_ptr(), at.cast::<u8>().add(PAGE), go.data.len());
-        if libc::mprotect(at, PAGE, libc::PROT_READ | libc::PROT_EXEC) != 0 {
-            std::process::exit(72);
-        }
+    }
+    // SAFETY: the first page of our own fresh mapping becomes read-only and executable.
+    if unsafe { libc::mprotect(at, PAGE, libc::PROT_READ | libc::PROT_EXEC) } != 0 {
+        return Err(failed(io::Error::last_os_error()));
     }
     // SAFETY: the first page now holds the trampoline, which follows the C calling convention for its two arguments (records, count) and never returns.
     let trampoline: extern "C" fn(*const u8, u64) -> ! = unsafe { std::mem::transmute(at) };

@@ -52,6 +52,7 @@ pub async fn run(
     let fault_stats = Arc::new(Mutex::new(FaultStats::default()));
     let mut handler = tokio::spawn(fault::serve(
         child.uffd,
+        pid,
         child.pending,
         child.source,
         fault_stats.clone(),
@@ -85,7 +86,9 @@ pub async fn run(
             result = &mut handler, if !handler_done => {
                 handler_done = true;
                 let why = match result {
-                    Ok(stopped) => {
+                    // Its memory is gone: the child is exiting (or ran exec).
+                    Ok(Ok(())) => continue,
+                    Ok(Err(stopped)) => {
                         stopped_uffd = stopped.uffd;
                         stopped.error.to_string()
                     }
