@@ -84,10 +84,8 @@ fn fork_and_read(lost: bool) -> (Vec<u8>, libc::c_int, bool) {
 
     let mut pipe = [0; 2];
     // SAFETY: pipe2 writes two fds into the array.
-    assert_eq!(
-        unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) },
-        0
-    );
+    let piped = unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(piped, 0);
     // A bare clone, not libc's fork: fork holds the allocator's locks until the kernel's fork
     // returns, which waits for the handler, which allocates, in this very process.
     // SAFETY: the new process, on a copy of this stack, only reads memory and calls write and _exit, and allocates nothing.
@@ -116,11 +114,8 @@ fn fork_and_read(lost: bool) -> (Vec<u8>, libc::c_int, bool) {
         revents: 0,
     };
     // SAFETY: poll on one valid pollfd; a hung child would hang the test without its timeout.
-    assert_eq!(
-        unsafe { libc::poll(&mut poll, 1, 10_000) },
-        1,
-        "the child hangs"
-    );
+    let ready = unsafe { libc::poll(&mut poll, 1, 10_000) };
+    assert_eq!(ready, 1, "the child hangs");
     // SAFETY: reading into our buffer of PAGES bytes.
     let n = unsafe { libc::read(pipe[0], read.as_mut_ptr().cast(), PAGES) };
     read.truncate(n.max(0) as usize);
