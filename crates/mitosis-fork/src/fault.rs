@@ -25,7 +25,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use crate::pending::PendingMap;
-use crate::source::PageSource;
+use crate::source::{PageSource, SourceError};
 
 /// Pages fetched per fault: the faulting page and the pending pages right after it.
 pub const PREFETCH_PAGES: u64 = 16;
@@ -33,14 +33,26 @@ pub const PREFETCH_PAGES: u64 = 16;
 #[derive(Debug, Error)]
 pub enum FaultError {
     #[error("page source lost: {0}")]
-    Source(String),
+    Source(SourceError),
     #[error("userfaultfd: {0}")]
     Uffd(#[from] io::Error),
 }
 
-/// Counters of one child's faults (its forked processes' included); the same type the daemon
-/// reports to the CLI.
-pub use mitosis_transport::control::FaultStats;
+/// Tries a read from the page source gets, the first included, before a transient failure
+/// (a timeout, a broken connection) kills the child.
+pub const SOURCE_ATTEMPTS: u32 = 3;
+/// Wait before the next try, times the attempts so far.
+const SOURCE_RETRY_AFTER: Duration = Duration::from_millis(100);
+
+/// Counters of one child's faults (its forked processes' included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    pub faults: u64,
+    pub zero_faults: u64,
+    pub fetches: u64,
+    pub pages_fetched: u64,
+    pub fetch_us: u64,
+}
 
 /// A fault handler that stopped, and the child's userfaultfd if it still has it.
 ///
@@ -193,6 +205,28 @@ async fn retry_all<S: PageSource>(
     Ok(())
 }
 
+/// Reads `pages` at `seed` (a faulted page first), trying again after a transient failure
+/// (no answer in time, a broken connection) up to [`SOURCE_ATTEMPTS`] times in all: a child
+/// waits out a brief network fault, but never longer than those attempts take, and a gone
+/// seed fails at once.
+async fn read_retrying<S: PageSource>(
+    source: &mut S,
+    seed: u64,
+    pages: u32,
+) -> Result<Vec<u8>, SourceError> {
+    let mut attempt = 1;
+    loop {
+        match source.read(vec![(seed, pages)], Some(seed)).await {
+            Err(e) if e.is_transient() && attempt < SOURCE_ATTEMPTS => {
+                tracing::warn!(attempt, "page source: {e}; trying again");
+                tokio::time::sleep(SOURCE_RETRY_AFTER * attempt).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Fills the page at `addr`; `Ok(false)` if the kernel asked to retry (layout changing).
 async fn resolve<S: PageSource>(
     uffd: &Userfaultfd,
@@ -207,10 +241,14 @@ async fn resolve<S: PageSource>(
         return retry_on_again(uffd.zeropage(page, PAGE_SIZE));
     };
     let started = Instant::now();
-    let data = source
-        .read(vec![(run.seed, run.pages as u32)], Some(run.seed))
-        .await
-        .map_err(FaultError::Source)?;
+    let data = match read_retrying(source, run.seed, run.pages as u32).await {
+        Ok(data) => data,
+        Err(e) => {
+            // Still missing: whoever kills the child must not find it gone from the map.
+            pending.restore_run(run);
+            return Err(FaultError::Source(e));
+        }
+    };
     {
         let mut s = stats.lock().expect("stats");
         s.faults += 1;
@@ -261,7 +299,7 @@ fn gone(uffd: &Userfaultfd, pending: &PendingMap) -> bool {
 /// A forked process's handler, just started: it waits for its source, and tells the handler
 /// of the process that forked once it has found the new process among that one's children.
 struct Spawned<S> {
-    source: oneshot::Sender<Result<S, String>>,
+    source: oneshot::Sender<Result<S, SourceError>>,
     found: oneshot::Receiver<HashSet<i32>>,
 }
 
@@ -274,7 +312,7 @@ fn spawn_forked<S: PageSource>(
     pending: PendingMap,
     stats: Arc<Mutex<FaultStats>>,
 ) -> Spawned<S> {
-    let (source_tx, source_rx) = oneshot::channel::<Result<S, String>>();
+    let (source_tx, source_rx) = oneshot::channel::<Result<S, SourceError>>();
     let (found_tx, found_rx) = oneshot::channel();
     tokio::spawn(async move {
         let (process, children) = match parent {
@@ -289,7 +327,9 @@ fn spawn_forked<S: PageSource>(
                 Err(stopped) => return stop_forked(process, stopped).await,
             },
             Ok(Err(e)) => FaultError::Source(e),
-            Err(_) => FaultError::Source("the handler of its parent was cancelled".into()),
+            Err(_) => FaultError::Source(SourceError::Gone(
+                "the handler of its parent was cancelled".into(),
+            )),
         };
         let uffd = Some(uffd);
         stop_forked(process, Stopped { error, uffd }).await;
@@ -413,5 +453,61 @@ async fn stop_forked(process: Option<Forked>, stopped: Stopped) {
         }
         // It dies all the same; only its userfaultfd stays open.
         Err(_) => std::mem::forget(uffd),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails with `errors` (in order), then answers one byte per page.
+    struct Flaky {
+        errors: Vec<SourceError>,
+        reads: u32,
+    }
+
+    impl PageSource for Flaky {
+        async fn read(
+            &mut self,
+            runs: Vec<(u64, u32)>,
+            _: Option<u64>,
+        ) -> Result<Vec<u8>, SourceError> {
+            self.reads += 1;
+            if !self.errors.is_empty() {
+                return Err(self.errors.remove(0));
+            }
+            Ok(vec![7; runs[0].1 as usize])
+        }
+
+        async fn duplicate(&self) -> Result<Self, SourceError> {
+            Err(SourceError::Gone("not needed".into()))
+        }
+    }
+
+    fn flaky(errors: Vec<SourceError>) -> Flaky {
+        Flaky { errors, reads: 0 }
+    }
+
+    #[tokio::test]
+    async fn a_timeout_is_tried_again_and_a_gone_seed_is_not() {
+        let late = || SourceError::Unavailable("no answer within 5s".into());
+        let mut once_late = flaky(vec![late()]);
+        assert_eq!(
+            read_retrying(&mut once_late, 0x1000, 2).await,
+            Ok(vec![7, 7])
+        );
+        assert_eq!(once_late.reads, 2);
+
+        let mut always_late = flaky(vec![late(), late(), late(), late()]);
+        assert_eq!(
+            read_retrying(&mut always_late, 0x1000, 1).await,
+            Err(late())
+        );
+        assert_eq!(always_late.reads, SOURCE_ATTEMPTS);
+
+        let gone = SourceError::Gone("no seed 3".into());
+        let mut dropped = flaky(vec![gone.clone()]);
+        assert_eq!(read_retrying(&mut dropped, 0x1000, 1).await, Err(gone));
+        assert_eq!(dropped.reads, 1);
     }
 }

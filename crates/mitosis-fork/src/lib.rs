@@ -14,7 +14,7 @@ pub mod source;
 
 pub use filecache::FileCache;
 pub use prepare::{PrepareError, Prepared, Twin, prepare};
-pub use source::{PageSource, TwinSource};
+pub use source::{PageSource, SourceError, TwinSource};
 
 /// BLAKE3 of this process's vDSO text: children check they run on the same vDSO as the seed.
 pub fn local_vdso_hash() -> std::io::Result<[u8; 32]> {

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::fault::FaultError;
 use crate::pending::{PendingMap, Run};
-use crate::source::{PageSource, read_runs};
+use crate::source::{PageSource, SourceError, read_runs};
 
 /// Pages per request when filling: small enough that several pipeline, large enough that
 /// request overhead does not matter.
@@ -46,7 +46,7 @@ pub struct ReplicaPages<S> {
 }
 
 /// What a fill in progress says when it ends: `None` until then, then its outcome.
-type Outcome = Option<Result<(), String>>;
+type Outcome = Option<Result<(), SourceError>>;
 
 struct State {
     /// Seed pages nobody has fetched yet.
@@ -143,7 +143,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     }
 
     /// Ends a claim: what was not copied in is pending again; waiters learn the outcome.
-    fn settle(&self, claim: Claim, uncopied: Vec<Run>, outcome: &Result<u64, String>) {
+    fn settle(&self, claim: Claim, uncopied: Vec<Run>, outcome: &Result<u64, SourceError>) {
         let Some(done) = claim.done else { return };
         {
             let mut state = self.state.lock().expect("replica pages lock");
@@ -160,12 +160,16 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     /// Brings the still-pending pages of `runs` (replica addresses) into the replica, in as
     /// few requests as possible, and waits for those another fill is fetching. Returns how
     /// many pages were pending or in flight.
-    pub async fn fill(&self, runs: &[(u64, u32)]) -> Result<u64, String> {
+    pub async fn fill(&self, runs: &[(u64, u32)]) -> Result<u64, SourceError> {
         self.fill_touched(runs, None).await
     }
 
     /// `touched`: the page of `runs` a child faulted on, passed on to the source.
-    async fn fill_touched(&self, runs: &[(u64, u32)], touched: Option<u64>) -> Result<u64, String> {
+    async fn fill_touched(
+        &self,
+        runs: &[(u64, u32)],
+        touched: Option<u64>,
+    ) -> Result<u64, SourceError> {
         let mut total = 0;
         for _ in 0..WAIT_RETRIES {
             let claim = self.claim(runs);
@@ -185,11 +189,13 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
             }
             // Another fill of some of these pages failed: they are pending again.
         }
-        Err("filling the replica: other fills of the same pages kept failing".into())
+        Err(SourceError::Unavailable(
+            "filling the replica: other fills of the same pages kept failing".into(),
+        ))
     }
 
     /// Fetches the claimed pages pipelined, copying each group in as it lands.
-    async fn fetch_claimed(&self, claim: Claim, touched: Option<u64>) -> Result<u64, String> {
+    async fn fetch_claimed(&self, claim: Claim, touched: Option<u64>) -> Result<u64, SourceError> {
         let total: u64 = claim.wanted.iter().map(|r| r.pages).sum();
         if total == 0 {
             self.settle(claim, Vec::new(), &Ok(0));
@@ -208,7 +214,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
                 self.copy_runs(groups[index], &data).await?;
                 copied[index] = true;
             }
-            Ok::<_, String>(())
+            Ok::<_, SourceError>(())
         }
         .await;
         drop(pipeline);
@@ -226,7 +232,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         result
     }
 
-    async fn copy_runs(&self, runs: &[Run], data: &[u8]) -> Result<(), String> {
+    async fn copy_runs(&self, runs: &[Run], data: &[u8]) -> Result<(), SourceError> {
         let mut at = 0usize;
         for run in runs {
             let len = (run.pages * PAGE_SIZE) as usize;
@@ -238,8 +244,10 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
 
     /// Places the seed's bytes of one run in the replica. A page that is there already
     /// without being the seed's is overwritten: children forked later copy it as it is.
-    async fn copy_run(&self, start: u64, data: &[u8]) -> Result<(), String> {
-        let fail = |e: &dyn std::fmt::Display| format!("filling the replica at {start:#x}: {e}");
+    async fn copy_run(&self, start: u64, data: &[u8]) -> Result<(), SourceError> {
+        let fail = |e: &dyn std::fmt::Display| {
+            SourceError::Gone(format!("filling the replica at {start:#x}: {e}"))
+        };
         let mut placed = 0usize;
         for _ in 0..LAYOUT_RETRIES {
             let copied = self
@@ -266,7 +274,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     /// Installs pages that came in bulk: those still pending are copied in through the
     /// userfaultfd, those of `overlay` (file pages the seed wrote) are written over the mapped
     /// file. Returns how many pages went in.
-    pub async fn install_bulk(&self, bulk: &Bulk, overlay: &[Run]) -> Result<u64, String> {
+    pub async fn install_bulk(&self, bulk: &Bulk, overlay: &[Run]) -> Result<u64, SourceError> {
         let mut installed = 0;
         let mut at = 0;
         for &(addr, pages) in &bulk.runs {
@@ -315,7 +323,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     }
 
     /// Writes `runs` of file pages the seed wrote (their bytes back to back in `data`).
-    pub fn write_overlay(&self, runs: &[(u64, u32)], data: &[u8]) -> Result<(), String> {
+    pub fn write_overlay(&self, runs: &[(u64, u32)], data: &[u8]) -> Result<(), SourceError> {
         let mut at = 0;
         let pieces: Vec<(u64, &[u8])> = runs
             .iter()
@@ -332,16 +340,21 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     }
 
     /// Writes the seed's own pages over the replica's file mappings.
-    fn write(&self, pieces: &[(u64, &[u8])]) -> Result<(), String> {
+    fn write(&self, pieces: &[(u64, &[u8])]) -> Result<(), SourceError> {
         self.memory
             .write_pieces(pieces)
-            .map_err(|e| format!("writing the seed's file pages: {e}"))
+            .map_err(|e| SourceError::Gone(format!("writing the seed's file pages: {e}")))
     }
 
     /// Reads `runs` from the replica, filling what it lacks first.
-    pub async fn read(&self, runs: &[(u64, u32)], touched: Option<u64>) -> Result<Vec<u8>, String> {
+    pub async fn read(
+        &self,
+        runs: &[(u64, u32)],
+        touched: Option<u64>,
+    ) -> Result<Vec<u8>, SourceError> {
         self.fill_touched(runs, touched).await?;
-        read_runs(&self.memory, runs).map_err(|e| format!("the replica is gone: {e}"))
+        read_runs(&self.memory, runs)
+            .map_err(|e| SourceError::Gone(format!("the replica is gone: {e}")))
     }
 
     /// Follows the replica's userfaultfd: hands each fork's new userfaultfd to `forks`.
@@ -408,7 +421,7 @@ struct Pipelined<'a, S> {
     source: &'a S,
     groups: &'a [&'a [Run]],
     touched: Option<u64>,
-    requests: tokio::task::JoinSet<(usize, Result<Vec<u8>, String>, std::time::Duration)>,
+    requests: tokio::task::JoinSet<(usize, Result<Vec<u8>, SourceError>, std::time::Duration)>,
     next: usize,
 }
 
@@ -424,7 +437,7 @@ impl<'a, S: PageSource> Pipelined<'a, S> {
     }
 
     /// The next group to land: its index, bytes and how long its request took.
-    async fn next(&mut self) -> Option<Result<(usize, Vec<u8>, std::time::Duration), String>> {
+    async fn next(&mut self) -> Option<Result<(usize, Vec<u8>, std::time::Duration), SourceError>> {
         while self.next < self.groups.len() && self.requests.len() < IN_FLIGHT {
             let mut source = match self.source.duplicate().await {
                 Ok(s) => s,
@@ -450,7 +463,7 @@ impl<'a, S: PageSource> Pipelined<'a, S> {
         Some(match joined {
             Ok((index, Ok(data), took)) => Ok((index, data, took)),
             Ok((_, Err(e), _)) => Err(e),
-            Err(e) => Err(format!("fetch task: {e}")),
+            Err(e) => Err(SourceError::Gone(format!("fetch task: {e}"))),
         })
     }
 }
@@ -536,11 +549,11 @@ impl<S: PageSource + Sync> PageSource for FromReplica<S> {
         &mut self,
         runs: Vec<(u64, u32)>,
         touched: Option<u64>,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, SourceError> {
         self.0.read(&runs, touched).await
     }
 
-    async fn duplicate(&self) -> Result<Self, String> {
+    async fn duplicate(&self) -> Result<Self, SourceError> {
         Ok(FromReplica(self.0.clone()))
     }
 }

@@ -5,6 +5,26 @@ use std::sync::Arc;
 
 use mitosis_sys::PAGE_SIZE;
 use mitosis_sys::mem::RemoteMemory;
+use thiserror::Error;
+
+/// Why a page source could not give pages. The fault path retries what is transient and
+/// kills a child only when its seed's pages are gone for good.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SourceError {
+    /// The seed, or its memory, is gone (dropped, its host restarted, its twin dead), or the
+    /// source answered with something unusable: what needs these pages must die.
+    #[error("{0}")]
+    Gone(String),
+    /// No answer in time, or a broken connection: another try may succeed.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl SourceError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Unavailable(_))
+    }
+}
 
 /// A source of seed pages, behind the one fault path. The daemon has a socket implementation
 /// (a peer's page server); [`TwinSource`] reads a twin on this very host.
@@ -16,10 +36,10 @@ pub trait PageSource: Send + Sized + 'static {
         &mut self,
         runs: Vec<(u64, u32)>,
         touched: Option<u64>,
-    ) -> impl Future<Output = Result<Vec<u8>, String>> + Send;
+    ) -> impl Future<Output = Result<Vec<u8>, SourceError>> + Send;
 
     /// Another handle to the same source, for a forked child's fault handler.
-    fn duplicate(&self) -> impl Future<Output = Result<Self, String>> + Send;
+    fn duplicate(&self) -> impl Future<Output = Result<Self, SourceError>> + Send;
 }
 
 /// Pages read straight from a twin's memory on this host.
@@ -35,11 +55,16 @@ impl TwinSource {
 }
 
 impl PageSource for TwinSource {
-    async fn read(&mut self, runs: Vec<(u64, u32)>, _: Option<u64>) -> Result<Vec<u8>, String> {
-        read_runs(&self.memory, &runs).map_err(|e| format!("the seed's twin is gone: {e}"))
+    async fn read(
+        &mut self,
+        runs: Vec<(u64, u32)>,
+        _: Option<u64>,
+    ) -> Result<Vec<u8>, SourceError> {
+        read_runs(&self.memory, &runs)
+            .map_err(|e| SourceError::Gone(format!("the seed's twin is gone: {e}")))
     }
 
-    async fn duplicate(&self) -> Result<Self, String> {
+    async fn duplicate(&self) -> Result<Self, SourceError> {
         Ok(self.clone())
     }
 }

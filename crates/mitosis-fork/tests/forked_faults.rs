@@ -4,10 +4,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mitosis_fork::PageSource;
 use mitosis_fork::fault::{FaultStats, serve};
 use mitosis_fork::pending::PendingMap;
 use mitosis_fork::restore::UFFD_FEATURES;
+use mitosis_fork::{PageSource, SourceError};
 use mitosis_sys::PAGE_SIZE;
 use mitosis_sys::uffd::Userfaultfd;
 
@@ -20,9 +20,13 @@ struct Pattern {
 }
 
 impl PageSource for Pattern {
-    async fn read(&mut self, runs: Vec<(u64, u32)>, _: Option<u64>) -> Result<Vec<u8>, String> {
+    async fn read(
+        &mut self,
+        runs: Vec<(u64, u32)>,
+        _: Option<u64>,
+    ) -> Result<Vec<u8>, SourceError> {
         if self.lost {
-            return Err("the seed's host is gone".into());
+            return Err(SourceError::Gone("the seed's host is gone".into()));
         }
         Ok(runs
             .iter()
@@ -31,7 +35,7 @@ impl PageSource for Pattern {
             .collect())
     }
 
-    async fn duplicate(&self) -> Result<Self, String> {
+    async fn duplicate(&self) -> Result<Self, SourceError> {
         Ok(Pattern { lost: self.lost })
     }
 }

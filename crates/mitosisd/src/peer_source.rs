@@ -4,13 +4,34 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mitosis_fork::{PageSource, TwinSource};
-use mitosis_transport::peer::{PeerPool, SeedRef};
+use mitosis_fork::{PageSource, SourceError, TwinSource};
+use mitosis_transport::FrameError;
+use mitosis_transport::peer::{PeerError, PeerPool, RemoteError, SeedRef};
 
 use crate::registry::Seed;
 
 /// How long one request to a seed's host may take before the child is given up on.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a failed page request means for the children that need those pages: a seed that is
+/// gone, or an answer that makes no sense, is final; no answer in time or a broken connection
+/// may pass.
+fn source_error(e: PeerError) -> SourceError {
+    let transient = match &e {
+        PeerError::Connect(..)
+        | PeerError::Timeout(..)
+        | PeerError::NoHello(..)
+        | PeerError::Busy(..)
+        | PeerError::Frame(_, FrameError::Closed | FrameError::Io(_)) => true,
+        PeerError::Remote(_, RemoteError::SeedGone(_)) => false,
+        _ => false,
+    };
+    if transient {
+        SourceError::Unavailable(e.to_string())
+    } else {
+        SourceError::Gone(e.to_string())
+    }
+}
 
 /// A seed's pages on a peer, fetched over pooled connections.
 #[derive(Clone)]
@@ -25,14 +46,14 @@ impl PageSource for PeerSource {
         &mut self,
         runs: Vec<(u64, u32)>,
         touched: Option<u64>,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, SourceError> {
         self.pool
             .pages(self.addr, self.seed, runs, touched)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(source_error)
     }
 
-    async fn duplicate(&self) -> Result<Self, String> {
+    async fn duplicate(&self) -> Result<Self, SourceError> {
         Ok(self.clone())
     }
 }
@@ -58,7 +79,7 @@ impl PageSource for LocalSource {
         &mut self,
         runs: Vec<(u64, u32)>,
         touched: Option<u64>,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, SourceError> {
         let data = self.twin.read(runs, None).await?;
         if let Some(page) = touched {
             self.seed.record(page);
@@ -66,7 +87,7 @@ impl PageSource for LocalSource {
         Ok(data)
     }
 
-    async fn duplicate(&self) -> Result<Self, String> {
+    async fn duplicate(&self) -> Result<Self, SourceError> {
         Ok(self.clone())
     }
 }
@@ -83,14 +104,14 @@ impl PageSource for Source {
         &mut self,
         runs: Vec<(u64, u32)>,
         touched: Option<u64>,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, SourceError> {
         match self {
             Source::Local(s) => s.read(runs, touched).await,
             Source::Peer(s) => s.read(runs, touched).await,
         }
     }
 
-    async fn duplicate(&self) -> Result<Self, String> {
+    async fn duplicate(&self) -> Result<Self, SourceError> {
         Ok(self.clone())
     }
 }

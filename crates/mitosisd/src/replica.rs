@@ -122,7 +122,10 @@ pub async fn build(
             let asked = Instant::now();
             let bulk = incoming.next(runs).await?;
             let landed = Instant::now();
-            installed += pages.install_bulk(&bulk, &made.overlay).await?;
+            installed += pages
+                .install_bulk(&bulk, &made.overlay)
+                .await
+                .map_err(|e| e.to_string())?;
             wait += landed - asked;
             install += landed.elapsed();
         }
@@ -133,7 +136,9 @@ pub async fn build(
                 .read(lacking.clone(), None)
                 .await
                 .map_err(|e| format!("fetching the seed's file pages: {e}"))?;
-            pages.write_overlay(&lacking, &data)?;
+            pages
+                .write_overlay(&lacking, &data)
+                .map_err(|e| e.to_string())?;
         }
         let eager: Vec<(u64, u32)> = made
             .eager

@@ -13,7 +13,7 @@ use std::time::Instant;
 use mitosis_descriptor::Handle;
 use mitosis_fork::fault::{self, FaultStats};
 use mitosis_sys::pidfd;
-use mitosis_transport::control::{Event, MAX_REQUEST_FRAME, Request, ResumeStats};
+use mitosis_transport::control::{self, Event, MAX_REQUEST_FRAME, Request, ResumeStats};
 use mitosis_transport::frame;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
@@ -127,11 +127,17 @@ pub async fn run(
     entry.children.fetch_sub(1, Ordering::Relaxed);
     // The child's faults grew the replica: make room for it among the others.
     daemon.cache.evict_over_budget(entry.key);
-    let stats = fault_stats.lock().expect("stats").clone();
+    let stats = *fault_stats.lock().expect("stats");
     let event = Event::Exited {
         status: status.shell_code(),
         reason,
-        stats,
+        stats: control::FaultStats {
+            faults: stats.faults,
+            zero_faults: stats.zero_faults,
+            fetches: stats.fetches,
+            pages_fetched: stats.pages_fetched,
+            fetch_us: stats.fetch_us,
+        },
     };
     frame::write(&mut writer, &event)
         .await
