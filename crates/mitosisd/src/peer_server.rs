@@ -294,7 +294,9 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             request => {
-                let response = answer(request, &seed, daemon).unwrap_or_else(Response::Error);
+                let response = answer(request, &seed, daemon)
+                    .await
+                    .unwrap_or_else(Response::Error);
                 send(&mut stream, &frame::encode(&response)).await?;
             }
         }
@@ -369,7 +371,12 @@ fn check(
     Ok(seed)
 }
 
-fn answer(request: Request, seed: &Seed, daemon: &Daemon) -> Result<Response, RemoteError> {
+/// Reads of more pages than this go to a blocking thread: a fault's few pages are read in
+/// place (a thread hop would cost more than the read), a large prefetch must not hold up the
+/// runtime's other connections.
+const INLINE_READ_PAGES: u64 = 64;
+
+async fn answer(request: Request, seed: &Seed, daemon: &Daemon) -> Result<Response, RemoteError> {
     Ok(match request {
         Request::Attach => Response::Attached,
         Request::Descriptor => Response::Descriptor(seed.encoded.clone()),
@@ -383,8 +390,16 @@ fn answer(request: Request, seed: &Seed, daemon: &Daemon) -> Result<Response, Re
             if let Some(page) = touched {
                 seed.check_runs(&[(page & !4095, 1)])?;
             }
-            let bytes =
-                read_runs(&seed.memory, &runs).map_err(|e| RemoteError::SeedGone(e.to_string()))?;
+            let pages: u64 = runs.iter().map(|r| r.1 as u64).sum();
+            let bytes = if pages <= INLINE_READ_PAGES {
+                read_runs(&seed.memory, &runs)
+            } else {
+                let memory = seed.memory.clone();
+                tokio::task::spawn_blocking(move || read_runs(&memory, &runs))
+                    .await
+                    .map_err(|e| RemoteError::SeedGone(format!("reading task: {e}")))?
+            }
+            .map_err(|e| RemoteError::SeedGone(e.to_string()))?;
             if let Some(page) = touched {
                 seed.record(page);
             }
