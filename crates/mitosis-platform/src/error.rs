@@ -56,14 +56,25 @@ pub enum CallError {
 }
 
 impl CallError {
-    /// Whether the seed itself is lost (its host is gone, or dropped it): make it again.
+    /// Whether the seed itself is lost (its host dropped it, or lost its memory): make it
+    /// again.
     pub fn seed_lost(&self) -> bool {
         matches!(
             self,
             CallError::Daemon { err, .. } if matches!(
                 err.kind(),
-                Some(ErrorKind::NoSuchSeed | ErrorKind::SeedGone | ErrorKind::Unreachable)
+                Some(ErrorKind::NoSuchSeed | ErrorKind::SeedGone)
             )
+        )
+    }
+
+    /// Whether the child's host could not reach the seed's host. That alone does not mean
+    /// the seed is lost (a busy host answers late): only its host being down does. Dropping a
+    /// seed that still serves other calls' children would kill them.
+    pub fn seed_unreachable(&self) -> bool {
+        matches!(
+            self,
+            CallError::Daemon { err, .. } if err.kind() == Some(ErrorKind::Unreachable)
         )
     }
 

@@ -160,6 +160,16 @@ impl Platform {
                     seed = self.seeds.replace(f, &seed).await?;
                     last = Some(e);
                 }
+                Err(e) if e.seed_unreachable() => {
+                    // Made again only if its host is down: a host that answers late still
+                    // serves the seed to other calls' children.
+                    self.hosts.poll(seed.host).await;
+                    if !self.hosts.get(seed.host).is_up() {
+                        tracing::warn!(%call_id, function = %f.id, "seed's host down: {e}");
+                        seed = self.seeds.replace(f, &seed).await?;
+                    }
+                    last = Some(e);
+                }
                 Err(e) => return Err(e),
             }
         }
