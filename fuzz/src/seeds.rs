@@ -415,6 +415,7 @@ fn thread(tid: i32, name: &str) -> Thread {
                 flags: 2,
             }],
         },
+        timer_slack_ns: 50_000,
     }
 }
 
@@ -519,6 +520,9 @@ fn runtime_descriptor() -> Descriptor {
         threads,
         process: ProcessState {
             dumpable: 1,
+            thp_disabled: true,
+            personality: 0x0040000,
+            child_subreaper: true,
             sigactions: vec![
                 SigAction {
                     signal: 2,

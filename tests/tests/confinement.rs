@@ -44,6 +44,12 @@ fn a_child_on_another_host_is_exactly_as_confined_as_its_seed() {
         assert_eq!(field(&seed_says, who, "chroot"), "EXDEV");
     }
     assert_eq!(field(&seed_says, "main", "filters"), "2");
+    // Process flags a program can read back.
+    for flag in ["thp=1", "subreaper=1", "persona=0x40000"] {
+        assert!(seed_says.contains(flag), "{flag} in {seed_says}");
+    }
+    assert_eq!(field(&seed_says, "main", "slack"), "12345");
+    assert_eq!(field(&seed_says, "worker", "slack"), "23456");
     assert_eq!(field(&seed_says, "main", "mkdir"), "EPERM");
     assert_eq!(field(&seed_says, "worker", "filters"), "1");
     assert_eq!(field(&seed_says, "worker", "mkdir"), "ok");

@@ -11,7 +11,7 @@ use crate::{Backing, Descriptor, KernelObject, REGS_WORDS, SocketEnd};
 
 pub const MAGIC: &[u8; 4] = b"MTSD";
 /// Bumped whenever the payload's shape changes.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 pub const HEADER_LEN: usize = 16;
 /// Far above any real seed (~12 bytes per resident page), small enough to refuse garbage.
 pub const MAX_PAYLOAD: usize = 64 << 20;
@@ -283,6 +283,7 @@ mod tests {
                 altstack: None,
                 in_syscall: 0,
                 creds: crate::Credentials::default(),
+                timer_slack_ns: 50_000,
             }],
             process: crate::ProcessState::default(),
             mm: MmFields::default(),

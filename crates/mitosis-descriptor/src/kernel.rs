@@ -30,6 +30,8 @@ pub struct Thread {
     pub in_syscall: i64,
     /// Who the thread acts as and what it may do: the kernel keeps these per thread.
     pub creds: Credentials,
+    /// `prctl(PR_GET_TIMERSLACK)`, in nanoseconds.
+    pub timer_slack_ns: u64,
 }
 
 /// A thread's identity and confinement, which its counterpart in every child gets exactly:
@@ -96,6 +98,12 @@ pub struct ProcessState {
     pub umask: u32,
     /// `prctl(PR_GET_DUMPABLE)`: whether other processes of its user may trace it.
     pub dumpable: u8,
+    /// `prctl(PR_GET_THP_DISABLE)`: transparent huge pages turned off for the process.
+    pub thp_disabled: bool,
+    /// `personality(0xffffffff)`: the execution domain and its flags (ADDR_NO_RANDOMIZE...).
+    pub personality: u32,
+    /// `prctl(PR_GET_CHILD_SUBREAPER)`: orphaned descendants are reparented to it.
+    pub child_subreaper: bool,
 }
 
 pub const SIG_IGN: u64 = 1;

@@ -248,6 +248,7 @@ fn snapshot(pid: i32, dont_fork: &[(u64, u64)]) -> Result<Snapshot, PrepareError
     group.release();
     let Frozen {
         mut twin,
+        subreaper,
         seed_vm_pages,
         threads,
         fds,
@@ -257,7 +258,10 @@ fn snapshot(pid: i32, dont_fork: &[(u64, u64)]) -> Result<Snapshot, PrepareError
     let stopped_us = stop_start.elapsed().as_micros() as u64;
 
     let process = match capture::process::capture(pid, &mut twin, syscall_insn) {
-        Ok(p) => p,
+        Ok(p) => ProcessState {
+            child_subreaper: subreaper,
+            ..p
+        },
         Err(e) => {
             release_twin(twin, pid, syscall_insn);
             return Err(e);
@@ -325,6 +329,7 @@ fn lost_in_twin(snap: &Snapshot) -> bool {
 
 struct Frozen {
     twin: Tracee,
+    subreaper: bool,
     /// The seed's address-space size at the fork, in pages.
     seed_vm_pages: Option<u64>,
     threads: Vec<Thread>,
@@ -347,6 +352,7 @@ fn freeze(
     for t in &mut group.threads {
         captured.push(threads::capture(pid, t, &mem, insn)?);
     }
+    let subreaper = threads::child_subreaper(group.main(), &mem, insn)?;
     let pidfd = mitosis_sys::pidfd::open(pid).map_err(inject("opening a pidfd"))?;
     let fds = capture::fds::capture(pid, &pidfd);
     let seed = group.main();
@@ -396,6 +402,7 @@ fn freeze(
     }
     Ok(Frozen {
         twin,
+        subreaper,
         seed_vm_pages,
         threads: captured,
         fds,

@@ -73,6 +73,18 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
         )
         .map_err(inject("reading the dumpable flag"))?
         .ret;
+    let thp_disabled = twin
+        .syscall(
+            insn,
+            libc::SYS_prctl,
+            [libc::PR_GET_THP_DISABLE as u64, 0, 0, 0, 0, 0],
+        )
+        .map_err(inject("reading the THP flag"))?
+        .ret;
+    let personality = twin
+        .syscall(insn, libc::SYS_personality, [0xffff_ffff, 0, 0, 0, 0, 0])
+        .map_err(inject("reading the personality"))?
+        .ret;
     twin.set_regs(&saved)
         .map_err(inject("restoring registers"))?;
     if dumpable < 0 {
@@ -113,6 +125,10 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
         rlimits,
         umask,
         dumpable: dumpable as u8,
+        thp_disabled: thp_disabled == 1,
+        personality: personality.max(0) as u32,
+        // Read in the seed (fork does not pass it on): set by the caller.
+        child_subreaper: false,
     })
 }
 

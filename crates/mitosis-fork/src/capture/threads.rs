@@ -199,6 +199,13 @@ pub fn capture(
                 flags: flags as i32 & !libc::SS_ONSTACK,
             }))
         });
+    let timer_slack = t
+        .syscall(
+            insn,
+            libc::SYS_prctl,
+            [libc::PR_GET_TIMERSLACK as u64, 0, 0, 0, 0, 0],
+        )
+        .map_err(inject("reading the timer slack"));
     let creds = super::creds::capture(pid, t, insn);
     // Whatever the injections did, the thread goes back to where it was.
     t.set_regs(&resume_point(&regs, RestartFor::SameTask))
@@ -219,7 +226,37 @@ pub fn capture(
         altstack: altstack?,
         in_syscall: regs.orig_rax as i64,
         creds,
+        // A kernel that cannot say keeps the default.
+        timer_slack_ns: timer_slack?.ret.try_into().unwrap_or(50_000),
     })
+}
+
+/// Whether the process of stopped thread `t` is a child subreaper (process-wide, and not
+/// inherited by fork, so read in the seed itself); the answer lands below its red zone.
+pub fn child_subreaper(
+    t: &mut Tracee,
+    mem: &RemoteMemory,
+    insn: u64,
+) -> Result<bool, PrepareError> {
+    let tid = t.pid();
+    let inject = |source| PrepareError::Inject {
+        pid: tid,
+        what: "reading the child subreaper flag",
+        source,
+    };
+    let regs = t.regs().map_err(inject)?;
+    let scratch = (regs.rsp - SCRATCH_BELOW_SP) & !15;
+    let asked = t.syscall(
+        insn,
+        libc::SYS_prctl,
+        [libc::PR_GET_CHILD_SUBREAPER as u64, scratch, 0, 0, 0, 0],
+    );
+    t.set_regs(&resume_point(&regs, RestartFor::SameTask))
+        .map_err(inject)?;
+    if asked.map_err(inject)?.ret < 0 {
+        return Ok(false);
+    }
+    Ok(read_word(mem, scratch).map_err(inject)? as u32 != 0)
 }
 
 fn read_word(mem: &RemoteMemory, at: u64) -> std::io::Result<u64> {

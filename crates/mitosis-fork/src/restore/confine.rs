@@ -276,6 +276,7 @@ mod tests {
             altstack: None,
             in_syscall: -1,
             creds: Default::default(),
+            timer_slack_ns: 50_000,
         };
         t.creds.seccomp = filters
             .iter()

@@ -71,6 +71,22 @@ pub(crate) fn process_batch(state: &ProcessState, main: &Thread) -> Batch {
         &[(state.umask as u64).into()],
         format!("set umask {:o}", state.umask),
     );
+    // Both pass to forks: set once, in the replica.
+    if state.thp_disabled {
+        b.call(
+            libc::SYS_prctl,
+            &[(libc::PR_SET_THP_DISABLE as u64).into(), 1u64.into()],
+            "turn transparent huge pages off",
+        );
+    }
+    if state.personality != 0 {
+        b.call(
+            libc::SYS_personality,
+            &[(state.personality as u64).into()],
+            format!("set personality {:#x}", state.personality),
+        );
+    }
+    timer_slack_call(&mut b, main);
     // Always: without it the replica keeps the stub's alternate stack (Rust's runtime sets
     // one), long unmapped, and a handler with SA_ONSTACK would crash the child.
     let ss = match main.altstack {
@@ -90,6 +106,8 @@ pub(crate) fn process_batch(state: &ProcessState, main: &Thread) -> Batch {
 /// What a thread registers for itself: its robust futex list, rseq area and alternate stack.
 pub(crate) fn thread_batch(t: &Thread) -> Batch {
     let mut b = Batch::default();
+    // A new thread starts with its creator's slack: always set its own.
+    timer_slack_call(&mut b, t);
     robust_list_call(&mut b, t);
     if let Some(r) = t.rseq {
         b.call(
@@ -106,6 +124,17 @@ pub(crate) fn thread_batch(t: &Thread) -> Batch {
     altstack_call(&mut b, t);
     name_call(&mut b, t);
     b
+}
+
+fn timer_slack_call(b: &mut Batch, t: &Thread) {
+    b.call(
+        libc::SYS_prctl,
+        &[
+            (libc::PR_SET_TIMERSLACK as u64).into(),
+            t.timer_slack_ns.into(),
+        ],
+        format!("set the timer slack of thread {}", t.tid),
+    );
 }
 
 /// The thread's name (`comm`); the replica's main thread takes the seed's, and forks copy it.

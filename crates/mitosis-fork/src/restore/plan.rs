@@ -360,6 +360,7 @@ pub(crate) fn sample(maps: Vec<MapStep>, files: &[i32]) -> Plan {
             altstack: None,
             in_syscall: -1,
             creds: Default::default(),
+            timer_slack_ns: 50_000,
         }],
         process: Default::default(),
         objects: vec![],

@@ -420,6 +420,14 @@ fn child_batch(chan_fd: i32, plan: &Plan, files: &BTreeSet<i32>, listener: bool)
         );
     }
     kernel_state::robust_list_call(&mut b, &plan.threads[0]);
+    // Process-wide, but a fork does not pass it on.
+    if plan.process.child_subreaper {
+        b.call(
+            libc::SYS_prctl,
+            &[(libc::PR_SET_CHILD_SUBREAPER as u64).into(), 1u64.into()],
+            "become a child subreaper",
+        );
+    }
     kernel_state::object_calls(&mut b, &plan.objects, &open);
     b
 }
