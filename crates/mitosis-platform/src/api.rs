@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::error::ApiError;
+use crate::metrics::{self, CallLabels, FnLabels};
 use crate::model::{App, AppInput, Func, FuncInput, List};
 use crate::store::Insert;
 use crate::{Invoked, Platform};
@@ -37,6 +38,7 @@ pub fn router(platform: Arc<Platform>) -> Router {
         .route("/invoke/{fn_id}", post(invoke))
         .route("/function/{name}", post(invoke_by_name))
         .route("/mitosis/hosts", get(hosts))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("Path not found") })
         .with_state(platform)
 }
@@ -213,7 +215,37 @@ async fn invoke_by_name(
     }
 }
 
+/// Runs a call of `f`, counted and timed by its outcome.
 async fn call(
+    p: &Arc<Platform>,
+    f: &Func,
+    headers: &HeaderMap,
+    request: Body,
+) -> ApiResult<Response> {
+    let t0 = std::time::Instant::now();
+    let result = run_call(p, f, headers, request).await;
+    let status = match &result {
+        Ok(r) => r.status(),
+        Err(e) => e.status,
+    };
+    let m = &p.metrics;
+    m.calls
+        .get_or_create(&CallLabels {
+            fn_id: f.id.clone(),
+            fn_name: f.name.clone(),
+            outcome: metrics::outcome(status),
+        })
+        .inc();
+    m.call_seconds
+        .get_or_create(&FnLabels {
+            fn_id: f.id.clone(),
+            fn_name: f.name.clone(),
+        })
+        .observe(t0.elapsed().as_secs_f64());
+    result
+}
+
+async fn run_call(
     p: &Arc<Platform>,
     f: &Func,
     headers: &HeaderMap,
@@ -289,4 +321,12 @@ async fn hosts(State(p): Shared) -> ApiResult<Response> {
     Ok(ok(
         &json!({"policy": p.policy.name(), "hosts": hosts, "seeds": seeds}),
     ))
+}
+
+/// The platform's metrics, in OpenMetrics text.
+async fn metrics(State(p): Shared) -> Response {
+    match metrics::render(&p.registry) {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
