@@ -126,6 +126,20 @@ impl Api {
         f["id"].as_str().unwrap().to_owned()
     }
 
+    /// The platform's `/metrics`, parsed as Prometheus exposition.
+    fn metrics(&self) -> prometheus_parse::Scrape {
+        let reply = self.request("GET", "/metrics", b"");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert!(
+            reply.headers["content-type"].starts_with("application/openmetrics-text"),
+            "{:?}",
+            reply.headers
+        );
+        let text = reply.text();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("parses")
+    }
+
     /// The host serving `fn_id`'s seed, once it has one.
     fn seed_host(&self, fn_id: &str) -> String {
         let mut host = String::new();
@@ -178,6 +192,19 @@ impl Reply {
             serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()));
         v["message"].as_str().expect("a message").to_owned()
     }
+}
+
+/// The sum of the samples named `name` with all of `labels` (0 if none).
+fn metric(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus_parse::Value;
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(v)))
+        .map(|x| match x.value {
+            Value::Counter(n) | Value::Gauge(n) | Value::Untyped(n) => n,
+            ref other => panic!("{name}: {other:?}"),
+        })
+        .sum()
 }
 
 /// An answer line of a seed, without its `pid` (the one field that differs between
@@ -327,6 +354,31 @@ fn functions_run_on_every_host_from_one_seed_and_survive_a_dead_host() {
     assert_eq!(by_name.status, 200, "{}", by_name.text());
     assert_eq!(without_pid(&by_name.body), expected[0]);
 
+    // /metrics counts them: 23 answered, the 413 (calls of unknown functions name none).
+    let m = api.metrics();
+    let this = ("fn_id", fn_id.as_str());
+    let calls = |outcome| {
+        metric(
+            &m,
+            "mitosis_platform_calls_total",
+            &[this, ("outcome", outcome)],
+        )
+    };
+    assert_eq!(calls("ok"), 23.0);
+    assert_eq!(calls("4xx"), 1.0);
+    assert_eq!(calls("5xx"), 0.0);
+    assert_eq!(
+        metric(&m, "mitosis_platform_call_seconds_count", &[this]),
+        24.0
+    );
+    assert_eq!(metric(&m, "mitosis_platform_seeds_made_total", &[]), 1.0);
+    assert_eq!(
+        metric(&m, "mitosis_platform_seeds_replaced_total", &[]),
+        0.0
+    );
+    assert_eq!(metric(&m, "mitosis_platform_calls_in_flight", &[]), 0.0);
+    assert_eq!(metric(&m, "mitosis_platform_host_up", &[]), 3.0);
+
     // The seed's host dies: later calls succeed on the others, from a seed made again there.
     let dead: usize = seed_host.trim_start_matches('h').parse().unwrap();
     tb.host(dead).kill_daemon().unwrap();
@@ -349,6 +401,20 @@ fn functions_run_on_every_host_from_one_seed_and_survive_a_dead_host() {
     assert_ne!(
         new_seed_host, seed_host,
         "the seed was made again elsewhere"
+    );
+    let m = api.metrics();
+    assert_eq!(metric(&m, "mitosis_platform_seeds_made_total", &[]), 2.0);
+    assert_eq!(
+        metric(&m, "mitosis_platform_seeds_replaced_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "mitosis_platform_calls_total",
+            &[this, ("outcome", "ok")]
+        ),
+        29.0
     );
 
     // Deleting the app deletes its function.
@@ -447,6 +513,14 @@ fn calls_past_their_timeout_get_504_and_failures_502() {
     let hog = api.request("POST", &invoke, br#"{"alloc_mib": 512}"#);
     assert_eq!(hog.status, 502, "{}", hog.text());
     assert!(hog.message().contains("out of memory"), "{}", hog.message());
+
+    let m = api.metrics();
+    let calls = |outcome| metric(&m, "mitosis_platform_calls_total", &[("outcome", outcome)]);
+    assert_eq!(
+        (calls("ok"), calls("5xx")),
+        (1.0, 5.0),
+        "3 timeouts, a crash, a hog"
+    );
 
     // The function still answers, and the killed calls left no child running.
     let again = api.request("POST", &invoke, br#"{"again": true}"#);
