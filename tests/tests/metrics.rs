@@ -4,39 +4,8 @@
 
 mod common;
 
+use common::metrics::*;
 use common::*;
-use mitosis_testbed::Testbed;
-
-/// Where each daemon serves `/metrics`: its own namespace's loopback.
-const METRICS: &str = "127.0.0.1:9464";
-
-/// Host `host`'s metrics, parsed as Prometheus exposition.
-fn scrape(tb: &Testbed, host: usize) -> prometheus_parse::Scrape {
-    let out = tb
-        .host(host)
-        .command("curl")
-        .args(["-sSf", "--max-time", "10"])
-        .arg(format!("http://{METRICS}/metrics"))
-        .output()
-        .expect("curl runs");
-    assert!(out.status.success(), "curl: {}", stderr(&out));
-    let text = String::from_utf8(out.stdout).expect("UTF-8");
-    assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF:\n{text}");
-    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("parses")
-}
-
-/// The value of the first sample named `name` with all of `labels`; 0 when there is none
-/// (a labelled series appears with its first event).
-fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    use prometheus_parse::Value;
-    s.samples
-        .iter()
-        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(v)))
-        .map_or(0.0, |x| match x.value {
-            Value::Counter(n) | Value::Gauge(n) | Value::Untyped(n) => n,
-            ref other => panic!("{name}: {other:?}"),
-        })
-}
 
 #[test]
 fn a_resume_shows_in_the_daemons_metrics_cold_then_warm() {
@@ -46,7 +15,10 @@ fn a_resume_shows_in_the_daemons_metrics_cold_then_warm() {
     let seed = [("seed", id.as_str())];
 
     let before = scrape(&tb, 1);
-    assert_eq!(value(&before, "mitosisd_children_started_total", &seed), 0.0);
+    assert_eq!(
+        value(&before, "mitosisd_children_started_total", &seed),
+        0.0
+    );
     assert_eq!(value(&before, "mitosisd_replicas", &[]), 0.0);
 
     let ok = format!("ok 11 {MEMCHECK_DIGEST}\n");

@@ -467,7 +467,7 @@ os.write(1, json.dumps({'echo': req}).encode())\n";
 fn calls_past_their_timeout_get_504_and_failures_502() {
     let scratch = Scratch::new("platform");
     let bundle = tricks_bundle(&scratch);
-    let tb = testbed(3);
+    let tb = testbed_with(3, &["--metrics", common::metrics::METRICS]);
     let api = Api::start(&tb);
     let fn_id = api.deploy("tricks", "tricky", &bundle, 1);
     api.seed_host(&fn_id);
@@ -516,6 +516,14 @@ fn calls_past_their_timeout_get_504_and_failures_502() {
 
     let m = api.metrics();
     let calls = |outcome| metric(&m, "mitosis_platform_calls_total", &[("outcome", outcome)]);
+    // Each call took a container of the bundle's pool on its host.
+    let taken: f64 = (0..3)
+        .map(|h| {
+            let m = common::metrics::scrape(&tb, h);
+            metric(&m, "mitosisd_container_pool_taken_total", &[])
+        })
+        .sum();
+    assert_eq!(taken, 6.0, "one container per call so far");
     assert_eq!(
         (calls("ok"), calls("5xx")),
         (1.0, 5.0),

@@ -14,6 +14,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use mitosis_container::pool::PoolStats;
 use mitosis_descriptor::Handle;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -156,6 +157,33 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt:
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
+/// One value per bundle of the container pool.
+fn pool_family(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    is_counter: bool,
+    stats: &[PoolStats],
+    value: impl Fn(&PoolStats) -> u64,
+) -> std::fmt::Result {
+    let kind = if is_counter {
+        ConstCounter::new(0u64).metric_type()
+    } else {
+        ConstGauge::new(0i64).metric_type()
+    };
+    let mut m = e.encode_descriptor(name, help, None, kind)?;
+    for s in stats {
+        let labels = [("bundle", s.bundle.display().to_string())];
+        let me = m.encode_family(&labels)?;
+        if is_counter {
+            ConstCounter::new(value(s)).encode(me)?;
+        } else {
+            ConstGauge::new(value(s) as i64).encode(me)?;
+        }
+    }
+    Ok(())
+}
+
 impl Collector for StatusCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let d = &self.0;
@@ -211,49 +239,21 @@ impl Collector for StatusCollector {
         )?;
         if let Ok(containers) = d.containers() {
             let stats = containers.pool.stats();
-            let families: [(&str, &str, bool, fn(&_) -> u64); 4] = [
-                (
-                    "container_pool_ready",
-                    "Empty containers ready for children, by bundle",
-                    false,
-                    |s: &mitosis_container::pool::PoolStats| s.ready as u64,
-                ),
-                (
-                    "container_pool_made",
-                    "Containers made, by bundle",
-                    true,
-                    |s| s.made,
-                ),
-                (
-                    "container_pool_taken",
-                    "Containers children took, by bundle",
-                    true,
-                    |s| s.taken,
-                ),
-                (
-                    "container_pool_misses",
-                    "Takes that found the pool empty and made one on the spot, by bundle",
-                    true,
-                    |s| s.misses,
-                ),
-            ];
-            for (name, help, is_counter, value) in families {
-                let kind = if is_counter {
-                    ConstCounter::new(0u64).metric_type()
-                } else {
-                    ConstGauge::new(0i64).metric_type()
-                };
-                let mut m = e.encode_descriptor(name, help, None, kind)?;
-                for s in &stats {
-                    let labels = [("bundle", s.bundle.display().to_string())];
-                    let me = m.encode_family(&labels)?;
-                    if is_counter {
-                        ConstCounter::new(value(s)).encode(me)?;
-                    } else {
-                        ConstGauge::new(value(s) as i64).encode(me)?;
-                    }
-                }
-            }
+            let ready = |s: &PoolStats| s.ready as u64;
+            let help = "Empty containers ready for children, by bundle";
+            pool_family(&mut e, "container_pool_ready", help, false, &stats, ready)?;
+            let help = "Containers made, by bundle";
+            pool_family(&mut e, "container_pool_made", help, true, &stats, |s| {
+                s.made
+            })?;
+            let help = "Containers children took, by bundle";
+            pool_family(&mut e, "container_pool_taken", help, true, &stats, |s| {
+                s.taken
+            })?;
+            let help = "Takes that found the pool empty and made one on the spot, by bundle";
+            pool_family(&mut e, "container_pool_misses", help, true, &stats, |s| {
+                s.misses
+            })?;
         }
         Ok(())
     }
