@@ -501,6 +501,8 @@ fn calls_past_their_timeout_get_504_and_failures_502() {
     assert!(replies.iter().all(|r| r.status == 504), "{}", slow.text());
     assert!(took < Duration::from_secs(5), "the 504 took {took:?}");
     assert!(slow.message().contains("timed out"), "{}", slow.message());
+    // A failed call is named too, to find its log lines.
+    assert_eq!(slow.headers["fn-call-id"].len(), 26);
 
     let crash = api.request("POST", &invoke, br#"{"exit": 3}"#);
     assert_eq!(crash.status, 502, "{}", crash.text());

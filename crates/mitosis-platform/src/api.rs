@@ -223,11 +223,16 @@ async fn call(
     request: Body,
 ) -> ApiResult<Response> {
     let t0 = std::time::Instant::now();
-    let result = run_call(p, f, headers, request).await;
-    let status = match &result {
-        Ok(r) => r.status(),
-        Err(e) => e.status,
+    let call_id = crate::ids::ulid();
+    // A failed call's answer names it too, to find its log lines.
+    let mut response = match run_call(p, f, &call_id, headers, request).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
     };
+    if let Ok(v) = HeaderValue::from_str(&call_id) {
+        response.headers_mut().insert("Fn-Call-Id", v);
+    }
+    let status = response.status();
     let m = &p.metrics;
     m.calls
         .get_or_create(&CallLabels {
@@ -242,12 +247,13 @@ async fn call(
             fn_name: f.name.clone(),
         })
         .observe(t0.elapsed().as_secs_f64());
-    result
+    Ok(response)
 }
 
 async fn run_call(
     p: &Arc<Platform>,
     f: &Func,
+    call_id: &str,
     headers: &HeaderMap,
     request: Body,
 ) -> ApiResult<Response> {
@@ -273,18 +279,11 @@ async fn run_call(
             ApiError::bad_request(format!("reading the request: {e}"))
         }
     })?;
-    let Invoked {
-        call_id,
-        host,
-        answer,
-    } = p.invoke(f, input).await?;
+    let Invoked { host, answer, .. } = p.invoke_as(call_id.to_owned(), f, input).await?;
     let content_type = HeaderValue::from_static(content_type(&answer.output));
     let mut response = (StatusCode::OK, answer.output).into_response();
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, content_type);
-    if let Ok(v) = HeaderValue::from_str(&call_id) {
-        h.insert("Fn-Call-Id", v);
-    }
     if let Ok(v) = HeaderValue::from_str(&host) {
         h.insert("Mitosis-Host", v);
     }

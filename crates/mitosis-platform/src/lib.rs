@@ -129,7 +129,16 @@ impl Platform {
         f: &model::Func,
         input: axum::body::Bytes,
     ) -> Result<Invoked, CallError> {
-        let call_id = ids::ulid();
+        self.invoke_as(ids::ulid(), f, input).await
+    }
+
+    /// [`Platform::invoke`] as call `call_id` (the caller's, to answer it even on failure).
+    pub async fn invoke_as(
+        self: &Arc<Self>,
+        call_id: String,
+        f: &model::Func,
+        input: axum::body::Bytes,
+    ) -> Result<Invoked, CallError> {
         let span = tracing::info_span!("call", %call_id, function = %f.id);
         let result = self
             .attempts(f, input, call_id)
