@@ -126,6 +126,20 @@ impl Api {
         f["id"].as_str().unwrap().to_owned()
     }
 
+    /// The platform's `/metrics`, parsed as Prometheus exposition.
+    fn metrics(&self) -> prometheus_parse::Scrape {
+        let reply = self.request("GET", "/metrics", b"");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert!(
+            reply.headers["content-type"].starts_with("application/openmetrics-text"),
+            "{:?}",
+            reply.headers
+        );
+        let text = reply.text();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("parses")
+    }
+
     /// The host serving `fn_id`'s seed, once it has one.
     fn seed_host(&self, fn_id: &str) -> String {
         let mut host = String::new();
@@ -178,6 +192,19 @@ impl Reply {
             serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()));
         v["message"].as_str().expect("a message").to_owned()
     }
+}
+
+/// The sum of the samples named `name` with all of `labels` (0 if none).
+fn metric(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus_parse::Value;
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(v)))
+        .map(|x| match x.value {
+            Value::Counter(n) | Value::Gauge(n) | Value::Untyped(n) => n,
+            ref other => panic!("{name}: {other:?}"),
+        })
+        .sum()
 }
 
 /// An answer line of a seed, without its `pid` (the one field that differs between
@@ -327,6 +354,31 @@ fn functions_run_on_every_host_from_one_seed_and_survive_a_dead_host() {
     assert_eq!(by_name.status, 200, "{}", by_name.text());
     assert_eq!(without_pid(&by_name.body), expected[0]);
 
+    // /metrics counts them: 23 answered, the 413 (calls of unknown functions name none).
+    let m = api.metrics();
+    let this = ("fn_id", fn_id.as_str());
+    let calls = |outcome| {
+        metric(
+            &m,
+            "mitosis_platform_calls_total",
+            &[this, ("outcome", outcome)],
+        )
+    };
+    assert_eq!(calls("ok"), 23.0);
+    assert_eq!(calls("4xx"), 1.0);
+    assert_eq!(calls("5xx"), 0.0);
+    assert_eq!(
+        metric(&m, "mitosis_platform_call_seconds_count", &[this]),
+        24.0
+    );
+    assert_eq!(metric(&m, "mitosis_platform_seeds_made_total", &[]), 1.0);
+    assert_eq!(
+        metric(&m, "mitosis_platform_seeds_replaced_total", &[]),
+        0.0
+    );
+    assert_eq!(metric(&m, "mitosis_platform_calls_in_flight", &[]), 0.0);
+    assert_eq!(metric(&m, "mitosis_platform_host_up", &[]), 3.0);
+
     // The seed's host dies: later calls succeed on the others, from a seed made again there.
     let dead: usize = seed_host.trim_start_matches('h').parse().unwrap();
     tb.host(dead).kill_daemon().unwrap();
@@ -349,6 +401,20 @@ fn functions_run_on_every_host_from_one_seed_and_survive_a_dead_host() {
     assert_ne!(
         new_seed_host, seed_host,
         "the seed was made again elsewhere"
+    );
+    let m = api.metrics();
+    assert_eq!(metric(&m, "mitosis_platform_seeds_made_total", &[]), 2.0);
+    assert_eq!(
+        metric(&m, "mitosis_platform_seeds_replaced_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "mitosis_platform_calls_total",
+            &[this, ("outcome", "ok")]
+        ),
+        29.0
     );
 
     // Deleting the app deletes its function.
@@ -401,7 +467,7 @@ os.write(1, json.dumps({'echo': req}).encode())\n";
 fn calls_past_their_timeout_get_504_and_failures_502() {
     let scratch = Scratch::new("platform");
     let bundle = tricks_bundle(&scratch);
-    let tb = testbed(3);
+    let tb = testbed_with(3, &["--metrics", common::metrics::METRICS]);
     let api = Api::start(&tb);
     let fn_id = api.deploy("tricks", "tricky", &bundle, 1);
     api.seed_host(&fn_id);
@@ -435,6 +501,8 @@ fn calls_past_their_timeout_get_504_and_failures_502() {
     assert!(replies.iter().all(|r| r.status == 504), "{}", slow.text());
     assert!(took < Duration::from_secs(5), "the 504 took {took:?}");
     assert!(slow.message().contains("timed out"), "{}", slow.message());
+    // A failed call is named too, to find its log lines.
+    assert_eq!(slow.headers["fn-call-id"].len(), 26);
 
     let crash = api.request("POST", &invoke, br#"{"exit": 3}"#);
     assert_eq!(crash.status, 502, "{}", crash.text());
@@ -447,6 +515,22 @@ fn calls_past_their_timeout_get_504_and_failures_502() {
     let hog = api.request("POST", &invoke, br#"{"alloc_mib": 512}"#);
     assert_eq!(hog.status, 502, "{}", hog.text());
     assert!(hog.message().contains("out of memory"), "{}", hog.message());
+
+    let m = api.metrics();
+    let calls = |outcome| metric(&m, "mitosis_platform_calls_total", &[("outcome", outcome)]);
+    // Each call took a container of the bundle's pool on its host.
+    let taken: f64 = (0..3)
+        .map(|h| {
+            let m = common::metrics::scrape(&tb, h);
+            metric(&m, "mitosisd_container_pool_taken_total", &[])
+        })
+        .sum();
+    assert_eq!(taken, 6.0, "one container per call so far");
+    assert_eq!(
+        (calls("ok"), calls("5xx")),
+        (1.0, 5.0),
+        "3 timeouts, a crash, a hog"
+    );
 
     // The function still answers, and the killed calls left no child running.
     let again = api.request("POST", &invoke, br#"{"again": true}"#);

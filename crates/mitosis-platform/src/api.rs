@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::error::ApiError;
+use crate::metrics::{self, CallLabels, FnLabels};
 use crate::model::{App, AppInput, Func, FuncInput, List};
 use crate::store::Insert;
 use crate::{Invoked, Platform};
@@ -37,6 +38,7 @@ pub fn router(platform: Arc<Platform>) -> Router {
         .route("/invoke/{fn_id}", post(invoke))
         .route("/function/{name}", post(invoke_by_name))
         .route("/mitosis/hosts", get(hosts))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("Path not found") })
         .with_state(platform)
 }
@@ -213,9 +215,45 @@ async fn invoke_by_name(
     }
 }
 
+/// Runs a call of `f`, counted and timed by its outcome.
 async fn call(
     p: &Arc<Platform>,
     f: &Func,
+    headers: &HeaderMap,
+    request: Body,
+) -> ApiResult<Response> {
+    let t0 = std::time::Instant::now();
+    let call_id = crate::ids::ulid();
+    // A failed call's answer names it too, to find its log lines.
+    let mut response = match run_call(p, f, &call_id, headers, request).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&call_id) {
+        response.headers_mut().insert("Fn-Call-Id", v);
+    }
+    let status = response.status();
+    let m = &p.metrics;
+    m.calls
+        .get_or_create(&CallLabels {
+            fn_id: f.id.clone(),
+            fn_name: f.name.clone(),
+            outcome: metrics::outcome(status),
+        })
+        .inc();
+    m.call_seconds
+        .get_or_create(&FnLabels {
+            fn_id: f.id.clone(),
+            fn_name: f.name.clone(),
+        })
+        .observe(t0.elapsed().as_secs_f64());
+    Ok(response)
+}
+
+async fn run_call(
+    p: &Arc<Platform>,
+    f: &Func,
+    call_id: &str,
     headers: &HeaderMap,
     request: Body,
 ) -> ApiResult<Response> {
@@ -241,18 +279,11 @@ async fn call(
             ApiError::bad_request(format!("reading the request: {e}"))
         }
     })?;
-    let Invoked {
-        call_id,
-        host,
-        answer,
-    } = p.invoke(f, input).await?;
+    let Invoked { host, answer, .. } = p.invoke_as(call_id.to_owned(), f, input).await?;
     let content_type = HeaderValue::from_static(content_type(&answer.output));
     let mut response = (StatusCode::OK, answer.output).into_response();
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, content_type);
-    if let Ok(v) = HeaderValue::from_str(&call_id) {
-        h.insert("Fn-Call-Id", v);
-    }
     if let Ok(v) = HeaderValue::from_str(&host) {
         h.insert("Mitosis-Host", v);
     }
@@ -289,4 +320,12 @@ async fn hosts(State(p): Shared) -> ApiResult<Response> {
     Ok(ok(
         &json!({"policy": p.policy.name(), "hosts": hosts, "seeds": seeds}),
     ))
+}
+
+/// The platform's metrics, in OpenMetrics text.
+async fn metrics(State(p): Shared) -> Response {
+    match metrics::render(&p.registry) {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }

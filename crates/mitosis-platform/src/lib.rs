@@ -9,6 +9,7 @@
 //! - [`policy`]: where seeds live and where each call runs, behind a trait.
 //! - [`seeds`]: one seed per function, made again elsewhere when its host is gone.
 //! - [`invoke`]: one call: a child resumed through a host's daemon, stdin/stdout on pipes.
+//! - [`metrics`]: `GET /metrics` for Prometheus.
 //! - [`Platform`]: all of it together.
 
 pub mod api;
@@ -16,6 +17,7 @@ mod error;
 pub mod hosts;
 pub mod ids;
 pub mod invoke;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod seeds;
@@ -23,6 +25,8 @@ pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use tracing::Instrument;
 
 pub use error::{ApiError, CallError, StoreError};
 pub use hosts::{HostSpec, Hosts};
@@ -59,6 +63,9 @@ pub struct Platform {
     pub hosts: Arc<Hosts>,
     pub seeds: Arc<seeds::Seeds>,
     pub policy: Arc<dyn Policy>,
+    pub metrics: metrics::Metrics,
+    /// What `GET /metrics` renders: `metrics` and the hosts' calls in flight.
+    pub registry: prometheus_client::registry::Registry,
 }
 
 impl Platform {
@@ -76,17 +83,21 @@ impl Platform {
     ) -> Arc<Self> {
         let hosts = Hosts::new(hosts);
         hosts.clone().start_polling(config.poll_interval);
+        let metrics = metrics::Metrics::default();
         let seeds = Arc::new(seeds::Seeds::new(
             hosts.clone(),
             policy.clone(),
             config.seed_ready_timeout,
+            metrics.clone(),
         ));
         Arc::new(Platform {
             config,
             store,
+            registry: metrics.registry(hosts.clone()),
             hosts,
             seeds,
             policy,
+            metrics,
         })
     }
 
@@ -112,12 +123,39 @@ impl Platform {
     /// Runs one call of `f` with `input` on its stdin, where the policy places it. A host
     /// whose daemon fails the resume is skipped, and a seed its daemon says is gone is made
     /// again (elsewhere) and the call tried once more: the child never ran in those cases.
+    /// Every log line of the call carries its id and function (a span).
     pub async fn invoke(
         self: &Arc<Self>,
         f: &model::Func,
         input: axum::body::Bytes,
     ) -> Result<Invoked, CallError> {
-        let call_id = ids::ulid();
+        self.invoke_as(ids::ulid(), f, input).await
+    }
+
+    /// [`Platform::invoke`] as call `call_id` (the caller's, to answer it even on failure).
+    pub async fn invoke_as(
+        self: &Arc<Self>,
+        call_id: String,
+        f: &model::Func,
+        input: axum::body::Bytes,
+    ) -> Result<Invoked, CallError> {
+        let span = tracing::info_span!("call", %call_id, function = %f.id);
+        let result = self
+            .attempts(f, input, call_id)
+            .instrument(span.clone())
+            .await;
+        if let Err(e) = &result {
+            span.in_scope(|| tracing::info!("call failed: {e}"));
+        }
+        result
+    }
+
+    async fn attempts(
+        self: &Arc<Self>,
+        f: &model::Func,
+        input: axum::body::Bytes,
+        call_id: String,
+    ) -> Result<Invoked, CallError> {
         let mut seed = self.seeds.get(f).await?;
         let mut excluded = Vec::new();
         let mut last = None;
@@ -141,7 +179,7 @@ impl Platform {
             };
             match invoke::run(call).await {
                 Ok(answer) => {
-                    tracing::debug!(%call_id, host = %spec.name, elapsed = ?answer.elapsed, "call done");
+                    tracing::debug!(host = %spec.name, elapsed = ?answer.elapsed, "call done");
                     return Ok(Invoked {
                         call_id,
                         host: spec.name,
@@ -154,7 +192,7 @@ impl Platform {
                     last = Some(e);
                 }
                 Err(e) if e.seed_lost() => {
-                    tracing::warn!(%call_id, function = %f.id, "seed lost: {e}");
+                    tracing::warn!("seed lost: {e}");
                     // Its host may be gone with it: poll it now rather than at the next tick.
                     self.hosts.poll(seed.host).await;
                     seed = self.seeds.replace(f, &seed).await?;
@@ -165,7 +203,7 @@ impl Platform {
                     // serves the seed to other calls' children.
                     self.hosts.poll(seed.host).await;
                     if !self.hosts.get(seed.host).is_up() {
-                        tracing::warn!(%call_id, function = %f.id, "seed's host down: {e}");
+                        tracing::warn!("seed's host down: {e}");
                         seed = self.seeds.replace(f, &seed).await?;
                     }
                     last = Some(e);

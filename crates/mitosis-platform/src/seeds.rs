@@ -16,6 +16,7 @@ use mitosis_descriptor::Handle;
 
 use crate::error::CallError;
 use crate::hosts::Hosts;
+use crate::metrics::Metrics;
 use crate::model::Func;
 use crate::policy::Policy;
 
@@ -61,11 +62,18 @@ pub struct Seeds {
     policy: Arc<dyn Policy>,
     ready_timeout: Duration,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    metrics: Metrics,
 }
 
 impl Seeds {
-    pub fn new(hosts: Arc<Hosts>, policy: Arc<dyn Policy>, ready_timeout: Duration) -> Self {
+    pub fn new(
+        hosts: Arc<Hosts>,
+        policy: Arc<dyn Policy>,
+        ready_timeout: Duration,
+        metrics: Metrics,
+    ) -> Self {
         Seeds {
+            metrics,
             hosts,
             policy,
             ready_timeout,
@@ -112,6 +120,7 @@ impl Seeds {
         let old = slot.current().take();
         if let Some(old) = old {
             tracing::info!(function = %f.id, ?old, "replacing the seed");
+            self.metrics.seeds_replaced.inc();
             self.drop_in_background(old);
         }
         let seed = self.make(f, lost.map(|s| s.host)).await?;
@@ -169,6 +178,7 @@ impl Seeds {
                         seed_addr: parsed.host.to_string(),
                     };
                     tracing::info!(function = %f.id, host = %name, ?seed, elapsed = ?t0.elapsed(), "seed ready");
+                    self.metrics.seeds_made.inc();
                     return Ok(seed);
                 }
                 Err(err) => {

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod containers;
 pub mod control;
 pub mod errors;
+pub mod metrics;
 pub mod peer_server;
 pub mod peer_source;
 pub mod registry;
@@ -35,6 +36,8 @@ pub struct Daemon {
     pub pool: Arc<PeerPool>,
     pub cache: cache::HostCache,
     pub counters: Counters,
+    /// What `/metrics` adds to the counters (per seed, latencies).
+    pub metrics: metrics::Metrics,
     /// Seeds from bundles and the containers children join; an error if this host can't.
     pub containers: Result<containers::Containers, String>,
     /// How this host's seeds' bootstrap pages are packed.

@@ -71,6 +71,10 @@ struct Args {
     /// The CA (PEM) every peer's certificate must chain to, as client and as server.
     #[arg(long, value_name = "PEM")]
     tls_ca: Option<PathBuf>,
+    /// Serve `GET /metrics` (OpenMetrics text, for Prometheus) on this address. Off by
+    /// default; nothing on it needs a key, so keep it on a management network.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 /// Makes sure the socket's directory is the daemon's alone: created 0700 (whatever the
@@ -166,6 +170,14 @@ async fn run(args: Args, tls: Option<Tls>) -> Result<()> {
     let tcp = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
+    let metrics = match args.metrics {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let _ = std::fs::remove_file(&args.socket);
     let unix = UnixListener::bind(&args.socket)
         .with_context(|| format!("binding {}", args.socket.display()))?;
@@ -200,6 +212,7 @@ async fn run(args: Args, tls: Option<Tls>) -> Result<()> {
         pool: Arc::new(PeerPool::new(args.pool_size, REQUEST_TIMEOUT).with_tls(tls.as_ref())),
         cache: HostCache::new(args.cache_mib * 256),
         counters: Counters::default(),
+        metrics: Default::default(),
         containers,
         bootstrap_codec: args.bootstrap_codec,
         tls,
@@ -213,6 +226,10 @@ async fn run(args: Args, tls: Option<Tls>) -> Result<()> {
     );
     tokio::spawn(peer_server::serve(tcp, daemon.clone()));
     tokio::spawn(control::serve(unix, daemon.clone()));
+    if let Some(listener) = metrics {
+        tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
+        tokio::spawn(mitosisd::metrics::serve(listener, daemon.clone()));
+    }
     tokio::spawn(mitosisd::sweep_cache(
         daemon.clone(),
         Duration::from_secs(2),

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::Daemon;
 use crate::cache::SeedKey;
 use crate::errors::{Kind, ResumeFailed};
+use crate::metrics::{HostLabels, SeedLabels};
 use crate::peer_source::{LocalSource, PeerSource, Source};
 use crate::replica::{self, Entry, Forked};
 
@@ -32,9 +33,15 @@ pub async fn run(
     fds: Vec<OwnedFd>,
 ) -> io::Result<()> {
     let (mut reader, mut writer) = stream.into_split();
+    // A handle that does not parse names no seed: its failure is counted nowhere.
+    let labels = handle.parse::<Handle>().ok().map(|h| SeedLabels::of(&h));
+    let metrics = &daemon.metrics;
     let (entry, child, stats) = match start(&daemon, &handle, fds).await {
         Ok(started) => started,
         Err(e) => {
+            if let Some(labels) = &labels {
+                metrics.children_failed.get_or_create(labels).inc();
+            }
             tracing::info!("resume failed: {e}");
             return frame::write(&mut writer, &e.to_event())
                 .await
@@ -47,6 +54,16 @@ pub async fn run(
     counters.children_started.fetch_add(1, Ordering::Relaxed);
     counters.children_running.fetch_add(1, Ordering::Relaxed);
     entry.children.fetch_add(1, Ordering::Relaxed);
+    let labels = SeedLabels {
+        seed: entry.key.id,
+        seed_host: entry.key.host.to_string(),
+    };
+    metrics.children_started.get_or_create(&labels).inc();
+    metrics.children_running.get_or_create(&labels).inc();
+    metrics
+        .resume_seconds
+        .get_or_create(&HostLabels::of(stats.cached))
+        .observe(stats.total_us as f64 / 1e6);
     let _ = frame::write(&mut writer, &Event::Started { pid, stats }).await;
 
     let fault_stats = Arc::new(Mutex::new(FaultStats::default()));
@@ -125,9 +142,15 @@ pub async fn run(
     }
     counters.children_running.fetch_sub(1, Ordering::Relaxed);
     entry.children.fetch_sub(1, Ordering::Relaxed);
+    metrics.children_running.get_or_create(&labels).dec();
+    if reason.is_some() {
+        metrics.children_failed.get_or_create(&labels).inc();
+    }
     // The child's faults grew the replica: make room for it among the others.
     daemon.cache.evict_over_budget(entry.key);
     let stats = *fault_stats.lock().expect("stats");
+    metrics.child_faults.inc_by(stats.faults);
+    metrics.child_pages_fetched.inc_by(stats.pages_fetched);
     let event = Event::Exited {
         status: status.shell_code(),
         reason,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use mitosis_testbed::{DaemonConfig, Testbed, TestbedConfig};
 
 pub mod capture;
+pub mod metrics;
 pub mod procfs;
 pub mod resumed;
 
