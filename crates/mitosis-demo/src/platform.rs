@@ -199,6 +199,10 @@ fn demo(args: &DemoArgs, bundle: &Bundle, testbed: &Testbed) -> Result<i32> {
                         let ok = call.check(&expected[which]);
                         (call, ok)
                     });
+                    // Calls cut short by Ctrl-C (it reaches the daemons too) are not failures.
+                    if outcome.is_err() && STOP.load(Ordering::SeqCst) {
+                        break;
+                    }
                     let line = match &outcome {
                         Ok((call, ok)) => format!(
                             "  {:>4}  {c:>6}  {:<10}  {:<5}  {:>10}  {}",
