@@ -1,6 +1,7 @@
-//! The demo: remote-fork a warmed Python function across two simulated hosts.
+//! The primitive demo (`--primitive`): remote-fork a warmed Python function across two
+//! simulated hosts through the `mitosis` CLI.
 //!
-//! The demo builds a two-host testbed (network namespaces with a mitosisd each), starts
+//! It builds a two-host testbed (network namespaces with a mitosisd each), starts
 //! `examples/python/seed_fn.py` on host 0, waits until it has imported numpy and built its warm
 //! state, prepares it as a seed, and resumes children of it on host 1, one request each. Every
 //! answer is checked against a cold `seed_fn.py --once` run of the same request, and the remote
@@ -22,15 +23,31 @@ const PYTHON: &str = "python3";
 #[derive(clap::Parser)]
 #[command(
     version,
-    about = "Remote-fork a warmed Python function across two simulated hosts and report timings (as root)."
+    about = "Deploy a Python function on mitosis-platform over simulated hosts, call it from concurrent clients and report where each call ran and how long it took (as root)."
 )]
 pub struct DemoArgs {
-    /// Children to resume on the second host.
+    /// Calls through the platform's API (after the first), spread over the clients.
+    #[arg(long, default_value_t = 40)]
+    pub calls: usize,
+    /// Concurrent client threads.
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Simulated hosts under the platform.
+    #[arg(long, default_value_t = 3)]
+    pub hosts: usize,
+    /// Cold starts of the function (distinct requests: the expected answers, and the baseline).
+    #[arg(long, default_value_t = 5)]
+    pub cold: usize,
+    /// Instead: the remote-fork primitive through the `mitosis` CLI, across two hosts.
+    #[arg(long)]
+    pub primitive: bool,
+    /// Children to resume on the second host (with --primitive).
     #[arg(long, default_value_t = 20)]
-    children: usize,
-    /// The OCI bundle of the containerized part (made by scripts/setup.sh); skipped if absent.
+    pub children: usize,
+    /// The function's OCI bundle (made by scripts/setup.sh); with --primitive, the
+    /// containerized part is skipped if it is absent.
     #[arg(long, default_value = "/var/lib/mitosis/bundles/python")]
-    bundle: PathBuf,
+    pub bundle: PathBuf,
 }
 
 pub fn run(args: DemoArgs) -> Result<i32> {
@@ -288,7 +305,7 @@ pub(crate) fn drop_seed(exe: &Path, host: &Host, handle: &str) {
 }
 
 /// `name` next to `exe`, which must exist.
-fn sibling(exe: &Path, name: &str) -> Result<PathBuf> {
+pub(crate) fn sibling(exe: &Path, name: &str) -> Result<PathBuf> {
     let path = exe.with_file_name(name);
     anyhow::ensure!(
         path.is_file(),

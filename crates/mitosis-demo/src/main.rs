@@ -1,9 +1,11 @@
-//! `mitosis-demo`: remote-fork a warmed Python function across two simulated hosts (network
-//! namespaces with a daemon each), through the `mitosis` CLI beside it, and report timings.
-//! Needs root (network namespaces, ptrace, userfaultfd).
+//! `mitosis-demo`: a Python function deployed on mitosis-platform over simulated hosts
+//! (network namespaces with a daemon each) and called by concurrent clients through Fn's API;
+//! `--primitive`: the remote fork itself through the `mitosis` CLI across two hosts. Needs root
+//! (network namespaces, ptrace, userfaultfd).
 
 mod demo;
 mod demo_bundle;
+mod platform;
 
 use clap::Parser;
 
@@ -16,7 +18,12 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = demo::DemoArgs::parse();
-    match demo::run(args) {
+    let result = if args.primitive {
+        demo::run(args)
+    } else {
+        platform::run(&args)
+    };
+    match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("mitosis-demo: {e:#}");
