@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use mitosis_platform::store::Store;
-use mitosis_platform::{Config, HostSpec, Platform};
+use mitosis_platform::{Config, HostSpec};
 use mitosis_testbed::Testbed;
 use serde_json::{Value, json};
 
@@ -26,8 +25,7 @@ const MAX_BODY: usize = 64 << 10;
 /// dropped) on drop, before the testbed it uses goes.
 struct Api {
     addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _served: mitosis_platform::background::Background,
 }
 
 impl Api {
@@ -40,35 +38,15 @@ impl Api {
                 socket: h.socket_path().to_owned(),
             })
             .collect();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().expect("runtime");
-            runtime.block_on(async move {
-                let config = Config {
-                    max_body: MAX_BODY,
-                    ..Config::default()
-                };
-                let platform = Platform::new(config, Store::in_memory().unwrap(), hosts);
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                axum::serve(listener, mitosis_platform::api::router(platform.clone()))
-                    .with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    })
-                    .await
-                    .unwrap();
-                platform.shutdown().await;
-            });
-            runtime.shutdown_timeout(Duration::from_secs(2));
-        });
-        let addr = addr_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the API listens");
+        let config = Config {
+            max_body: MAX_BODY,
+            ..Config::default()
+        };
+        let served =
+            mitosis_platform::background::Background::start(config, hosts).expect("the API starts");
         Api {
-            addr,
-            stop: Some(stop),
-            thread: Some(thread),
+            addr: served.addr,
+            _served: served,
         }
     }
 
@@ -161,17 +139,6 @@ impl Api {
         });
         assert!(found, "no seed for {fn_id} within 60 s");
         host
-    }
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

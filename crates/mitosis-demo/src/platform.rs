@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mitosis_container::Bundle;
-use mitosis_platform::store::Store;
-use mitosis_platform::{Config, HostSpec, Platform};
+use mitosis_platform::{Config, HostSpec};
 use mitosis_testbed::lines::run_timed;
 use mitosis_testbed::{DaemonConfig, Testbed, TestbedConfig};
 use serde_json::{Value, json};
@@ -358,8 +357,7 @@ fn client() -> ureq::Agent {
 /// before the testbed goes.
 struct Api {
     addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _served: mitosis_platform::background::Background,
 }
 
 impl Api {
@@ -372,34 +370,11 @@ impl Api {
                 socket: h.socket_path().to_owned(),
             })
             .collect();
-        let store = Store::in_memory()?;
-        let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .context("listening on loopback")?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            runtime.block_on(async move {
-                let platform = Platform::new(Config::default(), store, hosts);
-                let served = axum::serve(listener, mitosis_platform::api::router(platform.clone()))
-                    .with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    })
-                    .await;
-                if let Err(e) = served {
-                    eprintln!("mitosis demo: the API stopped: {e}");
-                }
-                platform.shutdown().await;
-            });
-            // Calls still running hold blocking threads; their children end with their
-            // connections.
-            runtime.shutdown_timeout(Duration::from_secs(2));
-        });
+        let served = mitosis_platform::background::Background::start(Config::default(), hosts)
+            .context("starting the platform")?;
         Ok(Api {
-            addr,
-            stop: Some(stop),
-            thread: Some(thread),
+            addr: served.addr,
+            _served: served,
         })
     }
 
@@ -445,17 +420,6 @@ impl Api {
             .find(|s| s["fn_id"] == fn_id)?["seed_host"]
             .as_str()
             .map(str::to_owned)
-    }
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -13,6 +13,7 @@
 //! - [`Platform`]: all of it together.
 
 pub mod api;
+pub mod background;
 mod error;
 pub mod hosts;
 pub mod ids;

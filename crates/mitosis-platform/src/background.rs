@@ -1,0 +1,59 @@
+//! The platform served from a thread of its own, on a loopback port: for programs that
+//! drive it in-process (the demo, tests). Stopping it drops its seeds.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::store::Store;
+use crate::{Config, HostSpec, Platform};
+
+/// A running platform; stopped on drop.
+pub struct Background {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Background {
+    /// Serves `hosts` on a free loopback port with `config` and an in-memory store.
+    pub fn start(config: Config, hosts: Vec<HostSpec>) -> std::io::Result<Background> {
+        let store = Store::in_memory().map_err(std::io::Error::other)?;
+        let runtime = tokio::runtime::Runtime::new()?;
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let platform = Platform::new(config, store, hosts);
+                let served = axum::serve(listener, crate::api::router(platform.clone()))
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::warn!("the API stopped: {e}");
+                }
+                platform.shutdown().await;
+            });
+            // Calls still running hold blocking threads; their children end with their
+            // connections.
+            runtime.shutdown_timeout(Duration::from_secs(2));
+        });
+        Ok(Background {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
