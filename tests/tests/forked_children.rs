@@ -26,23 +26,6 @@ fn prepared_forker(tb: &mitosis_testbed::Testbed) -> (Seed, String, String) {
     (seed, sum, handle)
 }
 
-/// Descriptors of `host`'s daemon, less its TCP connections (its pooled connections to peers
-/// come and go).
-fn daemon_fds(tb: &mitosis_testbed::Testbed, host: usize) -> usize {
-    let pid = tb.host(host).daemon_pid().expect("the daemon runs");
-    let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap();
-    let tcp: Vec<String> = tcp
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().nth(9).map(|i| format!("socket:[{i}]")))
-        .collect();
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|target| !tcp.iter().any(|i| target.as_os_str() == i.as_str()))
-        .count()
-}
-
 #[test]
 fn a_childs_own_children_read_the_seeds_memory_as_the_seed_does() {
     let tb = testbed(2);

@@ -51,20 +51,7 @@ fn one_seed_serves_many_children_and_runs_on() {
     let (_dir, mut seed, handle) = prepared_memcheck(&tb, "many");
     // Descriptors of host 1's daemon, less its TCP connections: the peer connection pool
     // grows with concurrency up to its bound, which is no leak.
-    let daemon_fds = || {
-        let pid = tb.host(1).daemon_pid().unwrap();
-        let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap();
-        let tcp_inodes: Vec<String> = tcp
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_whitespace().nth(9).map(|i| format!("socket:[{i}]")))
-            .collect();
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .unwrap()
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .filter(|target| !tcp_inodes.iter().any(|i| target.as_os_str() == i.as_str()))
-            .count()
-    };
+    let daemon_fds = || daemon_fds(&tb, 1);
     let run_batch = || {
         std::thread::scope(|s| {
             let runs: Vec<_> = (0..6)
