@@ -17,6 +17,32 @@ use mitosis_testbed::lines::run_timed;
 
 use crate::demo::{check, drop_seed, ms, percentile, remote_child, short, stat};
 
+/// The bundle's function started cold in its rootfs on `host` (chroot, its environment, one
+/// request with `--once`): how long it took and its answer.
+pub(crate) fn cold_start(
+    host: &Host,
+    bundle: &Bundle,
+    request: &str,
+) -> Result<(Duration, String)> {
+    let mut cmd = host.command("chroot");
+    cmd.arg(&bundle.rootfs)
+        .arg("env")
+        .arg("-i")
+        .args(&bundle.env)
+        .args(&bundle.args)
+        .arg("--once")
+        .current_dir("/");
+    let run = run_timed(cmd, request)?;
+    if run.status != 0 || run.answer.is_empty() {
+        bail!(
+            "a cold start in the rootfs failed ({}):\n{}",
+            run.status,
+            run.stderr
+        );
+    }
+    Ok((run.latency, run.answer))
+}
+
 pub fn run(exe: &Path, dir: &Path, src: &Host, dst: &Host, n: usize) -> Result<i32> {
     let bundle = Bundle::load(dir).with_context(|| format!("loading {}", dir.display()))?;
     println!();
@@ -33,24 +59,9 @@ pub fn run(exe: &Path, dir: &Path, src: &Host, dst: &Host, n: usize) -> Result<i
     let mut cold = Vec::new();
     let mut expected = Vec::new();
     for request in &requests[..cold_runs] {
-        let mut cmd = dst.command("chroot");
-        cmd.arg(&bundle.rootfs)
-            .arg("env")
-            .arg("-i")
-            .args(&bundle.env)
-            .args(&bundle.args)
-            .arg("--once")
-            .current_dir("/");
-        let run = run_timed(cmd, request)?;
-        if run.status != 0 || run.answer.is_empty() {
-            bail!(
-                "a cold start in the rootfs failed ({}):\n{}",
-                run.status,
-                run.stderr
-            );
-        }
-        cold.push(run.latency);
-        expected.push(run.answer);
+        let (latency, answer) = cold_start(dst, &bundle, request)?;
+        cold.push(latency);
+        expected.push(answer);
     }
 
     let t = Instant::now();

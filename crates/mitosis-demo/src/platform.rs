@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use mitosis_container::Bundle;
 use mitosis_platform::{Config, HostSpec};
-use mitosis_testbed::lines::run_timed;
 use mitosis_testbed::{DaemonConfig, Testbed, TestbedConfig};
 use serde_json::{Value, json};
 
@@ -117,24 +116,9 @@ fn demo(args: &DemoArgs, bundle: &Bundle, testbed: &Testbed) -> Result<i32> {
     let mut expected = Vec::new();
     for request in &requests {
         stopping()?;
-        let mut cmd = testbed.host(0).command("chroot");
-        cmd.arg(&bundle.rootfs)
-            .arg("env")
-            .arg("-i")
-            .args(&bundle.env)
-            .args(&bundle.args)
-            .arg("--once")
-            .current_dir("/");
-        let run = run_timed(cmd, request)?;
-        if run.status != 0 || run.answer.is_empty() {
-            bail!(
-                "a cold start in the rootfs failed ({}):\n{}",
-                run.status,
-                run.stderr
-            );
-        }
-        cold.push(run.latency);
-        expected.push(without_pid(&run.answer)?);
+        let (latency, answer) = crate::demo_bundle::cold_start(testbed.host(0), &bundle, request)?;
+        cold.push(latency);
+        expected.push(without_pid(&answer)?);
     }
 
     let api = Api::start(testbed)?;
