@@ -116,7 +116,7 @@ fn demo(args: &DemoArgs, bundle: &Bundle, testbed: &Testbed) -> Result<i32> {
     let mut expected = Vec::new();
     for request in &requests {
         stopping()?;
-        let (latency, answer) = crate::demo_bundle::cold_start(testbed.host(0), &bundle, request)?;
+        let (latency, answer) = crate::demo_bundle::cold_start(testbed.host(0), bundle, request)?;
         cold.push(latency);
         expected.push(without_pid(&answer)?);
     }
