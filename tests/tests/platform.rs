@@ -30,14 +30,7 @@ struct Api {
 
 impl Api {
     fn start(tb: &Testbed) -> Api {
-        let hosts: Vec<HostSpec> = tb
-            .hosts()
-            .iter()
-            .map(|h| HostSpec {
-                name: format!("h{}", h.index()),
-                socket: h.socket_path().to_owned(),
-            })
-            .collect();
+        let hosts = HostSpec::of_testbed(tb);
         let config = Config {
             max_body: MAX_BODY,
             ..Config::default()

@@ -346,14 +346,7 @@ struct Api {
 
 impl Api {
     fn start(tb: &Testbed) -> Result<Api> {
-        let hosts: Vec<HostSpec> = tb
-            .hosts()
-            .iter()
-            .map(|h| HostSpec {
-                name: format!("h{}", h.index()),
-                socket: h.socket_path().to_owned(),
-            })
-            .collect();
+        let hosts = HostSpec::of_testbed(tb);
         let served = mitosis_platform::background::Background::start(Config::default(), hosts)
             .context("starting the platform")?;
         Ok(Api {

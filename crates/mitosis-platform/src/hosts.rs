@@ -26,6 +26,19 @@ pub struct HostSpec {
     pub socket: PathBuf,
 }
 
+impl HostSpec {
+    /// Every host of a simulated cluster, named `h0`, `h1`... by index.
+    pub fn of_testbed(tb: &mitosis_testbed::Testbed) -> Vec<HostSpec> {
+        tb.hosts()
+            .iter()
+            .map(|h| HostSpec {
+                name: format!("h{}", h.index()),
+                socket: h.socket_path().to_owned(),
+            })
+            .collect()
+    }
+}
+
 impl FromStr for HostSpec {
     type Err = String;
 

@@ -64,27 +64,27 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
             mask: word(3),
         });
     }
-    // Process-wide, in the mm the twin copied: the twin answers for the seed.
-    let dumpable = twin
-        .syscall(
-            insn,
-            libc::SYS_prctl,
-            [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
-        )
-        .map_err(inject("reading the dumpable flag"))?
-        .ret;
-    let thp_disabled = twin
-        .syscall(
-            insn,
-            libc::SYS_prctl,
-            [libc::PR_GET_THP_DISABLE as u64, 0, 0, 0, 0, 0],
-        )
-        .map_err(inject("reading the THP flag"))?
-        .ret;
-    let personality = twin
-        .syscall(insn, libc::SYS_personality, [0xffff_ffff, 0, 0, 0, 0, 0])
-        .map_err(inject("reading the personality"))?
-        .ret;
+    // Process-wide, in the mm or task the twin copied: the twin answers for the seed.
+    let mut ask = |nr: i64, arg: u64, what| {
+        twin.syscall(insn, nr, [arg, 0, 0, 0, 0, 0])
+            .map(|r| r.ret)
+            .map_err(inject(what))
+    };
+    let dumpable = ask(
+        libc::SYS_prctl,
+        libc::PR_GET_DUMPABLE as u64,
+        "reading the dumpable flag",
+    )?;
+    let thp_disabled = ask(
+        libc::SYS_prctl,
+        libc::PR_GET_THP_DISABLE as u64,
+        "reading the THP flag",
+    )?;
+    let personality = ask(
+        libc::SYS_personality,
+        0xffff_ffff,
+        "reading the personality",
+    )?;
     twin.set_regs(&saved)
         .map_err(inject("restoring registers"))?;
     if dumpable < 0 {

@@ -20,14 +20,7 @@ pub fn run(n: usize, api: &ApiArgs) -> Result<()> {
     let testbed =
         Testbed::new(TestbedConfig::new(n).with_daemon(DaemonConfig::new(&daemon, DAEMON_PORT)))
             .context("building the hosts (this needs root and iproute2)")?;
-    let hosts: Vec<HostSpec> = testbed
-        .hosts()
-        .iter()
-        .map(|h| HostSpec {
-            name: format!("h{}", h.index()),
-            socket: h.socket_path().to_owned(),
-        })
-        .collect();
+    let hosts = HostSpec::of_testbed(&testbed);
     let served = crate::serve(hosts, api, || {
         println!(
             "mitosis-platform cluster: {n} hosts (testbed {})",
