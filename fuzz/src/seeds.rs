@@ -214,6 +214,13 @@ fn control_requests() -> Vec<(&'static str, Vec<u8>)> {
             }),
         ),
         (
+            "start",
+            frame::encode(&Request::Start {
+                bundle: "/var/lib/mitosis/bundles/python".into(),
+                memory_mib: Some(128),
+            }),
+        ),
+        (
             "evict",
             frame::encode(&Request::Evict {
                 handle: handle.clone(),

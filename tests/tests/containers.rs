@@ -421,3 +421,113 @@ fn a_restarted_daemon_removes_what_a_crashed_one_left() {
     assert!(stdout(&again).contains("hello #2"), "{}", stderr(&again));
     teardown(tb);
 }
+
+/// Runs `bundle` cold through `host`'s daemon with `input` on stdin and `memory_mib`: its
+/// stdout, stderr and how it ended.
+fn start_cold(
+    tb: &Testbed,
+    host: usize,
+    bundle: &Path,
+    memory_mib: Option<u64>,
+    input: &str,
+) -> (String, mitosis_client::Exited) {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let (in_r, mut in_w) = pipe();
+    let (mut out_r, out_w) = pipe();
+    let (_err_r, err_w) = pipe();
+    let running = mitosis_client::Client::connect(tb.host(host).socket_path())
+        .unwrap()
+        .with_timeout(Duration::from_secs(60))
+        .unwrap()
+        .start(
+            bundle,
+            memory_mib,
+            in_r.as_fd(),
+            out_w.as_fd(),
+            err_w.as_fd(),
+        )
+        .unwrap_or_else(|e| panic!("start: {e}\n{}", tb.host(host).daemon_log()));
+    drop((in_r, out_w, err_w));
+    in_w.write_all(input.as_bytes()).unwrap();
+    drop(in_w);
+    let mut out = String::new();
+    out_r.read_to_string(&mut out).unwrap();
+    (out, running.wait().unwrap())
+}
+
+/// A pipe's read and write ends (close-on-exec).
+fn pipe() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-int array it is given.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(r, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just made by pipe2 and are owned by nothing else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+#[test]
+fn a_cold_start_runs_the_bundle_afresh_within_the_memory_asked() {
+    use std::os::fd::AsFd;
+    let scratch = Scratch::new("ct-cold");
+    let dir = probe_bundle(&scratch, "{}");
+    let tb = testbed(1);
+    let (out, exited) = start_cold(&tb, 0, &dir, None, "{\"op\": \"whoami\"}\n{\"n\": 4}\n");
+    assert_eq!(exited.status, 0, "{exited:?}");
+    // A fresh process: it starts up (says `ready`) before it reads the requests.
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines[0], "ready");
+    let who: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+    // Its own container: the bundle's hostname, pid 2 under the container's init.
+    assert_eq!(who["hostname"], "fn", "{who}");
+    assert_eq!(who["pid"], 2, "{who}");
+    assert!(lines[2].contains("hello #4"), "{out}");
+
+    // 64 MiB asked of a bundle without a limit: 16 fit, 200 are killed with the reason.
+    let (out, exited) = start_cold(
+        &tb,
+        0,
+        &dir,
+        Some(64),
+        "{\"op\": \"alloc\", \"mib\": 16}\n{\"op\": \"alloc\", \"mib\": 200}\n",
+    );
+    assert_eq!(exited.status, 137, "{exited:?} {out}");
+    let reason = exited.reason.unwrap_or_default();
+    assert!(
+        reason.contains("out of memory") && reason.contains("64 MiB"),
+        "{reason}"
+    );
+    assert!(out.contains("\"allocated\": 16"), "{out}");
+
+    // A missing bundle is refused before anything starts.
+    let missing = mitosis_client::Client::connect(tb.host(0).socket_path())
+        .unwrap()
+        .start(
+            &scratch.0.join("nothing-here"),
+            None,
+            std::io::stdin().as_fd(),
+            std::io::stdout().as_fd(),
+            std::io::stderr().as_fd(),
+        );
+    let err = missing.err().expect("a missing bundle starts nothing");
+    assert_eq!(
+        err.kind(),
+        Some(mitosis_client::ErrorKind::Unsupported),
+        "{err}"
+    );
+    // Nothing is left: no container of this daemon.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !inits_of(&tb, 0).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // (cold starts take no pooled container, and none was resumed here).
+    assert_eq!(inits_of(&tb, 0), Vec::<i32>::new());
+    teardown(tb);
+}

@@ -152,6 +152,36 @@ impl Client {
         }
     }
 
+    /// Starts the OCI bundle in `bundle` (a directory on the daemon's host) afresh, in a
+    /// container of its own, with `stdin`, `stdout` and `stderr` as its fds 0, 1 and 2 and its
+    /// memory limited to `memory_mib` MiB if that is below the bundle's limit: a cold start,
+    /// nothing forked. The same [`Running`] as a resume's (its stats: `container_us`,
+    /// `total_us`).
+    pub fn start(
+        mut self,
+        bundle: &Path,
+        memory_mib: Option<u64>,
+        stdin: BorrowedFd<'_>,
+        stdout: BorrowedFd<'_>,
+        stderr: BorrowedFd<'_>,
+    ) -> Result<Running> {
+        let fds: Vec<RawFd> = [stdin, stdout, stderr]
+            .into_iter()
+            .map(|fd| fd.as_raw_fd())
+            .collect();
+        self.send(
+            &Request::Start {
+                bundle: bundle.to_string_lossy().into_owned(),
+                memory_mib,
+            },
+            &fds,
+        )?;
+        match self.recv()? {
+            Event::Started { pid, stats } => Ok(Running::new(self.stream, pid, stats)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Sends `req`, attaching `fds` (they arrive with the request).
     fn send(&mut self, req: &Request, fds: &[RawFd]) -> Result<()> {
         let bytes = frame::encode(req);

@@ -114,6 +114,23 @@ impl Container {
         matches!(pidfd::peek_exit(&self.init), Ok(None))
     }
 
+    /// How init exited, once it has (a container with a process exits as its process did:
+    /// its code, or 128 + the signal that killed it). Init is left for [`Container::destroy`]
+    /// to reap.
+    pub fn exit_status(&self) -> std::io::Result<Option<pidfd::ExitStatus>> {
+        pidfd::peek_exit(&self.init)
+    }
+
+    /// Kills init, which ends the container's pid namespace and every process in it.
+    pub fn kill(&self) {
+        let _ = pidfd::send_signal(&self.init, libc::SIGKILL);
+    }
+
+    /// A pidfd of init, readable once it exits (to wait for it on an event loop).
+    pub fn init_pidfd(&self) -> std::io::Result<OwnedFd> {
+        self.init.try_clone()
+    }
+
     /// Stops everything in the container and removes its cgroup. Killing init ends its pid
     /// namespace, which kills every process in it; the mounts go with the last of them.
     pub fn destroy(self) -> Result<(), ContainerError> {

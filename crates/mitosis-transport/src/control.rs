@@ -24,6 +24,14 @@ pub enum Request {
     /// Start a child of the seed behind `handle`. Sent with the CLI's stdin, stdout and stderr
     /// attached; answered by `Started` then `Exited`.
     Resume { handle: String },
+    /// Start the OCI bundle in `bundle` afresh in a container of its own, with the caller's
+    /// stdin, stdout and stderr attached (a cold start: no seed, nothing forked), its memory
+    /// limited to `memory_mib` MiB if that is below the bundle's own limit; answered by
+    /// `Started` (its pid; of the stats only `container_us` and `total_us`) then `Exited`.
+    Start {
+        bundle: String,
+        memory_mib: Option<u64>,
+    },
     /// Forget this host's replica of the seed behind `handle`; answered by `Done`.
     Evict { handle: String },
     /// Deliver a signal to the running child of this connection.

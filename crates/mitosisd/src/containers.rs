@@ -4,10 +4,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mitosis_container::Bundle;
+use std::os::fd::OwnedFd;
+
 use mitosis_container::cgroup::Hierarchy;
 use mitosis_container::pool::Pool;
 pub use mitosis_container::seed::SeedContainer;
+use mitosis_container::{Bundle, Container, Contents};
 use mitosis_descriptor::ContainerRef;
 
 pub struct Containers {
@@ -80,6 +82,37 @@ impl Containers {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
+    }
+
+    /// Starts `bundle`'s process afresh in container `name` with `stdio` (a cold start), its
+    /// memory limited to `memory_bytes` if that is below the bundle's own limit (from the
+    /// start: the cgroup is made with it).
+    pub async fn start_instance(
+        &self,
+        bundle: &Bundle,
+        name: String,
+        stdio: [OwnedFd; 3],
+        memory_bytes: Option<u64>,
+    ) -> Result<Container, String> {
+        let mut bundle = bundle.clone();
+        if let Some(bytes) = memory_bytes {
+            let own = bundle.limits.memory_bytes.unwrap_or(u64::MAX);
+            bundle.limits.memory_bytes = Some(own.min(bytes));
+        }
+        let (hierarchy, init_exe) = (self.hierarchy.clone(), self.init_exe.clone());
+        tokio::task::spawn_blocking(move || {
+            Container::create(
+                &hierarchy,
+                &init_exe,
+                &bundle,
+                &name,
+                &bundle.hostname,
+                Contents::Process { stdio },
+            )
+            .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     pub fn status_lines(&self) -> Vec<String> {

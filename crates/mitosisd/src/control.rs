@@ -95,6 +95,9 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<(
             .await
             .unwrap_or_else(|e| e.to_event()),
         Request::Resume { handle } => return crate::resume::run(daemon, stream, handle, fds).await,
+        Request::Start { bundle, memory_mib } => {
+            return crate::start::run(daemon, stream, bundle, memory_mib, fds).await;
+        }
         Request::Signal { .. } => {
             RequestRefused::BadRequest("no child runs on this connection".into()).to_event()
         }
@@ -120,6 +123,7 @@ fn authorize(daemon: &Daemon, caller: &Caller, request: &Request) -> Result<(), 
         Request::Prepare { pid } => access::may_trace(caller, *pid)
             .map_err(|why| format!("refused: uid {uid} may not prepare pid {pid}: {why} (only processes it could ptrace)")),
         Request::PrepareBundle { .. } => root_only("prepare a bundle", "its seed runs as root in a container"),
+        Request::Start { .. } => root_only("start a bundle", "it runs as root in a container"),
         // A child has exactly its seed's credentials, which the caller could trace when it
         // prepared it: its own seeds of this host, then.
         Request::Resume { handle } => own_seed(daemon, uid, "resume", handle),

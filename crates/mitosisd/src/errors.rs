@@ -187,6 +187,30 @@ impl Kind for ForkFailed {
     }
 }
 
+/// Why a cold start of a bundle failed before its process ran.
+#[derive(Debug, Error)]
+pub enum StartFailed {
+    #[error("a start needs the caller's stdin, stdout and stderr")]
+    NoStdio,
+    #[error("{0}")]
+    Containers(String),
+    /// The bundle is unusable here (missing, malformed, limits this host cannot enforce).
+    #[error("{0}")]
+    Bundle(String),
+    #[error("starting {bundle}: {why}")]
+    Container { bundle: String, why: String },
+}
+
+impl Kind for StartFailed {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            StartFailed::NoStdio => ErrorKind::BadRequest,
+            StartFailed::Bundle(_) => ErrorKind::Unsupported,
+            StartFailed::Containers(_) | StartFailed::Container { .. } => ErrorKind::Unavailable,
+        }
+    }
+}
+
 /// Why a resume failed before its child ran.
 #[derive(Debug, Error)]
 pub enum ResumeFailed {

@@ -14,6 +14,7 @@ pub mod peer_source;
 pub mod registry;
 pub mod replica;
 pub mod resume;
+pub mod start;
 pub mod tracer;
 pub mod twins;
 

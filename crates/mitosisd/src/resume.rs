@@ -168,7 +168,7 @@ pub async fn run(
 }
 
 /// Why a child killed by SIGKILL died, if its container's memory limit did it.
-fn oom_reason(c: &mitosis_container::Container) -> Option<String> {
+pub(crate) fn oom_reason(c: &mitosis_container::Container) -> Option<String> {
     (c.cgroup().oom_kills() > 0).then(|| match c.cgroup().memory_limit() {
         Some(limit) => format!(
             "out of memory: killed at its container's limit of {} MiB",

@@ -428,6 +428,24 @@ impl Cgroup {
         (value < v1::UNLIMITED).then_some(value)
     }
 
+    /// Lowers the memory limit to `bytes` (a function's own limit, below its bundle's);
+    /// a limit already at or below it stays. Without a memory controller, nothing to lower:
+    /// an error, as the caller asked for a limit that would not hold.
+    pub fn lower_memory_limit(&self, bytes: u64) -> Result<(), CgroupError> {
+        let d = self.memory_dir().ok_or(CgroupError::Unenforceable {
+            limit: "a memory limit",
+            controller: "memory",
+        })?;
+        if self.memory_limit().is_some_and(|now| now <= bytes) {
+            return Ok(());
+        }
+        let limits = Limits {
+            memory_bytes: Some(bytes),
+            ..Limits::default()
+        };
+        write_limits(&d.path, d.version, &["memory"], &limits)
+    }
+
     fn memory_dir(&self) -> Option<&CgDir> {
         self.dirs.iter().find(|d| d.controllers.contains(&"memory"))
     }

@@ -358,3 +358,33 @@ fn destroy_and_leftovers_remove_nested_dirs() {
         Err(CgroupError::Remove { path, .. }) if path == base.join("l3")
     ));
 }
+
+#[test]
+fn lowers_the_memory_limit_never_raises_it() {
+    let root = TmpDir::with_files("lower", &[]);
+    let v2 = tmp_cgroup(&root, &[("v2", Version::V2, &["memory"])]);
+    let limit = root.0.join("v2").join(v2::MEMORY_LIMIT);
+    fs::write(&limit, "max\n").unwrap();
+    v2.lower_memory_limit(64 << 20).unwrap();
+    assert_eq!(fs::read_to_string(&limit).unwrap(), "67108864");
+    // 256 MiB is above 64 MiB: left as it is.
+    v2.lower_memory_limit(256 << 20).unwrap();
+    assert_eq!(fs::read_to_string(&limit).unwrap(), "67108864");
+
+    let v1 = tmp_cgroup(&root, &[("v1", Version::V1, &["memory"])]);
+    let v1_dir = root.0.join("v1");
+    // Written in place as the kernel's files are: the longer old value's tail stays here.
+    fs::write(v1_dir.join(v1::MEMORY_LIMIT), "268435456").unwrap();
+    fs::write(v1_dir.join("memory.memsw.limit_in_bytes"), "268435456").unwrap();
+    v1.lower_memory_limit(32 << 20).unwrap();
+    for file in [v1::MEMORY_LIMIT, "memory.memsw.limit_in_bytes"] {
+        let text = fs::read_to_string(v1_dir.join(file)).unwrap();
+        assert!(text.starts_with("33554432"), "{file}: {text}");
+    }
+
+    let no_memory = tmp_cgroup(&root, &[("cpu", Version::V1, &["cpu"])]);
+    assert!(matches!(
+        no_memory.lower_memory_limit(1 << 20),
+        Err(CgroupError::Unenforceable { .. })
+    ));
+}
