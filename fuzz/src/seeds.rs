@@ -218,6 +218,7 @@ fn control_requests() -> Vec<(&'static str, Vec<u8>)> {
             frame::encode(&Request::Start {
                 bundle: "/var/lib/mitosis/bundles/python".into(),
                 memory_mib: Some(128),
+                warm_timeout_ms: Some(30_000),
             }),
         ),
         (

@@ -443,6 +443,7 @@ fn start_cold(
         .start(
             bundle,
             memory_mib,
+            None,
             in_r.as_fd(),
             out_w.as_fd(),
             err_w.as_fd(),
@@ -474,6 +475,7 @@ fn pipe() -> (std::fs::File, std::fs::File) {
 
 #[test]
 fn a_cold_start_runs_the_bundle_afresh_within_the_memory_asked() {
+    use std::io::Read;
     use std::os::fd::AsFd;
     let scratch = Scratch::new("ct-cold");
     let dir = probe_bundle(&scratch, "{}");
@@ -506,11 +508,43 @@ fn a_cold_start_runs_the_bundle_afresh_within_the_memory_asked() {
     );
     assert!(out.contains("\"allocated\": 16"), "{out}");
 
+    // Warm: it answers once the process waits on stdin, its start-up output already written.
+    let (in_r, mut in_w) = pipe();
+    let (out_r, out_w) = pipe();
+    let (_err_r, err_w) = pipe();
+    let running = mitosis_client::Client::connect(tb.host(0).socket_path())
+        .unwrap()
+        .start(
+            &dir,
+            None,
+            Some(Duration::from_secs(30)),
+            in_r.as_fd(),
+            out_w.as_fd(),
+            err_w.as_fd(),
+        )
+        .unwrap();
+    drop((in_r, out_w, err_w));
+    // SAFETY: fcntl on an fd this function owns; no memory is passed.
+    unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&out_r),
+            libc::F_SETFL,
+            libc::O_NONBLOCK,
+        )
+    };
+    let mut early = [0u8; 256];
+    let n = (&out_r).read(&mut early).unwrap();
+    assert_eq!(&early[..n], b"ready\n");
+    in_w.write_all(b"{\"n\": 9}\n").unwrap();
+    drop(in_w);
+    assert_eq!(running.wait().unwrap().status, 0);
+
     // A missing bundle is refused before anything starts.
     let missing = mitosis_client::Client::connect(tb.host(0).socket_path())
         .unwrap()
         .start(
             &scratch.0.join("nothing-here"),
+            None,
             None,
             std::io::stdin().as_fd(),
             std::io::stdout().as_fd(),

@@ -156,11 +156,13 @@ impl Client {
     /// container of its own, with `stdin`, `stdout` and `stderr` as its fds 0, 1 and 2 and its
     /// memory limited to `memory_mib` MiB if that is below the bundle's limit: a cold start,
     /// nothing forked. The same [`Running`] as a resume's (its stats: `container_us`,
-    /// `total_us`).
+    /// `total_us`). With `warm_timeout`, it returns once the process blocks reading stdin
+    /// (all it wrote before is start-up output, in `stdout` already).
     pub fn start(
         mut self,
         bundle: &Path,
         memory_mib: Option<u64>,
+        warm_timeout: Option<Duration>,
         stdin: BorrowedFd<'_>,
         stdout: BorrowedFd<'_>,
         stderr: BorrowedFd<'_>,
@@ -173,6 +175,7 @@ impl Client {
             &Request::Start {
                 bundle: bundle.to_string_lossy().into_owned(),
                 memory_mib,
+                warm_timeout_ms: warm_timeout.map(|t| t.as_millis() as u64),
             },
             &fds,
         )?;

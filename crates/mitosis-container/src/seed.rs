@@ -97,7 +97,7 @@ pub fn start_seed(
 }
 
 /// Waits until the container's process blocks in read(0). Its pid as this host sees it.
-fn wait_warm(container: &Container, timeout: Duration) -> Result<i32, String> {
+pub fn wait_warm(container: &Container, timeout: Duration) -> Result<i32, String> {
     let t0 = Instant::now();
     loop {
         if !container.is_running() {

@@ -28,9 +28,13 @@ pub enum Request {
     /// stdin, stdout and stderr attached (a cold start: no seed, nothing forked), its memory
     /// limited to `memory_mib` MiB if that is below the bundle's own limit; answered by
     /// `Started` (its pid; of the stats only `container_us` and `total_us`) then `Exited`.
+    /// With `warm_timeout_ms`, `Started` comes once the process is warm (blocked reading
+    /// stdin, as a seed before its prepare), so what it wrote before is start-up output; one
+    /// not warm within that time fails the request and is killed.
     Start {
         bundle: String,
         memory_mib: Option<u64>,
+        warm_timeout_ms: Option<u64>,
     },
     /// Forget this host's replica of the seed behind `handle`; answered by `Done`.
     Evict { handle: String },

@@ -95,8 +95,13 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<(
             .await
             .unwrap_or_else(|e| e.to_event()),
         Request::Resume { handle } => return crate::resume::run(daemon, stream, handle, fds).await,
-        Request::Start { bundle, memory_mib } => {
-            return crate::start::run(daemon, stream, bundle, memory_mib, fds).await;
+        Request::Start {
+            bundle,
+            memory_mib,
+            warm_timeout_ms,
+        } => {
+            let warm = warm_timeout_ms.map(Duration::from_millis);
+            return crate::start::run(daemon, stream, bundle, memory_mib, warm, fds).await;
         }
         Request::Signal { .. } => {
             RequestRefused::BadRequest("no child runs on this connection".into()).to_event()

@@ -199,12 +199,16 @@ pub enum StartFailed {
     Bundle(String),
     #[error("starting {bundle}: {why}")]
     Container { bundle: String, why: String },
+    /// It exited, or did not block reading stdin in time.
+    #[error("{bundle}: {why}")]
+    NotWarm { bundle: String, why: String },
 }
 
 impl Kind for StartFailed {
     fn kind(&self) -> ErrorKind {
         match self {
             StartFailed::NoStdio => ErrorKind::BadRequest,
+            StartFailed::NotWarm { .. } => ErrorKind::Failed,
             StartFailed::Bundle(_) => ErrorKind::Unsupported,
             StartFailed::Containers(_) | StartFailed::Container { .. } => ErrorKind::Unavailable,
         }

@@ -12,7 +12,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mitosis_transport::control::{Event, FaultStats, MAX_REQUEST_FRAME, Request, ResumeStats};
 use mitosis_transport::frame;
@@ -31,11 +31,12 @@ pub async fn run(
     stream: UnixStream,
     bundle: String,
     memory_mib: Option<u64>,
+    warm: Option<Duration>,
     fds: Vec<OwnedFd>,
 ) -> io::Result<()> {
     let (reader, mut writer) = stream.into_split();
     let t0 = Instant::now();
-    let container = match start(&daemon, &bundle, memory_mib, fds).await {
+    let container = match start(&daemon, &bundle, memory_mib, warm, fds).await {
         Ok(c) => c,
         Err(e) => {
             tracing::info!("start failed: {e}");
@@ -85,6 +86,7 @@ async fn start(
     daemon: &Daemon,
     dir: &str,
     memory_mib: Option<u64>,
+    warm: Option<Duration>,
     fds: Vec<OwnedFd>,
 ) -> Result<mitosis_container::Container, StartFailed> {
     let stdio: [OwnedFd; 3] = fds.try_into().map_err(|_| StartFailed::NoStdio)?;
@@ -93,13 +95,35 @@ async fn start(
         .bundle(Path::new(dir), None)
         .map_err(StartFailed::Bundle)?;
     let name = format!("cold{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    containers
+    let container = containers
         .start_instance(&bundle, name, stdio, memory_mib.map(|m| m << 20))
         .await
         .map_err(|why| StartFailed::Container {
             bundle: dir.to_owned(),
             why,
-        })
+        })?;
+    let Some(timeout) = warm else {
+        return Ok(container);
+    };
+    let (container, warmed) = tokio::task::spawn_blocking(move || {
+        let warmed = mitosis_container::seed::wait_warm(&container, timeout);
+        if warmed.is_err() {
+            container.kill();
+        }
+        (container, warmed)
+    })
+    .await
+    .map_err(|e| StartFailed::Containers(e.to_string()))?;
+    match warmed {
+        Ok(_) => Ok(container),
+        Err(why) => {
+            tokio::task::spawn_blocking(move || container.destroy());
+            Err(StartFailed::NotWarm {
+                bundle: dir.to_owned(),
+                why: why.replace("the seed", "the process"),
+            })
+        }
+    }
 }
 
 /// Forwards signals to the process until it exits; kills it if the caller goes away. Its
