@@ -505,3 +505,120 @@ fn calls_past_their_timeout_get_504_and_failures_502() {
     drop(Arc::into_inner(api).expect("the clients are done"));
     teardown(tb);
 }
+
+#[test]
+fn every_policy_answers_and_starts_its_processes_its_own_way() {
+    assert!(
+        Path::new(BUNDLE).join("config.json").exists(),
+        "{BUNDLE} is missing: run scripts/setup.sh (it builds the bundle)"
+    );
+    let scratch = Scratch::new("policies");
+    let tricks = tricks_bundle(&scratch);
+    let tb = testbed(3);
+    let api = Api::start(&tb);
+    let app = api.json("POST", "/v2/apps", json!({"name": "policies"}));
+    let deploy = |name: &str, image: &Path, policy: &str, extra: Value| {
+        let mut body = json!({"name": name, "app_id": app["id"], "image": image,
+                              "idle_timeout": 2, "annotations": {"mitosis.io/policy": policy}});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        api.json("POST", "/v2/fns", body)["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    // An unknown policy is refused as Fn refuses bad fields.
+    let bad = api.request(
+        "POST",
+        "/v2/fns",
+        json!({"name": "bad", "app_id": app["id"], "image": BUNDLE,
+               "annotations": {"mitosis.io/policy": "sometimes"}})
+        .to_string()
+        .as_bytes(),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert!(
+        bad.message().contains("unknown policy"),
+        "{}",
+        bad.message()
+    );
+
+    let requests: Vec<String> = (1..=3).map(|n| format!("{{\"n\": {n}}}")).collect();
+    let expected: Vec<Value> = requests.iter().map(|r| cold_answer(&tb, 0, r)).collect();
+    let call = |fn_id: &str, i: usize| {
+        let reply = api.request("POST", &format!("/invoke/{fn_id}"), requests[i].as_bytes());
+        assert_eq!(reply.status, 200, "{fn_id} call {i}: {}", reply.text());
+        assert_eq!(without_pid(&reply.body), expected[i], "{fn_id} call {i}");
+        reply.headers["mitosis-start"].clone()
+    };
+    let starts = |fn_id: &str| -> Vec<String> { (0..3).map(|i| call(fn_id, i)).collect() };
+
+    // numpy and Pillow with the image: over Fn's default of 128 MiB.
+    let mib = json!({"memory": 256});
+    let remote = deploy("remote", Path::new(BUNDLE), "remote-fork", mib.clone());
+    assert_eq!(starts(&remote), ["fork"; 3]);
+    let local = deploy("local", Path::new(BUNDLE), "local-fork", mib.clone());
+    assert_eq!(starts(&local), ["fork"; 3]);
+    let cold = deploy("cold", Path::new(BUNDLE), "cold", mib.clone());
+    assert_eq!(starts(&cold), ["cold"; 3]);
+    // Fn's keep-warm: the first call starts an instance, the next ones reuse it; idle past
+    // its idle_timeout (2 s), it is gone and the next call starts one again.
+    let cached = deploy("cached", Path::new(BUNDLE), "fn-cache", mib);
+    assert_eq!(starts(&cached), ["cold", "warm", "warm"]);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(call(&cached, 0), "cold");
+    let two_lines = api.request(
+        "POST",
+        &format!("/invoke/{cached}"),
+        b"{\"n\": 1}\n{\"n\": 2}",
+    );
+    assert_eq!(two_lines.status, 400, "{}", two_lines.text());
+
+    // A seed on every host for local fork, one for remote fork.
+    let m = api.metrics();
+    assert_eq!(metric(&m, "mitosis_platform_seeds_made_total", &[]), 4.0);
+    let started = |policy: &str, start: &str| {
+        metric(
+            &m,
+            "mitosis_platform_call_starts_total",
+            &[("policy", policy), ("start", start)],
+        )
+    };
+    assert_eq!(started("remote-fork", "fork"), 3.0);
+    assert_eq!(started("cold", "cold"), 3.0);
+    assert_eq!(
+        (started("fn-cache", "cold"), started("fn-cache", "warm")),
+        (2.0, 2.0)
+    );
+
+    // The function's `memory` holds for processes started from the bundle: 64 MiB of a
+    // bundle that allows 128.
+    let small = deploy("small", &tricks, "cold", json!({"memory": 64}));
+    let fits = api.request("POST", &format!("/invoke/{small}"), br#"{"alloc_mib": 16}"#);
+    assert_eq!(fits.status, 200, "{}", fits.text());
+    let hog = api.request(
+        "POST",
+        &format!("/invoke/{small}"),
+        br#"{"alloc_mib": 100}"#,
+    );
+    assert_eq!(hog.status, 502, "{}", hog.text());
+    assert!(hog.message().contains("64 MiB"), "{}", hog.message());
+
+    // Deleting the functions ends their instances and seeds: nothing runs on any host.
+    let app_id = app["id"].as_str().unwrap();
+    assert_eq!(
+        api.request("DELETE", &format!("/v2/apps/{app_id}"), b"")
+            .status,
+        204
+    );
+    assert!(eventually(Duration::from_secs(10), || {
+        tb.hosts().iter().all(|h| {
+            mitosis_client::Client::connect(h.socket_path())
+                .and_then(|c| c.status())
+                .is_ok_and(|s| s.children_running == 0 && s.seeds.is_empty())
+        })
+    }));
+    drop(api);
+    teardown(tb);
+}

@@ -43,6 +43,12 @@ impl Running {
         send_signal(&self.stream, signo)
     }
 
+    /// Gives up on its exit after `timeout` ([`Error::Timeout`]), or never with `None`: a
+    /// long-lived instance waits without one.
+    pub fn set_timeout(&self, timeout: Option<std::time::Duration>) -> Result<()> {
+        self.stream.set_read_timeout(timeout).map_err(Error::Send)
+    }
+
     /// A handle that delivers signals to this child while another thread waits for it.
     pub fn signaller(&self) -> Result<Signaller> {
         let stream = self.stream.try_clone().map_err(Error::Send)?;

@@ -129,8 +129,8 @@ async fn create_fn(State(p): Shared, bytes: Bytes) -> ApiResult<Response> {
     let f = Func::create(body::<FuncInput>(&bytes)?)?;
     match p.store.insert_fn(f.clone()).await? {
         Insert::Done => {
-            // The seed is made now, in the background: the first call finds it warm.
-            p.seeds.prepare_in_background(f.clone());
+            // Seeds are made now, in the background: the first call finds them warm.
+            p.deployed(&f);
             Ok(ok(&f))
         }
         Insert::NoApp => Err(ApiError::not_found("App not found")),
@@ -161,7 +161,7 @@ async fn update_fn(State(p): Shared, Path(id): Path<String>, bytes: Bytes) -> Ap
     }
     if f.image != image {
         // The old seed is replaced by the first `get` that sees the new image.
-        p.seeds.prepare_in_background(f.clone());
+        p.deployed(&f);
     }
     Ok(ok(&f))
 }
@@ -177,7 +177,7 @@ async fn delete_fn(State(p): Shared, Path(id): Path<String>) -> ApiResult<Respon
 /// Drops a deleted function's seed, without making the API wait on its host.
 fn forget_seed(p: &Arc<Platform>, fn_id: String) {
     let p = p.clone();
-    tokio::spawn(async move { p.seeds.remove(&fn_id).await });
+    tokio::spawn(async move { p.removed(&fn_id).await });
 }
 
 async fn invoke(
@@ -279,7 +279,12 @@ async fn run_call(
             ApiError::bad_request(format!("reading the request: {e}"))
         }
     })?;
-    let Invoked { host, answer, .. } = p.invoke_as(call_id.to_owned(), f, input).await?;
+    let Invoked {
+        host,
+        answer,
+        start,
+        ..
+    } = p.invoke_as(call_id.to_owned(), f, input).await?;
     let content_type = HeaderValue::from_static(content_type(&answer.output));
     let mut response = (StatusCode::OK, answer.output).into_response();
     let h = response.headers_mut();
@@ -287,6 +292,17 @@ async fn run_call(
     if let Ok(v) = HeaderValue::from_str(&host) {
         h.insert("Mitosis-Host", v);
     }
+    // fork, cold or warm: how the process that answered came to be.
+    h.insert("Mitosis-Start", HeaderValue::from_static(start.name()));
+    p.metrics
+        .starts
+        .get_or_create(&crate::metrics::StartLabels {
+            fn_id: f.id.clone(),
+            fn_name: f.name.clone(),
+            policy: p.strategy(f).name(),
+            start: start.name(),
+        })
+        .inc();
     Ok(response)
 }
 

@@ -50,6 +50,9 @@ pub enum CallError {
     /// The answer was over the platform's limit.
     #[error("the function's answer is over {0} bytes")]
     OutputTooLarge(usize),
+    /// The request does not fit the function's contract (400).
+    #[error("{0}")]
+    BadInput(String),
     /// Pipes, threads: this process's own trouble.
     #[error("platform: {0}")]
     Io(#[from] std::io::Error),
@@ -135,6 +138,7 @@ impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
         let status = match &e {
             CallError::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
+            CallError::BadInput(_) => StatusCode::BAD_REQUEST,
             CallError::NoHost(_) => StatusCode::SERVICE_UNAVAILABLE,
             CallError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_GATEWAY,

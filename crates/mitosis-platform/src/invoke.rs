@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mitosis_client::{Client, Exited, ResumeStats, Signaller};
+use mitosis_client::{Client, Exited, ResumeStats, Running, Signaller};
 use nix::fcntl::OFlag;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -24,12 +24,58 @@ const STDERR_TAIL: usize = 2048;
 /// control connection is given up (and closed, which kills the child too).
 const KILL_GRACE: Duration = Duration::from_secs(10);
 
+/// What the daemon starts for a call.
+#[derive(Clone)]
+pub enum Launch {
+    /// A child of the seed behind `handle` (a secret: never logged).
+    Fork { handle: String },
+    /// The bundle at `bundle` started afresh (a cold start), its memory limited to
+    /// `memory_mib`; the call waits for it to be warm (`ready`), and what it writes before
+    /// is start-up output, not the answer.
+    Cold {
+        bundle: PathBuf,
+        memory_mib: u64,
+        ready: Duration,
+    },
+}
+
+impl Launch {
+    /// Starts it through the daemon at `socket` with these stdio; blocking.
+    pub fn run(
+        &self,
+        socket: &std::path::Path,
+        backstop: Duration,
+        stdio: [std::os::fd::BorrowedFd<'_>; 3],
+    ) -> Result<Running, mitosis_client::Error> {
+        let [stdin, stdout, stderr] = stdio;
+        match self {
+            Launch::Fork { handle } => Client::connect(socket)?
+                .with_timeout(backstop)?
+                .resume(handle, stdin, stdout, stderr, None),
+            Launch::Cold {
+                bundle,
+                memory_mib,
+                ready,
+            } => Client::connect(socket)?
+                .with_timeout(backstop + *ready)?
+                .start(
+                    bundle,
+                    Some(*memory_mib),
+                    Some(*ready),
+                    stdin,
+                    stdout,
+                    stderr,
+                ),
+        }
+    }
+}
+
 /// What one call needs.
 pub struct Call {
     /// The daemon's control socket.
     pub socket: PathBuf,
     pub host: String,
-    pub handle: String,
+    pub launch: Launch,
     pub input: axum::body::Bytes,
     pub timeout: Duration,
     pub max_output: usize,
@@ -75,16 +121,15 @@ pub async fn run(call: Call) -> Result<Answer, CallError> {
     let (out_r, out_w) = pipe_pair()?;
     let (err_r, err_w) = pipe_pair()?;
 
-    let (socket, handle, host) = (call.socket, call.handle, call.host.clone());
+    let (socket, launch, host) = (call.socket, call.launch, call.host.clone());
+    let cold = matches!(launch, Launch::Cold { .. });
     // The read timeout is a backstop: the deadline below is what callers see.
     let backstop = call.timeout + KILL_GRACE;
     let resuming = tokio::task::spawn_blocking(move || {
-        let running = Client::connect(&socket)?.with_timeout(backstop)?.resume(
-            &handle,
-            in_r.as_fd(),
-            out_w.as_fd(),
-            err_w.as_fd(),
-            None,
+        let running = launch.run(
+            &socket,
+            backstop,
+            [in_r.as_fd(), out_w.as_fd(), err_w.as_fd()],
         )?;
         // The child has its copies; ours close here so its exit ends our reads.
         drop((in_r, out_w, err_w));
@@ -113,6 +158,11 @@ pub async fn run(call: Call) -> Result<Answer, CallError> {
     let mut stdin = pipe::Sender::from_owned_fd(in_w)?;
     let mut stdout = pipe::Receiver::from_owned_fd(out_r)?;
     let mut stderr = pipe::Receiver::from_owned_fd(err_r)?;
+    if cold {
+        // Warm now, blocked reading stdin: all it wrote so far was its start-up.
+        drain(&stdout, &mut Vec::new());
+        drain(&stderr, &mut Vec::new());
+    }
     let input = call.input;
     let feed = async move {
         // A child that exits without reading all of it closes the pipe: not our error.
@@ -191,7 +241,7 @@ pub async fn run(call: Call) -> Result<Answer, CallError> {
 /// Reads what is in the pipe now, without waiting for more. A read(2) of its own: tokio's
 /// `try_read` answers WouldBlock without reading until the runtime has seen the pipe
 /// readable, which it may not have yet when the exit comes first.
-fn drain(pipe: &pipe::Receiver, into: &mut Vec<u8>) {
+pub(crate) fn drain(pipe: &pipe::Receiver, into: &mut Vec<u8>) {
     let mut buf = [0u8; 8192];
     // The fd is non-blocking (tokio made it so): this stops at EAGAIN or EOF.
     while let Ok(n) = nix::unistd::read(pipe.as_fd(), &mut buf) {

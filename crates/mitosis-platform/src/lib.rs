@@ -17,6 +17,7 @@ pub mod background;
 mod error;
 pub mod hosts;
 pub mod ids;
+pub mod instances;
 pub mod invoke;
 pub mod metrics;
 pub mod model;
@@ -31,7 +32,7 @@ use tracing::Instrument;
 
 pub use error::{ApiError, CallError, StoreError};
 pub use hosts::{HostSpec, Hosts};
-pub use policy::{LoadAware, Policy};
+pub use policy::{LoadAware, Policy, Strategy};
 
 /// What the platform is configured with.
 #[derive(Debug, Clone)]
@@ -44,6 +45,9 @@ pub struct Config {
     pub seed_ready_timeout: Duration,
     /// How often each daemon's status is asked.
     pub poll_interval: Duration,
+    /// How calls start, for functions whose annotation does not say
+    /// ([`policy::POLICY_ANNOTATION`]).
+    pub strategy: Strategy,
 }
 
 impl Default for Config {
@@ -53,6 +57,7 @@ impl Default for Config {
             max_output: 16 << 20,
             seed_ready_timeout: Duration::from_secs(60),
             poll_interval: Duration::from_millis(500),
+            strategy: Strategy::RemoteFork,
         }
     }
 }
@@ -63,6 +68,8 @@ pub struct Platform {
     pub store: store::Store,
     pub hosts: Arc<Hosts>,
     pub seeds: Arc<seeds::Seeds>,
+    /// Idle instances of keep-warm (`fn-cache`) functions.
+    pub instances: Arc<instances::Instances>,
     pub policy: Arc<dyn Policy>,
     pub metrics: metrics::Metrics,
     /// What `GET /metrics` renders: `metrics` and the hosts' calls in flight.
@@ -91,9 +98,12 @@ impl Platform {
             config.seed_ready_timeout,
             metrics.clone(),
         ));
+        let instances = Arc::new(instances::Instances::default());
+        instances.start_reaping();
         Arc::new(Platform {
             config,
             store,
+            instances,
             registry: metrics.registry(hosts.clone()),
             hosts,
             seeds,
@@ -102,9 +112,55 @@ impl Platform {
         })
     }
 
-    /// Drops every seed this platform prepared (on shutdown).
+    /// Drops every seed this platform prepared and ends its idle instances (on shutdown).
     pub async fn shutdown(&self) {
+        for (fn_id, _) in self.instances.counts() {
+            self.instances.remove(&fn_id);
+        }
         self.seeds.drop_all().await;
+    }
+
+    /// How `f`'s calls start.
+    pub fn strategy(&self, f: &model::Func) -> Strategy {
+        Strategy::of(&f.annotations, self.config.strategy)
+    }
+
+    /// A function was created, or its image changed: its seeds are made now, in the
+    /// background, so that its first call finds them warm.
+    pub fn deployed(self: &Arc<Self>, f: &model::Func) {
+        match self.strategy(f) {
+            Strategy::RemoteFork => self.seeds.prepare_in_background(f.clone()),
+            Strategy::LocalFork => self.seeds.prepare_everywhere_in_background(f.clone()),
+            // Nothing is kept before a call: Fn starts instances when calls come.
+            Strategy::FnCache | Strategy::Cold => {}
+        }
+    }
+
+    /// A function was deleted: its seeds and idle instances go.
+    pub async fn removed(&self, fn_id: &str) {
+        self.instances.remove(fn_id);
+        self.seeds.remove(fn_id).await;
+    }
+}
+
+/// How a call's process came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Forked from a seed (remote or local fork).
+    Fork,
+    /// Started afresh from the bundle for this call (a cold start).
+    Cold,
+    /// An idle instance, reused (keep-warm).
+    Warm,
+}
+
+impl Start {
+    pub fn name(self) -> &'static str {
+        match self {
+            Start::Fork => "fork",
+            Start::Cold => "cold",
+            Start::Warm => "warm",
+        }
     }
 }
 
@@ -114,6 +170,7 @@ pub struct Invoked {
     pub call_id: String,
     /// The name of the host whose daemon ran the child.
     pub host: String,
+    pub start: Start,
     pub answer: invoke::Answer,
 }
 
@@ -157,25 +214,76 @@ impl Platform {
         input: axum::body::Bytes,
         call_id: String,
     ) -> Result<Invoked, CallError> {
-        let mut seed = self.seeds.get(f).await?;
+        match self.strategy(f) {
+            Strategy::RemoteFork => self.forked(f, input, call_id, false).await,
+            Strategy::LocalFork => self.forked(f, input, call_id, true).await,
+            Strategy::Cold => self.cold(f, input, call_id).await,
+            Strategy::FnCache => self.cached(f, input, call_id).await,
+        }
+    }
+
+    fn timeout(f: &model::Func) -> Duration {
+        Duration::from_secs(u64::from(f.timeout))
+    }
+
+    fn cold_launch(&self, f: &model::Func) -> invoke::Launch {
+        invoke::Launch::Cold {
+            bundle: f.image.clone().into(),
+            memory_mib: f.memory,
+            ready: self.config.seed_ready_timeout,
+        }
+    }
+
+    /// A child of the function's seed: its one seed for the cluster, or (`local`) the own
+    /// seed of the host the call goes to.
+    async fn forked(
+        self: &Arc<Self>,
+        f: &model::Func,
+        input: axum::body::Bytes,
+        call_id: String,
+        local: bool,
+    ) -> Result<Invoked, CallError> {
+        let mut seed = if local {
+            None
+        } else {
+            Some(self.seeds.get(f).await?)
+        };
         let mut excluded = Vec::new();
         let mut last = None;
         for _ in 0..CALL_ATTEMPTS {
-            let views = self.hosts.views(Some(&seed), &excluded);
-            let host = match self.policy.place_call(&views) {
-                Some(policy::Placement::RemoteFork { host }) => host,
-                None => {
-                    return Err(last.unwrap_or_else(|| CallError::NoHost("no host is up".into())));
+            let mut views = self.hosts.views(seed.as_ref(), &excluded);
+            if local {
+                // Where the function has a seed of its own, a call is a plain local fork.
+                let ready = self.seeds.local_hosts(&f.id);
+                for v in &mut views {
+                    v.has_seed = ready.contains(&v.index);
+                    v.has_replica = v.has_seed;
                 }
+            }
+            let Some(policy::Placement::Host { host }) = self.policy.place_call(&views) else {
+                return Err(last.unwrap_or_else(|| CallError::NoHost("no host is up".into())));
+            };
+            let current = match &seed {
+                Some(s) if !local => s.clone(),
+                _ => match self.seeds.get_on(f, host).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        excluded.push(host);
+                        last = Some(e);
+                        continue;
+                    }
+                },
             };
             let spec = self.hosts.get(host).spec.clone();
             let _counted = self.hosts.start_call(host);
             let call = invoke::Call {
                 socket: spec.socket.clone(),
                 host: spec.name.clone(),
-                handle: seed.handle.clone(),
+                launch: invoke::Launch::Fork {
+                    handle: current.handle.clone(),
+                },
                 input: input.clone(),
-                timeout: Duration::from_secs(u64::from(f.timeout)),
+                timeout: Self::timeout(f),
                 max_output: self.config.max_output,
             };
             match invoke::run(call).await {
@@ -184,6 +292,7 @@ impl Platform {
                     return Ok(Invoked {
                         call_id,
                         host: spec.name,
+                        start: Start::Fork,
                         answer,
                     });
                 }
@@ -195,22 +304,141 @@ impl Platform {
                 Err(e) if e.seed_lost() => {
                     tracing::warn!("seed lost: {e}");
                     // Its host may be gone with it: poll it now rather than at the next tick.
-                    self.hosts.poll(seed.host).await;
-                    seed = self.seeds.replace(f, &seed).await?;
+                    self.hosts.poll(current.host).await;
+                    if local {
+                        self.seeds.replace_on(f, &current).await?;
+                    } else {
+                        seed = Some(self.seeds.replace(f, &current).await?);
+                    }
                     last = Some(e);
                 }
                 Err(e) if e.seed_unreachable() => {
                     // Made again only if its host is down: a host that answers late still
                     // serves the seed to other calls' children.
-                    self.hosts.poll(seed.host).await;
-                    if !self.hosts.get(seed.host).is_up() {
+                    self.hosts.poll(current.host).await;
+                    if !self.hosts.get(current.host).is_up() {
                         tracing::warn!("seed's host down: {e}");
-                        seed = self.seeds.replace(f, &seed).await?;
+                        seed = Some(self.seeds.replace(f, &current).await?);
                     }
                     last = Some(e);
                 }
                 Err(e) => return Err(e),
             }
+        }
+        Err(last.unwrap_or_else(|| CallError::NoHost("no host is up".into())))
+    }
+
+    /// A new instance from the bundle for this call alone.
+    async fn cold(
+        self: &Arc<Self>,
+        f: &model::Func,
+        input: axum::body::Bytes,
+        call_id: String,
+    ) -> Result<Invoked, CallError> {
+        let mut excluded = Vec::new();
+        let mut last = None;
+        for _ in 0..CALL_ATTEMPTS {
+            let views = self.hosts.views(None, &excluded);
+            let Some(policy::Placement::Host { host }) = self.policy.place_call(&views) else {
+                return Err(last.unwrap_or_else(|| CallError::NoHost("no host is up".into())));
+            };
+            let spec = self.hosts.get(host).spec.clone();
+            let _counted = self.hosts.start_call(host);
+            let call = invoke::Call {
+                socket: spec.socket.clone(),
+                host: spec.name.clone(),
+                launch: self.cold_launch(f),
+                input: input.clone(),
+                timeout: Self::timeout(f),
+                max_output: self.config.max_output,
+            };
+            match invoke::run(call).await {
+                Ok(answer) => {
+                    return Ok(Invoked {
+                        call_id,
+                        host: spec.name,
+                        start: Start::Cold,
+                        answer,
+                    });
+                }
+                Err(e) if e.host_failed() => {
+                    self.hosts.mark_down(host, &e.to_string());
+                    excluded.push(host);
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| CallError::NoHost("no host is up".into())))
+    }
+
+    /// Fn's keep-warm: an idle instance if there is one, else one started cold (and kept).
+    async fn cached(
+        self: &Arc<Self>,
+        f: &model::Func,
+        input: axum::body::Bytes,
+        call_id: String,
+    ) -> Result<Invoked, CallError> {
+        let t0 = std::time::Instant::now();
+        let timeout = Self::timeout(f);
+        let max = self.config.max_output;
+        let up = |h: usize| self.hosts.get(h).is_up();
+        // An idle instance may have died since (its own timeout, its host): then the next.
+        while let Some(mut instance) = self.instances.take(&f.id, &f.image, up) {
+            let host = instance.host;
+            let _counted = self.hosts.start_call(host);
+            match instance.call(&input, timeout, max).await {
+                Ok(output) => {
+                    self.instances.put_back(&f.id, instance);
+                    return Ok(Invoked {
+                        call_id,
+                        host: self.hosts.get(host).spec.name.clone(),
+                        start: Start::Warm,
+                        answer: instances::answer(output, Default::default(), t0),
+                    });
+                }
+                Err(CallError::Crashed(why)) if instance.served > 0 => {
+                    tracing::info!("an idle instance is gone ({why}): the next one");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut excluded = Vec::new();
+        let mut last = None;
+        for _ in 0..CALL_ATTEMPTS {
+            let views = self.hosts.views(None, &excluded);
+            let Some(policy::Placement::Host { host }) = self.policy.place_call(&views) else {
+                return Err(last.unwrap_or_else(|| CallError::NoHost("no host is up".into())));
+            };
+            let spec = self.hosts.get(host).spec.clone();
+            let _counted = self.hosts.start_call(host);
+            let started = instances::Instance::start(
+                host,
+                &spec.name,
+                spec.socket.clone(),
+                self.cold_launch(f),
+                f.image.clone(),
+                Duration::from_secs(u64::from(f.idle_timeout)),
+            )
+            .await;
+            let (mut instance, stats) = match started {
+                Ok(started) => started,
+                Err(e) if e.host_failed() => {
+                    self.hosts.mark_down(host, &e.to_string());
+                    excluded.push(host);
+                    last = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let output = instance.call(&input, timeout, max).await?;
+            self.instances.put_back(&f.id, instance);
+            return Ok(Invoked {
+                call_id,
+                host: spec.name,
+                start: Start::Cold,
+                answer: instances::answer(output, stats, t0),
+            });
         }
         Err(last.unwrap_or_else(|| CallError::NoHost("no host is up".into())))
     }

@@ -16,6 +16,15 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::hosts::Hosts;
 
+/// A call's start: `fork`, `cold` or `warm` ([`crate::Start`]), and the function's policy.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StartLabels {
+    pub fn_id: String,
+    pub fn_name: String,
+    pub policy: &'static str,
+    pub start: &'static str,
+}
+
 /// What OpenMetrics scrapers ask for and get.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -55,6 +64,8 @@ fn call_histogram() -> Histogram {
 pub struct Metrics {
     pub calls: Family<CallLabels, Counter>,
     pub call_seconds: Family<FnLabels, Histogram, fn() -> Histogram>,
+    /// Answered calls by how their process started (the cold starts a policy paid).
+    pub starts: Family<StartLabels, Counter>,
     pub seeds_made: Counter,
     /// Seeds made again: their host or daemon lost them, or the function's image changed.
     pub seeds_replaced: Counter,
@@ -65,6 +76,7 @@ impl Default for Metrics {
         Metrics {
             calls: Family::default(),
             call_seconds: Family::new_with_constructor(call_histogram),
+            starts: Family::default(),
             seeds_made: Counter::default(),
             seeds_replaced: Counter::default(),
         }
@@ -91,6 +103,11 @@ impl Metrics {
             "Calls' time from the request to the answer, by function",
             Unit::Seconds,
             self.call_seconds.clone(),
+        );
+        r.register(
+            "call_starts",
+            "Answered calls by how their process started: fork, cold (from the bundle) or warm (a kept instance)",
+            self.starts.clone(),
         );
         r.register("seeds_made", "Seeds prepared", self.seeds_made.clone());
         r.register(

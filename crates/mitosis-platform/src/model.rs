@@ -245,6 +245,24 @@ impl Func {
     }
 
     fn check(&self) -> Result<(), ApiError> {
+        if let Some(v) = self.annotations.get(crate::policy::POLICY_ANNOTATION) {
+            let named = v.as_str().map(str::parse::<crate::policy::Strategy>);
+            match named {
+                Some(Ok(_)) => {}
+                Some(Err(why)) => {
+                    return Err(ApiError::bad_request(format!(
+                        "annotation {}: {why}",
+                        crate::policy::POLICY_ANNOTATION
+                    )));
+                }
+                None => {
+                    return Err(ApiError::bad_request(format!(
+                        "annotation {}: a string",
+                        crate::policy::POLICY_ANNOTATION
+                    )));
+                }
+            }
+        }
         if !(1..=MAX_TIMEOUT).contains(&self.timeout) {
             return Err(ApiError::bad_request(format!(
                 "timeout value is out of range, must be between 1 and {MAX_TIMEOUT}"

@@ -1,12 +1,84 @@
-//! Where a function's seed lives and how each call runs: a policy behind a trait.
+//! How each call of a function starts ([`Strategy`]) and on which host ([`Policy`]).
 //!
-//! The default, [`LoadAware`], forks every call remotely from the function's one seed, on the
-//! least loaded host. Fn's keep-warm (a hot container per function, reused until its
-//! `idle_timeout`) and local fork (children only on the seed's host) are other policies: a
-//! later issue compares them. [`Placement`] says how a call starts, so such policies add
-//! variants there and the platform's invoker a way to run them.
+//! The default strategy forks every call remotely from the function's one seed; the others
+//! are what platforms do without remote fork, so that the load-spike experiment compares
+//! them on one platform: Fn's keep-warm (an instance started cold when none is idle, reused
+//! until its `idle_timeout`), local fork (a seed on every host, children only from their
+//! host's own), and a cold start per call. [`LoadAware`] picks the host for all of them.
 
+use std::fmt;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The annotation that sets a function's strategy (else the platform's `--policy`).
+pub const POLICY_ANNOTATION: &str = "mitosis.io/policy";
+
+/// How a function's calls start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Strategy {
+    /// A child of the function's one seed in the cluster, on any host (remote fork).
+    #[default]
+    RemoteFork,
+    /// Fn's policy: a call takes an idle instance of the function if there is one, else
+    /// starts one cold; a finished instance waits for the next call until `idle_timeout`.
+    /// Instances answer one line per request line (the line contract of the examples).
+    FnCache,
+    /// A seed of the function on every host; a call is a child of its host's own seed.
+    LocalFork,
+    /// A new instance started cold for every call, ended after it.
+    Cold,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 4] = [
+        Strategy::RemoteFork,
+        Strategy::FnCache,
+        Strategy::LocalFork,
+        Strategy::Cold,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::RemoteFork => "remote-fork",
+            Strategy::FnCache => "fn-cache",
+            Strategy::LocalFork => "local-fork",
+            Strategy::Cold => "cold",
+        }
+    }
+
+    /// The function's own (its annotation), else `default`. An annotation that names no
+    /// strategy is refused when the function is created or updated.
+    pub fn of(
+        annotations: &std::collections::BTreeMap<String, serde_json::Value>,
+        default: Strategy,
+    ) -> Strategy {
+        annotations
+            .get(POLICY_ANNOTATION)
+            .and_then(|v| v.as_str())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Strategy::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Strategy::ALL.iter().map(|k| k.name()).collect();
+                format!("unknown policy {s:?}: one of {}", names.join(", "))
+            })
+    }
+}
 
 /// A host as a policy sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,12 +99,13 @@ pub struct HostView {
     pub has_replica: bool,
 }
 
-/// How one call starts.
+/// Where one call runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Placement {
-    /// A child of the function's seed, resumed by the daemon of `host`.
-    RemoteFork { host: usize },
+    /// On `host`: a child of the seed its view describes (remote or local fork), or a new
+    /// instance (keep-warm with none idle, cold).
+    Host { host: usize },
 }
 
 pub trait Policy: Send + Sync {
@@ -101,7 +174,7 @@ impl Policy for LoadAware {
                     penalty
                 }
         })
-        .map(|host| Placement::RemoteFork { host })
+        .map(|host| Placement::Host { host })
     }
 }
 
@@ -123,7 +196,7 @@ mod tests {
 
     fn picked(p: &LoadAware, hosts: &[HostView]) -> usize {
         match p.place_call(hosts) {
-            Some(Placement::RemoteFork { host }) => host,
+            Some(Placement::Host { host }) => host,
             None => panic!("no placement"),
         }
     }
@@ -158,5 +231,27 @@ mod tests {
         let mut hosts = vec![host(0, 0, false), host(1, 5, false)];
         hosts[0].seeds = 2;
         assert_eq!(p.seed_host(&hosts), Some(1));
+    }
+}
+
+#[cfg(test)]
+mod strategy_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn strategies_by_name_and_annotation() {
+        for k in Strategy::ALL {
+            assert_eq!(k.name().parse::<Strategy>(), Ok(k));
+        }
+        let err = "warm".parse::<Strategy>().unwrap_err();
+        assert!(
+            err.contains("remote-fork, fn-cache, local-fork, cold"),
+            "{err}"
+        );
+        let mut a = std::collections::BTreeMap::new();
+        assert_eq!(Strategy::of(&a, Strategy::Cold), Strategy::Cold);
+        a.insert(POLICY_ANNOTATION.to_owned(), json!("fn-cache"));
+        assert_eq!(Strategy::of(&a, Strategy::Cold), Strategy::FnCache);
     }
 }

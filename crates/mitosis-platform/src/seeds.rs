@@ -44,6 +44,10 @@ impl std::fmt::Debug for Seed {
     }
 }
 
+/// A function's id, and the host of a seed of that host alone (local fork) or none (the
+/// function's one seed for the cluster).
+type SlotKey = (String, Option<usize>);
+
 #[derive(Default)]
 struct Slot {
     current: Mutex<Option<Seed>>,
@@ -61,7 +65,7 @@ pub struct Seeds {
     hosts: Arc<Hosts>,
     policy: Arc<dyn Policy>,
     ready_timeout: Duration,
-    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    slots: Mutex<HashMap<SlotKey, Arc<Slot>>>,
     metrics: Metrics,
 }
 
@@ -81,19 +85,31 @@ impl Seeds {
         }
     }
 
-    fn slot(&self, fn_id: &str) -> Arc<Slot> {
+    fn slot(&self, key: &SlotKey) -> Arc<Slot> {
         self.slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .entry(fn_id.to_owned())
+            .entry(key.clone())
             .or_default()
             .clone()
     }
 
-    /// The function's seed, if one is ready.
+    /// The function's seed (for the whole cluster), if one is ready.
     pub fn current(&self, fn_id: &str) -> Option<Seed> {
         let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        slots.get(fn_id).and_then(|s| s.current().clone())
+        slots
+            .get(&(fn_id.to_owned(), None))
+            .and_then(|s| s.current().clone())
+    }
+
+    /// The hosts where the function has a seed of their own ready (local fork).
+    pub fn local_hosts(&self, fn_id: &str) -> Vec<usize> {
+        let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        slots
+            .iter()
+            .filter(|((id, host), slot)| id == fn_id && host.is_some() && slot.current().is_some())
+            .filter_map(|((_, host), _)| *host)
+            .collect()
     }
 
     /// The function's seed: the one it has if its host is up and it is of the function's
@@ -107,8 +123,28 @@ impl Seeds {
         self.get_replacing(f, Some(lost)).await
     }
 
+    /// The function's own seed on `host` (local fork): made there if it has none.
+    pub async fn get_on(&self, f: &Func, host: usize) -> Result<Seed, CallError> {
+        self.get_in(f, Some(host), None).await
+    }
+
+    /// Like [`Seeds::get_on`], but `lost` is not good enough.
+    pub async fn replace_on(&self, f: &Func, lost: &Seed) -> Result<Seed, CallError> {
+        self.get_in(f, Some(lost.host), Some(lost)).await
+    }
+
     async fn get_replacing(&self, f: &Func, lost: Option<&Seed>) -> Result<Seed, CallError> {
-        let slot = self.slot(&f.id);
+        self.get_in(f, None, lost).await
+    }
+
+    /// The seed of slot (`f`, `on`): with `on`, a seed of that host alone.
+    async fn get_in(
+        &self,
+        f: &Func,
+        on: Option<usize>,
+        lost: Option<&Seed>,
+    ) -> Result<Seed, CallError> {
+        let slot = self.slot(&(f.id.clone(), on));
         if let Some(seed) = self.usable(&slot, f, lost) {
             return Ok(seed);
         }
@@ -123,7 +159,10 @@ impl Seeds {
             self.metrics.seeds_replaced.inc();
             self.drop_in_background(old);
         }
-        let seed = self.make(f, lost.map(|s| s.host)).await?;
+        let seed = match on {
+            None => self.make(f, lost.map(|s| s.host)).await?,
+            Some(host) => self.prepare_on(f, host).await.map_err(|(e, _)| e)?,
+        };
         *slot.current() = Some(seed.clone());
         Ok(seed)
     }
@@ -152,48 +191,60 @@ impl Seeds {
                 }
                 return Err(CallError::Seed(last_error));
             };
-            let socket = self.hosts.get(host).spec.socket.clone();
-            let name = self.hosts.get(host).spec.name.clone();
-            let image = f.image.clone();
-            let ready = self.ready_timeout;
-            let t0 = Instant::now();
-            let prepared = tokio::task::spawn_blocking(move || {
-                Client::connect(&socket)?
-                    // The daemon waits up to `ready` for the bundle to be warm.
-                    .with_timeout(ready + Duration::from_secs(10))?
-                    .prepare_bundle(Path::new(&image), ready)
-            })
-            .await
-            .map_err(|e| CallError::Io(std::io::Error::other(e)))?;
-            match prepared {
-                Ok((handle, _stats)) => {
-                    let parsed: Handle = handle
-                        .parse()
-                        .map_err(|e| CallError::Seed(format!("the daemon's handle: {e}")))?;
-                    let seed = Seed {
-                        host,
-                        handle,
-                        image: f.image.clone(),
-                        seed_id: parsed.seed_id,
-                        seed_addr: parsed.host.to_string(),
-                    };
-                    tracing::info!(function = %f.id, host = %name, ?seed, elapsed = ?t0.elapsed(), "seed ready");
-                    self.metrics.seeds_made.inc();
-                    return Ok(seed);
-                }
-                Err(err) => {
-                    let host_at_fault =
-                        err.kind().is_none() || matches!(err.kind(), Some(ErrorKind::Unavailable));
-                    if !host_at_fault {
-                        return Err(CallError::Seed(format!("{}: {err}", f.image)));
-                    }
-                    tracing::warn!(host = %name, "preparing {}: {err}", f.image);
-                    if err.kind().is_none() {
-                        self.hosts.mark_down(host, &err.to_string());
-                    }
-                    last_error = format!("host {name}: {err}");
+            match self.prepare_on(f, host).await {
+                Ok(seed) => return Ok(seed),
+                Err((e, false)) => return Err(e),
+                Err((e, true)) => {
+                    last_error = e.to_string();
                     excluded.push(host);
                 }
+            }
+        }
+    }
+
+    /// Prepares `f`'s bundle on `host`. On failure, whether the host is at fault (its daemon
+    /// failed, not the bundle).
+    async fn prepare_on(&self, f: &Func, host: usize) -> Result<Seed, (CallError, bool)> {
+        let socket = self.hosts.get(host).spec.socket.clone();
+        let name = self.hosts.get(host).spec.name.clone();
+        let image = f.image.clone();
+        let ready = self.ready_timeout;
+        let t0 = Instant::now();
+        let prepared = tokio::task::spawn_blocking(move || {
+            Client::connect(&socket)?
+                // The daemon waits up to `ready` for the bundle to be warm.
+                .with_timeout(ready + Duration::from_secs(10))?
+                .prepare_bundle(Path::new(&image), ready)
+        })
+        .await
+        .map_err(|e| (CallError::Io(std::io::Error::other(e)), false))?;
+        match prepared {
+            Ok((handle, _stats)) => {
+                let parsed: Handle = handle
+                    .parse()
+                    .map_err(|e| (CallError::Seed(format!("the daemon's handle: {e}")), false))?;
+                let seed = Seed {
+                    host,
+                    handle,
+                    image: f.image.clone(),
+                    seed_id: parsed.seed_id,
+                    seed_addr: parsed.host.to_string(),
+                };
+                tracing::info!(function = %f.id, host = %name, ?seed, elapsed = ?t0.elapsed(), "seed ready");
+                self.metrics.seeds_made.inc();
+                Ok(seed)
+            }
+            Err(err) => {
+                let host_at_fault =
+                    err.kind().is_none() || matches!(err.kind(), Some(ErrorKind::Unavailable));
+                if !host_at_fault {
+                    return Err((CallError::Seed(format!("{}: {err}", f.image)), false));
+                }
+                tracing::warn!(host = %name, "preparing {}: {err}", f.image);
+                if err.kind().is_none() {
+                    self.hosts.mark_down(host, &err.to_string());
+                }
+                Err((CallError::Seed(format!("host {name}: {err}")), true))
             }
         }
     }
@@ -208,14 +259,33 @@ impl Seeds {
         });
     }
 
-    /// Forgets the function's seed and drops it on its host.
+    /// Starts making `f`'s seed on every host that is up (local fork).
+    pub fn prepare_everywhere_in_background(self: &Arc<Self>, f: Func) {
+        for view in self.hosts.views(None, &[]) {
+            if !view.up {
+                continue;
+            }
+            let (seeds, f) = (self.clone(), f.clone());
+            tokio::spawn(async move {
+                if let Err(e) = seeds.get_on(&f, view.index).await {
+                    tracing::warn!(function = %f.id, host = view.index, "local seed: {e}");
+                }
+            });
+        }
+    }
+
+    /// Forgets the function's seeds and drops them on their hosts.
     pub async fn remove(&self, fn_id: &str) {
-        let slot = self
-            .slots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(fn_id);
-        if let Some(slot) = slot {
+        let removed: Vec<Arc<Slot>> = {
+            let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            let keys: Vec<SlotKey> = slots
+                .keys()
+                .filter(|(id, _)| id == fn_id)
+                .cloned()
+                .collect();
+            keys.iter().filter_map(|k| slots.remove(k)).collect()
+        };
+        for slot in removed {
             // Wait for a seed being made, so it is not left behind.
             let _making = slot.making.lock().await;
             let seed = slot.current().take();
@@ -237,13 +307,15 @@ impl Seeds {
 
     /// Drops every seed (on shutdown).
     pub async fn drop_all(&self) {
-        let ids: Vec<String> = self
+        let mut ids: Vec<String> = self
             .slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .keys()
-            .cloned()
+            .map(|(id, _)| id.clone())
             .collect();
+        ids.sort();
+        ids.dedup();
         for id in ids {
             self.remove(&id).await;
         }

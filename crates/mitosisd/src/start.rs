@@ -117,10 +117,14 @@ async fn start(
     match warmed {
         Ok(_) => Ok(container),
         Err(why) => {
+            let why = match crate::resume::oom_reason(&container) {
+                Some(oom) => format!("{}: {oom}", why.replace("the seed", "the process")),
+                None => why.replace("the seed", "the process"),
+            };
             tokio::task::spawn_blocking(move || container.destroy());
             Err(StartFailed::NotWarm {
                 bundle: dir.to_owned(),
-                why: why.replace("the seed", "the process"),
+                why,
             })
         }
     }

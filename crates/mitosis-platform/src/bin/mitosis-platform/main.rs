@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mitosis_platform::store::Store;
-use mitosis_platform::{Config, HostSpec, Platform};
+use mitosis_platform::{Config, HostSpec, Platform, Strategy};
 
 #[derive(Parser)]
 #[command(version, about = "A serverless platform on remote fork (Fn v2 API)")]
@@ -50,6 +50,12 @@ pub(crate) struct ApiArgs {
     /// Request bodies over this many bytes are refused (413).
     #[arg(long, default_value_t = 1 << 20)]
     max_body: usize,
+    /// How calls start, unless a function's `mitosis.io/policy` annotation says: remote-fork
+    /// (a child of the function's one seed), fn-cache (Fn's keep-warm: instances started cold,
+    /// reused until idle_timeout), local-fork (a seed on every host) or cold (a new instance
+    /// per call).
+    #[arg(long, default_value = "remote-fork")]
+    policy: Strategy,
 }
 
 impl ApiArgs {
@@ -65,6 +71,7 @@ impl ApiArgs {
     fn config(&self) -> Config {
         Config {
             max_body: self.max_body,
+            strategy: self.policy,
             ..Config::default()
         }
     }
