@@ -36,6 +36,7 @@ mod many;
 mod methods;
 mod output;
 mod pipe;
+mod platform;
 mod procs;
 mod remote;
 mod report;
@@ -122,6 +123,11 @@ struct Args {
     /// its plain row.
     #[arg(long)]
     tls: bool,
+    /// Instead of the seed rows: calls through the platform's API (warm host, cold host,
+    /// Fn-style cold start of --bundle; --children samples each), and calls/s with
+    /// --concurrency clients for --throughput-secs beside the local-fork ceiling.
+    #[arg(long)]
+    platform: bool,
 }
 
 fn main() {
@@ -222,6 +228,17 @@ fn run(args: Args) -> Result<i32> {
         testbed.host(1).addr(),
         testbed.host(2).addr()
     );
+    if args.platform {
+        let run = platform::run(
+            &testbed,
+            &args.bundle,
+            args.children,
+            args.concurrency,
+            args.throughput_secs,
+        )?;
+        platform::print(&run);
+        return Ok(0);
+    }
     let remote = Remote {
         mitosis: &mitosis,
         seed_host: testbed.host(0),

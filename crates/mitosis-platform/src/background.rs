@@ -2,14 +2,17 @@
 //! drive it in-process (the demo, tests). Stopping it drops its seeds.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::store::Store;
-use crate::{Config, HostSpec, Platform};
+use crate::{Config, HostSpec, LoadAware, Platform, Policy};
 
 /// A running platform; stopped on drop.
 pub struct Background {
     pub addr: SocketAddr,
+    /// The platform itself, for a program that looks inside (its seeds, its instances).
+    pub platform: Arc<Platform>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -17,14 +20,27 @@ pub struct Background {
 impl Background {
     /// Serves `hosts` on a free loopback port with `config` and an in-memory store.
     pub fn start(config: Config, hosts: Vec<HostSpec>) -> std::io::Result<Background> {
+        Self::start_with(config, hosts, Arc::new(LoadAware::default()))
+    }
+
+    /// [`Background::start`] with the placement `policy` (a benchmark pins calls to hosts).
+    pub fn start_with(
+        config: Config,
+        hosts: Vec<HostSpec>,
+        policy: Arc<dyn Policy>,
+    ) -> std::io::Result<Background> {
         let store = Store::in_memory().map_err(std::io::Error::other)?;
         let runtime = tokio::runtime::Runtime::new()?;
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?;
+        // Made on the runtime: it starts its pollers there.
+        let platform =
+            runtime.block_on(async { Platform::with_policy(config, store, hosts, policy) });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served_platform = platform.clone();
         let thread = std::thread::spawn(move || {
+            let platform = served_platform;
             runtime.block_on(async move {
-                let platform = Platform::new(config, store, hosts);
                 let served = axum::serve(listener, crate::api::router(platform.clone()))
                     .with_graceful_shutdown(async {
                         let _ = stopped.await;
@@ -41,6 +57,7 @@ impl Background {
         });
         Ok(Background {
             addr,
+            platform,
             stop: Some(stop),
             thread: Some(thread),
         })
