@@ -3,7 +3,8 @@
 //! `/function/NAME`), and one seed per function serves the whole cluster.
 //!
 //! - [`api`]: the HTTP API (axum), Fn's JSON shapes and error bodies.
-//! - [`store`]: apps and functions in an embedded SQLite database.
+//! - [`store`]: apps, functions and seed records: SQLite for one instance, or
+//!   [`etcd`] shared by several (with the hosts, under leases).
 //! - [`hosts`]: the daemons of the cluster and what their status says (polled off the API's
 //!   threads, so a slow host never stalls a request).
 //! - [`policy`]: where seeds live and where each call runs, behind a trait.
@@ -15,6 +16,7 @@
 pub mod api;
 pub mod background;
 mod error;
+pub mod etcd;
 pub mod hosts;
 pub mod ids;
 pub mod invoke;
