@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::store::Store;
+use crate::store::{Store, StoreSpec};
 use crate::{Config, HostSpec, Platform};
 
 /// A running platform; stopped on drop.
@@ -17,8 +17,19 @@ pub struct Background {
 impl Background {
     /// Serves `hosts` on a free loopback port with `config` and an in-memory store.
     pub fn start(config: Config, hosts: Vec<HostSpec>) -> std::io::Result<Background> {
-        let store = Store::in_memory().map_err(std::io::Error::other)?;
+        Self::start_with(config, hosts, &StoreSpec::Memory)
+    }
+
+    /// Serves `hosts` (and, with etcd, those other instances registered) with `store`.
+    pub fn start_with(
+        config: Config,
+        hosts: Vec<HostSpec>,
+        store: &StoreSpec,
+    ) -> std::io::Result<Background> {
         let runtime = tokio::runtime::Runtime::new()?;
+        let store = runtime
+            .block_on(Store::open_spec(store))
+            .map_err(std::io::Error::other)?;
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -84,10 +84,11 @@ impl Platform {
         hosts: Vec<HostSpec>,
         policy: Arc<dyn Policy>,
     ) -> Arc<Self> {
-        let hosts = Hosts::new(hosts);
+        let hosts = Hosts::new(hosts, store.etcd().cloned());
         hosts.clone().start_polling(config.poll_interval);
         let metrics = metrics::Metrics::default();
         let seeds = Arc::new(seeds::Seeds::new(
+            store.clone(),
             hosts.clone(),
             policy.clone(),
             config.seed_ready_timeout,
@@ -104,9 +105,12 @@ impl Platform {
         })
     }
 
-    /// Drops every seed this platform prepared (on shutdown).
+    /// Drops every seed this platform prepared (on shutdown), unless other instances share
+    /// them: then they stay for those (and go with their function, or their host).
     pub async fn shutdown(&self) {
-        self.seeds.drop_all().await;
+        if !self.store.is_shared() {
+            self.seeds.drop_all().await;
+        }
     }
 }
 

@@ -5,6 +5,12 @@
 //! and made again, on another host, when its host's daemon is gone or no longer has it.
 //! Each function has a lock of its own for making its seed: calls of other functions never
 //! wait on it, and calls of the function wait only while there is no seed to fork from.
+//!
+//! Seeds are recorded in the store. With a shared one (etcd) that makes one seed per function
+//! for the whole cluster: an instance without a usable seed first takes the recorded one,
+//! and only makes one after claiming the making (one instance at a time; a dead instance's
+//! claim expires); the others wait for its record. A seed's record goes with its host's
+//! lease, so a dead host's seeds are made again elsewhere by whoever needs them next.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,11 +20,17 @@ use std::time::{Duration, Instant};
 use mitosis_client::{Client, ErrorKind};
 use mitosis_descriptor::Handle;
 
-use crate::error::CallError;
+use crate::error::{CallError, StoreError};
+use crate::etcd::CLAIM_POLL;
 use crate::hosts::Hosts;
 use crate::metrics::Metrics;
 use crate::model::Func;
 use crate::policy::Policy;
+use crate::store::{SeedRecord, Store};
+
+/// How long a seed's host may take to appear in the shared store before the seed is kept
+/// by this instance alone (its first registration follows its first poll).
+const RECORD_WAIT: Duration = Duration::from_secs(3);
 
 /// A function's seed.
 #[derive(Clone, PartialEq, Eq)]
@@ -58,6 +70,7 @@ impl Slot {
 }
 
 pub struct Seeds {
+    store: Store,
     hosts: Arc<Hosts>,
     policy: Arc<dyn Policy>,
     ready_timeout: Duration,
@@ -67,12 +80,14 @@ pub struct Seeds {
 
 impl Seeds {
     pub fn new(
+        store: Store,
         hosts: Arc<Hosts>,
         policy: Arc<dyn Policy>,
         ready_timeout: Duration,
         metrics: Metrics,
     ) -> Self {
         Seeds {
+            store,
             metrics,
             hosts,
             policy,
@@ -117,22 +132,115 @@ impl Seeds {
         if let Some(seed) = self.usable(&slot, f, lost) {
             return Ok(seed);
         }
-        let old = slot.current().take();
-        if let Some(old) = old {
+        let deadline = Instant::now() + self.ready_timeout + Duration::from_secs(30);
+        loop {
+            // The recorded seed: another instance's, or this one's before a restart.
+            let recorded = self.store.seed(f.id.clone()).await?;
+            if let Some(seed) = recorded.as_ref().and_then(|r| self.of_record(r)) {
+                if self.is_usable(&seed, f, lost) {
+                    tracing::debug!(function = %f.id, ?seed, "using the recorded seed");
+                    *slot.current() = Some(seed.clone());
+                    return Ok(seed);
+                }
+            }
+            if self.store.claim_seed(&f.id).await? {
+                let made = self.make_and_record(f, lost, recorded, &slot).await;
+                if let Err(e) = self.store.release_seed(&f.id).await {
+                    // It expires with this instance's lease.
+                    tracing::warn!(function = %f.id, "releasing the claim on its seed: {e}");
+                }
+                return made;
+            }
+            if Instant::now() > deadline {
+                return Err(CallError::Seed(
+                    "another platform instance is making the seed, and it is not ready yet".into(),
+                ));
+            }
+            tokio::time::sleep(CLAIM_POLL).await;
+        }
+    }
+
+    /// Makes a new seed in place of this instance's and the recorded one (dropped: they are
+    /// unusable), and records it. Called with the claim held.
+    async fn make_and_record(
+        &self,
+        f: &Func,
+        lost: Option<&Seed>,
+        recorded: Option<SeedRecord>,
+        slot: &Slot,
+    ) -> Result<Seed, CallError> {
+        let mut old: Vec<Seed> = slot.current().take().into_iter().collect();
+        if let Some(r) = recorded.as_ref().and_then(|r| self.of_record(r)) {
+            if !old.contains(&r) {
+                old.push(r);
+            }
+        }
+        let avoid = lost
+            .or(old.first())
+            .map(|s| s.host)
+            .filter(|h| lost.is_some() || !self.hosts.get(*h).is_up());
+        if !old.is_empty() || recorded.is_some() {
             tracing::info!(function = %f.id, ?old, "replacing the seed");
             self.metrics.seeds_replaced.inc();
-            self.drop_in_background(old);
         }
-        let seed = self.make(f, lost.map(|s| s.host)).await?;
+        for seed in old {
+            self.drop_in_background(seed);
+        }
+        let seed = self.make(f, avoid).await?;
+        self.record(f, &seed).await?;
         *slot.current() = Some(seed.clone());
         Ok(seed)
+    }
+
+    /// Records `seed` in the store. Its host may not be registered yet (its first poll is
+    /// on its way): waits a little, then keeps the seed for this instance alone.
+    async fn record(&self, f: &Func, seed: &Seed) -> Result<(), CallError> {
+        let record = SeedRecord {
+            fn_id: f.id.clone(),
+            host: self.hosts.get(seed.host).spec.name.clone(),
+            handle: seed.handle.clone(),
+            image: seed.image.clone(),
+            seed_id: seed.seed_id,
+            seed_addr: seed.seed_addr.clone(),
+        };
+        let t0 = Instant::now();
+        loop {
+            match self.store.put_seed(record.clone()).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    self.drop_in_background(seed.clone());
+                    return Err(CallError::Seed("the function was deleted".into()));
+                }
+                Err(StoreError::Unregistered(_)) if t0.elapsed() < RECORD_WAIT => {
+                    tokio::time::sleep(CLAIM_POLL).await;
+                }
+                Err(e) => {
+                    tracing::warn!(function = %f.id, "recording its seed (kept here only): {e}");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The seed of a record, if its host is known here.
+    fn of_record(&self, r: &SeedRecord) -> Option<Seed> {
+        Some(Seed {
+            host: self.hosts.index_of(&r.host)?,
+            handle: r.handle.clone(),
+            image: r.image.clone(),
+            seed_id: r.seed_id,
+            seed_addr: r.seed_addr.clone(),
+        })
     }
 
     fn usable(&self, slot: &Slot, f: &Func, lost: Option<&Seed>) -> Option<Seed> {
         let current = slot.current();
         let seed = current.as_ref()?;
-        (seed.image == f.image && Some(seed) != lost && self.hosts.get(seed.host).is_up())
-            .then(|| seed.clone())
+        self.is_usable(seed, f, lost).then(|| seed.clone())
+    }
+
+    fn is_usable(&self, seed: &Seed, f: &Func, lost: Option<&Seed>) -> bool {
+        seed.image == f.image && Some(seed) != lost && self.hosts.get(seed.host).is_up()
     }
 
     /// Prepares `f`'s bundle on the host the policy picks; a host whose daemon fails is
@@ -208,20 +316,26 @@ impl Seeds {
         });
     }
 
-    /// Forgets the function's seed and drops it on its host.
+    /// Forgets the function's seed (its record too) and drops it on its host.
     pub async fn remove(&self, fn_id: &str) {
         let slot = self
             .slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(fn_id);
-        if let Some(slot) = slot {
+        let mut seeds = Vec::new();
+        if let Some(slot) = &slot {
             // Wait for a seed being made, so it is not left behind.
             let _making = slot.making.lock().await;
-            let seed = slot.current().take();
-            if let Some(seed) = seed {
-                self.drop_seed(seed).await;
-            }
+            seeds.extend(slot.current().take());
+        }
+        match self.store.take_seed(fn_id.to_owned()).await {
+            Ok(Some(r)) => seeds.extend(self.of_record(&r).filter(|s| !seeds.contains(s))),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(function = %fn_id, "forgetting its seed's record: {e}"),
+        }
+        for seed in seeds {
+            self.drop_seed(seed).await;
         }
     }
 
