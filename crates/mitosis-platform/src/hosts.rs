@@ -265,8 +265,9 @@ impl Hosts {
                 Ok(Err(e)) => Err(format!("status thread: {e}")),
                 Err(_) => Err("no status in time".to_owned()),
             };
-        if let (Ok(status), Some(shared), true) = (&result, &self.shared, host.local) {
-            let record = HostRecord {
+        // Published after the status is recorded: a slow etcd delays the entry, not the view.
+        let record = match (&result, &self.shared) {
+            (Ok(status), Some(_)) if host.local => Some(HostRecord {
                 name: host.spec.name.clone(),
                 endpoint: host.spec.socket.display().to_string(),
                 listen: status.listen.clone(),
@@ -274,11 +275,23 @@ impl Hosts {
                 seeds: status.seeds.iter().map(|s| s.id).collect(),
                 replicas: status.replicas.len(),
                 registered_by: String::new(),
-            };
+            }),
+            _ => None,
+        };
+        self.record_poll(&host, result, inflight_at_poll);
+        if let (Some(record), Some(shared)) = (record, &self.shared) {
             if let Err(e) = shared.publish_host(record).await {
                 tracing::warn!(host = %host.spec.name, "registering the host in etcd: {e}");
             }
         }
+    }
+
+    fn record_poll(
+        &self,
+        host: &Host,
+        result: Result<DaemonStatus, String>,
+        inflight_at_poll: u64,
+    ) {
         let mut seen = host.seen();
         let was_up = !seen.polled || seen.up;
         seen.polled = true;

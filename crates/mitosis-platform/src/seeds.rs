@@ -136,14 +136,18 @@ impl Seeds {
         loop {
             // The recorded seed: another instance's, or this one's before a restart.
             let recorded = self.store.seed(f.id.clone()).await?;
-            if let Some(seed) = recorded.as_ref().and_then(|r| self.of_record(r)) {
-                if self.is_usable(&seed, f, lost) {
+            let known = recorded.as_ref().map(|r| self.of_record(r));
+            if let Some(Some(seed)) = &known {
+                if self.is_usable(seed, f, lost) {
                     tracing::debug!(function = %f.id, ?seed, "using the recorded seed");
                     *slot.current() = Some(seed.clone());
-                    return Ok(seed);
+                    return Ok(seed.clone());
                 }
             }
-            if self.store.claim_seed(&f.id).await? {
+            // A record on a host not found here yet: its host has an entry (the record is
+            // under its lease), so the next look at the registered hosts finds it.
+            let unknown_host = matches!(known, Some(None));
+            if !unknown_host && self.store.claim_seed(&f.id).await? {
                 let made = self.make_and_record(f, lost, recorded, &slot).await;
                 if let Err(e) = self.store.release_seed(&f.id).await {
                     // It expires with this instance's lease.
