@@ -127,9 +127,10 @@ pub fn run(
         host: AtomicUsize::new(0),
         auto: LoadAware::default(),
     });
-    let served = mitosis_platform::background::Background::start_with(
+    let served = mitosis_platform::background::Background::start_with_policy(
         Config::default(),
         HostSpec::of_testbed(tb),
+        &mitosis_platform::store::StoreSpec::Memory,
         pinned.clone(),
     )
     .context("starting the platform")?;

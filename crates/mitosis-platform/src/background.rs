@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::Store;
+use crate::store::{Store, StoreSpec};
 use crate::{Config, HostSpec, LoadAware, Platform, Policy};
 
 /// A running platform; stopped on drop.
@@ -20,17 +20,30 @@ pub struct Background {
 impl Background {
     /// Serves `hosts` on a free loopback port with `config` and an in-memory store.
     pub fn start(config: Config, hosts: Vec<HostSpec>) -> std::io::Result<Background> {
-        Self::start_with(config, hosts, Arc::new(LoadAware::default()))
+        Self::start_with(config, hosts, &StoreSpec::Memory)
     }
 
-    /// [`Background::start`] with the placement `policy` (a benchmark pins calls to hosts).
+    /// Serves `hosts` (and, with etcd, those other instances registered) with `store`.
     pub fn start_with(
         config: Config,
         hosts: Vec<HostSpec>,
+        store: &StoreSpec,
+    ) -> std::io::Result<Background> {
+        Self::start_with_policy(config, hosts, store, Arc::new(LoadAware::default()))
+    }
+
+    /// [`Background::start_with`] with the placement `policy` (a benchmark pins calls to
+    /// hosts).
+    pub fn start_with_policy(
+        config: Config,
+        hosts: Vec<HostSpec>,
+        store: &StoreSpec,
         policy: Arc<dyn Policy>,
     ) -> std::io::Result<Background> {
-        let store = Store::in_memory().map_err(std::io::Error::other)?;
         let runtime = tokio::runtime::Runtime::new()?;
+        let store = runtime
+            .block_on(Store::open_spec(store))
+            .map_err(std::io::Error::other)?;
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?;
         // Made on the runtime: it starts its pollers there.

@@ -6,11 +6,22 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use mitosis_client::ErrorKind;
 
-/// An error of the store (SQLite).
+/// An error of the store (SQLite or etcd).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("store: etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    /// etcd did not answer in time (a request is bounded so a slow etcd never stalls the API).
+    #[error("store: etcd did not answer {0} in time")]
+    Timeout(&'static str),
+    /// A seed's host has no entry (no lease) in the shared store to attach the seed to.
+    #[error("store: host {0} is not registered")]
+    Unregistered(String),
+    /// A record changed under a transaction too many times in a row.
+    #[error("store: {0} kept changing, gave up")]
+    Contended(&'static str),
     #[error("store: a stored record does not decode: {0}")]
     Corrupt(#[from] serde_json::Error),
     /// The store's thread went away (a panic in a query).
@@ -56,6 +67,9 @@ pub enum CallError {
     /// Pipes, threads: this process's own trouble.
     #[error("platform: {0}")]
     Io(#[from] std::io::Error),
+    /// The store (where the seed is recorded) failed or did not answer in time.
+    #[error("{0}")]
+    Store(#[from] StoreError),
 }
 
 impl CallError {
@@ -141,6 +155,7 @@ impl From<CallError> for ApiError {
             CallError::BadInput(_) => StatusCode::BAD_REQUEST,
             CallError::NoHost(_) => StatusCode::SERVICE_UNAVAILABLE,
             CallError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            CallError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_GATEWAY,
         };
         ApiError::new(status, e.to_string())

@@ -4,17 +4,24 @@
 //! Each host is polled by a task of its own (the blocking client on a blocking thread, with a
 //! timeout), so a host that hangs delays only its own view. A host whose daemon fails a poll
 //! or a call is down until a poll succeeds again.
+//!
+//! With a shared store (etcd), the hosts given to this instance are registered there after
+//! each successful poll, under a lease of this instance's that only those polls refresh (see
+//! [`crate::etcd`]); the hosts other instances registered are found there and polled too, and
+//! count as down once their entry is gone.
 
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use mitosis_client::{Client, DaemonStatus};
 
+use crate::etcd::EtcdStore;
 use crate::policy::HostView;
 use crate::seeds::Seed;
+use crate::store::HostRecord;
 
 /// How long a status may take before the host counts as down.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -70,6 +77,11 @@ pub struct Host {
     seen: Mutex<Seen>,
     /// Calls of this platform running there now (exact, unlike the polled status).
     inflight: AtomicU64,
+    /// Given to this instance (which polls it and registers it in a shared store), not found
+    /// in the store.
+    pub local: bool,
+    /// Whether its entry is in the shared store (always, for a local host).
+    registered: AtomicBool,
 }
 
 impl Host {
@@ -80,18 +92,26 @@ impl Host {
 
     pub fn is_up(&self) -> bool {
         let seen = self.seen();
-        !seen.polled || seen.up
+        (!seen.polled || seen.up) && self.registered.load(Ordering::Relaxed)
+    }
+
+    fn new(spec: HostSpec, local: bool) -> Host {
+        Host {
+            spec,
+            seen: Mutex::default(),
+            inflight: AtomicU64::new(0),
+            local,
+            registered: AtomicBool::new(true),
+        }
     }
 }
 
 /// Counts a call as running on its host while it lives.
-pub struct InFlight(Arc<Hosts>, usize);
+pub struct InFlight(Arc<Host>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.hosts[self.1]
-            .inflight
-            .fetch_sub(1, Ordering::Relaxed);
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -101,6 +121,9 @@ pub struct HostReport {
     pub name: String,
     pub socket: String,
     pub up: bool,
+    /// Given to this instance, or found in the shared store.
+    pub local: bool,
+    pub registered: bool,
     pub error: Option<String>,
     pub listen: Option<String>,
     pub children_running: u64,
@@ -110,54 +133,126 @@ pub struct HostReport {
 }
 
 pub struct Hosts {
-    hosts: Vec<Host>,
+    /// Only ever grows (a host's index is its name's for good): a host that goes is down.
+    hosts: RwLock<Vec<Arc<Host>>>,
+    /// The shared store the local hosts are registered in and the others found in.
+    shared: Option<EtcdStore>,
 }
 
 impl Hosts {
-    pub fn new(specs: Vec<HostSpec>) -> Arc<Hosts> {
+    pub fn new(specs: Vec<HostSpec>, shared: Option<EtcdStore>) -> Arc<Hosts> {
         Arc::new(Hosts {
-            hosts: specs
-                .into_iter()
-                .map(|spec| Host {
-                    spec,
-                    seen: Mutex::default(),
-                    inflight: AtomicU64::new(0),
-                })
-                .collect(),
+            hosts: RwLock::new(
+                specs
+                    .into_iter()
+                    .map(|spec| Arc::new(Host::new(spec, true)))
+                    .collect(),
+            ),
+            shared,
         })
     }
 
+    fn all(&self) -> Vec<Arc<Host>> {
+        self.hosts
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     pub fn len(&self) -> usize {
-        self.hosts.len()
+        self.hosts
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.hosts.is_empty()
+        self.len() == 0
     }
 
-    pub fn get(&self, index: usize) -> &Host {
-        &self.hosts[index]
+    pub fn get(&self, index: usize) -> Arc<Host> {
+        self.hosts.read().unwrap_or_else(PoisonError::into_inner)[index].clone()
     }
 
-    /// Polls every host every `interval`, each on a task of its own.
+    /// The index of the host named `name`, if it is known.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.hosts
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .position(|h| h.spec.name == name)
+    }
+
+    /// Polls every host every `interval`, each on a task of its own; with a shared store,
+    /// looks for the hosts other instances registered as often.
     pub fn start_polling(self: Arc<Self>, interval: Duration) {
-        for index in 0..self.hosts.len() {
+        for index in 0..self.len() {
+            self.clone().spawn_poller(index, interval);
+        }
+        if self.shared.is_some() {
             let hosts = self.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    hosts.poll(index).await;
+                    hosts.clone().discover(interval).await;
                 }
             });
         }
     }
 
-    /// Asks host `index` for its status and records what came back.
+    fn spawn_poller(self: Arc<Self>, index: usize, interval: Duration) {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                self.poll(index).await;
+            }
+        });
+    }
+
+    /// Reads the registered hosts: new ones are added (and polled), the others' entries
+    /// say whether they are still registered. If etcd does not answer, nothing changes.
+    async fn discover(self: Arc<Self>, interval: Duration) {
+        let Some(shared) = &self.shared else { return };
+        let records = match shared.hosts().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("listing the registered hosts: {e}");
+                return;
+            }
+        };
+        for record in &records {
+            if self.index_of(&record.name).is_none() {
+                let spec = HostSpec {
+                    name: record.name.clone(),
+                    socket: PathBuf::from(&record.endpoint),
+                };
+                tracing::info!(host = %spec.name, "found a host in etcd");
+                let index = {
+                    let mut hosts = self.hosts.write().unwrap_or_else(PoisonError::into_inner);
+                    hosts.push(Arc::new(Host::new(spec, false)));
+                    hosts.len() - 1
+                };
+                self.clone().spawn_poller(index, interval);
+            }
+        }
+        for host in self.all().iter().filter(|h| !h.local) {
+            let now = records.iter().any(|r| r.name == host.spec.name);
+            if host.registered.swap(now, Ordering::Relaxed) != now {
+                tracing::info!(host = %host.spec.name, registered = now, "host's entry in etcd");
+            }
+        }
+    }
+
+    /// Asks host `index` for its status and records what came back; a local host that
+    /// answered is registered (or its lease refreshed) in the shared store.
     pub async fn poll(&self, index: usize) {
-        let socket = self.hosts[index].spec.socket.clone();
-        let inflight_at_poll = self.hosts[index].inflight.load(Ordering::Relaxed);
+        let host = self.get(index);
+        let socket = host.spec.socket.clone();
+        let inflight_at_poll = host.inflight.load(Ordering::Relaxed);
         let asked = tokio::task::spawn_blocking(move || {
             Client::connect(&socket)?
                 .with_timeout(STATUS_TIMEOUT)?
@@ -170,7 +265,33 @@ impl Hosts {
                 Ok(Err(e)) => Err(format!("status thread: {e}")),
                 Err(_) => Err("no status in time".to_owned()),
             };
-        let host = &self.hosts[index];
+        // Published after the status is recorded: a slow etcd delays the entry, not the view.
+        let record = match (&result, &self.shared) {
+            (Ok(status), Some(_)) if host.local => Some(HostRecord {
+                name: host.spec.name.clone(),
+                endpoint: host.spec.socket.display().to_string(),
+                listen: status.listen.clone(),
+                children_running: status.children_running,
+                seeds: status.seeds.iter().map(|s| s.id).collect(),
+                replicas: status.replicas.len(),
+                registered_by: String::new(),
+            }),
+            _ => None,
+        };
+        self.record_poll(&host, result, inflight_at_poll);
+        if let (Some(record), Some(shared)) = (record, &self.shared) {
+            if let Err(e) = shared.publish_host(record).await {
+                tracing::warn!(host = %host.spec.name, "registering the host in etcd: {e}");
+            }
+        }
+    }
+
+    fn record_poll(
+        &self,
+        host: &Host,
+        result: Result<DaemonStatus, String>,
+        inflight_at_poll: u64,
+    ) {
         let mut seen = host.seen();
         let was_up = !seen.polled || seen.up;
         seen.polled = true;
@@ -196,7 +317,7 @@ impl Hosts {
 
     /// Marks a host down after a failed call (until a poll finds it up).
     pub fn mark_down(&self, index: usize, why: &str) {
-        let host = &self.hosts[index];
+        let host = self.get(index);
         let mut seen = host.seen();
         if !seen.polled || seen.up {
             tracing::warn!(host = %host.spec.name, "host is down: {why}");
@@ -207,18 +328,20 @@ impl Hosts {
     }
 
     /// Counts a call on host `index` until the guard drops.
-    pub fn start_call(self: &Arc<Self>, index: usize) -> InFlight {
-        self.hosts[index].inflight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone(), index)
+    pub fn start_call(&self, index: usize) -> InFlight {
+        let host = self.get(index);
+        host.inflight.fetch_add(1, Ordering::Relaxed);
+        InFlight(host)
     }
 
     /// The hosts as the policy sees them, for `seed` (which hosts have its replica) or for a
     /// new seed; `excluded` hosts count as down.
     pub fn views(&self, seed: Option<&Seed>, excluded: &[usize]) -> Vec<HostView> {
-        self.hosts
+        self.all()
             .iter()
             .enumerate()
             .map(|(index, host)| {
+                let registered = host.registered.load(Ordering::Relaxed);
                 let seen = host.seen();
                 let inflight = host.inflight.load(Ordering::Relaxed);
                 let status = seen.status.as_ref();
@@ -231,7 +354,7 @@ impl Hosts {
                 });
                 HostView {
                     index,
-                    up: (!seen.polled || seen.up) && !excluded.contains(&index),
+                    up: (!seen.polled || seen.up) && registered && !excluded.contains(&index),
                     // Children of others (the poll's count less this platform's calls
                     // then) and this platform's calls now: the poll is older than the calls.
                     running: status.map_or(0, |s| {
@@ -247,15 +370,18 @@ impl Hosts {
     }
 
     pub fn report(&self) -> Vec<HostReport> {
-        self.hosts
+        self.all()
             .iter()
             .map(|host| {
+                let registered = host.registered.load(Ordering::Relaxed);
                 let seen = host.seen();
                 let status = seen.status.as_ref();
                 HostReport {
                     name: host.spec.name.clone(),
                     socket: host.spec.socket.display().to_string(),
-                    up: !seen.polled || seen.up,
+                    up: (!seen.polled || seen.up) && registered,
+                    local: host.local,
+                    registered,
                     error: seen.error.clone(),
                     listen: status.map(|s| s.listen.clone()),
                     children_running: status.map_or(0, |s| s.children_running),

@@ -3,7 +3,8 @@
 //! `/function/NAME`), and one seed per function serves the whole cluster.
 //!
 //! - [`api`]: the HTTP API (axum), Fn's JSON shapes and error bodies.
-//! - [`store`]: apps and functions in an embedded SQLite database.
+//! - [`store`]: apps, functions and seed records: SQLite for one instance, or
+//!   [`etcd`] shared by several (with the hosts, under leases).
 //! - [`hosts`]: the daemons of the cluster and what their status says (polled off the API's
 //!   threads, so a slow host never stalls a request).
 //! - [`policy`]: where seeds live and where each call runs, behind a trait.
@@ -15,6 +16,7 @@
 pub mod api;
 pub mod background;
 mod error;
+pub mod etcd;
 pub mod hosts;
 pub mod ids;
 pub mod instances;
@@ -89,10 +91,11 @@ impl Platform {
         hosts: Vec<HostSpec>,
         policy: Arc<dyn Policy>,
     ) -> Arc<Self> {
-        let hosts = Hosts::new(hosts);
+        let hosts = Hosts::new(hosts, store.etcd().cloned());
         hosts.clone().start_polling(config.poll_interval);
         let metrics = metrics::Metrics::default();
         let seeds = Arc::new(seeds::Seeds::new(
+            store.clone(),
             hosts.clone(),
             policy.clone(),
             config.seed_ready_timeout,
@@ -112,12 +115,16 @@ impl Platform {
         })
     }
 
-    /// Drops every seed this platform prepared and ends its idle instances (on shutdown).
+    /// Drops every seed this platform prepared (on shutdown), unless other instances share
+    /// them: then they stay for those (and go with their function, or their host). Idle
+    /// instances end.
     pub async fn shutdown(&self) {
         for (fn_id, _) in self.instances.counts() {
             self.instances.remove(&fn_id);
         }
-        self.seeds.drop_all().await;
+        if !self.store.is_shared() {
+            self.seeds.drop_all().await;
+        }
     }
 
     /// How `f`'s calls start.

@@ -5,6 +5,15 @@
 //! and made again, on another host, when its host's daemon is gone or no longer has it.
 //! Each function has a lock of its own for making its seed: calls of other functions never
 //! wait on it, and calls of the function wait only while there is no seed to fork from.
+//!
+//! Seeds are recorded in the store. With a shared one (etcd) that makes one seed per function
+//! for the whole cluster: an instance without a usable seed first takes the recorded one,
+//! and only makes one after claiming the making (one instance at a time; a dead instance's
+//! claim expires); the others wait for its record. A seed's record goes with its host's
+//! lease, so a dead host's seeds are made again elsewhere by whoever needs them next.
+//!
+//! The local-fork policy keeps a seed of the function on every host instead: those are this
+//! instance's own (not recorded), one slot per (function, host).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,11 +23,17 @@ use std::time::{Duration, Instant};
 use mitosis_client::{Client, ErrorKind};
 use mitosis_descriptor::Handle;
 
-use crate::error::CallError;
+use crate::error::{CallError, StoreError};
+use crate::etcd::CLAIM_POLL;
 use crate::hosts::Hosts;
 use crate::metrics::Metrics;
 use crate::model::Func;
 use crate::policy::Policy;
+use crate::store::{SeedRecord, Store};
+
+/// How long a seed's host may take to appear in the shared store before the seed is kept
+/// by this instance alone (its first registration follows its first poll).
+const RECORD_WAIT: Duration = Duration::from_secs(3);
 
 /// A function's seed.
 #[derive(Clone, PartialEq, Eq)]
@@ -62,6 +77,7 @@ impl Slot {
 }
 
 pub struct Seeds {
+    store: Store,
     hosts: Arc<Hosts>,
     policy: Arc<dyn Policy>,
     ready_timeout: Duration,
@@ -71,12 +87,14 @@ pub struct Seeds {
 
 impl Seeds {
     pub fn new(
+        store: Store,
         hosts: Arc<Hosts>,
         policy: Arc<dyn Policy>,
         ready_timeout: Duration,
         metrics: Metrics,
     ) -> Self {
         Seeds {
+            store,
             metrics,
             hosts,
             policy,
@@ -85,11 +103,11 @@ impl Seeds {
         }
     }
 
-    fn slot(&self, key: &SlotKey) -> Arc<Slot> {
+    fn slot(&self, key: SlotKey) -> Arc<Slot> {
         self.slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .entry(key.clone())
+            .entry(key)
             .or_default()
             .clone()
     }
@@ -112,6 +130,39 @@ impl Seeds {
             .collect()
     }
 
+    /// The function's own seed on `host` (local fork): made there if it has none.
+    pub async fn get_on(&self, f: &Func, host: usize) -> Result<Seed, CallError> {
+        self.get_local(f, host, None).await
+    }
+
+    /// Like [`Seeds::get_on`], but `lost` is not good enough.
+    pub async fn replace_on(&self, f: &Func, lost: &Seed) -> Result<Seed, CallError> {
+        self.get_local(f, lost.host, Some(lost)).await
+    }
+
+    async fn get_local(
+        &self,
+        f: &Func,
+        host: usize,
+        lost: Option<&Seed>,
+    ) -> Result<Seed, CallError> {
+        let slot = self.slot((f.id.clone(), Some(host)));
+        if let Some(seed) = self.usable(&slot, f, lost) {
+            return Ok(seed);
+        }
+        let _making = slot.making.lock().await;
+        if let Some(seed) = self.usable(&slot, f, lost) {
+            return Ok(seed);
+        }
+        if let Some(old) = slot.current().take() {
+            self.metrics.seeds_replaced.inc();
+            self.drop_in_background(old);
+        }
+        let seed = self.prepare_on(f, host).await.map_err(|(e, _)| e)?;
+        *slot.current() = Some(seed.clone());
+        Ok(seed)
+    }
+
     /// The function's seed: the one it has if its host is up and it is of the function's
     /// image, else a new one.
     pub async fn get(&self, f: &Func) -> Result<Seed, CallError> {
@@ -123,28 +174,8 @@ impl Seeds {
         self.get_replacing(f, Some(lost)).await
     }
 
-    /// The function's own seed on `host` (local fork): made there if it has none.
-    pub async fn get_on(&self, f: &Func, host: usize) -> Result<Seed, CallError> {
-        self.get_in(f, Some(host), None).await
-    }
-
-    /// Like [`Seeds::get_on`], but `lost` is not good enough.
-    pub async fn replace_on(&self, f: &Func, lost: &Seed) -> Result<Seed, CallError> {
-        self.get_in(f, Some(lost.host), Some(lost)).await
-    }
-
     async fn get_replacing(&self, f: &Func, lost: Option<&Seed>) -> Result<Seed, CallError> {
-        self.get_in(f, None, lost).await
-    }
-
-    /// The seed of slot (`f`, `on`): with `on`, a seed of that host alone.
-    async fn get_in(
-        &self,
-        f: &Func,
-        on: Option<usize>,
-        lost: Option<&Seed>,
-    ) -> Result<Seed, CallError> {
-        let slot = self.slot(&(f.id.clone(), on));
+        let slot = self.slot((f.id.clone(), None));
         if let Some(seed) = self.usable(&slot, f, lost) {
             return Ok(seed);
         }
@@ -153,25 +184,119 @@ impl Seeds {
         if let Some(seed) = self.usable(&slot, f, lost) {
             return Ok(seed);
         }
-        let old = slot.current().take();
-        if let Some(old) = old {
+        let deadline = Instant::now() + self.ready_timeout + Duration::from_secs(30);
+        loop {
+            // The recorded seed: another instance's, or this one's before a restart.
+            let recorded = self.store.seed(f.id.clone()).await?;
+            let known = recorded.as_ref().map(|r| self.of_record(r));
+            if let Some(Some(seed)) = &known {
+                if self.is_usable(seed, f, lost) {
+                    tracing::debug!(function = %f.id, ?seed, "using the recorded seed");
+                    *slot.current() = Some(seed.clone());
+                    return Ok(seed.clone());
+                }
+            }
+            // A record on a host not found here yet: its host has an entry (the record is
+            // under its lease), so the next look at the registered hosts finds it.
+            let unknown_host = matches!(known, Some(None));
+            if !unknown_host && self.store.claim_seed(&f.id).await? {
+                let made = self.make_and_record(f, lost, recorded, &slot).await;
+                if let Err(e) = self.store.release_seed(&f.id).await {
+                    // It expires with this instance's lease.
+                    tracing::warn!(function = %f.id, "releasing the claim on its seed: {e}");
+                }
+                return made;
+            }
+            if Instant::now() > deadline {
+                return Err(CallError::Seed(
+                    "another platform instance is making the seed, and it is not ready yet".into(),
+                ));
+            }
+            tokio::time::sleep(CLAIM_POLL).await;
+        }
+    }
+
+    /// Makes a new seed in place of this instance's and the recorded one (dropped: they are
+    /// unusable), and records it. Called with the claim held.
+    async fn make_and_record(
+        &self,
+        f: &Func,
+        lost: Option<&Seed>,
+        recorded: Option<SeedRecord>,
+        slot: &Slot,
+    ) -> Result<Seed, CallError> {
+        let mut old: Vec<Seed> = slot.current().take().into_iter().collect();
+        if let Some(r) = recorded.as_ref().and_then(|r| self.of_record(r)) {
+            if !old.contains(&r) {
+                old.push(r);
+            }
+        }
+        let avoid = lost
+            .or(old.first())
+            .map(|s| s.host)
+            .filter(|h| lost.is_some() || !self.hosts.get(*h).is_up());
+        if !old.is_empty() || recorded.is_some() {
             tracing::info!(function = %f.id, ?old, "replacing the seed");
             self.metrics.seeds_replaced.inc();
-            self.drop_in_background(old);
         }
-        let seed = match on {
-            None => self.make(f, lost.map(|s| s.host)).await?,
-            Some(host) => self.prepare_on(f, host).await.map_err(|(e, _)| e)?,
-        };
+        for seed in old {
+            self.drop_in_background(seed);
+        }
+        let seed = self.make(f, avoid).await?;
+        self.record(f, &seed).await?;
         *slot.current() = Some(seed.clone());
         Ok(seed)
+    }
+
+    /// Records `seed` in the store. Its host may not be registered yet (its first poll is
+    /// on its way): waits a little, then keeps the seed for this instance alone.
+    async fn record(&self, f: &Func, seed: &Seed) -> Result<(), CallError> {
+        let record = SeedRecord {
+            fn_id: f.id.clone(),
+            host: self.hosts.get(seed.host).spec.name.clone(),
+            handle: seed.handle.clone(),
+            image: seed.image.clone(),
+            seed_id: seed.seed_id,
+            seed_addr: seed.seed_addr.clone(),
+        };
+        let t0 = Instant::now();
+        loop {
+            match self.store.put_seed(record.clone()).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    self.drop_in_background(seed.clone());
+                    return Err(CallError::Seed("the function was deleted".into()));
+                }
+                Err(StoreError::Unregistered(_)) if t0.elapsed() < RECORD_WAIT => {
+                    tokio::time::sleep(CLAIM_POLL).await;
+                }
+                Err(e) => {
+                    tracing::warn!(function = %f.id, "recording its seed (kept here only): {e}");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The seed of a record, if its host is known here.
+    fn of_record(&self, r: &SeedRecord) -> Option<Seed> {
+        Some(Seed {
+            host: self.hosts.index_of(&r.host)?,
+            handle: r.handle.clone(),
+            image: r.image.clone(),
+            seed_id: r.seed_id,
+            seed_addr: r.seed_addr.clone(),
+        })
     }
 
     fn usable(&self, slot: &Slot, f: &Func, lost: Option<&Seed>) -> Option<Seed> {
         let current = slot.current();
         let seed = current.as_ref()?;
-        (seed.image == f.image && Some(seed) != lost && self.hosts.get(seed.host).is_up())
-            .then(|| seed.clone())
+        self.is_usable(seed, f, lost).then(|| seed.clone())
+    }
+
+    fn is_usable(&self, seed: &Seed, f: &Func, lost: Option<&Seed>) -> bool {
+        seed.image == f.image && Some(seed) != lost && self.hosts.get(seed.host).is_up()
     }
 
     /// Prepares `f`'s bundle on the host the policy picks; a host whose daemon fails is
@@ -274,7 +399,7 @@ impl Seeds {
         }
     }
 
-    /// Forgets the function's seeds and drops them on their hosts.
+    /// Forgets the function's seeds (its record too) and drops them on their hosts.
     pub async fn remove(&self, fn_id: &str) {
         let removed: Vec<Arc<Slot>> = {
             let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
@@ -285,13 +410,19 @@ impl Seeds {
                 .collect();
             keys.iter().filter_map(|k| slots.remove(k)).collect()
         };
-        for slot in removed {
+        let mut seeds = Vec::new();
+        for slot in &removed {
             // Wait for a seed being made, so it is not left behind.
             let _making = slot.making.lock().await;
-            let seed = slot.current().take();
-            if let Some(seed) = seed {
-                self.drop_seed(seed).await;
-            }
+            seeds.extend(slot.current().take());
+        }
+        match self.store.take_seed(fn_id.to_owned()).await {
+            Ok(Some(r)) => seeds.extend(self.of_record(&r).filter(|s| !seeds.contains(s))),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(function = %fn_id, "forgetting its seed's record: {e}"),
+        }
+        for seed in seeds {
+            self.drop_seed(seed).await;
         }
     }
 

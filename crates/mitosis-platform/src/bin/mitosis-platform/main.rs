@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use mitosis_platform::store::Store;
+use mitosis_platform::etcd::EtcdOptions;
+use mitosis_platform::store::{Store, StoreSpec};
 use mitosis_platform::{Config, HostSpec, Platform, Strategy};
 
 #[derive(Parser)]
@@ -20,10 +21,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the API over the daemons given with --host.
+    /// Serve the API over the daemons given with --host, and with --etcd-endpoints over
+    /// those other instances registered too.
     Serve {
         /// A host: its name and its daemon's control socket (repeat for each host).
-        #[arg(long = "host", value_name = "NAME=SOCKET", required = true)]
+        #[arg(
+            long = "host",
+            value_name = "NAME=SOCKET",
+            required_unless_present = "etcd_endpoints"
+        )]
         hosts: Vec<HostSpec>,
         #[command(flatten)]
         api: ApiArgs,
@@ -56,16 +62,50 @@ pub(crate) struct ApiArgs {
     /// per call).
     #[arg(long, default_value = "remote-fork")]
     policy: Strategy,
+    /// Keep the cluster's state in etcd, shared with other instances (instead of --db):
+    /// its client URLs, comma-separated. It holds seeds' handles: restrict who may read it.
+    #[arg(
+        long,
+        value_name = "URL,...",
+        value_delimiter = ',',
+        conflicts_with = "db"
+    )]
+    etcd_endpoints: Vec<String>,
+    /// The prefix of every key (instances that share a cluster use the same).
+    #[arg(long, default_value = "/mitosis", value_name = "PREFIX")]
+    etcd_prefix: String,
+    /// etcd's authentication: the user, and a file holding its password.
+    #[arg(long, value_name = "USER", requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    etcd_password_file: Option<PathBuf>,
+    /// TLS to etcd (https:// endpoints): the CA of its certificate, and this client's
+    /// certificate and key (PEM) if etcd asks for one.
+    #[arg(long, value_name = "PATH")]
+    etcd_ca: Option<PathBuf>,
+    #[arg(long, value_name = "PATH", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, value_name = "PATH", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
 }
 
 impl ApiArgs {
-    fn store(&self) -> Result<Store> {
-        Ok(match &self.db {
-            Some(path) => {
-                Store::open(path).with_context(|| format!("opening {}", path.display()))?
-            }
-            None => Store::in_memory()?,
-        })
+    fn store_spec(&self) -> StoreSpec {
+        if !self.etcd_endpoints.is_empty() {
+            return StoreSpec::Etcd(EtcdOptions {
+                endpoints: self.etcd_endpoints.clone(),
+                prefix: self.etcd_prefix.clone(),
+                user: self.etcd_user.clone(),
+                password_file: self.etcd_password_file.clone(),
+                ca: self.etcd_ca.clone(),
+                cert: self.etcd_cert.clone(),
+                key: self.etcd_key.clone(),
+            });
+        }
+        match &self.db {
+            Some(path) => StoreSpec::Sqlite(path.clone()),
+            None => StoreSpec::Memory,
+        }
     }
 
     fn config(&self) -> Config {
@@ -99,12 +139,17 @@ fn main() {
 /// Serves the API until SIGINT or SIGTERM, then drops the seeds it made; `listening` runs
 /// once the API accepts connections.
 pub(crate) fn serve(hosts: Vec<HostSpec>, api: &ApiArgs, listening: impl FnOnce()) -> Result<()> {
-    let store = api.store()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
+        let spec = api.store_spec();
+        let store = Store::open_spec(&spec).await.with_context(|| match &spec {
+            StoreSpec::Etcd(o) => format!("connecting to etcd at {}", o.endpoints.join(",")),
+            StoreSpec::Sqlite(p) => format!("opening {}", p.display()),
+            StoreSpec::Memory => "opening the store in memory".into(),
+        })?;
         let platform = Platform::new(api.config(), store, hosts);
         let listener = tokio::net::TcpListener::bind(api.api)
             .await

@@ -1,4 +1,5 @@
-//! Apps and functions in an embedded SQLite database (a file, or memory).
+//! Apps, functions and seed records in an embedded SQLite database (a file, or memory): the
+//! store of a platform that runs as one instance.
 //!
 //! Each record is kept as its JSON with the columns it is looked up by. Queries run on
 //! tokio's blocking threads, one at a time (one connection): a slow disk delays the API's
@@ -9,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::{Insert, SeedRecord};
 use crate::error::StoreError;
 use crate::model::{App, Func};
 
@@ -26,41 +28,36 @@ CREATE TABLE IF NOT EXISTS fns (
     UNIQUE (app_id, name)
 );
 CREATE INDEX IF NOT EXISTS fns_by_name ON fns(name);
+-- No foreign key: a deleted function's record is taken by whoever drops its seed.
+CREATE TABLE IF NOT EXISTS seeds (
+    fn_id TEXT PRIMARY KEY,
+    json  TEXT NOT NULL
+);
 ";
 
-/// What an insert can run into besides the store failing.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Insert {
-    Done,
-    /// The name is taken (in its app, for a function).
-    NameTaken,
-    /// A function's app does not exist.
-    NoApp,
-}
-
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
 }
 
-impl Store {
+impl SqliteStore {
     /// The store in the SQLite file at `path` (made if missing).
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         Self::init(Connection::open(path)?)
     }
 
     /// A store that lives as long as this process.
-    pub fn in_memory() -> Result<Store, StoreError> {
+    pub fn in_memory() -> Result<SqliteStore, StoreError> {
         Self::init(Connection::open_in_memory()?)
     }
 
-    fn init(conn: Connection) -> Result<Store, StoreError> {
+    fn init(conn: Connection) -> Result<SqliteStore, StoreError> {
         conn.pragma_update(None, "foreign_keys", true)?;
         // WAL keeps readers of a file store from waiting on a writer's fsync; memory
         // databases answer "memory" and stay as they are.
         let _: String = conn.pragma_update_and_check(None, "journal_mode", "wal", |r| r.get(0))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Store {
+        Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
         })
     }
@@ -208,6 +205,46 @@ impl Store {
         self.run(move |c| Ok(c.execute("DELETE FROM fns WHERE id = ?1", [&id])? > 0))
             .await
     }
+
+    pub async fn seed(&self, fn_id: String) -> Result<Option<SeedRecord>, StoreError> {
+        self.run(move |c| one(c, "SELECT json FROM seeds WHERE fn_id = ?1", &fn_id))
+            .await
+    }
+
+    /// Records a function's seed; false if the function is gone.
+    pub async fn put_seed(&self, seed: SeedRecord) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(&seed)?;
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            let exists: Option<i64> = tx
+                .query_row("SELECT 1 FROM fns WHERE id = ?1", [&seed.fn_id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if exists.is_none() {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO seeds (fn_id, json) VALUES (?1, ?2)",
+                params![seed.fn_id, json],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Forgets a function's seed record; the record it was.
+    pub async fn take_seed(&self, fn_id: String) -> Result<Option<SeedRecord>, StoreError> {
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            let seed = one(&tx, "SELECT json FROM seeds WHERE fn_id = ?1", &fn_id)?;
+            tx.execute("DELETE FROM seeds WHERE fn_id = ?1", [&fn_id])?;
+            tx.commit()?;
+            Ok(seed)
+        })
+        .await
+    }
 }
 
 fn one<T: serde::de::DeserializeOwned>(
@@ -240,69 +277,4 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
             if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
                 || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{AppInput, FuncInput};
-
-    fn app(name: &str) -> App {
-        App::create(AppInput {
-            name: Some(name.into()),
-            ..AppInput::default()
-        })
-        .unwrap()
-    }
-
-    fn func(app_id: &str, name: &str) -> Func {
-        Func::create(FuncInput {
-            name: Some(name.into()),
-            app_id: Some(app_id.into()),
-            image: Some("/bundle".into()),
-            ..FuncInput::default()
-        })
-        .unwrap()
-    }
-
-    #[tokio::test]
-    async fn apps_and_functions_round_trip_in_a_file_and_cascade() {
-        let dir =
-            std::env::temp_dir().join(format!("mitosis-platform-store-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("store.db");
-        let _ = std::fs::remove_file(&path);
-        let store = Store::open(&path).unwrap();
-        let a = app("a");
-        assert_eq!(store.insert_app(a.clone()).await.unwrap(), Insert::Done);
-        assert_eq!(store.insert_app(app("a")).await.unwrap(), Insert::NameTaken);
-        let f = func(&a.id, "f");
-        assert_eq!(store.insert_fn(f.clone()).await.unwrap(), Insert::Done);
-        assert_eq!(
-            store.insert_fn(func(&a.id, "f")).await.unwrap(),
-            Insert::NameTaken
-        );
-        assert_eq!(
-            store.insert_fn(func("nope", "g")).await.unwrap(),
-            Insert::NoApp
-        );
-        drop(store);
-
-        // Reopened: the records are still there.
-        let store = Store::open(&path).unwrap();
-        assert_eq!(store.func(f.id.clone()).await.unwrap(), Some(f.clone()));
-        assert_eq!(
-            store.fns(Some(a.id.clone()), None).await.unwrap(),
-            vec![f.clone()]
-        );
-        assert_eq!(store.fns(None, Some("f".into())).await.unwrap().len(), 1);
-        assert_eq!(store.apps(Some("a".into())).await.unwrap(), vec![a.clone()]);
-        assert_eq!(
-            store.delete_app(a.id.clone()).await.unwrap(),
-            Some(vec![f.id.clone()])
-        );
-        assert_eq!(store.func(f.id).await.unwrap(), None);
-        assert_eq!(store.delete_app(a.id).await.unwrap(), None);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 }
