@@ -1,7 +1,8 @@
 //! Compiles the C test fixtures into `$OUT_DIR` and exports their paths to the crate:
 //! `fixtures/memcheck.c` as `env!("MEMCHECK_BIN")`, `fixtures/threads.c` (pthreads) as
-//! `env!("THREADS_BIN")`, `fixtures/confined.c` as `env!("CONFINED_BIN")` and
-//! `fixtures/forker.c` as `env!("FORKER_BIN")`.
+//! `env!("THREADS_BIN")`, `fixtures/confined.c` as `env!("CONFINED_BIN")`,
+//! `fixtures/forker.c` as `env!("FORKER_BIN")` and `fixtures/sigstate.c` (pthreads) as
+//! `env!("SIGSTATE_BIN")`.
 //!
 //! The compiler is `$CC` if set (may contain arguments, e.g. `ccache gcc`),
 //! otherwise `cc`.  No build-dependencies.
@@ -37,6 +38,14 @@ fn main() {
     println!("cargo:rustc-env=CONFINED_BIN={}", confined.display());
     let forker = compile(&fixtures, &out_dir, "forker", &["-std=gnu11"], &[]);
     println!("cargo:rustc-env=FORKER_BIN={}", forker.display());
+    let sigstate = compile(
+        &fixtures,
+        &out_dir,
+        "sigstate",
+        &["-std=gnu11", "-pthread"],
+        &[],
+    );
+    println!("cargo:rustc-env=SIGSTATE_BIN={}", sigstate.display());
 }
 
 /// Compiles `fixtures/NAME.c` into `out_dir/NAME` with `-O2 -g -Wall -Wextra`; `flags` go

@@ -424,6 +424,8 @@ fn thread(tid: i32, name: &str) -> Thread {
             }],
         },
         timer_slack_ns: 50_000,
+        pdeathsig: 0,
+        pending: vec![],
     }
 }
 
@@ -560,6 +562,25 @@ fn runtime_descriptor() -> Descriptor {
                 },
             ],
             umask: 0o022,
+            pending: vec![mitosis_descriptor::PendingSignal {
+                signal: 10,
+                info: [10, 0, 0, 0].into_iter().chain([0; 124]).collect(),
+            }],
+            itimers: vec![mitosis_descriptor::IntervalTimer {
+                which: 0,
+                value_ns: 1_500_000_000,
+                interval_ns: 0,
+            }],
+            posix_timers: vec![mitosis_descriptor::PosixTimer {
+                id: 1,
+                clock: 1,
+                notify: 0,
+                signal: 34,
+                value: 7,
+                thread: 0,
+                value_ns: 2_000_000_000,
+                interval_ns: 500_000_000,
+            }],
         },
         mm: MmFields {
             start_code: 0x5555_5540_0000,

@@ -11,7 +11,7 @@ use crate::{Backing, Descriptor, KernelObject, REGS_WORDS, SocketEnd};
 
 pub const MAGIC: &[u8; 4] = b"MTSD";
 /// Bumped whenever the payload's shape changes.
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 pub const HEADER_LEN: usize = 16;
 /// Far above any real seed (~12 bytes per resident page), small enough to refuse garbage.
 pub const MAX_PAYLOAD: usize = 64 << 20;
@@ -27,6 +27,16 @@ pub const MAX_PIPE_CONTENT: usize = 65536;
 pub const MAX_SOCKET_QUEUE: usize = 65536;
 /// Clocks a timerfd can run on: REALTIME, MONOTONIC, BOOTTIME and their _ALARM forms.
 const TIMERFD_CLOCKS: [i32; 5] = [0, 1, 7, 8, 9];
+/// Clocks a POSIX timer of a child can be on: realtime, monotonic, boottime and their alarm
+/// and TAI variants (CPU-time clocks are refused at prepare).
+const POSIX_TIMER_CLOCKS: [i32; 6] = [0, 1, 7, 8, 9, 11];
+const SIGEV_SIGNAL: i32 = 0;
+const SIGEV_NONE: i32 = 1;
+const SIGEV_THREAD_ID: i32 = 4;
+const SIGINFO_LEN: usize = 128;
+/// More than any RLIMIT_SIGPENDING a descriptor should carry.
+const MAX_PENDING: usize = 64 * 1024;
+const MAX_POSIX_TIMERS: usize = 64 * 1024;
 /// RLIMIT_NLIMITS on Linux.
 const RLIMITS: u8 = 16;
 
@@ -153,8 +163,26 @@ fn validate_threads(d: &Descriptor) -> Result<(), DecodeError> {
             return Err(Invalid("a thread name is malformed"));
         }
         validate_creds(&t.creds)?;
+        if t.pdeathsig > 64 {
+            return Err(Invalid("a parent-death signal is malformed"));
+        }
+        validate_pending(&t.pending)?;
     }
     let p = &d.process;
+    validate_pending(&p.pending)?;
+    if p.itimers.len() > 3 || p.itimers.iter().any(|t| t.which > 2) {
+        return Err(Invalid("an interval timer is malformed"));
+    }
+    let timer_ok = |t: &crate::PosixTimer| {
+        t.id >= 0
+            && (t.signal as u32) <= 64
+            && (t.thread as usize) < d.threads.len()
+            && matches!(t.notify, SIGEV_SIGNAL | SIGEV_NONE | SIGEV_THREAD_ID)
+            && POSIX_TIMER_CLOCKS.contains(&t.clock)
+    };
+    if p.posix_timers.len() > MAX_POSIX_TIMERS || !p.posix_timers.iter().all(timer_ok) {
+        return Err(Invalid("a POSIX timer is malformed"));
+    }
     let bad_signal = |s: u8| s == 0 || s > 64 || s == 9 || s == 19;
     if p.sigactions.iter().any(|a| bad_signal(a.signal)) {
         return Err(Invalid(
@@ -169,6 +197,15 @@ fn validate_threads(d: &Descriptor) -> Result<(), DecodeError> {
     }
     if p.umask > 0o777 {
         return Err(Invalid("the umask is malformed"));
+    }
+    Ok(())
+}
+
+/// Queued signals: known numbers, whole `siginfo_t`s, no more than a queue can hold.
+fn validate_pending(pending: &[crate::PendingSignal]) -> Result<(), DecodeError> {
+    let ok = |p: &crate::PendingSignal| (1..=64).contains(&p.signal) && p.info.len() == SIGINFO_LEN;
+    if pending.len() > MAX_PENDING || !pending.iter().all(ok) {
+        return Err(DecodeError::Invalid("a pending signal is malformed"));
     }
     Ok(())
 }
@@ -284,6 +321,8 @@ mod tests {
                 in_syscall: 0,
                 creds: crate::Credentials::default(),
                 timer_slack_ns: 50_000,
+                pdeathsig: 0,
+                pending: vec![],
             }],
             process: crate::ProcessState::default(),
             mm: MmFields::default(),

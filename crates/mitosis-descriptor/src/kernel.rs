@@ -32,6 +32,42 @@ pub struct Thread {
     pub creds: Credentials,
     /// `prctl(PR_GET_TIMERSLACK)`, in nanoseconds.
     pub timer_slack_ns: u64,
+    /// `prctl(PR_GET_PDEATHSIG)`: the signal it gets when its parent dies (0: none).
+    pub pdeathsig: u8,
+    /// Signals queued for this thread alone, oldest first.
+    pub pending: Vec<PendingSignal>,
+}
+
+/// A queued signal with what its receiver will read of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingSignal {
+    pub signal: u8,
+    /// The raw `siginfo_t` (128 bytes).
+    pub info: Vec<u8>,
+}
+
+/// `setitimer`'s timers: which (ITIMER_REAL, _VIRTUAL, _PROF), time left and period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntervalTimer {
+    pub which: u8,
+    pub value_ns: u64,
+    pub interval_ns: u64,
+}
+
+/// A POSIX timer (`timer_create`), restored with its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clock: i32,
+    /// `sigev_notify`: SIGEV_SIGNAL, SIGEV_NONE, or SIGEV_THREAD_ID with [`Self::thread`].
+    pub notify: i32,
+    pub signal: u8,
+    /// `sigev_value`, handed to the signal's receiver.
+    pub value: u64,
+    /// For SIGEV_THREAD_ID: the index in the descriptor's threads of the thread it signals.
+    pub thread: u32,
+    pub value_ns: u64,
+    pub interval_ns: u64,
 }
 
 /// A thread's identity and confinement, which its counterpart in every child gets exactly:
@@ -104,6 +140,12 @@ pub struct ProcessState {
     pub personality: u32,
     /// `prctl(PR_GET_CHILD_SUBREAPER)`: orphaned descendants are reparented to it.
     pub child_subreaper: bool,
+    /// Signals queued for the whole process, oldest first.
+    pub pending: Vec<PendingSignal>,
+    /// Armed `setitimer` timers (a fork does not pass them on).
+    pub itimers: Vec<IntervalTimer>,
+    /// POSIX timers (a fork does not pass them on).
+    pub posix_timers: Vec<PosixTimer>,
 }
 
 pub const SIG_IGN: u64 = 1;

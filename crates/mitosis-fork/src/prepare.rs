@@ -248,7 +248,7 @@ fn snapshot(pid: i32, dont_fork: &[(u64, u64)]) -> Result<Snapshot, PrepareError
     group.release();
     let Frozen {
         mut twin,
-        subreaper,
+        kept,
         seed_vm_pages,
         threads,
         fds,
@@ -259,7 +259,10 @@ fn snapshot(pid: i32, dont_fork: &[(u64, u64)]) -> Result<Snapshot, PrepareError
 
     let process = match capture::process::capture(pid, &mut twin, syscall_insn) {
         Ok(p) => ProcessState {
-            child_subreaper: subreaper,
+            child_subreaper: kept.subreaper,
+            pending: kept.pending,
+            itimers: kept.itimers,
+            posix_timers: kept.posix_timers,
             ..p
         },
         Err(e) => {
@@ -327,9 +330,17 @@ fn lost_in_twin(snap: &Snapshot) -> bool {
     !matches!((snap.seed_vm_pages, twin), (Some(seed), Some(twin)) if seed == twin)
 }
 
+/// Process-wide state a fork does not pass on, so read in the seed itself.
+struct Kept {
+    subreaper: bool,
+    pending: Vec<mitosis_descriptor::PendingSignal>,
+    itimers: Vec<mitosis_descriptor::IntervalTimer>,
+    posix_timers: Vec<mitosis_descriptor::PosixTimer>,
+}
+
 struct Frozen {
     twin: Tracee,
-    subreaper: bool,
+    kept: Kept,
     /// The seed's address-space size at the fork, in pages.
     seed_vm_pages: Option<u64>,
     threads: Vec<Thread>,
@@ -353,7 +364,14 @@ fn freeze(
         captured.push(threads::capture(pid, t, &mem, insn)?);
     }
     let subreaper = threads::child_subreaper(group.main(), &mem, insn)?;
+    let tids: Vec<i32> = captured.iter().map(|t| t.tid).collect();
+    let (itimers, posix_timers) = capture::timers::capture(pid, group.main(), &mem, insn, &tids)?;
+    let pending = group
+        .main()
+        .pending_signals(true)
+        .map_err(inject("reading the pending signals"))?;
     let pidfd = mitosis_sys::pidfd::open(pid).map_err(inject("opening a pidfd"))?;
+    capture::timers::bring_timerfds_up_to_date(pid, group.main(), insn)?;
     let fds = capture::fds::capture(pid, &pidfd);
     let seed = group.main();
     let brk = seed
@@ -402,7 +420,12 @@ fn freeze(
     }
     Ok(Frozen {
         twin,
-        subreaper,
+        kept: Kept {
+            subreaper,
+            pending: threads::pending_of(pending),
+            itimers,
+            posix_timers,
+        },
         seed_vm_pages,
         threads: captured,
         fds,

@@ -15,6 +15,11 @@ const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
 const PTRACE_EVENT_STOP: i32 = 128;
 const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
 const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+/// PTRACE_PEEKSIGINFO flag: read the process-wide queue, not the thread's own.
+const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
+/// A `siginfo_t`, as the kernel copies it.
+pub const SIGINFO_LEN: usize = 128;
 const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
 const PTRACE_SECCOMP_GET_METADATA: libc::c_uint = 0x420d;
 /// More filters than the kernel lets a thread stack up (each costs at least 4 instructions
@@ -232,6 +237,45 @@ impl Tracee {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// The signals queued for the thread (`shared`: for its whole process), oldest first, as
+    /// raw `siginfo_t`s; the queue is left as it is.
+    pub fn pending_signals(&self, shared: bool) -> io::Result<Vec<[u8; SIGINFO_LEN]>> {
+        /// `struct ptrace_peeksiginfo_args`.
+        #[repr(C)]
+        struct Args {
+            off: u64,
+            flags: u32,
+            nr: i32,
+        }
+        const BATCH: usize = 32;
+        let mut out = Vec::new();
+        loop {
+            let args = Args {
+                off: out.len() as u64,
+                flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
+                nr: BATCH as i32,
+            };
+            let mut buf = [[0u8; SIGINFO_LEN]; BATCH];
+            // SAFETY: the kernel reads `args` and writes at most `nr` siginfos into `buf`,
+            // which holds that many.
+            let ret = unsafe {
+                libc::ptrace(
+                    PTRACE_PEEKSIGINFO,
+                    self.pid.as_raw(),
+                    &args as *const Args,
+                    buf.as_mut_ptr(),
+                )
+            };
+            if ret < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            out.extend_from_slice(&buf[..ret as usize]);
+            if (ret as usize) < BATCH {
+                return Ok(out);
+            }
+        }
     }
 
     /// The thread's rseq registration, if it has one.

@@ -5,3 +5,4 @@ pub mod creds;
 pub mod fds;
 pub mod process;
 pub mod threads;
+pub mod timers;

@@ -127,8 +127,11 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
         dumpable: dumpable as u8,
         thp_disabled: thp_disabled == 1,
         personality: personality.max(0) as u32,
-        // Read in the seed (fork does not pass it on): set by the caller.
+        // Read in the seed (fork does not pass them on): set by the caller.
         child_subreaper: false,
+        pending: Vec::new(),
+        itimers: Vec::new(),
+        posix_timers: Vec::new(),
     })
 }
 

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::time::{Duration, Instant};
 
-use mitosis_descriptor::{AltStack, RobustList, Rseq, Thread};
+use mitosis_descriptor::{AltStack, PendingSignal, RobustList, Rseq, Thread};
 use mitosis_sys::mem::RemoteMemory;
 use mitosis_sys::ptrace::{self, Tracee};
 use mitosis_sys::task;
@@ -206,11 +206,27 @@ pub fn capture(
             [libc::PR_GET_TIMERSLACK as u64, 0, 0, 0, 0, 0],
         )
         .map_err(inject("reading the timer slack"));
+    let pdeathsig = t
+        .syscall(
+            insn,
+            libc::SYS_prctl,
+            [libc::PR_GET_PDEATHSIG as u64, scratch, 0, 0, 0, 0],
+        )
+        .map_err(inject("reading the parent-death signal"))
+        .and_then(|r| {
+            if r.ret < 0 {
+                return Ok(0);
+            }
+            read_word(mem, scratch).map_err(inject("reading the parent-death signal"))
+        });
     let creds = super::creds::capture(pid, t, insn);
     // Whatever the injections did, the thread goes back to where it was.
     t.set_regs(&resume_point(&regs, RestartFor::SameTask))
         .map_err(inject("restoring registers"))?;
     let creds = creds?;
+    let pending = t
+        .pending_signals(false)
+        .map_err(inject("reading the pending signals"))?;
     let name = fs::read_to_string(format!("/proc/{tid}/comm"))
         .map(|n| n.trim_end_matches('\n').chars().take(15).collect())
         .unwrap_or_default();
@@ -228,6 +244,8 @@ pub fn capture(
         creds,
         // A kernel that cannot say keeps the default.
         timer_slack_ns: timer_slack?.ret.try_into().unwrap_or(50_000),
+        pdeathsig: pdeathsig? as u32 as u8,
+        pending: pending_of(pending),
     })
 }
 
@@ -257,6 +275,16 @@ pub fn child_subreaper(
         return Ok(false);
     }
     Ok(read_word(mem, scratch).map_err(inject)? as u32 != 0)
+}
+
+/// Raw `siginfo_t`s as the descriptor keeps them (the number is their first word).
+pub fn pending_of(raw: Vec<[u8; mitosis_sys::ptrace::SIGINFO_LEN]>) -> Vec<PendingSignal> {
+    raw.into_iter()
+        .map(|info| PendingSignal {
+            signal: info[0],
+            info: info.to_vec(),
+        })
+        .collect()
 }
 
 fn read_word(mem: &RemoteMemory, at: u64) -> std::io::Result<u64> {

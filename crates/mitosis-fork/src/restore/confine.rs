@@ -277,6 +277,8 @@ mod tests {
             in_syscall: -1,
             creds: Default::default(),
             timer_slack_ns: 50_000,
+            pdeathsig: 0,
+            pending: vec![],
         };
         t.creds.seccomp = filters
             .iter()

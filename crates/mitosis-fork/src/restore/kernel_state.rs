@@ -123,6 +123,17 @@ pub(crate) fn thread_batch(t: &Thread) -> Batch {
     }
     altstack_call(&mut b, t);
     name_call(&mut b, t);
+    // A new thread has none. The main thread keeps the SIGKILL that ties it to the daemon.
+    if t.pdeathsig != 0 {
+        b.call(
+            libc::SYS_prctl,
+            &[
+                (libc::PR_SET_PDEATHSIG as u64).into(),
+                (t.pdeathsig as u64).into(),
+            ],
+            format!("set the parent-death signal of thread {}", t.tid),
+        );
+    }
     b
 }
 

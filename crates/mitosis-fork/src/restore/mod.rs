@@ -3,6 +3,7 @@
 mod batch;
 mod build;
 pub mod confine;
+mod continuation;
 mod kernel_state;
 mod plan;
 pub mod protocol;

@@ -361,6 +361,8 @@ pub(crate) fn sample(maps: Vec<MapStep>, files: &[i32]) -> Plan {
             in_syscall: -1,
             creds: Default::default(),
             timer_slack_ns: 50_000,
+            pdeathsig: 0,
+            pending: vec![],
         }],
         process: Default::default(),
         objects: vec![],

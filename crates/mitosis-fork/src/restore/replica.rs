@@ -30,6 +30,7 @@ use nix::sys::ptrace::Options;
 use super::batch::{Arg, Batch, Placed};
 use super::build::{self, Laid, RestoreError, Spawned, StreamedPages};
 use super::confine::{self, HostCreds};
+use super::continuation::{self, Continuation};
 use super::kernel_state;
 use super::plan::Plan;
 use super::trampoline;
@@ -85,6 +86,8 @@ pub struct Replica {
     confine: Option<Placed>,
     /// Some thread has seccomp filters: the calls we make in a child must bypass them.
     suspend_seccomp: bool,
+    /// Pending signals and timers, which each child re-creates with its own ids.
+    continuation: Continuation,
     /// The main thread and the process batch, until [`Replica::finish`] ran them.
     unfinished: Option<(Thread, Placed)>,
 }
@@ -170,6 +173,7 @@ pub fn build(
             shared_filters: placed.shared_filters,
             confine: placed.confine,
             suspend_seccomp: confine::any_filters(&plan.threads),
+            continuation: Continuation::of(&plan.process, &plan.threads),
             unfinished: Some((main, placed.process)),
         },
         uffd,
@@ -311,7 +315,7 @@ fn child_options() -> Options {
 }
 
 /// Runs a placed batch in a stopped tracee through the trampoline at `at`.
-fn run_batch(t: &mut Tracee, at: u64, batch: &Placed) -> Result<(), RestoreError> {
+pub(crate) fn run_batch(t: &mut Tracee, at: u64, batch: &Placed) -> Result<(), RestoreError> {
     if batch.labels.is_empty() {
         return Ok(());
     }
@@ -648,6 +652,8 @@ impl Replica {
         if let Some(confine) = &self.confine {
             run_batch(child, self.at, confine)?;
         }
+        // Last: a signal queued now stays pending until the child runs.
+        continuation::run(&self.continuation, child, threads, self.at)?;
         let insn = self.at + trampoline::syscall_offset();
         child
             .syscall(insn, libc::SYS_munmap, [self.at, self.size, 0, 0, 0, 0])
