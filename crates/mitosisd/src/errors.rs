@@ -194,6 +194,8 @@ pub enum ResumeFailed {
     Handle(#[from] HandleError),
     #[error("resume needs the caller's stdin, stdout and stderr")]
     NoStdio,
+    #[error("making the child's stdio pipes: {0}")]
+    Pipes(io::Error),
     #[error(transparent)]
     Seed(#[from] RemoteError),
     #[error(transparent)]
@@ -209,6 +211,7 @@ impl Kind for ResumeFailed {
         match self {
             ResumeFailed::Handle(e) => e.kind(),
             ResumeFailed::NoStdio => ErrorKind::BadRequest,
+            ResumeFailed::Pipes(_) => ErrorKind::Unavailable,
             ResumeFailed::Seed(e) => e.kind(),
             ResumeFailed::Peer(e) => e.kind(),
             ResumeFailed::Build(e) => e.kind(),
