@@ -342,3 +342,92 @@ async fn start(
     stats.total_us = t0.elapsed().as_micros() as u64;
     Ok((entry, child, stats, ends))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mitosis_transport::control::{MAX_STDIO_CHUNK, STDIN_WINDOW};
+    use tokio::io::AsyncWriteExt;
+
+    /// Runs `forward` on what `client` writes; the signals it passed, once it ended.
+    async fn forwarded(client: Vec<u8>, relayed: bool) -> Vec<i32> {
+        let (mut near, far) = tokio::io::duplex(1 << 20);
+        let (tx, mut rx) = mpsc::channel(16);
+        let (_child, ends) = relay::pipes().unwrap();
+        let (events, _queued) = mpsc::channel(64);
+        let (_relay, feed) = Relay::start(ends, &events).unwrap();
+        let task = tokio::spawn(forward(far, tx, relayed.then_some(feed)));
+        near.write_all(&client).await.unwrap();
+        drop(near);
+        tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("forward ends on its own")
+            .unwrap();
+        let mut got = Vec::new();
+        while let Some(s) = rx.recv().await {
+            got.push(s);
+        }
+        got
+    }
+
+    fn frames(requests: &[Request]) -> Vec<u8> {
+        requests.iter().flat_map(frame::encode).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_oversized_or_malformed_frame_ends_the_connection() {
+        let mut oversized = frames(&[Request::Signal { signo: 10 }]);
+        oversized.extend_from_slice(&(MAX_REQUEST_FRAME as u32 + 1).to_le_bytes());
+        // The rest is never read: the header alone is refused.
+        oversized.extend_from_slice(&frames(&[Request::Signal { signo: 12 }]));
+        assert_eq!(forwarded(oversized, true).await, [10]);
+
+        let mut malformed = frames(&[Request::Signal { signo: 10 }]);
+        malformed.extend_from_slice(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
+        malformed.extend_from_slice(&frames(&[Request::Signal { signo: 12 }]));
+        assert_eq!(forwarded(malformed, true).await, [10]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stdin_past_the_window_ends_the_connection_and_signals_pass_before() {
+        // The child reads nothing: its pipe holds 64 KiB, then the window fills.
+        let chunk = || Request::Stdin(vec![1; MAX_STDIO_CHUNK]);
+        let mut requests: Vec<Request> = (0..STDIN_WINDOW / MAX_STDIO_CHUNK)
+            .map(|_| chunk())
+            .collect();
+        requests.push(Request::Signal { signo: 15 });
+        requests.extend((0..4).map(|_| chunk()));
+        requests.push(Request::Signal { signo: 9 });
+        requests.push(Request::Signal { signo: 9 });
+        let got = forwarded(frames(&requests), true).await;
+        assert_eq!(got[0], 15, "{got:?}");
+        assert!(
+            got.len() < 3,
+            "the connection ended past the window: {got:?}"
+        );
+
+        // A chunk larger than the protocol's, within a frame, is refused too.
+        let big = frames(&[
+            Request::Stdin(vec![0; MAX_STDIO_CHUNK + 1]),
+            Request::Signal { signo: 1 },
+        ]);
+        assert_eq!(forwarded(big, true).await, Vec::<i32>::new());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn eof_ends_the_forwarding() {
+        let got = forwarded(
+            frames(&[Request::StdinEof, Request::Signal { signo: 2 }]),
+            true,
+        )
+        .await;
+        assert_eq!(got, [2]);
+        // Stdin on a connection without a relay (the unix socket) is ignored.
+        let got = forwarded(
+            frames(&[Request::Stdin(vec![1]), Request::Signal { signo: 3 }]),
+            false,
+        )
+        .await;
+        assert_eq!(got, [3]);
+    }
+}
