@@ -1,17 +1,19 @@
-//! The cluster's hosts: each a daemon's control socket, what its last status said, and the
-//! calls this platform has running there.
+//! The cluster's hosts: each a daemon's control endpoint (its unix socket, or its TCP
+//! listener with mutual TLS), what its last status said, and the calls this platform has
+//! running there.
 //!
-//! Each host is polled by a task of its own (the blocking client on a blocking thread, with a
-//! timeout), so a host that hangs delays only its own view. A host whose daemon fails a poll
+//! Each host is polled by a task of its own (with a timeout), so a host that hangs delays
+//! only its own view. A host whose daemon fails a poll
 //! or a call is down until a poll succeeds again.
 
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use mitosis_client::{Client, DaemonStatus};
+use mitosis_client::{DaemonStatus, Endpoint, Remote};
+
+use crate::daemon::Reach;
 
 use crate::policy::HostView;
 use crate::seeds::Seed;
@@ -19,21 +21,34 @@ use crate::seeds::Seed;
 /// How long a status may take before the host counts as down.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A host as given on the command line: `NAME=/path/to/mitosisd.sock`.
+/// A host as given on the command line: `NAME=/path/to/mitosisd.sock` (or `unix:/path`),
+/// or `NAME=tcp://IP:PORT` (its daemon's `--control-listen`, mutual TLS).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostSpec {
     pub name: String,
-    pub socket: PathBuf,
+    pub endpoint: Endpoint,
 }
 
 impl HostSpec {
-    /// Every host of a simulated cluster, named `h0`, `h1`... by index.
+    /// Every host of a simulated cluster, named `h0`, `h1`... by index, by its unix socket.
     pub fn of_testbed(tb: &mitosis_testbed::Testbed) -> Vec<HostSpec> {
         tb.hosts()
             .iter()
             .map(|h| HostSpec {
                 name: format!("h{}", h.index()),
-                socket: h.socket_path().to_owned(),
+                endpoint: Endpoint::Unix(h.socket_path().to_owned()),
+            })
+            .collect()
+    }
+
+    /// The same hosts by their daemons' TCP control listeners on `port` (each daemon runs
+    /// with `--control-listen` on its address and that port).
+    pub fn of_testbed_tcp(tb: &mitosis_testbed::Testbed, port: u16) -> Vec<HostSpec> {
+        tb.hosts()
+            .iter()
+            .map(|h| HostSpec {
+                name: format!("h{}", h.index()),
+                endpoint: Endpoint::Tcp((h.addr(), port).into()),
             })
             .collect()
     }
@@ -44,11 +59,13 @@ impl FromStr for HostSpec {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once('=') {
-            Some((name, socket)) if !name.is_empty() && !socket.is_empty() => Ok(HostSpec {
+            Some((name, endpoint)) if !name.is_empty() => Ok(HostSpec {
                 name: name.to_owned(),
-                socket: socket.into(),
+                endpoint: endpoint.parse().map_err(|e| format!("{s:?}: {e}"))?,
             }),
-            _ => Err(format!("{s:?}: expected NAME=/path/to/mitosisd.sock")),
+            _ => Err(format!(
+                "{s:?}: expected NAME=/path/to/mitosisd.sock or NAME=tcp://IP:PORT"
+            )),
         }
     }
 }
@@ -111,11 +128,14 @@ pub struct HostReport {
 
 pub struct Hosts {
     hosts: Vec<Host>,
+    /// How TCP endpoints are reached (none: only unix sockets work).
+    remote: Option<Remote>,
 }
 
 impl Hosts {
-    pub fn new(specs: Vec<HostSpec>) -> Arc<Hosts> {
+    pub fn new(specs: Vec<HostSpec>, remote: Option<Remote>) -> Arc<Hosts> {
         Arc::new(Hosts {
+            remote,
             hosts: specs
                 .into_iter()
                 .map(|spec| Host {
@@ -139,6 +159,19 @@ impl Hosts {
         &self.hosts[index]
     }
 
+    /// How to reach host `index`'s daemon.
+    pub fn reach(&self, index: usize) -> Reach<'_> {
+        Reach {
+            endpoint: &self.hosts[index].spec.endpoint,
+            remote: self.remote.as_ref(),
+        }
+    }
+
+    /// How TCP endpoints are reached.
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_ref()
+    }
+
     /// Polls every host every `interval`, each on a task of its own.
     pub fn start_polling(self: Arc<Self>, interval: Duration) {
         for index in 0..self.hosts.len() {
@@ -156,20 +189,12 @@ impl Hosts {
 
     /// Asks host `index` for its status and records what came back.
     pub async fn poll(&self, index: usize) {
-        let socket = self.hosts[index].spec.socket.clone();
         let inflight_at_poll = self.hosts[index].inflight.load(Ordering::Relaxed);
-        let asked = tokio::task::spawn_blocking(move || {
-            Client::connect(&socket)?
-                .with_timeout(STATUS_TIMEOUT)?
-                .status()
-        });
-        let result =
-            match tokio::time::timeout(STATUS_TIMEOUT + Duration::from_secs(1), asked).await {
-                Ok(Ok(Ok(status))) => Ok(status),
-                Ok(Ok(Err(e))) => Err(e.to_string()),
-                Ok(Err(e)) => Err(format!("status thread: {e}")),
-                Err(_) => Err("no status in time".to_owned()),
-            };
+        let result = self
+            .reach(index)
+            .status(STATUS_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string());
         let host = &self.hosts[index];
         let mut seen = host.seen();
         let was_up = !seen.polled || seen.up;
@@ -254,7 +279,7 @@ impl Hosts {
                 let status = seen.status.as_ref();
                 HostReport {
                     name: host.spec.name.clone(),
-                    socket: host.spec.socket.display().to_string(),
+                    socket: host.spec.endpoint.to_string(),
                     up: !seen.polled || seen.up,
                     error: seen.error.clone(),
                     listen: status.map(|s| s.listen.clone()),
@@ -276,8 +301,15 @@ mod tests {
     fn host_specs_parse() {
         let h: HostSpec = "h0=/run/mitosis/mitosisd.sock".parse().unwrap();
         assert_eq!(h.name, "h0");
-        assert_eq!(h.socket, PathBuf::from("/run/mitosis/mitosisd.sock"));
+        assert_eq!(
+            h.endpoint,
+            Endpoint::Unix("/run/mitosis/mitosisd.sock".into())
+        );
+        let h: HostSpec = "h1=tcp://10.0.0.2:7071".parse().unwrap();
+        assert_eq!(h.endpoint, Endpoint::Tcp("10.0.0.2:7071".parse().unwrap()));
         assert!("h0".parse::<HostSpec>().is_err());
         assert!("=/x".parse::<HostSpec>().is_err());
+        assert!("h0=".parse::<HostSpec>().is_err());
+        assert!("h0=tcp://name:1".parse::<HostSpec>().is_err());
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod background;
+pub mod daemon;
 mod error;
 pub mod hosts;
 pub mod ids;
@@ -44,6 +45,8 @@ pub struct Config {
     pub seed_ready_timeout: Duration,
     /// How often each daemon's status is asked.
     pub poll_interval: Duration,
+    /// How daemons at `tcp://` endpoints are reached (mutual TLS): needed for those hosts.
+    pub remote: Option<mitosis_client::Remote>,
 }
 
 impl Default for Config {
@@ -53,6 +56,7 @@ impl Default for Config {
             max_output: 16 << 20,
             seed_ready_timeout: Duration::from_secs(60),
             poll_interval: Duration::from_millis(500),
+            remote: None,
         }
     }
 }
@@ -82,7 +86,7 @@ impl Platform {
         hosts: Vec<HostSpec>,
         policy: Arc<dyn Policy>,
     ) -> Arc<Self> {
-        let hosts = Hosts::new(hosts);
+        let hosts = Hosts::new(hosts, config.remote.clone());
         hosts.clone().start_polling(config.poll_interval);
         let metrics = metrics::Metrics::default();
         let seeds = Arc::new(seeds::Seeds::new(
@@ -171,7 +175,8 @@ impl Platform {
             let spec = self.hosts.get(host).spec.clone();
             let _counted = self.hosts.start_call(host);
             let call = invoke::Call {
-                socket: spec.socket.clone(),
+                endpoint: spec.endpoint.clone(),
+                remote: self.hosts.remote().cloned(),
                 host: spec.name.clone(),
                 handle: seed.handle.clone(),
                 input: input.clone(),
