@@ -230,6 +230,11 @@ fn control_requests() -> Vec<(&'static str, Vec<u8>)> {
         ("signal", frame::encode(&Request::Signal { signo: 15 })),
         ("status", frame::encode(&Request::Status)),
         ("inspect", frame::encode(&Request::Inspect { handle })),
+        (
+            "stdin",
+            frame::encode(&Request::Stdin(b"line 1\nline 2\n".to_vec())),
+        ),
+        ("stdin-eof", frame::encode(&Request::StdinEof)),
     ]
 }
 
@@ -315,6 +320,9 @@ fn control_events() -> Vec<(&'static str, Vec<u8>)> {
                 peer_connections: 3,
                 peer_refused: 0,
                 peer_tls_refused: 1,
+                control_connections: 2,
+                control_refused: 0,
+                control_tls_refused: 5,
                 seeds: vec![control::SeedStatus {
                     id: 1,
                     pid: 4242,
@@ -338,6 +346,15 @@ fn control_events() -> Vec<(&'static str, Vec<u8>)> {
                 &minimal_descriptor(),
             ))),
         ),
+        (
+            "stdout",
+            frame::encode(&Event::Stdout(b"got line 1\n".to_vec())),
+        ),
+        (
+            "stderr",
+            frame::encode(&Event::Stderr(b"warning\n".to_vec())),
+        ),
+        ("stdin-window", frame::encode(&Event::StdinWindow(32 << 10))),
         (
             "error",
             frame::encode(&Event::Error(control::DaemonError::new(

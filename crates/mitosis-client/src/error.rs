@@ -1,6 +1,7 @@
 //! What can go wrong talking to the daemon.
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use mitosis_transport::FrameError;
@@ -13,6 +14,16 @@ pub enum Error {
     /// The socket could not be connected to.
     #[error("cannot reach the local mitosisd at {} (is it running?): {err}", path.display())]
     Connect { path: PathBuf, err: io::Error },
+    /// A daemon's TCP control listener could not be connected to.
+    #[error("cannot reach mitosisd at tcp://{addr}: {err}")]
+    ConnectTcp { addr: SocketAddr, err: io::Error },
+    /// The TLS handshake with it failed: a certificate not of the cluster's CA on either
+    /// side, or not naming the address dialed.
+    #[error("TLS handshake with mitosisd at tcp://{addr} failed: {err}")]
+    Handshake { addr: SocketAddr, err: io::Error },
+    /// Reading the stdin to relay, or writing the stdout or stderr relayed, failed.
+    #[error("relaying the child's stdio: {0}")]
+    Stdio(io::Error),
     /// Writing a request failed.
     #[error("sending to mitosisd: {0}")]
     Send(io::Error),

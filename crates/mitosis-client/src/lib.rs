@@ -5,8 +5,13 @@
 //! `Client::connect(path)?.evict(handle)?`. A resume keeps its connection for as long as the
 //! child runs ([`Running`]): signals go to the child over it, and its exit comes back on it.
 //! If the connection closes first, the daemon kills the child.
+//!
+//! Daemons on other machines are reached over TCP with mutual TLS ([`remote`], async): an
+//! [`Endpoint`] names either.
 
+mod endpoint;
 mod error;
+pub mod remote;
 mod running;
 mod stats;
 #[cfg(test)]
@@ -22,11 +27,14 @@ use mitosis_sys::fdpass;
 use mitosis_transport::control::{Event, Request};
 use mitosis_transport::frame;
 
+pub use endpoint::{Endpoint, EndpointError};
 pub use error::{Error, Result};
 pub use mitosis_transport::control::{
     DaemonError, DaemonStatus, ErrorKind, FaultStats, PrepareStats, ReplicaStatus, ResumeStats,
     SeedStatus,
 };
+pub use mitosis_transport::tls::{Tls, TlsError};
+pub use remote::{Connector, Remote, RemoteClient, RemoteRunning};
 pub use running::{Exited, Running, Signaller};
 pub use stats::{STATS_PAIRS, stats_line, stats_pairs};
 

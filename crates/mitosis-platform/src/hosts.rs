@@ -1,8 +1,9 @@
-//! The cluster's hosts: each a daemon's control socket, what its last status said, and the
-//! calls this platform has running there.
+//! The cluster's hosts: each a daemon's control endpoint (its unix socket, or its TCP
+//! listener with mutual TLS), what its last status said, and the calls this platform has
+//! running there.
 //!
-//! Each host is polled by a task of its own (the blocking client on a blocking thread, with a
-//! timeout), so a host that hangs delays only its own view. A host whose daemon fails a poll
+//! Each host is polled by a task of its own (with a timeout), so a host that hangs delays
+//! only its own view. A host whose daemon fails a poll
 //! or a call is down until a poll succeeds again.
 //!
 //! With a shared store (etcd), the hosts given to this instance are registered there after
@@ -10,14 +11,14 @@
 //! [`crate::etcd`]); the hosts other instances registered are found there and polled too, and
 //! count as down once their entry is gone.
 
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use mitosis_client::{Client, DaemonStatus};
+use mitosis_client::{DaemonStatus, Endpoint, Remote};
 
+use crate::daemon::Reach;
 use crate::etcd::EtcdStore;
 use crate::policy::HostView;
 use crate::seeds::Seed;
@@ -26,21 +27,34 @@ use crate::store::HostRecord;
 /// How long a status may take before the host counts as down.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A host as given on the command line: `NAME=/path/to/mitosisd.sock`.
+/// A host as given on the command line: `NAME=/path/to/mitosisd.sock` (or `unix:/path`),
+/// or `NAME=tcp://IP:PORT` (its daemon's `--control-listen`, mutual TLS).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostSpec {
     pub name: String,
-    pub socket: PathBuf,
+    pub endpoint: Endpoint,
 }
 
 impl HostSpec {
-    /// Every host of a simulated cluster, named `h0`, `h1`... by index.
+    /// Every host of a simulated cluster, named `h0`, `h1`... by index, by its unix socket.
     pub fn of_testbed(tb: &mitosis_testbed::Testbed) -> Vec<HostSpec> {
         tb.hosts()
             .iter()
             .map(|h| HostSpec {
                 name: format!("h{}", h.index()),
-                socket: h.socket_path().to_owned(),
+                endpoint: Endpoint::Unix(h.socket_path().to_owned()),
+            })
+            .collect()
+    }
+
+    /// The same hosts by their daemons' TCP control listeners on `port` (each daemon runs
+    /// with `--control-listen` on its address and that port).
+    pub fn of_testbed_tcp(tb: &mitosis_testbed::Testbed, port: u16) -> Vec<HostSpec> {
+        tb.hosts()
+            .iter()
+            .map(|h| HostSpec {
+                name: format!("h{}", h.index()),
+                endpoint: Endpoint::Tcp((h.addr(), port).into()),
             })
             .collect()
     }
@@ -51,11 +65,13 @@ impl FromStr for HostSpec {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once('=') {
-            Some((name, socket)) if !name.is_empty() && !socket.is_empty() => Ok(HostSpec {
+            Some((name, endpoint)) if !name.is_empty() => Ok(HostSpec {
                 name: name.to_owned(),
-                socket: socket.into(),
+                endpoint: endpoint.parse().map_err(|e| format!("{s:?}: {e}"))?,
             }),
-            _ => Err(format!("{s:?}: expected NAME=/path/to/mitosisd.sock")),
+            _ => Err(format!(
+                "{s:?}: expected NAME=/path/to/mitosisd.sock or NAME=tcp://IP:PORT"
+            )),
         }
     }
 }
@@ -137,11 +153,18 @@ pub struct Hosts {
     hosts: RwLock<Vec<Arc<Host>>>,
     /// The shared store the local hosts are registered in and the others found in.
     shared: Option<EtcdStore>,
+    /// How TCP endpoints are reached (none: only unix sockets work).
+    remote: Option<Remote>,
 }
 
 impl Hosts {
-    pub fn new(specs: Vec<HostSpec>, shared: Option<EtcdStore>) -> Arc<Hosts> {
+    pub fn new(
+        specs: Vec<HostSpec>,
+        shared: Option<EtcdStore>,
+        remote: Option<Remote>,
+    ) -> Arc<Hosts> {
         Arc::new(Hosts {
+            remote,
             hosts: RwLock::new(
                 specs
                     .into_iter()
@@ -172,6 +195,19 @@ impl Hosts {
 
     pub fn get(&self, index: usize) -> Arc<Host> {
         self.hosts.read().unwrap_or_else(PoisonError::into_inner)[index].clone()
+    }
+
+    /// How to reach host `index`'s daemon.
+    pub fn reach(&self, index: usize) -> Reach {
+        Reach {
+            endpoint: self.get(index).spec.endpoint.clone(),
+            remote: self.remote.clone(),
+        }
+    }
+
+    /// How TCP endpoints are reached.
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_ref()
     }
 
     /// The index of the host named `name`, if it is known.
@@ -226,9 +262,16 @@ impl Hosts {
         };
         for record in &records {
             if self.index_of(&record.name).is_none() {
+                let endpoint = match record.endpoint.parse() {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!(host = %record.name, "its endpoint in etcd: {e}");
+                        continue;
+                    }
+                };
                 let spec = HostSpec {
                     name: record.name.clone(),
-                    socket: PathBuf::from(&record.endpoint),
+                    endpoint,
                 };
                 tracing::info!(host = %spec.name, "found a host in etcd");
                 let index = {
@@ -251,25 +294,17 @@ impl Hosts {
     /// answered is registered (or its lease refreshed) in the shared store.
     pub async fn poll(&self, index: usize) {
         let host = self.get(index);
-        let socket = host.spec.socket.clone();
         let inflight_at_poll = host.inflight.load(Ordering::Relaxed);
-        let asked = tokio::task::spawn_blocking(move || {
-            Client::connect(&socket)?
-                .with_timeout(STATUS_TIMEOUT)?
-                .status()
-        });
-        let result =
-            match tokio::time::timeout(STATUS_TIMEOUT + Duration::from_secs(1), asked).await {
-                Ok(Ok(Ok(status))) => Ok(status),
-                Ok(Ok(Err(e))) => Err(e.to_string()),
-                Ok(Err(e)) => Err(format!("status thread: {e}")),
-                Err(_) => Err("no status in time".to_owned()),
-            };
+        let result = self
+            .reach(index)
+            .status(STATUS_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string());
         // Published after the status is recorded: a slow etcd delays the entry, not the view.
         let record = match (&result, &self.shared) {
             (Ok(status), Some(_)) if host.local => Some(HostRecord {
                 name: host.spec.name.clone(),
-                endpoint: host.spec.socket.display().to_string(),
+                endpoint: host.spec.endpoint.to_string(),
                 listen: status.listen.clone(),
                 children_running: status.children_running,
                 seeds: status.seeds.iter().map(|s| s.id).collect(),
@@ -378,7 +413,7 @@ impl Hosts {
                 let status = seen.status.as_ref();
                 HostReport {
                     name: host.spec.name.clone(),
-                    socket: host.spec.socket.display().to_string(),
+                    socket: host.spec.endpoint.to_string(),
                     up: (!seen.polled || seen.up) && registered,
                     local: host.local,
                     registered,
@@ -402,7 +437,14 @@ mod tests {
     fn host_specs_parse() {
         let h: HostSpec = "h0=/run/mitosis/mitosisd.sock".parse().unwrap();
         assert_eq!(h.name, "h0");
-        assert_eq!(h.socket, PathBuf::from("/run/mitosis/mitosisd.sock"));
+        assert_eq!(
+            h.endpoint,
+            Endpoint::Unix("/run/mitosis/mitosisd.sock".into())
+        );
+        let h: HostSpec = "h1=tcp://10.0.0.2:7071".parse().unwrap();
+        assert_eq!(h.endpoint, Endpoint::Tcp("10.0.0.2:7071".parse().unwrap()));
+        assert!("h0=".parse::<HostSpec>().is_err());
+        assert!("h0=tcp://name:1".parse::<HostSpec>().is_err());
         assert!("h0".parse::<HostSpec>().is_err());
         assert!("=/x".parse::<HostSpec>().is_err());
     }

@@ -60,15 +60,24 @@ fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 impl Instance {
-    /// Starts one cold through the daemon at `socket` and waits until it is warm.
+    /// Starts one cold through the daemon at `endpoint` (a unix socket: instances relay no
+    /// warm-up over TCP yet) and waits until it is warm.
     pub async fn start(
         host: usize,
         host_name: &str,
-        socket: std::path::PathBuf,
+        endpoint: &mitosis_client::Endpoint,
         launch: Launch,
         image: String,
         idle_timeout: Duration,
     ) -> Result<(Instance, ResumeStats), CallError> {
+        let mitosis_client::Endpoint::Unix(socket) = endpoint.clone() else {
+            return Err(CallError::Daemon {
+                host: host_name.to_owned(),
+                err: mitosis_client::Error::Unexpected(
+                    "keep-warm instances over tcp:// endpoints are not supported yet".into(),
+                ),
+            });
+        };
         let (in_r, in_w) = pipe_pair()?;
         let (out_r, out_w) = pipe_pair()?;
         let (err_r, err_w) = pipe_pair()?;

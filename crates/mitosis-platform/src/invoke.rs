@@ -2,16 +2,19 @@
 //! platform owns as its stdin, stdout and stderr.
 //!
 //! The request body is written to the child's stdin, which is then closed; its stdout is the
-//! answer. The blocking control client runs on blocking threads (resume, then the wait for
-//! the exit), the pipes are read and written on the runtime, and the whole run is bounded by
-//! the function's timeout: past it the child is killed.
+//! answer. Over a unix socket the blocking control client runs on blocking threads (resume,
+//! then the wait for the exit) and the pipes are read and written on the runtime; over TCP
+//! the daemon makes the pipes and the stdio is relayed on the connection. The whole run is
+//! bounded by the function's timeout: past it the child is killed.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use mitosis_client::{Client, Exited, ResumeStats, Running, Signaller};
+use mitosis_client::{Client, Endpoint, Exited, Remote, ResumeStats, Running, Signaller};
 use nix::fcntl::OFlag;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -40,7 +43,7 @@ pub enum Launch {
 }
 
 impl Launch {
-    /// Starts it through the daemon at `socket` with these stdio; blocking.
+    /// Starts it through the daemon's unix socket at `socket` with these stdio; blocking.
     pub fn run(
         &self,
         socket: &std::path::Path,
@@ -72,8 +75,9 @@ impl Launch {
 
 /// What one call needs.
 pub struct Call {
-    /// The daemon's control socket.
-    pub socket: PathBuf,
+    /// The daemon's control endpoint, and how TCP ones are reached.
+    pub endpoint: Endpoint,
+    pub remote: Option<Remote>,
     pub host: String,
     pub launch: Launch,
     pub input: axum::body::Bytes,
@@ -115,13 +119,159 @@ fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// Runs the call on its host.
 pub async fn run(call: Call) -> Result<Answer, CallError> {
+    match call.endpoint.clone() {
+        Endpoint::Unix(socket) => run_unix(call, socket).await,
+        Endpoint::Tcp(addr) => run_tcp(call, addr).await,
+    }
+}
+
+/// A sink for the child's stdout that refuses to hold more than the answer's limit.
+struct Capped {
+    bytes: Vec<u8>,
+    limit: usize,
+    over: bool,
+}
+
+impl tokio::io::AsyncWrite for Capped {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.bytes.len() + buf.len() > self.limit {
+            self.over = true;
+            return Poll::Ready(Err(io::Error::other("the answer is too large")));
+        }
+        self.bytes.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A sink for the child's stderr that keeps its last [`STDERR_TAIL`] bytes.
+struct Tail(Vec<u8>);
+
+impl tokio::io::AsyncWrite for Tail {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.0.extend_from_slice(buf);
+        let over = self.0.len().saturating_sub(STDERR_TAIL);
+        self.0.drain(..over);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The call over TCP: resumed with its stdio relayed on the connection. Past the deadline
+/// the relay is dropped, which closes the connection: the daemon then kills the child.
+async fn run_tcp(call: Call, addr: std::net::SocketAddr) -> Result<Answer, CallError> {
+    let t0 = Instant::now();
+    let deadline = tokio::time::Instant::now() + call.timeout;
+    let host = call.host.clone();
+    let Launch::Fork { handle } = &call.launch else {
+        // A start relays no warm-up; the cold and fn-cache policies need unix sockets.
+        return Err(CallError::Daemon {
+            host,
+            err: mitosis_client::Error::Unexpected(
+                "cold starts over tcp:// endpoints are not supported yet".into(),
+            ),
+        });
+    };
+    let Some(remote) = call.remote else {
+        return Err(CallError::Daemon {
+            host,
+            err: mitosis_client::Error::ConnectTcp {
+                addr,
+                err: io::Error::other("no TLS configured for daemons over TCP"),
+            },
+        });
+    };
+    let resumed = tokio::time::timeout_at(deadline, async {
+        remote.connect(addr).await?.resume(handle).await
+    })
+    .await
+    .map_err(|_| CallError::TimedOut(call.timeout.as_secs()))?;
+    let running = resumed.map_err(|err| CallError::Daemon {
+        host: host.clone(),
+        err,
+    })?;
+    let stats = running.stats.clone();
+    let mut output = Capped {
+        bytes: Vec::new(),
+        limit: call.max_output,
+        over: false,
+    };
+    let mut errors = Tail(Vec::new());
+    let (_signals, none) = tokio::sync::mpsc::channel(1);
+    let relayed = tokio::time::timeout_at(
+        deadline,
+        running.relay(&call.input[..], &mut output, &mut errors, none),
+    )
+    .await
+    .map_err(|_| CallError::TimedOut(call.timeout.as_secs()))?;
+    let exited = match relayed {
+        Err(_) if output.over => return Err(CallError::OutputTooLarge(call.max_output)),
+        Err(err) => return Err(CallError::HostLost { host, err }),
+        Ok(exited) => exited,
+    };
+    answer(exited, output.bytes, &errors.0, stats, t0, call.max_output)
+}
+
+/// The answer of a child that exited: its stdout if it exited 0, else why it failed.
+fn answer(
+    exited: Exited,
+    output: Vec<u8>,
+    errors: &[u8],
+    stats: ResumeStats,
+    t0: Instant,
+    max_output: usize,
+) -> Result<Answer, CallError> {
+    if output.len() > max_output {
+        return Err(CallError::OutputTooLarge(max_output));
+    }
+    if exited.status != 0 {
+        let mut why = exited
+            .reason
+            .unwrap_or_else(|| format!("exited with status {}", exited.status));
+        let tail = String::from_utf8_lossy(errors);
+        if let Some(last) = tail.lines().rev().find(|l| !l.trim().is_empty()) {
+            why = format!("{why}: {}", last.trim());
+        }
+        return Err(CallError::Crashed(why));
+    }
+    Ok(Answer {
+        output,
+        stats,
+        elapsed: t0.elapsed(),
+    })
+}
+
+/// The call over the daemon's unix socket, with pipes this platform owns.
+async fn run_unix(call: Call, socket: PathBuf) -> Result<Answer, CallError> {
     let t0 = Instant::now();
     let deadline = tokio::time::Instant::now() + call.timeout;
     let (in_r, in_w) = pipe_pair()?;
     let (out_r, out_w) = pipe_pair()?;
     let (err_r, err_w) = pipe_pair()?;
 
-    let (socket, launch, host) = (call.socket, call.launch, call.host.clone());
+    let (launch, host) = (call.launch, call.host.clone());
     let cold = matches!(launch, Launch::Cold { .. });
     // The read timeout is a backstop: the deadline below is what callers see.
     let backstop = call.timeout + KILL_GRACE;
@@ -218,24 +368,7 @@ pub async fn run(call: Call) -> Result<Answer, CallError> {
         return Err(CallError::TimedOut(call.timeout.as_secs()));
     }
     let exited = exited.expect("the loop ends with an exit or the deadline");
-    if output.len() > call.max_output {
-        return Err(CallError::OutputTooLarge(call.max_output));
-    }
-    if exited.status != 0 {
-        let mut why = exited
-            .reason
-            .unwrap_or_else(|| format!("exited with status {}", exited.status));
-        let tail = String::from_utf8_lossy(&errors);
-        if let Some(last) = tail.lines().rev().find(|l| !l.trim().is_empty()) {
-            why = format!("{why}: {}", last.trim());
-        }
-        return Err(CallError::Crashed(why));
-    }
-    Ok(Answer {
-        output,
-        stats,
-        elapsed: t0.elapsed(),
-    })
+    answer(exited, output, &errors, stats, t0, call.max_output)
 }
 
 /// Reads what is in the pipe now, without waiting for more. A read(2) of its own: tokio's

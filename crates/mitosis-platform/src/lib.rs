@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod background;
+pub mod daemon;
 mod error;
 pub mod etcd;
 pub mod hosts;
@@ -50,6 +51,8 @@ pub struct Config {
     /// How calls start, for functions whose annotation does not say
     /// ([`policy::POLICY_ANNOTATION`]).
     pub strategy: Strategy,
+    /// How daemons at `tcp://` endpoints are reached (mutual TLS): needed for those hosts.
+    pub remote: Option<mitosis_client::Remote>,
 }
 
 impl Default for Config {
@@ -60,6 +63,7 @@ impl Default for Config {
             seed_ready_timeout: Duration::from_secs(60),
             poll_interval: Duration::from_millis(500),
             strategy: Strategy::RemoteFork,
+            remote: None,
         }
     }
 }
@@ -91,7 +95,7 @@ impl Platform {
         hosts: Vec<HostSpec>,
         policy: Arc<dyn Policy>,
     ) -> Arc<Self> {
-        let hosts = Hosts::new(hosts, store.etcd().cloned());
+        let hosts = Hosts::new(hosts, store.etcd().cloned(), config.remote.clone());
         hosts.clone().start_polling(config.poll_interval);
         let metrics = metrics::Metrics::default();
         let seeds = Arc::new(seeds::Seeds::new(
@@ -284,7 +288,8 @@ impl Platform {
             let spec = self.hosts.get(host).spec.clone();
             let _counted = self.hosts.start_call(host);
             let call = invoke::Call {
-                socket: spec.socket.clone(),
+                endpoint: spec.endpoint.clone(),
+                remote: self.hosts.remote().cloned(),
                 host: spec.name.clone(),
                 launch: invoke::Launch::Fork {
                     handle: current.handle.clone(),
@@ -352,7 +357,8 @@ impl Platform {
             let spec = self.hosts.get(host).spec.clone();
             let _counted = self.hosts.start_call(host);
             let call = invoke::Call {
-                socket: spec.socket.clone(),
+                endpoint: spec.endpoint.clone(),
+                remote: self.hosts.remote().cloned(),
                 host: spec.name.clone(),
                 launch: self.cold_launch(f),
                 input: input.clone(),
@@ -422,7 +428,7 @@ impl Platform {
             let started = instances::Instance::start(
                 host,
                 &spec.name,
-                spec.socket.clone(),
+                &spec.endpoint,
                 self.cold_launch(f),
                 f.image.clone(),
                 Duration::from_secs(u64::from(f.idle_timeout)),

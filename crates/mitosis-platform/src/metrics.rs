@@ -178,7 +178,11 @@ mod tests {
             m.call_seconds.get_or_create(&f).observe(0.02);
         }
         m.seeds_made.inc();
-        let hosts = Hosts::new(vec!["h0=/run/h0.sock".parse::<HostSpec>().unwrap()], None);
+        let hosts = Hosts::new(
+            vec!["h0=/run/h0.sock".parse::<HostSpec>().unwrap()],
+            None,
+            None,
+        );
         let _running = hosts.start_call(0);
         let text = render(&m.registry(hosts.clone())).unwrap();
         assert!(text.ends_with("# EOF\n"), "{text}");

@@ -16,11 +16,10 @@
 //! instance's own (not recorded), one slot per (function, host).
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use mitosis_client::{Client, ErrorKind};
+use mitosis_client::ErrorKind;
 use mitosis_descriptor::Handle;
 
 use crate::error::{CallError, StoreError};
@@ -330,19 +329,13 @@ impl Seeds {
     /// Prepares `f`'s bundle on `host`. On failure, whether the host is at fault (its daemon
     /// failed, not the bundle).
     async fn prepare_on(&self, f: &Func, host: usize) -> Result<Seed, (CallError, bool)> {
-        let socket = self.hosts.get(host).spec.socket.clone();
         let name = self.hosts.get(host).spec.name.clone();
-        let image = f.image.clone();
-        let ready = self.ready_timeout;
         let t0 = Instant::now();
-        let prepared = tokio::task::spawn_blocking(move || {
-            Client::connect(&socket)?
-                // The daemon waits up to `ready` for the bundle to be warm.
-                .with_timeout(ready + Duration::from_secs(10))?
-                .prepare_bundle(Path::new(&image), ready)
-        })
-        .await
-        .map_err(|e| (CallError::Io(std::io::Error::other(e)), false))?;
+        let prepared = self
+            .hosts
+            .reach(host)
+            .prepare_bundle(&f.image, self.ready_timeout)
+            .await;
         match prepared {
             Ok((handle, _stats)) => {
                 let parsed: Handle = handle
@@ -427,13 +420,12 @@ impl Seeds {
     }
 
     fn drop_in_background(&self, seed: Seed) {
-        let socket = self.hosts.get(seed.host).spec.socket.clone();
-        tokio::task::spawn_blocking(move || drop_blocking(&socket, &seed));
+        let hosts = self.hosts.clone();
+        tokio::spawn(async move { drop_on_host(&hosts, &seed).await });
     }
 
     async fn drop_seed(&self, seed: Seed) {
-        let socket = self.hosts.get(seed.host).spec.socket.clone();
-        let _ = tokio::task::spawn_blocking(move || drop_blocking(&socket, &seed)).await;
+        drop_on_host(&self.hosts, &seed).await;
     }
 
     /// Drops every seed (on shutdown).
@@ -453,11 +445,8 @@ impl Seeds {
     }
 }
 
-fn drop_blocking(socket: &Path, seed: &Seed) {
-    let dropped = Client::connect(socket)
-        .and_then(|c| c.with_timeout(Duration::from_secs(5)))
-        .and_then(|c| c.drop_seed(&seed.handle));
-    if let Err(e) = dropped {
+async fn drop_on_host(hosts: &Hosts, seed: &Seed) {
+    if let Err(e) = hosts.reach(seed.host).drop_seed(&seed.handle).await {
         // Its host is gone, or already lost it: nothing is left to drop.
         tracing::debug!(?seed, "dropping a seed: {e}");
     }

@@ -145,6 +145,16 @@ impl Host {
             .unwrap_or_default()
     }
 
+    /// Makes TCP connections from inside the host's network namespace (to reach other
+    /// hosts' addresses from a process in the root namespace).
+    ///
+    /// # Errors
+    ///
+    /// If the namespace cannot be joined.
+    pub fn dialer(&self) -> Result<netns::Dialer> {
+        netns::Dialer::new(&self.netns_path())
+    }
+
     /// A command that will run inside the host's network namespace.
     ///
     /// It also carries [`TESTBED_ID_ENV`] so that leak checks can find it.

@@ -161,3 +161,70 @@ pub(crate) fn kill_all_in(namespaces: &[NsId], timeout: Duration) -> Result<()> 
         thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// One dial request to a [`Dialer`]'s thread.
+type Dial = (
+    std::net::SocketAddr,
+    Duration,
+    std::sync::mpsc::Sender<io::Result<std::net::TcpStream>>,
+);
+
+/// Makes TCP connections from inside one network namespace: a thread of its own joined the
+/// namespace once and dials on request (a socket keeps the namespace it was made in), so
+/// that a process in the root namespace can reach the testbed's addresses without any
+/// route from the root namespace. The thread ends with the last clone.
+#[derive(Clone)]
+pub struct Dialer {
+    requests: std::sync::mpsc::Sender<Dial>,
+}
+
+impl Dialer {
+    /// A dialer in the namespace at `netns`.
+    pub(crate) fn new(netns: &Path) -> Result<Dialer> {
+        let ns = File::open(netns)
+            .map_err(|e| TestbedError::io(format!("opening {}", netns.display()), e))?;
+        let (requests, incoming) = std::sync::mpsc::channel::<Dial>();
+        let (joined_tx, joined) = std::sync::mpsc::channel();
+        thread::Builder::new()
+            .name("netns-dialer".into())
+            .spawn(move || {
+                let entered = setns(&ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from);
+                let ok = entered.is_ok();
+                let _ = joined_tx.send(entered);
+                drop(ns);
+                if !ok {
+                    return;
+                }
+                for (addr, timeout, reply) in incoming {
+                    let _ = reply.send(std::net::TcpStream::connect_timeout(&addr, timeout));
+                }
+            })
+            .map_err(|e| TestbedError::io("starting a netns dialer thread", e))?;
+        joined
+            .recv()
+            .map_err(|_| TestbedError::io("a netns dialer thread", io::ErrorKind::Other.into()))?
+            .map_err(|e| TestbedError::io(format!("joining {}", netns.display()), e))?;
+        Ok(Dialer { requests })
+    }
+
+    /// A connection to `addr` made in the dialer's namespace.
+    pub fn dial(
+        &self,
+        addr: std::net::SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<std::net::TcpStream> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.requests
+            .send((addr, timeout, reply))
+            .map_err(|_| io::Error::other("the netns dialer thread is gone"))?;
+        answer
+            .recv()
+            .map_err(|_| io::Error::other("the netns dialer thread is gone"))?
+    }
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Dialer { .. }")
+    }
+}

@@ -1,11 +1,25 @@
-//! The CLI's protocol with the daemon on its own host (unix socket).
+//! The control protocol: the CLI's with the daemon on its own host (unix socket), and the
+//! platform's with every host's daemon (TCP with mutual TLS, `mitosisd --control-listen`).
+//!
+//! Over TCP no descriptor can travel, so a resume's stdio is relayed on the connection: the
+//! daemon makes the child's pipes, stdin goes as [`Request::Stdin`] and
+//! [`Request::StdinEof`], and stdout and stderr come back as [`Event::Stdout`] and
+//! [`Event::Stderr`] between `Started` and `Exited`. The client may have at most
+//! [`STDIN_WINDOW`] bytes of stdin sent and not yet written to the child's pipe: the daemon
+//! grants them back with [`Event::StdinWindow`] as the child reads, so that the daemon
+//! buffers a bounded amount for a child that does not read, and signals still get through.
 
 use serde::{Deserialize, Serialize};
 
-/// Largest request frame a daemon reads: requests carry a handle, a path or a pid.
+/// Largest request frame a daemon reads: requests carry a handle, a path, a pid, or a chunk
+/// of at most [`MAX_STDIO_CHUNK`] bytes of stdin.
 pub const MAX_REQUEST_FRAME: usize = 64 << 10;
 /// Most descriptors a request may come with (a resume's stdio and listening socket).
 pub const MAX_REQUEST_FDS: usize = 4;
+/// Largest chunk of relayed stdin, stdout or stderr in one frame.
+pub const MAX_STDIO_CHUNK: usize = 32 << 10;
+/// Bytes of relayed stdin a client may have sent that the child's pipe has not taken yet.
+pub const STDIN_WINDOW: usize = 256 << 10;
 
 /// What the CLI asks of its local daemon.
 #[derive(Debug, Serialize, Deserialize)]
@@ -21,8 +35,10 @@ pub enum Request {
     },
     /// Stop serving a seed of this host; answered by `Done`.
     Drop { handle: String },
-    /// Start a child of the seed behind `handle`. Sent with the CLI's stdin, stdout and stderr
-    /// attached; answered by `Started` then `Exited`.
+    /// Start a child of the seed behind `handle`. On the unix socket, sent with the CLI's
+    /// stdin, stdout and stderr attached; over TCP, its stdio is relayed on the connection.
+    /// Answered by `Started` then `Exited` (and, relayed, `Stdout`/`Stderr`/`StdinWindow`
+    /// between them).
     Resume { handle: String },
     /// Start the OCI bundle in `bundle` afresh in a container of its own, with the caller's
     /// stdin, stdout and stderr attached (a cold start: no seed, nothing forked), its memory
@@ -44,6 +60,11 @@ pub enum Request {
     Status,
     /// The descriptor of the seed behind `handle` (on any host); answered by `Descriptor`.
     Inspect { handle: String },
+    /// Relayed stdin for the running child of this connection (at most
+    /// [`MAX_STDIO_CHUNK`] bytes, within the window the daemon granted).
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The relayed stdin ends: the child reads EOF once it has read what came before.
+    StdinEof,
 }
 
 /// What the daemon answers.
@@ -68,6 +89,13 @@ pub enum Event {
     /// An encoded descriptor (see `mitosis_descriptor::decode`).
     Descriptor(Vec<u8>),
     Error(DaemonError),
+    /// What the child of a relayed resume wrote to its stdout.
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// What it wrote to its stderr.
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The child's pipe took this many more bytes of relayed stdin: the client may send as
+    /// many more.
+    StdinWindow(u32),
 }
 
 /// Why the daemon refused or failed a request: a kind a client matches on, and one line for
@@ -128,6 +156,11 @@ pub struct DaemonStatus {
     pub peer_refused: u64,
     /// Page-server connections refused at the TLS handshake (no valid certificate).
     pub peer_tls_refused: u64,
+    /// TCP control connections open now, those refused over the limits, and those refused
+    /// at the TLS handshake.
+    pub control_connections: u64,
+    pub control_refused: u64,
+    pub control_tls_refused: u64,
     pub seeds: Vec<SeedStatus>,
     pub replicas: Vec<ReplicaStatus>,
     /// Idle pooled connections per peer.
@@ -164,6 +197,13 @@ impl std::fmt::Display for DaemonStatus {
         writeln!(f, "peer connections {}", self.peer_connections)?;
         writeln!(f, "peer connections refused {}", self.peer_refused)?;
         writeln!(f, "peer tls handshakes refused {}", self.peer_tls_refused)?;
+        writeln!(f, "control connections {}", self.control_connections)?;
+        writeln!(f, "control connections refused {}", self.control_refused)?;
+        writeln!(
+            f,
+            "control tls handshakes refused {}",
+            self.control_tls_refused
+        )?;
         for s in &self.seeds {
             writeln!(
                 f,

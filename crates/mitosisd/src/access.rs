@@ -13,6 +13,16 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// A TCP control peer whose certificate chains to the cluster's CA: a cluster operator,
+    /// with the rights of root on the unix socket.
+    pub fn operator() -> Caller {
+        Caller {
+            uid: 0,
+            gid: 0,
+            pid: None,
+        }
+    }
+
     pub fn is_root(&self) -> bool {
         self.uid == 0
     }

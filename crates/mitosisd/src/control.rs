@@ -1,9 +1,11 @@
-//! The local control socket: the CLI's requests.
+//! The control protocol: the local CLI's requests on the unix socket, and (see `remote`) a
+//! cluster operator's over TCP with mutual TLS.
 //!
 //! The socket is root's alone (0600 in a 0700 directory, see `main`), and whoever connects
 //! is checked anyway (SO_PEERCRED), in case its mode was widened: root may ask anything; any
 //! other user may ask the status, prepare a process it could ptrace itself, and drop,
-//! inspect or evict seeds of this host it prepared.
+//! inspect or evict seeds of this host it prepared. A TCP peer with a certificate of the
+//! cluster's CA is a cluster operator, with root's rights.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -19,7 +21,7 @@ use mitosis_transport::control::{
 };
 use mitosis_transport::frame;
 use mitosis_transport::peer::RemoteError;
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::Daemon;
@@ -52,7 +54,7 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     }
 }
 
-async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<()> {
+async fn connection(stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<()> {
     let cred = stream.peer_cred()?;
     let caller = Caller {
         uid: cred.uid(),
@@ -65,17 +67,34 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<(
     let Some((request, fds)) = first? else {
         return Ok(());
     };
-    if let Err(why) = authorize(&daemon, &caller, &request) {
+    let (reader, writer) = stream.into_split();
+    let stdio = crate::resume::Stdio::Passed(fds);
+    answer(daemon, &caller, request, stdio, reader, writer).await
+}
+
+/// Answers `caller`'s first request on a connection, whichever the transport.
+pub async fn answer<R, W>(
+    daemon: Arc<Daemon>,
+    caller: &Caller,
+    request: Request,
+    stdio: crate::resume::Stdio,
+    reader: R,
+    mut writer: W,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    use crate::resume::send_event;
+    if let Err(why) = authorize(&daemon, caller, &request) {
         tracing::info!(uid = caller.uid, pid = ?caller.pid, "{why}");
-        return frame::write(&mut stream, &RequestRefused::Denied(why).to_event())
-            .await
-            .map_err(io::Error::other);
+        return send_event(&mut writer, &RequestRefused::Denied(why).to_event()).await;
     }
     let event = match request {
         Request::Prepare { pid } => {
             let prepared = prepare(&daemon, pid, None, caller.uid).await;
             let prepared = match prepared {
-                Ok(event) => recheck(&daemon, &caller, pid, event).await,
+                Ok(event) => recheck(&daemon, caller, pid, event).await,
                 Err(e) => Err(e),
             };
             prepared.unwrap_or_else(|e| e.to_event())
@@ -94,22 +113,23 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>) -> io::Result<(
         Request::Inspect { handle } => inspect(&daemon, &handle)
             .await
             .unwrap_or_else(|e| e.to_event()),
-        Request::Resume { handle } => return crate::resume::run(daemon, stream, handle, fds).await,
+        Request::Resume { handle } => {
+            return crate::resume::run(daemon, reader, writer, handle, stdio).await;
+        }
         Request::Start {
             bundle,
             memory_mib,
             warm_timeout_ms,
         } => {
             let warm = warm_timeout_ms.map(Duration::from_millis);
-            return crate::start::run(daemon, stream, bundle, memory_mib, warm, fds).await;
+            return crate::start::run(daemon, reader, writer, bundle, memory_mib, warm, stdio)
+                .await;
         }
-        Request::Signal { .. } => {
+        Request::Signal { .. } | Request::Stdin(_) | Request::StdinEof => {
             RequestRefused::BadRequest("no child runs on this connection".into()).to_event()
         }
     };
-    frame::write(&mut stream, &event)
-        .await
-        .map_err(io::Error::other)
+    send_event(&mut writer, &event).await
 }
 
 /// Why `caller` may not make `request`, if it may not: one line for the user.
@@ -124,7 +144,7 @@ fn authorize(daemon: &Daemon, caller: &Caller, request: &Request) -> Result<(), 
         ))
     };
     match request {
-        Request::Status | Request::Signal { .. } => Ok(()),
+        Request::Status | Request::Signal { .. } | Request::Stdin(_) | Request::StdinEof => Ok(()),
         Request::Prepare { pid } => access::may_trace(caller, *pid)
             .map_err(|why| format!("refused: uid {uid} may not prepare pid {pid}: {why} (only processes it could ptrace)")),
         Request::PrepareBundle { .. } => root_only("prepare a bundle", "its seed runs as root in a container"),
@@ -439,6 +459,9 @@ fn status(daemon: &Daemon) -> DaemonStatus {
         peer_connections: count(&c.peer_connections),
         peer_refused: count(&c.peer_refused),
         peer_tls_refused: count(&c.peer_tls_refused),
+        control_connections: count(&c.control_connections),
+        control_refused: count(&c.control_refused),
+        control_tls_refused: count(&c.control_tls_refused),
         seeds: daemon
             .registry
             .all()

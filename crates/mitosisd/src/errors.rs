@@ -190,7 +190,9 @@ impl Kind for ForkFailed {
 /// Why a cold start of a bundle failed before its process ran.
 #[derive(Debug, Error)]
 pub enum StartFailed {
-    #[error("a start needs the caller's stdin, stdout and stderr")]
+    #[error(
+        "a start needs the caller's stdin, stdout and stderr (passed on the unix socket; not relayed over TCP yet)"
+    )]
     NoStdio,
     #[error("{0}")]
     Containers(String),
@@ -222,6 +224,8 @@ pub enum ResumeFailed {
     Handle(#[from] HandleError),
     #[error("resume needs the caller's stdin, stdout and stderr")]
     NoStdio,
+    #[error("making the child's stdio pipes: {0}")]
+    Pipes(io::Error),
     #[error(transparent)]
     Seed(#[from] RemoteError),
     #[error(transparent)]
@@ -237,6 +241,7 @@ impl Kind for ResumeFailed {
         match self {
             ResumeFailed::Handle(e) => e.kind(),
             ResumeFailed::NoStdio => ErrorKind::BadRequest,
+            ResumeFailed::Pipes(_) => ErrorKind::Unavailable,
             ResumeFailed::Seed(e) => e.kind(),
             ResumeFailed::Peer(e) => e.kind(),
             ResumeFailed::Build(e) => e.kind(),

@@ -12,6 +12,8 @@ pub mod metrics;
 pub mod peer_server;
 pub mod peer_source;
 pub mod registry;
+pub mod relay;
+pub mod remote;
 pub mod replica;
 pub mod resume;
 pub mod start;
@@ -71,6 +73,11 @@ pub struct Counters {
     pub peer_refused: AtomicU64,
     /// Page-server connections whose TLS handshake failed (no valid certificate, too slow).
     pub peer_tls_refused: AtomicU64,
+    /// TCP control connections open now, closed at once over the limits, and refused at
+    /// the TLS handshake.
+    pub control_connections: AtomicU64,
+    pub control_refused: AtomicU64,
+    pub control_tls_refused: AtomicU64,
 }
 
 /// Drops replicas whose seed is gone from its host, every `period`.

@@ -32,6 +32,12 @@ struct Args {
     /// Control socket for the local CLI.
     #[arg(long, default_value = "/run/mitosis/mitosisd.sock")]
     socket: PathBuf,
+    /// Also serve the control protocol over TCP on this address, for a platform on another
+    /// machine: always mutual TLS with --tls-cert/--tls-key/--tls-ca (required), and a peer
+    /// with a certificate of that CA has root's rights. A resume's stdio is relayed on the
+    /// connection.
+    #[arg(long, value_name = "ADDR")]
+    control_listen: Option<SocketAddr>,
     /// Stubs kept started and waiting, so a new replica does not wait for one to start.
     #[arg(long, default_value_t = 2)]
     stub_pool: usize,
@@ -127,6 +133,12 @@ fn main() -> Result<()> {
         args.tls_key.as_deref(),
         args.tls_ca.as_deref(),
     )?;
+    // Fail closed: the control protocol is never served over TCP without authentication.
+    anyhow::ensure!(
+        args.control_listen.is_none() || tls.is_some(),
+        "--control-listen needs --tls-cert, --tls-key and --tls-ca: the control protocol is \
+         served over TCP only with mutual TLS"
+    );
     // First: the cgroup mount below goes next to the socket, in its private directory.
     private_dir(&args.socket)?;
     // Before any thread exists: a mount namespace can only be entered single-threaded.
@@ -170,6 +182,14 @@ async fn run(args: Args, tls: Option<Tls>) -> Result<()> {
     let tcp = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
+    let control_tcp = match args.control_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("serving the control protocol on {addr}"))?,
+        ),
+        None => None,
+    };
     let metrics = match args.metrics {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -226,6 +246,10 @@ async fn run(args: Args, tls: Option<Tls>) -> Result<()> {
     );
     tokio::spawn(peer_server::serve(tcp, daemon.clone()));
     tokio::spawn(control::serve(unix, daemon.clone()));
+    if let (Some(listener), Some(tls)) = (control_tcp, daemon.tls.clone()) {
+        tracing::info!(addr = %listener.local_addr()?, "control protocol over TCP (mutual TLS)");
+        tokio::spawn(mitosisd::remote::serve(listener, daemon.clone(), tls));
+    }
     if let Some(listener) = metrics {
         tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
         tokio::spawn(mitosisd::metrics::serve(listener, daemon.clone()));

@@ -17,32 +17,40 @@ use std::time::{Duration, Instant};
 use mitosis_transport::control::{Event, FaultStats, MAX_REQUEST_FRAME, Request, ResumeStats};
 use mitosis_transport::frame;
 use tokio::io::unix::AsyncFd;
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::Daemon;
 use crate::errors::{Kind, StartFailed};
+use crate::resume::{Stdio, send_event};
 
 /// Names containers of cold starts apart (`cold1`, `cold2`...) from pooled ones and seeds.
 static NEXT: AtomicU64 = AtomicU64::new(1);
 
-pub async fn run(
+pub async fn run<R, W>(
     daemon: Arc<Daemon>,
-    stream: UnixStream,
+    reader: R,
+    mut writer: W,
     bundle: String,
     memory_mib: Option<u64>,
     warm: Option<Duration>,
-    fds: Vec<OwnedFd>,
-) -> io::Result<()> {
-    let (reader, mut writer) = stream.into_split();
+    stdio: Stdio,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let t0 = Instant::now();
-    let container = match start(&daemon, &bundle, memory_mib, warm, fds).await {
+    let started = match stdio {
+        Stdio::Passed(fds) => start(&daemon, &bundle, memory_mib, warm, fds).await,
+        // Its warm-up would have to be relayed apart from its answers: not yet.
+        Stdio::Relayed => Err(StartFailed::NoStdio),
+    };
+    let container = match started {
         Ok(c) => c,
         Err(e) => {
             tracing::info!("start failed: {e}");
-            return frame::write(&mut writer, &e.to_event())
-                .await
-                .map_err(io::Error::other);
+            return send_event(&mut writer, &e.to_event()).await;
         }
     };
     let counters = &daemon.counters;
@@ -55,7 +63,7 @@ pub async fn run(
         ..ResumeStats::default()
     };
     let pid = container.main_pid().unwrap_or(container.init_pid());
-    let _ = frame::write(&mut writer, &Event::Started { pid, stats }).await;
+    let _ = send_event(&mut writer, &Event::Started { pid, stats }).await;
 
     let outcome = stand_by(&container, reader).await;
     counters.children_running.fetch_sub(1, Ordering::Relaxed);
@@ -77,9 +85,7 @@ pub async fn run(
         reason,
         stats: FaultStats::default(),
     };
-    frame::write(&mut writer, &event)
-        .await
-        .map_err(io::Error::other)
+    send_event(&mut writer, &event).await
 }
 
 async fn start(
@@ -132,9 +138,9 @@ async fn start(
 
 /// Forwards signals to the process until it exits; kills it if the caller goes away. Its
 /// status, shell-style (init exits as the process did).
-async fn stand_by(
+async fn stand_by<R: AsyncRead + Unpin + Send + 'static>(
     container: &mitosis_container::Container,
-    mut reader: tokio::net::unix::OwnedReadHalf,
+    mut reader: R,
 ) -> io::Result<i32> {
     let pidfd = container.init_pidfd()?;
     // SAFETY: the OwnedFd stays open and unchanged for as long as the AsyncFd owns it.

@@ -21,7 +21,7 @@ pub fn run(n: usize, api: &ApiArgs) -> Result<()> {
         Testbed::new(TestbedConfig::new(n).with_daemon(DaemonConfig::new(&daemon, DAEMON_PORT)))
             .context("building the hosts (this needs root and iproute2)")?;
     let hosts = HostSpec::of_testbed(&testbed);
-    let served = crate::serve(hosts, api, || {
+    let served = crate::serve(hosts, api, None, || {
         println!(
             "mitosis-platform cluster: {n} hosts (testbed {})",
             testbed.id()

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use mitosis_client::{Endpoint, Remote, Tls};
 use mitosis_platform::etcd::EtcdOptions;
 use mitosis_platform::store::{Store, StoreSpec};
 use mitosis_platform::{Config, HostSpec, Platform, Strategy};
@@ -24,13 +25,24 @@ enum Command {
     /// Serve the API over the daemons given with --host, and with --etcd-endpoints over
     /// those other instances registered too.
     Serve {
-        /// A host: its name and its daemon's control socket (repeat for each host).
+        /// A host: its name and its daemon's control endpoint, a unix socket path or
+        /// tcp://IP:PORT (its --control-listen; needs the --tls-* flags). Repeat for each host.
         #[arg(
             long = "host",
-            value_name = "NAME=SOCKET",
+            value_name = "NAME=ENDPOINT",
             required_unless_present = "etcd_endpoints"
         )]
         hosts: Vec<HostSpec>,
+        /// The platform's certificate (PEM) for daemons over TCP: it must chain to their CA,
+        /// which makes the platform a cluster operator on them.
+        #[arg(long, value_name = "PEM")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert (PEM).
+        #[arg(long, value_name = "PEM")]
+        tls_key: Option<PathBuf>,
+        /// The CA (PEM) the daemons' certificates must chain to.
+        #[arg(long, value_name = "PEM")]
+        tls_ca: Option<PathBuf>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -127,7 +139,14 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { hosts, api } => serve(hosts, &api, || {}),
+        Command::Serve {
+            hosts,
+            tls_cert,
+            tls_key,
+            tls_ca,
+            api,
+        } => remote(&hosts, tls_cert, tls_key, tls_ca)
+            .and_then(|remote| serve(hosts, &api, remote, || {})),
         Command::Cluster { hosts, api } => cluster::run(hosts, &api),
     };
     if let Err(e) = result {
@@ -136,9 +155,36 @@ fn main() {
     }
 }
 
+/// How the platform reaches daemons over TCP: given TLS, or none (then no host may be TCP).
+fn remote(
+    hosts: &[HostSpec],
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> Result<Option<Remote>> {
+    let tls = Tls::from_flags(cert.as_deref(), key.as_deref(), ca.as_deref())?;
+    if tls.is_none()
+        && let Some(h) = hosts
+            .iter()
+            .find(|h| matches!(h.endpoint, Endpoint::Tcp(_)))
+    {
+        anyhow::bail!(
+            "host {} is {}: daemons over TCP need --tls-cert, --tls-key and --tls-ca",
+            h.name,
+            h.endpoint
+        );
+    }
+    Ok(tls.map(Remote::new))
+}
+
 /// Serves the API until SIGINT or SIGTERM, then drops the seeds it made; `listening` runs
 /// once the API accepts connections.
-pub(crate) fn serve(hosts: Vec<HostSpec>, api: &ApiArgs, listening: impl FnOnce()) -> Result<()> {
+pub(crate) fn serve(
+    hosts: Vec<HostSpec>,
+    api: &ApiArgs,
+    remote: Option<Remote>,
+    listening: impl FnOnce(),
+) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -150,7 +196,11 @@ pub(crate) fn serve(hosts: Vec<HostSpec>, api: &ApiArgs, listening: impl FnOnce(
             StoreSpec::Sqlite(p) => format!("opening {}", p.display()),
             StoreSpec::Memory => "opening the store in memory".into(),
         })?;
-        let platform = Platform::new(api.config(), store, hosts);
+        let config = Config {
+            remote,
+            ..api.config()
+        };
+        let platform = Platform::new(config, store, hosts);
         let listener = tokio::net::TcpListener::bind(api.api)
             .await
             .with_context(|| format!("listening on {}", api.api))?;
