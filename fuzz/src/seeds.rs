@@ -211,6 +211,7 @@ fn control_requests() -> Vec<(&'static str, Vec<u8>)> {
             "resume",
             frame::encode(&Request::Resume {
                 handle: handle.clone(),
+                memory_mib: Some(256),
             }),
         ),
         (

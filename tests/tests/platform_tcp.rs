@@ -129,7 +129,8 @@ fn the_platform_runs_calls_over_tcp_with_mutual_tls_only() {
             api,
             "POST",
             "/v2/fns",
-            json!({"name": "echo", "app_id": app["id"], "image": BUNDLE, "timeout": 60}),
+            json!({"name": "echo", "app_id": app["id"], "image": BUNDLE, "timeout": 60,
+                   "memory": 256}),
         );
         let fn_id = f["id"].as_str().unwrap();
         let mut hosts_seen = std::collections::BTreeSet::new();

@@ -41,6 +41,8 @@ pub use stats::{STATS_PAIRS, stats_line, stats_pairs};
 /// One connection to a daemon's control socket.
 pub struct Client {
     stream: UnixStream,
+    /// A resumed child's memory limit in MiB (see [`Client::with_memory_limit`]).
+    memory_mib: Option<u64>,
 }
 
 impl Client {
@@ -51,12 +53,25 @@ impl Client {
             path: path.to_owned(),
             err,
         })?;
-        Ok(Client { stream })
+        Ok(Client {
+            stream,
+            memory_mib: None,
+        })
     }
 
     /// A client over a connection made elsewhere (a socketpair, an inherited fd).
     pub fn from_stream(stream: UnixStream) -> Self {
-        Client { stream }
+        Client {
+            stream,
+            memory_mib: None,
+        }
+    }
+
+    /// Limits the memory of the child a resume starts to `mib` MiB (its container's limit
+    /// lowered to it; a seed whose children run in no container refuses it).
+    pub fn with_memory_limit(mut self, mib: Option<u64>) -> Self {
+        self.memory_mib = mib;
+        self
     }
 
     /// Gives up on any answer (a resume's `Started`, then its exit) after `timeout` with
@@ -151,6 +166,7 @@ impl Client {
         self.send(
             &Request::Resume {
                 handle: handle.to_owned(),
+                memory_mib: self.memory_mib,
             },
             &fds,
         )?;

@@ -87,16 +87,27 @@ impl Remote {
                 err: io::Error::new(io::ErrorKind::TimedOut, "no TLS handshake in time"),
             })?
             .map_err(|err| Error::Handshake { addr, err })?;
-        Ok(RemoteClient { stream })
+        Ok(RemoteClient {
+            stream,
+            memory_mib: None,
+        })
     }
 }
 
 /// One TCP connection to a daemon.
 pub struct RemoteClient {
     stream: TlsStream<TcpStream>,
+    memory_mib: Option<u64>,
 }
 
 impl RemoteClient {
+    /// Limits the memory of the child a resume starts to `mib` MiB (see
+    /// [`crate::Client::with_memory_limit`]).
+    pub fn with_memory_limit(mut self, mib: Option<u64>) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
     /// The daemon's state (its load among it: children running, seeds, replicas).
     pub async fn status(self) -> Result<DaemonStatus> {
         match self.call(&Request::Status).await? {
@@ -174,6 +185,7 @@ impl RemoteClient {
             &mut self.stream,
             &Request::Resume {
                 handle: handle.to_owned(),
+                memory_mib: self.memory_mib,
             },
         )
         .await?;

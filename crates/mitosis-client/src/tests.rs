@@ -174,7 +174,9 @@ fn resume_started_signal_exited() {
     assert_eq!(end.reason, None);
     assert_eq!((end.stats.faults, end.stats.fetches), (12, 3));
     let got = daemon.join().unwrap();
-    assert!(matches!(got.first, Request::Resume { handle } if handle == "mitosis://h/1/k"));
+    assert!(
+        matches!(got.first, Request::Resume { handle, memory_mib: None } if handle == "mitosis://h/1/k")
+    );
     assert_eq!(got.fds, 4);
     assert!(matches!(
         got.later.as_slice(),

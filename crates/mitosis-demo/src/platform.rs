@@ -129,7 +129,9 @@ fn demo(args: &DemoArgs, bundle: &Bundle, testbed: &Testbed) -> Result<i32> {
     let f = api.post_json(
         &agent,
         "/v2/fns",
-        json!({"name": "pyfn", "app_id": app["id"], "image": bundle.dir, "timeout": 30}),
+        // numpy and Pillow with the image: over Fn's default of 128 MiB.
+        json!({"name": "pyfn", "app_id": app["id"], "image": bundle.dir, "timeout": 30,
+               "memory": 256}),
     )?;
     let fn_id = f["id"].as_str().context("a function id")?.to_owned();
     println!("- deployed app demo, function pyfn {fn_id} (image = the bundle)");

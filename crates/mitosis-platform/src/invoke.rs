@@ -30,8 +30,9 @@ const KILL_GRACE: Duration = Duration::from_secs(10);
 /// What the daemon starts for a call.
 #[derive(Clone)]
 pub enum Launch {
-    /// A child of the seed behind `handle` (a secret: never logged).
-    Fork { handle: String },
+    /// A child of the seed behind `handle` (a secret: never logged), its memory limited to
+    /// `memory_mib`.
+    Fork { handle: String, memory_mib: u64 },
     /// The bundle at `bundle` started afresh (a cold start), its memory limited to
     /// `memory_mib`; the call waits for it to be warm (`ready`), and what it writes before
     /// is start-up output, not the answer.
@@ -52,8 +53,9 @@ impl Launch {
     ) -> Result<Running, mitosis_client::Error> {
         let [stdin, stdout, stderr] = stdio;
         match self {
-            Launch::Fork { handle } => Client::connect(socket)?
+            Launch::Fork { handle, memory_mib } => Client::connect(socket)?
                 .with_timeout(backstop)?
+                .with_memory_limit(Some(*memory_mib))
                 .resume(handle, stdin, stdout, stderr, None),
             Launch::Cold {
                 bundle,
@@ -185,7 +187,7 @@ async fn run_tcp(call: Call, addr: std::net::SocketAddr) -> Result<Answer, CallE
     let t0 = Instant::now();
     let deadline = tokio::time::Instant::now() + call.timeout;
     let host = call.host.clone();
-    let Launch::Fork { handle } = &call.launch else {
+    let Launch::Fork { handle, memory_mib } = &call.launch else {
         // A start relays no warm-up; the cold and fn-cache policies need unix sockets.
         return Err(CallError::Daemon {
             host,
@@ -204,7 +206,12 @@ async fn run_tcp(call: Call, addr: std::net::SocketAddr) -> Result<Answer, CallE
         });
     };
     let resumed = tokio::time::timeout_at(deadline, async {
-        remote.connect(addr).await?.resume(handle).await
+        remote
+            .connect(addr)
+            .await?
+            .with_memory_limit(Some(*memory_mib))
+            .resume(handle)
+            .await
     })
     .await
     .map_err(|_| CallError::TimedOut(call.timeout.as_secs()))?;

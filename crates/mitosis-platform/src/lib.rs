@@ -293,6 +293,7 @@ impl Platform {
                 host: spec.name.clone(),
                 launch: invoke::Launch::Fork {
                     handle: current.handle.clone(),
+                    memory_mib: f.memory,
                 },
                 input: input.clone(),
                 timeout: Self::timeout(f),

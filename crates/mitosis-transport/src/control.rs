@@ -39,7 +39,12 @@ pub enum Request {
     /// stdin, stdout and stderr attached; over TCP, its stdio is relayed on the connection.
     /// Answered by `Started` then `Exited` (and, relayed, `Stdout`/`Stderr`/`StdinWindow`
     /// between them).
-    Resume { handle: String },
+    Resume {
+        handle: String,
+        /// The child's memory limit in MiB, if below its container's (its bundle's) own; for
+        /// a child without a container, refused.
+        memory_mib: Option<u64>,
+    },
     /// Start the OCI bundle in `bundle` afresh in a container of its own, with the caller's
     /// stdin, stdout and stderr attached (a cold start: no seed, nothing forked), its memory
     /// limited to `memory_mib` MiB if that is below the bundle's own limit; answered by

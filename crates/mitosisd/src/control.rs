@@ -113,8 +113,8 @@ where
         Request::Inspect { handle } => inspect(&daemon, &handle)
             .await
             .unwrap_or_else(|e| e.to_event()),
-        Request::Resume { handle } => {
-            return crate::resume::run(daemon, reader, writer, handle, stdio).await;
+        Request::Resume { handle, memory_mib } => {
+            return crate::resume::run(daemon, reader, writer, handle, memory_mib, stdio).await;
         }
         Request::Start {
             bundle,
@@ -151,7 +151,7 @@ fn authorize(daemon: &Daemon, caller: &Caller, request: &Request) -> Result<(), 
         Request::Start { .. } => root_only("start a bundle", "it runs as root in a container"),
         // A child has exactly its seed's credentials, which the caller could trace when it
         // prepared it: its own seeds of this host, then.
-        Request::Resume { handle } => own_seed(daemon, uid, "resume", handle),
+        Request::Resume { handle, .. } => own_seed(daemon, uid, "resume", handle),
         Request::Drop { handle } => own_seed(daemon, uid, "drop", handle),
         Request::Inspect { handle } => own_seed(daemon, uid, "inspect", handle),
         Request::Evict { handle } => own_seed(daemon, uid, "evict", handle),

@@ -174,6 +174,8 @@ pub enum ForkFailed {
     Container(String),
     #[error("the replica is gone")]
     NoReplica,
+    #[error("a memory limit needs a container, and this seed's children run in none")]
+    NoContainerToLimit,
     #[error(transparent)]
     Restore(#[from] RestoreError),
 }
@@ -183,6 +185,7 @@ impl Kind for ForkFailed {
         match self {
             ForkFailed::Containers(_) | ForkFailed::Container(_) => ErrorKind::Unavailable,
             ForkFailed::NoReplica | ForkFailed::Restore(_) => ErrorKind::Failed,
+            ForkFailed::NoContainerToLimit => ErrorKind::BadRequest,
         }
     }
 }

@@ -284,12 +284,14 @@ pub struct Forked {
     pub container: Option<Container>,
 }
 
-/// Forks a child of `entry` with `stdio` (and `listener` as its fd 3).
+/// Forks a child of `entry` with `stdio` (and `listener` as its fd 3), its container's
+/// memory limit lowered to `memory_mib` if asked.
 pub async fn fork(
     daemon: &Daemon,
     entry: &Arc<Entry>,
     stdio: [OwnedFd; 3],
     listener: Option<OwnedFd>,
+    memory_mib: Option<u64>,
     stats: &mut ResumeStats,
 ) -> Result<Forked, ForkFailed> {
     // `_starting` keeps the pool's worker from contending with the fork below.
@@ -300,10 +302,18 @@ pub async fn fork(
             // Usually ready-made; made here (milliseconds) when the pool ran dry.
             let taken = tokio::task::block_in_place(|| pool.take(bundle))
                 .map_err(|e| ForkFailed::Container(e.to_string()))?;
+            // Before the child is in it: a limit it is over would kill it at once.
+            if let Some(mib) = memory_mib
+                && let Err(e) = taken.container.cgroup().lower_memory_limit(mib << 20)
+            {
+                pool.release(taken.container);
+                return Err(ForkFailed::Container(e.to_string()));
+            }
             stats.container_us = t0.elapsed().as_micros() as u64;
             stats.container_pooled = taken.pooled;
             (Some(Arc::new(taken.container)), Some(taken.starting))
         }
+        None if memory_mib.is_some() => return Err(ForkFailed::NoContainerToLimit),
         None => (None, None),
     };
     let join = container.as_ref().map(|c| {

@@ -57,6 +57,7 @@ pub async fn run<R, W>(
     reader: R,
     mut writer: W,
     handle: String,
+    memory_mib: Option<u64>,
     stdio: Stdio,
 ) -> io::Result<()>
 where
@@ -66,7 +67,7 @@ where
     // A handle that does not parse names no seed: its failure is counted nowhere.
     let labels = handle.parse::<Handle>().ok().map(|h| SeedLabels::of(&h));
     let metrics = &daemon.metrics;
-    let (entry, child, stats, ends) = match start(&daemon, &handle, stdio).await {
+    let (entry, child, stats, ends) = match start(&daemon, &handle, memory_mib, stdio).await {
         Ok(started) => started,
         Err(e) => {
             if let Some(labels) = &labels {
@@ -272,6 +273,7 @@ pub(crate) fn oom_reason(c: &mitosis_container::Container) -> Option<String> {
 async fn start(
     daemon: &Arc<Daemon>,
     handle: &str,
+    memory_mib: Option<u64>,
     stdio: Stdio,
 ) -> Result<(Arc<Entry>, Forked, ResumeStats, Option<relay::Ends>), ResumeFailed> {
     let t0 = Instant::now();
@@ -337,7 +339,7 @@ async fn start(
     };
     let (entry, built) = daemon.cache.get_or_build(key, build).await?;
     stats.cached = !built;
-    let child = replica::fork(daemon, &entry, stdio, listener, &mut stats).await?;
+    let child = replica::fork(daemon, &entry, stdio, listener, memory_mib, &mut stats).await?;
     daemon.cache.evict_over_budget(key);
     stats.total_us = t0.elapsed().as_micros() as u64;
     Ok((entry, child, stats, ends))
