@@ -3,5 +3,6 @@
 
 pub mod creds;
 pub mod fds;
+mod memfiles;
 pub mod process;
 pub mod threads;

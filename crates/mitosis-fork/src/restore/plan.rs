@@ -35,6 +35,17 @@ pub struct MapStep {
     pub offset: u64,
     /// MADV_DONTFORK in the seed: set in each child (not the replica, whose forks must copy it).
     pub dont_fork: bool,
+    /// A shared mapping of a memfd or deleted file the seed has open: each child maps its own
+    /// copy of the file here (see `KernelObject::MemFile`).
+    pub mem_file: bool,
+}
+
+impl MapStep {
+    /// Shared memory each child gets a fresh anonymous mapping of, served whole through its
+    /// own userfaultfd.
+    pub fn fresh_in_each_child(&self) -> bool {
+        self.file.is_none() && self.flags & libc::MAP_SHARED as u64 != 0 && !self.mem_file
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +124,15 @@ pub fn plan(
         checked.insert(file.clone(), same);
         same
     };
+    let mem_file_maps: Vec<u64> = desc
+        .objects
+        .iter()
+        .flat_map(|o| match o {
+            KernelObject::MemFile { mappings, .. } => mappings.as_slice(),
+            _ => &[],
+        })
+        .map(|m| m.start)
+        .collect();
     let mut maps = Vec::new();
     let mut lazy_ranges = Vec::new();
     let mut pending = PendingMap::new();
@@ -134,6 +154,7 @@ pub fn plan(
             file: None,
             offset: 0,
             dont_fork: vma.dont_fork,
+            mem_file: mem_file_maps.contains(&vma.start),
         };
         match &vma.backing {
             Backing::File { file, offset, .. } if identical(file) => {
@@ -153,7 +174,8 @@ pub fn plan(
                 step.flags = (step.flags & !(libc::MAP_SHARED as u64))
                     | libc::MAP_PRIVATE as u64
                     | libc::MAP_ANONYMOUS as u64;
-                if vma.shared && matches!(backing, Backing::Anonymous) {
+                // A deleted file's shared mapping stays shared: each child maps its memfd there.
+                if vma.shared && (matches!(backing, Backing::Anonymous) || step.mem_file) {
                     step.flags =
                         (step.flags & !(libc::MAP_PRIVATE as u64)) | libc::MAP_SHARED as u64;
                 }
