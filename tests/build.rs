@@ -46,7 +46,7 @@ fn main() {
 }
 
 /// `fixtures/NAME.c` for tests/fidelity.rs, exported as `env!("NAME_BIN")`.
-const FIDELITY: &[&str] = &["pipes", "memfiles"];
+const FIDELITY: &[&str] = &["pipes", "memfiles", "cmdline"];
 
 /// Compiles `fixtures/NAME.c` into `out_dir/NAME` with `-O2 -g -Wall -Wextra`; `flags` go
 /// before the source, `libs` after it. Compiler warnings become cargo warnings.

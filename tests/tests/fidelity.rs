@@ -45,3 +45,10 @@ fn memfds_deleted_files_and_fifos_come_along() {
     );
     assert_eq!(child, seed);
 }
+
+#[test]
+fn the_command_line_and_environment_read_the_same() {
+    let (seed, child) = seed_and_child(env!("CMDLINE_BIN"), &["--an-arg", "another"]);
+    assert!(seed.contains("=worker|||||"), "{seed}");
+    assert_eq!(child, seed);
+}

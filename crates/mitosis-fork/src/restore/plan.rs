@@ -230,7 +230,12 @@ pub fn plan(
     // has come before the first child (they stay pending until then), the others are zeroed.
     let mut eager: Vec<Run> = Vec::new();
     let mut hot_pages = Vec::new();
-    for page in desc.threads.iter().flat_map(hot_pages_of) {
+    for page in desc
+        .threads
+        .iter()
+        .flat_map(hot_pages_of)
+        .chain(arg_env_pages(&desc.mm))
+    {
         if eager.iter().any(|r| r.child == page) || hot_pages.contains(&page) {
             continue;
         }
@@ -292,6 +297,24 @@ fn lazy_spans(start: u64, from_seed: &[bool]) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Most pages of each of the argument and environment areas brought in before the first
+/// child (the kernel's own limit on both together is a quarter of an 8 MiB stack).
+const ARG_ENV_PAGES: u64 = 512;
+
+/// The pages of the argument and environment areas: the kernel reads them for other
+/// processes (/proc/PID/cmdline, environ) through a path that cannot wait for a userfaultfd
+/// fault, so they must be in place before the child runs.
+fn arg_env_pages(mm: &MmFields) -> impl Iterator<Item = u64> {
+    [(mm.arg_start, mm.arg_end), (mm.env_start, mm.env_end)]
+        .into_iter()
+        .filter(|&(start, end)| start != 0 && end > start)
+        .flat_map(|(start, end)| {
+            let first = start & !(PAGE_SIZE - 1);
+            let pages = (end - first).div_ceil(PAGE_SIZE).min(ARG_ENV_PAGES);
+            (0..pages).map(move |i| first + i * PAGE_SIZE)
+        })
+}
+
 /// The pages a thread touches as soon as it runs.
 fn hot_pages_of(t: &Thread) -> impl Iterator<Item = u64> + '_ {
     let regs = crate::regs::words_to_regs(&t.regs);
@@ -319,7 +342,12 @@ pub fn bootstrap_pages(desc: &Descriptor) -> Vec<u64> {
         .filter(|v| matches!(v.backing, Backing::File { .. }))
         .flat_map(|v| runs_of(v).flat_map(|r| (0..r.pages).map(move |i| r.child + i * PAGE_SIZE)))
         .collect();
-    for page in desc.threads.iter().flat_map(hot_pages_of) {
+    for page in desc
+        .threads
+        .iter()
+        .flat_map(hot_pages_of)
+        .chain(arg_env_pages(&desc.mm))
+    {
         let has = desc.vmas.iter().any(|v| {
             page >= v.start
                 && page < v.start + v.len()
