@@ -1,8 +1,8 @@
 //! Compiles the C test fixtures into `$OUT_DIR` and exports their paths to the crate:
 //! `fixtures/memcheck.c` as `env!("MEMCHECK_BIN")`, `fixtures/threads.c` (pthreads) as
 //! `env!("THREADS_BIN")`, `fixtures/confined.c` as `env!("CONFINED_BIN")`,
-//! `fixtures/forker.c` as `env!("FORKER_BIN")` and `fixtures/sigstate.c` (pthreads) as
-//! `env!("SIGSTATE_BIN")`.
+//! `fixtures/forker.c` as `env!("FORKER_BIN")`, `fixtures/sigstate.c` (pthreads) as
+//! `env!("SIGSTATE_BIN")`, and the fidelity fixtures (`FIDELITY`).
 //!
 //! The compiler is `$CC` if set (may contain arguments, e.g. `ccache gcc`),
 //! otherwise `cc`.  No build-dependencies.
@@ -46,7 +46,16 @@ fn main() {
         &[],
     );
     println!("cargo:rustc-env=SIGSTATE_BIN={}", sigstate.display());
+    // Fidelity fixtures: each sets up one kind of state and prints what it sees of it.
+    for name in FIDELITY {
+        let bin = compile(&fixtures, &out_dir, name, &["-std=gnu11"], &[]);
+        let var = format!("{}_BIN", name.to_uppercase());
+        println!("cargo:rustc-env={var}={}", bin.display());
+    }
 }
+
+/// `fixtures/NAME.c` for tests/fidelity.rs, exported as `env!("NAME_BIN")`.
+const FIDELITY: &[&str] = &["pipes", "memfiles", "cmdline"];
 
 /// Compiles `fixtures/NAME.c` into `out_dir/NAME` with `-O2 -g -Wall -Wextra`; `flags` go
 /// before the source, `libs` after it. Compiler warnings become cargo warnings.

@@ -646,6 +646,7 @@ fn runtime_descriptor() -> Descriptor {
             KernelObject::Pipe {
                 readers: vec![fd(5, 0)],
                 writers: vec![fd(6, 1)],
+                size: 65536,
                 content: b"queued".to_vec(),
             },
             KernelObject::EventFd {

@@ -89,15 +89,14 @@ fn one_seed_serves_many_children_and_runs_on() {
     );
     // The only stub processes left are the daemon's replica of the seed and its pool of
     // waiting stubs (at most `--stub-pool`, 2): those still run the stub's own program, so
-    // they have its command line, which a replica's replaced memory no longer holds.
+    // they have its command line, where a replica has its seed's.
     let daemon = tb.host(1).daemon_pid().unwrap();
+    let stub_cmdline = format!("{}\0", bin("mitosis-stub").display()).into_bytes();
     let (waiting, stubs): (Vec<i32>, Vec<i32>) = stub_processes()
         .into_iter()
         .filter(|pid| is_child_of(*pid, daemon))
         .partition(|pid| {
-            !std::fs::read(format!("/proc/{pid}/cmdline"))
-                .unwrap_or_default()
-                .is_empty()
+            std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default() == stub_cmdline
         });
     assert_eq!(
         stubs,

@@ -156,7 +156,19 @@ pub fn render(handle: &Handle, d: &Descriptor) -> String {
     for o in &d.objects {
         let detail = match o {
             KernelObject::Device { path, .. } => path.clone(),
-            KernelObject::Pipe { content, .. } => format!("{} bytes buffered", content.len()),
+            KernelObject::Pipe { content, size, .. } => {
+                format!("{} bytes buffered of {size}", content.len())
+            }
+            KernelObject::MemFile {
+                name,
+                content,
+                mappings,
+                ..
+            } => format!(
+                "{name}, {} bytes, {} shared mappings",
+                content.len(),
+                mappings.len()
+            ),
             KernelObject::EventFd { count, .. } => format!("count {count}"),
             KernelObject::Epoll { watches, .. } => {
                 let fds: Vec<String> = watches.iter().map(|w| w.fd.to_string()).collect();

@@ -20,8 +20,13 @@ const PAGE: u64 = 4096;
 const USER_END: u64 = 1 << 56;
 /// More threads than any runtime we fork starts; refuses garbage counts.
 const MAX_THREADS: usize = 4096;
-/// What a child can put back into a fresh pipe without blocking (the default pipe size).
-pub const MAX_PIPE_CONTENT: usize = 65536;
+/// The largest pipe carried (the default `/proc/sys/fs/pipe-max-size`): a child gets a pipe
+/// of the seed's size, and what was buffered fits it.
+pub const MAX_PIPE_SIZE: usize = 1 << 20;
+/// The largest memfd or deleted file carried (its whole content travels in the descriptor).
+pub const MAX_MEM_FILE: usize = 16 << 20;
+/// What all of a seed's memfds and deleted files may hold together.
+pub const MAX_MEM_FILES: usize = 32 << 20;
 /// What a child can queue at one end of a socketpair without blocking (well below the default
 /// socket buffer).
 pub const MAX_SOCKET_QUEUE: usize = 65536;
@@ -259,8 +264,13 @@ fn validate_objects(d: &Descriptor) -> Result<(), DecodeError> {
             KernelObject::Pipe {
                 readers,
                 writers,
+                size,
                 content,
-            } if readers.is_empty() || writers.is_empty() || content.len() > MAX_PIPE_CONTENT => {
+            } if readers.is_empty()
+                || writers.is_empty()
+                || !(4096..=MAX_PIPE_SIZE as u32).contains(size)
+                || content.len() > *size as usize =>
+            {
                 return Err(Invalid("a pipe is malformed"));
             }
             KernelObject::SocketPair { kind, ends } if !socket_pair_ok(*kind, ends) => {
@@ -268,6 +278,27 @@ fn validate_objects(d: &Descriptor) -> Result<(), DecodeError> {
             }
             KernelObject::TimerFd { clock, .. } if !TIMERFD_CLOCKS.contains(clock) => {
                 return Err(Invalid("a timerfd has an unknown clock"));
+            }
+            KernelObject::MemFile {
+                name,
+                content,
+                opens,
+                mappings,
+                ..
+            } => {
+                let mapped = |m: &crate::MemFileMapping| {
+                    m.offset % PAGE == 0
+                        && d.vmas.iter().any(|v| {
+                            v.start == m.start && v.len() == m.len && v.shared && v.prot == m.prot
+                        })
+                };
+                if content.len() > MAX_MEM_FILE
+                    || name.contains('\0')
+                    || opens.iter().any(|o| o.fds.is_empty())
+                    || !mappings.iter().all(mapped)
+                {
+                    return Err(Invalid("a memfd or deleted file is malformed"));
+                }
             }
             _ => {}
         }
@@ -365,6 +396,7 @@ mod tests {
                 KernelObject::Pipe {
                     readers: vec![FdRef { fd: 5, flags: 0 }],
                     writers: vec![FdRef { fd: 6, flags: 1 }],
+                    size: 65536,
                     content: b"hi".to_vec(),
                 },
                 KernelObject::Epoll {

@@ -180,10 +180,12 @@ pub struct FdRef {
 pub enum KernelObject {
     /// A character device such as /dev/null or /dev/urandom, opened again by path.
     Device { path: String, fds: Vec<FdRef> },
-    /// A pipe with both ends in the seed, and what was buffered in it.
+    /// A pipe with both ends in the seed, its capacity (`F_GETPIPE_SZ`) and what was
+    /// buffered in it.
     Pipe {
         readers: Vec<FdRef>,
         writers: Vec<FdRef>,
+        size: u32,
         content: Vec<u8>,
     },
     EventFd {
@@ -213,6 +215,38 @@ pub enum KernelObject {
     },
     /// A signalfd and the signals it takes (bit N-1 for signal N).
     SignalFd { fds: Vec<FdRef>, mask: u64 },
+    /// A file no other host has: a memfd, or a file deleted while the seed had it open. Each
+    /// child gets a memfd with its content, opened as each of the seed's descriptions was, and
+    /// mapped where the seed shared-mapped it (so writes through one show through the other).
+    MemFile {
+        /// The memfd's name, or the deleted file's path.
+        name: String,
+        content: Vec<u8>,
+        /// `F_GET_SEALS` of a memfd (0 for a deleted file).
+        seals: u32,
+        /// Each open file description of it: its descriptors (one flags value) and offset.
+        opens: Vec<MemFileOpen>,
+        /// The seed's `MAP_SHARED` mappings of it.
+        mappings: Vec<MemFileMapping>,
+    },
+}
+
+/// One open file description of a [`KernelObject::MemFile`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemFileOpen {
+    pub fds: Vec<FdRef>,
+    pub offset: u64,
+}
+
+/// A shared mapping of a [`KernelObject::MemFile`]: exactly one of the descriptor's mappings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemFileMapping {
+    pub start: u64,
+    pub len: u64,
+    /// PROT_* bits.
+    pub prot: u8,
+    /// Offset in the file.
+    pub offset: u64,
 }
 
 /// One end of a [`KernelObject::SocketPair`]: its descriptors and the messages queued to be
@@ -232,8 +266,11 @@ pub struct EpollWatch {
 
 impl KernelObject {
     /// Every descriptor number that refers to this object.
-    pub fn fds(&self) -> impl Iterator<Item = &FdRef> {
+    pub fn fds(&self) -> Box<dyn Iterator<Item = &FdRef> + '_> {
         let (a, b): (&[FdRef], &[FdRef]) = match self {
+            KernelObject::MemFile { opens, .. } => {
+                return Box::new(opens.iter().flat_map(|o| o.fds.iter()));
+            }
             KernelObject::Device { fds, .. }
             | KernelObject::EventFd { fds, .. }
             | KernelObject::Epoll { fds, .. }
@@ -244,7 +281,7 @@ impl KernelObject {
             } => (readers, writers),
             KernelObject::SocketPair { ends, .. } => (&ends[0].fds, &ends[1].fds),
         };
-        a.iter().chain(b)
+        Box::new(a.iter().chain(b))
     }
 
     pub fn kind(&self) -> &'static str {
@@ -256,6 +293,7 @@ impl KernelObject {
             KernelObject::SocketPair { .. } => "socketpair",
             KernelObject::TimerFd { .. } => "timerfd",
             KernelObject::SignalFd { .. } => "signalfd",
+            KernelObject::MemFile { .. } => "memfile",
         }
     }
 }

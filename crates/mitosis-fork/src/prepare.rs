@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mitosis_descriptor::{
-    Backing, Descriptor, FileIdentity, PROT_EXEC, PROT_READ, PROT_WRITE, PageSet, ProcessState,
-    Thread, Vdso, Vma,
+    Backing, Descriptor, FileIdentity, KernelObject, MemFileMapping, PROT_EXEC, PROT_READ,
+    PROT_WRITE, PageSet, ProcessState, Thread, Vdso, Vma,
 };
 use mitosis_sys::PAGE_SIZE;
 use mitosis_sys::mem::{PageState, RemoteMemory, StateRun};
@@ -51,6 +51,8 @@ pub enum PrepareError {
     Malformed { pid: i32, reason: MalformedProc },
     #[error("pid {pid} has a mapping mitosis cannot fork: {what}")]
     Unsupported { pid: i32, what: String },
+    #[error("pid {pid} has state mitosis cannot carry: {what}")]
+    Uncarried { pid: i32, what: String },
     #[error("pid {pid} has no `syscall` instruction mitosis can borrow (no vDSO)")]
     NoSyscallInsn { pid: i32 },
 }
@@ -197,12 +199,20 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
         }
     }
     let maps = match maps {
-        Ok(maps) => maps,
+        Ok(maps) if snap.fds.refused.is_empty() => maps,
+        Ok(_) => {
+            snap.twin.release(snap.syscall_insn);
+            return Err(PrepareError::Uncarried {
+                pid,
+                what: snap.fds.refused.join("; "),
+            });
+        }
         Err(e) => {
             snap.twin.release(snap.syscall_insn);
             return Err(e);
         }
     };
+    link_mem_files(&mut snap.fds, &maps);
     match describe(&snap.twin, &maps, seed_id, files, &dont_fork) {
         Ok(mut descriptor) => {
             descriptor.threads = snap.threads;
@@ -223,6 +233,27 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
             snap.twin.release(snap.syscall_insn);
             Err(e)
         }
+    }
+}
+
+/// Gives each memfd or deleted file the seed's shared mappings of it: a child maps its own
+/// copy there, so the descriptor and the memory stay one object.
+fn link_mem_files(fds: &mut capture::fds::Fds, maps: &[MapsEntry]) {
+    for &(index, dev, ino) in &fds.mem_files {
+        let Some(KernelObject::MemFile { mappings, .. }) = fds.objects.get_mut(index) else {
+            continue;
+        };
+        let of_it = maps
+            .iter()
+            .filter(|m| m.shared && m.dev == dev && m.inode == ino);
+        mappings.extend(of_it.map(|m| MemFileMapping {
+            start: m.start,
+            len: m.end - m.start,
+            prot: (m.read as u8 * PROT_READ)
+                | (m.write as u8 * PROT_WRITE)
+                | (m.exec as u8 * PROT_EXEC),
+            offset: m.offset,
+        }));
     }
 }
 

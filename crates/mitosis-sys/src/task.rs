@@ -96,6 +96,12 @@ pub fn peek_pipe(read_end: &OwnedFd, max: usize) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The capacity of the pipe `end` belongs to (`F_GETPIPE_SZ`).
+pub fn pipe_size(end: &OwnedFd) -> io::Result<usize> {
+    let size = nix::fcntl::fcntl(end, nix::fcntl::FcntlArg::F_GETPIPE_SZ)?;
+    Ok(size as usize)
+}
+
 /// Sets the calling thread's nice value (Linux nice is per thread).
 pub fn set_thread_nice(nice: i32) -> io::Result<()> {
     // SAFETY: gettid has no preconditions; setpriority only reads its integer arguments.

@@ -58,6 +58,7 @@ impl Kind for PrepareError {
             PrepareError::AlreadyTraced { .. }
             | PrepareError::Uninterruptible { .. }
             | PrepareError::Unsupported { .. }
+            | PrepareError::Uncarried { .. }
             | PrepareError::NoSyscallInsn { .. } => ErrorKind::Unsupported,
             PrepareError::Trace { .. }
             | PrepareError::Inject { .. }

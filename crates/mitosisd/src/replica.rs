@@ -239,7 +239,7 @@ async fn make(
     let shared_ranges: Vec<(u64, u64)> = plan
         .maps
         .iter()
-        .filter(|m| m.file.is_none() && m.flags & libc::MAP_SHARED as u64 != 0)
+        .filter(|m| m.fresh_in_each_child())
         .map(|m| (m.start, m.len))
         .collect();
     let mut shared_pending = PendingMap::new();

@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::fd::OwnedFd;
 
-use mitosis_descriptor::codec::{MAX_PIPE_CONTENT, MAX_SOCKET_QUEUE};
+use mitosis_descriptor::codec::{MAX_PIPE_SIZE, MAX_SOCKET_QUEUE};
 use mitosis_descriptor::{DroppedFd, EpollWatch, FdRef, KernelObject, OpenFile, SocketEnd};
 use mitosis_sys::{task, unix_socket};
+
+use super::memfiles;
 
 /// Character devices a child can open again and get the same thing.
 const PORTABLE_DEVICES: &[&str] = &[
@@ -27,17 +29,22 @@ pub struct Fds {
     pub files: Vec<OpenFile>,
     pub objects: Vec<KernelObject>,
     pub dropped: Vec<DroppedFd>,
+    /// State that cannot be carried: prepare refuses the seed with these reasons.
+    pub refused: Vec<String>,
+    /// For each memfd or deleted file: its index in `objects`, its device and inode (to find
+    /// its shared mappings).
+    pub mem_files: Vec<(usize, (u32, u32), u64)>,
 }
 
 /// One descriptor as /proc shows it.
-struct Entry {
-    fd: i32,
-    target: String,
-    info: String,
-    flags: i32,
+pub(super) struct Entry {
+    pub fd: i32,
+    pub target: String,
+    pub info: String,
+    pub flags: i32,
 }
 
-fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+pub(super) fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
     info.lines()
         .find_map(|l| l.strip_prefix(name))
         .map(|v| v.trim_start_matches(':').trim())
@@ -67,7 +74,7 @@ fn entries(pid: i32) -> Vec<Entry> {
     out
 }
 
-fn fd_ref(e: &Entry) -> FdRef {
+pub(super) fn fd_ref(e: &Entry) -> FdRef {
     FdRef {
         fd: e.fd,
         flags: e.flags,
@@ -82,6 +89,7 @@ pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
     let mut epolls = Vec::new();
     let mut sockets: BTreeMap<u32, Vec<Entry>> = BTreeMap::new();
     let mut timers = Vec::new();
+    let mut mem_files = BTreeMap::new();
     let drop = |out: &mut Fds, e: &Entry, reason: &str| out.dropped.push(dropped(e, reason));
     for e in entries(pid) {
         let t = e.target.as_str();
@@ -97,20 +105,22 @@ pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
             sockets.entry(ino).or_default().push(e);
         } else if t == "anon_inode:[timerfd]" || t == "anon_inode:[signalfd]" {
             timers.push(e);
-        } else if t.starts_with("/memfd:") {
-            drop(
-                &mut out,
-                &e,
-                "a memfd: its mappings are carried, the descriptor is not",
-            );
+        } else if t.starts_with("/memfd:") || t.ends_with(" (deleted)") {
+            match memfiles::kind(pidfd, &e) {
+                Ok(memfiles::Kind::File(dev, ino)) => {
+                    mem_files.entry((dev, ino)).or_insert_with(Vec::new).push(e)
+                }
+                Ok(memfiles::Kind::Fifo(ino)) => {
+                    pipes.entry(format!("fifo:{ino}")).or_default().push(e)
+                }
+                Err(why) => drop(&mut out, &e, &why),
+            }
         } else if t.starts_with("anon_inode:") {
             drop(
                 &mut out,
                 &e,
                 "mitosis does not carry this kind of descriptor",
             );
-        } else if t.ends_with(" (deleted)") {
-            drop(&mut out, &e, "the file was deleted");
         } else if PORTABLE_DEVICES.contains(&t) {
             out.objects.push(KernelObject::Device {
                 path: t.to_string(),
@@ -146,12 +156,11 @@ pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
             }
             continue;
         }
-        let content = task::steal_fd(pidfd, readers[0].fd)
-            .and_then(|fd| task::peek_pipe(&fd, MAX_PIPE_CONTENT));
-        match content {
-            Ok(content) => out.objects.push(KernelObject::Pipe {
+        match pipe_state(pidfd, readers[0].fd) {
+            Ok((size, content)) => out.objects.push(KernelObject::Pipe {
                 readers: readers.iter().map(|e| fd_ref(e)).collect(),
                 writers: writers.iter().map(|e| fd_ref(e)).collect(),
+                size,
                 content,
             }),
             Err(why) => {
@@ -173,6 +182,7 @@ pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
         });
     }
     socket_pairs(pid, pidfd, sockets, &mut out);
+    memfiles::capture(pid, pidfd, mem_files, &mut out);
     for group in same_files(pid, timers) {
         match timer_object(&group) {
             Some(object) => out.objects.push(object),
@@ -210,7 +220,20 @@ pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
     out
 }
 
-fn dropped(e: &Entry, reason: &str) -> DroppedFd {
+/// A pipe's capacity and what it buffers, through its read end `fd` in the seed.
+fn pipe_state(pidfd: &OwnedFd, fd: i32) -> Result<(u32, Vec<u8>), String> {
+    let end = task::steal_fd(pidfd, fd).map_err(|e| e.to_string())?;
+    let size = task::pipe_size(&end).map_err(|e| e.to_string())?;
+    if size > MAX_PIPE_SIZE {
+        return Err(format!(
+            "its capacity is {size} bytes, more than the {MAX_PIPE_SIZE} carried"
+        ));
+    }
+    let content = task::peek_pipe(&end, size).map_err(|e| e.to_string())?;
+    Ok((size as u32, content))
+}
+
+pub(super) fn dropped(e: &Entry, reason: &str) -> DroppedFd {
     DroppedFd {
         fd: e.fd,
         target: e.target.clone(),
@@ -292,7 +315,7 @@ fn socket_pairs(pid: i32, pidfd: &OwnedFd, sockets: BTreeMap<u32, Vec<Entry>>, o
 }
 
 /// `entries` grouped by the open file they refer to (dups of one descriptor share it).
-fn same_files(pid: i32, entries: Vec<Entry>) -> Vec<Vec<Entry>> {
+pub(super) fn same_files(pid: i32, entries: Vec<Entry>) -> Vec<Vec<Entry>> {
     let mut groups: Vec<Vec<Entry>> = Vec::new();
     for e in entries {
         let same = |g: &Vec<Entry>| {

@@ -3,6 +3,7 @@
 
 pub mod creds;
 pub mod fds;
+mod memfiles;
 pub mod process;
 pub mod threads;
 pub mod timers;

@@ -550,6 +550,7 @@ mod tests {
             file: None,
             offset: 0,
             dont_fork: false,
+            mem_file: false,
         }
     }
 

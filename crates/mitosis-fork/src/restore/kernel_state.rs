@@ -6,7 +6,8 @@
 use std::collections::BTreeSet;
 
 use mitosis_descriptor::{
-    EpollWatch, FdRef, KernelObject, ProcessState, SIG_IGN, SocketEnd, Thread,
+    EpollWatch, FdRef, KernelObject, MemFileMapping, MemFileOpen, ProcessState, SIG_IGN, SocketEnd,
+    Thread,
 };
 
 use super::batch::Batch;
@@ -253,12 +254,19 @@ pub(crate) fn object_calls(b: &mut Batch, objects: &[KernelObject], open: &BTree
             KernelObject::Pipe {
                 readers,
                 writers,
+                size,
                 content,
             } => {
                 let pair = b.bytes(&[0; 8]);
                 let flags = readers[0].flags & libc::O_NONBLOCK;
                 b.call(libc::SYS_pipe2, &[pair, flags.into()], "create a pipe");
                 let (r, w) = (table.take(), table.take());
+                // Before the refill: what the seed buffered may exceed the default size.
+                b.call(
+                    libc::SYS_fcntl,
+                    &[w.into(), libc::F_SETPIPE_SZ.into(), (*size as u64).into()],
+                    format!("make a pipe {size} bytes large"),
+                );
                 if !content.is_empty() {
                     let data = b.bytes(content);
                     b.call(
@@ -278,6 +286,10 @@ pub(crate) fn object_calls(b: &mut Batch, objects: &[KernelObject], open: &BTree
                         "set a pipe's write end flags",
                     );
                 }
+                // A FIFO's ends were opened by path: open(2) flags (O_LARGEFILE) pipe2 cannot
+                // give, so they are opened again from the new ends.
+                let r = reopened(b, &mut table, r, readers[0].flags, "a pipe's read end");
+                let w = reopened(b, &mut table, w, writers[0].flags, "a pipe's write end");
                 place(b, &mut table, r, readers, "pipe");
                 place(b, &mut table, w, writers, "pipe");
             }
@@ -320,6 +332,13 @@ pub(crate) fn object_calls(b: &mut Batch, objects: &[KernelObject], open: &BTree
                 }
                 place(b, &mut table, tmp, fds, "timerfd");
             }
+            KernelObject::MemFile {
+                name,
+                content,
+                seals,
+                opens,
+                mappings,
+            } => mem_file_calls(b, &mut table, name, content, *seals, opens, mappings),
             KernelObject::SignalFd { fds, mask } => {
                 let flags = fds[0].flags & libc::O_NONBLOCK;
                 let set = b.words(vec![(*mask).into()]);
@@ -340,6 +359,110 @@ pub(crate) fn object_calls(b: &mut Batch, objects: &[KernelObject], open: &BTree
             }
         }
     }
+}
+
+/// The kernel's O_LARGEFILE on x86_64 (libc defines it as 0 there): set by open(2) only.
+const O_LARGEFILE: i32 = 0o100000;
+
+/// `fd` itself, or if the seed's `flags` say its end was opened by path, a new description
+/// opened through /proc/self/fd with them (and `fd` closed).
+fn reopened(b: &mut Batch, table: &mut FdTable, fd: i32, flags: i32, what: &str) -> i32 {
+    if flags & O_LARGEFILE == 0 {
+        return fd;
+    }
+    let path = b.c_string(&format!("/proc/self/fd/{fd}"));
+    let flags = flags & !libc::O_CLOEXEC;
+    b.call(
+        libc::SYS_openat,
+        &[libc::AT_FDCWD.into(), path, flags.into(), 0i32.into()],
+        format!("open {what} again"),
+    );
+    let new = table.take();
+    b.call(libc::SYS_close, &[fd.into()], format!("close fd {fd}"));
+    table.close(fd);
+    new
+}
+
+/// Longest name `memfd_create` takes (its limit, 249 bytes, less the NUL).
+const MEMFD_NAME_MAX: usize = 248;
+
+/// A memfd with the seed's content, mapped where the seed shared-mapped its file, then each
+/// open file description reopened from it (through /proc/self/fd, which gives a description
+/// of its own with the seed's access mode and flags) at its offset.
+fn mem_file_calls(
+    b: &mut Batch,
+    table: &mut FdTable,
+    name: &str,
+    content: &[u8],
+    seals: u32,
+    opens: &[MemFileOpen],
+    mappings: &[MemFileMapping],
+) {
+    let mut end = name.len().min(MEMFD_NAME_MAX);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cname = b.c_string(&name[..end]);
+    b.call(
+        libc::SYS_memfd_create,
+        &[cname, (libc::MFD_ALLOW_SEALING as u64).into()],
+        format!("create a memfd for {name}"),
+    );
+    let tmp = table.take();
+    if !content.is_empty() {
+        let data = b.bytes(content);
+        b.call_expecting(
+            libc::SYS_pwrite64,
+            &[tmp.into(), data, (content.len() as u64).into(), 0u64.into()],
+            content.len() as u64,
+            format!("fill the memfd for {name} with {} bytes", content.len()),
+        );
+    }
+    for m in mappings {
+        let flags = (libc::MAP_SHARED | libc::MAP_FIXED) as u64;
+        b.call(
+            libc::SYS_mmap,
+            &[
+                m.start.into(),
+                m.len.into(),
+                (m.prot as u64).into(),
+                flags.into(),
+                tmp.into(),
+                m.offset.into(),
+            ],
+            format!("map {name} at {:#x}", m.start),
+        );
+    }
+    // After the mappings: F_SEAL_FUTURE_WRITE forbids new writable ones.
+    if seals & !(libc::F_SEAL_SEAL as u32) != 0 {
+        b.call(
+            libc::SYS_fcntl,
+            &[tmp.into(), libc::F_ADD_SEALS.into(), (seals as u64).into()],
+            format!("seal the memfd for {name}"),
+        );
+    }
+    let path = b.c_string(&format!("/proc/self/fd/{tmp}"));
+    for open in opens {
+        let flags =
+            open.fds[0].flags & !(libc::O_CLOEXEC | libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+        b.call(
+            libc::SYS_openat,
+            &[libc::AT_FDCWD.into(), path, flags.into(), 0i32.into()],
+            format!("open {name} again"),
+        );
+        let fd = table.take();
+        if open.offset != 0 {
+            b.call_expecting(
+                libc::SYS_lseek,
+                &[fd.into(), open.offset.into(), libc::SEEK_SET.into()],
+                open.offset,
+                format!("seek {name} to {}", open.offset),
+            );
+        }
+        place(b, table, fd, &open.fds, "memfd");
+    }
+    b.call(libc::SYS_close, &[tmp.into()], format!("close fd {tmp}"));
+    table.close(tmp);
 }
 
 /// A fresh socketpair with each end's queue refilled from the other end, in order.
@@ -427,6 +550,7 @@ mod tests {
             KernelObject::Pipe {
                 readers: vec![fd(4, 0)],
                 writers: vec![fd(3, 1)],
+                size: 65536,
                 content: b"xy".to_vec(),
             },
             KernelObject::EventFd {
@@ -522,7 +646,8 @@ mod tests {
                 let f = lowest(&table);
                 table.insert(f, "signalfd".into());
             } else if nr == libc::SYS_fcntl {
-                assert_eq!(table[&word(r, 1)], "sock-b");
+                let on = table[&word(r, 1)].as_str();
+                assert!(on == "sock-b" || on == "pipe-w", "fcntl on {on}");
             } else if nr == libc::SYS_write {
                 assert_eq!(table[&word(r, 1)], "pipe-w");
             } else if nr == libc::SYS_epoll_ctl {

@@ -35,6 +35,17 @@ pub struct MapStep {
     pub offset: u64,
     /// MADV_DONTFORK in the seed: set in each child (not the replica, whose forks must copy it).
     pub dont_fork: bool,
+    /// A shared mapping of a memfd or deleted file the seed has open: each child maps its own
+    /// copy of the file here (see `KernelObject::MemFile`).
+    pub mem_file: bool,
+}
+
+impl MapStep {
+    /// Shared memory each child gets a fresh anonymous mapping of, served whole through its
+    /// own userfaultfd.
+    pub fn fresh_in_each_child(&self) -> bool {
+        self.file.is_none() && self.flags & libc::MAP_SHARED as u64 != 0 && !self.mem_file
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +124,15 @@ pub fn plan(
         checked.insert(file.clone(), same);
         same
     };
+    let mem_file_maps: Vec<u64> = desc
+        .objects
+        .iter()
+        .flat_map(|o| match o {
+            KernelObject::MemFile { mappings, .. } => mappings.as_slice(),
+            _ => &[],
+        })
+        .map(|m| m.start)
+        .collect();
     let mut maps = Vec::new();
     let mut lazy_ranges = Vec::new();
     let mut pending = PendingMap::new();
@@ -134,6 +154,7 @@ pub fn plan(
             file: None,
             offset: 0,
             dont_fork: vma.dont_fork,
+            mem_file: mem_file_maps.contains(&vma.start),
         };
         match &vma.backing {
             Backing::File { file, offset, .. } if identical(file) => {
@@ -153,7 +174,8 @@ pub fn plan(
                 step.flags = (step.flags & !(libc::MAP_SHARED as u64))
                     | libc::MAP_PRIVATE as u64
                     | libc::MAP_ANONYMOUS as u64;
-                if vma.shared && matches!(backing, Backing::Anonymous) {
+                // A deleted file's shared mapping stays shared: each child maps its memfd there.
+                if vma.shared && (matches!(backing, Backing::Anonymous) || step.mem_file) {
                     step.flags =
                         (step.flags & !(libc::MAP_PRIVATE as u64)) | libc::MAP_SHARED as u64;
                 }
@@ -208,7 +230,12 @@ pub fn plan(
     // has come before the first child (they stay pending until then), the others are zeroed.
     let mut eager: Vec<Run> = Vec::new();
     let mut hot_pages = Vec::new();
-    for page in desc.threads.iter().flat_map(hot_pages_of) {
+    for page in desc
+        .threads
+        .iter()
+        .flat_map(hot_pages_of)
+        .chain(arg_env_pages(&desc.mm))
+    {
         if eager.iter().any(|r| r.child == page) || hot_pages.contains(&page) {
             continue;
         }
@@ -270,6 +297,24 @@ fn lazy_spans(start: u64, from_seed: &[bool]) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Most pages of each of the argument and environment areas brought in before the first
+/// child (the kernel's own limit on both together is a quarter of an 8 MiB stack).
+const ARG_ENV_PAGES: u64 = 512;
+
+/// The pages of the argument and environment areas: the kernel reads them for other
+/// processes (/proc/PID/cmdline, environ) through a path that cannot wait for a userfaultfd
+/// fault, so they must be in place before the child runs.
+fn arg_env_pages(mm: &MmFields) -> impl Iterator<Item = u64> {
+    [(mm.arg_start, mm.arg_end), (mm.env_start, mm.env_end)]
+        .into_iter()
+        .filter(|&(start, end)| start != 0 && end > start)
+        .flat_map(|(start, end)| {
+            let first = start & !(PAGE_SIZE - 1);
+            let pages = (end - first).div_ceil(PAGE_SIZE).min(ARG_ENV_PAGES);
+            (0..pages).map(move |i| first + i * PAGE_SIZE)
+        })
+}
+
 /// The pages a thread touches as soon as it runs.
 fn hot_pages_of(t: &Thread) -> impl Iterator<Item = u64> + '_ {
     let regs = crate::regs::words_to_regs(&t.regs);
@@ -297,7 +342,12 @@ pub fn bootstrap_pages(desc: &Descriptor) -> Vec<u64> {
         .filter(|v| matches!(v.backing, Backing::File { .. }))
         .flat_map(|v| runs_of(v).flat_map(|r| (0..r.pages).map(move |i| r.child + i * PAGE_SIZE)))
         .collect();
-    for page in desc.threads.iter().flat_map(hot_pages_of) {
+    for page in desc
+        .threads
+        .iter()
+        .flat_map(hot_pages_of)
+        .chain(arg_env_pages(&desc.mm))
+    {
         let has = desc.vmas.iter().any(|v| {
             page >= v.start
                 && page < v.start + v.len()

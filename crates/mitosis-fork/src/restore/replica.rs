@@ -125,6 +125,7 @@ pub fn build(
     let t0 = Instant::now();
     let mut spawned = stubs.take()?;
     let spawn_us = t0.elapsed().as_micros() as u64;
+    // Unregistered in each child before its batch replaces them (memfds' mappings included).
     let shared: Vec<(u64, u64)> = plan
         .maps
         .iter()
@@ -397,11 +398,7 @@ fn child_batch(chan_fd: i32, plan: &Plan, files: &BTreeSet<i32>, listener: bool)
         // The socket arrived right after stdio: fd 3 is free (the seed does not use it).
         open.insert(LISTEN_FD);
     }
-    for m in plan
-        .maps
-        .iter()
-        .filter(|m| m.file.is_none() && m.flags & libc::MAP_SHARED as u64 != 0)
-    {
+    for m in plan.maps.iter().filter(|m| m.fresh_in_each_child()) {
         let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
         b.call(
             libc::SYS_mmap,
@@ -769,6 +766,7 @@ mod tests {
             file: None,
             offset: 0,
             dont_fork: false,
+            mem_file: false,
         };
         super::super::plan::sample(vec![shared], files)
     }

@@ -1,0 +1,54 @@
+//! End to end: a child continues exactly where its seed was. Each fixture sets up one kind of
+//! state, and answers `check` with what its own code observes of it; a child forked onto
+//! another host must answer the same.
+
+mod common;
+
+use common::*;
+
+/// Starts `bin` on host 0, prepares it, and returns what the seed and then its child on host
+/// 1 answer to `check`.
+fn seed_and_child(bin: &str, args: &[&str]) -> (String, String) {
+    let tb = testbed(2);
+    let mut cmd = tb.host(0).command(bin);
+    cmd.args(args);
+    let mut seed = Seed::start(cmd);
+    let handle = prepare(&tb, 0, seed.pid());
+    let want = seed.send("check");
+    let out = cli(&tb, 1, &["resume", &handle], "check\n");
+    let got = stdout(&out).trim_end().to_string();
+    assert!(
+        out.status.success(),
+        "child: {}\n{}",
+        stderr(&out),
+        tb.host(1).daemon_log()
+    );
+    drop(seed);
+    teardown(tb);
+    (want, got)
+}
+
+#[test]
+fn pipes_keep_their_flags_size_and_content() {
+    let (seed, child) = seed_and_child(env!("PIPES_BIN"), &[]);
+    assert!(seed.contains("size=262144 len=204800"), "{seed}");
+    assert_eq!(child, seed);
+}
+
+#[test]
+fn memfds_deleted_files_and_fifos_come_along() {
+    let dir = Scratch::new("memfiles");
+    let (seed, child) = seed_and_child(env!("MEMFILES_BIN"), &[dir.0.to_str().unwrap()]);
+    assert!(
+        seed.contains("memfd_coherent=1 ghost_coherent=1") && seed.contains("'through the fifo'"),
+        "{seed}"
+    );
+    assert_eq!(child, seed);
+}
+
+#[test]
+fn the_command_line_and_environment_read_the_same() {
+    let (seed, child) = seed_and_child(env!("CMDLINE_BIN"), &["--an-arg", "another"]);
+    assert!(seed.contains("=worker|||||"), "{seed}");
+    assert_eq!(child, seed);
+}
