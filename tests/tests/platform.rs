@@ -635,3 +635,86 @@ fn every_policy_answers_and_starts_its_processes_its_own_way() {
     drop(api);
     teardown(tb);
 }
+
+/// A bundle over the shared rootfs whose function serves HTTP (examples/python/http_fn.py).
+fn http_bundle(scratch: &Scratch) -> PathBuf {
+    let dir = scratch.0.join("http");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = json!({
+        "ociVersion": "1.0.2",
+        "process": {"args": ["python3", "/opt/mitosis/http_fn.py"], "cwd": "/",
+                    "user": {"uid": 0, "gid": 0},
+                    "env": ["PATH=/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE=1"]},
+        "root": {"path": ROOTFS, "readonly": true},
+        "hostname": "fn",
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"},
+                                 {"type": "ipc"}, {"type": "network"}],
+                  "maskedPaths": ["/proc/kcore"],
+                  "resources": {"memory": {"limit": 134_217_728u64}, "pids": {"limit": 32}}}
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn http_functions_get_the_request_and_answer_with_their_own_status_and_headers() {
+    let scratch = Scratch::new("httpfn");
+    let bundle = http_bundle(&scratch);
+    let tb = testbed(2);
+    let api = Api::start(&tb);
+    let app = api.json("POST", "/v2/apps", json!({"name": "web"}));
+    let f = api.json(
+        "POST",
+        "/v2/fns",
+        json!({"name": "primes", "app_id": app["id"], "image": bundle,
+               "annotations": {"mitosis.io/contract": "http"}}),
+    );
+    let fn_id = f["id"].as_str().unwrap();
+    let bad = api.request(
+        "POST",
+        "/v2/fns",
+        json!({"name": "bad", "app_id": app["id"], "image": bundle,
+               "annotations": {"mitosis.io/contract": "grpc"}})
+        .to_string()
+        .as_bytes(),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.text());
+
+    // The answer a cold run of the function gives for a path.
+    let cold = |path: &str| {
+        let mut cmd = tb.host(0).command("chroot");
+        cmd.args([ROOTFS, "env", "-i", "PATH=/usr/bin:/bin"])
+            .args(["python3", "/opt/mitosis/http_fn.py", "--answer", path])
+            .current_dir("/");
+        let out = cmd.output().expect("a cold run");
+        assert!(out.status.success());
+        without_pid(&out.stdout)
+    };
+    // OpenFaaS's route passes the method and sub-path on; the function's headers come back.
+    for path in ["/primes/7", "/a/b?x=1"] {
+        let reply = api.request("GET", &format!("/function/primes{path}"), b"");
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+        assert_eq!(reply.headers["content-type"], "application/json");
+        assert_eq!(without_pid(&reply.body), cold(path), "{path}");
+    }
+    // Fn's /invoke is a POST to `/`, which this function does not serve: its own 501.
+    let post = api.request("POST", &format!("/invoke/{fn_id}"), b"{}");
+    assert_eq!(post.status, 501, "{}", post.text());
+    assert_eq!(post.headers["mitosis-start"], "fork");
+    // The HTTP contract needs a fork: a cold policy is refused, not half served.
+    api.json(
+        "POST",
+        "/v2/fns",
+        json!({"name": "coldweb", "app_id": app["id"], "image": bundle,
+               "annotations": {"mitosis.io/contract": "http", "mitosis.io/policy": "cold"}}),
+    );
+    let refused = api.request("GET", "/function/coldweb", b"");
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert!(
+        refused.message().contains("remote-fork"),
+        "{}",
+        refused.message()
+    );
+    drop(api);
+    teardown(tb);
+}

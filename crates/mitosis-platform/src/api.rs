@@ -6,14 +6,15 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::error::ApiError;
+use crate::http_contract::{self, HttpRequest};
 use crate::metrics::{self, CallLabels, FnLabels};
 use crate::model::{App, AppInput, Func, FuncInput, List};
 use crate::store::Insert;
@@ -36,7 +37,9 @@ pub fn router(platform: Arc<Platform>) -> Router {
             get(get_fn).put(update_fn).delete(delete_fn),
         )
         .route("/invoke/{fn_id}", post(invoke))
-        .route("/function/{name}", post(invoke_by_name))
+        // OpenFaaS's gateway passes any method and sub-path on to the function.
+        .route("/function/{name}", any(invoke_by_name))
+        .route("/function/{name}/{*rest}", any(invoke_by_name_path))
         .route("/mitosis/hosts", get(hosts))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("Path not found") })
@@ -180,14 +183,61 @@ fn forget_seed(p: &Arc<Platform>, fn_id: String) {
     tokio::spawn(async move { p.removed(&fn_id).await });
 }
 
+/// What an HTTP function is asked: the method and target its caller used (Fn's `/invoke`
+/// is a `POST /`).
+struct Target {
+    method: Method,
+    path: String,
+    query: Option<String>,
+}
+
+impl Target {
+    fn request(&self, headers: &HeaderMap) -> HttpRequest {
+        let target = match &self.query {
+            Some(q) => format!("{}?{q}", self.path),
+            None => self.path.clone(),
+        };
+        HttpRequest {
+            method: self.method.to_string(),
+            target,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+}
+
 async fn invoke(
     State(p): Shared,
     Path(id): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
     request: Body,
 ) -> ApiResult<Response> {
     let f = find_fn(&p, id).await?;
-    call(&p, &f, &headers, request).await
+    let target = Target {
+        method: Method::POST,
+        path: "/".into(),
+        query: uri.query().map(str::to_owned),
+    };
+    call(&p, &f, &target, &headers, request).await
+}
+
+async fn invoke_by_name_path(
+    State(p): Shared,
+    Path((name, rest)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    request: Body,
+) -> ApiResult<Response> {
+    let target = Target {
+        method,
+        path: format!("/{rest}"),
+        query: uri.query().map(str::to_owned),
+    };
+    by_name(p, name, target, headers, request).await
 }
 
 /// OpenFaaS's gateway route: `NAME` is a function's name if only one app has it, or
@@ -195,6 +245,23 @@ async fn invoke(
 async fn invoke_by_name(
     State(p): Shared,
     Path(name): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    request: Body,
+) -> ApiResult<Response> {
+    let target = Target {
+        method,
+        path: "/".into(),
+        query: uri.query().map(str::to_owned),
+    };
+    by_name(p, name, target, headers, request).await
+}
+
+async fn by_name(
+    p: Arc<Platform>,
+    name: String,
+    target: Target,
     headers: HeaderMap,
     request: Body,
 ) -> ApiResult<Response> {
@@ -208,7 +275,7 @@ async fn invoke_by_name(
     }
     match found.len() {
         0 => Err(ApiError::not_found("Fn not found")),
-        1 => call(&p, &found[0], &headers, request).await,
+        1 => call(&p, &found[0], &target, &headers, request).await,
         _ => Err(ApiError::conflict(format!(
             "{name} names functions of several apps: call NAME.APP"
         ))),
@@ -219,13 +286,14 @@ async fn invoke_by_name(
 async fn call(
     p: &Arc<Platform>,
     f: &Func,
+    target: &Target,
     headers: &HeaderMap,
     request: Body,
 ) -> ApiResult<Response> {
     let t0 = std::time::Instant::now();
     let call_id = crate::ids::ulid();
     // A failed call's answer names it too, to find its log lines.
-    let mut response = match run_call(p, f, &call_id, headers, request).await {
+    let mut response = match run_call(p, f, &call_id, target, headers, request).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -254,6 +322,7 @@ async fn run_call(
     p: &Arc<Platform>,
     f: &Func,
     call_id: &str,
+    target: &Target,
     headers: &HeaderMap,
     request: Body,
 ) -> ApiResult<Response> {
@@ -284,11 +353,40 @@ async fn run_call(
         answer,
         start,
         ..
-    } = p.invoke_as(call_id.to_owned(), f, input).await?;
-    let content_type = HeaderValue::from_static(content_type(&answer.output));
-    let mut response = (StatusCode::OK, answer.output).into_response();
+    } = p
+        .invoke_as(
+            call_id.to_owned(),
+            f,
+            input,
+            http_contract::is_http(&f.annotations).then(|| target.request(headers)),
+        )
+        .await?;
+    let mut response = match answer.http {
+        // The function's own status and headers.
+        Some((status, headers)) => {
+            let mut r = (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                answer.output,
+            )
+                .into_response();
+            for (name, value) in headers {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_bytes(&value),
+                ) {
+                    r.headers_mut().append(n, v);
+                }
+            }
+            r
+        }
+        None => {
+            let content_type = HeaderValue::from_static(content_type(&answer.output));
+            let mut r = (StatusCode::OK, answer.output).into_response();
+            r.headers_mut().insert(header::CONTENT_TYPE, content_type);
+            r
+        }
+    };
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, content_type);
     if let Ok(v) = HeaderValue::from_str(&host) {
         h.insert("Mitosis-Host", v);
     }

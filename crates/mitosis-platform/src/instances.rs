@@ -86,6 +86,7 @@ impl Instance {
                 &socket,
                 START_BACKSTOP,
                 [in_r.as_fd(), out_w.as_fd(), err_w.as_fd()],
+                None,
             )?;
             drop((in_r, out_w, err_w));
             // No timeout on its exit: an instance lives for as long as it is kept.
@@ -307,6 +308,7 @@ impl Instances {
 pub fn answer(output: Vec<u8>, stats: ResumeStats, t0: Instant) -> Answer {
     Answer {
         output,
+        http: None,
         stats,
         elapsed: t0.elapsed(),
     }

@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 
 use crate::error::CallError;
+use crate::http_contract::{self, HttpRequest};
 
 /// How much of the child's stderr is kept, to say why it failed.
 const STDERR_TAIL: usize = 2048;
@@ -44,19 +45,21 @@ pub enum Launch {
 }
 
 impl Launch {
-    /// Starts it through the daemon's unix socket at `socket` with these stdio; blocking.
+    /// Starts it through the daemon's unix socket at `socket` with these stdio (and, for a
+    /// fork, `listener` as its fd 3); blocking.
     pub fn run(
         &self,
         socket: &std::path::Path,
         backstop: Duration,
         stdio: [std::os::fd::BorrowedFd<'_>; 3],
+        listener: Option<std::os::fd::BorrowedFd<'_>>,
     ) -> Result<Running, mitosis_client::Error> {
         let [stdin, stdout, stderr] = stdio;
         match self {
             Launch::Fork { handle, memory_mib } => Client::connect(socket)?
                 .with_timeout(backstop)?
                 .with_memory_limit(Some(*memory_mib))
-                .resume(handle, stdin, stdout, stderr, None),
+                .resume(handle, stdin, stdout, stderr, listener),
             Launch::Cold {
                 bundle,
                 memory_mib,
@@ -82,6 +85,9 @@ pub struct Call {
     pub remote: Option<Remote>,
     pub host: String,
     pub launch: Launch,
+    /// The HTTP contract: the request to forward to the function's socket (the body is
+    /// `input`); `None` for the stdin/stdout contract.
+    pub http: Option<HttpRequest>,
     pub input: axum::body::Bytes,
     pub timeout: Duration,
     pub max_output: usize,
@@ -90,7 +96,10 @@ pub struct Call {
 /// A call that ran to its end with exit status 0.
 #[derive(Debug)]
 pub struct Answer {
+    /// Its stdout, or its HTTP answer's body.
     pub output: Vec<u8>,
+    /// Its HTTP answer's status and headers (the HTTP contract).
+    pub http: Option<(u16, http_contract::Headers)>,
     pub stats: ResumeStats,
     /// From the resume request to the child's exit.
     pub elapsed: Duration,
@@ -187,6 +196,15 @@ async fn run_tcp(call: Call, addr: std::net::SocketAddr) -> Result<Answer, CallE
     let t0 = Instant::now();
     let deadline = tokio::time::Instant::now() + call.timeout;
     let host = call.host.clone();
+    if call.http.is_some() {
+        // No descriptor crosses TCP: the function's socket would need relaying too.
+        return Err(CallError::Daemon {
+            host,
+            err: mitosis_client::Error::Unexpected(
+                "the HTTP contract over tcp:// endpoints is not supported yet".into(),
+            ),
+        });
+    }
     let Launch::Fork { handle, memory_mib } = &call.launch else {
         // A start relays no warm-up; the cold and fn-cache policies need unix sockets.
         return Err(CallError::Daemon {
@@ -265,6 +283,7 @@ fn answer(
     }
     Ok(Answer {
         output,
+        http: None,
         stats,
         elapsed: t0.elapsed(),
     })
@@ -280,6 +299,15 @@ async fn run_unix(call: Call, socket: PathBuf) -> Result<Answer, CallError> {
 
     let (launch, host) = (call.launch, call.host.clone());
     let cold = matches!(launch, Launch::Cold { .. });
+    // The HTTP contract: a socket this platform listens on becomes the child's fd 3.
+    let listener = match &call.http {
+        Some(_) => Some(std::net::TcpListener::bind((
+            std::net::Ipv4Addr::LOCALHOST,
+            0,
+        ))?),
+        None => None,
+    };
+    let listening = listener.as_ref().map(|l| l.local_addr()).transpose()?;
     // The read timeout is a backstop: the deadline below is what callers see.
     let backstop = call.timeout + KILL_GRACE;
     let resuming = tokio::task::spawn_blocking(move || {
@@ -287,9 +315,10 @@ async fn run_unix(call: Call, socket: PathBuf) -> Result<Answer, CallError> {
             &socket,
             backstop,
             [in_r.as_fd(), out_w.as_fd(), err_w.as_fd()],
+            listener.as_ref().map(|l| l.as_fd()),
         )?;
         // The child has its copies; ours close here so its exit ends our reads.
-        drop((in_r, out_w, err_w));
+        drop((in_r, out_w, err_w, listener));
         Ok(running)
     });
     // If the deadline passes first, the resume thread finishes on its own and drops the
@@ -320,7 +349,21 @@ async fn run_unix(call: Call, socket: PathBuf) -> Result<Answer, CallError> {
         drain(&stdout, &mut Vec::new());
         drain(&stderr, &mut Vec::new());
     }
-    let input = call.input;
+    // The request goes over HTTP (queued in the socket's backlog until the child accepts);
+    // stdin only tells the function to serve it.
+    let mut exchange = match (&call.http, listening) {
+        (Some(req), Some(addr)) => {
+            let (req, body, max) = (req.clone(), call.input.clone(), call.max_output);
+            Some(tokio::spawn(async move {
+                http_contract::exchange(addr, &req, &body, max).await
+            }))
+        }
+        _ => None,
+    };
+    let input = match &call.http {
+        Some(_) => axum::body::Bytes::from_static(http_contract::SERVE_ONE),
+        None => call.input,
+    };
     let feed = async move {
         // A child that exits without reading all of it closes the pipe: not our error.
         let _ = stdin.write_all(&input).await;
@@ -375,6 +418,32 @@ async fn run_unix(call: Call, socket: PathBuf) -> Result<Answer, CallError> {
         return Err(CallError::TimedOut(call.timeout.as_secs()));
     }
     let exited = exited.expect("the loop ends with an exit or the deadline");
+    if let Some(exchange) = exchange.take() {
+        // The child is gone: its side of the connection is closed, the answer complete.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let answered = tokio::time::timeout(left + Duration::from_secs(1), exchange).await;
+        if let Ok(Ok(Ok(response))) = answered {
+            return Ok(Answer {
+                output: response.body,
+                http: Some((response.status, response.headers)),
+                stats,
+                elapsed: t0.elapsed(),
+            });
+        }
+        let why = match answered {
+            Ok(Ok(Err(http_contract::HttpAnswerError::TooLarge(n)))) => {
+                return Err(CallError::OutputTooLarge(n));
+            }
+            Ok(Ok(Err(e))) => e.to_string(),
+            _ => "no HTTP answer".to_owned(),
+        };
+        return match answer(exited, Vec::new(), &errors, stats, t0, call.max_output) {
+            Ok(_) => Err(CallError::Crashed(format!(
+                "exited 0 without an answer: {why}"
+            ))),
+            Err(e) => Err(e),
+        };
+    }
     answer(exited, output, &errors, stats, t0, call.max_output)
 }
 

@@ -19,6 +19,7 @@ pub mod daemon;
 mod error;
 pub mod etcd;
 pub mod hosts;
+pub mod http_contract;
 pub mod ids;
 pub mod instances;
 pub mod invoke;
@@ -198,19 +199,22 @@ impl Platform {
         f: &model::Func,
         input: axum::body::Bytes,
     ) -> Result<Invoked, CallError> {
-        self.invoke_as(ids::ulid(), f, input).await
+        self.invoke_as(ids::ulid(), f, input, None).await
     }
 
-    /// [`Platform::invoke`] as call `call_id` (the caller's, to answer it even on failure).
+    /// [`Platform::invoke`] as call `call_id` (the caller's, to answer it even on failure);
+    /// with `http`, the request to forward to a function of the HTTP contract (`input` is its
+    /// body).
     pub async fn invoke_as(
         self: &Arc<Self>,
         call_id: String,
         f: &model::Func,
         input: axum::body::Bytes,
+        http: Option<http_contract::HttpRequest>,
     ) -> Result<Invoked, CallError> {
         let span = tracing::info_span!("call", %call_id, function = %f.id);
         let result = self
-            .attempts(f, input, call_id)
+            .attempts(f, input, http, call_id)
             .instrument(span.clone())
             .await;
         if let Err(e) = &result {
@@ -223,11 +227,18 @@ impl Platform {
         self: &Arc<Self>,
         f: &model::Func,
         input: axum::body::Bytes,
+        http: Option<http_contract::HttpRequest>,
         call_id: String,
     ) -> Result<Invoked, CallError> {
-        match self.strategy(f) {
-            Strategy::RemoteFork => self.forked(f, input, call_id, false).await,
-            Strategy::LocalFork => self.forked(f, input, call_id, true).await,
+        let strategy = self.strategy(f);
+        if http.is_some() && matches!(strategy, Strategy::Cold | Strategy::FnCache) {
+            return Err(CallError::BadInput(format!(
+                "the http contract runs with the remote-fork or local-fork policy, not {strategy}"
+            )));
+        }
+        match strategy {
+            Strategy::RemoteFork => self.forked(f, input, http, call_id, false).await,
+            Strategy::LocalFork => self.forked(f, input, http, call_id, true).await,
             Strategy::Cold => self.cold(f, input, call_id).await,
             Strategy::FnCache => self.cached(f, input, call_id).await,
         }
@@ -251,6 +262,7 @@ impl Platform {
         self: &Arc<Self>,
         f: &model::Func,
         input: axum::body::Bytes,
+        http: Option<http_contract::HttpRequest>,
         call_id: String,
         local: bool,
     ) -> Result<Invoked, CallError> {
@@ -295,6 +307,7 @@ impl Platform {
                     handle: current.handle.clone(),
                     memory_mib: f.memory,
                 },
+                http: http.clone(),
                 input: input.clone(),
                 timeout: Self::timeout(f),
                 max_output: self.config.max_output,
@@ -362,6 +375,7 @@ impl Platform {
                 remote: self.hosts.remote().cloned(),
                 host: spec.name.clone(),
                 launch: self.cold_launch(f),
+                http: None,
                 input: input.clone(),
                 timeout: Self::timeout(f),
                 max_output: self.config.max_output,

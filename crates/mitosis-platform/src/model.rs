@@ -263,6 +263,19 @@ impl Func {
                 }
             }
         }
+        match self
+            .annotations
+            .get(crate::http_contract::CONTRACT_ANNOTATION)
+            .map(|v| v.as_str())
+        {
+            None | Some(Some("stdio" | "http")) => {}
+            Some(_) => {
+                return Err(ApiError::bad_request(format!(
+                    "annotation {}: \"stdio\" or \"http\"",
+                    crate::http_contract::CONTRACT_ANNOTATION
+                )));
+            }
+        }
         if !(1..=MAX_TIMEOUT).contains(&self.timeout) {
             return Err(ApiError::bad_request(format!(
                 "timeout value is out of range, must be between 1 and {MAX_TIMEOUT}"
