@@ -324,6 +324,8 @@ fn control_events() -> Vec<(&'static str, Vec<u8>)> {
                 control_connections: 2,
                 control_refused: 0,
                 control_tls_refused: 5,
+                cpus: 2,
+                memory_available_mib: 20_480,
                 seeds: vec![control::SeedStatus {
                     id: 1,
                     pid: 4242,

@@ -618,6 +618,21 @@ fn every_policy_answers_and_starts_its_processes_its_own_way() {
         );
     }
 
+    // A function whose memory no host has available is placed nowhere: 503, says why.
+    let huge = deploy(
+        "huge",
+        &tricks,
+        "remote-fork",
+        json!({"memory": 1u64 << 40}),
+    );
+    let nowhere = api.request("POST", &format!("/invoke/{huge}"), br#"{"n": 1}"#);
+    assert_eq!(nowhere.status, 503, "{}", nowhere.text());
+    assert!(
+        nowhere.message().contains("MiB of memory available"),
+        "{}",
+        nowhere.message()
+    );
+
     // Deleting the functions ends their instances and seeds: nothing runs on any host.
     let app_id = app["id"].as_str().unwrap();
     assert_eq!(

@@ -370,8 +370,9 @@ impl Hosts {
     }
 
     /// The hosts as the policy sees them, for `seed` (which hosts have its replica) or for a
-    /// new seed; `excluded` hosts count as down.
-    pub fn views(&self, seed: Option<&Seed>, excluded: &[usize]) -> Vec<HostView> {
+    /// new seed, of a function of `need_mib` MiB (a host with less memory available does
+    /// not fit); `excluded` hosts count as down.
+    pub fn views(&self, seed: Option<&Seed>, need_mib: u64, excluded: &[usize]) -> Vec<HostView> {
         self.all()
             .iter()
             .enumerate()
@@ -399,6 +400,12 @@ impl Hosts {
                     seeds: status.map_or(0, |s| s.seeds.len()),
                     has_seed: seed.is_some_and(|seed| seed.host == index),
                     has_replica,
+                    memory_available_mib: status.map(|s| s.memory_available_mib),
+                    // Unknown (not polled yet, or a daemon that does not say) fits.
+                    fits: status
+                        .map(|s| s.memory_available_mib)
+                        .filter(|m| *m > 0)
+                        .is_none_or(|m| m >= need_mib),
                 }
             })
             .collect()

@@ -274,7 +274,7 @@ impl Platform {
         let mut excluded = Vec::new();
         let mut last = None;
         for _ in 0..CALL_ATTEMPTS {
-            let mut views = self.hosts.views(seed.as_ref(), &excluded);
+            let mut views = self.hosts.views(seed.as_ref(), f.memory, &excluded);
             if local {
                 // Where the function has a seed of its own, a call is a plain local fork.
                 let ready = self.seeds.local_hosts(&f.id);
@@ -284,7 +284,7 @@ impl Platform {
                 }
             }
             let Some(policy::Placement::Host { host }) = self.policy.place_call(&views) else {
-                return Err(last.unwrap_or_else(|| CallError::NoHost("no host is up".into())));
+                return Err(last.unwrap_or_else(|| no_host(&views, f)));
             };
             let current = match &seed {
                 Some(s) if !local => s.clone(),
@@ -364,9 +364,9 @@ impl Platform {
         let mut excluded = Vec::new();
         let mut last = None;
         for _ in 0..CALL_ATTEMPTS {
-            let views = self.hosts.views(None, &excluded);
+            let views = self.hosts.views(None, f.memory, &excluded);
             let Some(policy::Placement::Host { host }) = self.policy.place_call(&views) else {
-                return Err(last.unwrap_or_else(|| CallError::NoHost("no host is up".into())));
+                return Err(last.unwrap_or_else(|| no_host(&views, f)));
             };
             let spec = self.hosts.get(host).spec.clone();
             let _counted = self.hosts.start_call(host);
@@ -434,9 +434,9 @@ impl Platform {
         let mut excluded = Vec::new();
         let mut last = None;
         for _ in 0..CALL_ATTEMPTS {
-            let views = self.hosts.views(None, &excluded);
+            let views = self.hosts.views(None, f.memory, &excluded);
             let Some(policy::Placement::Host { host }) = self.policy.place_call(&views) else {
-                return Err(last.unwrap_or_else(|| CallError::NoHost("no host is up".into())));
+                return Err(last.unwrap_or_else(|| no_host(&views, f)));
             };
             let spec = self.hosts.get(host).spec.clone();
             let _counted = self.hosts.start_call(host);
@@ -469,5 +469,17 @@ impl Platform {
             });
         }
         Err(last.unwrap_or_else(|| CallError::NoHost("no host is up".into())))
+    }
+}
+
+/// Why no host could take a call of `f`: none up, or none with room for its memory.
+pub(crate) fn no_host(views: &[policy::HostView], f: &model::Func) -> CallError {
+    if views.iter().any(|h| h.up) {
+        CallError::NoHost(format!(
+            "no host has the function's {} MiB of memory available",
+            f.memory
+        ))
+    } else {
+        CallError::NoHost("no host is up".into())
     }
 }

@@ -97,6 +97,11 @@ pub struct HostView {
     pub has_seed: bool,
     /// The host has a replica of the function's seed (its next child there is a plain fork).
     pub has_replica: bool,
+    /// Its memory available, by its last status (`None`: not known yet).
+    pub memory_available_mib: Option<u64>,
+    /// It has room for the function's memory (or its room is not known): policies place
+    /// nothing on a host without.
+    pub fits: bool,
 }
 
 /// Where one call runs.
@@ -146,7 +151,7 @@ impl LoadAware {
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         (0..n)
             .map(|i| &hosts[(start + i) % n])
-            .filter(|h| h.up)
+            .filter(|h| h.up && h.fits)
             .min_by_key(|h| score(h))
             .map(|h| h.index)
     }
@@ -191,6 +196,8 @@ mod tests {
             seeds: 0,
             has_seed: false,
             has_replica,
+            memory_available_mib: None,
+            fits: true,
         }
     }
 
@@ -223,6 +230,17 @@ mod tests {
         // 1 + 0 against 0 + 1: a tie, shared.
         let picks: std::collections::BTreeSet<usize> = (0..4).map(|_| picked(&p, &hosts)).collect();
         assert_eq!(picks.len(), 2);
+    }
+
+    #[test]
+    fn hosts_without_room_for_the_function_get_nothing() {
+        let p = LoadAware::default();
+        let mut hosts = vec![host(0, 0, true), host(1, 4, true)];
+        hosts[0].fits = false;
+        assert_eq!(picked(&p, &hosts), 1);
+        hosts[1].fits = false;
+        assert_eq!(p.place_call(&hosts), None);
+        assert_eq!(p.seed_host(&hosts), None);
     }
 
     #[test]

@@ -303,9 +303,9 @@ impl Seeds {
     async fn make(&self, f: &Func, avoid: Option<usize>) -> Result<Seed, CallError> {
         let mut excluded: Vec<usize> = avoid.into_iter().collect();
         let mut avoided_once = avoid.is_none();
-        let mut last_error = String::from("no host is up");
+        let mut last_error = None;
         loop {
-            let views = self.hosts.views(None, &excluded);
+            let views = self.hosts.views(None, f.memory, &excluded);
             let Some(host) = self.policy.seed_host(&views) else {
                 // The host to avoid is better than none: its daemon may be back.
                 if !avoided_once {
@@ -313,13 +313,17 @@ impl Seeds {
                     excluded.retain(|h| Some(*h) != avoid);
                     continue;
                 }
-                return Err(CallError::Seed(last_error));
+                // No host failed it: none could take it (down, or no room).
+                return Err(match last_error {
+                    Some(why) => CallError::Seed(why),
+                    None => crate::no_host(&views, f),
+                });
             };
             match self.prepare_on(f, host).await {
                 Ok(seed) => return Ok(seed),
                 Err((e, false)) => return Err(e),
                 Err((e, true)) => {
-                    last_error = e.to_string();
+                    last_error = Some(e.to_string());
                     excluded.push(host);
                 }
             }
@@ -379,7 +383,7 @@ impl Seeds {
 
     /// Starts making `f`'s seed on every host that is up (local fork).
     pub fn prepare_everywhere_in_background(self: &Arc<Self>, f: Func) {
-        for view in self.hosts.views(None, &[]) {
+        for view in self.hosts.views(None, f.memory, &[]) {
             if !view.up {
                 continue;
             }

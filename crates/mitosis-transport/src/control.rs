@@ -166,6 +166,10 @@ pub struct DaemonStatus {
     pub control_connections: u64,
     pub control_refused: u64,
     pub control_tls_refused: u64,
+    /// The host's CPUs this daemon may use, and its memory available (MemAvailable), for
+    /// placing work: a platform skips a host without room for a function's memory.
+    pub cpus: u64,
+    pub memory_available_mib: u64,
     pub seeds: Vec<SeedStatus>,
     pub replicas: Vec<ReplicaStatus>,
     /// Idle pooled connections per peer.
@@ -209,6 +213,8 @@ impl std::fmt::Display for DaemonStatus {
             "control tls handshakes refused {}",
             self.control_tls_refused
         )?;
+        writeln!(f, "cpus {}", self.cpus)?;
+        writeln!(f, "memory available {} MiB", self.memory_available_mib)?;
         for s in &self.seeds {
             writeln!(
                 f,

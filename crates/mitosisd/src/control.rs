@@ -448,6 +448,19 @@ async fn destroy_seed_container(c: SeedContainer) {
     }
 }
 
+/// MemAvailable of /proc/meminfo, in MiB.
+fn memory_available_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib >> 10)
+}
+
 fn status(daemon: &Daemon) -> DaemonStatus {
     let c = &daemon.counters;
     let count = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -462,6 +475,8 @@ fn status(daemon: &Daemon) -> DaemonStatus {
         control_connections: count(&c.control_connections),
         control_refused: count(&c.control_refused),
         control_tls_refused: count(&c.control_tls_refused),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
+        memory_available_mib: memory_available_mib().unwrap_or(0),
         seeds: daemon
             .registry
             .all()
