@@ -30,11 +30,17 @@ struct Api {
 
 impl Api {
     fn start(tb: &Testbed) -> Api {
+        Self::start_with(
+            tb,
+            Config {
+                max_body: MAX_BODY,
+                ..Config::default()
+            },
+        )
+    }
+
+    fn start_with(tb: &Testbed, config: Config) -> Api {
         let hosts = HostSpec::of_testbed(tb);
-        let config = Config {
-            max_body: MAX_BODY,
-            ..Config::default()
-        };
         let served =
             mitosis_platform::background::Background::start(config, hosts).expect("the API starts");
         Api {
@@ -731,5 +737,52 @@ fn http_functions_get_the_request_and_answer_with_their_own_status_and_headers()
         refused.message()
     );
     drop(api);
+    teardown(tb);
+}
+
+#[test]
+fn calls_over_the_hosts_limit_wait_for_room() {
+    let scratch = Scratch::new("admission");
+    let bundle = tricks_bundle(&scratch);
+    let tb = testbed(2);
+    let api = Arc::new(Api::start_with(
+        &tb,
+        Config {
+            max_calls_per_host: Some(1),
+            ..Config::default()
+        },
+    ));
+    let fn_id = api.deploy("queue", "sleepy", &bundle, 30);
+    api.seed_host(&fn_id);
+    assert_eq!(
+        api.request("POST", &format!("/invoke/{fn_id}"), b"{}")
+            .status,
+        200
+    );
+
+    // Four calls of a second each, one at a time on each of two hosts: they queue, all answer,
+    // and the last answers no sooner than two seconds after the first started.
+    let t = Instant::now();
+    let callers: Vec<_> = (0..4)
+        .map(|i| {
+            let (api, fn_id) = (api.clone(), fn_id.clone());
+            std::thread::spawn(move || {
+                let body = format!("{{\"sleep\": 1, \"i\": {i}}}");
+                let reply = api.request("POST", &format!("/invoke/{fn_id}"), body.as_bytes());
+                (reply.status, reply.text())
+            })
+        })
+        .collect();
+    for c in callers {
+        let (status, text) = c.join().unwrap();
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("\"sleep\": 1"), "{text}");
+    }
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "4 calls of 1 s on 2 hosts, 1 at a time: {took:?}"
+    );
+    drop(Arc::into_inner(api).expect("the callers are done"));
     teardown(tb);
 }

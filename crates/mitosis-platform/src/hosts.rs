@@ -123,11 +123,13 @@ impl Host {
 }
 
 /// Counts a call as running on its host while it lives.
-pub struct InFlight(Arc<Host>);
+pub struct InFlight(Arc<Host>, Arc<tokio::sync::Notify>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        // A call waiting for room (admission control) may take this one's.
+        self.1.notify_waiters();
     }
 }
 
@@ -155,6 +157,10 @@ pub struct Hosts {
     shared: Option<EtcdStore>,
     /// How TCP endpoints are reached (none: only unix sockets work).
     remote: Option<Remote>,
+    /// Most calls of this platform at once on one host (0: no limit).
+    call_limit: AtomicU64,
+    /// Notified whenever a call ends, for calls waiting for room.
+    freed: Arc<tokio::sync::Notify>,
 }
 
 impl Hosts {
@@ -165,6 +171,8 @@ impl Hosts {
     ) -> Arc<Hosts> {
         Arc::new(Hosts {
             remote,
+            call_limit: AtomicU64::new(0),
+            freed: Arc::default(),
             hosts: RwLock::new(
                 specs
                     .into_iter()
@@ -366,7 +374,32 @@ impl Hosts {
     pub fn start_call(&self, index: usize) -> InFlight {
         let host = self.get(index);
         host.inflight.fetch_add(1, Ordering::Relaxed);
-        InFlight(host)
+        InFlight(host, self.freed.clone())
+    }
+
+    /// Like [`Hosts::start_call`], but only if the host is under the call limit.
+    pub fn try_start_call(&self, index: usize) -> Option<InFlight> {
+        let host = self.get(index);
+        let limit = self.call_limit.load(Ordering::Relaxed);
+        let taken = host
+            .inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (limit == 0 || n < limit).then_some(n + 1)
+            })
+            .is_ok();
+        taken.then(|| InFlight(host, self.freed.clone()))
+    }
+
+    /// Admission control: at most `limit` calls of this platform at once per host (`None`:
+    /// no limit); calls over it wait for room.
+    pub fn set_call_limit(&self, limit: Option<usize>) {
+        self.call_limit
+            .store(limit.map_or(0, |l| l.max(1) as u64), Ordering::Relaxed);
+    }
+
+    /// Notified whenever a call ends (for calls waiting for room).
+    pub fn freed(&self) -> Arc<tokio::sync::Notify> {
+        self.freed.clone()
     }
 
     /// The hosts as the policy sees them, for `seed` (which hosts have its replica) or for a
@@ -400,6 +433,10 @@ impl Hosts {
                     seeds: status.map_or(0, |s| s.seeds.len()),
                     has_seed: seed.is_some_and(|seed| seed.host == index),
                     has_replica,
+                    full: {
+                        let limit = self.call_limit.load(Ordering::Relaxed);
+                        limit > 0 && inflight >= limit
+                    },
                     memory_available_mib: status.map(|s| s.memory_available_mib),
                     // Unknown (not polled yet, or a daemon that does not say) fits.
                     fits: status

@@ -49,6 +49,9 @@ pub struct Config {
     pub seed_ready_timeout: Duration,
     /// How often each daemon's status is asked.
     pub poll_interval: Duration,
+    /// Admission control: most calls of this platform at once on one host (`None`: no
+    /// limit); a call finding every host full waits for room, up to its function's timeout.
+    pub max_calls_per_host: Option<usize>,
     /// How calls start, for functions whose annotation does not say
     /// ([`policy::POLICY_ANNOTATION`]).
     pub strategy: Strategy,
@@ -64,6 +67,7 @@ impl Default for Config {
             seed_ready_timeout: Duration::from_secs(60),
             poll_interval: Duration::from_millis(500),
             strategy: Strategy::RemoteFork,
+            max_calls_per_host: None,
             remote: None,
         }
     }
@@ -97,6 +101,7 @@ impl Platform {
         policy: Arc<dyn Policy>,
     ) -> Arc<Self> {
         let hosts = Hosts::new(hosts, store.etcd().cloned(), config.remote.clone());
+        hosts.set_call_limit(config.max_calls_per_host);
         hosts.clone().start_polling(config.poll_interval);
         let metrics = metrics::Metrics::default();
         let seeds = Arc::new(seeds::Seeds::new(
@@ -244,6 +249,50 @@ impl Platform {
         }
     }
 
+    /// The host for a call of `f` (a child of `seed`, or with `local_seeds` the hosts with
+    /// seeds of their own, or a new instance), counted there. With an admission limit and
+    /// every host that could take it full, waits for room until the function's timeout.
+    async fn place(
+        &self,
+        f: &model::Func,
+        seed: Option<&seeds::Seed>,
+        local_seeds: Option<&[usize]>,
+        excluded: &[usize],
+    ) -> Result<(usize, hosts::InFlight), CallError> {
+        let deadline = tokio::time::Instant::now() + Self::timeout(f);
+        let freed = self.hosts.freed();
+        loop {
+            // Registered before the views are read: a call ending in between still wakes us.
+            let room = freed.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let mut views = self.hosts.views(seed, f.memory, excluded);
+            if let Some(ready) = local_seeds {
+                // Where the function has a seed of its own, a call is a plain local fork.
+                for v in &mut views {
+                    v.has_seed = ready.contains(&v.index);
+                    v.has_replica = v.has_seed;
+                }
+            }
+            if let Some(policy::Placement::Host { host }) = self.policy.place_call(&views) {
+                // Another call may have taken the last room since the views were read.
+                if let Some(counted) = self.hosts.try_start_call(host) {
+                    return Ok((host, counted));
+                }
+                continue;
+            }
+            if !views.iter().any(|h| h.up && h.fits && h.full) {
+                return Err(no_host(&views, f));
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return Err(CallError::NoHost(format!(
+                    "every host is at its limit of calls, for the function's {} s",
+                    f.timeout
+                )));
+            }
+        }
+    }
+
     fn timeout(f: &model::Func) -> Duration {
         Duration::from_secs(u64::from(f.timeout))
     }
@@ -274,17 +323,13 @@ impl Platform {
         let mut excluded = Vec::new();
         let mut last = None;
         for _ in 0..CALL_ATTEMPTS {
-            let mut views = self.hosts.views(seed.as_ref(), f.memory, &excluded);
-            if local {
-                // Where the function has a seed of its own, a call is a plain local fork.
-                let ready = self.seeds.local_hosts(&f.id);
-                for v in &mut views {
-                    v.has_seed = ready.contains(&v.index);
-                    v.has_replica = v.has_seed;
-                }
-            }
-            let Some(policy::Placement::Host { host }) = self.policy.place_call(&views) else {
-                return Err(last.unwrap_or_else(|| no_host(&views, f)));
+            let local_seeds = local.then(|| self.seeds.local_hosts(&f.id));
+            let placed = self
+                .place(f, seed.as_ref(), local_seeds.as_deref(), &excluded)
+                .await;
+            let (host, _counted) = match placed {
+                Ok(placed) => placed,
+                Err(e) => return Err(last.unwrap_or(e)),
             };
             let current = match &seed {
                 Some(s) if !local => s.clone(),
@@ -298,7 +343,6 @@ impl Platform {
                 },
             };
             let spec = self.hosts.get(host).spec.clone();
-            let _counted = self.hosts.start_call(host);
             let call = invoke::Call {
                 endpoint: spec.endpoint.clone(),
                 remote: self.hosts.remote().cloned(),
@@ -364,12 +408,11 @@ impl Platform {
         let mut excluded = Vec::new();
         let mut last = None;
         for _ in 0..CALL_ATTEMPTS {
-            let views = self.hosts.views(None, f.memory, &excluded);
-            let Some(policy::Placement::Host { host }) = self.policy.place_call(&views) else {
-                return Err(last.unwrap_or_else(|| no_host(&views, f)));
+            let (host, _counted) = match self.place(f, None, None, &excluded).await {
+                Ok(placed) => placed,
+                Err(e) => return Err(last.unwrap_or(e)),
             };
             let spec = self.hosts.get(host).spec.clone();
-            let _counted = self.hosts.start_call(host);
             let call = invoke::Call {
                 endpoint: spec.endpoint.clone(),
                 remote: self.hosts.remote().cloned(),
@@ -434,12 +477,11 @@ impl Platform {
         let mut excluded = Vec::new();
         let mut last = None;
         for _ in 0..CALL_ATTEMPTS {
-            let views = self.hosts.views(None, f.memory, &excluded);
-            let Some(policy::Placement::Host { host }) = self.policy.place_call(&views) else {
-                return Err(last.unwrap_or_else(|| no_host(&views, f)));
+            let (host, _counted) = match self.place(f, None, None, &excluded).await {
+                Ok(placed) => placed,
+                Err(e) => return Err(last.unwrap_or(e)),
             };
             let spec = self.hosts.get(host).spec.clone();
-            let _counted = self.hosts.start_call(host);
             let started = instances::Instance::start(
                 host,
                 &spec.name,

@@ -97,6 +97,8 @@ pub struct HostView {
     pub has_seed: bool,
     /// The host has a replica of the function's seed (its next child there is a plain fork).
     pub has_replica: bool,
+    /// It runs as many calls of this platform as the admission limit allows: calls wait.
+    pub full: bool,
     /// Its memory available, by its last status (`None`: not known yet).
     pub memory_available_mib: Option<u64>,
     /// It has room for the function's memory (or its room is not known): policies place
@@ -142,8 +144,14 @@ impl Default for LoadAware {
 }
 
 impl LoadAware {
-    /// The up host with the lowest `score`, ties broken by a rotating start.
-    fn least(&self, hosts: &[HostView], score: impl Fn(&HostView) -> u64) -> Option<usize> {
+    /// The up host with room for the function (and, for a call, under the admission limit)
+    /// with the lowest `score`, ties broken by a rotating start.
+    fn least(
+        &self,
+        hosts: &[HostView],
+        call: bool,
+        score: impl Fn(&HostView) -> u64,
+    ) -> Option<usize> {
         let n = hosts.len();
         if n == 0 {
             return None;
@@ -151,7 +159,7 @@ impl LoadAware {
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         (0..n)
             .map(|i| &hosts[(start + i) % n])
-            .filter(|h| h.up && h.fits)
+            .filter(|h| h.up && h.fits && !(call && h.full))
             .min_by_key(|h| score(h))
             .map(|h| h.index)
     }
@@ -164,14 +172,14 @@ impl Policy for LoadAware {
 
     fn seed_host(&self, hosts: &[HostView]) -> Option<usize> {
         // Room first (fewest seeds), then load.
-        self.least(hosts, |h| {
+        self.least(hosts, false, |h| {
             (h.seeds as u64) << 32 | h.running.min(u32::MAX as u64)
         })
     }
 
     fn place_call(&self, hosts: &[HostView]) -> Option<Placement> {
         let penalty = self.cold_penalty;
-        self.least(hosts, |h| {
+        self.least(hosts, true, |h| {
             h.running
                 + if h.has_replica || h.has_seed {
                     0
@@ -196,6 +204,7 @@ mod tests {
             seeds: 0,
             has_seed: false,
             has_replica,
+            full: false,
             memory_available_mib: None,
             fits: true,
         }

@@ -74,6 +74,10 @@ pub(crate) struct ApiArgs {
     /// per call).
     #[arg(long, default_value = "remote-fork")]
     policy: Strategy,
+    /// Admission control: at most N calls at once on each host; calls over it wait for room
+    /// (up to their function's timeout, then 503). Unlimited if not given.
+    #[arg(long, value_name = "N")]
+    max_calls_per_host: Option<usize>,
     /// Keep the cluster's state in etcd, shared with other instances (instead of --db):
     /// its client URLs, comma-separated. It holds seeds' handles: restrict who may read it.
     #[arg(
@@ -124,6 +128,7 @@ impl ApiArgs {
         Config {
             max_body: self.max_body,
             strategy: self.policy,
+            max_calls_per_host: self.max_calls_per_host,
             ..Config::default()
         }
     }
