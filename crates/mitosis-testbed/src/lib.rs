@@ -37,4 +37,4 @@ pub use error::{Result, TestbedError};
 pub use host::{DaemonConfig, Host, TESTBED_ID_ENV};
 pub use leak::{Leftover, leftovers};
 pub use netns::Dialer;
-pub use testbed::{ID_PREFIX, MAX_HOSTS, Testbed, TestbedConfig};
+pub use testbed::{ID_PREFIX, MAX_HOSTS, Testbed, TestbedConfig, host_addr};

@@ -271,8 +271,8 @@ impl Drop for Testbed {
     }
 }
 
-/// The address of host `index`.
-fn host_addr(index: usize) -> Ipv4Addr {
+/// The address of host `index` (known before the testbed is made: certificates name it).
+pub fn host_addr(index: usize) -> Ipv4Addr {
     let last = u8::try_from(index + 1).expect("host count is checked against MAX_HOSTS");
     Ipv4Addr::new(10, 77, 0, last)
 }

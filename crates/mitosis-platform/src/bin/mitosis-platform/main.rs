@@ -52,6 +52,11 @@ enum Command {
         /// How many hosts.
         #[arg(long, default_value_t = 3)]
         hosts: usize,
+        /// Reach the daemons over TCP with mutual TLS (each with --control-listen, and
+        /// certificates of a CA made for this cluster), as across machines, instead of by
+        /// their unix sockets.
+        #[arg(long)]
+        tcp: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -152,7 +157,7 @@ fn main() {
             api,
         } => remote(&hosts, tls_cert, tls_key, tls_ca)
             .and_then(|remote| serve(hosts, &api, remote, || {})),
-        Command::Cluster { hosts, api } => cluster::run(hosts, &api),
+        Command::Cluster { hosts, tcp, api } => cluster::run(hosts, tcp, &api),
     };
     if let Err(e) = result {
         eprintln!("mitosis-platform: {e:#}");
