@@ -194,3 +194,78 @@ fn the_platform_runs_calls_over_tcp_with_mutual_tls_only() {
     }
     teardown(tb);
 }
+
+#[test]
+fn the_cluster_command_serves_over_tcp_and_tears_down_on_sigint() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let api: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut child = Command::new(bin("mitosis-platform"))
+        .args([
+            "cluster",
+            "--hosts",
+            "2",
+            "--tcp",
+            "--api",
+            &api.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap() > 0 {
+        printed.push_str(&line);
+        if line.starts_with("Ctrl-C") {
+            break;
+        }
+        line.clear();
+    }
+    assert!(printed.contains("over TCP with mutual TLS"), "{printed}");
+    let id = printed
+        .split_whitespace()
+        .skip_while(|w| *w != "(testbed")
+        .nth(1)
+        .map(|w| w.trim_end_matches(')').to_owned())
+        .unwrap_or_else(|| panic!("no testbed id in {printed}"));
+
+    let app = json_of(api, "POST", "/v2/apps", json!({"name": "c"}));
+    let f = json_of(
+        api,
+        "POST",
+        "/v2/fns",
+        json!({"name": "f", "app_id": app["id"], "image": BUNDLE, "memory": 256}),
+    );
+    let (status, body) = request(
+        api,
+        "POST",
+        &format!("/invoke/{}", f["id"].as_str().unwrap()),
+        b"{\"n\": 2}",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let hosts = json_of(api, "GET", "/mitosis/hosts", Value::Null);
+    assert!(
+        hosts.to_string().contains("tcp://10.77.0.1:7071"),
+        "{hosts}"
+    );
+
+    // SAFETY: kill(2) on our own child, not waited for yet.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+    assert!(rest.contains("torn down"), "{status:?}: {rest}");
+    assert!(
+        mitosis_testbed::leftovers(&id).is_empty(),
+        "testbed {id} left behind"
+    );
+    let pki = std::env::temp_dir().join(format!("mitosis-cluster-pki-{}", child.id()));
+    assert!(!pki.exists(), "{} left behind", pki.display());
+}

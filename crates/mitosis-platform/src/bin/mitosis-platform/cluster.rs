@@ -75,7 +75,10 @@ pub fn run(n: usize, tcp: bool, api: &ApiArgs) -> Result<()> {
             // namespace, where every host's address is.
             let dialer = testbed.host(0).dialer()?;
             let remote = Remote::new(tls).with_connector(Arc::new(move |a, t| dialer.dial(a, t)));
-            (HostSpec::of_testbed_tcp(&testbed, CONTROL_PORT), Some(remote))
+            (
+                HostSpec::of_testbed_tcp(&testbed, CONTROL_PORT),
+                Some(remote),
+            )
         }
     };
     let served = crate::serve(hosts, api, remote, || {
