@@ -223,6 +223,12 @@ fn control_requests() -> Vec<(&'static str, Vec<u8>)> {
             }),
         ),
         (
+            "replicate",
+            frame::encode(&Request::Replicate {
+                handle: handle.clone(),
+            }),
+        ),
+        (
             "evict",
             frame::encode(&Request::Evict {
                 handle: handle.clone(),

@@ -786,3 +786,30 @@ fn calls_over_the_hosts_limit_wait_for_room() {
     drop(Arc::into_inner(api).expect("the callers are done"));
     teardown(tb);
 }
+
+#[test]
+fn a_new_seed_primes_every_other_host_with_its_replica() {
+    let scratch = Scratch::new("priming");
+    let bundle = tricks_bundle(&scratch);
+    let tb = testbed(3);
+    let api = Api::start(&tb);
+    let fn_id = api.deploy("primed", "echo", &bundle, 30);
+    let seed_host: usize = api.seed_host(&fn_id)[1..].parse().unwrap();
+    // No call yet: every other host builds its replica on its own.
+    let primed = eventually(Duration::from_secs(20), || {
+        (0..3).filter(|h| *h != seed_host).all(|h| {
+            mitosis_client::Client::connect(tb.host(h).socket_path())
+                .and_then(|c| c.status())
+                .is_ok_and(|s| s.replicas.len() == 1)
+        })
+    });
+    assert!(
+        primed,
+        "the other hosts have no replica of the seed on h{seed_host}"
+    );
+    // So the first call anywhere is a plain fork of a replica that is there.
+    let reply = api.request("POST", &format!("/invoke/{fn_id}"), br#"{"x": 1}"#);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    drop(api);
+    teardown(tb);
+}

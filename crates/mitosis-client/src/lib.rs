@@ -122,6 +122,14 @@ impl Client {
         })
     }
 
+    /// Builds the daemon's replica of the seed now (if it has none), so its next child
+    /// there is a plain fork; returns once it is ready.
+    pub fn replicate(self, handle: &str) -> Result<()> {
+        self.done(&Request::Replicate {
+            handle: handle.to_owned(),
+        })
+    }
+
     fn done(self, request: &Request) -> Result<()> {
         match self.call(request)? {
             Event::Done => Ok(()),

@@ -158,6 +158,14 @@ impl RemoteClient {
         .await
     }
 
+    /// Builds the daemon's replica of the seed now (see [`crate::Client::replicate`]).
+    pub async fn replicate(self, handle: &str) -> Result<()> {
+        self.done(&Request::Replicate {
+            handle: handle.to_owned(),
+        })
+        .await
+    }
+
     async fn done(self, request: &Request) -> Result<()> {
         match self.call(request).await? {
             Event::Done => Ok(()),

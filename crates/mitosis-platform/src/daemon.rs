@@ -93,6 +93,28 @@ impl Reach {
         }
     }
 
+    /// Builds the daemon's replica of the seed behind `handle` (bounded by `timeout`).
+    pub async fn replicate(self, handle: &str, timeout: Duration) -> Result<(), Error> {
+        match &self.endpoint {
+            Endpoint::Unix(path) => {
+                let (path, handle) = (path.clone(), handle.to_owned());
+                let asked = blocking(move || {
+                    Client::connect(&path)?
+                        .with_timeout(timeout)?
+                        .replicate(&handle)
+                });
+                bounded(timeout + Duration::from_secs(1), asked).await
+            }
+            Endpoint::Tcp(addr) => {
+                let remote = self.remote.as_ref().ok_or_else(|| no_tls(*addr))?;
+                bounded(timeout, async {
+                    remote.connect(*addr).await?.replicate(handle).await
+                })
+                .await
+            }
+        }
+    }
+
     /// Drops the seed behind `handle` on the daemon's host.
     pub async fn drop_seed(self, handle: &str) -> Result<(), Error> {
         let timeout = Duration::from_secs(5);

@@ -52,6 +52,9 @@ pub struct Config {
     /// Admission control: most calls of this platform at once on one host (`None`: no
     /// limit); a call finding every host full waits for room, up to its function's timeout.
     pub max_calls_per_host: Option<usize>,
+    /// Every new seed has every other host build its replica at once, so that no call pays
+    /// for a cold host (remote fork's autoscaling; a replica's memory on each host).
+    pub prime_replicas: bool,
     /// How calls start, for functions whose annotation does not say
     /// ([`policy::POLICY_ANNOTATION`]).
     pub strategy: Strategy,
@@ -68,6 +71,7 @@ impl Default for Config {
             poll_interval: Duration::from_millis(500),
             strategy: Strategy::RemoteFork,
             max_calls_per_host: None,
+            prime_replicas: true,
             remote: None,
         }
     }
@@ -111,6 +115,7 @@ impl Platform {
             config.seed_ready_timeout,
             metrics.clone(),
         ));
+        seeds.set_priming(config.prime_replicas);
         let instances = Arc::new(instances::Instances::default());
         instances.start_reaping();
         Arc::new(Platform {

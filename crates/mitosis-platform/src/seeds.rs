@@ -82,6 +82,8 @@ pub struct Seeds {
     ready_timeout: Duration,
     slots: Mutex<HashMap<SlotKey, Arc<Slot>>>,
     metrics: Metrics,
+    /// Prime every other host with a replica of each new seed (see [`Seeds::set_priming`]).
+    priming: std::sync::atomic::AtomicBool,
 }
 
 impl Seeds {
@@ -99,6 +101,7 @@ impl Seeds {
             policy,
             ready_timeout,
             slots: Mutex::default(),
+            priming: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -244,7 +247,17 @@ impl Seeds {
         let seed = self.make(f, avoid).await?;
         self.record(f, &seed).await?;
         *slot.current() = Some(seed.clone());
+        if self.priming.load(std::sync::atomic::Ordering::Relaxed) {
+            prime(self.hosts.clone(), seed.clone());
+        }
         Ok(seed)
+    }
+
+    /// Whether each new seed (one for the cluster) has every other host that is up build its
+    /// replica at once, in the background, so that no call pays for building one: the
+    /// platform's autoscaling of remote fork, at the cost of a replica's memory per host.
+    pub fn set_priming(&self, on: bool) {
+        self.priming.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Records `seed` in the store. Its host may not be registered yet (its first poll is
@@ -453,5 +466,29 @@ async fn drop_on_host(hosts: &Hosts, seed: &Seed) {
     if let Err(e) = hosts.reach(seed.host).drop_seed(&seed.handle).await {
         // Its host is gone, or already lost it: nothing is left to drop.
         tracing::debug!(?seed, "dropping a seed: {e}");
+    }
+}
+
+/// How long priming one host may take (building a replica is milliseconds; a host that
+/// takes longer is busy, and its first call builds it instead).
+const PRIME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Has every up host other than `seed`'s build its replica, each on a task of its own.
+fn prime(hosts: Arc<Hosts>, seed: Seed) {
+    for view in hosts.views(Some(&seed), 0, &[]) {
+        if !view.up || view.has_seed || view.has_replica {
+            continue;
+        }
+        let (hosts, seed) = (hosts.clone(), seed.clone());
+        tokio::spawn(async move {
+            let primed = hosts
+                .reach(view.index)
+                .replicate(&seed.handle, PRIME_TIMEOUT)
+                .await;
+            match primed {
+                Ok(()) => tracing::debug!(host = view.index, ?seed, "primed"),
+                Err(e) => tracing::info!(host = view.index, ?seed, "priming: {e}"),
+            }
+        });
     }
 }

@@ -59,6 +59,10 @@ pub enum Request {
     },
     /// Forget this host's replica of the seed behind `handle`; answered by `Done`.
     Evict { handle: String },
+    /// Build this host's replica of the seed behind `handle` now, if it has none, so its
+    /// next child is a plain fork (a platform primes hosts before calls come); answered by
+    /// `Done` once it is ready.
+    Replicate { handle: String },
     /// Deliver a signal to the running child of this connection.
     Signal { signo: i32 },
     /// The daemon's state; answered by `Status`.

@@ -110,6 +110,9 @@ where
             .unwrap_or_else(|e| e.to_event()),
         Request::Status => Event::Status(status(&daemon)),
         Request::Evict { handle } => evict(&daemon, &handle).unwrap_or_else(|e| e.to_event()),
+        Request::Replicate { handle } => replicate(&daemon, &handle)
+            .await
+            .unwrap_or_else(|e| e.to_event()),
         Request::Inspect { handle } => inspect(&daemon, &handle)
             .await
             .unwrap_or_else(|e| e.to_event()),
@@ -155,6 +158,7 @@ fn authorize(daemon: &Daemon, caller: &Caller, request: &Request) -> Result<(), 
         Request::Drop { handle } => own_seed(daemon, uid, "drop", handle),
         Request::Inspect { handle } => own_seed(daemon, uid, "inspect", handle),
         Request::Evict { handle } => own_seed(daemon, uid, "evict", handle),
+        Request::Replicate { handle } => own_seed(daemon, uid, "replicate", handle),
     }
 }
 
@@ -411,6 +415,21 @@ async fn inspect(daemon: &Daemon, handle: &str) -> Result<Event, SeedOpFailed> {
     Ok(Event::Descriptor(
         daemon.pool.descriptor(handle.host, seed).await?,
     ))
+}
+
+/// Builds this host's replica of `handle`'s seed (checked with its host first, as a resume
+/// does), without forking anything.
+async fn replicate(
+    daemon: &Arc<Daemon>,
+    handle: &str,
+) -> Result<Event, crate::errors::ResumeFailed> {
+    let h: Handle = handle.parse()?;
+    let mut stats = mitosis_transport::control::ResumeStats::default();
+    let (_, key) =
+        crate::resume::replica_of(daemon, &h, std::time::Instant::now(), &mut stats).await?;
+    // Built over the budget, it makes room among the others like a child's growth does.
+    daemon.cache.evict_over_budget(key);
+    Ok(Event::Done)
 }
 
 fn evict(daemon: &Daemon, handle: &str) -> Result<Event, SeedOpFailed> {

@@ -296,6 +296,21 @@ async fn start(
         }
     };
     let mut stats = ResumeStats::default();
+    let (entry, key) = replica_of(daemon, &handle, t0, &mut stats).await?;
+    let child = replica::fork(daemon, &entry, stdio, listener, memory_mib, &mut stats).await?;
+    daemon.cache.evict_over_budget(key);
+    stats.total_us = t0.elapsed().as_micros() as u64;
+    Ok((entry, child, stats, ends))
+}
+
+/// This host's replica of the seed behind `handle`: checked with the seed's host, built
+/// here if there is none (`stats` say how long each step took).
+pub async fn replica_of(
+    daemon: &Arc<Daemon>,
+    handle: &Handle,
+    t0: Instant,
+    stats: &mut ResumeStats,
+) -> Result<(Arc<Entry>, SeedKey), ResumeFailed> {
     let key = SeedKey {
         host: handle.host,
         id: handle.seed_id,
@@ -335,14 +350,11 @@ async fn start(
                 seed,
             }),
         };
-        replica::build(daemon, key, source, &mut stats).await
+        replica::build(daemon, key, source, stats).await
     };
     let (entry, built) = daemon.cache.get_or_build(key, build).await?;
     stats.cached = !built;
-    let child = replica::fork(daemon, &entry, stdio, listener, memory_mib, &mut stats).await?;
-    daemon.cache.evict_over_budget(key);
-    stats.total_us = t0.elapsed().as_micros() as u64;
-    Ok((entry, child, stats, ends))
+    Ok((entry, key))
 }
 
 #[cfg(test)]

@@ -83,6 +83,10 @@ pub(crate) struct ApiArgs {
     /// (up to their function's timeout, then 503). Unlimited if not given.
     #[arg(long, value_name = "N")]
     max_calls_per_host: Option<usize>,
+    /// Do not have every host build a replica of each new seed at once (then a host's
+    /// first call of a function builds it).
+    #[arg(long)]
+    no_priming: bool,
     /// Keep the cluster's state in etcd, shared with other instances (instead of --db):
     /// its client URLs, comma-separated. It holds seeds' handles: restrict who may read it.
     #[arg(
@@ -134,6 +138,7 @@ impl ApiArgs {
             max_body: self.max_body,
             strategy: self.policy,
             max_calls_per_host: self.max_calls_per_host,
+            prime_replicas: !self.no_priming,
             ..Config::default()
         }
     }
