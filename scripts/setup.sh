@@ -2,8 +2,9 @@
 # Installs what mitosis needs on a fresh Debian machine (as root): iproute2 for the simulated
 # hosts, a C compiler for the test fixtures, numpy for the Python demo seed, Pillow for the
 # benchmark's image seed and its plot, Node.js and a headless JDK for the runtime seeds of the
-# tests (examples/node, examples/java); then the Debian-based OCI bundle of the Python seeds
-# for the containers (cached: a re-run only refreshes its seeds and config.json).
+# tests (examples/node, examples/java), DejaVu Sans for the load-spike plots; then the
+# Debian-based OCI bundle of the Python seeds for the containers (cached: a re-run only
+# refreshes its seeds and config.json).
 set -euo pipefail
 need_apt=()
 command -v ip >/dev/null || need_apt+=(iproute2)
@@ -11,6 +12,8 @@ command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v javac >/dev/null || need_apt+=(default-jdk-headless)
+# The font of `mitosis-bench loadspike`'s plots.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
