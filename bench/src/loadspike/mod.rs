@@ -7,6 +7,7 @@
 //! [`report`] writes `results.json` and prints the table, [`plots`] draws the PNGs.
 
 pub mod arrivals;
+pub mod interrupt;
 pub mod memory;
 pub mod plots;
 pub mod report;
@@ -76,6 +77,9 @@ pub struct Args {
     /// The policies, comma-separated, run in this order on the same arrivals.
     #[arg(long, default_value = "remote-fork,fn-cache,local-fork,cold")]
     pub policies: String,
+    /// Run the policies this many times, in turn (the machine's load drifts).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Simulated hosts.
     #[arg(long, default_value_t = 3)]
     pub hosts: usize,
@@ -187,6 +191,7 @@ pub fn run(args: &Args) -> Result<i32> {
         );
     }
     anyhow::ensure!(args.hosts > 0, "--hosts must be at least 1");
+    anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
     anyhow::ensure!(
         args.bundle.join("config.json").is_file(),
         "no OCI bundle at {} (scripts/setup.sh makes it)",
@@ -222,6 +227,7 @@ pub fn run(args: &Args) -> Result<i32> {
         policies.join(", ")
     );
 
+    interrupt::catch();
     let testbed = Testbed::new(
         TestbedConfig::new(args.hosts).with_daemon(DaemonConfig::new(&daemon, DAEMON_PORT)),
     )
@@ -230,6 +236,10 @@ pub fn run(args: &Args) -> Result<i32> {
     let result = run_on(args, &testbed, &policies, &profile, &arrivals, &out_dir);
     if let Err(e) = testbed.teardown() {
         eprintln!("mitosis-bench loadspike: teardown: {e}");
+    }
+    if interrupt::stopped() {
+        eprintln!("mitosis-bench loadspike: interrupted; torn down");
+        return Ok(130);
     }
     let code = result?;
     println!("total time {:.1} s", started.elapsed().as_secs_f64());
@@ -274,11 +284,19 @@ fn run_on(
         },
     };
     let mut runs = Vec::new();
-    for policy in policies {
+    for (round, policy) in (0..args.rounds).flat_map(|r| policies.iter().map(move |p| (r, p))) {
         let t = Instant::now();
-        eprintln!("[{policy}] replaying {} calls", arrivals.len());
-        let run = runner.run(policy, arrivals, profile.secs())?;
-        let s = report::summarize(&run);
+        eprintln!(
+            "[{policy}] round {}: replaying {} calls",
+            round + 1,
+            arrivals.len()
+        );
+        let mut run = runner.run(policy, arrivals, profile.secs())?;
+        if interrupt::stopped() {
+            anyhow::bail!("interrupted");
+        }
+        run.round = round;
+        let s = report::summarize(&[&run]);
         eprintln!(
             "[{policy}] done in {:.1} s: p50 {:.0} ms, p99 {:.0} ms, {} cold, {} failed",
             t.elapsed().as_secs_f64(),
@@ -298,12 +316,12 @@ fn run_on(
     }
     drop(api);
 
-    let summaries: Vec<_> = runs.iter().map(report::summarize).collect();
-    report::print(&summaries);
+    report::print(&runs);
     let settings = json!({
         "load": profile.intervals.iter().map(|i| json!([i.secs, i.rate])).collect::<Vec<_>>(),
         "arrivals": arrivals.len(),
         "seed": args.seed,
+        "rounds": args.rounds,
         "hosts": args.hosts,
         "trace": args.trace,
         "function": {"bundle": args.bundle, "memory": args.memory, "timeout": args.timeout,
@@ -311,8 +329,8 @@ fn run_on(
         "argv": std::env::args().collect::<Vec<_>>(),
     });
     let json_path = out_dir.join("results.json");
-    report::write_json(&json_path, settings, &runs, &summaries)?;
-    std::fs::write(out_dir.join("results.md"), report::markdown(&summaries))?;
+    report::write_json(&json_path, settings, &runs)?;
+    std::fs::write(out_dir.join("results.md"), report::markdown(&runs))?;
     println!("\n  wrote {}", json_path.display());
     if !args.no_plots {
         for p in plots::draw(out_dir, &args.font, &runs, arrivals)? {

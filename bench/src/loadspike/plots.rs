@@ -60,7 +60,7 @@ pub fn draw(
 }
 
 fn latency_range(runs: &[PolicyRun]) -> (f64, f64) {
-    let all = runs.iter().flat_map(|r| r.calls.iter().filter(|c| c.ok()));
+    let all = runs.iter().flat_map(|r| r.calls.iter());
     let lo = all.clone().map(|c| c.latency_ms).fold(f64::MAX, f64::min);
     let hi = all.map(|c| c.latency_ms).fold(0.0, f64::max);
     if hi <= 0.0 {
@@ -87,7 +87,10 @@ fn latency_over_time(path: &Path, runs: &[PolicyRun], arrivals: &[Duration]) -> 
     let end = end_secs(runs, arrivals);
     let (lo, hi) = latency_range(runs);
     let mut chart = ChartBuilder::on(&top)
-        .caption("Latency of every call, by when it was sent", (FONT, 22))
+        .caption(
+            "Latency of every call, by when it was sent (x: failed)",
+            (FONT, 22),
+        )
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(70)
@@ -100,15 +103,24 @@ fn latency_over_time(path: &Path, runs: &[PolicyRun], arrivals: &[Duration]) -> 
         .draw()?;
     for run in runs {
         let c = colour(&run.policy);
-        chart
-            .draw_series(
-                run.calls
-                    .iter()
-                    .filter(|x| x.ok())
-                    .map(|x| Circle::new((x.at, x.latency_ms), 2, c.filled())),
-            )?
-            .label(run.policy.clone())
-            .legend(move |(x, y)| Circle::new((x + 8, y), 4, c.filled()));
+        // Failed calls: a cross at the time they failed after.
+        chart.draw_series(
+            run.calls
+                .iter()
+                .filter(|x| !x.ok())
+                .map(|x| Cross::new((x.at, x.latency_ms), 4, c.stroke_width(1))),
+        )?;
+        let series = chart.draw_series(
+            run.calls
+                .iter()
+                .filter(|x| x.ok())
+                .map(|x| Circle::new((x.at, x.latency_ms), 2, c.filled())),
+        )?;
+        if run.round == 0 {
+            series
+                .label(run.policy.clone())
+                .legend(move |(x, y)| Circle::new((x + 8, y), 4, c.filled()));
+        }
     }
     chart
         .configure_series_labels()
@@ -171,13 +183,15 @@ fn memory_over_time(path: &Path, runs: &[PolicyRun]) -> Result<()> {
         .draw()?;
     for run in runs {
         let c = colour(&run.policy);
-        chart
-            .draw_series(LineSeries::new(
-                run.samples.iter().map(|s| (s.t, s.pss_mib)),
-                c.stroke_width(2),
-            ))?
-            .label(run.policy.clone())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], c.stroke_width(2)));
+        let series = chart.draw_series(LineSeries::new(
+            run.samples.iter().map(|s| (s.t, s.pss_mib)),
+            c.stroke_width(2),
+        ))?;
+        if run.round == 0 {
+            series
+                .label(run.policy.clone())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], c.stroke_width(2)));
+        }
     }
     chart
         .configure_series_labels()
@@ -233,22 +247,23 @@ fn cdf(path: &Path, runs: &[PolicyRun]) -> Result<()> {
         .y_desc("fraction of calls")
         .label_style((FONT, 13))
         .draw()?;
-    for run in runs {
-        let mut xs: Vec<f64> = run
-            .calls
+    // One curve per policy, over all its rounds.
+    for group in super::report::by_policy(runs) {
+        let policy = group[0].policy.clone();
+        let mut xs: Vec<f64> = group
             .iter()
-            .filter(|c| c.ok())
+            .flat_map(|r| r.calls.iter())
             .map(|c| c.latency_ms)
             .collect();
         xs.sort_by(f64::total_cmp);
         let n = xs.len() as f64;
-        let c = colour(&run.policy);
+        let c = colour(&policy);
         chart
             .draw_series(LineSeries::new(
                 xs.iter().enumerate().map(|(i, &x)| (x, (i + 1) as f64 / n)),
                 c.stroke_width(2),
             ))?
-            .label(run.policy.clone())
+            .label(policy)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], c.stroke_width(2)));
     }
     chart

@@ -41,10 +41,23 @@ impl Call {
 /// What one policy's run gave.
 pub struct PolicyRun {
     pub policy: String,
+    /// Which repetition of the policies (0-based).
+    pub round: usize,
     pub calls: Vec<Call>,
     pub samples: Vec<Sample>,
     /// Seconds from the replay's start to the last answer.
     pub secs: f64,
+    /// The machine's 1-minute load average when the replay started (other work on it
+    /// shows here: the policies share two cores with whatever else runs).
+    pub loadavg: f64,
+}
+
+/// The 1-minute load average (0 if unreadable).
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
 }
 
 /// The function every policy runs.
@@ -137,13 +150,21 @@ impl Runner<'_> {
                 c.error.unwrap_or_default()
             );
         }
+        let load = loadavg();
         let start = Instant::now();
         let sampler = Sampler::start(self.daemons.clone(), self.sample_every, start);
         let calls = Arc::new(Mutex::new(Vec::with_capacity(arrivals.len())));
         let mut threads = Vec::with_capacity(arrivals.len());
         for &at in arrivals {
-            if let Some(wait) = (start + at).checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
+            // In short steps, to stop sending soon after a signal.
+            while let Some(wait) = (start + at).checked_duration_since(Instant::now()) {
+                if super::interrupt::stopped() {
+                    break;
+                }
+                std::thread::sleep(wait.min(Duration::from_millis(100)));
+            }
+            if super::interrupt::stopped() {
+                break;
             }
             let (agent, url, sink) = (self.agent(), url.clone(), calls.clone());
             let request = self.function.request.to_owned();
@@ -168,7 +189,7 @@ impl Runner<'_> {
         }
         let secs = start.elapsed().as_secs_f64();
         // The idle tail of the load is part of the run even when the answers came early.
-        if secs < load_secs {
+        if secs < load_secs && !super::interrupt::stopped() {
             std::thread::sleep(Duration::from_secs_f64(load_secs - secs));
         }
         let samples = sampler.stop();
@@ -176,9 +197,11 @@ impl Runner<'_> {
         calls.sort_by(|a, b| a.at.total_cmp(&b.at));
         Ok(PolicyRun {
             policy: policy.to_owned(),
+            round: 0,
             calls,
             samples,
             secs,
+            loadavg: load,
         })
     }
 
