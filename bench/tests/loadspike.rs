@@ -54,7 +54,10 @@ fn a_short_spike_runs_against_every_policy_without_failures() {
             "cold" => assert_eq!(cold, invocations, "{policy}"),
             _ => assert!(cold < invocations, "{policy}: {cold} cold of {invocations}"),
         }
-        assert!(!p["samples"].as_array().expect("samples").is_empty());
+        let round = &p["per_round"][0];
+        assert!(!round["samples"].as_array().expect("samples").is_empty());
+        let calls = round["calls"].as_array().expect("calls");
+        assert_eq!(calls.len() as u64, invocations, "{policy}");
     }
     for png in [
         "latency-over-time.png",
