@@ -3,8 +3,9 @@
 # hosts, a C compiler for the test fixtures, numpy for the Python demo seed, Pillow for the
 # benchmark's image seed and its plot, Node.js and a headless JDK for the runtime seeds of the
 # tests (examples/node, examples/java), etcd for the platform's shared store (its tests start
-# their own) and protoc to build its client; then the Debian-based OCI bundle of the Python seeds
-# for the containers (cached: a re-run only refreshes its seeds and config.json).
+# their own) and protoc to build its client, DejaVu Sans for the load-spike plots; then the
+# Debian-based OCI bundle of the Python seeds for the containers (cached: a re-run only
+# refreshes its seeds and config.json).
 set -euo pipefail
 need_apt=()
 command -v ip >/dev/null || need_apt+=(iproute2)
@@ -14,6 +15,8 @@ command -v node >/dev/null || need_apt+=(nodejs)
 command -v javac >/dev/null || need_apt+=(default-jdk-headless)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+# The font of `mitosis-bench loadspike`'s plots.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

@@ -1,4 +1,6 @@
 //! `mitosis-bench`: remote fork against the baselines, side by side, for five Python seeds.
+//! `mitosis-bench loadspike`: the platform's start policies under one load spike
+//! ([`loadspike`]).
 //!
 //! On a three-host testbed (seed on host 0), for each seed of `examples/python/` (`hello`,
 //! `numpy`, `image`, `json`, `bigheap`, and `container`: image_fn.py of the OCI bundle made by
@@ -32,6 +34,7 @@ mod cli;
 mod criu;
 mod daemon;
 mod json;
+mod loadspike;
 mod many;
 mod methods;
 mod output;
@@ -131,7 +134,15 @@ struct Args {
 }
 
 fn main() {
-    match run(Args::parse()) {
+    // `mitosis-bench loadspike ...`: the load-spike experiment (loadspike/mod.rs).
+    let mut argv: Vec<String> = std::env::args().collect();
+    let result = if argv.get(1).map(String::as_str) == Some("loadspike") {
+        argv.remove(0);
+        loadspike::main(argv)
+    } else {
+        run(Args::parse())
+    };
+    match result {
         Ok(code) => std::process::exit(code),
         Err(err) => {
             eprintln!("mitosis-bench: {err:#}");
