@@ -9,6 +9,8 @@ Every line it prints is one JSON object. Modes:
                    changes the state, prepares itself and resumes generation 2 on the next
                    SOCK, and so on: each generation checks it sees its parent's state at the
                    parent's prepare point, and reports how long its own prepare took.
+  forked SOCK      a child os.fork()s; the grandchild's fork_prepare is refused (multi-hop is
+                   only for the daemon's own children).
   nohost SOCK      fork_prepare where no daemon listens: the exception, then it runs on.
 
 The state: a list of the generations so far and a blob of BLOB_MIB MiB filled with the
@@ -112,6 +114,26 @@ def chain(socks):
         os._exit(0 if r.returncode == 0 else 5)
 
 
+def forked(socks):
+    h = mitosis.fork_prepare()
+    if not h.is_child:
+        r = mitosis.resume(h, host=socks[0])
+        sys.stdout.write(r.stdout.decode())
+        os._exit(r.returncode)
+    pid = os.fork()
+    if pid == 0:
+        # A process the child forked: its memory comes through a handler nobody can flatten.
+        try:
+            mitosis.fork_prepare()
+            out(role="grandchild", refused=None)
+        except mitosis.DaemonError as e:
+            out(role="grandchild", refused=str(e), kind=e.kind)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    out(role="child", grandchild_status=status)
+    os._exit(0)
+
+
 def nohost(sock):
     try:
         mitosis.fork_prepare(sock)
@@ -122,4 +144,5 @@ def nohost(sock):
 
 if __name__ == "__main__":
     mode, rest = sys.argv[1], sys.argv[2:]
-    {"fanout": fanout, "chain": chain, "nohost": lambda s: nohost(s[0])}[mode](rest)
+    modes = {"fanout": fanout, "chain": chain, "forked": forked, "nohost": lambda s: nohost(s[0])}
+    modes[mode](rest)

@@ -107,3 +107,79 @@ fn outside_a_mitosis_host_fork_prepare_raises_and_the_program_runs_on() {
     assert_eq!(all[1]["role"], "ran-on");
     teardown(tb);
 }
+
+/// A -> B -> C -> A: each generation is prepared again (flattened first) on the host its
+/// parent sent it to, sees its parent's memory at its parent's prepare point (not what the
+/// parent wrote after), and sends the next one on.
+#[test]
+fn a_three_generation_chain_crosses_three_hosts() {
+    let tb = testbed(3);
+    let out = workflow(
+        &tb,
+        0,
+        &["chain".into(), sock(&tb, 1), sock(&tb, 2), sock(&tb, 0)],
+    );
+    let all = lines(&out);
+    assert!(
+        out.status.success(),
+        "{all:?}\n{}\n{}",
+        stderr(&out),
+        logs(&tb)
+    );
+    let children: Vec<_> = all.iter().filter(|l| l["role"] == "child").collect();
+    assert_eq!(children.len(), 3, "{all:?}");
+    for (i, c) in children.iter().enumerate() {
+        let generation = i + 1;
+        assert_eq!(c["gen"], generation as u64);
+        assert_eq!(c["arg"], format!("to-gen{generation}"));
+        assert_eq!(c["sees_parent"], true, "{c}");
+        let history: Vec<String> = (0..generation).map(|g| format!("gen{g}")).collect();
+        assert_eq!(c["history"], serde_json::json!(history));
+        // Made by host (gen mod 3)'s daemon, and told so.
+        assert_eq!(c["socket"], sock(&tb, generation % 3));
+    }
+    let parents: Vec<_> = all.iter().filter(|l| l["role"] == "parent").collect();
+    assert_eq!(parents.len(), 3);
+    for p in &parents {
+        assert_eq!(p["child_status"], 0, "{p}");
+        eprintln!("generation {} prepared in {} ms", p["gen"], p["prepare_ms"]);
+    }
+    let log = logs(&tb);
+    let flattened = log
+        .lines()
+        .filter(|l| l.contains("flattened a child"))
+        .count();
+    assert_eq!(flattened, 2, "generations 1 and 2 are flattened:\n{log}");
+    for l in log.lines().filter(|l| l.contains("flattened a child")) {
+        eprintln!("{l}");
+    }
+    teardown(tb);
+}
+
+/// A process a child forked takes its memory through a handler that cannot flatten it: its
+/// fork_prepare is refused with a line that says so, and it runs on.
+#[test]
+fn a_process_a_child_forked_cannot_be_prepared_and_says_why() {
+    let tb = testbed(2);
+    let out = workflow(&tb, 0, &["forked".into(), sock(&tb, 1)]);
+    let all = lines(&out);
+    assert!(
+        out.status.success(),
+        "{all:?}\n{}\n{}",
+        stderr(&out),
+        logs(&tb)
+    );
+    let g = all
+        .iter()
+        .find(|l| l["role"] == "grandchild")
+        .expect("grandchild line");
+    let refused = g["refused"].as_str().unwrap_or_else(|| panic!("{g}"));
+    assert!(refused.contains("multi-hop is unavailable"), "{refused}");
+    assert_eq!(g["kind"], "Unsupported");
+    let c = all
+        .iter()
+        .find(|l| l["role"] == "child")
+        .expect("child line");
+    assert_eq!(c["grandchild_status"], 0);
+    teardown(tb);
+}

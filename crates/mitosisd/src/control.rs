@@ -314,6 +314,10 @@ async fn prepare_with_id(
     owner: u32,
 ) -> Result<Event, PrepareFailed> {
     let started = std::time::Instant::now();
+    // A child of a seed is flattened first (or refused): see `multihop`.
+    if from.is_none() {
+        crate::multihop::before_prepare(&daemon.flatteners, pid).await?;
+    }
     let files = daemon.files.clone();
     let captured = match crate::tracer::Tracer::spawn(&format!("seed-{id}")) {
         Ok(tracer) => tracer
