@@ -83,6 +83,11 @@ fi
 rm -rf "$rootfs/opt/mitosis"
 install -d "$rootfs/opt/mitosis"
 install -m 644 "$repo"/examples/python/*.py "$rootfs/opt/mitosis/"
+# The fork_prepare library (standard library only): `import mitosis` in the container.
+py_site=$(ls -d "$rootfs"/usr/lib/python3/dist-packages | head -1)
+rm -rf "$py_site/mitosis"
+install -d "$py_site/mitosis"
+install -m 644 "$repo"/clients/python/mitosis/*.py "$py_site/mitosis/"
 install -d "$rootfs/proc" "$rootfs/dev" "$rootfs/sys"
 install -d -m 1777 "$rootfs/tmp"
 echo fn >"$rootfs/etc/hostname" # debootstrap copies the host's

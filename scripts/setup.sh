@@ -29,4 +29,8 @@ if ! python3 -c 'import PIL' 2>/dev/null; then
   python3 -m pip install --quiet pillow 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages pillow
 fi
+# The library functions fork themselves with (clients/python: mitosis.fork_prepare).
+python3 -m pip install --quiet --no-build-isolation "$(dirname "$0")/../clients/python" 2>/dev/null \
+  || python3 -m pip install --quiet --break-system-packages "$(dirname "$0")/../clients/python" \
+  || echo "setup: the mitosis Python library was not installed (pip failed); use PYTHONPATH=clients/python" >&2
 "$(dirname "$0")/make-bundle.sh"

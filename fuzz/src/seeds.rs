@@ -194,6 +194,7 @@ fn control_requests() -> Vec<(&'static str, Vec<u8>)> {
     let handle = sample_handles()[0].to_string();
     vec![
         ("prepare", frame::encode(&Request::Prepare { pid: 1234 })),
+        ("prepare-caller", frame::encode(&Request::PrepareCaller)),
         (
             "prepare-bundle",
             frame::encode(&Request::PrepareBundle {

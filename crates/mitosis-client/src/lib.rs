@@ -16,6 +16,7 @@ mod running;
 mod stats;
 #[cfg(test)]
 mod tests;
+pub mod workflow;
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};

@@ -22,7 +22,7 @@ use mitosis_sys::pidfd;
 use mitosis_sys::uffd::{Copied, Event, Fill, Userfaultfd};
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::pending::PendingMap;
 use crate::source::{PageSource, SourceError};
@@ -73,7 +73,26 @@ pub async fn serve<S: PageSource>(
     source: S,
     stats: Arc<Mutex<FaultStats>>,
 ) -> Result<(), Stopped> {
-    serve_process(uffd, Some(pid), pending, source, stats).await
+    serve_process(uffd, Some(pid), pending, source, stats, None).await
+}
+
+/// A request to bring in every page the child still lacks (see [`serve_flattenable`]):
+/// answered with the pages filled, or why not.
+pub type Flatten = oneshot::Sender<Result<u64, FaultError>>;
+
+/// [`serve`], also answering [`Flatten`] requests: the handler fills every pending page of
+/// the child, so that nothing of its memory depends on its seed any more (multi-hop: the
+/// child is about to be prepared as a seed itself, and a capture reads only the pages a
+/// process has). Its forked processes' handlers answer none.
+pub async fn serve_flattenable<S: PageSource>(
+    uffd: Userfaultfd,
+    pid: i32,
+    pending: PendingMap,
+    source: S,
+    stats: Arc<Mutex<FaultStats>>,
+    flatten: mpsc::Receiver<Flatten>,
+) -> Result<(), Stopped> {
+    serve_process(uffd, Some(pid), pending, source, stats, Some(flatten)).await
 }
 
 /// [`serve`] for a process whose pid may be unknown (then its forks' pids are too).
@@ -83,6 +102,7 @@ async fn serve_process<S: PageSource>(
     pending: PendingMap,
     source: S,
     stats: Arc<Mutex<FaultStats>>,
+    flatten: Option<mpsc::Receiver<Flatten>>,
 ) -> Result<(), Stopped> {
     // SAFETY: `Userfaultfd` owns its fd (an OwnedFd), so it stays open and the same for as long as the AsyncFd that owns the Userfaultfd lives.
     let fd = match unsafe { AsyncFd::register(uffd) } {
@@ -95,7 +115,7 @@ async fn serve_process<S: PageSource>(
             });
         }
     };
-    match serve_on(&fd, pid, pending, source, stats).await {
+    match serve_on(&fd, pid, pending, source, stats, flatten).await {
         Ok(()) => Ok(()),
         Err(error) => Err(Stopped {
             error,
@@ -114,11 +134,11 @@ fn serve_boxed<S: PageSource>(
     source: S,
     stats: Arc<Mutex<FaultStats>>,
 ) -> BoxedServe {
-    Box::pin(serve_process(uffd, pid, pending, source, stats))
+    Box::pin(serve_process(uffd, pid, pending, source, stats, None))
 }
 
 /// How long a refused fill waits before it is tried again.
-const RETRY_AFTER: Duration = Duration::from_micros(200);
+pub(crate) const RETRY_AFTER: Duration = Duration::from_micros(200);
 /// How long a handler waits for events before it checks that its memory is still there; the
 /// wait doubles while nothing happens, up to [`PROBE_MAX`]. No event says the memory is gone.
 const PROBE_FIRST: Duration = Duration::from_millis(10);
@@ -130,21 +150,46 @@ async fn serve_on<S: PageSource>(
     mut pending: PendingMap,
     mut source: S,
     stats: Arc<Mutex<FaultStats>>,
+    mut flatten: Option<mpsc::Receiver<Flatten>>,
 ) -> Result<(), FaultError> {
     let mut retry: Vec<u64> = Vec::new();
     let mut idle = PROBE_FIRST;
     // The children `pid` had when its last fork was followed.
     let mut children = HashSet::new();
+    // A flatten under way: it waits for the layout changes it met to be read.
+    let mut flattening: Option<Flatten> = None;
     loop {
+        if let Some(reply) = flattening.take() {
+            match crate::flatten::fill_all(fd.get_ref(), &mut pending, &mut source, &stats).await {
+                Ok(None) => flattening = Some(reply),
+                Ok(Some(pages)) => {
+                    let _ = reply.send(Ok(pages));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
         // A fill refused while another thread changed the layout waits for nothing the uffd
         // will announce (the change ends after its event was read): try again shortly.
-        let wait = if retry.is_empty() { idle } else { RETRY_AFTER };
-        let mut guard = match tokio::time::timeout(wait, fd.readable()).await {
+        let wait = if retry.is_empty() && flattening.is_none() {
+            idle
+        } else {
+            RETRY_AFTER
+        };
+        let readable = tokio::select! {
+            r = tokio::time::timeout(wait, fd.readable()) => r,
+            Some(reply) = crate::flatten::next(&mut flatten) => {
+                flattening = Some(reply);
+                continue;
+            }
+        };
+        let mut guard = match readable {
             Ok(guard) => {
                 idle = PROBE_FIRST;
                 guard?
             }
-            Err(_) if retry.is_empty() => {
+            Err(_) if retry.is_empty() && flattening.is_none() => {
                 if gone(fd.get_ref(), &pending) {
                     return Ok(());
                 }
@@ -209,7 +254,7 @@ async fn retry_all<S: PageSource>(
 /// (no answer in time, a broken connection) up to [`SOURCE_ATTEMPTS`] times in all: a child
 /// waits out a brief network fault, but never longer than those attempts take, and a gone
 /// seed fails at once.
-async fn read_retrying<S: PageSource>(
+pub(crate) async fn read_retrying<S: PageSource>(
     source: &mut S,
     seed: u64,
     pages: u32,
@@ -274,7 +319,7 @@ fn retry_on_again(result: io::Result<Fill>) -> Result<bool, FaultError> {
     }
 }
 
-fn fill_failed(e: io::Error) -> Result<bool, FaultError> {
+pub(crate) fn fill_failed(e: io::Error) -> Result<bool, FaultError> {
     match e.raw_os_error() {
         // The child's mm is gone (it exited while we fetched): nothing left to fill.
         Some(libc::ESRCH) => Ok(true),

@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod fault;
 pub mod filecache;
+mod flatten;
 pub mod pending;
 pub mod prepare;
 pub mod procfs;

@@ -113,6 +113,15 @@ impl PendingMap {
         })
     }
 
+    /// Takes the first pending run (lowest child address), of at most `max_pages` pages.
+    pub fn take_first(&mut self, max_pages: u64) -> Option<Run> {
+        let addr = self.regions.iter().find_map(|(&start, r)| {
+            let i = r.pending.iter().position(|&p| p)?;
+            Some(start + i as u64 * PAGE)
+        })?;
+        self.take_run(addr, max_pages)
+    }
+
     /// Puts a run taken with `take_run` back (its fill did not happen).
     pub fn restore_run(&mut self, run: Run) {
         for i in 0..run.pages {

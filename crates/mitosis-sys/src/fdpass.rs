@@ -96,6 +96,18 @@ fn take_fds(msg: &libc::msghdr) -> Vec<OwnedFd> {
     fds
 }
 
+/// A close-on-exec duplicate of `fd` numbered `min` or higher (then close the original): a
+/// descriptor kept clear of the low numbers others are handed at (stdio, fd 3).
+pub fn dup_at_least(fd: &impl AsRawFd, min: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC only reads `fd` and returns a new descriptor, which we own.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just returned by fcntl and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 /// Raw fd of anything that has one; a helper to keep call sites short.
 pub fn raw(fd: &impl AsRawFd) -> RawFd {
     fd.as_raw_fd()

@@ -74,6 +74,10 @@ pub enum Request {
     Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The relayed stdin ends: the child reads EOF once it has read what came before.
     StdinEof,
+    /// Capture the process at the other end of this connection (SO_PEERCRED) as a seed while
+    /// it waits for the answer, `Prepared`: a function forking itself (`fork_prepare`, see
+    /// docs/workflows.md). Unix socket only: over TCP there is no caller process.
+    PrepareCaller,
 }
 
 /// What the daemon answers.

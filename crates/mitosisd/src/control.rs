@@ -99,6 +99,20 @@ where
             };
             prepared.unwrap_or_else(|e| e.to_event())
         }
+        Request::PrepareCaller => match caller.pid {
+            Some(pid) => {
+                let prepared = prepare(&daemon, pid, None, caller.uid).await;
+                let prepared = match prepared {
+                    Ok(event) => recheck(&daemon, caller, pid, event).await,
+                    Err(e) => Err(e),
+                };
+                prepared.unwrap_or_else(|e| e.to_event())
+            }
+            None => RequestRefused::BadRequest(
+                "prepare the caller: only a local process on the unix socket can be".into(),
+            )
+            .to_event(),
+        },
         Request::PrepareBundle {
             bundle,
             ready_timeout_ms,
@@ -150,6 +164,12 @@ fn authorize(daemon: &Daemon, caller: &Caller, request: &Request) -> Result<(), 
         Request::Status | Request::Signal { .. } | Request::Stdin(_) | Request::StdinEof => Ok(()),
         Request::Prepare { pid } => access::may_trace(caller, *pid)
             .map_err(|why| format!("refused: uid {uid} may not prepare pid {pid}: {why} (only processes it could ptrace)")),
+        // A process may always trace itself; may_trace still checks it is dumpable.
+        Request::PrepareCaller => match caller.pid {
+            Some(pid) => access::may_trace(caller, pid)
+                .map_err(|why| format!("refused: uid {uid} may not prepare itself: {why}")),
+            None => Err("refused: the caller's pid is unknown".into()),
+        },
         Request::PrepareBundle { .. } => root_only("prepare a bundle", "its seed runs as root in a container"),
         Request::Start { .. } => root_only("start a bundle", "it runs as root in a container"),
         // A child has exactly its seed's credentials, which the caller could trace when it
@@ -298,6 +318,10 @@ async fn prepare_with_id(
     owner: u32,
 ) -> Result<Event, PrepareFailed> {
     let started = std::time::Instant::now();
+    // A child of a seed is flattened first (or refused): see `multihop`.
+    if from.is_none() {
+        crate::multihop::before_prepare(&daemon.flatteners, pid).await?;
+    }
     let files = daemon.files.clone();
     let captured = match crate::tracer::Tracer::spawn(&format!("seed-{id}")) {
         Ok(tracer) => tracer

@@ -93,6 +93,9 @@ pub enum PrepareFailed {
         "refused: uid {uid} may not prepare pid {pid}: {why} (it changed while it was prepared)"
     )]
     Changed { uid: u32, pid: i32, why: String },
+    /// A child that cannot be prepared again (multi-hop): why.
+    #[error("{0}")]
+    MultiHop(String),
 }
 
 impl Kind for PrepareFailed {
@@ -102,6 +105,7 @@ impl Kind for PrepareFailed {
             PrepareFailed::Containers(_) | PrepareFailed::Start { .. } => ErrorKind::Unsupported,
             PrepareFailed::Tracer(_) | PrepareFailed::Random(_) => ErrorKind::Unavailable,
             PrepareFailed::Changed { .. } => ErrorKind::Denied,
+            PrepareFailed::MultiHop(_) => ErrorKind::Unsupported,
         }
     }
 }

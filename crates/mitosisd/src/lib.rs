@@ -9,6 +9,7 @@ pub mod containers;
 pub mod control;
 pub mod errors;
 pub mod metrics;
+pub mod multihop;
 pub mod peer_server;
 pub mod peer_source;
 pub mod registry;
@@ -50,6 +51,8 @@ pub struct Daemon {
     pub tls: Option<mitosis_transport::tls::Tls>,
     /// The twins this daemon holds, for the next daemon to reap should this one crash.
     pub twins: twins::TwinLedger,
+    /// Running children's fault handlers, to flatten a child before it is prepared.
+    pub flatteners: multihop::Flatteners,
 }
 
 impl Daemon {

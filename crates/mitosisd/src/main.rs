@@ -237,6 +237,7 @@ async fn run(args: Args, tls: Option<Tls>) -> Result<()> {
         bootstrap_codec: args.bootstrap_codec,
         tls,
         twins: TwinLedger::new(ledger),
+        flatteners: Default::default(),
     });
     tracing::info!(
         listen = %daemon.listen,

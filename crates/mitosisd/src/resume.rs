@@ -107,12 +107,14 @@ where
     };
 
     let fault_stats = Arc::new(Mutex::new(FaultStats::default()));
-    let mut handler = tokio::spawn(fault::serve(
+    let flatten = daemon.flatteners.add(pid);
+    let mut handler = tokio::spawn(fault::serve_flattenable(
         child.uffd,
         pid,
         child.pending,
         child.source,
         fault_stats.clone(),
+        flatten,
     ));
     let (tx, mut requests) = mpsc::channel::<i32>(16);
     let forwarder = tokio::spawn(forward(reader, tx, feed));
@@ -175,6 +177,7 @@ where
             containers.pool.release(c);
         }
     }
+    daemon.flatteners.remove(pid);
     counters.children_running.fetch_sub(1, Ordering::Relaxed);
     entry.children.fetch_sub(1, Ordering::Relaxed);
     metrics.children_running.get_or_create(&labels).dec();

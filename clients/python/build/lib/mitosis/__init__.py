@@ -1,0 +1,431 @@
+"""Fork from inside a function: ``fork_prepare()`` returns twice, like ``os.fork()``.
+
+The caller asks its host's mitosisd to prepare *the caller itself* and blocks reading the
+answer; the daemon captures it right there. In the caller the read returns the seed's handle.
+In every child resumed from that point the same read is restarted on a descriptor children
+never get (a connection to the daemon reaches outside the seed, so it is closed on purpose):
+it fails with EBADF, and the child then reads its role from its stdin, where its resumer
+wrote one header line ``MITOSIS-CHILD 1 INDEX LEN SOCKLEN``, LEN bytes of argument and
+SOCKLEN bytes of the control socket of the daemon that made it (its host's, where its own
+``fork_prepare`` and resumes go: it becomes ``MITOSIS_SOCKET``) before the function's own
+input. See docs/workflows.md.
+
+Only the standard library is used, so the package can be copied into any rootfs.
+"""
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+import threading
+
+__all__ = [
+    "Completed",
+    "DaemonError",
+    "HeaderError",
+    "MitosisError",
+    "NotOnMitosisHost",
+    "Prepared",
+    "child_header",
+    "default_socket",
+    "fork_prepare",
+    "resume",
+    "resume_many",
+]
+
+HEADER_MAGIC = b"MITOSIS-CHILD 1"
+MAX_HEADER_LINE = 64
+MAX_ARG = 64 << 20
+# The daemon's connection is moved to this fd or above: clear of 0-2 and of the listening
+# socket a child may get at 3, so a child's restarted read finds nothing there.
+CONTROL_FD_MIN = 10
+MAX_FRAME = 16 << 20
+
+# Variant indices of the control protocol's enums (crates/mitosis-transport control.rs),
+# postcard-encoded: a varint index, then the fields in order.
+_REQ_RESUME = 3
+_REQ_PREPARE_CALLER = 11
+_EV_PREPARED = 0
+_EV_STARTED = 2
+_EV_EXITED = 3
+_EV_ERROR = 6
+_ERROR_KINDS = [
+    "BadRequest",
+    "Denied",
+    "NoSuchSeed",
+    "WrongKey",
+    "Unreachable",
+    "SeedGone",
+    "NoSuchProcess",
+    "Unsupported",
+    "Unavailable",
+    "Failed",
+]
+
+
+class MitosisError(Exception):
+    """Anything that went wrong preparing or resuming."""
+
+
+class NotOnMitosisHost(MitosisError):
+    """No daemon reachable: the program does not run on a mitosis host. It may run on."""
+
+
+class DaemonError(MitosisError):
+    """The daemon refused or failed the request: ``kind`` (e.g. "Denied") and its line."""
+
+    def __init__(self, kind, message):
+        super().__init__(f"mitosisd: {message} ({kind})")
+        self.kind = kind
+        self.message = message
+
+
+class HeaderError(MitosisError):
+    """A resumed child found no valid role header on its stdin."""
+
+
+class Prepared:
+    """What ``fork_prepare`` returns: in the parent ``handle`` (a secret: it opens this
+    process's memory) and ``is_child`` False; in a child ``index`` and ``arg`` (bytes)."""
+
+    def __init__(self, handle=None, index=None, arg=None):
+        self.handle = handle
+        self.index = index
+        self.arg = arg
+
+    @property
+    def is_child(self):
+        return self.handle is None
+
+    def __repr__(self):
+        if self.is_child:
+            return f"Prepared(child index={self.index}, arg={self.arg!r})"
+        return "Prepared(parent)"
+
+
+class Completed:
+    """A child that ran: like ``subprocess.CompletedProcess``. ``returncode`` is shell-style
+    (128 + N if killed by signal N); ``reason`` says why the daemon killed it, if it did."""
+
+    def __init__(self, index, returncode, stdout, stderr, reason):
+        self.index = index
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.reason = reason
+
+    def check(self):
+        if self.returncode != 0:
+            raise MitosisError(
+                f"child {self.index} exited with {self.returncode}"
+                + (f": {self.reason}" if self.reason else "")
+                + (f"; stderr: {self.stderr[-500:]!r}" if self.stderr else "")
+            )
+        return self
+
+    def __repr__(self):
+        return (
+            f"Completed(index={self.index}, returncode={self.returncode}, "
+            f"stdout={self.stdout[:80]!r}, stderr={self.stderr[:80]!r})"
+        )
+
+
+def default_socket():
+    """This host's daemon: ``MITOSIS_SOCKET``, else /run/mitosis/mitosisd.sock."""
+    return os.environ.get("MITOSIS_SOCKET", "/run/mitosis/mitosisd.sock")
+
+
+# -- postcard, the few shapes used here --------------------------------------------------
+
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _string(s):
+    b = s.encode()
+    return _varint(len(b)) + b
+
+
+def _frame(body):
+    return struct.pack("<I", len(body)) + body
+
+
+class _Reader:
+    def __init__(self, body):
+        self.b = body
+        self.i = 0
+
+    def varint(self):
+        n = shift = 0
+        while True:
+            if self.i >= len(self.b) or shift > 63:
+                raise MitosisError("malformed answer from mitosisd")
+            byte = self.b[self.i]
+            self.i += 1
+            n |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return n
+
+    def zigzag(self):
+        n = self.varint()
+        return (n >> 1) ^ -(n & 1)
+
+    def string(self):
+        n = self.varint()
+        s = self.b[self.i : self.i + n]
+        if len(s) != n:
+            raise MitosisError("malformed answer from mitosisd")
+        self.i += n
+        return s.decode(errors="replace")
+
+    def option_string(self):
+        return self.string() if self.varint() else None
+
+
+def _recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise MitosisError("mitosisd closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv_event(sock):
+    (n,) = struct.unpack("<I", _recv_exact(sock, 4))
+    if n > MAX_FRAME:
+        raise MitosisError(f"answer of {n} bytes from mitosisd")
+    r = _Reader(_recv_exact(sock, n))
+    variant = r.varint()
+    if variant == _EV_ERROR:
+        kind = r.varint()
+        kind = _ERROR_KINDS[kind] if kind < len(_ERROR_KINDS) else f"kind {kind}"
+        raise DaemonError(kind, r.string())
+    return variant, r
+
+
+def _connect(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError as e:
+        s.close()
+        raise NotOnMitosisHost(
+            f"not on a mitosis host: cannot reach mitosisd at {path}: {e.strerror}"
+        ) from None
+    return s
+
+
+# -- the child's side -------------------------------------------------------------------
+
+
+def child_header(index, arg, socket_path=None):
+    """What a resumer writes first on a child's stdin."""
+    arg = _as_bytes(arg)
+    sock = os.fsencode(socket_path) if socket_path else b""
+    return HEADER_MAGIC + b" %d %d %d\n" % (index, len(arg), len(sock)) + arg + sock
+
+
+def _read_role(fd=0):
+    """Reads the role header from ``fd`` byte by byte, so that nothing after it is taken."""
+    line = bytearray()
+    while True:
+        b = os.read(fd, 1)
+        if not b:
+            raise HeaderError("resumed child: stdin ended before its role header")
+        if b == b"\n":
+            break
+        line += b
+        if len(line) > MAX_HEADER_LINE:
+            raise HeaderError("resumed child: role header line too long")
+    words = bytes(line).split(b" ")
+    if len(words) != 5 or b" ".join(words[:2]) != HEADER_MAGIC:
+        raise HeaderError(f"resumed child: {bytes(line)!r} is not a role header")
+    try:
+        index, length, sock_len = int(words[2]), int(words[3]), int(words[4])
+    except ValueError:
+        raise HeaderError(f"resumed child: {bytes(line)!r} is not a role header") from None
+    if index < 0 or not 0 <= length <= MAX_ARG or not 0 <= sock_len <= 4096:
+        raise HeaderError(f"resumed child: bad index or length in {bytes(line)!r}")
+    arg = _read_exact(fd, length)
+    sock = _read_exact(fd, sock_len)
+    return index, arg, (os.fsdecode(sock) if sock else None)
+
+
+def _read_exact(fd, n):
+    got = bytearray()
+    while len(got) < n:
+        chunk = os.read(fd, n - len(got))
+        if not chunk:
+            raise HeaderError("resumed child: stdin ended inside its role header")
+        got += chunk
+    return bytes(got)
+
+
+# -- the API ----------------------------------------------------------------------------
+
+
+def fork_prepare(socket_path=None):
+    """Prepares this process as a seed and returns twice: in the caller a ``Prepared`` with
+    ``handle``; in every child resumed from it one with ``is_child``, ``index`` and ``arg``.
+
+    The caller runs on once prepared; what it writes later never reaches its children.
+    Raises ``NotOnMitosisHost`` when no daemon is reachable (the program may run on), and
+    ``DaemonError`` when the daemon refuses (e.g. a process it cannot fork).
+    """
+    path = socket_path or default_socket()
+    before = os.getpid()
+    s = _connect(path)
+    try:
+        fd = fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, CONTROL_FD_MIN)
+    finally:
+        s.close()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd)
+    try:
+        s.sendall(_frame(_varint(_REQ_PREPARE_CALLER)))
+        # The prepare point: the daemon captures this process while it waits here.
+        try:
+            variant, r = _recv_event(s)
+            gone = False
+        except OSError as e:
+            if e.errno != errno.EBADF and os.getpid() == before:
+                raise MitosisError(f"mitosisd connection: {e}") from None
+            gone = True
+    except BaseException:
+        if os.getpid() == before:
+            s.close()
+        else:
+            s.detach()
+        raise
+    if gone or os.getpid() != before:
+        # A child: the fd number is free or someone else's; never close it.
+        s.detach()
+        index, arg, sock = _read_role(0)
+        if sock:
+            # This child's host's daemon: its own fork_prepare and resumes go there.
+            os.environ["MITOSIS_SOCKET"] = sock
+        return Prepared(index=index, arg=arg)
+    s.close()
+    if variant != _EV_PREPARED:
+        raise MitosisError(f"unexpected answer {variant} from mitosisd")
+    return Prepared(handle=r.string())
+
+
+def _as_bytes(x):
+    if x is None:
+        return b""
+    if isinstance(x, str):
+        return x.encode()
+    return bytes(x)
+
+
+def _handle_of(handle):
+    if isinstance(handle, Prepared):
+        if handle.is_child:
+            raise MitosisError("a child's Prepared has no handle: prepare it again")
+        return handle.handle
+    return str(handle)
+
+
+def _read_all(fd, into):
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        while True:
+            chunk = f.read(65536)
+            if not chunk:
+                return
+            into.append(chunk)
+
+
+def _write_all(fd, data):
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            view = memoryview(data)
+            while view:
+                n = f.write(view)
+                view = view[n:]
+    except BrokenPipeError:
+        pass  # the child exited without reading all of it: its business
+
+
+def resume(handle, arg=b"", host=None, index=0, input=b""):
+    """Starts child ``index`` of ``handle`` (a ``Prepared`` or a handle string) and waits for
+    it, like ``subprocess.run``: returns ``Completed`` with its output and status.
+
+    ``arg`` (bytes or str) is what the child's ``fork_prepare`` returns as ``arg``; ``input``
+    follows it on the child's stdin. ``host`` is the control socket of the daemon whose host
+    runs the child (None: this host's).
+    """
+    h = _handle_of(handle)
+    host = host or default_socket()
+    s = _connect(host)
+    pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
+    (in_r, in_w), (out_r, out_w), (err_r, err_w) = pipes
+    try:
+        body = _varint(_REQ_RESUME) + _string(h) + b"\x00"  # memory_mib: None
+        socket.send_fds(s, [_frame(body)], [in_r, out_w, err_w])
+    except BaseException:
+        for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
+            os.close(fd)
+        s.close()
+        raise
+    for fd in (in_r, out_w, err_w):
+        os.close(fd)
+    out, err = [], []
+    threads = [
+        threading.Thread(target=_write_all, args=(in_w, child_header(index, arg, host) + _as_bytes(input))),
+        threading.Thread(target=_read_all, args=(out_r, out)),
+        threading.Thread(target=_read_all, args=(err_r, err)),
+    ]
+    for t in threads:
+        t.daemon = True
+        t.start()
+    try:
+        with s:
+            variant, _ = _recv_event(s)
+            if variant != _EV_STARTED:
+                raise MitosisError(f"unexpected answer {variant} from mitosisd")
+            variant, r = _recv_event(s)
+            if variant != _EV_EXITED:
+                raise MitosisError(f"unexpected answer {variant} from mitosisd")
+            status = r.zigzag()
+            reason = r.option_string()
+    finally:
+        for t in threads[1:]:
+            t.join()
+    return Completed(index, status, b"".join(out), b"".join(err), reason)
+
+
+def resume_many(handle, args, host=None):
+    """Starts one child per item of ``args`` at once (child i gets ``args[i]``, index i) and
+    returns their ``Completed`` in order. ``host``: one socket for all, or a list, one each."""
+    args = list(args)
+    hosts = host if isinstance(host, (list, tuple)) else [host] * len(args)
+    results = [None] * len(args)
+
+    def run(i):
+        try:
+            results[i] = resume(handle, arg=args[i], host=hosts[i], index=i)
+        except BaseException as e:  # reported in order below
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(args))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results

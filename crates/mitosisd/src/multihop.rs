@@ -1,0 +1,122 @@
+//! Multi-hop: a child prepared as a seed in turn (and its children, across hosts).
+//!
+//! A capture describes the pages a process has, and a child lacks those it never touched: its
+//! fault handler here would fetch them from the seed's host. So a child of this daemon is
+//! *flattened* before its prepare: its handler fills every page still pending (through this
+//! host's replica), then it is captured like any process, and the new seed stands alone (its
+//! children never reach back to the older seeds, which may be dropped). A process whose
+//! memory still comes through userfaultfd that no handler here can flatten (a process a child
+//! forked, or a child of another daemon) is refused: captured as it is, its children would
+//! see zeros where it would see its seed's pages.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use mitosis_fork::fault::Flatten;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::errors::PrepareFailed;
+
+/// The longest a flatten may take (it fetches what the child lacks, at most its seed's
+/// memory) before the prepare gives up.
+const FLATTEN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The fault handlers of this daemon's running children that can flatten them, by pid.
+#[derive(Default)]
+pub struct Flatteners(Mutex<HashMap<i32, mpsc::Sender<Flatten>>>);
+
+impl Flatteners {
+    /// Registers child `pid`'s handler; the receiver goes to `fault::serve_flattenable`.
+    pub fn add(&self, pid: i32) -> mpsc::Receiver<Flatten> {
+        let (tx, rx) = mpsc::channel(4);
+        self.0.lock().expect("flatteners").insert(pid, tx);
+        rx
+    }
+
+    pub fn remove(&self, pid: i32) {
+        self.0.lock().expect("flatteners").remove(&pid);
+    }
+
+    fn get(&self, pid: i32) -> Option<mpsc::Sender<Flatten>> {
+        self.0.lock().expect("flatteners").get(&pid).cloned()
+    }
+}
+
+/// Makes `pid` fit for a prepare: a child of this daemon is flattened (the pages filled and
+/// how long it took are returned); a process with memory nobody here can flatten is refused;
+/// any other process needs nothing.
+pub async fn before_prepare(
+    flatteners: &Flatteners,
+    pid: i32,
+) -> Result<Option<(u64, u64)>, PrepareFailed> {
+    let Some(tx) = flatteners.get(pid) else {
+        return match lazy_memory(pid).await {
+            Some(at) => Err(PrepareFailed::MultiHop(format!(
+                "pid {pid} still takes memory from a seed through userfaultfd (at {at:#x}) that \
+                 this daemon cannot bring in (a process a child forked, or another daemon's \
+                 child): multi-hop is unavailable for it"
+            ))),
+            None => Ok(None),
+        };
+    };
+    let started = Instant::now();
+    let (reply, answer) = oneshot::channel();
+    let unavailable = |why: &str| PrepareFailed::MultiHop(format!("flattening child {pid}: {why}"));
+    tx.send(reply)
+        .await
+        .map_err(|_| unavailable("its fault handler has stopped"))?;
+    let pages = tokio::time::timeout(FLATTEN_TIMEOUT, answer)
+        .await
+        .map_err(|_| unavailable("timed out"))?
+        .map_err(|_| unavailable("its fault handler has stopped"))?
+        .map_err(|e| unavailable(&e.to_string()))?;
+    let us = started.elapsed().as_micros() as u64;
+    tracing::info!(pid, pages, us, "flattened a child before its prepare");
+    Ok(Some((pages, us)))
+}
+
+/// The start of a mapping of `pid` registered with userfaultfd (smaps `VmFlags: um`), if any.
+async fn lazy_memory(pid: i32) -> Option<u64> {
+    // smaps takes milliseconds to generate: off the runtime's threads.
+    tokio::task::spawn_blocking(move || {
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+        lazy_in(&smaps)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+fn lazy_in(smaps: &str) -> Option<u64> {
+    let mut start = None;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if flags.split_whitespace().any(|f| f == "um") {
+                return start;
+            }
+        } else if let Some((range, _)) = line.split_once(' ')
+            && let Some((lo, _)) = range.split_once('-')
+            && let Ok(lo) = u64::from_str_radix(lo, 16)
+        {
+            start = Some(lo);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lazy_in;
+
+    #[test]
+    fn registered_mappings_are_found_in_smaps() {
+        let smaps = "7f00000000-7f00001000 rw-p 00000000 00:00 0 \nRss: 4 kB\nVmFlags: rd wr mr mw me ac sd \n\
+                     7f00002000-7f00003000 rw-p 00000000 00:00 0 \nVmFlags: rd wr mr mw me ac um \n";
+        assert_eq!(lazy_in(smaps), Some(0x7f00002000));
+        assert_eq!(
+            lazy_in("7f00000000-7f00001000 r--p 0 0:0 0\nVmFlags: rd mr\n"),
+            None
+        );
+    }
+}

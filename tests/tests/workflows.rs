@@ -1,0 +1,185 @@
+//! Functions that fork from inside themselves (`mitosis.fork_prepare`, docs/workflows.md):
+//! the call returns twice with the right values, children see the parent's memory at the
+//! prepare point while the parent changes it, and a chain of generations crosses hosts.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Output;
+
+use common::*;
+use mitosis_testbed::Testbed;
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/python/workflow_fn.py")
+}
+
+fn python_lib() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../clients/python")
+}
+
+/// Runs the workflow on host `on` (its daemon is `MITOSIS_SOCKET`) with `args`.
+fn workflow(tb: &Testbed, on: usize, args: &[String]) -> Output {
+    let mut cmd = tb.host(on).command("python3");
+    cmd.arg(script())
+        .args(args)
+        .env("PYTHONPATH", python_lib())
+        .env("MITOSIS_SOCKET", tb.host(on).socket_path())
+        .stdin(std::process::Stdio::null());
+    cmd.output().expect("python3")
+}
+
+fn lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
+
+fn logs(tb: &Testbed) -> String {
+    tb.hosts().iter().map(|h| h.daemon_log()).collect()
+}
+
+fn sock(tb: &Testbed, host: usize) -> String {
+    tb.host(host).socket_path().display().to_string()
+}
+
+#[test]
+fn fork_prepare_returns_twice_and_children_see_the_prepare_point() {
+    let tb = testbed(2);
+    let out = workflow(
+        &tb,
+        0,
+        &["fanout".into(), sock(&tb, 0), sock(&tb, 1), sock(&tb, 0)],
+    );
+    let all = lines(&out);
+    assert!(
+        out.status.success(),
+        "{all:?}\n{}\n{}",
+        stderr(&out),
+        logs(&tb)
+    );
+    let parent = all
+        .iter()
+        .find(|l| l["role"] == "parent")
+        .expect("parent line");
+    // The parent returned as a parent and ran on, changing its memory.
+    assert_eq!(parent["counter_gt"], true);
+    assert_eq!(parent["blob_changed"], true);
+    let results: Vec<_> = all.iter().filter(|l| l["role"] == "result").collect();
+    assert_eq!(results.len(), 3);
+    let mut digests = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        // Each child exits with its index: the status comes back like a subprocess's.
+        assert_eq!(r["index"], i as u64);
+        assert_eq!(r["returncode"], i as i64, "{r}");
+        let child: serde_json::Value =
+            serde_json::from_str(r["stdout"].as_str().unwrap().trim()).expect("child line");
+        assert_eq!(child["role"], "child");
+        assert_eq!(child["index"], i as u64);
+        assert_eq!(child["arg"], format!("job-{i}"));
+        // The prepare point: none of the parent's later writes.
+        assert_eq!(child["counter"], 1, "{child}");
+        assert_eq!(child["words"], serde_json::json!(["before"]));
+        assert_eq!(child["blob_ok"], true, "{child}");
+        digests.push(child["digest"].clone());
+    }
+    assert!(digests.windows(2).all(|w| w[0] == w[1]));
+    teardown(tb);
+}
+
+#[test]
+fn outside_a_mitosis_host_fork_prepare_raises_and_the_program_runs_on() {
+    let tb = testbed(1);
+    let out = workflow(
+        &tb,
+        0,
+        &["nohost".into(), "/nonexistent/mitosisd.sock".into()],
+    );
+    let all = lines(&out);
+    assert!(out.status.success(), "{all:?} {}", stderr(&out));
+    assert!(
+        all[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not on a mitosis host")
+    );
+    assert_eq!(all[1]["role"], "ran-on");
+    teardown(tb);
+}
+
+/// A -> B -> C -> A: each generation is prepared again (flattened first) on the host its
+/// parent sent it to, sees its parent's memory at its parent's prepare point (not what the
+/// parent wrote after), and sends the next one on.
+#[test]
+fn a_three_generation_chain_crosses_three_hosts() {
+    let tb = testbed(3);
+    let out = workflow(
+        &tb,
+        0,
+        &["chain".into(), sock(&tb, 1), sock(&tb, 2), sock(&tb, 0)],
+    );
+    let all = lines(&out);
+    assert!(
+        out.status.success(),
+        "{all:?}\n{}\n{}",
+        stderr(&out),
+        logs(&tb)
+    );
+    let children: Vec<_> = all.iter().filter(|l| l["role"] == "child").collect();
+    assert_eq!(children.len(), 3, "{all:?}");
+    for (i, c) in children.iter().enumerate() {
+        let generation = i + 1;
+        assert_eq!(c["gen"], generation as u64);
+        assert_eq!(c["arg"], format!("to-gen{generation}"));
+        assert_eq!(c["sees_parent"], true, "{c}");
+        let history: Vec<String> = (0..generation).map(|g| format!("gen{g}")).collect();
+        assert_eq!(c["history"], serde_json::json!(history));
+        // Made by host (gen mod 3)'s daemon, and told so.
+        assert_eq!(c["socket"], sock(&tb, generation % 3));
+    }
+    let parents: Vec<_> = all.iter().filter(|l| l["role"] == "parent").collect();
+    assert_eq!(parents.len(), 3);
+    for p in &parents {
+        assert_eq!(p["child_status"], 0, "{p}");
+        eprintln!("generation {} prepared in {} ms", p["gen"], p["prepare_ms"]);
+    }
+    let log = logs(&tb);
+    let flattened = log
+        .lines()
+        .filter(|l| l.contains("flattened a child"))
+        .count();
+    assert_eq!(flattened, 2, "generations 1 and 2 are flattened:\n{log}");
+    for l in log.lines().filter(|l| l.contains("flattened a child")) {
+        eprintln!("{l}");
+    }
+    teardown(tb);
+}
+
+/// A process a child forked takes its memory through a handler that cannot flatten it: its
+/// fork_prepare is refused with a line that says so, and it runs on.
+#[test]
+fn a_process_a_child_forked_cannot_be_prepared_and_says_why() {
+    let tb = testbed(2);
+    let out = workflow(&tb, 0, &["forked".into(), sock(&tb, 1)]);
+    let all = lines(&out);
+    assert!(
+        out.status.success(),
+        "{all:?}\n{}\n{}",
+        stderr(&out),
+        logs(&tb)
+    );
+    let g = all
+        .iter()
+        .find(|l| l["role"] == "grandchild")
+        .expect("grandchild line");
+    let refused = g["refused"].as_str().unwrap_or_else(|| panic!("{g}"));
+    assert!(refused.contains("multi-hop is unavailable"), "{refused}");
+    assert_eq!(g["kind"], "Unsupported");
+    let c = all
+        .iter()
+        .find(|l| l["role"] == "child")
+        .expect("child line");
+    assert_eq!(c["grandchild_status"], 0);
+    teardown(tb);
+}
