@@ -45,7 +45,7 @@ MAX_FRAME = 16 << 20
 # Variant indices of the control protocol's enums (crates/mitosis-transport control.rs),
 # postcard-encoded: a varint index, then the fields in order.
 _REQ_RESUME = 3
-_REQ_PREPARE_CALLER = 11
+_REQ_PREPARE_CALLER = 12
 _EV_PREPARED = 0
 _EV_STARTED = 2
 _EV_EXITED = 3
