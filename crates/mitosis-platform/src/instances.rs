@@ -222,6 +222,9 @@ impl Instance {
 #[derive(Default)]
 pub struct Instances {
     idle: Mutex<HashMap<String, Vec<Instance>>>,
+    /// Per function, notified when one of its instances becomes idle: a call waiting for a
+    /// cold start takes it instead, as Fn's agent does.
+    freed: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
 }
 
 impl Instances {
@@ -245,17 +248,32 @@ impl Instances {
         Some(list.remove(at))
     }
 
-    /// Keeps `instance` for the next call of `fn_id`.
+    /// Keeps `instance` for the next call of `fn_id`, and wakes the calls waiting for one.
     pub fn put_back(&self, fn_id: &str, instance: Instance) {
         self.idle()
             .entry(fn_id.to_owned())
             .or_default()
             .push(instance);
+        self.freed(fn_id).notify_waiters();
+    }
+
+    /// Notified whenever an instance of `fn_id` becomes idle.
+    pub fn freed(&self, fn_id: &str) -> Arc<tokio::sync::Notify> {
+        self.freed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(fn_id.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// Ends every idle instance of `fn_id` (deleted function).
     pub fn remove(&self, fn_id: &str) {
         let gone = self.idle().remove(fn_id);
+        self.freed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(fn_id);
         drop(gone);
     }
 

@@ -302,11 +302,13 @@ impl Platform {
         Duration::from_secs(u64::from(f.timeout))
     }
 
+    /// A cold start of `f`, whose warm-up may take up to its timeout (a call never waits
+    /// longer than that) or the seeds' limit, whichever is shorter.
     fn cold_launch(&self, f: &model::Func) -> invoke::Launch {
         invoke::Launch::Cold {
             bundle: f.image.clone().into(),
             memory_mib: f.memory,
-            ready: self.config.seed_ready_timeout,
+            ready: self.config.seed_ready_timeout.min(Self::timeout(f)),
         }
     }
 
@@ -448,7 +450,9 @@ impl Platform {
         Err(last.unwrap_or_else(|| CallError::NoHost("no host is up".into())))
     }
 
-    /// Fn's keep-warm: an idle instance if there is one, else one started cold (and kept).
+    /// Fn's keep-warm: an idle instance if there is one; else one is started cold (and kept),
+    /// and the call takes whichever comes first, that one or another that becomes idle
+    /// meanwhile (then the new one joins the idle ones when it is ready), as Fn's agent does.
     async fn cached(
         self: &Arc<Self>,
         f: &model::Func,
@@ -456,57 +460,62 @@ impl Platform {
         call_id: String,
     ) -> Result<Invoked, CallError> {
         let t0 = std::time::Instant::now();
-        let timeout = Self::timeout(f);
-        let max = self.config.max_output;
-        let up = |h: usize| self.hosts.get(h).is_up();
-        // An idle instance may have died since (its own timeout, its host): then the next.
-        while let Some(mut instance) = self.instances.take(&f.id, &f.image, up) {
-            let host = instance.host;
-            let _counted = self.hosts.start_call(host);
-            match instance.call(&input, timeout, max).await {
-                Ok(output) => {
-                    self.instances.put_back(&f.id, instance);
-                    return Ok(Invoked {
-                        call_id,
-                        host: self.hosts.get(host).spec.name.clone(),
-                        start: Start::Warm,
-                        answer: instances::answer(output, Default::default(), t0),
-                    });
-                }
-                Err(CallError::Crashed(why)) if instance.served > 0 => {
-                    tracing::info!("an idle instance is gone ({why}): the next one");
-                }
-                Err(e) => return Err(e),
-            }
+        if let Some(answered) = self.on_idle_instance(f, &input, &call_id, t0).await? {
+            return Ok(answered);
         }
         let mut excluded = Vec::new();
         let mut last = None;
         for _ in 0..CALL_ATTEMPTS {
-            let (host, _counted) = match self.place(f, None, None, &excluded).await {
+            let (host, counted) = match self.place(f, None, None, &excluded).await {
                 Ok(placed) => placed,
                 Err(e) => return Err(last.unwrap_or(e)),
             };
             let spec = self.hosts.get(host).spec.clone();
-            let started = instances::Instance::start(
-                host,
-                &spec.name,
-                &spec.endpoint,
-                self.cold_launch(f),
-                f.image.clone(),
-                Duration::from_secs(u64::from(f.idle_timeout)),
-            )
-            .await;
-            let (mut instance, stats) = match started {
-                Ok(started) => started,
-                Err(e) if e.host_failed() => {
+            let (tx, mut started) = tokio::sync::oneshot::channel();
+            let (platform, fn_id) = (self.clone(), f.id.clone());
+            let (launch, image) = (self.cold_launch(f), f.image.clone());
+            let idle_timeout = Duration::from_secs(u64::from(f.idle_timeout));
+            let endpoint = spec.endpoint.clone();
+            let name = spec.name.clone();
+            tokio::spawn(async move {
+                let made =
+                    instances::Instance::start(host, &name, &endpoint, launch, image, idle_timeout)
+                        .await;
+                drop(counted);
+                // The call took another instance meanwhile: this one waits for the next.
+                if let Err(Ok((instance, _))) = tx.send(made) {
+                    platform.instances.put_back(&fn_id, instance);
+                }
+            });
+            let freed = self.instances.freed(&f.id);
+            let made = loop {
+                // Registered before looking: an instance freed in between still wakes us.
+                let idle = freed.notified();
+                tokio::pin!(idle);
+                idle.as_mut().enable();
+                if let Some(answered) = self.on_idle_instance(f, &input, &call_id, t0).await? {
+                    return Ok(answered);
+                }
+                tokio::select! {
+                    made = &mut started => break made,
+                    () = &mut idle => {}
+                }
+            };
+            let (mut instance, stats) = match made {
+                Ok(Ok(made)) => made,
+                Ok(Err(e)) if e.host_failed() => {
                     self.hosts.mark_down(host, &e.to_string());
                     excluded.push(host);
                     last = Some(e);
                     continue;
                 }
-                Err(e) => return Err(e),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(CallError::Io(std::io::Error::other("the start was lost"))),
             };
-            let output = instance.call(&input, timeout, max).await?;
+            let _counted = self.hosts.start_call(host);
+            let output = instance
+                .call(&input, Self::timeout(f), self.config.max_output)
+                .await?;
             self.instances.put_back(&f.id, instance);
             return Ok(Invoked {
                 call_id,
@@ -516,6 +525,41 @@ impl Platform {
             });
         }
         Err(last.unwrap_or_else(|| CallError::NoHost("no host is up".into())))
+    }
+
+    /// The call on an idle instance of `f`, if there is one (one that died meanwhile is
+    /// skipped for the next).
+    async fn on_idle_instance(
+        &self,
+        f: &model::Func,
+        input: &axum::body::Bytes,
+        call_id: &str,
+        t0: std::time::Instant,
+    ) -> Result<Option<Invoked>, CallError> {
+        let up = |h: usize| self.hosts.get(h).is_up();
+        while let Some(mut instance) = self.instances.take(&f.id, &f.image, up) {
+            let host = instance.host;
+            let _counted = self.hosts.start_call(host);
+            match instance
+                .call(input, Self::timeout(f), self.config.max_output)
+                .await
+            {
+                Ok(output) => {
+                    self.instances.put_back(&f.id, instance);
+                    return Ok(Some(Invoked {
+                        call_id: call_id.to_owned(),
+                        host: self.hosts.get(host).spec.name.clone(),
+                        start: Start::Warm,
+                        answer: instances::answer(output, Default::default(), t0),
+                    }));
+                }
+                Err(CallError::Crashed(why)) if instance.served > 0 => {
+                    tracing::info!("an idle instance is gone ({why}): the next one");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
     }
 }
 
