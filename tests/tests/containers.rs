@@ -227,7 +227,7 @@ fn bad_bundles_fail_before_anything_starts() {
             ],
             "",
         );
-        assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+        assert_eq!(out.status.code(), Some(78), "{}", stdout(&out));
         assert!(
             stderr(&out).contains(want),
             "{:?} should mention {want:?}",

@@ -100,7 +100,7 @@ fn inspect_lists_what_children_get_and_what_is_closed() {
     // A wrong key learns nothing.
     let wrong = format!("{}0000", &handle[..handle.len() - 4]);
     let out = cli(&tb, 1, &["inspect", &wrong], "");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(77), "denied (docs/operations.md)");
     assert!(stderr(&out).contains("wrong key"), "{}", stderr(&out));
     drop(seed);
     teardown(tb);

@@ -156,9 +156,10 @@ fn bad_input_gets_a_clear_error() {
     let tb = testbed(2);
     let (_dir, seed, handle) = prepared_memcheck(&tb, "bad");
 
-    let expect_err = |host: usize, args: &[&str], needle: &str| {
+    // Each with its exit code (docs/operations.md).
+    let expect_err = |host: usize, args: &[&str], needle: &str, code: i32| {
         let out = cli(&tb, host, args, "verify\n");
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
         let err = stderr(&out);
         assert!(
             err.contains(needle),
@@ -168,13 +169,18 @@ fn bad_input_gets_a_clear_error() {
         assert!(stdout(&out).is_empty());
     };
     let wrong_key = format!("{}{}", &handle[..handle.len() - 4], "0000");
-    expect_err(1, &["resume", &wrong_key], "wrong key");
-    expect_err(1, &["resume", "mitosis://nonsense"], "malformed handle");
+    expect_err(1, &["resume", &wrong_key], "wrong key", 77);
+    expect_err(1, &["resume", "mitosis://nonsense"], "malformed handle", 65);
     let other_seed = handle.replacen("/1/", "/99/", 1);
-    expect_err(1, &["resume", &other_seed], "no seed 99");
+    expect_err(1, &["resume", &other_seed], "no seed 99", 67);
     let nowhere = handle.replacen("10.77.0.1:7070", "10.77.0.1:7999", 1);
-    expect_err(1, &["resume", &nowhere], "cannot reach host");
-    expect_err(0, &["prepare", "--pid", "999999999"], "no process with pid");
+    expect_err(1, &["resume", &nowhere], "cannot reach host", 68);
+    expect_err(
+        0,
+        &["prepare", "--pid", "999999999"],
+        "no process with pid",
+        66,
+    );
 
     // A platform matches on the kind of each failure, not on its words.
     use mitosis_client::{Client, ErrorKind};
@@ -215,7 +221,8 @@ fn child_whose_page_source_dies_is_killed_with_a_reason() {
     drop(input);
     let err = stderr(&out);
     assert!(err.contains("child killed: page source lost"), "{err}");
-    assert_eq!(out.status.code(), Some(128 + libc::SIGKILL), "{err}");
+    // 79: page source lost, not the child's own end (docs/operations.md).
+    assert_eq!(out.status.code(), Some(79), "{err}");
     assert!(
         !stdout(&out).contains("ok 11"),
         "the child must not run on with zero-filled memory"
@@ -268,7 +275,7 @@ fn a_bootstrap_cut_short_fails_the_child_cleanly() {
     let out = cli(&tb, 1, &["resume", &cut], "verify\n");
     proxying.join().expect("the proxy cut a bootstrap");
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(70), "{err}");
     assert!(err.contains("came short"), "{err}");
     assert_eq!(err.lines().count(), 1, "one-line error expected: {err:?}");
     assert!(stdout(&out).is_empty());
@@ -307,7 +314,7 @@ fn a_bootstrap_that_stalls_fails_the_child_in_bounded_time() {
     let took = started.elapsed();
     proxying.join().expect("the proxy stalled a bootstrap");
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(70), "{err}");
     assert!(err.contains("came short"), "{err}");
     assert_eq!(err.lines().count(), 1, "one-line error expected: {err:?}");
     assert!(took < Duration::from_secs(20), "the child waited {took:?}");
@@ -355,7 +362,7 @@ fn a_stalled_bootstrap_holds_up_no_other_seeds_resume() {
         waiting_y.join().expect("Y's resume")
     });
     proxying.join().expect("the proxy stalled a bootstrap");
-    assert_eq!(waiting_y.status.code(), Some(1), "{}", stderr(&waiting_y));
+    assert_eq!(waiting_y.status.code(), Some(70), "{}", stderr(&waiting_y));
     drop((seed_x, seed_y));
     teardown(tb);
 }

@@ -28,7 +28,7 @@ fn a_file_the_child_cannot_reopen_fails_the_resume_with_the_reason() {
 
     let out = cli(&tb, 1, &["resume", &handle], "x\n");
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(70), "{err}");
     assert!(
         err.contains(&format!("opening {}: No such file", gone.display())),
         "{err}\n{}",

@@ -343,7 +343,7 @@ fn prepare_of_a_traced_seed_is_refused_and_the_seed_runs_on() {
     let expect_refused = |what: &str| {
         let out = cli(&tb, 0, &["prepare", "--pid", &seed_pid], "");
         let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert_eq!(out.status.code(), Some(78), "{what}: {err}");
         assert!(
             err.contains("already traced"),
             "{what}: the error must name the reason: {err:?}"

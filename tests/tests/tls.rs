@@ -241,7 +241,7 @@ fn strangers_are_refused_at_the_handshake_and_the_server_stays_healthy() {
         let out = extra.resume(&tb, 1, &handle);
         let err = stderr(&out);
         eprintln!("{name}: {}", err.trim_end());
-        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert_eq!(out.status.code(), Some(78), "{name}: {err}");
         assert!(
             err.contains(needle),
             "{name}: expected {needle:?} in {err:?}"

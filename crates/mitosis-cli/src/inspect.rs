@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use mitosis_descriptor::{Backing, Credentials, Descriptor, Handle, KernelObject, SIG_IGN};
+use serde_json::{Value, json};
 
 /// System calls a runtime's threads are commonly blocked in.
 fn syscall_name(nr: i64) -> String {
@@ -154,63 +155,7 @@ pub fn render(handle: &Handle, d: &Descriptor) -> String {
         let _ = writeln!(w, "  fd {} file {} at offset {}", f.fd, f.path, f.offset);
     }
     for o in &d.objects {
-        let detail = match o {
-            KernelObject::Device { path, .. } => path.clone(),
-            KernelObject::Pipe { content, size, .. } => {
-                format!("{} bytes buffered of {size}", content.len())
-            }
-            KernelObject::MemFile {
-                name,
-                content,
-                mappings,
-                ..
-            } => format!(
-                "{name}, {} bytes, {} shared mappings",
-                content.len(),
-                mappings.len()
-            ),
-            KernelObject::EventFd { count, .. } => format!("count {count}"),
-            KernelObject::Epoll { watches, .. } => {
-                let fds: Vec<String> = watches.iter().map(|w| w.fd.to_string()).collect();
-                format!("watching fds [{}]", fds.join(", "))
-            }
-            KernelObject::SocketPair { kind, ends } => {
-                let kind = match *kind {
-                    libc::SOCK_STREAM => "stream",
-                    libc::SOCK_DGRAM => "datagram",
-                    _ => "seqpacket",
-                };
-                let queued: Vec<String> = ends
-                    .iter()
-                    .map(|e| {
-                        let bytes: usize = e.queued.iter().map(Vec::len).sum();
-                        let fds: Vec<String> = e.fds.iter().map(|f| f.fd.to_string()).collect();
-                        format!("{} bytes queued at fd {}", bytes, fds.join(","))
-                    })
-                    .collect();
-                format!("{kind}, {}", queued.join(", "))
-            }
-            KernelObject::TimerFd {
-                clock,
-                value_ns,
-                interval_ns,
-                ..
-            } => match value_ns {
-                0 => format!("clock {clock}, disarmed"),
-                v => format!(
-                    "clock {clock}, next in {:.3} s, every {:.3} s",
-                    *v as f64 / 1e9,
-                    *interval_ns as f64 / 1e9
-                ),
-            },
-            KernelObject::SignalFd { mask, .. } => {
-                let names: Vec<String> = (1..=64u8)
-                    .filter(|s| mask & (1u64 << (s - 1)) != 0)
-                    .map(signal_name)
-                    .collect();
-                format!("taking {}", names.join(","))
-            }
-        };
+        let detail = object_detail(o);
         let fds: Vec<String> = o.fds().map(|f| f.fd.to_string()).collect();
         let _ = writeln!(w, "  fd {} {} {detail}", fds.join(","), o.kind());
     }
@@ -219,4 +164,142 @@ pub fn render(handle: &Handle, d: &Descriptor) -> String {
         let _ = writeln!(w, "  fd {} {}: {}", f.fd, f.target, f.reason);
     }
     out
+}
+
+/// What one carried kernel object holds, in a few words.
+fn object_detail(o: &KernelObject) -> String {
+    match o {
+        KernelObject::Device { path, .. } => path.clone(),
+        KernelObject::Pipe { content, size, .. } => {
+            format!("{} bytes buffered of {size}", content.len())
+        }
+        KernelObject::MemFile {
+            name,
+            content,
+            mappings,
+            ..
+        } => format!(
+            "{name}, {} bytes, {} shared mappings",
+            content.len(),
+            mappings.len()
+        ),
+        KernelObject::EventFd { count, .. } => format!("count {count}"),
+        KernelObject::Epoll { watches, .. } => {
+            let fds: Vec<String> = watches.iter().map(|w| w.fd.to_string()).collect();
+            format!("watching fds [{}]", fds.join(", "))
+        }
+        KernelObject::SocketPair { kind, ends } => {
+            let kind = match *kind {
+                libc::SOCK_STREAM => "stream",
+                libc::SOCK_DGRAM => "datagram",
+                _ => "seqpacket",
+            };
+            let queued: Vec<String> = ends
+                .iter()
+                .map(|e| {
+                    let bytes: usize = e.queued.iter().map(Vec::len).sum();
+                    let fds: Vec<String> = e.fds.iter().map(|f| f.fd.to_string()).collect();
+                    format!("{} bytes queued at fd {}", bytes, fds.join(","))
+                })
+                .collect();
+            format!("{kind}, {}", queued.join(", "))
+        }
+        KernelObject::TimerFd {
+            clock,
+            value_ns,
+            interval_ns,
+            ..
+        } => match value_ns {
+            0 => format!("clock {clock}, disarmed"),
+            v => format!(
+                "clock {clock}, next in {:.3} s, every {:.3} s",
+                *v as f64 / 1e9,
+                *interval_ns as f64 / 1e9
+            ),
+        },
+        KernelObject::SignalFd { mask, .. } => {
+            let names: Vec<String> = (1..=64u8)
+                .filter(|s| mask & (1u64 << (s - 1)) != 0)
+                .map(signal_name)
+                .collect();
+            format!("taking {}", names.join(","))
+        }
+    }
+}
+
+/// The report as one JSON object (docs/schemas/inspect.schema.json). The key stays out.
+pub fn json(handle: &Handle, d: &Descriptor) -> Value {
+    let threads: Vec<Value> = d
+        .threads
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let c = &t.creds;
+            json!({
+                "tid": t.tid,
+                "name": t.name,
+                "main": i == 0,
+                "state": syscall_name(t.in_syscall),
+                "in_syscall": t.in_syscall,
+                "sigmask": t.sigmask,
+                "rseq": t.rseq.is_some(),
+                "robust_list": t.robust_list.is_some(),
+                "altstack": t.altstack.map(|s| json!({"sp": s.sp, "size": s.size})),
+                "credentials": {
+                    "uids": c.uids,
+                    "gids": c.gids,
+                    "groups": c.groups,
+                    "caps": {
+                        "effective": c.caps.effective,
+                        "permitted": c.caps.permitted,
+                        "inheritable": c.caps.inheritable,
+                        "bounding": c.caps.bounding,
+                        "ambient": c.caps.ambient,
+                    },
+                    "securebits": c.securebits,
+                    "no_new_privs": c.no_new_privs,
+                    "seccomp_filters": c.seccomp.len(),
+                    "seccomp_instructions": c.seccomp.iter().map(|f| f.program.len()).sum::<usize>(),
+                },
+            })
+        })
+        .collect();
+    let limit = |v: u64| (v != u64::MAX).then_some(v);
+    json!({
+        "seed_id": d.seed_id,
+        "host": handle.host.to_string(),
+        "arch": d.arch,
+        "container_bundle": d.container.as_ref().map(|c| c.bundle.clone()),
+        "cwd": d.cwd,
+        "memory": {
+            "mappings": d.vmas.len(),
+            "file_mappings": d.vmas.iter().filter(|v| matches!(v.backing, Backing::File { .. })).count(),
+            "seed_pages": d.vmas.iter().map(|v| v.seed_pages.len()).sum::<u64>(),
+        },
+        "threads": threads,
+        "umask": d.process.umask,
+        "dumpable": d.process.dumpable,
+        "signals": d.process.sigactions.iter().map(|a| json!({
+            "signal": signal_name(a.signal),
+            "number": a.signal,
+            "disposition": if a.handler == SIG_IGN { "ignored" } else { "handler" },
+            "handler": (a.handler != SIG_IGN).then_some(a.handler),
+        })).collect::<Vec<_>>(),
+        "rlimits": d.process.rlimits.iter().map(|r| json!({
+            "resource": RLIMIT_NAMES.get(r.resource as usize).unwrap_or(&"?"),
+            "soft": limit(r.soft),
+            "hard": limit(r.hard),
+        })).collect::<Vec<_>>(),
+        "files": d.files.iter().map(|f| json!({
+            "fd": f.fd, "path": f.path, "offset": f.offset,
+        })).collect::<Vec<_>>(),
+        "objects": d.objects.iter().map(|o| json!({
+            "fds": o.fds().map(|f| f.fd).collect::<Vec<_>>(),
+            "kind": o.kind(),
+            "detail": object_detail(o),
+        })).collect::<Vec<_>>(),
+        "closed": d.dropped.iter().map(|f| json!({
+            "fd": f.fd, "target": f.target, "reason": f.reason,
+        })).collect::<Vec<_>>(),
+    })
 }

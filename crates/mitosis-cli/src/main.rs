@@ -1,6 +1,8 @@
 //! `mitosis`: remote fork from the command line.
 
+mod exit;
 mod inspect;
+mod json;
 mod resume;
 
 use std::path::PathBuf;
@@ -8,7 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use exit::{Code, Failure};
 use mitosis_client::Client;
 
 /// Fork a running process onto another host in milliseconds.
@@ -16,7 +19,7 @@ use mitosis_client::Client;
 /// Needs root: mitosis ptraces seeds, reads their memory, and builds children with
 /// userfaultfd; the demo also creates network namespaces.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "mitosis", version)]
 struct Cli {
     /// Control socket of this host's mitosisd.
     #[arg(
@@ -51,14 +54,20 @@ impl HandleArg {
     fn read(&self, stdin_free: bool) -> Result<String> {
         let Some(path) = &self.handle_file else {
             return self.handle.clone().ok_or_else(|| {
-                anyhow::anyhow!("no handle: pass --handle-file PATH, MITOSIS_HANDLE or HANDLE")
+                Failure::error(
+                    Code::Usage,
+                    "no handle: pass --handle-file PATH, MITOSIS_HANDLE or HANDLE",
+                )
             });
         };
         let text = if path.as_os_str() == "-" {
-            anyhow::ensure!(
-                stdin_free,
-                "resume's standard input is the child's: pass the handle with --handle-file                  PATH or MITOSIS_HANDLE"
-            );
+            if !stdin_free {
+                return Err(Failure::error(
+                    Code::Usage,
+                    "resume's standard input is the child's: pass the handle with --handle-file \
+                     PATH or MITOSIS_HANDLE",
+                ));
+            }
             std::io::read_to_string(std::io::stdin())?
         } else {
             std::fs::read_to_string(path)
@@ -93,6 +102,10 @@ enum Command {
         /// standard output.
         #[arg(long, value_name = "PATH")]
         output: Option<PathBuf>,
+        /// Print one JSON object to standard output: the handle (unless --output), the seed's
+        /// id and host, and the timings (docs/schemas/prepare.schema.json).
+        #[arg(long)]
+        json: bool,
     },
     /// Start a child of a seed on this host and behave like it.
     ///
@@ -109,6 +122,10 @@ enum Command {
         /// Print a per-child breakdown to stderr.
         #[arg(long)]
         stats: bool,
+        /// With --stats: the breakdown, the exit status and why the daemon killed the child
+        /// (if it did) as one JSON object on stderr (docs/schemas/resume-stats.schema.json).
+        #[arg(long, requires = "stats")]
+        json: bool,
         /// Listen on this TCP address (ip:port) and hand the socket to the child as fd 3.
         #[arg(long, value_name = "ADDR")]
         listen: Option<std::net::SocketAddr>,
@@ -124,13 +141,44 @@ enum Command {
         handle: HandleArg,
     },
     /// Show this host's daemon state.
-    Status,
+    Status {
+        /// As one JSON object (docs/schemas/status.schema.json).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what a seed holds: threads, signal handlers, limits, the descriptors its children
     /// get and those closed on purpose (sockets, pipes to other processes).
     Inspect {
         #[command(flatten)]
         handle: HandleArg,
+        /// As one JSON object (docs/schemas/inspect.schema.json).
+        #[arg(long)]
+        json: bool,
     },
+    /// Print a shell completion script for mitosis to standard output.
+    Completions {
+        /// bash, elvish, fish, powershell or zsh.
+        shell: clap_complete::Shell,
+    },
+    /// Print mitosis(1) in roff to standard output, or with --dir write it and a page per
+    /// subcommand (mitosis-prepare.1, ...) there.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+impl Command {
+    /// Whether the command's output is JSON (then so are its failures, on stderr).
+    fn json(&self) -> bool {
+        match self {
+            Command::Prepare { json, .. }
+            | Command::Resume { json, .. }
+            | Command::Status { json }
+            | Command::Inspect { json, .. } => *json,
+            _ => false,
+        }
+    }
 }
 
 fn main() {
@@ -141,12 +189,29 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; the rest are usage errors.
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() {
+                Code::Usage as i32
+            } else {
+                0
+            });
+        }
+    };
+    let json = cli.command.json();
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("mitosis: {e:#}");
-            std::process::exit(1);
+            let code = Code::of(&e);
+            if json {
+                eprintln!("{}", json::error(code, &format!("{e:#}")));
+            } else {
+                eprintln!("mitosis: {e:#}");
+            }
+            std::process::exit(code as i32);
         }
     }
 }
@@ -159,6 +224,7 @@ fn run(cli: Cli) -> Result<i32> {
             ready_timeout,
             stats,
             output,
+            json,
         } => {
             let (handle, s) = match (pid, bundle) {
                 (Some(pid), _) => Client::connect(&cli.socket)?.prepare_pid(pid)?,
@@ -169,9 +235,13 @@ fn run(cli: Cli) -> Result<i32> {
                 }
                 (None, None) => anyhow::bail!("prepare needs --pid or --bundle"),
             };
-            match output {
-                Some(path) => write_secret(&path, &handle)?,
+            match &output {
+                Some(path) => write_secret(path, &handle)?,
+                None if json => {}
                 None => println!("{handle}"),
+            }
+            if json {
+                println!("{}", json::prepared(&handle, output.as_deref(), &s)?);
             }
             if stats {
                 if s.warm_us > 0 {
@@ -187,8 +257,16 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Resume {
             handle,
             stats,
+            json,
             listen,
-        } => resume::run(&cli.socket, &handle.read(false)?, stats, listen),
+        } => {
+            let stats = match (stats, json) {
+                (false, _) => resume::Stats::None,
+                (true, false) => resume::Stats::Text,
+                (true, true) => resume::Stats::Json,
+            };
+            resume::run(&cli.socket, &handle.read(false)?, stats, listen)
+        }
         Command::Drop { handle } => {
             Client::connect(&cli.socket)?.drop_seed(&handle.read(true)?)?;
             Ok(0)
@@ -197,16 +275,45 @@ fn run(cli: Cli) -> Result<i32> {
             Client::connect(&cli.socket)?.evict(&handle.read(true)?)?;
             Ok(0)
         }
-        Command::Status => {
-            print!("{}", Client::connect(&cli.socket)?.status()?);
+        Command::Status { json } => {
+            let status = Client::connect(&cli.socket)?.status()?;
+            match json {
+                true => println!("{}", json::status(&status)),
+                false => print!("{status}"),
+            }
             Ok(0)
         }
-        Command::Inspect { handle } => {
+        Command::Inspect { handle, json } => {
             let handle = handle.read(true)?;
+            let parsed: mitosis_descriptor::Handle = handle.parse()?;
             let bytes = Client::connect(&cli.socket)?.inspect(&handle)?;
             let d = mitosis_descriptor::decode(&bytes)?;
-            let parsed: mitosis_descriptor::Handle = handle.parse()?;
-            print!("{}", inspect::render(&parsed, &d));
+            match json {
+                true => println!("{}", inspect::json(&parsed, &d)),
+                false => print!("{}", inspect::render(&parsed, &d)),
+            }
+            Ok(0)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "mitosis",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
+        Command::Man { dir } => {
+            let cmd = Cli::command();
+            match dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    clap_mangen::generate_to(cmd, &dir)
+                        .with_context(|| format!("writing man pages to {}", dir.display()))?;
+                }
+                None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
+            }
             Ok(0)
         }
     }
@@ -224,4 +331,58 @@ fn write_secret(path: &std::path::Path, secret: &str) -> Result<()> {
         .with_context(|| format!("creating {}", path.display()))?;
     writeln!(f, "{secret}").with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_generate_for_every_shell() {
+        use clap::ValueEnum;
+        for shell in clap_complete::Shell::value_variants() {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "mitosis", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for sub in ["prepare", "resume", "inspect", "status"] {
+                assert!(text.contains(sub), "{shell}: no {sub}");
+            }
+        }
+    }
+
+    #[test]
+    fn man_pages_generate() {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut out)
+            .unwrap();
+        let page = String::from_utf8(out).unwrap();
+        assert!(page.starts_with(".ie"), "{}", &page[..80]);
+        assert!(page.contains(".TH mitosis 1"), "{page}");
+        assert!(page.contains("resume"), "{page}");
+        let dir = std::env::temp_dir().join(format!("mitosis-man-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        clap_mangen::generate_to(Cli::command(), &dir).unwrap();
+        for page in [
+            "mitosis.1",
+            "mitosis-prepare.1",
+            "mitosis-resume.1",
+            "mitosis-status.1",
+        ] {
+            let len = std::fs::metadata(dir.join(page)).unwrap().len();
+            assert!(len > 100, "{page}: {len} bytes");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn resume_json_needs_stats() {
+        assert!(Cli::try_parse_from(["mitosis", "resume", "--json"]).is_err());
+        assert!(Cli::try_parse_from(["mitosis", "resume", "--stats", "--json"]).is_ok());
+    }
 }

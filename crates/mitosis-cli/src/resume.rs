@@ -7,6 +7,18 @@ use anyhow::{Context, Result};
 use mitosis_client::{Client, stats_line};
 use nix::sys::signal::{SigSet, Signal};
 
+use crate::exit::{self, Code};
+
+/// What `--stats` prints on stderr once the child ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Stats {
+    None,
+    /// `mitosis: stats key=value ...`
+    Text,
+    /// One JSON object (docs/schemas/resume-stats.schema.json).
+    Json,
+}
+
 /// Signals the command forwards to the child instead of acting on them itself.
 const FORWARDED: [Signal; 9] = [
     Signal::SIGINT,
@@ -21,11 +33,12 @@ const FORWARDED: [Signal; 9] = [
 ];
 
 /// Starts a child of `handle` with our stdio (and a socket listening on `listen` as its fd 3);
-/// returns its shell-style exit status.
+/// returns its shell-style exit status, or [`Code::PageSourceLost`] if the daemon killed it
+/// because its memory's source went away.
 pub fn run(
     socket: &Path,
     handle: &str,
-    stats: bool,
+    stats: Stats,
     listen: Option<std::net::SocketAddr>,
 ) -> Result<i32> {
     let listener = listen
@@ -60,11 +73,23 @@ pub fn run(
     });
     let start = running.stats.clone();
     let exited = running.wait()?;
-    if let Some(reason) = exited.reason {
+    let reason = exited.reason.as_deref();
+    let code = match reason {
+        Some(r) if exit::lost_its_pages(r) => Code::PageSourceLost as i32,
+        _ => exited.status,
+    };
+    if let Some(reason) = reason
+        && stats != Stats::Json
+    {
         eprintln!("mitosis: child killed: {reason}");
     }
-    if stats {
-        eprintln!("mitosis: stats {}", stats_line(&start, &exited.stats));
+    match stats {
+        Stats::None => {}
+        Stats::Text => eprintln!("mitosis: stats {}", stats_line(&start, &exited.stats)),
+        Stats::Json => {
+            let line = crate::json::resumed(code, exited.status, reason, &start, &exited.stats);
+            eprintln!("{line}");
+        }
     }
-    Ok(exited.status)
+    Ok(code)
 }

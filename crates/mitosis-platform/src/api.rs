@@ -42,6 +42,8 @@ pub fn router(platform: Arc<Platform>) -> Router {
         .route("/function/{name}/{*rest}", any(invoke_by_name_path))
         .route("/mitosis/hosts", get(hosts))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::not_found("Path not found") })
         .with_state(platform)
 }
@@ -416,6 +418,35 @@ fn content_type(output: &[u8]) -> &'static str {
 }
 
 /// The hosts as the platform sees them, and where each function's seed is.
+/// Liveness: the API answers.
+async fn healthz() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+/// Readiness: the store answers and a poll found at least one host up; 503 with why not.
+async fn readyz(State(p): Shared) -> Response {
+    let store = p.store.app("readyz".into()).await;
+    let up = p.hosts.polled_up();
+    let mut why = Vec::new();
+    if let Err(e) = &store {
+        why.push(e.to_string());
+    }
+    if up.is_empty() {
+        why.push(format!("no host up yet (of {})", p.hosts.len()));
+    }
+    let code = match why.is_empty() {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let body = json!({
+        "ready": why.is_empty(),
+        "store": store.is_ok(),
+        "hosts_up": up,
+        "not_ready": why,
+    });
+    (code, axum::Json(body)).into_response()
+}
+
 async fn hosts(State(p): Shared) -> ApiResult<Response> {
     let hosts = p.hosts.report();
     let fns = p.store.fns(None, None).await?;
@@ -441,5 +472,49 @@ async fn metrics(State(p): Shared) -> Response {
     match metrics::render(&p.registry) {
         Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod health_tests {
+    use std::io::{Read, Write};
+
+    use crate::{Config, HostSpec, Platform, store::Store};
+
+    fn get(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let code = text[9..12].parse().unwrap();
+        let body = text.split_once("\r\n\r\n").unwrap().1;
+        (code, serde_json::from_str(body).unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn live_but_not_ready_without_a_host_up() {
+        let host: HostSpec = "h0=/nonexistent/mitosisd.sock".parse().unwrap();
+        let platform = Platform::new(Config::default(), Store::in_memory().unwrap(), vec![host]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = super::router(platform.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let probe = move |path: &'static str| tokio::task::spawn_blocking(move || get(addr, path));
+
+        let (code, body) = probe("/healthz").await.unwrap();
+        assert_eq!((code, body["status"].as_str()), (200, Some("ok")));
+        // Never polled counts as up for calls, not for readiness; polled, it is down.
+        platform.hosts.poll(0).await;
+        let (code, body) = probe("/readyz").await.unwrap();
+        assert_eq!(code, 503, "{body}");
+        assert_eq!(body["ready"], false);
+        assert_eq!(body["store"], true);
+        assert_eq!(body["hosts_up"], serde_json::json!([]));
+        let why = body["not_ready"][0].as_str().unwrap();
+        assert!(why.starts_with("no host up"), "{body}");
     }
 }

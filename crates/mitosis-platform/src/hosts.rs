@@ -190,6 +190,18 @@ impl Hosts {
             .clone()
     }
 
+    /// Hosts a poll found up (and registered), by name: readiness needs one (`/readyz`).
+    pub fn polled_up(&self) -> Vec<String> {
+        self.all()
+            .iter()
+            .filter(|h| {
+                let seen = h.seen();
+                seen.polled && seen.up && h.registered.load(Ordering::Relaxed)
+            })
+            .map(|h| h.spec.name.clone())
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.hosts
             .read()

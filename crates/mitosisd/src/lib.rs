@@ -8,6 +8,7 @@ pub mod cache;
 pub mod containers;
 pub mod control;
 pub mod errors;
+pub mod health;
 pub mod metrics;
 pub mod multihop;
 pub mod peer_server;

@@ -1,5 +1,8 @@
 //! `mitosisd`: the mitosis daemon of one host.
 
+#[macro_use]
+mod config;
+
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -7,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use config::{FileConfig, given};
 use mitosis_fork::restore::StubPool;
 use mitosis_transport::packed::Codec;
 use mitosis_transport::peer::PeerPool;
@@ -24,11 +28,16 @@ use tokio::signal::unix::{SignalKind, signal};
 ///
 /// Runs as root: it ptraces seeds, reads their memory, and builds children with userfaultfd.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "mitosisd", version)]
 struct Args {
+    /// Read flags from this TOML file (keys are the flags' long names: `stub-pool = 2`); a
+    /// flag on the command line wins over the file.
+    #[arg(long, value_name = "PATH", env = "MITOSISD_CONFIG")]
+    config: Option<PathBuf>,
     /// Address peers reach this host's page server on (also written into handles).
+    /// Required, here or in --config.
     #[arg(long)]
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
     /// Control socket for the local CLI.
     #[arg(long, default_value = "/run/mitosis/mitosisd.sock")]
     socket: PathBuf,
@@ -81,6 +90,61 @@ struct Args {
     /// default; nothing on it needs a key, so keep it on a management network.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Print a shell completion script (bash, zsh, fish, ...) and exit.
+    #[arg(long, value_name = "SHELL", hide = true)]
+    completions: Option<clap_complete::Shell>,
+    /// Print mitosisd(8) in roff and exit.
+    #[arg(long, hide = true)]
+    man: bool,
+}
+
+impl Args {
+    /// The command line with --config's file under it; exits (78, EX_CONFIG) with one line
+    /// if the file is malformed or --listen is nowhere.
+    fn load() -> Args {
+        let matches = Args::command().get_matches();
+        let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        if args.completions.is_some() || args.man {
+            return args;
+        }
+        if let Some(path) = &args.config {
+            let file: FileConfig = config::load(path).unwrap_or_else(|e| config_error(&e));
+            merge_config!(args, file, &matches;
+                plain: socket, stub_pool, cache_mib, pool_size, container_pool,
+                    bootstrap_codec;
+                optional: listen, control_listen, stub, instance, init, tls_cert, tls_key,
+                    tls_ca, metrics);
+        }
+        if args.listen.is_none() {
+            config_error("--listen is required (on the command line or in --config)");
+        }
+        args
+    }
+
+    fn listen(&self) -> SocketAddr {
+        self.listen.expect("checked by Args::load")
+    }
+}
+
+fn config_error(message: &str) -> ! {
+    eprintln!("mitosisd: {message}");
+    std::process::exit(78);
+}
+
+/// `--completions SHELL` and `--man`: what packaging installs.
+fn generate(args: &Args) -> bool {
+    let mut out = std::io::stdout();
+    if let Some(shell) = args.completions {
+        clap_complete::generate(shell, &mut Args::command(), "mitosisd", &mut out);
+    } else if args.man {
+        let man = clap_mangen::Man::new(Args::command()).section("8");
+        if let Err(e) = man.render(&mut out) {
+            eprintln!("mitosisd: {e}");
+        }
+    } else {
+        return false;
+    }
+    true
 }
 
 /// Makes sure the socket's directory is the daemon's alone: created 0700 (whatever the
@@ -127,7 +191,10 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let args = Args::load();
+    if generate(&args) {
+        return Ok(());
+    }
     let tls = Tls::from_flags(
         args.tls_cert.as_deref(),
         args.tls_key.as_deref(),
@@ -154,6 +221,7 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: Args, tls: Option<Tls>) -> Result<()> {
+    let listen = args.listen();
     let stub = match args.stub {
         Some(s) => s,
         None => std::env::current_exe()?.with_file_name("mitosis-stub"),
@@ -179,9 +247,9 @@ async fn run(args: Args, tls: Option<Tls>) -> Result<()> {
     }
 
     // TCP first: once the control socket exists, the daemon is fully up.
-    let tcp = TcpListener::bind(args.listen)
+    let tcp = TcpListener::bind(listen)
         .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+        .with_context(|| format!("listening on {listen}"))?;
     let control_tcp = match args.control_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -245,15 +313,28 @@ async fn run(args: Args, tls: Option<Tls>) -> Result<()> {
         tls = daemon.tls.is_some(),
         "mitosisd up"
     );
-    tokio::spawn(peer_server::serve(tcp, daemon.clone()));
-    tokio::spawn(control::serve(unix, daemon.clone()));
+    let mut servers = vec![
+        (
+            "page server",
+            tokio::spawn(peer_server::serve(tcp, daemon.clone())).abort_handle(),
+        ),
+        (
+            "control socket",
+            tokio::spawn(control::serve(unix, daemon.clone())).abort_handle(),
+        ),
+    ];
     if let (Some(listener), Some(tls)) = (control_tcp, daemon.tls.clone()) {
         tracing::info!(addr = %listener.local_addr()?, "control protocol over TCP (mutual TLS)");
-        tokio::spawn(mitosisd::remote::serve(listener, daemon.clone(), tls));
+        let task = tokio::spawn(mitosisd::remote::serve(listener, daemon.clone(), tls));
+        servers.push(("control over TCP", task.abort_handle()));
     }
     if let Some(listener) = metrics {
-        tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
-        tokio::spawn(mitosisd::metrics::serve(listener, daemon.clone()));
+        tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics, /healthz, /readyz");
+        let health = Arc::new(mitosisd::health::Health {
+            socket: args.socket.clone(),
+            servers,
+        });
+        tokio::spawn(mitosisd::metrics::serve(listener, daemon.clone(), health));
     }
     tokio::spawn(mitosisd::sweep_cache(
         daemon.clone(),
@@ -276,4 +357,87 @@ async fn run(args: Args, tls: Option<Tls>) -> Result<()> {
     let _ = std::fs::remove_file(&args.socket);
     // The pool's containers go with the daemon (Drop of the pool destroys them).
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_is_a_config_key() {
+        for arg in Args::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["config", "completions", "man", "help", "version"].contains(&long) {
+                continue;
+            }
+            // A wrong type, but a known key.
+            let err = config::parse::<FileConfig>(&format!("{long} = []")).unwrap_err();
+            assert!(!err.contains("unknown field"), "--{long}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_packaged_config_parses() {
+        let text = include_str!("../../../packaging/mitosisd.toml");
+        let file: FileConfig = config::parse(text).unwrap();
+        assert!(file.listen.is_some());
+    }
+
+    #[test]
+    fn a_malformed_file_is_one_line_naming_the_key_and_line() {
+        let err = config::parse::<FileConfig>("listen = \"10.0.0.1:7070\"\nstub-pool = \"two\"\n")
+            .unwrap_err();
+        assert!(
+            err.starts_with("line 2, key `stub-pool`: invalid type"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
+        let err = config::parse::<FileConfig>("\n\nstub_pol = 2\n").unwrap_err();
+        assert!(
+            err.starts_with("line 3, key `stub_pol`: unknown field"),
+            "{err}"
+        );
+        let err = config::parse::<FileConfig>("bootstrap-codec = \"zstd\"").unwrap_err();
+        assert!(err.starts_with("line 1, key `bootstrap-codec`:"), "{err}");
+        let err = config::parse::<FileConfig>("listen = [").unwrap_err();
+        assert!(err.starts_with("line 1"), "{err}");
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file: FileConfig =
+            config::parse("listen = \"10.0.0.1:7070\"\nstub-pool = 9\ncache-mib = 5\n").unwrap();
+        let matches = Args::command()
+            .try_get_matches_from(["mitosisd", "--stub-pool", "3"])
+            .unwrap();
+        let mut args = Args::from_arg_matches(&matches).unwrap();
+        merge_config!(args, file, &matches;
+            plain: stub_pool, cache_mib; optional: listen);
+        assert_eq!(args.stub_pool, 3);
+        assert_eq!(args.cache_mib, 5);
+        assert_eq!(args.listen(), "10.0.0.1:7070".parse().unwrap());
+    }
+
+    #[test]
+    fn completions_and_man_page_generate() {
+        let mut out = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Args::command(),
+            "mitosisd",
+            &mut out,
+        );
+        assert!(String::from_utf8(out).unwrap().contains("--stub-pool"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(Args::command())
+            .section("8")
+            .render(&mut out)
+            .unwrap();
+        assert!(String::from_utf8(out).unwrap().contains(".TH mitosisd 8"));
+    }
 }

@@ -273,12 +273,13 @@ async fn scrape(State(registry): State<Arc<Registry>>) -> Response {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the daemon exits.
-pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
+/// Serves `GET /metrics` (and `/healthz`, `/readyz`) on `listener` until the daemon exits.
+pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>, health: Arc<crate::health::Health>) {
     let registry = Arc::new(daemon.metrics.registry(daemon.clone()));
     let app = Router::new()
         .route("/metrics", get(scrape))
-        .with_state(registry);
+        .with_state(registry)
+        .merge(crate::health::router(health));
     if let Err(e) = axum::serve(listener, app).await {
         tracing::warn!("metrics endpoint stopped: {e}");
     }

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds the Debian package of mitosis into target/debian/: the release binaries, their man
+# pages and shell completions (generated from the clap definitions into target/assets), the
+# default config files and the systemd units. Needs cargo-deb (`cargo install cargo-deb`).
+#
+#   packaging/build-deb.sh            # release build
+#   PROFILE=dev packaging/build-deb.sh   # faster, for checking the packaging itself
+set -euo pipefail
+cd "$(dirname "$0")/.."
+profile=${PROFILE:-release}
+dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
+command -v cargo-deb >/dev/null || { echo "build-deb: cargo-deb is missing (cargo install cargo-deb)" >&2; exit 69; }
+cargo build --profile "$profile" -p mitosis-cli -p mitosisd -p mitosis-stub -p mitosis-container \
+    -p mitosis-platform --bins
+bin=target/$dir
+assets=target/assets
+rm -rf "$assets"
+mkdir -p "$assets"/man/man1 "$assets"/man/man8 "$assets"/completions/{bash,zsh,fish}
+"$bin"/mitosis man --dir "$assets"/man/man1
+"$bin"/mitosisd --man > "$assets"/man/man8/mitosisd.8
+"$bin"/mitosis-platform man > "$assets"/man/man8/mitosis-platform.8
+for shell in bash zsh fish; do
+    case $shell in
+        bash) name() { echo "$1"; } ;;
+        zsh) name() { echo "_$1"; } ;;
+        fish) name() { echo "$1.fish"; } ;;
+    esac
+    "$bin"/mitosis completions "$shell" > "$assets/completions/$shell/$(name mitosis)"
+    "$bin"/mitosisd --completions "$shell" > "$assets/completions/$shell/$(name mitosisd)"
+    "$bin"/mitosis-platform completions "$shell" \
+        > "$assets/completions/$shell/$(name mitosis-platform)"
+done
+cargo deb -p mitosis-cli --no-build --profile "$profile" "$@"
