@@ -22,6 +22,8 @@ pub fn status(s: &DaemonStatus) -> Value {
         "control_connections": s.control_connections,
         "control_refused": s.control_refused,
         "control_tls_refused": s.control_tls_refused,
+        "cpus": s.cpus,
+        "memory_available_mib": s.memory_available_mib,
         "seeds": s.seeds.iter().map(|x| json!({
             "id": x.id, "pid": x.pid, "vmas": x.vmas, "pages": x.pages,
         })).collect::<Vec<_>>(),
