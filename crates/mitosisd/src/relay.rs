@@ -13,15 +13,12 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use mitosis_transport::control::{Event, MAX_STDIO_CHUNK, STDIN_WINDOW};
 use nix::fcntl::OFlag;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::pipe;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 
 /// Reads a pipe holds at most after the child exited (a grandchild may keep writing it).
 const DRAIN_READS: usize = 64;
@@ -96,34 +93,39 @@ impl StdinFeed {
     }
 }
 
-/// The pumps of one relayed child.
+/// The pumps of one relayed child: threads of their own, not tasks. A pipe's read, write or
+/// close can wait in the kernel on the pipe's lock while the child holds it, copying from or
+/// to a page of its memory that is still to come through userfaultfd; on a runtime worker
+/// that wait could keep the fault handler (a task of the same runtime) from serving that
+/// very page, and the daemon would stall. On a thread of its own it waits for the fault like
+/// the child does.
 pub struct Relay {
-    stdin: JoinHandle<()>,
-    outputs: Vec<(oneshot::Sender<()>, JoinHandle<()>)>,
+    outputs: Vec<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
 impl Relay {
     /// Starts pumping `ends`: stdin from the returned feed, stdout and stderr to `events`.
     pub fn start(ends: Ends, events: &mpsc::Sender<Event>) -> io::Result<(Relay, StdinFeed)> {
-        let stdin = pipe::Sender::from_owned_fd(ends.stdin)?;
-        let stdout = pipe::Receiver::from_owned_fd(ends.stdout)?;
-        let stderr = pipe::Receiver::from_owned_fd(ends.stderr)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let outstanding = Arc::new(AtomicUsize::new(0));
-        let stdin = tokio::spawn(pump_in(stdin, rx, outstanding.clone(), events.clone()));
-        let outputs = [
-            (stdout, Event::Stdout as fn(_) -> _),
-            (stderr, Event::Stderr),
-        ]
-        .into_iter()
-        .map(|(pipe, wrap)| {
-            let (finish, finishing) = oneshot::channel();
-            let task = tokio::spawn(pump_out(pipe, wrap, events.clone(), finishing));
-            (finish, task)
-        })
-        .collect();
+        let (window, stdin_events) = (outstanding.clone(), events.clone());
+        std::thread::Builder::new()
+            .name("relay-stdin".into())
+            .spawn(move || pump_in(ends.stdin, rx, window, stdin_events))?;
+        let mut outputs = Vec::new();
+        for (pipe, wrap) in [
+            (ends.stdout, Event::Stdout as fn(_) -> _),
+            (ends.stderr, Event::Stderr),
+        ] {
+            let finish = Arc::new(AtomicBool::new(false));
+            let (told, events) = (finish.clone(), events.clone());
+            let thread = std::thread::Builder::new()
+                .name("relay-output".into())
+                .spawn(move || pump_out(pipe, wrap, events, told))?;
+            outputs.push((finish, thread));
+        }
         Ok((
-            Relay { stdin, outputs },
+            Relay { outputs },
             StdinFeed {
                 chunks: Some(tx),
                 outstanding,
@@ -131,68 +133,89 @@ impl Relay {
         ))
     }
 
-    /// Once the child is gone: sends what its pipes still hold, then stops.
+    /// Once the child is gone: sends what its pipes still hold, then stops. The stdin pump
+    /// ends by itself, with the feed (or at its next write, to a pipe nobody reads).
     pub async fn finish(self) {
-        self.stdin.abort();
-        for (finish, task) in self.outputs {
-            let _ = finish.send(());
-            let _ = task.await;
+        for (finish, _) in &self.outputs {
+            finish.store(true, Ordering::Release);
         }
+        let threads: Vec<_> = self.outputs.into_iter().map(|(_, t)| t).collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
     }
 }
 
+/// How long an output pump waits for data before it looks whether it is told to finish.
+const FINISH_POLL_MS: u16 = 50;
+
 /// Writes queued chunks to the child's stdin, granting the window back as the pipe takes
 /// them; closes the pipe once the feed ends.
-async fn pump_in(
-    mut pipe: pipe::Sender,
+fn pump_in(
+    pipe: OwnedFd,
     mut chunks: mpsc::UnboundedReceiver<Vec<u8>>,
     outstanding: Arc<AtomicUsize>,
     events: mpsc::Sender<Event>,
 ) {
+    let mut pipe = std::fs::File::from(pipe);
     let mut open = true;
-    while let Some(chunk) = chunks.recv().await {
+    while let Some(chunk) = chunks.blocking_recv() {
         // A child that closed its stdin makes the rest go nowhere: the client is not told,
         // as a terminal would not tell it either, and its window still comes back.
-        if open && pipe.write_all(&chunk).await.is_err() {
+        if open && std::io::Write::write_all(&mut pipe, &chunk).is_err() {
             open = false;
         }
         outstanding.fetch_sub(chunk.len(), Ordering::AcqRel);
         let granted = u32::try_from(chunk.len()).expect("chunks are small");
-        if events.send(Event::StdinWindow(granted)).await.is_err() {
+        if events.blocking_send(Event::StdinWindow(granted)).is_err() {
             return;
         }
     }
 }
 
 /// Sends what the child writes to one pipe as events, until EOF; once told to finish (the
-/// child exited), sends what the pipe holds now and stops.
-async fn pump_out(
-    mut pipe: pipe::Receiver,
+/// child exited), sends what the pipe holds now and stops (a grandchild may keep it open).
+fn pump_out(
+    pipe: OwnedFd,
     wrap: fn(Vec<u8>) -> Event,
     events: mpsc::Sender<Event>,
-    mut finish: oneshot::Receiver<()>,
+    finish: Arc<AtomicBool>,
 ) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let mut buf = vec![0u8; MAX_STDIO_CHUNK];
-    loop {
-        tokio::select! {
-            biased;
-            _ = &mut finish => break,
-            read = pipe.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if events.send(wrap(buf[..n].to_vec())).await.is_err() {
-                        return;
-                    }
+    while !finish.load(Ordering::Acquire) {
+        let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(FINISH_POLL_MS)) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+        match nix::unistd::read(pipe.as_fd(), &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if events.blocking_send(wrap(buf[..n].to_vec())).is_err() {
+                    return;
                 }
-            },
+            }
         }
     }
-    // A read(2) of its own: tokio's reads wait for a readiness the runtime may not have seen
-    // yet when the exit came first. The fd is non-blocking: this stops at EAGAIN or EOF.
+    // What the pipe holds now, without waiting for more.
+    if nix::fcntl::fcntl(
+        pipe.as_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
+    )
+    .is_err()
+    {
+        return;
+    }
     for _ in 0..DRAIN_READS {
         match nix::unistd::read(pipe.as_fd(), &mut buf) {
             Ok(n) if n > 0 => {
-                if events.send(wrap(buf[..n].to_vec())).await.is_err() {
+                if events.blocking_send(wrap(buf[..n].to_vec())).is_err() {
                     return;
                 }
             }
