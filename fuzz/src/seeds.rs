@@ -455,6 +455,9 @@ fn anon(start: u64, pages: u64, prot: u8, seed_pages: PageSet) -> Vma {
         shared: false,
         grows_down: false,
         dont_fork: false,
+        may_write: false,
+        locked: false,
+        lock_on_fault: false,
         backing: Backing::Anonymous,
         seed_pages,
     }
@@ -495,6 +498,9 @@ fn runtime_descriptor() -> Descriptor {
         shared: false,
         grows_down: false,
         dont_fork: false,
+        may_write: false,
+        locked: false,
+        lock_on_fault: false,
         backing: Backing::File {
             offset,
             file_pages: pages,
@@ -541,6 +547,7 @@ fn runtime_descriptor() -> Descriptor {
     stack.seed_pages.push_run(29, 4);
     let mut v8 = anon(0x7f00_3000_0000, 16, 3, PageSet::full(16));
     v8.dont_fork = true;
+    v8.locked = true;
     let fd = |fd, flags| FdRef { fd, flags };
     Descriptor {
         seed_id: 0x1234_5678,

@@ -368,6 +368,9 @@ mod tests {
                     shared: false,
                     grows_down: false,
                     dont_fork: true,
+                    may_write: false,
+                    locked: true,
+                    lock_on_fault: false,
                     backing: crate::Backing::Anonymous,
                     seed_pages: PageSet::from_flags([true, false, true, true]),
                 },
@@ -378,6 +381,9 @@ mod tests {
                     shared: false,
                     grows_down: false,
                     dont_fork: false,
+                    may_write: false,
+                    locked: false,
+                    lock_on_fault: false,
                     backing: crate::Backing::File {
                         file: FileIdentity {
                             path: "/bin/x".into(),

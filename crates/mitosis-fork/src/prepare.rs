@@ -174,16 +174,25 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
 
-    // A fork leaves MADV_DONTFORK ranges (V8's heap) out of the twin. Only smaps tells which
-    // ranges those are, and reading it costs milliseconds: it is read only when the twin is
-    // smaller than the seed, and the twin made again with them let through.
+    // A fork leaves MADV_DONTFORK ranges (V8's heap) out of the twin, and VmFlags (locked,
+    // grows down, may be made writable) show only in smaps. Reading it costs milliseconds:
+    // it is read only when something needs it (the twin is smaller than the seed, the seed
+    // has memory locked, or a shared file mapping is read-only), and the twin made again
+    // with the DONTFORK ranges let through.
     let mut snap = snapshot(pid, &[])?;
     let mut maps = twin_maps(&snap);
     let mut dont_fork = Vec::new();
-    if maps.is_ok() && lost_in_twin(&snap) {
-        let lost = fs::read_to_string(format!("/proc/{pid}/smaps"))
-            .map(|s| procfs::parse_dont_fork(&s))
+    let mut smaps = Vec::new();
+    let lost = lost_in_twin(&snap);
+    if let Ok(m) = &maps
+        && (lost || needs_smaps(pid, m) || grows_down_in_twin(&mut snap, m))
+    {
+        smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))
+            .map(|s| procfs::parse_smaps(&s))
             .unwrap_or_default();
+    }
+    if maps.is_ok() && lost {
+        let lost = procfs::dont_fork_of(&smaps);
         if let Some(special) = lost.iter().find(|m| m.special) {
             snap.twin.release(snap.syscall_insn);
             return Err(PrepareError::Unsupported {
@@ -213,7 +222,11 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
         }
     };
     link_mem_files(&mut snap.fds, &maps);
-    match describe(&snap.twin, &maps, seed_id, files, &dont_fork) {
+    let flags = VmaFlags {
+        dont_fork: &dont_fork,
+        smaps: &smaps,
+    };
+    match describe(&snap.twin, &maps, seed_id, files, &flags) {
         Ok(mut descriptor) => {
             descriptor.threads = snap.threads;
             descriptor.process = snap.process;
@@ -233,6 +246,71 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
             snap.twin.release(snap.syscall_insn);
             Err(e)
         }
+    }
+}
+
+/// Whether the seed has state only smaps shows: memory locked (VmLck, read first: cheap), or a
+/// read-only shared file mapping (the file may be open read-write).
+fn needs_smaps(pid: i32, maps: &[MapsEntry]) -> bool {
+    let read_only_shared_file = maps
+        .iter()
+        .any(|m| m.shared && !m.write && m.inode != 0 && m.name.starts_with('/'));
+    read_only_shared_file || procfs::locked_kib(pid).map_or(true, |kib| kib > 0)
+}
+
+/// The kernel's default `stack_guard_gap`: a mapping grows down only while this much stays
+/// free below it.
+const GUARD_GAP: u64 = 256 * PAGE_SIZE;
+
+/// Whether the twin may have a MAP_GROWSDOWN mapping besides the main stack. Only an
+/// anonymous mapping with the guard gap free below it could grow (mmap packs most together:
+/// a process has a few such candidates). For each, the twin (which never runs) is asked for
+/// a page right below it: mmap refuses that hint only within a growsdown mapping's guard gap.
+/// Any doubt (a failed probe) answers yes: smaps then says.
+fn grows_down_in_twin(snap: &mut Snapshot, maps: &[MapsEntry]) -> bool {
+    let insn = snap.syscall_insn;
+    let twin = &mut snap.twin.tracee;
+    let candidates = maps.iter().enumerate().filter(|(i, m)| {
+        let below = i.checked_sub(1).map_or(0, |j| maps[j].end);
+        m.name.is_empty()
+            && !m.shared
+            && m.inode == 0
+            && (m.read || m.write)
+            && m.start.saturating_sub(below) >= GUARD_GAP
+    });
+    for (_, m) in candidates {
+        let hint = m.start - PAGE_SIZE;
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+        let args = [hint, PAGE_SIZE, libc::PROT_NONE as u64, flags, u64::MAX, 0];
+        let Ok(got) = twin.syscall(insn, libc::SYS_mmap, args) else {
+            return true;
+        };
+        if got.ret < 0 {
+            return true;
+        }
+        let unmap = [got.ret as u64, PAGE_SIZE, 0, 0, 0, 0];
+        let unmapped = twin.syscall(insn, libc::SYS_munmap, unmap);
+        if got.ret as u64 != hint || !unmapped.is_ok_and(|r| r.ret == 0) {
+            return true;
+        }
+    }
+    false
+}
+
+/// What the seed's smaps says of its mappings, and the DONTFORK ranges let into the twin.
+struct VmaFlags<'a> {
+    dont_fork: &'a [(u64, u64)],
+    /// Sorted by address; empty when smaps was not read.
+    smaps: &'a [procfs::SmapsVma],
+}
+
+impl VmaFlags<'_> {
+    /// The seed's smaps entry covering `m`, if smaps was read.
+    fn of(&self, m: &MapsEntry) -> Option<&procfs::SmapsVma> {
+        let i = self.smaps.partition_point(|s| s.end <= m.start);
+        self.smaps
+            .get(i)
+            .filter(|s| s.start <= m.start && m.end <= s.end)
     }
 }
 
@@ -528,7 +606,7 @@ fn describe(
     maps: &[MapsEntry],
     seed_id: u64,
     files: &FileCache,
-    dont_fork: &[(u64, u64)],
+    flags: &VmaFlags,
 ) -> Result<Descriptor, PrepareError> {
     let pid = twin.pid();
     let malformed = |r: String| PrepareError::Malformed {
@@ -583,8 +661,18 @@ fn describe(
             }
             _ => {}
         }
-        let dont_fork = dont_fork.iter().any(|&(s, e)| s <= m.start && m.end <= e);
-        vmas.push(describe_vma(twin, m, files, &mut seen, dont_fork)?);
+        let mut vma = describe_vma(twin, m, files, &mut seen)?;
+        vma.dont_fork = flags
+            .dont_fork
+            .iter()
+            .any(|&(s, e)| s <= m.start && m.end <= e);
+        if let Some(f) = flags.of(m) {
+            vma.grows_down |= f.has("gd");
+            vma.may_write |= vma.shared && f.has("mw");
+            vma.locked = f.has("lo");
+            vma.lock_on_fault = f.has("lf");
+        }
+        vmas.push(vma);
     }
     let vdso = match vdso_block {
         Some((block_start, vdso_start, vdso_end)) if vdso_end > 0 => {
@@ -658,7 +746,6 @@ fn describe_vma(
     m: &MapsEntry,
     files: &FileCache,
     seen: &mut Seen,
-    dont_fork: bool,
 ) -> Result<Vma, PrepareError> {
     let pid = twin.pid();
     let pages = ((m.end - m.start) / PAGE_SIZE) as usize;
@@ -748,7 +835,10 @@ fn describe_vma(
         prot,
         shared: m.shared,
         grows_down: m.name == "[stack]",
-        dont_fork,
+        dont_fork: false,
+        may_write: m.shared && m.write,
+        locked: false,
+        lock_on_fault: false,
         backing,
         seed_pages,
     })

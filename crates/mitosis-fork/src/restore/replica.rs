@@ -355,6 +355,9 @@ fn join_batch(join: &JoinSpec) -> Batch {
     b
 }
 
+/// mlock2's flag: lock pages as they fault in rather than now.
+const MLOCK_ONFAULT: u64 = 1;
+
 /// The batch each child runs right after the fork (and its join): die with the daemon, take
 /// its stdio (and listening socket) from the replica's channel, drop the channel, give shared
 /// memory a fresh mapping of its own, register the main thread's robust list, and recreate
@@ -418,6 +421,15 @@ fn child_batch(chan_fd: i32, plan: &Plan, files: &BTreeSet<i32>, listener: bool)
             libc::SYS_madvise,
             &[m.start.into(), m.len.into(), libc::MADV_DONTFORK.into()],
             format!("keep {:#x} out of the child's own forks", m.start),
+        );
+    }
+    // A fork does not pass locks on. Locked on fault: populating now would fault on pages
+    // nobody serves until the child runs; they come in when touched, and stay.
+    for m in plan.maps.iter().filter(|m| m.locked) {
+        b.call(
+            libc::SYS_mlock2,
+            &[m.start.into(), m.len.into(), MLOCK_ONFAULT.into()],
+            format!("lock {:#x}-{:#x}", m.start, m.start + m.len),
         );
     }
     kernel_state::robust_list_call(&mut b, &plan.threads[0]);
@@ -767,6 +779,7 @@ mod tests {
             offset: 0,
             dont_fork: false,
             mem_file: false,
+            locked: false,
         };
         super::super::plan::sample(vec![shared], files)
     }
