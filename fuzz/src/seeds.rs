@@ -606,6 +606,16 @@ fn runtime_descriptor() -> Descriptor {
                 value_ns: 2_000_000_000,
                 interval_ns: 500_000_000,
             }],
+            zombies: vec![
+                mitosis_descriptor::Zombie {
+                    pid: 4100,
+                    status: 3 << 8,
+                },
+                mitosis_descriptor::Zombie {
+                    pid: 4101,
+                    status: 15,
+                },
+            ],
         },
         mm: MmFields {
             start_code: 0x5555_5540_0000,

@@ -77,3 +77,14 @@ fn a_growsdown_mapping_still_grows() {
     assert!(seed.contains("gd=1 grew=1 value=1"), "{seed}");
     assert_eq!(child, seed);
 }
+
+#[test]
+fn exited_children_are_there_to_reap() {
+    let (seed, child) = seed_and_child(env!("ZOMBIES_BIN"), &[]);
+    assert!(
+        seed.contains("exit=7 signal=15 sigchld_pending=0")
+            && seed.contains("end=No child processes"),
+        "{seed}"
+    );
+    assert_eq!(child, seed);
+}

@@ -42,6 +42,8 @@ const SIGINFO_LEN: usize = 128;
 /// More than any RLIMIT_SIGPENDING a descriptor should carry.
 const MAX_PENDING: usize = 64 * 1024;
 const MAX_POSIX_TIMERS: usize = 64 * 1024;
+/// More unreaped children than a seed should have (each child makes them again).
+pub const MAX_ZOMBIES: usize = 1024;
 /// RLIMIT_NLIMITS on Linux.
 const RLIMITS: u8 = 16;
 
@@ -187,6 +189,14 @@ fn validate_threads(d: &Descriptor) -> Result<(), DecodeError> {
     };
     if p.posix_timers.len() > MAX_POSIX_TIMERS || !p.posix_timers.iter().all(timer_ok) {
         return Err(Invalid("a POSIX timer is malformed"));
+    }
+    // An exit code, or a signal (no core dump) that ends a process.
+    let zombie_ok = |z: &crate::Zombie| {
+        let (code, sig) = ((z.status >> 8) & 0xff, z.status & 0x7f);
+        z.status & !0xff7f == 0 && (sig == 0 || (code == 0 && sig != 0x7f))
+    };
+    if p.zombies.len() > MAX_ZOMBIES || !p.zombies.iter().all(zombie_ok) {
+        return Err(Invalid("an exited child is malformed"));
     }
     let bad_signal = |s: u8| s == 0 || s > 64 || s == 9 || s == 19;
     if p.sigactions.iter().any(|a| bad_signal(a.signal)) {

@@ -146,6 +146,18 @@ pub struct ProcessState {
     pub itimers: Vec<IntervalTimer>,
     /// POSIX timers (a fork does not pass them on).
     pub posix_timers: Vec<PosixTimer>,
+    /// Children of the seed that exited and were not reaped: each child has such a child,
+    /// with the same status, for its own wait() to reap.
+    pub zombies: Vec<Zombie>,
+}
+
+/// An exited, unreaped child of the seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Zombie {
+    /// Its pid in the seed's view, for inspection: the child's zombie gets a pid of its own.
+    pub pid: i32,
+    /// Its status as wait() reports it: an exit code, or a signal without a core dump.
+    pub status: i32,
 }
 
 pub const SIG_IGN: u64 = 1;

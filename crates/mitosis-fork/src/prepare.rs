@@ -221,6 +221,13 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
             return Err(e);
         }
     };
+    match capture::children::zombies(pid, snap.twin.pid(), &snap.process.sigactions) {
+        Ok(zombies) => snap.process.zombies = zombies,
+        Err(e) => {
+            snap.twin.release(snap.syscall_insn);
+            return Err(e);
+        }
+    }
     link_mem_files(&mut snap.fds, &maps);
     let flags = VmaFlags {
         dont_fork: &dont_fork,

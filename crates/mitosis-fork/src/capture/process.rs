@@ -132,6 +132,7 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
         pending: Vec::new(),
         itimers: Vec::new(),
         posix_timers: Vec::new(),
+        zombies: Vec::new(),
     })
 }
 
