@@ -606,6 +606,15 @@ fn runtime_descriptor() -> Descriptor {
                 value_ns: 2_000_000_000,
                 interval_ns: 500_000_000,
             }],
+            sched: mitosis_descriptor::Scheduling {
+                nice: 5,
+                policy: 3,
+                rt_priority: 0,
+                ioprio: (2 << 13) | 6,
+                mce_kill: 1,
+                oom_score_adj: 123,
+                coredump_filter: 0x3f,
+            },
             zombies: vec![
                 mitosis_descriptor::Zombie {
                     pid: 4100,

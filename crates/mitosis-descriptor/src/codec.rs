@@ -190,6 +190,18 @@ fn validate_threads(d: &Descriptor) -> Result<(), DecodeError> {
     if p.posix_timers.len() > MAX_POSIX_TIMERS || !p.posix_timers.iter().all(timer_ok) {
         return Err(Invalid("a POSIX timer is malformed"));
     }
+    let sched = &p.sched;
+    let sched_ok = (-20..=19).contains(&sched.nice)
+        && matches!(sched.policy, 0..=3 | 5)
+        && sched.rt_priority <= 99
+        && (sched.rt_priority == 0) == !matches!(sched.policy, 1 | 2)
+        && sched.ioprio >> 13 <= 3
+        && sched.mce_kill <= 2
+        && (-1000..=1000).contains(&sched.oom_score_adj)
+        && sched.coredump_filter <= 0x1ff;
+    if !sched_ok {
+        return Err(Invalid("the scheduling settings are out of range"));
+    }
     // An exit code, or a signal (no core dump) that ends a process.
     let zombie_ok = |z: &crate::Zombie| {
         let (code, sig) = ((z.status >> 8) & 0xff, z.status & 0x7f);

@@ -90,6 +90,8 @@ pub struct Replica {
     continuation: Continuation,
     /// The main thread and the process batch, until [`Replica::finish`] ran them.
     unfinished: Option<(Thread, Placed)>,
+    /// What the daemon writes for the replica through /proc (forks inherit it).
+    sched: mitosis_descriptor::Scheduling,
 }
 
 /// What a new replica hands to the async side.
@@ -176,6 +178,7 @@ pub fn build(
             suspend_seccomp: confine::any_filters(&plan.threads),
             continuation: Continuation::of(&plan.process, &plan.threads),
             unfinished: Some((main, placed.process)),
+            sched: plan.process.sched,
         },
         uffd,
         pending: plan.pending,
@@ -195,6 +198,8 @@ impl Replica {
         let tracee = &mut self.spawned.tracee;
         build::load_main_thread(tracee, &main, self.at)?;
         run_batch(tracee, self.at, &process)?;
+        kernel_state::write_proc_settings(self.spawned.pid, &self.sched)?;
+        let tracee = &mut self.spawned.tracee;
         // Forks must stop us so each child is traced from its first instruction; children
         // inherit the options, and with TRACECLONE the threads they start are traced too.
         tracee
