@@ -119,3 +119,75 @@ fn writeln_seed(seed: &mut Seed, line: &str) {
     use std::io::Write;
     writeln!(seed.stdin, "{line}").expect("write to seed");
 }
+
+/// The special mappings (vDSO, vvar, vsyscall) of `pid`, as /proc/PID/maps names them, with
+/// their sizes, in order.
+fn special_maps(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let name = l.split_whitespace().nth(5)?;
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            let pages =
+                (u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?) / 4096;
+            (name.starts_with("[v")).then(|| format!("{a} {name}:{pages}"))
+        })
+        .collect()
+}
+
+#[test]
+fn the_vdso_and_vvar_mappings_are_the_seeds() {
+    for (bin, args) in [
+        (env!("SELFVIEW_BIN").to_string(), vec![]),
+        (
+            "python3".to_string(),
+            vec![concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/python/seed_fn.py").to_string()],
+        ),
+        (
+            "node".to_string(),
+            vec![concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/node/fn.js").to_string()],
+        ),
+    ] {
+        let tb = testbed(2);
+        let mut cmd = tb.host(0).command(&bin);
+        cmd.args(&args);
+        let seed = Seed::start(cmd);
+        let handle = prepare(&tb, 0, seed.pid());
+        let (cli_child, stdin) = spawn_cli(&tb, 1, &["resume", &handle]);
+        let child = running_child(&tb, 1, seed.pid());
+        let (want, got) = (special_maps(seed.pid()), special_maps(child));
+        drop(stdin);
+        let _ = wait_output(cli_child, std::time::Duration::from_secs(20));
+        drop(seed);
+        teardown(tb);
+        assert_eq!(got, want, "{bin}");
+    }
+}
+
+/// The child of `seed` running on `host`: a process of the host's daemon with the seed's
+/// name that is not its replica, and no longer traced (a replica always is).
+fn running_child(tb: &mitosis_testbed::Testbed, host: usize, seed: i32) -> i32 {
+    let daemon = tb.host(host).daemon_pid().expect("the host's daemon");
+    let comm = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let name = comm(seed);
+    let mut found = None;
+    assert!(
+        eventually(std::time::Duration::from_secs(20), || {
+            let replicas = replica_pids(tb, host);
+            found = processes_with_parent(daemon)
+                .into_iter()
+                .find(|&p| !replicas.contains(&p) && comm(p) == name && !traced(p));
+            found.is_some()
+        }),
+        "no child of the seed on host {host}"
+    );
+    found.expect("found")
+}
+
+fn traced(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+}
