@@ -60,15 +60,16 @@ pub fn zombies(pid: i32, twin: i32, sigactions: &[SigAction]) -> Result<Vec<Zomb
         else {
             continue;
         };
+        // Invisible to wait() without __WALL, as a twin (another prepare's, or one a crashed
+        // daemon left behind) is.
+        if stat.exit_signal == 0 {
+            continue;
+        }
         if stat.state != 'Z' {
             return Err(uncarried(format!(
                 "its child process {kid} ({}) is running: a child of the seed cannot have it",
                 stat.comm
             )));
-        }
-        // Invisible to wait() without __WALL, as a twin a crashed daemon left behind is.
-        if stat.exit_signal == 0 {
-            continue;
         }
         if stat.exit_code & CORE_DUMPED != 0 {
             return Err(uncarried(format!(

@@ -173,10 +173,18 @@ fn scheduling(pid: i32, mce_kill: i64, ioprio: i64) -> Result<Scheduling, Prepar
         .map_err(|_| malformed("oom_score_adj"))?;
     let coredump_filter = u32::from_str_radix(read("coredump_filter")?.trim(), 16)
         .map_err(|_| malformed("coredump_filter"))?;
+    let policy = field(41)? as u32;
+    // SCHED_DEADLINE needs sched_setattr with its runtime and period, which /proc lacks.
+    if policy == 6 {
+        return Err(PrepareError::Uncarried {
+            pid,
+            what: "it runs under SCHED_DEADLINE".into(),
+        });
+    }
     Ok(Scheduling {
         nice: field(19)? as i8,
         rt_priority: field(40)? as u32,
-        policy: field(41)? as u32,
+        policy,
         // Unknown (an older kernel refusing the call) reads as the default.
         ioprio: ioprio.max(0) as u32,
         mce_kill: if (0..=1).contains(&mce_kill) {

@@ -428,15 +428,6 @@ fn child_batch(chan_fd: i32, plan: &Plan, files: &BTreeSet<i32>, listener: bool)
             format!("keep {:#x} out of the child's own forks", m.start),
         );
     }
-    // A fork does not pass locks on. Locked on fault: populating now would fault on pages
-    // nobody serves until the child runs; they come in when touched, and stay.
-    for m in plan.maps.iter().filter(|m| m.locked) {
-        b.call(
-            libc::SYS_mlock2,
-            &[m.start.into(), m.len.into(), MLOCK_ONFAULT.into()],
-            format!("lock {:#x}-{:#x}", m.start, m.start + m.len),
-        );
-    }
     kernel_state::robust_list_call(&mut b, &plan.threads[0]);
     // Process-wide, but a fork does not pass it on.
     if plan.process.child_subreaper {
@@ -447,6 +438,16 @@ fn child_batch(chan_fd: i32, plan: &Plan, files: &BTreeSet<i32>, listener: bool)
         );
     }
     kernel_state::object_calls(&mut b, &plan.objects, &open);
+    // After every mapping is in place (a memfd's replaces its placeholder).
+    // A fork does not pass locks on. Locked on fault: populating now would fault on pages
+    // nobody serves until the child runs; they come in when touched, and stay.
+    for m in plan.maps.iter().filter(|m| m.locked) {
+        b.call(
+            libc::SYS_mlock2,
+            &[m.start.into(), m.len.into(), MLOCK_ONFAULT.into()],
+            format!("lock {:#x}-{:#x}", m.start, m.start + m.len),
+        );
+    }
     b
 }
 
