@@ -8,3 +8,4 @@ mod memfiles;
 pub mod process;
 pub mod threads;
 pub mod timers;
+pub mod vmflags;
