@@ -55,7 +55,9 @@ fn main() {
 }
 
 /// `fixtures/NAME.c` for tests/fidelity.rs, exported as `env!("NAME_BIN")`.
-const FIDELITY: &[&str] = &["pipes", "memfiles", "cmdline"];
+const FIDELITY: &[&str] = &[
+    "pipes", "memfiles", "cmdline", "mapflags", "zombies", "selfview",
+];
 
 /// Compiles `fixtures/NAME.c` into `out_dir/NAME` with `-O2 -g -Wall -Wextra`; `flags` go
 /// before the source, `libs` after it. Compiler warnings become cargo warnings.

@@ -464,6 +464,9 @@ fn anon(start: u64, pages: u64, prot: u8, seed_pages: PageSet) -> Vma {
         shared: false,
         grows_down: false,
         dont_fork: false,
+        may_write: false,
+        locked: false,
+        lock_on_fault: false,
         backing: Backing::Anonymous,
         seed_pages,
     }
@@ -504,6 +507,9 @@ fn runtime_descriptor() -> Descriptor {
         shared: false,
         grows_down: false,
         dont_fork: false,
+        may_write: false,
+        locked: false,
+        lock_on_fault: false,
         backing: Backing::File {
             offset,
             file_pages: pages,
@@ -550,6 +556,7 @@ fn runtime_descriptor() -> Descriptor {
     stack.seed_pages.push_run(29, 4);
     let mut v8 = anon(0x7f00_3000_0000, 16, 3, PageSet::full(16));
     v8.dont_fork = true;
+    v8.locked = true;
     let fd = |fd, flags| FdRef { fd, flags };
     Descriptor {
         seed_id: 0x1234_5678,
@@ -608,6 +615,25 @@ fn runtime_descriptor() -> Descriptor {
                 value_ns: 2_000_000_000,
                 interval_ns: 500_000_000,
             }],
+            sched: mitosis_descriptor::Scheduling {
+                nice: 5,
+                policy: 3,
+                rt_priority: 0,
+                ioprio: (2 << 13) | 6,
+                mce_kill: 1,
+                oom_score_adj: 123,
+                coredump_filter: 0x3f,
+            },
+            zombies: vec![
+                mitosis_descriptor::Zombie {
+                    pid: 4100,
+                    status: 3 << 8,
+                },
+                mitosis_descriptor::Zombie {
+                    pid: 4101,
+                    status: 15,
+                },
+            ],
         },
         mm: MmFields {
             start_code: 0x5555_5540_0000,

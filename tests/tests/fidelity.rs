@@ -52,3 +52,39 @@ fn the_command_line_and_environment_read_the_same() {
     assert!(seed.contains("=worker|||||"), "{seed}");
     assert_eq!(child, seed);
 }
+
+#[test]
+fn a_shared_file_mapping_keeps_the_access_its_file_was_opened_with() {
+    let dir = Scratch::new("mapflags-rw");
+    let (seed, child) = seed_and_child(env!("MAPFLAGS_BIN"), &["rwfile", dir.0.to_str().unwrap()]);
+    assert!(seed.contains("mprotect=0 errno=0 wrote=1 mw=1"), "{seed}");
+    assert_eq!(child, seed);
+}
+
+#[test]
+fn locked_memory_stays_locked() {
+    let (seed, child) = seed_and_child(env!("MAPFLAGS_BIN"), &["locked"]);
+    assert!(
+        seed.contains("VmLck=24 kB mlock_lo=1 map_locked_lo=1"),
+        "{seed}"
+    );
+    assert_eq!(child, seed);
+}
+
+#[test]
+fn a_growsdown_mapping_still_grows() {
+    let (seed, child) = seed_and_child(env!("MAPFLAGS_BIN"), &["growsdown"]);
+    assert!(seed.contains("gd=1 grew=1 value=1"), "{seed}");
+    assert_eq!(child, seed);
+}
+
+#[test]
+fn exited_children_are_there_to_reap() {
+    let (seed, child) = seed_and_child(env!("ZOMBIES_BIN"), &[]);
+    assert!(
+        seed.contains("exit=7 signal=15 sigchld_pending=0")
+            && seed.contains("end=No child processes"),
+        "{seed}"
+    );
+    assert_eq!(child, seed);
+}

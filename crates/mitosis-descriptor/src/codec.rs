@@ -42,6 +42,8 @@ const SIGINFO_LEN: usize = 128;
 /// More than any RLIMIT_SIGPENDING a descriptor should carry.
 const MAX_PENDING: usize = 64 * 1024;
 const MAX_POSIX_TIMERS: usize = 64 * 1024;
+/// More unreaped children than a seed should have (each child makes them again).
+pub const MAX_ZOMBIES: usize = 1024;
 /// RLIMIT_NLIMITS on Linux.
 const RLIMITS: u8 = 16;
 
@@ -187,6 +189,26 @@ fn validate_threads(d: &Descriptor) -> Result<(), DecodeError> {
     };
     if p.posix_timers.len() > MAX_POSIX_TIMERS || !p.posix_timers.iter().all(timer_ok) {
         return Err(Invalid("a POSIX timer is malformed"));
+    }
+    let sched = &p.sched;
+    let sched_ok = (-20..=19).contains(&sched.nice)
+        && matches!(sched.policy, 0..=3 | 5)
+        && sched.rt_priority <= 99
+        && (sched.rt_priority == 0) == !matches!(sched.policy, 1 | 2)
+        && sched.ioprio >> 13 <= 3
+        && sched.mce_kill <= 2
+        && (-1000..=1000).contains(&sched.oom_score_adj)
+        && sched.coredump_filter <= 0x1ff;
+    if !sched_ok {
+        return Err(Invalid("the scheduling settings are out of range"));
+    }
+    // An exit code, or a signal (no core dump) that ends a process.
+    let zombie_ok = |z: &crate::Zombie| {
+        let (code, sig) = ((z.status >> 8) & 0xff, z.status & 0x7f);
+        z.status & !0xff7f == 0 && (sig == 0 || (code == 0 && sig != 0x7f))
+    };
+    if p.zombies.len() > MAX_ZOMBIES || !p.zombies.iter().all(zombie_ok) {
+        return Err(Invalid("an exited child is malformed"));
     }
     let bad_signal = |s: u8| s == 0 || s > 64 || s == 9 || s == 19;
     if p.sigactions.iter().any(|a| bad_signal(a.signal)) {
@@ -368,6 +390,9 @@ mod tests {
                     shared: false,
                     grows_down: false,
                     dont_fork: true,
+                    may_write: false,
+                    locked: true,
+                    lock_on_fault: false,
                     backing: crate::Backing::Anonymous,
                     seed_pages: PageSet::from_flags([true, false, true, true]),
                 },
@@ -378,6 +403,9 @@ mod tests {
                     shared: false,
                     grows_down: false,
                     dont_fork: false,
+                    may_write: false,
+                    locked: false,
+                    lock_on_fault: false,
                     backing: crate::Backing::File {
                         file: FileIdentity {
                             path: "/bin/x".into(),

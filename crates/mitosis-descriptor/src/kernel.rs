@@ -146,6 +146,56 @@ pub struct ProcessState {
     pub itimers: Vec<IntervalTimer>,
     /// POSIX timers (a fork does not pass them on).
     pub posix_timers: Vec<PosixTimer>,
+    /// How the kernel schedules and ranks the process.
+    pub sched: Scheduling,
+    /// Children of the seed that exited and were not reaped: each child has such a child,
+    /// with the same status, for its own wait() to reap.
+    pub zombies: Vec<Zombie>,
+}
+
+/// Scheduling, I/O priority and how the kernel treats the process under memory pressure or
+/// memory errors: forks inherit all of it, so the replica takes it once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scheduling {
+    /// The main thread's nice value (-20..19).
+    pub nice: i8,
+    /// `sched_getscheduler`: SCHED_OTHER, SCHED_BATCH, SCHED_IDLE, SCHED_FIFO, SCHED_RR.
+    pub policy: u32,
+    pub rt_priority: u32,
+    /// `ioprio_get` of the main thread (class << 13 | level; 0: none set).
+    pub ioprio: u32,
+    /// `prctl(PR_MCE_KILL_GET)`: 0 late, 1 early, 2 the system's default.
+    pub mce_kill: u8,
+    /// /proc/PID/oom_score_adj (-1000..1000).
+    pub oom_score_adj: i16,
+    /// /proc/PID/coredump_filter.
+    pub coredump_filter: u32,
+}
+
+/// The kernel's values for a process that changed none of them.
+pub const DEFAULT_SCHEDULING: Scheduling = Scheduling {
+    nice: 0,
+    policy: 0,
+    rt_priority: 0,
+    ioprio: 0,
+    mce_kill: 2,
+    oom_score_adj: 0,
+    coredump_filter: 0x33,
+};
+
+impl Default for Scheduling {
+    fn default() -> Self {
+        DEFAULT_SCHEDULING
+    }
+}
+
+/// An exited, unreaped child of the seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Zombie {
+    /// Its pid in the seed's view, for inspection: the child's zombie gets a pid of its own.
+    pub pid: i32,
+    /// Its status as wait() reports it: an exit code, or a signal without a core dump.
+    pub status: i32,
 }
 
 pub const SIG_IGN: u64 = 1;

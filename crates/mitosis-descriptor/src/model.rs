@@ -100,10 +100,17 @@ pub struct Vma {
     pub prot: u8,
     /// MAP_SHARED rather than MAP_PRIVATE.
     pub shared: bool,
-    /// The main thread's stack, which grows down.
+    /// Grows down (the main thread's stack, or MAP_GROWSDOWN: smaps `gd`).
     pub grows_down: bool,
     /// Marked MADV_DONTFORK in the seed (V8 marks its heap so): children mark it again.
     pub dont_fork: bool,
+    /// A shared file mapping that may be made writable (smaps `mw`: the seed opened the file
+    /// read-write), even if it is not writable now: the child opens the file so too.
+    pub may_write: bool,
+    /// mlock'd or MAP_LOCKED in the seed (smaps `lo`): each child locks it again.
+    pub locked: bool,
+    /// Locked with MLOCK_ONFAULT (smaps `lf`).
+    pub lock_on_fault: bool,
     pub backing: Backing,
     /// Pages whose content must come from the seed: for anonymous memory every page that
     /// exists; for a private file mapping the pages the seed wrote (no longer the file's).

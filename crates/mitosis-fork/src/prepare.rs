@@ -24,7 +24,7 @@ use mitosis_sys::mem::{PageState, RemoteMemory, StateRun};
 use mitosis_sys::ptrace::{self, Regs, Tracee};
 use thiserror::Error;
 
-use crate::capture::{self, threads};
+use crate::capture::{self, threads, vmflags};
 use crate::filecache::FileCache;
 use crate::procfs::{self, MapsEntry};
 use crate::regs::{RestartFor, resume_point};
@@ -174,16 +174,27 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
 
-    // A fork leaves MADV_DONTFORK ranges (V8's heap) out of the twin. Only smaps tells which
-    // ranges those are, and reading it costs milliseconds: it is read only when the twin is
-    // smaller than the seed, and the twin made again with them let through.
+    // A fork leaves MADV_DONTFORK ranges (V8's heap) out of the twin, and VmFlags (locked,
+    // grows down, may be made writable) show only in smaps. Reading it costs milliseconds:
+    // it is read only when something needs it (the twin is smaller than the seed, the seed
+    // has memory locked, or a shared file mapping is read-only), and the twin made again
+    // with the DONTFORK ranges let through.
     let mut snap = snapshot(pid, &[])?;
     let mut maps = twin_maps(&snap);
     let mut dont_fork = Vec::new();
-    if maps.is_ok() && lost_in_twin(&snap) {
-        let lost = fs::read_to_string(format!("/proc/{pid}/smaps"))
-            .map(|s| procfs::parse_dont_fork(&s))
+    let mut smaps = Vec::new();
+    let lost = lost_in_twin(&snap);
+    if let Ok(m) = &maps
+        && (lost
+            || vmflags::needs_smaps(pid, m)
+            || vmflags::grows_down_in_twin(&mut snap.twin.tracee, snap.syscall_insn, m))
+    {
+        smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))
+            .map(|s| procfs::parse_smaps(&s))
             .unwrap_or_default();
+    }
+    if maps.is_ok() && lost {
+        let lost = procfs::dont_fork_of(&smaps);
         if let Some(special) = lost.iter().find(|m| m.special) {
             snap.twin.release(snap.syscall_insn);
             return Err(PrepareError::Unsupported {
@@ -212,8 +223,19 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
             return Err(e);
         }
     };
+    match capture::children::zombies(pid, snap.twin.pid(), &snap.process.sigactions) {
+        Ok(zombies) => snap.process.zombies = zombies,
+        Err(e) => {
+            snap.twin.release(snap.syscall_insn);
+            return Err(e);
+        }
+    }
     link_mem_files(&mut snap.fds, &maps);
-    match describe(&snap.twin, &maps, seed_id, files, &dont_fork) {
+    let flags = vmflags::VmaFlags {
+        dont_fork: &dont_fork,
+        smaps: &smaps,
+    };
+    match describe(&snap.twin, &maps, seed_id, files, &flags) {
         Ok(mut descriptor) => {
             descriptor.threads = snap.threads;
             descriptor.process = snap.process;
@@ -528,7 +550,7 @@ fn describe(
     maps: &[MapsEntry],
     seed_id: u64,
     files: &FileCache,
-    dont_fork: &[(u64, u64)],
+    flags: &vmflags::VmaFlags,
 ) -> Result<Descriptor, PrepareError> {
     let pid = twin.pid();
     let malformed = |r: String| PrepareError::Malformed {
@@ -583,8 +605,18 @@ fn describe(
             }
             _ => {}
         }
-        let dont_fork = dont_fork.iter().any(|&(s, e)| s <= m.start && m.end <= e);
-        vmas.push(describe_vma(twin, m, files, &mut seen, dont_fork)?);
+        let mut vma = describe_vma(twin, m, files, &mut seen)?;
+        vma.dont_fork = flags
+            .dont_fork
+            .iter()
+            .any(|&(s, e)| s <= m.start && m.end <= e);
+        if let Some(f) = flags.of(m) {
+            vma.grows_down |= f.has("gd");
+            vma.may_write |= vma.shared && f.has("mw");
+            vma.locked = f.has("lo");
+            vma.lock_on_fault = f.has("lf");
+        }
+        vmas.push(vma);
     }
     let vdso = match vdso_block {
         Some((block_start, vdso_start, vdso_end)) if vdso_end > 0 => {
@@ -658,7 +690,6 @@ fn describe_vma(
     m: &MapsEntry,
     files: &FileCache,
     seen: &mut Seen,
-    dont_fork: bool,
 ) -> Result<Vma, PrepareError> {
     let pid = twin.pid();
     let pages = ((m.end - m.start) / PAGE_SIZE) as usize;
@@ -748,7 +779,10 @@ fn describe_vma(
         prot,
         shared: m.shared,
         grows_down: m.name == "[stack]",
-        dont_fork,
+        dont_fork: false,
+        may_write: m.shared && m.write,
+        locked: false,
+        lock_on_fault: false,
         backing,
         seed_pages,
     })

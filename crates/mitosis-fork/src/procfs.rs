@@ -139,15 +139,29 @@ pub struct DontFork {
     pub special: bool,
 }
 
-/// The mappings of an smaps text that fork does not copy.
-pub fn parse_dont_fork(smaps: &str) -> Vec<DontFork> {
-    let mut current: Option<DontFork> = None;
+/// One mapping of an smaps text and its `VmFlags` (two-letter codes: `dc`, `lo`, `gd`...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmapsVma {
+    pub start: u64,
+    pub end: u64,
+    pub name: String,
+    pub flags: Vec<String>,
+}
+
+impl SmapsVma {
+    pub fn has(&self, flag: &str) -> bool {
+        self.flags.iter().any(|f| f == flag)
+    }
+}
+
+/// Every mapping of an smaps text with its flags.
+pub fn parse_smaps(smaps: &str) -> Vec<SmapsVma> {
+    let mut current: Option<SmapsVma> = None;
     let mut out = Vec::new();
     for line in smaps.lines() {
         if let Some(flags) = line.strip_prefix("VmFlags:") {
-            let flags: Vec<&str> = flags.split_whitespace().collect();
-            if let Some(mut m) = current.take().filter(|_| flags.contains(&"dc")) {
-                m.special |= flags.iter().any(|f| *f == "io" || *f == "pf");
+            if let Some(mut m) = current.take() {
+                m.flags = flags.split_whitespace().map(str::to_string).collect();
                 out.push(m);
             }
         } else if let Some((span, rest)) = line.split_once(' ') {
@@ -164,16 +178,40 @@ pub fn parse_dont_fork(smaps: &str) -> Vec<DontFork> {
                     .skip(4)
                     .collect::<Vec<_>>()
                     .join(" ");
-                current = Some(DontFork {
+                current = Some(SmapsVma {
                     start,
                     end,
-                    special: name.starts_with("anon_inode:"),
                     name,
+                    flags: Vec::new(),
                 });
             }
         }
     }
     out
+}
+
+/// The mappings of parsed smaps that fork does not copy.
+pub fn dont_fork_of(smaps: &[SmapsVma]) -> Vec<DontFork> {
+    smaps
+        .iter()
+        .filter(|m| m.has("dc"))
+        .map(|m| DontFork {
+            start: m.start,
+            end: m.end,
+            name: m.name.clone(),
+            special: m.name.starts_with("anon_inode:") || m.has("io") || m.has("pf"),
+        })
+        .collect()
+}
+
+/// `VmLck` of /proc/PID/status in kB: memory the process has locked.
+pub fn locked_kib(pid: i32) -> io::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0))
 }
 
 /// `pos` and `flags` of an open file description, from /proc/PID/fdinfo/FD.
@@ -206,7 +244,7 @@ VmFlags: rd wr mr mw me ac sd \n\
 VmFlags: rd wr sh mr mw ms pf io dc de dd \n\
 7fb000000000-7fb000001000 rw-s 00000000 00:05 77                         /dev/some dev\n\
 VmFlags: rd wr sh mr mw ms io dc \n";
-        let found = parse_dont_fork(smaps);
+        let found = dont_fork_of(&parse_smaps(smaps));
         let brief: Vec<(u64, &str, bool)> = found
             .iter()
             .map(|m| (m.start, m.name.as_str(), m.special))
@@ -220,6 +258,22 @@ VmFlags: rd wr sh mr mw ms io dc \n";
             ]
         );
         assert_eq!(found[0].end, 0x7f00_0000_4000);
+    }
+
+    #[test]
+    fn smaps_flags_of_each_mapping() {
+        let smaps = "\
+7f0000000000-7f0000004000 rw-p 00000000 00:00 0 \n\
+Locked:               16 kB\n\
+VmFlags: rd wr mr mw me lo ac gd \n\
+7f0000004000-7f0000006000 r--s 00000000 fe:00 12                         /srv/a file\n\
+VmFlags: rd sh mr mw me ms \n";
+        let vmas = parse_smaps(smaps);
+        assert_eq!(vmas.len(), 2);
+        assert!(vmas[0].has("lo") && vmas[0].has("gd") && !vmas[0].has("lf"));
+        assert_eq!(vmas[1].name, "/srv/a file");
+        assert!(vmas[1].has("mw") && !vmas[1].has("wr"));
+        assert!(dont_fork_of(&vmas).is_empty());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::fs;
 
-use mitosis_descriptor::{ProcessState, Rlimit, SIG_IGN, SigAction};
+use mitosis_descriptor::{ProcessState, Rlimit, SIG_IGN, Scheduling, SigAction};
 use mitosis_sys::mem::RemoteMemory;
 use mitosis_sys::ptrace::Tracee;
 use mitosis_sys::task;
@@ -85,6 +85,13 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
         0xffff_ffff,
         "reading the personality",
     )?;
+    let mce_kill = ask(
+        libc::SYS_prctl,
+        libc::PR_MCE_KILL_GET as u64,
+        "reading the memory-error kill policy",
+    )?;
+    // ioprio_get(IOPRIO_WHO_PROCESS, 0): the twin's, copied from the seed's main thread.
+    let ioprio = ask(libc::SYS_ioprio_get, 1, "reading the I/O priority")?;
     twin.set_regs(&saved)
         .map_err(inject("restoring registers"))?;
     if dumpable < 0 {
@@ -132,6 +139,61 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
         pending: Vec::new(),
         itimers: Vec::new(),
         posix_timers: Vec::new(),
+        sched: scheduling(pid, mce_kill, ioprio)?,
+        zombies: Vec::new(),
+    })
+}
+
+/// The seed's scheduling settings: nice, policy and RT priority from its stat, the OOM score
+/// adjustment and core dump filter from /proc, and what the twin answered.
+fn scheduling(pid: i32, mce_kill: i64, ioprio: i64) -> Result<Scheduling, PrepareError> {
+    let read = |name: &str| {
+        let path = format!("/proc/{pid}/{name}");
+        fs::read_to_string(&path).map_err(|source| PrepareError::Proc { path, source })
+    };
+    let malformed = |what: &str| PrepareError::Malformed {
+        pid,
+        reason: crate::prepare::MalformedProc(format!("/proc/{pid}/{what}")),
+    };
+    let stat = read("stat")?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // `fields` starts at field 3 (state): field N is fields[N - 3].
+    let field = |n: usize| -> Result<i64, PrepareError> {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| malformed("stat"))
+    };
+    let oom_score_adj = read("oom_score_adj")?
+        .trim()
+        .parse()
+        .map_err(|_| malformed("oom_score_adj"))?;
+    let coredump_filter = u32::from_str_radix(read("coredump_filter")?.trim(), 16)
+        .map_err(|_| malformed("coredump_filter"))?;
+    let policy = field(41)? as u32;
+    // SCHED_DEADLINE needs sched_setattr with its runtime and period, which /proc lacks.
+    if policy == 6 {
+        return Err(PrepareError::Uncarried {
+            pid,
+            what: "it runs under SCHED_DEADLINE".into(),
+        });
+    }
+    Ok(Scheduling {
+        nice: field(19)? as i8,
+        rt_priority: field(40)? as u32,
+        policy,
+        // Unknown (an older kernel refusing the call) reads as the default.
+        ioprio: ioprio.max(0) as u32,
+        mce_kill: if (0..=1).contains(&mce_kill) {
+            mce_kill as u8
+        } else {
+            2
+        },
+        oom_score_adj,
+        coredump_filter,
     })
 }
 

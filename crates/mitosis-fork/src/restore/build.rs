@@ -551,6 +551,7 @@ mod tests {
             offset: 0,
             dont_fork: false,
             mem_file: false,
+            locked: false,
         }
     }
 

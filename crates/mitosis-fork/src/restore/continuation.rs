@@ -1,8 +1,9 @@
 //! What each child gets at fork time, because it names the child's own ids or must not fire
 //! before the child runs: the seed's pending signals (re-queued with their siginfo, the
-//! process's and each thread's), its interval timers and its POSIX timers (with their ids).
+//! process's and each thread's), its interval timers and its POSIX timers (with their ids),
+//! and its exited, unreaped children.
 
-use mitosis_descriptor::{IntervalTimer, PendingSignal, PosixTimer, ProcessState, Thread};
+use mitosis_descriptor::{IntervalTimer, PendingSignal, PosixTimer, ProcessState, Thread, Zombie};
 use mitosis_sys::mem::RemoteMemory;
 use mitosis_sys::ptrace::Tracee;
 
@@ -23,6 +24,7 @@ pub(crate) struct Continuation {
     timers: Vec<PosixTimer>,
     /// Each thread's own pending signals and signal mask, the main thread first.
     threads: Vec<(Vec<PendingSignal>, u64)>,
+    zombies: Vec<Zombie>,
 }
 
 impl Continuation {
@@ -35,6 +37,7 @@ impl Continuation {
                 .iter()
                 .map(|t| (t.pending.clone(), t.sigmask))
                 .collect(),
+            zombies: process.zombies.clone(),
         }
     }
 
@@ -43,11 +46,12 @@ impl Continuation {
             && self.itimers.is_empty()
             && self.timers.is_empty()
             && self.threads.iter().all(|(p, _)| p.is_empty())
+            && self.zombies.is_empty()
     }
 }
 
 /// A pid or tid as the child's own pid namespace numbers it (the last of `NSpid`).
-fn ns_id(tid: i32) -> Result<i32, RestoreError> {
+pub(super) fn ns_id(tid: i32) -> Result<i32, RestoreError> {
     let step = || RestoreError::Step {
         step: format!("read the namespace id of {tid}"),
         source: std::io::Error::from(std::io::ErrorKind::InvalidData),
@@ -74,6 +78,18 @@ fn split(ns: u64, unit: u64) -> [u64; 2] {
 fn main_batch(c: &Continuation, tids: &[i32]) -> Batch {
     let mut b = Batch::default();
     let tgid = tids[0];
+    if !c.zombies.is_empty() {
+        // The SIGCHLD their exits raised (blocked meanwhile): the seed's own, if it had one
+        // pending, is queued again below.
+        let set = b.bytes(&(1u64 << (libc::SIGCHLD - 1)).to_ne_bytes());
+        let now = b.bytes(&[0; 16]);
+        b.call_expecting(
+            libc::SYS_rt_sigtimedwait,
+            &[set, 0u64.into(), now, 8u64.into()],
+            libc::SIGCHLD as u64,
+            "take the SIGCHLD of the exited children made again",
+        );
+    }
     for t in &c.itimers {
         // Never 0 (that would disarm it): at least one microsecond.
         let [vs, vus] = split(t.value_ns.max(1000), 1000);
@@ -178,7 +194,8 @@ pub(crate) fn run(
     }
     let len: u64 = batches.iter().map(Batch::len).sum();
     let insn = at + trampoline::syscall_offset();
-    let size = len.next_multiple_of(mitosis_sys::PAGE_SIZE);
+    // Room for the zombies' clone_args after the calls.
+    let size = (len + 128).next_multiple_of(mitosis_sys::PAGE_SIZE);
     let step = |step: &str| {
         let step = step.to_string();
         move |source| RestoreError::Step { step, source }
@@ -227,6 +244,10 @@ pub(crate) fn run(
     child
         .set_sigmask(u64::MAX)
         .map_err(step("block every signal"))?;
+    let clone_args = next.next_multiple_of(8);
+    for z in &c.zombies {
+        super::zombies::make(child, insn, &mem, clone_args, z)?;
+    }
     super::replica::run_batch(child, at, &placed[0])?;
     child
         .syscall(insn, libc::SYS_munmap, [mapped as u64, size, 0, 0, 0, 0])

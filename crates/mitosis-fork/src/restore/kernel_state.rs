@@ -88,6 +88,7 @@ pub(crate) fn process_batch(state: &ProcessState, main: &Thread) -> Batch {
         );
     }
     timer_slack_call(&mut b, main);
+    sched_calls(&mut b, &state.sched);
     // Always: without it the replica keeps the stub's alternate stack (Rust's runtime sets
     // one), long unmapped, and a handler with SA_ONSTACK would crash the child.
     let ss = match main.altstack {
@@ -102,6 +103,70 @@ pub(crate) fn process_batch(state: &ProcessState, main: &Thread) -> Batch {
     );
     name_call(&mut b, main);
     b
+}
+
+/// The seed's nice value, policy, I/O priority and memory-error kill policy, which forks
+/// inherit. (Its OOM score adjustment and core dump filter are files: the daemon writes them.)
+fn sched_calls(b: &mut Batch, s: &mitosis_descriptor::Scheduling) {
+    b.call_expecting(
+        libc::SYS_setpriority,
+        &[
+            (libc::PRIO_PROCESS as u64).into(),
+            0u64.into(),
+            (s.nice as i64).into(),
+        ],
+        0,
+        format!("set nice {}", s.nice),
+    );
+    let param = b.bytes(&s.rt_priority.to_ne_bytes());
+    b.call_expecting(
+        libc::SYS_sched_setscheduler,
+        &[0u64.into(), (s.policy as u64).into(), param],
+        0,
+        format!("set scheduling policy {}", s.policy),
+    );
+    b.call_expecting(
+        libc::SYS_ioprio_set,
+        &[1u64.into(), 0u64.into(), (s.ioprio as u64).into()],
+        0,
+        format!("set I/O priority {:#x}", s.ioprio),
+    );
+    let mce = match s.mce_kill {
+        0 | 1 => [libc::PR_MCE_KILL_SET as u64, s.mce_kill as u64],
+        _ => [libc::PR_MCE_KILL_CLEAR as u64, 0],
+    };
+    b.call_expecting(
+        libc::SYS_prctl,
+        &[
+            (libc::PR_MCE_KILL as u64).into(),
+            mce[0].into(),
+            mce[1].into(),
+            0u64.into(),
+            0u64.into(),
+        ],
+        0,
+        "set the memory-error kill policy",
+    );
+}
+
+/// Writes the seed's OOM score adjustment and core dump filter for `pid` (the replica). A
+/// score below the replica's own needs CAP_SYS_RESOURCE: without it the build fails rather
+/// than give children a score their seed did not have.
+pub(crate) fn write_proc_settings(
+    pid: i32,
+    s: &mitosis_descriptor::Scheduling,
+) -> Result<(), super::RestoreError> {
+    for (name, value) in [
+        ("oom_score_adj", s.oom_score_adj.to_string()),
+        ("coredump_filter", format!("{:#x}", s.coredump_filter)),
+    ] {
+        let path = format!("/proc/{pid}/{name}");
+        std::fs::write(&path, value).map_err(|source| super::RestoreError::Step {
+            step: format!("write {path}"),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// What a thread registers for itself: its robust futex list, rseq area and alternate stack.

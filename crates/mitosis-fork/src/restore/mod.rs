@@ -10,6 +10,7 @@ pub mod protocol;
 pub mod replica;
 mod stub_pool;
 pub mod trampoline;
+mod zombies;
 
 pub use build::{RestoreError, StreamedPages, UFFD_FEATURES};
 pub use confine::HostCreds;

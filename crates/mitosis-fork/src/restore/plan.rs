@@ -38,6 +38,8 @@ pub struct MapStep {
     /// A shared mapping of a memfd or deleted file the seed has open: each child maps its own
     /// copy of the file here (see `KernelObject::MemFile`).
     pub mem_file: bool,
+    /// Locked in the seed: each child locks it (not the replica: fork does not pass locks on).
+    pub locked: bool,
 }
 
 impl MapStep {
@@ -155,10 +157,14 @@ pub fn plan(
             offset: 0,
             dont_fork: vma.dont_fork,
             mem_file: mem_file_maps.contains(&vma.start),
+            locked: vma.locked,
         };
         match &vma.backing {
             Backing::File { file, offset, .. } if identical(file) => {
-                let writable_shared = vma.shared && vma.prot & mitosis_descriptor::PROT_WRITE != 0;
+                // The seed's file was open read-write if its shared mapping may be made
+                // writable (even if it is read-only now).
+                let writable_shared =
+                    vma.shared && (vma.may_write || vma.prot & mitosis_descriptor::PROT_WRITE != 0);
                 let mode = if writable_shared {
                     libc::O_RDWR
                 } else {

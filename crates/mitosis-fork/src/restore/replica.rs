@@ -90,6 +90,8 @@ pub struct Replica {
     continuation: Continuation,
     /// The main thread and the process batch, until [`Replica::finish`] ran them.
     unfinished: Option<(Thread, Placed)>,
+    /// What the daemon writes for the replica through /proc (forks inherit it).
+    sched: mitosis_descriptor::Scheduling,
 }
 
 /// What a new replica hands to the async side.
@@ -176,6 +178,7 @@ pub fn build(
             suspend_seccomp: confine::any_filters(&plan.threads),
             continuation: Continuation::of(&plan.process, &plan.threads),
             unfinished: Some((main, placed.process)),
+            sched: plan.process.sched,
         },
         uffd,
         pending: plan.pending,
@@ -195,6 +198,8 @@ impl Replica {
         let tracee = &mut self.spawned.tracee;
         build::load_main_thread(tracee, &main, self.at)?;
         run_batch(tracee, self.at, &process)?;
+        kernel_state::write_proc_settings(self.spawned.pid, &self.sched)?;
+        let tracee = &mut self.spawned.tracee;
         // Forks must stop us so each child is traced from its first instruction; children
         // inherit the options, and with TRACECLONE the threads they start are traced too.
         tracee
@@ -355,6 +360,9 @@ fn join_batch(join: &JoinSpec) -> Batch {
     b
 }
 
+/// mlock2's flag: lock pages as they fault in rather than now.
+const MLOCK_ONFAULT: u64 = 1;
+
 /// The batch each child runs right after the fork (and its join): die with the daemon, take
 /// its stdio (and listening socket) from the replica's channel, drop the channel, give shared
 /// memory a fresh mapping of its own, register the main thread's robust list, and recreate
@@ -430,6 +438,16 @@ fn child_batch(chan_fd: i32, plan: &Plan, files: &BTreeSet<i32>, listener: bool)
         );
     }
     kernel_state::object_calls(&mut b, &plan.objects, &open);
+    // After every mapping is in place (a memfd's replaces its placeholder).
+    // A fork does not pass locks on. Locked on fault: populating now would fault on pages
+    // nobody serves until the child runs; they come in when touched, and stay.
+    for m in plan.maps.iter().filter(|m| m.locked) {
+        b.call(
+            libc::SYS_mlock2,
+            &[m.start.into(), m.len.into(), MLOCK_ONFAULT.into()],
+            format!("lock {:#x}-{:#x}", m.start, m.start + m.len),
+        );
+    }
     b
 }
 
@@ -767,6 +785,7 @@ mod tests {
             offset: 0,
             dont_fork: false,
             mem_file: false,
+            locked: false,
         };
         super::super::plan::sample(vec![shared], files)
     }
