@@ -51,9 +51,10 @@ for line in sys.stdin:
 fn assert_refused(tb: &mitosis_testbed::Testbed, pid: i32, reason: &str) {
     let out = cli(tb, 0, &["prepare", "--pid", &pid.to_string()], "");
     let err = stderr(&out);
+    // 78: refused at prepare (docs/operations.md's exit codes).
     assert_eq!(
         out.status.code(),
-        Some(1),
+        Some(78),
         "{reason}: {err} {}",
         stdout(&out)
     );
