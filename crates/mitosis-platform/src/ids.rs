@@ -5,7 +5,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 
 /// A fresh ULID (26 characters of Crockford base32: 48 bits of milliseconds, 80 random bits),
-/// the form of Fn's app, function and call ids; ids made later sort after earlier ones.
+/// the form of Fn's app, function and call ids; ids made later by this process sort after
+/// earlier ones, in the same millisecond too.
 pub fn ulid() -> String {
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -23,6 +24,17 @@ pub fn ulid() -> String {
     for (i, b) in random.iter().enumerate() {
         value |= u128::from(*b) << (8 * (9 - i));
     }
+    // Monotonic within this process: an id made in the same millisecond as the last one
+    // (its random part may be smaller) is the last one plus one, so later ids sort after.
+    static LAST: std::sync::Mutex<u128> = std::sync::Mutex::new(0);
+    let mut last = LAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if value <= *last {
+        value = *last + 1;
+    }
+    *last = value;
+    drop(last);
     (0..26)
         .rev()
         .map(|i| CROCKFORD[((value >> (5 * i)) & 31) as usize] as char)
@@ -64,6 +76,16 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ids_made_in_one_millisecond_still_sort_in_order() {
+        let ids: Vec<String> = (0..1000).map(|_| super::ulid()).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted);
+        sorted.dedup();
+        assert_eq!(sorted.len(), 1000);
+    }
+
     use super::*;
 
     #[test]
