@@ -205,19 +205,22 @@ fn the_cluster_command_serves_over_tcp_and_tears_down_on_sigint() {
         .unwrap()
         .port();
     let api: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut child = Command::new(bin("mitosis-platform"))
-        .args([
-            "cluster",
-            "--hosts",
-            "2",
-            "--tcp",
-            "--api",
-            &api.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut cluster = Cluster(
+        Command::new(bin("mitosis-platform"))
+            .args([
+                "cluster",
+                "--hosts",
+                "2",
+                "--tcp",
+                "--api",
+                &api.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut cluster.0;
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut printed = String::new();
     let mut line = String::new();
@@ -259,6 +262,7 @@ fn the_cluster_command_serves_over_tcp_and_tears_down_on_sigint() {
     // SAFETY: kill(2) on our own child, not waited for yet.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
+    let pid = child.id();
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut out, &mut rest);
     assert!(rest.contains("torn down"), "{status:?}: {rest}");
@@ -266,6 +270,26 @@ fn the_cluster_command_serves_over_tcp_and_tears_down_on_sigint() {
         mitosis_testbed::leftovers(&id).is_empty(),
         "testbed {id} left behind"
     );
-    let pki = std::env::temp_dir().join(format!("mitosis-cluster-pki-{}", child.id()));
+    let pki = std::env::temp_dir().join(format!("mitosis-cluster-pki-{pid}"));
     assert!(!pki.exists(), "{} left behind", pki.display());
+}
+
+/// The cluster command, interrupted (so it tears its hosts down) if a test ends early.
+struct Cluster(std::process::Child);
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on our own child, not reaped yet.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+            for _ in 0..100 {
+                if !matches!(self.0.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
