@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser};
-use config::{FileConfig, given};
+use config::FileConfig;
+use mitosis_config::merge_config;
 use mitosis_fork::restore::StubPool;
 use mitosis_transport::packed::Codec;
 use mitosis_transport::peer::PeerPool;

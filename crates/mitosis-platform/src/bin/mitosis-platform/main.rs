@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use config::{FileConfig, given};
 use mitosis_client::{Endpoint, Remote, Tls};
+use mitosis_config::merge_config;
 use mitosis_platform::etcd::EtcdOptions;
 use mitosis_platform::store::{Store, StoreSpec};
 use mitosis_platform::{Config, HostSpec, Platform, Strategy};
