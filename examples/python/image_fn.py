@@ -6,10 +6,16 @@ resize, blur and edge-filter it with Pillow, then measure the result with numpy.
 
     {"n": 5}  ->  {"n": 5, "size": [w, h], "sum": ..., "mean": ..., "edges": ..., "pid": ...}
 
+"io_ms" (optional) waits that long before answering, without using the CPU: the time a real
+image function spends fetching its input from and storing its output to a storage service
+(FunctionBench's downloads from and uploads to S3), which a one-machine testbed has no
+service for.
+
 Protocol and modes: see seedlib.py.
 """
 
 import sys
+import time
 
 import seedlib  # first: keeps BLAS single-threaded
 
@@ -43,6 +49,9 @@ def answer(state, request):
     edges = np.asarray(blurred.convert("L").filter(ImageFilter.FIND_EDGES), dtype=np.int64)
     rgb = np.asarray(blurred, dtype=np.float64)
     luma = rgb @ state["weights"]
+    io_ms = float(request.get("io_ms", 0))
+    if io_ms > 0:
+        time.sleep(io_ms / 1000)
     return {
         "n": n,
         "size": list(blurred.size),

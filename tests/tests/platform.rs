@@ -608,6 +608,21 @@ fn every_policy_answers_and_starts_its_processes_its_own_way() {
         (started("fn-cache", "cold"), started("fn-cache", "warm")),
         (2.0, 4.0)
     );
+    // Processes started cold: one per cold call; fn-cache's two, and a third if the
+    // concurrent call found the instance busy (it started one, then took the freed one).
+    let cold_started = |policy: &str| {
+        metric(
+            &m,
+            "mitosis_platform_cold_starts_total",
+            &[("policy", policy)],
+        )
+    };
+    assert_eq!(cold_started("cold"), 3.0);
+    assert!((2.0..=3.0).contains(&cold_started("fn-cache")));
+    assert_eq!(
+        cold_started("remote-fork") + cold_started("local-fork"),
+        0.0
+    );
 
     // The function's `memory` holds, whether its process starts cold or is forked: 64 MiB
     // of a bundle that allows 128.

@@ -22,9 +22,12 @@ pub struct Summary {
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub max_ms: f64,
-    /// Answered calls whose process started cold (`Mitosis-Start: cold`; a failed call has
-    /// no such header).
+    /// Processes started cold from the bundle during the replays (the platform's count:
+    /// fn-cache starts one for a call that finds no idle instance, even when that call then
+    /// takes another instance freed first).
     pub cold_starts: usize,
+    /// Answered calls whose process started cold for them (`Mitosis-Start: cold`).
+    pub cold_calls: usize,
     pub warm_starts: usize,
     pub forks: usize,
     pub mean_pss_mib: f64,
@@ -90,7 +93,8 @@ pub fn summarize(runs: &[&PolicyRun]) -> Summary {
         p99_ms: percentile(&all, 99.0),
         p999_ms: percentile(&all, 99.9),
         max_ms: all.last().copied().unwrap_or(0.0),
-        cold_starts: starts("cold"),
+        cold_starts: runs.iter().map(|r| r.cold_started).sum(),
+        cold_calls: starts("cold"),
         warm_starts: starts("warm"),
         forks: starts("fork"),
         mean_pss_mib: mean,

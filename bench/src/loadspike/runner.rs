@@ -33,8 +33,9 @@ pub struct Call {
 }
 
 impl Call {
+    /// Answered, and with the right answer.
     pub fn ok(&self) -> bool {
-        self.status == 200
+        self.status == 200 && self.error.is_none()
     }
 }
 
@@ -45,6 +46,9 @@ pub struct PolicyRun {
     pub round: usize,
     pub calls: Vec<Call>,
     pub samples: Vec<Sample>,
+    /// Processes the platform started cold from the bundle during the replay (its
+    /// `cold_starts_total`), whether or not a call was answered by them.
+    pub cold_started: usize,
     /// Seconds from the replay's start to the last answer.
     pub secs: f64,
     /// The machine's 1-minute load average when the replay started (other work on it
@@ -76,6 +80,9 @@ pub struct Runner<'a> {
     pub sample_every: Duration,
     pub warmup_calls: usize,
     pub function: Function<'a>,
+    /// The right answer to the request (the function's output without its `pid`): the
+    /// first answer any policy gave, which every later one must equal.
+    pub expected: Mutex<Option<Value>>,
 }
 
 impl Runner<'_> {
@@ -121,7 +128,7 @@ impl Runner<'_> {
         let result = self.replay(policy, &fn_id, arrivals, secs);
         // Its seeds and instances end with it; the next policy starts from nothing.
         let _ = agent.delete(&self.url(&format!("/v2/fns/{fn_id}"))).call();
-        self.wait_idle(Duration::from_secs(30));
+        self.wait_idle(Duration::from_secs(120));
         result
     }
 
@@ -134,6 +141,12 @@ impl Runner<'_> {
     ) -> Result<PolicyRun> {
         let path = format!("/invoke/{fn_id}");
         let url = self.url(&path);
+        let expected = Arc::new(Mutex::new(
+            self.expected
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        ));
         // Unmeasured: waits for the seed(s) where there are some.
         for i in 0..self.warmup_calls {
             let c = call(
@@ -142,6 +155,7 @@ impl Runner<'_> {
                 self.function.request,
                 0.0,
                 Instant::now(),
+                &expected,
             );
             anyhow::ensure!(
                 c.ok(),
@@ -150,6 +164,7 @@ impl Runner<'_> {
                 c.error.unwrap_or_default()
             );
         }
+        let cold_before = self.cold_starts(fn_id)?;
         let load = loadavg();
         let start = Instant::now();
         let sampler = Sampler::start(self.daemons.clone(), self.sample_every, start);
@@ -168,11 +183,12 @@ impl Runner<'_> {
             }
             let (agent, url, sink) = (self.agent(), url.clone(), calls.clone());
             let request = self.function.request.to_owned();
+            let expected = expected.clone();
             let due = at.as_secs_f64();
             let spawned = std::thread::Builder::new()
                 .stack_size(256 << 10)
                 .spawn(move || {
-                    let c = call(&agent, &url, &request, due, start);
+                    let c = call(&agent, &url, &request, due, start, &expected);
                     sink.lock().unwrap_or_else(|e| e.into_inner()).push(c);
                 });
             match spawned {
@@ -193,6 +209,9 @@ impl Runner<'_> {
             std::thread::sleep(Duration::from_secs_f64(load_secs - secs));
         }
         let samples = sampler.stop();
+        let cold_started = self.cold_starts(fn_id)?.saturating_sub(cold_before);
+        *self.expected.lock().unwrap_or_else(|e| e.into_inner()) =
+            expected.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut calls = std::mem::take(&mut *calls.lock().unwrap_or_else(|e| e.into_inner()));
         calls.sort_by(|a, b| a.at.total_cmp(&b.at));
         Ok(PolicyRun {
@@ -200,9 +219,21 @@ impl Runner<'_> {
             round: 0,
             calls,
             samples,
+            cold_started,
             secs,
             loadavg: load,
         })
+    }
+
+    /// The platform's count of processes started cold for `fn_id` (`GET /metrics`).
+    fn cold_starts(&self, fn_id: &str) -> Result<usize> {
+        let text = self
+            .agent()
+            .get(&self.url("/metrics"))
+            .call()
+            .context("reading the platform's metrics")?
+            .into_string()?;
+        Ok(counter(&text, "mitosis_platform_cold_starts_total", fn_id))
     }
 
     /// Until no host runs a seed or a child, and no process but the daemons' idle stubs is
@@ -225,6 +256,8 @@ impl Runner<'_> {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+        // The next policy's memory then includes what is left of this one's.
+        eprintln!("  still running after {limit:?}: the next run's memory counts it too");
     }
 }
 
@@ -240,8 +273,45 @@ fn failed(at: f64, start: Instant, error: String) -> Call {
     }
 }
 
-/// One invocation, timed from its request to its answer.
-fn call(agent: &ureq::Agent, url: &str, request: &str, at: f64, start: Instant) -> Call {
+/// The value of counter `name` in OpenMetrics `text` for the series labelled `fn_id` (0 if
+/// it has none yet).
+pub fn counter(text: &str, name: &str, fn_id: &str) -> usize {
+    let label = format!("fn_id=\"{fn_id}\"");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as usize)
+        .sum()
+}
+
+/// Why `output` is not the expected answer (`None`: it is). The first answer seen becomes
+/// the expected one. The function's `pid` differs from call to call and is left out.
+fn check_answer(output: &str, expected: &Mutex<Option<Value>>) -> Option<String> {
+    let Ok(Value::Object(mut got)) = serde_json::from_str::<Value>(output.trim()) else {
+        return Some(format!("not a JSON object: {:.200}", output.trim()));
+    };
+    got.remove("pid");
+    let got = Value::Object(got);
+    let mut expected = expected.lock().unwrap_or_else(|e| e.into_inner());
+    match &*expected {
+        None => {
+            *expected = Some(got);
+            None
+        }
+        Some(want) if *want == got => None,
+        Some(want) => Some(format!("wrong answer: {got} (expected {want})")),
+    }
+}
+
+/// One invocation, timed from its request to its answer, and its answer checked.
+fn call(
+    agent: &ureq::Agent,
+    url: &str,
+    request: &str,
+    at: f64,
+    start: Instant,
+    expected: &Mutex<Option<Value>>,
+) -> Call {
     let late_ms = (start.elapsed().as_secs_f64() - at).max(0.0) * 1e3;
     let t = Instant::now();
     let reply = agent.post(url).send_string(request);
@@ -250,7 +320,7 @@ fn call(agent: &ureq::Agent, url: &str, request: &str, at: f64, start: Instant) 
             let start_kind = r.header("Mitosis-Start").unwrap_or("").to_owned();
             let host = r.header("Mitosis-Host").unwrap_or("").to_owned();
             match r.into_string() {
-                Ok(_) => (200, start_kind, host, None),
+                Ok(output) => (200, start_kind, host, check_answer(&output, expected)),
                 Err(e) => (
                     0,
                     start_kind,
@@ -273,5 +343,37 @@ fn call(agent: &ureq::Agent, url: &str, request: &str, at: f64, start: Instant) 
         start: start_kind,
         host,
         error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_sums_the_function_series_only() {
+        let text = "# TYPE mitosis_platform_cold_starts counter\n\
+            mitosis_platform_cold_starts_total{fn_id=\"A\",fn_name=\"f\",policy=\"fn-cache\"} 3\n\
+            mitosis_platform_cold_starts_total{fn_id=\"B\",fn_name=\"g\",policy=\"cold\"} 5\n\
+            mitosis_platform_cold_starts_created{fn_id=\"A\"} 17.5\n";
+        assert_eq!(counter(text, "mitosis_platform_cold_starts_total", "A"), 3);
+        assert_eq!(counter(text, "mitosis_platform_cold_starts_total", "B"), 5);
+        assert_eq!(counter(text, "mitosis_platform_cold_starts_total", "C"), 0);
+    }
+
+    #[test]
+    fn answers_are_checked_against_the_first_without_their_pid() {
+        let expected = Mutex::new(None);
+        assert_eq!(
+            check_answer(r#"{"n": 3, "sum": 7, "pid": 1}"#, &expected),
+            None
+        );
+        assert_eq!(
+            check_answer(r#"{"n": 3, "sum": 7, "pid": 2}"#, &expected),
+            None
+        );
+        let wrong = check_answer(r#"{"n": 3, "sum": 8, "pid": 3}"#, &expected);
+        assert!(wrong.is_some_and(|w| w.starts_with("wrong answer")));
+        assert!(check_answer("Traceback", &expected).is_some());
     }
 }

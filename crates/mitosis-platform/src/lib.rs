@@ -304,7 +304,16 @@ impl Platform {
 
     /// A cold start of `f`, whose warm-up may take up to its timeout (a call never waits
     /// longer than that) or the seeds' limit, whichever is shorter.
+    /// Every cold start is made here, and counted (`cold_starts_total`).
     fn cold_launch(&self, f: &model::Func) -> invoke::Launch {
+        self.metrics
+            .cold_starts
+            .get_or_create(&metrics::PolicyLabels {
+                fn_id: f.id.clone(),
+                fn_name: f.name.clone(),
+                policy: self.strategy(f).name(),
+            })
+            .inc();
         invoke::Launch::Cold {
             bundle: f.image.clone().into(),
             memory_mib: f.memory,

@@ -25,6 +25,14 @@ pub struct StartLabels {
     pub start: &'static str,
 }
 
+/// A function and its start policy.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub fn_id: String,
+    pub fn_name: String,
+    pub policy: &'static str,
+}
+
 /// What OpenMetrics scrapers ask for and get.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -66,6 +74,9 @@ pub struct Metrics {
     pub call_seconds: Family<FnLabels, Histogram, fn() -> Histogram>,
     /// Answered calls by how their process started (the cold starts a policy paid).
     pub starts: Family<StartLabels, Counter>,
+    /// Processes started cold from the bundle, whether or not the call that asked for one
+    /// ended up answered by it (fn-cache gives a waiting call the first instance freed).
+    pub cold_starts: Family<PolicyLabels, Counter>,
     pub seeds_made: Counter,
     /// Seeds made again: their host or daemon lost them, or the function's image changed.
     pub seeds_replaced: Counter,
@@ -77,6 +88,7 @@ impl Default for Metrics {
             calls: Family::default(),
             call_seconds: Family::new_with_constructor(call_histogram),
             starts: Family::default(),
+            cold_starts: Family::default(),
             seeds_made: Counter::default(),
             seeds_replaced: Counter::default(),
         }
@@ -108,6 +120,11 @@ impl Metrics {
             "call_starts",
             "Answered calls by how their process started: fork, cold (from the bundle) or warm (a kept instance)",
             self.starts.clone(),
+        );
+        r.register(
+            "cold_starts",
+            "Processes started cold from the bundle, by function and policy (used by their call or kept)",
+            self.cold_starts.clone(),
         );
         r.register("seeds_made", "Seeds prepared", self.seeds_made.clone());
         r.register(
