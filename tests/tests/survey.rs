@@ -191,3 +191,226 @@ fn traced(pid: i32) -> bool {
         .lines()
         .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
 }
+
+/// What /proc says of `pid` from outside: status, limits, stat (fields numbered as in
+/// proc(5)), the per-process files a program reads of itself, its namespaces, its mappings
+/// (without device and inode) and its descriptors from 3 up (0-2 are the resumer's stdio).
+fn proc_view(pid: i32) -> BTreeMap<String, String> {
+    let read = |f: &str| std::fs::read(format!("/proc/{pid}/{f}")).unwrap_or_default();
+    let text = |f: &str| String::from_utf8_lossy(&read(f)).into_owned();
+    let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut v = BTreeMap::new();
+    for line in text("status").lines() {
+        if let Some((k, val)) = line.split_once(':') {
+            v.insert(format!("status.{k}"), words(val));
+        }
+    }
+    for line in text("limits").lines().skip(1) {
+        let (name, values) = line.split_at(line.len().min(26));
+        v.insert(format!("limits.{}", name.trim()), words(values));
+    }
+    let stat = text("stat");
+    if let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) {
+        v.insert("stat.2".into(), stat[open + 1..close].to_owned());
+        for (i, field) in stat[close + 1..].split_whitespace().enumerate() {
+            v.insert(format!("stat.{}", i + 3), field.to_owned());
+        }
+    }
+    for f in [
+        "comm",
+        "personality",
+        "timerslack_ns",
+        "oom_score_adj",
+        "coredump_filter",
+        "sessionid",
+        "loginuid",
+        "cgroup",
+    ] {
+        v.insert(format!("file.{f}"), text(f).trim().to_owned());
+    }
+    for f in ["cmdline", "environ"] {
+        v.insert(format!("file.{f}"), format!("{:?}", read(f)));
+    }
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/ns")) {
+        for e in dir.flatten() {
+            let target = std::fs::read_link(e.path()).unwrap_or_default();
+            let name = e.file_name().to_string_lossy().into_owned();
+            v.insert(format!("ns.{name}"), target.display().to_string());
+        }
+    }
+    for (i, m) in merged_maps(&text("maps")).iter().enumerate() {
+        v.insert(format!("maps.{i:03}"), m.clone());
+    }
+    for fd in common::procfs::fd_numbers(pid)
+        .into_iter()
+        .filter(|&fd| fd > 2)
+    {
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap_or_default();
+        let info = text(&format!("fdinfo/{fd}"));
+        let flags = info
+            .lines()
+            .filter(|l| l.starts_with("pos:") || l.starts_with("flags:"))
+            .map(words)
+            .collect::<Vec<_>>()
+            .join(" ");
+        // Pipes and sockets are named by inode, which a recreated one cannot keep.
+        let target = target.display().to_string();
+        if target.starts_with("pipe:") && held_elsewhere(pid, &target) {
+            // A connection to the outside (the test harness's): closed in a child on purpose.
+            v.insert(format!("fd.{fd}"), OUTSIDE_PIPE.to_owned());
+            continue;
+        }
+        let kind = target.split(":[").next().unwrap_or("").to_owned();
+        v.insert(format!("fd.{fd}"), format!("{kind} {flags}"));
+    }
+    v
+}
+
+/// /proc/PID/maps as `start-end perms offset name`, adjacent entries that continue each
+/// other (same permissions and name, the offset running on) merged: a child's mapping that
+/// the seed had pages in only part of shows as two, the part served through userfaultfd and
+/// the rest (docs/limits.md).
+fn merged_maps(maps: &str) -> Vec<String> {
+    struct Entry {
+        start: u64,
+        end: u64,
+        perms: String,
+        offset: u64,
+        name: String,
+    }
+    let mut out: Vec<Entry> = Vec::new();
+    for line in maps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let Some((a, b)) = f.first().and_then(|r| r.split_once('-')) else {
+            continue;
+        };
+        let hex = |x: &str| u64::from_str_radix(x, 16).unwrap_or(0);
+        let e = Entry {
+            start: hex(a),
+            end: hex(b),
+            perms: f.get(1).copied().unwrap_or("").to_owned(),
+            offset: hex(f.get(2).copied().unwrap_or("0")),
+            name: f.get(5).copied().unwrap_or("").to_owned(),
+        };
+        if let Some(last) = out.last_mut() {
+            let anon = e.name.is_empty() || e.name.starts_with('[');
+            let continues = last.end == e.start
+                && last.perms == e.perms
+                && last.name == e.name
+                && !e.name.starts_with("[v")
+                && (anon || last.offset + (last.end - last.start) == e.offset);
+            if continues {
+                last.end = e.end;
+                continue;
+            }
+        }
+        out.push(e);
+    }
+    out.iter()
+        .map(|e| {
+            format!(
+                "{:x}-{:x} {} {:x} {}",
+                e.start, e.end, e.perms, e.offset, e.name
+            )
+        })
+        .collect()
+}
+
+/// A descriptor of a pipe another process holds too.
+const OUTSIDE_PIPE: &str = "pipe to the outside";
+
+/// Whether a process other than `pid` holds the pipe `target` (`pipe:[INODE]`).
+fn held_elsewhere(pid: i32, target: &str) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| p != pid)
+        .any(|p| {
+            std::fs::read_dir(format!("/proc/{p}/fd")).is_ok_and(|fds| {
+                fds.flatten()
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == target))
+            })
+        })
+}
+
+/// What a view from outside adds to [`EXPECTED`]: history the kernel keeps per process.
+const EXPECTED_OUTSIDE: &[(&str, &str)] = &[
+    (
+        "stat.14",
+        "CPU time is the child's own, as after fork() (utime)",
+    ),
+    ("stat.15", "CPU time is the child's own (stime)"),
+    ("stat.16", "CPU time is the child's own (cutime)"),
+    ("stat.17", "CPU time is the child's own (cstime)"),
+    ("stat.12", "the child's own page faults (majflt)"),
+    ("stat.11", "the child's own page faults (cminflt)"),
+    ("stat.13", "the child's own page faults (cmajflt)"),
+    (
+        "stat.23",
+        "docs/limits.md: memory arrives on demand (vsize peaks)",
+    ),
+    ("stat.43", "CPU time is the child's own (guest time)"),
+    ("stat.44", "CPU time is the child's own (cguest time)"),
+    ("stat.42", "the child's own block I/O delays"),
+];
+
+#[test]
+fn runtime_seeds_and_their_children_read_the_same_in_proc() {
+    let classes = compile_java();
+    let python = example("python/seed_fn.py");
+    let node = example("node/fn.js");
+    let mut failures = Vec::new();
+    for runtime in ["python", "node", "java"] {
+        let tb = testbed(2);
+        let cmd = match runtime {
+            "python" => {
+                let mut c = tb.host(0).command("python3");
+                c.arg(&python);
+                c
+            }
+            "node" => {
+                let mut c = tb.host(0).command("node");
+                c.arg(&node);
+                c
+            }
+            _ => java(&classes.0, Some((&tb, 0))),
+        };
+        let seed = Seed::start(cmd);
+        let handle = prepare(&tb, 0, seed.pid());
+        let (cli_child, stdin) = spawn_cli(&tb, 1, &["resume", &handle]);
+        let child = running_child(&tb, 1, seed.pid());
+        // Both idle, blocked reading stdin.
+        common::procfs::wait_until_idle(child, std::time::Duration::from_secs(10));
+        let (want, got) = (proc_view(seed.pid()), proc_view(child));
+        drop(stdin);
+        let _ = wait_output(cli_child, std::time::Duration::from_secs(20));
+        drop(seed);
+        teardown(tb);
+        for key in want
+            .keys()
+            .chain(got.keys().filter(|k| !want.contains_key(*k)))
+        {
+            let (w, g) = (want.get(key), got.get(key));
+            if w == g {
+                continue;
+            }
+            let line = format!("{runtime} {key}: seed {w:?} child {g:?}");
+            if w.is_some_and(|w| w == OUTSIDE_PIPE) && g.is_none() {
+                eprintln!("expected: {line} (README: connections to the outside are closed)");
+                continue;
+            }
+            match EXPECTED
+                .iter()
+                .chain(EXPECTED_OUTSIDE)
+                .find(|(prefix, _)| key.starts_with(prefix))
+            {
+                Some((_, why)) => eprintln!("expected: {line} ({why})"),
+                None => failures.push(line),
+            }
+        }
+    }
+    assert!(failures.is_empty(), "differences:\n{}", failures.join("\n"));
+}

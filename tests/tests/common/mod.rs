@@ -393,3 +393,43 @@ pub fn daemon_fds(tb: &mitosis_testbed::Testbed, host: usize) -> usize {
         .filter(|target| !tcp.iter().any(|i| target.as_os_str() == i.as_str()))
         .count()
 }
+
+/// A file of examples/.
+pub fn example(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(rel)
+}
+
+/// `java` with the options a JVM seed runs with: no perf data file (a shared file mapping),
+/// no class-data-sharing archive, and fixed GC and compiler thread counts (so the JVM does not
+/// add threads between the seed's prepare and a child's answer).
+pub fn java(classes: &Path, host: Option<(&Testbed, usize)>) -> Command {
+    let mut cmd = match host {
+        Some((tb, h)) => tb.host(h).command("java"),
+        None => Command::new("java"),
+    };
+    cmd.args([
+        "-XX:-UsePerfData",
+        "-Xshare:off",
+        "-XX:-UseDynamicNumberOfGCThreads",
+        "-XX:-UseDynamicNumberOfCompilerThreads",
+        "-cp",
+    ])
+    .arg(classes)
+    .arg("Fn");
+    cmd
+}
+
+/// examples/java/Fn.java compiled into a scratch directory.
+pub fn compile_java() -> Scratch {
+    let classes = Scratch::new("java");
+    let out = Command::new("javac")
+        .arg("-d")
+        .arg(&classes.0)
+        .arg(example("java/Fn.java"))
+        .output()
+        .expect("javac (scripts/setup.sh installs a JDK)");
+    assert!(out.status.success(), "javac: {}", stderr(&out));
+    classes
+}

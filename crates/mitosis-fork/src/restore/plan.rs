@@ -193,8 +193,11 @@ pub fn plan(
                         .map(|p| vma.seed_pages.contains(p))
                         .collect(),
                 };
-                if vma.shared {
-                    // Each child registers its own shared mapping whole (see replica).
+                if vma.shared || named_by_the_kernel(vma.start, vma.start + vma.len(), &desc.mm) {
+                    // Each child registers its own shared mapping whole (see replica). The
+                    // heap and the stack too: registering part of one splits it, and only the
+                    // part holding brk or the stack's start keeps the name /proc/PID/maps
+                    // gives it (glibc sizes the main thread's stack from that line).
                     lazy_ranges.push((vma.start, vma.len()));
                 } else {
                     lazy_ranges.extend(lazy_spans(vma.start, &from_seed));
@@ -301,6 +304,14 @@ fn lazy_spans(start: u64, from_seed: &[bool]) -> Vec<(u64, u64)> {
             )
         })
         .collect()
+}
+
+/// Whether the kernel names the mapping `start..end` `[heap]` or `[stack]` in /proc/PID/maps:
+/// it holds part of the brk area, or the stack's start (as `vma_is_initial_stack` does).
+fn named_by_the_kernel(start: u64, end: u64, mm: &MmFields) -> bool {
+    let heap = mm.start_brk != 0 && start <= mm.brk && end >= mm.start_brk;
+    let stack = mm.start_stack != 0 && start <= mm.start_stack && end >= mm.start_stack;
+    heap || stack
 }
 
 /// Most pages of each of the argument and environment areas brought in before the first
@@ -436,6 +447,21 @@ mod tests {
 
     fn pages(set: &[usize], len: usize) -> Vec<bool> {
         (0..len).map(|p| set.contains(&p)).collect()
+    }
+
+    #[test]
+    fn the_heap_and_the_stack_are_named_by_the_kernel() {
+        let mm = MmFields {
+            start_brk: 0x5000,
+            brk: 0x9000,
+            start_stack: 0x7ff0_8000,
+            ..Default::default()
+        };
+        assert!(named_by_the_kernel(0x5000, 0xa000, &mm));
+        assert!(named_by_the_kernel(0x7ff0_0000, 0x7ff1_0000, &mm));
+        assert!(!named_by_the_kernel(0xa000, 0xb000, &mm));
+        assert!(!named_by_the_kernel(0x1000, 0x4000, &mm));
+        assert!(!named_by_the_kernel(0x1000, 0x4000, &MmFields::default()));
     }
 
     #[test]
