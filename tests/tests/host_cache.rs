@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::Write;
+use std::process::Output;
 use std::time::Duration;
 
 use common::*;
@@ -155,6 +156,112 @@ fn pooled_connections_survive_a_peer_restart() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(resume_stat(&out, "cached"), 0);
     assert!(status_value(&tb, 1, &format!("{pool_line} idle")).unwrap() >= 1);
+    drop(seed);
+    teardown(tb);
+}
+
+/// Host 1's replica pages of `handle`'s seed, once they stop changing for a second.
+fn settled_pages(tb: &mitosis_testbed::Testbed, handle: &str) -> u64 {
+    let id = seed_id(handle);
+    let pages = || {
+        replicas(tb, 1)
+            .into_iter()
+            .find(|r| r.0 == id)
+            .map_or(0, |r| r.2)
+    };
+    let mut last = pages();
+    let mut stable_since = std::time::Instant::now();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = pages();
+        if now != last {
+            (last, stable_since) = (now, std::time::Instant::now());
+        } else if stable_since.elapsed() >= Duration::from_secs(1) {
+            break;
+        }
+    }
+    last
+}
+
+/// A child on host 1 that runs `mutate` (writes 1 MiB of region 8, and heap and sparse pages) and exits.
+fn mutate_then_exit(tb: &mitosis_testbed::Testbed, handle: &str) -> Output {
+    let out = cli(tb, 1, &["resume", handle, "--stats"], "mutate\nexit 0\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "mutated\n");
+    out
+}
+
+#[test]
+fn a_warm_child_that_fetched_starts_a_background_fill_and_later_children_fetch_nothing() {
+    let tb = testbed(2);
+    let (_dir, seed, handle) = prepared_memcheck(&tb, "fill");
+    // The first child builds the replica and reads nothing: no fill (it was not warm).
+    let out = cli(&tb, 1, &["resume", &handle], "exit 0\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let built = settled_pages(&tb, &handle);
+
+    // A warm child writes 1 MiB the replica did not have: fetched, and the fill starts.
+    let out = mutate_then_exit(&tb, &handle);
+    assert_eq!(resume_stat(&out, "cached"), 1);
+    assert!(resume_stat(&out, "pages_fetched") >= 16);
+    let filled = settled_pages(&tb, &handle);
+    assert!(
+        filled > built + 4000,
+        "the replica took in the rest of the seed: {built} then {filled} pages"
+    );
+
+    // The next child reads every region and fetches only its shared anonymous mapping
+    // (512 KiB, 128 pages), which each child maps afresh: the rest is in the replica.
+    let out = cli(&tb, 1, &["resume", &handle, "--stats"], "verify\n");
+    assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
+    assert!(
+        resume_stat(&out, "pages_fetched") <= 128,
+        "{}",
+        stderr(&out)
+    );
+    drop(seed);
+    teardown(tb);
+}
+
+#[test]
+fn the_background_fill_stays_within_the_cache_budget() {
+    // 8 MiB: 2048 pages, under the memcheck seed's 25 MiB.
+    let tb = testbed_with(2, &["--cache-mib", "8"]);
+    let (_dir, seed, handle) = prepared_memcheck(&tb, "fill-budget");
+    let out = cli(&tb, 1, &["resume", &handle], "exit 0\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = mutate_then_exit(&tb, &handle);
+    let fetched = resume_stat(&out, "pages_fetched");
+    let filled = settled_pages(&tb, &handle);
+    assert!(filled <= 2048, "over the budget: {filled} pages");
+    assert!(
+        filled > fetched + 512,
+        "the fill took in pages up to the budget: {filled} pages, {fetched} fetched by the child"
+    );
+    // Children still read everything right: the rest comes on demand.
+    let out = cli(&tb, 1, &["resume", &handle, "--stats"], "verify\n");
+    assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
+    assert!(resume_stat(&out, "pages_fetched") > 0);
+    drop(seed);
+    teardown(tb);
+}
+
+#[test]
+fn no_background_fill_turns_it_off() {
+    let tb = testbed_with(2, &["--no-background-fill"]);
+    let (_dir, seed, handle) = prepared_memcheck(&tb, "no-fill");
+    let out = cli(&tb, 1, &["resume", &handle], "exit 0\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = mutate_then_exit(&tb, &handle);
+    let after = settled_pages(&tb, &handle);
+    let out2 = cli(&tb, 1, &["resume", &handle, "--stats"], "verify\n");
+    assert_eq!(stdout(&out2), verify_ok(), "{}", stderr(&out2));
+    assert!(
+        resume_stat(&out2, "pages_fetched") > 1000,
+        "without the fill, verify fetches what no child read ({after} pages held after {} fetched)",
+        resume_stat(&out, "pages_fetched")
+    );
     drop(seed);
     teardown(tb);
 }

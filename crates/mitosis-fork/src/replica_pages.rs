@@ -109,6 +109,24 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         }
     }
 
+    /// Up to `max_pages` of the seed pages nobody has fetched or is fetching, lowest first,
+    /// as runs for [`ReplicaPages::fill`] (they stay pending until it claims them).
+    pub fn next_pending(&self, max_pages: u64) -> Vec<(u64, u32)> {
+        let mut state = self.state.lock().expect("replica pages lock");
+        let mut taken = Vec::new();
+        let mut left = max_pages;
+        while left > 0 {
+            let Some(run) = state.pending.take_first(left) else {
+                break;
+            };
+            left -= run.pages;
+            taken.push(run);
+        }
+        let runs = taken.iter().map(|r| (r.child, r.pages as u32)).collect();
+        taken.into_iter().for_each(|r| state.pending.restore_run(r));
+        runs
+    }
+
     /// The seed pages a child forked now must still fetch: those pending and those in
     /// flight (which may land in the replica after the fork).
     pub fn still_missing(&self) -> PendingMap {

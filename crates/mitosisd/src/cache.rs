@@ -117,6 +117,17 @@ impl HostCache {
         self.entries().iter().map(|e| e.key).collect()
     }
 
+    /// Whether `key`'s replica is still this cache's (not evicted, its seed not dropped).
+    pub fn holds(&self, key: SeedKey) -> bool {
+        self.slots.lock().expect("cache lock").contains_key(&key)
+    }
+
+    /// Pages the replicas may still take in before the cache is over its budget.
+    pub fn room_pages(&self) -> u64 {
+        let held: u64 = self.entries().iter().map(|e| e.pages()).sum();
+        self.budget_pages.saturating_sub(held)
+    }
+
     /// Evicts least recently used replicas, never `keep`, until the cache is within budget.
     pub fn evict_over_budget(&self, keep: SeedKey) -> Vec<SeedKey> {
         let mut entries = self.entries();

@@ -18,6 +18,7 @@ pub struct FileConfig {
     pub stub_pool: Option<usize>,
     pub stub: Option<PathBuf>,
     pub cache_mib: Option<u64>,
+    pub no_background_fill: Option<bool>,
     pub pool_size: Option<usize>,
     pub instance: Option<String>,
     pub init: Option<PathBuf>,

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod containers;
 pub mod control;
 pub mod errors;
+pub mod fill;
 pub mod health;
 pub mod metrics;
 pub mod multihop;
@@ -39,7 +40,10 @@ pub struct Daemon {
     pub stubs: Arc<mitosis_fork::restore::StubPool>,
     pub vdso_hash: [u8; 32],
     pub pool: Arc<PeerPool>,
-    pub cache: cache::HostCache,
+    pub cache: Arc<cache::HostCache>,
+    /// Fill a replica with the rest of its seed's pages once a warm child had to fetch some
+    /// ([`fill`]).
+    pub background_fill: bool,
     pub counters: Counters,
     /// What `/metrics` adds to the counters (per seed, latencies).
     pub metrics: metrics::Metrics,

@@ -59,6 +59,11 @@ struct Args {
     /// replicas are evicted beyond it.
     #[arg(long, default_value_t = 4096)]
     cache_mib: u64,
+    /// Do not fill a replica with the rest of its seed's pages in the background (by default
+    /// this starts once a child on a warm host had to fetch pages, and stays within
+    /// --cache-mib).
+    #[arg(long)]
+    no_background_fill: bool,
     /// Idle connections kept open to each peer.
     #[arg(long, default_value_t = 4)]
     pool_size: usize,
@@ -111,7 +116,8 @@ impl Args {
         if let Some(path) = &args.config {
             let file: FileConfig = config::load(path).unwrap_or_else(|e| config_error(&e));
             merge_config!(args, file, &matches;
-                plain: socket, stub_pool, cache_mib, pool_size, container_pool,
+                plain: socket, stub_pool, cache_mib, no_background_fill, pool_size,
+                    container_pool,
                     bootstrap_codec;
                 optional: listen, control_listen, stub, instance, init, tls_cert, tls_key,
                     tls_ca, metrics);
@@ -299,7 +305,8 @@ async fn run(args: Args, tls: Option<Tls>) -> Result<()> {
         stubs,
         vdso_hash: mitosis_fork::local_vdso_hash().context("hashing this host's vDSO")?,
         pool: Arc::new(PeerPool::new(args.pool_size, REQUEST_TIMEOUT).with_tls(tls.as_ref())),
-        cache: HostCache::new(args.cache_mib * 256),
+        cache: Arc::new(HostCache::new(args.cache_mib * 256)),
+        background_fill: !args.no_background_fill,
         counters: Counters::default(),
         metrics: Default::default(),
         containers,

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub resume_seconds: HistogramFamily<HostLabels>,
     pub child_faults: Counter,
     pub child_pages_fetched: Counter,
+    /// Pages replicas took in from their seeds' hosts in the background ([`crate::fill`]).
+    pub replica_pages_filled: Counter,
 }
 
 impl Default for Metrics {
@@ -89,6 +91,7 @@ impl Default for Metrics {
             resume_seconds: Family::new_with_constructor(resume_histogram),
             child_faults: Counter::default(),
             child_pages_fetched: Counter::default(),
+            replica_pages_filled: Counter::default(),
         }
     }
 }
@@ -134,6 +137,11 @@ impl Metrics {
             "child_pages_fetched",
             "Pages children that exited fetched from their seed's host",
             self.child_pages_fetched.clone(),
+        );
+        r.register(
+            "replica_pages_filled",
+            "Pages replicas took in from their seeds' hosts in the background, between children",
+            self.replica_pages_filled.clone(),
         );
     }
 }

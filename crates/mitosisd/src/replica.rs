@@ -37,6 +37,8 @@ pub struct Entry {
     shared_ranges: Vec<(u64, u64)>,
     pub last_used: Mutex<Instant>,
     pub children: AtomicU64,
+    /// Set once a background fill of the rest of the seed's pages has started ([`crate::fill`]).
+    pub filling: std::sync::atomic::AtomicBool,
     watcher: tokio::task::JoinHandle<()>,
     /// The thread that traces the replica: its build, finish and every fork run there.
     tracer: Tracer,
@@ -193,6 +195,7 @@ pub async fn build(
         shared_ranges: made.shared_ranges,
         last_used: Mutex::new(Instant::now()),
         children: AtomicU64::new(0),
+        filling: Default::default(),
         watcher,
         bundle: made.bundle,
         tracer: made.tracer,

@@ -93,6 +93,7 @@ where
         .resume_seconds
         .get_or_create(&HostLabels::of(stats.cached))
         .observe(stats.total_us as f64 / 1e6);
+    let warm = stats.cached;
     let (events, queued) = mpsc::channel::<Event>(EVENT_QUEUE);
     let writing = tokio::spawn(write_events(writer, queued));
     let _ = events.send(Event::Started { pid, stats }).await;
@@ -189,6 +190,7 @@ where
     let stats = *fault_stats.lock().expect("stats");
     metrics.child_faults.inc_by(stats.faults);
     metrics.child_pages_fetched.inc_by(stats.pages_fetched);
+    crate::fill::after_child(&daemon, &entry, warm, stats.pages_fetched);
     let event = Event::Exited {
         status: status.shell_code(),
         reason,
