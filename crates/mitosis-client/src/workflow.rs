@@ -39,6 +39,20 @@ pub const MAX_ARG: usize = 64 << 20;
 /// is handed (0, 1, 2 and a listening socket at 3), so a child's restarted read finds nothing.
 const CONTROL_FD_MIN: i32 = 10;
 
+/// The platform's channel (docs/workflows.md, "On the platform"): a workflow stage's process
+/// gets, as fd 3, a unix stream socket to the platform with this greeting waiting on it. Its
+/// `fork_prepare` sends [`PLATFORM_PREPARE`] there instead of asking a daemon (a function
+/// never holds a daemon's control socket), and the platform, which holds the daemons'
+/// connections, prepares the process where it runs and answers one line:
+/// `PREPARED TOKEN` or `ERROR KIND MESSAGE` (`KIND` as [`crate::ErrorKind`]'s names).
+pub const PLATFORM_GREETING: &[u8] = b"MITOSIS-PLATFORM 1\n";
+/// The descriptor the platform's channel is at when a stage's process starts.
+pub const PLATFORM_FD: i32 = 3;
+/// What a process sends on the platform's channel to be prepared where it is.
+pub const PLATFORM_PREPARE: &[u8] = b"PREPARE\n";
+/// The longest line either side sends on the platform's channel.
+pub const PLATFORM_MAX_LINE: usize = 1024;
+
 /// Where `fork_prepare` returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Forked {
