@@ -371,6 +371,32 @@ fn a_producer_fans_out_to_its_children_on_several_hosts_and_in_to_an_aggregator(
     );
     assert!(nothing_left(&tb, &function_seeds));
 
+    // /metrics counts the runs and the seeds their stages made.
+    let text = api.request("GET", "/metrics", b"").text();
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("parses");
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(v)))
+            .map(|x| match x.value {
+                prometheus_parse::Value::Counter(n) | prometheus_parse::Value::Untyped(n) => n,
+                ref other => panic!("{name}: {other:?}"),
+            })
+            .sum()
+    };
+    let runs = "mitosis_platform_workflow_runs_total";
+    assert_eq!(
+        value(runs, &[("workflow_name", "trades"), ("outcome", "ok")]),
+        2.0
+    );
+    assert_eq!(
+        value(runs, &[("workflow_name", "chain"), ("outcome", "ok")]),
+        1.0
+    );
+    assert_eq!(value("mitosis_platform_stage_seeds_made_total", &[]), 4.0);
+
     assert_eq!(
         api.request("DELETE", &format!("/v2/workflows/{wf_id}"), b"")
             .status,
@@ -464,6 +490,45 @@ fn a_failing_stage_is_named_with_its_reason_and_nothing_is_left_running() {
         "{body}"
     );
     assert!(nothing_left(&tb, &function_seeds));
+
+    // A client that goes away mid-run: the run's children are killed, its seed dropped.
+    let wf = api.ok(
+        "/v2/workflows",
+        json!({"name": "abandoned", "stages": [
+            {"name": "load", "function": stage_fn, "inputs": [{"role": "producer", "mib": 1}]},
+            {"name": "validate", "fork": "load", "inputs": [{"sleep": 60}, {"sleep": 60}]},
+        ]}),
+    );
+    {
+        let mut s = TcpStream::connect(api.addr).unwrap();
+        let body = b"null";
+        write!(
+            s,
+            "POST /invoke-workflow/{} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            wf["id"].as_str().unwrap(),
+            body.len()
+        )
+        .unwrap();
+        s.write_all(body).unwrap();
+        // Until both validators run.
+        let running = eventually(Duration::from_secs(20), || {
+            tb.hosts()
+                .iter()
+                .map(|h| {
+                    mitosis_client::Client::connect(h.socket_path())
+                        .and_then(|c| c.status())
+                        .map_or(0, |s| s.children_running)
+                })
+                .sum::<u64>()
+                == 2
+        });
+        assert!(running, "the validators never ran\n{}", logs(&tb));
+    }
+    assert!(
+        nothing_left(&tb, &function_seeds),
+        "left after the client went away: {:?}",
+        Api::seeds_on_hosts(&tb)
+    );
 
     // A function stage that fails: its name and its stderr.
     let wf = api.ok(

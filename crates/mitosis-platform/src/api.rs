@@ -242,15 +242,37 @@ async fn invoke_workflow(
     request: Body,
 ) -> ApiResult<Response> {
     let wf = find_workflow(&p, &id)?;
+    let t0 = std::time::Instant::now();
     let input = read_body(&p, &headers, request).await?;
-    let (status, body, run_id) = match p.run_workflow(&wf, &input).await {
+    let (status, body, run_id, seeds_made) = match p.run_workflow(&wf, &input).await {
         Ok(report) => {
             let run_id = report.run_id.clone();
+            let seeds_made = report.seeds_made;
             let body = serde_json::to_value(&report).unwrap_or_default();
-            (StatusCode::OK, body, run_id)
+            (StatusCode::OK, body, run_id, seeds_made)
         }
-        Err(failure) => (failure.error.status(), failure.body(), failure.run_id),
+        Err(failure) => (
+            failure.error.status(),
+            failure.body(),
+            failure.run_id,
+            failure.seeds_made,
+        ),
     };
+    let m = &p.metrics;
+    m.workflow_runs
+        .get_or_create(&metrics::WorkflowLabels {
+            workflow_id: wf.id.clone(),
+            workflow_name: wf.name.clone(),
+            outcome: metrics::outcome(status),
+        })
+        .inc();
+    m.workflow_seconds
+        .get_or_create(&metrics::WorkflowNameLabels {
+            workflow_id: wf.id.clone(),
+            workflow_name: wf.name.clone(),
+        })
+        .observe(t0.elapsed().as_secs_f64());
+    m.stage_seeds_made.inc_by(seeds_made as u64);
     let mut response = (status, axum::Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&run_id) {
         response.headers_mut().insert("Mitosis-Run-Id", v);

@@ -456,6 +456,8 @@ pub struct RunFailure {
     /// The stages that had finished.
     pub completed: Vec<String>,
     pub elapsed_ms: f64,
+    /// Seeds the run's processes made of themselves (all dropped).
+    pub seeds_made: usize,
 }
 
 impl RunFailure {
@@ -469,6 +471,7 @@ impl RunFailure {
             "run_id": self.run_id,
             "completed": self.completed,
             "elapsed_ms": self.elapsed_ms,
+            "seeds_made": self.seeds_made,
         })
     }
 }
@@ -577,6 +580,7 @@ impl Platform {
                     error,
                     completed: done.into_iter().map(|s| s.name).collect(),
                     elapsed_ms,
+                    seeds_made,
                 })
             }
         }
