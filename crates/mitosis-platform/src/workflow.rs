@@ -39,6 +39,10 @@ use crate::{Platform, http_contract};
 pub const MAX_STAGES: usize = 32;
 /// The most instances a stage runs.
 pub const MAX_FAN_OUT: usize = 64;
+/// The most instances of one run whose calls are under way at once (stages that may run
+/// together wait for room): each holds blocking threads of the platform's shared pool for
+/// its resume and its wait, which one run must not take all of.
+pub const MAX_RUN_INSTANCES: usize = 2 * MAX_FAN_OUT;
 
 /// The body of `POST /v2/workflows`.
 #[derive(Debug, Deserialize)]
@@ -532,6 +536,8 @@ struct RunContext {
     input: Value,
     seeds: Arc<RunSeeds>,
     t0: Instant,
+    /// Room for [`MAX_RUN_INSTANCES`] calls at once.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Platform {
@@ -555,6 +561,7 @@ impl Platform {
             input,
             seeds: RunSeeds::new(self.hosts.clone()),
             t0: Instant::now(),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_RUN_INSTANCES)),
         });
         // Should this future be dropped (the client went away), the seeds still go.
         let _cleanup = crate::channel::DropOnExit(ctx.seeds.clone());
@@ -704,7 +711,10 @@ impl Platform {
                 from: from.clone(),
             };
             let (p, f, name) = (self.clone(), f.clone(), stage.name.clone());
+            let slots = ctx.slots.clone();
             instances.spawn(async move {
+                // Never closed: acquiring only waits for room.
+                let _slot = slots.acquire_owned().await;
                 let t = Instant::now();
                 let invoked = p.invoke_stage(&f, stdin.into(), call).await;
                 (index, invoked, ms(t.elapsed()), name)
