@@ -201,7 +201,7 @@ async fn create_workflow(State(p): Shared, bytes: Bytes) -> ApiResult<Response> 
         stages,
         created_at: crate::ids::now_rfc3339(),
     };
-    if !p.workflows.insert(wf.clone()) {
+    if !p.store.insert_workflow(wf.clone()).await? {
         return Err(ApiError::conflict(
             "Workflow with specified name already exists",
         ));
@@ -211,23 +211,24 @@ async fn create_workflow(State(p): Shared, bytes: Bytes) -> ApiResult<Response> 
 
 async fn list_workflows(State(p): Shared) -> ApiResult<Response> {
     Ok(ok(&List {
-        items: p.workflows.list(),
+        items: p.store.workflows().await?,
         next_cursor: String::new(),
     }))
 }
 
-fn find_workflow(p: &Platform, id: &str) -> ApiResult<crate::workflow::Workflow> {
-    p.workflows
-        .get(id)
+async fn find_workflow(p: &Platform, id: &str) -> ApiResult<crate::workflow::Workflow> {
+    p.store
+        .workflow(id.to_owned())
+        .await?
         .ok_or_else(|| ApiError::not_found("Workflow not found"))
 }
 
 async fn get_workflow(State(p): Shared, Path(id): Path<String>) -> ApiResult<Response> {
-    Ok(ok(&find_workflow(&p, &id)?))
+    Ok(ok(&find_workflow(&p, &id).await?))
 }
 
 async fn delete_workflow(State(p): Shared, Path(id): Path<String>) -> ApiResult<Response> {
-    if !p.workflows.remove(&id) {
+    if !p.store.delete_workflow(id).await? {
         return Err(ApiError::not_found("Workflow not found"));
     }
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -241,7 +242,7 @@ async fn invoke_workflow(
     headers: HeaderMap,
     request: Body,
 ) -> ApiResult<Response> {
-    let wf = find_workflow(&p, &id)?;
+    let wf = find_workflow(&p, &id).await?;
     let t0 = std::time::Instant::now();
     let input = read_body(&p, &headers, request).await?;
     let (status, body, run_id, seeds_made) = match p.run_workflow(&wf, &input).await {

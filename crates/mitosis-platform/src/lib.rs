@@ -93,8 +93,6 @@ pub struct Platform {
     pub metrics: metrics::Metrics,
     /// What `GET /metrics` renders: `metrics` and the hosts' calls in flight.
     pub registry: prometheus_client::registry::Registry,
-    /// The workflows deployed on this instance.
-    pub workflows: workflow::Workflows,
 }
 
 impl Platform {
@@ -133,7 +131,6 @@ impl Platform {
             seeds,
             policy,
             metrics,
-            workflows: workflow::Workflows::default(),
         })
     }
 

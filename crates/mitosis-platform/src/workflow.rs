@@ -21,7 +21,7 @@
 //! stage and why.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::http::StatusCode;
@@ -68,8 +68,8 @@ pub struct StageInput {
     pub inputs: Option<Vec<Value>>,
 }
 
-/// A workflow as the platform keeps it.
-#[derive(Debug, Clone, Serialize)]
+/// A workflow as the platform keeps it (in the store, as its JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Workflow {
     pub id: String,
     pub name: String,
@@ -78,7 +78,7 @@ pub struct Workflow {
 }
 
 /// A checked stage.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stage {
     pub name: String,
     /// As given (`function` stages).
@@ -337,38 +337,6 @@ pub async fn resolve(store: &Store, stages: &mut [Stage]) -> Result<(), ApiError
         if !progress {
             return Err(bad("stages: a fork with no function to fork".into()));
         }
-    }
-}
-
-/// The workflows this platform instance knows (kept in memory: see docs/platform.md).
-#[derive(Default)]
-pub struct Workflows(Mutex<BTreeMap<String, Workflow>>);
-
-impl Workflows {
-    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Workflow>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Adds `wf` unless its name is taken.
-    pub fn insert(&self, wf: Workflow) -> bool {
-        let mut map = self.map();
-        if map.values().any(|w| w.name == wf.name) {
-            return false;
-        }
-        map.insert(wf.id.clone(), wf);
-        true
-    }
-
-    pub fn get(&self, id: &str) -> Option<Workflow> {
-        self.map().get(id).cloned()
-    }
-
-    pub fn list(&self) -> Vec<Workflow> {
-        self.map().values().cloned().collect()
-    }
-
-    pub fn remove(&self, id: &str) -> bool {
-        self.map().remove(id).is_some()
     }
 }
 
