@@ -9,6 +9,7 @@ as its ``fork_prepare`` argument instead): ``{"workflow", "run_id", "stage", "in
   must never see. In every child the call returns again: the child runs one validation
   ``rule`` (its ``arg``'s ``input``) over the state it inherited and answers with what it saw.
 - ``aggregate``: combines the results of the stages it runs after (fan-in).
+- ``forked_asks``: a process it forks asks to be prepared (refused: not the stage's process).
 - anything else: echoes its document.
 
 A rule may ask to fail (``{"fail": N}``: exit N) or to take long (``{"sleep": S}``).
@@ -135,6 +136,23 @@ if inp.get("role") == "aggregate":
             ),
         }
     )
+
+if inp.get("role") == "forked_asks":
+    # A process this one forks shares its channel, but only this one may prepare itself.
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            mitosis.fork_prepare()
+            said = {"prepared": True}
+        except mitosis.MitosisError as e:
+            said = {"error": str(e), "kind": getattr(e, "kind", None)}
+        os.write(w, json.dumps(said).encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    answer({"role": "forked_asks", "subprocess": json.loads(read_all(r))})
 
 if inp.get("fail"):
     sys.stderr.write("failing on purpose\n")

@@ -530,6 +530,31 @@ fn a_failing_stage_is_named_with_its_reason_and_nothing_is_left_running() {
         Api::seeds_on_hosts(&tb)
     );
 
+    // A process the stage's process forked shares its channel, but may not prepare itself.
+    let wf = api.ok(
+        "/v2/workflows",
+        json!({"name": "forked", "stages": [
+            {"name": "only", "function": stage_fn, "inputs": [{"role": "forked_asks"}]},
+        ]}),
+    );
+    let run = api.post(
+        &format!("/invoke-workflow/{}", wf["id"].as_str().unwrap()),
+        json!(null),
+    );
+    assert_eq!(run.status, 200, "{}", run.text());
+    let run = run.json();
+    let said = &run["stages"][0]["results"][0]["subprocess"];
+    assert_eq!(said["kind"], "Denied", "{run}");
+    assert!(
+        said["error"]
+            .as_str()
+            .unwrap()
+            .contains("is not the stage's process"),
+        "{said}"
+    );
+    assert_eq!(run["seeds_made"], 0);
+    assert!(nothing_left(&tb, &function_seeds));
+
     // A function stage that fails: its name and its stderr.
     let wf = api.ok(
         "/v2/workflows",

@@ -12,13 +12,16 @@
 //! them all when it ends, whether it succeeded or not.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use mitosis_client::workflow::{PLATFORM_GREETING, PLATFORM_MAX_LINE, PLATFORM_PREPARE};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, UnixCredentials, recvmsg, setsockopt, sockopt,
+};
+use tokio::io::{AsyncWriteExt, Interest};
 
 use crate::hosts::Hosts;
 
@@ -152,6 +155,8 @@ pub struct Channel {
 /// already waiting in it.
 pub fn pair() -> io::Result<(OwnedFd, std::os::unix::net::UnixStream)> {
     let (theirs, ours) = std::os::unix::net::UnixStream::pair()?;
+    // Every message then comes with its sender's pid: only the stage's process may ask.
+    setsockopt(&ours, sockopt::PassCred, &true).map_err(io::Error::from)?;
     // A few bytes into an empty socket buffer: never blocks.
     io::Write::write_all(&mut &ours, PLATFORM_GREETING)?;
     Ok((theirs.into(), ours))
@@ -185,6 +190,29 @@ pub async fn serve(
     }
 }
 
+/// Reads what waits on the channel, without waiting, with its sender's pid as this process's
+/// pid namespace sees it (0: a process not visible here).
+fn recv_with_pid(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<i32>)> {
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!(UnixCredentials);
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT)
+        .map_err(io::Error::from)?;
+    let pid = msg.cmsgs().ok().and_then(|mut cmsgs| {
+        cmsgs.find_map(|c| match c {
+            ControlMessageOwned::ScmCredentials(creds) => Some(creds.pid()),
+            _ => None,
+        })
+    });
+    Ok((msg.bytes, pid))
+}
+
+/// Why a line did not come from the stage's own process (`pid`), if it did not: a process it
+/// forked shares the channel, but preparing `pid` while it runs elsewhere would capture it at
+/// no prepare point. A sender this namespace cannot see (0) is not checked.
+fn foreign_sender(senders: &[i32], pid: i32) -> Option<i32> {
+    senders.iter().copied().find(|&s| s != pid && s != 0)
+}
+
 async fn serve_lines(
     ours: std::os::unix::net::UnixStream,
     pid: i32,
@@ -193,26 +221,47 @@ async fn serve_lines(
     exited: Arc<AtomicBool>,
 ) -> io::Result<()> {
     ours.set_nonblocking(true)?;
-    let stream = tokio::net::UnixStream::from_std(ours)?;
-    let (reader, mut writer) = stream.into_split();
-    let mut reader = BufReader::new(reader);
+    let mut stream = tokio::net::UnixStream::from_std(ours)?;
     let mut prepared = false;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut senders: Vec<i32> = Vec::new();
+    let mut chunk = [0u8; 256];
     loop {
-        let mut line = Vec::new();
-        let n = (&mut reader)
-            .take(PLATFORM_MAX_LINE as u64)
-            .read_until(b'\n', &mut line)
-            .await?;
-        if n == 0 {
-            return Ok(());
-        }
-        if line.last() != Some(&b'\n') {
-            writer
-                .write_all(&error_line("BadRequest", "a line too long"))
-                .await?;
-            return Ok(());
-        }
-        let answer = if line != PLATFORM_PREPARE {
+        let Some(end) = pending.iter().position(|&b| b == b'\n') else {
+            if pending.len() > PLATFORM_MAX_LINE {
+                stream
+                    .write_all(&error_line("BadRequest", "a line too long"))
+                    .await?;
+                return Ok(());
+            }
+            stream.readable().await?;
+            let raw = stream.as_raw_fd();
+            match stream.try_io(Interest::READABLE, || recv_with_pid(raw, &mut chunk)) {
+                Ok((0, _)) => return Ok(()),
+                Ok((n, sender)) => {
+                    pending.extend_from_slice(&chunk[..n]);
+                    senders.extend(sender);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            continue;
+        };
+        let line: Vec<u8> = pending.drain(..=end).collect();
+        // The rest of what waits may be the next line's, from the same senders.
+        let from = match pending.is_empty() {
+            true => std::mem::take(&mut senders),
+            false => senders.clone(),
+        };
+        let answer = if let Some(other) = foreign_sender(&from, pid) {
+            error_line(
+                "Denied",
+                &format!(
+                    "pid {other} is not the stage's process ({pid}): only it may prepare \
+                     itself (a process it forked shares its channel)"
+                ),
+            )
+        } else if line != PLATFORM_PREPARE {
             error_line(
                 "BadRequest",
                 &format!("unknown request {:?}", String::from_utf8_lossy(&line)),
@@ -226,7 +275,7 @@ async fn serve_lines(
             prepared = true;
             prepare(pid, host, &channel, exited.clone()).await
         };
-        writer.write_all(&answer).await?;
+        stream.write_all(&answer).await?;
     }
 }
 
@@ -283,6 +332,25 @@ mod tests {
         assert_eq!(l, b"ERROR Denied no way \n");
         let long = error_line("Failed", &"x".repeat(5000));
         assert!(long.len() <= PLATFORM_MAX_LINE);
+    }
+
+    #[test]
+    fn only_the_stages_process_may_ask() {
+        assert_eq!(foreign_sender(&[7, 7], 7), None);
+        // Not visible from here: not checked.
+        assert_eq!(foreign_sender(&[0], 7), None);
+        assert_eq!(foreign_sender(&[7, 8], 7), Some(8));
+    }
+
+    #[test]
+    fn the_channel_says_who_sent() {
+        let (theirs, ours) = pair().unwrap();
+        let mut theirs = std::os::unix::net::UnixStream::from(theirs);
+        io::Write::write_all(&mut theirs, PLATFORM_PREPARE).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, pid) = recv_with_pid(ours.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], PLATFORM_PREPARE);
+        assert_eq!(pid, Some(std::process::id() as i32));
     }
 
     #[test]
