@@ -160,15 +160,28 @@ impl Api {
     }
 }
 
-/// No child runs on any host, and the seeds are exactly `seeds`.
+/// No child runs on any host, the seeds are exactly `seeds`, and every replica left is of
+/// one of them (a dropped seed's replicas on other hosts go at their daemons' next sweep).
 fn nothing_left(tb: &Testbed, seeds: &[(usize, u64)]) -> bool {
     eventually(Duration::from_secs(15), || {
-        let quiet = tb.hosts().iter().all(|h| {
-            mitosis_client::Client::connect(h.socket_path())
-                .and_then(|c| c.status())
-                .is_ok_and(|s| s.children_running == 0)
-        });
-        quiet && Api::seeds_on_hosts(tb) == seeds
+        let Ok(status) = tb
+            .hosts()
+            .iter()
+            .map(|h| mitosis_client::Client::connect(h.socket_path()).and_then(|c| c.status()))
+            .collect::<Result<Vec<_>, _>>()
+        else {
+            return false;
+        };
+        let kept: Vec<(String, u64)> = seeds
+            .iter()
+            .map(|(h, id)| (status[*h].listen.clone(), *id))
+            .collect();
+        status.iter().all(|s| {
+            s.children_running == 0
+                && s.replicas
+                    .iter()
+                    .all(|r| kept.contains(&(r.host.clone(), r.seed)))
+        }) && Api::seeds_on_hosts(tb) == seeds
     })
 }
 

@@ -105,7 +105,8 @@ impl RunSeeds {
     }
 
     /// Drops every seed the run made (their hosts at once, each bounded), and any whose
-    /// prepare ends later. Children still running from them are killed by their daemons.
+    /// prepare ends later. Children still running from them are killed by their daemons, and
+    /// the other hosts' replicas of them are evicted now (not at their daemons' next sweep).
     pub async fn drop_all(&self) {
         let seeds = {
             let mut made = self.made();
@@ -114,12 +115,25 @@ impl RunSeeds {
         };
         let mut drops = tokio::task::JoinSet::new();
         for seed in seeds {
-            let reach = self.hosts.reach(seed.host);
-            drops.spawn(async move {
-                if let Err(e) = reach.drop_seed(&seed.handle).await {
-                    tracing::warn!(?seed, "dropping a workflow's seed: {e}");
+            for host in 0..self.hosts.len() {
+                // A host that is down answers nothing: its replica goes with its daemon, or
+                // at its daemon's sweep.
+                if host != seed.host && !self.hosts.get(host).is_up() {
+                    continue;
                 }
-            });
+                let reach = self.hosts.reach(host);
+                let seed = seed.clone();
+                drops.spawn(async move {
+                    if host == seed.host {
+                        if let Err(e) = reach.drop_seed(&seed.handle).await {
+                            tracing::warn!(?seed, "dropping a workflow's seed: {e}");
+                        }
+                    } else if let Err(e) = reach.evict(&seed.handle).await {
+                        // Most hosts never ran a child of it: they have no replica.
+                        tracing::trace!(?seed, host, "evicting a workflow seed's replica: {e}");
+                    }
+                });
+            }
         }
         while drops.join_next().await.is_some() {}
     }

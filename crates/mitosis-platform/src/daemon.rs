@@ -140,6 +140,30 @@ impl Reach {
         }
     }
 
+    /// Forgets the daemon's replica of the seed behind `handle` (its process ends); an
+    /// error if it has none.
+    pub async fn evict(self, handle: &str) -> Result<(), Error> {
+        let timeout = Duration::from_secs(5);
+        match &self.endpoint {
+            Endpoint::Unix(path) => {
+                let (path, handle) = (path.clone(), handle.to_owned());
+                let asked = blocking(move || {
+                    Client::connect(&path)?
+                        .with_timeout(timeout)?
+                        .evict(&handle)
+                });
+                bounded(timeout + Duration::from_secs(1), asked).await
+            }
+            Endpoint::Tcp(addr) => {
+                let remote = self.remote.as_ref().ok_or_else(|| no_tls(*addr))?;
+                bounded(timeout, async {
+                    remote.connect(*addr).await?.evict(handle).await
+                })
+                .await
+            }
+        }
+    }
+
     /// Drops the seed behind `handle` on the daemon's host.
     pub async fn drop_seed(self, handle: &str) -> Result<(), Error> {
         let timeout = Duration::from_secs(5);
