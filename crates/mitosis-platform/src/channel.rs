@@ -208,15 +208,32 @@ pub async fn serve(
 /// pid namespace sees it (0: a process not visible here).
 fn recv_with_pid(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<i32>)> {
     let mut iov = [io::IoSliceMut::new(buf)];
+    // Room for the credentials alone: descriptors a process sends along do not fit, and the
+    // kernel installs none of them (the message says it was cut: refused below).
     let mut space = nix::cmsg_space!(UnixCredentials);
-    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT)
-        .map_err(io::Error::from)?;
-    let pid = msg.cmsgs().ok().and_then(|mut cmsgs| {
-        cmsgs.find_map(|c| match c {
-            ControlMessageOwned::ScmCredentials(creds) => Some(creds.pid()),
-            _ => None,
-        })
-    });
+    let msg = recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let refused = || io::Error::new(io::ErrorKind::InvalidData, "control data on the channel");
+    let mut pid = None;
+    for c in msg.cmsgs().map_err(|_| refused())? {
+        match c {
+            ControlMessageOwned::ScmCredentials(creds) => pid = Some(creds.pid()),
+            ControlMessageOwned::ScmRights(fds) => {
+                for fd in fds {
+                    // SAFETY: the kernel just installed `fd` in this process for this message;
+                    // nothing else knows it, and it is closed once here.
+                    drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+                }
+                return Err(refused());
+            }
+            _ => return Err(refused()),
+        }
+    }
     Ok((msg.bytes, pid))
 }
 
@@ -365,6 +382,20 @@ mod tests {
         let (n, pid) = recv_with_pid(ours.as_raw_fd(), &mut buf).unwrap();
         assert_eq!(&buf[..n], PLATFORM_PREPARE);
         assert_eq!(pid, Some(std::process::id() as i32));
+    }
+
+    #[test]
+    fn descriptors_sent_on_the_channel_are_refused() {
+        let (theirs, ours) = pair().unwrap();
+        let sent = std::fs::File::open("/dev/null").unwrap();
+        let fds = [sent.as_raw_fd()];
+        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+        let iov = [io::IoSlice::new(PLATFORM_PREPARE)];
+        nix::sys::socket::sendmsg::<()>(theirs.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let got = recv_with_pid(ours.as_raw_fd(), &mut buf);
+        assert_eq!(got.unwrap_err().kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]
