@@ -414,7 +414,12 @@ impl WorkflowError {
                 source: FunctionRefError::Store(_),
                 ..
             } => StatusCode::SERVICE_UNAVAILABLE,
-            WorkflowError::Function { .. } => StatusCode::NOT_FOUND,
+            WorkflowError::Function {
+                source: FunctionRefError::NotFound(_),
+                ..
+            } => StatusCode::NOT_FOUND,
+            // Changed since to a function no stage can run.
+            WorkflowError::Function { .. } => StatusCode::CONFLICT,
             WorkflowError::Lost(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
