@@ -669,6 +669,31 @@ fn malformed_workflows_are_refused_with_400_naming_the_field() {
             .len()
             == 1
     );
+    // A function deleted after the workflow was made: its run fails naming the stage.
+    let gone = api.ok(
+        "/v2/fns",
+        json!({"name": "gone", "app_id": app["id"], "image": bundle}),
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let wf = api.ok(
+        "/v2/workflows",
+        json!({"name": "orphan", "stages": [f("a"), {"name": "b", "function": "wf/gone", "after": ["a"]}]}),
+    );
+    assert_eq!(wf["stages"][1]["fn_id"], gone.as_str());
+    assert_eq!(
+        api.request("DELETE", &format!("/v2/fns/{gone}"), b"")
+            .status,
+        204
+    );
+    let run = api.post(
+        &format!("/invoke-workflow/{}", wf["id"].as_str().unwrap()),
+        json!({}),
+    );
+    assert_eq!(run.status, 404, "{}", run.text());
+    assert_eq!(run.json()["stage"], "b");
+    assert_eq!(run.json()["kind"], "function");
     drop(api);
     teardown(tb);
 }
