@@ -183,3 +183,76 @@ fn a_process_a_child_forked_cannot_be_prepared_and_says_why() {
     assert_eq!(c["grandchild_status"], 0);
     teardown(tb);
 }
+
+/// The library's side of the platform's channel (docs/workflows.md, "On the platform"), with
+/// this test's Python standing for the platform: a socket at fd 3 without the greeting is not
+/// the platform's; with it, `fork_prepare` asks there, returns the token in the parent,
+/// refuses `resume()` on it and reports the platform's refusal of a second prepare.
+#[test]
+fn the_python_library_prepares_through_the_platforms_channel_when_it_has_one() {
+    const SCRIPT: &str = r#"
+import json, os, socket, threading
+import mitosis
+out = {}
+os.open("/dev/null", os.O_RDONLY)  # fd 3 taken first: the pair lands above it
+mine, platform = socket.socketpair()
+os.dup2(mine.fileno(), 3)
+mine.close()
+out["without_greeting"] = mitosis.on_platform()
+platform.sendall(b"MITOSIS-PLATFORM 1\n")
+
+def line():
+    got = b""
+    while not got.endswith(b"\n"):
+        got += platform.recv(1)
+    return got.decode()
+
+def serve():
+    out["asked"] = line()
+    platform.sendall(b"PREPARED load/0\n")
+    out["asked_again"] = line()
+    platform.sendall(b"ERROR Unsupported a stage's process prepares itself once\n")
+
+served = threading.Thread(target=serve)
+served.start()
+h = mitosis.fork_prepare()
+out["parent"] = [h.is_child, h.handle, h.on_platform]
+out["fd3_taken"] = not os.path.exists("/proc/self/fd/3")
+try:
+    mitosis.resume(h)
+except mitosis.MitosisError as e:
+    out["resume"] = str(e)
+try:
+    mitosis.fork_prepare()
+except mitosis.DaemonError as e:
+    out["again"] = [e.kind, e.message]
+served.join()
+print(json.dumps(out))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", SCRIPT])
+        .env("PYTHONPATH", python_lib())
+        .env("MITOSIS_SOCKET", "/nonexistent/mitosisd.sock")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let all = lines(&out);
+    let v = &all[0];
+    assert_eq!(v["without_greeting"], false, "{v}");
+    assert_eq!(v["asked"], "PREPARE\n");
+    assert_eq!(v["parent"], serde_json::json!([false, "load/0", true]));
+    assert_eq!(v["fd3_taken"], true, "{v}");
+    assert!(
+        v["resume"]
+            .as_str()
+            .unwrap()
+            .contains("prepared through the platform"),
+        "{v}"
+    );
+    assert_eq!(v["asked_again"], "PREPARE\n");
+    assert_eq!(
+        v["again"],
+        serde_json::json!(["Unsupported", "a stage's process prepares itself once"])
+    );
+}

@@ -10,6 +10,13 @@ SOCKLEN bytes of the control socket of the daemon that made it (its host's, wher
 ``fork_prepare`` and resumes go: it becomes ``MITOSIS_SOCKET``) before the function's own
 input. See docs/workflows.md.
 
+Under mitosis-platform (a workflow's stage) the process holds no daemon socket: the platform
+gives it fd 3, a unix socket with ``MITOSIS-PLATFORM 1`` waiting on it, and ``fork_prepare``
+asks the platform there instead (``PREPARE``; the platform prepares the process where it
+runs and answers ``PREPARED TOKEN`` or ``ERROR KIND MESSAGE``). It returns twice just the
+same; the parent's ``handle`` is then only a token (the platform keeps the seed's handle and
+starts the next stage's children from it).
+
 Only the standard library is used, so the package can be copied into any rootfs.
 """
 
@@ -17,6 +24,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import struct
 import threading
 
@@ -30,6 +38,7 @@ __all__ = [
     "child_header",
     "default_socket",
     "fork_prepare",
+    "on_platform",
     "resume",
     "resume_many",
 ]
@@ -41,6 +50,12 @@ MAX_ARG = 64 << 20
 # socket a child may get at 3, so a child's restarted read finds nothing there.
 CONTROL_FD_MIN = 10
 MAX_FRAME = 16 << 20
+# The platform's channel (docs/workflows.md, "On the platform").
+PLATFORM_FD = 3
+PLATFORM_GREETING = b"MITOSIS-PLATFORM 1\n"
+PLATFORM_MAX_LINE = 1024
+# The channel this process took from fd 3 (moved to CONTROL_FD_MIN or above), if any.
+_platform_fd = None
 
 # Variant indices of the control protocol's enums (crates/mitosis-transport control.rs),
 # postcard-encoded: a varint index, then the fields in order.
@@ -87,12 +102,14 @@ class HeaderError(MitosisError):
 
 class Prepared:
     """What ``fork_prepare`` returns: in the parent ``handle`` (a secret: it opens this
-    process's memory) and ``is_child`` False; in a child ``index`` and ``arg`` (bytes)."""
+    process's memory) and ``is_child`` False; in a child ``index`` and ``arg`` (bytes).
+    Under the platform ``on_platform`` is True and the parent's ``handle`` is a token only."""
 
-    def __init__(self, handle=None, index=None, arg=None):
+    def __init__(self, handle=None, index=None, arg=None, on_platform=False):
         self.handle = handle
         self.index = index
         self.arg = arg
+        self.on_platform = on_platform
 
     @property
     def is_child(self):
@@ -274,6 +291,85 @@ def _read_exact(fd, n):
     return bytes(got)
 
 
+# -- under the platform -----------------------------------------------------------------
+
+
+def _take_platform_channel():
+    """The platform's channel if this process was given one: fd 3, a unix stream socket
+    with the greeting waiting on it. Takes it (moved to fd CONTROL_FD_MIN or above, the
+    greeting read), so a child given fd 3 of its own never reads its parent's."""
+    global _platform_fd
+    try:
+        if not stat.S_ISSOCK(os.fstat(PLATFORM_FD).st_mode):
+            return _platform_fd
+        probe = socket.socket(fileno=os.dup(PLATFORM_FD))
+    except OSError:
+        return _platform_fd
+    try:
+        if probe.family != socket.AF_UNIX or probe.type != socket.SOCK_STREAM:
+            return _platform_fd
+        if probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return _platform_fd
+        try:
+            waiting = probe.recv(len(PLATFORM_GREETING), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return _platform_fd
+        if waiting != PLATFORM_GREETING:
+            return _platform_fd
+    finally:
+        probe.close()
+    fd = fcntl.fcntl(PLATFORM_FD, fcntl.F_DUPFD_CLOEXEC, CONTROL_FD_MIN)
+    os.close(PLATFORM_FD)
+    os.read(fd, len(PLATFORM_GREETING))
+    _platform_fd = fd
+    return fd
+
+
+def on_platform():
+    """Whether this process runs a mitosis-platform workflow stage (and prepares itself
+    through the platform)."""
+    return _take_platform_channel() is not None
+
+
+def _fork_prepare_platform(fd):
+    global _platform_fd
+    before = os.getpid()
+    try:
+        os.write(fd, b"PREPARE\n")
+    except OSError as e:
+        raise MitosisError(f"the platform's channel: {e}") from None
+    line = bytearray()
+    gone = False
+    # The prepare point: the platform has the process captured while it waits here.
+    try:
+        while True:
+            b = os.read(fd, 1)
+            if not b:
+                raise MitosisError("the platform closed its channel")
+            if b == b"\n":
+                break
+            line += b
+            if len(line) > PLATFORM_MAX_LINE:
+                raise MitosisError("the platform's answer is too long")
+    except OSError as e:
+        if e.errno != errno.EBADF and os.getpid() == before:
+            raise MitosisError(f"the platform's channel: {e}") from None
+        gone = True
+    if gone:
+        # A child: the channel was its parent's (the fd is free or someone else's now).
+        _platform_fd = None
+        index, arg, sock = _read_role(0)
+        if sock:
+            os.environ["MITOSIS_SOCKET"] = sock
+        return Prepared(index=index, arg=arg, on_platform=True)
+    words = bytes(line).decode(errors="replace").split(" ", 2)
+    if words[0] == "PREPARED" and len(words) == 2:
+        return Prepared(handle=words[1], on_platform=True)
+    if words[0] == "ERROR" and len(words) == 3:
+        raise DaemonError(words[1], words[2])
+    raise MitosisError(f"unexpected answer from the platform: {bytes(line)!r}")
+
+
 # -- the API ----------------------------------------------------------------------------
 
 
@@ -284,7 +380,14 @@ def fork_prepare(socket_path=None):
     The caller runs on once prepared; what it writes later never reaches its children.
     Raises ``NotOnMitosisHost`` when no daemon is reachable (the program may run on), and
     ``DaemonError`` when the daemon refuses (e.g. a process it cannot fork).
+
+    Under the platform (a workflow's stage, fd 3: see the module's doc) and with no
+    ``socket_path``, the platform is asked instead of a daemon.
     """
+    if socket_path is None:
+        channel = _take_platform_channel()
+        if channel is not None:
+            return _fork_prepare_platform(channel)
     path = socket_path or default_socket()
     before = os.getpid()
     s = _connect(path)
@@ -335,6 +438,11 @@ def _handle_of(handle):
     if isinstance(handle, Prepared):
         if handle.is_child:
             raise MitosisError("a child's Prepared has no handle: prepare it again")
+        if handle.on_platform:
+            raise MitosisError(
+                "prepared through the platform: the workflow's next stage starts its children "
+                "(a `fork` stage), not resume()"
+            )
         return handle.handle
     return str(handle)
 

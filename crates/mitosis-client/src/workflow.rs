@@ -16,9 +16,10 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, IntoRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use std::thread;
 
 use mitosis_sys::fdpass;
@@ -38,6 +39,20 @@ pub const MAX_ARG: usize = 64 << 20;
 /// The daemon's connection is moved to this descriptor or above, clear of the numbers a child
 /// is handed (0, 1, 2 and a listening socket at 3), so a child's restarted read finds nothing.
 const CONTROL_FD_MIN: i32 = 10;
+
+/// The platform's channel (docs/workflows.md, "On the platform"): a workflow stage's process
+/// gets, as fd 3, a unix stream socket to the platform with this greeting waiting on it. Its
+/// `fork_prepare` sends [`PLATFORM_PREPARE`] there instead of asking a daemon (a function
+/// never holds a daemon's control socket), and the platform, which holds the daemons'
+/// connections, prepares the process where it runs and answers one line:
+/// `PREPARED TOKEN` or `ERROR KIND MESSAGE` (`KIND` as [`crate::ErrorKind`]'s names).
+pub const PLATFORM_GREETING: &[u8] = b"MITOSIS-PLATFORM 1\n";
+/// The descriptor the platform's channel is at when a stage's process starts.
+pub const PLATFORM_FD: i32 = 3;
+/// What a process sends on the platform's channel to be prepared where it is.
+pub const PLATFORM_PREPARE: &[u8] = b"PREPARE\n";
+/// The longest line either side sends on the platform's channel.
+pub const PLATFORM_MAX_LINE: usize = 1024;
 
 /// Where `fork_prepare` returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +87,9 @@ pub enum ForkError {
     /// Running a child's stdio failed.
     #[error("child stdio: {0}")]
     Stdio(io::Error),
+    /// The platform refused or failed the prepare (`kind` as the daemon's error kinds).
+    #[error("the platform: {message} ({kind})")]
+    Platform { kind: String, message: String },
 }
 
 impl From<crate::Error> for ForkError {
@@ -126,6 +144,139 @@ pub fn fork_prepare(socket: &Path) -> Result<Forked, ForkError> {
             "unexpected answer: {other:?}"
         ))),
         Err(e) => Err(ForkError::Connection(e.to_string())),
+    }
+}
+
+/// The platform's channel this process took (moved to [`CONTROL_FD_MIN`] or above), if any.
+static CHANNEL: Mutex<Option<RawFd>> = Mutex::new(None);
+
+/// Prepares the calling process where it runs: through the platform's channel when it runs
+/// as a stage of a mitosis-platform workflow ([`platform_channel`]), else through its host's
+/// daemon ([`default_socket`]). Returns twice, as [`fork_prepare`] does.
+pub fn fork_prepare_here() -> Result<Forked, ForkError> {
+    match platform_channel() {
+        Some(fd) => {
+            // SAFETY: the channel's descriptor is this module's (taken by `platform_channel`,
+            // never closed while recorded), open for the borrow.
+            let channel = unsafe { BorrowedFd::borrow_raw(fd) };
+            let forked = fork_prepare_through(channel);
+            if matches!(forked, Ok(Forked::Child { .. })) {
+                // The descriptor was the parent's: a child has none.
+                *CHANNEL.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            }
+            forked
+        }
+        None => fork_prepare(&default_socket()),
+    }
+}
+
+/// The platform's channel, if this process was given one: fd [`PLATFORM_FD`], a connected
+/// unix stream socket with [`PLATFORM_GREETING`] waiting on it. Takes it the first time (moves
+/// it to fd 10 or above, where a child's restarted read finds nothing, and reads the greeting);
+/// then answers the same descriptor.
+pub fn platform_channel() -> Option<RawFd> {
+    let mut taken = CHANNEL.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(fd) = *taken {
+        return Some(fd);
+    }
+    // Open and a socket? (Asked of /proc: no descriptor is touched that is not there.)
+    let target = std::fs::read_link(format!("/proc/self/fd/{PLATFORM_FD}")).ok()?;
+    if !target.to_string_lossy().starts_with("socket:") {
+        return None;
+    }
+    // SAFETY: fd 3 is open (just seen in /proc) and only borrowed to duplicate it.
+    let dup = unsafe { BorrowedFd::borrow_raw(PLATFORM_FD) }
+        .try_clone_to_owned()
+        .ok()?;
+    let probe = UnixStream::from(dup);
+    // A unix socket (not another family), connected, the greeting waiting.
+    probe.local_addr().ok()?;
+    let mut greeting = [0u8; PLATFORM_GREETING.len()];
+    let peeked = fdpass::peek_now(probe.as_raw_fd(), &mut greeting).ok()?;
+    if peeked != greeting.len() || greeting != PLATFORM_GREETING {
+        return None;
+    }
+    let moved = fdpass::dup_at_least(&probe, CONTROL_FD_MIN).ok()?;
+    drop(probe);
+    // SAFETY: fd 3 is the platform's channel (checked above), which this process takes over
+    // (a copy lives at `moved`); nothing else of this process owns that number.
+    drop(unsafe { OwnedFd::from_raw_fd(PLATFORM_FD) });
+    let mut channel = File::from(moved);
+    channel.read_exact(&mut greeting).ok()?;
+    let fd = channel.into_raw_fd();
+    *taken = Some(fd);
+    Some(fd)
+}
+
+/// [`fork_prepare`] through the platform's `channel`: sends [`PLATFORM_PREPARE`] and blocks
+/// reading the answer line; the platform prepares this process meanwhile.
+pub fn fork_prepare_through(channel: BorrowedFd<'_>) -> Result<Forked, ForkError> {
+    let before = std::process::id();
+    let owned = channel
+        .try_clone_to_owned()
+        .map_err(|e| ForkError::Connection(format!("the platform's channel: {e}")))?;
+    let raw = channel.as_raw_fd();
+    // Reads and writes go to `raw` itself: a child's restarted read must find that number
+    // gone, not a duplicate of it.
+    drop(owned);
+    // SAFETY: `raw` is `channel`, open for this call; the File is never dropped (its number
+    // is given back with `into_raw_fd` on every path).
+    let mut file = unsafe { File::from_raw_fd(raw) };
+    let result = exchange(&mut file, before);
+    let _ = file.into_raw_fd();
+    result
+}
+
+fn exchange(file: &mut File, before: u32) -> Result<Forked, ForkError> {
+    file.write_all(PLATFORM_PREPARE)
+        .map_err(|e| ForkError::Connection(format!("the platform's channel: {e}")))?;
+    // The prepare point: the platform has this process captured while it waits here.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match file.read(&mut byte) {
+            Err(e) if e.raw_os_error() == Some(EBADF) || std::process::id() != before => {
+                // A child: the channel was its parent's.
+                let role = read_role(&mut stdin_file()?)?;
+                return Ok(Forked::Child {
+                    index: role.index,
+                    arg: role.arg,
+                    socket: role.socket,
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(ForkError::Connection(format!(
+                    "the platform's channel: {e}"
+                )));
+            }
+            Ok(0) => {
+                return Err(ForkError::Connection(
+                    "the platform closed its channel".into(),
+                ));
+            }
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if line.len() >= PLATFORM_MAX_LINE => {
+                return Err(ForkError::Connection(
+                    "the platform's answer is too long".into(),
+                ));
+            }
+            Ok(_) => line.push(byte[0]),
+        }
+    }
+    let line = String::from_utf8_lossy(&line);
+    let mut words = line.splitn(3, ' ');
+    match (words.next(), words.next(), words.next()) {
+        (Some("PREPARED"), Some(token), None) => Ok(Forked::Parent {
+            handle: token.to_owned(),
+        }),
+        (Some("ERROR"), Some(kind), Some(message)) => Err(ForkError::Platform {
+            kind: kind.to_owned(),
+            message: message.to_owned(),
+        }),
+        _ => Err(ForkError::Connection(format!(
+            "unexpected answer from the platform: {line:?}"
+        ))),
     }
 }
 
@@ -319,6 +470,44 @@ mod tests {
             let r = read_role(&mut io::Cursor::new(bad.to_vec()));
             assert!(matches!(r, Err(ForkError::Header(_))), "{bad:?}: {r:?}");
         }
+    }
+
+    /// The platform's side of one exchange, on a thread: what it read, and what it answered.
+    fn platform(answer: &'static [u8]) -> (UnixStream, thread::JoinHandle<Vec<u8>>) {
+        let (theirs, mut ours) = UnixStream::pair().unwrap();
+        let served = thread::spawn(move || {
+            let mut asked = vec![0u8; PLATFORM_PREPARE.len()];
+            ours.read_exact(&mut asked).unwrap();
+            ours.write_all(answer).unwrap();
+            asked
+        });
+        (theirs, served)
+    }
+
+    #[test]
+    fn through_the_platform_the_parent_gets_its_token_or_the_refusal() {
+        let (channel, served) = platform(b"PREPARED load/0\n");
+        let forked = fork_prepare_through(channel.as_fd()).unwrap();
+        assert_eq!(served.join().unwrap(), PLATFORM_PREPARE);
+        assert_eq!(
+            forked,
+            Forked::Parent {
+                handle: "load/0".into()
+            }
+        );
+        let (channel, _served) = platform(b"ERROR Unsupported multi-hop is unavailable\n");
+        match fork_prepare_through(channel.as_fd()) {
+            Err(ForkError::Platform { kind, message }) => {
+                assert_eq!(kind, "Unsupported");
+                assert_eq!(message, "multi-hop is unavailable");
+            }
+            other => panic!("{other:?}"),
+        }
+        let (channel, _served) = platform(b"nonsense\n");
+        assert!(matches!(
+            fork_prepare_through(channel.as_fd()),
+            Err(ForkError::Connection(_))
+        ));
     }
 
     #[test]

@@ -26,8 +26,22 @@ pub struct SeedContainer {
     pub container: Container,
     /// The seed's pid, as this host sees it.
     pub pid: i32,
-    /// The write end of the seed's stdin: held so the seed waits for input forever.
-    _stdin: OwnedFd,
+    /// The write end of the seed's stdin: held so the seed waits for input forever (none
+    /// for a process started otherwise and prepared where it ran: see [`SeedContainer::adopt`]).
+    _stdin: Option<OwnedFd>,
+}
+
+impl SeedContainer {
+    /// The container of process `pid`, started otherwise (a child of a seed, prepared again
+    /// where it runs), kept for the seed made of it: the seed's twin lives in its namespaces,
+    /// so the container goes with the seed, not with the process.
+    pub fn adopt(container: Container, pid: i32) -> SeedContainer {
+        SeedContainer {
+            container,
+            pid,
+            _stdin: None,
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -86,7 +100,7 @@ pub fn start_seed(
         Ok(pid) => Ok(SeedContainer {
             container,
             pid,
-            _stdin: stdin_write,
+            _stdin: Some(stdin_write),
         }),
         Err(why) => {
             let output = log_tail(log);

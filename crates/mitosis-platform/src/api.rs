@@ -37,6 +37,12 @@ pub fn router(platform: Arc<Platform>) -> Router {
             get(get_fn).put(update_fn).delete(delete_fn),
         )
         .route("/invoke/{fn_id}", post(invoke))
+        .route("/v2/workflows", get(list_workflows).post(create_workflow))
+        .route(
+            "/v2/workflows/{workflow_id}",
+            get(get_workflow).delete(delete_workflow),
+        )
+        .route("/invoke-workflow/{workflow_id}", post(invoke_workflow))
         // OpenFaaS's gateway passes any method and sub-path on to the function.
         .route("/function/{name}", any(invoke_by_name))
         .route("/function/{name}/{*rest}", any(invoke_by_name_path))
@@ -185,6 +191,122 @@ fn forget_seed(p: &Arc<Platform>, fn_id: String) {
     tokio::spawn(async move { p.removed(&fn_id).await });
 }
 
+async fn create_workflow(State(p): Shared, bytes: Bytes) -> ApiResult<Response> {
+    let input = body::<crate::workflow::WorkflowInput>(&bytes)?;
+    let (name, mut stages) = crate::workflow::check(input)?;
+    crate::workflow::resolve(&p.store, &mut stages).await?;
+    let wf = crate::workflow::Workflow {
+        id: crate::ids::ulid(),
+        name,
+        stages,
+        created_at: crate::ids::now_rfc3339(),
+    };
+    if !p.store.insert_workflow(wf.clone()).await? {
+        return Err(ApiError::conflict(
+            "Workflow with specified name already exists",
+        ));
+    }
+    Ok(ok(&wf))
+}
+
+async fn list_workflows(State(p): Shared) -> ApiResult<Response> {
+    Ok(ok(&List {
+        items: p.store.workflows().await?,
+        next_cursor: String::new(),
+    }))
+}
+
+async fn find_workflow(p: &Platform, id: &str) -> ApiResult<crate::workflow::Workflow> {
+    p.store
+        .workflow(id.to_owned())
+        .await?
+        .ok_or_else(|| ApiError::not_found("Workflow not found"))
+}
+
+async fn get_workflow(State(p): Shared, Path(id): Path<String>) -> ApiResult<Response> {
+    Ok(ok(&find_workflow(&p, &id).await?))
+}
+
+async fn delete_workflow(State(p): Shared, Path(id): Path<String>) -> ApiResult<Response> {
+    if !p.store.delete_workflow(id).await? {
+        return Err(ApiError::not_found("Workflow not found"));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Runs a workflow: its stages' results and timings, or (4xx/5xx) which stage failed and
+/// why. Either way, nothing the run started is left running.
+async fn invoke_workflow(
+    State(p): Shared,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    request: Body,
+) -> ApiResult<Response> {
+    let wf = find_workflow(&p, &id).await?;
+    let t0 = std::time::Instant::now();
+    let input = read_body(&p, &headers, request).await?;
+    let (status, body, run_id, seeds_made) = match p.run_workflow(&wf, &input).await {
+        Ok(report) => {
+            let run_id = report.run_id.clone();
+            let seeds_made = report.seeds_made;
+            let body = serde_json::to_value(&report).unwrap_or_default();
+            (StatusCode::OK, body, run_id, seeds_made)
+        }
+        Err(failure) => (
+            failure.error.status(),
+            failure.body(),
+            failure.run_id,
+            failure.seeds_made,
+        ),
+    };
+    let m = &p.metrics;
+    m.workflow_runs
+        .get_or_create(&metrics::WorkflowLabels {
+            workflow_id: wf.id.clone(),
+            workflow_name: wf.name.clone(),
+            outcome: metrics::outcome(status),
+        })
+        .inc();
+    m.workflow_seconds
+        .get_or_create(&metrics::WorkflowNameLabels {
+            workflow_id: wf.id.clone(),
+            workflow_name: wf.name.clone(),
+        })
+        .observe(t0.elapsed().as_secs_f64());
+    m.stage_seeds_made.inc_by(seeds_made as u64);
+    let mut response = (status, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&run_id) {
+        response.headers_mut().insert("Mitosis-Run-Id", v);
+    }
+    Ok(response)
+}
+
+/// A request's body, within the platform's limit (413 over it).
+async fn read_body(p: &Platform, headers: &HeaderMap, request: Body) -> ApiResult<Bytes> {
+    let limit = p.config.max_body;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("Request content too large (over {limit} bytes)"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(request, limit).await.map_err(|e| {
+        // A chunked body over the limit; anything else is a client that went away.
+        if e.to_string().contains("length limit") {
+            too_large()
+        } else {
+            ApiError::bad_request(format!("reading the request: {e}"))
+        }
+    })
+}
+
 /// What an HTTP function is asked: the method and target its caller used (Fn's `/invoke`
 /// is a `POST /`).
 struct Target {
@@ -328,28 +450,7 @@ async fn run_call(
     headers: &HeaderMap,
     request: Body,
 ) -> ApiResult<Response> {
-    let limit = p.config.max_body;
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("Request content too large (over {limit} bytes)"),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(too_large());
-    }
-    let input = axum::body::to_bytes(request, limit).await.map_err(|e| {
-        // A chunked body over the limit; anything else is a client that went away.
-        if e.to_string().contains("length limit") {
-            too_large()
-        } else {
-            ApiError::bad_request(format!("reading the request: {e}"))
-        }
-    })?;
+    let input = read_body(p, headers, request).await?;
     let Invoked {
         host,
         answer,

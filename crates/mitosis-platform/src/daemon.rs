@@ -93,6 +93,31 @@ impl Reach {
         }
     }
 
+    /// Prepares process `pid` of the daemon's host (one of its running children: flattened
+    /// first, see docs/workflows.md) as a seed; bounded by `timeout`.
+    pub async fn prepare_pid(self, pid: i32, timeout: Duration) -> Result<String, Error> {
+        match &self.endpoint {
+            Endpoint::Unix(path) => {
+                let path = path.clone();
+                let asked = blocking(move || {
+                    Client::connect(&path)?
+                        .with_timeout(timeout)?
+                        .prepare_pid(pid)
+                        .map(|(handle, _)| handle)
+                });
+                bounded(timeout + Duration::from_secs(1), asked).await
+            }
+            Endpoint::Tcp(addr) => {
+                let remote = self.remote.as_ref().ok_or_else(|| no_tls(*addr))?;
+                bounded(timeout, async {
+                    let (handle, _) = remote.connect(*addr).await?.prepare_pid(pid).await?;
+                    Ok(handle)
+                })
+                .await
+            }
+        }
+    }
+
     /// Builds the daemon's replica of the seed behind `handle` (bounded by `timeout`).
     pub async fn replicate(self, handle: &str, timeout: Duration) -> Result<(), Error> {
         match &self.endpoint {
@@ -109,6 +134,30 @@ impl Reach {
                 let remote = self.remote.as_ref().ok_or_else(|| no_tls(*addr))?;
                 bounded(timeout, async {
                     remote.connect(*addr).await?.replicate(handle).await
+                })
+                .await
+            }
+        }
+    }
+
+    /// Forgets the daemon's replica of the seed behind `handle` (its process ends); an
+    /// error if it has none.
+    pub async fn evict(self, handle: &str) -> Result<(), Error> {
+        let timeout = Duration::from_secs(5);
+        match &self.endpoint {
+            Endpoint::Unix(path) => {
+                let (path, handle) = (path.clone(), handle.to_owned());
+                let asked = blocking(move || {
+                    Client::connect(&path)?
+                        .with_timeout(timeout)?
+                        .evict(&handle)
+                });
+                bounded(timeout + Duration::from_secs(1), asked).await
+            }
+            Endpoint::Tcp(addr) => {
+                let remote = self.remote.as_ref().ok_or_else(|| no_tls(*addr))?;
+                bounded(timeout, async {
+                    remote.connect(*addr).await?.evict(handle).await
                 })
                 .await
             }

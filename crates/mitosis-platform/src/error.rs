@@ -148,17 +148,23 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<CallError> for ApiError {
-    fn from(e: CallError) -> Self {
-        let status = match &e {
+impl ApiError {
+    /// The status a failed call answers with.
+    pub fn status_of(e: &CallError) -> StatusCode {
+        match e {
             CallError::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
             CallError::BadInput(_) => StatusCode::BAD_REQUEST,
             CallError::NoHost(_) => StatusCode::SERVICE_UNAVAILABLE,
             CallError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
             CallError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_GATEWAY,
-        };
-        ApiError::new(status, e.to_string())
+        }
+    }
+}
+
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
+        ApiError::new(ApiError::status_of(&e), e.to_string())
     }
 }
 

@@ -11,6 +11,8 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -91,6 +93,10 @@ pub struct Call {
     pub input: axum::body::Bytes,
     pub timeout: Duration,
     pub max_output: usize,
+    /// A workflow stage's process: its channel to the platform as its fd 3, through which it
+    /// may prepare itself ([`crate::channel`]). Unix sockets only (a descriptor cannot cross
+    /// TCP): over `tcp://` endpoints the process gets none.
+    pub channel: Option<(usize, crate::channel::Channel)>,
 }
 
 /// A call that ran to its end with exit status 0.
@@ -103,6 +109,27 @@ pub struct Answer {
     pub stats: ResumeStats,
     /// From the resume request to the child's exit.
     pub elapsed: Duration,
+}
+
+/// Ends a task with the call.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+/// Says the call is over (its process exited, or is being killed) before ending its channel.
+struct ExitedOnDrop {
+    exited: Arc<AtomicBool>,
+    _serving: AbortOnDrop,
+}
+
+impl Drop for ExitedOnDrop {
+    fn drop(&mut self) {
+        self.exited.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Kills the child if the call is abandoned (timed out, or its HTTP client went away).
@@ -300,14 +327,31 @@ async fn run_unix(call: Call, socket: PathBuf) -> Result<Answer, CallError> {
     let (launch, host) = (call.launch, call.host.clone());
     let cold = matches!(launch, Launch::Cold { .. });
     // The HTTP contract: a socket this platform listens on becomes the child's fd 3.
-    let listener = match &call.http {
+    let tcp_listener = match &call.http {
         Some(_) => Some(std::net::TcpListener::bind((
             std::net::Ipv4Addr::LOCALHOST,
             0,
         ))?),
         None => None,
     };
-    let listening = listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let listening = tcp_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    // A workflow stage: its channel to the platform is its fd 3 instead.
+    let (channel, channel_end) = match call.channel {
+        Some(_) if tcp_listener.is_some() || cold => {
+            return Err(CallError::BadInput(
+                "workflow stages run forked functions of the stdin/stdout contract".into(),
+            ));
+        }
+        Some((host_index, channel)) => {
+            let (theirs, ours) = crate::channel::pair()?;
+            (Some((host_index, channel, ours)), Some(theirs))
+        }
+        None => (None, None),
+    };
+    let listener: Option<OwnedFd> = match tcp_listener {
+        Some(l) => Some(l.into()),
+        None => channel_end,
+    };
     // The read timeout is a backstop: the deadline below is what callers see.
     let backstop = call.timeout + KILL_GRACE;
     let resuming = tokio::task::spawn_blocking(move || {
@@ -333,6 +377,18 @@ async fn run_unix(call: Call, socket: PathBuf) -> Result<Answer, CallError> {
             })?,
     };
     let stats = running.stats.clone();
+    // Served while the call runs; a prepare under way finishes on its own (see `channel`).
+    let exited_flag = Arc::new(AtomicBool::new(false));
+    let _channel = channel.map(|(host_index, channel, ours)| ExitedOnDrop {
+        exited: exited_flag.clone(),
+        _serving: AbortOnDrop(tokio::spawn(crate::channel::serve(
+            ours,
+            running.pid,
+            host_index,
+            channel,
+            exited_flag.clone(),
+        ))),
+    });
     let mut killer = KillOnDrop(Some(running.signaller().map_err(|err| {
         CallError::Daemon {
             host: host.clone(),
@@ -397,6 +453,7 @@ async fn run_unix(call: Call, socket: PathBuf) -> Result<Answer, CallError> {
                 }
             },
             waited = &mut waiting, if exited.is_none() => {
+                exited_flag.store(true, Ordering::Release);
                 killer.disarm();
                 let e = waited
                     .map_err(|e| CallError::Io(io::Error::other(e)))?

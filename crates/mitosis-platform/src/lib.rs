@@ -11,10 +11,13 @@
 //! - [`seeds`]: one seed per function, made again elsewhere when its host is gone.
 //! - [`invoke`]: one call: a child resumed through a host's daemon, stdin/stdout on pipes.
 //! - [`metrics`]: `GET /metrics` for Prometheus.
+//! - [`workflow`]: DAGs of stages the platform runs, fanning out as children of a stage's
+//!   process that prepared itself through its [`channel`], and in.
 //! - [`Platform`]: all of it together.
 
 pub mod api;
 pub mod background;
+pub mod channel;
 pub mod daemon;
 mod error;
 pub mod etcd;
@@ -28,6 +31,7 @@ pub mod model;
 pub mod policy;
 pub mod seeds;
 pub mod store;
+pub mod workflow;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -196,6 +200,15 @@ pub struct Invoked {
     pub answer: invoke::Answer,
 }
 
+/// What a workflow stage adds to a call (see [`workflow`]).
+pub struct StageCall {
+    /// The process's channel to the platform (its fd 3), to prepare itself through.
+    pub channel: channel::Channel,
+    /// For a stage that forks from an earlier stage's process: that process's seed, instead
+    /// of the function's.
+    pub from: Option<seeds::Seed>,
+}
+
 /// How often one call is tried again after a failure of a host or a lost seed.
 const CALL_ATTEMPTS: usize = 3;
 
@@ -247,8 +260,8 @@ impl Platform {
             )));
         }
         match strategy {
-            Strategy::RemoteFork => self.forked(f, input, http, call_id, false).await,
-            Strategy::LocalFork => self.forked(f, input, http, call_id, true).await,
+            Strategy::RemoteFork => self.forked(f, input, http, call_id, false, None).await,
+            Strategy::LocalFork => self.forked(f, input, http, call_id, true, None).await,
             Strategy::Cold => self.cold(f, input, call_id).await,
             Strategy::FnCache => self.cached(f, input, call_id).await,
         }
@@ -321,8 +334,42 @@ impl Platform {
         }
     }
 
+    /// One instance of a workflow stage: a child of the function's seed (or of `stage.from`)
+    /// with its channel to the platform. A function whose policy starts processes cold or
+    /// keeps them runs as any call, without a channel (it cannot prepare itself).
+    pub async fn invoke_stage(
+        self: &Arc<Self>,
+        f: &model::Func,
+        input: axum::body::Bytes,
+        stage: StageCall,
+    ) -> Result<Invoked, CallError> {
+        let call_id = ids::ulid();
+        let span = tracing::info_span!("call", %call_id, function = %f.id, stage = %stage.channel.stage, index = stage.channel.index);
+        let strategy = self.strategy(f);
+        let run = async {
+            match (&stage.from, strategy) {
+                (Some(_), _) | (None, Strategy::RemoteFork) => {
+                    self.forked(f, input, None, call_id, false, Some(stage))
+                        .await
+                }
+                (None, Strategy::LocalFork) => {
+                    self.forked(f, input, None, call_id, true, Some(stage))
+                        .await
+                }
+                (None, Strategy::Cold) => self.cold(f, input, call_id).await,
+                (None, Strategy::FnCache) => self.cached(f, input, call_id).await,
+            }
+        };
+        let result = run.instrument(span.clone()).await;
+        if let Err(e) = &result {
+            span.in_scope(|| tracing::info!("stage call failed: {e}"));
+        }
+        result
+    }
+
     /// A child of the function's seed: its one seed for the cluster, or (`local`) the own
-    /// seed of the host the call goes to.
+    /// seed of the host the call goes to; for a workflow stage, with its channel, and for a
+    /// stage forked from an earlier one, a child of that one's seed.
     async fn forked(
         self: &Arc<Self>,
         f: &model::Func,
@@ -330,11 +377,15 @@ impl Platform {
         http: Option<http_contract::HttpRequest>,
         call_id: String,
         local: bool,
+        stage: Option<StageCall>,
     ) -> Result<Invoked, CallError> {
-        let mut seed = if local {
-            None
-        } else {
-            Some(self.seeds.get(f).await?)
+        let from = stage.as_ref().and_then(|s| s.from.clone());
+        let forking = from.is_some();
+        let local = local && !forking;
+        let mut seed = match from {
+            Some(made) => Some(made),
+            None if local => None,
+            None => Some(self.seeds.get(f).await?),
         };
         let mut excluded = Vec::new();
         let mut last = None;
@@ -371,6 +422,7 @@ impl Platform {
                 input: input.clone(),
                 timeout: Self::timeout(f),
                 max_output: self.config.max_output,
+                channel: stage.as_ref().map(|s| (host, s.channel.clone())),
             };
             match invoke::run(call).await {
                 Ok(answer) => {
@@ -387,6 +439,8 @@ impl Platform {
                     excluded.push(host);
                     last = Some(e);
                 }
+                // A stage's process's seed is made once: lost, the stage fails.
+                Err(e) if forking && (e.seed_lost() || e.seed_unreachable()) => return Err(e),
                 Err(e) if e.seed_lost() => {
                     tracing::warn!("seed lost: {e}");
                     // Its host may be gone with it: poll it now rather than at the next tick.
@@ -438,6 +492,7 @@ impl Platform {
                 input: input.clone(),
                 timeout: Self::timeout(f),
                 max_output: self.config.max_output,
+                channel: None,
             };
             match invoke::run(call).await {
                 Ok(answer) => {

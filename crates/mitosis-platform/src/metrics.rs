@@ -51,6 +51,22 @@ pub struct CallLabels {
     pub outcome: &'static str,
 }
 
+/// A workflow and how its run ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkflowLabels {
+    pub workflow_id: String,
+    pub workflow_name: String,
+    /// `ok`, `4xx` or `5xx`.
+    pub outcome: &'static str,
+}
+
+/// A workflow.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkflowNameLabels {
+    pub workflow_id: String,
+    pub workflow_name: String,
+}
+
 /// The outcome label of an answer's status.
 pub fn outcome(status: StatusCode) -> &'static str {
     if status.is_client_error() {
@@ -80,6 +96,11 @@ pub struct Metrics {
     pub seeds_made: Counter,
     /// Seeds made again: their host or daemon lost them, or the function's image changed.
     pub seeds_replaced: Counter,
+    /// Workflow runs by outcome, and their time.
+    pub workflow_runs: Family<WorkflowLabels, Counter>,
+    pub workflow_seconds: Family<WorkflowNameLabels, Histogram, fn() -> Histogram>,
+    /// Seeds workflow stages' processes made of themselves (each dropped with its run).
+    pub stage_seeds_made: Counter,
 }
 
 impl Default for Metrics {
@@ -91,6 +112,9 @@ impl Default for Metrics {
             cold_starts: Family::default(),
             seeds_made: Counter::default(),
             seeds_replaced: Counter::default(),
+            workflow_runs: Family::default(),
+            workflow_seconds: Family::new_with_constructor(call_histogram),
+            stage_seeds_made: Counter::default(),
         }
     }
 }
@@ -131,6 +155,22 @@ impl Metrics {
             "seeds_replaced",
             "Seeds made again in place of a lost or outdated one",
             self.seeds_replaced.clone(),
+        );
+        r.register(
+            "workflow_runs",
+            "Workflow runs by workflow and outcome (ok, 4xx, 5xx)",
+            self.workflow_runs.clone(),
+        );
+        r.register_with_unit(
+            "workflow_run",
+            "Workflow runs' time from the request to the answer, by workflow",
+            Unit::Seconds,
+            self.workflow_seconds.clone(),
+        );
+        r.register(
+            "stage_seeds_made",
+            "Seeds workflow stages' processes made of themselves (fork_prepare through the platform)",
+            self.stage_seeds_made.clone(),
         );
     }
 }

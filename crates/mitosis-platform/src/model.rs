@@ -88,7 +88,7 @@ pub struct List<T> {
     pub next_cursor: String,
 }
 
-fn check_name(name: &str, what: &str) -> Result<(), ApiError> {
+pub(crate) fn check_name(name: &str, what: &str) -> Result<(), ApiError> {
     if name.is_empty() {
         return Err(ApiError::bad_request(format!("Missing {what} name")));
     }

@@ -21,6 +21,13 @@ pub fn send(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     sendmsg::<()>(sock, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None).map_err(io::Error::from)
 }
 
+/// Reads what waits on socket `sock` into `buf` without taking it and without waiting
+/// (`MSG_PEEK | MSG_DONTWAIT`): `WouldBlock` if nothing does.
+pub fn peek_now(sock: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    nix::sys::socket::recv(sock, buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT)
+        .map_err(io::Error::from)
+}
+
 /// Receives one message into `buf`, returning its length and the descriptors it carried.
 ///
 /// Every descriptor the kernel installed is owned (and so closed) whatever happens: a message

@@ -322,6 +322,12 @@ async fn prepare_with_id(
     if from.is_none() {
         crate::multihop::before_prepare(&daemon.flatteners, pid).await?;
     }
+    // A child in a container: its seed takes the container over (the twin is made in it)
+    // and its children join containers of the same bundle.
+    let in_container = match from {
+        None => daemon.child_containers.bundle_of(pid),
+        Some(_) => None,
+    };
     let files = daemon.files.clone();
     let captured = match crate::tracer::Tracer::spawn(&format!("seed-{id}")) {
         Ok(tracer) => tracer
@@ -340,9 +346,26 @@ async fn prepare_with_id(
             return Err(e);
         }
     };
+    let adopted = match &in_container {
+        Some(bundle) => match daemon.child_containers.adopt(pid) {
+            Some(container) => Some((SeedContainer::adopt(container, pid), bundle.clone())),
+            None => {
+                // It exited during the capture, and its container (with the twin) went.
+                let (twin, insn) = (prepared.twin, prepared.syscall_insn);
+                tracer.run(move || twin.release(insn)).await;
+                return Err(PrepareFailed::Containers(format!(
+                    "pid {pid} exited while it was prepared"
+                )));
+            }
+        },
+        None => None,
+    };
     let mut key = [0u8; mitosis_descriptor::KEY_LEN];
     getrandom::fill(&mut key).map_err(|e| PrepareFailed::Random(e.to_string()))?;
-    prepared.descriptor.container = from.as_ref().map(|f| f.bundle.clone());
+    prepared.descriptor.container = from
+        .as_ref()
+        .map(|f| f.bundle.clone())
+        .or_else(|| adopted.as_ref().map(|(_, bundle)| bundle.clone()));
     let d = &prepared.descriptor;
     tracing::debug!(
         pid,
@@ -367,7 +390,9 @@ async fn prepare_with_id(
         descriptor_bytes: encoded.len() as u64,
     };
     let seed = Seed::new(pid, key, owner, prepared, encoded, tracer);
-    *seed.container.lock().expect("container lock") = from.map(|f| f.container);
+    *seed.container.lock().expect("container lock") = from
+        .map(|f| f.container)
+        .or(adopted.map(|(container, _)| container));
     let seed = daemon.registry.insert(seed);
     let twin = seed
         .twin

@@ -58,6 +58,8 @@ pub struct Daemon {
     pub twins: twins::TwinLedger,
     /// Running children's fault handlers, to flatten a child before it is prepared.
     pub flatteners: multihop::Flatteners,
+    /// Running children's containers, which a seed made of a child takes over.
+    pub child_containers: multihop::ChildContainers,
 }
 
 impl Daemon {

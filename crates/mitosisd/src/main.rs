@@ -314,6 +314,7 @@ async fn run(args: Args, tls: Option<Tls>) -> Result<()> {
         tls,
         twins: TwinLedger::new(ledger),
         flatteners: Default::default(),
+        child_containers: Default::default(),
     });
     tracing::info!(
         listen = %daemon.listen,

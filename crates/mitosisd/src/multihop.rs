@@ -13,6 +13,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use mitosis_container::Container;
+use mitosis_descriptor::ContainerRef;
 use mitosis_fork::fault::Flatten;
 use tokio::sync::{mpsc, oneshot};
 
@@ -40,6 +44,52 @@ impl Flatteners {
 
     fn get(&self, pid: i32) -> Option<mpsc::Sender<Flatten>> {
         self.0.lock().expect("flatteners").get(&pid).cloned()
+    }
+}
+
+/// A running child's container, until the child exits or a seed made of it takes it.
+pub type ContainerSlot = Arc<Mutex<Option<Container>>>;
+
+/// The containers of this daemon's running children, by pid, with the bundle each is of.
+///
+/// A child prepared again keeps running in its container, and its seed's twin is made inside
+/// it (same namespaces): so the seed takes the container over ([`ChildContainers::adopt`]),
+/// and the child's exit leaves it alone. The seed's descriptor names the bundle, so its
+/// children join containers of that bundle on any host, as a bundle seed's do.
+#[derive(Default)]
+pub struct ChildContainers(Mutex<HashMap<i32, (ContainerSlot, ContainerRef)>>);
+
+impl ChildContainers {
+    /// Registers child `pid`'s container (of `bundle`); the slot is emptied by whoever
+    /// takes it first: the child's exit or a seed.
+    pub fn add(&self, pid: i32, container: Container, bundle: ContainerRef) -> ContainerSlot {
+        let slot = Arc::new(Mutex::new(Some(container)));
+        self.0
+            .lock()
+            .expect("child containers")
+            .insert(pid, (slot.clone(), bundle));
+        slot
+    }
+
+    pub fn remove(&self, pid: i32) {
+        self.0.lock().expect("child containers").remove(&pid);
+    }
+
+    /// The bundle child `pid` runs a container of, if it is a child of this daemon in one.
+    pub fn bundle_of(&self, pid: i32) -> Option<ContainerRef> {
+        let children = self.0.lock().expect("child containers");
+        children.get(&pid).map(|(_, bundle)| bundle.clone())
+    }
+
+    /// Takes child `pid`'s container for a seed made of it (none if it exited meanwhile).
+    pub fn adopt(&self, pid: i32) -> Option<Container> {
+        let slot = self
+            .0
+            .lock()
+            .expect("child containers")
+            .get(&pid)
+            .map(|(slot, _)| slot.clone())?;
+        slot.lock().expect("child container").take()
     }
 }
 

@@ -78,7 +78,18 @@ where
         }
     };
     let pid = child.pid;
-    let container = child.container;
+    // Registered by pid: a seed made of this child (prepared again) takes its container.
+    let container = match (child.container, &entry.bundle) {
+        (Some(c), Some(bundle)) => {
+            let bundle = mitosis_descriptor::ContainerRef {
+                bundle: bundle.dir.to_string_lossy().into_owned(),
+                digest: bundle.digest,
+            };
+            Some(daemon.child_containers.add(pid, c, bundle))
+        }
+        (Some(c), None) => Some(std::sync::Arc::new(Mutex::new(Some(c)))),
+        (None, _) => None,
+    };
     let counters = &daemon.counters;
     counters.children_started.fetch_add(1, Ordering::Relaxed);
     counters.children_running.fetch_add(1, Ordering::Relaxed);
@@ -170,7 +181,9 @@ where
         relay.finish().await;
     }
     drop(stopped_uffd);
-    if let Some(c) = container {
+    daemon.child_containers.remove(pid);
+    // Empty if a seed made of the child took it: it goes with that seed.
+    if let Some(c) = container.and_then(|slot| slot.lock().expect("child container").take()) {
         if reason.is_none() && status == pidfd::ExitStatus::Signaled(libc::SIGKILL) {
             reason = oom_reason(&c);
         }

@@ -38,6 +38,7 @@ use serde::de::DeserializeOwned;
 use crate::error::StoreError;
 use crate::model::{App, Func};
 use crate::store::Insert;
+use crate::workflow::Workflow;
 
 /// How long one request to etcd may take.
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -403,6 +404,56 @@ impl EtcdStore {
             }
         }
         Err(StoreError::Contended("delete_fn"))
+    }
+
+    /// Adds a workflow and its name in one transaction; false if the name is taken.
+    pub async fn insert_workflow(&self, wf: Workflow) -> Result<bool, StoreError> {
+        let name = self.key(&["workflow-names", &wf.name]);
+        let txn = Txn::new()
+            .when([Compare::create_revision(name.clone(), CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(
+                    self.key(&["workflows", &wf.id]),
+                    serde_json::to_vec(&wf)?,
+                    None,
+                ),
+                TxnOp::put(name, wf.id.clone(), None),
+            ]);
+        Ok(self.txn(txn).await?.succeeded())
+    }
+
+    pub async fn workflow(&self, id: String) -> Result<Option<Workflow>, StoreError> {
+        self.get_json(self.key(&["workflows", &id])).await
+    }
+
+    pub async fn workflows(&self) -> Result<Vec<Workflow>, StoreError> {
+        self.list("workflows").await
+    }
+
+    /// Deletes a workflow and its name, if the record did not change since it was read.
+    pub async fn delete_workflow(&self, id: String) -> Result<bool, StoreError> {
+        let key = self.key(&["workflows", &id]);
+        for _ in 0..TXN_ATTEMPTS {
+            let got = bounded("get", self.client().get(key.clone(), None)).await?;
+            let Some(kv) = got.kvs().first() else {
+                return Ok(false);
+            };
+            let wf: Workflow = decode(kv.value())?;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then([
+                    TxnOp::delete(key.clone(), None),
+                    TxnOp::delete(self.key(&["workflow-names", &wf.name]), None),
+                ]);
+            if self.txn(txn).await?.succeeded() {
+                return Ok(true);
+            }
+        }
+        Err(StoreError::Contended("delete_workflow"))
     }
 
     /// Deletes every key under this store's prefix (tests, and a cluster started afresh).

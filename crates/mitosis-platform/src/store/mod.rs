@@ -2,7 +2,8 @@
 //!
 //! Two backends with the same semantics: SQLite ([`sqlite`]) when the platform runs as one
 //! instance (nothing to install), etcd ([`crate::etcd`]) when several instances share the
-//! cluster. Names are unique (an app's; a function's within its app), deleting an app deletes
+//! cluster (and workflows: a workflow's name is unique too). Names are unique (an app's; a
+//! function's within its app), deleting an app deletes
 //! its functions, and every record is its JSON. Only etcd is *shared*: it also holds the hosts
 //! (under leases) and the claims on making a seed, so that one seed per function serves the
 //! whole cluster whichever instance takes the call.
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::StoreError;
 use crate::etcd::{EtcdOptions, EtcdStore};
 use crate::model::{App, Func};
+use crate::workflow::Workflow;
 pub use sqlite::SqliteStore;
 
 /// What an insert can run into besides the store failing.
@@ -145,6 +147,10 @@ dispatch! {
     pub async fn seed(&self, fn_id: String) -> Option<SeedRecord>;
     pub async fn put_seed(&self, seed: SeedRecord) -> bool;
     pub async fn take_seed(&self, fn_id: String) -> Option<SeedRecord>;
+    pub async fn insert_workflow(&self, wf: Workflow) -> bool;
+    pub async fn workflow(&self, id: String) -> Option<Workflow>;
+    pub async fn workflows(&self) -> Vec<Workflow>;
+    pub async fn delete_workflow(&self, id: String) -> bool;
 }
 
 impl Store {

@@ -13,6 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{Insert, SeedRecord};
 use crate::error::StoreError;
 use crate::model::{App, Func};
+use crate::workflow::Workflow;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS apps (
@@ -32,6 +33,12 @@ CREATE INDEX IF NOT EXISTS fns_by_name ON fns(name);
 CREATE TABLE IF NOT EXISTS seeds (
     fn_id TEXT PRIMARY KEY,
     json  TEXT NOT NULL
+);
+-- A workflow names its stages' functions by id: deleting one fails its next run, not this.
+CREATE TABLE IF NOT EXISTS workflows (
+    id   TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    json TEXT NOT NULL
 );
 ";
 
@@ -232,6 +239,37 @@ impl SqliteStore {
             Ok(true)
         })
         .await
+    }
+
+    /// Adds a workflow; false if its name is taken.
+    pub async fn insert_workflow(&self, wf: Workflow) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(&wf)?;
+        self.run(move |c| {
+            match c.execute(
+                "INSERT INTO workflows (id, name, json) VALUES (?1, ?2, ?3)",
+                params![wf.id, wf.name, json],
+            ) {
+                Ok(_) => Ok(true),
+                Err(e) if is_unique_violation(&e) => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    pub async fn workflow(&self, id: String) -> Result<Option<Workflow>, StoreError> {
+        self.run(move |c| one(c, "SELECT json FROM workflows WHERE id = ?1", &id))
+            .await
+    }
+
+    pub async fn workflows(&self) -> Result<Vec<Workflow>, StoreError> {
+        self.run(move |c| many(c, "SELECT json FROM workflows ORDER BY id", &[]))
+            .await
+    }
+
+    pub async fn delete_workflow(&self, id: String) -> Result<bool, StoreError> {
+        self.run(move |c| Ok(c.execute("DELETE FROM workflows WHERE id = ?1", [&id])? > 0))
+            .await
     }
 
     /// Forgets a function's seed record; the record it was.

@@ -135,6 +135,36 @@ async fn apps_and_functions(store: &Store) {
     assert_eq!(store.fns(Some(b.id.clone()), None).await.unwrap().len(), 1);
 }
 
+fn workflow(name: &str) -> crate::workflow::Workflow {
+    let input: crate::workflow::WorkflowInput = serde_json::from_value(serde_json::json!({
+        "name": name,
+        "stages": [{"name": "a", "function": "app/f"}, {"name": "b", "fork": "a", "inputs": [1, {"x": 2}]}],
+    }))
+    .unwrap();
+    let (name, stages) = crate::workflow::check(input).unwrap();
+    crate::workflow::Workflow {
+        id: crate::ids::ulid(),
+        name,
+        stages,
+        created_at: crate::ids::now_rfc3339(),
+    }
+}
+
+/// Workflows: unique names, read back whole, listed, deleted (freeing the name).
+async fn workflows(store: &Store) {
+    let w = workflow("w");
+    assert!(store.insert_workflow(w.clone()).await.unwrap());
+    assert!(!store.insert_workflow(workflow("w")).await.unwrap());
+    let v = workflow("v");
+    assert!(store.insert_workflow(v.clone()).await.unwrap());
+    assert_eq!(store.workflow(w.id.clone()).await.unwrap(), Some(w.clone()));
+    assert_eq!(store.workflows().await.unwrap(), vec![w.clone(), v.clone()]);
+    assert!(store.delete_workflow(w.id.clone()).await.unwrap());
+    assert!(!store.delete_workflow(w.id.clone()).await.unwrap());
+    assert_eq!(store.workflow(w.id.clone()).await.unwrap(), None);
+    assert!(store.insert_workflow(workflow("w")).await.unwrap());
+}
+
 #[tokio::test]
 async fn sqlite_in_a_file_keeps_records_across_opens() {
     let dir = std::env::temp_dir().join(format!("mitosis-platform-store-{}", crate::ids::ulid()));
@@ -148,9 +178,12 @@ async fn sqlite_in_a_file_keeps_records_across_opens() {
     store.insert_fn(f.clone()).await.unwrap();
     assert!(store.put_seed(seed(&f.id, "h0")).await.unwrap());
     assert!(!store.put_seed(seed("nofn", "h0")).await.unwrap());
+    let w = workflow("kept");
+    assert!(store.insert_workflow(w.clone()).await.unwrap());
     drop(store);
 
     let store = Store::open(&path).unwrap();
+    assert_eq!(store.workflow(w.id.clone()).await.unwrap(), Some(w));
     assert_eq!(store.func(f.id.clone()).await.unwrap(), Some(f.clone()));
     assert_eq!(
         store.seed(f.id.clone()).await.unwrap(),
@@ -167,7 +200,9 @@ async fn sqlite_in_a_file_keeps_records_across_opens() {
 
 #[tokio::test]
 async fn sqlite_in_memory() {
-    apps_and_functions(&Store::in_memory().unwrap()).await;
+    let store = Store::in_memory().unwrap();
+    apps_and_functions(&store).await;
+    workflows(&store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,6 +211,7 @@ async fn etcd_has_the_same_semantics_across_instances_and_leases() {
     let prefix = format!("/mitosis-test-{}", crate::ids::ulid());
     let a = connect(&server, &prefix).await;
     apps_and_functions(&a).await;
+    workflows(&a).await;
 
     // A second instance sees the same records, and the names are unique across both.
     let b = connect(&server, &prefix).await;
