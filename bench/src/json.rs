@@ -117,6 +117,8 @@ pub struct Served {
     pub bytes: u64,
     pub children: usize,
     pub per_child: Option<u64>,
+    /// CPU time of the seed's host's daemon per child, µs.
+    pub seed_host_cpu_us_per_child: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]

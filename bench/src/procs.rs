@@ -17,6 +17,19 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a command run to completion (prepare, drop, status, criu dump) may take.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// CPU time of every thread of `pid` so far, in ns (/proc/PID/task/*/schedstat: exact, where
+/// /proc/PID/stat counts clock ticks); `None` if it is gone.
+pub fn cpu_ns(pid: u32) -> Option<u64> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(
+        tasks
+            .flatten()
+            .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum(),
+    )
+}
+
 /// Runs a command to completion; returns wall time, stdout and stderr, failing on a bad status
 /// or after [`RUN_TIMEOUT`] (the command is then killed).
 pub fn run_ok(mut cmd: Command) -> Result<(Duration, String, String)> {

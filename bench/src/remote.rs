@@ -118,6 +118,11 @@ impl Remote<'_> {
         daemon::status(self.seed_host).ok()?.bytes_served
     }
 
+    /// CPU time of the seed's host's daemon so far, ns.
+    fn seed_host_cpu_ns(&self) -> Option<u64> {
+        crate::procs::cpu_ns(self.seed_host.daemon_pid()?)
+    }
+
     /// `warmup` unmeasured then `samples` measured children, each made by `one`; the measured
     /// ones go to `method` and `into`, with the bytes the seed's host served for them.
     fn sample(
@@ -151,14 +156,19 @@ impl Remote<'_> {
     ) -> bool {
         method.attempted += usize::from(measured);
         let before = self.bytes_served().filter(|_| measured);
+        let cpu_before = self.seed_host_cpu_ns().filter(|_| measured);
         match one() {
             Ok(child) if measured => {
                 method.latencies.push(child.latency);
                 into.stats.extend(child.stats);
                 into.private_kib.extend(child.private_kib);
+                let cpu_after = self.seed_host_cpu_ns();
                 if let (Some(b), Some(a)) = (before, self.bytes_served()) {
                     served.bytes += a.saturating_sub(b);
                     served.children += 1;
+                    if let (Some(b), Some(a)) = (cpu_before, cpu_after) {
+                        served.cpu_ns += a.saturating_sub(b);
+                    }
                 }
                 false
             }

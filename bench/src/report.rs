@@ -114,6 +114,16 @@ pub fn seed_table(r: &SeedResult) {
         served(r.cold.served),
         served(r.warm.served)
     );
+    let cpu = |s: Option<crate::results::Served>| {
+        s.and_then(|s| s.cpu_us_per_child())
+            .map_or_else(|| "-".to_owned(), |us| format!("{us:.0} us"))
+    };
+    println!(
+        "CPU of the seed's host's daemon per child: first child {}; cold host {}; warm host {}",
+        cpu(r.first.served),
+        cpu(r.cold.served),
+        cpu(r.warm.served)
+    );
     if let Some(pages) = r.replica_pages {
         println!(
             "warm host replica: {pages} pages ({}) fetched from the seed",

@@ -86,11 +86,18 @@ impl Method {
 pub struct Served {
     pub bytes: u64,
     pub children: usize,
+    /// CPU time the seed's host's daemon spent meanwhile, ns.
+    pub cpu_ns: u64,
 }
 
 impl Served {
     pub fn per_child(&self) -> Option<u64> {
         (self.children > 0).then(|| self.bytes / self.children as u64)
+    }
+
+    /// The seed host daemon's CPU time per child, µs.
+    pub fn cpu_us_per_child(&self) -> Option<f64> {
+        (self.children > 0).then(|| self.cpu_ns as f64 / 1e3 / self.children as f64)
     }
 }
 
@@ -279,6 +286,7 @@ impl SeedResult {
                 bytes: s.bytes,
                 children: s.children,
                 per_child: s.per_child(),
+                seed_host_cpu_us_per_child: s.cpu_us_per_child(),
             })
         };
         let failures: Vec<String> = self
