@@ -195,6 +195,7 @@ mod tests {
         r.warm.served = Some(results::Served {
             bytes: 4096 * 3,
             children: 2,
+            cpu_ns: 50_000,
         });
         r.replica_pages = Some(42);
         let mut t = results::Throughput::new(4, 2);
