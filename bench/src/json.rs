@@ -361,9 +361,18 @@ mod tests {
         assert_eq!(seed["bytes_served"]["first_child"], Value::Null);
         assert_eq!(
             keys(&seed["bytes_served"]["warm_host"]),
-            ["bytes", "children", "per_child"]
+            [
+                "bytes",
+                "children",
+                "per_child",
+                "seed_host_cpu_us_per_child"
+            ]
         );
         assert_eq!(seed["bytes_served"]["warm_host"]["per_child"], 6144);
+        assert_eq!(
+            seed["bytes_served"]["warm_host"]["seed_host_cpu_us_per_child"],
+            25.0
+        );
         let throughput = &seed["throughput"];
         assert_eq!(
             keys(throughput),
