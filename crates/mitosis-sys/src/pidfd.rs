@@ -13,6 +13,32 @@ pub fn open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// `MADV_COLLAPSE` (not in libc for every target yet).
+const MADV_COLLAPSE: i32 = 25;
+
+/// Asks the kernel to back `len` bytes at `start` in the process behind `pidfd` with huge
+/// pages (`process_madvise(MADV_COLLAPSE)`), so that its page tables hold one entry per 2 MiB.
+/// Fails for a range with a page missing that userfaultfd would have to fill.
+pub fn collapse(pidfd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
+    let iov = libc::iovec {
+        iov_base: start as *mut libc::c_void,
+        iov_len: len as usize,
+    };
+    // SAFETY: the iovec names memory of the other process (never dereferenced here); it lives
+    // for the call, and vlen is 1.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_process_madvise,
+            pidfd.as_raw_fd(),
+            &iov as *const libc::iovec,
+            1usize,
+            MADV_COLLAPSE,
+            0u32,
+        )
+    })?;
+    Ok(())
+}
+
 /// Sends `sig` to the process behind `pidfd`.
 pub fn send_signal(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
     // SAFETY: no siginfo is passed (NULL), flags are zero.
