@@ -210,6 +210,16 @@ fn a_warm_child_that_fetched_starts_a_background_fill_and_later_children_fetch_n
         filled > built + 4000,
         "the replica took in the rest of the seed: {built} then {filled} pages"
     );
+    // Filled 2 MiB stretches are huge pages now (the seed's 8 MiB written run of its sparse
+    // region holds four), so forks of the replica copy fewer page-table entries.
+    let replica = replicas(&tb, 1)[0].1;
+    let rollup = std::fs::read_to_string(format!("/proc/{replica}/smaps_rollup")).unwrap();
+    let huge_kib: u64 = rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    assert!(huge_kib >= 8192, "{rollup}");
 
     // The next child reads every region and fetches only its shared anonymous mapping
     // (512 KiB, 128 pages), which each child maps afresh: the rest is in the replica.
