@@ -54,6 +54,40 @@ const EXPECTED: &[(&str, &str)] = &[
     ),
 ];
 
+/// The keys whose values differ between the seed's view (`want`) and the child's (`got`)
+/// that neither [`EXPECTED`] nor `also` allows (each allowed one is printed, with why).
+fn differences(
+    what: &str,
+    want: &BTreeMap<String, String>,
+    got: &BTreeMap<String, String>,
+    also: &[(&str, &str)],
+) -> Vec<String> {
+    let mut unexpected = Vec::new();
+    for key in want
+        .keys()
+        .chain(got.keys().filter(|k| !want.contains_key(*k)))
+    {
+        let (w, g) = (want.get(key), got.get(key));
+        if w == g {
+            continue;
+        }
+        let line = format!("{what} {key}: seed {w:?} child {g:?}");
+        if w.is_some_and(|w| w == OUTSIDE_PIPE) && g.is_none() {
+            eprintln!("expected: {line} (README: connections to the outside are closed)");
+            continue;
+        }
+        match EXPECTED
+            .iter()
+            .chain(also)
+            .find(|(prefix, _)| key.starts_with(prefix))
+        {
+            Some((_, why)) => eprintln!("expected: {line} ({why})"),
+            None => unexpected.push(line),
+        }
+    }
+    unexpected
+}
+
 fn parse(lines: &str) -> BTreeMap<String, String> {
     lines
         .lines()
@@ -91,21 +125,7 @@ fn a_child_sees_itself_as_its_seed_did() {
         want.get("maps.special"),
         got.get("maps.special")
     );
-    let mut unexpected = Vec::new();
-    for key in want
-        .keys()
-        .chain(got.keys().filter(|k| !want.contains_key(*k)))
-    {
-        let (w, g) = (want.get(key), got.get(key));
-        if w == g {
-            continue;
-        }
-        let line = format!("{key}: seed {w:?} child {g:?}");
-        match EXPECTED.iter().find(|(prefix, _)| key.starts_with(prefix)) {
-            Some((_, why)) => eprintln!("expected: {line} ({why})"),
-            None => unexpected.push(line),
-        }
-    }
+    let unexpected = differences("", &want, &got, &[]);
     drop(seed);
     teardown(tb);
     assert!(
@@ -389,28 +409,7 @@ fn runtime_seeds_and_their_children_read_the_same_in_proc() {
         let _ = wait_output(cli_child, std::time::Duration::from_secs(20));
         drop(seed);
         teardown(tb);
-        for key in want
-            .keys()
-            .chain(got.keys().filter(|k| !want.contains_key(*k)))
-        {
-            let (w, g) = (want.get(key), got.get(key));
-            if w == g {
-                continue;
-            }
-            let line = format!("{runtime} {key}: seed {w:?} child {g:?}");
-            if w.is_some_and(|w| w == OUTSIDE_PIPE) && g.is_none() {
-                eprintln!("expected: {line} (README: connections to the outside are closed)");
-                continue;
-            }
-            match EXPECTED
-                .iter()
-                .chain(EXPECTED_OUTSIDE)
-                .find(|(prefix, _)| key.starts_with(prefix))
-            {
-                Some((_, why)) => eprintln!("expected: {line} ({why})"),
-                None => failures.push(line),
-            }
-        }
+        failures.extend(differences(runtime, &want, &got, EXPECTED_OUTSIDE));
     }
     assert!(failures.is_empty(), "differences:\n{}", failures.join("\n"));
 }
