@@ -50,6 +50,7 @@ pub fn router(platform: Arc<Platform>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(crate::dashboard::router())
         .fallback(|| async { ApiError::not_found("Path not found") })
         .with_state(platform)
 }

@@ -148,6 +148,10 @@ pub struct HostReport {
     pub inflight: u64,
     pub seeds: usize,
     pub replicas: usize,
+    /// The CPUs its daemon may use and its memory available, by its last status (`None`:
+    /// not polled yet).
+    pub cpus: Option<u64>,
+    pub memory_available_mib: Option<u64>,
 }
 
 pub struct Hosts {
@@ -479,6 +483,8 @@ impl Hosts {
                     inflight: host.inflight.load(Ordering::Relaxed),
                     seeds: status.map_or(0, |s| s.seeds.len()),
                     replicas: status.map_or(0, |s| s.replicas.len()),
+                    cpus: status.map(|s| s.cpus),
+                    memory_available_mib: status.map(|s| s.memory_available_mib),
                 }
             })
             .collect()

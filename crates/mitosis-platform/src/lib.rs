@@ -13,12 +13,14 @@
 //! - [`metrics`]: `GET /metrics` for Prometheus.
 //! - [`workflow`]: DAGs of stages the platform runs, fanning out as children of a stage's
 //!   process that prepared itself through its [`channel`], and in.
+//! - [`dashboard`]: `GET /dashboard`, a live web page of all of it, and the calls' history.
 //! - [`Platform`]: all of it together.
 
 pub mod api;
 pub mod background;
 pub mod channel;
 pub mod daemon;
+pub mod dashboard;
 mod error;
 pub mod etcd;
 pub mod hosts;
@@ -93,6 +95,8 @@ pub struct Platform {
     pub metrics: metrics::Metrics,
     /// What `GET /metrics` renders: `metrics` and the hosts' calls in flight.
     pub registry: prometheus_client::registry::Registry,
+    /// The calls of each function over the last 30 minutes (`GET /dashboard`).
+    pub history: dashboard::History,
 }
 
 impl Platform {
@@ -131,6 +135,7 @@ impl Platform {
             seeds,
             policy,
             metrics,
+            history: dashboard::History::default(),
         })
     }
 
@@ -164,6 +169,7 @@ impl Platform {
 
     /// A function was deleted: its seeds and idle instances go.
     pub async fn removed(&self, fn_id: &str) {
+        self.history.forget(fn_id);
         self.instances.remove(fn_id);
         self.seeds.remove(fn_id).await;
     }
@@ -236,10 +242,12 @@ impl Platform {
         http: Option<http_contract::HttpRequest>,
     ) -> Result<Invoked, CallError> {
         let span = tracing::info_span!("call", %call_id, function = %f.id);
+        let running = self.history.begin(&f.id);
         let result = self
             .attempts(f, input, http, call_id)
             .instrument(span.clone())
             .await;
+        running.finish(dashboard::Outcome::of(&result));
         if let Err(e) = &result {
             span.in_scope(|| tracing::info!("call failed: {e}"));
         }
