@@ -3,7 +3,8 @@
 # hosts, a C compiler for the test fixtures, numpy for the Python demo seed, Pillow for the
 # benchmark's image seed and its plot, Node.js and a headless JDK for the runtime seeds of the
 # tests (examples/node, examples/java), etcd for the platform's shared store (its tests start
-# their own) and protoc to build its client, DejaVu Sans for the load-spike plots; then the
+# their own) and protoc to build its client, DejaVu Sans for the load-spike plots, chromium
+# and its driver for the dashboard's browser test (tests/tests/dashboard.rs); then the
 # Debian-based OCI bundle of the Python seeds for the containers (cached: a re-run only
 # refreshes its seeds and config.json).
 set -euo pipefail
@@ -17,6 +18,9 @@ command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 # The font of `mitosis-bench loadspike`'s plots.
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
+# The platform dashboard's test drives a headless chromium through WebDriver.
+[ -x /usr/lib/chromium/chromium ] || need_apt+=(chromium)
+command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
