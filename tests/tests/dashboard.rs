@@ -1,8 +1,9 @@
 //! The platform's web dashboard (`GET /dashboard`) in a real headless browser: Debian's
 //! chromium through chromedriver (tests/common/browser.rs). The platform serves three
 //! simulated hosts from this process on a loopback port; the page shows them and the
-//! deployed functions, and its numbers (calls, fork/cold/warm starts, start latency,
-//! charts) change after calls, as it polls `GET /mitosis/dashboard.json`. Fails with a
+//! deployed functions, and its numbers (calls, fork/cold/warm starts and failures, start
+//! latency, charts) change after calls, and a host whose daemon dies turns down, as it polls
+//! `GET /mitosis/dashboard.json`. Fails with a
 //! message to run scripts/setup.sh when chromium or its driver is missing.
 
 mod common;
@@ -258,6 +259,39 @@ fn the_dashboard_shows_the_cluster_and_its_numbers_change_with_calls() {
     assert!(f["start_ms"]["p50"].as_f64().unwrap() > 0.0, "{f:#}");
     assert!(!f["series"].as_array().unwrap().is_empty());
 
+    // A call that fails (a keep-warm instance takes one request line) is counted failed.
+    let (code, _, text) = api.post(&format!("/invoke/{kept}"), "{\"n\": 1}\n{\"n\": 2}");
+    assert_eq!(code, 400, "{text}");
+    browser.wait_for(
+        Duration::from_secs(30),
+        PAGE_STATE,
+        "the page counts the failed call",
+        |s| {
+            s["tiles"]["failed"] == "1"
+                && s["tiles"]["calls"] == "6"
+                && row(s, "functions", "kept").is_some_and(|k| cell(k, "failed") == "1")
+        },
+    );
+
+    // A host whose daemon dies (not the seed's) turns down on the page, with why.
+    let seed_host = cell(thumbs, "seed").to_owned();
+    let dead = (0..3)
+        .find(|h| format!("h{h}") != seed_host)
+        .expect("another host");
+    tb.host(dead).kill_daemon().expect("kill a daemon");
+    let down = browser.wait_for(
+        Duration::from_secs(30),
+        PAGE_STATE,
+        "the dead daemon's host shows down",
+        |s| s["tiles"]["hosts-up"] == "2 / 3",
+    );
+    let host = row(&down, "hosts", &format!("h{dead}")).expect("its row");
+    assert!(cell(host, "state").starts_with("down"), "{host}");
+    assert!(
+        cell(host, "state").len() > "down".len(),
+        "no reason: {host}"
+    );
+
     // No script error, nothing the CSP refused, no failed load.
     let console = browser.console();
     let severe: Vec<_> = console
@@ -275,5 +309,9 @@ fn the_dashboard_shows_the_cluster_and_its_numbers_change_with_calls() {
     );
     drop(browser);
     drop(served);
+    // A daemon started after a crash removes what the crashed one left.
+    tb.host(dead)
+        .start_daemon()
+        .expect("the daemon starts again");
     teardown(tb);
 }

@@ -187,7 +187,7 @@ pub struct Percentiles {
 }
 
 /// Calls by how they went: answered by a process forked, started cold or kept warm, or
-/// failed (no answer: an error of the platform, a host or the function).
+/// failed (no answer: a request refused, or an error of the platform, a host or the function).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Counts {
     pub calls: u64,
