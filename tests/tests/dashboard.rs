@@ -33,6 +33,8 @@ return {
   hosts: rows("#hosts tbody tr[data-host]"),
   functions: rows("#functions tbody tr[data-fn]"),
   bars: document.querySelectorAll("#starts-chart rect.bar").length,
+  bars_by_start: Object.fromEntries(["fork", "cold", "warm", "failed"]
+    .map((k) => [k, document.querySelectorAll("#starts-chart rect.bar." + k).length])),
   latency_points: document.querySelectorAll("#latency-chart circle").length,
   latency_path: (document.querySelector("#latency-chart path.p50") || {getAttribute: () => ""}).getAttribute("d"),
 };
@@ -272,6 +274,25 @@ fn the_dashboard_shows_the_cluster_and_its_numbers_change_with_calls() {
                 && row(s, "functions", "kept").is_some_and(|k| cell(k, "failed") == "1")
         },
     );
+
+    // The charts of one function: the keep-warm one's starts were cold, warm and failed,
+    // never forks (its series comes at once, asked for by the page).
+    let chosen = browser.eval(&format!(
+        r#"const s = document.getElementById("fn-select");
+           s.value = "{kept}"; s.dispatchEvent(new Event("change")); return s.value;"#
+    ));
+    assert_eq!(chosen, kept.as_str());
+    let one = browser.wait_for(
+        Duration::from_secs(10),
+        PAGE_STATE,
+        "the charts of the keep-warm function alone",
+        |s| {
+            let bars = &s["bars_by_start"];
+            bars["fork"] == 0 && bars["cold"] == 1 && bars["warm"] == 1 && bars["failed"] == 1
+        },
+    );
+    // Its one start (cold): a point for each of p50, p90 and p99.
+    assert_eq!(one["latency_points"], 3, "{one:#}");
 
     // A host whose daemon dies (not the seed's) turns down on the page, with why.
     let seed_host = cell(thumbs, "seed").to_owned();

@@ -130,6 +130,38 @@ impl Hist {
             Err(i) => self.0.insert(i, (b, 1)),
         }
     }
+
+    fn percentiles(&self) -> Option<Percentiles> {
+        percentiles(self.0.iter().map(|&(b, n)| (usize::from(b), u64::from(n))))
+    }
+}
+
+/// The nearest-rank p50, p90 and p99 of (bin, count) pairs in bin order (`None` without
+/// samples).
+fn percentiles<I>(bins: I) -> Option<Percentiles>
+where
+    I: Iterator<Item = (usize, u64)> + Clone,
+{
+    let total: u64 = bins.clone().map(|(_, n)| n).sum();
+    if total == 0 {
+        return None;
+    }
+    let at = |p: f64| {
+        let rank = ((p * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (bin, n) in bins.clone() {
+            seen += n;
+            if seen >= rank {
+                return round(bin_ms(bin));
+            }
+        }
+        round(bin_ms(BINS - 1))
+    };
+    Some(Percentiles {
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+    })
 }
 
 /// Histograms merged, to read percentiles from.
@@ -149,28 +181,8 @@ impl Dense {
         }
     }
 
-    /// The nearest-rank p50, p90 and p99 (`None` without samples).
     fn percentiles(&self) -> Option<Percentiles> {
-        let total: u64 = self.0.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let at = |p: f64| {
-            let rank = ((p * total as f64).ceil() as u64).max(1);
-            let mut seen = 0;
-            for (bin, n) in self.0.iter().enumerate() {
-                seen += n;
-                if seen >= rank {
-                    return round(bin_ms(bin));
-                }
-            }
-            round(bin_ms(BINS - 1))
-        };
-        Some(Percentiles {
-            p50: at(0.50),
-            p90: at(0.90),
-            p99: at(0.99),
-        })
+        percentiles(self.0.iter().copied().enumerate())
     }
 }
 
@@ -415,10 +427,12 @@ impl History {
                 c.1.add(&b.start);
                 c.2.add(&b.call);
                 if series.wants(id) {
-                    let (mut s, mut c) = (Dense::default(), Dense::default());
-                    s.add(&b.start);
-                    c.add(&b.call);
-                    points.push(Point::new(b.index, b.counts, &s, &c));
+                    points.push(Point::new(
+                        b.index,
+                        b.counts,
+                        b.start.percentiles(),
+                        b.call.percentiles(),
+                    ));
                 }
             }
             out.insert(
@@ -435,7 +449,9 @@ impl History {
         }
         let cluster = cluster
             .into_iter()
-            .map(|(index, (counts, s, c))| Point::new(index, counts, &s, &c))
+            .map(|(index, (counts, s, c))| {
+                Point::new(index, counts, s.percentiles(), c.percentiles())
+            })
             .collect();
         (out, cluster)
     }
@@ -463,12 +479,17 @@ pub struct Point {
 }
 
 impl Point {
-    fn new(index: u64, counts: Counts, start: &Dense, call: &Dense) -> Point {
+    fn new(
+        index: u64,
+        counts: Counts,
+        start_ms: Option<Percentiles>,
+        call_ms: Option<Percentiles>,
+    ) -> Point {
         Point {
             t: index * BUCKET_SECS,
             counts,
-            start_ms: start.percentiles(),
-            call_ms: call.percentiles(),
+            start_ms,
+            call_ms,
         }
     }
 }
@@ -699,6 +720,10 @@ mod tests {
             assert!((got - want).abs() / want < 0.1, "{p:?}");
         }
         assert_eq!(f.series.len(), 3);
+        // A bucket's own percentiles: the 100 forks alone.
+        let first = f.series[0].start_ms.unwrap();
+        assert!((first.p50 - 50.0).abs() / 50.0 < 0.1, "{first:?}");
+        assert!((first.p99 - 99.0).abs() / 99.0 < 0.1, "{first:?}");
         assert_eq!(f.series[0].t, now * BUCKET_SECS);
         assert_eq!((f.series[1].counts.cold, f.series[1].counts.warm), (1, 1));
         assert_eq!(f.series[2].counts.failed, 1);
