@@ -31,7 +31,7 @@ pub const BUCKET_SECS: u64 = 10;
 pub const WINDOW_BUCKETS: u64 = 180;
 /// Functions with a history at most; past that, the one idle the longest is forgotten.
 pub const MAX_FUNCTIONS: usize = 256;
-/// Latency bins: four per doubling from 10 µs, the last open-ended (from about 335 s).
+/// Latency bins: four per doubling from 10 µs, the last open-ended (from about 280 s).
 pub const BINS: usize = 100;
 const PER_DOUBLING: f64 = 4.0;
 const FIRST_US: f64 = 10.0;
