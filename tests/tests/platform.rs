@@ -585,12 +585,25 @@ fn every_policy_answers_and_starts_its_processes_its_own_way() {
         calls.into_iter().map(|c| c.join().unwrap()).collect()
     });
     assert_eq!(both, ["warm", "warm"]);
+    // Refused before it reached the instance it took: every instance is kept.
+    let idle = || {
+        let d = api.json("GET", "/mitosis/dashboard.json?series=none", Value::Null);
+        let f = d["functions"].as_array().expect("functions");
+        let f = f
+            .iter()
+            .find(|f| f["id"] == cached.as_str())
+            .expect("listed");
+        f["idle_instances"].as_u64().expect("idle_instances")
+    };
+    let before = idle();
     let two_lines = api.request(
         "POST",
         &format!("/invoke/{cached}"),
         b"{\"n\": 1}\n{\"n\": 2}",
     );
     assert_eq!(two_lines.status, 400, "{}", two_lines.text());
+    assert_eq!(idle(), before);
+    assert_eq!(call(&cached, 0), "warm");
 
     // A seed on every host for local fork, one for remote fork.
     let m = api.metrics();
@@ -606,7 +619,7 @@ fn every_policy_answers_and_starts_its_processes_its_own_way() {
     assert_eq!(started("cold", "cold"), 3.0);
     assert_eq!(
         (started("fn-cache", "cold"), started("fn-cache", "warm")),
-        (2.0, 4.0)
+        (2.0, 5.0)
     );
     // Processes started cold: one per cold call; fn-cache's two, and a third if the
     // concurrent call found the instance busy (it started one, then took the freed one).

@@ -628,6 +628,11 @@ impl Platform {
                 Err(CallError::Crashed(why)) if instance.served > 0 => {
                     tracing::info!("an idle instance is gone ({why}): the next one");
                 }
+                Err(e @ CallError::BadInput(_)) => {
+                    // Refused before anything reached it: the instance is as it was.
+                    self.instances.put_back(&f.id, instance);
+                    return Err(e);
+                }
                 Err(e) => return Err(e),
             }
         }
