@@ -4,15 +4,14 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::api::{Api, Reply};
 use common::*;
-use mitosis_platform::{Config, HostSpec};
+use mitosis_platform::Config;
 use mitosis_testbed::Testbed;
 use serde_json::{Value, json};
 
@@ -20,13 +19,6 @@ const BUNDLE: &str = "/var/lib/mitosis/bundles/python";
 const ROOTFS: &str = "/var/lib/mitosis/bundles/python/rootfs";
 /// The platform's body limit in these tests.
 const MAX_BODY: usize = 64 << 10;
-
-/// The platform serving on a loopback port from a thread of its own; stopped (and its seeds
-/// dropped) on drop, before the testbed it uses goes.
-struct Api {
-    addr: SocketAddr,
-    _served: mitosis_platform::background::Background,
-}
 
 impl Api {
     fn start(tb: &Testbed) -> Api {
@@ -37,58 +29,6 @@ impl Api {
                 ..Config::default()
             },
         )
-    }
-
-    fn start_with(tb: &Testbed, config: Config) -> Api {
-        let hosts = HostSpec::of_testbed(tb);
-        let served =
-            mitosis_platform::background::Background::start(config, hosts).expect("the API starts");
-        Api {
-            addr: served.addr,
-            _served: served,
-        }
-    }
-
-    /// One request (`Connection: close`): status, headers (lower-case names), body.
-    fn request(&self, method: &str, path: &str, body: &[u8]) -> Reply {
-        let mut s = TcpStream::connect(self.addr).expect("connect to the API");
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        s.write_all(head.as_bytes()).unwrap();
-        // The server may answer (413) before it reads all of an oversized body.
-        let _ = s.write_all(body);
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).expect("an answer");
-        let split = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .unwrap_or_else(|| panic!("no header end: {}", String::from_utf8_lossy(&raw)));
-        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-        let mut lines = head.lines();
-        let status = lines
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|c| c.parse().ok())
-            .expect("a status line");
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-            .collect();
-        Reply {
-            status,
-            headers,
-            body: raw[split + 4..].to_vec(),
-        }
-    }
-
-    fn json(&self, method: &str, path: &str, body: Value) -> Value {
-        let reply = self.request(method, path, body.to_string().as_bytes());
-        assert_eq!(reply.status, 200, "{method} {path}: {}", reply.text());
-        serde_json::from_slice(&reply.body).expect("a JSON answer")
     }
 
     /// Creates app `app` and function `name` of it from `image`; the function's id.
@@ -140,25 +80,6 @@ impl Api {
         });
         assert!(found, "no seed for {fn_id} within 60 s");
         host
-    }
-}
-
-struct Reply {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    /// Fn's error body.
-    fn message(&self) -> String {
-        let v: Value =
-            serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()));
-        v["message"].as_str().expect("a message").to_owned()
     }
 }
 

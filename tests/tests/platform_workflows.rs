@@ -7,13 +7,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::api::{Api, Reply};
 use common::*;
-use mitosis_platform::{Config, HostSpec};
+use mitosis_platform::Config;
 use mitosis_testbed::Testbed;
 use serde_json::{Value, json};
 
@@ -57,67 +58,9 @@ fn stage_bundle(scratch: &Scratch) -> PathBuf {
     dir
 }
 
-/// The platform on a loopback port, stopped (its seeds dropped) on drop.
-struct Api {
-    addr: SocketAddr,
-    _served: mitosis_platform::background::Background,
-}
-
-struct Reply {
-    status: u16,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
 impl Api {
     fn start(tb: &Testbed) -> Api {
-        let served = mitosis_platform::background::Background::start(
-            Config::default(),
-            HostSpec::of_testbed(tb),
-        )
-        .expect("the API starts");
-        Api {
-            addr: served.addr,
-            _served: served,
-        }
-    }
-
-    fn request(&self, method: &str, path: &str, body: &[u8]) -> Reply {
-        let mut s = TcpStream::connect(self.addr).expect("connect to the API");
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        s.write_all(head.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).expect("an answer");
-        let split = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .unwrap_or_else(|| panic!("no header end: {}", String::from_utf8_lossy(&raw)));
-        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .expect("a status line");
-        Reply {
-            status,
-            body: raw[split + 4..].to_vec(),
-        }
+        Self::start_with(tb, Config::default())
     }
 
     fn post(&self, path: &str, body: Value) -> Reply {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use mitosis_testbed::{DaemonConfig, Testbed, TestbedConfig};
 
+pub mod api;
 pub mod browser;
 pub mod capture;
 pub mod metrics;
