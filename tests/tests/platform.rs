@@ -334,22 +334,7 @@ if 'sleep' in req: time.sleep(req['sleep'])\n\
 if 'exit' in req: os.write(2, b'failing on purpose\\n'); os._exit(req['exit'])\n\
 if 'alloc_mib' in req: hog = b'x' * (req['alloc_mib'] << 20)\n\
 os.write(1, json.dumps({'echo': req}).encode())\n";
-    let dir = scratch.0.join("tricks");
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = json!({
-        "ociVersion": "1.0.2",
-        "process": {"args": ["python3", "-c", SCRIPT], "cwd": "/",
-                    "user": {"uid": 0, "gid": 0},
-                    "env": ["PATH=/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE=1"]},
-        "root": {"path": ROOTFS, "readonly": true},
-        "hostname": "fn",
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"},
-                                 {"type": "ipc"}, {"type": "network"}],
-                  "maskedPaths": ["/proc/kcore"],
-                  "resources": {"memory": {"limit": 134_217_728u64}, "pids": {"limit": 32}}}
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    dir
+    python_bundle(scratch, "tricks", &["python3", "-c", SCRIPT], 128, 32)
 }
 
 #[test]
@@ -617,22 +602,13 @@ fn every_policy_answers_and_starts_its_processes_its_own_way() {
 
 /// A bundle over the shared rootfs whose function serves HTTP (examples/python/http_fn.py).
 fn http_bundle(scratch: &Scratch) -> PathBuf {
-    let dir = scratch.0.join("http");
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = json!({
-        "ociVersion": "1.0.2",
-        "process": {"args": ["python3", "/opt/mitosis/http_fn.py"], "cwd": "/",
-                    "user": {"uid": 0, "gid": 0},
-                    "env": ["PATH=/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE=1"]},
-        "root": {"path": ROOTFS, "readonly": true},
-        "hostname": "fn",
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"},
-                                 {"type": "ipc"}, {"type": "network"}],
-                  "maskedPaths": ["/proc/kcore"],
-                  "resources": {"memory": {"limit": 134_217_728u64}, "pids": {"limit": 32}}}
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    dir
+    python_bundle(
+        scratch,
+        "http",
+        &["python3", "/opt/mitosis/http_fn.py"],
+        128,
+        32,
+    )
 }
 
 #[test]

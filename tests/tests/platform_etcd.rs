@@ -98,22 +98,7 @@ fn echo_bundle(scratch: &Scratch) -> PathBuf {
     const SCRIPT: &str = "import json, os\n\
 req = json.loads(os.read(0, 65536))\n\
 os.write(1, json.dumps({'echo': req}).encode())\n";
-    let dir = scratch.0.join("echo");
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = json!({
-        "ociVersion": "1.0.2",
-        "process": {"args": ["python3", "-c", SCRIPT], "cwd": "/",
-                    "user": {"uid": 0, "gid": 0},
-                    "env": ["PATH=/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE=1"]},
-        "root": {"path": ROOTFS, "readonly": true},
-        "hostname": "fn",
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"},
-                                 {"type": "ipc"}, {"type": "network"}],
-                  "maskedPaths": ["/proc/kcore"],
-                  "resources": {"memory": {"limit": 134_217_728u64}, "pids": {"limit": 32}}}
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    dir
+    python_bundle(scratch, "echo", &["python3", "-c", SCRIPT], 128, 32)
 }
 
 /// Calls `fn_id` through `addr` with `{"n": n}`: the host that ran it.

@@ -40,22 +40,7 @@ fn program() -> String {
 
 /// A bundle over the shared Python rootfs running the workflow function.
 fn stage_bundle(scratch: &Scratch) -> PathBuf {
-    let dir = scratch.0.join("workflow");
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = json!({
-        "ociVersion": "1.0.2",
-        "process": {"args": ["python3", "-c", program()], "cwd": "/",
-                    "user": {"uid": 0, "gid": 0},
-                    "env": ["PATH=/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE=1"]},
-        "root": {"path": ROOTFS, "readonly": true},
-        "hostname": "fn",
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"},
-                                 {"type": "ipc"}, {"type": "network"}],
-                  "maskedPaths": ["/proc/kcore"],
-                  "resources": {"memory": {"limit": 268_435_456u64}, "pids": {"limit": 64}}}
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    dir
+    python_bundle(scratch, "workflow", &["python3", "-c", &program()], 256, 64)
 }
 
 impl Api {

@@ -435,3 +435,34 @@ pub fn compile_java() -> Scratch {
     assert!(out.status.success(), "javac: {}", stderr(&out));
     classes
 }
+
+/// The rootfs of the Python bundle scripts/setup.sh makes (shared, read-only, by the test
+/// bundles below).
+pub const PYTHON_ROOTFS: &str = "/var/lib/mitosis/bundles/python/rootfs";
+
+/// An OCI bundle `scratch/name` over [`PYTHON_ROOTFS`] running `args` as root in its own
+/// namespaces, with `memory_mib` and `pids` as its limits.
+pub fn python_bundle(
+    scratch: &Scratch,
+    name: &str,
+    args: &[&str],
+    memory_mib: u64,
+    pids: u64,
+) -> PathBuf {
+    let dir = scratch.0.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {"args": args, "cwd": "/",
+                    "user": {"uid": 0, "gid": 0},
+                    "env": ["PATH=/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE=1"]},
+        "root": {"path": PYTHON_ROOTFS, "readonly": true},
+        "hostname": "fn",
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"},
+                                 {"type": "ipc"}, {"type": "network"}],
+                  "maskedPaths": ["/proc/kcore"],
+                  "resources": {"memory": {"limit": memory_mib << 20}, "pids": {"limit": pids}}}
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}
