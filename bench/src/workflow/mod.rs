@@ -87,6 +87,8 @@ pub struct MethodRun {
     pub failures: Vec<String>,
     /// Per validator: the phases (ms) and memory (KiB) it reported.
     pub validators: Vec<Value>,
+    /// Remote fork: the daemon's figures for the producer's prepare.
+    pub prepare: Value,
 }
 
 /// All methods of one (size, N, round).
@@ -413,6 +415,7 @@ impl Bench<'_> {
                 .as_array()
                 .cloned()
                 .unwrap_or_default(),
+            prepare: v["prepare"].clone(),
         })
     }
 

@@ -57,6 +57,9 @@ pub struct MethodSummary {
     pub faults: Option<f64>,
     pub pages_fetched: Option<f64>,
     pub fetch_ms: Option<f64>,
+    /// Remote fork: the prepare in the daemon (ms) and the pages the seed had.
+    pub prepare_daemon_ms: Option<f64>,
+    pub seed_pages: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +147,8 @@ pub fn summarize(runs: &[Run], methods: &[String]) -> Vec<Summary> {
                         fetch_ms: detail(&group, m, |v| {
                             Some(v["daemon"]["faults"]["fetch_us"].as_f64()? / 1e3)
                         }),
+                        prepare_daemon_ms: per(m, |x| Some(x.prepare["total_us"].as_f64()? / 1e3)),
+                        seed_pages: per(m, |x| x.prepare["seed_pages"].as_f64()),
                     };
                     (m.clone(), s)
                 })
@@ -279,17 +284,28 @@ pub fn print(summary: &[Summary], runs: &[Run]) {
             );
         }
     }
-    println!("\nRemote fork, per validator (medians): the daemon's start of it, its page faults:");
     println!(
-        "{:>8} {:>5} | {:>10} {:>8} {:>13} {:>9}",
-        "data MiB", "N", "resume ms", "faults", "pages fetched", "fetch ms"
+        "\nRemote fork (medians): the producer's prepare in its daemon and the pages it had; per validator, the daemon's start of it and its page faults:"
+    );
+    println!(
+        "{:>8} {:>5} | {:>12} {:>10} | {:>10} {:>8} {:>13} {:>9}",
+        "data MiB",
+        "N",
+        "prepare (d)",
+        "seed pages",
+        "resume ms",
+        "faults",
+        "pages fetched",
+        "fetch ms"
     );
     for s in summary {
         if let Some(x) = s.method("mitosis") {
             println!(
-                "{:>8} {:>5} | {:>10} {:>8} {:>13} {:>9}",
+                "{:>8} {:>5} | {:>12} {:>10} | {:>10} {:>8} {:>13} {:>9}",
                 s.data_mib,
                 s.validators,
+                f(x.prepare_daemon_ms, 1),
+                f(x.seed_pages, 0),
                 f(x.resume_ms, 1),
                 f(x.faults, 0),
                 f(x.pages_fetched, 0),
@@ -361,6 +377,7 @@ pub fn write_json(
                             "digest": x.digest,
                             "failures": x.failures,
                             "validators": x.validators,
+                            "prepare": x.prepare,
                         }),
                     )
                 })
@@ -394,6 +411,8 @@ pub fn write_json(
                     "faults_per_validator": x.faults,
                     "pages_fetched_per_validator": x.pages_fetched,
                     "fetch_ms_per_validator": x.fetch_ms,
+                    "prepare_in_daemon_ms": x.prepare_daemon_ms,
+                    "seed_pages": x.seed_pages,
                 }))).collect::<serde_json::Map<_, _>>(),
             })
         })

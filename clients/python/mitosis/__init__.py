@@ -90,12 +90,15 @@ class HeaderError(MitosisError):
 
 class Prepared:
     """What ``fork_prepare`` returns: in the parent ``handle`` (a secret: it opens this
-    process's memory) and ``is_child`` False; in a child ``index`` and ``arg`` (bytes)."""
+    process's memory) and ``is_child`` False; in a child ``index`` and ``arg`` (bytes).
+    ``stats`` (parent): the daemon's figures for the prepare (``total_us``, ``stopped_us``,
+    ``seed_pages``, ...), a dict, empty if not understood."""
 
-    def __init__(self, handle=None, index=None, arg=None):
+    def __init__(self, handle=None, index=None, arg=None, stats=None):
         self.handle = handle
         self.index = index
         self.arg = arg
+        self.stats = stats or {}
 
     @property
     def is_child(self):
@@ -328,7 +331,8 @@ def fork_prepare(socket_path=None):
     s.close()
     if variant != _EV_PREPARED:
         raise MitosisError(f"unexpected answer {variant} from mitosisd")
-    return Prepared(handle=r.string())
+    handle = r.string()
+    return Prepared(handle=handle, stats=_fields(r, _PREPARE_STATS))
 
 
 def _as_bytes(x):
@@ -423,6 +427,7 @@ _RESUME_STATS = ["cached?", "attach_us", "descriptor_us", "plan_us", "build_us",
                  "restore_us", "eager_pages", "working_set_pages", "working_set_us",
                  "install_us", "pages_wait_us", "fork_us", "container_us",
                  "container_pooled?", "join_us", "total_us"]
+_PREPARE_STATS = ["warm_us", "stopped_us", "total_us", "vmas", "seed_pages", "descriptor_bytes"]
 _FAULT_STATS = ["faults", "zero_faults", "fetches", "pages_fetched", "fetch_us"]
 
 

@@ -168,6 +168,7 @@ def run_mitosis(a, specs, market, portfolio, clock):
         sys.stdout.flush()
         os._exit(code)
     clock["t_prepared"] = time.monotonic()
+    clock["prepare"] = h.stats
     try:
         done = mitosis.resume_many(h, specs, host=[hosts[i % len(hosts)] for i in
                                                    range(len(specs))])
@@ -310,7 +311,7 @@ def run(a):
         out(role="failed", method=a.method, **f)
     out(role="result", method=a.method, validators=a.validators, data_mib=mib, rows=len(market),
         load_ms=load_ms, total_ms=ms(t0, t_end),
-        handoff_ms=ms(clock["t_prepare"], clock["t_prepared"]),
+        handoff_ms=ms(clock["t_prepare"], clock["t_prepared"]), prepare=clock.get("prepare"),
         first_start_ms=ms(t0, first) if first is not None else None,
         last_done_ms=ms(t0, max((v["t_done"] for v in ok), default=t0)),
         report=report, failures=len(failures),
