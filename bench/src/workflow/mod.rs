@@ -1,6 +1,7 @@
 //! `mitosis-bench workflow`: the FINRA trade-validation workflow (examples/python/finra),
-//! its state handed to N validators by remote fork, by pickle through Redis, by a pickle
-//! file on a shared path, and by local `os.fork()`, on one three-host testbed.
+//! its state handed to N validators by remote fork (all at once, or staged: one per host
+//! first), by pickle through Redis, by a pickle file on a shared path, and by local
+//! `os.fork()`, on one three-host testbed.
 //!
 //! For each data size and each N, a single-process run of the same rules gives the verdicts
 //! every method must reproduce; then each round runs every method once (their order rotates
@@ -29,7 +30,7 @@ use crate::loadspike::interrupt;
 const DAEMON_PORT: u16 = 7070;
 const REDIS_PORT: u16 = 6379;
 /// The methods, in the order of the first round.
-pub const METHODS: [&str; 4] = ["mitosis", "redis", "files", "fork"];
+pub const METHODS: [&str; 5] = ["mitosis", "redis", "files", "fork", "mitosis-staged"];
 
 /// The FINRA workflow: remote fork against pickle through Redis, shared files and local
 /// fork (needs root, redis-server and a python3 with pandas and redis).
@@ -45,8 +46,10 @@ pub struct Args {
     /// Rounds: every method runs once per round, for each size and N.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-    /// The methods, comma-separated (mitosis, redis, files, fork).
-    #[arg(long, default_value = "mitosis,redis,files,fork")]
+    /// The methods, comma-separated: mitosis (every validator resumed at once),
+    /// mitosis-staged (one per host first, then the rest from the replicas it filled), redis,
+    /// files, fork.
+    #[arg(long, default_value = "mitosis,mitosis-staged,redis,files,fork")]
     pub methods: String,
     /// Simulated hosts: the producer on host 0, validators on the others.
     #[arg(long, default_value_t = 3)]

@@ -20,6 +20,7 @@ pub fn key(method: &str) -> &'static str {
         "redis" => "pickle_redis_ms",
         "files" => "files_ms",
         "fork" => "local_fork_ms",
+        "mitosis-staged" => "mitosis_staged_ms",
         _ => "other_ms",
     }
 }
@@ -80,7 +81,12 @@ impl Summary {
 
     /// 1 - mitosis / redis (end to end).
     pub fn reduction_vs_redis(&self) -> Option<f64> {
-        let m = self.method("mitosis")?.total_ms?;
+        self.reduction_of("mitosis")
+    }
+
+    /// 1 - `method` / redis (end to end).
+    pub fn reduction_of(&self, method: &str) -> Option<f64> {
+        let m = self.method(method)?.total_ms?;
         let r = self.method("redis")?.total_ms?;
         Some(1.0 - m / r)
     }
@@ -208,33 +214,48 @@ pub fn print(summary: &[Summary], runs: &[Run]) {
         summary.first().map_or(0, |s| s.rounds)
     );
     println!(
-        "{:>8} {:>5} | {:>9} {:>9} {:>9} {:>9} | {:>7} | {:>9} {:>8} {:>8} | {:>6}",
+        "{:>8} {:>5} | {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7} | {:>9} {:>9} {:>8} {:>8} | {:>6}",
         "data MiB",
         "N",
         "mitosis",
+        "staged",
         "redis",
         "files",
         "fork",
         "1 proc",
         "vs redis",
+        "stg/redis",
         "vs files",
         "vs fork",
         "match"
     );
+    let pct = |r: Option<f64>| {
+        r.map_or("-".into(), |r| {
+            if r >= 0.0 {
+                format!("-{:.0}%", r * 100.0)
+            } else {
+                format!("+{:.0}%", -r * 100.0)
+            }
+        })
+    };
     for s in summary {
         let t = |m: &str| s.method(m).and_then(|x| x.total_ms);
         let ratio = |m: &str| Some(t("mitosis")? / t(m)?);
         println!(
-            "{:>8} {:>5} | {:>9} {:>9} {:>9} {:>9} | {:>7.0} | {:>9} {:>8} {:>8} | {:>6}",
+            "{:>8} {:>5} | {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7.0} | {:>9} {:>9} {:>8} {:>8} | {:>6}",
             format!("{:.0} ({:.1})", s.data_mib, s.table_mib),
             s.validators,
             f(t("mitosis"), 0),
+            f(t("mitosis-staged"), 0),
             f(t("redis"), 0),
             f(t("files"), 0),
             f(t("fork"), 0),
             s.reference_ms,
-            s.reduction_vs_redis()
-                .map_or("-".into(), |r| format!("-{:.0}%", r * 100.0)),
+            pct(s.reduction_vs_redis()),
+            pct(Some(
+                1.0 - t("mitosis-staged").unwrap_or(f64::NAN) / t("redis").unwrap_or(f64::NAN)
+            )
+            .filter(|x| x.is_finite())),
             f(ratio("files"), 2),
             f(ratio("fork"), 2),
             if s.verdicts_match { "yes" } else { "NO" }
@@ -266,13 +287,13 @@ pub fn print(summary: &[Summary], runs: &[Run]) {
         "\nPer validator (medians over validators and rounds): memory at the end of its rule (MiB), phases (ms):"
     );
     println!(
-        "{:>8} {:>5} {:>8} | {:>13} {:>8} | {:>8} {:>8} {:>8}",
+        "{:>8} {:>5} {:>14} | {:>13} {:>8} | {:>8} {:>8} {:>8}",
         "data MiB", "N", "method", "private dirty", "PSS", "import", "state", "rule"
     );
     for s in summary {
         for (m, x) in &s.methods {
             println!(
-                "{:>8} {:>5} {:>8} | {:>13} {:>8} | {:>8} {:>8} {:>8}",
+                "{:>8} {:>5} {:>14} | {:>13} {:>8} | {:>8} {:>8} {:>8}",
                 s.data_mib,
                 s.validators,
                 m,
@@ -288,9 +309,10 @@ pub fn print(summary: &[Summary], runs: &[Run]) {
         "\nRemote fork (medians): the producer's prepare in its daemon and the pages it had; per validator, the daemon's start of it and its page faults:"
     );
     println!(
-        "{:>8} {:>5} | {:>12} {:>10} | {:>10} {:>8} {:>13} {:>9}",
+        "{:>8} {:>5} {:>14} | {:>12} {:>10} | {:>10} {:>8} {:>13} {:>9}",
         "data MiB",
         "N",
+        "method",
         "prepare (d)",
         "seed pages",
         "resume ms",
@@ -298,20 +320,23 @@ pub fn print(summary: &[Summary], runs: &[Run]) {
         "pages fetched",
         "fetch ms"
     );
-    for s in summary {
-        if let Some(x) = s.method("mitosis") {
-            println!(
-                "{:>8} {:>5} | {:>12} {:>10} | {:>10} {:>8} {:>13} {:>9}",
-                s.data_mib,
-                s.validators,
-                f(x.prepare_daemon_ms, 1),
-                f(x.seed_pages, 0),
-                f(x.resume_ms, 1),
-                f(x.faults, 0),
-                f(x.pages_fetched, 0),
-                f(x.fetch_ms, 1)
-            );
-        }
+    for (s, m, x) in summary.iter().flat_map(|s| {
+        ["mitosis", "mitosis-staged"]
+            .into_iter()
+            .filter_map(move |m| Some((s, m, s.method(m)?)))
+    }) {
+        println!(
+            "{:>8} {:>5} {:>14} | {:>12} {:>10} | {:>10} {:>8} {:>13} {:>9}",
+            s.data_mib,
+            s.validators,
+            m,
+            f(x.prepare_daemon_ms, 1),
+            f(x.seed_pages, 0),
+            f(x.resume_ms, 1),
+            f(x.faults, 0),
+            f(x.pages_fetched, 0),
+            f(x.fetch_ms, 1)
+        );
     }
     println!("\nTargets (issue 21):");
     for t in targets(summary) {
@@ -397,6 +422,7 @@ pub fn write_json(
                 "single_process_ms": s.reference_ms,
                 "verdicts_match": s.verdicts_match,
                 "reduction_vs_redis": s.reduction_vs_redis(),
+                "reduction_vs_redis_staged": s.reduction_of("mitosis-staged"),
                 "first_start_ratio_vs_local_fork": s.first_start_ratio(),
                 "methods": s.methods.iter().map(|(m, x)| (m.clone(), json!({
                     "total_ms": x.total_ms,

@@ -33,6 +33,7 @@ import time
 T_PROCESS = time.monotonic()
 
 import argparse  # noqa: E402
+import ctypes  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -81,6 +82,20 @@ def memory():
     except OSError:
         pass
     return got
+
+
+def settle():
+    """Leaves the heap as a seed's (examples/python/seedlib.py settle), for every method
+    alike: the loaded objects move to the collector's permanent generation, so collections
+    in a child never walk (and write) them; the allocator hands the pages it freed while
+    loading (the generator's temporaries) back to the kernel, so a child's new arrays land
+    on fresh zero pages instead of pages that would come from the producer."""
+    gc.collect()
+    gc.freeze()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
 
 
 def load(data_mib, seed):
@@ -169,9 +184,18 @@ def run_mitosis(a, specs, market, portfolio, clock):
         os._exit(code)
     clock["t_prepared"] = time.monotonic()
     clock["prepare"] = h.stats
+    where = [hosts[i % len(hosts)] for i in range(len(specs))]
     try:
-        done = mitosis.resume_many(h, specs, host=[hosts[i % len(hosts)] for i in
-                                                   range(len(specs))])
+        if a.method == "mitosis-staged":
+            # One validator per host first: its faults fill the host's replica, from which
+            # the others are then forked with those pages shared instead of each fetching
+            # (and privately copying) them.
+            first = min(len(hosts), len(specs))
+            done = mitosis.resume_many(h, specs[:first], host=where[:first])
+            rest = _resume_from(mitosis, h, specs, where, first)
+            done = done + rest
+        else:
+            done = mitosis.resume_many(h, specs, host=where)
     finally:
         # The seed holds a frozen copy of this process: drop it with the workflow.
         try:
@@ -186,6 +210,27 @@ def run_mitosis(a, specs, market, portfolio, clock):
             v["daemon"] = {"start": c.started, "faults": c.faults}
         outcomes.append((v, f))
     return outcomes
+
+
+def _resume_from(mitosis, h, specs, where, first):
+    """Children ``first``.. of ``h`` at once, with their own indices."""
+    results = [None] * (len(specs) - first)
+
+    def one(i):
+        try:
+            results[i - first] = mitosis.resume(h, arg=specs[i], host=where[i], index=i)
+        except BaseException as e:  # raised in order below
+            results[i - first] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(first, len(specs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
 
 
 def run_fork(a, specs, market, portfolio, clock):
@@ -287,17 +332,15 @@ def run_files(a, specs, market, portfolio, clock):
         os.unlink(path)
 
 
-METHODS = {"mitosis": run_mitosis, "fork": run_fork, "redis": run_redis, "files": run_files}
+METHODS = {"mitosis": run_mitosis, "mitosis-staged": run_mitosis, "fork": run_fork,
+           "redis": run_redis, "files": run_files}
 
 
 def run(a):
     market, portfolio, load_ms, mib = load(a.data_mib, a.seed)
     fail = {int(x) for x in a.fail.split(",")} if a.fail else set()
     specs = rules.specs(a.validators, fail)
-    # Settle the heap as a seed would (seedlib.settle): collections in the children never
-    # walk (and write) the loaded state. Done for every method alike.
-    gc.collect()
-    gc.freeze()
+    settle()
     clock = {}
     t0 = time.monotonic()
     outcomes = METHODS[a.method](a, specs, market, portfolio, clock)
@@ -374,7 +417,7 @@ def main():
     v.add_argument("--index", type=int, required=True)
     a = p.parse_args()
     if a.mode == "run":
-        need = {"mitosis": "hosts", "redis": "redis"}.get(a.method)
+        need = {"mitosis": "hosts", "mitosis-staged": "hosts", "redis": "redis"}.get(a.method)
         if need and not getattr(a, need):
             p.error(f"--method {a.method} needs --{need}")
         if a.method in ("redis", "files") and not a.netns:
