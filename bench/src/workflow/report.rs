@@ -214,7 +214,7 @@ pub fn print(summary: &[Summary], runs: &[Run]) {
         summary.first().map_or(0, |s| s.rounds)
     );
     println!(
-        "{:>8} {:>5} | {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7} | {:>9} {:>9} {:>8} {:>8} | {:>6}",
+        "{:>8} {:>5} | {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7} | {:>9} {:>9} {:>10} {:>8} {:>8} | {:>6}",
         "data MiB",
         "N",
         "mitosis",
@@ -225,6 +225,7 @@ pub fn print(summary: &[Summary], runs: &[Run]) {
         "1 proc",
         "vs redis",
         "stg/redis",
+        "fork/redis",
         "vs files",
         "vs fork",
         "match"
@@ -242,7 +243,7 @@ pub fn print(summary: &[Summary], runs: &[Run]) {
         let t = |m: &str| s.method(m).and_then(|x| x.total_ms);
         let ratio = |m: &str| Some(t("mitosis")? / t(m)?);
         println!(
-            "{:>8} {:>5} | {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7.0} | {:>9} {:>9} {:>8} {:>8} | {:>6}",
+            "{:>8} {:>5} | {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7.0} | {:>9} {:>9} {:>10} {:>8} {:>8} | {:>6}",
             format!("{:.0} ({:.1})", s.data_mib, s.table_mib),
             s.validators,
             f(t("mitosis"), 0),
@@ -252,10 +253,8 @@ pub fn print(summary: &[Summary], runs: &[Run]) {
             f(t("fork"), 0),
             s.reference_ms,
             pct(s.reduction_vs_redis()),
-            pct(Some(
-                1.0 - t("mitosis-staged").unwrap_or(f64::NAN) / t("redis").unwrap_or(f64::NAN)
-            )
-            .filter(|x| x.is_finite())),
+            pct(s.reduction_of("mitosis-staged")),
+            pct(s.reduction_of("fork")),
             f(ratio("files"), 2),
             f(ratio("fork"), 2),
             if s.verdicts_match { "yes" } else { "NO" }
@@ -423,6 +422,7 @@ pub fn write_json(
                 "verdicts_match": s.verdicts_match,
                 "reduction_vs_redis": s.reduction_vs_redis(),
                 "reduction_vs_redis_staged": s.reduction_of("mitosis-staged"),
+                "reduction_vs_redis_local_fork": s.reduction_of("fork"),
                 "first_start_ratio_vs_local_fork": s.first_start_ratio(),
                 "methods": s.methods.iter().map(|(m, x)| (m.clone(), json!({
                     "total_ms": x.total_ms,
