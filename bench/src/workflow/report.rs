@@ -13,15 +13,15 @@ use super::{Args, Run};
 pub const TARGET_REDUCTION: f64 = 0.86;
 pub const TARGET_FIRST_START_RATIO: f64 = 2.0;
 
-/// The name each method has in results.json.
-pub fn key(method: &str) -> &'static str {
+/// The name each method has in results.json (`{name}_ms`, `{name}_first_start_ms`).
+pub fn name(method: &str) -> &'static str {
     match method {
-        "mitosis" => "mitosis_ms",
-        "redis" => "pickle_redis_ms",
-        "files" => "files_ms",
-        "fork" => "local_fork_ms",
-        "mitosis-staged" => "mitosis_staged_ms",
-        _ => "other_ms",
+        "mitosis" => "mitosis",
+        "mitosis-staged" => "mitosis_staged",
+        "redis" => "pickle_redis",
+        "files" => "files",
+        "fork" => "local_fork",
+        _ => "other",
     }
 }
 
@@ -383,8 +383,8 @@ pub fn write_json(
                 "reference_digest": r.reference_digest,
             });
             for (m, x) in &r.methods {
-                v[key(m)] = json!(x.total_ms);
-                v[format!("{m}_first_start_ms")] = json!(x.first_start_ms);
+                v[format!("{}_ms", name(m))] = json!(x.total_ms);
+                v[format!("{}_first_start_ms", name(m))] = json!(x.first_start_ms);
             }
             v["methods"] = r
                 .methods
