@@ -144,6 +144,14 @@ impl Workflow {
         self.producer(&args, validators)
     }
 
+    /// Children host `h`'s daemon has started so far.
+    fn children_started(&self, h: usize) -> u64 {
+        mitosis_client::Client::connect(self.tb.host(h).socket_path())
+            .and_then(|c| c.status())
+            .expect("a daemon's status")
+            .children_started
+    }
+
     fn logs(&self) -> String {
         self.tb.hosts().iter().map(|h| h.daemon_log()).collect()
     }
@@ -231,6 +239,7 @@ fn finra_verdicts_by_remote_fork_redis_and_files_equal_a_single_process_run() {
         assert!(flagged.as_u64().unwrap() > 0, "{rule} flagged nothing");
     }
     for method in ["mitosis", "mitosis-staged", "redis", "files"] {
+        let started_before = [w.children_started(1), w.children_started(2)];
         let (status, lines, err) = w.run(method, n, "");
         assert_eq!(status, 0, "{method}: {lines:?}\n{err}\n{}", w.logs());
         let r = result(&lines);
@@ -241,6 +250,18 @@ fn finra_verdicts_by_remote_fork_redis_and_files_equal_a_single_process_run() {
         );
         assert_eq!(r["report"]["digest"], digest, "{method}");
         assert_eq!(r["validators_detail"].as_array().unwrap().len(), n);
+        if method.starts_with("mitosis") {
+            // Its validators were children made by the daemons of hosts 1 and 2, half each.
+            let started = [w.children_started(1), w.children_started(2)];
+            assert_eq!(
+                [
+                    started[0] - started_before[0],
+                    started[1] - started_before[1]
+                ],
+                [n as u64 / 2, n as u64 / 2],
+                "{method}"
+            );
+        }
         eprintln!(
             "{method}: {} ms end to end, first validator at {} ms",
             r["total_ms"], r["first_start_ms"]
