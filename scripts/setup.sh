@@ -4,7 +4,8 @@
 # benchmark's image seed and its plot, Node.js and a headless JDK for the runtime seeds of the
 # tests (examples/node, examples/java), etcd for the platform's shared store (its tests start
 # their own) and protoc to build its client, DejaVu Sans for the load-spike plots, chromium
-# and its driver for the dashboard's browser test (tests/tests/dashboard.rs); then the
+# and its driver for the dashboard's browser test (tests/tests/dashboard.rs), pandas and
+# redis-server for the FINRA workflow (examples/python/finra); then the
 # Debian-based OCI bundle of the Python seeds for the containers (cached: a re-run only
 # refreshes its seeds and config.json).
 set -euo pipefail
@@ -16,6 +17,12 @@ command -v node >/dev/null || need_apt+=(nodejs)
 command -v javac >/dev/null || need_apt+=(default-jdk-headless)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+# The FINRA workflow (examples/python/finra, `mitosis-bench workflow`, tests/tests/finra.rs):
+# pandas, and Redis for its pickle-through-Redis baseline (the bench and tests start their
+# own redis-server inside a testbed host; the system service is not used).
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+/usr/bin/python3 -c 'import pandas' 2>/dev/null || need_apt+=(python3-pandas)
+/usr/bin/python3 -c 'import redis' 2>/dev/null || need_apt+=(python3-redis)
 # The font of `mitosis-bench loadspike`'s plots.
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
 # The platform dashboard's test drives a headless chromium through WebDriver.
@@ -24,6 +31,12 @@ command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  # Debian starts redis-server as a service on install where systemd runs: stop it, nothing
+  # here uses it (the workflow benchmark and tests start their own, torn down with them).
+  if [[ " ${need_apt[*]} " == *" redis-server "* ]] && command -v systemctl >/dev/null \
+      && systemctl is-active --quiet redis-server 2>/dev/null; then
+    systemctl disable --now redis-server || true
+  fi
 fi
 if ! python3 -c 'import numpy' 2>/dev/null; then
   python3 -m pip install --quiet numpy 2>/dev/null \

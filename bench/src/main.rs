@@ -1,6 +1,9 @@
 //! `mitosis-bench`: remote fork against the baselines, side by side, for five Python seeds.
 //! `mitosis-bench loadspike`: the platform's start policies under one load spike
 //! ([`loadspike`]).
+//! `mitosis-bench workflow`: the FINRA trade-validation workflow, its state handed to its
+//! validators by remote fork against pickle through Redis, shared files and local fork
+//! ([`workflow`]).
 //!
 //! On a three-host testbed (seed on host 0), for each seed of `examples/python/` (`hello`,
 //! `numpy`, `image`, `json`, `bigheap`, and `container`: image_fn.py of the OCI bundle made by
@@ -48,6 +51,7 @@ mod seeds;
 mod stats;
 mod targets;
 mod throughput;
+mod workflow;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -139,6 +143,9 @@ fn main() {
     let result = if argv.get(1).map(String::as_str) == Some("loadspike") {
         argv.remove(0);
         loadspike::main(argv)
+    } else if argv.get(1).map(String::as_str) == Some("workflow") {
+        argv.remove(0);
+        workflow::main(argv)
     } else {
         run(Args::parse())
     };

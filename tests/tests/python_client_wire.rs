@@ -37,6 +37,11 @@ fn the_python_clients_variant_indices_are_the_wire_formats() {
         memory_mib: None,
     };
     assert_eq!(constant(&src, "_REQ_RESUME"), index(&resume));
+    let drop = Request::Drop {
+        handle: String::new(),
+    };
+    assert_eq!(constant(&src, "_REQ_DROP"), index(&drop));
+    assert_eq!(constant(&src, "_EV_DONE"), index(&Event::Done));
     assert_eq!(
         constant(&src, "_REQ_PREPARE_CALLER"),
         index(&Request::PrepareCaller)

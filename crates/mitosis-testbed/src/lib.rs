@@ -31,6 +31,7 @@ pub mod lines;
 mod netns;
 #[cfg(feature = "tls")]
 pub mod pki;
+pub mod redis;
 mod testbed;
 
 pub use error::{Result, TestbedError};
