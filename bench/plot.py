@@ -23,6 +23,7 @@ METHODS = [
     ("mitosis_cold_host_tls", "mitosis cold host (mTLS)", (253, 174, 97)),
     ("mitosis_warm_host_tls", "mitosis warm host (mTLS)", (230, 97, 1)),
     ("criu", "criu restore", (146, 197, 122)),
+    ("criu_lazy", "criu lazy migration", (77, 146, 33)),
 ]
 WIDTH, HEIGHT = 1400, 720
 LEFT, RIGHT, TOP, BOTTOM = 90, 30, 80, 110

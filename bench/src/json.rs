@@ -35,6 +35,8 @@ pub struct Machine {
     pub kernel: String,
     /// Why CRIU could not run, if it could not.
     pub criu: Option<String>,
+    /// Why CRIU's lazy migration could not run, if CRIU could but it could not.
+    pub criu_lazy: Option<String>,
 }
 
 /// One seed's results.
@@ -55,6 +57,10 @@ pub struct Seed {
     pub throughput: Option<Throughput>,
     pub local_fork_throughput: Option<Throughput>,
     pub criu_dump_ms: Option<f64>,
+    /// Medians over the lazy migrations: the dump until it served pages, the child host's
+    /// lazy-pages daemon until ready (neither counted in the row, which starts at restore).
+    pub criu_lazy_dump_median_ms: Option<f64>,
+    pub criu_lazy_daemon_median_ms: Option<f64>,
     pub targets: Vec<Target>,
     /// Every failed sample, as "method: what went wrong".
     pub failures: Vec<String>,
@@ -205,6 +211,8 @@ mod tests {
         t.latencies = vec![ms(1), ms(2)];
         r.throughput = Some(t);
         r.criu_dump = Some(Duration::from_micros(12_345));
+        r.criu_lazy_dump = vec![ms(90), ms(70), ms(80)];
+        r.criu_lazy_daemon = vec![ms(40)];
         r
     }
 
@@ -224,6 +232,7 @@ mod tests {
                 cpus: 2,
                 kernel: "6.1.0".into(),
                 criu: Some("criu: not found".into()),
+                criu_lazy: None,
             },
             seeds: seeds.iter().map(SeedResult::to_json).collect(),
         };
@@ -266,7 +275,10 @@ mod tests {
                 "tls",
             ])
         );
-        assert_eq!(keys(&doc["machine"]), ["cpus", "criu", "kernel"]);
+        assert_eq!(
+            keys(&doc["machine"]),
+            ["cpus", "criu", "criu_lazy", "kernel"]
+        );
         let seed = &doc["seeds"][0];
         assert_eq!(
             keys(seed),
@@ -284,6 +296,8 @@ mod tests {
                 "throughput",
                 "local_fork_throughput",
                 "criu_dump_ms",
+                "criu_lazy_dump_median_ms",
+                "criu_lazy_daemon_median_ms",
                 "targets",
                 "failures",
             ])
@@ -389,8 +403,10 @@ mod tests {
         assert_eq!(throughput["children_per_sec"], 1200.5);
         assert_eq!(seed["local_fork_throughput"], Value::Null);
         assert_eq!(seed["criu_dump_ms"], 12.345);
+        assert_eq!(seed["criu_lazy_dump_median_ms"], 80.0);
+        assert_eq!(seed["criu_lazy_daemon_median_ms"], 40.0);
         let targets = seed["targets"].as_array().unwrap();
-        assert_eq!(targets.len(), 6, "with the containerizing target");
+        assert_eq!(targets.len(), 7, "with the containerizing target");
         assert!(
             targets
                 .iter()
@@ -426,6 +442,7 @@ mod tests {
                 cpus: 2,
                 kernel: String::new(),
                 criu: None,
+                criu_lazy: Some("no uffd".into()),
             },
             seeds: Vec::new(),
         })
@@ -444,7 +461,8 @@ mod tests {
   "machine": {
     "cpus": 2,
     "kernel": "",
-    "criu": null
+    "criu": null,
+    "criu_lazy": "no uffd"
   },
   "seeds": []
 }

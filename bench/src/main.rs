@@ -21,7 +21,10 @@
 //! - with `--tls`, mitosis cold host and warm host (mTLS): the same two rows on a second
 //!   three-host testbed whose daemons use mutual TLS (a CA and host certificates made at
 //!   start with rcgen), with the ratio of each to its plain row;
-//! - CRIU (when `criu check` passes): `criu restore` of a dump of the seed on host 1.
+//! - CRIU (when a `criu` on PATH passes `criu check`): `criu restore` on host 1 of a dump of
+//!   the seed; and CRIU's lazy migration to a new host: per child, a lazy dump of the seed on
+//!   host 0 serving its memory over TCP, restored on host 1 with `criu lazy-pages` fetching
+//!   from it (criu.rs).
 //!
 //! The mitosis rows but the CLI one start children in this process over the daemon's socket
 //! (`mitosis-client`), as a platform would: the clock runs from the Resume request to the
@@ -66,8 +69,8 @@ use daemon::Origin;
 use procs::{Server, on_path, run_ok};
 use remote::{Remote, Row, gave_up};
 use results::{
-    CRIU, MITOSIS_COLD, MITOSIS_COLD_TLS, MITOSIS_WARM, MITOSIS_WARM_CLI, MITOSIS_WARM_TLS, Method,
-    SeedResult,
+    CRIU, CRIU_LAZY, MITOSIS_COLD, MITOSIS_COLD_TLS, MITOSIS_WARM, MITOSIS_WARM_CLI,
+    MITOSIS_WARM_TLS, Method, SeedResult,
 };
 use seeds::Seed;
 
@@ -83,7 +86,8 @@ struct Args {
     /// Samples per method (cold starts, local forks, warm-host children, criu restores).
     #[arg(long, default_value_t = 50)]
     children: usize,
-    /// Samples of the first-child and cold-host rows: each builds host 1's replica.
+    /// Samples of the first-child, cold-host and CRIU lazy migration rows: each builds host
+    /// 1's replica, or moves the seed's memory to host 1.
     #[arg(long, default_value_t = 10)]
     cold_samples: usize,
     /// The seeds to run, comma-separated.
@@ -233,8 +237,16 @@ fn run(args: Args) -> Result<i32> {
         args.pin.as_deref().unwrap_or("no")
     );
     let criu_ok = criu::available();
-    if let Err(why) = &criu_ok {
-        println!("  criu: not available ({why}), skipped");
+    match &criu_ok {
+        Err(why) => println!("  criu: not available ({why}), skipped"),
+        Ok(criu) => {
+            if let Err(why) = &criu.lazy {
+                println!("  criu lazy migration: not available ({why}), skipped");
+            }
+            for note in &criu.notes {
+                println!("  criu: {note}");
+            }
+        }
     }
     let testbed =
         Testbed::new(TestbedConfig::new(3).with_daemon(DaemonConfig::new(&daemon, DAEMON_PORT)))
@@ -369,7 +381,7 @@ fn bench_seed(
     remote: &Remote,
     tls_remote: Option<&Remote>,
     testbed: &Testbed,
-    criu_ok: &Result<(), String>,
+    criu_ok: &Result<criu::Criu, String>,
 ) -> SeedResult {
     let mut out = SeedResult::new(seed.name, seed.what);
     let (n, warmup) = (args.children, args.warmup);
@@ -461,33 +473,106 @@ fn bench_seed(
     }
     drop(server);
 
-    out.methods.push(match criu_ok {
-        Err(why) => Method::skipped(CRIU, criu::LABEL, format!("not available ({why}), skipped")),
-        Ok(()) if seed.bundle.is_some() => Method::skipped(
-            CRIU,
-            criu::LABEL,
-            "not run for a containerized seed".to_owned(),
-        ),
-        Ok(()) => {
-            step(format!(
-                "criu: dump of the seed on host 0, {n} restores on host 1"
-            ));
-            let dir = testbed.dir().join(format!("criu-{}", seed.name));
-            match criu::dump(remote.seed_host, seed, &dir) {
-                Ok(dumped) => {
-                    out.criu_dump = Some(dumped.dump_time());
-                    dumped.restore_all(host1, warmup, n, &pairs)
-                }
-                Err(err) => {
-                    let mut m = Method::new(CRIU, criu::LABEL);
-                    m.fail(format!("dump: {err:#}"));
-                    m.gave_up = true;
-                    m
-                }
-            }
-        }
-    });
+    criu_rows(
+        seed,
+        remote,
+        testbed,
+        criu_ok,
+        (n, args.cold_samples, warmup),
+        &pairs,
+        &mut out,
+    );
     out
+}
+
+/// The CRIU rows of one seed: restores on host 1 of one dump of the seed (`n` samples), then
+/// lazy migrations from host 0 to host 1 (`lazy_n` samples); skipped, with the reason, where
+/// CRIU cannot run them.
+fn criu_rows(
+    seed: &Seed,
+    remote: &Remote,
+    testbed: &Testbed,
+    criu_ok: &Result<criu::Criu, String>,
+    (n, lazy_n, warmup): (usize, usize, usize),
+    pairs: &[methods::Pair],
+    out: &mut SeedResult,
+) {
+    let skip = |why: String| {
+        [
+            Method::skipped(CRIU, criu::LABEL, why.clone()),
+            Method::skipped(CRIU_LAZY, criu::LAZY_LABEL, why),
+        ]
+    };
+    let criu = match criu_ok {
+        Err(why) => {
+            return out
+                .methods
+                .extend(skip(format!("not available ({why}), skipped")));
+        }
+        Ok(_) if seed.bundle.is_some() => {
+            return out.methods.extend(skip(
+                "not run for a containerized seed: its daemon starts it in a container of its \
+                 own (namespaces, rootfs), which the bench does not set up for CRIU"
+                    .to_owned(),
+            ));
+        }
+        Ok(criu) => criu,
+    };
+    let [host1, _] = remote.child_hosts;
+    let step = |what: String| eprintln!("[{}] {what}", seed.name);
+    let gave_up = |key, label, what: String| {
+        let mut m = Method::new(key, label);
+        m.fail(what);
+        m.gave_up = true;
+        m
+    };
+    step(
+        "criu: the seed on host 0 as pid 1 of a pid namespace, in a session of its own".to_owned(),
+    );
+    let running = match criu::Running::start(remote.seed_host, seed) {
+        Ok(running) => running,
+        Err(err) => {
+            let why = format!("starting the seed for criu: {err:#}");
+            out.methods.push(gave_up(CRIU, criu::LABEL, why.clone()));
+            out.methods.push(gave_up(CRIU_LAZY, criu::LAZY_LABEL, why));
+            return;
+        }
+    };
+    step(format!(
+        "criu: dump of the seed on host 0, {n} restores on host 1"
+    ));
+    let dir = testbed.dir().join(format!("criu-{}", seed.name));
+    out.methods
+        .push(match running.dump(remote.seed_host, &dir) {
+            Ok(dumped) => {
+                out.criu_dump = Some(dumped.dump_time());
+                dumped.restore_all(&running, host1, warmup, n, pairs)
+            }
+            Err(err) => gave_up(CRIU, criu::LABEL, format!("dump: {err:#}")),
+        });
+    if let Err(why) = &criu.lazy {
+        out.methods.push(Method::skipped(
+            CRIU_LAZY,
+            criu::LAZY_LABEL,
+            format!("not available ({why}), skipped"),
+        ));
+        return;
+    }
+    step(format!(
+        "criu lazy migration: {lazy_n} x (lazy dump on host 0 serving {}:{}, lazy-pages + restore on host 1)",
+        remote.seed_host.addr(),
+        criu::LAZY_PORT
+    ));
+    let (method, setup) = running.lazy_all(
+        remote.seed_host,
+        host1,
+        &testbed.dir().join(format!("criu-lazy-{}", seed.name)),
+        (warmup, lazy_n),
+        pairs,
+    );
+    out.methods.push(method);
+    out.criu_lazy_dump = setup.dump;
+    out.criu_lazy_daemon = setup.daemon;
 }
 
 /// The TLS testbed's copy of the seed for `--tls`: started and prepared there, its working

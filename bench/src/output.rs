@@ -15,7 +15,7 @@ pub fn write(
     args: &Args,
     results: &[SeedResult],
     out_dir: &Path,
-    criu_ok: &Result<(), String>,
+    criu_ok: &Result<crate::criu::Criu, String>,
 ) -> Result<()> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -35,6 +35,10 @@ pub fn write(
             cpus,
             kernel: kernel.trim().to_owned(),
             criu: criu_ok.as_ref().err().cloned(),
+            criu_lazy: criu_ok
+                .as_ref()
+                .ok()
+                .and_then(|c| c.lazy.as_ref().err().cloned()),
         },
         seeds: results.iter().map(SeedResult::to_json).collect(),
     };

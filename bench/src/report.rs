@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use crate::results::{
-    COLD_START, CRIU, LOCAL_FORK, MITOSIS_COLD, MITOSIS_COLD_TLS, MITOSIS_FIRST, MITOSIS_WARM,
-    MITOSIS_WARM_CLI, MITOSIS_WARM_TLS, STATS_KEYS, SeedResult, Throughput,
+    COLD_START, CRIU, CRIU_LAZY, LOCAL_FORK, MITOSIS_COLD, MITOSIS_COLD_TLS, MITOSIS_FIRST,
+    MITOSIS_WARM, MITOSIS_WARM_CLI, MITOSIS_WARM_TLS, STATS_KEYS, SeedResult, Throughput,
 };
 use crate::stats::{Summary, median, median_u64, ms};
 use crate::targets;
@@ -159,6 +159,16 @@ pub fn seed_table(r: &SeedResult) {
     if let Some(d) = r.criu_dump {
         println!("criu dump (--leave-running): {}", ms(d));
     }
+    if !r.criu_lazy_dump.is_empty() {
+        println!(
+            "criu lazy migration, before the restore (medians, not in its row): lazy dump until serving {}, lazy-pages daemon until ready {}",
+            opt_ms(median(&r.criu_lazy_dump)),
+            opt_ms(median(&r.criu_lazy_daemon))
+        );
+    }
+    if let Some(x) = r.criu_lazy_vs_cold() {
+        println!("mitosis cold (new) host vs criu lazy migration: {x:.1}x faster");
+    }
     for m in &r.methods {
         if m.gave_up {
             println!("{}: gave up after {} failures", m.label, m.failures.len());
@@ -194,7 +204,8 @@ pub fn summary(results: &[SeedResult]) {
         (MITOSIS_COLD, "cold host"),
         (MITOSIS_WARM, "warm host"),
         (MITOSIS_WARM_CLI, "warm (CLI)"),
-        (CRIU, "criu"),
+        (CRIU, "criu restore"),
+        (CRIU_LAZY, "criu lazy"),
     ];
     print!("{:<9}", "seed");
     for (_, title) in columns {

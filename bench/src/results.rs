@@ -32,6 +32,8 @@ pub const MITOSIS_WARM_CLI: &str = "mitosis_warm_host_cli";
 pub const MITOSIS_COLD_TLS: &str = "mitosis_cold_host_tls";
 pub const MITOSIS_WARM_TLS: &str = "mitosis_warm_host_tls";
 pub const CRIU: &str = "criu";
+/// CRIU's lazy migration to a new host (its page server over TCP).
+pub const CRIU_LAZY: &str = "criu_lazy";
 
 /// Spawn-to-answer samples of one method.
 #[derive(Debug, Clone)]
@@ -164,6 +166,10 @@ pub struct SeedResult {
     /// Local forks from one warm seed, with the same concurrency.
     pub local_throughput: Option<Throughput>,
     pub criu_dump: Option<Duration>,
+    /// Per measured lazy migration: the lazy dump until it served pages, and the child host's
+    /// lazy-pages daemon until it was ready (both before the restore the row times).
+    pub criu_lazy_dump: Vec<Duration>,
+    pub criu_lazy_daemon: Vec<Duration>,
     /// Why the seed's run stopped early, if it did.
     pub error: Option<String>,
 }
@@ -185,6 +191,8 @@ impl SeedResult {
             throughput: None,
             local_throughput: None,
             criu_dump: None,
+            criu_lazy_dump: Vec::new(),
+            criu_lazy_daemon: Vec::new(),
             error: None,
         }
     }
@@ -226,6 +234,14 @@ impl SeedResult {
         let local = self.method(LOCAL_FORK)?.median()?;
         let this = self.method(key)?.median()?;
         Some(ratio(this, local))
+    }
+
+    /// CRIU's lazy migration median over mitosis's cold (new) host median: how many times
+    /// faster a child on a new host starts.
+    pub fn criu_lazy_vs_cold(&self) -> Option<f64> {
+        let cold = self.method(MITOSIS_COLD)?.median()?;
+        let lazy = self.method(CRIU_LAZY)?.median()?;
+        Some(ratio(lazy, cold)).filter(|x| x.is_finite())
     }
 
     /// For a row between TLS daemons: its median latency divided by the same row's between
@@ -340,6 +356,8 @@ impl SeedResult {
             throughput: self.throughput.as_ref().map(throughput_json),
             local_fork_throughput: self.local_throughput.as_ref().map(throughput_json),
             criu_dump_ms: self.criu_dump.map(ms_f),
+            criu_lazy_dump_median_ms: median(&self.criu_lazy_dump).map(ms_f),
+            criu_lazy_daemon_median_ms: median(&self.criu_lazy_daemon).map(ms_f),
             targets: targets::of(self),
             failures,
         }

@@ -4,6 +4,7 @@
 //! - a child on a warm host in at most 1.3x a local fork;
 //! - prepare in at most 2 ms, both as the time the seed is stopped and as the daemon's time;
 //! - at least 1000 children/s;
+//! - a child on a new (cold) host at least 15x faster than CRIU's lazy migration to a new host;
 //! - for a containerized seed, containerizing a child (taking its container from the pool and
 //!   joining it) well under a millisecond: at most 0.5 ms.
 
@@ -42,6 +43,7 @@ pub fn of(r: &SeedResult) -> Vec<Target> {
     let ms = |us: Option<u64>| us.map(|us| us as f64 / 1e3);
     let (daemon, stopped) = (ms(daemon_us), ms(stopped_us));
     let per_sec = r.throughput.as_ref().map(|t| t.per_sec());
+    let vs_criu = r.criu_lazy_vs_cold();
     let mut targets = vec![
         Target {
             key: "cold_host_ms",
@@ -83,6 +85,14 @@ pub fn of(r: &SeedResult) -> Vec<Target> {
             unit: "/s",
             met: per_sec.map(|v| v >= 1000.0),
         },
+        Target {
+            key: "criu_lazy_vs_cold_host",
+            what: "CRIU lazy migration / mitosis new host",
+            goal: ">= 15x",
+            value: vs_criu,
+            unit: "x",
+            met: vs_criu.map(|v| v >= 15.0),
+        },
     ];
     if let Some((_, _, both)) = r.containerizing_us() {
         let value = Some(both as f64 / 1e3);
@@ -122,7 +132,7 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::{LOCAL_FORK, Method, Throughput};
+    use crate::results::{CRIU_LAZY, LOCAL_FORK, Method, Throughput};
     use std::time::Duration;
 
     fn method(key: &'static str, ms: u64) -> Method {
@@ -153,7 +163,24 @@ mod tests {
         assert_eq!(t[0].shown(), "3.00 ms");
         assert_eq!(t[1].verdict(), "MISSED");
         assert_eq!(t[2].met, None);
-        assert_eq!(t.len(), 5, "no container target for a seed in no container");
+        assert_eq!(t[5].key, "criu_lazy_vs_cold_host");
+        assert_eq!(t[5].met, None, "no CRIU row");
+        assert_eq!(t.len(), 6, "no container target for a seed in no container");
+    }
+
+    #[test]
+    fn criu_lazy_migration_over_the_new_host() {
+        let mut r = SeedResult::new("numpy", "test");
+        r.methods.push(method(MITOSIS_COLD, 4));
+        r.methods.push(method(CRIU_LAZY, 80));
+        let t = &of(&r)[5];
+        assert_eq!(t.value, Some(20.0));
+        assert_eq!((t.shown().as_str(), t.met), ("20.00x", Some(true)));
+        r.methods[0] = method(MITOSIS_COLD, 8);
+        let t = &of(&r)[5];
+        assert_eq!((t.value, t.met), (Some(10.0), Some(false)));
+        r.methods[1].latencies.clear();
+        assert_eq!(of(&r)[5].value, None, "a failed CRIU row has no ratio");
     }
 
     #[test]
@@ -168,9 +195,9 @@ mod tests {
         }
         assert_eq!(r.containerizing_us(), Some((30, 200, 230)));
         let t = of(&r);
-        assert_eq!(t.len(), 6);
-        assert_eq!(t[5].key, "containerizing_ms");
-        assert_eq!(t[5].shown(), "0.23 ms");
-        assert_eq!(t[5].met, Some(true));
+        assert_eq!(t.len(), 7);
+        assert_eq!(t[6].key, "containerizing_ms");
+        assert_eq!(t[6].shown(), "0.23 ms");
+        assert_eq!(t[6].met, Some(true));
     }
 }
