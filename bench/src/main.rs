@@ -674,6 +674,7 @@ fn remote_rows(
         "mitosis warm host (CLI): {n} x `mitosis resume` on host 1"
     ));
     remote.warm_host_cli(handle, pairs, n, out);
+    remote.spawn_floor(n, out);
     // The TLS rows after the plain ones in the table.
     for (method, numbers) in cold.chain(warm) {
         match method.key {

@@ -20,7 +20,9 @@ use crate::cli::Mitosis;
 use crate::daemon::{self, ChildStats, Origin, handle_seed_id};
 use crate::methods::{Pair, is_right, last_lines, schedule};
 use crate::procs::{private_kib, run_timed};
-use crate::results::{ChildNumbers, MITOSIS_FIRST, MITOSIS_WARM_CLI, Method, SeedResult, Served};
+use crate::results::{
+    ChildNumbers, MITOSIS_FIRST, MITOSIS_WARM_CLI, Method, SPAWN_FLOOR, SeedResult, Served,
+};
 
 /// Children that record a seed's working set before the cold-host row. The set holds only
 /// pages children faulted on, not the neighbours fetched with them: a child whose replica has
@@ -252,6 +254,37 @@ impl Remote<'_> {
         let one = |req: &str, want: Option<&str>| self.child_cli(host, handle, req, want);
         let mut unused = ChildNumbers::default();
         self.sample(&mut method, &mut unused, (self.warmup, samples), pairs, one);
+        out.methods.push(method);
+    }
+
+    /// The floor under the CLI row: `echo` spawned on host 1 the way `mitosis resume` is,
+    /// timed from its spawn to its line.
+    pub fn spawn_floor(&self, samples: usize, out: &mut SeedResult) {
+        let mut method = Method::new(SPAWN_FLOOR, "spawn floor (echo, as the CLI)");
+        let host = self.child_hosts[0];
+        for i in 0..self.warmup + samples {
+            let mut cmd = host.command("echo");
+            cmd.arg("ready");
+            let measured = i >= self.warmup;
+            method.attempted += usize::from(measured);
+            match run_timed(cmd, "") {
+                Ok(run) if run.answer == "ready" => {
+                    if measured {
+                        method.latencies.push(run.latency);
+                    }
+                }
+                Ok(run) => {
+                    if method.fail(format!("echo said {:?}", run.answer)) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    if method.fail(format!("echo: {e}")) {
+                        break;
+                    }
+                }
+            }
+        }
         out.methods.push(method);
     }
 }

@@ -28,6 +28,9 @@ pub const MITOSIS_FIRST: &str = "mitosis_first_child";
 pub const MITOSIS_COLD: &str = "mitosis_cold_host";
 pub const MITOSIS_WARM: &str = "mitosis_warm_host";
 pub const MITOSIS_WARM_CLI: &str = "mitosis_warm_host_cli";
+/// Spawning a command that answers at once, as the CLI row spawns `mitosis`: the floor under
+/// any command-line client.
+pub const SPAWN_FLOOR: &str = "spawn_floor";
 /// The cold and warm host rows again, between daemons with mutual TLS (`--tls`).
 pub const MITOSIS_COLD_TLS: &str = "mitosis_cold_host_tls";
 pub const MITOSIS_WARM_TLS: &str = "mitosis_warm_host_tls";

@@ -5,12 +5,16 @@
 //! - prepare in at most 2 ms, both as the time the seed is stopped and as the daemon's time;
 //! - at least 1000 children/s;
 //! - a child on a new (cold) host at least 15x faster than CRIU's lazy migration to a new host;
+//! - a child on a warm host through the CLI within 0.5 ms of a local fork (beside it, the
+//!   floor under any command: spawning `echo` the same way);
 //! - for a containerized seed, containerizing a child (taking its container from the pool and
 //!   joining it) well under a millisecond: at most 0.5 ms.
 
 use serde::Serialize;
 
-use crate::results::{MITOSIS_COLD, MITOSIS_WARM, SeedResult};
+use crate::results::{
+    LOCAL_FORK, MITOSIS_COLD, MITOSIS_WARM, MITOSIS_WARM_CLI, SPAWN_FLOOR, SeedResult,
+};
 
 /// One target and what was measured against it (also its form in the results file).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -44,6 +48,10 @@ pub fn of(r: &SeedResult) -> Vec<Target> {
     let (daemon, stopped) = (ms(daemon_us), ms(stopped_us));
     let per_sec = r.throughput.as_ref().map(|t| t.per_sec());
     let vs_criu = r.criu_lazy_vs_cold();
+    let cli_over_fork = median_ms(MITOSIS_WARM_CLI)
+        .zip(median_ms(LOCAL_FORK))
+        .map(|(cli, fork)| cli - fork);
+    let spawn_floor = median_ms(SPAWN_FLOOR);
     let mut targets = vec![
         Target {
             key: "cold_host_ms",
@@ -93,6 +101,22 @@ pub fn of(r: &SeedResult) -> Vec<Target> {
             unit: "x",
             met: vs_criu.map(|v| v >= 15.0),
         },
+        Target {
+            key: "cli_over_local_fork_ms",
+            what: "warm host (CLI) - local fork",
+            goal: "<= 0.5 ms",
+            value: cli_over_fork,
+            unit: "ms",
+            met: at_most(cli_over_fork, 0.5),
+        },
+        Target {
+            key: "spawn_floor_ms",
+            what: "  floor: spawning echo as the CLI",
+            goal: "(floor)",
+            value: spawn_floor,
+            unit: "ms",
+            met: None,
+        },
     ];
     if let Some((_, _, both)) = r.containerizing_us() {
         let value = Some(both as f64 / 1e3);
@@ -132,7 +156,7 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::{CRIU_LAZY, LOCAL_FORK, Method, Throughput};
+    use crate::results::{CRIU_LAZY, Method, Throughput};
     use std::time::Duration;
 
     fn method(key: &'static str, ms: u64) -> Method {
@@ -165,7 +189,19 @@ mod tests {
         assert_eq!(t[2].met, None);
         assert_eq!(t[5].key, "criu_lazy_vs_cold_host");
         assert_eq!(t[5].met, None, "no CRIU row");
-        assert_eq!(t.len(), 6, "no container target for a seed in no container");
+        assert_eq!(t[6].met, None, "no CLI row");
+        assert_eq!(t.len(), 8, "no container target for a seed in no container");
+    }
+
+    #[test]
+    fn the_cli_over_a_local_fork_with_its_floor() {
+        let mut r = SeedResult::new("numpy", "test");
+        r.methods.push(method(LOCAL_FORK, 2));
+        r.methods.push(method(MITOSIS_WARM_CLI, 4));
+        r.methods.push(method(SPAWN_FLOOR, 1));
+        let t = of(&r);
+        assert_eq!((t[6].value, t[6].met), (Some(2.0), Some(false)));
+        assert_eq!((t[7].value, t[7].met), (Some(1.0), None));
     }
 
     #[test]
@@ -195,9 +231,9 @@ mod tests {
         }
         assert_eq!(r.containerizing_us(), Some((30, 200, 230)));
         let t = of(&r);
-        assert_eq!(t.len(), 7);
-        assert_eq!(t[6].key, "containerizing_ms");
-        assert_eq!(t[6].shown(), "0.23 ms");
-        assert_eq!(t[6].met, Some(true));
+        assert_eq!(t.len(), 9);
+        assert_eq!(t[8].key, "containerizing_ms");
+        assert_eq!(t[8].shown(), "0.23 ms");
+        assert_eq!(t[8].met, Some(true));
     }
 }
