@@ -266,11 +266,16 @@ fn run_on(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let api = mitosis_platform::background::Background::start(
-        Config::default(),
-        HostSpec::of_testbed(testbed),
-    )
-    .context("starting the platform")?;
+    // A cold start may take as long as the call may (Fn waits for a container within the
+    // call's timeout), not the platform's default 60 s: under a storm of cold starts on two
+    // cores they take tens of seconds, and a call failed at 60 s would measure the limit.
+    let config = Config {
+        seed_ready_timeout: Duration::from_secs(u64::from(args.timeout)),
+        ..Config::default()
+    };
+    let api =
+        mitosis_platform::background::Background::start(config, HostSpec::of_testbed(testbed))
+            .context("starting the platform")?;
     let runner = Runner {
         api: api.addr,
         app_id: Runner::create_app(api.addr, "loadspike")?,
