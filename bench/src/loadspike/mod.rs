@@ -169,7 +169,8 @@ fn profile(args: &Args) -> Result<(Profile, String)> {
     }
 }
 
-fn sibling(dir: &Path, name: &str) -> Result<PathBuf> {
+/// `name` in `dir`, the directory of the workspace's binaries (the workflow bench's too).
+pub(crate) fn sibling(dir: &Path, name: &str) -> Result<PathBuf> {
     let path = dir.join(name);
     anyhow::ensure!(
         path.is_file(),

@@ -25,7 +25,7 @@ use mitosis_testbed::redis::Redis;
 use mitosis_testbed::{DaemonConfig, Testbed, TestbedConfig};
 use serde_json::Value;
 
-use crate::loadspike::interrupt;
+use crate::loadspike::{interrupt, sibling};
 
 const DAEMON_PORT: u16 = 7070;
 const REDIS_PORT: u16 = 6379;
@@ -279,16 +279,6 @@ pub fn run(args: &Args) -> Result<i32> {
     } else {
         1
     })
-}
-
-fn sibling(dir: &Path, name: &str) -> Result<PathBuf> {
-    let path = dir.join(name);
-    anyhow::ensure!(
-        path.is_file(),
-        "{} not found (build with `cargo build --release --workspace --bins`, or --bin-dir)",
-        path.display()
-    );
-    Ok(path.canonicalize()?)
 }
 
 struct Bench<'a> {
