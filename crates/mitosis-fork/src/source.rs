@@ -73,11 +73,13 @@ impl PageSource for TwinSource {
 pub fn read_runs(memory: &RemoteMemory, runs: &[(u64, u32)]) -> std::io::Result<Vec<u8>> {
     let total: usize = runs.iter().map(|r| r.1 as usize * PAGE_SIZE as usize).sum();
     let mut out = vec![0u8; total];
-    let mut at = 0;
+    let mut pieces = Vec::with_capacity(runs.len());
+    let mut rest = out.as_mut_slice();
     for &(addr, pages) in runs {
-        let len = pages as usize * PAGE_SIZE as usize;
-        memory.read_exact(addr, &mut out[at..at + len])?;
-        at += len;
+        let (piece, after) = rest.split_at_mut(pages as usize * PAGE_SIZE as usize);
+        pieces.push((addr, piece));
+        rest = after;
     }
+    memory.read_pieces(&mut pieces)?;
     Ok(out)
 }

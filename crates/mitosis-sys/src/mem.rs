@@ -1,12 +1,12 @@
 //! Reading and writing another process's memory, and asking which of its pages exist.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use nix::errno::Errno;
-use nix::sys::uio::{RemoteIoVec, process_vm_writev};
+use nix::sys::uio::{RemoteIoVec, process_vm_readv, process_vm_writev};
 use nix::unistd::Pid;
 
 use crate::PAGE_SIZE;
@@ -110,6 +110,46 @@ impl RemoteMemory {
     /// Reads exactly `buf.len()` bytes at `addr`.
     pub fn read_exact(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
         self.mem.read_exact_at(buf, addr)
+    }
+
+    /// Reads each `(addr, buffer)` piece in full: up to [`IOV_MAX`] of them per
+    /// process_vm_readv (one syscall for many scattered pages), and the piece it stopped in
+    /// (if any) through `mem`, which says why it cannot be read.
+    pub fn read_pieces(&self, pieces: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        let mut rest = pieces;
+        while !rest.is_empty() {
+            let n = rest.len().min(IOV_MAX);
+            let remote: Vec<RemoteIoVec> = rest[..n]
+                .iter()
+                .map(|(addr, b)| RemoteIoVec {
+                    base: *addr as usize,
+                    len: b.len(),
+                })
+                .collect();
+            let read = {
+                let mut local: Vec<IoSliceMut> = rest[..n]
+                    .iter_mut()
+                    .map(|(_, b)| IoSliceMut::new(b))
+                    .collect();
+                match process_vm_readv(Pid::from_raw(self.pid), &mut local, &remote) {
+                    Ok(n) => n,
+                    Err(Errno::EFAULT) => 0,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            let (mut done, mut left) = (0, read);
+            while done < n && left >= rest[done].1.len() {
+                left -= rest[done].1.len();
+                done += 1;
+            }
+            if done < n {
+                let (addr, buf) = &mut rest[done];
+                self.read_exact(*addr + left as u64, &mut buf[left..])?;
+                done += 1;
+            }
+            rest = &mut rest[done..];
+        }
+        Ok(())
     }
 
     /// Writes all of `buf` at `addr`, breaking copy-on-write like a debugger does.
@@ -260,6 +300,41 @@ mod tests {
         assert_eq!(&view[PAGE_SIZE as usize..PAGE_SIZE as usize + 16], &b);
         // SAFETY: unmapping the mapping made above; `view` is not used after.
         assert_eq!(unsafe { libc::munmap(base, len) }, 0);
+    }
+
+    #[test]
+    fn pieces_are_read_in_one_call_and_past_what_it_refuses() {
+        let len = 3 * PAGE_SIZE as usize;
+        let base = fresh_anonymous(len);
+        let addr = base as u64;
+        for page in 0..3u64 {
+            // SAFETY: a page of the mapping above.
+            unsafe { *((addr + page * PAGE_SIZE + 8) as *mut u8) = page as u8 + 1 };
+        }
+        // The middle page unreadable: process_vm_readv stops there, /proc/PID/mem does not.
+        // SAFETY: the second page of the mapping made above.
+        let none = unsafe {
+            libc::mprotect(
+                (addr + PAGE_SIZE) as *mut libc::c_void,
+                PAGE_SIZE as usize,
+                libc::PROT_NONE,
+            )
+        };
+        assert_eq!(none, 0);
+        let memory = RemoteMemory::open(std::process::id() as i32, false).unwrap();
+        let (mut a, mut b, mut c) = ([0u8; 16], [0u8; 16], [0u8; 16]);
+        memory
+            .read_pieces(&mut [
+                (addr, &mut a[..]),
+                (addr + PAGE_SIZE, &mut b[..]),
+                (addr + 2 * PAGE_SIZE, &mut c[..]),
+            ])
+            .unwrap();
+        assert_eq!((a[8], b[8], c[8]), (1, 2, 3));
+        // SAFETY: unmapping the mapping made above.
+        unsafe { libc::munmap(base, len) };
+        let mut gone = [0u8; 16];
+        assert!(memory.read_pieces(&mut [(addr, &mut gone[..])]).is_err());
     }
 
     #[test]
