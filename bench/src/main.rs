@@ -91,7 +91,10 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     cold_samples: usize,
     /// The seeds to run, comma-separated.
-    #[arg(long, default_value = "hello,numpy,image,json,bigheap,container")]
+    #[arg(
+        long,
+        default_value = "hello,numpy,numpy-as-written,image,json,bigheap,container"
+    )]
     seeds: String,
     /// The OCI bundle of the `container` seed (made by scripts/setup.sh); skipped if absent.
     #[arg(long, default_value = "/var/lib/mitosis/bundles/python")]

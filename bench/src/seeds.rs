@@ -13,7 +13,15 @@ use mitosis_container::Bundle;
 use mitosis_testbed::Host;
 
 /// The seeds, in the order they run and are reported.
-pub const ALL: [&str; 6] = ["hello", "numpy", "image", "json", "bigheap", "container"];
+pub const ALL: [&str; 7] = [
+    "hello",
+    "numpy",
+    "numpy-as-written",
+    "image",
+    "json",
+    "bigheap",
+    "container",
+];
 
 /// One seed: a script and the arguments every run of it gets.
 #[derive(Debug, Clone)]
@@ -43,6 +51,12 @@ impl Seed {
                 "numpy_fn.py",
                 "numpy + Pillow imported, small state; a slice sum and a 16x16 resize per request",
                 vec![],
+            ),
+            "numpy-as-written" => (
+                "numpy-as-written",
+                "numpy_fn.py",
+                "the numpy seed as a user writes it: no warm-up request, no settled heap",
+                vec!["--as-written".to_owned()],
             ),
             "image" => (
                 "image",
@@ -187,7 +201,7 @@ mod tests {
     #[test]
     fn seed_lists() {
         assert_eq!(
-            parse_list("hello,numpy,image,json,bigheap,container").unwrap(),
+            parse_list("hello,numpy,numpy-as-written,image,json,bigheap,container").unwrap(),
             ALL
         );
         assert_eq!(

@@ -16,6 +16,8 @@ Modes (command line of every seed):
                  request without waiting for the last child (the local fork children/s
                  baseline). Answers may come out of order.
   --once         build the state, answer one request, exit (the cold start baseline).
+  --as-written   skip the warm-up request and ``settle()`` before ``ready``: the seed as a
+                 user would write it, its heap left as start-up left it.
 
 Every mode ends with os._exit(0), skipping the interpreter's teardown of the warm state.
   --mib N        a seed-specific size (bigheap_fn: the heap in MiB); ignored by the others.
@@ -52,6 +54,7 @@ class Options:
         self.once = False
         self.pool = 0
         self.mib = None
+        self.as_written = False
         args = list(argv)
         while args:
             arg = args.pop(0)
@@ -61,6 +64,8 @@ class Options:
                 self.linger = True
             elif arg == "--once":
                 self.once = True
+            elif arg == "--as-written":
+                self.as_written = True
             elif arg == "--fork-pool" and args:
                 self.pool = int(args.pop(0))
                 if self.pool < 1:
@@ -175,12 +180,14 @@ def main(name, build, answer):
         opts = Options(sys.argv[1:])
     except ValueError as err:
         sys.stderr.write(
-            "%s: %s\nusage: %s [--fork-server [--linger] | --fork-pool N | --once] [--mib N]\n"
+            "%s: %s\nusage: %s [--fork-server [--linger] | --fork-pool N | --once] [--as-written] [--mib N]\n"
             % (name, err, name)
         )
         return 2
     state = build(opts)
-    if not opts.once:
+    if not opts.once and opts.as_written:
+        write_all(1, b"ready\n")
+    elif not opts.once:
         # One request before `ready`, so that lazy initialisation is part of the warm state
         # (a cold start pays for it in its one request instead).
         answer(state, {"n": 0})
