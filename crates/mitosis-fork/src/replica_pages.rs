@@ -43,6 +43,9 @@ pub struct ReplicaPages<S> {
     fetched: AtomicU64,
     fetches: AtomicU64,
     fetch_us: AtomicU64,
+    /// Ranges each child maps afresh (shared anonymous memory): the replica's pages there are
+    /// never a child's, so children's zero faults there teach it nothing.
+    fresh: Vec<(u64, u64)>,
 }
 
 /// What a fill in progress says when it ends: `None` until then, then its outcome.
@@ -84,6 +87,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         uffd: Userfaultfd,
         pending: PendingMap,
         source: S,
+        fresh: Vec<(u64, u64)>,
     ) -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(ReplicaPages {
             // SAFETY: `Userfaultfd` owns its fd, which stays open and the same for as long as the AsyncFd that owns it.
@@ -98,6 +102,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
             fetched: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
             fetch_us: AtomicU64::new(0),
+            fresh,
         }))
     }
 
@@ -107,6 +112,35 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
             fetches: self.fetches.load(Ordering::Relaxed),
             fetch_us: self.fetch_us.load(Ordering::Relaxed),
         }
+    }
+
+    /// A child faulted on `page` where its seed had no page and got zeros: maps the zero page
+    /// there in the replica too (if the replica lacks that page and it is none of the seed's),
+    /// so the children forked later find it, as after a local fork, without a round trip to
+    /// the daemon. The zero page costs no memory, only a page-table entry each fork copies.
+    /// A child that moved its memory (mremap) may name a page that is the seed's in the
+    /// replica: those are pending or in flight, or already there, and are left alone.
+    pub fn keep_hole_zeroed(&self, page: u64) {
+        let page = page & !(PAGE_SIZE - 1);
+        if self
+            .fresh
+            .iter()
+            .any(|&(s, len)| s <= page && page < s + len)
+        {
+            return;
+        }
+        let state = self.state.lock().expect("replica pages lock");
+        if state.pending.is_pending(page)
+            || state
+                .in_flight
+                .iter()
+                .any(|(runs, _)| overlaps(runs, &[(page, 1)]))
+        {
+            return;
+        }
+        // Under the lock, so no fill claims the page meanwhile (none could: it is no seed
+        // page). EEXIST (already there) and ENOENT/EINVAL (not a registered range) are fine.
+        let _ = self.uffd.get_ref().zeropage(page, PAGE_SIZE);
     }
 
     /// Up to `max_pages` of the seed pages nobody has fetched or is fetching, lowest first,
@@ -573,6 +607,10 @@ impl<S: PageSource + Sync> PageSource for FromReplica<S> {
 
     async fn duplicate(&self) -> Result<Self, SourceError> {
         Ok(FromReplica(self.0.clone()))
+    }
+
+    fn hole_touched(&self, page: u64) {
+        self.0.keep_hole_zeroed(page);
     }
 }
 

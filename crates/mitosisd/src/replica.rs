@@ -95,8 +95,14 @@ pub async fn build(
     stats.spawn_us = built.spawn_us;
     stats.restore_us = built.restore_us;
     let pid = built.replica.pid();
-    let pages = ReplicaPages::new(pid, built.uffd, built.pending, source.clone())
-        .map_err(|e| BuildFailed::Pages(format!("watching the replica: {e}")))?;
+    let pages = ReplicaPages::new(
+        pid,
+        built.uffd,
+        built.pending,
+        source.clone(),
+        made.shared_ranges.clone(),
+    )
+    .map_err(|e| BuildFailed::Pages(format!("watching the replica: {e}")))?;
     let (forks_tx, forks) = std::sync::mpsc::channel();
     let watcher = tokio::spawn({
         let pages = pages.clone();
