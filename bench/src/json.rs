@@ -406,7 +406,7 @@ mod tests {
         assert_eq!(seed["criu_lazy_dump_median_ms"], 80.0);
         assert_eq!(seed["criu_lazy_daemon_median_ms"], 40.0);
         let targets = seed["targets"].as_array().unwrap();
-        assert_eq!(targets.len(), 9, "with the containerizing target");
+        assert_eq!(targets.len(), 12, "with the containerizing target");
         assert!(
             targets
                 .iter()

@@ -54,6 +54,7 @@ mod seeds;
 mod stats;
 mod targets;
 mod throughput;
+mod transfer;
 mod workflow;
 
 use std::path::PathBuf;
@@ -153,6 +154,9 @@ fn main() {
     } else if argv.get(1).map(String::as_str) == Some("workflow") {
         argv.remove(0);
         workflow::main(argv)
+    } else if argv.get(1).map(String::as_str) == Some("transfer") {
+        argv.remove(0);
+        transfer::main(argv)
     } else {
         run(Args::parse())
     };
@@ -672,6 +676,20 @@ fn remote_rows(
             _ => out.warm = numbers,
         }
         out.methods.push(method);
+    }
+    if let Some(bytes) = out.cold.served.and_then(|s| s.per_child()) {
+        step(format!(
+            "transfer floor: {} x {:.1} MiB over TCP from host 0 to host 1",
+            args.cold_samples,
+            bytes as f64 / (1 << 20) as f64
+        ));
+        transfer::floor(
+            remote.seed_host,
+            remote.child_hosts[0],
+            bytes,
+            (args.warmup, args.cold_samples),
+            out,
+        );
     }
     step(format!(
         "mitosis warm host (CLI): {n} x `mitosis resume` on host 1"

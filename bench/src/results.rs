@@ -31,6 +31,8 @@ pub const MITOSIS_WARM_CLI: &str = "mitosis_warm_host_cli";
 /// Spawning a command that answers at once, as the CLI row spawns `mitosis`: the floor under
 /// any command-line client.
 pub const SPAWN_FLOOR: &str = "spawn_floor";
+/// Moving a cold-host child's bootstrap bytes over TCP between the hosts, nothing else.
+pub const TRANSFER_FLOOR: &str = "transfer_floor";
 /// The cold and warm host rows again, between daemons with mutual TLS (`--tls`).
 pub const MITOSIS_COLD_TLS: &str = "mitosis_cold_host_tls";
 pub const MITOSIS_WARM_TLS: &str = "mitosis_warm_host_tls";
@@ -173,6 +175,8 @@ pub struct SeedResult {
     /// lazy-pages daemon until it was ready (both before the restore the row times).
     pub criu_lazy_dump: Vec<Duration>,
     pub criu_lazy_daemon: Vec<Duration>,
+    /// Bytes of the transfer floor row (a cold-host child's share of what was served).
+    pub transfer_bytes: Option<u64>,
     /// Why the seed's run stopped early, if it did.
     pub error: Option<String>,
 }
@@ -196,6 +200,7 @@ impl SeedResult {
             criu_dump: None,
             criu_lazy_dump: Vec::new(),
             criu_lazy_daemon: Vec::new(),
+            transfer_bytes: None,
             error: None,
         }
     }
