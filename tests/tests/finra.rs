@@ -238,7 +238,13 @@ fn finra_verdicts_by_remote_fork_redis_and_files_equal_a_single_process_run() {
     for (rule, flagged) in reference["report"]["flags_by_rule"].as_object().unwrap() {
         assert!(flagged.as_u64().unwrap() > 0, "{rule} flagged nothing");
     }
-    for method in ["mitosis", "mitosis-staged", "redis", "files"] {
+    for method in [
+        "mitosis",
+        "mitosis-staged",
+        "mitosis-filled",
+        "redis",
+        "files",
+    ] {
         let started_before = [w.children_started(1), w.children_started(2)];
         let (status, lines, err) = w.run(method, n, "");
         assert_eq!(status, 0, "{method}: {lines:?}\n{err}\n{}", w.logs());

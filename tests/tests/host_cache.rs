@@ -296,3 +296,41 @@ fn zeros_a_child_faulted_on_are_kept_in_the_replica_and_later_children_do_not_fa
     drop(seed);
     teardown(tb);
 }
+
+#[test]
+fn a_fill_request_brings_the_whole_seed_in_before_the_children_that_then_fetch_nothing() {
+    let tb = testbed(2);
+    let (_dir, seed, handle) = prepared_memcheck(&tb, "wholefill");
+    // Before any child: the replica is built and takes in every page of the seed.
+    mitosis_client::Client::connect(tb.host(1).socket_path())
+        .expect("host 1's daemon")
+        .fill(&handle)
+        .expect("fill");
+    let pages = replicas(&tb, 1)
+        .into_iter()
+        .find(|r| r.0 == seed_id(&handle))
+        .expect("a replica on host 1")
+        .2;
+    // memcheck's seed has about 6,400 pages of its own; all are in.
+    assert!(pages > 6000, "{pages} pages in the replica");
+    // The first child, which reads every region, fetches only its shared anonymous mapping
+    // (128 pages), which each child maps afresh.
+    let out = cli(&tb, 1, &["resume", &handle, "--stats"], "verify\n");
+    assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
+    assert_eq!(resume_stat(&out, "cached"), 1, "{}", stderr(&out));
+    assert!(resume_stat(&out, "pages_fetched") <= 128, "{}", stderr(&out));
+    // Once the seed is dropped, a fill is refused with the reason.
+    let out = cli(&tb, 0, &["drop", &handle], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let refused = mitosis_client::Client::connect(tb.host(1).socket_path())
+        .expect("host 1's daemon")
+        .fill(&handle)
+        .expect_err("a fill of a dropped seed");
+    assert_eq!(
+        refused.kind(),
+        Some(mitosis_client::ErrorKind::NoSuchSeed),
+        "{refused}"
+    );
+    drop(seed);
+    teardown(tb);
+}

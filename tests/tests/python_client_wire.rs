@@ -46,6 +46,10 @@ fn the_python_clients_variant_indices_are_the_wire_formats() {
         constant(&src, "_REQ_PREPARE_CALLER"),
         index(&Request::PrepareCaller)
     );
+    let fill = Request::Fill {
+        handle: String::new(),
+    };
+    assert_eq!(constant(&src, "_REQ_FILL"), index(&fill));
     let prepared = Event::Prepared {
         handle: String::new(),
         stats: PrepareStats::default(),

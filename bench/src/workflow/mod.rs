@@ -30,7 +30,14 @@ use crate::loadspike::{interrupt, sibling};
 const DAEMON_PORT: u16 = 7070;
 const REDIS_PORT: u16 = 6379;
 /// The methods, in the order of the first round.
-pub const METHODS: [&str; 5] = ["mitosis", "redis", "files", "fork", "mitosis-staged"];
+pub const METHODS: [&str; 6] = [
+    "mitosis",
+    "redis",
+    "files",
+    "fork",
+    "mitosis-staged",
+    "mitosis-filled",
+];
 
 /// The FINRA workflow: remote fork against pickle through Redis, shared files and local
 /// fork (needs root, redis-server and a python3 with pandas and redis).
@@ -47,9 +54,13 @@ pub struct Args {
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// The methods, comma-separated: mitosis (every validator resumed at once),
-    /// mitosis-staged (one per host first, then the rest from the replicas it filled), redis,
-    /// files, fork.
-    #[arg(long, default_value = "mitosis,mitosis-staged,redis,files,fork")]
+    /// mitosis-staged (one per host first, then the rest from the replicas it filled),
+    /// mitosis-filled (each host's replica filled with the whole producer first, then every
+    /// validator forked from it), redis, files, fork.
+    #[arg(
+        long,
+        default_value = "mitosis,mitosis-staged,mitosis-filled,redis,files,fork"
+    )]
     pub methods: String,
     /// Simulated hosts: the producer on host 0, validators on the others.
     #[arg(long, default_value_t = 3)]

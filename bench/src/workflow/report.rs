@@ -18,6 +18,7 @@ pub fn name(method: &str) -> &'static str {
     match method {
         "mitosis" => "mitosis",
         "mitosis-staged" => "mitosis_staged",
+        "mitosis-filled" => "mitosis_filled",
         "redis" => "pickle_redis",
         "files" => "files",
         "fork" => "local_fork",
@@ -214,17 +215,19 @@ pub fn print(summary: &[Summary], runs: &[Run]) {
         summary.first().map_or(0, |s| s.rounds)
     );
     println!(
-        "{:>8} {:>5} | {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7} | {:>9} {:>9} {:>10} {:>8} {:>8} | {:>6}",
+        "{:>8} {:>5} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7} | {:>9} {:>9} {:>9} {:>10} {:>8} {:>8} | {:>6}",
         "data MiB",
         "N",
         "mitosis",
         "staged",
+        "filled",
         "redis",
         "files",
         "fork",
         "1 proc",
         "vs redis",
         "stg/redis",
+        "fil/redis",
         "fork/redis",
         "vs files",
         "vs fork",
@@ -243,17 +246,19 @@ pub fn print(summary: &[Summary], runs: &[Run]) {
         let t = |m: &str| s.method(m).and_then(|x| x.total_ms);
         let ratio = |m: &str| Some(t("mitosis")? / t(m)?);
         println!(
-            "{:>8} {:>5} | {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7.0} | {:>9} {:>9} {:>10} {:>8} {:>8} | {:>6}",
+            "{:>8} {:>5} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7.0} | {:>9} {:>9} {:>9} {:>10} {:>8} {:>8} | {:>6}",
             format!("{:.0} ({:.1})", s.data_mib, s.table_mib),
             s.validators,
             f(t("mitosis"), 0),
             f(t("mitosis-staged"), 0),
+            f(t("mitosis-filled"), 0),
             f(t("redis"), 0),
             f(t("files"), 0),
             f(t("fork"), 0),
             s.reference_ms,
             pct(s.reduction_vs_redis()),
             pct(s.reduction_of("mitosis-staged")),
+            pct(s.reduction_of("mitosis-filled")),
             pct(s.reduction_of("fork")),
             f(ratio("files"), 2),
             f(ratio("fork"), 2),
@@ -320,7 +325,7 @@ pub fn print(summary: &[Summary], runs: &[Run]) {
         "fetch ms"
     );
     for (s, m, x) in summary.iter().flat_map(|s| {
-        ["mitosis", "mitosis-staged"]
+        ["mitosis", "mitosis-staged", "mitosis-filled"]
             .into_iter()
             .filter_map(move |m| Some((s, m, s.method(m)?)))
     }) {
@@ -422,6 +427,7 @@ pub fn write_json(
                 "verdicts_match": s.verdicts_match,
                 "reduction_vs_redis": s.reduction_vs_redis(),
                 "reduction_vs_redis_staged": s.reduction_of("mitosis-staged"),
+                "reduction_vs_redis_filled": s.reduction_of("mitosis-filled"),
                 "reduction_vs_redis_local_fork": s.reduction_of("fork"),
                 "first_start_ratio_vs_local_fork": s.first_start_ratio(),
                 "methods": s.methods.iter().map(|(m, x)| (m.clone(), json!({

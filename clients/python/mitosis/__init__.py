@@ -63,6 +63,7 @@ _platform_fd = None
 _REQ_DROP = 2
 _REQ_RESUME = 3
 _REQ_PREPARE_CALLER = 12
+_REQ_FILL = 13
 _EV_PREPARED = 0
 _EV_DONE = 1
 _EV_STARTED = 2
@@ -566,20 +567,31 @@ def drop(handle, socket_path=None):
         raise MitosisError(f"unexpected answer {variant} from mitosisd")
 
 
-def resume_many(handle, args, host=None):
-    """Starts one child per item of ``args`` at once (child i gets ``args[i]``, index i) and
-    returns their ``Completed`` in order. ``host``: one socket for all, or a list, one each."""
-    args = list(args)
-    hosts = host if isinstance(host, (list, tuple)) else [host] * len(args)
-    results = [None] * len(args)
+def fill(handle, host=None):
+    """Builds the replica of ``handle``'s seed on ``host`` (a control socket, None: this
+    host's) if it has none, and brings every page of the seed into it that its cache has room
+    for; returns once they are in. The children forked there next share those pages, each
+    holding only what it writes: for children that each read most of the seed."""
+    h = _handle_of(handle)
+    with _connect(host or default_socket()) as s:
+        s.sendall(_frame(_varint(_REQ_FILL) + _string(h)))
+        variant, _ = _recv_event(s)
+    if variant != _EV_DONE:
+        raise MitosisError(f"unexpected answer {variant} from mitosisd")
+
+
+def _each(fn, items):
+    """``fn(item)`` for every item at once, on threads; the first exception is raised after
+    all are done. Returns the results in order."""
+    results = [None] * len(items)
 
     def run(i):
         try:
-            results[i] = resume(handle, arg=args[i], host=hosts[i], index=i)
+            results[i] = fn(items[i])
         except BaseException as e:  # reported in order below
             results[i] = e
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(args))]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(items))]
     for t in threads:
         t.start()
     for t in threads:
@@ -588,3 +600,16 @@ def resume_many(handle, args, host=None):
         if isinstance(r, BaseException):
             raise r
     return results
+
+
+def resume_many(handle, args, host=None, fill_first=False):
+    """Starts one child per item of ``args`` at once (child i gets ``args[i]``, index i) and
+    returns their ``Completed`` in order. ``host``: one socket for all, or a list, one each.
+    ``fill_first``: first fill each host's replica with the whole seed (``fill``), so that
+    children which all read most of the seed share its pages rather than each copying them."""
+    args = list(args)
+    hosts = host if isinstance(host, (list, tuple)) else [host] * len(args)
+    if fill_first:
+        _each(lambda where: fill(handle, host=where), list(dict.fromkeys(hosts)))
+    return _each(lambda i: resume(handle, arg=args[i], host=hosts[i], index=i),
+                 list(range(len(args))))

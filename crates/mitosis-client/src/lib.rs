@@ -131,6 +131,15 @@ impl Client {
         })
     }
 
+    /// Builds the daemon's replica of the seed (if it has none) and brings every page of the
+    /// seed into it that its cache has room for, so the children forked there next share
+    /// them; returns once they are in. For children that each read most of the seed.
+    pub fn fill(self, handle: &str) -> Result<()> {
+        self.done(&Request::Fill {
+            handle: handle.to_owned(),
+        })
+    }
+
     fn done(self, request: &Request) -> Result<()> {
         match self.call(request)? {
             Event::Done => Ok(()),

@@ -78,6 +78,12 @@ pub enum Request {
     /// it waits for the answer, `Prepared`: a function forking itself (`fork_prepare`, see
     /// docs/workflows.md). Unix socket only: over TCP there is no caller process.
     PrepareCaller,
+    /// Build this host's replica of the seed behind `handle` (as `Replicate`) and bring every
+    /// page of the seed into it that the cache has room for, in huge pages where it can: for
+    /// children that each read most of the seed (a workflow's validators over one table),
+    /// which then share those pages as after a local fork, each holding only what it
+    /// writes, instead of each copying what it faults in. Answered by `Done` once in.
+    Fill { handle: String },
 }
 
 /// What the daemon answers.

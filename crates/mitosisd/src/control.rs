@@ -124,7 +124,10 @@ where
             .unwrap_or_else(|e| e.to_event()),
         Request::Status => Event::Status(status(&daemon)),
         Request::Evict { handle } => evict(&daemon, &handle).unwrap_or_else(|e| e.to_event()),
-        Request::Replicate { handle } => replicate(&daemon, &handle)
+        Request::Replicate { handle } => replicate(&daemon, &handle, false)
+            .await
+            .unwrap_or_else(|e| e.to_event()),
+        Request::Fill { handle } => replicate(&daemon, &handle, true)
             .await
             .unwrap_or_else(|e| e.to_event()),
         Request::Inspect { handle } => inspect(&daemon, &handle)
@@ -179,6 +182,7 @@ fn authorize(daemon: &Daemon, caller: &Caller, request: &Request) -> Result<(), 
         Request::Inspect { handle } => own_seed(daemon, uid, "inspect", handle),
         Request::Evict { handle } => own_seed(daemon, uid, "evict", handle),
         Request::Replicate { handle } => own_seed(daemon, uid, "replicate", handle),
+        Request::Fill { handle } => own_seed(daemon, uid, "fill a replica of", handle),
     }
 }
 
@@ -468,16 +472,22 @@ async fn inspect(daemon: &Daemon, handle: &str) -> Result<Event, SeedOpFailed> {
 
 /// Builds this host's replica of `handle`'s seed (checked with its host first, as a resume
 /// does), without forking anything.
+/// Builds this host's replica of `handle`'s seed if it has none; with `whole`, then brings in
+/// every page of the seed the cache has room for ([`crate::fill::whole`]).
 async fn replicate(
     daemon: &Arc<Daemon>,
     handle: &str,
+    whole: bool,
 ) -> Result<Event, crate::errors::ResumeFailed> {
     let h: Handle = handle.parse()?;
     let mut stats = mitosis_transport::control::ResumeStats::default();
-    let (_, key) =
+    let (entry, key) =
         crate::resume::replica_of(daemon, &h, std::time::Instant::now(), &mut stats).await?;
     // Built over the budget, it makes room among the others like a child's growth does.
     daemon.cache.evict_over_budget(key);
+    if whole {
+        crate::fill::whole(daemon, &entry).await?;
+    }
     Ok(Event::Done)
 }
 

@@ -242,6 +242,9 @@ pub enum ResumeFailed {
     Build(#[from] BuildFailed),
     #[error(transparent)]
     Fork(#[from] ForkFailed),
+    /// A fetch of the replica's fill (control request `Fill`) failed.
+    #[error("{0}")]
+    Fill(String),
 }
 
 impl Kind for ResumeFailed {
@@ -254,6 +257,7 @@ impl Kind for ResumeFailed {
             ResumeFailed::Peer(e) => e.kind(),
             ResumeFailed::Build(e) => e.kind(),
             ResumeFailed::Fork(e) => e.kind(),
+            ResumeFailed::Fill(_) => ErrorKind::SeedGone,
         }
     }
 }

@@ -48,35 +48,84 @@ pub fn after_child(daemon: &Arc<Daemon>, entry: &Arc<Entry>, warm: bool, fetched
 }
 
 async fn run(daemon: Arc<Daemon>, entry: std::sync::Weak<Entry>) {
+    let (filled, why) = fill(&daemon, &entry).await;
+    tracing::info!(filled, "replica fill ended: {why}");
+}
+
+/// Fills `entry` now, as the background fill would, and returns once it is done (every page
+/// in, or the cache or the replica's 4 KiB page limit reached): for a workflow whose children
+/// all read most of the seed (control request `Fill`). A failed fetch fails it, with the
+/// reason.
+pub async fn whole(
+    daemon: &Arc<Daemon>,
+    entry: &Arc<Entry>,
+) -> Result<u64, crate::errors::ResumeFailed> {
+    let (filled, why) = fill(daemon, &Arc::downgrade(entry)).await;
+    tracing::info!(
+        seed = entry.key.id,
+        filled,
+        "replica filled on request: {why}"
+    );
+    match why {
+        Ended::FetchFailed(e) => Err(crate::errors::ResumeFailed::Fill(e)),
+        _ => Ok(filled),
+    }
+}
+
+/// Why a fill ended.
+enum Ended {
+    Gone,
+    Evicted,
+    CacheFull,
+    AtMost,
+    Complete,
+    FetchFailed(String),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Ended::Gone => "replica gone",
+            Ended::Evicted => "replica evicted or seed dropped",
+            Ended::CacheFull => "cache full",
+            Ended::AtMost => "replica at its most in 4 KiB pages",
+            Ended::Complete => "every page in",
+            Ended::FetchFailed(e) => e,
+        })
+    }
+}
+
+/// Fills the replica a step at a time until something stops it: pages filled, and why.
+async fn fill(daemon: &Arc<Daemon>, entry: &std::sync::Weak<Entry>) -> (u64, Ended) {
     let mut filled = 0u64;
     let pidfd = entry
         .upgrade()
         .and_then(|e| mitosis_sys::pidfd::open(e.pid).ok());
     let why = loop {
         let Some(entry) = entry.upgrade() else {
-            break "replica gone";
+            break Ended::Gone;
         };
         if !daemon.cache.holds(entry.key) {
-            break "replica evicted or seed dropped";
+            break Ended::Evicted;
         }
         let room = daemon.cache.room_pages().min(STEP_PAGES);
         if room == 0 {
-            break "cache full";
+            break Ended::CacheFull;
         }
         let small = entry.pages().saturating_sub(huge_pages(entry.pid));
         let room = room.min(MAX_REPLICA_PAGES.saturating_sub(small));
         if room == 0 {
-            break "replica at its most in 4 KiB pages";
+            break Ended::AtMost;
         }
         let runs = entry.pages.next_pending(room);
         if runs.is_empty() {
-            break "every page in";
+            break Ended::Complete;
         }
         let added = match entry.pages.fill(&runs).await {
             Ok(added) => added,
             Err(e) => {
                 tracing::info!(seed = entry.key.id, "replica fill stopped: {e}");
-                break "a fetch failed";
+                break Ended::FetchFailed(format!("filling the replica: {e}"));
             }
         };
         filled += added;
@@ -85,7 +134,7 @@ async fn run(daemon: Arc<Daemon>, entry: std::sync::Weak<Entry>) {
         }
         daemon.metrics.replica_pages_filled.inc_by(added);
     };
-    tracing::info!(filled, "replica fill ended: {why}");
+    (filled, why)
 }
 
 /// Collapses the whole huge pages `runs` (replica addresses) reach the end of: with the run

@@ -194,6 +194,10 @@ def run_mitosis(a, specs, market, portfolio, clock):
             done = mitosis.resume_many(h, specs[:first], host=where[:first])
             rest = _resume_from(mitosis, h, specs, where, first)
             done = done + rest
+        elif a.method == "mitosis-filled":
+            # Each host's replica takes in the whole producer first; every validator is then
+            # forked from it, sharing the table's pages instead of copying what it faults in.
+            done = mitosis.resume_many(h, specs, host=where, fill_first=True)
         else:
             done = mitosis.resume_many(h, specs, host=where)
     finally:
@@ -332,7 +336,8 @@ def run_files(a, specs, market, portfolio, clock):
         os.unlink(path)
 
 
-METHODS = {"mitosis": run_mitosis, "mitosis-staged": run_mitosis, "fork": run_fork,
+METHODS = {"mitosis": run_mitosis, "mitosis-staged": run_mitosis,
+           "mitosis-filled": run_mitosis, "fork": run_fork,
            "redis": run_redis, "files": run_files}
 
 
@@ -417,7 +422,8 @@ def main():
     v.add_argument("--index", type=int, required=True)
     a = p.parse_args()
     if a.mode == "run":
-        need = {"mitosis": "hosts", "mitosis-staged": "hosts", "redis": "redis"}.get(a.method)
+        need = {"mitosis": "hosts", "mitosis-staged": "hosts", "mitosis-filled": "hosts",
+                "redis": "redis"}.get(a.method)
         if need and not getattr(a, need):
             p.error(f"--method {a.method} needs --{need}")
         if a.method in ("redis", "files") and not a.netns:
