@@ -318,7 +318,14 @@ fn a_fill_request_brings_the_whole_seed_in_before_the_children_that_then_fetch_n
     let out = cli(&tb, 1, &["resume", &handle, "--stats"], "verify\n");
     assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
     assert_eq!(resume_stat(&out, "cached"), 1, "{}", stderr(&out));
-    assert!(resume_stat(&out, "pages_fetched") <= 128, "{}", stderr(&out));
+    assert!(
+        resume_stat(&out, "pages_fetched") <= 128,
+        "{}",
+        stderr(&out)
+    );
+    // Nor does it fault on the gaps between the seed's pages (the sparse region's untouched
+    // pages): the filled replica maps the zero page there.
+    assert_eq!(resume_stat(&out, "zero_faults"), 0, "{}", stderr(&out));
     // Once the seed is dropped, a fill is refused with the reason.
     let out = cli(&tb, 0, &["drop", &handle], "");
     assert!(out.status.success(), "{}", stderr(&out));

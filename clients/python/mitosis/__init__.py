@@ -559,12 +559,7 @@ def drop(handle, socket_path=None):
     """Drops the seed behind ``handle`` (a ``Prepared`` or a handle string) on the daemon
     that prepared it (``socket_path``, default this host's): its frozen copy of the process
     is freed and no child can be resumed from it any more. Children already running go on."""
-    h = _handle_of(handle)
-    with _connect(socket_path or default_socket()) as s:
-        s.sendall(_frame(_varint(_REQ_DROP) + _string(h)))
-        variant, _ = _recv_event(s)
-    if variant != _EV_DONE:
-        raise MitosisError(f"unexpected answer {variant} from mitosisd")
+    _request_done(socket_path, _REQ_DROP, handle)
 
 
 def fill(handle, host=None):
@@ -572,9 +567,13 @@ def fill(handle, host=None):
     host's) if it has none, and brings every page of the seed into it that its cache has room
     for; returns once they are in. The children forked there next share those pages, each
     holding only what it writes: for children that each read most of the seed."""
-    h = _handle_of(handle)
-    with _connect(host or default_socket()) as s:
-        s.sendall(_frame(_varint(_REQ_FILL) + _string(h)))
+    _request_done(host, _REQ_FILL, handle)
+
+
+def _request_done(socket_path, request, handle):
+    """Sends ``request`` (a variant taking a handle) and waits for ``Done``."""
+    with _connect(socket_path or default_socket()) as s:
+        s.sendall(_frame(_varint(request) + _string(_handle_of(handle))))
         variant, _ = _recv_event(s)
     if variant != _EV_DONE:
         raise MitosisError(f"unexpected answer {variant} from mitosisd")

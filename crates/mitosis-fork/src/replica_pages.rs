@@ -46,6 +46,9 @@ pub struct ReplicaPages<S> {
     /// Ranges each child maps afresh (shared anonymous memory): the replica's pages there are
     /// never a child's, so children's zero faults there teach it nothing.
     fresh: Vec<(u64, u64)>,
+    /// The ranges registered with userfaultfd `(start, len)`: the seed's pages and the small
+    /// gaps between them ([`ReplicaPages::zero_the_gaps`]).
+    registered: Vec<(u64, u64)>,
 }
 
 /// What a fill in progress says when it ends: `None` until then, then its outcome.
@@ -88,6 +91,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         pending: PendingMap,
         source: S,
         fresh: Vec<(u64, u64)>,
+        registered: Vec<(u64, u64)>,
     ) -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(ReplicaPages {
             // SAFETY: `Userfaultfd` owns its fd, which stays open and the same for as long as the AsyncFd that owns it.
@@ -103,6 +107,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
             fetches: AtomicU64::new(0),
             fetch_us: AtomicU64::new(0),
             fresh,
+            registered,
         }))
     }
 
@@ -141,6 +146,46 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         // Under the lock, so no fill claims the page meanwhile (none could: it is no seed
         // page). EEXIST (already there) and ENOENT/EINVAL (not a registered range) are fine.
         let _ = self.uffd.get_ref().zeropage(page, PAGE_SIZE);
+    }
+
+    /// Once every seed page is in (a fill completed), maps the zero page at every registered
+    /// page the replica still lacks: the gaps between the seed's pages, which the seed never
+    /// touched. Children forked after then allocate into them as after a local fork, with no
+    /// round trip to the daemon per page (a FINRA validator made 6,500 such zero faults,
+    /// 50 µs each with its siblings at it too). Zero pages cost page-table entries only.
+    /// Returns the pages mapped; none while seed pages are missing, or where the kernel
+    /// cannot list the present pages at once (PAGEMAP_SCAN, 6.7 and later).
+    pub fn zero_the_gaps(&self) -> u64 {
+        {
+            let state = self.state.lock().expect("replica pages lock");
+            if !state.pending.is_empty() || !state.in_flight.is_empty() {
+                return 0;
+            }
+        }
+        let uffd = self.uffd.get_ref();
+        let mut zeroed = 0;
+        let mut zero = |at: u64, end: u64| {
+            // Best effort: a page a child's fault put there meanwhile stops this gap (EEXIST).
+            if end > at && uffd.zeropage(at, end - at).is_ok() {
+                zeroed += (end - at) / PAGE_SIZE;
+            }
+        };
+        for &(start, len) in &self.registered {
+            let end = start + len;
+            if self.fresh.iter().any(|&(s, l)| s <= start && end <= s + l) {
+                continue;
+            }
+            let Ok(Some(present)) = self.memory.existing_runs(start, end) else {
+                continue;
+            };
+            let mut at = start;
+            for run in present {
+                zero(at, run.start);
+                at = at.max(run.end);
+            }
+            zero(at, end);
+        }
+        zeroed
     }
 
     /// Up to `max_pages` of the seed pages nobody has fetched or is fetching, lowest first,

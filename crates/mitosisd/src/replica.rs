@@ -101,6 +101,7 @@ pub async fn build(
         built.pending,
         source.clone(),
         made.shared_ranges.clone(),
+        made.lazy_ranges.clone(),
     )
     .map_err(|e| BuildFailed::Pages(format!("watching the replica: {e}")))?;
     let (forks_tx, forks) = std::sync::mpsc::channel();
@@ -216,6 +217,8 @@ struct Made {
     shared_ranges: Vec<(u64, u64)>,
     overlay: Vec<Run>,
     eager: Vec<Run>,
+    /// The ranges registered with userfaultfd.
+    lazy_ranges: Vec<(u64, u64)>,
     tracer: Tracer,
 }
 
@@ -257,6 +260,7 @@ async fn make(
         shared_pending.replace_with(&all.split_off(start, start + len), &[]);
     }
     let (overlay, eager) = (plan.overlay.clone(), plan.eager.clone());
+    let lazy_ranges = plan.lazy_ranges.clone();
     let stubs = daemon.stubs.clone();
     let tracer =
         Tracer::spawn(&format!("replica-{}", desc.seed_id)).map_err(BuildFailed::Tracer)?;
@@ -276,6 +280,7 @@ async fn make(
             shared_ranges,
             overlay,
             eager,
+            lazy_ranges,
             tracer,
         },
         built,
