@@ -283,11 +283,7 @@ async fn resolve<S: PageSource>(
     let page = addr & !(PAGE_SIZE - 1);
     let Some(run) = pending.take_run(page, PREFETCH_PAGES) else {
         stats.lock().expect("stats").zero_faults += 1;
-        let zeroed = retry_on_again(uffd.zeropage(page, PAGE_SIZE));
-        if let Ok(true) = zeroed {
-            source.hole_touched(page);
-        }
-        return zeroed;
+        return retry_on_again(uffd.zeropage(page, PAGE_SIZE));
     };
     let started = Instant::now();
     let data = match read_retrying(source, run.seed, run.pages as u32).await {

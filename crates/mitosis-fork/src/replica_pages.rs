@@ -44,7 +44,7 @@ pub struct ReplicaPages<S> {
     fetches: AtomicU64,
     fetch_us: AtomicU64,
     /// Ranges each child maps afresh (shared anonymous memory): the replica's pages there are
-    /// never a child's, so children's zero faults there teach it nothing.
+    /// never a child's.
     fresh: Vec<(u64, u64)>,
     /// The ranges registered with userfaultfd `(start, len)`: the seed's pages and the small
     /// gaps between them ([`ReplicaPages::zero_the_gaps`]).
@@ -119,55 +119,30 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         }
     }
 
-    /// A child faulted on `page` where its seed had no page and got zeros: maps the zero page
-    /// there in the replica too (if the replica lacks that page and it is none of the seed's),
-    /// so the children forked later find it, as after a local fork, without a round trip to
-    /// the daemon. The zero page costs no memory, only a page-table entry each fork copies.
-    /// A child that moved its memory (mremap) may name a page that is the seed's in the
-    /// replica: those are pending or in flight, or already there, and are left alone.
-    pub fn keep_hole_zeroed(&self, page: u64) {
-        let page = page & !(PAGE_SIZE - 1);
-        if self
-            .fresh
-            .iter()
-            .any(|&(s, len)| s <= page && page < s + len)
-        {
-            return;
-        }
-        let state = self.state.lock().expect("replica pages lock");
-        if state.pending.is_pending(page)
-            || state
-                .in_flight
-                .iter()
-                .any(|(runs, _)| overlaps(runs, &[(page, 1)]))
-        {
-            return;
-        }
-        // Under the lock, so no fill claims the page meanwhile (none could: it is no seed
-        // page). EEXIST (already there) and ENOENT/EINVAL (not a registered range) are fine.
-        let _ = self.uffd.get_ref().zeropage(page, PAGE_SIZE);
-    }
-
-    /// Once every seed page is in (a fill completed), maps the zero page at every registered
-    /// page the replica still lacks: the gaps between the seed's pages, which the seed never
-    /// touched. Children forked after then allocate into them as after a local fork, with no
-    /// round trip to the daemon per page (a FINRA validator made 6,500 such zero faults,
-    /// 50 µs each with its siblings at it too). Zero pages cost page-table entries only.
-    /// Returns the pages mapped; none while seed pages are missing, or where the kernel
-    /// cannot list the present pages at once (PAGEMAP_SCAN, 6.7 and later).
+    /// Maps the zero page at every registered page that is none of the seed's and that the
+    /// replica lacks: the gaps between the seed's pages, which the seed never touched (small
+    /// gaps are registered with its pages so as not to split its mappings). Children forked
+    /// after then allocate into them as after a local fork, with no round trip to the daemon
+    /// per page: a FINRA validator made 6,500 such zero faults, 50 µs each with its siblings
+    /// at it too. Zero pages cost page-table entries only. Returns the pages mapped; none
+    /// where the kernel cannot list the present pages at once (PAGEMAP_SCAN, 6.7 and later).
     pub fn zero_the_gaps(&self) -> u64 {
-        {
-            let state = self.state.lock().expect("replica pages lock");
-            if !state.pending.is_empty() || !state.in_flight.is_empty() {
-                return 0;
-            }
-        }
+        // Seed pages are missing (pending, in flight) or present: taken in that order, a page a
+        // fill brings in meanwhile is in the first, so no seed page is ever zeroed.
+        let missing = self.still_missing();
         let uffd = self.uffd.get_ref();
         let mut zeroed = 0;
-        let mut zero = |at: u64, end: u64| {
-            // Best effort: a page a child's fault put there meanwhile stops this gap (EEXIST).
-            if end > at && uffd.zeropage(at, end - at).is_ok() {
-                zeroed += (end - at) / PAGE_SIZE;
+        let mut zero = |from: u64, to: u64| {
+            let mut at = from;
+            while at < to {
+                while at < to && missing.is_pending(at) {
+                    at += PAGE_SIZE;
+                }
+                let start = at;
+                while at < to && !missing.is_pending(at) {
+                    at += PAGE_SIZE;
+                }
+                zeroed += zero_range(uffd, start, at);
             }
         };
         for &(start, len) in &self.registered {
@@ -638,6 +613,36 @@ pub fn chunk_runs(runs: &[(u64, u32)], chunk_pages: u32) -> Vec<Vec<(u64, u32)>>
     out
 }
 
+/// Maps the zero page over `[start, end)` of a process that never runs: in one call, or page
+/// by page where one call stops (a page there already; the process forking meanwhile, which
+/// makes userfaultfd answer EAGAIN until the fork is done). Returns the pages mapped.
+fn zero_range(uffd: &Userfaultfd, start: u64, end: u64) -> u64 {
+    if end <= start {
+        return 0;
+    }
+    if let Ok(mitosis_sys::uffd::Fill::Done) = uffd.zeropage(start, end - start) {
+        return (end - start) / PAGE_SIZE;
+    }
+    let mut zeroed = 0;
+    for page in (start..end).step_by(PAGE_SIZE as usize) {
+        for _ in 0..ZERO_RETRIES {
+            match uffd.zeropage(page, PAGE_SIZE) {
+                Ok(mitosis_sys::uffd::Fill::Done) => zeroed += 1,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    continue;
+                }
+                _ => {}
+            }
+            break;
+        }
+    }
+    zeroed
+}
+
+/// Tries of one page's zero page while its process forks.
+const ZERO_RETRIES: usize = 50;
+
 /// A child's page source: its replica.
 pub struct FromReplica<S>(pub Arc<ReplicaPages<S>>);
 
@@ -652,10 +657,6 @@ impl<S: PageSource + Sync> PageSource for FromReplica<S> {
 
     async fn duplicate(&self) -> Result<Self, SourceError> {
         Ok(FromReplica(self.0.clone()))
-    }
-
-    fn hole_touched(&self, page: u64) {
-        self.0.keep_hole_zeroed(page);
     }
 }
 

@@ -40,10 +40,6 @@ pub trait PageSource: Send + Sized + 'static {
 
     /// Another handle to the same source, for a forked child's fault handler.
     fn duplicate(&self) -> impl Future<Output = Result<Self, SourceError>> + Send;
-
-    /// A child faulted on `page`, a page the seed never had, and was given zeros: a source
-    /// that children fork from may keep a zero page there so the next ones need not fault.
-    fn hole_touched(&self, _page: u64) {}
 }
 
 /// Pages read straight from a twin's memory on this host.

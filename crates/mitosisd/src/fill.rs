@@ -119,8 +119,6 @@ async fn fill(daemon: &Arc<Daemon>, entry: &std::sync::Weak<Entry>) -> (u64, End
         }
         let runs = entry.pages.next_pending(room);
         if runs.is_empty() {
-            let zeroed = entry.pages.zero_the_gaps();
-            tracing::debug!(seed = entry.key.id, zeroed, "zero pages in the gaps");
             break Ended::Complete;
         }
         let added = match entry.pages.fill(&runs).await {

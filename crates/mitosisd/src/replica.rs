@@ -104,6 +104,15 @@ pub async fn build(
         made.lazy_ranges.clone(),
     )
     .map_err(|e| BuildFailed::Pages(format!("watching the replica: {e}")))?;
+    // The gaps between the seed's pages get zero pages off the build's path: the children
+    // forked after find them mapped (`ReplicaPages::zero_the_gaps`).
+    tokio::task::spawn_blocking({
+        let pages = pages.clone();
+        move || {
+            let zeroed = pages.zero_the_gaps();
+            tracing::debug!(pid, zeroed, "zero pages in the gaps");
+        }
+    });
     let (forks_tx, forks) = std::sync::mpsc::channel();
     let watcher = tokio::spawn({
         let pages = pages.clone();
