@@ -615,6 +615,9 @@ fn describe(
             vma.may_write |= vma.shared && f.has("mw");
             vma.locked = f.has("lo");
             vma.lock_on_fault = f.has("lf");
+        } else if vmflags::read_only_shared_file(m) {
+            // The twin maps the same open files as the seed.
+            vma.may_write |= vmflags::shared_file_writable(twin.pid(), m) == Some(true);
         }
         vmas.push(vma);
     }
