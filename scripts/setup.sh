@@ -5,7 +5,8 @@
 # tests (examples/node, examples/java), etcd for the platform's shared store (its tests start
 # their own) and protoc to build its client, DejaVu Sans for the load-spike plots, chromium
 # and its driver for the dashboard's browser test (tests/tests/dashboard.rs), pandas and
-# redis-server for the FINRA workflow (examples/python/finra); then the
+# redis-server for the FINRA workflow (examples/python/finra), systemd-nspawn, debootstrap and
+# cargo-deb for the Debian package's test (tests/tests/package.rs); then the
 # Debian-based OCI bundle of the Python seeds for the containers (cached: a re-run only
 # refreshes its seeds and config.json).
 set -euo pipefail
@@ -28,6 +29,10 @@ command -v redis-server >/dev/null || need_apt+=(redis-server)
 # The platform dashboard's test drives a headless chromium through WebDriver.
 [ -x /usr/lib/chromium/chromium ] || need_apt+=(chromium)
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
+# The Debian package's test (tests/tests/package.rs) boots a fresh Debian root (debootstrap)
+# with systemd as PID 1 in systemd-nspawn, and enters it with nsenter (util-linux).
+command -v systemd-nspawn >/dev/null || need_apt+=(systemd-container)
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
@@ -50,4 +55,10 @@ fi
 python3 -m pip install --quiet --no-build-isolation "$(dirname "$0")/../clients/python" 2>/dev/null \
   || python3 -m pip install --quiet --break-system-packages "$(dirname "$0")/../clients/python" \
   || echo "setup: the mitosis Python library was not installed (pip failed); use PYTHONPATH=clients/python" >&2
+# cargo-deb, which packaging/build-deb.sh (and the package's test) builds the .deb with; pinned,
+# built once from crates.io (about two minutes).
+CARGO_DEB_VERSION=3.8.0
+if ! cargo deb --version >/dev/null 2>&1; then
+  cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION"
+fi
 "$(dirname "$0")/make-bundle.sh"
