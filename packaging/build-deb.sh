@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the Debian package of mitosis into target/debian/: the release binaries, their man
 # pages and shell completions (generated from the clap definitions into target/release/assets),
-# the default config files and the systemd units. Needs cargo-deb (scripts/setup.sh installs
-# the version it is tested with). Arguments go to `cargo deb` (e.g. --output FILE, --fast).
+# the default config files and the systemd units. Needs cargo-deb (scripts/test.sh installs
+# 3.8.0, the version it is tested with). Arguments go to `cargo deb` (e.g. --output FILE, --fast).
 #
 #   packaging/build-deb.sh            # release build
 #   PROFILE=dev packaging/build-deb.sh   # faster, for checking the packaging itself
@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 profile=${PROFILE:-release}
 dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
 cargo deb --version >/dev/null 2>&1 \
-    || { echo "build-deb: cargo-deb is missing (scripts/setup.sh installs it)" >&2; exit 69; }
+    || { echo "build-deb: cargo-deb is missing (cargo install --locked cargo-deb --version 3.8.0)" >&2
+         exit 69; }
 cargo build --profile "$profile" -p mitosis-cli -p mitosisd -p mitosis-stub -p mitosis-container \
     -p mitosis-platform --bins
 # Cargo's target directory (CARGO_TARGET_DIR or build.target-dir, if set): the binaries, and

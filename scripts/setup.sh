@@ -5,9 +5,9 @@
 # tests (examples/node, examples/java), etcd for the platform's shared store (its tests start
 # their own) and protoc to build its client, DejaVu Sans for the load-spike plots, chromium
 # and its driver for the dashboard's browser test (tests/tests/dashboard.rs), pandas and
-# redis-server for the FINRA workflow (examples/python/finra), systemd-nspawn, debootstrap and
-# cargo-deb for the Debian package's test (tests/tests/package.rs); then the
-# Debian-based OCI bundle of the Python seeds for the containers (cached: a re-run only
+# redis-server for the FINRA workflow (examples/python/finra), systemd-nspawn and debootstrap
+# for the Debian package's test (tests/tests/package.rs; scripts/test.sh adds cargo-deb); then
+# the Debian-based OCI bundle of the Python seeds for the containers (cached: a re-run only
 # refreshes its seeds and config.json).
 set -euo pipefail
 need_apt=()
@@ -55,10 +55,4 @@ fi
 python3 -m pip install --quiet --no-build-isolation "$(dirname "$0")/../clients/python" 2>/dev/null \
   || python3 -m pip install --quiet --break-system-packages "$(dirname "$0")/../clients/python" \
   || echo "setup: the mitosis Python library was not installed (pip failed); use PYTHONPATH=clients/python" >&2
-# cargo-deb, which packaging/build-deb.sh (and the package's test) builds the .deb with; pinned,
-# built once from crates.io (about two minutes).
-CARGO_DEB_VERSION=3.8.0
-if ! cargo deb --version >/dev/null 2>&1; then
-  cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION"
-fi
 "$(dirname "$0")/make-bundle.sh"
