@@ -5,9 +5,9 @@
 //! the installed CLI prepares and resumes a program through the installed daemon, a killed
 //! daemon comes back, a stop stops everything. And `cargo install --path crates/mitosis-cli`.
 //!
-//! Needs root, systemd-nspawn, debootstrap and cargo-deb (scripts/setup.sh installs them) and a
-//! Debian mirror the first time (the machine's tree is cached in target/pkgtest/); without
-//! them these tests fail saying what is missing.
+//! Needs root, systemd-nspawn and debootstrap (scripts/setup.sh installs them), cargo-deb
+//! (scripts/test.sh installs it) and a Debian mirror the first time (the machine's tree is
+//! cached in target/pkgtest/); without them these tests fail saying what is missing.
 
 mod common;
 
@@ -22,27 +22,38 @@ use serde_json::Value;
 const STATUS: &str = include_str!("../../docs/schemas/status.schema.json");
 const UNITS: [&str; 2] = ["mitosisd.service", "mitosis-platform.service"];
 
-fn require(what: &str, cmd: &mut Command) {
+fn require(what: &str, installer: &str, cmd: &mut Command) {
     let found = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    assert!(found, "{what} is missing: run scripts/setup.sh (as root)");
+    assert!(found, "{what} is missing: {installer} installs it");
 }
 
 fn require_root_and_tools() {
     // SAFETY: geteuid(2) has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "these tests need root");
-    require(
-        "systemd-nspawn",
-        Command::new("systemd-nspawn").arg("--version"),
-    );
-    require("debootstrap", Command::new("debootstrap").arg("--version"));
-    require(
-        "cargo-deb",
-        Command::new("cargo").args(["deb", "--version"]),
-    );
+    let tools: [(&str, &[&str], &str); 3] = [
+        (
+            "systemd-nspawn",
+            &["systemd-nspawn", "--version"],
+            "scripts/setup.sh",
+        ),
+        (
+            "debootstrap",
+            &["debootstrap", "--version"],
+            "scripts/setup.sh",
+        ),
+        (
+            "cargo-deb",
+            &["cargo", "deb", "--version"],
+            "scripts/test.sh",
+        ),
+    ];
+    for (what, argv, installer) in tools {
+        require(what, installer, Command::new(argv[0]).args(&argv[1..]));
+    }
 }
 
 /// Runs `cmd` (killed after 15 min) and asserts it succeeds.
@@ -116,7 +127,18 @@ fn wait_ok(m: &Machine, url: &str, unit: &str) -> String {
     last.1
 }
 
-/// Both units active, each with a main process.
+/// Waits (up to 30 s) until the platform is ready with its host h0, this machine's daemon, up.
+fn assert_platform_sees_its_host(m: &Machine) {
+    let mut ready = Value::Null;
+    let up = m.wait_until(Duration::from_secs(30), || {
+        let (code, body) = get(m, "http://127.0.0.1:8080/readyz");
+        ready = serde_json::from_str(&body).unwrap_or(Value::Null);
+        code == "200" && ready["hosts_up"] == serde_json::json!(["h0"])
+    });
+    assert!(up, "platform not ready: {ready}\n{}", m.journal(UNITS[1]));
+}
+
+/// Both units active.
 fn assert_active(m: &Machine, why: &str) {
     for unit in UNITS {
         let state = m.unit_property(unit, "ActiveState");
@@ -193,7 +215,9 @@ fn deb_installs_on_a_fresh_machine_and_systemd_runs_its_units() {
     // Enabled and started by systemd, with the default config files.
     m.ok(&["systemctl", "enable", "--now", UNITS[0], UNITS[1]]);
     assert_active(&m, "after enable --now");
-    assert_eq!(m.unit_property(UNITS[0], "UnitFileState"), "enabled");
+    for unit in UNITS {
+        assert_eq!(m.unit_property(unit, "UnitFileState"), "enabled", "{unit}");
+    }
     assert_eq!(
         wait_ok(&m, "http://127.0.0.1:9464/healthz", UNITS[0]),
         "ok\n"
@@ -203,18 +227,7 @@ fn deb_installs_on_a_fresh_machine_and_systemd_runs_its_units() {
         "ready\n"
     );
     wait_ok(&m, "http://127.0.0.1:8080/healthz", UNITS[1]);
-    let mut ready = Value::Null;
-    let platform_ready = m.wait_until(Duration::from_secs(30), || {
-        let (code, body) = get(&m, "http://127.0.0.1:8080/readyz");
-        ready = serde_json::from_str(&body).unwrap_or(Value::Null);
-        code == "200"
-    });
-    assert!(
-        platform_ready,
-        "platform not ready: {ready}\n{}",
-        m.journal(UNITS[1])
-    );
-    assert_eq!(ready["hosts_up"], serde_json::json!(["h0"]), "{ready}");
+    assert_platform_sees_its_host(&m);
     // The control socket's directory, the daemon's alone; the platform's state directory.
     assert_eq!(
         m.ok(&[
@@ -301,6 +314,7 @@ fn deb_installs_on_a_fresh_machine_and_systemd_runs_its_units() {
         "ready\n"
     );
     assert_eq!(status(&m)["seeds"], serde_json::json!([]));
+    assert_platform_sees_its_host(&m);
 
     // A stop stops everything cleanly: both inactive (not failed), no mitosis process left,
     // the socket's directory gone.
