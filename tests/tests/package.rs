@@ -13,6 +13,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::machine::{Machine, machine_root, repo, target_dir};
@@ -84,8 +85,19 @@ fn profile() -> String {
     }
 }
 
+/// Held while a test builds with cargo and runs what it built: both tests' builds put their
+/// binaries in target/debug (cargo replaces them there), where build-deb.sh reads its own.
+static CARGO: Mutex<()> = Mutex::new(());
+
+fn cargo_lock() -> MutexGuard<'static, ()> {
+    CARGO
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// packaging/build-deb.sh (this test's profile, fast compression) into `dir`/mitosis.deb.
 fn build_deb(dir: &Path) -> PathBuf {
+    let _cargo = cargo_lock();
     let deb = dir.join("mitosis.deb");
     let mut cmd = Command::new(repo().join("packaging/build-deb.sh"));
     cmd.args(["--fast", "--output"])
@@ -376,7 +388,9 @@ fn cargo_install_path_installs_the_cli() {
         ])
         .arg(&root.0)
         .env("CARGO_TARGET_DIR", target_dir());
+    let cargo = cargo_lock();
     run_ok(cmd, "cargo install --path crates/mitosis-cli");
+    drop(cargo);
     let cli = root.0.join("bin/mitosis");
     let out = Command::new(&cli)
         .arg("--version")
