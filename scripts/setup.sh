@@ -5,8 +5,9 @@
 # tests (examples/node, examples/java), etcd for the platform's shared store (its tests start
 # their own) and protoc to build its client, DejaVu Sans for the load-spike plots, chromium
 # and its driver for the dashboard's browser test (tests/tests/dashboard.rs), pandas and
-# redis-server for the FINRA workflow (examples/python/finra); then the
-# Debian-based OCI bundle of the Python seeds for the containers (cached: a re-run only
+# redis-server for the FINRA workflow (examples/python/finra), systemd-nspawn and debootstrap
+# for the Debian package's test (tests/tests/package.rs; scripts/test.sh adds cargo-deb); then
+# the Debian-based OCI bundle of the Python seeds for the containers (cached: a re-run only
 # refreshes its seeds and config.json).
 set -euo pipefail
 need_apt=()
@@ -28,6 +29,10 @@ command -v redis-server >/dev/null || need_apt+=(redis-server)
 # The platform dashboard's test drives a headless chromium through WebDriver.
 [ -x /usr/lib/chromium/chromium ] || need_apt+=(chromium)
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
+# The Debian package's test (tests/tests/package.rs) boots a fresh Debian root (debootstrap)
+# with systemd as PID 1 in systemd-nspawn, and enters it with nsenter (util-linux).
+command -v systemd-nspawn >/dev/null || need_apt+=(systemd-container)
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# cargo-deb, which packaging/build-deb.sh builds the .deb with for the package's test
+# (tests/tests/package.rs): pinned, built once from crates.io (about two minutes).
+CARGO_DEB_VERSION=3.8.0
+cargo deb --version >/dev/null 2>&1 || cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION"
 # The end-to-end tests run the workspace's binaries (mitosisd, mitosis-stub, mitosis).
 cargo build --workspace --bins
 log=$(mktemp)

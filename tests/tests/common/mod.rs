@@ -13,6 +13,7 @@ use mitosis_testbed::{DaemonConfig, Testbed, TestbedConfig};
 pub mod api;
 pub mod browser;
 pub mod capture;
+pub mod machine;
 pub mod metrics;
 pub mod procfs;
 pub mod resumed;
