@@ -19,28 +19,8 @@ root=${1:?usage: make-machine.sh DIR}
 marker=$root/.mitosis-machine-version
 [ "$(cat "$marker" 2>/dev/null)" = "$MARKER_TEXT" ] && exit 0
 
-# The first http(s) Debian mirror of the machine's apt sources (one-line and deb822 formats),
-# skipping the security archive, which has no plain suite (as scripts/make-bundle.sh).
-apt_mirror() {
-  local uri
-  uri=$( {
-    cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-      | sed -nE 's/^[[:space:]]*deb[[:space:]]+(\[[^]]*\][[:space:]]+)?([^[:space:]]+).*/\2/p'
-    cat /etc/apt/sources.list.d/*.sources 2>/dev/null \
-      | sed -nE 's/^URIs:[[:space:]]*//p' | tr ' ' '\n'
-  } | grep -E '^https?://' | grep -v -- '-security' | head -n1 || true)
-  echo "${uri:-http://deb.debian.org/debian}"
-}
-
-tmp=
-cleanup() {
-  [ -n "$tmp" ] && [ -d "$tmp" ] || return 0
-  # A failed debootstrap can leave /proc and /sys mounted in the half-built tree.
-  awk -v t="$tmp/" 'index($2, t) == 1 { print $2 }' /proc/mounts | sort -r \
-    | xargs -r -n1 umount -l || true
-  rm -rf --one-file-system "$tmp"
-}
-trap cleanup EXIT
+# apt_mirror, and the clean-up of "$tmp" on exit.
+. "$(dirname "$0")/lib/debootstrap.sh"
 
 command -v debootstrap >/dev/null \
   || { echo "make-machine: debootstrap is missing (scripts/setup.sh installs it)" >&2; exit 69; }
