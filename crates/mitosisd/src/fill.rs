@@ -32,6 +32,18 @@ const HUGE: u64 = 2 << 20;
 /// Pages asked for at a time: [`mitosis_fork::replica_pages::PIPELINE_PAGES`] per request,
 /// [`mitosis_fork::replica_pages::IN_FLIGHT`] requests.
 const STEP_PAGES: u64 = 1024;
+/// A background fill of more than [`PACE_ABOVE`] pages rests, while children of the replica
+/// run (or ran within [`BUSY_WITHIN`]), this many times as long as each step took (at most
+/// [`PACE_MAX`]): it takes at most a quarter of the time, so the children it is meant to speed
+/// up are not slowed by it for long on a busy host (the 1 GiB bigheap seed's warm children
+/// took 44-50 ms during a full-speed fill, 24 ms paced, 15 ms without one). A smaller fill is
+/// over soon enough at full speed (json's 60 MiB: its warm children 1.26x a local fork's at
+/// full speed, 2.2x paced, as they kept fetching meanwhile). A `Fill` request, whose caller
+/// waits for it, never rests.
+const PACE: u32 = 3;
+const PACE_ABOVE: u64 = 64 * 1024;
+const PACE_MAX: std::time::Duration = std::time::Duration::from_millis(50);
+const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Starts `entry`'s fill if a child that ran on it warm (`warm`: the replica was there before
 /// it) fetched `fetched` pages, the seed is another host's, and none has started yet.
@@ -48,7 +60,10 @@ pub fn after_child(daemon: &Arc<Daemon>, entry: &Arc<Entry>, warm: bool, fetched
 }
 
 async fn run(daemon: Arc<Daemon>, entry: std::sync::Weak<Entry>) {
-    let (filled, why) = fill(&daemon, &entry).await;
+    let large = entry
+        .upgrade()
+        .is_some_and(|e| e.pages.still_missing().len() > PACE_ABOVE);
+    let (filled, why) = fill(&daemon, &entry, large).await;
     tracing::info!(filled, "replica fill ended: {why}");
 }
 
@@ -60,7 +75,7 @@ pub async fn whole(
     daemon: &Arc<Daemon>,
     entry: &Arc<Entry>,
 ) -> Result<u64, crate::errors::ResumeFailed> {
-    let (filled, why) = fill(daemon, &Arc::downgrade(entry)).await;
+    let (filled, why) = fill(daemon, &Arc::downgrade(entry), false).await;
     tracing::info!(
         seed = entry.key.id,
         filled,
@@ -96,7 +111,8 @@ impl std::fmt::Display for Ended {
 }
 
 /// Fills the replica a step at a time until something stops it: pages filled, and why.
-async fn fill(daemon: &Arc<Daemon>, entry: &std::sync::Weak<Entry>) -> (u64, Ended) {
+/// `pace`: rest between steps while the replica's children run ([`PACE`]).
+async fn fill(daemon: &Arc<Daemon>, entry: &std::sync::Weak<Entry>, pace: bool) -> (u64, Ended) {
     let mut filled = 0u64;
     let pidfd = entry
         .upgrade()
@@ -121,6 +137,7 @@ async fn fill(daemon: &Arc<Daemon>, entry: &std::sync::Weak<Entry>) -> (u64, End
         if runs.is_empty() {
             break Ended::Complete;
         }
+        let step = std::time::Instant::now();
         let added = match entry.pages.fill(&runs).await {
             Ok(added) => added,
             Err(e) => {
@@ -133,8 +150,19 @@ async fn fill(daemon: &Arc<Daemon>, entry: &std::sync::Weak<Entry>) -> (u64, End
             collapse(pidfd, &runs);
         }
         daemon.metrics.replica_pages_filled.inc_by(added);
+        if pace && busy(&entry) {
+            let rest = (step.elapsed() * PACE).min(PACE_MAX);
+            drop(entry);
+            tokio::time::sleep(rest).await;
+        }
     };
     (filled, why)
+}
+
+/// Whether children of `entry` run, or ran a moment ago.
+fn busy(entry: &Entry) -> bool {
+    entry.children.load(Ordering::Relaxed) > 0
+        || entry.last_used.lock().expect("entry lock").elapsed() < BUSY_WITHIN
 }
 
 /// Collapses the whole huge pages `runs` (replica addresses) reach the end of: with the run
