@@ -301,10 +301,8 @@ fn a_fill_request_brings_the_whole_seed_in_before_the_children_that_then_fetch_n
     let tb = testbed(2);
     let (_dir, seed, handle) = prepared_memcheck(&tb, "wholefill");
     // Before any child: the replica is built and takes in every page of the seed.
-    mitosis_client::Client::connect(tb.host(1).socket_path())
-        .expect("host 1's daemon")
-        .fill(&handle)
-        .expect("fill");
+    let out = cli(&tb, 1, &["fill", "--handle-file", "-"], &handle);
+    assert!(out.status.success(), "{}", stderr(&out));
     let pages = replicas(&tb, 1)
         .into_iter()
         .find(|r| r.0 == seed_id(&handle))

@@ -140,6 +140,13 @@ enum Command {
         #[command(flatten)]
         handle: HandleArg,
     },
+    /// Build this host's replica of a seed and bring the whole seed into it (within the
+    /// daemon's --cache-mib), before children that each read most of it: they then share its
+    /// pages, each holding only what it writes.
+    Fill {
+        #[command(flatten)]
+        handle: HandleArg,
+    },
     /// Show this host's daemon state.
     Status {
         /// As one JSON object (docs/schemas/status.schema.json).
@@ -273,6 +280,10 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Evict { handle } => {
             Client::connect(&cli.socket)?.evict(&handle.read(true)?)?;
+            Ok(0)
+        }
+        Command::Fill { handle } => {
+            Client::connect(&cli.socket)?.fill(&handle.read(true)?)?;
             Ok(0)
         }
         Command::Status { json } => {
