@@ -1,4 +1,6 @@
-//! What an accept loop does when accepting fails (EMFILE, ENFILE, ENOBUFS, ENOMEM...).
+//! What the accept loops (the page server's, the TCP control listener's) share: the limits
+//! on the connections they admit ([`Limits`]), and what they do when accepting fails
+//! (EMFILE, ENFILE, ENOBUFS, ENOMEM...: [`Backoff`]).
 //!
 //! The listening socket stays readable while the error lasts, so retrying at once spins a
 //! core and logs a line per try (1.74 GB of warnings in 24 s, measured). Instead the loop
@@ -8,7 +10,13 @@
 //! at an accept [`QUIET`] after its last error; each accept resets the delay, so a backlog
 //! drains at one connection per 10 ms at worst.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use crate::{Counters, Daemon};
 
 const FIRST_DELAY: Duration = Duration::from_millis(10);
 const MAX_DELAY: Duration = Duration::from_secs(1);
@@ -104,5 +112,89 @@ mod tests {
         b.since = Some((old, old));
         b.accepted();
         assert_eq!((b.errors, b.since), (0, None));
+    }
+}
+
+/// Connections open per peer address and in all, under a limit for each: an accept loop
+/// takes a [`Slot`] for each connection it admits, and the slot gives its place back (and
+/// lowers the connections gauge it raised) when the connection ends.
+#[derive(Clone)]
+pub struct Limits {
+    open: Arc<Mutex<Open>>,
+    per_address: usize,
+    total: usize,
+    /// The gauge of open connections in the daemon's counters.
+    gauge: fn(&Counters) -> &AtomicU64,
+}
+
+#[derive(Default)]
+struct Open {
+    per_address: HashMap<IpAddr, usize>,
+    total: usize,
+}
+
+/// Where one admitted connection was counted; [`Limits::admit`] refuses what is over.
+pub enum Admitted {
+    Yes(Slot),
+    /// Over a limit: the connections open from that address, and in all.
+    No {
+        from_address: usize,
+        total: usize,
+    },
+}
+
+impl Limits {
+    pub fn new(per_address: usize, total: usize, gauge: fn(&Counters) -> &AtomicU64) -> Self {
+        Limits {
+            open: Default::default(),
+            per_address,
+            total,
+            gauge,
+        }
+    }
+
+    /// A place for a connection from `ip`, if the limits allow one.
+    pub fn admit(&self, ip: IpAddr, daemon: &Arc<Daemon>) -> Admitted {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let here = open.per_address.get(&ip).copied().unwrap_or(0);
+        if open.total >= self.total || here >= self.per_address {
+            return Admitted::No {
+                from_address: here,
+                total: open.total,
+            };
+        }
+        open.total += 1;
+        *open.per_address.entry(ip).or_default() += 1;
+        (self.gauge)(&daemon.counters).fetch_add(1, Ordering::Relaxed);
+        Admitted::Yes(Slot {
+            limits: self.clone(),
+            ip,
+            daemon: daemon.clone(),
+        })
+    }
+}
+
+/// A connection's place under the limits, given back when it ends.
+pub struct Slot {
+    limits: Limits,
+    ip: IpAddr,
+    daemon: Arc<Daemon>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .limits
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        open.total -= 1;
+        if let Some(n) = open.per_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.per_address.remove(&self.ip);
+            }
+        }
+        (self.limits.gauge)(&self.daemon.counters).fetch_sub(1, Ordering::Relaxed);
     }
 }

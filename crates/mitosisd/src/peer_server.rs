@@ -27,8 +27,7 @@
 //! bootstrap's pages then always go as chunks, whatever `--bootstrap-codec` says: the new
 //! host's replica cannot read encrypted bytes straight from the socket.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,7 +45,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
 use crate::Daemon;
-use crate::accept::Backoff;
+use crate::accept::{Admitted, Backoff, Limits};
 use crate::bootstrap;
 use crate::peer_source::REQUEST_TIMEOUT;
 use crate::registry::Seed;
@@ -93,37 +92,6 @@ impl From<std::io::Error> for ConnError {
     }
 }
 
-/// Open connections per address, and in all.
-#[derive(Default)]
-struct Open {
-    per_address: HashMap<IpAddr, usize>,
-    total: usize,
-}
-
-/// A connection's place under the limits, given back when it ends.
-struct Slot {
-    open: Arc<Mutex<Open>>,
-    ip: IpAddr,
-    daemon: Arc<Daemon>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self.open.lock().expect("limits lock");
-        open.total -= 1;
-        if let Some(n) = open.per_address.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                open.per_address.remove(&self.ip);
-            }
-        }
-        self.daemon
-            .counters
-            .peer_connections
-            .fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Logs failed TLS handshakes at most once a second, with how many went unlogged since.
 #[derive(Default)]
 struct HandshakeRefusals {
@@ -155,7 +123,7 @@ impl HandshakeRefusals {
 pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
     let acceptor = daemon.tls.as_ref().map(tls::Tls::acceptor);
     let refusals = Arc::new(HandshakeRefusals::default());
-    let open = Arc::new(Mutex::new(Open::default()));
+    let limits = Limits::new(MAX_PER_ADDRESS, MAX_CONNECTIONS, |c| &c.peer_connections);
     let mut backoff = Backoff::new("peer connections");
     // Connections refused since the last one admitted, logged once per burst.
     let mut refused_burst = 0u64;
@@ -168,45 +136,34 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
             }
         };
         backoff.accepted();
-        let admitted = {
-            let mut open = open.lock().expect("limits lock");
-            let here = open.per_address.get(&peer.ip()).copied().unwrap_or(0);
-            let fits = open.total < MAX_CONNECTIONS && here < MAX_PER_ADDRESS;
-            if fits {
-                open.total += 1;
-                *open.per_address.entry(peer.ip()).or_default() += 1;
-            } else if refused_burst == 0 {
-                tracing::warn!(
-                    %peer,
-                    from_address = here,
-                    total = open.total,
-                    "refusing peer connections over the limits ({MAX_PER_ADDRESS} per address, \
-                     {MAX_CONNECTIONS} in all); counting them quietly until one is admitted"
-                );
+        let slot = match limits.admit(peer.ip(), &daemon) {
+            Admitted::Yes(slot) => slot,
+            Admitted::No {
+                from_address,
+                total,
+            } => {
+                if refused_burst == 0 {
+                    tracing::warn!(
+                        %peer,
+                        from_address,
+                        total,
+                        "refusing peer connections over the limits ({MAX_PER_ADDRESS} per \
+                         address, {MAX_CONNECTIONS} in all); counting them quietly until one \
+                         is admitted"
+                    );
+                }
+                refused_burst += 1;
+                daemon.counters.peer_refused.fetch_add(1, Ordering::Relaxed);
+                drop(stream);
+                continue;
             }
-            fits
         };
-        if !admitted {
-            refused_burst += 1;
-            daemon.counters.peer_refused.fetch_add(1, Ordering::Relaxed);
-            drop(stream);
-            continue;
-        }
         if refused_burst > 0 {
             tracing::warn!(
                 "admitting peer connections again; refused {refused_burst} over the limits"
             );
             refused_burst = 0;
         }
-        daemon
-            .counters
-            .peer_connections
-            .fetch_add(1, Ordering::Relaxed);
-        let slot = Slot {
-            open: open.clone(),
-            ip: peer.ip(),
-            daemon: daemon.clone(),
-        };
         let daemon = daemon.clone();
         let (acceptor, refusals) = (acceptor.clone(), refusals.clone());
         tokio::spawn(async move {

@@ -14,11 +14,10 @@
 //! [`HANDSHAKE_TIMEOUT`] each. An authenticated one then has [`FIRST_REQUEST_TIMEOUT`] for
 //! its request, of at most `MAX_REQUEST_FRAME` bytes.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use mitosis_transport::control::{MAX_REQUEST_FRAME, Request};
@@ -29,7 +28,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
 use crate::Daemon;
-use crate::accept::Backoff;
+use crate::accept::{Admitted, Backoff, Limits};
 use crate::access::Caller;
 use crate::control::FIRST_REQUEST_TIMEOUT;
 use crate::resume::Stdio;
@@ -41,62 +40,10 @@ pub const MAX_PER_ADDRESS: usize = 128;
 /// How long after accept the TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Default)]
-struct Open {
-    per_address: HashMap<IpAddr, usize>,
-    total: usize,
-}
-
-/// A connection's place under the limits, given back when it ends.
-struct Slot {
-    open: Arc<Mutex<Open>>,
-    ip: IpAddr,
-    daemon: Arc<Daemon>,
-}
-
-impl Slot {
-    /// A place for a connection from `ip`, if the limits allow one.
-    fn take(open: &Arc<Mutex<Open>>, ip: IpAddr, daemon: &Arc<Daemon>) -> Option<Slot> {
-        let mut o = open.lock().unwrap_or_else(PoisonError::into_inner);
-        let here = o.per_address.get(&ip).copied().unwrap_or(0);
-        if o.total >= MAX_CONNECTIONS || here >= MAX_PER_ADDRESS {
-            return None;
-        }
-        o.total += 1;
-        *o.per_address.entry(ip).or_default() += 1;
-        daemon
-            .counters
-            .control_connections
-            .fetch_add(1, Ordering::Relaxed);
-        Some(Slot {
-            open: open.clone(),
-            ip,
-            daemon: daemon.clone(),
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        open.total -= 1;
-        if let Some(n) = open.per_address.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                open.per_address.remove(&self.ip);
-            }
-        }
-        self.daemon
-            .counters
-            .control_connections
-            .fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Serves the control protocol on `listener`, every connection mutual TLS with `tls`.
 pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>, tls: Tls) {
     let acceptor = tls.acceptor();
-    let open = Arc::new(Mutex::new(Open::default()));
+    let limits = Limits::new(MAX_PER_ADDRESS, MAX_CONNECTIONS, |c| &c.control_connections);
     let mut backoff = Backoff::new("control connections over TCP");
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -107,7 +54,7 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>, tls: Tls) {
             }
         };
         backoff.accepted();
-        let Some(slot) = Slot::take(&open, peer.ip(), &daemon) else {
+        let Admitted::Yes(slot) = limits.admit(peer.ip(), &daemon) else {
             daemon
                 .counters
                 .control_refused
