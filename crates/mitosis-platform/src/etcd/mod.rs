@@ -382,13 +382,28 @@ impl EtcdStore {
     }
 
     pub async fn delete_fn(&self, id: String) -> Result<bool, StoreError> {
-        let key = self.key(&["fns", &id]);
+        self.delete_named(self.key(&["fns", &id]), "delete_fn", |f: &Func| {
+            vec!["fn-names".to_owned(), f.app_id.clone(), f.name.clone()]
+        })
+        .await
+    }
+
+    /// Deletes the record at `key` and its name key (`name_of` it, under the prefix), if the
+    /// record did not change since it was read; false if there is none.
+    async fn delete_named<T: DeserializeOwned>(
+        &self,
+        key: String,
+        what: &'static str,
+        name_of: impl Fn(&T) -> Vec<String>,
+    ) -> Result<bool, StoreError> {
         for _ in 0..TXN_ATTEMPTS {
             let got = bounded("get", self.client().get(key.clone(), None)).await?;
             let Some(kv) = got.kvs().first() else {
                 return Ok(false);
             };
-            let f: Func = decode(kv.value())?;
+            let record: T = decode(kv.value())?;
+            let name: Vec<String> = name_of(&record);
+            let name: Vec<&str> = name.iter().map(String::as_str).collect();
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     key.clone(),
@@ -397,13 +412,13 @@ impl EtcdStore {
                 )])
                 .and_then([
                     TxnOp::delete(key.clone(), None),
-                    TxnOp::delete(self.key(&["fn-names", &f.app_id, &f.name]), None),
+                    TxnOp::delete(self.key(&name), None),
                 ]);
             if self.txn(txn).await?.succeeded() {
                 return Ok(true);
             }
         }
-        Err(StoreError::Contended("delete_fn"))
+        Err(StoreError::Contended(what))
     }
 
     /// Adds a workflow and its name in one transaction; false if the name is taken.
@@ -432,28 +447,12 @@ impl EtcdStore {
 
     /// Deletes a workflow and its name, if the record did not change since it was read.
     pub async fn delete_workflow(&self, id: String) -> Result<bool, StoreError> {
-        let key = self.key(&["workflows", &id]);
-        for _ in 0..TXN_ATTEMPTS {
-            let got = bounded("get", self.client().get(key.clone(), None)).await?;
-            let Some(kv) = got.kvs().first() else {
-                return Ok(false);
-            };
-            let wf: Workflow = decode(kv.value())?;
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
-                .and_then([
-                    TxnOp::delete(key.clone(), None),
-                    TxnOp::delete(self.key(&["workflow-names", &wf.name]), None),
-                ]);
-            if self.txn(txn).await?.succeeded() {
-                return Ok(true);
-            }
-        }
-        Err(StoreError::Contended("delete_workflow"))
+        self.delete_named(
+            self.key(&["workflows", &id]),
+            "delete_workflow",
+            |wf: &Workflow| vec!["workflow-names".to_owned(), wf.name.clone()],
+        )
+        .await
     }
 
     /// Deletes every key under this store's prefix (tests, and a cluster started afresh).
