@@ -25,14 +25,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use mitosis_sys::fdpass;
-use mitosis_transport::control::{Event, Request};
+use mitosis_transport::control::Event;
 use mitosis_transport::frame;
 
 pub use endpoint::{Endpoint, EndpointError};
 pub use error::{Error, Result};
 pub use mitosis_transport::control::{
-    DaemonError, DaemonStatus, ErrorKind, FaultStats, PrepareStats, ReplicaStatus, ResumeStats,
-    SeedStatus,
+    DaemonError, DaemonStatus, ErrorKind, FaultStats, PrepareStats, ReplicaStatus, Request,
+    ResumeStats, SeedStatus,
 };
 pub use mitosis_transport::tls::{Tls, TlsError};
 pub use remote::{Connector, Remote, RemoteClient, RemoteRunning};
@@ -140,7 +140,8 @@ impl Client {
         })
     }
 
-    fn done(self, request: &Request) -> Result<()> {
+    /// Sends `request`, one the daemon answers with `Done` (drop, evict, replicate, fill).
+    pub fn done(self, request: &Request) -> Result<()> {
         match self.call(request)? {
             Event::Done => Ok(()),
             other => Err(unexpected(&other)),

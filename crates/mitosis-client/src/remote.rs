@@ -166,7 +166,8 @@ impl RemoteClient {
         .await
     }
 
-    async fn done(self, request: &Request) -> Result<()> {
+    /// Sends `request`, one the daemon answers with `Done` (drop, evict, replicate, fill).
+    pub async fn done(self, request: &Request) -> Result<()> {
         match self.call(request).await? {
             Event::Done => Ok(()),
             other => Err(unexpected(&other)),

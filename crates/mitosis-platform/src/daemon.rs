@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use mitosis_client::{Client, DaemonStatus, Endpoint, Error, PrepareStats, Remote};
+use mitosis_client::{Client, DaemonStatus, Endpoint, Error, PrepareStats, Remote, Request};
 
 /// How a platform reaches its hosts' daemons: their endpoints, and (for TCP ones) its
 /// certificate and how it dials.
@@ -120,67 +120,42 @@ impl Reach {
 
     /// Builds the daemon's replica of the seed behind `handle` (bounded by `timeout`).
     pub async fn replicate(self, handle: &str, timeout: Duration) -> Result<(), Error> {
-        match &self.endpoint {
-            Endpoint::Unix(path) => {
-                let (path, handle) = (path.clone(), handle.to_owned());
-                let asked = blocking(move || {
-                    Client::connect(&path)?
-                        .with_timeout(timeout)?
-                        .replicate(&handle)
-                });
-                bounded(timeout + Duration::from_secs(1), asked).await
-            }
-            Endpoint::Tcp(addr) => {
-                let remote = self.remote.as_ref().ok_or_else(|| no_tls(*addr))?;
-                bounded(timeout, async {
-                    remote.connect(*addr).await?.replicate(handle).await
-                })
-                .await
-            }
-        }
+        let handle = handle.to_owned();
+        self.done(Request::Replicate { handle }, timeout).await
     }
 
     /// Forgets the daemon's replica of the seed behind `handle` (its process ends); an
     /// error if it has none.
     pub async fn evict(self, handle: &str) -> Result<(), Error> {
-        let timeout = Duration::from_secs(5);
+        let handle = handle.to_owned();
+        self.done(Request::Evict { handle }, Duration::from_secs(5))
+            .await
+    }
+
+    /// Drops the seed behind `handle` on the daemon's host.
+    pub async fn drop_seed(self, handle: &str) -> Result<(), Error> {
+        let handle = handle.to_owned();
+        self.done(Request::Drop { handle }, Duration::from_secs(5))
+            .await
+    }
+
+    /// Sends `request`, answered by `Done`, over whichever endpoint the daemon has (bounded
+    /// by `timeout`).
+    async fn done(self, request: Request, timeout: Duration) -> Result<(), Error> {
         match &self.endpoint {
             Endpoint::Unix(path) => {
-                let (path, handle) = (path.clone(), handle.to_owned());
+                let path = path.clone();
                 let asked = blocking(move || {
                     Client::connect(&path)?
                         .with_timeout(timeout)?
-                        .evict(&handle)
+                        .done(&request)
                 });
                 bounded(timeout + Duration::from_secs(1), asked).await
             }
             Endpoint::Tcp(addr) => {
                 let remote = self.remote.as_ref().ok_or_else(|| no_tls(*addr))?;
                 bounded(timeout, async {
-                    remote.connect(*addr).await?.evict(handle).await
-                })
-                .await
-            }
-        }
-    }
-
-    /// Drops the seed behind `handle` on the daemon's host.
-    pub async fn drop_seed(self, handle: &str) -> Result<(), Error> {
-        let timeout = Duration::from_secs(5);
-        match &self.endpoint {
-            Endpoint::Unix(path) => {
-                let (path, handle) = (path.clone(), handle.to_owned());
-                blocking(move || {
-                    Client::connect(&path)?
-                        .with_timeout(timeout)?
-                        .drop_seed(&handle)
-                })
-                .await
-            }
-            Endpoint::Tcp(addr) => {
-                let remote = self.remote.as_ref().ok_or_else(|| no_tls(*addr))?;
-                bounded(timeout, async {
-                    remote.connect(*addr).await?.drop_seed(handle).await
+                    remote.connect(*addr).await?.done(&request).await
                 })
                 .await
             }
