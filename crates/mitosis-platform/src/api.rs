@@ -579,22 +579,12 @@ async fn metrics(State(p): Shared) -> Response {
 
 #[cfg(test)]
 mod health_tests {
-    use std::io::{Read, Write};
-
     use crate::{Config, HostSpec, Platform, store::Store};
 
+    /// `GET path`: its status code and JSON body.
     fn get(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        let code = text[9..12].parse().unwrap();
-        let body = text.split_once("\r\n\r\n").unwrap().1;
-        (code, serde_json::from_str(body).unwrap())
+        let (code, _, body) = crate::test_http::get(addr, path);
+        (code, serde_json::from_str(&body).unwrap())
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,9 @@ pub mod seeds;
 pub mod store;
 pub mod workflow;
 
+#[cfg(test)]
+mod test_http;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -253,26 +253,8 @@ mod tests {
     use super::history::tests::answered;
     use super::*;
     use crate::Start;
+    use crate::test_http::get;
     use std::time::Duration;
-
-    /// One request to the API at `addr` (`Connection: close`): status, headers, body.
-    fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        (
-            head[9..12].parse().unwrap(),
-            head.to_ascii_lowercase(),
-            body.to_owned(),
-        )
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_page_is_self_contained_and_its_json_fits_its_schema() {
