@@ -267,18 +267,29 @@ def child_header(index, arg, socket_path=None):
     return HEADER_MAGIC + b" %d %d %d\n" % (index, len(arg), len(sock)) + arg + sock
 
 
-def _read_role(fd=0):
-    """Reads the role header from ``fd`` byte by byte, so that nothing after it is taken."""
+def _read_line(fd, most, ended, too_long):
+    """One line from ``fd`` (without its newline), read byte by byte so that nothing after it
+    is taken; raises ``ended`` if ``fd`` ends first, ``too_long`` past ``most`` bytes."""
     line = bytearray()
     while True:
         b = os.read(fd, 1)
         if not b:
-            raise HeaderError("resumed child: stdin ended before its role header")
+            raise ended
         if b == b"\n":
-            break
+            return line
         line += b
-        if len(line) > MAX_HEADER_LINE:
-            raise HeaderError("resumed child: role header line too long")
+        if len(line) > most:
+            raise too_long
+
+
+def _read_role(fd=0):
+    """Reads the role header from ``fd`` byte by byte, so that nothing after it is taken."""
+    line = _read_line(
+        fd,
+        MAX_HEADER_LINE,
+        HeaderError("resumed child: stdin ended before its role header"),
+        HeaderError("resumed child: role header line too long"),
+    )
     words = bytes(line).split(b" ")
     if len(words) != 5 or b" ".join(words[:2]) != HEADER_MAGIC:
         raise HeaderError(f"resumed child: {bytes(line)!r} is not a role header")
@@ -354,15 +365,12 @@ def _fork_prepare_platform(fd):
     gone = False
     # The prepare point: the platform has the process captured while it waits here.
     try:
-        while True:
-            b = os.read(fd, 1)
-            if not b:
-                raise MitosisError("the platform closed its channel")
-            if b == b"\n":
-                break
-            line += b
-            if len(line) > PLATFORM_MAX_LINE:
-                raise MitosisError("the platform's answer is too long")
+        line = _read_line(
+            fd,
+            PLATFORM_MAX_LINE,
+            MitosisError("the platform closed its channel"),
+            MitosisError("the platform's answer is too long"),
+        )
     except OSError as e:
         if e.errno != errno.EBADF and os.getpid() == before:
             raise MitosisError(f"the platform's channel: {e}") from None
@@ -601,14 +609,17 @@ def _each(fn, items):
     return results
 
 
-def resume_many(handle, args, host=None, fill_first=False):
-    """Starts one child per item of ``args`` at once (child i gets ``args[i]``, index i) and
-    returns their ``Completed`` in order. ``host``: one socket for all, or a list, one each.
+def resume_many(handle, args, host=None, fill_first=False, first_index=0):
+    """Starts one child per item of ``args`` at once (child i gets ``args[i]``, index
+    ``first_index + i``) and returns their ``Completed`` in order. ``host``: one socket for
+    all, or a list, one each.
     ``fill_first``: first fill each host's replica with the whole seed (``fill``), so that
     children which all read most of the seed share its pages rather than each copying them."""
     args = list(args)
     hosts = host if isinstance(host, (list, tuple)) else [host] * len(args)
     if fill_first:
         _each(lambda where: fill(handle, host=where), list(dict.fromkeys(hosts)))
-    return _each(lambda i: resume(handle, arg=args[i], host=hosts[i], index=i),
-                 list(range(len(args))))
+    return _each(
+        lambda i: resume(handle, arg=args[i], host=hosts[i], index=first_index + i),
+        list(range(len(args))),
+    )

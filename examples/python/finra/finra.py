@@ -192,7 +192,8 @@ def run_mitosis(a, specs, market, portfolio, clock):
             # (and privately copying) them.
             first = min(len(hosts), len(specs))
             done = mitosis.resume_many(h, specs[:first], host=where[:first])
-            rest = _resume_from(mitosis, h, specs, where, first)
+            rest = mitosis.resume_many(h, specs[first:], host=where[first:],
+                                       first_index=first)
             done = done + rest
         elif a.method == "mitosis-filled":
             # Each host's replica takes in the whole producer first; every validator is then
@@ -214,27 +215,6 @@ def run_mitosis(a, specs, market, portfolio, clock):
             v["daemon"] = {"start": c.started, "faults": c.faults}
         outcomes.append((v, f))
     return outcomes
-
-
-def _resume_from(mitosis, h, specs, where, first):
-    """Children ``first``.. of ``h`` at once, with their own indices."""
-    results = [None] * (len(specs) - first)
-
-    def one(i):
-        try:
-            results[i - first] = mitosis.resume(h, arg=specs[i], host=where[i], index=i)
-        except BaseException as e:  # raised in order below
-            results[i - first] = e
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(first, len(specs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return results
 
 
 def run_fork(a, specs, market, portfolio, clock):
