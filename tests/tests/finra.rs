@@ -205,11 +205,7 @@ impl Workflow {
 fn workflow_processes(id: &str) -> Vec<i32> {
     let marker = format!("{}={id}", mitosis_testbed::TESTBED_ID_ENV);
     let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    common::procfs::all_pids()
         .filter(|pid| {
             let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();

@@ -363,19 +363,12 @@ const OUTSIDE_PIPE: &str = "pipe to the outside";
 
 /// Whether a process other than `pid` holds the pipe `target` (`pipe:[INODE]`).
 fn held_elsewhere(pid: i32, target: &str) -> bool {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    procs
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&p| p != pid)
-        .any(|p| {
-            std::fs::read_dir(format!("/proc/{p}/fd")).is_ok_and(|fds| {
-                fds.flatten()
-                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == target))
-            })
+    common::procfs::all_pids().filter(|&p| p != pid).any(|p| {
+        std::fs::read_dir(format!("/proc/{p}/fd")).is_ok_and(|fds| {
+            fds.flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == target))
         })
+    })
 }
 
 #[test]

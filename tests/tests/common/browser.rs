@@ -220,10 +220,7 @@ impl Browser {
 /// Every process under `root` (children first found, then theirs), by /proc.
 fn descendants(root: u32) -> Vec<i32> {
     let mut parent_of: HashMap<i32, i32> = HashMap::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
-            continue;
-        };
+    for pid in super::procfs::all_pids() {
         let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|s| {

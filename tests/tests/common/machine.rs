@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{bin_dir, stderr, stdout, wait_output};
+use super::procfs::all_pids;
+use super::{bin_dir, run_with_input, stderr, stdout, wait_output};
 
 /// The repository's root.
 pub fn repo() -> PathBuf {
@@ -186,22 +187,7 @@ impl Machine {
 
     /// Runs `args` in the machine with `input` on its stdin.
     pub fn run_with(&self, args: &[&str], input: &str) -> Output {
-        use std::io::Write;
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nsenter runs");
-        let mut stdin = child.stdin.take().expect("stdin");
-        let input = input.to_string();
-        let writer = std::thread::spawn(move || {
-            let _ = stdin.write_all(input.as_bytes());
-        });
-        let out = wait_output(child, Duration::from_secs(60));
-        let _ = writer.join();
-        out
+        run_with_input(&mut self.command(args), input)
     }
 
     /// Runs `args` in the machine and asserts it succeeds; its stdout.
@@ -258,11 +244,7 @@ impl Machine {
 
     /// Every process left in the machine's pid namespace (host pids).
     pub fn processes(&self) -> Vec<i32> {
-        std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        all_pids()
             .filter(|pid| {
                 std::fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|ns| ns == self.pidns)
             })

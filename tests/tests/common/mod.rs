@@ -192,14 +192,22 @@ pub fn cli(tb: &Testbed, host: usize, args: &[&str], stdin: &str) -> Output {
     cmd.arg("--socket")
         .arg(tb.host(host).socket_path())
         .args(args);
+    run_with_input(&mut cmd, stdin)
+}
+
+/// Runs `cmd` with `input` on its stdin (written by a thread of its own, so a command that
+/// writes much before it reads cannot block on us), killed after 60 s; its output.
+pub fn run_with_input(cmd: &mut Command, input: &str) -> Output {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("cli starts");
-    let mut input = child.stdin.take().expect("stdin");
-    let stdin = stdin.to_string();
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?} starts: {e}"));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_string();
     let writer = std::thread::spawn(move || {
-        let _ = input.write_all(stdin.as_bytes());
+        let _ = stdin.write_all(input.as_bytes());
     });
     let out = wait_output(child, Duration::from_secs(60));
     let _ = writer.join();
@@ -249,11 +257,7 @@ pub fn stub_processes() -> Vec<i32> {
 
 /// Live processes running the binary `name`.
 pub fn processes_of(name: &str) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    procfs::all_pids()
         .filter(|pid| {
             std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.ends_with(name))
         })
@@ -371,13 +375,9 @@ pub fn wait_for_child_reading_stdin(tb: &Testbed, host: usize) -> i32 {
 
 /// Pids whose parent is `parent`.
 pub fn processes_with_parent(parent: u32) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-                .filter(|&pid| is_child_of(pid, parent))
-                .collect()
-        })
-        .unwrap_or_default()
+    procfs::all_pids()
+        .filter(|&pid| is_child_of(pid, parent))
+        .collect()
 }
 
 /// Descriptors of `host`'s daemon, less its TCP connections (its pooled connections to peers

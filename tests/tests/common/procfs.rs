@@ -6,6 +6,15 @@ use std::time::Duration;
 
 use super::eventually;
 
+/// Every process's pid, as /proc lists them now.
+pub fn all_pids() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+}
+
 /// One line per thread of `pid`: tid, name, state, wait channel and system call (for
 /// failure messages).
 pub fn threads_report(pid: i32) -> String {
