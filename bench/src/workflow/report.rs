@@ -353,7 +353,7 @@ pub fn print(summary: &[Summary], runs: &[Run]) {
         "fetch ms"
     );
     for (s, m, x) in summary.iter().flat_map(|s| {
-        ["mitosis", "mitosis-staged", "mitosis-filled"]
+        REMOTE_FORK
             .into_iter()
             .filter_map(move |m| Some((s, m, s.method(m)?)))
     }) {
