@@ -3,11 +3,13 @@
 //! Every raw system call the project makes lives here behind a safe function, so the rest of the
 //! workspace is plain safe Rust. Each module wraps one kernel facility.
 
+pub mod alloc;
 pub mod fdpass;
 pub mod mem;
 pub mod ns;
 pub mod pidfd;
 pub mod ptrace;
+pub mod sock;
 pub mod task;
 pub mod uffd;
 pub mod unix_socket;

@@ -191,6 +191,7 @@ fn private_dir(socket: &Path) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    mitosis_sys::alloc::keep_page_buffers();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MITOSIS_LOG")
