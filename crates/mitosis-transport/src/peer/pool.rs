@@ -2,6 +2,8 @@
 //! the nonce and next sequence number its requests are sealed with.
 
 use super::*;
+use mitosis_sys::sock::set_recv_low_water;
+use tokio::io::AsyncReadExt;
 
 /// The answer to a bootstrap: the seed's descriptor, and the pages of `runs` back to back.
 #[derive(Debug)]
@@ -63,6 +65,62 @@ impl AsyncWrite for PeerStream {
             PeerStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             PeerStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+/// Answers longer than this are awaited whole on plain TCP (see [`read_answer`]).
+const WHOLE_ABOVE: usize = 16 << 10;
+
+/// Reads one answer frame. On plain TCP a long body (pages) is awaited whole: with the
+/// socket's low-water mark at what is still to come, the task wakes once for all of it
+/// instead of once per batch of segments, each wake-up a thread's round trip through the
+/// scheduler (a 50-page answer took three or four).
+async fn read_answer(stream: &mut PeerStream) -> Result<Response, FrameError> {
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).await.map_err(eof_closes)?;
+    let mut body = vec![0u8; frame::body_len(header, frame::MAX_FRAME)?];
+    match stream {
+        PeerStream::Plain(tcp) if body.len() > WHOLE_ABOVE => read_whole(tcp, &mut body).await?,
+        _ => {
+            stream.read_exact(&mut body).await.map_err(eof_closes)?;
+        }
+    }
+    Ok(postcard::from_bytes(&body)?)
+}
+
+/// Fills `body` from `tcp`, waiting for readiness only with the low-water mark at the bytes
+/// still missing; the mark is set back to one byte after.
+async fn read_whole(tcp: &mut TcpStream, body: &mut [u8]) -> Result<(), FrameError> {
+    let mut filled = 0;
+    let mut marked = false;
+    let result = loop {
+        if filled == body.len() {
+            break Ok(());
+        }
+        match tcp.try_read(&mut body[filled..]) {
+            Ok(0) => break Err(FrameError::Closed),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Without the mark (an old kernel) it only wakes more often.
+                marked |= set_recv_low_water(tcp, body.len() - filled).is_ok();
+                if let Err(e) = tcp.readable().await {
+                    break Err(FrameError::Io(e));
+                }
+            }
+            Err(e) => break Err(FrameError::Io(e)),
+        }
+    };
+    if marked {
+        let _ = set_recv_low_water(tcp, 1);
+    }
+    result
+}
+
+fn eof_closes(e: std::io::Error) -> FrameError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        FrameError::Closed
+    } else {
+        FrameError::Io(e)
     }
 }
 
@@ -332,7 +390,7 @@ impl PeerPool {
             stream.write_all(&bytes).await?;
             // TLS may hold the last record back until flushed (a no-op for TCP).
             stream.flush().await?;
-            frame::read::<_, Response>(stream).await
+            read_answer(stream).await
         };
         match timeout(self.timeout, exchange).await {
             Err(_) => Err(PeerError::Timeout(addr, self.timeout)),
