@@ -39,7 +39,7 @@ pub(crate) async fn fill_all<S: PageSource>(
     let mut filled = 0;
     while let Some(run) = pending.take_first(RUN_PAGES) {
         let started = Instant::now();
-        let data = match read_retrying(source, run.seed, run.pages as u32).await {
+        let data = match read_retrying(source, &[(run.seed, run.pages as u32)]).await {
             Ok(data) => data,
             Err(e) => {
                 pending.restore_run(run);

@@ -113,6 +113,36 @@ impl PendingMap {
         })
     }
 
+    /// Takes the pending pages of the `block_pages`-aligned block around `addr` (within its
+    /// region), as runs: the one from `addr` first, then the others in address order. Like
+    /// the kernel's fault-around, it brings the neighbours on both sides of a fault, which a
+    /// heap touches together, in one request. `None` if `addr` is not pending.
+    pub fn take_around(&mut self, addr: u64, block_pages: u64) -> Option<Vec<Run>> {
+        let addr = addr & !(PAGE - 1);
+        let block = block_pages.max(1).next_power_of_two() * PAGE;
+        let block_start = addr & !(block - 1);
+        let block_end = block_start + block;
+        let first = self.take_run(addr, (block_end - addr) / PAGE)?;
+        let (region_start, region_end) = {
+            let (start, region) = self.region_of(addr).expect("the faulted page's region");
+            (start, start + region.pending.len() as u64 * PAGE)
+        };
+        let (lo, hi) = (block_start.max(region_start), block_end.min(region_end));
+        let mut runs = vec![first];
+        let mut at = lo;
+        while at < hi {
+            if at == first.child {
+                at = first.end();
+            } else if let Some(run) = self.take_run(at, (hi - at) / PAGE) {
+                at = run.end();
+                runs.push(run);
+            } else {
+                at += PAGE;
+            }
+        }
+        Some(runs)
+    }
+
     /// Takes the first pending run (lowest child address), of at most `max_pages` pages.
     pub fn take_first(&mut self, max_pages: u64) -> Option<Run> {
         let addr = self.regions.iter().find_map(|(&start, r)| {
@@ -213,6 +243,41 @@ mod tests {
         // Child 0x10000.. maps seed 0x90000..; pages 0,1,2,4 pending.
         m.insert(0x10000, 0x90000, vec![true, true, true, false, true]);
         m
+    }
+
+    #[test]
+    fn fault_around_takes_the_pending_pages_of_the_block_on_both_sides_faulted_run_first() {
+        let mut m = PendingMap::new();
+        // Child 0x10000.. maps seed 0x90000..: 12 pages, page 3 and 6 not pending.
+        let mut bits = vec![true; 12];
+        bits[3] = false;
+        bits[6] = false;
+        m.insert(0x10000, 0x90000, bits);
+        // A fault on page 5, blocks of 8 pages (0x10000..0x18000): pages 5, then 0-2, 4, 7.
+        let runs = m.take_around(0x15123, 8).expect("page 5 is pending");
+        let got: Vec<_> = runs.iter().map(|r| (r.child, r.seed, r.pages)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0x15000, 0x95000, 1),
+                (0x10000, 0x90000, 3),
+                (0x14000, 0x94000, 1),
+                (0x17000, 0x97000, 1)
+            ]
+        );
+        // The next block's pages stay pending; the taken ones are not.
+        assert!((8..12).all(|p| m.is_pending(0x10000 + p * PAGE)));
+        assert!(
+            [0, 1, 2, 4, 5, 7]
+                .iter()
+                .all(|p| !m.is_pending(0x10000 + p * PAGE))
+        );
+        assert_eq!(m.take_around(0x15000, 8), None, "taken already");
+        // A block past the region's end is cut at it.
+        let tail = m.take_around(0x1b000, 16).expect("page 11 is pending");
+        assert_eq!(tail[0].child, 0x1b000);
+        assert_eq!(tail.iter().map(|r| r.pages).sum::<u64>(), 4);
+        assert!(m.is_empty());
     }
 
     #[test]
