@@ -76,6 +76,15 @@ pub struct ReplicaCounters {
     pub fetch_us: u64,
 }
 
+/// True if `claimed` are exactly `runs`: every page of them was still to fetch.
+fn covers(claimed: &[Run], runs: &[(u64, u32)]) -> bool {
+    claimed.len() == runs.len()
+        && claimed
+            .iter()
+            .zip(runs)
+            .all(|(c, &(at, n))| c.child == at && c.pages == n as u64)
+}
+
 fn overlaps(runs: &[Run], wanted: &[(u64, u32)]) -> bool {
     runs.iter().any(|r| {
         wanted
@@ -233,18 +242,20 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     /// few requests as possible, and waits for those another fill is fetching. Returns how
     /// many pages were pending or in flight.
     pub async fn fill(&self, runs: &[(u64, u32)]) -> Result<u64, SourceError> {
-        self.fill_touched(runs, None).await
+        self.fill_touched(runs, None, None).await
     }
 
-    /// `touched`: the page of `runs` a child faulted on, passed on to the source.
+    /// `touched`: the page of `runs` a child faulted on, passed on to the source; `first`: a
+    /// claim on `runs` made already.
     async fn fill_touched(
         &self,
         runs: &[(u64, u32)],
         touched: Option<u64>,
+        mut first: Option<Claim>,
     ) -> Result<u64, SourceError> {
         let mut total = 0;
         for _ in 0..WAIT_RETRIES {
-            let claim = self.claim(runs);
+            let claim = first.take().unwrap_or_else(|| self.claim(runs));
             let waits = claim.waits.clone();
             total += self.fetch_claimed(claim, touched).await?;
             let mut waited_ok = true;
@@ -418,15 +429,57 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
             .map_err(|e| SourceError::Gone(format!("writing the seed's file pages: {e}")))
     }
 
-    /// Reads `runs` from the replica, filling what it lacks first.
+    /// Reads `runs` from the replica, filling what it lacks first. A fault's pages that were
+    /// all still to fetch (most of what a new host's first child asks) take the short way:
+    /// one request made here rather than in a task of its own, and the bytes handed over as
+    /// they came once they are in the replica, not read back from it.
     pub async fn read(
         &self,
         runs: &[(u64, u32)],
         touched: Option<u64>,
     ) -> Result<Vec<u8>, SourceError> {
-        self.fill_touched(runs, touched).await?;
+        let claim = self.claim(runs);
+        let pages: u64 = runs.iter().map(|r| r.1 as u64).sum();
+        if claim.waits.is_empty() && pages <= PIPELINE_PAGES && covers(&claim.wanted, runs) {
+            return self.fetch_whole(claim, touched).await;
+        }
+        self.fill_touched(runs, touched, Some(claim)).await?;
         read_runs(&self.memory, runs)
             .map_err(|e| SourceError::Gone(format!("the replica is gone: {e}")))
+    }
+
+    /// Fetches a claim in one request, copies it into the replica and returns its bytes.
+    async fn fetch_whole(
+        &self,
+        claim: Claim,
+        touched: Option<u64>,
+    ) -> Result<Vec<u8>, SourceError> {
+        let wanted = claim.wanted.clone();
+        let runs: Vec<(u64, u32)> = wanted.iter().map(|r| (r.seed, r.pages as u32)).collect();
+        let started = Instant::now();
+        let fetched = match self.source.duplicate().await {
+            Ok(mut source) => source.read(runs, touched).await,
+            Err(e) => Err(e),
+        };
+        let result = match fetched {
+            Ok(data) => {
+                self.fetches.fetch_add(1, Ordering::Relaxed);
+                self.fetch_us
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                self.copy_runs(&wanted, &data).await.map(|()| data)
+            }
+            Err(e) => Err(e),
+        };
+        let total: u64 = wanted.iter().map(|r| r.pages).sum();
+        let (uncopied, outcome) = match &result {
+            Ok(_) => {
+                self.fetched.fetch_add(total, Ordering::Relaxed);
+                (Vec::new(), Ok(total))
+            }
+            Err(e) => (wanted, Err(e.clone())),
+        };
+        self.settle(claim, uncopied, &outcome);
+        result
     }
 
     /// Follows the replica's userfaultfd: hands each fork's new userfaultfd to `forks`.
