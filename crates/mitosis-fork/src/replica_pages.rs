@@ -432,9 +432,9 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     /// Reads `runs` from the replica, filling what it lacks first. A fault's pages that were
     /// all still to fetch (most of what a new host's first child asks) take the short way:
     /// one request made here rather than in a task of its own, and the bytes handed over as
-    /// they came once they are in the replica, not read back from it.
+    /// they came while a task copies them into the replica, not read back from it.
     pub async fn read(
-        &self,
+        self: &Arc<Self>,
         runs: &[(u64, u32)],
         touched: Option<u64>,
     ) -> Result<Vec<u8>, SourceError> {
@@ -448,9 +448,12 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
             .map_err(|e| SourceError::Gone(format!("the replica is gone: {e}")))
     }
 
-    /// Fetches a claim in one request, copies it into the replica and returns its bytes.
+    /// Fetches a claim in one request and returns its bytes at once; a task copies them into
+    /// the replica meanwhile (the child waits for its own copy only: about 2.5 µs a page
+    /// each). The pages stay in flight until they are in: a reader of them waits for it, a
+    /// fork of the replica meanwhile counts them as still to fetch.
     async fn fetch_whole(
-        &self,
+        self: &Arc<Self>,
         claim: Claim,
         touched: Option<u64>,
     ) -> Result<Vec<u8>, SourceError> {
@@ -461,25 +464,30 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
             Ok(mut source) => source.read(runs, touched).await,
             Err(e) => Err(e),
         };
-        let result = match fetched {
-            Ok(data) => {
-                self.fetches.fetch_add(1, Ordering::Relaxed);
-                self.fetch_us
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                self.copy_runs(&wanted, &data).await.map(|()| data)
+        let data = match fetched {
+            Ok(data) => data,
+            Err(e) => {
+                self.settle(claim, wanted, &Err(e.clone()));
+                return Err(e);
             }
-            Err(e) => Err(e),
         };
-        let total: u64 = wanted.iter().map(|r| r.pages).sum();
-        let (uncopied, outcome) = match &result {
-            Ok(_) => {
-                self.fetched.fetch_add(total, Ordering::Relaxed);
-                (Vec::new(), Ok(total))
-            }
-            Err(e) => (wanted, Err(e.clone())),
-        };
-        self.settle(claim, uncopied, &outcome);
-        result
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        self.fetch_us
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let replica = self.clone();
+        let copy = data.clone();
+        tokio::spawn(async move {
+            let total: u64 = wanted.iter().map(|r| r.pages).sum();
+            let (uncopied, outcome) = match replica.copy_runs(&wanted, &copy).await {
+                Ok(()) => {
+                    replica.fetched.fetch_add(total, Ordering::Relaxed);
+                    (Vec::new(), Ok(total))
+                }
+                Err(e) => (wanted, Err(e)),
+            };
+            replica.settle(claim, uncopied, &outcome);
+        });
+        Ok(data)
     }
 
     /// Follows the replica's userfaultfd: hands each fork's new userfaultfd to `forks`.
