@@ -109,6 +109,12 @@ fn working_set_replay_then_pages_outside_it() {
     assert_eq!(resume_stat(&out, "cached"), 0);
     assert!(resume_stat(&out, "working_set_pages") > 0);
     assert!(resume_stat(&out, "pages_fetched") > 1000);
+    // The working set came first: the faults outside it bring blocks of 16 pages at most.
+    let (fetched, fetches) = (
+        resume_stat(&out, "pages_fetched"),
+        resume_stat(&out, "fetches"),
+    );
+    assert!(fetched <= 16 * fetches, "{fetched} pages in {fetches} fetches");
 
     // A second child on host 2 is forked from the replica, which now holds everything.
     let out = cli(&tb, 2, &["resume", &handle, "--stats"], "verify\n");
@@ -120,11 +126,41 @@ fn working_set_replay_then_pages_outside_it() {
 }
 
 #[test]
+fn a_first_child_with_no_working_set_to_go_by_fetches_larger_blocks_per_fault() {
+    let tb = testbed(3);
+    let verify = |host: usize, handle: &str| {
+        let out = cli(&tb, host, &["resume", handle, "--stats"], "verify\n");
+        assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
+        (resume_stat(&out, "pages_fetched"), resume_stat(&out, "fetches"))
+    };
+    // Seed A's first child on host 1 records a small working set; host 2 gets it first, and
+    // its child's faults outside it bring blocks of 16 pages.
+    let (_dir_a, seed_a, handle_a) = prepared_memcheck(&tb, "learn-a");
+    let out = cli(&tb, 1, &["resume", &handle_a, "--stats"], "exit 7\n");
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    let (known_pages, known_fetches) = verify(2, &handle_a);
+    // Seed B (the same program) has nothing recorded: its first child's faults are all there
+    // is to go by, and bring blocks of 64, in far fewer requests for the same reads.
+    let (_dir_b, seed_b, handle_b) = prepared_memcheck(&tb, "learn-b");
+    let (learning_pages, learning_fetches) = verify(1, &handle_b);
+    assert!(known_pages > 1000 && learning_pages > 1000);
+    assert!(
+        learning_fetches * 2 < known_fetches,
+        "blocks of 64: {learning_pages} pages in {learning_fetches} fetches; of 16: \
+         {known_pages} in {known_fetches}"
+    );
+    drop((seed_a, seed_b));
+    teardown(tb);
+}
+
+#[test]
 fn pooled_connections_survive_a_peer_restart() {
     let tb = testbed(2);
     let (_dir, mut seed, handle) = prepared_memcheck(&tb, "restart");
-    let out = cli(&tb, 1, &["resume", &handle], "verify\n");
-    assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
+    // A first child that touches little: the next one still needs pages from the seed's host
+    // (a first child's faults bring whole blocks into the replica).
+    let out = cli(&tb, 1, &["resume", &handle], "exit 7\n");
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
     let pool_line = format!("pool {}:7070", tb.host(0).addr());
     assert!(status_value(&tb, 1, &format!("{pool_line} idle")).unwrap() >= 1);
 

@@ -27,12 +27,19 @@ use tokio::sync::{mpsc, oneshot};
 use crate::pending::PendingMap;
 use crate::source::{PageSource, SourceError};
 
-/// Pages fetched per fault: the pending pages of the aligned block of this many pages around
-/// the faulting page (both sides: a heap's neighbours are touched together). Blocks of 16
-/// cut a first child's faults by a fifth against the 16 pages after the fault (numpy: 179 to
-/// 137-146); blocks of 64 halved them again, but each fetch then took 2.5x as long (every
-/// page is copied into the replica and into the child), and cold hosts got slower.
+/// Pages fetched per fault, by default: the pending pages of the aligned block of this many
+/// pages around the faulting page (both sides: a heap's neighbours are touched together).
+/// Blocks of 16 cut a first child's faults by a fifth against the 16 pages after the fault
+/// (numpy: 179 to 137-146). Where the seed's working set came first (a bootstrap), the rest
+/// are strays: small blocks cost least. See [`LEARNING_PREFETCH_PAGES`] for where it did not.
 pub const PREFETCH_PAGES: u64 = 16;
+/// Pages fetched per fault by a child whose host knew nothing of the seed's working set (a
+/// fresh seed's first children): everything it touches is a fault, so larger blocks pay.
+/// numpy-as-written's first child: 217 faults and 62 ms with blocks of 16, 67 and 42 ms with
+/// 64; numpy 143 and 37 ms, 64 and 35 ms (a fetch of 52 pages takes about 2.2x one of 14).
+/// A host that got a bootstrap faults rarely, and there 64 slowed its children (numpy's cold
+/// host 11.5 to 16 ms).
+pub const LEARNING_PREFETCH_PAGES: u64 = 64;
 
 #[derive(Debug, Error)]
 pub enum FaultError {
@@ -276,7 +283,8 @@ pub(crate) async fn read_retrying<S: PageSource>(
     }
 }
 
-/// Fills the page at `addr`, with the pending pages of its block ([`PREFETCH_PAGES`]);
+/// Fills the page at `addr`, with the pending pages of its block (the source's
+/// [`PageSource::fault_around_pages`]);
 /// `Ok(false)` if the kernel asked to retry (layout changing).
 async fn resolve<S: PageSource>(
     uffd: &Userfaultfd,
@@ -286,7 +294,7 @@ async fn resolve<S: PageSource>(
     addr: u64,
 ) -> Result<bool, FaultError> {
     let page = addr & !(PAGE_SIZE - 1);
-    let Some(runs) = pending.take_around(page, PREFETCH_PAGES) else {
+    let Some(runs) = pending.take_around(page, source.fault_around_pages()) else {
         stats.lock().expect("stats").zero_faults += 1;
         return retry_on_again(uffd.zeropage(page, PAGE_SIZE));
     };

@@ -49,6 +49,8 @@ pub struct ReplicaPages<S> {
     /// The ranges registered with userfaultfd `(start, len)`: the seed's pages and the small
     /// gaps between them ([`ReplicaPages::zero_the_gaps`]).
     registered: Vec<(u64, u64)>,
+    /// The block a child's fault brings in ([`PageSource::fault_around_pages`]).
+    fault_around: u64,
 }
 
 /// What a fill in progress says when it ends: `None` until then, then its outcome.
@@ -101,6 +103,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         source: S,
         fresh: Vec<(u64, u64)>,
         registered: Vec<(u64, u64)>,
+        fault_around: u64,
     ) -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(ReplicaPages {
             // SAFETY: `Userfaultfd` owns its fd, which stays open and the same for as long as the AsyncFd that owns it.
@@ -117,6 +120,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
             fetch_us: AtomicU64::new(0),
             fresh,
             registered,
+            fault_around,
         }))
     }
 
@@ -718,6 +722,10 @@ impl<S: PageSource + Sync> PageSource for FromReplica<S> {
 
     async fn duplicate(&self) -> Result<Self, SourceError> {
         Ok(FromReplica(self.0.clone()))
+    }
+
+    fn fault_around_pages(&self) -> u64 {
+        self.0.fault_around
     }
 }
 

@@ -40,6 +40,11 @@ pub trait PageSource: Send + Sized + 'static {
 
     /// Another handle to the same source, for a forked child's fault handler.
     fn duplicate(&self) -> impl Future<Output = Result<Self, SourceError>> + Send;
+
+    /// The block a fault brings in whole (its pending pages, in one request).
+    fn fault_around_pages(&self) -> u64 {
+        crate::fault::PREFETCH_PAGES
+    }
 }
 
 /// Pages read straight from a twin's memory on this host.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use mitosis_container::{Bundle, Container};
 use mitosis_fork::PageSource;
+use mitosis_fork::fault;
 use mitosis_fork::pending::PendingMap;
 use mitosis_fork::pending::Run;
 use mitosis_fork::replica_pages::{FromReplica, ReplicaPages, chunk_runs, lacking};
@@ -95,6 +96,14 @@ pub async fn build(
     stats.spawn_us = built.spawn_us;
     stats.restore_us = built.restore_us;
     let pid = built.replica.pid();
+    // The bootstrap holds the pages the first child needs at once, then the working set.
+    let eager_pages: u64 = made
+        .overlay
+        .iter()
+        .chain(&made.eager)
+        .map(|r| r.pages)
+        .sum();
+    let bootstrap_pages: u64 = incoming.runs.iter().map(|r| r.1 as u64).sum();
     let pages = ReplicaPages::new(
         pid,
         built.uffd,
@@ -102,6 +111,12 @@ pub async fn build(
         source.clone(),
         made.shared_ranges.clone(),
         made.lazy_ranges.clone(),
+        // No working set recorded yet: its children's faults are all there is to go by.
+        if bootstrap_pages <= eager_pages {
+            fault::LEARNING_PREFETCH_PAGES
+        } else {
+            fault::PREFETCH_PAGES
+        },
     )
     .map_err(|e| BuildFailed::Pages(format!("watching the replica: {e}")))?;
     // The gaps between the seed's pages get zero pages off the build's path: the children
@@ -192,13 +207,7 @@ pub async fn build(
         process.kill();
         return Err(e);
     }
-    stats.eager_pages = made
-        .overlay
-        .iter()
-        .chain(&made.eager)
-        .map(|r| r.pages)
-        .sum();
-    // The bootstrap holds the pages the first child needs at once, then the working set.
+    stats.eager_pages = eager_pages;
     stats.working_set_pages = stats.working_set_pages.saturating_sub(stats.eager_pages);
     stats.working_set_us = ws.elapsed().as_micros() as u64;
     stats.build_us = t0.elapsed().as_micros() as u64;
