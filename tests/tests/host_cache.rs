@@ -114,7 +114,10 @@ fn working_set_replay_then_pages_outside_it() {
         resume_stat(&out, "pages_fetched"),
         resume_stat(&out, "fetches"),
     );
-    assert!(fetched <= 16 * fetches, "{fetched} pages in {fetches} fetches");
+    assert!(
+        fetched <= 16 * fetches,
+        "{fetched} pages in {fetches} fetches"
+    );
 
     // A second child on host 2 is forked from the replica, which now holds everything.
     let out = cli(&tb, 2, &["resume", &handle, "--stats"], "verify\n");
@@ -131,7 +134,10 @@ fn a_first_child_with_no_working_set_to_go_by_fetches_larger_blocks_per_fault() 
     let verify = |host: usize, handle: &str| {
         let out = cli(&tb, host, &["resume", handle, "--stats"], "verify\n");
         assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
-        (resume_stat(&out, "pages_fetched"), resume_stat(&out, "fetches"))
+        (
+            resume_stat(&out, "pages_fetched"),
+            resume_stat(&out, "fetches"),
+        )
     };
     // Seed A's first child on host 1 records a small working set; host 2 gets it first, and
     // its child's faults outside it bring blocks of 16 pages.
