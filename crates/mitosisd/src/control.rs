@@ -322,10 +322,12 @@ async fn prepare_with_id(
     owner: u32,
 ) -> Result<Event, PrepareFailed> {
     let started = std::time::Instant::now();
-    // A child of a seed is flattened first (or refused): see `multihop`.
-    if from.is_none() {
-        crate::multihop::before_prepare(&daemon.flatteners, pid).await?;
-    }
+    // A child of a seed is flattened first; any other process is checked beside the capture
+    // (see `multihop`).
+    let lazy_check = match from {
+        None => crate::multihop::before_prepare(&daemon.flatteners, pid).await?,
+        Some(_) => crate::multihop::LazyCheck::none(),
+    };
     // A child in a container: its seed takes the container over (the twin is made in it)
     // and its children join containers of the same bundle.
     let in_container = match from {
@@ -350,6 +352,11 @@ async fn prepare_with_id(
             return Err(e);
         }
     };
+    if let Err(e) = lazy_check.confirm(pid).await {
+        let (twin, insn) = (prepared.twin, prepared.syscall_insn);
+        tracer.run(move || twin.release(insn)).await;
+        return Err(e);
+    }
     let adopted = match &in_container {
         Some(bundle) => match daemon.child_containers.adopt(pid) {
             Some(container) => Some((SeedContainer::adopt(container, pid), bundle.clone())),

@@ -93,22 +93,15 @@ impl ChildContainers {
     }
 }
 
-/// Makes `pid` fit for a prepare: a child of this daemon is flattened (the pages filled and
-/// how long it took are returned); a process with memory nobody here can flatten is refused;
-/// any other process needs nothing.
-pub async fn before_prepare(
-    flatteners: &Flatteners,
-    pid: i32,
-) -> Result<Option<(u64, u64)>, PrepareFailed> {
+/// Makes `pid` fit for a prepare: a child of this daemon is flattened now; for any other
+/// process the check that no userfaultfd serves its memory (its smaps, milliseconds to read)
+/// starts, to run beside the capture; [`LazyCheck::confirm`] gives its verdict.
+pub async fn before_prepare(flatteners: &Flatteners, pid: i32) -> Result<LazyCheck, PrepareFailed> {
     let Some(tx) = flatteners.get(pid) else {
-        return match lazy_memory(pid).await {
-            Some(at) => Err(PrepareFailed::MultiHop(format!(
-                "pid {pid} still takes memory from a seed through userfaultfd (at {at:#x}) that \
-                 this daemon cannot bring in (a process a child forked, or another daemon's \
-                 child): multi-hop is unavailable for it"
-            ))),
-            None => Ok(None),
-        };
+        return Ok(LazyCheck(Some(tokio::task::spawn_blocking(move || {
+            let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+            lazy_in(&smaps)
+        }))));
     };
     let started = Instant::now();
     let (reply, answer) = oneshot::channel();
@@ -123,19 +116,36 @@ pub async fn before_prepare(
         .map_err(|e| unavailable(&e.to_string()))?;
     let us = started.elapsed().as_micros() as u64;
     tracing::info!(pid, pages, us, "flattened a child before its prepare");
-    Ok(Some((pages, us)))
+    Ok(LazyCheck::none())
 }
 
-/// The start of a mapping of `pid` registered with userfaultfd (smaps `VmFlags: um`), if any.
-async fn lazy_memory(pid: i32) -> Option<u64> {
-    // smaps takes milliseconds to generate: off the runtime's threads.
-    tokio::task::spawn_blocking(move || {
-        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-        lazy_in(&smaps)
-    })
-    .await
-    .ok()
-    .flatten()
+/// The check, under way, that a process's memory comes through no userfaultfd (smaps
+/// `VmFlags: um`): the start of such a mapping, if any.
+pub struct LazyCheck(Option<tokio::task::JoinHandle<Option<u64>>>);
+
+impl LazyCheck {
+    /// Nothing to check (a flattened child, or a child this daemon starts itself).
+    pub fn none() -> Self {
+        LazyCheck(None)
+    }
+
+    /// The verdict on `pid`: a process whose memory still comes from a seed through a
+    /// userfaultfd nobody here can bring in is refused (captured as it is, its children would
+    /// see zeros where it sees its seed's pages). A check that failed refuses too.
+    pub async fn confirm(self, pid: i32) -> Result<(), PrepareFailed> {
+        let Some(check) = self.0 else { return Ok(()) };
+        match check.await {
+            Ok(None) => Ok(()),
+            Ok(Some(at)) => Err(PrepareFailed::MultiHop(format!(
+                "pid {pid} still takes memory from a seed through userfaultfd (at {at:#x}) that \
+                 this daemon cannot bring in (a process a child forked, or another daemon's \
+                 child): multi-hop is unavailable for it"
+            ))),
+            Err(e) => Err(PrepareFailed::MultiHop(format!(
+                "checking pid {pid}'s memory for userfaultfd: {e}"
+            ))),
+        }
+    }
 }
 
 fn lazy_in(smaps: &str) -> Option<u64> {
