@@ -32,6 +32,10 @@ const EXPECTED: &[(&str, &str)] = &[
         "docs/limits.md: memory arrives on demand (VmRSS, VmHWM), peaks are history",
     ),
     ("status.Rss", "docs/limits.md: memory arrives on demand"),
+    (
+        "status.SigQ.queued",
+        "signals queued for the whole user (every root process here), not the process's own",
+    ),
     ("stat.24", "docs/limits.md: memory arrives on demand (rss)"),
     (
         "stat.10",
@@ -244,6 +248,12 @@ fn proc_view(pid: i32) -> BTreeMap<String, String> {
     let mut v = BTreeMap::new();
     for line in text("status").lines() {
         if let Some((k, val)) = line.split_once(':') {
+            // SigQ is "queued/limit": the count is the whole user's, the limit the process's.
+            if let ("SigQ", Some((queued, limit))) = (k, val.trim().split_once('/')) {
+                v.insert("status.SigQ.queued".into(), queued.into());
+                v.insert("status.SigQ.limit".into(), limit.into());
+                continue;
+            }
             v.insert(format!("status.{k}"), words(val));
         }
     }
