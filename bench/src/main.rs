@@ -39,6 +39,7 @@ mod child;
 mod cli;
 mod criu;
 mod daemon;
+mod fetch;
 mod json;
 mod loadspike;
 mod many;
@@ -157,6 +158,9 @@ fn main() {
     } else if argv.get(1).map(String::as_str) == Some("transfer") {
         argv.remove(0);
         transfer::main(argv)
+    } else if argv.get(1).map(String::as_str) == Some("fetch") {
+        argv.remove(0);
+        fetch::main(argv)
     } else {
         run(Args::parse())
     };
@@ -691,6 +695,18 @@ fn remote_rows(
             out,
         );
     }
+    let requests = args.cold_samples * 5;
+    step(format!(
+        "page requests: {requests} x {:?} pages from host 1, each beside its bytes over TCP",
+        fetch::BLOCKS
+    ));
+    fetch::rows(
+        remote.seed_host,
+        remote.child_hosts[0],
+        handle,
+        (args.warmup, requests),
+        out,
+    );
     step(format!(
         "mitosis warm host (CLI): {n} x `mitosis resume` on host 1"
     ));

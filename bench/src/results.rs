@@ -33,6 +33,10 @@ pub const MITOSIS_WARM_CLI: &str = "mitosis_warm_host_cli";
 pub const SPAWN_FLOOR: &str = "spawn_floor";
 /// Moving a cold-host child's bootstrap bytes over TCP between the hosts, nothing else.
 pub const TRANSFER_FLOOR: &str = "transfer_floor";
+/// One page request of 16 and of 64 pages over the daemons' protocol (`fetch.rs`), and the
+/// same bytes over raw TCP.
+pub const PAGE_REQUEST: [&str; 2] = ["page_request_16", "page_request_64"];
+pub const PAGE_REQUEST_TCP: [&str; 2] = ["page_request_16_tcp", "page_request_64_tcp"];
 /// The cold and warm host rows again, between daemons with mutual TLS (`--tls`).
 pub const MITOSIS_COLD_TLS: &str = "mitosis_cold_host_tls";
 pub const MITOSIS_WARM_TLS: &str = "mitosis_warm_host_tls";
@@ -57,6 +61,24 @@ pub struct Method {
 }
 
 impl Method {
+    /// A row of `samples` latencies measured in one go after `warmup`, or why there are none.
+    pub fn measured(
+        key: &'static str,
+        label: &'static str,
+        (warmup, samples): (usize, usize),
+        took: anyhow::Result<Vec<Duration>>,
+    ) -> Self {
+        let mut method = Method::new(key, label);
+        method.attempted = samples;
+        match took {
+            Ok(took) => method.latencies = took.into_iter().skip(warmup).collect(),
+            Err(e) => {
+                method.fail(format!("{e:#}"));
+            }
+        }
+        method
+    }
+
     pub fn new(key: &'static str, label: &'static str) -> Self {
         Self {
             key,

@@ -86,19 +86,17 @@ pub fn floor(
     (warmup, samples): (usize, usize),
     out: &mut SeedResult,
 ) {
-    let mut method = Method::new(TRANSFER_FLOOR, "transfer floor (its bootstrap, TCP)");
-    method.attempted = samples;
-    match measure(from, to, bytes, warmup + samples) {
-        Ok(took) => method.latencies = took.into_iter().skip(warmup).collect(),
-        Err(e) => {
-            method.fail(format!("{e:#}"));
-        }
-    }
+    let took = measure(from, to, bytes, warmup + samples);
     out.transfer_bytes = Some(bytes);
-    out.methods.push(method);
+    out.methods.push(Method::measured(
+        TRANSFER_FLOOR,
+        "transfer floor (its bootstrap, TCP)",
+        (warmup, samples),
+        took,
+    ));
 }
 
-fn measure(from: &Host, to: &Host, bytes: u64, samples: usize) -> Result<Vec<Duration>> {
+pub fn measure(from: &Host, to: &Host, bytes: u64, samples: usize) -> Result<Vec<Duration>> {
     let exe = std::env::current_exe().context("locating this binary")?;
     let mut serve = from.command(&exe);
     serve.args(["transfer", "serve", &PORT.to_string()]);
