@@ -78,13 +78,22 @@ impl PageSource for TwinSource {
 pub fn read_runs(memory: &RemoteMemory, runs: &[(u64, u32)]) -> std::io::Result<Vec<u8>> {
     let total: usize = runs.iter().map(|r| r.1 as usize * PAGE_SIZE as usize).sum();
     let mut out = vec![0u8; total];
+    read_runs_into(memory, runs, &mut out)?;
+    Ok(out)
+}
+
+/// Reads page runs from a twin into `out`, back to back; `out` holds exactly their bytes.
+pub fn read_runs_into(
+    memory: &RemoteMemory,
+    runs: &[(u64, u32)],
+    out: &mut [u8],
+) -> std::io::Result<()> {
     let mut pieces = Vec::with_capacity(runs.len());
-    let mut rest = out.as_mut_slice();
+    let mut rest = out;
     for &(addr, pages) in runs {
         let (piece, after) = rest.split_at_mut(pages as usize * PAGE_SIZE as usize);
         pieces.push((addr, piece));
         rest = after;
     }
-    memory.read_pieces(&mut pieces)?;
-    Ok(out)
+    memory.read_pieces(&mut pieces)
 }

@@ -32,10 +32,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mitosis_fork::source::read_runs;
+use mitosis_fork::source::read_runs_into;
 use mitosis_transport::frame::{self, FrameError};
 use mitosis_transport::peer::{
     Hello, MAX_PAGES_PER_REQUEST, MAX_REQUEST_FRAME, RemoteError, Request, Response, Sealed,
+    pages_frame_head,
 };
 use mitosis_transport::tls;
 use thiserror::Error;
@@ -251,10 +252,10 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             request => {
-                let response = answer(request, &seed, daemon)
+                let framed = answer(request, &seed, daemon)
                     .await
-                    .unwrap_or_else(Response::Error);
-                send(&mut stream, &frame::encode(&response)).await?;
+                    .unwrap_or_else(|e| frame::encode(&Response::Error(e)));
+                send(&mut stream, &framed).await?;
             }
         }
     }
@@ -333,38 +334,46 @@ fn check(
 /// runtime's other connections.
 const INLINE_READ_PAGES: u64 = 64;
 
-async fn answer(request: Request, seed: &Seed, daemon: &Daemon) -> Result<Response, RemoteError> {
-    Ok(match request {
-        Request::Attach => Response::Attached,
-        Request::Descriptor => Response::Descriptor(seed.encoded.clone()),
+/// The answer's frame. Pages are read from the twin straight into it, after its head.
+async fn answer(request: Request, seed: &Seed, daemon: &Daemon) -> Result<Vec<u8>, RemoteError> {
+    let (runs, touched) = match request {
+        Request::Attach => return Ok(frame::encode(&Response::Attached)),
+        Request::Descriptor => {
+            return Ok(frame::encode(&Response::Descriptor(seed.encoded.clone())));
+        }
         // Answered in `connection`: it streams.
         Request::Bootstrap => return Err(RemoteError::TooLarge),
-        Request::Pages { runs, touched } => {
-            if runs.iter().map(|r| r.1 as u64).sum::<u64>() > MAX_PAGES_PER_REQUEST {
-                return Err(RemoteError::TooLarge);
-            }
-            seed.check_runs(&runs)?;
-            if let Some(page) = touched {
-                seed.check_runs(&[(page & !4095, 1)])?;
-            }
-            let pages: u64 = runs.iter().map(|r| r.1 as u64).sum();
-            let bytes = if pages <= INLINE_READ_PAGES {
-                read_runs(&seed.memory, &runs)
-            } else {
-                let memory = seed.memory.clone();
-                tokio::task::spawn_blocking(move || read_runs(&memory, &runs))
-                    .await
-                    .map_err(|e| RemoteError::SeedGone(format!("reading task: {e}")))?
-            }
-            .map_err(|e| RemoteError::SeedGone(e.to_string()))?;
-            if let Some(page) = touched {
-                seed.record(page);
-            }
-            daemon
-                .counters
-                .bytes_served
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            Response::Pages(bytes)
-        }
-    })
+        Request::Pages { runs, touched } => (runs, touched),
+    };
+    let pages: u64 = runs.iter().map(|r| r.1 as u64).sum();
+    if pages > MAX_PAGES_PER_REQUEST {
+        return Err(RemoteError::TooLarge);
+    }
+    seed.check_runs(&runs)?;
+    if let Some(page) = touched {
+        seed.check_runs(&[(page & !4095, 1)])?;
+    }
+    let len = pages as usize * 4096;
+    let mut framed = pages_frame_head(len);
+    let head = framed.len();
+    framed.resize(head + len, 0);
+    let framed = if pages <= INLINE_READ_PAGES {
+        read_runs_into(&seed.memory, &runs, &mut framed[head..]).map(|()| framed)
+    } else {
+        let memory = seed.memory.clone();
+        tokio::task::spawn_blocking(move || {
+            read_runs_into(&memory, &runs, &mut framed[head..]).map(|()| framed)
+        })
+        .await
+        .map_err(|e| RemoteError::SeedGone(format!("reading task: {e}")))?
+    }
+    .map_err(|e| RemoteError::SeedGone(e.to_string()))?;
+    if let Some(page) = touched {
+        seed.record(page);
+    }
+    daemon
+        .counters
+        .bytes_served
+        .fetch_add(len as u64, Ordering::Relaxed);
+    Ok(framed)
 }

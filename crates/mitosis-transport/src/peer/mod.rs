@@ -307,6 +307,30 @@ pub enum Response {
     Error(RemoteError),
 }
 
+/// What comes before a `Pages` answer's `len` page bytes in its frame: the frame header, the
+/// variant and the length (postcard: a LEB128 varint). A page server writes it and reads the
+/// pages in right after, with no copy in between; a client that asked for `len` bytes reads
+/// it apart and the pages straight into their buffer.
+pub fn pages_frame_head(len: usize) -> Vec<u8> {
+    let mut body =
+        postcard::to_stdvec(&Response::Pages(Vec::new())).expect("a response serializes to memory");
+    // The empty length's one byte, replaced by `len`.
+    body.pop();
+    let mut n = len;
+    loop {
+        let low = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            body.push(low);
+            break;
+        }
+        body.push(low | 0x80);
+    }
+    let mut head = ((body.len() + len) as u32).to_le_bytes().to_vec();
+    head.extend(body);
+    head
+}
+
 /// How a bootstrap's pages follow its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PagesFollow {

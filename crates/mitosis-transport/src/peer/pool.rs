@@ -71,21 +71,44 @@ impl AsyncWrite for PeerStream {
 /// Answers longer than this are awaited whole on plain TCP (see [`read_answer`]).
 const WHOLE_ABOVE: usize = 16 << 10;
 
-/// Reads one answer frame. On plain TCP a long body (pages) is awaited whole: with the
+/// Reads one answer frame. An answer of the `pages` bytes asked for goes straight into its
+/// buffer (no decoding copy). On plain TCP a long body (pages) is awaited whole: with the
 /// socket's low-water mark at what is still to come, the task wakes once for all of it
 /// instead of once per batch of segments, each wake-up a thread's round trip through the
 /// scheduler (a 50-page answer took three or four).
-async fn read_answer(stream: &mut PeerStream) -> Result<Response, FrameError> {
+async fn read_answer(
+    stream: &mut PeerStream,
+    pages: Option<usize>,
+) -> Result<Response, FrameError> {
     let mut header = [0u8; 4];
     stream.read_exact(&mut header).await.map_err(eof_closes)?;
-    let mut body = vec![0u8; frame::body_len(header, frame::MAX_FRAME)?];
-    match stream {
-        PeerStream::Plain(tcp) if body.len() > WHOLE_ABOVE => read_whole(tcp, &mut body).await?,
-        _ => {
+    let len = frame::body_len(header, frame::MAX_FRAME)?;
+    let mut body = Vec::new();
+    if let Some(want) = pages {
+        let head = pages_frame_head(want);
+        if head[..4] == header {
+            body.resize(head.len() - 4, 0);
             stream.read_exact(&mut body).await.map_err(eof_closes)?;
+            if body == head[4..] {
+                let mut data = vec![0u8; want];
+                read_body(stream, &mut data).await?;
+                return Ok(Response::Pages(data));
+            }
+            // As long, but another answer: decoded whole below.
         }
     }
+    let read = body.len();
+    body.resize(len, 0);
+    read_body(stream, &mut body[read..]).await?;
     Ok(postcard::from_bytes(&body)?)
+}
+
+/// Fills `body`: on plain TCP, a long one awaited whole ([`read_whole`]).
+async fn read_body(stream: &mut PeerStream, body: &mut [u8]) -> Result<(), FrameError> {
+    match stream {
+        PeerStream::Plain(tcp) if body.len() > WHOLE_ABOVE => read_whole(tcp, body).await,
+        _ => stream.read_exact(body).await.map(drop).map_err(eof_closes),
+    }
 }
 
 /// Fills `body` from `tcp`, waiting for readiness only with the low-water mark at the bytes
@@ -232,14 +255,14 @@ impl PeerPool {
     }
 
     pub async fn attach(&self, addr: SocketAddr, seed: SeedRef) -> Result<(), PeerError> {
-        match self.call(addr, &seed, &Request::Attach).await? {
+        match self.call(addr, &seed, (&Request::Attach, None)).await? {
             Response::Attached => Ok(()),
             _ => Err(PeerError::Protocol(addr)),
         }
     }
 
     pub async fn descriptor(&self, addr: SocketAddr, seed: SeedRef) -> Result<Vec<u8>, PeerError> {
-        match self.call(addr, &seed, &Request::Descriptor).await? {
+        match self.call(addr, &seed, (&Request::Descriptor, None)).await? {
             Response::Descriptor(d) => Ok(d),
             _ => Err(PeerError::Protocol(addr)),
         }
@@ -260,7 +283,7 @@ impl PeerPool {
         }
         let want = pages as usize * packed::PAGE;
         let request = Request::Pages { runs, touched };
-        match self.call(addr, &seed, &request).await? {
+        match self.call(addr, &seed, (&request, Some(want))).await? {
             Response::Pages(p) if p.len() == want => Ok(p),
             _ => Err(PeerError::Protocol(addr)),
         }
@@ -274,7 +297,9 @@ impl PeerPool {
         addr: SocketAddr,
         seed: SeedRef,
     ) -> Result<Bootstrap, PeerError> {
-        let (conn, resp) = self.open_exchange(addr, &seed, &Request::Bootstrap).await?;
+        let (conn, resp) = self
+            .open_exchange(addr, &seed, (&Request::Bootstrap, None))
+            .await?;
         let (descriptor, runs, follow) = match resp {
             Response::Bootstrap {
                 descriptor,
@@ -377,7 +402,7 @@ impl PeerPool {
         addr: SocketAddr,
         conn: &mut Conn,
         seed: &SeedRef,
-        req: &Request,
+        (req, pages): (&Request, Option<usize>),
     ) -> Result<Response, PeerError> {
         let seq = conn.next_seq;
         conn.next_seq += 1;
@@ -390,7 +415,7 @@ impl PeerPool {
             stream.write_all(&bytes).await?;
             // TLS may hold the last record back until flushed (a no-op for TCP).
             stream.flush().await?;
-            read_answer(stream).await
+            read_answer(stream, pages).await
         };
         match timeout(self.timeout, exchange).await {
             Err(_) => Err(PeerError::Timeout(addr, self.timeout)),
@@ -399,11 +424,12 @@ impl PeerPool {
         }
     }
 
+    /// Sends `req` and reads its answer; `pages`: the bytes of pages it asks for, if it does.
     async fn call(
         &self,
         addr: SocketAddr,
         seed: &SeedRef,
-        req: &Request,
+        req: (&Request, Option<usize>),
     ) -> Result<Response, PeerError> {
         let (conn, response) = self.open_exchange(addr, seed, req).await?;
         // Only a connection that completed its exchange goes back: it is in a clean state.
@@ -421,7 +447,7 @@ impl PeerPool {
         &self,
         addr: SocketAddr,
         seed: &SeedRef,
-        req: &Request,
+        req: (&Request, Option<usize>),
     ) -> Result<(Conn, Response), PeerError> {
         if let Some(mut conn) = self.checkout(addr) {
             match self.send(addr, &mut conn, seed, req).await {

@@ -27,6 +27,31 @@ fn every_request() -> Vec<Request> {
 }
 
 #[test]
+fn a_pages_frame_head_is_what_encoding_the_answer_puts_before_its_pages() {
+    for len in [
+        0usize,
+        1,
+        127,
+        128,
+        4096,
+        16_383,
+        16_384,
+        65_536,
+        1 << 20,
+        4096 * 4096,
+    ] {
+        let pages = vec![0x5a; len];
+        let mut framed = pages_frame_head(len);
+        framed.extend_from_slice(&pages);
+        assert_eq!(
+            framed,
+            frame::encode(&Response::Pages(pages)),
+            "{len} bytes"
+        );
+    }
+}
+
+#[test]
 fn the_key_never_goes_on_the_wire() {
     let nonce = [0x11; NONCE_LEN];
     for (seq, request) in every_request().into_iter().enumerate() {
