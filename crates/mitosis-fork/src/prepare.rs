@@ -167,8 +167,21 @@ fn read_proc(path: String) -> Result<String, PrepareError> {
     fs::read_to_string(&path).map_err(proc_err(path))
 }
 
-/// Captures `pid` as seed `seed_id`. Must run on the daemon's tracer thread.
-pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, PrepareError> {
+/// Captures `pid` as seed `seed_id`. Must run on the daemon's tracer thread. `released` is
+/// called once the seed runs again (the rest of the capture reads its twin): work on the seed
+/// itself that would slow its stop (smaps takes its memory lock) can start then.
+pub fn prepare(
+    pid: i32,
+    seed_id: u64,
+    files: &FileCache,
+    released: impl FnOnce(),
+) -> Result<Prepared, PrepareError> {
+    let mut released = Some(released);
+    let mut on_release = || {
+        if let Some(f) = released.take() {
+            f()
+        }
+    };
     capture::creds::check_namespace(pid)?;
     let cwd = fs::read_link(format!("/proc/{pid}/cwd"))
         .ok()
@@ -179,7 +192,7 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
     // it is read only when something needs it (the twin is smaller than the seed, the seed
     // has memory locked, or a shared file mapping is read-only), and the twin made again
     // with the DONTFORK ranges let through.
-    let mut snap = snapshot(pid, &[])?;
+    let mut snap = snapshot(pid, &[], &mut on_release)?;
     let mut maps = twin_maps(&snap);
     let mut dont_fork = Vec::new();
     let mut smaps = Vec::new();
@@ -205,7 +218,7 @@ pub fn prepare(pid: i32, seed_id: u64, files: &FileCache) -> Result<Prepared, Pr
         dont_fork = lost.iter().map(|m| (m.start, m.end)).collect();
         if !dont_fork.is_empty() {
             snap.twin.release(snap.syscall_insn);
-            snap = snapshot(pid, &dont_fork)?;
+            snap = snapshot(pid, &dont_fork, &mut on_release)?;
             maps = twin_maps(&snap);
         }
     }
@@ -293,12 +306,17 @@ struct Snapshot {
 
 /// Stops the seed, captures its threads and descriptors, clones the twin (letting the
 /// `dont_fork` ranges through) and lets the seed go on; then reads the process state.
-fn snapshot(pid: i32, dont_fork: &[(u64, u64)]) -> Result<Snapshot, PrepareError> {
+fn snapshot(
+    pid: i32,
+    dont_fork: &[(u64, u64)],
+    on_release: &mut dyn FnMut(),
+) -> Result<Snapshot, PrepareError> {
     let stop_start = Instant::now();
     let mut group = threads::stop_all(pid)?;
     let frozen = freeze(&mut group, pid, dont_fork);
     // Whatever happened, the seed goes on running.
     group.release();
+    on_release();
     let Frozen {
         mut twin,
         kept,

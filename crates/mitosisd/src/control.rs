@@ -322,12 +322,13 @@ async fn prepare_with_id(
     owner: u32,
 ) -> Result<Event, PrepareFailed> {
     let started = std::time::Instant::now();
-    // A child of a seed is flattened first; any other process is checked beside the capture
-    // (see `multihop`).
+    // A child of a seed is flattened first; any other process is checked beside the capture,
+    // once it runs again (see `multihop`).
     let lazy_check = match from {
         None => crate::multihop::before_prepare(&daemon.flatteners, pid).await?,
-        Some(_) => crate::multihop::LazyCheck::none(),
+        Some(_) => None,
     };
+    let (released, seed_runs) = tokio::sync::oneshot::channel::<()>();
     // A child in a container: its seed takes the container over (the twin is made in it)
     // and its children join containers of the same bundle.
     let in_container = match from {
@@ -335,14 +336,28 @@ async fn prepare_with_id(
         Some(_) => None,
     };
     let files = daemon.files.clone();
-    let captured = match crate::tracer::Tracer::spawn(&format!("seed-{id}")) {
-        Ok(tracer) => tracer
-            .run(move || mitosis_fork::prepare(pid, id, &files))
-            .await
-            .map(|prepared| (prepared, tracer))
-            .map_err(PrepareFailed::Capture),
-        Err(e) => Err(PrepareFailed::Tracer(e)),
+    let capture = async {
+        match crate::tracer::Tracer::spawn(&format!("seed-{id}")) {
+            Ok(tracer) => tracer
+                .run(move || {
+                    mitosis_fork::prepare(pid, id, &files, move || {
+                        let _ = released.send(());
+                    })
+                })
+                .await
+                .map(|prepared| (prepared, tracer))
+                .map_err(PrepareFailed::Capture),
+            Err(e) => Err(PrepareFailed::Tracer(e)),
+        }
     };
+    let check = async {
+        match lazy_check {
+            // Not released: the capture failed, and says why.
+            Some(check) if seed_runs.await.is_ok() => check.run().await,
+            _ => Ok(()),
+        }
+    };
+    let (captured, verdict) = tokio::join!(capture, check);
     let (mut prepared, tracer) = match captured {
         Ok(p) => p,
         Err(e) => {
@@ -352,7 +367,7 @@ async fn prepare_with_id(
             return Err(e);
         }
     };
-    if let Err(e) = lazy_check.confirm(pid).await {
+    if let Err(e) = verdict {
         let (twin, insn) = (prepared.twin, prepared.syscall_insn);
         tracer.run(move || twin.release(insn)).await;
         return Err(e);

@@ -93,15 +93,15 @@ impl ChildContainers {
     }
 }
 
-/// Makes `pid` fit for a prepare: a child of this daemon is flattened now; for any other
-/// process the check that no userfaultfd serves its memory (its smaps, milliseconds to read)
-/// starts, to run beside the capture; [`LazyCheck::confirm`] gives its verdict.
-pub async fn before_prepare(flatteners: &Flatteners, pid: i32) -> Result<LazyCheck, PrepareFailed> {
+/// Makes `pid` fit for a prepare: a child of this daemon is flattened now (`None`); any other
+/// process gets the check that no userfaultfd serves its memory, to run once the capture has
+/// let it go on ([`LazyCheck::run`]).
+pub async fn before_prepare(
+    flatteners: &Flatteners,
+    pid: i32,
+) -> Result<Option<LazyCheck>, PrepareFailed> {
     let Some(tx) = flatteners.get(pid) else {
-        return Ok(LazyCheck(Some(tokio::task::spawn_blocking(move || {
-            let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-            lazy_in(&smaps)
-        }))));
+        return Ok(Some(LazyCheck { pid }));
     };
     let started = Instant::now();
     let (reply, answer) = oneshot::channel();
@@ -116,25 +116,28 @@ pub async fn before_prepare(flatteners: &Flatteners, pid: i32) -> Result<LazyChe
         .map_err(|e| unavailable(&e.to_string()))?;
     let us = started.elapsed().as_micros() as u64;
     tracing::info!(pid, pages, us, "flattened a child before its prepare");
-    Ok(LazyCheck::none())
+    Ok(None)
 }
 
-/// The check, under way, that a process's memory comes through no userfaultfd (smaps
-/// `VmFlags: um`): the start of such a mapping, if any.
-pub struct LazyCheck(Option<tokio::task::JoinHandle<Option<u64>>>);
+/// The check that a process's memory comes through no userfaultfd (smaps `VmFlags: um`).
+/// Reading smaps takes milliseconds and the process's memory lock: run beside the rest of
+/// the capture, once the process runs again, not before it.
+pub struct LazyCheck {
+    pid: i32,
+}
 
 impl LazyCheck {
-    /// Nothing to check (a flattened child, or a child this daemon starts itself).
-    pub fn none() -> Self {
-        LazyCheck(None)
-    }
-
-    /// The verdict on `pid`: a process whose memory still comes from a seed through a
-    /// userfaultfd nobody here can bring in is refused (captured as it is, its children would
-    /// see zeros where it sees its seed's pages). A check that failed refuses too.
-    pub async fn confirm(self, pid: i32) -> Result<(), PrepareFailed> {
-        let Some(check) = self.0 else { return Ok(()) };
-        match check.await {
+    /// A process whose memory still comes from a seed through a userfaultfd nobody here can
+    /// bring in is refused: captured as it is, its children would see zeros where it sees its
+    /// seed's pages. A check that failed refuses too.
+    pub async fn run(self) -> Result<(), PrepareFailed> {
+        let pid = self.pid;
+        let lazy = tokio::task::spawn_blocking(move || {
+            let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+            lazy_in(&smaps)
+        })
+        .await;
+        match lazy {
             Ok(None) => Ok(()),
             Ok(Some(at)) => Err(PrepareFailed::MultiHop(format!(
                 "pid {pid} still takes memory from a seed through userfaultfd (at {at:#x}) that \
