@@ -26,6 +26,14 @@ pub fn robust_list(tid: i32) -> io::Result<(u64, u64)> {
     Ok((head, len as u64))
 }
 
+/// `ioprio_get(IOPRIO_WHO_PROCESS, pid)`: the task's I/O priority, as the task itself would
+/// read it (no permission needed to read it).
+pub fn io_priority(pid: i32) -> io::Result<i64> {
+    // SAFETY: ioprio_get takes two integers and writes nothing.
+    let ret = unsafe { libc::syscall(libc::SYS_ioprio_get, 1, pid) };
+    cvt(ret)
+}
+
 /// Every resource limit of `pid`, as (resource, soft, hard).
 pub fn rlimits(pid: i32) -> io::Result<Vec<(u32, u64, u64)>> {
     (0..RLIMITS)

@@ -75,25 +75,12 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
         libc::PR_GET_DUMPABLE as u64,
         "reading the dumpable flag",
     )?;
-    let thp_disabled = ask(
-        libc::SYS_prctl,
-        libc::PR_GET_THP_DISABLE as u64,
-        "reading the THP flag",
-    )?;
-    let personality = ask(
-        libc::SYS_personality,
-        0xffff_ffff,
-        "reading the personality",
-    )?;
-    let mce_kill = ask(
-        libc::SYS_prctl,
-        libc::PR_MCE_KILL_GET as u64,
-        "reading the memory-error kill policy",
-    )?;
-    // ioprio_get(IOPRIO_WHO_PROCESS, 0): the twin's, copied from the seed's main thread.
-    let ioprio = ask(libc::SYS_ioprio_get, 1, "reading the I/O priority")?;
     twin.set_regs(&saved)
         .map_err(inject("restoring registers"))?;
+    // The rest the twin shows from outside, as exactly as it would answer them itself: each
+    // syscall injected into it costs about 120 µs here (its stop, wake-up and our wait), five
+    // of them half of a small seed's prepare.
+    let twin_proc = TwinProc::read(twin_pid)?;
     if dumpable < 0 {
         return Err(PrepareError::Inject {
             pid: twin_pid,
@@ -132,21 +119,74 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
         rlimits,
         umask,
         dumpable: dumpable as u8,
-        thp_disabled: thp_disabled == 1,
-        personality: personality.max(0) as u32,
+        thp_disabled: twin_proc.thp_disabled,
+        personality: twin_proc.personality,
         // Read in the seed (fork does not pass them on): set by the caller.
         child_subreaper: false,
         pending: Vec::new(),
         itimers: Vec::new(),
         posix_timers: Vec::new(),
-        sched: scheduling(pid, mce_kill, ioprio)?,
+        sched: scheduling(pid, &twin_proc)?,
         zombies: Vec::new(),
     })
 }
 
+/// What the twin (a frozen copy of the seed's main thread and memory) shows in /proc and to
+/// ioprio_get: what PR_GET_THP_DISABLE, personality(0xffffffff), PR_MCE_KILL_GET and
+/// ioprio_get(IOPRIO_WHO_PROCESS, 0) would answer in it.
+struct TwinProc {
+    thp_disabled: bool,
+    personality: u32,
+    /// PR_MCE_KILL_LATE (0), PR_MCE_KILL_EARLY (1) or PR_MCE_KILL_DEFAULT (2).
+    mce_kill: u8,
+    ioprio: u32,
+}
+
+/// `PF_MCE_PROCESS` and `PF_MCE_EARLY` in a task's flags (`/proc/PID/stat` field 9): what
+/// PR_MCE_KILL sets and PR_MCE_KILL_GET reads.
+const PF_MCE_PROCESS: u64 = 0x80;
+const PF_MCE_EARLY: u64 = 0x0800_0000;
+
+impl TwinProc {
+    fn read(twin: i32) -> Result<Self, PrepareError> {
+        let read = |name: &str| {
+            let path = format!("/proc/{twin}/{name}");
+            fs::read_to_string(&path).map_err(|source| PrepareError::Proc { path, source })
+        };
+        let malformed = |what: &str| PrepareError::Malformed {
+            pid: twin,
+            reason: crate::prepare::MalformedProc(format!("/proc/{twin}/{what}")),
+        };
+        // "THP_enabled: 0" exactly when PR_SET_THP_DISABLE turned it off for the process.
+        let thp_disabled = read("status")?
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:"))
+            .map(|v| v.trim() == "0")
+            .ok_or_else(|| malformed("status"))?;
+        let personality = u32::from_str_radix(read("personality")?.trim(), 16)
+            .map_err(|_| malformed("personality"))?;
+        let flags: u64 = read("stat")?
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().nth(9 - 3)?.parse().ok())
+            .ok_or_else(|| malformed("stat"))?;
+        let mce_kill = match (flags & PF_MCE_PROCESS != 0, flags & PF_MCE_EARLY != 0) {
+            (false, _) => 2,
+            (true, early) => early as u8,
+        };
+        // An older kernel refusing the call reads as the default.
+        let ioprio = mitosis_sys::task::io_priority(twin).unwrap_or(0).max(0) as u32;
+        Ok(TwinProc {
+            thp_disabled,
+            personality,
+            mce_kill,
+            ioprio,
+        })
+    }
+}
+
 /// The seed's scheduling settings: nice, policy and RT priority from its stat, the OOM score
-/// adjustment and core dump filter from /proc, and what the twin answered.
-fn scheduling(pid: i32, mce_kill: i64, ioprio: i64) -> Result<Scheduling, PrepareError> {
+/// adjustment and core dump filter from /proc, and what the twin shows.
+fn scheduling(pid: i32, twin: &TwinProc) -> Result<Scheduling, PrepareError> {
     let read = |name: &str| {
         let path = format!("/proc/{pid}/{name}");
         fs::read_to_string(&path).map_err(|source| PrepareError::Proc { path, source })
@@ -185,13 +225,8 @@ fn scheduling(pid: i32, mce_kill: i64, ioprio: i64) -> Result<Scheduling, Prepar
         nice: field(19)? as i8,
         rt_priority: field(40)? as u32,
         policy,
-        // Unknown (an older kernel refusing the call) reads as the default.
-        ioprio: ioprio.max(0) as u32,
-        mce_kill: if (0..=1).contains(&mce_kill) {
-            mce_kill as u8
-        } else {
-            2
-        },
+        ioprio: twin.ioprio,
+        mce_kill: twin.mce_kill,
         oom_score_adj,
         coredump_filter,
     })
