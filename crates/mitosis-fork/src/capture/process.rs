@@ -64,6 +64,10 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
             mask: word(3),
         });
     }
+    // What the twin shows from outside, as exactly as it would answer it itself: each syscall
+    // injected into it costs about 120 µs here (its stop, wake-up and our wait), five of them
+    // half of a small seed's prepare.
+    let mut twin_proc = TwinProc::read(twin_pid)?;
     // Process-wide, in the mm or task the twin copied: the twin answers for the seed.
     let mut ask = |nr: i64, arg: u64, what| {
         twin.syscall(insn, nr, [arg, 0, 0, 0, 0, 0])
@@ -75,12 +79,17 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
         libc::PR_GET_DUMPABLE as u64,
         "reading the dumpable flag",
     )?;
+    // A kernel whose status lacks THP_enabled (before 5.0): asked.
+    if twin_proc.thp_disabled.is_none() {
+        let thp = ask(
+            libc::SYS_prctl,
+            libc::PR_GET_THP_DISABLE as u64,
+            "reading the THP flag",
+        )?;
+        twin_proc.thp_disabled = Some(thp == 1);
+    }
     twin.set_regs(&saved)
         .map_err(inject("restoring registers"))?;
-    // The rest the twin shows from outside, as exactly as it would answer them itself: each
-    // syscall injected into it costs about 120 µs here (its stop, wake-up and our wait), five
-    // of them half of a small seed's prepare.
-    let twin_proc = TwinProc::read(twin_pid)?;
     if dumpable < 0 {
         return Err(PrepareError::Inject {
             pid: twin_pid,
@@ -119,7 +128,7 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
         rlimits,
         umask,
         dumpable: dumpable as u8,
-        thp_disabled: twin_proc.thp_disabled,
+        thp_disabled: twin_proc.thp_disabled.unwrap_or(false),
         personality: twin_proc.personality,
         // Read in the seed (fork does not pass them on): set by the caller.
         child_subreaper: false,
@@ -135,7 +144,8 @@ pub fn capture(pid: i32, twin: &mut Tracee, insn: u64) -> Result<ProcessState, P
 /// ioprio_get: what PR_GET_THP_DISABLE, personality(0xffffffff), PR_MCE_KILL_GET and
 /// ioprio_get(IOPRIO_WHO_PROCESS, 0) would answer in it.
 struct TwinProc {
-    thp_disabled: bool,
+    /// `None` where /proc does not say (its status lacks THP_enabled).
+    thp_disabled: Option<bool>,
     personality: u32,
     /// PR_MCE_KILL_LATE (0), PR_MCE_KILL_EARLY (1) or PR_MCE_KILL_DEFAULT (2).
     mce_kill: u8,
@@ -161,8 +171,7 @@ impl TwinProc {
         let thp_disabled = read("status")?
             .lines()
             .find_map(|l| l.strip_prefix("THP_enabled:"))
-            .map(|v| v.trim() == "0")
-            .ok_or_else(|| malformed("status"))?;
+            .map(|v| v.trim() == "0");
         let personality = u32::from_str_radix(read("personality")?.trim(), 16)
             .map_err(|_| malformed("personality"))?;
         let flags: u64 = read("stat")?
