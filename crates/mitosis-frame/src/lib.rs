@@ -43,7 +43,8 @@ pub fn body_len(header: [u8; 4], max: usize) -> Result<usize, FrameError> {
     Ok(len)
 }
 
-fn closed_on_eof(e: std::io::Error) -> FrameError {
+/// A read error as a frame error: the stream ending mid-frame is the peer closing it.
+pub fn closed_on_eof(e: std::io::Error) -> FrameError {
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
         FrameError::Closed
     } else {

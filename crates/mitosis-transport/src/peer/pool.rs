@@ -81,14 +81,20 @@ async fn read_answer(
     pages: Option<usize>,
 ) -> Result<Response, FrameError> {
     let mut header = [0u8; 4];
-    stream.read_exact(&mut header).await.map_err(eof_closes)?;
+    stream
+        .read_exact(&mut header)
+        .await
+        .map_err(frame::closed_on_eof)?;
     let len = frame::body_len(header, frame::MAX_FRAME)?;
     let mut body = Vec::new();
     if let Some(want) = pages {
         let head = pages_frame_head(want);
         if head[..4] == header {
             body.resize(head.len() - 4, 0);
-            stream.read_exact(&mut body).await.map_err(eof_closes)?;
+            stream
+                .read_exact(&mut body)
+                .await
+                .map_err(frame::closed_on_eof)?;
             if body == head[4..] {
                 let mut data = vec![0u8; want];
                 read_body(stream, &mut data).await?;
@@ -107,7 +113,11 @@ async fn read_answer(
 async fn read_body(stream: &mut PeerStream, body: &mut [u8]) -> Result<(), FrameError> {
     match stream {
         PeerStream::Plain(tcp) if body.len() > WHOLE_ABOVE => read_whole(tcp, body).await,
-        _ => stream.read_exact(body).await.map(drop).map_err(eof_closes),
+        _ => stream
+            .read_exact(body)
+            .await
+            .map(drop)
+            .map_err(frame::closed_on_eof),
     }
 }
 
@@ -137,14 +147,6 @@ async fn read_whole(tcp: &mut TcpStream, body: &mut [u8]) -> Result<(), FrameErr
         let _ = set_recv_low_water(tcp, 1);
     }
     result
-}
-
-fn eof_closes(e: std::io::Error) -> FrameError {
-    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        FrameError::Closed
-    } else {
-        FrameError::Io(e)
-    }
 }
 
 /// One connection to a peer's page server, with what its requests are sealed with.
