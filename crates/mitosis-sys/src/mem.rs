@@ -273,21 +273,20 @@ mod tests {
         base
     }
 
+    /// Sets the protection of the page at `addr`, one of a test's own mappings.
+    fn protect_page(addr: u64, prot: libc::c_int) {
+        // SAFETY: `addr` is a page of a mapping the calling test made and still owns.
+        let ret = unsafe { libc::mprotect(addr as *mut libc::c_void, PAGE_SIZE as usize, prot) };
+        assert_eq!(ret, 0);
+    }
+
     #[test]
     fn pieces_land_in_writable_and_read_only_memory() {
         let len = 2 * PAGE_SIZE as usize;
         let base = fresh_anonymous(len);
         let addr = base as u64;
         // The second page read-only: process_vm_writev refuses it, /proc/PID/mem does not.
-        // SAFETY: the second page of the mapping made above.
-        let ro = unsafe {
-            libc::mprotect(
-                (addr + PAGE_SIZE) as *mut libc::c_void,
-                PAGE_SIZE as usize,
-                libc::PROT_READ,
-            )
-        };
-        assert_eq!(ro, 0);
+        protect_page(addr + PAGE_SIZE, libc::PROT_READ);
         let memory = RemoteMemory::open(std::process::id() as i32, true).unwrap();
         let (a, b, c) = ([1u8; 16], [2u8; 16], [3u8; 16]);
         memory
@@ -312,15 +311,7 @@ mod tests {
             unsafe { *((addr + page * PAGE_SIZE + 8) as *mut u8) = page as u8 + 1 };
         }
         // The middle page unreadable: process_vm_readv stops there, /proc/PID/mem does not.
-        // SAFETY: the second page of the mapping made above.
-        let none = unsafe {
-            libc::mprotect(
-                (addr + PAGE_SIZE) as *mut libc::c_void,
-                PAGE_SIZE as usize,
-                libc::PROT_NONE,
-            )
-        };
-        assert_eq!(none, 0);
+        protect_page(addr + PAGE_SIZE, libc::PROT_NONE);
         let memory = RemoteMemory::open(std::process::id() as i32, false).unwrap();
         let (mut a, mut b, mut c) = ([0u8; 16], [0u8; 16], [0u8; 16]);
         memory
