@@ -196,6 +196,13 @@ fn control_requests() -> Vec<(&'static str, Vec<u8>)> {
         ("prepare", frame::encode(&Request::Prepare { pid: 1234 })),
         ("prepare-caller", frame::encode(&Request::PrepareCaller)),
         (
+            "prepare-profiled",
+            frame::encode(&Request::PrepareProfiled {
+                pid: None,
+                profile: "app/fn".into(),
+            }),
+        ),
+        (
             "prepare-bundle",
             frame::encode(&Request::PrepareBundle {
                 bundle: "/var/lib/mitosis/bundles/python".into(),
@@ -278,6 +285,7 @@ fn control_events() -> Vec<(&'static str, Vec<u8>)> {
                     vmas: 64,
                     seed_pages: 2200,
                     descriptor_bytes: 9000,
+                    carried_pages: 300,
                 },
             }),
         ),

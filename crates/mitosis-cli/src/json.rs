@@ -56,6 +56,7 @@ pub fn prepared(handle: &str, output: Option<&Path>, s: &PrepareStats) -> Result
             "vmas": s.vmas,
             "seed_pages": s.seed_pages,
             "descriptor_bytes": s.descriptor_bytes,
+            "carried_pages": s.carried_pages,
         }),
     );
     Ok(Value::Object(out))

@@ -89,6 +89,16 @@ impl Client {
         self.prepared(&Request::Prepare { pid })
     }
 
+    /// As [`Client::prepare_pid`], a seed of the program named `profile`: its first
+    /// children's hosts get the pages earlier seeds of that profile had their children touch
+    /// (`stats.carried_pages` of them).
+    pub fn prepare_pid_profiled(self, pid: i32, profile: &str) -> Result<(String, PrepareStats)> {
+        self.prepared(&Request::PrepareProfiled {
+            pid: Some(pid),
+            profile: profile.to_owned(),
+        })
+    }
+
     /// Starts the OCI bundle in `bundle` (a directory on the daemon's host), waits until it is
     /// warm (blocked reading stdin, at most `ready_timeout`) and prepares it.
     pub fn prepare_bundle(

@@ -121,6 +121,20 @@ impl RemoteClient {
         self.prepared(&Request::Prepare { pid }).await
     }
 
+    /// As [`RemoteClient::prepare_pid`], a seed of the program named `profile` (see
+    /// [`crate::Client::prepare_pid_profiled`]).
+    pub async fn prepare_pid_profiled(
+        self,
+        pid: i32,
+        profile: &str,
+    ) -> Result<(String, PrepareStats)> {
+        self.prepared(&Request::PrepareProfiled {
+            pid: Some(pid),
+            profile: profile.to_owned(),
+        })
+        .await
+    }
+
     /// Starts the OCI bundle in `bundle` (a directory on the daemon's host), waits until it is
     /// warm and prepares it.
     pub async fn prepare_bundle(

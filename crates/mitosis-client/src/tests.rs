@@ -106,6 +106,30 @@ fn prepare_gets_the_handle_and_stats() {
 }
 
 #[test]
+fn a_profiled_prepare_names_its_profile() {
+    let stats = PrepareStats {
+        carried_pages: 77,
+        ..PrepareStats::default()
+    };
+    let (client, daemon) = pair(
+        vec![Event::Prepared {
+            handle: "mitosis://10.0.0.1:7070/2/ab".into(),
+            stats,
+        }],
+        Then::Answer,
+    );
+    let (_, stats) = client.prepare_pid_profiled(42, "app/fn").unwrap();
+    assert_eq!(stats.carried_pages, 77);
+    let got = daemon.join().unwrap();
+    match got.first {
+        Request::PrepareProfiled { pid, profile } => {
+            assert_eq!((pid, profile.as_str()), (Some(42), "app/fn"))
+        }
+        other => panic!("sent {other:?}"),
+    }
+}
+
+#[test]
 fn an_error_event_is_the_error() {
     let (client, daemon) = pair(
         vec![Event::Error(DaemonError::new(

@@ -113,6 +113,12 @@ pub fn default_socket() -> PathBuf {
 /// caller (`Parent`) and again in every child resumed from it (`Child`). The caller runs on
 /// once prepared; its later writes never reach its children.
 pub fn fork_prepare(socket: &Path) -> Result<Forked, ForkError> {
+    fork_prepare_profiled(socket, None)
+}
+
+/// As [`fork_prepare`], a seed of the program named `profile` if one is given: its first
+/// children's hosts get the pages that earlier seeds of that profile had their children touch.
+pub fn fork_prepare_profiled(socket: &Path, profile: Option<&str>) -> Result<Forked, ForkError> {
     let before = std::process::id();
     let stream = UnixStream::connect(socket).map_err(|err| ForkError::NoHost {
         path: socket.to_owned(),
@@ -121,7 +127,13 @@ pub fn fork_prepare(socket: &Path) -> Result<Forked, ForkError> {
     let moved = fdpass::dup_at_least(&stream, CONTROL_FD_MIN).map_err(ForkError::Stdio)?;
     drop(stream);
     let mut stream = UnixStream::from(moved);
-    let bytes = frame::encode(&Request::PrepareCaller);
+    let bytes = frame::encode(&match profile {
+        Some(name) => Request::PrepareProfiled {
+            pid: None,
+            profile: name.to_owned(),
+        },
+        None => Request::PrepareCaller,
+    });
     stream
         .write_all(&bytes)
         .map_err(|e| ForkError::Connection(e.to_string()))?;

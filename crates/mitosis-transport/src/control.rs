@@ -84,6 +84,11 @@ pub enum Request {
     /// which then share those pages as after a local fork, each holding only what it
     /// writes, instead of each copying what it faults in. Answered by `Done` once in.
     Fill { handle: String },
+    /// `Prepare` (with `pid`) or `PrepareCaller` (without) of a seed of the program named
+    /// `profile`: its first children's hosts get, as their bootstrap, the pages that earlier
+    /// seeds of the same profile (and owner) had their children touch, carried over to this
+    /// seed's mappings. Answered by `Prepared`.
+    PrepareProfiled { pid: Option<i32>, profile: String },
 }
 
 /// What the daemon answers.
@@ -262,6 +267,8 @@ pub struct PrepareStats {
     pub vmas: u32,
     pub seed_pages: u64,
     pub descriptor_bytes: u64,
+    /// Pages carried over from earlier seeds of its profile (`PrepareProfiled`).
+    pub carried_pages: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -104,6 +104,7 @@ fn bootstrap_runs(seed: &Seed) -> (Vec<(u64, u32)>, usize) {
     let working_set = seed.working_set_pages();
     let mut pages = bootstrap_pages(&seed.descriptor);
     pages.extend(&working_set);
+    pages.extend(seed.carried_pages());
     pages.sort_unstable();
     pages.dedup();
     pages.truncate(MAX_BOOTSTRAP_PAGES as usize);

@@ -91,27 +91,11 @@ where
         return send_event(&mut writer, &RequestRefused::Denied(why).to_event()).await;
     }
     let event = match request {
-        Request::Prepare { pid } => {
-            let prepared = prepare(&daemon, pid, None, caller.uid).await;
-            let prepared = match prepared {
-                Ok(event) => recheck(&daemon, caller, pid, event).await,
-                Err(e) => Err(e),
-            };
-            prepared.unwrap_or_else(|e| e.to_event())
-        }
-        Request::PrepareCaller => match caller.pid {
-            Some(pid) => {
-                let prepared = prepare(&daemon, pid, None, caller.uid).await;
-                let prepared = match prepared {
-                    Ok(event) => recheck(&daemon, caller, pid, event).await,
-                    Err(e) => Err(e),
-                };
-                prepared.unwrap_or_else(|e| e.to_event())
-            }
-            None => RequestRefused::BadRequest(
-                "prepare the caller: only a local process on the unix socket can be".into(),
-            )
-            .to_event(),
+        Request::Prepare { pid } => prepare_checked(&daemon, caller, Some(pid), None).await,
+        Request::PrepareCaller => prepare_checked(&daemon, caller, None, None).await,
+        Request::PrepareProfiled { pid, profile } => match crate::profiles::check_name(&profile) {
+            Ok(()) => prepare_checked(&daemon, caller, pid, Some(&profile)).await,
+            Err(why) => RequestRefused::BadRequest(why).to_event(),
         },
         Request::PrepareBundle {
             bundle,
@@ -168,11 +152,13 @@ fn authorize(daemon: &Daemon, caller: &Caller, request: &Request) -> Result<(), 
         Request::Prepare { pid } => access::may_trace(caller, *pid)
             .map_err(|why| format!("refused: uid {uid} may not prepare pid {pid}: {why} (only processes it could ptrace)")),
         // A process may always trace itself; may_trace still checks it is dumpable.
-        Request::PrepareCaller => match caller.pid {
+        Request::PrepareCaller | Request::PrepareProfiled { pid: None, .. } => match caller.pid {
             Some(pid) => access::may_trace(caller, pid)
                 .map_err(|why| format!("refused: uid {uid} may not prepare itself: {why}")),
             None => Err("refused: the caller's pid is unknown".into()),
         },
+        Request::PrepareProfiled { pid: Some(pid), .. } => access::may_trace(caller, *pid)
+            .map_err(|why| format!("refused: uid {uid} may not prepare pid {pid}: {why} (only processes it could ptrace)")),
         Request::PrepareBundle { .. } => root_only("prepare a bundle", "its seed runs as root in a container"),
         Request::Start { .. } => root_only("start a bundle", "it runs as root in a container"),
         // A child has exactly its seed's credentials, which the caller could trace when it
@@ -300,26 +286,39 @@ async fn prepare_bundle(
         },
         warm_us: started.elapsed().as_micros() as u64,
     };
-    prepare_with_id(daemon, pid, id, Some(from), 0).await
+    prepare_with_id(daemon, pid, id, Some(from), 0, None).await
 }
 
-async fn prepare(
+/// Prepares `pid` (or, with none, the caller) for `caller`, then checks the caller may still
+/// have it (see `recheck`).
+async fn prepare_checked(
     daemon: &Arc<Daemon>,
-    pid: i32,
-    from: Option<FromBundle>,
-    owner: u32,
-) -> Result<Event, PrepareFailed> {
+    caller: &Caller,
+    pid: Option<i32>,
+    profile: Option<&str>,
+) -> Event {
+    let Some(pid) = pid.or(caller.pid) else {
+        return RequestRefused::BadRequest(
+            "prepare the caller: only a local process on the unix socket can be".into(),
+        )
+        .to_event();
+    };
     let id = daemon.registry.next_id();
-    prepare_with_id(daemon, pid, id, from, owner).await
+    let prepared = match prepare_with_id(daemon, pid, id, None, caller.uid, profile).await {
+        Ok(event) => recheck(daemon, caller, pid, event).await,
+        Err(e) => Err(e),
+    };
+    prepared.unwrap_or_else(|e| e.to_event())
 }
 
-/// Prepares `pid` as seed `id` for the user `owner`.
+/// Prepares `pid` as seed `id` for the user `owner`, a seed of `profile` if named.
 async fn prepare_with_id(
     daemon: &Arc<Daemon>,
     pid: i32,
     id: u64,
     from: Option<FromBundle>,
     owner: u32,
+    profile: Option<&str>,
 ) -> Result<Event, PrepareFailed> {
     let started = std::time::Instant::now();
     // A child of a seed is flattened first; any other process is checked beside the capture,
@@ -402,7 +401,7 @@ async fn prepare_with_id(
         "captured"
     );
     let encoded = mitosis_descriptor::encode(&prepared.descriptor);
-    let stats = PrepareStats {
+    let mut stats = PrepareStats {
         warm_us: from.as_ref().map_or(0, |f| f.warm_us),
         stopped_us: prepared.stopped_us,
         total_us: started.elapsed().as_micros() as u64,
@@ -414,8 +413,16 @@ async fn prepare_with_id(
             .map(|v| v.seed_pages.len())
             .sum(),
         descriptor_bytes: encoded.len() as u64,
+        carried_pages: 0,
     };
-    let seed = Seed::new(pid, key, owner, prepared, encoded, tracer);
+    let mut seed = Seed::new(pid, key, owner, prepared, encoded, tracer);
+    if let Some(name) = profile {
+        let learned = daemon.registry.learned(owner, name);
+        let (profiled, carried) = seed.with_profile(name, learned.as_ref());
+        seed = profiled;
+        stats.carried_pages = carried as u64;
+        stats.total_us = started.elapsed().as_micros() as u64;
+    }
     *seed.container.lock().expect("container lock") = from
         .map(|f| f.container)
         .or(adopted.map(|(container, _)| container));

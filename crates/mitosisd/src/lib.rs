@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod multihop;
 pub mod peer_server;
 pub mod peer_source;
+pub mod profiles;
 pub mod registry;
 pub mod relay;
 pub mod remote;

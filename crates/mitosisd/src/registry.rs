@@ -8,6 +8,8 @@ use mitosis_fork::Twin;
 use mitosis_sys::mem::RemoteMemory;
 use mitosis_transport::peer::{NONCE_LEN, RemoteError, Sealed};
 
+use crate::profiles::{Learned, Profiles};
+
 pub struct Seed {
     pub id: u64,
     pub pid: i32,
@@ -24,6 +26,9 @@ pub struct Seed {
     pub syscall_insn: u64,
     /// Page addresses children have asked for: replayed in one transfer by new hosts.
     working_set: Mutex<BTreeSet<u64>>,
+    /// The profile it was prepared with (see [`crate::profiles`]), and the pages carried
+    /// over from earlier seeds of it (sorted): sent to new hosts beside the working set.
+    profile: Option<(String, Vec<u64>)>,
     /// The container a bundle's seed runs in, destroyed when the seed is dropped.
     pub container: Mutex<Option<crate::containers::SeedContainer>>,
     /// What new hosts fetch first, packed.
@@ -51,6 +56,7 @@ impl Seed {
             tracer,
             syscall_insn: prepared.syscall_insn,
             working_set: Mutex::new(BTreeSet::new()),
+            profile: None,
             container: Mutex::new(None),
             bootstrap: Default::default(),
         }
@@ -64,6 +70,37 @@ impl Seed {
             .lock()
             .expect("working set lock")
             .insert(page & !4095);
+    }
+
+    /// Makes it a seed of profile `name` that starts with `learned` (what earlier seeds of
+    /// it recorded, carried to this one's layout); returns the pages carried.
+    pub fn with_profile(mut self, name: &str, learned: Option<&Learned>) -> (Self, usize) {
+        let carried = learned.map_or_else(Vec::new, |l| l.carry_to_seed(&self.descriptor));
+        let n = carried.len();
+        self.profile = Some((name.to_owned(), carried));
+        (self, n)
+    }
+
+    /// The profile it was prepared with, if any.
+    pub fn profile(&self) -> Option<&str> {
+        self.profile.as_ref().map(|(name, _)| name.as_str())
+    }
+
+    /// Pages carried over from earlier seeds of its profile (sorted).
+    pub fn carried_pages(&self) -> &[u64] {
+        self.profile.as_ref().map_or(&[], |(_, pages)| pages)
+    }
+
+    /// What it has learned for its profile: the pages carried to it and those its children
+    /// touched since, by mapping.
+    pub fn learned(&self) -> Learned {
+        let touched = self.working_set_pages();
+        Learned::of_seed(
+            &self.descriptor,
+            touched
+                .into_iter()
+                .chain(self.carried_pages().iter().copied()),
+        )
     }
 
     pub fn working_set_len(&self) -> usize {
@@ -117,6 +154,8 @@ impl Seed {
 pub struct Registry {
     seeds: Mutex<HashMap<u64, Arc<Seed>>>,
     next_id: Mutex<u64>,
+    /// What seeds of each profile learned, kept when they are dropped.
+    profiles: Profiles,
 }
 
 impl Registry {
@@ -163,8 +202,35 @@ impl Registry {
             .is_some_and(|s| Arc::ptr_eq(s, seed))
     }
 
+    /// Forgets seed `id`; a seed of a profile leaves what it learned to the profile.
     pub fn remove(&self, id: u64) -> Option<Arc<Seed>> {
-        self.seeds.lock().expect("registry lock").remove(&id)
+        let seed = self.seeds.lock().expect("registry lock").remove(&id)?;
+        if let Some(name) = seed.profile() {
+            self.profiles.store(seed.owner, name, seed.learned());
+        }
+        Some(seed)
+    }
+
+    /// What the profile `name` of `owner` has learned: from its newest seed still prepared
+    /// here (its children may still be recording), else from the last one dropped.
+    pub fn learned(&self, owner: u32, name: &str) -> Option<Learned> {
+        let newest = self
+            .seeds
+            .lock()
+            .expect("registry lock")
+            .values()
+            .filter(|s| s.owner == owner && s.profile() == Some(name))
+            .max_by_key(|s| s.id)
+            .cloned();
+        match newest.map(|s| s.learned()).filter(|l| !l.is_empty()) {
+            Some(learned) => Some(learned),
+            None => self.profiles.get(owner, name),
+        }
+    }
+
+    /// Profiles this host keeps (of dropped seeds).
+    pub fn profiles(&self) -> usize {
+        self.profiles.len()
     }
 
     pub fn len(&self) -> usize {

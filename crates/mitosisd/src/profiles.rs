@@ -1,0 +1,424 @@
+//! Working sets carried over from one seed to the next seed of the same program.
+//!
+//! A seed's first children have no recorded working set: each fault crosses the network. A
+//! program prepared again (a function's seed restarted or moved, a workflow's producer run
+//! again) touches much the same pages as before, so a seed prepared with a *profile* name
+//! (`mitosis prepare --profile NAME`, `fork_prepare(profile=...)`) starts with what earlier
+//! seeds of that name had recorded, and its first children's hosts get it as a bootstrap.
+//! The pages are still this seed's own, read from its twin: a profile only chooses which of
+//! them go first, so a wrong guess costs bytes, never correctness.
+//!
+//! Addresses differ between two runs of a program (ASLR, and allocation order where threads
+//! race), so pages are carried by mapping. The two seeds' mappings, in address order, are
+//! aligned as a diff aligns lines (kind, protection, file and size), mappings that differ only
+//! in size are then paired in order within each changed stretch, and each page keeps its place
+//! in its mapping: counted from the start for the brk heap and file mappings, from the end for
+//! other anonymous memory (mmap places areas top down, so a grown area grew at its start).
+//! Only pages the new seed has (its `seed_pages`) are kept.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use mitosis_descriptor::{Backing, Descriptor, Vma};
+use similar::{Algorithm, DiffOp, capture_diff_slices_deadline};
+
+const PAGE: u64 = 4096;
+/// Profiles a daemon keeps (the least recently stored go first).
+pub const MAX_PROFILES: usize = 256;
+/// Pages one profile keeps: what one bootstrap may carry.
+pub const MAX_PROFILE_PAGES: usize = mitosis_transport::peer::MAX_BOOTSTRAP_PAGES as usize;
+/// Longest profile name, in bytes.
+pub const MAX_NAME: usize = 128;
+/// An alignment that takes longer than this (mappings by the thousand, all different) is cut
+/// short: the rest of the mappings carry nothing.
+const ALIGN_DEADLINE: Duration = Duration::from_millis(20);
+
+/// What kind of memory a mapping is, as far as two runs of a program agree on it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Kind {
+    /// The brk heap: grows up from its start.
+    Heap,
+    /// Any other anonymous memory: counted from its end.
+    Anonymous,
+    /// A file mapping (its path and offset in the file): counted from its start.
+    File { path: String, offset: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct MappingKey {
+    kind: Kind,
+    prot: u8,
+    shared: bool,
+}
+
+/// A recorded working set, by mapping rather than by address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Learned {
+    /// The seed's mappings in address order, with their sizes in pages.
+    mappings: Vec<(MappingKey, u64)>,
+    /// (index into `mappings`, place of the page in it), sorted.
+    pages: Vec<(u32, u64)>,
+}
+
+impl Learned {
+    /// The pages at `addrs` (page addresses, any order) of a seed laid out as `vmas`.
+    pub fn of(vmas: &[Vma], start_brk: u64, addrs: impl IntoIterator<Item = u64>) -> Learned {
+        let mappings: Vec<(MappingKey, u64)> = vmas
+            .iter()
+            .map(|v| (key_of(v, start_brk), v.len() / PAGE))
+            .collect();
+        let mut pages: Vec<(u32, u64)> = addrs
+            .into_iter()
+            .filter_map(|addr| {
+                let i = vmas.partition_point(|v| v.end <= addr);
+                let v = vmas.get(i).filter(|v| v.start <= addr)?;
+                Some((i as u32, place(&mappings[i].0.kind, v, addr)))
+            })
+            .collect();
+        pages.sort_unstable();
+        pages.dedup();
+        pages.truncate(MAX_PROFILE_PAGES);
+        Learned { mappings, pages }
+    }
+
+    /// The pages of a seed described by `desc` learned from it (see [`Learned::of`]).
+    pub fn of_seed(desc: &Descriptor, addrs: impl IntoIterator<Item = u64>) -> Learned {
+        Learned::of(&desc.vmas, desc.mm.start_brk, addrs)
+    }
+
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// The addresses these pages have in a seed laid out as `vmas` (sorted, each once): only
+    /// those in a mapping paired with theirs, and that the seed has.
+    pub fn carry_to(&self, vmas: &[Vma], start_brk: u64) -> Vec<u64> {
+        let keys: Vec<(MappingKey, u64)> = vmas
+            .iter()
+            .map(|v| (key_of(v, start_brk), v.len() / PAGE))
+            .collect();
+        let pairs = align(&self.mappings, &keys);
+        let mut out: Vec<u64> = self
+            .pages
+            .iter()
+            .filter_map(|&(i, place)| {
+                let j = *pairs.get(&(i as usize))?;
+                let v = &vmas[j];
+                let addr = at(&keys[j].0.kind, v, place)?;
+                v.seed_pages
+                    .contains((addr - v.start) / PAGE)
+                    .then_some(addr)
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// These pages carried to the seed `desc` describes.
+    pub fn carry_to_seed(&self, desc: &Descriptor) -> Vec<u64> {
+        self.carry_to(&desc.vmas, desc.mm.start_brk)
+    }
+}
+
+fn key_of(v: &Vma, start_brk: u64) -> MappingKey {
+    let kind = match &v.backing {
+        Backing::File { file, offset, .. } => Kind::File {
+            path: file.path.clone(),
+            offset: *offset,
+        },
+        Backing::Anonymous if v.start <= start_brk && start_brk < v.end => Kind::Heap,
+        Backing::Anonymous => Kind::Anonymous,
+    };
+    MappingKey {
+        kind,
+        prot: v.prot,
+        shared: v.shared,
+    }
+}
+
+/// The place of the page at `addr` in `v`, counted from the end that stays put.
+fn place(kind: &Kind, v: &Vma, addr: u64) -> u64 {
+    match kind {
+        Kind::Anonymous => (v.end - (addr & !(PAGE - 1))) / PAGE - 1,
+        _ => (addr - v.start) / PAGE,
+    }
+}
+
+/// The address of the page at `place` in `v`, if `v` is that large.
+fn at(kind: &Kind, v: &Vma, place: u64) -> Option<u64> {
+    let pages = v.len() / PAGE;
+    if place >= pages {
+        return None;
+    }
+    Some(match kind {
+        Kind::Anonymous => v.end - (place + 1) * PAGE,
+        _ => v.start + place * PAGE,
+    })
+}
+
+/// Pairs old mappings with new ones: index in `old` to index in `new`.
+fn align(old: &[(MappingKey, u64)], new: &[(MappingKey, u64)]) -> HashMap<usize, usize> {
+    let deadline = Some(Instant::now() + ALIGN_DEADLINE);
+    let mut pairs = HashMap::new();
+    for op in capture_diff_slices_deadline(Algorithm::Myers, old, new, deadline) {
+        match op {
+            DiffOp::Equal {
+                old_index,
+                new_index,
+                len,
+            } => pairs.extend((0..len).map(|k| (old_index + k, new_index + k))),
+            // A changed stretch: pair what differs only in size, in order.
+            DiffOp::Replace {
+                old_index,
+                old_len,
+                new_index,
+                new_len,
+            } => {
+                let o: Vec<&MappingKey> = old[old_index..old_index + old_len]
+                    .iter()
+                    .map(|m| &m.0)
+                    .collect();
+                let n: Vec<&MappingKey> = new[new_index..new_index + new_len]
+                    .iter()
+                    .map(|m| &m.0)
+                    .collect();
+                for inner in capture_diff_slices_deadline(Algorithm::Myers, &o, &n, deadline) {
+                    if let DiffOp::Equal {
+                        old_index: a,
+                        new_index: b,
+                        len,
+                    } = inner
+                    {
+                        pairs.extend((0..len).map(|k| (old_index + a + k, new_index + b + k)));
+                    }
+                }
+            }
+            DiffOp::Delete { .. } | DiffOp::Insert { .. } => {}
+        }
+    }
+    pairs
+}
+
+/// The profiles of this host: learned working sets by owner (a uid: one user's profiles never
+/// shape another's seeds) and name.
+#[derive(Default)]
+pub struct Profiles {
+    inner: Mutex<Store>,
+}
+
+#[derive(Default)]
+struct Store {
+    learned: HashMap<(u32, String), (u64, Learned)>,
+    stored: u64,
+}
+
+impl Profiles {
+    /// Keeps `learned` as the profile `name` of `owner`, replacing what it had (a seed's
+    /// working set includes what it was given, so it only grows); the least recently stored
+    /// profile goes beyond [`MAX_PROFILES`]. An empty one is not kept.
+    pub fn store(&self, owner: u32, name: &str, learned: Learned) {
+        if learned.is_empty() {
+            return;
+        }
+        let mut store = self.inner.lock().expect("profiles lock");
+        store.stored += 1;
+        let stamp = store.stored;
+        store
+            .learned
+            .insert((owner, name.to_owned()), (stamp, learned));
+        if store.learned.len() > MAX_PROFILES {
+            let oldest = store
+                .learned
+                .iter()
+                .min_by_key(|(_, (stamp, _))| *stamp)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                store.learned.remove(&k);
+            }
+        }
+    }
+
+    pub fn get(&self, owner: u32, name: &str) -> Option<Learned> {
+        let store = self.inner.lock().expect("profiles lock");
+        store
+            .learned
+            .get(&(owner, name.to_owned()))
+            .map(|(_, l)| l.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("profiles lock").learned.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why a profile name is refused, if it is: 1 to [`MAX_NAME`] bytes of letters, digits and
+/// `-_.:/@`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || "-_.:/@".contains(c);
+    if name.is_empty() || name.len() > MAX_NAME || !name.chars().all(ok) {
+        return Err(format!(
+            "profile name {:?}: 1 to {MAX_NAME} letters, digits or -_.:/@",
+            name.chars().take(MAX_NAME + 8).collect::<String>()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mitosis_descriptor::{FileIdentity, PageSet};
+
+    const RW: u8 = 3;
+
+    fn vma(start: u64, pages: u64, backing: Backing) -> Vma {
+        Vma {
+            start,
+            end: start + pages * PAGE,
+            prot: RW,
+            shared: false,
+            grows_down: false,
+            dont_fork: false,
+            may_write: false,
+            locked: false,
+            lock_on_fault: false,
+            seed_pages: PageSet::full(pages),
+            backing,
+        }
+    }
+
+    fn anon(start: u64, pages: u64) -> Vma {
+        vma(start, pages, Backing::Anonymous)
+    }
+
+    fn file(start: u64, pages: u64, path: &str) -> Vma {
+        let file = FileIdentity {
+            path: path.into(),
+            size: pages * PAGE,
+            hash: [0; 32],
+        };
+        vma(
+            start,
+            pages,
+            Backing::File {
+                file,
+                offset: 0,
+                file_pages: pages,
+            },
+        )
+    }
+
+    #[test]
+    fn pages_follow_their_mapping_to_another_run_of_the_program() {
+        // Run 1: heap at 0x100000, a library, an arena of 4 pages below it.
+        let old = [
+            anon(0x10_0000, 8),
+            anon(0x7000_0000, 4),
+            file(0x7100_0000, 2, "/lib/libc.so"),
+        ];
+        // Run 2: everything moved (ASLR); the heap grew, the arena grew at its start.
+        let new = [
+            anon(0x20_0000, 16),
+            anon(0x6000_0000 - 2 * PAGE, 6),
+            file(0x6100_0000, 2, "/lib/libc.so"),
+        ];
+        let learned = Learned::of(
+            &old,
+            0x10_0000,
+            [0x10_0000 + PAGE, 0x7000_0000 + 3 * PAGE, 0x7100_0000],
+        );
+        assert_eq!(learned.len(), 3);
+        let carried = learned.carry_to(&new, 0x20_0000);
+        assert_eq!(
+            carried,
+            vec![0x20_0000 + PAGE, 0x6000_0000 + 3 * PAGE, 0x6100_0000],
+            "heap from its start, the arena from its end, the file from its start"
+        );
+    }
+
+    #[test]
+    fn an_inserted_mapping_shifts_nothing_and_unmatched_ones_carry_nothing() {
+        let old = [
+            anon(0x1000_0000, 4),
+            file(0x2000_0000, 4, "/a"),
+            anon(0x3000_0000, 4),
+        ];
+        let new = [
+            anon(0x1000_0000, 4),
+            file(0x1800_0000, 9, "/extra"),
+            file(0x2000_0000, 4, "/a"),
+            file(0x3000_0000, 4, "/b"),
+        ];
+        let learned = Learned::of(&old, 0, [0x1000_0000, 0x2000_0000 + PAGE, 0x3000_0000]);
+        assert_eq!(
+            learned.carry_to(&new, 0),
+            vec![0x1000_0000, 0x2000_0000 + PAGE]
+        );
+    }
+
+    #[test]
+    fn pages_the_new_seed_lacks_or_beyond_a_shrunk_mapping_are_dropped() {
+        let old = [anon(0x1000_0000, 8)];
+        let mut sparse = anon(0x5000_0000, 8);
+        sparse.seed_pages =
+            PageSet::from_flags([false, false, true, true, true, true, true, false]);
+        let learned = Learned::of(
+            &old,
+            0,
+            [0x1000_0000, 0x1000_0000 + 7 * PAGE, 0x1000_0000 + PAGE],
+        );
+        // Counted from the end: places 7 (first page), 0 (last), 6 (second).
+        assert_eq!(learned.carry_to(&[sparse], 0), Vec::<u64>::new());
+        let shrunk = anon(0x5000_0000, 4);
+        assert_eq!(learned.carry_to(&[shrunk], 0), vec![0x5000_0000 + 3 * PAGE]);
+    }
+
+    #[test]
+    fn addresses_outside_every_mapping_are_not_learned() {
+        let old = [anon(0x1000_0000, 2)];
+        assert!(Learned::of(&old, 0, [0x0fff_f000, 0x1000_2000]).is_empty());
+    }
+
+    #[test]
+    fn profiles_are_per_owner_and_bounded() {
+        let p = Profiles::default();
+        let one = Learned::of(&[anon(0x1000, 1)], 0, [0x1000]);
+        p.store(1000, "f", one.clone());
+        assert_eq!(p.get(1000, "f"), Some(one.clone()));
+        assert_eq!(
+            p.get(1001, "f"),
+            None,
+            "another user's profile of the same name"
+        );
+        p.store(1000, "empty", Learned::default());
+        assert_eq!(p.get(1000, "empty"), None);
+        for i in 0..MAX_PROFILES + 5 {
+            p.store(7, &format!("p{i}"), one.clone());
+        }
+        assert_eq!(p.len(), MAX_PROFILES);
+        assert_eq!(
+            p.get(1000, "f"),
+            None,
+            "the least recently stored went first"
+        );
+        assert!(p.get(7, &format!("p{}", MAX_PROFILES + 4)).is_some());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("app/fn-1.2:v3@host").is_ok());
+        for bad in ["", "a b", "x\n", "é", &"n".repeat(MAX_NAME + 1)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
