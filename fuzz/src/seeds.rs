@@ -136,6 +136,16 @@ fn peer_requests() -> Vec<(&'static str, Vec<u8>)> {
             ),
         ),
         ("bootstrap", sealed(seed(2), 3, &Request::Bootstrap)),
+        (
+            "touched",
+            sealed(
+                seed(2),
+                4,
+                &Request::Touched {
+                    runs: vec![(0x40_0000, 3), (0x50_0000, 1)],
+                },
+            ),
+        ),
     ]
 }
 
@@ -151,12 +161,14 @@ fn peer_responses() -> Vec<(&'static str, Vec<u8>)> {
             ))),
         ),
         ("pages", frame::encode(&Response::Pages(pattern(1)))),
+        ("recorded", frame::encode(&Response::Recorded)),
         (
             "bootstrap-raw",
             frame::encode(&Response::Bootstrap {
                 descriptor: mitosis_descriptor::encode(&minimal_descriptor()),
                 runs: vec![(0x1000, 2), (0x10000, 1)],
                 follow: PagesFollow::Raw,
+                learn: false,
             }),
         ),
         (
@@ -165,6 +177,7 @@ fn peer_responses() -> Vec<(&'static str, Vec<u8>)> {
                 descriptor: mitosis_descriptor::encode(&minimal_descriptor()),
                 runs: vec![(0x40_0000, 100)],
                 follow: PagesFollow::Chunks(2),
+                learn: true,
             }),
         ),
         (

@@ -159,6 +159,110 @@ fn a_first_child_with_no_working_set_to_go_by_fetches_larger_blocks_per_fault() 
     teardown(tb);
 }
 
+/// Prepares `pid` on host 0 as a seed of `profile`: its handle and the pages carried over.
+fn prepare_profiled(tb: &mitosis_testbed::Testbed, pid: i32, profile: &str) -> (String, u64) {
+    let args = [
+        "prepare",
+        "--pid",
+        &pid.to_string(),
+        "--profile",
+        profile,
+        "--json",
+    ];
+    let out = cli(tb, 0, &args, "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("prepare --json");
+    let handle = v["handle"].as_str().expect("handle").to_owned();
+    (
+        handle,
+        v["stats"]["carried_pages"].as_u64().expect("carried_pages"),
+    )
+}
+
+/// The start of process `pid`'s brk heap.
+fn heap_start(pid: i32) -> Option<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let line = maps.lines().find(|l| l.ends_with("[heap]"))?;
+    line.split('-').next().map(str::to_owned)
+}
+
+#[test]
+fn a_program_prepared_again_under_its_profile_gives_its_first_child_what_the_last_one_learned() {
+    let tb = testbed(3);
+    let verify = |host: usize, handle: &str| {
+        let out = cli(&tb, host, &["resume", handle, "--stats"], "verify\n");
+        assert_eq!(stdout(&out), verify_ok(), "{}", stderr(&out));
+        (
+            resume_stat(&out, "fetches"),
+            resume_stat(&out, "working_set_pages"),
+        )
+    };
+    // Seed A: nothing to carry yet. Its first child reads all of it; being a seed of a
+    // profile, it shows its replica each page it touches, and the seed's host records them.
+    // Dropping A leaves them to the profile.
+    let dir_a = Scratch::new("profile-a");
+    let seed_a = memcheck_seed(&tb, 0, &dir_a.0);
+    let (handle_a, carried) = prepare_profiled(&tb, seed_a.pid(), "memcheck");
+    assert_eq!(carried, 0, "a profile never used carries nothing");
+    let (reads_a, _) = verify(1, &handle_a);
+    assert!(reads_a > 1000, "{reads_a} reads: not page by page");
+    let out = cli(&tb, 0, &["drop", &handle_a], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let heap_a = heap_start(seed_a.pid());
+    drop(seed_a);
+
+    // Seed B: another run of the same program, laid out elsewhere where ASLR is on.
+    let dir_b = Scratch::new("profile-b");
+    let seed_b = memcheck_seed(&tb, 0, &dir_b.0);
+    let aslr = std::fs::read_to_string("/proc/sys/kernel/randomize_va_space")
+        .is_ok_and(|v| v.trim() == "2");
+    if aslr {
+        assert_ne!(
+            heap_a,
+            heap_start(seed_b.pid()),
+            "two runs, one heap address"
+        );
+    }
+    let (handle_b, carried) = prepare_profiled(&tb, seed_b.pid(), "memcheck");
+    // verify reads about 6,000 pages: the first 1,024 learned one by one, the rest by block.
+    assert!(
+        carried > 4000,
+        "{carried} pages carried over\n{}",
+        tb.host(0).daemon_log()
+    );
+    // Its first child, on a host that saw neither seed, gets them as its bootstrap: every
+    // byte right, and few round trips left.
+    let (fetches_b, bootstrap_b) = verify(2, &handle_b);
+    // (Less the few that are the eager pages too.)
+    assert!(
+        bootstrap_b >= carried * 9 / 10,
+        "{bootstrap_b} pages sent of {carried} carried"
+    );
+
+    // Seed C: the same program without a profile, for comparison: its first child has
+    // nothing to go by.
+    let dir_c = Scratch::new("profile-c");
+    let seed_c = memcheck_seed(&tb, 0, &dir_c.0);
+    let handle_c = prepare(&tb, 0, seed_c.pid());
+    let (fetches_c, bootstrap_c) = verify(1, &handle_c);
+    assert!(bootstrap_c < 1000, "{bootstrap_c} pages without a profile");
+    eprintln!("carried {carried}; first child fetches: profile {fetches_b}, none {fetches_c}");
+    assert!(
+        fetches_b * 4 < fetches_c,
+        "first child with the profile: {fetches_b} fetches; without: {fetches_c}"
+    );
+
+    // Another name carries nothing; a name that is not one is refused with the reason.
+    let (_, carried) = prepare_profiled(&tb, seed_b.pid(), "other");
+    assert_eq!(carried, 0);
+    let pid = seed_b.pid().to_string();
+    let out = cli(&tb, 0, &["prepare", "--pid", &pid, "--profile", "a b"], "");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("profile name"), "{}", stderr(&out));
+    drop((seed_b, seed_c));
+    teardown(tb);
+}
+
 #[test]
 fn pooled_connections_survive_a_peer_restart() {
     let tb = testbed(2);

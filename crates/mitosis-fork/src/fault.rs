@@ -40,6 +40,10 @@ pub const PREFETCH_PAGES: u64 = 16;
 /// A host that got a bootstrap faults rarely, and there 64 slowed its children (numpy's cold
 /// host 11.5 to 16 ms).
 pub const LEARNING_PREFETCH_PAGES: u64 = 64;
+/// Pages a replica of a seed with a profile learns one by one before its children's faults
+/// bring whole blocks ([`crate::replica_pages::Prefetch::Learning`]): 25 ms at most here.
+/// numpy's first child touches about 400 pages, numpy-as-written's 1,800.
+pub const LEARNING_BUDGET_PAGES: u64 = 1024;
 
 #[derive(Debug, Error)]
 pub enum FaultError {

@@ -45,6 +45,14 @@ pub trait PageSource: Send + Sized + 'static {
     fn fault_around_pages(&self) -> u64 {
         crate::fault::PREFETCH_PAGES
     }
+
+    /// Tells the seed's host that children touched `pages` (page addresses), which it served
+    /// earlier as another page's neighbours: it adds them to the working set. Nothing, for a
+    /// source that records no working set.
+    fn record(&mut self, pages: Vec<u64>) -> impl Future<Output = Result<(), SourceError>> + Send {
+        let _ = pages;
+        async { Ok(()) }
+    }
 }
 
 /// Pages read straight from a twin's memory on this host.

@@ -116,6 +116,9 @@ fn bootstrap_runs(seed: &Seed) -> (Vec<(u64, u32)>, usize) {
 pub struct Incoming {
     pub descriptor: Vec<u8>,
     pub runs: Vec<(u64, u32)>,
+    /// Whether the replica's children should show it every page they touch while the seed's
+    /// working set is unknown (a seed of a profile).
+    pub learn: bool,
     chunks: Chunks,
 }
 
@@ -132,6 +135,7 @@ impl Incoming {
         Incoming {
             descriptor: boot.descriptor,
             runs: boot.runs,
+            learn: boot.learn,
             chunks: match boot.pages {
                 BootstrapPages::Chunks(rx) => Chunks::Peer(rx),
                 BootstrapPages::Stream(leased) => Chunks::Stream(Some(leased)),
@@ -158,6 +162,7 @@ impl Incoming {
         Incoming {
             descriptor: seed.encoded.clone(),
             runs,
+            learn: seed.profile().is_some(),
             chunks: Chunks::Local(rx),
         }
     }
@@ -196,6 +201,7 @@ pub fn pack(seed: &Seed, wire: Wire) -> Result<Packed, RemoteError> {
             descriptor: seed.encoded.clone(),
             runs: runs.clone(),
             follow,
+            learn: seed.profile().is_some(),
         })
     };
     // Raw pages go unframed: the new host's replica reads them straight into place.

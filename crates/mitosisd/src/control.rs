@@ -419,6 +419,13 @@ async fn prepare_with_id(
     if let Some(name) = profile {
         let learned = daemon.registry.learned(owner, name);
         let (profiled, carried) = seed.with_profile(name, learned.as_ref());
+        tracing::info!(
+            pid,
+            profile = name,
+            learned = learned.as_ref().map_or(0, |l| l.len()),
+            carried,
+            "profile carried over"
+        );
         seed = profiled;
         stats.carried_pages = carried as u64;
         stats.total_us = started.elapsed().as_micros() as u64;

@@ -344,6 +344,17 @@ async fn answer(request: Request, seed: &Seed, daemon: &Daemon) -> Result<Vec<u8
         // Answered in `connection`: it streams.
         Request::Bootstrap => return Err(RemoteError::TooLarge),
         Request::Pages { runs, touched } => (runs, touched),
+        Request::Touched { runs } => {
+            // Page by page: a run of touched pages may span two neighbouring mappings.
+            let pages = runs
+                .iter()
+                .flat_map(|&(at, n)| (0..n as u64).map(move |i| at.saturating_add(i * 4096)));
+            for page in pages.clone() {
+                seed.check_runs(&[(page, 1)])?;
+            }
+            pages.for_each(|page| seed.record(page));
+            return Ok(frame::encode(&Response::Recorded));
+        }
     };
     let pages: u64 = runs.iter().map(|r| r.1 as u64).sum();
     if pages > MAX_PAGES_PER_REQUEST {

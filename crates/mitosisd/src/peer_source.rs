@@ -56,6 +56,13 @@ impl PageSource for PeerSource {
     async fn duplicate(&self) -> Result<Self, SourceError> {
         Ok(self.clone())
     }
+
+    async fn record(&mut self, pages: Vec<u64>) -> Result<(), SourceError> {
+        self.pool
+            .touched(self.addr, self.seed, pages)
+            .await
+            .map_err(source_error)
+    }
 }
 
 /// A seed of this host: read from its twin, recording the working set as the page server does.
@@ -90,6 +97,15 @@ impl PageSource for LocalSource {
     async fn duplicate(&self) -> Result<Self, SourceError> {
         Ok(self.clone())
     }
+
+    async fn record(&mut self, pages: Vec<u64>) -> Result<(), SourceError> {
+        let runs: Vec<(u64, u32)> = pages.iter().map(|&p| (p & !4095, 1)).collect();
+        self.seed
+            .check_runs(&runs)
+            .map_err(|e| SourceError::Gone(e.to_string()))?;
+        pages.into_iter().for_each(|p| self.seed.record(p));
+        Ok(())
+    }
 }
 
 /// Either kind, behind the one fault path.
@@ -113,5 +129,12 @@ impl PageSource for Source {
 
     async fn duplicate(&self) -> Result<Self, SourceError> {
         Ok(self.clone())
+    }
+
+    async fn record(&mut self, pages: Vec<u64>) -> Result<(), SourceError> {
+        match self {
+            Source::Local(s) => s.record(pages).await,
+            Source::Peer(s) => s.record(pages).await,
+        }
     }
 }

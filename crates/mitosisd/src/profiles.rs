@@ -9,11 +9,13 @@
 //! them go first, so a wrong guess costs bytes, never correctness.
 //!
 //! Addresses differ between two runs of a program (ASLR, and allocation order where threads
-//! race), so pages are carried by mapping. The two seeds' mappings, in address order, are
-//! aligned as a diff aligns lines (kind, protection, file and size), mappings that differ only
-//! in size are then paired in order within each changed stretch, and each page keeps its place
-//! in its mapping: counted from the start for the brk heap and file mappings, from the end for
-//! other anonymous memory (mmap places areas top down, so a grown area grew at its start).
+//! race), and so does the order of its anonymous areas (mmap fills the gaps randomization
+//! leaves, and merges an area with a like neighbour where one happens to lie), so pages are
+//! carried by mapping. The two seeds' mappings, in address order, are aligned as a diff
+//! aligns lines (kind, protection, file and size); each mapping left is paired with the one
+//! of its kind closest in size; and each page keeps its place in its mapping: counted from
+//! the start for the brk heap and file mappings, from the end for other anonymous memory
+//! (mmap places areas top down, so an area that merged with a newer one grew at its start).
 //! Only pages the new seed has (its `seed_pages`) are kept.
 
 use std::collections::HashMap;
@@ -102,7 +104,9 @@ impl Learned {
             .iter()
             .map(|v| (key_of(v, start_brk), v.len() / PAGE))
             .collect();
-        let pairs = align(&self.mappings, &keys);
+        let mut wanted: Vec<u32> = self.pages.iter().map(|p| p.0).collect();
+        wanted.dedup();
+        let pairs = align(&self.mappings, &keys, &wanted);
         let mut out: Vec<u64> = self
             .pages
             .iter()
@@ -162,44 +166,46 @@ fn at(kind: &Kind, v: &Vma, place: u64) -> Option<u64> {
     })
 }
 
-/// Pairs old mappings with new ones: index in `old` to index in `new`.
-fn align(old: &[(MappingKey, u64)], new: &[(MappingKey, u64)]) -> HashMap<usize, usize> {
+/// Pairs old mappings with new ones: index in `old` to index in `new`, for the old ones in
+/// `wanted` (those holding learned pages). First as a diff aligns them (kind, protection and
+/// size alike, in order); then each old one left goes to the new one left of its kind closest
+/// in size (an area that merged with a neighbour is larger, one that did not is smaller),
+/// nearest in order on a tie. mmap does not place areas in the same order every run (it
+/// fills gaps that address randomization leaves), so order alone cannot pair them.
+fn align(
+    old: &[(MappingKey, u64)],
+    new: &[(MappingKey, u64)],
+    wanted: &[u32],
+) -> HashMap<usize, usize> {
     let deadline = Some(Instant::now() + ALIGN_DEADLINE);
     let mut pairs = HashMap::new();
     for op in capture_diff_slices_deadline(Algorithm::Myers, old, new, deadline) {
-        match op {
-            DiffOp::Equal {
-                old_index,
-                new_index,
-                len,
-            } => pairs.extend((0..len).map(|k| (old_index + k, new_index + k))),
-            // A changed stretch: pair what differs only in size, in order.
-            DiffOp::Replace {
-                old_index,
-                old_len,
-                new_index,
-                new_len,
-            } => {
-                let o: Vec<&MappingKey> = old[old_index..old_index + old_len]
-                    .iter()
-                    .map(|m| &m.0)
-                    .collect();
-                let n: Vec<&MappingKey> = new[new_index..new_index + new_len]
-                    .iter()
-                    .map(|m| &m.0)
-                    .collect();
-                for inner in capture_diff_slices_deadline(Algorithm::Myers, &o, &n, deadline) {
-                    if let DiffOp::Equal {
-                        old_index: a,
-                        new_index: b,
-                        len,
-                    } = inner
-                    {
-                        pairs.extend((0..len).map(|k| (old_index + a + k, new_index + b + k)));
-                    }
-                }
-            }
-            DiffOp::Delete { .. } | DiffOp::Insert { .. } => {}
+        if let DiffOp::Equal {
+            old_index,
+            new_index,
+            len,
+        } = op
+        {
+            pairs.extend((0..len).map(|k| (old_index + k, new_index + k)));
+        }
+    }
+    let mut taken = vec![false; new.len()];
+    pairs.values().for_each(|&j| taken[j] = true);
+    for &i in wanted {
+        let i = i as usize;
+        if pairs.contains_key(&i) {
+            continue;
+        }
+        let (key, pages) = &old[i];
+        let best = new
+            .iter()
+            .enumerate()
+            .filter(|(j, (k, _))| !taken[*j] && k == key)
+            .min_by_key(|(j, (_, n))| (n.abs_diff(*pages), j.abs_diff(i)))
+            .map(|(j, _)| j);
+        if let Some(j) = best {
+            taken[j] = true;
+            pairs.insert(i, j);
         }
     }
     pairs
@@ -363,6 +369,48 @@ mod tests {
         assert_eq!(
             learned.carry_to(&new, 0),
             vec![0x1000_0000, 0x2000_0000 + PAGE]
+        );
+    }
+
+    #[test]
+    fn areas_placed_in_another_order_or_merged_still_pair() {
+        let ro = |start, pages| {
+            let mut v = anon(start, pages);
+            v.prot = 1;
+            v
+        };
+        // Run 1: a 16-page area, a read-only one, the heap block's area (8 pages); run 2: the
+        // read-only area moved to the end, and a 3-page area merged below the heap block's.
+        let old = [
+            anon(0x1000_0000, 16),
+            ro(0x2000_0000, 2),
+            file(0x3000_0000, 4, "/a"),
+            anon(0x4000_0000, 8),
+        ];
+        let new = [
+            anon(0x5000_0000, 16),
+            file(0x6000_0000, 4, "/a"),
+            anon(0x7000_0000, 11),
+            ro(0x8000_0000, 2),
+        ];
+        let learned = Learned::of(
+            &old,
+            0,
+            [
+                0x1000_0000,
+                0x2000_0000 + PAGE,
+                0x4000_0000,
+                0x4000_0000 + 7 * PAGE,
+            ],
+        );
+        assert_eq!(
+            learned.carry_to(&new, 0),
+            vec![
+                0x5000_0000,
+                0x7000_0000 + 3 * PAGE,
+                0x7000_0000 + 10 * PAGE,
+                0x8000_0000 + PAGE
+            ]
         );
     }
 

@@ -137,11 +137,10 @@ impl Seed {
             let end = addr
                 .checked_add(pages as u64 * 4096)
                 .ok_or(RemoteError::BadRange(addr, pages))?;
-            let inside = self
-                .descriptor
-                .vmas
-                .iter()
-                .any(|v| v.start <= addr && end <= v.end);
+            // Mappings are sorted and disjoint: the one that could hold it starts at or below.
+            let vmas = &self.descriptor.vmas;
+            let i = vmas.partition_point(|v| v.start <= addr);
+            let inside = i > 0 && end <= vmas[i - 1].end;
             if !inside || pages == 0 {
                 return Err(RemoteError::BadRange(addr, pages));
             }

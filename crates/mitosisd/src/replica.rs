@@ -11,7 +11,7 @@ use mitosis_fork::PageSource;
 use mitosis_fork::fault;
 use mitosis_fork::pending::PendingMap;
 use mitosis_fork::pending::Run;
-use mitosis_fork::replica_pages::{FromReplica, ReplicaPages, chunk_runs, lacking};
+use mitosis_fork::replica_pages::{FromReplica, Prefetch, ReplicaPages, chunk_runs, lacking};
 use mitosis_fork::restore::replica::{Join, JoinSpec};
 use mitosis_fork::restore::{self, StreamedPages, replica};
 use mitosis_sys::uffd::Userfaultfd;
@@ -111,11 +111,15 @@ pub async fn build(
         source.clone(),
         made.shared_ranges.clone(),
         made.lazy_ranges.clone(),
-        // No working set recorded yet: its children's faults are all there is to go by.
-        if bootstrap_pages <= eager_pages {
-            fault::LEARNING_PREFETCH_PAGES
-        } else {
-            fault::PREFETCH_PAGES
+        // No working set recorded yet: its children's faults are all there is to go by, and
+        // a seed of a profile learns them page by page for its later seeds.
+        match (bootstrap_pages <= eager_pages, incoming.learn) {
+            (true, true) => Prefetch::Learning {
+                block: fault::LEARNING_PREFETCH_PAGES,
+                budget: fault::LEARNING_BUDGET_PAGES,
+            },
+            (true, false) => Prefetch::Blocks(fault::LEARNING_PREFETCH_PAGES),
+            (false, _) => Prefetch::Blocks(fault::PREFETCH_PAGES),
         },
     )
     .map_err(|e| BuildFailed::Pages(format!("watching the replica: {e}")))?;

@@ -204,6 +204,7 @@ where
     metrics.child_faults.inc_by(stats.faults);
     metrics.child_pages_fetched.inc_by(stats.pages_fetched);
     crate::fill::after_child(&daemon, &entry, warm, stats.pages_fetched);
+    entry.pages.report_touched().await;
     let event = Event::Exited {
         status: status.shell_code(),
         reason,

@@ -101,6 +101,12 @@ pub enum Request {
     /// Everything a host needs to build its replica of the seed, in one exchange: answered by
     /// `Bootstrap`, then its pages as that answer says ([`PagesFollow`]).
     Bootstrap,
+    /// Pages children touched that came earlier as another page's neighbours (runs, as in
+    /// `Pages`): the seed's host adds them to the working set. Answered by `Recorded`.
+    Touched {
+        #[serde(deserialize_with = "request_runs")]
+        runs: Vec<(u64, u32)>,
+    },
 }
 
 /// A request on the wire: which seed, the connection's sequence number, the MAC that proves
@@ -302,9 +308,15 @@ pub enum Response {
         #[serde(deserialize_with = "bootstrap_runs")]
         runs: Vec<(u64, u32)>,
         follow: PagesFollow,
+        /// The seed's children should show it every page they touch while its working set
+        /// is unknown (see `ReplicaPages`'s learning prefetch): it was prepared under a
+        /// profile, whose later seeds start with what it learns.
+        learn: bool,
     },
     Chunk(Chunk),
     Error(RemoteError),
+    /// `Touched` is recorded.
+    Recorded,
 }
 
 /// What comes before a `Pages` answer's `len` page bytes in its frame: the frame header, the

@@ -11,6 +11,8 @@ pub struct Bootstrap {
     pub descriptor: Vec<u8>,
     pub runs: Vec<(u64, u32)>,
     pub pages: BootstrapPages,
+    /// See `Response::Bootstrap`.
+    pub learn: bool,
 }
 
 #[derive(Debug)]
@@ -270,6 +272,35 @@ impl PeerPool {
         }
     }
 
+    /// Tells the seed's host that children touched `pages` (page addresses) for its working
+    /// set, in requests of at most [`MAX_PAGES_PER_REQUEST`] pages.
+    pub async fn touched(
+        &self,
+        addr: SocketAddr,
+        seed: SeedRef,
+        mut pages: Vec<u64>,
+    ) -> Result<(), PeerError> {
+        pages.sort_unstable();
+        pages.dedup();
+        for chunk in pages.chunks(MAX_PAGES_PER_REQUEST as usize) {
+            let mut runs: Vec<(u64, u32)> = Vec::new();
+            for &page in chunk {
+                match runs.last_mut() {
+                    Some((at, n)) if *at + *n as u64 * packed::PAGE as u64 == page => *n += 1,
+                    _ => runs.push((page, 1)),
+                }
+            }
+            match self
+                .call(addr, &seed, (&Request::Touched { runs }, None))
+                .await?
+            {
+                Response::Recorded => {}
+                _ => return Err(PeerError::Protocol(addr)),
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the given page runs; the result is their bytes back to back.
     pub async fn pages(
         &self,
@@ -302,12 +333,13 @@ impl PeerPool {
         let (conn, resp) = self
             .open_exchange(addr, &seed, (&Request::Bootstrap, None))
             .await?;
-        let (descriptor, runs, follow) = match resp {
+        let (descriptor, runs, follow, learn) = match resp {
             Response::Bootstrap {
                 descriptor,
                 runs,
                 follow,
-            } => (descriptor, runs, follow),
+                learn,
+            } => (descriptor, runs, follow, learn),
             Response::Error(e) => {
                 self.checkin(addr, conn);
                 return Err(PeerError::Remote(addr, e));
@@ -355,6 +387,7 @@ impl PeerPool {
             descriptor,
             runs,
             pages,
+            learn,
         })
     }
 

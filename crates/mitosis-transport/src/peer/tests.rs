@@ -157,6 +157,7 @@ fn run_counts_are_bounded_before_allocating() {
         descriptor: vec![],
         runs: (0..n).map(|i| (i * 8192, 1)).collect(),
         follow: PagesFollow::Raw,
+        learn: false,
     };
     let ok = postcard::to_stdvec(&answer(MAX_BOOTSTRAP_PAGES)).unwrap();
     assert!(postcard::from_bytes::<Response>(&ok).is_ok());
