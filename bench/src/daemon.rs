@@ -64,6 +64,15 @@ pub fn prepare(host: &Host, origin: Origin) -> Result<Prepared> {
     })
 }
 
+/// Prepares process `pid` on `host` as a seed of `profile`: its handle and the pages carried
+/// over from earlier seeds of the profile.
+pub fn prepare_profiled(host: &Host, pid: u32, profile: &str) -> Result<(String, u64)> {
+    let (handle, s) = client(host)?
+        .prepare_pid_profiled(pid as i32, profile)
+        .context("prepare --profile")?;
+    Ok((handle, s.carried_pages))
+}
+
 /// Stops serving a seed of `host`.
 pub fn drop_seed(host: &Host, handle: &str) -> Result<()> {
     client(host)?.drop_seed(handle).context("drop")

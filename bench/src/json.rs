@@ -49,6 +49,8 @@ pub struct Seed {
     pub prepare: Prepare,
     /// Medians of the children's `--stats` numbers, by key (sorted).
     pub stats_medians: PerPhase<BTreeMap<&'static str, Option<u64>>>,
+    /// The first-child rows of a program prepared under a profile.
+    pub profile: Profile,
     /// The same for the rows between TLS daemons (empty without `--tls`).
     pub mtls_stats_medians: TlsPhases<BTreeMap<&'static str, Option<u64>>>,
     pub private_kib_median: PrivateKib,
@@ -100,6 +102,16 @@ pub struct PerPhase<T> {
     pub first_child: T,
     pub cold_host: T,
     pub warm_host: T,
+}
+
+/// The first children of new processes of a seed's program under a profile: the one that
+/// learned, the next one that started with it (their `--stats` medians), and the pages
+/// carried to the next.
+#[derive(Debug, Serialize)]
+pub struct Profile {
+    pub learning_stats_medians: BTreeMap<&'static str, Option<u64>>,
+    pub carried_stats_medians: BTreeMap<&'static str, Option<u64>>,
+    pub carried_pages_median: Option<u64>,
 }
 
 /// Something measured in the phases run between TLS daemons too.

@@ -14,6 +14,9 @@
 //! - local fork: `SEED --fork-server` on host 0, request written to answer read;
 //! - mitosis first child: a fresh prepare of the seed, then a child on host 1: nothing is
 //!   recorded anywhere yet;
+//! - mitosis first child (profile, learning) and (profile): two new processes of the seed's
+//!   program per sample, prepared under a profile (`prepare --profile`), a child of each on
+//!   host 1: the first child teaches the profile, the second starts with it (profile.rs);
 //! - mitosis cold host: a child on host 1, which has no replica of the seed, while its working
 //!   set was recorded by the first children on host 2;
 //! - mitosis warm host: children on host 1, which holds the seed's replica;
@@ -48,6 +51,7 @@ mod output;
 mod pipe;
 mod platform;
 mod procs;
+mod profile;
 mod remote;
 mod report;
 mod results;
@@ -441,6 +445,12 @@ fn bench_seed(
         args.cold_samples
     ));
     remote.first_child(origin, &pairs, args.cold_samples, &mut out);
+    step(format!(
+        "mitosis first child of a program seen before: {} x (two new processes under a profile, a child of each on host 1)",
+        args.cold_samples
+    ));
+    let samples = (args.warmup, args.cold_samples);
+    profile::first_children(remote, seed, origin, samples, &pairs, &mut out);
     step("prepare once, working set recorded by the first children on host 2".to_owned());
     match remote.prepare_recorded(origin) {
         Ok(handle) => {

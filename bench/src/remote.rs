@@ -148,7 +148,7 @@ impl Remote<'_> {
 
     /// Makes one child with `one` and records it in `method`, `into` and `served` if it is
     /// `measured`; true once the method gives up.
-    fn tally(
+    pub(crate) fn tally(
         &self,
         method: &mut Method,
         into: &mut ChildNumbers,

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use crate::results::{
     COLD_START, CRIU, CRIU_LAZY, LOCAL_FORK, MITOSIS_COLD, MITOSIS_COLD_TLS, MITOSIS_FIRST,
-    MITOSIS_WARM, MITOSIS_WARM_CLI, MITOSIS_WARM_TLS, STATS_KEYS, SeedResult, Throughput,
+    MITOSIS_FIRST_PROFILE, MITOSIS_WARM, MITOSIS_WARM_CLI, MITOSIS_WARM_TLS, STATS_KEYS,
+    SeedResult, Throughput,
 };
 use crate::stats::{Summary, median, median_u64, ms};
 use crate::targets;
@@ -60,6 +61,8 @@ pub fn seed_table(r: &SeedResult) {
     }
     let rows = [
         ("  first child", &r.first),
+        ("  first child (profile, learning)", &r.first_learning),
+        ("  first child (profile)", &r.first_profile),
         ("  cold host", &r.cold),
         ("  warm host", &r.warm),
         ("  cold host (mTLS)", &r.cold_tls),
@@ -72,7 +75,8 @@ pub fn seed_table(r: &SeedResult) {
         }
         println!();
         for (label, numbers) in rows {
-            if numbers.stats.is_empty() && label.ends_with("(mTLS)") {
+            if numbers.stats.is_empty() && (label.ends_with("(mTLS)") || label.contains("profile"))
+            {
                 continue;
             }
             print!("{label:<30}");
@@ -201,6 +205,7 @@ pub fn summary(results: &[SeedResult]) {
         (COLD_START, "cold start"),
         (LOCAL_FORK, "local fork"),
         (MITOSIS_FIRST, "first child"),
+        (MITOSIS_FIRST_PROFILE, "first (profile)"),
         (MITOSIS_COLD, "cold host"),
         (MITOSIS_WARM, "warm host"),
         (MITOSIS_WARM_CLI, "warm (CLI)"),

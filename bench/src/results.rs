@@ -28,6 +28,11 @@ pub const MITOSIS_FIRST: &str = "mitosis_first_child";
 pub const MITOSIS_COLD: &str = "mitosis_cold_host";
 pub const MITOSIS_WARM: &str = "mitosis_warm_host";
 pub const MITOSIS_WARM_CLI: &str = "mitosis_warm_host_cli";
+/// A new process of the seed's program per sample, prepared under a profile of its own
+/// (`prepare --profile`): its first child, which teaches the profile its working set; then
+/// the first child of the next process of the program, which starts with what it learned.
+pub const MITOSIS_FIRST_LEARNING: &str = "mitosis_first_child_profile_learning";
+pub const MITOSIS_FIRST_PROFILE: &str = "mitosis_first_child_profile";
 /// Spawning a command that answers at once, as the CLI row spawns `mitosis`: the floor under
 /// any command-line client.
 pub const SPAWN_FLOOR: &str = "spawn_floor";
@@ -182,6 +187,11 @@ pub struct SeedResult {
     /// Private memory (KiB) of each local fork child, measured after it answered.
     pub local_private_kib: Vec<u64>,
     pub first: ChildNumbers,
+    /// The profile rows ([`MITOSIS_FIRST_LEARNING`], [`MITOSIS_FIRST_PROFILE`]) and the
+    /// pages carried to each second process.
+    pub first_learning: ChildNumbers,
+    pub first_profile: ChildNumbers,
+    pub carried_pages: Vec<u64>,
     pub cold: ChildNumbers,
     pub warm: ChildNumbers,
     /// The cold and warm host rows between daemons with mutual TLS.
@@ -212,6 +222,9 @@ impl SeedResult {
             prepares: Vec::new(),
             local_private_kib: Vec::new(),
             first: ChildNumbers::default(),
+            first_learning: ChildNumbers::default(),
+            first_profile: ChildNumbers::default(),
+            carried_pages: Vec::new(),
             cold: ChildNumbers::default(),
             warm: ChildNumbers::default(),
             cold_tls: ChildNumbers::default(),
@@ -366,6 +379,11 @@ impl SeedResult {
                 first_child: stats_medians(&self.first.stats),
                 cold_host: stats_medians(&self.cold.stats),
                 warm_host: stats_medians(&self.warm.stats),
+            },
+            profile: json::Profile {
+                learning_stats_medians: stats_medians(&self.first_learning.stats),
+                carried_stats_medians: stats_medians(&self.first_profile.stats),
+                carried_pages_median: median_u64(&self.carried_pages),
             },
             mtls_stats_medians: json::TlsPhases {
                 cold_host: stats_medians(&self.cold_tls.stats),

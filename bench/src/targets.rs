@@ -17,8 +17,8 @@
 use serde::Serialize;
 
 use crate::results::{
-    LOCAL_FORK, MITOSIS_COLD, MITOSIS_FIRST, MITOSIS_WARM, MITOSIS_WARM_CLI, SPAWN_FLOOR,
-    SeedResult, TRANSFER_FLOOR,
+    LOCAL_FORK, MITOSIS_COLD, MITOSIS_FIRST, MITOSIS_FIRST_PROFILE, MITOSIS_WARM, MITOSIS_WARM_CLI,
+    SPAWN_FLOOR, SeedResult, TRANSFER_FLOOR,
 };
 
 /// One target and what was measured against it (also its form in the results file).
@@ -48,6 +48,7 @@ pub fn of(r: &SeedResult) -> Vec<Target> {
     };
     let cold = median_ms(MITOSIS_COLD);
     let first = median_ms(MITOSIS_FIRST);
+    let first_profile = median_ms(MITOSIS_FIRST_PROFILE);
     let transfer = median_ms(TRANSFER_FLOOR);
     // The 1 GiB seed's new host has a bound of its own.
     let (cold_goal, cold_bound) = match r.name {
@@ -72,6 +73,14 @@ pub fn of(r: &SeedResult) -> Vec<Target> {
             value: first,
             unit: "ms",
             met: at_most(first, 10.0),
+        },
+        Target {
+            key: "first_child_profile_ms",
+            what: "  a program seen before (--profile)",
+            goal: "<= 10 ms",
+            value: first_profile,
+            unit: "ms",
+            met: at_most(first_profile, 10.0),
         },
         Target {
             key: "first_child_floor_ms",

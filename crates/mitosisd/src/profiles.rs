@@ -26,6 +26,10 @@ use mitosis_descriptor::{Backing, Descriptor, Vma};
 use similar::{Algorithm, DiffOp, capture_diff_slices_deadline};
 
 const PAGE: u64 = 4096;
+/// The blocks allocators carve anonymous memory in, aligned in the address space whatever
+/// the area's own alignment: CPython's pools are 16 KiB. A page keeps its place within its
+/// block when carried over, so an object at the start of a pool stays at the start of one.
+const PHASE: u64 = 16 * 1024;
 /// Profiles a daemon keeps (the least recently stored go first).
 pub const MAX_PROFILES: usize = 256;
 /// Pages one profile keeps: what one bootstrap may carry.
@@ -59,8 +63,9 @@ struct MappingKey {
 pub struct Learned {
     /// The seed's mappings in address order, with their sizes in pages.
     mappings: Vec<(MappingKey, u64)>,
-    /// (index into `mappings`, place of the page in it), sorted.
-    pages: Vec<(u32, u64)>,
+    /// (index into `mappings`, place of the page in it, its page within its aligned
+    /// [`PHASE`] block), sorted.
+    pages: Vec<(u32, u64, u8)>,
 }
 
 impl Learned {
@@ -70,12 +75,13 @@ impl Learned {
             .iter()
             .map(|v| (key_of(v, start_brk), v.len() / PAGE))
             .collect();
-        let mut pages: Vec<(u32, u64)> = addrs
+        let mut pages: Vec<(u32, u64, u8)> = addrs
             .into_iter()
             .filter_map(|addr| {
                 let i = vmas.partition_point(|v| v.end <= addr);
                 let v = vmas.get(i).filter(|v| v.start <= addr)?;
-                Some((i as u32, place(&mappings[i].0.kind, v, addr)))
+                let phase = ((addr % PHASE) / PAGE) as u8;
+                Some((i as u32, place(&mappings[i].0.kind, v, addr), phase))
             })
             .collect();
         pages.sort_unstable();
@@ -110,10 +116,10 @@ impl Learned {
         let mut out: Vec<u64> = self
             .pages
             .iter()
-            .filter_map(|&(i, place)| {
+            .filter_map(|&(i, place, phase)| {
                 let j = *pairs.get(&(i as usize))?;
                 let v = &vmas[j];
-                let addr = at(&keys[j].0.kind, v, place)?;
+                let addr = at(&keys[j].0.kind, v, place, phase)?;
                 v.seed_pages
                     .contains((addr - v.start) / PAGE)
                     .then_some(addr)
@@ -154,16 +160,27 @@ fn place(kind: &Kind, v: &Vma, addr: u64) -> u64 {
     }
 }
 
-/// The address of the page at `place` in `v`, if `v` is that large.
-fn at(kind: &Kind, v: &Vma, place: u64) -> Option<u64> {
+/// The address of the page at `place` in `v`, if `v` is that large. In anonymous memory
+/// other than the heap, moved by up to half a [`PHASE`] to lie where it lay in its aligned
+/// block (`phase`): allocators carve such areas in blocks aligned in the address space.
+fn at(kind: &Kind, v: &Vma, place: u64, phase: u8) -> Option<u64> {
     let pages = v.len() / PAGE;
     if place >= pages {
         return None;
     }
-    Some(match kind {
-        Kind::Anonymous => v.end - (place + 1) * PAGE,
+    let addr = match kind {
+        Kind::Anonymous => {
+            let near = v.end - (place + 1) * PAGE;
+            let ahead = (phase as u64 * PAGE).wrapping_sub(near % PHASE) % PHASE;
+            if ahead < PHASE / 2 {
+                near + ahead
+            } else {
+                near.checked_sub(PHASE - ahead)?
+            }
+        }
         _ => v.start + place * PAGE,
-    })
+    };
+    (v.start <= addr && addr < v.end).then_some(addr)
 }
 
 /// Pairs old mappings with new ones: index in `old` to index in `new`, for the old ones in
@@ -379,8 +396,8 @@ mod tests {
             v.prot = 1;
             v
         };
-        // Run 1: a 16-page area, a read-only one, the heap block's area (8 pages); run 2: the
-        // read-only area moved to the end, and a 3-page area merged below the heap block's.
+        // Run 1: a 16-page area, a read-only one, an 8-page area; run 2: the read-only area
+        // moved to the end, and a 4-page area merged below the 8-page one.
         let old = [
             anon(0x1000_0000, 16),
             ro(0x2000_0000, 2),
@@ -390,7 +407,7 @@ mod tests {
         let new = [
             anon(0x5000_0000, 16),
             file(0x6000_0000, 4, "/a"),
-            anon(0x7000_0000, 11),
+            anon(0x7000_0000, 12),
             ro(0x8000_0000, 2),
         ];
         let learned = Learned::of(
@@ -407,8 +424,8 @@ mod tests {
             learned.carry_to(&new, 0),
             vec![
                 0x5000_0000,
-                0x7000_0000 + 3 * PAGE,
-                0x7000_0000 + 10 * PAGE,
+                0x7000_0000 + 4 * PAGE,
+                0x7000_0000 + 11 * PAGE,
                 0x8000_0000 + PAGE
             ]
         );
@@ -429,6 +446,19 @@ mod tests {
         assert_eq!(learned.carry_to(&[sparse], 0), Vec::<u64>::new());
         let shrunk = anon(0x5000_0000, 4);
         assert_eq!(learned.carry_to(&[shrunk], 0), vec![0x5000_0000 + 3 * PAGE]);
+    }
+
+    #[test]
+    fn anonymous_pages_keep_their_place_in_their_aligned_block() {
+        // Run 2's area ends 4 KiB past a 16 KiB boundary where run 1's ended on one: counted
+        // from the end alone, every page would land one page off its place in its pool.
+        let old = [anon(0x1000_0000, 8)];
+        let new = [anon(0x2000_0000, 9)];
+        let learned = Learned::of(&old, 0, [0x1000_0000, 0x1000_0000 + 5 * PAGE]);
+        assert_eq!(
+            learned.carry_to(&new, 0),
+            vec![0x2000_0000, 0x2000_0000 + 5 * PAGE]
+        );
     }
 
     #[test]

@@ -111,15 +111,21 @@ pub async fn build(
         source.clone(),
         made.shared_ranges.clone(),
         made.lazy_ranges.clone(),
-        // No working set recorded yet: its children's faults are all there is to go by, and
-        // a seed of a profile learns them page by page for its later seeds.
+        // No working set recorded yet: its children's faults are all there is to go by. A
+        // seed of a profile learns what they touch page by page for its later seeds, also
+        // where it started with what earlier ones learned (another run of a program touches
+        // pages of its own).
         match (bootstrap_pages <= eager_pages, incoming.learn) {
             (true, true) => Prefetch::Learning {
                 block: fault::LEARNING_PREFETCH_PAGES,
                 budget: fault::LEARNING_BUDGET_PAGES,
             },
+            (false, true) => Prefetch::Learning {
+                block: fault::PREFETCH_PAGES,
+                budget: fault::LEARNING_BUDGET_PAGES,
+            },
             (true, false) => Prefetch::Blocks(fault::LEARNING_PREFETCH_PAGES),
-            (false, _) => Prefetch::Blocks(fault::PREFETCH_PAGES),
+            (false, false) => Prefetch::Blocks(fault::PREFETCH_PAGES),
         },
     )
     .map_err(|e| BuildFailed::Pages(format!("watching the replica: {e}")))?;
