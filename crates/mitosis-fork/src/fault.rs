@@ -41,8 +41,9 @@ pub const PREFETCH_PAGES: u64 = 16;
 /// host 11.5 to 16 ms).
 pub const LEARNING_PREFETCH_PAGES: u64 = 64;
 /// Pages a replica of a seed with a profile learns one by one before its children's faults
-/// bring whole blocks ([`crate::replica_pages::Prefetch::Learning`]): 25 ms at most here.
-/// numpy's first child touches about 400 pages, numpy-as-written's 1,800.
+/// bring whole blocks ([`crate::replica_pages::Prefetch::Learning`]): what a next seed of
+/// the profile gets before its first child runs, 4 MiB, and 25 ms at most here. numpy's
+/// first child touches about 400 pages, numpy-as-written's 1,800.
 pub const LEARNING_BUDGET_PAGES: u64 = 1024;
 
 #[derive(Debug, Error)]

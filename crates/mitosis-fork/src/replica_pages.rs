@@ -69,8 +69,9 @@ pub enum Prefetch {
     /// The child's first touch of each other page of the block is then a fault too, served
     /// from the replica (no round trip, but about 25 µs a page here, the fault's own cost)
     /// and reported to the seed's host: a seed whose working set nobody has recorded learns
-    /// it from its first child, not one page per block. After `budget` pages learned so (the
-    /// start of what children do, where waiting matters most), faults bring whole blocks.
+    /// the start of it from its first child, not one page per block: the first `budget`
+    /// pages children touch, what the next seeds of a profile need before they can run. Then
+    /// faults bring whole blocks (the bulk of a scan comes on demand, or in a fill).
     Learning { block: u64, budget: u64 },
 }
 
@@ -487,19 +488,8 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         runs: &[(u64, u32)],
         touched: Option<u64>,
     ) -> Result<Vec<u8>, SourceError> {
-        if let Prefetch::Learning { .. } = self.prefetch {
-            match (self.learning_block(), runs) {
-                (Some(block), &[(page, 1)]) => {
-                    return self.read_learning(page, block, touched).await;
-                }
-                // Past the budget a fault's whole block counts as touched: more than the
-                // child used, but nothing it used is left out of what later seeds get.
-                _ if touched.is_some() => runs
-                    .iter()
-                    .flat_map(|&(at, n)| (0..n as u64).map(move |i| at + i * PAGE_SIZE))
-                    .for_each(|page| self.note_touched(page)),
-                _ => {}
-            }
+        if let (Some(block), &[(page, 1)]) = (self.learning_block(), runs) {
+            return self.read_learning(page, block, touched).await;
         }
         let claim = self.claim(runs);
         let pages: u64 = runs.iter().map(|r| r.1 as u64).sum();

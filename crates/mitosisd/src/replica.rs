@@ -115,16 +115,12 @@ pub async fn build(
         // seed of a profile learns what they touch page by page for its later seeds, also
         // where it started with what earlier ones learned (another run of a program touches
         // pages of its own).
-        match (bootstrap_pages <= eager_pages, incoming.learn) {
-            (true, true) => Prefetch::Learning {
+        match (incoming.learn, bootstrap_pages <= eager_pages) {
+            (true, _) => Prefetch::Learning {
                 block: fault::LEARNING_PREFETCH_PAGES,
                 budget: fault::LEARNING_BUDGET_PAGES,
             },
-            (false, true) => Prefetch::Learning {
-                block: fault::PREFETCH_PAGES,
-                budget: fault::LEARNING_BUDGET_PAGES,
-            },
-            (true, false) => Prefetch::Blocks(fault::LEARNING_PREFETCH_PAGES),
+            (false, true) => Prefetch::Blocks(fault::LEARNING_PREFETCH_PAGES),
             (false, false) => Prefetch::Blocks(fault::PREFETCH_PAGES),
         },
     )
