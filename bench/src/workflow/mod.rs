@@ -65,6 +65,11 @@ pub struct Args {
     /// Simulated hosts: the producer on host 0, validators on the others.
     #[arg(long, default_value_t = 3)]
     pub hosts: usize,
+    /// Producers prepare under a profile per method, size and number of validators
+    /// (`fork_prepare(profile=...)`): from the second round on, the validators' hosts get
+    /// what the previous rounds' validators touched first before they start.
+    #[arg(long)]
+    pub profile: bool,
     /// Seed of the generated market data and portfolio.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -265,6 +270,7 @@ pub fn run(args: &Args) -> Result<i32> {
             shared: testbed.dir().join("shared"),
             seed: args.seed,
             timeout: Duration::from_secs(args.run_timeout),
+            profile: args.profile,
         };
         std::fs::create_dir_all(&bench.shared)?;
         let runs = bench.all(&sizes, &counts, &methods, args.rounds);
@@ -301,6 +307,7 @@ struct Bench<'a> {
     shared: PathBuf,
     seed: u64,
     timeout: Duration,
+    profile: bool,
 }
 
 impl Bench<'_> {
@@ -378,7 +385,7 @@ impl Bench<'_> {
             .iter()
             .map(|&h| tb.host(h).netns_path().display().to_string())
             .collect();
-        let args = vec![
+        let mut args = vec![
             "run".to_owned(),
             "--method".into(),
             method.into(),
@@ -393,6 +400,9 @@ impl Bench<'_> {
             "--python".into(),
             self.python.into(),
         ];
+        if self.profile {
+            args.extend(["--profile".into(), format!("finra/{method}/{mib}/{n}")]);
+        }
         let v = self.producer(&args, mib, n)?;
         let failures = v["failed"]
             .as_array()

@@ -490,6 +490,7 @@ pub fn write_json(
             "methods": args.methods,
             "hosts": args.hosts,
             "seed": args.seed,
+            "profile": args.profile,
             "python": python,
             "argv": std::env::args().collect::<Vec<_>>(),
             "definitions": {

@@ -112,15 +112,15 @@ pub async fn build(
         made.shared_ranges.clone(),
         made.lazy_ranges.clone(),
         // No working set recorded yet: its children's faults are all there is to go by. A
-        // seed of a profile learns what they touch page by page for its later seeds, also
-        // where it started with what earlier ones learned (another run of a program touches
-        // pages of its own).
-        match (incoming.learn, bootstrap_pages <= eager_pages) {
-            (true, _) => Prefetch::Learning {
+        // seed of a profile with nothing carried over learns what they touch page by page
+        // for its later seeds; one that started with what earlier seeds learned (a guess:
+        // another run of a program touches pages of its own) fetches large blocks still.
+        match (bootstrap_pages <= eager_pages, incoming.learn) {
+            (true, true) => Prefetch::Learning {
                 block: fault::LEARNING_PREFETCH_PAGES,
                 budget: fault::LEARNING_BUDGET_PAGES,
             },
-            (false, true) => Prefetch::Blocks(fault::LEARNING_PREFETCH_PAGES),
+            (true, false) | (false, true) => Prefetch::Blocks(fault::LEARNING_PREFETCH_PAGES),
             (false, false) => Prefetch::Blocks(fault::PREFETCH_PAGES),
         },
     )

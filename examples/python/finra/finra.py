@@ -13,6 +13,8 @@ Modes:
         mitosis  mitosis.fork_prepare() after loading; the validators are its children,
                  resumed across hosts (--hosts: the daemons' control sockets, round robin),
                  each told its rule by the resume argument; the seed is dropped at the end.
+                 --profile NAME: prepared under that profile, so the validators' hosts get
+                 what earlier runs' validators touched first before they start.
         redis    the state pickled into Redis (--redis HOST:PORT); each validator is a fresh
                  Python process on its host (--netns: the hosts' network namespaces, round
                  robin, entered with nsenter) that imports pandas, fetches, unpickles, runs.
@@ -165,7 +167,7 @@ def run_mitosis(a, specs, market, portfolio, clock):
 
     hosts = a.hosts.split(",")
     clock["t_prepare"] = time.monotonic()
-    h = mitosis.fork_prepare()
+    h = mitosis.fork_prepare(profile=a.profile or None)
     if h.is_child:
         # A validator: the producer's memory, as it was at the prepare point.
         started = time.monotonic()
@@ -396,6 +398,8 @@ def main():
     r.add_argument("--shared-dir", default="/tmp", help="files: where the pickle goes")
     r.add_argument("--python", default="", help="the validators' interpreter")
     r.add_argument("--fail", default="", help="validators (indices) given a broken rule")
+    r.add_argument("--profile", default="",
+                   help="mitosis: prepare under this profile (earlier runs' start carried over)")
     v = sub.add_parser("validate")
     v.add_argument("--source", required=True)
     v.add_argument("--spec", required=True)

@@ -308,9 +308,9 @@ pub enum Response {
         #[serde(deserialize_with = "bootstrap_runs")]
         runs: Vec<(u64, u32)>,
         follow: PagesFollow,
-        /// The seed's children should show it every page they touch while its working set
-        /// is unknown (see `ReplicaPages`'s learning prefetch): it was prepared under a
-        /// profile, whose later seeds start with what it learns.
+        /// A seed of a profile whose own children have shown it nothing yet: with nothing
+        /// carried over either, children show it every page they touch (see
+        /// `ReplicaPages`'s learning prefetch), for the profile's later seeds.
         learn: bool,
     },
     Chunk(Chunk),
