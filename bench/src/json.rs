@@ -301,6 +301,7 @@ mod tests {
                 "methods",
                 "prepare",
                 "stats_medians",
+                "profile",
                 "mtls_stats_medians",
                 "private_kib_median",
                 "bytes_served",
@@ -417,8 +418,16 @@ mod tests {
         assert_eq!(seed["criu_dump_ms"], 12.345);
         assert_eq!(seed["criu_lazy_dump_median_ms"], 80.0);
         assert_eq!(seed["criu_lazy_daemon_median_ms"], 40.0);
+        assert_eq!(
+            keys(&seed["profile"]),
+            sorted(vec![
+                "learning_stats_medians",
+                "carried_stats_medians",
+                "carried_pages_median",
+            ])
+        );
         let targets = seed["targets"].as_array().unwrap();
-        assert_eq!(targets.len(), 12, "with the containerizing target");
+        assert_eq!(targets.len(), 13, "with the containerizing target");
         assert!(
             targets
                 .iter()

@@ -248,7 +248,7 @@ mod tests {
         assert_eq!(get(&t, "cli_over_local_fork_ms").met, None, "no CLI row");
         assert_eq!(
             t.len(),
-            11,
+            12,
             "no container target for a seed in no container"
         );
     }
@@ -259,8 +259,11 @@ mod tests {
         r.methods.push(method(MITOSIS_FIRST, 30));
         r.methods.push(method(MITOSIS_COLD, 8));
         r.methods.push(method(TRANSFER_FLOOR, 4));
+        r.methods.push(method(MITOSIS_FIRST_PROFILE, 9));
         let t = of(&r);
         assert_eq!(get(&t, "first_child_ms").met, Some(false));
+        let seen = get(&t, "first_child_profile_ms");
+        assert_eq!((seen.value, seen.met), (Some(9.0), Some(true)));
         let floor = get(&t, "first_child_floor_ms");
         assert_eq!((floor.value, floor.met), (Some(8.0), None));
         assert_eq!(get(&t, "cold_host_ms").met, Some(false));
@@ -327,7 +330,7 @@ mod tests {
         }
         assert_eq!(r.containerizing_us(), Some((30, 200, 230)));
         let t = of(&r);
-        assert_eq!(t.len(), 12);
+        assert_eq!(t.len(), 13);
         assert_eq!(get(&t, "containerizing_ms").shown(), "0.23 ms");
         assert_eq!(get(&t, "containerizing_ms").met, Some(true));
     }
