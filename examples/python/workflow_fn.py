@@ -41,7 +41,9 @@ def blob_is(blob, value):
 def fanout(socks):
     blob = bytearray([1]) * (BLOB_MIB << 20)
     state = {"counter": 1, "words": ["before"]}
-    h = mitosis.fork_prepare()
+    # Under a profile: a run of this program after the first starts its children with what
+    # the earlier runs' children touched first.
+    h = mitosis.fork_prepare(profile="workflow_fn/fanout")
     if h.is_child:
         out(
             role="child",
@@ -71,7 +73,12 @@ def fanout(socks):
     results = mitosis.resume_many(h, [f"job-{i}" for i in range(len(socks))], host=list(socks))
     stop.set()
     t.join()
-    out(role="parent", counter_gt=state["counter"] > 1000, blob_changed=not blob_is(blob, 1))
+    out(
+        role="parent",
+        counter_gt=state["counter"] > 1000,
+        blob_changed=not blob_is(blob, 1),
+        carried=h.stats["carried_pages"],
+    )
     for r in results:
         out(role="result", index=r.index, returncode=r.returncode, stdout=r.stdout.decode(),
             stderr=r.stderr.decode()[-2000:])

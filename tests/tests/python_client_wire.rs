@@ -50,6 +50,20 @@ fn the_python_clients_variant_indices_are_the_wire_formats() {
         handle: String::new(),
     };
     assert_eq!(constant(&src, "_REQ_FILL"), index(&fill));
+    // fork_prepare(profile=...): the variant, `pid: None` as one zero byte, the name.
+    let profiled = Request::PrepareProfiled {
+        pid: None,
+        profile: "ab".into(),
+    };
+    assert_eq!(constant(&src, "_REQ_PREPARE_PROFILED"), index(&profiled));
+    assert_eq!(
+        frame::encode(&profiled)[4..],
+        [index(&profiled), 0, 2, b'a', b'b']
+    );
+    assert!(
+        src.contains(r#"_frame(_varint(_REQ_PREPARE_PROFILED) + b"\x00" + _string(str(profile)))"#),
+        "the Python client encodes PrepareProfiled otherwise"
+    );
     let prepared = Event::Prepared {
         handle: String::new(),
         stats: PrepareStats::default(),
