@@ -478,19 +478,7 @@ fn thread(tid: i32, name: &str) -> Thread {
 }
 
 fn anon(start: u64, pages: u64, prot: u8, seed_pages: PageSet) -> Vma {
-    Vma {
-        start,
-        end: start + pages * PAGE as u64,
-        prot,
-        shared: false,
-        grows_down: false,
-        dont_fork: false,
-        may_write: false,
-        locked: false,
-        lock_on_fault: false,
-        backing: Backing::Anonymous,
-        seed_pages,
-    }
+    Vma::anonymous(start, start + pages * PAGE as u64, prot, seed_pages)
 }
 
 /// One thread, one mapping: the least a decoder accepts.

@@ -136,6 +136,23 @@ impl Descriptor {
 }
 
 impl Vma {
+    /// A private anonymous mapping `[start, end)` with none of the flags set.
+    pub fn anonymous(start: u64, end: u64, prot: u8, seed_pages: PageSet) -> Vma {
+        Vma {
+            start,
+            end,
+            prot,
+            shared: false,
+            grows_down: false,
+            dont_fork: false,
+            may_write: false,
+            locked: false,
+            lock_on_fault: false,
+            backing: Backing::Anonymous,
+            seed_pages,
+        }
+    }
+
     pub fn len(&self) -> u64 {
         self.end - self.start
     }

@@ -306,17 +306,8 @@ mod tests {
 
     fn vma(start: u64, pages: u64, backing: Backing) -> Vma {
         Vma {
-            start,
-            end: start + pages * PAGE,
-            prot: RW,
-            shared: false,
-            grows_down: false,
-            dont_fork: false,
-            may_write: false,
-            locked: false,
-            lock_on_fault: false,
-            seed_pages: PageSet::full(pages),
             backing,
+            ..Vma::anonymous(start, start + pages * PAGE, RW, PageSet::full(pages))
         }
     }
 
