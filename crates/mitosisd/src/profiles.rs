@@ -30,10 +30,13 @@ const PAGE: u64 = 4096;
 /// the area's own alignment: CPython's pools are 16 KiB. A page keeps its place within its
 /// block when carried over, so an object at the start of a pool stays at the start of one.
 const PHASE: u64 = 16 * 1024;
-/// Profiles a daemon keeps (the least recently stored go first).
-pub const MAX_PROFILES: usize = 256;
-/// Pages one profile keeps: what one bootstrap may carry.
-pub const MAX_PROFILE_PAGES: usize = mitosis_transport::peer::MAX_BOOTSTRAP_PAGES as usize;
+/// Profiles a daemon keeps (the least recently stored go first). With at most
+/// [`MAX_PROFILE_PAGES`] pages of 16 bytes each and a key per mapping, all of them hold about
+/// 8 MiB at most, plus their mappings' file paths.
+pub const MAX_PROFILES: usize = 64;
+/// Pages one profile keeps (32 MiB of the seed's): the 1,024 its first child learned one by
+/// one and the faults of the children after, several runs of them.
+pub const MAX_PROFILE_PAGES: usize = 8192;
 /// Longest profile name, in bytes.
 pub const MAX_NAME: usize = 128;
 /// An alignment that takes longer than this (mappings by the thousand, all different) is cut
