@@ -54,7 +54,40 @@ pub struct Packed {
 #[derive(Default)]
 pub struct BootstrapCache {
     packed: Mutex<Option<Arc<Packed>>>,
+    /// A pack is being made (in the background): a request that finds none waits for it.
     repacking: AtomicBool,
+    /// Told when a pack made in the background is in place.
+    ready: tokio::sync::Notify,
+}
+
+impl BootstrapCache {
+    fn current(&self, wire: Wire, working_set: usize) -> Option<Arc<Packed>> {
+        self.packed
+            .lock()
+            .expect("bootstrap lock")
+            .clone()
+            .filter(|p| p.wire == wire && working_set <= p.working_set + p.working_set / 4)
+    }
+}
+
+/// Packs the seed's bootstrap in the background now (unless a pack is under way): for a seed
+/// whose first children will want more than its eager pages, a profile's carried pages.
+/// Requests that come meanwhile wait for it rather than pack again.
+pub fn pack_ahead(seed: Arc<Seed>, wire: Wire) {
+    if seed.bootstrap.repacking.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tokio::task::spawn_blocking(move || repack(&seed, wire));
+}
+
+/// Packs in place of the last pack, then lets waiters know.
+fn repack(seed: &Arc<Seed>, wire: Wire) {
+    match pack(seed, wire) {
+        Ok(p) => *seed.bootstrap.packed.lock().expect("bootstrap lock") = Some(Arc::new(p)),
+        Err(e) => tracing::debug!(seed = seed.id, "packing: {e}"),
+    }
+    seed.bootstrap.repacking.store(false, Ordering::Release);
+    seed.bootstrap.ready.notify_waiters();
 }
 
 /// The seed's packed bootstrap. The last pack is served at once if it is close to the working
@@ -63,26 +96,22 @@ pub struct BootstrapCache {
 pub async fn packed(seed: &Arc<Seed>, wire: Wire) -> Result<Arc<Packed>, RemoteError> {
     let cache = &seed.bootstrap;
     let now = seed.working_set_len();
-    let current = cache
-        .packed
-        .lock()
-        .expect("bootstrap lock")
-        .clone()
-        .filter(|p| p.wire == wire && now <= p.working_set + p.working_set / 4);
+    let mut current = cache.current(wire, now);
+    if current.is_none() && cache.repacking.load(Ordering::Acquire) {
+        // A pack under way (one made ahead at prepare): wait for it rather than pack twice.
+        let ready = cache.ready.notified();
+        tokio::pin!(ready);
+        ready.as_mut().enable();
+        if cache.repacking.load(Ordering::Acquire) {
+            ready.await;
+        }
+        current = cache.current(wire, now);
+    }
     match current {
         Some(p) => {
             if p.working_set != now && !cache.repacking.swap(true, Ordering::AcqRel) {
                 let seed = seed.clone();
-                tokio::task::spawn_blocking(move || {
-                    match pack(&seed, wire) {
-                        Ok(p) => {
-                            *seed.bootstrap.packed.lock().expect("bootstrap lock") =
-                                Some(Arc::new(p))
-                        }
-                        Err(e) => tracing::debug!(seed = seed.id, "repacking: {e}"),
-                    }
-                    seed.bootstrap.repacking.store(false, Ordering::Release);
-                });
+                tokio::task::spawn_blocking(move || repack(&seed, wire));
             }
             Ok(p)
         }

@@ -434,6 +434,11 @@ async fn prepare_with_id(
         .map(|f| f.container)
         .or(adopted.map(|(container, _)| container));
     let seed = daemon.registry.insert(seed);
+    if !seed.carried_pages().is_empty() {
+        // Its first children's hosts will want the carried pages: pack them now.
+        let wire = crate::bootstrap::Wire::of(daemon.bootstrap_codec, daemon.tls.is_some());
+        crate::bootstrap::pack_ahead(seed.clone(), wire);
+    }
     let twin = seed
         .twin
         .lock()
