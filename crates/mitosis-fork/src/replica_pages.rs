@@ -244,10 +244,10 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     fn claim_around(&self, page: u64, block: u64) -> (Claim, bool) {
         let mut state = self.state.lock().expect("replica pages lock");
         if state.pending.is_pending(page) {
-            let size = block.max(1).next_power_of_two() * PAGE_SIZE;
-            let start = page & !(size - 1);
-            let runs = [(start, (size / PAGE_SIZE) as u32)];
-            (Self::claim_locked(&mut state, &runs), true)
+            (
+                Self::claim_locked(&mut state, &[block_around(page, block)]),
+                true,
+            )
         } else {
             (Self::claim_locked(&mut state, &[(page, 1)]), false)
         }
@@ -540,9 +540,7 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
         }
         let runs = [(page, 1)];
         if pending {
-            let size = block.max(1).next_power_of_two() * PAGE_SIZE;
-            let start = page & !(size - 1);
-            let block_runs = [(start, (size / PAGE_SIZE) as u32)];
+            let block_runs = [block_around(page, block)];
             self.fill_touched(&block_runs, touched, Some(claim)).await?;
         } else {
             self.fill_touched(&runs, None, Some(claim)).await?;
@@ -555,8 +553,8 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     }
 
     /// Adds `page` to the touched pages to report; the first of a batch sends the batch
-    /// [`TOUCHED_EVERY`] later, in one request (a failed report costs the working set a
-    /// page or two, never a child).
+    /// [`TOUCHED_EVERY`] later, in one request (a failed report costs the working set those
+    /// pages, never a child).
     fn note_touched(self: &Arc<Self>, page: u64) {
         let first = {
             let mut touched = self.touched.lock().expect("touched lock");
@@ -672,6 +670,12 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
             guard.clear_ready();
         }
     }
+}
+
+/// The aligned block of `block` pages (a power of two) around `page`, as a run.
+fn block_around(page: u64, block: u64) -> (u64, u32) {
+    let size = block.max(1).next_power_of_two() * PAGE_SIZE;
+    (page & !(size - 1), (size / PAGE_SIZE) as u32)
 }
 
 /// Takes the pending pages of `runs` out of `pending`, as runs.
