@@ -23,6 +23,13 @@ use crate::fault::FaultError;
 use crate::pending::{PendingMap, Run};
 use crate::source::{PageSource, SourceError, read_runs};
 
+mod learning;
+mod runs;
+
+pub use learning::Prefetch;
+pub use runs::{Bulk, batches, chunk_runs, lacking};
+use runs::{covers, overlap, overlaps, take_runs};
+
 /// Pages per request when filling: small enough that several pipeline, large enough that
 /// request overhead does not matter.
 pub const PIPELINE_PAGES: u64 = 256;
@@ -59,25 +66,6 @@ pub struct ReplicaPages<S> {
     learned: AtomicU64,
 }
 
-/// What a child's fault on a page the replica lacks brings in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prefetch {
-    /// The pending pages of the aligned block of this many pages around it, into the replica
-    /// and the child both (see [`PageSource::fault_around_pages`]).
-    Blocks(u64),
-    /// The block of `block` pages into the replica, the faulted page alone into the child.
-    /// The child's first touch of each other page of the block is then a fault too, served
-    /// from the replica (no round trip, but about 25 µs a page here, the fault's own cost)
-    /// and reported to the seed's host: a seed whose working set nobody has recorded learns
-    /// the start of it from its first child, not one page per block: the first `budget`
-    /// pages children touch, what the next seeds of a profile need before they can run. Then
-    /// faults bring whole blocks (the bulk of a scan comes on demand, or in a fill).
-    Learning { block: u64, budget: u64 },
-}
-
-/// Touched pages sent to the seed's host at most this often, in one request each.
-const TOUCHED_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
-
 /// What a fill in progress says when it ends: `None` until then, then its outcome.
 type Outcome = Option<Result<(), SourceError>>;
 
@@ -101,23 +89,6 @@ pub struct ReplicaCounters {
     pub pages_fetched: u64,
     pub fetches: u64,
     pub fetch_us: u64,
-}
-
-/// True if `claimed` are exactly `runs`: every page of them was still to fetch.
-fn covers(claimed: &[Run], runs: &[(u64, u32)]) -> bool {
-    claimed.len() == runs.len()
-        && claimed
-            .iter()
-            .zip(runs)
-            .all(|(c, &(at, n))| c.child == at && c.pages == n as u64)
-}
-
-fn overlaps(runs: &[Run], wanted: &[(u64, u32)]) -> bool {
-    runs.iter().any(|r| {
-        wanted
-            .iter()
-            .any(|&(at, n)| r.child < at + n as u64 * PAGE_SIZE && at < r.end())
-    })
 }
 
 impl<S: PageSource + Sync> ReplicaPages<S> {
@@ -237,20 +208,6 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     fn claim(&self, runs: &[(u64, u32)]) -> Claim {
         let mut state = self.state.lock().expect("replica pages lock");
         Self::claim_locked(&mut state, runs)
-    }
-
-    /// [`ReplicaPages::claim`] of the aligned block of `block` pages around `page` if `page`
-    /// is pending, else of `page` alone (it is here, or on its way); and whether it was.
-    fn claim_around(&self, page: u64, block: u64) -> (Claim, bool) {
-        let mut state = self.state.lock().expect("replica pages lock");
-        if state.pending.is_pending(page) {
-            (
-                Self::claim_locked(&mut state, &[block_around(page, block)]),
-                true,
-            )
-        } else {
-            (Self::claim_locked(&mut state, &[(page, 1)]), false)
-        }
     }
 
     fn claim_locked(state: &mut State, runs: &[(u64, u32)]) -> Claim {
@@ -501,97 +458,6 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
             .map_err(|e| SourceError::Gone(format!("the replica is gone: {e}")))
     }
 
-    /// The block a learning fault brings into the replica, while there is budget left.
-    fn learning_block(&self) -> Option<u64> {
-        match self.prefetch {
-            Prefetch::Learning { block, budget }
-                if self.learned.load(Ordering::Relaxed) < budget =>
-            {
-                Some(block)
-            }
-            _ => None,
-        }
-    }
-
-    /// Reads one page a child faulted on, learning ([`Prefetch::Learning`]): a pending page
-    /// brings its block into the replica (the seed's host records the page as touched); a
-    /// page the replica has, or is bringing in, is noted as touched here and reported.
-    async fn read_learning(
-        self: &Arc<Self>,
-        page: u64,
-        block: u64,
-        touched: Option<u64>,
-    ) -> Result<Vec<u8>, SourceError> {
-        self.learned.fetch_add(1, Ordering::Relaxed);
-        let (claim, pending) = self.claim_around(page, block);
-        if pending && claim.waits.is_empty() {
-            // Every other page of the block was pending too, or is the replica's already.
-            let mut offset = 0;
-            for r in &claim.wanted {
-                if r.child <= page && page < r.end() {
-                    offset += (page - r.child) / PAGE_SIZE;
-                    break;
-                }
-                offset += r.pages;
-            }
-            let data = self.fetch_whole(claim, touched).await?;
-            let at = (offset * PAGE_SIZE) as usize;
-            return Ok(data[at..at + PAGE_SIZE as usize].to_vec());
-        }
-        let runs = [(page, 1)];
-        if pending {
-            let block_runs = [block_around(page, block)];
-            self.fill_touched(&block_runs, touched, Some(claim)).await?;
-        } else {
-            self.fill_touched(&runs, None, Some(claim)).await?;
-            if touched.is_some() {
-                self.note_touched(page);
-            }
-        }
-        read_runs(&self.memory, &runs)
-            .map_err(|e| SourceError::Gone(format!("the replica is gone: {e}")))
-    }
-
-    /// Adds `page` to the touched pages to report; the first of a batch sends the batch
-    /// [`TOUCHED_EVERY`] later, in one request (a failed report costs the working set those
-    /// pages, never a child).
-    fn note_touched(self: &Arc<Self>, page: u64) {
-        let first = {
-            let mut touched = self.touched.lock().expect("touched lock");
-            touched.push(page);
-            touched.len() == 1
-        };
-        if !first {
-            return;
-        }
-        let replica = Arc::downgrade(self);
-        tokio::spawn(async move {
-            tokio::time::sleep(TOUCHED_EVERY).await;
-            if let Some(replica) = replica.upgrade() {
-                replica.report_touched().await;
-            }
-        });
-    }
-
-    /// Sends the touched pages not reported yet to the seed's host now: when a child ends,
-    /// so that what it touched is recorded before anyone hears of its end (and drops its
-    /// seed, say).
-    pub async fn report_touched(&self) {
-        // Held across the send: a report that ends a child waits for one under way.
-        let _sending = self.reporting.lock().await;
-        let pages = std::mem::take(&mut *self.touched.lock().expect("touched lock"));
-        if pages.is_empty() {
-            return;
-        }
-        let sent = match self.source.duplicate().await {
-            Ok(mut source) => source.record(pages).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = sent {
-            tracing::debug!("reporting touched pages: {e}");
-        }
-    }
-
     /// Fetches a claim in one request and returns its bytes at once; a task copies them into
     /// the replica meanwhile (the child waits for its own copy only: about 2.5 µs a page
     /// each). The pages stay in flight until they are in: a reader of them waits for it, a
@@ -672,31 +538,6 @@ impl<S: PageSource + Sync> ReplicaPages<S> {
     }
 }
 
-/// The aligned block of `block` pages (a power of two) around `page`, as a run.
-fn block_around(page: u64, block: u64) -> (u64, u32) {
-    let size = block.max(1).next_power_of_two() * PAGE_SIZE;
-    (page & !(size - 1), (size / PAGE_SIZE) as u32)
-}
-
-/// Takes the pending pages of `runs` out of `pending`, as runs.
-fn take_runs(pending: &mut PendingMap, runs: &[(u64, u32)]) -> Vec<Run> {
-    let mut wanted: Vec<Run> = Vec::new();
-    for &(addr, pages) in runs {
-        let end = addr + pages as u64 * PAGE_SIZE;
-        let mut page = addr & !(PAGE_SIZE - 1);
-        while page < end {
-            match pending.take_run(page, (end - page) / PAGE_SIZE) {
-                Some(run) => {
-                    page += run.pages * PAGE_SIZE;
-                    wanted.push(run);
-                }
-                None => page += PAGE_SIZE,
-            }
-        }
-    }
-    wanted
-}
-
 /// Fetches `groups` with up to [`IN_FLIGHT`] requests at once, so the seed host's reads, the
 /// network and our copies overlap; each group's bytes come out of [`Pipelined::next`] as
 /// they arrive. Dropping it abandons the requests still out.
@@ -749,79 +590,6 @@ impl<'a, S: PageSource> Pipelined<'a, S> {
             Err(e) => Err(SourceError::Gone(format!("fetch task: {e}"))),
         })
     }
-}
-
-/// Pages that arrive in bulk before their replica exists: `runs` (seed addresses, which are
-/// the replica's too) and their bytes back to back.
-#[derive(Debug)]
-pub struct Bulk {
-    pub runs: Vec<(u64, u32)>,
-    pub data: Vec<u8>,
-}
-
-/// The pages of `overlay` that `runs` hold, as `(address, pages, offset of their bytes)` in a
-/// bulk of `runs`. Both sorted by address, without overlaps: one sweep over the two.
-fn overlap(runs: &[(u64, u32)], overlay: &[Run]) -> Vec<(u64, u32, usize)> {
-    let mut out = Vec::new();
-    let mut first = 0;
-    let mut at = 0;
-    for &(addr, pages) in runs {
-        let end = addr + pages as u64 * PAGE_SIZE;
-        while first < overlay.len() && overlay[first].end() <= addr {
-            first += 1;
-        }
-        for o in overlay[first..].iter().take_while(|o| o.child < end) {
-            let (from, to) = (addr.max(o.child), end.min(o.end()));
-            if from < to {
-                let pages = ((to - from) / PAGE_SIZE) as u32;
-                out.push((from, pages, at + (from - addr) as usize));
-            }
-        }
-        at += pages as usize * PAGE_SIZE as usize;
-    }
-    out
-}
-
-/// The pages of `overlay` (sorted) that a bulk of `runs` (sorted) does not hold, as runs.
-pub fn lacking(overlay: &[Run], runs: &[(u64, u32)]) -> Vec<(u64, u32)> {
-    let held = overlap(runs, overlay);
-    let mut held = held.iter().peekable();
-    let mut out = Vec::new();
-    for run in overlay {
-        let (mut page, end) = (run.child, run.end());
-        while let Some(&&(from, pages, _)) = held.peek().filter(|h| h.0 < end) {
-            if from > page {
-                out.push((page, ((from - page) / PAGE_SIZE) as u32));
-            }
-            page = from + pages as u64 * PAGE_SIZE;
-            held.next();
-        }
-        if page < end {
-            out.push((page, ((end - page) / PAGE_SIZE) as u32));
-        }
-    }
-    out
-}
-
-/// `runs` cut into consecutive groups of `chunk_pages` pages (the last may be shorter), as a
-/// bulk transfer's chunks hold them.
-pub fn chunk_runs(runs: &[(u64, u32)], chunk_pages: u32) -> Vec<Vec<(u64, u32)>> {
-    let mut out: Vec<Vec<(u64, u32)>> = Vec::new();
-    let mut room = 0;
-    for &(mut addr, mut pages) in runs {
-        while pages > 0 {
-            if room == 0 {
-                out.push(Vec::new());
-                room = chunk_pages;
-            }
-            let take = pages.min(room);
-            out.last_mut().expect("pushed").push((addr, take));
-            addr += take as u64 * PAGE_SIZE;
-            pages -= take;
-            room -= take;
-        }
-    }
-    out
 }
 
 /// Maps the zero page over `[start, end)` of a process that never runs: in one call, or page
@@ -877,91 +645,5 @@ impl<S: PageSource + Sync> PageSource for FromReplica<S> {
             (Prefetch::Learning { .. }, Some(_)) => 1,
             (Prefetch::Learning { block, .. }, None) => block,
         }
-    }
-}
-
-/// Splits runs into groups of at most `max_pages` pages (a longer run is a group of its own).
-pub fn batches(runs: &[Run], max_pages: u64) -> Vec<&[Run]> {
-    let mut out = Vec::new();
-    let (mut start, mut size) = (0, 0);
-    for (i, run) in runs.iter().enumerate() {
-        if i > start && size + run.pages > max_pages {
-            out.push(&runs[start..i]);
-            (start, size) = (i, 0);
-        }
-        size += run.pages;
-    }
-    if start < runs.len() {
-        out.push(&runs[start..]);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(pages: u64) -> Run {
-        Run {
-            child: 0,
-            seed: 0,
-            pages,
-        }
-    }
-
-    #[test]
-    fn chunks_split_runs_at_chunk_boundaries() {
-        let p = PAGE_SIZE;
-        let chunks = chunk_runs(&[(0x10000, 3), (0x40000, 4), (0x90000, 1)], 4);
-        assert_eq!(
-            chunks,
-            vec![
-                vec![(0x10000, 3), (0x40000, 1)],
-                vec![(0x40000 + p, 3), (0x90000, 1)],
-            ]
-        );
-        assert!(chunk_runs(&[], 4).is_empty());
-    }
-
-    #[test]
-    fn overlay_pieces_follow_what_the_bulk_holds() {
-        let p = PAGE_SIZE;
-        let runs = [(0x10000, 2), (0x20000, 1), (0x30000, 4)];
-        let run = |child, pages| Run {
-            child,
-            seed: child,
-            pages,
-        };
-        let overlay = [
-            run(0x10000, 3),     // held, then lacking
-            run(0x20000 - p, 2), // lacking, then held
-            run(0x30000 + p, 1), // inside a longer bulk run
-            run(0x50000, 2),     // not in the bulk at all
-        ];
-        assert_eq!(
-            overlap(&runs, &overlay),
-            vec![
-                (0x10000, 2, 0),
-                (0x20000, 1, 2 * p as usize),
-                (0x30000 + p, 1, 4 * p as usize)
-            ]
-        );
-        assert_eq!(
-            lacking(&overlay, &runs),
-            vec![(0x10000 + 2 * p, 1), (0x20000 - p, 1), (0x50000, 2)]
-        );
-        assert_eq!(lacking(&overlay, &[]).len(), overlay.len());
-        assert!(overlap(&[], &overlay).is_empty());
-    }
-
-    #[test]
-    fn batches_respect_the_limit() {
-        let runs = [run(3), run(2), run(4), run(10), run(1)];
-        let sizes: Vec<u64> = batches(&runs, 5)
-            .iter()
-            .map(|b| b.iter().map(|r| r.pages).sum())
-            .collect();
-        assert_eq!(sizes, vec![5, 4, 10, 1]);
-        assert!(batches(&[], 5).is_empty());
     }
 }
