@@ -13,7 +13,7 @@ use mitosis_transport::frame;
 use mitosis_transport::packed::{self, Codec};
 use mitosis_transport::peer::{
     Bootstrap, BootstrapPages, Leased, MAX_BOOTSTRAP_PAGES, PagesFollow, PeerError, RemoteError,
-    Response,
+    Response, page_runs,
 };
 use tokio::sync::mpsc;
 
@@ -137,7 +137,7 @@ fn bootstrap_runs(seed: &Seed) -> (Vec<(u64, u32)>, usize) {
     pages.sort_unstable();
     pages.dedup();
     pages.truncate(MAX_BOOTSTRAP_PAGES as usize);
-    (runs_of(&pages), working_set.len())
+    (page_runs(&pages), working_set.len())
 }
 
 /// A seed's descriptor and its bootstrap pages as they come in, in chunks of
@@ -255,18 +255,6 @@ pub fn pack(seed: &Seed, wire: Wire) -> Result<Packed, RemoteError> {
     })
 }
 
-/// Sorted, distinct page addresses as runs.
-fn runs_of(pages: &[u64]) -> Vec<(u64, u32)> {
-    let mut runs: Vec<(u64, u32)> = Vec::new();
-    for &page in pages {
-        match runs.last_mut() {
-            Some((start, n)) if *start + *n as u64 * 4096 == page => *n += 1,
-            _ => runs.push((page, 1)),
-        }
-    }
-    runs
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,14 +265,5 @@ mod tests {
         assert_eq!(Wire::of(Codec::Raw, true), Wire::Chunks(Codec::Raw));
         assert_eq!(Wire::of(Codec::Lz4, false), Wire::Chunks(Codec::Lz4));
         assert_eq!(Wire::of(Codec::Lz4, true), Wire::Chunks(Codec::Lz4));
-    }
-
-    #[test]
-    fn runs_join_neighbours_only() {
-        assert_eq!(
-            runs_of(&[0x1000, 0x2000, 0x3000, 0x5000, 0x9000, 0xa000]),
-            vec![(0x1000, 3), (0x5000, 1), (0x9000, 2)]
-        );
-        assert!(runs_of(&[]).is_empty());
     }
 }

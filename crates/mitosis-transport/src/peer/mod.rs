@@ -319,6 +319,19 @@ pub enum Response {
     Recorded,
 }
 
+/// Sorted, distinct page addresses as runs `(address, pages)`, as requests and answers carry
+/// them.
+pub fn page_runs(pages: &[u64]) -> Vec<(u64, u32)> {
+    let mut runs: Vec<(u64, u32)> = Vec::new();
+    for &page in pages {
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n as u64 * packed::PAGE as u64 == page => *n += 1,
+            _ => runs.push((page, 1)),
+        }
+    }
+    runs
+}
+
 /// What comes before a `Pages` answer's `len` page bytes in its frame: the frame header, the
 /// variant and the length (postcard: a LEB128 varint). A page server writes it and reads the
 /// pages in right after, with no copy in between; a client that asked for `len` bytes reads

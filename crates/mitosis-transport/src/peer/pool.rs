@@ -283,13 +283,7 @@ impl PeerPool {
         pages.sort_unstable();
         pages.dedup();
         for chunk in pages.chunks(MAX_PAGES_PER_REQUEST as usize) {
-            let mut runs: Vec<(u64, u32)> = Vec::new();
-            for &page in chunk {
-                match runs.last_mut() {
-                    Some((at, n)) if *at + *n as u64 * packed::PAGE as u64 == page => *n += 1,
-                    _ => runs.push((page, 1)),
-                }
-            }
+            let runs = super::page_runs(chunk);
             match self
                 .call(addr, &seed, (&Request::Touched { runs }, None))
                 .await?

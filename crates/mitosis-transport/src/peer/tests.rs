@@ -332,3 +332,12 @@ async fn tls_pools_check_the_chain_and_the_address() {
         "{err}"
     );
 }
+
+#[test]
+fn page_runs_join_neighbours_only() {
+    assert_eq!(
+        page_runs(&[0x1000, 0x2000, 0x3000, 0x5000, 0x9000, 0xa000]),
+        vec![(0x1000, 3), (0x5000, 1), (0x9000, 2)]
+    );
+    assert!(page_runs(&[]).is_empty());
+}
