@@ -145,8 +145,8 @@ fn bootstrap_runs(seed: &Seed) -> (Vec<(u64, u32)>, usize) {
 pub struct Incoming {
     pub descriptor: Vec<u8>,
     pub runs: Vec<(u64, u32)>,
-    /// Whether the replica's children should show it every page they touch while the seed's
-    /// working set is unknown (a seed of a profile).
+    /// A seed of a profile: its replica's children show it every page they touch while its
+    /// bootstrap holds nothing beyond the eager pages (see `Response::Bootstrap`).
     pub learn: bool,
     chunks: Chunks,
 }

@@ -86,12 +86,6 @@ impl Seed {
         self.profile.as_ref().map(|(name, _)| name.as_str())
     }
 
-    /// Whether new hosts should learn its working set for its profile: a seed of a profile
-    /// that its own children have not shown any page yet.
-    pub fn learns(&self) -> bool {
-        self.profile.is_some() && self.working_set_len() == 0
-    }
-
     /// Pages carried over from earlier seeds of its profile (sorted).
     pub fn carried_pages(&self) -> &[u64] {
         self.profile.as_ref().map_or(&[], |(_, pages)| pages)

@@ -113,8 +113,9 @@ pub async fn build(
         made.lazy_ranges.clone(),
         // No working set recorded yet: its children's faults are all there is to go by. A
         // seed of a profile with nothing carried over learns what they touch page by page
-        // for its later seeds; one that started with what earlier seeds learned (a guess:
-        // another run of a program touches pages of its own) fetches large blocks still.
+        // for its later seeds; one whose bootstrap holds more (what earlier seeds learned, a
+        // guess: another run of a program touches pages of its own; or what its own
+        // children recorded since) fetches large blocks still.
         match (bootstrap_pages <= eager_pages, incoming.learn) {
             (true, true) => Prefetch::Learning {
                 block: fault::LEARNING_PREFETCH_PAGES,

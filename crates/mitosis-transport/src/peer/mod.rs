@@ -308,9 +308,10 @@ pub enum Response {
         #[serde(deserialize_with = "bootstrap_runs")]
         runs: Vec<(u64, u32)>,
         follow: PagesFollow,
-        /// A seed of a profile whose own children have shown it nothing yet: with nothing
-        /// carried over either, children show it every page they touch (see
-        /// `ReplicaPages`'s learning prefetch), for the profile's later seeds.
+        /// A seed of a profile: where its bootstrap holds nothing beyond the pages its
+        /// threads touch at once (nothing carried over, nothing recorded yet), children show
+        /// the replica every page they touch (see `ReplicaPages`'s learning prefetch), for
+        /// the profile's later seeds.
         learn: bool,
     },
     Chunk(Chunk),
