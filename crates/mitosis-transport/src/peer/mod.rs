@@ -340,18 +340,9 @@ pub fn page_runs(pages: &[u64]) -> Vec<(u64, u32)> {
 pub fn pages_frame_head(len: usize) -> Vec<u8> {
     let mut body =
         postcard::to_stdvec(&Response::Pages(Vec::new())).expect("a response serializes to memory");
-    // The empty length's one byte, replaced by `len`.
+    // The empty length's one byte, replaced by `len` as postcard writes a length.
     body.pop();
-    let mut n = len;
-    loop {
-        let low = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            body.push(low);
-            break;
-        }
-        body.push(low | 0x80);
-    }
+    body.extend(postcard::to_stdvec(&len).expect("a length serializes to memory"));
     let mut head = ((body.len() + len) as u32).to_le_bytes().to_vec();
     head.extend(body);
     head
