@@ -116,18 +116,29 @@ impl Learned {
         let mut wanted: Vec<u32> = self.pages.iter().map(|p| p.0).collect();
         wanted.dedup();
         let pairs = align(&self.mappings, &keys, &wanted);
-        let mut out: Vec<u64> = self
-            .pages
-            .iter()
-            .filter_map(|&(i, place, phase)| {
-                let j = *pairs.get(&(i as usize))?;
-                let v = &vmas[j];
-                let addr = at(&keys[j].0.kind, v, place, phase)?;
-                v.seed_pages
-                    .contains((addr - v.start) / PAGE)
-                    .then_some(addr)
-            })
-            .collect();
+        let mut out = Vec::new();
+        for group in self.pages.chunk_by(|a, b| a.0 == b.0) {
+            let i = group[0].0 as usize;
+            let Some(&j) = pairs.get(&i) else { continue };
+            let (v, kind) = (&vmas[j], &keys[j].0.kind);
+            let has = |addr: &u64| v.seed_pages.contains((addr - v.start) / PAGE);
+            let landed = |from_end: bool| -> Vec<u64> {
+                let old_pages = self.mappings[i].1;
+                group
+                    .iter()
+                    .filter_map(|&(_, place, phase)| at(kind, v, place, phase, from_end, old_pages))
+                    .filter(has)
+                    .collect()
+            };
+            // An anonymous area that merged with an older neighbour in one run grew at its
+            // end, not its start: where the sizes differ, the anchor that lands more of the
+            // pages on pages the seed has wins (the end on a tie).
+            let by_end = landed(true);
+            let by_start = (*kind == Kind::Anonymous && self.mappings[i].1 != keys[j].1)
+                .then(|| landed(false))
+                .filter(|s| s.len() > by_end.len());
+            out.extend(by_start.unwrap_or(by_end));
+        }
         out.sort_unstable();
         out.dedup();
         out
@@ -163,17 +174,20 @@ fn place(kind: &Kind, v: &Vma, addr: u64) -> u64 {
     }
 }
 
-/// The address of the page at `place` in `v`, if `v` is that large. In anonymous memory
-/// other than the heap, moved by up to half a [`PHASE`] to lie where it lay in its aligned
-/// block (`phase`): allocators carve such areas in blocks aligned in the address space.
-fn at(kind: &Kind, v: &Vma, place: u64, phase: u8) -> Option<u64> {
+/// The address of the page at `place` (see [`place`]) of a mapping of `old_pages` in `v`, if
+/// `v` is that large; for anonymous memory, counted from `v`'s end or (`from_end` false)
+/// its start. In anonymous memory other than the heap, moved by up to half a [`PHASE`] to
+/// lie where it lay in its aligned block (`phase`): allocators carve such areas in blocks
+/// aligned in the address space.
+fn at(kind: &Kind, v: &Vma, place: u64, phase: u8, from_end: bool, old_pages: u64) -> Option<u64> {
     let pages = v.len() / PAGE;
-    if place >= pages {
-        return None;
-    }
     let addr = match kind {
         Kind::Anonymous => {
-            let near = v.end - (place + 1) * PAGE;
+            let near = if from_end {
+                v.end.checked_sub((place + 1) * PAGE)?
+            } else {
+                v.start + old_pages.checked_sub(place + 1)? * PAGE
+            };
             let ahead = (phase as u64 * PAGE).wrapping_sub(near % PHASE) % PHASE;
             if ahead < PHASE / 2 {
                 near + ahead
@@ -181,7 +195,8 @@ fn at(kind: &Kind, v: &Vma, place: u64, phase: u8) -> Option<u64> {
                 near.checked_sub(PHASE - ahead)?
             }
         }
-        _ => v.start + place * PAGE,
+        _ if place < pages => v.start + place * PAGE,
+        _ => return None,
     };
     (v.start <= addr && addr < v.end).then_some(addr)
 }
@@ -438,8 +453,27 @@ mod tests {
         );
         // Counted from the end: places 7 (first page), 0 (last), 6 (second).
         assert_eq!(learned.carry_to(&[sparse], 0), Vec::<u64>::new());
+        // A shrunk area: from its end one page lands (the last), from its start two (the
+        // first and second); the page 7 past the start lies beyond it either way.
         let shrunk = anon(0x5000_0000, 4);
-        assert_eq!(learned.carry_to(&[shrunk], 0), vec![0x5000_0000 + 3 * PAGE]);
+        assert_eq!(
+            learned.carry_to(&[shrunk], 0),
+            vec![0x5000_0000, 0x5000_0000 + PAGE]
+        );
+    }
+
+    #[test]
+    fn an_area_that_grew_at_its_end_is_counted_from_its_start() {
+        // Run 2's area merged with an older neighbour above it: 4 pages more at its end.
+        // Only the pages counted from the start are the seed's there (a sparse area).
+        let old = [anon(0x1000_0000, 8)];
+        let mut merged = anon(0x2000_0000, 12);
+        merged.seed_pages = PageSet::from_flags((0..12).map(|i| i == 0 || i == 5));
+        let learned = Learned::of(&old, 0, [0x1000_0000, 0x1000_0000 + 5 * PAGE]);
+        assert_eq!(
+            learned.carry_to(&[merged], 0),
+            vec![0x2000_0000, 0x2000_0000 + 5 * PAGE]
+        );
     }
 
     #[test]
