@@ -2,7 +2,7 @@
 # Installs what mitosis needs on a fresh Debian machine (as root): iproute2 for the simulated
 # hosts, a C compiler for the test fixtures, numpy for the Python demo seed, Pillow for the
 # benchmark's image seed and its plot, Node.js and a headless JDK for the runtime seeds of the
-# tests (examples/node, examples/java), etcd for the platform's shared store (its tests start
+# tests (examples/node, examples/java, examples/perl), etcd for the platform's shared store (its tests start
 # their own) and protoc to build its client, DejaVu Sans for the load-spike plots, chromium
 # and its driver for the dashboard's browser test (tests/tests/dashboard.rs), pandas and
 # redis-server for the FINRA workflow (examples/python/finra), systemd-nspawn and debootstrap
@@ -16,6 +16,8 @@ command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v javac >/dev/null || need_apt+=(default-jdk-headless)
+# Perl with its threads and JSON::PP (examples/perl; perl-base alone has neither).
+perl -Mthreads -MThread::Queue -MJSON::PP -e1 2>/dev/null || need_apt+=(perl)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 # The FINRA workflow (examples/python/finra, `mitosis-bench workflow`, tests/tests/finra.rs):

@@ -479,17 +479,22 @@ fn children_behave_like_the_runtime(
     );
 }
 
-/// [`children_behave_like_the_runtime`] for a Python example that has a `--once` mode.
-fn python_children_behave_like_the_function(example_path: &str, requests: &[i64]) {
+/// [`children_behave_like_the_runtime`] for an example script run by `interpreter` that has a
+/// `--once` mode.
+fn script_children_behave_like_the_function(
+    interpreter: &str,
+    example_path: &str,
+    requests: &[i64],
+) {
     let script = example(example_path);
     let tb = testbed(2);
-    let mut seed = tb.host(0).command("python3");
+    let mut seed = tb.host(0).command(interpreter);
     seed.arg(&script);
     children_behave_like_the_runtime(
         &tb,
         seed,
         |request| {
-            let mut cmd = Command::new("python3");
+            let mut cmd = Command::new(interpreter);
             cmd.arg(&script).arg("--once");
             cold_answer(cmd, request)
         },
@@ -500,33 +505,26 @@ fn python_children_behave_like_the_function(example_path: &str, requests: &[i64]
 
 #[test]
 fn numpy_with_blas_threads_child_answers_like_the_function() {
-    python_children_behave_like_the_function("python/threaded_fn.py", &[3, 0, 17, 250]);
+    script_children_behave_like_the_function("python3", "python/threaded_fn.py", &[3, 0, 17, 250]);
 }
 
 /// asyncio's loop wakes through a socketpair inside the process (its self-pipe): a child whose
 /// socketpair were closed would never see its executor's results or its signals.
 #[test]
 fn asyncio_child_wakes_its_loop_through_the_carried_socketpair() {
-    python_children_behave_like_the_function("python/asyncio_fn.py", &[4, 0, -7, 1234]);
+    script_children_behave_like_the_function("python3", "python/asyncio_fn.py", &[4, 0, -7, 1234]);
 }
 
 #[test]
 fn node_child_answers_like_the_function() {
-    let script = example("node/fn.js");
-    let tb = testbed(2);
-    let mut seed = tb.host(0).command("node");
-    seed.arg(&script);
-    children_behave_like_the_runtime(
-        &tb,
-        seed,
-        |request| {
-            let mut cmd = Command::new("node");
-            cmd.arg(&script).arg("--once");
-            cold_answer(cmd, request)
-        },
-        &[5, -3, 0, 4242],
-    );
-    teardown(tb);
+    script_children_behave_like_the_function("node", "node/fn.js", &[5, -3, 0, 4242]);
+}
+
+/// Perl's ithreads: the answer needs the worker thread (an interpreter of its own, fed through
+/// queues) alive in the child, and Perl's deferred signals run the SIGUSR1 handler between ops.
+#[test]
+fn perl_child_answers_like_the_function() {
+    script_children_behave_like_the_function("perl", "perl/fn.pl", &[5, -3, 0, 77777]);
 }
 
 #[test]
