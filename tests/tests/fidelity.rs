@@ -78,6 +78,35 @@ fn a_growsdown_mapping_still_grows() {
     assert_eq!(child, seed);
 }
 
+/// Pages in many small mappings side by side (one page each, read-write and read-only in
+/// turn): each lands in its own mapping, and a fault brings its block's pages from the
+/// neighbouring mappings too, not one page per round trip.
+#[test]
+fn pages_of_many_small_mappings_land_in_their_own_and_come_a_block_at_a_time() {
+    let tb = testbed(2);
+    let mut cmd = tb.host(0).command(env!("MAPFLAGS_BIN"));
+    cmd.arg("small");
+    let mut seed = Seed::start(cmd);
+    let handle = prepare(&tb, 0, seed.pid());
+    let want = seed.send("check");
+    assert!(want.starts_with("small: maps=2048 bad=0 "), "{want}");
+    let out = cli(&tb, 1, &["resume", "--stats", &handle], "check\n");
+    let got = stdout(&out).trim_end().to_string();
+    assert!(
+        out.status.success(),
+        "child: {}\n{}",
+        stderr(&out),
+        tb.host(1).daemon_log()
+    );
+    assert_eq!(got, want);
+    // A first child fetches blocks of 64 pages: 32 blocks hold the 2,048 pages. One fault
+    // per mapping would be 2,048.
+    let faults = resume_stat(&out, "faults");
+    assert!((1..=256).contains(&faults), "{} faults", faults);
+    drop(seed);
+    teardown(tb);
+}
+
 #[test]
 fn exited_children_are_there_to_reap() {
     let (seed, child) = seed_and_child(env!("ZOMBIES_BIN"), &[]);

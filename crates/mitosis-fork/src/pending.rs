@@ -113,31 +113,40 @@ impl PendingMap {
         })
     }
 
-    /// Takes the pending pages of the `block_pages`-aligned block around `addr` (within its
-    /// region), as runs: the one from `addr` first, then the others in address order. Like
-    /// the kernel's fault-around, it brings the neighbours on both sides of a fault, which a
-    /// heap touches together, in one request. `None` if `addr` is not pending.
+    /// Takes the pending pages of the `block_pages`-aligned block around `addr`, as runs (each
+    /// within one region, so within one mapping): the one from `addr` first, then the others
+    /// in address order. Like the kernel's fault-around, it brings the neighbours on both
+    /// sides of a fault, which a heap touches together, in one request; the neighbours may
+    /// lie in the regions beside the fault's (a program of many small mappings: one page
+    /// each would be a round trip each). `None` if `addr` is not pending.
     pub fn take_around(&mut self, addr: u64, block_pages: u64) -> Option<Vec<Run>> {
         let addr = addr & !(PAGE - 1);
         let block = block_pages.max(1).next_power_of_two() * PAGE;
         let block_start = addr & !(block - 1);
         let block_end = block_start + block;
         let first = self.take_run(addr, (block_end - addr) / PAGE)?;
-        let (region_start, region_end) = {
-            let (start, region) = self.region_of(addr).expect("the faulted page's region");
-            (start, start + region.pending.len() as u64 * PAGE)
-        };
-        let (lo, hi) = (block_start.max(region_start), block_end.min(region_end));
+        // Regions do not overlap, so their ends are in the order of their starts.
+        let mut spans: Vec<(u64, u64)> = self
+            .regions
+            .range(..block_end)
+            .rev()
+            .map(|(&start, r)| (start, start + r.pending.len() as u64 * PAGE))
+            .take_while(|&(_, end)| end > block_start)
+            .map(|(start, end)| (start.max(block_start), end.min(block_end)))
+            .collect();
+        spans.reverse();
         let mut runs = vec![first];
-        let mut at = lo;
-        while at < hi {
-            if at == first.child {
-                at = first.end();
-            } else if let Some(run) = self.take_run(at, (hi - at) / PAGE) {
-                at = run.end();
-                runs.push(run);
-            } else {
-                at += PAGE;
+        for (lo, hi) in spans {
+            let mut at = lo;
+            while at < hi {
+                if at == first.child {
+                    at = first.end();
+                } else if let Some(run) = self.take_run(at, (hi - at) / PAGE) {
+                    at = run.end();
+                    runs.push(run);
+                } else {
+                    at += PAGE;
+                }
             }
         }
         Some(runs)
@@ -278,6 +287,35 @@ mod tests {
         assert_eq!(tail[0].child, 0x1b000);
         assert_eq!(tail.iter().map(|r| r.pages).sum::<u64>(), 4);
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn fault_around_takes_the_blocks_pages_of_neighbouring_regions_each_run_in_its_own() {
+        let mut m = PendingMap::new();
+        // One-page mappings side by side (a program of many small mappings), one with
+        // nothing pending, one with a source elsewhere (moved), and one past the block.
+        m.insert(0x20000, 0x80000, vec![true]);
+        m.insert(0x21000, 0x81000, vec![false]);
+        m.insert(0x22000, 0x82000, vec![true, true]);
+        m.insert(0x24000, 0x70000, vec![true]);
+        m.insert(0x27000, 0x87000, vec![true, true]);
+        m.insert(0x30000, 0x90000, vec![true]);
+        // A fault on 0x24000, blocks of 8 pages (0x20000..0x28000): its page first, then the
+        // rest in address order, cut at the block's end.
+        let runs = m.take_around(0x24010, 8).expect("0x24000 is pending");
+        let got: Vec<_> = runs.iter().map(|r| (r.child, r.seed, r.pages)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0x24000, 0x70000, 1),
+                (0x20000, 0x80000, 1),
+                (0x22000, 0x82000, 2),
+                (0x27000, 0x87000, 1)
+            ]
+        );
+        // What lies past the block, in a region or not, stays pending.
+        assert!(m.is_pending(0x28000) && m.is_pending(0x30000));
+        assert_eq!(m.len(), 2);
     }
 
     #[test]
