@@ -5,17 +5,25 @@
 mod common;
 
 use common::*;
+use std::process::Output;
 
 /// Starts `bin` on host 0, prepares it, and returns what the seed and then its child on host
 /// 1 answer to `check`.
 fn seed_and_child(bin: &str, args: &[&str]) -> (String, String) {
+    let (want, got, _) = seed_and_child_resumed(bin, args, &[]);
+    (want, got)
+}
+
+/// [`seed_and_child`] with `flags` for the child's `mitosis resume`; also its output.
+fn seed_and_child_resumed(bin: &str, args: &[&str], flags: &[&str]) -> (String, String, Output) {
     let tb = testbed(2);
     let mut cmd = tb.host(0).command(bin);
     cmd.args(args);
     let mut seed = Seed::start(cmd);
     let handle = prepare(&tb, 0, seed.pid());
     let want = seed.send("check");
-    let out = cli(&tb, 1, &["resume", &handle], "check\n");
+    let resume = [&["resume"], flags, &[handle.as_str()]].concat();
+    let out = cli(&tb, 1, &resume, "check\n");
     let got = stdout(&out).trim_end().to_string();
     assert!(
         out.status.success(),
@@ -25,7 +33,7 @@ fn seed_and_child(bin: &str, args: &[&str]) -> (String, String) {
     );
     drop(seed);
     teardown(tb);
-    (want, got)
+    (want, got, out)
 }
 
 #[test]
@@ -83,28 +91,13 @@ fn a_growsdown_mapping_still_grows() {
 /// neighbouring mappings too, not one page per round trip.
 #[test]
 fn pages_of_many_small_mappings_land_in_their_own_and_come_a_block_at_a_time() {
-    let tb = testbed(2);
-    let mut cmd = tb.host(0).command(env!("MAPFLAGS_BIN"));
-    cmd.arg("small");
-    let mut seed = Seed::start(cmd);
-    let handle = prepare(&tb, 0, seed.pid());
-    let want = seed.send("check");
+    let (want, got, out) = seed_and_child_resumed(env!("MAPFLAGS_BIN"), &["small"], &["--stats"]);
     assert!(want.starts_with("small: maps=2048 bad=0 "), "{want}");
-    let out = cli(&tb, 1, &["resume", "--stats", &handle], "check\n");
-    let got = stdout(&out).trim_end().to_string();
-    assert!(
-        out.status.success(),
-        "child: {}\n{}",
-        stderr(&out),
-        tb.host(1).daemon_log()
-    );
     assert_eq!(got, want);
     // A first child fetches blocks of 64 pages: 32 blocks hold the 2,048 pages. One fault
     // per mapping would be 2,048.
     let faults = resume_stat(&out, "faults");
-    assert!((1..=256).contains(&faults), "{} faults", faults);
-    drop(seed);
-    teardown(tb);
+    assert!((1..=256).contains(&faults), "{faults} faults");
 }
 
 #[test]
