@@ -510,21 +510,12 @@ fn runtime_descriptor() -> Descriptor {
         hash: std::array::from_fn(|i| size as u8 ^ i as u8),
     };
     let mapped = |start: u64, pages: u64, prot: u8, f: FileIdentity, offset: u64| Vma {
-        start,
-        end: start + pages * PAGE as u64,
-        prot,
-        shared: false,
-        grows_down: false,
-        dont_fork: false,
-        may_write: false,
-        locked: false,
-        lock_on_fault: false,
         backing: Backing::File {
             offset,
             file_pages: pages,
             file: f,
         },
-        seed_pages: PageSet::default(),
+        ..Vma::anonymous(start, start + pages * PAGE as u64, prot, PageSet::default())
     };
     let exe = file("/usr/bin/python3.11", 6_831_736);
     let libc = file("/usr/lib/x86_64-linux-gnu/libc.so.6", 1_922_136);

@@ -384,28 +384,16 @@ mod tests {
             vdso: None,
             vmas: vec![
                 Vma {
-                    start: 0x1000,
-                    end: 0x5000,
-                    prot: 3,
-                    shared: false,
-                    grows_down: false,
                     dont_fork: true,
-                    may_write: false,
                     locked: true,
-                    lock_on_fault: false,
-                    backing: crate::Backing::Anonymous,
-                    seed_pages: PageSet::from_flags([true, false, true, true]),
+                    ..Vma::anonymous(
+                        0x1000,
+                        0x5000,
+                        3,
+                        PageSet::from_flags([true, false, true, true]),
+                    )
                 },
                 Vma {
-                    start: 0x10000,
-                    end: 0x12000,
-                    prot: 5,
-                    shared: false,
-                    grows_down: false,
-                    dont_fork: false,
-                    may_write: false,
-                    locked: false,
-                    lock_on_fault: false,
                     backing: crate::Backing::File {
                         file: FileIdentity {
                             path: "/bin/x".into(),
@@ -415,7 +403,7 @@ mod tests {
                         offset: 0,
                         file_pages: 2,
                     },
-                    seed_pages: PageSet::default(),
+                    ..Vma::anonymous(0x10000, 0x12000, 5, PageSet::default())
                 },
             ],
             cwd: None,
