@@ -172,6 +172,11 @@ fn peers_without_the_key_get_nothing_and_cost_bounded_memory() {
         answers.push(c.ask(&seal(&good, &nonce, 20, &Request::Attach)));
         answers.push(c.ask(&seal(&good, &nonce, 20, &Request::Attach)));
         answers.push(c.ask(&seal(&good, &nonce, 19, &Request::Attach)));
+        // With the key, a report of touched pages larger than a request may ask for.
+        let touched = Request::Touched {
+            runs: vec![(0x1000, u32::MAX)],
+        };
+        answers.push(c.ask(&seal(&good, &nonce, 21, &touched)));
         // Decode amplification: a whole 64 KiB frame of 32000 empty runs (2 bytes each).
         let mut runs = [&[2u8][..], &varint(32000)].concat();
         runs.extend(std::iter::repeat_n(0u8, 2 * 32000));
@@ -194,6 +199,7 @@ fn peers_without_the_key_get_nothing_and_cost_bounded_memory() {
             "Some(\"Attached\")".into(),
             format!("Some(\"Error(Replayed({id}, 20))\")"),
             format!("Some(\"Error(Replayed({id}, 19))\")"),
+            "Some(\"Error(TooLarge)\")".into(),
             wrong.clone(),
             "None".into(),
         ])

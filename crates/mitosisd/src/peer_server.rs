@@ -345,14 +345,16 @@ async fn answer(request: Request, seed: &Seed, daemon: &Daemon) -> Result<Vec<u8
         Request::Bootstrap => return Err(RemoteError::TooLarge),
         Request::Pages { runs, touched } => (runs, touched),
         Request::Touched { runs } => {
-            // Page by page: a run of touched pages may span two neighbouring mappings.
-            let pages = runs
-                .iter()
-                .flat_map(|&(at, n)| (0..n as u64).map(move |i| at.saturating_add(i * 4096)));
-            for page in pages.clone() {
-                seed.check_runs(&[(page, 1)])?;
+            // As many pages as a request may ask for: the client sends no more at once, and
+            // a run's length alone must not size what is checked and recorded.
+            if runs.iter().map(|r| r.1 as u64).sum::<u64>() > MAX_PAGES_PER_REQUEST {
+                return Err(RemoteError::TooLarge);
             }
-            pages.for_each(|page| seed.record(page));
+            let pages: Vec<u64> = runs
+                .iter()
+                .flat_map(|&(at, n)| (0..n as u64).map(move |i| at.saturating_add(i * 4096)))
+                .collect();
+            seed.record_touched(&pages)?;
             return Ok(frame::encode(&Response::Recorded));
         }
     };

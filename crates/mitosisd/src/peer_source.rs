@@ -99,12 +99,9 @@ impl PageSource for LocalSource {
     }
 
     async fn record(&mut self, pages: Vec<u64>) -> Result<(), SourceError> {
-        let runs: Vec<(u64, u32)> = pages.iter().map(|&p| (p & !4095, 1)).collect();
         self.seed
-            .check_runs(&runs)
-            .map_err(|e| SourceError::Gone(e.to_string()))?;
-        pages.into_iter().for_each(|p| self.seed.record(p));
-        Ok(())
+            .record_touched(&pages)
+            .map_err(|e| SourceError::Gone(e.to_string()))
     }
 }
 

@@ -72,6 +72,19 @@ impl Seed {
             .insert(page & !4095);
     }
 
+    /// Adds pages children touched among those served as another page's neighbours (a
+    /// replica's `Touched` report) to the working set, once each is known to lie in one of the
+    /// seed's mappings; none if one does not. Page by page: touched pages side by side may
+    /// lie in two neighbouring mappings.
+    pub fn record_touched(&self, pages: &[u64]) -> Result<(), RemoteError> {
+        for &page in pages {
+            self.check_runs(&[(page & !4095, 1)])?;
+        }
+        let mut set = self.working_set.lock().expect("working set lock");
+        set.extend(pages.iter().map(|&page| page & !4095));
+        Ok(())
+    }
+
     /// Makes it a seed of profile `name` that starts with `learned` (what earlier seeds of
     /// it recorded, carried to this one's layout); returns the pages carried.
     pub fn with_profile(mut self, name: &str, learned: Option<&Learned>) -> (Self, usize) {
