@@ -29,9 +29,8 @@ if [ "$(cat "$marker" 2>/dev/null)" != "$MARKER_TEXT" ]; then
   # Built next to the target (same filesystem), renamed into place only once complete.
   tmp=$(mktemp -d "$bundle/.rootfs.XXXXXX")
   chmod 755 "$tmp"
-  if ! debootstrap --variant=minbase --include="$INCLUDE" "$SUITE" "$tmp" "$mirror" \
-      >"$tmp.log" 2>&1; then
-    tail -n 20 "$tmp.log" >&2
+  if ! debootstrap_into make-bundle "$tmp" "$SUITE" "$mirror" --variant=minbase \
+      --include="$INCLUDE"; then
     echo "make-bundle: debootstrap from $mirror failed (log: $tmp.log)" >&2
     exit 1
   fi

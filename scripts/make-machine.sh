@@ -29,13 +29,11 @@ mkdir -p "$(dirname "$root")"
 # Built next to the target (same filesystem), renamed into place only once complete.
 tmp=$(mktemp -d "$root.XXXXXX")
 chmod 755 "$tmp"
-if ! debootstrap --variant=minbase --include="$INCLUDE" "$SUITE" "$tmp" "$mirror" \
-    >"$tmp.log" 2>&1; then
-  tail -n 20 "$tmp.log" >&2
+if ! debootstrap_into make-machine "$tmp" "$SUITE" "$mirror" --variant=minbase \
+    --include="$INCLUDE"; then
   echo "make-machine: debootstrap from $mirror failed (log: $tmp.log)" >&2
   exit 1
 fi
-rm -f "$tmp.log"
 find "$tmp"/var/lib/apt/lists "$tmp"/var/cache/apt -type f -delete
 # A machine of its own: its own name, and a machine id systemd makes up at each boot.
 echo mitosis-machine >"$tmp/etc/hostname"
