@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what mitosis needs on a fresh Debian machine (as root): iproute2 for the simulated
 # hosts, a C compiler for the test fixtures, numpy for the Python demo seed, Pillow for the
-# benchmark's image seed and its plot, Node.js and a headless JDK for the runtime seeds of the
-# tests (examples/node, examples/java, examples/perl), etcd for the platform's shared store (its tests start
-# their own) and protoc to build its client, DejaVu Sans for the load-spike plots, chromium
+# benchmark's image seed and its plot, Node.js, a headless JDK, Perl and Go for the runtime
+# seeds of the tests (examples/node, examples/java, examples/perl, examples/go), etcd for the
+# platform's shared store (its tests start their own) and protoc to build its client, DejaVu Sans for the load-spike plots, chromium
 # and its driver for the dashboard's browser test (tests/tests/dashboard.rs), pandas and
 # redis-server for the FINRA workflow (examples/python/finra), systemd-nspawn and debootstrap
 # for the Debian package's test (tests/tests/package.rs; scripts/test.sh adds cargo-deb); then
@@ -18,6 +18,8 @@ command -v node >/dev/null || need_apt+=(nodejs)
 command -v javac >/dev/null || need_apt+=(default-jdk-headless)
 # Perl with its threads and JSON::PP (examples/perl; perl-base alone has neither).
 perl -Mthreads -MThread::Queue -MJSON::PP -e1 2>/dev/null || need_apt+=(perl)
+# Go's own runtime (examples/go, built by tests/tests/runtimes.rs).
+command -v go >/dev/null || need_apt+=(golang-go)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 # The FINRA workflow (examples/python/finra, `mitosis-bench workflow`, tests/tests/finra.rs):

@@ -373,7 +373,7 @@ fn prepare_of_a_traced_seed_is_refused_and_the_seed_runs_on() {
     teardown(tb);
 }
 
-// ---- JSON-line runtimes: numpy with BLAS threads, Node.js, the JVM ----------------------------
+// ---- JSON-line runtimes: numpy with BLAS threads, Node.js, Perl, Go, the JVM -----------------
 
 /// A JSON answer without the fields that differ between processes.
 fn comparable(answer: &str) -> Value {
@@ -525,6 +525,26 @@ fn node_child_answers_like_the_function() {
 #[test]
 fn perl_child_answers_like_the_function() {
     script_children_behave_like_the_function("perl", "perl/fn.pl", &[5, -3, 0, 77777]);
+}
+
+/// Go's runtime is its own, not libc's: threads from raw clone calls, its own signal
+/// forwarding (os/signal), timers and netpoller, a garbage collector that stops every
+/// goroutine, and goroutines scheduled over the recreated threads.
+#[test]
+fn go_child_answers_like_the_function() {
+    let (_dir, bin) = build_go_example();
+    let tb = testbed(2);
+    children_behave_like_the_runtime(
+        &tb,
+        tb.host(0).command(&bin),
+        |request| {
+            let mut cmd = Command::new(&bin);
+            cmd.arg("--once");
+            cold_answer(cmd, request)
+        },
+        &[5, -3, 0, 77777],
+    );
+    teardown(tb);
 }
 
 #[test]

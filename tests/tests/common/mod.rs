@@ -437,6 +437,22 @@ pub fn compile_java() -> Scratch {
     classes
 }
 
+/// examples/go/fn.go built (standard library only, Go's build cache in the scratch dir):
+/// the scratch dir, and the binary in it.
+pub fn build_go_example() -> (Scratch, PathBuf) {
+    let dir = Scratch::new("go");
+    let bin = dir.0.join("fn");
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(example("go/fn.go"))
+        .env("GOCACHE", dir.0.join("cache"))
+        .output()
+        .expect("go (scripts/setup.sh installs golang-go)");
+    assert!(out.status.success(), "go build: {}", stderr(&out));
+    (dir, bin)
+}
+
 /// The rootfs of the Python bundle scripts/setup.sh makes (shared, read-only, by the test
 /// bundles below).
 pub const PYTHON_ROOTFS: &str = "/var/lib/mitosis/bundles/python/rootfs";
