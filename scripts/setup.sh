@@ -20,6 +20,8 @@ command -v javac >/dev/null || need_apt+=(default-jdk-headless)
 perl -Mthreads -MThread::Queue -MJSON::PP -e1 2>/dev/null || need_apt+=(perl)
 # Go's own runtime (examples/go, built by tests/tests/runtimes.rs).
 command -v go >/dev/null || need_apt+=(golang-go)
+# musl's C library, for a test fixture built as an Alpine image's programs are.
+command -v musl-gcc >/dev/null || need_apt+=(musl-tools)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 # The FINRA workflow (examples/python/finra, `mitosis-bench workflow`, tests/tests/finra.rs):

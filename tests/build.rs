@@ -2,7 +2,8 @@
 //! `fixtures/memcheck.c` as `env!("MEMCHECK_BIN")`, `fixtures/threads.c` (pthreads) as
 //! `env!("THREADS_BIN")`, `fixtures/confined.c` as `env!("CONFINED_BIN")`,
 //! `fixtures/forker.c` as `env!("FORKER_BIN")`, `fixtures/sigstate.c` (pthreads) as
-//! `env!("SIGSTATE_BIN")`, and the fidelity fixtures (`FIDELITY`).
+//! `env!("SIGSTATE_BIN")`, `fixtures/muslthreads.c` (musl, static) as
+//! `env!("MUSLTHREADS_BIN")`, and the fidelity fixtures (`FIDELITY`).
 //!
 //! The compiler is `$CC` if set (may contain arguments, e.g. `ccache gcc`),
 //! otherwise `cc`.  No build-dependencies.
@@ -46,6 +47,17 @@ fn main() {
         &[],
     );
     println!("cargo:rustc-env=SIGSTATE_BIN={}", sigstate.display());
+    // Built against musl, statically, as a program of an Alpine image is (scripts/setup.sh
+    // installs musl-tools).
+    let musl = compile_with(
+        "musl-gcc",
+        &fixtures,
+        &out_dir,
+        "muslthreads",
+        &["-static", "-std=gnu11"],
+        &["-lpthread"],
+    );
+    println!("cargo:rustc-env=MUSLTHREADS_BIN={}", musl.display());
     // Fidelity fixtures: each sets up one kind of state and prints what it sees of it.
     for name in FIDELITY {
         let bin = compile(&fixtures, &out_dir, name, &["-std=gnu11"], &[]);
@@ -59,9 +71,26 @@ const FIDELITY: &[&str] = &[
     "pipes", "memfiles", "cmdline", "mapflags", "zombies", "selfview",
 ];
 
-/// Compiles `fixtures/NAME.c` into `out_dir/NAME` with `-O2 -g -Wall -Wextra`; `flags` go
-/// before the source, `libs` after it. Compiler warnings become cargo warnings.
+/// Compiles `fixtures/NAME.c` into `out_dir/NAME` with `$CC` (or `cc`) and `-O2 -g -Wall
+/// -Wextra`; `flags` go before the source, `libs` after it. Compiler warnings become cargo
+/// warnings.
 fn compile(fixtures: &Path, out_dir: &Path, name: &str, flags: &[&str], libs: &[&str]) -> PathBuf {
+    let cc = env::var("CC")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "cc".to_string());
+    compile_with(&cc, fixtures, out_dir, name, flags, libs)
+}
+
+/// [`compile`] with the compiler command `cc` (may contain arguments).
+fn compile_with(
+    cc: &str,
+    fixtures: &Path,
+    out_dir: &Path,
+    name: &str,
+    flags: &[&str],
+    libs: &[&str],
+) -> PathBuf {
     let src = fixtures.join(format!("{name}.c"));
     let bin = out_dir.join(name);
     println!("cargo:rerun-if-changed={}", src.display());
@@ -70,10 +99,6 @@ fn compile(fixtures: &Path, out_dir: &Path, name: &str, flags: &[&str], libs: &[
         fixtures.join("fixture_io.h").display()
     );
 
-    let cc = env::var("CC")
-        .ok()
-        .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| "cc".to_string());
     let mut words = cc.split_whitespace();
     let program = words.next().expect("empty CC");
 

@@ -450,6 +450,7 @@ fn thread(tid: i32, name: &str) -> Thread {
         rseq: None,
         robust_list: None,
         tid_address: 0,
+        tid_at_address: false,
         altstack: None,
         in_syscall: -1,
         creds: mitosis_descriptor::Credentials {

@@ -11,7 +11,7 @@ use crate::{Backing, Descriptor, KernelObject, REGS_WORDS, SocketEnd};
 
 pub const MAGIC: &[u8; 4] = b"MTSD";
 /// Bumped whenever the payload's shape changes.
-pub const VERSION: u16 = 7;
+pub const VERSION: u16 = 8;
 pub const HEADER_LEN: usize = 16;
 /// Far above any real seed (~12 bytes per resident page), small enough to refuse garbage.
 pub const MAX_PAYLOAD: usize = 64 << 20;
@@ -370,6 +370,7 @@ mod tests {
                 rseq: None,
                 robust_list: None,
                 tid_address: 0,
+                tid_at_address: false,
                 altstack: None,
                 in_syscall: 0,
                 creds: crate::Credentials::default(),

@@ -22,9 +22,15 @@ pub struct Thread {
     pub rseq: Option<Rseq>,
     /// `set_robust_list` head and length.
     pub robust_list: Option<RobustList>,
-    /// The thread's clear-child-tid address (glibc's `pthread.tid`): the kernel writes the new
-    /// thread's id there at creation and clears it at exit, which `pthread_join` waits for.
+    /// The thread's clear-child-tid address: the kernel clears the word there when the thread
+    /// exits and wakes its waiters (glibc's `pthread_join` waits on `pthread.tid`; musl's
+    /// thread-list lock is released so).
     pub tid_address: u64,
+    /// The word at `tid_address` held the thread's id at the prepare point: its runtime keeps
+    /// its id there (glibc), so a child's thread gets its own id written there at creation.
+    /// Where the word is something else (musl keeps its thread-list lock there, 0 when free),
+    /// an id written into it would leave the lock held forever.
+    pub tid_at_address: bool,
     pub altstack: Option<AltStack>,
     /// The system call it was stopped in (`orig_rax`), or -1 in user code.
     pub in_syscall: i64,

@@ -180,6 +180,12 @@ pub fn capture(
             }
             read_word(mem, scratch).map_err(inject("reading the tid address"))
         });
+    // What the runtime keeps at that address (read from memory, not injected): an address
+    // that cannot be read holds nothing of the thread's.
+    let tid_at_address = match tid_address {
+        Ok(at) if at != 0 => read_u32(mem, at).is_ok_and(|word| word as i32 == tid),
+        _ => false,
+    };
     let altstack = t
         .syscall(insn, libc::SYS_sigaltstack, [0, scratch, 0, 0, 0, 0])
         .map_err(inject("reading the alternate signal stack"))
@@ -239,6 +245,7 @@ pub fn capture(
         rseq,
         robust_list: (head != 0).then_some(RobustList { head, len }),
         tid_address: tid_address?,
+        tid_at_address,
         altstack: altstack?,
         in_syscall: regs.orig_rax as i64,
         creds,
@@ -285,6 +292,12 @@ pub fn pending_of(raw: Vec<[u8; mitosis_sys::ptrace::SIGINFO_LEN]>) -> Vec<Pendi
             info: info.to_vec(),
         })
         .collect()
+}
+
+fn read_u32(mem: &RemoteMemory, at: u64) -> std::io::Result<u32> {
+    let mut b = [0u8; 4];
+    mem.read_exact(at, &mut b)?;
+    Ok(u32::from_ne_bytes(b))
 }
 
 fn read_word(mem: &RemoteMemory, at: u64) -> std::io::Result<u64> {

@@ -273,6 +273,7 @@ mod tests {
             rseq: None,
             robust_list: None,
             tid_address: 0,
+            tid_at_address: false,
             altstack: None,
             in_syscall: -1,
             creds: Default::default(),

@@ -424,6 +424,7 @@ pub(crate) fn sample(maps: Vec<MapStep>, files: &[i32]) -> Plan {
                 len: 24,
             }),
             tid_address: 0,
+            tid_at_address: false,
             altstack: None,
             in_syscall: -1,
             creds: Default::default(),

@@ -71,8 +71,9 @@ pub struct Replica {
     batch: Placed,
     listener_batch: Option<Placed>,
     seed_regs: Regs,
-    /// The main thread's tid address, where a child's clone writes its pid.
+    /// The main thread's tid address, and the clone flags that hand it on ([`tid_flags`]).
     tid_address: u64,
+    tid_flags: i32,
     /// The other threads, with the batch each runs for itself.
     threads: Vec<(Thread, Placed)>,
     /// Shared anonymous mappings: each child gets a fresh one (seed contents, own writes).
@@ -166,6 +167,7 @@ pub fn build(
             listener_batch: placed.listener,
             seed_regs,
             tid_address: main.tid_address,
+            tid_flags: tid_flags(&main),
             threads: plan.threads[1..]
                 .iter()
                 .cloned()
@@ -313,6 +315,18 @@ impl Batches {
 
 /// A child's ptrace options (inherited from the replica), with its seccomp filters suspended
 /// for the calls we make in it until it is let go.
+/// The clone flags that give a child's thread its seed thread's tid address: the kernel clears
+/// the word there (and wakes its waiters) when the thread exits, as it would have for the
+/// seed's; and writes the new thread's id there at creation where the seed's runtime kept its
+/// id (glibc: so libc knows the thread's new id), not where it kept something else (musl).
+fn tid_flags(seed: &Thread) -> i32 {
+    match (seed.tid_address, seed.tid_at_address) {
+        (0, _) => 0,
+        (_, true) => libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID,
+        (_, false) => libc::CLONE_CHILD_CLEARTID,
+    }
+}
+
 fn child_options() -> Options {
     Options::PTRACE_O_TRACEFORK
         | Options::PTRACE_O_TRACECLONE
@@ -499,7 +513,8 @@ impl Replica {
         let saved = tracee.regs().map_err(RestoreError::Trace)?;
         let init = join.as_ref().map(|j| j.init_pid);
         let mut join_us = 0;
-        let result = Self::clone_child(tracee, insn, init, self.tid_address, &mut join_us);
+        let tid = (self.tid_address, self.tid_flags);
+        let result = Self::clone_child(tracee, insn, init, tid, &mut join_us);
         let clone_us = t0.elapsed().as_micros() as u64;
         tracee.set_regs(&saved).map_err(RestoreError::Trace)?;
         let result = result?;
@@ -561,7 +576,7 @@ impl Replica {
         tracee: &mut Tracee,
         insn: u64,
         init: Option<i32>,
-        tid_address: u64,
+        (tid_address, tid_flags): (u64, i32),
         join_us: &mut u64,
     ) -> Result<mitosis_sys::ptrace::SyscallResult, RestoreError> {
         let step = |step: &str, ret: i64| RestoreError::Step {
@@ -594,13 +609,6 @@ impl Replica {
             }
         }
         *join_us += t0.elapsed().as_micros() as u64;
-        // The kernel writes the child's pid where the seed's main thread keeps its tid (as
-        // glibc's fork does), so the child's libc knows its own thread id.
-        let tid_flags = if tid_address != 0 {
-            libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID
-        } else {
-            0
-        };
         let flags = (libc::CLONE_PARENT | libc::SIGCHLD | tid_flags) as u64;
         let result = call(libc::SYS_clone, [flags, 0, 0, tid_address, 0, 0]);
         if init.is_some() {
@@ -720,9 +728,7 @@ impl Replica {
                 | libc::CLONE_SIGHAND
                 | libc::CLONE_THREAD
                 | libc::CLONE_SYSVSEM;
-            if seed.tid_address != 0 {
-                flags |= libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID;
-            }
+            flags |= tid_flags(seed);
             let r = child
                 .syscall(
                     insn,
