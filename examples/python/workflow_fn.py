@@ -20,6 +20,7 @@ generation's number, rewritten with 0xEE by the parent right after its prepare.
 import hashlib
 import json
 import os
+import random
 import sys
 import threading
 import time
@@ -53,6 +54,7 @@ def fanout(socks):
             words=state["words"],
             blob_ok=blob_is(blob, 1),
             digest=hashlib.sha256(blob).hexdigest()[:16],
+            random=random.random(),
         )
         os._exit(h.index)
     stop = threading.Event()
@@ -78,6 +80,7 @@ def fanout(socks):
         counter_gt=state["counter"] > 1000,
         blob_changed=not blob_is(blob, 1),
         carried=h.stats["carried_pages"],
+        random=random.random(),
     )
     for r in results:
         out(role="result", index=r.index, returncode=r.returncode, stdout=r.stdout.decode(),

@@ -85,6 +85,7 @@ fn fanout_checked(tb: &Testbed) -> serde_json::Value {
     let results: Vec<_> = all.iter().filter(|l| l["role"] == "result").collect();
     assert_eq!(results.len(), 3);
     let mut digests = Vec::new();
+    let mut draws = Vec::new();
     for (i, r) in results.iter().enumerate() {
         // Each child exits with its index: the status comes back like a subprocess's.
         assert_eq!(r["index"], i as u64);
@@ -99,8 +100,14 @@ fn fanout_checked(tb: &Testbed) -> serde_json::Value {
         assert_eq!(child["words"], serde_json::json!(["before"]));
         assert_eq!(child["blob_ok"], true, "{child}");
         digests.push(child["digest"].clone());
+        draws.push(child["random"].as_f64().expect("a draw").to_bits());
     }
     assert!(digests.windows(2).all(|w| w[0] == w[1]));
+    // `random` is reseeded in each child, as after os.fork: no two draw the same number, nor
+    // the number the parent drew next.
+    draws.push(parent["random"].as_f64().expect("a draw").to_bits());
+    let distinct: std::collections::BTreeSet<_> = draws.iter().collect();
+    assert_eq!(distinct.len(), draws.len(), "{all:?}");
     parent.clone()
 }
 

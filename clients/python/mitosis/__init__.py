@@ -26,6 +26,7 @@ import os
 import socket
 import stat
 import struct
+import sys
 import threading
 
 __all__ = [
@@ -355,6 +356,20 @@ def on_platform():
     return _take_platform_channel() is not None
 
 
+def _become_child():
+    """What a child does when its ``fork_prepare`` returns: reads its role from stdin, takes
+    its host's daemon as its own (its own ``fork_prepare`` and resumes go there), and reseeds
+    the ``random`` module as ``os.fork`` does in its child, or every child of one seed would
+    draw the same numbers. Returns the index and argument."""
+    index, arg, sock = _read_role(0)
+    if sock:
+        os.environ["MITOSIS_SOCKET"] = sock
+    rand = sys.modules.get("random")
+    if rand is not None:
+        rand.seed()
+    return index, arg
+
+
 def _fork_prepare_platform(fd):
     global _platform_fd
     before = os.getpid()
@@ -379,9 +394,7 @@ def _fork_prepare_platform(fd):
     if gone:
         # A child: the channel was its parent's (the fd is free or someone else's now).
         _platform_fd = None
-        index, arg, sock = _read_role(0)
-        if sock:
-            os.environ["MITOSIS_SOCKET"] = sock
+        index, arg = _become_child()
         return Prepared(index=index, arg=arg, on_platform=True)
     words = bytes(line).decode(errors="replace").split(" ", 2)
     if words[0] == "PREPARED" and len(words) == 2:
@@ -445,10 +458,7 @@ def fork_prepare(socket_path=None, profile=None):
     if gone or os.getpid() != before:
         # A child: the fd number is free or someone else's; never close it.
         s.detach()
-        index, arg, sock = _read_role(0)
-        if sock:
-            # This child's host's daemon: its own fork_prepare and resumes go there.
-            os.environ["MITOSIS_SOCKET"] = sock
+        index, arg = _become_child()
         return Prepared(index=index, arg=arg)
     s.close()
     if variant != _EV_PREPARED:
