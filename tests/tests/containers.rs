@@ -565,3 +565,48 @@ fn a_cold_start_runs_the_bundle_afresh_within_the_memory_asked() {
     assert_eq!(inits_of(&tb, 0), Vec::<i32>::new());
     teardown(tb);
 }
+
+/// A program in the bundle that starts a process (gone before its thread starts, so the
+/// thread's id leaves a gap), then a thread; asked, it signals that thread with
+/// `pthread_kill`, which glibc sends to the id it keeps for the thread.
+const THREAD_SIGNAL: &str = r#"
+import json, signal, subprocess, sys, threading, time
+subprocess.run(["true"], check=True)
+got = threading.Event()
+signal.signal(signal.SIGUSR1, lambda *_: got.set())
+worker = threading.Thread(target=threading.Event().wait, daemon=True)
+worker.start()
+for line in sys.stdin:
+    got.clear()
+    try:
+        signal.pthread_kill(worker.ident, signal.SIGUSR1)
+        sent = "ok"
+    except OSError as e:
+        sent = type(e).__name__
+    # The handler runs on the main thread, between bytecodes, once the worker took the
+    # signal: a blocking wait on the main thread would not notice.
+    deadline = time.monotonic() + 5
+    while not got.is_set() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    print(json.dumps({"sent": sent, "handled": got.is_set()}), flush=True)
+"#;
+
+/// glibc keeps each thread's id where the kernel writes it for a new thread; in a container
+/// the id is the container's, which a child's thread need not share with its seed's (here
+/// the seed's thread came after a process that was gone: a gap its child does not have).
+#[test]
+fn a_container_childs_threads_are_known_to_libc_by_their_own_ids() {
+    let scratch = Scratch::new("ct-tids");
+    let dir = bundle(&scratch, &["python3", "-c", THREAD_SIGNAL], LIMITS);
+    let tb = testbed(2);
+    let handle = prepare_bundle(&tb, 0, &dir);
+    for host in [1, 0] {
+        let me = answer(&cli(&tb, host, &["resume", &handle], "signal\n"));
+        assert_eq!(
+            me,
+            serde_json::json!({"sent": "ok", "handled": true}),
+            "host {host}"
+        );
+    }
+    teardown(tb);
+}

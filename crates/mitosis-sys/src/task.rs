@@ -28,6 +28,17 @@ pub fn robust_list(tid: i32) -> io::Result<(u64, u64)> {
 
 /// `ioprio_get(IOPRIO_WHO_PROCESS, pid)`: the task's I/O priority, as the task itself would
 /// read it (no permission needed to read it).
+/// Task `tid`'s id in its own pid namespace (the last of `NSpid` in /proc/TID/status): what
+/// `gettid` returns to it.
+pub fn own_ns_id(tid: i32) -> io::Result<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|v| v.split_whitespace().last()?.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no NSpid in its status"))
+}
+
 pub fn io_priority(pid: i32) -> io::Result<i64> {
     // SAFETY: ioprio_get takes two integers and writes nothing.
     let ret = unsafe { libc::syscall(libc::SYS_ioprio_get, 1, pid) };

@@ -180,10 +180,14 @@ pub fn capture(
             }
             read_word(mem, scratch).map_err(inject("reading the tid address"))
         });
-    // What the runtime keeps at that address (read from memory, not injected): an address
-    // that cannot be read holds nothing of the thread's.
+    // What the runtime keeps at that address (read from memory, not injected): the id the
+    // thread has in its own pid namespace (a container's), or something else. An address that
+    // cannot be read holds nothing of the thread's.
     let tid_at_address = match tid_address {
-        Ok(at) if at != 0 => read_u32(mem, at).is_ok_and(|word| word as i32 == tid),
+        Ok(at) if at != 0 => read_u32(mem, at).is_ok_and(|word| {
+            let word = word as i32;
+            word == tid || task::own_ns_id(tid).is_ok_and(|own| own == word)
+        }),
         _ => false,
     };
     let altstack = t

@@ -52,21 +52,10 @@ impl Continuation {
 
 /// A pid or tid as the child's own pid namespace numbers it (the last of `NSpid`).
 pub(super) fn ns_id(tid: i32) -> Result<i32, RestoreError> {
-    let step = || RestoreError::Step {
+    mitosis_sys::task::own_ns_id(tid).map_err(|source| RestoreError::Step {
         step: format!("read the namespace id of {tid}"),
-        source: std::io::Error::from(std::io::ErrorKind::InvalidData),
-    };
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).map_err(|source| {
-        RestoreError::Step {
-            step: format!("read /proc/{tid}/status"),
-            source,
-        }
-    })?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .and_then(|v| v.split_whitespace().last()?.parse().ok())
-        .ok_or_else(step)
+        source,
+    })
 }
 
 /// (seconds, sub-second units) words of a time in nanoseconds.

@@ -313,8 +313,6 @@ impl Batches {
     }
 }
 
-/// A child's ptrace options (inherited from the replica), with its seccomp filters suspended
-/// for the calls we make in it until it is let go.
 /// The clone flags that give a child's thread its seed thread's tid address: the kernel clears
 /// the word there (and wakes its waiters) when the thread exits, as it would have for the
 /// seed's; and writes the new thread's id there at creation where the seed's runtime kept its
@@ -327,6 +325,8 @@ fn tid_flags(seed: &Thread) -> i32 {
     }
 }
 
+/// A child's ptrace options (inherited from the replica), with its seccomp filters suspended
+/// for the calls we make in it until it is let go.
 fn child_options() -> Options {
     Options::PTRACE_O_TRACEFORK
         | Options::PTRACE_O_TRACECLONE
