@@ -451,6 +451,7 @@ fn thread(tid: i32, name: &str) -> Thread {
         robust_list: None,
         tid_address: 0,
         tid_at_address: false,
+        own_tid: 0,
         altstack: None,
         in_syscall: -1,
         creds: mitosis_descriptor::Credentials {

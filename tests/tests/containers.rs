@@ -570,7 +570,7 @@ fn a_cold_start_runs_the_bundle_afresh_within_the_memory_asked() {
 /// thread's id leaves a gap), then a thread; asked, it signals that thread with
 /// `pthread_kill`, which glibc sends to the id it keeps for the thread.
 const THREAD_SIGNAL: &str = r#"
-import json, signal, subprocess, sys, threading, time
+import json, os, signal, subprocess, sys, threading, time
 subprocess.run(["true"], check=True)
 got = threading.Event()
 signal.signal(signal.SIGUSR1, lambda *_: got.set())
@@ -588,14 +588,18 @@ for line in sys.stdin:
     deadline = time.monotonic() + 5
     while not got.is_set() and time.monotonic() < deadline:
         time.sleep(0.005)
-    print(json.dumps({"sent": sent, "handled": got.is_set()}), flush=True)
+    # Ids as the seed read them (cached by threading) against the ones the kernel has.
+    ids = sorted([threading.main_thread().native_id, worker.native_id])
+    tasks = sorted(int(t) for t in os.listdir("/proc/self/task"))
+    print(json.dumps({"sent": sent, "handled": got.is_set(), "seed_ids": ids == tasks}),
+          flush=True)
 "#;
 
-/// glibc keeps each thread's id where the kernel writes it for a new thread; in a container
-/// the id is the container's, which a child's thread need not share with its seed's (here
-/// the seed's thread came after a process that was gone: a gap its child does not have).
+/// A container child's process and threads take their seed's ids in its container (here
+/// the seed's thread came after a process that was gone: a gap), so what the seed read of
+/// them still holds, and glibc's `pthread_kill` reaches the thread.
 #[test]
-fn a_container_childs_threads_are_known_to_libc_by_their_own_ids() {
+fn a_container_childs_threads_keep_their_seeds_ids() {
     let scratch = Scratch::new("ct-tids");
     let dir = bundle(&scratch, &["python3", "-c", THREAD_SIGNAL], LIMITS);
     let tb = testbed(2);
@@ -604,7 +608,7 @@ fn a_container_childs_threads_are_known_to_libc_by_their_own_ids() {
         let me = answer(&cli(&tb, host, &["resume", &handle], "signal\n"));
         assert_eq!(
             me,
-            serde_json::json!({"sent": "ok", "handled": true}),
+            serde_json::json!({"sent": "ok", "handled": true, "seed_ids": true}),
             "host {host}"
         );
     }

@@ -371,6 +371,7 @@ mod tests {
                 robust_list: None,
                 tid_address: 0,
                 tid_at_address: false,
+                own_tid: 0,
                 altstack: None,
                 in_syscall: 0,
                 creds: crate::Credentials::default(),

@@ -9,8 +9,12 @@ use crate::Rseq;
 /// (the thread-group leader); the child's process starts as it and clones the others.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Thread {
-    /// Its id in the seed, for inspection: a child's threads get ids of their own.
+    /// Its id on the seed's host, for inspection.
     pub tid: i32,
+    /// Its id in its own pid namespace (what `gettid` returned to it): a container's, or
+    /// `tid` outside one. A child in a container takes it; elsewhere a child's threads get
+    /// ids of their own.
+    pub own_tid: i32,
     /// Its name (`comm`, at most 15 bytes).
     pub name: String,
     /// `user_regs_struct` as words, already adjusted to restart an interrupted system call.

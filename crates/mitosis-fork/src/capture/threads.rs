@@ -180,14 +180,12 @@ pub fn capture(
             }
             read_word(mem, scratch).map_err(inject("reading the tid address"))
         });
-    // What the runtime keeps at that address (read from memory, not injected): the id the
-    // thread has in its own pid namespace (a container's), or something else. An address that
-    // cannot be read holds nothing of the thread's.
+    let own_tid = task::own_ns_id(tid).map_err(inject("reading its id in its pid namespace"))?;
+    // What the runtime keeps at that address (read from memory, not injected): the thread's
+    // id as the thread knows it, or something else. An address that cannot be read holds
+    // nothing of the thread's.
     let tid_at_address = match tid_address {
-        Ok(at) if at != 0 => read_u32(mem, at).is_ok_and(|word| {
-            let word = word as i32;
-            word == tid || task::own_ns_id(tid).is_ok_and(|own| own == word)
-        }),
+        Ok(at) if at != 0 => read_u32(mem, at).is_ok_and(|word| word as i32 == own_tid),
         _ => false,
     };
     let altstack = t
@@ -250,6 +248,7 @@ pub fn capture(
         robust_list: (head != 0).then_some(RobustList { head, len }),
         tid_address: tid_address?,
         tid_at_address,
+        own_tid,
         altstack: altstack?,
         in_syscall: regs.orig_rax as i64,
         creds,

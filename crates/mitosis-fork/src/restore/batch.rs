@@ -95,14 +95,28 @@ impl Batch {
         self.count() * RECORD_LEN + self.items.iter().map(Self::item_len).sum::<usize>() as u64
     }
 
-    /// The batch's bytes when placed at `at`.
-    pub fn encode(&self, at: u64) -> Vec<u8> {
+    /// Where each data item lands when the batch is placed at `at`.
+    fn item_addresses(&self, at: u64) -> Vec<u64> {
         let mut addr = Vec::with_capacity(self.items.len());
         let mut next = at + self.count() * RECORD_LEN;
         for item in &self.items {
             addr.push(next);
             next += Self::item_len(item) as u64;
         }
+        addr
+    }
+
+    /// The address `arg` stands for when the batch is placed at `at`.
+    pub fn address_of(&self, at: u64, arg: Arg) -> u64 {
+        match arg {
+            Arg::Val(v) => v,
+            Arg::Data(i) => self.item_addresses(at)[i],
+        }
+    }
+
+    /// The batch's bytes when placed at `at`.
+    pub fn encode(&self, at: u64) -> Vec<u8> {
+        let addr = self.item_addresses(at);
         let resolve = |a: &Arg| match *a {
             Arg::Val(v) => v,
             Arg::Data(i) => addr[i],

@@ -274,6 +274,7 @@ mod tests {
             robust_list: None,
             tid_address: 0,
             tid_at_address: false,
+            own_tid: 0,
             altstack: None,
             in_syscall: -1,
             creds: Default::default(),

@@ -4,6 +4,7 @@ mod batch;
 mod build;
 pub mod confine;
 mod continuation;
+mod ids;
 mod kernel_state;
 mod plan;
 pub mod protocol;

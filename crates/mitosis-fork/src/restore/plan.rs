@@ -425,6 +425,7 @@ pub(crate) fn sample(maps: Vec<MapStep>, files: &[i32]) -> Plan {
             }),
             tid_address: 0,
             tid_at_address: false,
+            own_tid: 0,
             altstack: None,
             in_syscall: -1,
             creds: Default::default(),

@@ -31,6 +31,7 @@ use super::batch::{Arg, Batch, Placed};
 use super::build::{self, Laid, RestoreError, Spawned, StreamedPages};
 use super::confine::{self, HostCreds};
 use super::continuation::{self, Continuation};
+use super::ids::{self, OwnIds, PlacedIds, THREAD_FLAGS, tid_flags};
 use super::kernel_state;
 use super::plan::Plan;
 use super::trampoline;
@@ -62,6 +63,8 @@ pub struct Join {
     pub before_run: Box<dyn FnOnce(i32) -> std::io::Result<()> + Send>,
 }
 
+type BeforeRun = Option<Box<dyn FnOnce(i32) -> std::io::Result<()> + Send>>;
+
 /// The replica process. Lives on the tracer thread's side: every method must run there.
 pub struct Replica {
     spawned: Spawned,
@@ -74,6 +77,9 @@ pub struct Replica {
     /// The main thread's tid address, and the clone flags that hand it on ([`tid_flags`]).
     tid_address: u64,
     tid_flags: i32,
+    /// For a seed that ran in a container: the `clone_args` that give its children's
+    /// process and threads their seed's own ids ([`ids`]).
+    own_ids: Option<PlacedIds>,
     /// The other threads, with the batch each runs for itself.
     threads: Vec<(Thread, Placed)>,
     /// Shared anonymous mappings: each child gets a fresh one (seed contents, own writes).
@@ -168,6 +174,7 @@ pub fn build(
             seed_regs,
             tid_address: main.tid_address,
             tid_flags: tid_flags(&main),
+            own_ids: placed.own_ids,
             threads: plan.threads[1..]
                 .iter()
                 .cloned()
@@ -217,6 +224,7 @@ impl Replica {
 /// Every batch a replica keeps in its data area, laid out one after the other.
 struct Batches {
     join: Option<Batch>,
+    own_ids: Option<OwnIds>,
     child: Batch,
     listener: Option<Batch>,
     shared_filters: Option<Batch>,
@@ -227,6 +235,7 @@ struct Batches {
 
 struct PlacedBatches {
     join: Option<Placed>,
+    own_ids: Option<PlacedIds>,
     child: Placed,
     listener: Option<Placed>,
     shared_filters: Option<Placed>,
@@ -256,6 +265,7 @@ impl Batches {
         }
         Batches {
             join: join.map(join_batch),
+            own_ids: join.and_then(|_| OwnIds::new(&plan.threads)),
             child: batch(false),
             listener: (!seed_has_3).then(|| batch(true)),
             shared_filters: (filters.count() > 0).then_some(filters),
@@ -275,6 +285,7 @@ impl Batches {
     fn all(&self) -> impl Iterator<Item = &Batch> {
         self.join
             .iter()
+            .chain(self.own_ids.as_ref().map(OwnIds::batch))
             .chain([&self.child])
             .chain(self.listener.as_ref())
             .chain(self.shared_filters.as_ref())
@@ -303,6 +314,10 @@ impl Batches {
         };
         PlacedBatches {
             join: self.join.as_ref().map(&mut place),
+            own_ids: self
+                .own_ids
+                .as_ref()
+                .map(|ids| ids.place(place(ids.batch()).at)),
             child: place(&self.child),
             listener: self.listener.as_ref().map(&mut place),
             shared_filters: self.shared_filters.as_ref().map(&mut place),
@@ -310,18 +325,6 @@ impl Batches {
             process: place(&self.process),
             threads: self.threads.iter().map(place).collect(),
         }
-    }
-}
-
-/// The clone flags that give a child's thread its seed thread's tid address: the kernel clears
-/// the word there (and wakes its waiters) when the thread exits, as it would have for the
-/// seed's; and writes the new thread's id there at creation where the seed's runtime kept its
-/// id (glibc: so libc knows the thread's new id), not where it kept something else (musl).
-fn tid_flags(seed: &Thread) -> i32 {
-    match (seed.tid_address, seed.tid_at_address) {
-        (0, _) => 0,
-        (_, true) => libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID,
-        (_, false) => libc::CLONE_CHILD_CLEARTID,
     }
 }
 
@@ -514,10 +517,11 @@ impl Replica {
         let init = join.as_ref().map(|j| j.init_pid);
         let mut join_us = 0;
         let tid = (self.tid_address, self.tid_flags);
-        let result = Self::clone_child(tracee, insn, init, tid, &mut join_us);
+        let own = init.and(self.own_ids.as_ref().map(|ids| ids.main));
+        let result = Self::clone_child(tracee, insn, init, tid, own, &mut join_us);
         let clone_us = t0.elapsed().as_micros() as u64;
         tracee.set_regs(&saved).map_err(RestoreError::Trace)?;
-        let result = result?;
+        let (result, own_ids) = result?;
         let pid = match result.new_child {
             Some(pid) if result.ret > 0 => pid,
             _ => {
@@ -542,7 +546,7 @@ impl Replica {
             &mut threads,
             (stdio, listener),
             forks,
-            before_run,
+            (before_run, own_ids),
             &mut join_us,
         );
         match started {
@@ -570,15 +574,16 @@ impl Replica {
     }
 
     /// Injects the clone into the replica, first moving its pid namespace for children to
-    /// that of `init` (the container to join) when there is one; adds the time that took to
-    /// `join_us`.
+    /// that of `init` (the container to join), timed into `join_us`. With `own`, the child
+    /// tries its seed's own id there first ([`ids::clone_as_seed`]); says if it got it.
     fn clone_child(
         tracee: &mut Tracee,
         insn: u64,
         init: Option<i32>,
         (tid_address, tid_flags): (u64, i32),
+        own: Option<u64>,
         join_us: &mut u64,
-    ) -> Result<mitosis_sys::ptrace::SyscallResult, RestoreError> {
+    ) -> Result<(mitosis_sys::ptrace::SyscallResult, bool), RestoreError> {
         let step = |step: &str, ret: i64| RestoreError::Step {
             step: step.into(),
             source: std::io::Error::from_raw_os_error(-ret as i32),
@@ -610,7 +615,7 @@ impl Replica {
         }
         *join_us += t0.elapsed().as_micros() as u64;
         let flags = (libc::CLONE_PARENT | libc::SIGCHLD | tid_flags) as u64;
-        let result = call(libc::SYS_clone, [flags, 0, 0, tid_address, 0, 0]);
+        let result = ids::clone_as_seed(&mut call, own, [flags, 0, tid_address]);
         if init.is_some() {
             // The child has its copy; the replica keeps no descriptor of a container.
             call(libc::SYS_close, [JOIN_FD, 0, 0, 0, 0, 0])?;
@@ -625,7 +630,7 @@ impl Replica {
         threads: &mut Vec<Tracee>,
         (stdio, listener): ([OwnedFd; 3], Option<OwnedFd>),
         forks: &Receiver<Userfaultfd>,
-        before_run: Option<Box<dyn FnOnce(i32) -> std::io::Result<()> + Send>>,
+        (before_run, own_ids): (BeforeRun, bool),
         join_us: &mut u64,
     ) -> Result<Userfaultfd, RestoreError> {
         let t0 = Instant::now();
@@ -684,7 +689,7 @@ impl Replica {
             run_batch(child, self.at, filters)?;
         }
         // Threads come last: they are created in the container's cgroup and namespaces.
-        self.start_threads(child, threads)?;
+        self.start_threads(child, threads, own_ids)?;
         // The main thread's credentials go last: until now it creates what needs the
         // daemon's (namespaces joined, threads started with credentials of their own).
         if let Some(confine) = &self.confine {
@@ -713,29 +718,22 @@ impl Replica {
     /// rseq area and alternate stack, then takes the seed thread's FPU state, signal mask and
     /// registers. They stay stopped (in `threads`) until the whole child is ready. All are
     /// cloned first, then their batches run side by side (each is a thread's own calls), so
-    /// their stops and wake-ups overlap.
+    /// their stops and wake-ups overlap. With `own_ids` each asks for its seed thread's own
+    /// id first ([`ids`]).
     fn start_threads(
         &self,
         child: &mut Tracee,
         threads: &mut Vec<Tracee>,
+        own_ids: bool,
     ) -> Result<(), RestoreError> {
         let insn = self.at + trampoline::syscall_offset();
-        for (seed, _) in &self.threads {
-            let regs = resume_point(&words_to_regs(&seed.regs), RestartFor::OtherTask);
-            let mut flags = libc::CLONE_VM
-                | libc::CLONE_FS
-                | libc::CLONE_FILES
-                | libc::CLONE_SIGHAND
-                | libc::CLONE_THREAD
-                | libc::CLONE_SYSVSEM;
-            flags |= tid_flags(seed);
-            let r = child
-                .syscall(
-                    insn,
-                    libc::SYS_clone,
-                    [flags as u64, regs.rsp, 0, seed.tid_address, 0, 0],
-                )
-                .map_err(RestoreError::Trace)?;
+        let own_args = self.own_ids.as_ref().filter(|_| own_ids);
+        for (i, (seed, _)) in self.threads.iter().enumerate() {
+            let own = own_args.map(|ids| ids.threads[i]);
+            let rsp = words_to_regs(&seed.regs).rsp;
+            let flags = (THREAD_FLAGS | tid_flags(seed)) as u64;
+            let call = |nr, args| child.syscall(insn, nr, args).map_err(RestoreError::Trace);
+            let (r, _) = ids::clone_as_seed(call, own, [flags, rsp, seed.tid_address])?;
             let tid = match r.new_child {
                 Some(tid) if r.ret > 0 => tid,
                 _ => {
