@@ -113,8 +113,15 @@ impl Learned {
             .iter()
             .map(|v| (key_of(v, start_brk), v.len() / PAGE))
             .collect();
-        let mut wanted: Vec<u32> = self.pages.iter().map(|p| p.0).collect();
-        wanted.dedup();
+        // The mappings holding learned pages, those holding the most first: where two want
+        // one new mapping, the one that carries more pages there gets it.
+        let mut wanted: Vec<(u32, usize)> = self
+            .pages
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|g| (g[0].0, g.len()))
+            .collect();
+        wanted.sort_by_key(|&(i, n)| (std::cmp::Reverse(n), i));
+        let wanted: Vec<u32> = wanted.into_iter().map(|(i, _)| i).collect();
         let pairs = align(&self.mappings, &keys, &wanted);
         let mut out = Vec::new();
         for group in self.pages.chunk_by(|a, b| a.0 == b.0) {
@@ -203,9 +210,9 @@ fn at(kind: &Kind, v: &Vma, place: u64, phase: u8, from_end: bool, old_pages: u6
 
 /// Pairs old mappings with new ones: index in `old` to index in `new`, for the old ones in
 /// `wanted` (those holding learned pages). First as a diff aligns them (kind, protection and
-/// size alike, in order); then each old one left goes to the new one left of its kind closest
-/// in size (an area that merged with a neighbour is larger, one that did not is smaller),
-/// nearest in order on a tie. mmap does not place areas in the same order every run (it
+/// size alike, in order); then each old one left, in `wanted`'s order, goes to the new one
+/// left of its kind closest in size (an area that merged with a neighbour is larger, one
+/// that did not is smaller), nearest in order on a tie. mmap does not place areas in the same order every run (it
 /// fills gaps that address randomization leaves), so order alone cannot pair them.
 fn align(
     old: &[(MappingKey, u64)],
@@ -396,6 +403,20 @@ mod tests {
             learned.carry_to(&new, 0),
             vec![0x1000_0000, 0x2000_0000 + PAGE]
         );
+    }
+
+    #[test]
+    fn the_area_holding_more_pages_gets_the_merged_area_both_want() {
+        // Run 1: an 8-page area (one page learned) below a 20-page one (twenty). Run 2: both
+        // merged into one 28-page area, the 20 pages at its top. Paired in address order,
+        // the small one took it, and the twenty pages went nowhere.
+        let old = [anon(0x1000_0000, 8), anon(0x2000_0000, 20)];
+        let new = [anon(0x3000_0000, 28)];
+        let big: Vec<u64> = (0..20).map(|p| 0x2000_0000 + p * PAGE).collect();
+        let learned = Learned::of(&old, 0, big.into_iter().chain([0x1000_0000]));
+        let carried = learned.carry_to(&new, 0);
+        let top: Vec<u64> = (8..28).map(|p| 0x3000_0000 + p * PAGE).collect();
+        assert_eq!(carried, top);
     }
 
     #[test]
