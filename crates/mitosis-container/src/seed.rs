@@ -131,10 +131,18 @@ pub fn wait_warm(container: &Container, timeout: Duration) -> Result<i32, String
     }
 }
 
-/// True if `pid` is blocked in read(2) on descriptor 0 (/proc/PID/syscall: "0 0x0 ...").
+/// True if a thread of `pid` is blocked in read(2) on descriptor 0
+/// (/proc/PID/task/TID/syscall: "0 0x0 ..."). Any thread: a runtime may read stdin on
+/// another than its first (the JVM runs `main` on a thread of its own; a Go program reads
+/// on whichever thread its goroutine runs).
 pub fn reads_stdin(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/syscall"))
-        .is_ok_and(|s| s.split_whitespace().take(2).eq(["0", "0x0"]))
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).any(|task| {
+        std::fs::read_to_string(task.path().join("syscall"))
+            .is_ok_and(|s| s.split_whitespace().take(2).eq(["0", "0x0"]))
+    })
 }
 
 fn log_tail(mut log: File) -> String {
@@ -168,6 +176,36 @@ mod tests {
         assert!(!reads_stdin(std::process::id() as i32));
         cat.kill().unwrap();
         cat.wait().unwrap();
+    }
+
+    #[test]
+    fn a_thread_reading_stdin_is_seen_waiting() {
+        // A python whose second thread reads stdin while its main thread sleeps.
+        let mut py = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys, threading, time\n\
+                 threading.Thread(target=sys.stdin.buffer.raw.read, args=(1,)).start()\n\
+                 time.sleep(30)",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = py.id() as i32;
+        let t0 = Instant::now();
+        while !reads_stdin(pid) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "its thread never read stdin"
+            );
+            std::thread::sleep(WARM_POLL);
+        }
+        // Its main thread sleeps: only another thread reads.
+        let main = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap();
+        assert!(!main.starts_with("0 0x0"), "{main}");
+        py.kill().unwrap();
+        py.wait().unwrap();
     }
 
     #[test]
