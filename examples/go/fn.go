@@ -18,6 +18,9 @@
 // process answering (read from /proc/self). A SIGUSR1 writes the line `usr1`. EOF on stdin:
 // exit 0.
 //
+//	{"spin": true} -> {"spin": "done", "threads": T, "pid": P}: a goroutine spins while a
+//	                  collection runs (spinDuringCollection): it needs Go's preemption.
+//
 //	--once   answer one request (the first line) and exit 0: the cold start baseline and
 //	         the reference answer.
 //
@@ -160,13 +163,39 @@ func answer(n int) map[string]any {
 	}
 }
 
+// spinDuringCollection spins a goroutine, without a call in its loop, until another one sets
+// a flag 50 ms later, and collects garbage meanwhile: the collection must stop the spinning
+// goroutine, which only a signal to its thread can (Go's asynchronous preemption). Where
+// that signal finds no thread the collection waits for the loop, and the loop for the
+// goroutine that the collection stopped: it never ends.
+func spinDuringCollection() map[string]any {
+	var flag atomic.Int32
+	done := make(chan struct{})
+	go func() {
+		for flag.Load() == 0 {
+		}
+		close(done)
+	}()
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		flag.Store(1)
+	}()
+	time.Sleep(10 * time.Millisecond)
+	runtime.GC()
+	<-done
+	return map[string]any{"spin": "done"}
+}
+
 func reply(line []byte) []byte {
 	var req struct {
-		N *int `json:"n"`
+		N    *int `json:"n"`
+		Spin bool `json:"spin"`
 	}
 	var out map[string]any
-	if err := json.Unmarshal(line, &req); err != nil || req.N == nil {
+	if err := json.Unmarshal(line, &req); err != nil || (req.N == nil && !req.Spin) {
 		out = map[string]any{"error": fmt.Sprintf("bad request: %q", line)}
+	} else if req.Spin {
+		out = spinDuringCollection()
 	} else {
 		out = answer(*req.N)
 	}

@@ -614,3 +614,54 @@ fn a_container_childs_threads_keep_their_seeds_ids() {
     }
     teardown(tb);
 }
+
+/// A bundle whose rootfs holds nothing but the Go example (static) at /fn.
+fn go_bundle(scratch: &Scratch, bin: &Path) -> PathBuf {
+    let dir = scratch.0.join("go-bundle");
+    let rootfs = dir.join("rootfs");
+    for sub in ["proc", "dev", "sys", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(sub)).unwrap();
+    }
+    std::fs::copy(bin, rootfs.join("fn")).unwrap();
+    let config = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {"args": ["/fn"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": []},
+        "root": {"path": rootfs, "readonly": true},
+        "hostname": "fn",
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"},
+                                 {"type": "ipc"}, {"type": "network"}]}
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+/// A Go function in a bundle of nothing but itself. Go stops every goroutine for a
+/// collection by signalling the thread of one that runs without making calls, by the id it
+/// read when the thread started: a container child's threads have their seed's ids (the
+/// pid-gap test above checks that for any runtime), so a goroutine spinning until another
+/// sets a flag is stopped, and the flag set. A bare child, whose ids are new, never ends it
+/// (docs/limits.md).
+#[test]
+fn a_go_childs_collection_stops_a_spinning_goroutine_in_a_container() {
+    let (scratch, bin) = build_go_example();
+    let dir = go_bundle(&scratch, &bin);
+    let tb = testbed(2);
+    let handle = prepare_bundle(&tb, 0, &dir);
+    let out = cli(
+        &tb,
+        1,
+        &["resume", &handle],
+        "{\"spin\": true}\n{\"n\": 7}\n",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let answers: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers[0]["spin"], "done");
+    assert_eq!(answers[1]["n"], 7);
+    assert_eq!(answers[1]["gc"], true);
+    assert_eq!(answers[1]["ticking"], true);
+    teardown(tb);
+}

@@ -447,6 +447,8 @@ pub fn build_go_example() -> (Scratch, PathBuf) {
         .arg(&bin)
         .arg(example("go/fn.go"))
         .env("GOCACHE", dir.0.join("cache"))
+        // Static: it runs in a bundle's rootfs of nothing but itself too.
+        .env("CGO_ENABLED", "0")
         .output()
         .expect("go (scripts/setup.sh installs golang-go)");
     assert!(out.status.success(), "go build: {}", stderr(&out));
