@@ -665,3 +665,60 @@ fn a_go_childs_collection_stops_a_spinning_goroutine_in_a_container() {
     assert_eq!(answers[1]["ticking"], true);
     teardown(tb);
 }
+
+/// Reports what the process may do, and whether it can bind a privileged port.
+const PRIVILEGES: &str = r#"
+import json, os, resource, socket, sys
+for line in sys.stdin:
+    status = dict(l.split(":", 1) for l in open("/proc/self/status"))
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 80))
+        bound = True
+    except PermissionError:
+        bound = False
+    s.close()
+    print(json.dumps({
+        "uid": os.getuid(),
+        "caps": {k: status[k].strip() for k in ("CapBnd", "CapPrm", "CapEff", "CapAmb")},
+        "nnp": status["NoNewPrivs"].strip(),
+        "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+        "bound_80": bound,
+    }), flush=True)
+"#;
+
+/// A bundle's capabilities, resource limits and no_new_privs are its process's, and its
+/// children's: a user who may bind port 80 through an ambient capability, and nothing more.
+#[test]
+fn a_bundles_capabilities_limits_and_no_new_privs_reach_its_children() {
+    let scratch = Scratch::new("ct-privs");
+    let dir = bundle(&scratch, &["python3", "-c", PRIVILEGES], LIMITS);
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace(
+            r#""user": {"uid": 0, "gid": 0}"#,
+            r#""user": {"uid": 1000, "gid": 1000}, "noNewPrivileges": true,
+               "capabilities": {"bounding": ["CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                                "permitted": ["CAP_NET_BIND_SERVICE"],
+                                "inheritable": ["CAP_NET_BIND_SERVICE"],
+                                "effective": ["CAP_NET_BIND_SERVICE"],
+                                "ambient": ["CAP_NET_BIND_SERVICE"]},
+               "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 256, "hard": 512}]"#,
+        );
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let want = serde_json::json!({
+        "uid": 1000,
+        "caps": {"CapBnd": "0000000000000420", "CapPrm": "0000000000000400",
+                 "CapEff": "0000000000000400", "CapAmb": "0000000000000400"},
+        "nnp": "1",
+        "nofile": [256, 512],
+        "bound_80": true,
+    });
+    let tb = testbed(2);
+    let handle = prepare_bundle(&tb, 0, &dir);
+    for host in [1, 0] {
+        let me = answer(&cli(&tb, host, &["resume", &handle], "?\n"));
+        assert_eq!(me, want, "host {host}");
+    }
+    teardown(tb);
+}

@@ -46,6 +46,7 @@ pub struct Exec {
     pub cwd: String,
     pub uid: u32,
     pub gid: u32,
+    pub privileges: crate::privileges::Privileges,
 }
 
 #[derive(Debug, Error)]
@@ -59,6 +60,8 @@ pub enum InitError {
     },
     #[error("{0}: command not found in the container")]
     NotFound(String),
+    #[error("giving the process its privileges: {0}")]
+    Privileges(String),
 }
 
 fn step(step: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> InitError {
@@ -260,11 +263,14 @@ fn start(e: &Exec, chld: &SigSet) -> Result<Pid, InitError> {
         ForkResult::Parent { child } => Ok(child),
         ForkResult::Child => {
             let _ = chld.thread_unblock();
+            let privileges = |r: Result<(), String>| r.map_err(InitError::Privileges);
             let result = chdir(cwd.as_str())
                 .map_err(step(format!("chdir {cwd}")))
+                .and_then(|_| privileges(e.privileges.apply_before_ids()))
                 .and_then(|_| nix::unistd::setgroups(&[]).map_err(step("setgroups")))
                 .and_then(|_| nix::unistd::setgid(Gid::from_raw(e.gid)).map_err(step("setgid")))
                 .and_then(|_| nix::unistd::setuid(Uid::from_raw(e.uid)).map_err(step("setuid")))
+                .and_then(|_| privileges(e.privileges.apply_after_ids()))
                 .and_then(|_| execve(&program, &args, &env).map_err(step("exec")));
             let Err(err) = result;
             let _ = writeln!(io::stderr(), "mitosis-init: {err}");

@@ -10,6 +10,7 @@ pub mod container;
 pub mod fastmove;
 pub mod init;
 pub mod pool;
+pub mod privileges;
 pub mod seed;
 pub mod spec;
 

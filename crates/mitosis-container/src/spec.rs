@@ -10,6 +10,7 @@ use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Spec};
 use thiserror::Error;
 
 use crate::cgroup::Limits;
+use crate::privileges::Privileges;
 
 #[derive(Debug, Error)]
 pub enum BundleError {
@@ -50,6 +51,8 @@ pub struct Bundle {
     pub cwd: String,
     pub uid: u32,
     pub gid: u32,
+    /// Capabilities, resource limits and no_new_privs of its process.
+    pub privileges: Privileges,
     pub hostname: String,
     /// CLONE_NEW* flags of the namespaces a container of this bundle gets.
     pub namespaces: i32,
@@ -113,18 +116,10 @@ impl Bundle {
                 "process.user.additionalGids".into(),
             ));
         }
-        // A child is a fork of a replica the daemon made, not of the seed: it could not keep
-        // capabilities, rlimits or seccomp filters the seed's process set up for itself.
+        // Capabilities, limits and no_new_privs the seed's init applies (a child has what
+        // the prepare reads of the seed: [`Privileges`]); LSM labels are not carried.
+        let privileges = Privileges::of(process)?;
         let unsupported_process = [
-            ("process.capabilities", process.capabilities().is_some()),
-            (
-                "process.rlimits",
-                process.rlimits().as_ref().is_some_and(|r| !r.is_empty()),
-            ),
-            (
-                "process.noNewPrivileges",
-                process.no_new_privileges().unwrap_or(false),
-            ),
             (
                 "process.apparmorProfile",
                 process.apparmor_profile().is_some(),
@@ -198,6 +193,7 @@ impl Bundle {
             cwd,
             uid: user.uid(),
             gid: user.gid(),
+            privileges,
             hostname: spec.hostname().clone().unwrap_or_else(|| "fn".into()),
             namespaces,
             limits,
@@ -363,6 +359,25 @@ mod tests {
     }
 
     #[test]
+    fn capabilities_limits_and_no_new_privs_are_the_processs() {
+        let text = config("").replace(
+            r#""env": ["A=1"],"#,
+            r#""env": ["A=1"], "noNewPrivileges": true,
+               "capabilities": {"bounding": ["CAP_KILL"], "permitted": ["CAP_KILL"]},
+               "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 8, "soft": 8}],"#,
+        );
+        let (dir, b) = bundle_with(&text);
+        let p = b.expect(&text).privileges;
+        assert!(p.no_new_privileges);
+        assert_eq!(
+            p.capabilities.map(|c| (c.bounding, c.permitted)),
+            Some((32, 32))
+        );
+        assert_eq!(p.rlimits.len(), 1);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn what_children_could_not_keep_is_refused() {
         let with_process = |field: &str| {
             config("").replace(
@@ -371,10 +386,13 @@ mod tests {
             )
         };
         let cases = [
-            (with_process(r#""noNewPrivileges": true"#), "process.noNewPrivileges"),
             (
-                with_process(r#""rlimits": [{"type": "RLIMIT_NOFILE", "hard": 8, "soft": 8}]"#),
-                "process.rlimits",
+                with_process(r#""apparmorProfile": "fn""#),
+                "process.apparmorProfile",
+            ),
+            (
+                with_process(r#""rlimits": [{"type": "RLIMIT_NOFILE", "hard": 8, "soft": 9}]"#),
+                "process.rlimits RLIMIT_NOFILE: soft above hard",
             ),
             (
                 config("").replace(
