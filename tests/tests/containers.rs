@@ -722,3 +722,93 @@ fn a_bundles_capabilities_limits_and_no_new_privs_reach_its_children() {
     }
     teardown(tb);
 }
+
+/// Reports the mounts `runc spec` lists beyond the standard ones, its pty and capabilities.
+const RUNC_SPEC_PROBE: &str = r#"
+import json, os, sys
+for line in sys.stdin:
+    mounts = {}
+    for l in open("/proc/self/mountinfo"):
+        left, right = l.split(" - ")
+        point, opts = left.split()[4], left.split()[5]
+        mounts[point] = (right.split()[0], opts.split(",")[0])
+    master, slave = os.openpty()
+    os.write(master, b"ping\n")
+    echoed = os.read(slave, 16)
+    status = dict(l.split(":", 1) for l in open("/proc/self/status"))
+    print(json.dumps({
+        "pts": mounts.get("/dev/pts"), "mqueue": mounts.get("/dev/mqueue"),
+        "cgroup": mounts.get("/sys/fs/cgroup"), "pty": echoed.decode(),
+        "cap_bnd": status["CapBnd"].strip(), "nnp": status["NoNewPrivs"].strip(),
+    }), flush=True)
+"#;
+
+/// A bundle's config as `runc spec` writes it (but for a terminal, which a function has not):
+/// its extra mounts (a devpts of its own, the message queues, cgroup2 read-only), its
+/// capabilities (ambient ones it does not make inheritable), limit and no_new_privs, masked
+/// and read-only paths, device rule and cgroup namespace. Its seed and children run.
+#[test]
+fn a_bundle_as_runc_spec_writes_it_runs_in_its_children() {
+    let scratch = Scratch::new("ct-runc");
+    let dir = scratch.0.join("bundle");
+    std::fs::create_dir_all(&dir).unwrap();
+    let caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
+    let nosuid = ["nosuid", "noexec", "nodev"];
+    let config = serde_json::json!({
+        "ociVersion": "1.0.2-dev",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": ["python3", "-c", RUNC_SPEC_PROBE],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "TERM=xterm"],
+            "cwd": "/",
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps,
+                             "ambient": caps},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": ROOTFS, "readonly": true},
+        "hostname": "runc",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620",
+                         "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": nosuid},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                           {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
+            "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                            "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                            "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                              "/proc/sysrq-trigger"]
+        }
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let want = serde_json::json!({
+        "pts": ["devpts", "rw"], "mqueue": ["mqueue", "rw"], "cgroup": ["cgroup2", "ro"],
+        "pty": "ping\n",
+        // CAP_AUDIT_WRITE (29), CAP_KILL (5), CAP_NET_BIND_SERVICE (10).
+        "cap_bnd": "0000000020000420", "nnp": "1",
+    });
+    let tb = testbed(2);
+    let handle = prepare_bundle(&tb, 0, &dir);
+    for host in [1, 0] {
+        let me = answer(&cli(&tb, host, &["resume", &handle], "?\n"));
+        assert_eq!(me, want, "host {host}");
+    }
+    teardown(tb);
+}

@@ -208,6 +208,7 @@ fn start_init(
         loopback: bundle.namespaces & libc::CLONE_NEWNET != 0,
         masked: bundle.masked.clone(),
         readonly_paths: bundle.readonly_paths.clone(),
+        listed_mounts: bundle.listed_mounts.clone(),
         exec,
     };
     let sent = serde_json::to_vec(&config)

@@ -19,6 +19,8 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid, chdir, execve, fork, pivot_root, se
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::spec::ListedMount;
+
 /// The descriptor the configuration arrives on and the answer leaves by.
 pub const CONFIG_FD: i32 = 3;
 
@@ -35,6 +37,8 @@ pub struct InitConfig {
     pub masked: Vec<String>,
     /// Paths to make read-only.
     pub readonly_paths: Vec<String>,
+    /// The mounts the config listed beyond the standard ones.
+    pub listed_mounts: Vec<ListedMount>,
     /// The process to run, for a seed's container.
     pub exec: Option<Exec>,
 }
@@ -67,6 +71,15 @@ pub enum InitError {
 fn step(step: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> InitError {
     let step = step.into();
     move |source| InitError::Step { step, source }
+}
+
+/// [`step`] for a std I/O error.
+fn io_step(step: impl Into<String>) -> impl FnOnce(io::Error) -> InitError {
+    let step = step.into();
+    move |e| InitError::Step {
+        step,
+        source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+    }
 }
 
 /// The whole of `mitosis-init`.
@@ -137,6 +150,9 @@ fn set_up(c: &InitConfig) -> Result<(), InitError> {
     )
     .map_err(step("mounting /tmp"))?;
     make_dev(&under("dev"))?;
+    for &listed in &c.listed_mounts {
+        mount_listed(&under, listed)?;
+    }
 
     chdir(root.as_path()).map_err(step("entering the rootfs"))?;
     // pivot_root(".", ".") stacks the old root under the new one; detaching it leaves only
@@ -177,10 +193,49 @@ fn set_up(c: &InitConfig) -> Result<(), InitError> {
         sethostname(name).map_err(step("setting the hostname"))?;
     }
     if c.loopback {
-        mitosis_sys::ns::loopback_up().map_err(|e| InitError::Step {
-            step: "bringing loopback up".into(),
-            source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
-        })?;
+        mitosis_sys::ns::loopback_up().map_err(io_step("bringing loopback up"))?;
+    }
+    Ok(())
+}
+
+/// One of the mounts a container gets only when its config lists it.
+fn mount_listed(under: &dyn Fn(&str) -> PathBuf, listed: ListedMount) -> Result<(), InitError> {
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    let (what, dir, fstype, flags, data) = match listed {
+        // A devpts of its own (`newinstance`), with /dev/ptmx reaching its multiplexer.
+        ListedMount::DevPts => (
+            "devpts",
+            "dev/pts",
+            "devpts",
+            flags,
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ),
+        ListedMount::Mqueue => (
+            "mqueue",
+            "dev/mqueue",
+            "mqueue",
+            flags | MsFlags::MS_NODEV,
+            None,
+        ),
+        ListedMount::Cgroup => (
+            "cgroup",
+            "sys/fs/cgroup",
+            "cgroup2",
+            flags | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
+            None,
+        ),
+    };
+    let target = under(dir);
+    // /sys/fs/cgroup is sysfs's own (read-only) directory; the others go in our /dev.
+    if listed != ListedMount::Cgroup {
+        std::fs::create_dir_all(&target).map_err(io_step(format!("creating /{dir}")))?;
+    }
+    mount(Some(what), &target, Some(fstype), flags, data)
+        .map_err(step(format!("mounting /{dir}")))?;
+    if listed == ListedMount::DevPts {
+        let ptmx = under("dev/ptmx");
+        let _ = std::fs::remove_file(&ptmx);
+        std::os::unix::fs::symlink("pts/ptmx", &ptmx).map_err(io_step("linking /dev/ptmx"))?;
     }
     Ok(())
 }
@@ -213,10 +268,7 @@ fn make_dev(dev: &Path) -> Result<(), InitError> {
     .map_err(step("mounting /dev"))?;
     for name in ["null", "zero", "full", "random", "urandom", "tty"] {
         let target = dev.join(name);
-        std::fs::File::create(&target).map_err(|e| InitError::Step {
-            step: format!("creating /dev/{name}"),
-            source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
-        })?;
+        std::fs::File::create(&target).map_err(io_step(format!("creating /dev/{name}")))?;
         let host = format!("/dev/{name}");
         mount(Some(host.as_str()), &target, none, MsFlags::MS_BIND, none)
             .map_err(step(format!("binding /dev/{name}")))?;

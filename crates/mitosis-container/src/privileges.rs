@@ -135,15 +135,20 @@ impl Privileges {
     /// The part after the ids: the capability sets, the ambient ones, `no_new_privs`.
     pub fn apply_after_ids(&self) -> Result<(), String> {
         if let Some(sets) = &self.capabilities {
+            // Each change is checked against the sets as they are: effective must stay within
+            // permitted, inheritable within what was permitted; so permitted shrinks last.
             for (set, mask) in [
-                (CapSet::Permitted, sets.permitted),
-                (CapSet::Inheritable, sets.inheritable),
                 (CapSet::Effective, sets.effective),
+                (CapSet::Inheritable, sets.inheritable),
+                (CapSet::Permitted, sets.permitted),
             ] {
                 caps::set(None, set, &of_mask(mask))
                     .map_err(|e| format!("setting the {set:?} capabilities: {e}"))?;
             }
-            for cap in of_mask(sets.ambient) {
+            // The kernel raises an ambient capability only if it is permitted and inheritable
+            // too: `runc spec` lists ambient ones it does not make inheritable, and runc goes
+            // on without them, as here.
+            for cap in of_mask(sets.ambient & sets.inheritable & sets.permitted) {
                 caps::raise(None, CapSet::Ambient, cap)
                     .map_err(|e| format!("raising ambient {cap}: {e}"))?;
             }

@@ -7,6 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Spec};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::cgroup::Limits;
@@ -53,6 +54,8 @@ pub struct Bundle {
     pub gid: u32,
     /// Capabilities, resource limits and no_new_privs of its process.
     pub privileges: Privileges,
+    /// The mounts it lists that containers only get when listed.
+    pub listed_mounts: Vec<ListedMount>,
     pub hostname: String,
     /// CLONE_NEW* flags of the namespaces a container of this bundle gets.
     pub namespaces: i32,
@@ -67,6 +70,24 @@ pub struct Bundle {
 
 /// The mounts every container gets (see `init`); a config may list them, not others.
 pub const STANDARD_MOUNTS: [&str; 5] = ["/proc", "/dev", "/dev/shm", "/sys", "/tmp"];
+
+/// Mounts a container gets when its config lists them, as `runc spec` does: a devpts of its
+/// own at /dev/pts, the POSIX message queues of its ipc namespace at /dev/mqueue, and the
+/// cgroup2 hierarchy read-only at /sys/fs/cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ListedMount {
+    DevPts,
+    Mqueue,
+    Cgroup,
+}
+
+impl ListedMount {
+    pub const ALL: [(&'static str, ListedMount); 3] = [
+        ("/dev/pts", ListedMount::DevPts),
+        ("/dev/mqueue", ListedMount::Mqueue),
+        ("/sys/fs/cgroup", ListedMount::Cgroup),
+    ];
+}
 
 impl Bundle {
     /// Loads and checks the bundle in `dir`.
@@ -129,12 +150,17 @@ impl Bundle {
         if let Some((field, _)) = unsupported_process.iter().find(|(_, set)| *set) {
             return Err(BundleError::Unsupported((*field).into()));
         }
+        let mut listed_mounts = Vec::new();
         for m in spec.mounts().iter().flatten() {
             let dest = m.destination().to_string_lossy();
-            if !STANDARD_MOUNTS.contains(&dest.as_ref()) {
+            if let Some(&(_, listed)) = ListedMount::ALL.iter().find(|(d, _)| *d == dest) {
+                listed_mounts.push(listed);
+            } else if !STANDARD_MOUNTS.contains(&dest.as_ref()) {
+                let listable = ListedMount::ALL.map(|(d, _)| d);
                 return Err(BundleError::Unsupported(format!(
-                    "mount {dest} (containers get {})",
-                    STANDARD_MOUNTS.join(", ")
+                    "mount {dest} (containers get {}, and {} if listed)",
+                    STANDARD_MOUNTS.join(", "),
+                    listable.join(", ")
                 )));
             }
         }
@@ -194,6 +220,7 @@ impl Bundle {
             uid: user.uid(),
             gid: user.gid(),
             privileges,
+            listed_mounts,
             hostname: spec.hostname().clone().unwrap_or_else(|| "fn".into()),
             namespaces,
             limits,
