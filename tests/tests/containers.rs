@@ -566,6 +566,14 @@ fn a_cold_start_runs_the_bundle_afresh_within_the_memory_asked() {
     teardown(tb);
 }
 
+/// A child on another host, then one on the seed's own, each asked `input`, answer `want`.
+fn children_answer(tb: &Testbed, handle: &str, input: &str, want: &serde_json::Value) {
+    for host in [1, 0] {
+        let me = answer(&cli(tb, host, &["resume", handle], input));
+        assert_eq!(&me, want, "host {host}");
+    }
+}
+
 /// A program in the bundle that starts a process (gone before its thread starts, so the
 /// thread's id leaves a gap), then a thread; asked, it signals that thread with
 /// `pthread_kill`, which glibc sends to the id it keeps for the thread.
@@ -604,14 +612,8 @@ fn a_container_childs_threads_keep_their_seeds_ids() {
     let dir = bundle(&scratch, &["python3", "-c", THREAD_SIGNAL], LIMITS);
     let tb = testbed(2);
     let handle = prepare_bundle(&tb, 0, &dir);
-    for host in [1, 0] {
-        let me = answer(&cli(&tb, host, &["resume", &handle], "signal\n"));
-        assert_eq!(
-            me,
-            serde_json::json!({"sent": "ok", "handled": true, "seed_ids": true}),
-            "host {host}"
-        );
-    }
+    let want = serde_json::json!({"sent": "ok", "handled": true, "seed_ids": true});
+    children_answer(&tb, &handle, "signal\n", &want);
     teardown(tb);
 }
 
@@ -716,10 +718,7 @@ fn a_bundles_capabilities_limits_and_no_new_privs_reach_its_children() {
     });
     let tb = testbed(2);
     let handle = prepare_bundle(&tb, 0, &dir);
-    for host in [1, 0] {
-        let me = answer(&cli(&tb, host, &["resume", &handle], "?\n"));
-        assert_eq!(me, want, "host {host}");
-    }
+    children_answer(&tb, &handle, "?\n", &want);
     teardown(tb);
 }
 
@@ -806,9 +805,6 @@ fn a_bundle_as_runc_spec_writes_it_runs_in_its_children() {
     });
     let tb = testbed(2);
     let handle = prepare_bundle(&tb, 0, &dir);
-    for host in [1, 0] {
-        let me = answer(&cli(&tb, host, &["resume", &handle], "?\n"));
-        assert_eq!(me, want, "host {host}");
-    }
+    children_answer(&tb, &handle, "?\n", &want);
     teardown(tb);
 }
