@@ -20,6 +20,9 @@ pub struct StatusCreds {
     pub no_new_privs: bool,
     /// 0 none, 1 strict, 2 filter.
     pub seccomp_mode: u8,
+    /// Its id in its own pid namespace (the last of `NSpid`), which is not a credential but
+    /// is on the same page.
+    pub own_tid: i32,
 }
 
 /// A status file without the fields this parser needs.
@@ -71,12 +74,18 @@ pub fn parse_status(status: &str) -> Result<StatusCreds, MissingField> {
         },
         no_new_privs: number("NoNewPrivs")? != 0,
         seccomp_mode: number("Seccomp")?,
+        own_tid: field(status, "NSpid")?
+            .split_whitespace()
+            .last()
+            .and_then(|id| id.parse().ok())
+            .ok_or(MissingField("NSpid"))?,
     })
 }
 
-/// Reads the credentials of stopped thread `t` of seed `pid`. Its securebits come from an
-/// injected `prctl(PR_GET_SECUREBITS)`, its seccomp filters from ptrace.
-pub fn capture(pid: i32, t: &mut Tracee, insn: u64) -> Result<Credentials, PrepareError> {
+/// Reads the credentials of stopped thread `t` of seed `pid`, and its id in its own pid
+/// namespace (from the same status file). Its securebits come from an injected
+/// `prctl(PR_GET_SECUREBITS)`, its seccomp filters from ptrace.
+pub fn capture(pid: i32, t: &mut Tracee, insn: u64) -> Result<(Credentials, i32), PrepareError> {
     let tid = t.pid();
     let path = format!("/proc/{pid}/task/{tid}/status");
     let status = fs::read_to_string(&path).map_err(|source| PrepareError::Proc {
@@ -131,7 +140,7 @@ pub fn capture(pid: i32, t: &mut Tracee, insn: u64) -> Result<Credentials, Prepa
             what: format!("thread {tid} has seccomp filters this kernel does not let us read"),
         });
     }
-    Ok(Credentials {
+    let creds = Credentials {
         uids: parsed.uids,
         gids: parsed.gids,
         groups: parsed.groups,
@@ -139,7 +148,8 @@ pub fn capture(pid: i32, t: &mut Tracee, insn: u64) -> Result<Credentials, Prepa
         securebits: securebits as u32,
         no_new_privs: parsed.no_new_privs,
         seccomp,
-    })
+    };
+    Ok((creds, parsed.own_tid))
 }
 
 /// Refuses a seed whose credentials mean something else outside its namespaces: ids and
@@ -167,7 +177,7 @@ mod tests {
         Uid:\t65534\t65534\t65534\t65534\nGid:\t65534\t65533\t65534\t65532\n\
         Groups:\t4 24 \nNoNewPrivs:\t1\nSeccomp:\t2\nSeccomp_filters:\t1\n\
         CapInh:\t0000000000000000\nCapPrm:\t0000000000000400\nCapEff:\t0000000000000400\n\
-        CapBnd:\t000001ffffffffff\nCapAmb:\t0000000000000000\n";
+        CapBnd:\t000001ffffffffff\nCapAmb:\t0000000000000000\nNSpid:\t4242\t7\n";
 
     #[test]
     fn credentials_come_from_the_status_lines() {
@@ -180,6 +190,7 @@ mod tests {
         assert_eq!(c.caps.bounding, 0x1ff_ffff_ffff);
         assert!(c.no_new_privs);
         assert_eq!(c.seccomp_mode, 2);
+        assert_eq!(c.own_tid, 7, "its id in its own (innermost) pid namespace");
     }
 
     #[test]

@@ -180,14 +180,6 @@ pub fn capture(
             }
             read_word(mem, scratch).map_err(inject("reading the tid address"))
         });
-    let own_tid = task::own_ns_id(tid).map_err(inject("reading its id in its pid namespace"))?;
-    // What the runtime keeps at that address (read from memory, not injected): the thread's
-    // id as the thread knows it, or something else. An address that cannot be read holds
-    // nothing of the thread's.
-    let tid_at_address = match tid_address {
-        Ok(at) if at != 0 => read_u32(mem, at).is_ok_and(|word| word as i32 == own_tid),
-        _ => false,
-    };
     let altstack = t
         .syscall(insn, libc::SYS_sigaltstack, [0, scratch, 0, 0, 0, 0])
         .map_err(inject("reading the alternate signal stack"))
@@ -231,7 +223,13 @@ pub fn capture(
     // Whatever the injections did, the thread goes back to where it was.
     t.set_regs(&resume_point(&regs, RestartFor::SameTask))
         .map_err(inject("restoring registers"))?;
-    let creds = creds?;
+    let (creds, own_tid) = creds?;
+    // What the runtime keeps at its tid address (read from memory, not injected): the
+    // thread's id as the thread knows it, or something else. An address that cannot be read
+    // holds nothing of the thread's.
+    let tid_address = tid_address?;
+    let tid_at_address =
+        tid_address != 0 && read_u32(mem, tid_address).is_ok_and(|word| word as i32 == own_tid);
     let pending = t
         .pending_signals(false)
         .map_err(inject("reading the pending signals"))?;
@@ -246,7 +244,7 @@ pub fn capture(
         sigmask,
         rseq,
         robust_list: (head != 0).then_some(RobustList { head, len }),
-        tid_address: tid_address?,
+        tid_address,
         tid_at_address,
         own_tid,
         altstack: altstack?,
