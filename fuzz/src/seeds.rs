@@ -450,7 +450,7 @@ fn thread(tid: i32, name: &str) -> Thread {
         rseq: None,
         robust_list: None,
         tid_address: 0,
-        tid_at_address: false,
+        tid_cache: 0,
         own_tid: 0,
         altstack: None,
         in_syscall: -1,
@@ -524,6 +524,7 @@ fn runtime_descriptor() -> Descriptor {
     let mut main = thread(4000, "python3");
     main.in_syscall = 0; // read(0): waiting for its request
     main.tid_address = 0x7f00_0000_0a10;
+    main.tid_cache = 0x7f00_0000_0a10;
     let mut threads = vec![main];
     for n in 1..4 {
         let mut t = thread(4000 + n, &format!("OpenBLAS-{n}"));

@@ -370,7 +370,7 @@ mod tests {
                 rseq: None,
                 robust_list: None,
                 tid_address: 0,
-                tid_at_address: false,
+                tid_cache: 0,
                 own_tid: 0,
                 altstack: None,
                 in_syscall: 0,

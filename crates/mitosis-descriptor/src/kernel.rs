@@ -30,11 +30,11 @@ pub struct Thread {
     /// exits and wakes its waiters (glibc's `pthread_join` waits on `pthread.tid`; musl's
     /// thread-list lock is released so).
     pub tid_address: u64,
-    /// The word at `tid_address` held the thread's id at the prepare point: its runtime keeps
-    /// its id there (glibc), so a child's thread gets its own id written there at creation.
-    /// Where the word is something else (musl keeps its thread-list lock there, 0 when free),
-    /// an id written into it would leave the lock held forever.
-    pub tid_at_address: bool,
+    /// Where the thread's runtime keeps its id (0: nowhere known), which a child's thread gets
+    /// its own id written to at creation: glibc keeps it at `tid_address` (`pthread.tid`);
+    /// musl keeps its thread-list lock there instead (an id written into it would leave the
+    /// lock held forever) and the id in its `struct pthread`.
+    pub tid_cache: u64,
     pub altstack: Option<AltStack>,
     /// The system call it was stopped in (`orig_rax`), or -1 in user code.
     pub in_syscall: i64,

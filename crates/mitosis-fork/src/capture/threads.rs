@@ -224,12 +224,8 @@ pub fn capture(
     t.set_regs(&resume_point(&regs, RestartFor::SameTask))
         .map_err(inject("restoring registers"))?;
     let (creds, own_tid) = creds?;
-    // What the runtime keeps at its tid address (read from memory, not injected): the
-    // thread's id as the thread knows it, or something else. An address that cannot be read
-    // holds nothing of the thread's.
     let tid_address = tid_address?;
-    let tid_at_address =
-        tid_address != 0 && read_u32(mem, tid_address).is_ok_and(|word| word as i32 == own_tid);
+    let tid_cache = tid_cache(mem, tid_address, regs.fs_base, own_tid);
     let pending = t
         .pending_signals(false)
         .map_err(inject("reading the pending signals"))?;
@@ -245,7 +241,7 @@ pub fn capture(
         rseq,
         robust_list: (head != 0).then_some(RobustList { head, len }),
         tid_address,
-        tid_at_address,
+        tid_cache,
         own_tid,
         altstack: altstack?,
         in_syscall: regs.orig_rax as i64,
@@ -293,6 +289,30 @@ pub fn pending_of(raw: Vec<[u8; mitosis_sys::ptrace::SIGINFO_LEN]>) -> Vec<Pendi
             info: info.to_vec(),
         })
         .collect()
+}
+
+/// Where musl (x86_64) keeps a thread's id: `struct pthread`'s `tid`, after `self`, `dtv`,
+/// `prev`, `next`, `sysinfo` and `canary`, at the thread pointer.
+const MUSL_TID_OFFSET: u64 = 48;
+
+/// Where the thread's runtime keeps its id (read from memory, not injected), or 0: glibc
+/// keeps it at the tid address; musl keeps its thread-list lock there and the id in its
+/// thread descriptor, which starts with a pointer to itself at the thread pointer. An
+/// address that cannot be read holds nothing of the thread's.
+fn tid_cache(mem: &RemoteMemory, tid_address: u64, fs_base: u64, own_tid: i32) -> u64 {
+    let holds_tid = |at: u64| read_u32(mem, at).is_ok_and(|word| word as i32 == own_tid);
+    if tid_address != 0 && holds_tid(tid_address) {
+        return tid_address;
+    }
+    let musl_like = fs_base != 0
+        && tid_address != 0
+        && read_word(mem, fs_base).is_ok_and(|me| me == fs_base)
+        && holds_tid(fs_base + MUSL_TID_OFFSET);
+    if musl_like {
+        fs_base + MUSL_TID_OFFSET
+    } else {
+        0
+    }
 }
 
 fn read_u32(mem: &RemoteMemory, at: u64) -> std::io::Result<u32> {

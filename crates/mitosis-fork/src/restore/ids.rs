@@ -4,8 +4,8 @@
 //! init: there its process and threads take the ids the seed's had in the seed's own
 //! container (`clone3`'s `set_tid`), so a runtime that keeps the ids it read (Go's threads,
 //! musl's) finds them right. Elsewhere the ids are the host's and taken (by the seed itself,
-//! by another child), so a child's are new and only glibc learns them ([`tid_flags`];
-//! docs/limits.md).
+//! by another child), so a child's are new, and only the runtimes that keep them where we can
+//! find them learn them: glibc and musl ([`tid_clone`]; docs/limits.md).
 
 use mitosis_descriptor::Thread;
 use mitosis_sys::ptrace::SyscallResult;
@@ -25,25 +25,35 @@ pub(super) const THREAD_FLAGS: i32 = libc::CLONE_VM
     | libc::CLONE_THREAD
     | libc::CLONE_SYSVSEM;
 
-/// The clone flags that give a child's thread its seed thread's tid address: the kernel clears
-/// the word there (and wakes its waiters) when the thread exits, as it would have for the
-/// seed's; and writes the new thread's id there at creation where the seed's runtime kept its
-/// id (glibc: so libc knows the thread's new id), not where it kept something else (musl).
-pub(super) fn tid_flags(seed: &Thread) -> i32 {
-    match (seed.tid_address, seed.tid_at_address) {
-        (0, _) => 0,
-        (_, true) => libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID,
-        (_, false) => libc::CLONE_CHILD_CLEARTID,
+/// The clone flags and child-tid address of a child's thread: the kernel writes the new
+/// thread's id where the seed's runtime keeps it (`tid_cache`), and clears the seed thread's
+/// tid address (waking its waiters) when the thread exits, as it would have for the seed's.
+/// One address serves both: where they differ (musl), the id is written at clone and the
+/// thread registers its tid address itself ([`sets_own_tid_address`]).
+pub(super) fn tid_clone(seed: &Thread) -> (i32, u64) {
+    match (seed.tid_cache, seed.tid_address) {
+        (0, 0) => (0, 0),
+        (0, clear) => (libc::CLONE_CHILD_CLEARTID, clear),
+        (cache, clear) if cache == clear => {
+            (libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID, cache)
+        }
+        (cache, _) => (libc::CLONE_CHILD_SETTID, cache),
     }
+}
+
+/// The thread registers its tid address with `set_tid_address` in its batch: its clone
+/// could not ([`tid_clone`]).
+pub(crate) fn sets_own_tid_address(seed: &Thread) -> bool {
+    seed.tid_cache != 0 && seed.tid_address != 0 && seed.tid_cache != seed.tid_address
 }
 
 /// A clone injected with `call`: under the seed's own id first where asked (`own`: the
 /// address of its `clone_args`), then, where that id is taken or none is asked, as
-/// `clone(flags, sp, 0, tid_address)`. Says whether the own id was taken.
+/// `clone(flags, sp, 0, child_tid)`. Says whether the own id was taken.
 pub(super) fn clone_as_seed(
     mut call: impl FnMut(i64, [u64; 6]) -> Result<SyscallResult, RestoreError>,
     own: Option<u64>,
-    [flags, sp, tid_address]: [u64; 3],
+    [flags, sp, child_tid]: [u64; 3],
 ) -> Result<(SyscallResult, bool), RestoreError> {
     if let Some(args) = own {
         let r = call(libc::SYS_clone3, [args, CLONE_ARGS_LEN, 0, 0, 0, 0])?;
@@ -55,7 +65,7 @@ pub(super) fn clone_as_seed(
             "the seed's own id refused; a new one instead"
         );
     }
-    let r = call(libc::SYS_clone, [flags, sp, 0, tid_address, 0, 0])?;
+    let r = call(libc::SYS_clone, [flags, sp, 0, child_tid, 0, 0])?;
     Ok((r, false))
 }
 
@@ -84,14 +94,14 @@ impl OwnIds {
         let mut data = Batch::default();
         let (main, others) = threads.split_first()?;
         // CLONE_PARENT takes the replica's exit signal; clone3 wants none given with it.
-        let main = clone_args(&mut data, libc::CLONE_PARENT | tid_flags(main), main, None);
+        let main = clone_args(&mut data, libc::CLONE_PARENT, main, None);
         let threads = others
             .iter()
             .map(|t| {
                 // The kernel starts the thread at `stack + stack_size`: the seed thread's own
                 // stack pointer, as `clone`'s new stack would.
                 let sp = words_to_regs(&t.regs).rsp;
-                clone_args(&mut data, THREAD_FLAGS | tid_flags(t), t, Some(sp))
+                clone_args(&mut data, THREAD_FLAGS, t, Some(sp))
             })
             .collect();
         Some(OwnIds {
@@ -118,10 +128,12 @@ impl OwnIds {
     }
 }
 
-/// One `struct clone_args` asking for `t`'s own id (a one-level `set_tid`), its tid address
-/// handed on as [`tid_flags`] says.
+/// One `struct clone_args` asking for `t`'s own id (a one-level `set_tid`), its tid
+/// addresses handed on as [`tid_clone`] says.
 fn clone_args(data: &mut Batch, flags: i32, t: &Thread, sp: Option<u64>) -> Arg {
     const STACK_LEN: u64 = 16;
+    let (tid_flags, child_tid) = tid_clone(t);
+    let flags = flags | tid_flags;
     let set_tid = data.bytes(&t.own_tid.to_ne_bytes());
     let (stack, stack_size) = match sp {
         Some(sp) => (sp - STACK_LEN, STACK_LEN),
@@ -130,7 +142,7 @@ fn clone_args(data: &mut Batch, flags: i32, t: &Thread, sp: Option<u64>) -> Arg 
     data.words(vec![
         Arg::Val(flags as u32 as u64),
         Arg::Val(0),
-        Arg::Val(t.tid_address),
+        Arg::Val(child_tid),
         Arg::Val(0),
         Arg::Val(0),
         Arg::Val(stack),
@@ -149,7 +161,7 @@ mod tests {
         let mut t = super::super::plan::sample(Vec::new(), &[]).threads[0].clone();
         t.own_tid = own_tid;
         t.tid_address = tid_address;
-        t.tid_at_address = tid_address != 0;
+        t.tid_cache = tid_address;
         t.regs[19] = rsp;
         t
     }
@@ -185,6 +197,28 @@ mod tests {
             "starts at its own sp"
         );
         assert_eq!(set_tid(other), 7);
+    }
+
+    #[test]
+    fn the_id_goes_where_the_runtime_keeps_it_and_the_tid_address_stays() {
+        let mut t = thread(7, 0x1000, 0x9000);
+        let both = libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID;
+        assert_eq!(tid_clone(&t), (both, 0x1000), "glibc: one address for both");
+        assert!(!sets_own_tid_address(&t));
+        t.tid_cache = 0x7000 + 48;
+        assert_eq!(
+            tid_clone(&t),
+            (libc::CLONE_CHILD_SETTID, 0x7030),
+            "musl: the id"
+        );
+        assert!(
+            sets_own_tid_address(&t),
+            "and the lock registered by the thread"
+        );
+        t.tid_cache = 0;
+        assert_eq!(tid_clone(&t), (libc::CLONE_CHILD_CLEARTID, 0x1000));
+        t.tid_address = 0;
+        assert_eq!(tid_clone(&t), (0, 0), "Go: nothing");
     }
 
     #[test]

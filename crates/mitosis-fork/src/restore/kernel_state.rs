@@ -175,6 +175,7 @@ pub(crate) fn thread_batch(t: &Thread) -> Batch {
     // A new thread starts with its creator's slack: always set its own.
     timer_slack_call(&mut b, t);
     robust_list_call(&mut b, t);
+    tid_address_call(&mut b, t);
     if let Some(r) = t.rseq {
         b.call(
             libc::SYS_rseq,
@@ -227,6 +228,18 @@ fn name_call(b: &mut Batch, t: &Thread) {
 }
 
 /// The main thread's robust list: a fork does not inherit it.
+/// Registers the thread's tid address where its clone could not (musl's: the clone wrote the
+/// thread's id elsewhere).
+pub(crate) fn tid_address_call(b: &mut Batch, t: &Thread) {
+    if super::ids::sets_own_tid_address(t) {
+        b.call(
+            libc::SYS_set_tid_address,
+            &[t.tid_address.into()],
+            format!("set the tid address of thread {}", t.tid),
+        );
+    }
+}
+
 pub(crate) fn robust_list_call(b: &mut Batch, t: &Thread) {
     if let Some(r) = t.robust_list.filter(|r| r.head != 0) {
         b.call(

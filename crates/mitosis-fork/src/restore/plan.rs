@@ -424,7 +424,7 @@ pub(crate) fn sample(maps: Vec<MapStep>, files: &[i32]) -> Plan {
                 len: 24,
             }),
             tid_address: 0,
-            tid_at_address: false,
+            tid_cache: 0,
             own_tid: 0,
             altstack: None,
             in_syscall: -1,

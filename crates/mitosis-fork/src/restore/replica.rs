@@ -31,7 +31,7 @@ use super::batch::{Arg, Batch, Placed};
 use super::build::{self, Laid, RestoreError, Spawned, StreamedPages};
 use super::confine::{self, HostCreds};
 use super::continuation::{self, Continuation};
-use super::ids::{self, OwnIds, PlacedIds, THREAD_FLAGS, tid_flags};
+use super::ids::{self, OwnIds, PlacedIds, THREAD_FLAGS, tid_clone};
 use super::kernel_state;
 use super::plan::Plan;
 use super::trampoline;
@@ -74,9 +74,8 @@ pub struct Replica {
     batch: Placed,
     listener_batch: Option<Placed>,
     seed_regs: Regs,
-    /// The main thread's tid address, and the clone flags that hand it on ([`tid_flags`]).
-    tid_address: u64,
-    tid_flags: i32,
+    /// The clone flags and child-tid address that hand on the main thread's ([`tid_clone`]).
+    tid_clone: (i32, u64),
     /// For a seed that ran in a container: the `clone_args` that give its children's
     /// process and threads their seed's own ids ([`ids`]).
     own_ids: Option<PlacedIds>,
@@ -172,8 +171,7 @@ pub fn build(
             batch: placed.child,
             listener_batch: placed.listener,
             seed_regs,
-            tid_address: main.tid_address,
-            tid_flags: tid_flags(&main),
+            tid_clone: tid_clone(&main),
             own_ids: placed.own_ids,
             threads: plan.threads[1..]
                 .iter()
@@ -461,6 +459,7 @@ fn child_batch(chan_fd: i32, plan: &Plan, files: &BTreeSet<i32>, listener: bool)
         );
     }
     kernel_state::robust_list_call(&mut b, &plan.threads[0]);
+    kernel_state::tid_address_call(&mut b, &plan.threads[0]);
     // Process-wide, but a fork does not pass it on.
     if plan.process.child_subreaper {
         b.call(
@@ -516,9 +515,8 @@ impl Replica {
         let saved = tracee.regs().map_err(RestoreError::Trace)?;
         let init = join.as_ref().map(|j| j.init_pid);
         let mut join_us = 0;
-        let tid = (self.tid_address, self.tid_flags);
         let own = init.and(self.own_ids.as_ref().map(|ids| ids.main));
-        let result = Self::clone_child(tracee, insn, init, tid, own, &mut join_us);
+        let result = Self::clone_child(tracee, insn, init, self.tid_clone, own, &mut join_us);
         let clone_us = t0.elapsed().as_micros() as u64;
         tracee.set_regs(&saved).map_err(RestoreError::Trace)?;
         let (result, own_ids) = result?;
@@ -580,7 +578,7 @@ impl Replica {
         tracee: &mut Tracee,
         insn: u64,
         init: Option<i32>,
-        (tid_address, tid_flags): (u64, i32),
+        (tid_flags, child_tid): (i32, u64),
         own: Option<u64>,
         join_us: &mut u64,
     ) -> Result<(mitosis_sys::ptrace::SyscallResult, bool), RestoreError> {
@@ -615,7 +613,7 @@ impl Replica {
         }
         *join_us += t0.elapsed().as_micros() as u64;
         let flags = (libc::CLONE_PARENT | libc::SIGCHLD | tid_flags) as u64;
-        let result = ids::clone_as_seed(&mut call, own, [flags, 0, tid_address]);
+        let result = ids::clone_as_seed(&mut call, own, [flags, 0, child_tid]);
         if init.is_some() {
             // The child has its copy; the replica keeps no descriptor of a container.
             call(libc::SYS_close, [JOIN_FD, 0, 0, 0, 0, 0])?;
@@ -731,9 +729,10 @@ impl Replica {
         for (i, (seed, _)) in self.threads.iter().enumerate() {
             let own = own_args.map(|ids| ids.threads[i]);
             let rsp = words_to_regs(&seed.regs).rsp;
-            let flags = (THREAD_FLAGS | tid_flags(seed)) as u64;
+            let (tid_flags, child_tid) = tid_clone(seed);
+            let flags = (THREAD_FLAGS | tid_flags) as u64;
             let call = |nr, args| child.syscall(insn, nr, args).map_err(RestoreError::Trace);
-            let (r, _) = ids::clone_as_seed(call, own, [flags, rsp, seed.tid_address])?;
+            let (r, _) = ids::clone_as_seed(call, own, [flags, rsp, child_tid])?;
             let tid = match r.new_child {
                 Some(tid) if r.ret > 0 => tid,
                 _ => {
