@@ -125,11 +125,7 @@ impl Privileges {
                     .map_err(|e| format!("dropping {cap} from the bounding set: {e}"))?;
             }
         }
-        // SAFETY: prctl(PR_SET_KEEPCAPS) takes integer arguments only.
-        if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } != 0 {
-            return Err(format!("keep-caps: {}", std::io::Error::last_os_error()));
-        }
-        Ok(())
+        caps::securebits::set_keepcaps(true).map_err(|e| format!("keep-caps: {e}"))
     }
 
     /// The part after the ids: the capability sets, the ambient ones, `no_new_privs`.

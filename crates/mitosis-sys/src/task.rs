@@ -26,8 +26,6 @@ pub fn robust_list(tid: i32) -> io::Result<(u64, u64)> {
     Ok((head, len as u64))
 }
 
-/// `ioprio_get(IOPRIO_WHO_PROCESS, pid)`: the task's I/O priority, as the task itself would
-/// read it (no permission needed to read it).
 /// Task `tid`'s id in its own pid namespace (the last of `NSpid` in /proc/TID/status): what
 /// `gettid` returns to it.
 pub fn own_ns_id(tid: i32) -> io::Result<i32> {
@@ -39,6 +37,8 @@ pub fn own_ns_id(tid: i32) -> io::Result<i32> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no NSpid in its status"))
 }
 
+/// `ioprio_get(IOPRIO_WHO_PROCESS, pid)`: the task's I/O priority, as the task itself would
+/// read it (no permission needed to read it).
 pub fn io_priority(pid: i32) -> io::Result<i64> {
     // SAFETY: ioprio_get takes two integers and writes nothing.
     let ret = unsafe { libc::syscall(libc::SYS_ioprio_get, 1, pid) };

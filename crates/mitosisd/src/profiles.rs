@@ -212,8 +212,9 @@ fn at(kind: &Kind, v: &Vma, place: u64, phase: u8, from_end: bool, old_pages: u6
 /// `wanted` (those holding learned pages). First as a diff aligns them (kind, protection and
 /// size alike, in order); then each old one left, in `wanted`'s order, goes to the new one
 /// left of its kind closest in size (an area that merged with a neighbour is larger, one
-/// that did not is smaller), nearest in order on a tie. mmap does not place areas in the same order every run (it
-/// fills gaps that address randomization leaves), so order alone cannot pair them.
+/// that did not is smaller), nearest in order on a tie. mmap does not place areas in the
+/// same order every run (it fills gaps that address randomization leaves), so order alone
+/// cannot pair them.
 fn align(
     old: &[(MappingKey, u64)],
     new: &[(MappingKey, u64)],

@@ -227,7 +227,6 @@ fn name_call(b: &mut Batch, t: &Thread) {
     }
 }
 
-/// The main thread's robust list: a fork does not inherit it.
 /// Registers the thread's tid address where its clone could not (musl's: the clone wrote the
 /// thread's id elsewhere).
 pub(crate) fn tid_address_call(b: &mut Batch, t: &Thread) {
@@ -240,6 +239,7 @@ pub(crate) fn tid_address_call(b: &mut Batch, t: &Thread) {
     }
 }
 
+/// The main thread's robust list: a fork does not inherit it.
 pub(crate) fn robust_list_call(b: &mut Batch, t: &Thread) {
     if let Some(r) = t.robust_list.filter(|r| r.head != 0) {
         b.call(
