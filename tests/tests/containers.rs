@@ -681,7 +681,7 @@ for line in sys.stdin:
         bound = False
     s.close()
     print(json.dumps({
-        "uid": os.getuid(),
+        "uid": os.getuid(), "groups": sorted(os.getgroups()),
         "caps": {k: status[k].strip() for k in ("CapBnd", "CapPrm", "CapEff", "CapAmb")},
         "nnp": status["NoNewPrivs"].strip(),
         "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
@@ -689,8 +689,9 @@ for line in sys.stdin:
     }), flush=True)
 "#;
 
-/// A bundle's capabilities, resource limits and no_new_privs are its process's, and its
-/// children's: a user who may bind port 80 through an ambient capability, and nothing more.
+/// A bundle's supplementary groups, capabilities, resource limits and no_new_privs are its
+/// process's, and its children's: a user who may bind port 80 through an ambient
+/// capability, and nothing more.
 #[test]
 fn a_bundles_capabilities_limits_and_no_new_privs_reach_its_children() {
     let scratch = Scratch::new("ct-privs");
@@ -699,7 +700,8 @@ fn a_bundles_capabilities_limits_and_no_new_privs_reach_its_children() {
         .unwrap()
         .replace(
             r#""user": {"uid": 0, "gid": 0}"#,
-            r#""user": {"uid": 1000, "gid": 1000}, "noNewPrivileges": true,
+            r#""user": {"uid": 1000, "gid": 1000, "additionalGids": [4, 100]},
+               "noNewPrivileges": true,
                "capabilities": {"bounding": ["CAP_KILL", "CAP_NET_BIND_SERVICE"],
                                 "permitted": ["CAP_NET_BIND_SERVICE"],
                                 "inheritable": ["CAP_NET_BIND_SERVICE"],
@@ -710,6 +712,7 @@ fn a_bundles_capabilities_limits_and_no_new_privs_reach_its_children() {
     std::fs::write(dir.join("config.json"), config).unwrap();
     let want = serde_json::json!({
         "uid": 1000,
+        "groups": [4, 100],
         "caps": {"CapBnd": "0000000000000420", "CapPrm": "0000000000000400",
                  "CapEff": "0000000000000400", "CapAmb": "0000000000000400"},
         "nnp": "1",

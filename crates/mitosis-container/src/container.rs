@@ -176,6 +176,7 @@ fn start_init(
                 cwd: bundle.cwd.clone(),
                 uid: bundle.uid,
                 gid: bundle.gid,
+                groups: bundle.groups.clone(),
                 privileges: bundle.privileges.clone(),
             }),
         ),

@@ -50,6 +50,7 @@ pub struct Exec {
     pub cwd: String,
     pub uid: u32,
     pub gid: u32,
+    pub groups: Vec<u32>,
     pub privileges: crate::privileges::Privileges,
 }
 
@@ -319,7 +320,7 @@ fn start(e: &Exec, chld: &SigSet) -> Result<Pid, InitError> {
             let result = chdir(cwd.as_str())
                 .map_err(step(format!("chdir {cwd}")))
                 .and_then(|_| privileges(e.privileges.apply_before_ids()))
-                .and_then(|_| nix::unistd::setgroups(&[]).map_err(step("setgroups")))
+                .and_then(|_| setgroups(&e.groups))
                 .and_then(|_| nix::unistd::setgid(Gid::from_raw(e.gid)).map_err(step("setgid")))
                 .and_then(|_| nix::unistd::setuid(Uid::from_raw(e.uid)).map_err(step("setuid")))
                 .and_then(|_| privileges(e.privileges.apply_after_ids()))
@@ -329,6 +330,11 @@ fn start(e: &Exec, chld: &SigSet) -> Result<Pid, InitError> {
             std::process::exit(127)
         }
     }
+}
+
+fn setgroups(groups: &[u32]) -> Result<(), InitError> {
+    let groups: Vec<Gid> = groups.iter().copied().map(Gid::from_raw).collect();
+    nix::unistd::setgroups(&groups).map_err(step("setgroups"))
 }
 
 /// `name` as exec would find it with the container's PATH.

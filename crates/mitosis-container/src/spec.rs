@@ -39,6 +39,9 @@ pub enum BundleError {
 /// mounts are what make it a container at all.
 pub const BASE_NAMESPACES: i32 = libc::CLONE_NEWPID | libc::CLONE_NEWNS;
 
+/// The kernel's limit on supplementary groups (linux/limits.h; libc does not export it).
+const NGROUPS_MAX: usize = 65536;
+
 /// A bundle as mitosis runs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bundle {
@@ -52,6 +55,8 @@ pub struct Bundle {
     pub cwd: String,
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups of its process (`process.user.additionalGids`).
+    pub groups: Vec<u32>,
     /// Capabilities, resource limits and no_new_privs of its process.
     pub privileges: Privileges,
     /// The mounts it lists that containers only get when listed.
@@ -128,14 +133,13 @@ impl Bundle {
             return Err(BundleError::Unsupported("process.terminal".into()));
         }
         let user = process.user();
-        if user
-            .additional_gids()
-            .as_ref()
-            .is_some_and(|g| !g.is_empty())
-        {
-            return Err(BundleError::Unsupported(
-                "process.user.additionalGids".into(),
-            ));
+        let groups = user.additional_gids().clone().unwrap_or_default();
+        if groups.len() > NGROUPS_MAX {
+            return Err(BundleError::Unsupported(format!(
+                "{} process.user.additionalGids (at most {})",
+                groups.len(),
+                NGROUPS_MAX
+            )));
         }
         // Capabilities, limits and no_new_privs the seed's init applies (a child has what
         // the prepare reads of the seed: [`Privileges`]); LSM labels are not carried.
@@ -219,6 +223,7 @@ impl Bundle {
             cwd,
             uid: user.uid(),
             gid: user.gid(),
+            groups,
             privileges,
             listed_mounts,
             hostname: spec.hostname().clone().unwrap_or_else(|| "fn".into()),
