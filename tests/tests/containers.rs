@@ -725,6 +725,84 @@ fn a_bundles_capabilities_limits_and_no_new_privs_reach_its_children() {
     teardown(tb);
 }
 
+/// Reads what the bundle's own mounts give: a file kept open since before the prepare, one
+/// mapped and one read afresh from a read-only bind of a host directory, a bound host file,
+/// a tmpfs of its own with its size, and what writing to each does; and whether a file the
+/// seed kept open in its own tmpfs is open.
+const OWN_MOUNTS: &str = r#"
+import errno, json, mmap, os, sys
+kept = open("/data/table.txt")
+mapped = mmap.mmap(os.open("/data/table.txt", os.O_RDONLY), 0, prot=mmap.PROT_READ)
+own = open("/scratch/seed.txt", "w")
+def fd_state(fd):
+    try:
+        os.fstat(fd)
+        return "open"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+def writes(path):
+    try:
+        with open(path, "w") as f:
+            f.write("x")
+        return "ok"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+for line in sys.stdin:
+    kept.seek(0)
+    fresh = open("/data/table.txt").read()
+    tmp = os.statvfs("/scratch")
+    with open("/scratch/mine.txt", "w") as f:
+        f.write(line)
+    print(json.dumps({
+        "kept": kept.read(), "fresh": fresh, "motd": open("/etc/mitosis-motd").read(),
+        "scratch_bytes": tmp.f_blocks * tmp.f_frsize, "scratch_kept": open("/scratch/mine.txt").read(),
+        "data_write": writes("/data/new.txt"), "scratch_mode": oct(os.stat("/scratch").st_mode & 0o7777),
+        "mapped": mapped[:].decode(), "own_file": fd_state(own.fileno()),
+    }), flush=True)
+"#;
+
+/// A bundle's own mounts (a read-only bind of a host directory, a bind of a host file, a
+/// tmpfs with its options) are made in its seed's container and in every child's; a file the
+/// seed kept open or mapped from a bind reads the same in its children, and one it kept open
+/// in its own tmpfs, which its children do not share, is closed in them.
+#[test]
+fn a_bundles_bind_and_tmpfs_mounts_are_in_its_childrens_containers() {
+    let scratch = Scratch::new("ct-mounts");
+    let data = scratch.0.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("table.txt"), "ticker,price\n").unwrap();
+    std::fs::write(scratch.0.join("motd"), "hello from the host\n").unwrap();
+    let dir = bundle(&scratch, &["python3", "-c", OWN_MOUNTS], LIMITS);
+    let mounts = serde_json::json!([
+        {"destination": "/data", "type": "bind", "source": data,
+         "options": ["rbind", "ro", "nosuid", "nodev"]},
+        {"destination": "/etc/mitosis-motd", "type": "none", "source": "../motd",
+         "options": ["bind", "ro"]},
+        {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "size=4m", "mode=1777"]},
+    ]);
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace(
+            r#""hostname": "fn","#,
+            &format!(r#""hostname": "fn", "mounts": {mounts},"#),
+        );
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let want = serde_json::json!({
+        "kept": "ticker,price\n", "fresh": "ticker,price\n", "motd": "hello from the host\n",
+        "scratch_bytes": 4 << 20, "scratch_kept": "q\n", "data_write": "EROFS",
+        "scratch_mode": "0o1777", "mapped": "ticker,price\n", "own_file": "EBADF",
+    });
+    let tb = testbed(2);
+    let handle = prepare_bundle(&tb, 0, &dir);
+    children_answer(&tb, &handle, "q\n", &want);
+    teardown(tb);
+    assert!(
+        !data.join("new.txt").exists(),
+        "a child wrote through a read-only bind"
+    );
+}
+
 /// Reports the mounts `runc spec` lists beyond the standard ones, its pty and capabilities.
 const RUNC_SPEC_PROBE: &str = r#"
 import json, os, sys

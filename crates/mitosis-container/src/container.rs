@@ -210,6 +210,7 @@ fn start_init(
         masked: bundle.masked.clone(),
         readonly_paths: bundle.readonly_paths.clone(),
         listed_mounts: bundle.listed_mounts.clone(),
+        mounts: bundle.mounts.clone(),
         exec,
     };
     let sent = serde_json::to_vec(&config)

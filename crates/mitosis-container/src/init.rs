@@ -19,6 +19,7 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid, chdir, execve, fork, pivot_root, se
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::mounts::UserMount;
 use crate::spec::ListedMount;
 
 /// The descriptor the configuration arrives on and the answer leaves by.
@@ -39,6 +40,8 @@ pub struct InitConfig {
     pub readonly_paths: Vec<String>,
     /// The mounts the config listed beyond the standard ones.
     pub listed_mounts: Vec<ListedMount>,
+    /// The bundle's own bind and tmpfs mounts.
+    pub mounts: Vec<UserMount>,
     /// The process to run, for a seed's container.
     pub exec: Option<Exec>,
 }
@@ -65,6 +68,8 @@ pub enum InitError {
     },
     #[error("{0}: command not found in the container")]
     NotFound(String),
+    #[error("{0}")]
+    Mount(String),
     #[error("giving the process its privileges: {0}")]
     Privileges(String),
 }
@@ -153,6 +158,9 @@ fn set_up(c: &InitConfig) -> Result<(), InitError> {
     make_dev(&under("dev"))?;
     for &listed in &c.listed_mounts {
         mount_listed(&under, listed)?;
+    }
+    for m in &c.mounts {
+        m.mount_under(root).map_err(InitError::Mount)?;
     }
 
     chdir(root.as_path()).map_err(step("entering the rootfs"))?;

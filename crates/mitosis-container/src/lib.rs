@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod container;
 pub mod fastmove;
 pub mod init;
+pub mod mounts;
 pub mod pool;
 pub mod privileges;
 pub mod seed;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::cgroup::Limits;
+use crate::mounts::{MountKind, UserMount};
 use crate::privileges::Privileges;
 
 #[derive(Debug, Error)]
@@ -61,6 +62,8 @@ pub struct Bundle {
     pub privileges: Privileges,
     /// The mounts it lists that containers only get when listed.
     pub listed_mounts: Vec<ListedMount>,
+    /// Its own bind and tmpfs mounts, in the config's order.
+    pub mounts: Vec<UserMount>,
     pub hostname: String,
     /// CLONE_NEW* flags of the namespaces a container of this bundle gets.
     pub namespaces: i32,
@@ -95,6 +98,17 @@ impl ListedMount {
 }
 
 impl Bundle {
+    /// Its bind mounts: (where in the container, the host path bound there), in order.
+    pub fn binds(&self) -> Vec<(String, PathBuf)> {
+        self.mounts
+            .iter()
+            .filter_map(|m| match &m.kind {
+                MountKind::Bind { source } => Some((m.destination.clone(), source.clone())),
+                MountKind::Tmpfs => None,
+            })
+            .collect()
+    }
+
     /// Loads and checks the bundle in `dir`.
     pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
         let dir = dir.canonicalize().map_err(|source| BundleError::Read {
@@ -154,18 +168,19 @@ impl Bundle {
         if let Some((field, _)) = unsupported_process.iter().find(|(_, set)| *set) {
             return Err(BundleError::Unsupported((*field).into()));
         }
-        let mut listed_mounts = Vec::new();
+        let (mut listed_mounts, mut mounts) = (Vec::new(), Vec::new());
         for m in spec.mounts().iter().flatten() {
             let dest = m.destination().to_string_lossy();
             if let Some(&(_, listed)) = ListedMount::ALL.iter().find(|(d, _)| *d == dest) {
                 listed_mounts.push(listed);
             } else if !STANDARD_MOUNTS.contains(&dest.as_ref()) {
-                let listable = ListedMount::ALL.map(|(d, _)| d);
-                return Err(BundleError::Unsupported(format!(
-                    "mount {dest} (containers get {}, and {} if listed)",
-                    STANDARD_MOUNTS.join(", "),
-                    listable.join(", ")
-                )));
+                mounts.push(UserMount::parse(
+                    m.destination(),
+                    m.typ().as_deref(),
+                    m.source().as_deref(),
+                    m.options().as_deref().unwrap_or_default(),
+                    dir,
+                )?);
             }
         }
         let cwd = process.cwd().to_string_lossy().into_owned();
@@ -226,6 +241,7 @@ impl Bundle {
             groups,
             privileges,
             listed_mounts,
+            mounts,
             hostname: spec.hostname().clone().unwrap_or_else(|| "fn".into()),
             namespaces,
             limits,
@@ -429,9 +445,9 @@ mod tests {
             (
                 config("").replace(
                     r#""hostname": "fn","#,
-                    r#""hostname": "fn", "mounts": [{"destination": "/data", "type": "bind", "source": "/srv"}],"#,
+                    r#""hostname": "fn", "mounts": [{"destination": "/data", "type": "nfs", "source": "/srv"}],"#,
                 ),
-                "mount /data",
+                "mount /data of type nfs",
             ),
         ];
         for (text, want) in cases {

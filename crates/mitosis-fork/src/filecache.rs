@@ -58,21 +58,17 @@ impl FileCache {
         })
     }
 
-    /// True if this host has a file at `want.path` (under `root`, if given) with the same
-    /// size and content. A file version seen before costs one stat.
-    pub fn is_identical(&self, want: &FileIdentity, root: Option<&Path>) -> bool {
-        let path = match root {
-            Some(root) => root.join(want.path.trim_start_matches('/')),
-            None => Path::new(&want.path).to_path_buf(),
-        };
-        let have = match std::fs::metadata(&path) {
+    /// True if this host has a file at `path` (`want.path` as this host sees it) with the
+    /// same size and content. A file version seen before costs one stat.
+    pub fn is_identical(&self, want: &FileIdentity, path: &Path) -> bool {
+        let have = match std::fs::metadata(path) {
             Ok(md) if md.size() != want.size => return false,
             Ok(md) => self.known(&md, &want.path),
             Err(_) => return false,
         };
         let have = match have {
             Some(id) => Ok(id),
-            None => File::open(&path).and_then(|f| self.identify(&f, &want.path)),
+            None => File::open(path).and_then(|f| self.identify(&f, &want.path)),
         };
         have.is_ok_and(|have| have == *want)
     }
@@ -104,13 +100,13 @@ mod tests {
         let cache = FileCache::new();
         let p = path.to_str().unwrap();
         let id = cache.identify(&File::open(&path).unwrap(), p).unwrap();
-        assert!(cache.is_identical(&id, None));
+        assert!(cache.is_identical(&id, Path::new(&id.path)));
         // Same size, other content: a new mtime/ctime makes a new cache key.
         std::thread::sleep(std::time::Duration::from_millis(10));
         File::create(&path).unwrap().write_all(b"jello").unwrap();
-        assert!(!cache.is_identical(&id, None));
+        assert!(!cache.is_identical(&id, Path::new(&id.path)));
         std::fs::remove_file(&path).unwrap();
-        assert!(!cache.is_identical(&id, None));
+        assert!(!cache.is_identical(&id, Path::new(&id.path)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -72,6 +72,19 @@ fn run(chan: &mut UnixStream) -> Result<Infallible, StubError> {
     if chan.as_raw_fd() != setup.work_fd_base {
         return Err(StubError::Taken(setup.work_fd_base));
     }
+    // Files a bundle binds into its container are opened at their host paths first; the
+    // rest once inside the container's root. Each keeps its place in the list.
+    let open_spec = |spec: &OpenSpec| {
+        open(spec, setup.work_fd_base).map_err(|source| StubError::Open {
+            path: spec.path.clone(),
+            source,
+        })
+    };
+    let mut fds: Vec<Option<i32>> = setup
+        .opens
+        .iter()
+        .map(|spec| spec.host_path.then(|| open_spec(spec)).transpose())
+        .collect::<Result<_, _>>()?;
     if let Some(root) = &setup.root {
         enter_root(root, setup.cwd.as_deref()).map_err(|source| StubError::Root {
             root: root.clone(),
@@ -82,15 +95,12 @@ fn run(chan: &mut UnixStream) -> Result<Infallible, StubError> {
         // SAFETY: chdir reads the NUL-terminated path we own for the call's duration.
         unsafe { libc::chdir(cwd.as_ptr()) };
     }
-    let mut fds = Vec::with_capacity(setup.opens.len());
-    for spec in &setup.opens {
-        fds.push(
-            open(spec, setup.work_fd_base).map_err(|source| StubError::Open {
-                path: spec.path.clone(),
-                source,
-            })?,
-        );
+    for (fd, spec) in fds.iter_mut().zip(&setup.opens) {
+        if fd.is_none() {
+            *fd = Some(open_spec(spec)?);
+        }
     }
+    let fds: Vec<i32> = fds.into_iter().flatten().collect();
     let uffd = Userfaultfd::create().map_err(StubError::Uffd)?;
     // Created at the lowest free number; a work fd like the others, so the trampoline closes it.
     let uffd = move_above(uffd.into_raw_fd(), setup.work_fd_base)?;

@@ -55,6 +55,7 @@ fn a_file_that_cannot_be_opened_is_reported_and_the_seeds_file_at_fd_3_is_untouc
     let missing = dir.join("gone.dat");
     let file = |path: &PathBuf, fd| OpenSpec {
         path: path.display().to_string(),
+        host_path: false,
         flags: libc::O_RDWR,
         target_fd: Some(fd),
         offset: 4,

@@ -10,7 +10,8 @@ use mitosis_container::cgroup::Hierarchy;
 use mitosis_container::pool::Pool;
 pub use mitosis_container::seed::SeedContainer;
 use mitosis_container::{Bundle, Container, Contents};
-use mitosis_descriptor::ContainerRef;
+use mitosis_descriptor::{ContainerRef, Descriptor, DroppedFd};
+use mitosis_fork::restore::ContainerRoot;
 
 pub struct Containers {
     pub pool: Pool,
@@ -141,4 +142,24 @@ impl Containers {
         self.pool.shutdown();
         self.hierarchy.remove_base();
     }
+}
+
+/// Drops the open files of a seed in `bundle`'s container that no child can reopen: those in
+/// its container's own filesystems (its /tmp, /dev/shm), which are neither in the rootfs nor
+/// bound from the host. Its capture reads their paths in the seed's mounts, not the host's.
+pub fn drop_files_children_cannot_reach(d: &mut Descriptor, bundle: &Bundle) {
+    let binds = bundle.binds();
+    let root = ContainerRoot {
+        rootfs: &bundle.rootfs,
+        binds: &binds,
+    };
+    let (kept, lost): (Vec<_>, Vec<_>) = std::mem::take(&mut d.files)
+        .into_iter()
+        .partition(|f| root.host_path(&f.path).exists());
+    d.files = kept;
+    d.dropped.extend(lost.into_iter().map(|f| DroppedFd {
+        fd: f.fd,
+        target: f.path,
+        reason: "in a filesystem of its container's own, not in the bundle".into(),
+    }));
 }

@@ -391,6 +391,11 @@ async fn prepare_with_id(
         .as_ref()
         .map(|f| f.bundle.clone())
         .or_else(|| adopted.as_ref().map(|(_, bundle)| bundle.clone()));
+    if let Some(bundle) = (prepared.descriptor.container.as_ref())
+        .and_then(|r| daemon.containers().ok()?.bundle_of(r).ok())
+    {
+        crate::containers::drop_files_children_cannot_reach(&mut prepared.descriptor, &bundle);
+    }
     let d = &prepared.descriptor;
     tracing::debug!(
         pid,

@@ -266,7 +266,11 @@ async fn make(
         ),
         None => None,
     };
-    let root = bundle.as_ref().map(|b| b.rootfs.as_path());
+    let binds = bundle.as_ref().map(|b| b.binds()).unwrap_or_default();
+    let root = bundle.as_ref().map(|b| restore::ContainerRoot {
+        rootfs: &b.rootfs,
+        binds: &binds,
+    });
     let plan = restore::plan(&desc, &daemon.files, daemon.vdso_hash, root)?;
     let plan_us = started.elapsed().as_micros() as u64;
     let join = bundle.as_ref().map(|b| JoinSpec {

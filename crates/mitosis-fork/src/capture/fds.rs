@@ -132,7 +132,11 @@ pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
                 &e,
                 "a device other than null/zero/full/random/urandom",
             );
-        } else if t.starts_with('/') && fs::metadata(t).is_ok_and(|m| m.is_file() || m.is_dir()) {
+        } else if t.starts_with('/')
+            // Through the descriptor itself: a container's path means nothing here.
+            && fs::metadata(format!("/proc/{pid}/fd/{}", e.fd))
+                .is_ok_and(|m| m.is_file() || m.is_dir())
+        {
             let offset = field(&e.info, "pos")
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(0);

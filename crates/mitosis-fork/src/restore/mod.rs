@@ -15,5 +15,5 @@ mod zombies;
 
 pub use build::{RestoreError, StreamedPages, UFFD_FEATURES};
 pub use confine::HostCreds;
-pub use plan::{MapStep, Plan, PlanError, bootstrap_pages, plan};
+pub use plan::{ContainerRoot, MapStep, Plan, PlanError, bootstrap_pages, plan};
 pub use stub_pool::StubPool;

@@ -80,13 +80,43 @@ pub struct Plan {
     pub root: Option<PathBuf>,
 }
 
+/// A container's files as this host sees them: its rootfs, and the host paths its bundle
+/// binds into it.
+#[derive(Debug, Clone, Copy)]
+pub struct ContainerRoot<'a> {
+    pub rootfs: &'a Path,
+    /// (where in the container, the host path bound there), in the order they are mounted.
+    pub binds: &'a [(String, PathBuf)],
+}
+
+impl ContainerRoot<'_> {
+    /// The host path of `path` (the container's) when a bind mount holds it; the last mount
+    /// over a path is the one the container sees.
+    pub fn bound(&self, path: &str) -> Option<PathBuf> {
+        self.binds.iter().rev().find_map(|(dest, source)| {
+            let rest = Path::new(path).strip_prefix(dest).ok()?;
+            Some(if rest.as_os_str().is_empty() {
+                source.clone()
+            } else {
+                source.join(rest)
+            })
+        })
+    }
+
+    /// Where `path` (the container's) is on this host.
+    pub fn host_path(&self, path: &str) -> PathBuf {
+        self.bound(path)
+            .unwrap_or_else(|| self.rootfs.join(path.trim_start_matches('/')))
+    }
+}
+
 /// Plans the child of `desc` on this host. `local_vdso_hash` is this host's vDSO digest;
-/// `root` the rootfs of the seed's container, if it ran in one.
+/// `root` the files of the seed's container, if it ran in one.
 pub fn plan(
     desc: &Descriptor,
     files: &FileCache,
     local_vdso_hash: [u8; 32],
-    root: Option<&Path>,
+    root: Option<ContainerRoot>,
 ) -> Result<Plan, PlanError> {
     let host = std::env::consts::ARCH;
     if desc.arch != host {
@@ -100,18 +130,25 @@ pub fn plan(
         return Err(PlanError::VdsoDiffers);
     }
 
+    // A file a bundle binds into its container is opened at its host path, before the stub
+    // enters the rootfs.
+    let open_spec = |path: &str, flags: i32, target_fd: Option<i32>, offset: u64| {
+        let bound = root.and_then(|r| r.bound(path));
+        OpenSpec {
+            host_path: bound.is_some(),
+            path: bound.map_or_else(|| path.into(), |p| p.to_string_lossy().into_owned()),
+            flags,
+            target_fd,
+            offset,
+        }
+    };
     let mut opens: Vec<OpenSpec> = Vec::new();
     let mut open_index: HashMap<(String, i32), usize> = HashMap::new();
     let mut open = |path: &str, flags: i32| -> usize {
         *open_index
             .entry((path.to_string(), flags))
             .or_insert_with(|| {
-                opens.push(OpenSpec {
-                    path: path.into(),
-                    flags,
-                    target_fd: None,
-                    offset: 0,
-                });
+                opens.push(open_spec(path, flags, None, 0));
                 opens.len() - 1
             })
     };
@@ -122,7 +159,8 @@ pub fn plan(
         if let Some(&same) = checked.get(file) {
             return same;
         }
-        let same = files.is_identical(file, root);
+        let at = root.map_or_else(|| PathBuf::from(&file.path), |r| r.host_path(&file.path));
+        let same = files.is_identical(file, &at);
         checked.insert(file.clone(), same);
         same
     };
@@ -227,12 +265,7 @@ pub fn plan(
         .max(64);
     for f in &desc.files {
         let flags = f.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
-        opens.push(OpenSpec {
-            path: f.path.clone(),
-            flags,
-            target_fd: Some(f.fd),
-            offset: f.offset,
-        });
+        opens.push(open_spec(&f.path, flags, Some(f.fd), f.offset));
     }
 
     // Each thread touches its stack, TLS, tid word and rseq area at once: the pages the seed
@@ -276,7 +309,7 @@ pub fn plan(
         mm: desc.mm,
         auxv: desc.auxv.clone(),
         cwd: desc.cwd.clone(),
-        root: root.map(Path::to_path_buf),
+        root: root.map(|r| r.rootfs.to_path_buf()),
     })
 }
 
@@ -400,6 +433,7 @@ pub(crate) fn sample(maps: Vec<MapStep>, files: &[i32]) -> Plan {
             .iter()
             .map(|&fd| OpenSpec {
                 path: "/etc/hostname".into(),
+                host_path: false,
                 flags: 0,
                 target_fd: Some(fd),
                 offset: 0,
@@ -449,6 +483,32 @@ mod tests {
 
     fn pages(set: &[usize], len: usize) -> Vec<bool> {
         (0..len).map(|p| set.contains(&p)).collect()
+    }
+
+    #[test]
+    fn a_container_path_is_its_last_binds_host_path_or_the_rootfs() {
+        let binds = [
+            ("/data".to_string(), PathBuf::from("/srv/data")),
+            ("/data/models".to_string(), PathBuf::from("/srv/models")),
+            ("/etc/motd".to_string(), PathBuf::from("/srv/motd")),
+        ];
+        let root = ContainerRoot {
+            rootfs: Path::new("/bundles/fn/rootfs"),
+            binds: &binds,
+        };
+        let host = |p: &str| root.host_path(p);
+        assert_eq!(host("/data/t.csv"), Path::new("/srv/data/t.csv"));
+        assert_eq!(host("/data/models/m.bin"), Path::new("/srv/models/m.bin"));
+        assert_eq!(host("/etc/motd"), Path::new("/srv/motd"));
+        assert_eq!(
+            host("/database/x"),
+            Path::new("/bundles/fn/rootfs/database/x")
+        );
+        assert_eq!(
+            host("/usr/lib/libc.so.6"),
+            Path::new("/bundles/fn/rootfs/usr/lib/libc.so.6")
+        );
+        assert_eq!(root.bound("/tmp/x"), None);
     }
 
     #[test]

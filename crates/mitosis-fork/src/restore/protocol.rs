@@ -33,6 +33,9 @@ pub struct Setup {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenSpec {
     pub path: String,
+    /// `path` is the host's (a file a bundle binds into its container): opened before the
+    /// stub enters the container's root.
+    pub host_path: bool,
     pub flags: i32,
     /// Install at this number (a seed's open file); `None` for a working fd.
     pub target_fd: Option<i32>,
