@@ -24,6 +24,8 @@ command -v go >/dev/null || need_apt+=(golang-go)
 command -v musl-gcc >/dev/null || need_apt+=(musl-tools)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+# libseccomp, which compiles a bundle's seccomp profile (crates/mitosis-container).
+[ -e /usr/include/seccomp.h ] || need_apt+=(libseccomp-dev)
 # The FINRA workflow (examples/python/finra, `mitosis-bench workflow`, tests/tests/finra.rs):
 # pandas, and Redis for its pickle-through-Redis baseline (the bench and tests start their
 # own redis-server inside a testbed host; the system service is not used).

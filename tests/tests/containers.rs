@@ -683,7 +683,7 @@ for line in sys.stdin:
     print(json.dumps({
         "uid": os.getuid(), "groups": sorted(os.getgroups()),
         "caps": {k: status[k].strip() for k in ("CapBnd", "CapPrm", "CapEff", "CapAmb")},
-        "nnp": status["NoNewPrivs"].strip(),
+        "nnp": status["NoNewPrivs"].strip(), "seccomp": status["Seccomp"].strip(),
         "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
         "bound_80": bound,
     }), flush=True)
@@ -708,6 +708,12 @@ fn a_bundles_capabilities_limits_and_no_new_privs_reach_its_children() {
                                 "effective": ["CAP_NET_BIND_SERVICE"],
                                 "ambient": ["CAP_NET_BIND_SERVICE"]},
                "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 256, "hard": 512}]"#,
+        )
+        // With no_new_privs the profile loads last, as the unprivileged user.
+        .replace(
+            r#""linux": {"#,
+            r#""linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+                {"names": ["acct"], "action": "SCMP_ACT_ERRNO"}]},"#,
         );
     std::fs::write(dir.join("config.json"), config).unwrap();
     let want = serde_json::json!({
@@ -716,6 +722,7 @@ fn a_bundles_capabilities_limits_and_no_new_privs_reach_its_children() {
         "caps": {"CapBnd": "0000000000000420", "CapPrm": "0000000000000400",
                  "CapEff": "0000000000000400", "CapAmb": "0000000000000400"},
         "nnp": "1",
+        "seccomp": "2",
         "nofile": [256, 512],
         "bound_80": true,
     });
@@ -801,6 +808,59 @@ fn a_bundles_bind_and_tmpfs_mounts_are_in_its_childrens_containers() {
         !data.join("new.txt").exists(),
         "a child wrote through a read-only bind"
     );
+}
+
+/// What the bundle's seccomp profile lets through: mkdir, IPv6 and IPv4 sockets, and the
+/// filter count the kernel shows.
+const SECCOMP_PROBE: &str = r#"
+import errno, json, os, socket, sys
+def outcome(f):
+    try:
+        f()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+for n, line in enumerate(sys.stdin):
+    status = dict(l.split(":", 1) for l in open("/proc/self/status"))
+    print(json.dumps({
+        "mkdir": outcome(lambda: os.mkdir(f"/tmp/d{os.getpid()}-{n}")),
+        "inet6": outcome(lambda: socket.socket(socket.AF_INET6).close()),
+        "inet": outcome(lambda: socket.socket(socket.AF_INET).close()),
+        "seccomp": status["Seccomp"].strip(), "filters": status["Seccomp_filters"].strip(),
+    }), flush=True)
+"#;
+
+/// A bundle's seccomp profile (linux.seccomp, compiled with libseccomp) confines its seed and
+/// every child: a call it refuses fails with its errno, a rule on an argument refuses only
+/// what matches, and what it allows works.
+#[test]
+fn a_bundles_seccomp_profile_confines_its_children() {
+    let scratch = Scratch::new("ct-seccomp");
+    let dir = bundle(&scratch, &["python3", "-c", SECCOMP_PROBE], LIMITS);
+    let profile = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
+            {"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": 97,
+             "args": [{"index": 0, "value": 10, "op": "SCMP_CMP_EQ"}]},
+        ],
+    });
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace(
+            r#""linux": {"#,
+            &format!(r#""linux": {{"seccomp": {profile}, "#),
+        );
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let want = serde_json::json!({
+        "mkdir": "EACCES", "inet6": "EAFNOSUPPORT", "inet": "ok",
+        "seccomp": "2", "filters": "1",
+    });
+    let tb = testbed(2);
+    let handle = prepare_bundle(&tb, 0, &dir);
+    children_answer(&tb, &handle, "?\n", &want);
+    teardown(tb);
 }
 
 /// Reports the mounts `runc spec` lists beyond the standard ones, its pty and capabilities.

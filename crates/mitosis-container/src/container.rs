@@ -178,6 +178,7 @@ fn start_init(
                 gid: bundle.gid,
                 groups: bundle.groups.clone(),
                 privileges: bundle.privileges.clone(),
+                seccomp: bundle.seccomp.clone(),
             }),
         ),
     };

@@ -55,6 +55,7 @@ pub struct Exec {
     pub gid: u32,
     pub groups: Vec<u32>,
     pub privileges: crate::privileges::Privileges,
+    pub seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
 }
 
 #[derive(Debug, Error)]
@@ -70,6 +71,8 @@ pub enum InitError {
     NotFound(String),
     #[error("{0}")]
     Mount(String),
+    #[error("{0}")]
+    Seccomp(String),
     #[error("giving the process its privileges: {0}")]
     Privileges(String),
 }
@@ -325,13 +328,23 @@ fn start(e: &Exec, chld: &SigSet) -> Result<Pid, InitError> {
         ForkResult::Child => {
             let _ = chld.thread_unblock();
             let privileges = |r: Result<(), String>| r.map_err(InitError::Privileges);
+            // As runc: with no_new_privs the filter goes last, just before exec; without it,
+            // loading one takes CAP_SYS_ADMIN, so it goes before the ids and capabilities
+            // change (and must let their calls through).
+            let nnp = e.privileges.no_new_privileges;
+            let seccomp = |now: bool| match &e.seccomp {
+                Some(profile) if now => crate::seccomp::load(profile).map_err(InitError::Seccomp),
+                _ => Ok(()),
+            };
             let result = chdir(cwd.as_str())
                 .map_err(step(format!("chdir {cwd}")))
                 .and_then(|_| privileges(e.privileges.apply_before_ids()))
+                .and_then(|_| seccomp(!nnp))
                 .and_then(|_| setgroups(&e.groups))
                 .and_then(|_| nix::unistd::setgid(Gid::from_raw(e.gid)).map_err(step("setgid")))
                 .and_then(|_| nix::unistd::setuid(Uid::from_raw(e.uid)).map_err(step("setuid")))
                 .and_then(|_| privileges(e.privileges.apply_after_ids()))
+                .and_then(|_| seccomp(nnp))
                 .and_then(|_| execve(&program, &args, &env).map_err(step("exec")));
             let Err(err) = result;
             let _ = writeln!(io::stderr(), "mitosis-init: {err}");

@@ -12,6 +12,7 @@ pub mod init;
 pub mod mounts;
 pub mod pool;
 pub mod privileges;
+pub mod seccomp;
 pub mod seed;
 pub mod spec;
 

@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, LinuxSeccomp, Spec};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -32,6 +32,8 @@ pub enum BundleError {
     NoRootfs(PathBuf),
     #[error("{0} is not supported")]
     Unsupported(String),
+    #[error("linux.seccomp: {0}")]
+    Seccomp(String),
     #[error("{field} must be positive, not {value}")]
     Invalid { field: &'static str, value: i64 },
 }
@@ -60,6 +62,8 @@ pub struct Bundle {
     pub groups: Vec<u32>,
     /// Capabilities, resource limits and no_new_privs of its process.
     pub privileges: Privileges,
+    /// Its seccomp profile (checked: it compiles).
+    pub seccomp: Option<LinuxSeccomp>,
     /// The mounts it lists that containers only get when listed.
     pub listed_mounts: Vec<ListedMount>,
     /// Its own bind and tmpfs mounts, in the config's order.
@@ -192,9 +196,11 @@ impl Bundle {
         let mut namespaces = BASE_NAMESPACES;
         let mut limits = Limits::default();
         let (mut masked, mut readonly_paths) = (Vec::new(), Vec::new());
+        let mut seccomp = None;
         if let Some(linux) = spec.linux() {
-            if linux.seccomp().is_some() {
-                return Err(BundleError::Unsupported("linux.seccomp".into()));
+            if let Some(profile) = linux.seccomp() {
+                crate::seccomp::compile(profile).map_err(BundleError::Seccomp)?;
+                seccomp = Some(profile.clone());
             }
             let paths = |v: &Option<Vec<String>>| v.clone().unwrap_or_default();
             masked = paths(linux.masked_paths());
@@ -240,6 +246,7 @@ impl Bundle {
             gid: user.gid(),
             groups,
             privileges,
+            seccomp,
             listed_mounts,
             mounts,
             hostname: spec.hostname().clone().unwrap_or_else(|| "fn".into()),
