@@ -684,24 +684,28 @@ for line in sys.stdin:
         "uid": os.getuid(), "groups": sorted(os.getgroups()),
         "caps": {k: status[k].strip() for k in ("CapBnd", "CapPrm", "CapEff", "CapAmb")},
         "nnp": status["NoNewPrivs"].strip(), "seccomp": status["Seccomp"].strip(),
+        "umask": status["Umask"].strip(), "oom": open("/proc/self/oom_score_adj").read().strip(),
+        "ttl": open("/proc/sys/net/ipv4/ip_default_ttl").read().strip(),
+        "msgmax": open("/proc/sys/kernel/msgmax").read().strip(),
         "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
         "bound_80": bound,
     }), flush=True)
 "#;
 
-/// A bundle's supplementary groups, capabilities, resource limits and no_new_privs are its
-/// process's, and its children's: a user who may bind port 80 through an ambient
-/// capability, and nothing more.
+/// A bundle's supplementary groups, umask, OOM score adjustment, capabilities, resource
+/// limits, no_new_privs, seccomp profile and namespaced kernel parameters are its process's,
+/// and its children's: a user who may bind port 80 through an ambient capability, and
+/// nothing more.
 #[test]
-fn a_bundles_capabilities_limits_and_no_new_privs_reach_its_children() {
+fn a_bundles_process_settings_privileges_and_sysctls_reach_its_children() {
     let scratch = Scratch::new("ct-privs");
     let dir = bundle(&scratch, &["python3", "-c", PRIVILEGES], LIMITS);
     let config = std::fs::read_to_string(dir.join("config.json"))
         .unwrap()
         .replace(
             r#""user": {"uid": 0, "gid": 0}"#,
-            r#""user": {"uid": 1000, "gid": 1000, "additionalGids": [4, 100]},
-               "noNewPrivileges": true,
+            r#""user": {"uid": 1000, "gid": 1000, "additionalGids": [4, 100], "umask": 23},
+               "noNewPrivileges": true, "oomScoreAdj": 200,
                "capabilities": {"bounding": ["CAP_KILL", "CAP_NET_BIND_SERVICE"],
                                 "permitted": ["CAP_NET_BIND_SERVICE"],
                                 "inheritable": ["CAP_NET_BIND_SERVICE"],
@@ -713,7 +717,8 @@ fn a_bundles_capabilities_limits_and_no_new_privs_reach_its_children() {
         .replace(
             r#""linux": {"#,
             r#""linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-                {"names": ["acct"], "action": "SCMP_ACT_ERRNO"}]},"#,
+                {"names": ["acct"], "action": "SCMP_ACT_ERRNO"}]},
+               "sysctl": {"net.ipv4.ip_default_ttl": "42", "kernel.msgmax": "4096"},"#,
         );
     std::fs::write(dir.join("config.json"), config).unwrap();
     let want = serde_json::json!({
@@ -723,6 +728,10 @@ fn a_bundles_capabilities_limits_and_no_new_privs_reach_its_children() {
                  "CapEff": "0000000000000400", "CapAmb": "0000000000000400"},
         "nnp": "1",
         "seccomp": "2",
+        "umask": "0027",
+        "oom": "200",
+        "ttl": "42",
+        "msgmax": "4096",
         "nofile": [256, 512],
         "bound_80": true,
     });

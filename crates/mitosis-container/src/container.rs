@@ -177,6 +177,8 @@ fn start_init(
                 uid: bundle.uid,
                 gid: bundle.gid,
                 groups: bundle.groups.clone(),
+                umask: bundle.umask,
+                oom_score_adj: bundle.oom_score_adj,
                 privileges: bundle.privileges.clone(),
                 seccomp: bundle.seccomp.clone(),
             }),
@@ -212,6 +214,7 @@ fn start_init(
         readonly_paths: bundle.readonly_paths.clone(),
         listed_mounts: bundle.listed_mounts.clone(),
         mounts: bundle.mounts.clone(),
+        sysctl: bundle.sysctl.clone(),
         exec,
     };
     let sent = serde_json::to_vec(&config)

@@ -42,6 +42,8 @@ pub struct InitConfig {
     pub listed_mounts: Vec<ListedMount>,
     /// The bundle's own bind and tmpfs mounts.
     pub mounts: Vec<UserMount>,
+    /// Kernel parameters of the container's own namespaces: (path under /proc, value).
+    pub sysctl: Vec<(String, String)>,
     /// The process to run, for a seed's container.
     pub exec: Option<Exec>,
 }
@@ -54,6 +56,8 @@ pub struct Exec {
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
+    pub umask: Option<u32>,
+    pub oom_score_adj: Option<i32>,
     pub privileges: crate::privileges::Privileges,
     pub seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
 }
@@ -164,6 +168,11 @@ fn set_up(c: &InitConfig) -> Result<(), InitError> {
     }
     for m in &c.mounts {
         m.mount_under(root).map_err(InitError::Mount)?;
+    }
+    // Before /proc/sys may be made read-only (readonlyPaths).
+    for (path, value) in &c.sysctl {
+        std::fs::write(under("proc").join(path), value)
+            .map_err(io_step(format!("setting /proc/{path}")))?;
     }
 
     chdir(root.as_path()).map_err(step("entering the rootfs"))?;
@@ -338,6 +347,7 @@ fn start(e: &Exec, chld: &SigSet) -> Result<Pid, InitError> {
             };
             let result = chdir(cwd.as_str())
                 .map_err(step(format!("chdir {cwd}")))
+                .and_then(|_| process_settings(e))
                 .and_then(|_| privileges(e.privileges.apply_before_ids()))
                 .and_then(|_| seccomp(!nnp))
                 .and_then(|_| setgroups(&e.groups))
@@ -351,6 +361,19 @@ fn start(e: &Exec, chld: &SigSet) -> Result<Pid, InitError> {
             std::process::exit(127)
         }
     }
+}
+
+/// The umask and OOM score adjustment the config asks for (a score below the daemon's
+/// fails: lowering it needs CAP_SYS_RESOURCE).
+fn process_settings(e: &Exec) -> Result<(), InitError> {
+    if let Some(mask) = e.umask {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask & 0o777));
+    }
+    if let Some(score) = e.oom_score_adj {
+        std::fs::write("/proc/self/oom_score_adj", score.to_string())
+            .map_err(io_step(format!("setting oomScoreAdj {score}")))?;
+    }
+    Ok(())
 }
 
 fn setgroups(groups: &[u32]) -> Result<(), InitError> {

@@ -8,6 +8,7 @@
 pub mod cgroup;
 pub mod container;
 pub mod fastmove;
+pub mod fields;
 pub mod init;
 pub mod mounts;
 pub mod pool;

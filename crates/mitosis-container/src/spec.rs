@@ -60,6 +60,12 @@ pub struct Bundle {
     pub gid: u32,
     /// Supplementary groups of its process (`process.user.additionalGids`).
     pub groups: Vec<u32>,
+    /// Its process's file mode creation mask (`process.user.umask`).
+    pub umask: Option<u32>,
+    /// Its process's OOM score adjustment (`process.oomScoreAdj`).
+    pub oom_score_adj: Option<i32>,
+    /// Namespaced kernel parameters every container of it sets (`linux.sysctl`).
+    pub sysctl: Vec<(String, String)>,
     /// Capabilities, resource limits and no_new_privs of its process.
     pub privileges: Privileges,
     /// Its seccomp profile (checked: it compiles).
@@ -124,7 +130,13 @@ impl Bundle {
             path: path.clone(),
             source,
         })?;
-        let spec: Spec = serde_json::from_slice(&text)
+        let raw: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|source| BundleError::Malformed {
+                path: path.clone(),
+                source,
+            })?;
+        crate::fields::check(&raw)?;
+        let spec: Spec = serde_json::from_value(raw)
             .map_err(|source| BundleError::Malformed { path, source })?;
         let mut bundle = Bundle::from_spec(&dir, &spec)?;
         bundle.digest = *blake3::hash(&text).as_bytes();
@@ -197,6 +209,7 @@ impl Bundle {
         let mut limits = Limits::default();
         let (mut masked, mut readonly_paths) = (Vec::new(), Vec::new());
         let mut seccomp = None;
+        let mut sysctl = Vec::new();
         if let Some(linux) = spec.linux() {
             if let Some(profile) = linux.seccomp() {
                 crate::seccomp::compile(profile).map_err(BundleError::Seccomp)?;
@@ -231,6 +244,9 @@ impl Bundle {
                     }
                 };
             }
+            for (key, value) in linux.sysctl().iter().flatten() {
+                sysctl.push((namespaced_sysctl(key, namespaces)?, value.clone()));
+            }
             if let Some(resources) = linux.resources() {
                 limits = limits_of(resources)?;
             }
@@ -245,6 +261,9 @@ impl Bundle {
             uid: user.uid(),
             gid: user.gid(),
             groups,
+            umask: user.umask(),
+            oom_score_adj: process.oom_score_adj(),
+            sysctl,
             privileges,
             seccomp,
             listed_mounts,
@@ -257,6 +276,39 @@ impl Bundle {
             digest: [0; 32],
         })
     }
+}
+
+/// The /proc/sys path (from /proc) of `key` if a container with `namespaces` has it of its
+/// own: a kernel parameter outside them is the host's, and would change it for everyone.
+fn namespaced_sysctl(key: &str, namespaces: i32) -> Result<String, BundleError> {
+    const IPC: [&str; 8] = [
+        "kernel.msgmax",
+        "kernel.msgmnb",
+        "kernel.msgmni",
+        "kernel.sem",
+        "kernel.shmall",
+        "kernel.shmmax",
+        "kernel.shmmni",
+        "kernel.shm_rmid_forced",
+    ];
+    let own = if key.starts_with("net.") {
+        namespaces & libc::CLONE_NEWNET != 0
+    } else if IPC.contains(&key) || key.starts_with("fs.mqueue.") {
+        namespaces & libc::CLONE_NEWIPC != 0
+    } else {
+        false
+    };
+    let plain = !key.is_empty()
+        && key
+            .split('.')
+            .all(|part| !part.is_empty() && !part.contains('/'));
+    if !own || !plain {
+        return Err(BundleError::Unsupported(format!(
+            "linux.sysctl {key:?} (only the parameters of the container's own network or ipc \
+             namespace)"
+        )));
+    }
+    Ok(format!("sys/{}", key.replace('.', "/")))
 }
 
 /// The limits of `linux.resources`; anything mitosis cannot enforce is an error.
