@@ -156,6 +156,23 @@ fn functions_run_on_every_host_from_one_seed_and_survive_a_dead_host() {
     ] {
         assert!(!f[field].is_null(), "{field} missing in {f}");
     }
+    // Where Fn's CLI calls it, from the address the caller used, in every answer but never
+    // stored: a PUT of what was read keeps the one the next caller's address makes.
+    let endpoint = format!("http://{}/invoke/{fn_id}", api.addr);
+    assert_eq!(
+        f["annotations"]["fnproject.io/fn/invokeEndpoint"],
+        endpoint.as_str()
+    );
+    assert_eq!(
+        listed["items"][0]["annotations"]["fnproject.io/fn/invokeEndpoint"],
+        endpoint.as_str()
+    );
+    let stale = serde_json::json!({"annotations": {"fnproject.io/fn/invokeEndpoint": "http://elsewhere/invoke/x"}});
+    let put = api.json("PUT", &format!("/v2/fns/{fn_id}"), stale);
+    assert_eq!(
+        put["annotations"]["fnproject.io/fn/invokeEndpoint"],
+        endpoint.as_str()
+    );
 
     let requests: Vec<String> = (1..=4).map(|n| format!("{{\"n\": {n}}}")).collect();
     let expected: Vec<Value> = requests.iter().map(|r| cold_answer(&tb, 0, r)).collect();

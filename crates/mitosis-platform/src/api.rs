@@ -129,21 +129,49 @@ struct FnQuery {
     name: Option<String>,
 }
 
-async fn list_fns(State(p): Shared, Query(q): Query<FnQuery>) -> ApiResult<Response> {
+/// Fn's annotation that tells a client (the `fn` CLI's `fn invoke`) where to call a
+/// function: made from the request's `Host` for each answer, as Fn's server does, never
+/// stored.
+pub const INVOKE_ENDPOINT: &str = "fnproject.io/fn/invokeEndpoint";
+
+/// The platform's address as the caller reached it, if it said (`Host`).
+fn base_url(headers: &HeaderMap) -> Option<String> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    Some(format!("http://{host}"))
+}
+
+/// `f` as an answer shows it: with its invoke endpoint when the caller's `Host` is known.
+fn shown(mut f: Func, base: Option<&str>) -> Func {
+    if let Some(base) = base {
+        let url = format!("{base}/invoke/{}", f.id);
+        f.annotations.insert(INVOKE_ENDPOINT.into(), json!(url));
+    }
+    f
+}
+
+async fn list_fns(
+    State(p): Shared,
+    headers: HeaderMap,
+    Query(q): Query<FnQuery>,
+) -> ApiResult<Response> {
+    let base = base_url(&headers);
     let items = p.store.fns(q.app_id, q.name).await?;
     Ok(ok(&List {
-        items,
+        items: items
+            .into_iter()
+            .map(|f| shown(f, base.as_deref()))
+            .collect(),
         next_cursor: String::new(),
     }))
 }
 
-async fn create_fn(State(p): Shared, bytes: Bytes) -> ApiResult<Response> {
+async fn create_fn(State(p): Shared, headers: HeaderMap, bytes: Bytes) -> ApiResult<Response> {
     let f = Func::create(body::<FuncInput>(&bytes)?)?;
     match p.store.insert_fn(f.clone()).await? {
         Insert::Done => {
             // Seeds are made now, in the background: the first call finds them warm.
             p.deployed(&f);
-            Ok(ok(&f))
+            Ok(ok(&shown(f, base_url(&headers).as_deref())))
         }
         Insert::NoApp => Err(ApiError::not_found("App not found")),
         Insert::NameTaken => Err(ApiError::conflict(
@@ -159,12 +187,26 @@ async fn find_fn(p: &Platform, id: String) -> ApiResult<Func> {
         .ok_or_else(|| ApiError::not_found("Fn not found"))
 }
 
-async fn get_fn(State(p): Shared, Path(id): Path<String>) -> ApiResult<Response> {
-    Ok(ok(&find_fn(&p, id).await?))
+async fn get_fn(
+    State(p): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let f = find_fn(&p, id).await?;
+    Ok(ok(&shown(f, base_url(&headers).as_deref())))
 }
 
-async fn update_fn(State(p): Shared, Path(id): Path<String>, bytes: Bytes) -> ApiResult<Response> {
-    let input = body::<FuncInput>(&bytes)?;
+async fn update_fn(
+    State(p): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
+    let mut input = body::<FuncInput>(&bytes)?;
+    // A client that sends back what it read does not store the endpoint.
+    if let Some(a) = input.annotations.as_mut() {
+        a.remove(INVOKE_ENDPOINT);
+    }
     let mut f = find_fn(&p, id).await?;
     let image = f.image.clone();
     f.update(input)?;
@@ -175,7 +217,7 @@ async fn update_fn(State(p): Shared, Path(id): Path<String>, bytes: Bytes) -> Ap
         // The old seed is replaced by the first `get` that sees the new image.
         p.deployed(&f);
     }
-    Ok(ok(&f))
+    Ok(ok(&shown(f, base_url(&headers).as_deref())))
 }
 
 async fn delete_fn(State(p): Shared, Path(id): Path<String>) -> ApiResult<Response> {
