@@ -629,7 +629,8 @@ fn http_bundle(scratch: &Scratch) -> PathBuf {
 }
 
 #[test]
-fn http_functions_get_the_request_and_answer_with_their_own_status_and_headers() {
+fn http_functions_get_the_request_and_answer_with_their_own_status_and_headers_also_through_triggers()
+ {
     let scratch = Scratch::new("httpfn");
     let bundle = http_bundle(&scratch);
     let tb = testbed(2);
@@ -669,6 +670,68 @@ fn http_functions_get_the_request_and_answer_with_their_own_status_and_headers()
         assert_eq!(reply.headers["content-type"], "application/json");
         assert_eq!(without_pid(&reply.body), cold(path), "{path}");
     }
+    // Fn's HTTP trigger: its route (any method, the query too) reaches the function as
+    // that path; its endpoint is in every answer; names and routes are unique in the app.
+    let trigger = api.json(
+        "POST",
+        "/v2/triggers",
+        json!({"name": "primes7", "app_id": app["id"], "fn_id": fn_id, "type": "http",
+               "source": "/primes/7"}),
+    );
+    let endpoint = format!("http://{}/t/web/primes/7", api.addr);
+    assert_eq!(
+        trigger["annotations"]["fnproject.io/trigger/httpEndpoint"],
+        endpoint.as_str()
+    );
+    let through = api.request("GET", "/t/web/primes/7", b"");
+    assert_eq!(through.status, 200, "{}", through.text());
+    assert_eq!(without_pid(&through.body), cold("/primes/7"));
+    for (body, status) in [
+        (
+            json!({"name": "again", "app_id": app["id"], "fn_id": fn_id, "type": "http",
+                "source": "/primes/7"}),
+            409,
+        ),
+        (
+            json!({"name": "primes7", "app_id": app["id"], "fn_id": fn_id, "type": "http",
+                "source": "/other"}),
+            409,
+        ),
+        (
+            json!({"name": "x", "app_id": "nope", "fn_id": fn_id, "type": "http",
+                "source": "/x"}),
+            404,
+        ),
+        (
+            json!({"name": "x", "app_id": app["id"], "fn_id": fn_id, "type": "cron",
+                "source": "/x"}),
+            400,
+        ),
+    ] {
+        let reply = api.request("POST", "/v2/triggers", body.to_string().as_bytes());
+        assert_eq!(reply.status, status, "{body}: {}", reply.text());
+    }
+    let tid = trigger["id"].as_str().unwrap();
+    let moved = api.json(
+        "PUT",
+        &format!("/v2/triggers/{tid}"),
+        json!({"source": "/a/b"}),
+    );
+    assert_eq!(moved["source"], "/a/b");
+    let listed = api.json(
+        "GET",
+        &format!("/v2/triggers?app_id={}", app["id"].as_str().unwrap()),
+        Value::Null,
+    );
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+    let through = api.request("GET", "/t/web/a/b?x=1", b"");
+    assert_eq!(through.status, 200, "{}", through.text());
+    assert_eq!(without_pid(&through.body), cold("/a/b?x=1"));
+    // The caller's method reaches it: this function serves no POST (its own 501).
+    assert_eq!(api.request("POST", "/t/web/a/b", b"{}").status, 501);
+    for path in ["/t/web/primes/7", "/t/nosuchapp/a/b"] {
+        assert_eq!(api.request("GET", path, b"").status, 404, "{path}");
+    }
     // Fn's /invoke is a POST to `/`, which this function does not serve: its own 501.
     let post = api.request("POST", &format!("/invoke/{fn_id}"), b"{}");
     assert_eq!(post.status, 501, "{}", post.text());
@@ -686,6 +749,17 @@ fn http_functions_get_the_request_and_answer_with_their_own_status_and_headers()
         refused.message().contains("remote-fork"),
         "{}",
         refused.message()
+    );
+    // A deleted function takes its triggers.
+    assert_eq!(
+        api.request("DELETE", &format!("/v2/fns/{fn_id}"), b"")
+            .status,
+        204
+    );
+    assert_eq!(
+        api.request("GET", &format!("/v2/triggers/{tid}"), b"")
+            .status,
+        404
     );
     drop(api);
     teardown(tb);

@@ -33,6 +33,7 @@ pub mod model;
 pub mod policy;
 pub mod seeds;
 pub mod store;
+pub mod trigger;
 pub mod workflow;
 
 #[cfg(test)]

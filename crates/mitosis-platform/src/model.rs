@@ -109,7 +109,7 @@ pub(crate) fn check_name(name: &str, what: &str) -> Result<(), ApiError> {
 }
 
 /// Fn refuses ids and timestamps in a create: the server sets them.
-fn no_server_fields(
+pub(crate) fn no_server_fields(
     id: &Option<String>,
     c: &Option<String>,
     u: &Option<String>,
@@ -137,7 +137,7 @@ fn merge_config(into: &mut BTreeMap<String, String>, from: BTreeMap<String, Stri
 }
 
 /// An annotation merge: a key whose value is null or "" is removed.
-fn merge_annotations(into: &mut BTreeMap<String, Value>, from: BTreeMap<String, Value>) {
+pub(crate) fn merge_annotations(into: &mut BTreeMap<String, Value>, from: BTreeMap<String, Value>) {
     for (k, v) in from {
         if v.is_null() || v.as_str() == Some("") {
             into.remove(&k);

@@ -8,6 +8,7 @@
 //! | `P/app-names/{name}` | its id: the name's uniqueness | |
 //! | `P/fns/{id}` | a function | |
 //! | `P/fn-names/{app_id}/{name}` | its id: unique per app | |
+//! | `P/triggers/{id}`, `P/trigger-names/{app_id}/{name}`, `P/trigger-routes/{app_id}/{type}{source}` | a trigger, and its id: name and route unique per app ([`triggers`]) | |
 //! | `P/hosts/{name}` | a [`HostRecord`]: endpoint and load | the host's (TTL 3 s) |
 //! | `P/seeds/{fn_id}` | a [`SeedRecord`]: handle and host | its host's |
 //! | `P/making/{fn_id}` | the instance making the seed | that instance's (TTL 10 s) |
@@ -20,6 +21,7 @@
 
 mod cluster;
 pub mod local;
+mod triggers;
 
 pub use cluster::{CLAIM_POLL, HOST_TTL, Registered};
 
@@ -322,7 +324,9 @@ impl EtcdStore {
                 ])
                 .and_then(ops);
             if self.txn(txn).await?.succeeded() {
-                return Ok(Some(fns.into_iter().map(|f| f.id).collect()));
+                let ids: Vec<String> = fns.into_iter().map(|f| f.id).collect();
+                self.delete_triggers_of(&ids).await?;
+                return Ok(Some(ids));
             }
         }
         Err(StoreError::Contended("delete_app"))
@@ -382,10 +386,15 @@ impl EtcdStore {
     }
 
     pub async fn delete_fn(&self, id: String) -> Result<bool, StoreError> {
-        self.delete_named(self.key(&["fns", &id]), "delete_fn", |f: &Func| {
-            vec!["fn-names".to_owned(), f.app_id.clone(), f.name.clone()]
-        })
-        .await
+        let deleted = self
+            .delete_named(self.key(&["fns", &id]), "delete_fn", |f: &Func| {
+                vec!["fn-names".to_owned(), f.app_id.clone(), f.name.clone()]
+            })
+            .await?;
+        if deleted {
+            self.delete_triggers_of(&[id]).await?;
+        }
+        Ok(deleted)
     }
 
     /// Deletes the record at `key` and its name key (`name_of` it, under the prefix), if the

@@ -3,8 +3,8 @@
 //! Two backends with the same semantics: SQLite ([`sqlite`]) when the platform runs as one
 //! instance (nothing to install), etcd ([`crate::etcd`]) when several instances share the
 //! cluster (and workflows: a workflow's name is unique too). Names are unique (an app's; a
-//! function's within its app), deleting an app deletes
-//! its functions, and every record is its JSON. Only etcd is *shared*: it also holds the hosts
+//! function's or a trigger's within its app, and a trigger's route too), deleting an app
+//! deletes its functions and deleting a function its triggers, and every record is its JSON. Only etcd is *shared*: it also holds the hosts
 //! (under leases) and the claims on making a seed, so that one seed per function serves the
 //! whole cluster whichever instance takes the call.
 
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::StoreError;
 use crate::etcd::{EtcdOptions, EtcdStore};
 use crate::model::{App, Func};
+use crate::trigger::Trigger;
 use crate::workflow::Workflow;
 pub use sqlite::SqliteStore;
 
@@ -30,6 +31,18 @@ pub enum Insert {
     NameTaken,
     /// A function's app does not exist.
     NoApp,
+}
+
+/// What writing a trigger can run into besides the store failing.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TriggerWrite {
+    Done,
+    /// Its app has a trigger of that name.
+    NameTaken,
+    /// Its app has a trigger of that type and source.
+    SourceTaken,
+    /// Its function is not in its app (or gone; for an update, the trigger is).
+    NoFn,
 }
 
 /// A function's seed as the store keeps it: enough for any instance to fork from it.
@@ -151,6 +164,34 @@ dispatch! {
     pub async fn workflow(&self, id: String) -> Option<Workflow>;
     pub async fn workflows(&self) -> Vec<Workflow>;
     pub async fn delete_workflow(&self, id: String) -> bool;
+    pub async fn insert_trigger(&self, t: Trigger) -> TriggerWrite;
+    pub async fn update_trigger(&self, t: Trigger) -> TriggerWrite;
+    pub async fn trigger(&self, id: String) -> Option<Trigger>;
+    pub async fn triggers(&self, q: TriggerQuery) -> Vec<Trigger>;
+    pub async fn delete_trigger(&self, id: String) -> bool;
+}
+
+/// Which triggers a listing wants: every field given must match.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TriggerQuery {
+    pub app_id: Option<String>,
+    pub fn_id: Option<String>,
+    pub name: Option<String>,
+    /// With `kind`, the one trigger at a route.
+    pub source: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+}
+
+impl TriggerQuery {
+    pub fn matches(&self, t: &Trigger) -> bool {
+        let is = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        is(&self.app_id, &t.app_id)
+            && is(&self.fn_id, &t.fn_id)
+            && is(&self.name, &t.name)
+            && is(&self.source, &t.source)
+            && is(&self.kind, &t.kind)
+    }
 }
 
 impl Store {

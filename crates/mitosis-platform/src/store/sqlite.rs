@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Insert, SeedRecord};
+use super::{Insert, SeedRecord, TriggerQuery, TriggerWrite};
 use crate::error::StoreError;
 use crate::model::{App, Func};
+use crate::trigger::Trigger;
 use crate::workflow::Workflow;
 
 const SCHEMA: &str = "
@@ -34,6 +35,19 @@ CREATE TABLE IF NOT EXISTS seeds (
     fn_id TEXT PRIMARY KEY,
     json  TEXT NOT NULL
 );
+-- A trigger goes with its function (and so with its app).
+CREATE TABLE IF NOT EXISTS triggers (
+    id     TEXT PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    fn_id  TEXT NOT NULL REFERENCES fns(id) ON DELETE CASCADE,
+    name   TEXT NOT NULL,
+    type   TEXT NOT NULL,
+    source TEXT NOT NULL,
+    json   TEXT NOT NULL,
+    UNIQUE (app_id, name),
+    UNIQUE (app_id, type, source)
+);
+CREATE INDEX IF NOT EXISTS triggers_by_fn ON triggers(fn_id);
 -- A workflow names its stages' functions by id: deleting one fails its next run, not this.
 CREATE TABLE IF NOT EXISTS workflows (
     id   TEXT PRIMARY KEY,
@@ -272,6 +286,73 @@ impl SqliteStore {
             .await
     }
 
+    /// Adds a trigger, if its function is in its app and its name and route are free there.
+    pub async fn insert_trigger(&self, t: Trigger) -> Result<TriggerWrite, StoreError> {
+        let json = serde_json::to_string(&t)?;
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            let fn_app: Option<String> = tx
+                .query_row("SELECT app_id FROM fns WHERE id = ?1", [&t.fn_id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if fn_app.as_deref() != Some(t.app_id.as_str()) {
+                return Ok(TriggerWrite::NoFn);
+            }
+            let done = tx.execute(
+                "INSERT INTO triggers (id, app_id, fn_id, name, type, source, json)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![t.id, t.app_id, t.fn_id, t.name, t.kind, t.source, json],
+            );
+            let written = trigger_written(done)?;
+            tx.commit()?;
+            Ok(written)
+        })
+        .await
+    }
+
+    /// Rewrites a trigger (its route may move, if the new one is free).
+    pub async fn update_trigger(&self, t: Trigger) -> Result<TriggerWrite, StoreError> {
+        let json = serde_json::to_string(&t)?;
+        self.run(move |c| {
+            let done = c.execute(
+                "UPDATE triggers SET source = ?2, json = ?3 WHERE id = ?1",
+                params![t.id, t.source, json],
+            );
+            Ok(match trigger_written(done)? {
+                TriggerWrite::Done if c.changes() == 0 => TriggerWrite::NoFn,
+                other => other,
+            })
+        })
+        .await
+    }
+
+    pub async fn trigger(&self, id: String) -> Result<Option<Trigger>, StoreError> {
+        self.run(move |c| one(c, "SELECT json FROM triggers WHERE id = ?1", &id))
+            .await
+    }
+
+    /// Triggers matching `q`, in name order (Fn's).
+    pub async fn triggers(&self, q: TriggerQuery) -> Result<Vec<Trigger>, StoreError> {
+        self.run(move |c| {
+            let all: Vec<Trigger> = match &q.app_id {
+                Some(app) => many(
+                    c,
+                    "SELECT json FROM triggers WHERE app_id = ?1 ORDER BY name",
+                    &[app],
+                )?,
+                None => many(c, "SELECT json FROM triggers ORDER BY name", &[])?,
+            };
+            Ok(all.into_iter().filter(|t| q.matches(t)).collect())
+        })
+        .await
+    }
+
+    pub async fn delete_trigger(&self, id: String) -> Result<bool, StoreError> {
+        self.run(move |c| Ok(c.execute("DELETE FROM triggers WHERE id = ?1", [&id])? > 0))
+            .await
+    }
+
     /// Forgets a function's seed record; the record it was.
     pub async fn take_seed(&self, fn_id: String) -> Result<Option<SeedRecord>, StoreError> {
         self.run(move |c| {
@@ -306,6 +387,19 @@ fn many<T: serde::de::DeserializeOwned>(
         out.push(serde_json::from_str(&json?)?);
     }
     Ok(out)
+}
+
+/// A trigger's write, or which of its app's unique names it ran into.
+fn trigger_written(done: rusqlite::Result<usize>) -> Result<TriggerWrite, StoreError> {
+    match done {
+        Ok(_) => Ok(TriggerWrite::Done),
+        Err(e) if is_unique_violation(&e) => Ok(if e.to_string().contains("triggers.name") {
+            TriggerWrite::NameTaken
+        } else {
+            TriggerWrite::SourceTaken
+        }),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {

@@ -165,6 +165,90 @@ async fn workflows(store: &Store) {
     assert!(store.insert_workflow(workflow("w")).await.unwrap());
 }
 
+fn trigger(app_id: &str, fn_id: &str, name: &str, source: &str) -> crate::trigger::Trigger {
+    crate::trigger::Trigger::create(
+        serde_json::from_value(serde_json::json!({"name": name, "app_id": app_id,
+            "fn_id": fn_id, "type": "http", "source": source}))
+        .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Triggers: a name and a route each unique in an app, a function of that app, moved routes
+/// freeing the old one, listed by name, and gone with their function and their app.
+async fn triggers(store: &Store) {
+    let a = app("t-app");
+    let other = app("t-other");
+    store.insert_app(a.clone()).await.unwrap();
+    store.insert_app(other.clone()).await.unwrap();
+    let (f, g) = (func(&a.id, "f"), func(&other.id, "g"));
+    store.insert_fn(f.clone()).await.unwrap();
+    store.insert_fn(g.clone()).await.unwrap();
+    let hello = trigger(&a.id, &f.id, "hello", "/hello");
+    let write = |t| store.insert_trigger(t);
+    assert_eq!(write(hello.clone()).await.unwrap(), TriggerWrite::Done);
+    let same_name = trigger(&a.id, &f.id, "hello", "/other");
+    assert_eq!(write(same_name).await.unwrap(), TriggerWrite::NameTaken);
+    let same_route = trigger(&a.id, &f.id, "bye", "/hello");
+    assert_eq!(write(same_route).await.unwrap(), TriggerWrite::SourceTaken);
+    let foreign = trigger(&a.id, &g.id, "g", "/g");
+    assert_eq!(write(foreign).await.unwrap(), TriggerWrite::NoFn);
+    // Another app may use the same name and route.
+    let theirs = trigger(&other.id, &g.id, "hello", "/hello");
+    assert_eq!(write(theirs.clone()).await.unwrap(), TriggerWrite::Done);
+    let bye = trigger(&a.id, &f.id, "bye", "/bye");
+    assert_eq!(write(bye.clone()).await.unwrap(), TriggerWrite::Done);
+
+    let of_a = TriggerQuery {
+        app_id: Some(a.id.clone()),
+        ..TriggerQuery::default()
+    };
+    let names =
+        |ts: Vec<crate::trigger::Trigger>| ts.into_iter().map(|t| t.name).collect::<Vec<_>>();
+    assert_eq!(
+        names(store.triggers(of_a.clone()).await.unwrap()),
+        ["bye", "hello"]
+    );
+    let route = TriggerQuery {
+        source: Some("/hello".into()),
+        kind: Some("http".into()),
+        ..of_a.clone()
+    };
+    assert_eq!(store.triggers(route).await.unwrap(), vec![hello.clone()]);
+
+    // Moving a route onto a taken one fails; onto a free one frees the old.
+    let mut moved = bye.clone();
+    moved.source = "/hello".into();
+    assert_eq!(
+        store.update_trigger(moved).await.unwrap(),
+        TriggerWrite::SourceTaken
+    );
+    let mut moved = bye.clone();
+    moved.source = "/farewell".into();
+    assert_eq!(
+        store.update_trigger(moved.clone()).await.unwrap(),
+        TriggerWrite::Done
+    );
+    assert_eq!(store.trigger(bye.id.clone()).await.unwrap(), Some(moved));
+    let reuse = trigger(&a.id, &f.id, "again", "/bye");
+    assert_eq!(write(reuse).await.unwrap(), TriggerWrite::Done);
+
+    assert!(store.delete_trigger(hello.id.clone()).await.unwrap());
+    assert!(!store.delete_trigger(hello.id.clone()).await.unwrap());
+    assert_eq!(
+        write(trigger(&a.id, &f.id, "hello", "/hello"))
+            .await
+            .unwrap(),
+        TriggerWrite::Done
+    );
+    // A deleted function takes its triggers, and a deleted app its functions' triggers.
+    assert!(store.delete_fn(f.id.clone()).await.unwrap());
+    assert!(store.triggers(of_a).await.unwrap().is_empty());
+    store.delete_app(other.id.clone()).await.unwrap();
+    assert_eq!(store.trigger(theirs.id).await.unwrap(), None);
+    store.delete_app(a.id).await.unwrap();
+}
+
 #[tokio::test]
 async fn sqlite_in_a_file_keeps_records_across_opens() {
     let dir = std::env::temp_dir().join(format!("mitosis-platform-store-{}", crate::ids::ulid()));
@@ -203,6 +287,7 @@ async fn sqlite_in_memory() {
     let store = Store::in_memory().unwrap();
     apps_and_functions(&store).await;
     workflows(&store).await;
+    triggers(&store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,6 +297,7 @@ async fn etcd_has_the_same_semantics_across_instances_and_leases() {
     let a = connect(&server, &prefix).await;
     apps_and_functions(&a).await;
     workflows(&a).await;
+    triggers(&a).await;
 
     // A second instance sees the same records, and the names are unique across both.
     let b = connect(&server, &prefix).await;

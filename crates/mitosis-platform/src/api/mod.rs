@@ -1,5 +1,7 @@
-//! The HTTP API: Fn's v2 (apps, functions, `/invoke/{fn_id}`) and OpenFaaS's
-//! `/function/{name}`, with Fn's JSON shapes and error bodies.
+//! The HTTP API: Fn's v2 (apps, functions, triggers, `/invoke/{fn_id}`, `/t/{app}{source}`)
+//! and OpenFaaS's `/function/{name}`, with Fn's JSON shapes and error bodies.
+
+mod triggers;
 
 use std::sync::Arc;
 
@@ -50,6 +52,7 @@ pub fn router(platform: Arc<Platform>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(triggers::routes())
         .merge(crate::dashboard::router())
         .fallback(|| async { ApiError::not_found("Path not found") })
         .with_state(platform)
