@@ -168,10 +168,23 @@ fn two_platform_instances_sharing_etcd_serve_the_same_functions_from_one_seed() 
         json!({"name": "echo", "app_id": app["id"], "image": bundle, "timeout": 10}),
     );
     let fn_id = f["id"].as_str().unwrap().to_owned();
+    // The same record, but for where each instance says it is called.
+    let endpoint = "fnproject.io/fn/invokeEndpoint";
+    let mut through_b = json_of(b_addr, "GET", &format!("/v2/fns/{fn_id}"), Value::Null);
     assert_eq!(
-        json_of(b_addr, "GET", &format!("/v2/fns/{fn_id}"), Value::Null),
-        f
+        through_b["annotations"][endpoint],
+        format!("http://{b_addr}/invoke/{fn_id}").as_str()
     );
+    let mut through_a = f.clone();
+    through_a["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove(endpoint);
+    through_b["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove(endpoint);
+    assert_eq!(through_b, through_a);
     let (dup, _, _) = request(b_addr, "POST", "/v2/apps", br#"{"name": "shared"}"#);
     assert_eq!(dup, 409, "an app name taken through A is taken through B");
 
