@@ -323,6 +323,29 @@ fn functions_run_on_every_host_from_one_seed_and_survive_a_dead_host() {
         29.0
     );
 
+    // Fn's detached call: 202 with its call id at once, then it runs to its answer.
+    let detached = |kind| {
+        api.request_with(
+            "POST",
+            &format!("/invoke/{fn_id}"),
+            &[("Fn-Invoke-Type", kind)],
+            requests[0].as_bytes(),
+        )
+    };
+    let accepted = detached("detached");
+    assert_eq!(accepted.status, 202, "{}", accepted.text());
+    assert_eq!(accepted.headers["fn-call-id"].len(), 26);
+    assert!(accepted.body.is_empty());
+    assert!(
+        eventually(Duration::from_secs(30), || metric(
+            &api.metrics(),
+            "mitosis_platform_calls_total",
+            &[this, ("outcome", "ok")]
+        ) == 30.0),
+        "the detached call was not answered"
+    );
+    assert_eq!(detached("later").status, 400);
+
     // Deleting the app deletes its function.
     let app_id = f["app_id"].as_str().unwrap();
     assert_eq!(

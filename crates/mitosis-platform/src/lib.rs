@@ -101,7 +101,13 @@ pub struct Platform {
     pub registry: prometheus_client::registry::Registry,
     /// The calls of each function over the last 30 minutes (`GET /dashboard`).
     pub history: dashboard::History,
+    /// Room for detached calls (Fn's `Fn-Invoke-Type: detached`) in flight.
+    pub detached: Arc<tokio::sync::Semaphore>,
 }
+
+/// Detached calls one platform instance runs at once; more are refused (503), so callers
+/// that never wait cannot pile up bodies without bound.
+pub const DETACHED_CALLS: usize = 256;
 
 impl Platform {
     /// A platform over `hosts` with the default policy (remote fork per call, load-aware).
@@ -140,6 +146,7 @@ impl Platform {
             policy,
             metrics,
             history: dashboard::History::default(),
+            detached: Arc::new(tokio::sync::Semaphore::new(DETACHED_CALLS)),
         })
     }
 

@@ -56,10 +56,25 @@ impl Api {
 
     /// One request (`Connection: close`).
     pub fn request(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        self.request_with(method, path, &[], body)
+    }
+
+    /// One request with these headers besides `Host` and `Content-Length`.
+    pub fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Reply {
         let mut s = TcpStream::connect(self.addr).expect("connect to the API");
         s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let extra: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n",
             self.addr,
             body.len()
         );

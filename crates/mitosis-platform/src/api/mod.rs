@@ -355,6 +355,7 @@ async fn read_body(p: &Platform, headers: &HeaderMap, request: Body) -> ApiResul
 
 /// What an HTTP function is asked: the method and target its caller used (Fn's `/invoke`
 /// is a `POST /`).
+#[derive(Clone)]
 struct Target {
     method: Method,
     path: String,
@@ -452,7 +453,11 @@ async fn by_name(
     }
 }
 
-/// Runs a call of `f`, counted and timed by its outcome.
+/// Fn's header that asks for a detached call.
+const INVOKE_TYPE: &str = "fn-invoke-type";
+
+/// Runs a call of `f`: at once (Fn's `sync`), or detached: answered 202 with its call id once
+/// its body is in, then run on its own (its answer is logged, not returned).
 async fn call(
     p: &Arc<Platform>,
     f: &Func,
@@ -460,8 +465,51 @@ async fn call(
     headers: &HeaderMap,
     request: Body,
 ) -> ApiResult<Response> {
-    let t0 = std::time::Instant::now();
     let call_id = crate::ids::ulid();
+    match headers.get(INVOKE_TYPE).map(|v| v.to_str().unwrap_or("")) {
+        None | Some("sync") => return counted_call(p, f, call_id, target, headers, request).await,
+        Some("detached") => {}
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "Invalid Fn-Invoke-Type {other:?} (sync or detached)"
+            )));
+        }
+    }
+    let room = p.detached.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "Too many detached calls in flight (at most {})",
+                crate::DETACHED_CALLS
+            ),
+        )
+    })?;
+    let input = read_body(p, headers, request).await?;
+    let (p, f, target, headers) = (p.clone(), f.clone(), target.clone(), headers.clone());
+    let id = call_id.clone();
+    tokio::spawn(async move {
+        let r = counted_call(&p, &f, id.clone(), &target, &headers, Body::from(input)).await;
+        let status = r.map_or_else(|e| e.status, |r| r.status());
+        tracing::info!(call_id = id, fn_id = f.id, %status, "detached call ended");
+        drop(room);
+    });
+    let mut response = StatusCode::ACCEPTED.into_response();
+    if let Ok(v) = HeaderValue::from_str(&call_id) {
+        response.headers_mut().insert("Fn-Call-Id", v);
+    }
+    Ok(response)
+}
+
+/// Runs a call of `f`, counted and timed by its outcome.
+async fn counted_call(
+    p: &Arc<Platform>,
+    f: &Func,
+    call_id: String,
+    target: &Target,
+    headers: &HeaderMap,
+    request: Body,
+) -> ApiResult<Response> {
+    let t0 = std::time::Instant::now();
     // A failed call's answer names it too, to find its log lines.
     let mut response = match run_call(p, f, &call_id, target, headers, request).await {
         Ok(r) => r,
