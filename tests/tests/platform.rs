@@ -734,6 +734,19 @@ fn http_functions_get_the_request_and_answer_with_their_own_status_and_headers_a
         let reply = api.request("POST", "/v2/triggers", body.to_string().as_bytes());
         assert_eq!(reply.status, status, "{body}: {}", reply.text());
     }
+    // Fn's pages: per_page items in name order, and the cursor to the rest.
+    api.json("POST", "/v2/apps", json!({"name": "web2"}));
+    let first = api.json("GET", "/v2/apps?per_page=1", Value::Null);
+    assert_eq!(first["items"][0]["name"], "web");
+    let cursor = first["next_cursor"].as_str().unwrap();
+    assert!(!cursor.is_empty());
+    let rest = api.json(
+        "GET",
+        &format!("/v2/apps?per_page=1&cursor={cursor}"),
+        Value::Null,
+    );
+    assert_eq!(rest["items"][0]["name"], "web2");
+    assert_eq!(rest["next_cursor"], "");
     let tid = trigger["id"].as_str().unwrap();
     let moved = api.json(
         "PUT",

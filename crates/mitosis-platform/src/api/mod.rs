@@ -1,7 +1,10 @@
 //! The HTTP API: Fn's v2 (apps, functions, triggers, `/invoke/{fn_id}`, `/t/{app}{source}`)
 //! and OpenFaaS's `/function/{name}`, with Fn's JSON shapes and error bodies.
 
+mod page;
 mod triggers;
+
+use page::Page;
 
 use std::sync::Arc;
 
@@ -77,12 +80,13 @@ struct AppQuery {
     name: Option<String>,
 }
 
-async fn list_apps(State(p): Shared, Query(q): Query<AppQuery>) -> ApiResult<Response> {
+async fn list_apps(
+    State(p): Shared,
+    Query(q): Query<AppQuery>,
+    Query(page): Query<Page>,
+) -> ApiResult<Response> {
     let items = p.store.apps(q.name).await?;
-    Ok(ok(&List {
-        items,
-        next_cursor: String::new(),
-    }))
+    Ok(ok(&page.of(items, |a| (&a.name, &a.id))?))
 }
 
 async fn create_app(State(p): Shared, bytes: Bytes) -> ApiResult<Response> {
@@ -156,16 +160,17 @@ async fn list_fns(
     State(p): Shared,
     headers: HeaderMap,
     Query(q): Query<FnQuery>,
+    Query(page): Query<Page>,
 ) -> ApiResult<Response> {
     let base = base_url(&headers);
     let items = p.store.fns(q.app_id, q.name).await?;
-    Ok(ok(&List {
-        items: items
-            .into_iter()
-            .map(|f| shown(f, base.as_deref()))
-            .collect(),
-        next_cursor: String::new(),
-    }))
+    let mut list = page.of(items, |f| (&f.name, &f.id))?;
+    list.items = list
+        .items
+        .into_iter()
+        .map(|f| shown(f, base.as_deref()))
+        .collect();
+    Ok(ok(&list))
 }
 
 async fn create_fn(State(p): Shared, headers: HeaderMap, bytes: Bytes) -> ApiResult<Response> {

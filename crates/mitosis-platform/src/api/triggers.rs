@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 
-use super::{ApiResult, Shared, Target, base_url, body, call, find_app, find_fn, ok};
+use super::{ApiResult, Page, Shared, Target, base_url, body, call, find_app, find_fn, ok};
 use crate::Platform;
 use crate::error::ApiError;
 use crate::model::List;
@@ -56,11 +56,16 @@ async fn list(
     State(p): Shared,
     headers: HeaderMap,
     Query(q): Query<TriggerQuery>,
+    Query(page): Query<Page>,
 ) -> ApiResult<Response> {
     let base = base_url(&headers);
     let mut names: HashMap<String, String> = HashMap::new();
+    let List {
+        items: on_page,
+        next_cursor,
+    } = page.of(p.store.triggers(q).await?, |t| (&t.name, &t.id))?;
     let mut items = Vec::new();
-    for t in p.store.triggers(q).await? {
+    for t in on_page {
         if !names.contains_key(&t.app_id) {
             let app = p.store.app(t.app_id.clone()).await?;
             names.insert(t.app_id.clone(), app.map(|a| a.name).unwrap_or_default());
@@ -68,10 +73,7 @@ async fn list(
         let app_name = &names[&t.app_id];
         items.push(t.shown(base.as_deref(), app_name));
     }
-    Ok(ok(&List {
-        items,
-        next_cursor: String::new(),
-    }))
+    Ok(ok(&List { items, next_cursor }))
 }
 
 async fn create(State(p): Shared, headers: HeaderMap, bytes: Bytes) -> ApiResult<Response> {
