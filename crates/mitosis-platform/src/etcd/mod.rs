@@ -387,8 +387,8 @@ impl EtcdStore {
 
     pub async fn delete_fn(&self, id: String) -> Result<bool, StoreError> {
         let deleted = self
-            .delete_named(self.key(&["fns", &id]), "delete_fn", |f: &Func| {
-                vec!["fn-names".to_owned(), f.app_id.clone(), f.name.clone()]
+            .delete_indexed(self.key(&["fns", &id]), "delete_fn", |f: &Func| {
+                vec![self.key(&["fn-names", &f.app_id, &f.name])]
             })
             .await?;
         if deleted {
@@ -397,13 +397,13 @@ impl EtcdStore {
         Ok(deleted)
     }
 
-    /// Deletes the record at `key` and its name key (`name_of` it, under the prefix), if the
-    /// record did not change since it was read; false if there is none.
-    async fn delete_named<T: DeserializeOwned>(
+    /// Deletes the record at `key` and the index keys (`index_of` it: its name's, ...), if
+    /// the record did not change since it was read; false if there is none.
+    async fn delete_indexed<T: DeserializeOwned>(
         &self,
         key: String,
         what: &'static str,
-        name_of: impl Fn(&T) -> Vec<String>,
+        index_of: impl Fn(&T) -> Vec<String>,
     ) -> Result<bool, StoreError> {
         for _ in 0..TXN_ATTEMPTS {
             let got = bounded("get", self.client().get(key.clone(), None)).await?;
@@ -411,18 +411,16 @@ impl EtcdStore {
                 return Ok(false);
             };
             let record: T = decode(kv.value())?;
-            let name: Vec<String> = name_of(&record);
-            let name: Vec<&str> = name.iter().map(String::as_str).collect();
+            let deletes = std::iter::once(key.clone())
+                .chain(index_of(&record))
+                .map(|k| TxnOp::delete(k, None));
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     key.clone(),
                     CompareOp::Equal,
                     kv.mod_revision(),
                 )])
-                .and_then([
-                    TxnOp::delete(key.clone(), None),
-                    TxnOp::delete(self.key(&name), None),
-                ]);
+                .and_then(deletes.collect::<Vec<_>>());
             if self.txn(txn).await?.succeeded() {
                 return Ok(true);
             }
@@ -456,10 +454,10 @@ impl EtcdStore {
 
     /// Deletes a workflow and its name, if the record did not change since it was read.
     pub async fn delete_workflow(&self, id: String) -> Result<bool, StoreError> {
-        self.delete_named(
+        self.delete_indexed(
             self.key(&["workflows", &id]),
             "delete_workflow",
-            |wf: &Workflow| vec!["workflow-names".to_owned(), wf.name.clone()],
+            |wf: &Workflow| vec![self.key(&["workflow-names", &wf.name])],
         )
         .await
     }

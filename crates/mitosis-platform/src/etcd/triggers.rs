@@ -131,29 +131,10 @@ impl EtcdStore {
 
     /// Deletes a trigger and its name and route, if it did not change since it was read.
     pub async fn delete_trigger(&self, id: String) -> Result<bool, StoreError> {
-        let key = self.trigger_key(&id);
-        for _ in 0..TXN_ATTEMPTS {
-            let got = bounded("get", self.client().get(key.clone(), None)).await?;
-            let Some(kv) = got.kvs().first() else {
-                return Ok(false);
-            };
-            let t: Trigger = decode(kv.value())?;
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
-                .and_then([
-                    TxnOp::delete(key.clone(), None),
-                    TxnOp::delete(self.trigger_name_key(&t), None),
-                    TxnOp::delete(self.trigger_route_key(&t), None),
-                ]);
-            if self.txn(txn).await?.succeeded() {
-                return Ok(true);
-            }
-        }
-        Err(StoreError::Contended("delete_trigger"))
+        self.delete_indexed(self.trigger_key(&id), "delete_trigger", |t: &Trigger| {
+            vec![self.trigger_name_key(t), self.trigger_route_key(t)]
+        })
+        .await
     }
 
     /// Deletes the triggers of functions that are gone.
