@@ -747,9 +747,9 @@ fn a_bundles_process_settings_privileges_and_sysctls_reach_its_children() {
 /// seed kept open in its own tmpfs is open.
 const OWN_MOUNTS: &str = r#"
 import errno, json, mmap, os, sys
-kept = open("/data/table.txt")
-mapped = mmap.mmap(os.open("/data/table.txt", os.O_RDONLY), 0, prot=mmap.PROT_READ)
-own = open("/scratch/seed.txt", "w")
+kept = open("/mnt/table.txt")
+mapped = mmap.mmap(os.open("/mnt/table.txt", os.O_RDONLY), 0, prot=mmap.PROT_READ)
+own = open("/media/seed.txt", "w")
 def fd_state(fd):
     try:
         os.fstat(fd)
@@ -765,20 +765,21 @@ def writes(path):
         return errno.errorcode[e.errno]
 for line in sys.stdin:
     kept.seek(0)
-    fresh = open("/data/table.txt").read()
-    tmp = os.statvfs("/scratch")
-    with open("/scratch/mine.txt", "w") as f:
+    fresh = open("/mnt/table.txt").read()
+    tmp = os.statvfs("/media")
+    with open("/media/mine.txt", "w") as f:
         f.write(line)
     print(json.dumps({
-        "kept": kept.read(), "fresh": fresh, "motd": open("/etc/mitosis-motd").read(),
-        "scratch_bytes": tmp.f_blocks * tmp.f_frsize, "scratch_kept": open("/scratch/mine.txt").read(),
-        "data_write": writes("/data/new.txt"), "scratch_mode": oct(os.stat("/scratch").st_mode & 0o7777),
+        "kept": kept.read(), "fresh": fresh, "motd": open("/etc/motd").read(),
+        "scratch_bytes": tmp.f_blocks * tmp.f_frsize, "scratch_kept": open("/media/mine.txt").read(),
+        "data_write": writes("/mnt/new.txt"), "scratch_mode": oct(os.stat("/media").st_mode & 0o7777),
         "mapped": mapped[:].decode(), "own_file": fd_state(own.fileno()),
     }), flush=True)
 "#;
 
 /// A bundle's own mounts (a read-only bind of a host directory, a bind of a host file, a
-/// tmpfs with its options) are made in its seed's container and in every child's; a file the
+/// tmpfs with its options; over paths the rootfs has, which a test must not add to the
+/// shared rootfs) are made in its seed's container and in every child's; a file the
 /// seed kept open or mapped from a bind reads the same in its children, and one it kept open
 /// in its own tmpfs, which its children do not share, is closed in them.
 #[test]
@@ -790,11 +791,11 @@ fn a_bundles_bind_and_tmpfs_mounts_are_in_its_childrens_containers() {
     std::fs::write(scratch.0.join("motd"), "hello from the host\n").unwrap();
     let dir = bundle(&scratch, &["python3", "-c", OWN_MOUNTS], LIMITS);
     let mounts = serde_json::json!([
-        {"destination": "/data", "type": "bind", "source": data,
+        {"destination": "/mnt", "type": "bind", "source": data,
          "options": ["rbind", "ro", "nosuid", "nodev"]},
-        {"destination": "/etc/mitosis-motd", "type": "none", "source": "../motd",
+        {"destination": "/etc/motd", "type": "none", "source": "../motd",
          "options": ["bind", "ro"]},
-        {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs",
+        {"destination": "/media", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "size=4m", "mode=1777"]},
     ]);
     let config = std::fs::read_to_string(dir.join("config.json"))
