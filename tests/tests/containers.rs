@@ -837,12 +837,13 @@ for n, line in enumerate(sys.stdin):
         "inet6": outcome(lambda: socket.socket(socket.AF_INET6).close()),
         "inet": outcome(lambda: socket.socket(socket.AF_INET).close()),
         "seccomp": status["Seccomp"].strip(), "filters": status["Seccomp_filters"].strip(),
+        "cap_eff": status["CapEff"].strip(), "cap_bnd": status["CapBnd"].strip(),
     }), flush=True)
 "#;
 
 /// A bundle's seccomp profile (linux.seccomp, compiled with libseccomp) confines its seed and
 /// every child: a call it refuses fails with its errno, a rule on an argument refuses only
-/// what matches, and what it allows works.
+/// what matches, and what it allows works. A config that lists no capabilities gets none.
 #[test]
 fn a_bundles_seccomp_profile_confines_its_children() {
     let scratch = Scratch::new("ct-seccomp");
@@ -866,6 +867,8 @@ fn a_bundles_seccomp_profile_confines_its_children() {
     let want = serde_json::json!({
         "mkdir": "EACCES", "inet6": "EAFNOSUPPORT", "inet": "ok",
         "seccomp": "2", "filters": "1",
+        // No capabilities listed: none, as runc gives, though the process is root.
+        "cap_eff": "0000000000000000", "cap_bnd": "0000000000000000",
     });
     let tb = testbed(2);
     let handle = prepare_bundle(&tb, 0, &dir);

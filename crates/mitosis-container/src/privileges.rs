@@ -35,9 +35,9 @@ pub struct Rlimit {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Privileges {
-    /// As the config lists them; none listed leaves the process the capabilities its ids
-    /// give it.
-    pub capabilities: Option<CapSets>,
+    /// As the config lists them; none listed is every set empty, as runc reads it (even
+    /// root's process then has no capability).
+    pub capabilities: CapSets,
     pub rlimits: Vec<Rlimit>,
     pub no_new_privileges: bool,
 }
@@ -91,8 +91,8 @@ impl Privileges {
             });
         }
         let capabilities = match process.capabilities() {
-            Some(c) => Some(cap_sets(c)?),
-            None => None,
+            Some(c) => cap_sets(c)?,
+            None => CapSets::default(),
         };
         Ok(Privileges {
             capabilities,
@@ -116,9 +116,7 @@ impl Privileges {
                 return Err(format!("setrlimit {}: {e}", r.resource));
             }
         }
-        let Some(sets) = &self.capabilities else {
-            return Ok(());
-        };
+        let sets = &self.capabilities;
         for cap in caps::all() {
             if sets.bounding & (1 << cap.index()) == 0 {
                 caps::drop(None, CapSet::Bounding, cap)
@@ -130,24 +128,23 @@ impl Privileges {
 
     /// The part after the ids: the capability sets, the ambient ones, `no_new_privs`.
     pub fn apply_after_ids(&self) -> Result<(), String> {
-        if let Some(sets) = &self.capabilities {
-            // Each change is checked against the sets as they are: effective must stay within
-            // permitted, inheritable within what was permitted; so permitted shrinks last.
-            for (set, mask) in [
-                (CapSet::Effective, sets.effective),
-                (CapSet::Inheritable, sets.inheritable),
-                (CapSet::Permitted, sets.permitted),
-            ] {
-                caps::set(None, set, &of_mask(mask))
-                    .map_err(|e| format!("setting the {set:?} capabilities: {e}"))?;
-            }
-            // The kernel raises an ambient capability only if it is permitted and inheritable
-            // too: `runc spec` lists ambient ones it does not make inheritable, and runc goes
-            // on without them, as here.
-            for cap in of_mask(sets.ambient & sets.inheritable & sets.permitted) {
-                caps::raise(None, CapSet::Ambient, cap)
-                    .map_err(|e| format!("raising ambient {cap}: {e}"))?;
-            }
+        let sets = &self.capabilities;
+        // Each change is checked against the sets as they are: effective must stay within
+        // permitted, inheritable within what was permitted; so permitted shrinks last.
+        for (set, mask) in [
+            (CapSet::Effective, sets.effective),
+            (CapSet::Inheritable, sets.inheritable),
+            (CapSet::Permitted, sets.permitted),
+        ] {
+            caps::set(None, set, &of_mask(mask))
+                .map_err(|e| format!("setting the {set:?} capabilities: {e}"))?;
+        }
+        // The kernel raises an ambient capability only if it is permitted and inheritable
+        // too: `runc spec` lists ambient ones it does not make inheritable, and runc goes
+        // on without them, as here.
+        for cap in of_mask(sets.ambient & sets.inheritable & sets.permitted) {
+            caps::raise(None, CapSet::Ambient, cap)
+                .map_err(|e| format!("raising ambient {cap}: {e}"))?;
         }
         if self.no_new_privileges {
             // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integer arguments only.
@@ -210,7 +207,7 @@ mod tests {
                 "noNewPrivileges": true"#,
         ))
         .unwrap();
-        let sets = p.capabilities.unwrap();
+        let sets = p.capabilities;
         assert_eq!(
             sets.bounding,
             1 << 5 | 1 << 10,
@@ -226,6 +223,7 @@ mod tests {
             }]
         );
         assert!(p.no_new_privileges);
+        // None listed: none at all, as runc gives.
         assert_eq!(
             Privileges::of(&process(r#""env": []"#)).unwrap(),
             Privileges::default()

@@ -477,8 +477,8 @@ mod tests {
         let p = b.expect(&text).privileges;
         assert!(p.no_new_privileges);
         assert_eq!(
-            p.capabilities.map(|c| (c.bounding, c.permitted)),
-            Some((32, 32))
+            (p.capabilities.bounding, p.capabilities.permitted),
+            (32, 32)
         );
         assert_eq!(p.rlimits.len(), 1);
         fs::remove_dir_all(dir).unwrap();
