@@ -820,6 +820,51 @@ fn a_bundles_bind_and_tmpfs_mounts_are_in_its_childrens_containers() {
     );
 }
 
+/// Makes device nodes where a container may write, and opens them.
+const DEVICE_NODES: &str = r#"
+import errno, json, os, stat, sys
+def opens(path):
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+        return "ok"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+for n, line in enumerate(sys.stdin):
+    made = {}
+    for d in ("/dev", "/tmp", "/dev/shm"):
+        node = f"{d}/null-{os.getpid()}-{n}"
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        made[d] = opens(node)
+        os.unlink(node)
+    print(json.dumps({"made": made, "dev_null": opens("/dev/null")}), flush=True)
+"#;
+
+/// With CAP_MKNOD, a container's process still opens no device node it made: there is no
+/// device cgroup, so every filesystem it can write is nodev (only the standard nodes, bound
+/// from the host, open).
+#[test]
+fn device_nodes_a_container_makes_do_not_open() {
+    let scratch = Scratch::new("ct-nodev");
+    let dir = bundle(&scratch, &["python3", "-c", DEVICE_NODES], LIMITS);
+    let caps = r#""capabilities": {"bounding": ["CAP_MKNOD"], "effective": ["CAP_MKNOD"],
+                   "permitted": ["CAP_MKNOD"]},"#;
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace(
+            r#""cwd": "/opt/mitosis","#,
+            &format!(r#""cwd": "/opt/mitosis", {caps}"#),
+        );
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let want = serde_json::json!({
+        "made": {"/dev": "EACCES", "/tmp": "EACCES", "/dev/shm": "EACCES"},
+        "dev_null": "ok",
+    });
+    let tb = testbed(2);
+    let handle = prepare_bundle(&tb, 0, &dir);
+    children_answer(&tb, &handle, "?\n", &want);
+    teardown(tb);
+}
+
 /// What the bundle's seccomp profile lets through: mkdir, IPv6 and IPv4 sockets, and the
 /// filter count the kernel shows.
 const SECCOMP_PROBE: &str = r#"

@@ -200,16 +200,13 @@ fn set_up(c: &InitConfig) -> Result<(), InitError> {
             .map_err(step(format!("making {path} read-only")))?;
         }
     }
+    // No device node in the rootfs opens (there is no device cgroup: a process given
+    // CAP_MKNOD could otherwise make and open the host's disks); /dev's own are bound.
+    let mut root_flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NODEV;
     if c.readonly {
-        mount(
-            none,
-            "/",
-            none,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            none,
-        )
-        .map_err(step("making the rootfs read-only"))?;
+        root_flags |= MsFlags::MS_RDONLY;
     }
+    mount(none, "/", none, root_flags, none).map_err(step("remounting the rootfs nodev"))?;
     if let Some(name) = &c.hostname {
         sethostname(name).map_err(step("setting the hostname"))?;
     }
@@ -279,11 +276,13 @@ fn mask(path: &str) -> Result<(), InitError> {
 /// A /dev with the usual character devices, bound from the host's, and the usual links.
 fn make_dev(dev: &Path) -> Result<(), InitError> {
     let none: Option<&str> = None;
+    // nodev: the standard nodes are bind mounts of the host's, with their own flags; a node
+    // made here does not open.
     mount(
         Some("tmpfs"),
         dev,
         Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV,
         Some("mode=755,size=64k"),
     )
     .map_err(step("mounting /dev"))?;
