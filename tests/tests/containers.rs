@@ -865,6 +865,39 @@ fn device_nodes_a_container_makes_do_not_open() {
     teardown(tb);
 }
 
+/// Maps a file of its container's /dev/shm shared, as POSIX shared memory is, and keeps it
+/// open; asked, reads the mapping, writes through the descriptor and reads the mapping again.
+const SHM_MAPPING: &str = r#"
+import errno, json, mmap, os, sys
+fd = os.open("/dev/shm/table", os.O_CREAT | os.O_RDWR, 0o600)
+os.ftruncate(fd, 4096)
+m = mmap.mmap(fd, 4096, mmap.MAP_SHARED)
+m[:6] = b"prices"
+for line in sys.stdin:
+    try:
+        os.fstat(fd)
+        kept = "open"
+    except OSError as e:
+        kept = errno.errorcode[e.errno]
+    before = m[:6].decode()
+    os.pwrite(fd, b"child!", 0)
+    print(json.dumps({"mapped": before, "fd": kept, "after_write": m[:6].decode()}), flush=True)
+"#;
+
+/// POSIX shared memory (a file in the container's own /dev/shm, which children do not share)
+/// comes to each child as a memfd with the seed's content: its descriptor and its mapping
+/// are one object there, and a child's writes stay its own (the next child reads the seed's).
+#[test]
+fn posix_shared_memory_comes_to_container_children_as_a_memfd_with_its_content() {
+    let scratch = Scratch::new("ct-shm");
+    let dir = bundle(&scratch, &["python3", "-c", SHM_MAPPING], LIMITS);
+    let want = serde_json::json!({"mapped": "prices", "fd": "open", "after_write": "child!"});
+    let tb = testbed(2);
+    let handle = prepare_bundle(&tb, 0, &dir);
+    children_answer(&tb, &handle, "?\n", &want);
+    teardown(tb);
+}
+
 /// What the bundle's seccomp profile lets through: mkdir, IPv6 and IPv4 sockets, and the
 /// filter count the kernel shows.
 const SECCOMP_PROBE: &str = r#"

@@ -716,11 +716,13 @@ fn describe_vma(
     let pages = ((m.end - m.start) / PAGE_SIZE) as usize;
     let prot =
         (m.read as u8 * PROT_READ) | (m.write as u8 * PROT_WRITE) | (m.exec as u8 * PROT_EXEC);
-    // Shared memory without a real file (MAP_SHARED|MAP_ANONYMOUS, SysV, memfd) is carried as
-    // anonymous memory with its content.
+    // Shared memory without a real file (MAP_SHARED|MAP_ANONYMOUS, SysV, memfd, POSIX shared
+    // memory in /dev/shm, which no other host has) is carried as anonymous memory with its
+    // content.
     let is_shmem = m.name.starts_with("/dev/zero")
         || m.name.starts_with("/SYSV")
-        || m.name.starts_with("/memfd:");
+        || m.name.starts_with("/memfd:")
+        || m.name.starts_with("/dev/shm/");
     let file_backed = m.inode != 0 && m.name.starts_with('/') && !is_shmem;
     if file_backed && m.name.starts_with("/dev/") {
         return Err(PrepareError::Unsupported {

@@ -105,7 +105,11 @@ pub fn capture(pid: i32, pidfd: &OwnedFd) -> Fds {
             sockets.entry(ino).or_default().push(e);
         } else if t == "anon_inode:[timerfd]" || t == "anon_inode:[signalfd]" {
             timers.push(e);
-        } else if t.starts_with("/memfd:") || t.ends_with(" (deleted)") {
+        } else if t.starts_with("/memfd:")
+            || t.ends_with(" (deleted)")
+            // POSIX shared memory: a file of the host's (or container's) own tmpfs.
+            || t.starts_with("/dev/shm/")
+        {
             match memfiles::kind(pidfd, &e) {
                 Ok(memfiles::Kind::File(dev, ino)) => {
                     mem_files.entry((dev, ino)).or_insert_with(Vec::new).push(e)
