@@ -8,9 +8,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use mitosis_descriptor::{
-    AltStack, Backing, ContainerRef, Descriptor, DroppedFd, EpollWatch, FdRef, FileIdentity,
-    Handle, KEY_LEN, KernelObject, MmFields, OpenFile, PageSet, ProcessState, REGS_WORDS, Rlimit,
-    RobustList, Rseq, SigAction, SocketEnd, Thread, Vdso, Vma,
+    AltStack, Backing, ContainerFile, ContainerFileKind, ContainerRef, Descriptor, DroppedFd,
+    EpollWatch, FdRef, FileIdentity, Handle, KEY_LEN, KernelObject, MmFields, OpenFile, PageSet,
+    ProcessState, REGS_WORDS, Rlimit, RobustList, Rseq, SigAction, SocketEnd, Thread, TmpfsContent,
+    Vdso, Vma,
 };
 use mitosis_transport::control::{self, Event, FaultStats, PrepareStats, ResumeStats};
 use mitosis_transport::frame;
@@ -753,6 +754,32 @@ fn runtime_descriptor() -> Descriptor {
         container: Some(ContainerRef {
             bundle: "/var/lib/mitosis/bundles/python".into(),
             digest: [0xc4; 32],
+            tmpfs: vec![TmpfsContent {
+                mount: "tmp".into(),
+                files: vec![
+                    ContainerFile {
+                        path: "cache".into(),
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                        kind: ContainerFileKind::Dir,
+                    },
+                    ContainerFile {
+                        path: "cache/model.txt".into(),
+                        mode: 0o644,
+                        uid: 1000,
+                        gid: 1000,
+                        kind: ContainerFileKind::File(b"weights".to_vec()),
+                    },
+                    ContainerFile {
+                        path: "latest".into(),
+                        mode: 0o777,
+                        uid: 0,
+                        gid: 0,
+                        kind: ContainerFileKind::Symlink("cache/model.txt".into()),
+                    },
+                ],
+            }],
         }),
     }
 }

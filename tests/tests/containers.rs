@@ -898,6 +898,60 @@ fn posix_shared_memory_comes_to_container_children_as_a_memfd_with_its_content()
     teardown(tb);
 }
 
+/// Writes a cache into /tmp, a segment name into /dev/shm and a file into the bundle's own
+/// tmpfs while it warms up; asked, reads them, then writes its own file in /tmp.
+const TMPFS_WRITER: &str = r#"
+import json, os, sys
+os.makedirs("/tmp/cache/deep")
+with open("/tmp/cache/model.txt", "w") as f:
+    f.write("weights v1")
+os.chmod("/tmp/cache/model.txt", 0o640)
+os.symlink("cache/model.txt", "/tmp/latest")
+with open("/dev/shm/segment", "wb") as f:
+    f.write(b"shared")
+with open("/media/notes", "w") as f:
+    f.write("seed notes")
+for n, line in enumerate(sys.stdin):
+    print(json.dumps({
+        "model": open("/tmp/latest").read(),
+        "mode": oct(os.stat("/tmp/cache/model.txt").st_mode & 0o777),
+        "deep": os.path.isdir("/tmp/cache/deep"),
+        "segment": open("/dev/shm/segment", "rb").read().decode(),
+        "notes": open("/media/notes").read(),
+        "others": sorted(os.listdir("/tmp")),
+    }), flush=True)
+    with open(f"/tmp/child-{os.getpid()}", "w") as f:
+        f.write("mine")
+"#;
+
+/// A child's container starts with what its seed's container held in its own tmpfs mounts
+/// (/tmp, /dev/shm, the bundle's) when it was prepared: files, modes, directories and
+/// symlinks; what one child writes there its siblings do not see.
+#[test]
+fn a_container_childs_tmpfs_starts_with_what_its_seed_wrote() {
+    let scratch = Scratch::new("ct-tmpfs");
+    let dir = bundle(&scratch, &["python3", "-c", TMPFS_WRITER], LIMITS);
+    let media =
+        r#"{"destination": "/media", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]}"#;
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace(
+            r#""hostname": "fn","#,
+            &format!(r#""hostname": "fn", "mounts": [{media}],"#),
+        );
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let want = serde_json::json!({
+        "model": "weights v1", "mode": "0o640", "deep": true, "segment": "shared",
+        "notes": "seed notes", "others": ["cache", "latest"],
+    });
+    let tb = testbed(2);
+    let handle = prepare_bundle(&tb, 0, &dir);
+    // Two children on each host: the second does not see the first's file.
+    children_answer(&tb, &handle, "?\n", &want);
+    children_answer(&tb, &handle, "?\n", &want);
+    teardown(tb);
+}
+
 /// What the bundle's seccomp profile lets through: mkdir, IPv6 and IPv4 sockets, and the
 /// filter count the kernel shows.
 const SECCOMP_PROBE: &str = r#"

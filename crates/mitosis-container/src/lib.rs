@@ -16,6 +16,7 @@ pub mod privileges;
 pub mod seccomp;
 pub mod seed;
 pub mod spec;
+pub mod tmpfs;
 
 pub use container::{Container, ContainerError, Contents};
 pub use spec::{Bundle, BundleError};

@@ -108,6 +108,17 @@ impl ListedMount {
 }
 
 impl Bundle {
+    /// Where its containers have tmpfs mounts of their own, relative to their root: the
+    /// standard /tmp and /dev/shm, and its own.
+    pub fn tmpfs_mounts(&self) -> Vec<String> {
+        let own = self.mounts.iter().filter(|m| m.kind == MountKind::Tmpfs);
+        ["/tmp", "/dev/shm"]
+            .into_iter()
+            .chain(own.map(|m| m.destination.as_str()))
+            .map(|d| d.trim_start_matches('/').to_owned())
+            .collect()
+    }
+
     /// Its bind mounts: (where in the container, the host path bound there), in order.
     pub fn binds(&self) -> Vec<(String, PathBuf)> {
         self.mounts

@@ -11,7 +11,7 @@ use crate::{Backing, Descriptor, KernelObject, REGS_WORDS, SocketEnd};
 
 pub const MAGIC: &[u8; 4] = b"MTSD";
 /// Bumped whenever the payload's shape changes.
-pub const VERSION: u16 = 8;
+pub const VERSION: u16 = 9;
 pub const HEADER_LEN: usize = 16;
 /// Far above any real seed (~12 bytes per resident page), small enough to refuse garbage.
 pub const MAX_PAYLOAD: usize = 64 << 20;
@@ -27,6 +27,9 @@ pub const MAX_PIPE_SIZE: usize = 1 << 20;
 pub const MAX_MEM_FILE: usize = 16 << 20;
 /// What all of a seed's memfds and deleted files may hold together.
 pub const MAX_MEM_FILES: usize = 32 << 20;
+/// What a container seed's tmpfs mounts may hold to be carried: bytes, and entries.
+pub const MAX_CONTAINER_FILES_BYTES: usize = 8 << 20;
+pub const MAX_CONTAINER_FILES: usize = 4096;
 /// What a child can queue at one end of a socketpair without blocking (well below the default
 /// socket buffer).
 pub const MAX_SOCKET_QUEUE: usize = 65536;
@@ -112,6 +115,9 @@ pub fn decode(bytes: &[u8]) -> Result<Descriptor, DecodeError> {
 fn validate(d: &Descriptor) -> Result<(), DecodeError> {
     use DecodeError::Invalid;
     validate_threads(d)?;
+    if let Some(c) = &d.container {
+        validate_tmpfs(&c.tmpfs)?;
+    }
     if d.auxv.len() % 2 != 0 || d.auxv.len() > 2 * 64 {
         return Err(Invalid("auxiliary vector is malformed"));
     }
@@ -224,6 +230,52 @@ fn validate_threads(d: &Descriptor) -> Result<(), DecodeError> {
     }
     if p.umask > 0o777 {
         return Err(Invalid("the umask is malformed"));
+    }
+    Ok(())
+}
+
+/// A container's tmpfs contents: within the bounds, plain relative paths (no `..`, no empty
+/// or `.` component: a child's files land where they say and nowhere else), each entry's
+/// directory listed before it, permission bits only.
+fn validate_tmpfs(tmpfs: &[crate::TmpfsContent]) -> Result<(), DecodeError> {
+    use crate::ContainerFileKind;
+    let bad = || DecodeError::Invalid("a container's tmpfs content is malformed");
+    let plain = |p: &str| {
+        !p.is_empty()
+            && p.split('/')
+                .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains('\0'))
+    };
+    let (mut count, mut bytes) = (0usize, 0usize);
+    for t in tmpfs {
+        if !plain(&t.mount) {
+            return Err(bad());
+        }
+        let mut dirs: BTreeSet<&str> = BTreeSet::new();
+        for f in &t.files {
+            count += 1;
+            bytes += match &f.kind {
+                ContainerFileKind::File(content) => content.len(),
+                ContainerFileKind::Symlink(target) => target.len(),
+                ContainerFileKind::Dir => 0,
+            };
+            let parent_listed = f
+                .path
+                .rsplit_once('/')
+                .is_none_or(|(parent, _)| dirs.contains(parent));
+            let target_ok = match &f.kind {
+                ContainerFileKind::Symlink(t) => !t.is_empty() && !t.contains('\0'),
+                _ => true,
+            };
+            if !plain(&f.path) || !parent_listed || !target_ok || f.mode & !0o7777 != 0 {
+                return Err(bad());
+            }
+            if f.kind == ContainerFileKind::Dir {
+                dirs.insert(&f.path);
+            }
+        }
+    }
+    if count > MAX_CONTAINER_FILES || bytes > MAX_CONTAINER_FILES_BYTES {
+        return Err(bad());
     }
     Ok(())
 }
@@ -525,8 +577,8 @@ mod tests {
     #[test]
     fn other_versions_are_refused() {
         let mut b = encode(&sample());
-        b[4] = 9;
-        assert_eq!(decode(&b), Err(DecodeError::Version(9)));
+        b[4] = 8;
+        assert_eq!(decode(&b), Err(DecodeError::Version(8)));
     }
 
     #[test]
@@ -537,6 +589,50 @@ mod tests {
             decode(&encode(&d)),
             Err(DecodeError::Invalid("mappings overlap or are unsorted"))
         );
+    }
+
+    #[test]
+    fn a_containers_tmpfs_paths_stay_within_their_mount() {
+        use crate::{ContainerFile, ContainerFileKind, ContainerRef, TmpfsContent};
+        let entry = |path: &str, kind: ContainerFileKind| ContainerFile {
+            path: path.into(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            kind,
+        };
+        let with = |mount: &str, files: Vec<ContainerFile>| {
+            let mut d = sample();
+            d.container = Some(ContainerRef {
+                bundle: "/b".into(),
+                digest: [0; 32],
+                tmpfs: vec![TmpfsContent {
+                    mount: mount.into(),
+                    files,
+                }],
+            });
+            decode(&encode(&d))
+        };
+        let file = || ContainerFileKind::File(b"x".to_vec());
+        let dir = || ContainerFileKind::Dir;
+        assert!(with("tmp", vec![entry("d", dir()), entry("d/f", file())]).is_ok());
+        let malformed = Err(DecodeError::Invalid(
+            "a container's tmpfs content is malformed",
+        ));
+        for (mount, files) in [
+            ("tmp", vec![entry("../etc/passwd", file())]),
+            ("tmp", vec![entry("d/f", file())]),
+            ("tmp", vec![entry("f", file()), entry("f/g", file())]),
+            ("tmp", vec![entry("a//b", file())]),
+            ("/tmp", vec![entry("f", file())]),
+            ("tmp/..", vec![entry("f", file())]),
+            (
+                "tmp",
+                vec![entry("l", ContainerFileKind::Symlink(String::new()))],
+            ),
+        ] {
+            assert_eq!(with(mount, files.clone()), malformed, "{mount} {files:?}");
+        }
     }
 
     /// Socket kinds as the kernel numbers them.

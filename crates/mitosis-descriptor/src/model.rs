@@ -42,6 +42,37 @@ pub struct ContainerRef {
     pub bundle: String,
     /// BLAKE3 of the bundle's config.json.
     pub digest: [u8; 32],
+    /// What the seed's container held in its own tmpfs mounts (/tmp, /dev/shm, the bundle's)
+    /// when it was prepared: each child's container starts with it.
+    pub tmpfs: Vec<TmpfsContent>,
+}
+
+/// One tmpfs mount of a container and what it held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TmpfsContent {
+    /// Where it is mounted, relative to the container's root (`tmp`, `dev/shm`).
+    pub mount: String,
+    /// Its entries, each directory before what it holds.
+    pub files: Vec<ContainerFile>,
+}
+
+/// One entry of a container's tmpfs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerFile {
+    /// Relative to its mount (`cache/model.bin`): plain components only.
+    pub path: String,
+    /// Permission bits (with setuid, setgid and sticky).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub kind: ContainerFileKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContainerFileKind {
+    Dir,
+    File(Vec<u8>),
+    Symlink(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

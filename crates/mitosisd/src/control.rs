@@ -283,6 +283,7 @@ async fn prepare_bundle(
         bundle: ContainerRef {
             bundle: bundle.dir.to_string_lossy().into_owned(),
             digest: bundle.digest,
+            tmpfs: Vec::new(),
         },
         warm_us: started.elapsed().as_micros() as u64,
     };
@@ -371,6 +372,26 @@ async fn prepare_with_id(
         tracer.run(move || twin.release(insn)).await;
         return Err(e);
     }
+    // What its container holds in its own tmpfs mounts, for its children's containers.
+    let container_ref = from
+        .as_ref()
+        .map(|f| f.bundle.clone())
+        .or_else(|| in_container.clone());
+    let tmpfs = match &container_ref {
+        None => Ok(Vec::new()),
+        Some(r) => container_tmpfs(daemon, pid, r).await,
+    };
+    let tmpfs = match tmpfs {
+        Ok(t) => t,
+        Err(e) => {
+            let (twin, insn) = (prepared.twin, prepared.syscall_insn);
+            tracer.run(move || twin.release(insn)).await;
+            if let Some(from) = from {
+                destroy_seed_container(from.container).await;
+            }
+            return Err(e);
+        }
+    };
     let adopted = match &in_container {
         Some(bundle) => match daemon.child_containers.adopt(pid) {
             Some(container) => Some((SeedContainer::adopt(container, pid), bundle.clone())),
@@ -390,7 +411,8 @@ async fn prepare_with_id(
     prepared.descriptor.container = from
         .as_ref()
         .map(|f| f.bundle.clone())
-        .or_else(|| adopted.as_ref().map(|(_, bundle)| bundle.clone()));
+        .or_else(|| adopted.as_ref().map(|(_, bundle)| bundle.clone()))
+        .map(|r| ContainerRef { tmpfs, ..r });
     if let Some(bundle) = (prepared.descriptor.container.as_ref())
         .and_then(|r| daemon.containers().ok()?.bundle_of(r).ok())
     {
@@ -563,6 +585,23 @@ pub async fn release(daemon: &Daemon, seed: &Seed) {
     if let Some(container) = container {
         destroy_seed_container(container).await;
     }
+}
+
+/// Reads the tmpfs mounts of `pid`'s container (of bundle `r`), off the async threads.
+async fn container_tmpfs(
+    daemon: &Daemon,
+    pid: i32,
+    r: &ContainerRef,
+) -> Result<Vec<mitosis_descriptor::TmpfsContent>, PrepareFailed> {
+    let containers = daemon.containers().map_err(PrepareFailed::Containers)?;
+    let bundle = containers.bundle_of(r).map_err(PrepareFailed::Containers)?;
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    tokio::task::spawn_blocking(move || {
+        mitosis_container::tmpfs::capture(&root, &bundle.tmpfs_mounts())
+    })
+    .await
+    .map_err(|e| PrepareFailed::Containers(e.to_string()))?
+    .map_err(|e| PrepareFailed::Containers(format!("pid {pid}'s container's tmpfs: {e}")))
 }
 
 async fn destroy_seed_container(c: SeedContainer) {

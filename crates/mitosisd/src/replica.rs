@@ -1,12 +1,14 @@
 //! Making a seed's replica on this host, and forking children from it.
 
 use std::os::fd::{OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mitosis_container::{Bundle, Container};
+use mitosis_descriptor::TmpfsContent;
 use mitosis_fork::PageSource;
 use mitosis_fork::fault;
 use mitosis_fork::pending::PendingMap;
@@ -45,6 +47,8 @@ pub struct Entry {
     tracer: Tracer,
     /// The bundle of a containerized seed: each child joins a container of it.
     pub bundle: Option<Arc<Bundle>>,
+    /// What the seed's container held in its tmpfs mounts: each child's starts with it.
+    tmpfs: Arc<Vec<TmpfsContent>>,
 }
 
 impl Entry {
@@ -230,6 +234,7 @@ pub async fn build(
         filling: Default::default(),
         watcher,
         bundle: made.bundle,
+        tmpfs: made.tmpfs,
         tracer: made.tracer,
     })
 }
@@ -238,6 +243,7 @@ pub async fn build(
 struct Made {
     plan_us: u64,
     bundle: Option<Arc<Bundle>>,
+    tmpfs: Arc<Vec<TmpfsContent>>,
     shared_pending: PendingMap,
     shared_ranges: Vec<(u64, u64)>,
     overlay: Vec<Run>,
@@ -267,6 +273,12 @@ async fn make(
         None => None,
     };
     let binds = bundle.as_ref().map(|b| b.binds()).unwrap_or_default();
+    let tmpfs = Arc::new(
+        desc.container
+            .as_ref()
+            .map(|c| c.tmpfs.clone())
+            .unwrap_or_default(),
+    );
     let root = bundle.as_ref().map(|b| restore::ContainerRoot {
         rootfs: &b.rootfs,
         binds: &binds,
@@ -305,6 +317,7 @@ async fn make(
         Made {
             plan_us,
             bundle,
+            tmpfs,
             shared_pending,
             shared_ranges,
             overlay,
@@ -351,6 +364,19 @@ pub async fn fork(
             {
                 pool.release(taken.container);
                 return Err(ForkFailed::Container(e.to_string()));
+            }
+            // The seed's tmpfs content, in the container's own view of its mounts.
+            if !entry.tmpfs.is_empty() {
+                let root = PathBuf::from(format!("/proc/{}/root", taken.container.init_pid()));
+                let tmpfs = entry.tmpfs.clone();
+                let written = tokio::task::block_in_place(|| {
+                    mitosis_container::tmpfs::restore(&root, &tmpfs)
+                });
+                if let Err(e) = written {
+                    pool.release(taken.container);
+                    let why = format!("giving the child its seed's tmpfs content: {e}");
+                    return Err(ForkFailed::Container(why));
+                }
             }
             stats.container_us = t0.elapsed().as_micros() as u64;
             stats.container_pooled = taken.pooled;

@@ -84,6 +84,8 @@ where
             let bundle = mitosis_descriptor::ContainerRef {
                 bundle: bundle.dir.to_string_lossy().into_owned(),
                 digest: bundle.digest,
+                // Read when it is prepared.
+                tmpfs: Vec::new(),
             };
             Some(daemon.child_containers.add(pid, c, bundle))
         }
