@@ -19,18 +19,20 @@ use mitosis_descriptor::{ContainerFile, ContainerFileKind, TmpfsContent};
 /// holds more than children can be given.
 pub fn capture(root: &Path, mounts: &[String]) -> Result<Vec<TmpfsContent>, String> {
     let mut budget = Budget::default();
-    mounts
-        .iter()
-        .map(|mount| {
-            let mut files = Vec::new();
-            walk(&root.join(mount), "", &mut files, &mut budget)
-                .map_err(|e| format!("/{mount}: {e}"))?;
-            Ok(TmpfsContent {
+    let mut held = Vec::new();
+    for mount in mounts {
+        let mut files = Vec::new();
+        walk(&root.join(mount), "", &mut files, &mut budget)
+            .map_err(|e| format!("/{mount}: {e}"))?;
+        // An empty one costs a child nothing.
+        if !files.is_empty() {
+            held.push(TmpfsContent {
                 mount: mount.clone(),
                 files,
-            })
-        })
-        .collect()
+            });
+        }
+    }
+    Ok(held)
 }
 
 #[derive(Default)]
