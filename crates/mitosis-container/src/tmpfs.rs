@@ -14,93 +14,122 @@ use std::path::Path;
 use mitosis_descriptor::codec::{MAX_CONTAINER_FILES, MAX_CONTAINER_FILES_BYTES};
 use mitosis_descriptor::{ContainerFile, ContainerFileKind, TmpfsContent};
 
-/// Reads the tmpfs `mounts` (relative paths) of the container whose root is `root` (sockets',
-/// FIFOs' and devices' nodes left out); an error names what could not be read, or that it
-/// holds more than children can be given.
-pub fn capture(root: &Path, mounts: &[String]) -> Result<Vec<TmpfsContent>, String> {
-    let mut budget = Budget::default();
-    let mut held = Vec::new();
+/// What [`capture`] read, and what it left out (a path and why: past the bounds, or gone
+/// while it was read).
+#[derive(Debug, Default)]
+pub struct Captured {
+    pub tmpfs: Vec<TmpfsContent>,
+    pub left_out: Vec<String>,
+}
+
+/// Reads the tmpfs `mounts` (relative paths) of the container whose root is `root`, within
+/// the descriptor's bounds: what does not fit is left out, not refused (a seed that
+/// downloaded a model there and loaded it has children that need its memory, not the file);
+/// sockets', FIFOs' and devices' nodes are left out silently (nothing of them would work).
+pub fn capture(root: &Path, mounts: &[String]) -> Captured {
+    let mut walk = Walk::default();
     for mount in mounts {
         let mut files = Vec::new();
-        walk(&root.join(mount), "", &mut files, &mut budget)
-            .map_err(|e| format!("/{mount}: {e}"))?;
+        walk.dir(&root.join(mount), mount, "", &mut files);
         // An empty one costs a child nothing.
         if !files.is_empty() {
-            held.push(TmpfsContent {
+            walk.got.tmpfs.push(TmpfsContent {
                 mount: mount.clone(),
                 files,
             });
         }
     }
-    Ok(held)
+    walk.got
 }
 
 #[derive(Default)]
-struct Budget {
+struct Walk {
     entries: usize,
     bytes: usize,
+    got: Captured,
 }
 
-fn walk(
-    dir: &Path,
-    prefix: &str,
-    out: &mut Vec<ContainerFile>,
-    b: &mut Budget,
-) -> Result<(), String> {
-    let mut entries: Vec<_> = fs::read_dir(dir)
-        .map_err(|e| e.to_string())?
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let path = if prefix.is_empty() {
-            name
-        } else {
-            format!("{prefix}/{name}")
+impl Walk {
+    fn dir(&mut self, dir: &Path, mount: &str, prefix: &str, out: &mut Vec<ContainerFile>) {
+        let mut left_out = |path: &str, why: String| {
+            self.got.left_out.push(format!("/{mount}/{path}: {why}"));
         };
-        let md = e.metadata().map_err(|e| format!("{path}: {e}"))?;
-        b.entries += 1;
-        if b.entries > MAX_CONTAINER_FILES {
-            return Err(format!("more than {MAX_CONTAINER_FILES} entries to carry"));
+        let entries = match fs::read_dir(dir).and_then(|d| d.collect::<Result<Vec<_>, _>>()) {
+            Ok(entries) => entries,
+            Err(e) => return left_out(prefix, e.to_string()),
+        };
+        let mut entries = entries;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let Some(kind) = self.kind(&e, &path, mount) else {
+                continue;
+            };
+            let Ok(md) = e.metadata() else { continue };
+            let is_dir = kind == ContainerFileKind::Dir;
+            out.push(ContainerFile {
+                path: path.clone(),
+                mode: md.mode() & 0o7777,
+                uid: md.uid(),
+                gid: md.gid(),
+                kind,
+            });
+            if is_dir {
+                self.dir(&e.path(), mount, &path, out);
+            }
+        }
+    }
+
+    /// What `e` is, if it is carried (its size counted against the bounds).
+    fn kind(&mut self, e: &fs::DirEntry, path: &str, mount: &str) -> Option<ContainerFileKind> {
+        let mut left_out = |why: String| {
+            self.got.left_out.push(format!("/{mount}/{path}: {why}"));
+            None
+        };
+        let md = match e.metadata() {
+            Ok(md) => md,
+            Err(err) => return left_out(err.to_string()),
+        };
+        if self.entries >= MAX_CONTAINER_FILES {
+            return left_out(format!("past {MAX_CONTAINER_FILES} entries"));
         }
         let ft = md.file_type();
         let kind = if ft.is_dir() {
             ContainerFileKind::Dir
         } else if ft.is_symlink() {
-            let target = fs::read_link(e.path()).map_err(|e| format!("{path}: {e}"))?;
-            ContainerFileKind::Symlink(target.to_string_lossy().into_owned())
+            match fs::read_link(e.path()) {
+                Ok(t) => ContainerFileKind::Symlink(t.to_string_lossy().into_owned()),
+                Err(err) => return left_out(err.to_string()),
+            }
         } else if ft.is_file() {
-            let over =
-                || format!("more than the {MAX_CONTAINER_FILES_BYTES} bytes children can be given");
-            if b.bytes + md.len() as usize > MAX_CONTAINER_FILES_BYTES {
-                return Err(over());
+            if self.bytes + md.len() as usize > MAX_CONTAINER_FILES_BYTES {
+                return left_out(format!("past {MAX_CONTAINER_FILES_BYTES} bytes"));
             }
-            // Counted as read: the file may have grown since its size was.
-            let content = fs::read(e.path()).map_err(|e| format!("{path}: {e}"))?;
-            b.bytes += content.len();
-            if b.bytes > MAX_CONTAINER_FILES_BYTES {
-                return Err(over());
+            match fs::read(e.path()) {
+                Ok(content) => ContainerFileKind::File(content),
+                Err(err) => return left_out(err.to_string()),
             }
-            ContainerFileKind::File(content)
         } else {
-            // A socket's or FIFO's node means nothing without its object, which stays with
-            // the seed; a device node would not open (nodev).
-            continue;
+            return None;
         };
-        let is_dir = kind == ContainerFileKind::Dir;
-        out.push(ContainerFile {
-            path: path.clone(),
-            mode: md.mode() & 0o7777,
-            uid: md.uid(),
-            gid: md.gid(),
-            kind,
-        });
-        if is_dir {
-            walk(&e.path(), &path, out, b)?;
+        // Counted as read: a file may have grown since its size was.
+        let size = match &kind {
+            ContainerFileKind::File(c) => c.len(),
+            ContainerFileKind::Symlink(t) => t.len(),
+            ContainerFileKind::Dir => 0,
+        };
+        if self.bytes + size > MAX_CONTAINER_FILES_BYTES {
+            return left_out(format!("past {MAX_CONTAINER_FILES_BYTES} bytes"));
         }
+        self.bytes += size;
+        self.entries += 1;
+        Some(kind)
     }
-    Ok(())
 }
 
 /// Writes `tmpfs` into the container whose root is `root` (a fresh one: every entry is new).
@@ -145,7 +174,7 @@ mod tests {
         )
         .unwrap();
         std::os::unix::fs::symlink("/etc/passwd", tmp.join("link")).unwrap();
-        let got = capture(from.path(), &["tmp".into()]).unwrap();
+        let got = capture(from.path(), &["tmp".into()]).tmpfs;
         let paths: Vec<&str> = got[0].files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -172,24 +201,34 @@ mod tests {
             fs::read_link(back.join("link")).unwrap(),
             Path::new("/etc/passwd")
         );
-        assert_eq!(capture(to.path(), &["tmp".into()]).unwrap(), got);
+        assert_eq!(capture(to.path(), &["tmp".into()]).tmpfs, got);
         // Written again over what is there: refused, never followed.
         assert!(restore(to.path(), &got).is_err());
     }
 
     #[test]
-    fn sockets_are_left_out_and_oversized_trees_refused() {
+    fn sockets_and_what_is_past_the_bounds_are_left_out() {
         let from = tempfile::tempdir().unwrap();
         let tmp = from.path().join("tmp");
         fs::create_dir(&tmp).unwrap();
         let _sock = std::os::unix::net::UnixListener::bind(tmp.join("s")).unwrap();
         fs::write(tmp.join("f"), "x").unwrap();
-        let got = capture(from.path(), &["tmp".into()]).unwrap();
-        let paths: Vec<&str> = got[0].files.iter().map(|f| f.path.as_str()).collect();
+        let got = capture(from.path(), &["tmp".into(), "gone".into()]);
+        let paths: Vec<&str> = got.tmpfs[0].files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["f"]);
-        let big = vec![0u8; MAX_CONTAINER_FILES_BYTES + 1];
-        fs::write(tmp.join("big"), big).unwrap();
-        let err = capture(from.path(), &["tmp".into()]).unwrap_err();
-        assert!(err.contains("bytes"), "{err}");
+        // A mount that is not there is said; nothing of it is carried.
+        assert_eq!(got.tmpfs.len(), 1);
+        assert_eq!(got.left_out.len(), 1, "{:?}", got.left_out);
+        // The big one is left out; the small ones around it still go.
+        fs::write(tmp.join("big"), vec![0u8; MAX_CONTAINER_FILES_BYTES + 1]).unwrap();
+        fs::write(tmp.join("g"), "y").unwrap();
+        let got = capture(from.path(), &["tmp".into()]);
+        let paths: Vec<&str> = got.tmpfs[0].files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["f", "g"]);
+        assert!(
+            got.left_out[0].contains("/tmp/big: past"),
+            "{:?}",
+            got.left_out
+        );
     }
 }

@@ -596,12 +596,20 @@ async fn container_tmpfs(
     let containers = daemon.containers().map_err(PrepareFailed::Containers)?;
     let bundle = containers.bundle_of(r).map_err(PrepareFailed::Containers)?;
     let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
-    tokio::task::spawn_blocking(move || {
+    let captured = tokio::task::spawn_blocking(move || {
         mitosis_container::tmpfs::capture(&root, &bundle.tmpfs_mounts())
     })
     .await
-    .map_err(|e| PrepareFailed::Containers(e.to_string()))?
-    .map_err(|e| PrepareFailed::Containers(format!("pid {pid}'s container's tmpfs: {e}")))
+    .map_err(|e| PrepareFailed::Containers(e.to_string()))?;
+    if let Some(first) = captured.left_out.first() {
+        tracing::warn!(
+            pid,
+            left_out = captured.left_out.len(),
+            first,
+            "children's containers start without part of the seed's tmpfs content"
+        );
+    }
+    Ok(captured.tmpfs)
 }
 
 async fn destroy_seed_container(c: SeedContainer) {
