@@ -22,7 +22,11 @@ const DEFAULT_ERRNO: u32 = libc::EPERM as u32;
 
 /// Compiles `profile` into a filter context, ready to load; errors name what is wrong.
 pub fn compile(profile: &LinuxSeccomp) -> Result<ScmpFilterContext, String> {
-    if profile.listener_path().is_some() {
+    if profile
+        .listener_path()
+        .as_ref()
+        .is_some_and(|p| !p.as_os_str().is_empty())
+    {
         return Err("linux.seccomp.listenerPath (user notification)".into());
     }
     let default = action(profile.default_action(), profile.default_errno_ret())?;
@@ -178,12 +182,20 @@ mod tests {
             !ctx.get_ctl_nnp().unwrap(),
             "no_new_privs is the config's to set"
         );
+        // An empty listener path, as some tools write it, is no listener.
+        let quiet = profile(r#"{"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": ""}"#);
+        assert!(compile(&quiet).is_ok());
     }
 
     #[test]
     fn notification_and_bad_arguments_are_refused() {
         for (json, want) in [
             (r#"{"defaultAction": "SCMP_ACT_NOTIFY"}"#, "SCMP_ACT_NOTIFY"),
+            (
+                r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["read"],
+                    "action": "SCMP_ACT_NOTIFY"}]}"#,
+                "SCMP_ACT_NOTIFY",
+            ),
             (
                 r#"{"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/run/l.sock"}"#,
                 "listenerPath",
