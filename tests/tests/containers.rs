@@ -952,6 +952,124 @@ fn a_container_childs_tmpfs_starts_with_what_its_seed_wrote() {
     teardown(tb);
 }
 
+/// What a podman-style config gives: a bound file and directory, a namespaced kernel
+/// parameter, a call its default-deny seccomp profile leaves out, and the capabilities.
+const PODMAN_PROBE: &str = r#"
+import errno, json, os, sys
+def outcome(f):
+    try:
+        f()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+for line in sys.stdin:
+    status = dict(l.split(":", 1) for l in open("/proc/self/status"))
+    print(json.dumps({
+        "resolv": open("/etc/resolv.conf").read(), "secret": open("/srv/token").read(),
+        "ping": open("/proc/sys/net/ipv4/ping_group_range").read().split(),
+        "getpriority": outcome(lambda: os.getpriority(os.PRIO_PROCESS, 0)),
+        "seccomp": status["Seccomp"].strip(), "cap_eff": status["CapEff"].strip(),
+        "umask": status["Umask"].strip(),
+    }), flush=True)
+"#;
+
+/// A config as podman writes one (its bind mounts, annotations, cgroups path, sysctl, rlimits,
+/// umask, and a default-deny seccomp profile allowing every call this kernel's headers name
+/// but one) runs in its seed and in children on both hosts.
+#[test]
+fn a_bundle_as_podman_writes_it_runs_in_its_children() {
+    let scratch = Scratch::new("ct-podman");
+    let dir = scratch.0.join("bundle");
+    std::fs::create_dir_all(scratch.0.join("secrets")).unwrap();
+    std::fs::write(scratch.0.join("secrets/token"), "s3cret").unwrap();
+    std::fs::write(scratch.0.join("resolv.conf"), "nameserver 10.0.0.53\n").unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    let header = std::fs::read_to_string("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
+        .expect("the kernel's syscall header (linux-libc-dev, with libc6-dev)");
+    let allowed: Vec<&str> = header
+        .lines()
+        .filter_map(|l| l.strip_prefix("#define __NR_")?.split_whitespace().next())
+        .filter(|name| *name != "getpriority")
+        .collect();
+    assert!(allowed.len() > 300, "{} syscalls", allowed.len());
+    let caps = [
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FOWNER",
+        "CAP_FSETID",
+        "CAP_KILL",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SETFCAP",
+        "CAP_SETGID",
+        "CAP_SETPCAP",
+        "CAP_SETUID",
+        "CAP_SYS_CHROOT",
+    ];
+    let bind = ["bind", "rprivate"];
+    let config = serde_json::json!({
+        "ociVersion": "1.1.0",
+        "process": {
+            "user": {"uid": 0, "gid": 0, "umask": 18, "additionalGids": [0]},
+            "args": ["python3", "-c", PODMAN_PROBE],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "container=podman", "HOME=/root"],
+            "cwd": "/",
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}],
+            "oomScoreAdj": 0
+        },
+        "root": {"path": ROOTFS, "readonly": true},
+        "hostname": "podmanfn",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620",
+                         "gid=5"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+             "options": ["rprivate", "nosuid", "noexec", "nodev", "relatime", "ro"]},
+            {"destination": "/dev/shm", "type": "bind",
+             "source": scratch.0.join("secrets"), "options": ["bind", "private", "nodev"]},
+            {"destination": "/etc/resolv.conf", "type": "bind",
+             "source": scratch.0.join("resolv.conf"), "options": bind},
+            {"destination": "/srv", "type": "bind", "source": scratch.0.join("secrets"),
+             "options": ["bind", "rprivate", "ro"]}
+        ],
+        "annotations": {"io.container.manager": "libpod",
+                        "org.opencontainers.image.stopSignal": "15"},
+        "linux": {
+            "sysctl": {"net.ipv4.ping_group_range": "0 0"},
+            "resources": {"pids": {"limit": 2048}},
+            "cgroupsPath": "machine.slice:libpod:fn",
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                           {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
+            "seccomp": {"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 38,
+                        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+                        "syscalls": [{"names": allowed, "action": "SCMP_ACT_ALLOW"}]},
+            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/sys/firmware"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                              "/proc/sysrq-trigger"]
+        }
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let want = serde_json::json!({
+        "resolv": "nameserver 10.0.0.53\n", "secret": "s3cret", "ping": ["0", "0"],
+        "getpriority": "ENOSYS", "seccomp": "2",
+        // The eleven capabilities podman gives.
+        "cap_eff": "00000000800405fb", "umask": "0022",
+    });
+    let tb = testbed(2);
+    let handle = prepare_bundle(&tb, 0, &dir);
+    children_answer(&tb, &handle, "?\n", &want);
+    teardown(tb);
+}
+
 /// What the bundle's seccomp profile lets through: mkdir, IPv6 and IPv4 sockets, and the
 /// filter count the kernel shows.
 const SECCOMP_PROBE: &str = r#"
