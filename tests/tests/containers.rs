@@ -39,6 +39,41 @@ fn bundle(scratch: &Scratch, args: &[&str], resources: &str) -> PathBuf {
     dir
 }
 
+/// Python a probe starts with: `outcome(f)` is "ok" if `f()` returns, else the name of the
+/// errno it raised.
+const OUTCOME: &str = r#"
+import errno
+def outcome(f):
+    try:
+        f()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+"#;
+
+fn with_outcome(probe: &str) -> String {
+    format!("{OUTCOME}{probe}")
+}
+
+/// Replaces `from` (which must be there) with `to` in the bundle's config.json.
+fn edit_config(dir: &Path, from: &str, to: &str) {
+    let path = dir.join("config.json");
+    let config = std::fs::read_to_string(&path).unwrap();
+    assert!(config.contains(from), "{from} is not in {config}");
+    std::fs::write(path, config.replace(from, to)).unwrap();
+}
+
+/// Prepares the bundle in `dir` on host 0; `rounds` times, a child on each host answers
+/// `input` with `want`.
+fn bundle_children_answer(dir: &Path, input: &str, want: &serde_json::Value, rounds: usize) {
+    let tb = testbed(2);
+    let handle = prepare_bundle(&tb, 0, dir);
+    for _ in 0..rounds {
+        children_answer(&tb, &handle, input, want);
+    }
+    teardown(tb);
+}
+
 fn probe_bundle(scratch: &Scratch, resources: &str) -> PathBuf {
     bundle(scratch, &["python3", "/opt/mitosis/probe_fn.py"], resources)
 }
@@ -254,12 +289,7 @@ fn bad_bundles_fail_before_anything_starts() {
     check(&dir, "not a valid OCI config");
 
     let dir = probe_bundle(&scratch, LIMITS);
-    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    std::fs::write(
-        dir.join("config.json"),
-        text.replace(ROOTFS, "/nonexistent/rootfs"),
-    )
-    .unwrap();
+    edit_config(&dir, ROOTFS, "/nonexistent/rootfs");
     check(&dir, "rootfs /nonexistent/rootfs is not a directory");
 
     let dir = probe_bundle(
@@ -700,11 +730,10 @@ for line in sys.stdin:
 fn a_bundles_process_settings_privileges_and_sysctls_reach_its_children() {
     let scratch = Scratch::new("ct-privs");
     let dir = bundle(&scratch, &["python3", "-c", PRIVILEGES], LIMITS);
-    let config = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace(
-            r#""user": {"uid": 0, "gid": 0}"#,
-            r#""user": {"uid": 1000, "gid": 1000, "additionalGids": [4, 100], "umask": 23},
+    edit_config(
+        &dir,
+        r#""user": {"uid": 0, "gid": 0}"#,
+        r#""user": {"uid": 1000, "gid": 1000, "additionalGids": [4, 100], "umask": 23},
                "noNewPrivileges": true, "oomScoreAdj": 200,
                "capabilities": {"bounding": ["CAP_KILL", "CAP_NET_BIND_SERVICE"],
                                 "permitted": ["CAP_NET_BIND_SERVICE"],
@@ -712,15 +741,15 @@ fn a_bundles_process_settings_privileges_and_sysctls_reach_its_children() {
                                 "effective": ["CAP_NET_BIND_SERVICE"],
                                 "ambient": ["CAP_NET_BIND_SERVICE"]},
                "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 256, "hard": 512}]"#,
-        )
-        // With no_new_privs the profile loads last, as the unprivileged user.
-        .replace(
-            r#""linux": {"#,
-            r#""linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+    );
+    // With no_new_privs the profile loads last, as the unprivileged user.
+    edit_config(
+        &dir,
+        r#""linux": {"#,
+        r#""linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
                 {"names": ["acct"], "action": "SCMP_ACT_ERRNO"}]},
                "sysctl": {"net.ipv4.ip_default_ttl": "42", "kernel.msgmax": "4096"},"#,
-        );
-    std::fs::write(dir.join("config.json"), config).unwrap();
+    );
     let want = serde_json::json!({
         "uid": 1000,
         "groups": [4, 100],
@@ -735,10 +764,7 @@ fn a_bundles_process_settings_privileges_and_sysctls_reach_its_children() {
         "nofile": [256, 512],
         "bound_80": true,
     });
-    let tb = testbed(2);
-    let handle = prepare_bundle(&tb, 0, &dir);
-    children_answer(&tb, &handle, "?\n", &want);
-    teardown(tb);
+    bundle_children_answer(&dir, "?\n", &want, 1);
 }
 
 /// Reads what the bundle's own mounts give: a file kept open since before the prepare, one
@@ -746,23 +772,10 @@ fn a_bundles_process_settings_privileges_and_sysctls_reach_its_children() {
 /// a tmpfs of its own with its size, and what writing to each does; and whether a file the
 /// seed kept open in its own tmpfs is open.
 const OWN_MOUNTS: &str = r#"
-import errno, json, mmap, os, sys
+import json, mmap, os, sys
 kept = open("/mnt/table.txt")
 mapped = mmap.mmap(os.open("/mnt/table.txt", os.O_RDONLY), 0, prot=mmap.PROT_READ)
 own = open("/media/seed.txt", "w")
-def fd_state(fd):
-    try:
-        os.fstat(fd)
-        return "open"
-    except OSError as e:
-        return errno.errorcode[e.errno]
-def writes(path):
-    try:
-        with open(path, "w") as f:
-            f.write("x")
-        return "ok"
-    except OSError as e:
-        return errno.errorcode[e.errno]
 for line in sys.stdin:
     kept.seek(0)
     fresh = open("/mnt/table.txt").read()
@@ -772,8 +785,8 @@ for line in sys.stdin:
     print(json.dumps({
         "kept": kept.read(), "fresh": fresh, "motd": open("/etc/motd").read(),
         "scratch_bytes": tmp.f_blocks * tmp.f_frsize, "scratch_kept": open("/media/mine.txt").read(),
-        "data_write": writes("/mnt/new.txt"), "scratch_mode": oct(os.stat("/media").st_mode & 0o7777),
-        "mapped": mapped[:].decode(), "own_file": fd_state(own.fileno()),
+        "data_write": outcome(lambda: open("/mnt/new.txt", "w").close()), "scratch_mode": oct(os.stat("/media").st_mode & 0o7777),
+        "mapped": mapped[:].decode(), "own_file": outcome(lambda: os.fstat(own.fileno())),
     }), flush=True)
 "#;
 
@@ -789,7 +802,11 @@ fn a_bundles_bind_and_tmpfs_mounts_are_in_its_childrens_containers() {
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("table.txt"), "ticker,price\n").unwrap();
     std::fs::write(scratch.0.join("motd"), "hello from the host\n").unwrap();
-    let dir = bundle(&scratch, &["python3", "-c", OWN_MOUNTS], LIMITS);
+    let dir = bundle(
+        &scratch,
+        &["python3", "-c", &with_outcome(OWN_MOUNTS)],
+        LIMITS,
+    );
     let mounts = serde_json::json!([
         {"destination": "/mnt", "type": "bind", "source": data,
          "options": ["rbind", "ro", "nosuid", "nodev"]},
@@ -798,22 +815,17 @@ fn a_bundles_bind_and_tmpfs_mounts_are_in_its_childrens_containers() {
         {"destination": "/media", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "size=4m", "mode=1777"]},
     ]);
-    let config = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace(
-            r#""hostname": "fn","#,
-            &format!(r#""hostname": "fn", "mounts": {mounts},"#),
-        );
-    std::fs::write(dir.join("config.json"), config).unwrap();
+    edit_config(
+        &dir,
+        r#""hostname": "fn","#,
+        &format!(r#""hostname": "fn", "mounts": {mounts},"#),
+    );
     let want = serde_json::json!({
         "kept": "ticker,price\n", "fresh": "ticker,price\n", "motd": "hello from the host\n",
         "scratch_bytes": 4 << 20, "scratch_kept": "q\n", "data_write": "EROFS",
         "scratch_mode": "0o1777", "mapped": "ticker,price\n", "own_file": "EBADF",
     });
-    let tb = testbed(2);
-    let handle = prepare_bundle(&tb, 0, &dir);
-    children_answer(&tb, &handle, "q\n", &want);
-    teardown(tb);
+    bundle_children_answer(&dir, "q\n", &want, 1);
     assert!(
         !data.join("new.txt").exists(),
         "a child wrote through a read-only bind"
@@ -822,13 +834,8 @@ fn a_bundles_bind_and_tmpfs_mounts_are_in_its_childrens_containers() {
 
 /// Makes device nodes where a container may write, and opens them.
 const DEVICE_NODES: &str = r#"
-import errno, json, os, stat, sys
-def opens(path):
-    try:
-        os.close(os.open(path, os.O_RDONLY))
-        return "ok"
-    except OSError as e:
-        return errno.errorcode[e.errno]
+import json, os, stat, sys
+opens = lambda path: outcome(lambda: os.close(os.open(path, os.O_RDONLY)))
 for n, line in enumerate(sys.stdin):
     made = {}
     for d in ("/dev", "/tmp", "/dev/shm"):
@@ -845,40 +852,35 @@ for n, line in enumerate(sys.stdin):
 #[test]
 fn device_nodes_a_container_makes_do_not_open() {
     let scratch = Scratch::new("ct-nodev");
-    let dir = bundle(&scratch, &["python3", "-c", DEVICE_NODES], LIMITS);
+    let dir = bundle(
+        &scratch,
+        &["python3", "-c", &with_outcome(DEVICE_NODES)],
+        LIMITS,
+    );
     let caps = r#""capabilities": {"bounding": ["CAP_MKNOD"], "effective": ["CAP_MKNOD"],
                    "permitted": ["CAP_MKNOD"]},"#;
-    let config = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace(
-            r#""cwd": "/opt/mitosis","#,
-            &format!(r#""cwd": "/opt/mitosis", {caps}"#),
-        );
-    std::fs::write(dir.join("config.json"), config).unwrap();
+    edit_config(
+        &dir,
+        r#""cwd": "/opt/mitosis","#,
+        &format!(r#""cwd": "/opt/mitosis", {caps}"#),
+    );
     let want = serde_json::json!({
         "made": {"/dev": "EACCES", "/tmp": "EACCES", "/dev/shm": "EACCES"},
         "dev_null": "ok",
     });
-    let tb = testbed(2);
-    let handle = prepare_bundle(&tb, 0, &dir);
-    children_answer(&tb, &handle, "?\n", &want);
-    teardown(tb);
+    bundle_children_answer(&dir, "?\n", &want, 1);
 }
 
 /// Maps a file of its container's /dev/shm shared, as POSIX shared memory is, and keeps it
 /// open; asked, reads the mapping, writes through the descriptor and reads the mapping again.
 const SHM_MAPPING: &str = r#"
-import errno, json, mmap, os, sys
+import json, mmap, os, sys
 fd = os.open("/dev/shm/table", os.O_CREAT | os.O_RDWR, 0o600)
 os.ftruncate(fd, 4096)
 m = mmap.mmap(fd, 4096, mmap.MAP_SHARED)
 m[:6] = b"prices"
 for line in sys.stdin:
-    try:
-        os.fstat(fd)
-        kept = "open"
-    except OSError as e:
-        kept = errno.errorcode[e.errno]
+    kept = outcome(lambda: os.fstat(fd))
     before = m[:6].decode()
     os.pwrite(fd, b"child!", 0)
     print(json.dumps({"mapped": before, "fd": kept, "after_write": m[:6].decode()}), flush=True)
@@ -890,12 +892,13 @@ for line in sys.stdin:
 #[test]
 fn posix_shared_memory_comes_to_container_children_as_a_memfd_with_its_content() {
     let scratch = Scratch::new("ct-shm");
-    let dir = bundle(&scratch, &["python3", "-c", SHM_MAPPING], LIMITS);
-    let want = serde_json::json!({"mapped": "prices", "fd": "open", "after_write": "child!"});
-    let tb = testbed(2);
-    let handle = prepare_bundle(&tb, 0, &dir);
-    children_answer(&tb, &handle, "?\n", &want);
-    teardown(tb);
+    let dir = bundle(
+        &scratch,
+        &["python3", "-c", &with_outcome(SHM_MAPPING)],
+        LIMITS,
+    );
+    let want = serde_json::json!({"mapped": "prices", "fd": "ok", "after_write": "child!"});
+    bundle_children_answer(&dir, "?\n", &want, 1);
 }
 
 /// Writes a cache into /tmp, a segment name into /dev/shm and a file into the bundle's own
@@ -933,35 +936,23 @@ fn a_container_childs_tmpfs_starts_with_what_its_seed_wrote() {
     let dir = bundle(&scratch, &["python3", "-c", TMPFS_WRITER], LIMITS);
     let media =
         r#"{"destination": "/media", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]}"#;
-    let config = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace(
-            r#""hostname": "fn","#,
-            &format!(r#""hostname": "fn", "mounts": [{media}],"#),
-        );
-    std::fs::write(dir.join("config.json"), config).unwrap();
+    edit_config(
+        &dir,
+        r#""hostname": "fn","#,
+        &format!(r#""hostname": "fn", "mounts": [{media}],"#),
+    );
     let want = serde_json::json!({
         "model": "weights v1", "mode": "0o640", "deep": true, "segment": "shared",
         "notes": "seed notes", "others": ["cache", "latest"],
     });
-    let tb = testbed(2);
-    let handle = prepare_bundle(&tb, 0, &dir);
     // Two children on each host: the second does not see the first's file.
-    children_answer(&tb, &handle, "?\n", &want);
-    children_answer(&tb, &handle, "?\n", &want);
-    teardown(tb);
+    bundle_children_answer(&dir, "?\n", &want, 2);
 }
 
 /// What a podman-style config gives: a bound file and directory, a namespaced kernel
 /// parameter, a call its default-deny seccomp profile leaves out, and the capabilities.
 const PODMAN_PROBE: &str = r#"
-import errno, json, os, sys
-def outcome(f):
-    try:
-        f()
-        return "ok"
-    except OSError as e:
-        return errno.errorcode[e.errno]
+import json, os, sys
 for line in sys.stdin:
     status = dict(l.split(":", 1) for l in open("/proc/self/status"))
     print(json.dumps({
@@ -1010,7 +1001,7 @@ fn a_bundle_as_podman_writes_it_runs_in_its_children() {
         "ociVersion": "1.1.0",
         "process": {
             "user": {"uid": 0, "gid": 0, "umask": 18, "additionalGids": [0]},
-            "args": ["python3", "-c", PODMAN_PROBE],
+            "args": ["python3", "-c", with_outcome(PODMAN_PROBE)],
             "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                     "container=podman", "HOME=/root"],
             "cwd": "/",
@@ -1064,22 +1055,13 @@ fn a_bundle_as_podman_writes_it_runs_in_its_children() {
         // The eleven capabilities podman gives.
         "cap_eff": "00000000800405fb", "umask": "0022",
     });
-    let tb = testbed(2);
-    let handle = prepare_bundle(&tb, 0, &dir);
-    children_answer(&tb, &handle, "?\n", &want);
-    teardown(tb);
+    bundle_children_answer(&dir, "?\n", &want, 1);
 }
 
 /// What the bundle's seccomp profile lets through: mkdir, IPv6 and IPv4 sockets, and the
 /// filter count the kernel shows.
 const SECCOMP_PROBE: &str = r#"
-import errno, json, os, socket, sys
-def outcome(f):
-    try:
-        f()
-        return "ok"
-    except OSError as e:
-        return errno.errorcode[e.errno]
+import json, os, socket, sys
 for n, line in enumerate(sys.stdin):
     status = dict(l.split(":", 1) for l in open("/proc/self/status"))
     print(json.dumps({
@@ -1097,7 +1079,11 @@ for n, line in enumerate(sys.stdin):
 #[test]
 fn a_bundles_seccomp_profile_confines_its_children() {
     let scratch = Scratch::new("ct-seccomp");
-    let dir = bundle(&scratch, &["python3", "-c", SECCOMP_PROBE], LIMITS);
+    let dir = bundle(
+        &scratch,
+        &["python3", "-c", &with_outcome(SECCOMP_PROBE)],
+        LIMITS,
+    );
     let profile = serde_json::json!({
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
@@ -1107,23 +1093,18 @@ fn a_bundles_seccomp_profile_confines_its_children() {
              "args": [{"index": 0, "value": 10, "op": "SCMP_CMP_EQ"}]},
         ],
     });
-    let config = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace(
-            r#""linux": {"#,
-            &format!(r#""linux": {{"seccomp": {profile}, "#),
-        );
-    std::fs::write(dir.join("config.json"), config).unwrap();
+    edit_config(
+        &dir,
+        r#""linux": {"#,
+        &format!(r#""linux": {{"seccomp": {profile}, "#),
+    );
     let want = serde_json::json!({
         "mkdir": "EACCES", "inet6": "EAFNOSUPPORT", "inet": "ok",
         "seccomp": "2", "filters": "1",
         // No capabilities listed: none, as runc gives, though the process is root.
         "cap_eff": "0000000000000000", "cap_bnd": "0000000000000000",
     });
-    let tb = testbed(2);
-    let handle = prepare_bundle(&tb, 0, &dir);
-    children_answer(&tb, &handle, "?\n", &want);
-    teardown(tb);
+    bundle_children_answer(&dir, "?\n", &want, 1);
 }
 
 /// Reports the mounts `runc spec` lists beyond the standard ones, its pty and capabilities.
@@ -1207,8 +1188,5 @@ fn a_bundle_as_runc_spec_writes_it_runs_in_its_children() {
         // CAP_AUDIT_WRITE (29), CAP_KILL (5), CAP_NET_BIND_SERVICE (10).
         "cap_bnd": "0000000020000420", "nnp": "1",
     });
-    let tb = testbed(2);
-    let handle = prepare_bundle(&tb, 0, &dir);
-    children_answer(&tb, &handle, "?\n", &want);
-    teardown(tb);
+    bundle_children_answer(&dir, "?\n", &want, 1);
 }
