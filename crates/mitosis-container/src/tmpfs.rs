@@ -67,10 +67,9 @@ impl Walk {
             } else {
                 format!("{prefix}/{name}")
             };
-            let Some(kind) = self.kind(&e, &path, mount) else {
+            let Some((kind, md)) = self.kind(&e, &path, mount) else {
                 continue;
             };
-            let Ok(md) = e.metadata() else { continue };
             let is_dir = kind == ContainerFileKind::Dir;
             out.push(ContainerFile {
                 path: path.clone(),
@@ -85,8 +84,14 @@ impl Walk {
         }
     }
 
-    /// What `e` is, if it is carried (its size counted against the bounds).
-    fn kind(&mut self, e: &fs::DirEntry, path: &str, mount: &str) -> Option<ContainerFileKind> {
+    /// What `e` is, with its metadata, if it is carried (its size counted against the
+    /// bounds).
+    fn kind(
+        &mut self,
+        e: &fs::DirEntry,
+        path: &str,
+        mount: &str,
+    ) -> Option<(ContainerFileKind, fs::Metadata)> {
         let mut left_out = |why: String| {
             self.got.left_out.push(format!("/{mount}/{path}: {why}"));
             None
@@ -128,7 +133,7 @@ impl Walk {
         }
         self.bytes += size;
         self.entries += 1;
-        Some(kind)
+        Some((kind, md))
     }
 }
 

@@ -372,16 +372,28 @@ async fn prepare_with_id(
         tracer.run(move || twin.release(insn)).await;
         return Err(e);
     }
-    // What its container holds in its own tmpfs mounts, for its children's containers.
+    // Its container's bundle (loaded once), and what the container holds in its own tmpfs
+    // mounts, for its children's containers.
     let container_ref = from
         .as_ref()
         .map(|f| f.bundle.clone())
         .or_else(|| in_container.clone());
-    let tmpfs = match &container_ref {
-        None => Ok(Vec::new()),
-        Some(r) => container_tmpfs(daemon, pid, r).await,
+    let in_bundle = match &container_ref {
+        None => Ok(None),
+        Some(r) => daemon
+            .containers()
+            .and_then(|c| c.bundle_of(r))
+            .map(Some)
+            .map_err(PrepareFailed::Containers),
     };
-    let tmpfs = match tmpfs {
+    let tmpfs = match in_bundle {
+        Ok(None) => Ok((None, Vec::new())),
+        Ok(Some(bundle)) => container_tmpfs(pid, &bundle)
+            .await
+            .map(|t| (Some(bundle), t)),
+        Err(e) => Err(e),
+    };
+    let (in_bundle, tmpfs) = match tmpfs {
         Ok(t) => t,
         Err(e) => {
             let (twin, insn) = (prepared.twin, prepared.syscall_insn);
@@ -413,10 +425,8 @@ async fn prepare_with_id(
         .map(|f| f.bundle.clone())
         .or_else(|| adopted.as_ref().map(|(_, bundle)| bundle.clone()))
         .map(|r| ContainerRef { tmpfs, ..r });
-    if let Some(bundle) = (prepared.descriptor.container.as_ref())
-        .and_then(|r| daemon.containers().ok()?.bundle_of(r).ok())
-    {
-        crate::containers::drop_files_children_cannot_reach(&mut prepared.descriptor, &bundle);
+    if let Some(bundle) = &in_bundle {
+        crate::containers::drop_files_children_cannot_reach(&mut prepared.descriptor, bundle);
     }
     let d = &prepared.descriptor;
     tracing::debug!(
@@ -587,20 +597,17 @@ pub async fn release(daemon: &Daemon, seed: &Seed) {
     }
 }
 
-/// Reads the tmpfs mounts of `pid`'s container (of bundle `r`), off the async threads.
+/// Reads the tmpfs mounts of `pid`'s container (of `bundle`), off the async threads.
 async fn container_tmpfs(
-    daemon: &Daemon,
     pid: i32,
-    r: &ContainerRef,
+    bundle: &mitosis_container::Bundle,
 ) -> Result<Vec<mitosis_descriptor::TmpfsContent>, PrepareFailed> {
-    let containers = daemon.containers().map_err(PrepareFailed::Containers)?;
-    let bundle = containers.bundle_of(r).map_err(PrepareFailed::Containers)?;
+    let mounts = bundle.tmpfs_mounts();
     let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
-    let captured = tokio::task::spawn_blocking(move || {
-        mitosis_container::tmpfs::capture(&root, &bundle.tmpfs_mounts())
-    })
-    .await
-    .map_err(|e| PrepareFailed::Containers(e.to_string()))?;
+    let captured =
+        tokio::task::spawn_blocking(move || mitosis_container::tmpfs::capture(&root, &mounts))
+            .await
+            .map_err(|e| PrepareFailed::Containers(e.to_string()))?;
     if let Some(first) = captured.left_out.first() {
         tracing::warn!(
             pid,
